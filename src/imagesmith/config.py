@@ -1,0 +1,80 @@
+"""Settings: every knob in one place, read from IMAGESMITH_* environment variables (or a .env file).
+
+Read them through get_settings(), never at import time, so tests and the CLI can override them.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_BASE_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
+DEFAULT_REFINER_MODEL = "stabilityai/stable-diffusion-xl-refiner-1.0"
+
+
+class ModelPreset(StrEnum):
+    """Which weights to run: the real SDXL models named by base_model/refiner_model, or the built-in tiny pair."""
+
+    SDXL = "sdxl"
+    TINY = "tiny"
+
+
+class PrecisionChoice(StrEnum):
+    AUTO = "auto"
+    BF16 = "bf16"
+    FP16 = "fp16"
+    FP32 = "fp32"
+
+
+class OffloadChoice(StrEnum):
+    AUTO = "auto"
+    NONE = "none"
+    MODEL = "model"
+    SEQUENTIAL = "sequential"
+
+
+class VaeTilingChoice(StrEnum):
+    AUTO = "auto"
+    ON = "on"
+    OFF = "off"
+
+
+def default_data_dir() -> Path:
+    return Path.home() / ".local" / "share" / "imagesmith"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="IMAGESMITH_", env_file=".env", extra="ignore")
+
+    model: ModelPreset = Field(
+        ModelPreset.SDXL, description="'sdxl' uses base_model/refiner_model; 'tiny' the built-in noise model."
+    )
+    base_model: str = Field(DEFAULT_BASE_MODEL, description="Hub id or local diffusers folder of the base.")
+    refiner_model: str = Field(
+        DEFAULT_REFINER_MODEL, description="Hub id or local folder of the refiner; empty for none."
+    )
+    vae_model: str = Field(
+        "", description="Optional separate VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix."
+    )
+    vae_fp16_safe: bool | None = Field(
+        None,
+        description="Whether the VAE decodes in fp16 without overflow. Default: true when vae_model is set.",
+    )
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    precision: PrecisionChoice = Field(PrecisionChoice.AUTO, description="Weights and compute dtype.")
+    offload: OffloadChoice = Field(OffloadChoice.AUTO, description="Where weights live between uses.")
+    vae_tiling: VaeTilingChoice = Field(VaeTilingChoice.AUTO, description="Decode large images in tiles.")
+    data_dir: Path = Field(default_factory=default_data_dir, description="Jobs, images, the tiny model.")
+    hf_offline: bool = Field(False, description="Never contact the hub (HF_HUB_OFFLINE=1 does the same).")
+
+    def tiny_model_dir(self) -> Path:
+        return self.data_dir / "tiny-model"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,222 @@
+"""The engine: `Engine.start(settings)` once, then `generate(request)` per request. Nothing else.
+
+It owns the pipelines and lets one generation at a time use them (diffusers pipelines keep per-call state on
+themselves), so the CLI, the HTTP worker and a Ray replica can all drive the same object safely.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+from imagesmith.config import Settings
+from imagesmith.engine.decode import decode_latents
+from imagesmith.engine.hardware import HardwarePlan, needs_tiling, plan_hardware, probe_device
+from imagesmith.engine.models import LoadedModels, load_models
+from imagesmith.engine.output import a1111_parameters, encode_image
+from imagesmith.engine.pipeline import (
+    StageRun,
+    finish_with_base,
+    free_cuda_memory,
+    run_base,
+    run_refiner,
+)
+from imagesmith.engine.progress import CancelToken, GenerationCanceled, ProgressCallback
+from imagesmith.schemas import (
+    MAX_SEED,
+    GenerationMetadata,
+    GenerationRequest,
+    ImageReport,
+    RefineMode,
+    ResolvedRequest,
+)
+
+log = logging.getLogger(__name__)
+
+
+class GenerationError(RuntimeError):
+    """A generation failed for a reason the caller can act on (out of memory, ...). The engine stays usable."""
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    metadata: GenerationMetadata
+
+    def parameters(self, index: int) -> str:
+        return a1111_parameters(self.metadata, index)
+
+    def encoded(self, index: int) -> bytes:
+        """Image `index` as file bytes in the requested format, its parameters embedded."""
+        return encode_image(self.images[index], self.metadata.request.output_format, self.parameters(index))
+
+
+def draw_seed() -> int:
+    """A 63-bit seed: large enough that two requests practically never collide (cog draws 16 bits)."""
+    return secrets.randbits(63)
+
+
+def seeds_for(request: ResolvedRequest) -> list[int]:
+    first = request.seed if request.seed is not None else draw_seed()
+    return [(first + index) % (MAX_SEED + 1) for index in range(request.num_images)]
+
+
+def generators_for(seeds: list[int]) -> list[torch.Generator]:
+    # CPU generators: the starting noise is the same on every device, and image i depends only on seed i,
+    # so any one image of a batch can be reproduced alone.
+    return [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+
+
+class Engine:
+    def __init__(self, models: LoadedModels, plan: HardwarePlan) -> None:
+        self.models = models
+        self.plan = plan
+        self._lock = threading.Lock()
+
+    @classmethod
+    def start(cls, settings: Settings) -> Engine:
+        """Probe the device, choose the plan (logged in one line), load the models."""
+        device = probe_device(settings.device)
+        plan = plan_hardware(device, settings)
+        log.info("hardware plan: %s", plan.summary())
+        started = time.perf_counter()
+        models = load_models(settings, plan)
+        log.info(
+            "models ready in %.1fs: base=%s refiner=%s",
+            time.perf_counter() - started,
+            models.sources.base,
+            models.sources.refiner if models.refiner is not None else f"none ({models.refiner_error or 'not configured'})",
+        )
+        return cls(models, plan)
+
+    @property
+    def refiner_status(self) -> str:
+        if self.models.refiner is not None:
+            return "loaded"
+        if self.models.refiner_error:
+            return f"failed: {self.models.refiner_error}"
+        return "not configured"
+
+    async def generate_async(
+        self,
+        request: GenerationRequest | ResolvedRequest,
+        on_progress: ProgressCallback | None = None,
+        cancel: CancelToken | None = None,
+    ) -> GenerationResult:
+        """Run in a worker thread, so an event loop keeps serving while the GPU works."""
+        return await asyncio.to_thread(self.generate, request, on_progress, cancel)
+
+    def generate(
+        self,
+        request: GenerationRequest | ResolvedRequest,
+        on_progress: ProgressCallback | None = None,
+        cancel: CancelToken | None = None,
+    ) -> GenerationResult:
+        resolved = request.resolve() if isinstance(request, GenerationRequest) else request
+        with self._lock:
+            try:
+                return self._generate_locked(resolved, on_progress, cancel)
+            except torch.cuda.OutOfMemoryError as error:
+                free_cuda_memory()
+                raise GenerationError(
+                    f"out of GPU memory at {resolved.width}x{resolved.height} with {resolved.num_images} "
+                    "image(s); lower num_images or the size, or set IMAGESMITH_OFFLOAD=model"
+                ) from error
+
+    def _generate_locked(
+        self, request: ResolvedRequest, on_progress: ProgressCallback | None, cancel: CancelToken | None
+    ) -> GenerationResult:
+        seeds = seeds_for(request)
+        run = StageRun(request=request, on_progress=on_progress, cancel=cancel)
+        base, refiner = self.models.base, self.models.refiner
+        mode = request.refine_mode
+        not_refined: str | None = None
+        if mode is not RefineMode.NONE and refiner is None:
+            not_refined = f"refiner unavailable ({self.refiner_status})"
+        elif mode is RefineMode.NONE:
+            not_refined = "refinement off (use_refinement=false)" if not request.use_refinement else (
+                "refine_mode none" if request.high_quality else "high_quality=false"
+            )
+
+        ensemble = mode is RefineMode.ENSEMBLE
+        log.info(
+            "generating %d image(s) %dx%d, %d steps, mode=%s, seeds=%s",
+            request.num_images, request.width, request.height, request.num_inference_steps, mode.value, seeds,
+        )
+        latents = run_base(base, run, generators_for(seeds), stop_at=request.high_noise_frac if ensemble else None)
+        run.check_cancel()
+
+        refined = False
+        if mode is not RefineMode.NONE:
+            if refiner is not None:
+                try:
+                    latents = run_refiner(refiner, run, generators_for(seeds), latents, mode)
+                    refined = True
+                except GenerationCanceled:
+                    raise
+                except Exception as error:  # any refiner failure falls back to the base's picture
+                    if isinstance(error, torch.cuda.OutOfMemoryError):
+                        free_cuda_memory()
+                    not_refined = f"refiner failed: {type(error).__name__}: {error}"[:500]
+                    log.warning("%s; returning the base image", not_refined)
+            if not refined and ensemble:
+                # The base stopped at high_noise_frac; let it finish the schedule rather than decode noise.
+                latents = finish_with_base(base, run, generators_for(seeds), latents)
+            run.check_cancel()
+
+        began = time.perf_counter()
+        tiling = needs_tiling(self.plan, request.width, request.height)
+        images, fp32_retries = decode_latents(base.vae, latents, self.plan.vae_dtype, tiling)
+        run.finish_stage("decode", began, steps=len(images))
+        metadata = GenerationMetadata(
+            request=request,
+            refine_mode_ran=mode if refined else RefineMode.NONE,
+            refined=refined,
+            not_refined_reason=None if refined else not_refined,
+            seeds=seeds,
+            stages=run.stages,
+            total_seconds=time.perf_counter() - run.started,
+            base_model=self.models.sources.base,
+            refiner_model=self.models.sources.refiner if refiner is not None else None,
+            device=self.plan.device,
+            dtype=self.plan.dtype_name,
+            images=[
+                ImageReport(
+                    index=index,
+                    seed=seed,
+                    refined=refined,
+                    not_refined_reason=None if refined else not_refined,
+                    decoded_in_fp32_retry=retry,
+                    width=image.width,
+                    height=image.height,
+                )
+                for index, (seed, image, retry) in enumerate(zip(seeds, images, fp32_retries, strict=True))
+            ],
+        )
+        log.info(
+            "generated in %.2fs (%s)%s",
+            metadata.total_seconds,
+            ", ".join(f"{stage.name} {stage.steps} steps {stage.seconds:.2f}s" for stage in run.stages),
+            "" if refined else f"; not refined: {not_refined}",
+        )
+        return GenerationResult(images=images, metadata=metadata)
+
+    def describe(self) -> dict[str, Any]:
+        """For health checks and `doctor`."""
+        return {
+            "plan": self.plan.summary(),
+            "device": self.plan.device,
+            "dtype": self.plan.dtype_name,
+            "offload": self.plan.offload,
+            "base_model": self.models.sources.base,
+            "refiner_model": self.models.sources.refiner,
+            "refiner": self.refiner_status,
+        }

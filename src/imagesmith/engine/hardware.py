@@ -1,0 +1,172 @@
+"""The hardware plan: device, dtype, offload and VAE handling, chosen once from the GPU's properties.
+
+`plan_hardware` is a pure function of a DeviceInfo and the settings, so every branch is tested with faked
+devices; `probe_device` is the only part that asks torch.
+
+Memory budget of SDXL base + refiner in 16-bit weights (parameter counts of the public checkpoints):
+base UNet 2.57e9 -> 5.1 GB, refiner UNet 2.26e9 -> 4.5 GB, OpenCLIP-bigG text encoder 0.69e9 -> 1.4 GB,
+CLIP-L 0.12e9 -> 0.25 GB, VAE 0.08e9 -> 0.17 GB: about 11.4 GB resident, shared text_encoder_2 and VAE counted
+once. A 1024x1024 denoising step with guidance adds about 2-3 GB of activations and the VAE decode about 3 GB.
+Hence the thresholds on *free* memory:
+
+- >= 20 GiB free: no offload. Everything resident; peak about 15-17 GiB with a bf16 VAE (the seed's fp16
+  peak on an H200 was 21.6 GiB with allocator slack). A 24 GB RTX 4090 has about 22.5 GiB free: fits.
+- >= 9 GiB free: model CPU offload. Only the running component is on the GPU; the largest is the base UNet
+  (5.1 GB) plus activations, about 8 GiB peak: fits a 12 GB card (about 11 GiB free) with room for the
+  desktop. Costs a host-to-device copy of each model per generation (about 1 s on PCIe 4).
+- below: sequential offload, layer by layer (peak under 3 GiB, so a 6 GB card runs it, slowly: weights
+  stream over PCIe every step), with VAE tiling so the 1024x1024 decode stays small.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from imagesmith.config import OffloadChoice, PrecisionChoice, Settings, VaeTilingChoice
+
+log = logging.getLogger(__name__)
+
+GIB = 1024**3
+NO_OFFLOAD_MIN_FREE_GIB = 20.0
+MODEL_OFFLOAD_MIN_FREE_GIB = 9.0
+# Images above this many pixels decode in tiles once memory is tight (offloading plans).
+TILING_PIXELS = 1024 * 1024
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What the plan needs to know about a device; faked in tests."""
+
+    kind: str  # "cuda", "mps" or "cpu"
+    index: int = 0
+    name: str = "cpu"
+    capability: tuple[int, int] | None = None
+    total_memory_gib: float = 0.0
+    free_memory_gib: float = 0.0
+
+    @property
+    def torch_device(self) -> str:
+        return f"cuda:{self.index}" if self.kind == "cuda" else self.kind
+
+
+@dataclass(frozen=True)
+class HardwarePlan:
+    device: str
+    dtype_name: str  # "bf16", "fp16" or "fp32": weights and compute
+    vae_dtype_name: str  # the VAE may decode in fp32 where fp16 would overflow
+    offload: str  # "none", "model" or "sequential"
+    vae_tiling: bool
+    reasons: tuple[str, ...]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype_name]
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        return _DTYPES[self.vae_dtype_name]
+
+    def summary(self) -> str:
+        return (
+            f"device={self.device} dtype={self.dtype_name} vae={self.vae_dtype_name} offload={self.offload} "
+            f"vae_tiling={'on' if self.vae_tiling else 'auto/off'} ({'; '.join(self.reasons)})"
+        )
+
+
+def probe_device(requested: str = "auto") -> DeviceInfo:
+    """Ask torch what the requested device is. 'auto' takes the first CUDA GPU, else the CPU."""
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                f"device '{requested}' was asked for but torch sees no CUDA GPU "
+                f"(torch {torch.__version__}); set IMAGESMITH_DEVICE=cpu or install a CUDA build of torch"
+            )
+        index = int(requested.split(":", 1)[1]) if ":" in requested else torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(index)
+        free, total = torch.cuda.mem_get_info(index)
+        return DeviceInfo(
+            kind="cuda",
+            index=index,
+            name=props.name,
+            capability=(props.major, props.minor),
+            total_memory_gib=total / GIB,
+            free_memory_gib=free / GIB,
+        )
+    if requested == "mps":
+        return DeviceInfo(kind="mps", name="Apple MPS")
+    if requested == "cpu":
+        return DeviceInfo(kind="cpu", name="cpu")
+    raise ValueError(f"device must be 'auto', 'cpu', 'mps', 'cuda' or 'cuda:N', got '{requested}'")
+
+
+def _choose_precision(device: DeviceInfo, settings: Settings, reasons: list[str]) -> tuple[str, str]:
+    vae_safe_in_fp16 = (
+        settings.vae_fp16_safe if settings.vae_fp16_safe is not None else bool(settings.vae_model)
+    )
+    if settings.precision is not PrecisionChoice.AUTO:
+        dtype = settings.precision.value
+        reasons.append(f"precision {dtype} from settings")
+    elif device.kind == "cuda" and device.capability and device.capability >= (8, 0):
+        dtype = "bf16"
+        reasons.append(f"bf16: compute capability {device.capability[0]}.{device.capability[1]} >= 8.0")
+    elif device.kind in ("cuda", "mps"):
+        dtype = "fp16"
+        reasons.append("fp16: no fast bf16 on this device")
+    else:
+        dtype = "fp32"
+        reasons.append("fp32: CPU")
+    # bf16 has fp32's exponent range, so the SDXL VAE cannot overflow in it; fp16 can (NaN/black images)
+    # unless the VAE is a fixed one.
+    if dtype == "fp16" and not vae_safe_in_fp16:
+        reasons.append("VAE decodes in fp32: the stock SDXL VAE overflows in fp16")
+        return dtype, "fp32"
+    return dtype, dtype
+
+
+def _choose_offload(device: DeviceInfo, settings: Settings, reasons: list[str]) -> str:
+    if settings.offload is not OffloadChoice.AUTO:
+        reasons.append(f"offload {settings.offload.value} from settings")
+        return settings.offload.value
+    if device.kind != "cuda":
+        return "none"
+    free = device.free_memory_gib
+    if free >= NO_OFFLOAD_MIN_FREE_GIB:
+        reasons.append(f"no offload: {free:.1f} GiB free >= {NO_OFFLOAD_MIN_FREE_GIB:.0f}")
+        return "none"
+    if free >= MODEL_OFFLOAD_MIN_FREE_GIB:
+        reasons.append(f"model offload: {free:.1f} GiB free < {NO_OFFLOAD_MIN_FREE_GIB:.0f}")
+        return "model"
+    reasons.append(f"sequential offload: {free:.1f} GiB free < {MODEL_OFFLOAD_MIN_FREE_GIB:.0f}")
+    return "sequential"
+
+
+def plan_hardware(device: DeviceInfo, settings: Settings) -> HardwarePlan:
+    reasons: list[str] = [f"{device.name}" + (f", {device.total_memory_gib:.0f} GiB" if device.total_memory_gib else "")]
+    dtype, vae_dtype = _choose_precision(device, settings, reasons)
+    offload = _choose_offload(device, settings, reasons)
+    if settings.vae_tiling is VaeTilingChoice.AUTO:
+        tiling = offload == "sequential"
+    else:
+        tiling = settings.vae_tiling is VaeTilingChoice.ON
+    if offload == "sequential" and tiling:
+        reasons.append("VAE tiling: decode in tiles to stay small")
+    return HardwarePlan(
+        device=device.torch_device,
+        dtype_name=dtype,
+        vae_dtype_name=vae_dtype,
+        offload=offload,
+        vae_tiling=tiling,
+        reasons=tuple(reasons),
+    )
+
+
+def needs_tiling(plan: HardwarePlan, width: int, height: int) -> bool:
+    """Tiling is on for the plan, or the image is large and weights are being offloaded (memory is tight)."""
+    return plan.vae_tiling or (plan.offload != "none" and width * height > TILING_PIXELS)

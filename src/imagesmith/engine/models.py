@@ -1,0 +1,158 @@
+"""Load the base and refiner from a hub id or a local diffusers folder, placed as the hardware plan says.
+
+The refiner is built around the base's text_encoder_2 and VAE, so each lives in memory once (the public SDXL
+refiner ships its own copies of both; they are the same weights). A refiner that fails to load leaves the base
+working: the failure is kept and reported, never hidden.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from imagesmith.config import ModelPreset, Settings
+from imagesmith.engine.hardware import HardwarePlan
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded. The message names the model, what was missing and how to fix it."""
+
+    def __init__(self, role: str, source: str, problem: str, fix: str) -> None:
+        self.role, self.source, self.problem, self.fix = role, source, problem, fix
+        super().__init__(f"could not load the {role} model '{source}': {problem}. Fix: {fix}")
+
+
+@dataclass(frozen=True)
+class ModelSources:
+    base: str
+    refiner: str | None
+    vae: str | None
+
+
+@dataclass
+class LoadedModels:
+    base: Any  # StableDiffusionXLPipeline
+    refiner: Any | None  # StableDiffusionXLImg2ImgPipeline
+    refiner_error: str | None
+    sources: ModelSources
+
+
+def resolve_sources(settings: Settings) -> ModelSources:
+    """Turn settings into the folders or hub ids to load; the tiny preset is built here on first use."""
+    if settings.model is ModelPreset.TINY:
+        from imagesmith.engine.tiny import ensure_tiny_sdxl
+
+        base, refiner = ensure_tiny_sdxl(settings.tiny_model_dir())
+        return ModelSources(base=str(base), refiner=str(refiner), vae=None)
+    return ModelSources(
+        base=settings.base_model,
+        refiner=settings.refiner_model or None,
+        vae=settings.vae_model or None,
+    )
+
+
+def offline(settings: Settings) -> bool:
+    return settings.hf_offline or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def describe_source(source: str, settings: Settings) -> str:
+    """One line for `doctor`: does this source resolve without loading it?"""
+    path = Path(source).expanduser()
+    if path.exists():
+        return "local folder, model_index.json present" if (path / "model_index.json").exists() else (
+            "local folder WITHOUT model_index.json (not a diffusers pipeline folder)"
+        )
+    if source.startswith((".", "/", "~")):
+        return "local path that does not exist"
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(source, "model_index.json")
+    if isinstance(cached, str):
+        return "hub id, in the local cache"
+    return "hub id, not cached: " + ("offline mode, will fail" if offline(settings) else "downloads on first load")
+
+
+def _load_kwargs(source: str, plan: HardwarePlan, settings: Settings) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"dtype": plan.dtype, "use_safetensors": True}
+    if offline(settings):
+        kwargs["local_files_only"] = True
+    return kwargs
+
+
+def _from_pretrained(cls: Any, role: str, source: str, plan: HardwarePlan, settings: Settings, **extra: Any) -> Any:
+    """from_pretrained with the 16-bit variant when one exists (half the download), and errors that teach."""
+    kwargs = {**_load_kwargs(source, plan, settings), **extra}
+    local = Path(source).expanduser()
+    if local.exists():
+        if not (local / "model_index.json").exists() and role != "VAE":
+            raise ModelLoadError(
+                role, source, "the folder has no model_index.json",
+                "point it at a diffusers pipeline folder (save_pretrained output), not a single .safetensors file",
+            )
+        attempts: list[str | None] = [None]
+    else:
+        # The SDXL repos publish an "fp16" variant; there is no "fp32" variant (the seed asked for one).
+        attempts = ["fp16", None] if plan.dtype_name in ("fp16", "bf16") else [None]
+    last_error: Exception | None = None
+    for variant in attempts:
+        try:
+            return cls.from_pretrained(str(local) if local.exists() else source, variant=variant, **kwargs)
+        except (OSError, ValueError, EnvironmentError) as error:
+            last_error = error
+            log.debug("loading %s %s with variant=%s failed: %s", role, source, variant, error)
+    assert last_error is not None
+    problem = str(last_error).splitlines()[0][:300]
+    if offline(settings):
+        fix = "download it once with network access (huggingface-cli download), or unset HF_HUB_OFFLINE"
+    elif local.exists():
+        fix = "check the folder is a complete diffusers save (unet/, vae/, text encoders, scheduler/)"
+    else:
+        fix = "check the hub id, log in with `huggingface-cli login` for gated repos, or use a local folder"
+    raise ModelLoadError(role, source, problem, fix) from last_error
+
+
+def _place(pipe: Any, plan: HardwarePlan) -> None:
+    """Put a pipeline where the plan says: on the device, or offloaded to the CPU between uses."""
+    if plan.offload == "model":
+        pipe.enable_model_cpu_offload(device=plan.device)
+    elif plan.offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=plan.device)
+    else:
+        pipe.to(plan.device)
+    pipe.set_progress_bar_config(disable=True)
+
+
+def load_models(settings: Settings, plan: HardwarePlan) -> LoadedModels:
+    from diffusers import AutoencoderKL, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    sources = resolve_sources(settings)
+    extra: dict[str, Any] = {}
+    if sources.vae:
+        log.info("loading VAE %s", sources.vae)
+        extra["vae"] = _from_pretrained(AutoencoderKL, "VAE", sources.vae, plan, settings)
+    log.info("loading base model %s", sources.base)
+    base = _from_pretrained(StableDiffusionXLPipeline, "base", sources.base, plan, settings, **extra)
+    # The VAE may run in another dtype than the UNets (fp32 on pre-Ampere cards with the stock VAE).
+    if base.vae.dtype != plan.vae_dtype:
+        base.vae.to(dtype=plan.vae_dtype)
+
+    refiner, refiner_error = None, None
+    if sources.refiner:
+        log.info("loading refiner %s (sharing the base's text_encoder_2 and VAE)", sources.refiner)
+        try:
+            refiner = _from_pretrained(
+                StableDiffusionXLImg2ImgPipeline, "refiner", sources.refiner, plan, settings,
+                text_encoder_2=base.text_encoder_2, vae=base.vae,
+            )
+        except Exception as error:  # any failure leaves base-only generation working
+            refiner_error = str(error)
+            log.warning("refiner unavailable, generation will be base-only: %s", refiner_error)
+    _place(base, plan)
+    if refiner is not None:
+        _place(refiner, plan)
+    return LoadedModels(base=base, refiner=refiner, refiner_error=refiner_error, sources=sources)

@@ -1,0 +1,142 @@
+"""The two stages of one generation, driven through diffusers' own arguments.
+
+    1. base: txt2img to latents (stopping at high_noise_frac in ensemble mode)
+    2. refine: ensemble (denoising_start=high_noise_frac), img2img (strength), or nothing
+       - if the refiner is missing or fails: ensemble finishes the schedule with the base; img2img keeps the
+         base latents; either way the image is marked unrefined with the reason
+    3. decode: our own, one image at a time, with the NaN/black guard
+
+Every stage returns latents (output_type="latent"), so decoding and its fallback live in one place.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from imagesmith.engine.progress import CancelToken, GenerationCanceled, ProgressCallback, ProgressEvent
+from imagesmith.engine.schedulers import make_scheduler
+from imagesmith.schemas import RefineMode, ResolvedRequest, StageReport
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageRun:
+    """Bookkeeping for one generation: counts steps as they happen, so the result says what really ran."""
+
+    request: ResolvedRequest
+    on_progress: ProgressCallback | None
+    cancel: CancelToken | None
+    started: float = field(default_factory=time.perf_counter)
+    stages: list[StageReport] = field(default_factory=list)
+    _stage: str = "base"
+    _steps: int = 0
+
+    def callback(self, stage: str) -> Any:
+        """A diffusers callback_on_step_end that reports progress and stops within one step on cancel."""
+        self._stage, self._steps = stage, 0
+
+        def on_step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            self._steps += 1
+            if self.on_progress is not None:
+                self.on_progress(
+                    ProgressEvent(
+                        stage=stage,
+                        step=self._steps,
+                        total=int(getattr(pipe, "num_timesteps", 0) or 0),
+                        elapsed_s=time.perf_counter() - self.started,
+                        latents=tensors.get("latents"),
+                    )
+                )
+            if self.cancel is not None and self.cancel.canceled:
+                raise GenerationCanceled(f"canceled during {stage} at step {self._steps}")
+            return tensors
+
+        return on_step_end
+
+    def finish_stage(self, name: str, began: float, steps: int | None = None) -> None:
+        _synchronize()
+        self.stages.append(
+            StageReport(name=name, steps=self._steps if steps is None else steps, seconds=time.perf_counter() - began)
+        )
+
+    def check_cancel(self) -> None:
+        if self.cancel is not None:
+            self.cancel.raise_if_canceled()
+
+
+def _synchronize() -> None:
+    # Stage timings must include the GPU work, which runs asynchronously.
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def _common_args(run: StageRun, generators: list[torch.Generator]) -> dict[str, Any]:
+    request = run.request
+    return {
+        "prompt": request.prompt,
+        # None (not "") lets SDXL use zeros for an empty negative prompt, as it was trained.
+        "negative_prompt": request.negative_prompt or None,
+        "guidance_scale": request.guidance_scale,
+        "generator": generators,
+        "num_images_per_prompt": request.num_images,
+        "output_type": "latent",
+        "callback_on_step_end_tensor_inputs": ["latents"],
+    }
+
+
+def run_base(base: Any, run: StageRun, generators: list[torch.Generator], stop_at: float | None) -> torch.Tensor:
+    request = run.request
+    base.scheduler = make_scheduler(request.scheduler, base.scheduler.config)
+    began = time.perf_counter()
+    latents = base(
+        **_common_args(run, generators),
+        width=request.width,
+        height=request.height,
+        num_inference_steps=request.num_inference_steps,
+        denoising_end=stop_at,
+        callback_on_step_end=run.callback("base"),
+    ).images
+    run.finish_stage("base", began)
+    return latents
+
+
+def run_refiner(
+    refiner: Any, run: StageRun, generators: list[torch.Generator], latents: torch.Tensor, mode: RefineMode, stage: str = "refine"
+) -> torch.Tensor:
+    """Ensemble: finish the base's schedule from high_noise_frac. img2img: re-noise to refine_strength, denoise."""
+    request = run.request
+    refiner.scheduler = make_scheduler(request.scheduler, refiner.scheduler.config)
+    if mode is RefineMode.ENSEMBLE:
+        stage_args = {"num_inference_steps": request.num_inference_steps, "denoising_start": request.high_noise_frac}
+    else:
+        stage_args = {"num_inference_steps": request.refine_steps, "strength": request.refine_strength}
+    began = time.perf_counter()
+    refined = refiner(
+        **_common_args(run, generators),
+        image=latents,  # 4-channel input is taken as latents, not encoded again
+        **stage_args,
+        callback_on_step_end=run.callback(stage),
+    ).images
+    run.finish_stage(stage, began)
+    return refined
+
+
+def finish_with_base(base: Any, run: StageRun, generators: list[torch.Generator], latents: torch.Tensor) -> torch.Tensor:
+    """The ensemble's fallback: the base denoises the rest of the schedule, so the picture is complete."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    # from_pipe shares the base's modules (no copy); only the call logic differs.
+    finisher = StableDiffusionXLImg2ImgPipeline.from_pipe(base, requires_aesthetics_score=False)
+    finisher.set_progress_bar_config(disable=True)
+    return run_refiner(finisher, run, generators, latents, RefineMode.ENSEMBLE, stage="base_finish")
+
+
+def free_cuda_memory() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()

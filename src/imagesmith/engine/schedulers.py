@@ -1,0 +1,45 @@
+"""Scheduler names users pick, mapped to diffusers classes. A fresh scheduler per call: no state carries over."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from imagesmith.schemas import SchedulerName
+
+# The names AUTOMATIC1111 shows, used in embedded parameters so its tools and ours agree.
+A1111_SAMPLER_NAMES: dict[SchedulerName, str] = {
+    SchedulerName.EULER: "Euler",
+    SchedulerName.EULER_ANCESTRAL: "Euler a",
+    SchedulerName.DPMPP_2M: "DPM++ 2M",
+    SchedulerName.DPMPP_2M_KARRAS: "DPM++ 2M Karras",
+    SchedulerName.DDIM: "DDIM",
+    SchedulerName.UNIPC: "UniPC",
+}
+
+
+def make_scheduler(name: SchedulerName, model_config: Any) -> Any:
+    """Build `name` from the model's own scheduler config (betas, timestep spacing, prediction type)."""
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+        UniPCMultistepScheduler,
+    )
+
+    if name is SchedulerName.EULER:
+        return EulerDiscreteScheduler.from_config(model_config)
+    if name is SchedulerName.EULER_ANCESTRAL:
+        return EulerAncestralDiscreteScheduler.from_config(model_config)
+    if name in (SchedulerName.DPMPP_2M, SchedulerName.DPMPP_2M_KARRAS):
+        return DPMSolverMultistepScheduler.from_config(
+            model_config,
+            algorithm_type="dpmsolver++",
+            solver_order=2,
+            use_karras_sigmas=name is SchedulerName.DPMPP_2M_KARRAS,
+        )
+    if name is SchedulerName.DDIM:
+        return DDIMScheduler.from_config(model_config)
+    if name is SchedulerName.UNIPC:
+        return UniPCMultistepScheduler.from_config(model_config)
+    raise ValueError(f"scheduler must be one of {[s.value for s in SchedulerName]}, got {name!r}")

@@ -1,0 +1,243 @@
+"""The request and result models shared by the engine, the CLI and the HTTP API.
+
+A request is validated once, here. Every error names its field and says how to fix it, in the style of
+diffusers' own checks ("width must be a multiple of 8, got 1001; the nearest valid values are 1000 and 1008").
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+MAX_SEED = 2**63 - 1
+MIN_SIDE, MAX_SIDE = 64, 2048
+MAX_PROMPT_CHARS = 2000
+DEFAULT_STEPS_HIGH_QUALITY = 40
+DEFAULT_STEPS_DRAFT = 30
+
+
+class RefineMode(StrEnum):
+    """How the refiner takes part.
+
+    ENSEMBLE: the base denoises the first high_noise_frac of the schedule and hands its noisy latents to the
+    refiner, which finishes the same schedule (SDXL's "ensemble of expert denoisers"; no step is wasted).
+    IMG2IMG: the seed's way: a full base pass, then the refiner re-noises to refine_strength and denoises again.
+    NONE: base only.
+    """
+
+    ENSEMBLE = "ensemble"
+    IMG2IMG = "img2img"
+    NONE = "none"
+
+
+class SchedulerName(StrEnum):
+    EULER = "euler"
+    EULER_ANCESTRAL = "euler_ancestral"
+    DPMPP_2M = "dpmpp_2m"
+    DPMPP_2M_KARRAS = "dpmpp_2m_karras"
+    DDIM = "ddim"
+    UNIPC = "unipc"
+
+
+class OutputFormat(StrEnum):
+    PNG = "png"
+    WEBP = "webp"
+    JPEG = "jpeg"
+
+
+class AspectPreset(StrEnum):
+    """Named sizes from SDXL's training buckets (about one megapixel each), suited to blog images."""
+
+    SQUARE = "square"
+    LANDSCAPE = "landscape"
+    WIDE = "wide"
+    ULTRAWIDE = "ultrawide"
+    PORTRAIT = "portrait"
+    TALL = "tall"
+
+
+ASPECT_SIZES: dict[AspectPreset, tuple[int, int]] = {
+    AspectPreset.SQUARE: (1024, 1024),
+    AspectPreset.LANDSCAPE: (1216, 832),  # about 3:2, a classic blog hero
+    AspectPreset.WIDE: (1344, 768),  # about 16:9, social cards and wide headers
+    AspectPreset.ULTRAWIDE: (1536, 640),  # about 21:9, banners
+    AspectPreset.PORTRAIT: (832, 1216),
+    AspectPreset.TALL: (768, 1344),
+}
+
+
+def _check_side(name: str, value: int) -> int:
+    if not MIN_SIDE <= value <= MAX_SIDE:
+        raise ValueError(f"{name} must be between {MIN_SIDE} and {MAX_SIDE} pixels, got {value}")
+    if value % 8:
+        low, high = value // 8 * 8, value // 8 * 8 + 8
+        raise ValueError(
+            f"{name} must be a multiple of 8, got {value}; the nearest valid values are {low} and {high}"
+        )
+    return value
+
+
+class GenerationRequest(BaseModel):
+    """One generation: what the user asked for. `resolve()` fills the defaults that depend on other fields."""
+
+    model_config = ConfigDict(extra="forbid", use_enum_values=False)
+
+    prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS)
+    negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
+    width: int | None = Field(None, description="Multiple of 8; default 1024, or the aspect preset's.")
+    height: int | None = Field(None, description="Multiple of 8; default 1024, or the aspect preset's.")
+    aspect: AspectPreset | None = Field(None, description="Named size; conflicts with explicit width/height.")
+    num_inference_steps: int | None = Field(
+        None, ge=1, le=150, description="Total steps of the schedule (40, or 30 when high_quality is false)."
+    )
+    guidance_scale: float = Field(7.5, ge=0.0, le=30.0)
+    refine_mode: RefineMode | None = Field(
+        None, description="ensemble (default), img2img or none; use_refinement=false means none."
+    )
+    high_noise_frac: float = Field(0.8, gt=0.0, lt=1.0, description="Ensemble: share of steps the base runs.")
+    refine_steps: int = Field(30, ge=1, le=150, description="img2img mode: refiner steps before strength.")
+    refine_strength: float = Field(0.3, gt=0.0, le=1.0, description="img2img mode: how much to re-noise.")
+    scheduler: SchedulerName = SchedulerName.EULER
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Image i uses seed + i; drawn if missing.")
+    num_images: int = Field(1, ge=1, le=4)
+    output_format: OutputFormat = OutputFormat.PNG
+    high_quality: bool = Field(True, description="False: 30 steps and no refiner unless asked explicitly.")
+    use_refinement: bool = Field(True, description="False: base only, whatever refine_mode says.")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt must contain text, got only whitespace")
+        return value
+
+    @field_validator("width", "height")
+    @classmethod
+    def _side_valid(cls, value: int | None, info: Any) -> int | None:
+        return None if value is None else _check_side(info.field_name, value)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GenerationRequest:
+        if self.aspect is not None and (self.width is not None or self.height is not None):
+            preset = ASPECT_SIZES[self.aspect]
+            if (self.width, self.height) != preset:
+                raise ValueError(
+                    f"[aspect] aspect '{self.aspect.value}' means {preset[0]}x{preset[1]}; "
+                    "give either aspect or width/height, not both"
+                )
+        resolved = self.resolve()
+        if resolved.refine_mode is RefineMode.ENSEMBLE:
+            base_steps = int(resolved.num_inference_steps * self.high_noise_frac)
+            if base_steps < 1 or base_steps >= resolved.num_inference_steps:
+                raise ValueError(
+                    f"[high_noise_frac] high_noise_frac {self.high_noise_frac} with {resolved.num_inference_steps} steps leaves "
+                    "a stage with no step; raise num_inference_steps or move high_noise_frac toward 0.8"
+                )
+        if resolved.refine_mode is RefineMode.IMG2IMG and int(self.refine_steps * self.refine_strength) < 1:
+            raise ValueError(
+                f"[refine_strength] refine_strength {self.refine_strength} x refine_steps {self.refine_steps} is under one "
+                "refiner step; raise refine_steps or refine_strength"
+            )
+        return self
+
+    def resolve(self) -> ResolvedRequest:
+        """Fill the defaults that depend on other fields, so the engine sees one explicit plan."""
+        width, height = ASPECT_SIZES[self.aspect] if self.aspect else (1024, 1024)
+        width, height = self.width or width, self.height or height
+        steps = self.num_inference_steps or (
+            DEFAULT_STEPS_HIGH_QUALITY if self.high_quality else DEFAULT_STEPS_DRAFT
+        )
+        if not self.use_refinement:
+            mode = RefineMode.NONE
+        elif self.refine_mode is not None:
+            mode = self.refine_mode
+        else:
+            mode = RefineMode.ENSEMBLE if self.high_quality else RefineMode.NONE
+        data = self.model_dump(exclude={"aspect", "width", "height", "num_inference_steps", "refine_mode"})
+        return ResolvedRequest(
+            **data, width=width, height=height, num_inference_steps=steps, refine_mode=mode
+        )
+
+
+class ResolvedRequest(BaseModel):
+    """A request with every default decided: what the engine runs and what the metadata records."""
+
+    model_config = ConfigDict(frozen=True)
+
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    refine_mode: RefineMode
+    high_noise_frac: float
+    refine_steps: int
+    refine_strength: float
+    scheduler: SchedulerName
+    seed: int | None
+    num_images: int
+    output_format: OutputFormat
+    high_quality: bool
+    use_refinement: bool
+
+
+class StageReport(BaseModel):
+    """One stage as it really ran."""
+
+    name: str  # "base", "refine" or "decode"
+    steps: int
+    seconds: float
+
+
+class ImageReport(BaseModel):
+    index: int
+    seed: int
+    refined: bool
+    not_refined_reason: str | None = None
+    decoded_in_fp32_retry: bool = False
+    width: int
+    height: int
+
+
+class GenerationMetadata(BaseModel):
+    """What really ran: the record the CLI prints, the API returns and the image file embeds."""
+
+    request: ResolvedRequest
+    refine_mode_ran: RefineMode
+    refined: bool
+    not_refined_reason: str | None = None
+    seeds: list[int]
+    stages: list[StageReport]
+    total_seconds: float
+    base_model: str
+    refiner_model: str | None
+    device: str
+    dtype: str
+    images: list[ImageReport]
+
+
+class FieldError(BaseModel):
+    field: str
+    message: str
+
+
+def field_errors(error: ValidationError) -> list[FieldError]:
+    """Flatten pydantic's errors into field + message pairs that a person can act on."""
+    out = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "request"
+        message = str(item["msg"]).removeprefix("Value error, ")
+        # Checks that span several fields run after the fields themselves, where pydantic has no location to
+        # give; they name their field as "[field] message".
+        tagged = _FIELD_TAG.match(message)
+        if tagged:
+            field, message = tagged.group(1), tagged.group(2)
+        out.append(FieldError(field=field, message=message))
+    return out
+
+
+_FIELD_TAG = re.compile(r"^\[(\w+)\] (.*)$", re.DOTALL)
