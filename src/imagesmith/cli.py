@@ -1,0 +1,264 @@
+"""imagesmith's command line: generate | doctor (and serve | search where those parts are installed).
+
+Bad input exits with status 2 and a message naming the option; failures exit 1 with one clear line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from imagesmith import __version__
+from imagesmith.config import ModelPreset, Settings, get_settings
+from imagesmith.schemas import (
+    AspectPreset,
+    GenerationRequest,
+    OutputFormat,
+    RefineMode,
+    SchedulerName,
+    field_errors,
+)
+
+log = logging.getLogger("imagesmith")
+
+# CLI option for each request field, so errors name what the user typed.
+_OPTION_FOR_FIELD = {
+    "num_inference_steps": "--steps",
+    "guidance_scale": "--guidance",
+    "refine_mode": "--mode",
+    "negative_prompt": "--negative",
+    "output_format": "--format",
+    "num_images": "--num-images",
+    "high_noise_frac": "--high-noise-frac",
+    "refine_steps": "--refine-steps",
+    "refine_strength": "--refine-strength",
+}
+
+
+def _add_generate(subparsers: Any) -> None:
+    parser = subparsers.add_parser("generate", help="generate image(s) from a prompt")
+    parser.add_argument("prompt")
+    parser.add_argument("-o", "--output", type=Path, default=Path("image.png"),
+                        help="file to write; with several images, NAME_0.png, NAME_1.png, ...")
+    parser.add_argument("--model", choices=[m.value for m in ModelPreset],
+                        help="'tiny' runs the built-in noise model (tests, demo); default from settings")
+    parser.add_argument("--negative", default="")
+    parser.add_argument("--width", type=int)
+    parser.add_argument("--height", type=int)
+    parser.add_argument("--aspect", choices=[a.value for a in AspectPreset])
+    parser.add_argument("--steps", type=int, help="total denoising steps (default 40; 30 with --draft)")
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--mode", choices=[m.value for m in RefineMode], help="refinement (default ensemble)")
+    parser.add_argument("--high-noise-frac", type=float, default=0.8)
+    parser.add_argument("--refine-steps", type=int, default=30)
+    parser.add_argument("--refine-strength", type=float, default=0.3)
+    parser.add_argument("--scheduler", choices=[s.value for s in SchedulerName], default="euler")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--num-images", type=int, default=1)
+    parser.add_argument("--format", choices=[f.value for f in OutputFormat],
+                        help="default: from the output file's extension, else png")
+    parser.add_argument("--draft", action="store_true", help="high_quality=false: 30 steps, no refiner")
+    parser.add_argument("--no-refine", action="store_true", help="use_refinement=false: base only")
+    parser.add_argument("--json", action="store_true", help="print the full metadata as JSON")
+
+
+def _add_doctor(subparsers: Any) -> None:
+    parser = subparsers.add_parser("doctor", help="show the device, the hardware plan and the models")
+    parser.add_argument("--model", choices=[m.value for m in ModelPreset])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imagesmith", description="Featured images: SDXL generation and stock.")
+    parser.add_argument("--version", action="version", version=f"imagesmith {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_generate(subparsers)
+    _add_doctor(subparsers)
+    for module, adder in (("imagesmith.api.serve", "add_serve_parser"),
+                          ("imagesmith.sources.cli_search", "add_search_parser")):
+        _add_optional(subparsers, module, adder)
+    return parser
+
+
+def _add_optional(subparsers: Any, module: str, adder: str) -> None:
+    """Commands of optional parts (the HTTP server, stock search) register themselves when importable."""
+    import importlib
+
+    try:
+        getattr(importlib.import_module(module), adder)(subparsers)
+    except ModuleNotFoundError:
+        pass
+
+
+def _settings_for(args: argparse.Namespace) -> Settings:
+    settings = get_settings()
+    if getattr(args, "model", None):
+        settings = settings.model_copy(update={"model": ModelPreset(args.model)})
+    return settings
+
+
+def _request_from(args: argparse.Namespace) -> GenerationRequest:
+    output_format = args.format
+    if output_format is None:
+        suffix = args.output.suffix.lower().lstrip(".")
+        output_format = {"jpg": "jpeg"}.get(suffix, suffix) if suffix in ("png", "webp", "jpg", "jpeg") else "png"
+    fields: dict[str, Any] = {
+        "prompt": args.prompt,
+        "negative_prompt": args.negative,
+        "width": args.width,
+        "height": args.height,
+        "aspect": args.aspect,
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance,
+        "refine_mode": args.mode,
+        "high_noise_frac": args.high_noise_frac,
+        "refine_steps": args.refine_steps,
+        "refine_strength": args.refine_strength,
+        "scheduler": args.scheduler,
+        "seed": args.seed,
+        "num_images": args.num_images,
+        "output_format": output_format,
+        "high_quality": not args.draft,
+        "use_refinement": not args.no_refine,
+    }
+    return GenerationRequest(**{key: value for key, value in fields.items() if value is not None})
+
+
+def output_paths(output: Path, count: int) -> list[Path]:
+    if count == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}_{index}{output.suffix}") for index in range(count)]
+
+
+class _StageBars:
+    """One tqdm bar per stage, on stderr, so stdout stays clean for --json."""
+
+    def __init__(self) -> None:
+        self._bar: Any = None
+        self._stage = ""
+
+    def __call__(self, event: Any) -> None:
+        from tqdm import tqdm
+
+        if event.stage != self._stage:
+            self.close()
+            self._stage = event.stage
+            self._bar = tqdm(total=event.total, desc=f"{event.stage:>11}", unit="step", file=sys.stderr,
+                             leave=True, dynamic_ncols=True)
+        self._bar.update(event.step - self._bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    try:
+        request = _request_from(args)
+    except ValidationError as error:
+        for item in field_errors(error):
+            option = _OPTION_FOR_FIELD.get(item.field, "--" + item.field.replace("_", "-"))
+            print(f"imagesmith generate: error: {option}: {item.message}", file=sys.stderr)
+        return 2
+    from imagesmith.engine import Engine, GenerationError, ModelLoadError
+
+    settings = _settings_for(args)
+    try:
+        engine = Engine.start(settings)
+    except (ModelLoadError, RuntimeError, ValueError) as error:
+        print(f"imagesmith generate: cannot start the engine: {error}", file=sys.stderr)
+        return 1
+    bars = _StageBars()
+    try:
+        result = engine.generate(request, on_progress=bars)
+    except GenerationError as error:
+        print(f"imagesmith generate: {error}", file=sys.stderr)
+        return 1
+    finally:
+        bars.close()
+    paths = output_paths(args.output, len(result.images))
+    for index, path in enumerate(paths):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(result.encoded(index))
+    meta = result.metadata
+    if args.json:
+        print(meta.model_dump_json(indent=2))
+    else:
+        stages = ", ".join(f"{stage.name} {stage.steps} steps {stage.seconds:.2f}s" for stage in meta.stages)
+        refined = "refined" if meta.refined else f"not refined ({meta.not_refined_reason})"
+        for path, seed in zip(paths, meta.seeds, strict=True):
+            print(f"wrote {path} (seed {seed})")
+        print(f"{meta.request.width}x{meta.request.height}, {refined}; {stages}; total {meta.total_seconds:.2f}s "
+              f"on {meta.device} {meta.dtype}")
+    return 0
+
+
+def run_doctor(args: argparse.Namespace) -> int:
+    import torch
+
+    from imagesmith.engine.hardware import plan_hardware, probe_device
+    from imagesmith.engine.models import describe_source, offline
+
+    settings = _settings_for(args)
+    print(f"imagesmith {__version__}, torch {torch.__version__}, python {sys.version.split()[0]}")
+    try:
+        device = probe_device(settings.device)
+    except (RuntimeError, ValueError) as error:
+        print(f"device: ERROR {error}")
+        return 1
+    memory = f", {device.free_memory_gib:.1f}/{device.total_memory_gib:.1f} GiB free" if device.kind == "cuda" else ""
+    capability = f", compute capability {device.capability[0]}.{device.capability[1]}" if device.capability else ""
+    print(f"device: {device.torch_device} ({device.name}{capability}{memory})")
+    print(f"plan: {plan_hardware(device, settings).summary()}")
+    print(f"hub: {'offline' if offline(settings) else 'online'}; data dir {settings.data_dir}")
+    if settings.model is ModelPreset.TINY:
+        print(f"models: tiny (built-in, random weights) at {settings.tiny_model_dir()}")
+    else:
+        print(f"base model: {settings.base_model}: {describe_source(settings.base_model, settings)}")
+        if settings.refiner_model:
+            print(f"refiner: {settings.refiner_model}: {describe_source(settings.refiner_model, settings)}")
+        else:
+            print("refiner: none configured (base-only generation)")
+        if settings.vae_model:
+            print(f"vae: {settings.vae_model}: {describe_source(settings.vae_model, settings)}")
+    _doctor_optional()
+    return 0
+
+
+def _doctor_optional() -> None:
+    import importlib
+
+    try:
+        report = importlib.import_module("imagesmith.sources.cli_search").doctor_lines
+    except (ModuleNotFoundError, AttributeError):
+        return
+    for line in report(get_settings()):
+        print(line)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if not args.verbose:
+        # diffusers and transformers talk a lot at INFO; keep our own lines readable.
+        for noisy in ("diffusers", "transformers", "httpx", "accelerate"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+    handlers = {"generate": run_generate, "doctor": run_doctor}
+    handler = handlers.get(args.command) or args.handler
+    return int(handler(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
