@@ -11,7 +11,7 @@ import pytest
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
 
-from imagesmith.config import ModelPreset, Settings  # noqa: E402
+from imagesmith.config import ModelPreset, Settings
 
 
 @pytest.fixture(scope="session")

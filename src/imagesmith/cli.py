@@ -6,6 +6,7 @@ Bad input exits with status 2 and a message naming the option; failures exit 1 w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -44,10 +45,18 @@ _OPTION_FOR_FIELD = {
 def _add_generate(subparsers: Any) -> None:
     parser = subparsers.add_parser("generate", help="generate image(s) from a prompt")
     parser.add_argument("prompt")
-    parser.add_argument("-o", "--output", type=Path, default=Path("image.png"),
-                        help="file to write; with several images, NAME_0.png, NAME_1.png, ...")
-    parser.add_argument("--model", choices=[m.value for m in ModelPreset],
-                        help="'tiny' runs the built-in noise model (tests, demo); default from settings")
+    parser.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=Path("image.png"),
+        help="file to write; with several images, NAME_0.png, NAME_1.png, ...",
+    )
+    parser.add_argument(
+        "--model",
+        choices=[m.value for m in ModelPreset],
+        help="'tiny' runs the built-in noise model (tests, demo); default from settings",
+    )
     parser.add_argument("--negative", default="")
     parser.add_argument("--width", type=int)
     parser.add_argument("--height", type=int)
@@ -61,8 +70,11 @@ def _add_generate(subparsers: Any) -> None:
     parser.add_argument("--scheduler", choices=[s.value for s in SchedulerName], default="euler")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--num-images", type=int, default=1)
-    parser.add_argument("--format", choices=[f.value for f in OutputFormat],
-                        help="default: from the output file's extension, else png")
+    parser.add_argument(
+        "--format",
+        choices=[f.value for f in OutputFormat],
+        help="default: from the output file's extension, else png",
+    )
     parser.add_argument("--draft", action="store_true", help="high_quality=false: 30 steps, no refiner")
     parser.add_argument("--no-refine", action="store_true", help="use_refinement=false: base only")
     parser.add_argument("--json", action="store_true", help="print the full metadata as JSON")
@@ -74,14 +86,18 @@ def _add_doctor(subparsers: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="imagesmith", description="Featured images: SDXL generation and stock.")
+    parser = argparse.ArgumentParser(
+        prog="imagesmith", description="Featured images: SDXL generation and stock."
+    )
     parser.add_argument("--version", action="version", version=f"imagesmith {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_generate(subparsers)
     _add_doctor(subparsers)
-    for module, adder in (("imagesmith.api.serve", "add_serve_parser"),
-                          ("imagesmith.sources.cli_search", "add_search_parser")):
+    for module, adder in (
+        ("imagesmith.api.serve", "add_serve_parser"),
+        ("imagesmith.sources.cli_search", "add_search_parser"),
+    ):
         _add_optional(subparsers, module, adder)
     return parser
 
@@ -90,10 +106,8 @@ def _add_optional(subparsers: Any, module: str, adder: str) -> None:
     """Commands of optional parts (the HTTP server, stock search) register themselves when importable."""
     import importlib
 
-    try:
+    with contextlib.suppress(ModuleNotFoundError):
         getattr(importlib.import_module(module), adder)(subparsers)
-    except ModuleNotFoundError:
-        pass
 
 
 def _settings_for(args: argparse.Namespace) -> Settings:
@@ -107,7 +121,9 @@ def _request_from(args: argparse.Namespace) -> GenerationRequest:
     output_format = args.format
     if output_format is None:
         suffix = args.output.suffix.lower().lstrip(".")
-        output_format = {"jpg": "jpeg"}.get(suffix, suffix) if suffix in ("png", "webp", "jpg", "jpeg") else "png"
+        output_format = (
+            {"jpg": "jpeg"}.get(suffix, suffix) if suffix in ("png", "webp", "jpg", "jpeg") else "png"
+        )
     fields: dict[str, Any] = {
         "prompt": args.prompt,
         "negative_prompt": args.negative,
@@ -149,8 +165,14 @@ class _StageBars:
         if event.stage != self._stage:
             self.close()
             self._stage = event.stage
-            self._bar = tqdm(total=event.total, desc=f"{event.stage:>11}", unit="step", file=sys.stderr,
-                             leave=True, dynamic_ncols=True)
+            self._bar = tqdm(
+                total=event.total,
+                desc=f"{event.stage:>11}",
+                unit="step",
+                file=sys.stderr,
+                leave=True,
+                dynamic_ncols=True,
+            )
         self._bar.update(event.step - self._bar.n)
 
     def close(self) -> None:
@@ -195,8 +217,10 @@ def run_generate(args: argparse.Namespace) -> int:
         refined = "refined" if meta.refined else f"not refined ({meta.not_refined_reason})"
         for path, seed in zip(paths, meta.seeds, strict=True):
             print(f"wrote {path} (seed {seed})")
-        print(f"{meta.request.width}x{meta.request.height}, {refined}; {stages}; total {meta.total_seconds:.2f}s "
-              f"on {meta.device} {meta.dtype}")
+        print(
+            f"{meta.request.width}x{meta.request.height}, {refined}; {stages}; total {meta.total_seconds:.2f}s "
+            f"on {meta.device} {meta.dtype}"
+        )
     return 0
 
 
@@ -213,8 +237,14 @@ def run_doctor(args: argparse.Namespace) -> int:
     except (RuntimeError, ValueError) as error:
         print(f"device: ERROR {error}")
         return 1
-    memory = f", {device.free_memory_gib:.1f}/{device.total_memory_gib:.1f} GiB free" if device.kind == "cuda" else ""
-    capability = f", compute capability {device.capability[0]}.{device.capability[1]}" if device.capability else ""
+    memory = (
+        f", {device.free_memory_gib:.1f}/{device.total_memory_gib:.1f} GiB free"
+        if device.kind == "cuda"
+        else ""
+    )
+    capability = (
+        f", compute capability {device.capability[0]}.{device.capability[1]}" if device.capability else ""
+    )
     print(f"device: {device.torch_device} ({device.name}{capability}{memory})")
     print(f"plan: {plan_hardware(device, settings).summary()}")
     print(f"hub: {'offline' if offline(settings) else 'online'}; data dir {settings.data_dir}")

@@ -40,7 +40,9 @@ def looks_broken(image: torch.Tensor) -> bool:
     return bool((image.float() / 2 + 0.5).clamp(0, 1).amax() < 1.0 / 255)
 
 
-def decode_latents(vae: Any, latents: torch.Tensor, dtype: torch.dtype, tiling: bool) -> tuple[list[Image.Image], list[bool]]:
+def decode_latents(
+    vae: Any, latents: torch.Tensor, dtype: torch.dtype, tiling: bool
+) -> tuple[list[Image.Image], list[bool]]:
     """Decode one image at a time (bounded memory). Returns the images and, per image, whether it needed fp32."""
     if tiling:
         vae.enable_tiling()

@@ -93,7 +93,9 @@ class Engine:
             "models ready in %.1fs: base=%s refiner=%s",
             time.perf_counter() - started,
             models.sources.base,
-            models.sources.refiner if models.refiner is not None else f"none ({models.refiner_error or 'not configured'})",
+            models.sources.refiner
+            if models.refiner is not None
+            else f"none ({models.refiner_error or 'not configured'})",
         )
         return cls(models, plan)
 
@@ -142,16 +144,25 @@ class Engine:
         if mode is not RefineMode.NONE and refiner is None:
             not_refined = f"refiner unavailable ({self.refiner_status})"
         elif mode is RefineMode.NONE:
-            not_refined = "refinement off (use_refinement=false)" if not request.use_refinement else (
-                "refine_mode none" if request.high_quality else "high_quality=false"
+            not_refined = (
+                "refinement off (use_refinement=false)"
+                if not request.use_refinement
+                else ("refine_mode none" if request.high_quality else "high_quality=false")
             )
 
         ensemble = mode is RefineMode.ENSEMBLE
         log.info(
             "generating %d image(s) %dx%d, %d steps, mode=%s, seeds=%s",
-            request.num_images, request.width, request.height, request.num_inference_steps, mode.value, seeds,
+            request.num_images,
+            request.width,
+            request.height,
+            request.num_inference_steps,
+            mode.value,
+            seeds,
         )
-        latents = run_base(base, run, generators_for(seeds), stop_at=request.high_noise_frac if ensemble else None)
+        latents = run_base(
+            base, run, generators_for(seeds), stop_at=request.high_noise_frac if ensemble else None
+        )
         run.check_cancel()
 
         refined = False

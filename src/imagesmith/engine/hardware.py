@@ -148,7 +148,9 @@ def _choose_offload(device: DeviceInfo, settings: Settings, reasons: list[str]) 
 
 
 def plan_hardware(device: DeviceInfo, settings: Settings) -> HardwarePlan:
-    reasons: list[str] = [f"{device.name}" + (f", {device.total_memory_gib:.0f} GiB" if device.total_memory_gib else "")]
+    reasons: list[str] = [
+        f"{device.name}" + (f", {device.total_memory_gib:.0f} GiB" if device.total_memory_gib else "")
+    ]
     dtype, vae_dtype = _choose_precision(device, settings, reasons)
     offload = _choose_offload(device, settings, reasons)
     if settings.vae_tiling is VaeTilingChoice.AUTO:

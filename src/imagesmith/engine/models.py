@@ -64,8 +64,10 @@ def describe_source(source: str, settings: Settings) -> str:
     """One line for `doctor`: does this source resolve without loading it?"""
     path = Path(source).expanduser()
     if path.exists():
-        return "local folder, model_index.json present" if (path / "model_index.json").exists() else (
-            "local folder WITHOUT model_index.json (not a diffusers pipeline folder)"
+        return (
+            "local folder, model_index.json present"
+            if (path / "model_index.json").exists()
+            else ("local folder WITHOUT model_index.json (not a diffusers pipeline folder)")
         )
     if source.startswith((".", "/", "~")):
         return "local path that does not exist"
@@ -74,7 +76,9 @@ def describe_source(source: str, settings: Settings) -> str:
     cached = try_to_load_from_cache(source, "model_index.json")
     if isinstance(cached, str):
         return "hub id, in the local cache"
-    return "hub id, not cached: " + ("offline mode, will fail" if offline(settings) else "downloads on first load")
+    return "hub id, not cached: " + (
+        "offline mode, will fail" if offline(settings) else "downloads on first load"
+    )
 
 
 def _load_kwargs(source: str, plan: HardwarePlan, settings: Settings) -> dict[str, Any]:
@@ -84,14 +88,18 @@ def _load_kwargs(source: str, plan: HardwarePlan, settings: Settings) -> dict[st
     return kwargs
 
 
-def _from_pretrained(cls: Any, role: str, source: str, plan: HardwarePlan, settings: Settings, **extra: Any) -> Any:
+def _from_pretrained(
+    cls: Any, role: str, source: str, plan: HardwarePlan, settings: Settings, **extra: Any
+) -> Any:
     """from_pretrained with the 16-bit variant when one exists (half the download), and errors that teach."""
     kwargs = {**_load_kwargs(source, plan, settings), **extra}
     local = Path(source).expanduser()
     if local.exists():
         if not (local / "model_index.json").exists() and role != "VAE":
             raise ModelLoadError(
-                role, source, "the folder has no model_index.json",
+                role,
+                source,
+                "the folder has no model_index.json",
                 "point it at a diffusers pipeline folder (save_pretrained output), not a single .safetensors file",
             )
         attempts: list[str | None] = [None]
@@ -102,7 +110,7 @@ def _from_pretrained(cls: Any, role: str, source: str, plan: HardwarePlan, setti
     for variant in attempts:
         try:
             return cls.from_pretrained(str(local) if local.exists() else source, variant=variant, **kwargs)
-        except (OSError, ValueError, EnvironmentError) as error:
+        except (OSError, ValueError) as error:
             last_error = error
             log.debug("loading %s %s with variant=%s failed: %s", role, source, variant, error)
     assert last_error is not None
@@ -146,8 +154,13 @@ def load_models(settings: Settings, plan: HardwarePlan) -> LoadedModels:
         log.info("loading refiner %s (sharing the base's text_encoder_2 and VAE)", sources.refiner)
         try:
             refiner = _from_pretrained(
-                StableDiffusionXLImg2ImgPipeline, "refiner", sources.refiner, plan, settings,
-                text_encoder_2=base.text_encoder_2, vae=base.vae,
+                StableDiffusionXLImg2ImgPipeline,
+                "refiner",
+                sources.refiner,
+                plan,
+                settings,
+                text_encoder_2=base.text_encoder_2,
+                vae=base.vae,
             )
         except Exception as error:  # any failure leaves base-only generation working
             refiner_error = str(error)

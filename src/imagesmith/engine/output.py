@@ -72,7 +72,9 @@ def parse_a1111_parameters(text: str) -> dict[str, str]:
     *head, last = text.strip().split("\n")
     if not _PARAM.findall(last) or len(_PARAM.findall(last)) < 3:
         head, last = [*head, last], ""
-    prompt_lines, negative_lines, in_negative = [], [], False
+    prompt_lines: list[str] = []
+    negative_lines: list[str] = []
+    in_negative = False
     for line in head:
         if line.startswith("Negative prompt:"):
             in_negative = True
@@ -94,7 +96,9 @@ def encode_image(image: Image.Image, output_format: OutputFormat, parameters: st
     return buffer.getvalue()
 
 
-def write_image(image: Image.Image, target: str | Path | BinaryIO, output_format: OutputFormat, parameters: str) -> None:
+def write_image(
+    image: Image.Image, target: str | Path | BinaryIO, output_format: OutputFormat, parameters: str
+) -> None:
     if output_format is OutputFormat.PNG:
         info = PngImagePlugin.PngInfo()
         info.add_text("parameters", parameters)

@@ -62,7 +62,9 @@ class StageRun:
     def finish_stage(self, name: str, began: float, steps: int | None = None) -> None:
         _synchronize()
         self.stages.append(
-            StageReport(name=name, steps=self._steps if steps is None else steps, seconds=time.perf_counter() - began)
+            StageReport(
+                name=name, steps=self._steps if steps is None else steps, seconds=time.perf_counter() - began
+            )
         )
 
     def check_cancel(self) -> None:
@@ -90,7 +92,9 @@ def _common_args(run: StageRun, generators: list[torch.Generator]) -> dict[str, 
     }
 
 
-def run_base(base: Any, run: StageRun, generators: list[torch.Generator], stop_at: float | None) -> torch.Tensor:
+def run_base(
+    base: Any, run: StageRun, generators: list[torch.Generator], stop_at: float | None
+) -> torch.Tensor:
     request = run.request
     base.scheduler = make_scheduler(request.scheduler, base.scheduler.config)
     began = time.perf_counter()
@@ -107,13 +111,21 @@ def run_base(base: Any, run: StageRun, generators: list[torch.Generator], stop_a
 
 
 def run_refiner(
-    refiner: Any, run: StageRun, generators: list[torch.Generator], latents: torch.Tensor, mode: RefineMode, stage: str = "refine"
+    refiner: Any,
+    run: StageRun,
+    generators: list[torch.Generator],
+    latents: torch.Tensor,
+    mode: RefineMode,
+    stage: str = "refine",
 ) -> torch.Tensor:
     """Ensemble: finish the base's schedule from high_noise_frac. img2img: re-noise to refine_strength, denoise."""
     request = run.request
     refiner.scheduler = make_scheduler(request.scheduler, refiner.scheduler.config)
     if mode is RefineMode.ENSEMBLE:
-        stage_args = {"num_inference_steps": request.num_inference_steps, "denoising_start": request.high_noise_frac}
+        stage_args = {
+            "num_inference_steps": request.num_inference_steps,
+            "denoising_start": request.high_noise_frac,
+        }
     else:
         stage_args = {"num_inference_steps": request.refine_steps, "strength": request.refine_strength}
     began = time.perf_counter()
@@ -127,7 +139,9 @@ def run_refiner(
     return refined
 
 
-def finish_with_base(base: Any, run: StageRun, generators: list[torch.Generator], latents: torch.Tensor) -> torch.Tensor:
+def finish_with_base(
+    base: Any, run: StageRun, generators: list[torch.Generator], latents: torch.Tensor
+) -> torch.Tensor:
     """The ensemble's fallback: the base denoises the rest of the schedule, so the picture is complete."""
     from diffusers import StableDiffusionXLImg2ImgPipeline
 

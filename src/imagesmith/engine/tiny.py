@@ -17,6 +17,7 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -168,7 +169,7 @@ def build_tiny_sdxl(target: Path) -> tuple[Path, Path]:
         vocab_size, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id
     )
     vae = _vae()
-    base = StableDiffusionXLPipeline(
+    base: Any = StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=encoder_1,
         text_encoder_2=encoder_2,
@@ -178,7 +179,7 @@ def build_tiny_sdxl(target: Path) -> tuple[Path, Path]:
         scheduler=_scheduler(),
     )
     # The refiner conditions on text_encoder_2 only, and on an aesthetic score instead of the target size.
-    refiner = StableDiffusionXLImg2ImgPipeline(
+    refiner: Any = StableDiffusionXLImg2ImgPipeline(
         vae=vae,
         text_encoder=None,
         text_encoder_2=encoder_2,

@@ -1,0 +1,77 @@
+"""The hardware plan for the cards users have, faked: precision, offload and VAE handling."""
+
+from __future__ import annotations
+
+import pytest
+
+from imagesmith.config import OffloadChoice, PrecisionChoice, Settings
+from imagesmith.engine.hardware import DeviceInfo, needs_tiling, plan_hardware
+
+H100 = DeviceInfo(
+    "cuda", name="NVIDIA H100 80GB HBM3", capability=(9, 0), total_memory_gib=79.6, free_memory_gib=78.9
+)
+RTX4090 = DeviceInfo("cuda", name="RTX 4090", capability=(8, 9), total_memory_gib=23.6, free_memory_gib=22.4)
+RTX3060_12GB = DeviceInfo(
+    "cuda", name="RTX 3060", capability=(8, 6), total_memory_gib=11.8, free_memory_gib=11.2
+)
+RTX2060_6GB = DeviceInfo(
+    "cuda", name="RTX 2060", capability=(7, 5), total_memory_gib=5.8, free_memory_gib=5.4
+)
+V100_32GB = DeviceInfo(
+    "cuda", name="Tesla V100", capability=(7, 0), total_memory_gib=31.7, free_memory_gib=31.0
+)
+CPU = DeviceInfo("cpu")
+
+
+def plan(device: DeviceInfo, **settings: object):
+    return plan_hardware(device, Settings(**settings))  # type: ignore[arg-type]
+
+
+def test_h100_runs_everything_resident_in_bf16_including_the_vae() -> None:
+    p = plan(H100)
+    assert (p.dtype_name, p.vae_dtype_name, p.offload, p.vae_tiling) == ("bf16", "bf16", "none", False)
+    assert p.device == "cuda:0"
+
+
+def test_rtx4090_fits_without_offload_in_bf16() -> None:
+    p = plan(RTX4090)
+    assert (p.dtype_name, p.vae_dtype_name, p.offload) == ("bf16", "bf16", "none")
+
+
+def test_12gb_card_uses_model_offload() -> None:
+    p = plan(RTX3060_12GB)
+    assert (p.dtype_name, p.offload) == ("bf16", "model")
+    assert needs_tiling(p, 1344, 1024) and not needs_tiling(p, 1024, 1024)
+
+
+def test_6gb_pre_ampere_card_streams_layers_in_fp16_with_fp32_vae_and_tiling() -> None:
+    p = plan(RTX2060_6GB)
+    assert (p.dtype_name, p.vae_dtype_name, p.offload, p.vae_tiling) == ("fp16", "fp32", "sequential", True)
+
+
+def test_pre_ampere_card_with_fixed_vae_decodes_in_fp16() -> None:
+    p = plan(V100_32GB, vae_model="madebyollin/sdxl-vae-fp16-fix")
+    assert (p.dtype_name, p.vae_dtype_name, p.offload) == ("fp16", "fp16", "none")
+
+
+def test_large_memory_never_means_fp32() -> None:
+    """The seed chose fp32 when memory was large: 5x slower for no gain. Memory never sets precision here."""
+    for device in (H100, V100_32GB):
+        assert plan(device).dtype_name != "fp32"
+
+
+def test_cpu_is_fp32_without_offload() -> None:
+    p = plan(CPU)
+    assert (p.device, p.dtype_name, p.vae_dtype_name, p.offload) == ("cpu", "fp32", "fp32", "none")
+
+
+@pytest.mark.parametrize("offload", ["none", "model", "sequential"])
+def test_every_choice_can_be_overridden(offload: str) -> None:
+    p = plan(H100, precision=PrecisionChoice.FP16, offload=OffloadChoice(offload), vae_tiling="on")
+    assert (p.dtype_name, p.offload, p.vae_tiling) == ("fp16", offload, True)
+    assert "from settings" in p.summary()
+
+
+def test_plan_summary_gives_the_reasons_in_one_line() -> None:
+    summary = plan(RTX3060_12GB).summary()
+    assert "\n" not in summary and "model offload" in summary and "11.2 GiB free" in summary

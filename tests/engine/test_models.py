@@ -1,0 +1,93 @@
+"""Loading: local folders and hub ids, errors that teach, a refiner failure that leaves the base working."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from imagesmith.config import ModelPreset, Settings
+from imagesmith.engine import Engine, ModelLoadError
+from imagesmith.engine.tiny import build_tiny_sdxl
+from imagesmith.schemas import GenerationRequest
+
+
+def test_tiny_model_builds_deterministically(tmp_path: Path, tiny_settings: Settings) -> None:
+    base, _ = build_tiny_sdxl(tmp_path / "again")
+    reference = tiny_settings.tiny_model_dir() / "tiny-sdxl-base"
+
+    def digest(folder: Path) -> str:
+        return hashlib.sha256(
+            (folder / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+        ).hexdigest()
+
+    assert digest(base) == digest(reference)
+
+
+def test_local_folders_load_like_hub_ids(tiny_settings: Settings) -> None:
+    """The sdxl preset with base/refiner pointing at folders: the path users take with downloaded weights."""
+    folder = tiny_settings.tiny_model_dir()
+    settings = tiny_settings.model_copy(
+        update={
+            "model": ModelPreset.SDXL,
+            "base_model": str(folder / "tiny-sdxl-base"),
+            "refiner_model": str(folder / "tiny-sdxl-refiner"),
+        }
+    )
+    engine = Engine.start(settings)
+    # One copy of the shared parts: the refiner holds the base's text_encoder_2 and VAE objects.
+    assert engine.models.refiner.text_encoder_2 is engine.models.base.text_encoder_2
+    assert engine.models.refiner.vae is engine.models.base.vae
+    assert engine.generate(
+        GenerationRequest(prompt="x", width=64, height=64, num_inference_steps=10)
+    ).metadata.refined
+
+
+def test_broken_refiner_leaves_base_only_generation_working(tiny_settings: Settings, tmp_path: Path) -> None:
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    settings = tiny_settings.model_copy(
+        update={
+            "model": ModelPreset.SDXL,
+            "base_model": str(tiny_settings.tiny_model_dir() / "tiny-sdxl-base"),
+            "refiner_model": str(empty),
+        }
+    )
+    engine = Engine.start(settings)
+    assert engine.models.refiner is None
+    assert "has no model_index.json" in engine.refiner_status
+    result = engine.generate(GenerationRequest(prompt="x", width=64, height=64, num_inference_steps=10))
+    assert not result.metadata.refined and "refiner unavailable" in (result.metadata.not_refined_reason or "")
+
+
+def test_missing_base_names_model_problem_and_fix(tiny_settings: Settings, tmp_path: Path) -> None:
+    settings = tiny_settings.model_copy(
+        update={
+            "model": ModelPreset.SDXL,
+            "base_model": str(tmp_path),
+            "refiner_model": "",
+        }
+    )
+    with pytest.raises(ModelLoadError) as caught:
+        Engine.start(settings)
+    message = str(caught.value)
+    assert str(tmp_path) in message and "model_index.json" in message and "Fix:" in message
+
+
+def test_offline_hub_id_not_cached_says_how_to_fix(
+    tiny_settings: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    settings = tiny_settings.model_copy(
+        update={
+            "model": ModelPreset.SDXL,
+            "base_model": "someone/not-downloaded-sdxl",
+            "refiner_model": "",
+        }
+    )
+    with pytest.raises(ModelLoadError) as caught:
+        Engine.start(settings)
+    assert "someone/not-downloaded-sdxl" in str(caught.value)
+    assert "HF_HUB_OFFLINE" in str(caught.value)

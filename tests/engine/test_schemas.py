@@ -1,0 +1,71 @@
+"""Bad input gets an error that names the field and says how to fix it."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from imagesmith.schemas import GenerationRequest, RefineMode, field_errors
+
+
+def errors_for(**fields: object) -> dict[str, str]:
+    with pytest.raises(ValidationError) as caught:
+        GenerationRequest(**fields)  # type: ignore[arg-type]
+    return {item.field: item.message for item in field_errors(caught.value)}
+
+
+def test_width_not_multiple_of_8_names_field_and_neighbours() -> None:
+    assert errors_for(prompt="x", width=1001) == {
+        "width": "width must be a multiple of 8, got 1001; the nearest valid values are 1000 and 1008"
+    }
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"height": 4096}, "height"),
+        ({"height": 32}, "height"),
+        ({"num_inference_steps": 0}, "num_inference_steps"),
+        ({"num_inference_steps": 500}, "num_inference_steps"),
+        ({"guidance_scale": -1}, "guidance_scale"),
+        ({"num_images": 5}, "num_images"),
+        ({"high_noise_frac": 1.0}, "high_noise_frac"),
+        ({"refine_strength": 0}, "refine_strength"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 2**63}, "seed"),
+        ({"scheduler": "heun"}, "scheduler"),
+        ({"refine_mode": "sideways"}, "refine_mode"),
+        ({"output_format": "gif"}, "output_format"),
+        ({"colour": "red"}, "colour"),
+    ],
+)
+def test_out_of_range_values_name_their_field(fields: dict[str, object], field: str) -> None:
+    assert field in errors_for(prompt="x", **fields)
+
+
+def test_blank_prompt_is_refused() -> None:
+    assert "prompt" in errors_for(prompt="   ")
+
+
+def test_cross_field_errors_name_the_field_to_change() -> None:
+    assert "high_noise_frac" in errors_for(prompt="x", num_inference_steps=2, high_noise_frac=0.3)
+    assert "refine_strength" in errors_for(
+        prompt="x", refine_mode="img2img", refine_steps=2, refine_strength=0.2
+    )
+    assert "aspect" in errors_for(prompt="x", aspect="wide", width=1024)
+
+
+def test_defaults_follow_the_seed_flags() -> None:
+    default = GenerationRequest(prompt="x").resolve()
+    assert (default.width, default.height, default.num_inference_steps, default.refine_mode) == (
+        1024,
+        1024,
+        40,
+        RefineMode.ENSEMBLE,
+    )
+    draft = GenerationRequest(prompt="x", high_quality=False).resolve()
+    assert (draft.num_inference_steps, draft.refine_mode) == (30, RefineMode.NONE)
+    unrefined = GenerationRequest(prompt="x", use_refinement=False, refine_mode="img2img").resolve()
+    assert unrefined.refine_mode is RefineMode.NONE
+    wide = GenerationRequest(prompt="x", aspect="landscape").resolve()
+    assert (wide.width, wide.height) == (1216, 832)
