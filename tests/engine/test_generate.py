@@ -145,9 +145,7 @@ def test_progress_reports_each_stage_step_by_step(tiny_engine: Engine) -> None:
     tiny_engine.generate(GenerationRequest(prompt="a fox", seed=1, **SMALL), on_progress=events.append)
     seen = [(e.stage, e.step, e.total) for e in events]
     assert seen == [("base", i, 8) for i in range(1, 9)] + [("refine", i, 2) for i in range(1, 3)]
-    assert all(
-        later.elapsed_s >= earlier.elapsed_s for earlier, later in itertools.pairwise(events)
-    )
+    assert all(later.elapsed_s >= earlier.elapsed_s for earlier, later in itertools.pairwise(events))
     assert events[0].latents.shape == (1, 4, 8, 12)
 
 

@@ -1,0 +1,94 @@
+"""The CLI as a user runs it: a real process, the tiny model, files on disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+from imagesmith.engine.output import parse_a1111_parameters, read_parameters
+
+
+def run_cli(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "IMAGESMITH_DATA_DIR": str(home),
+        "IMAGESMITH_MODEL": "tiny",
+        "IMAGESMITH_DEVICE": "cpu",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "imagesmith.cli", *args], env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_generate_writes_images_with_parameters(tiny_model_home: Path, tmp_path: Path) -> None:
+    out = tmp_path / "hero.webp"
+    done = run_cli(
+        "generate",
+        "a red bicycle",
+        "-o",
+        str(out),
+        "--width",
+        "128",
+        "--height",
+        "64",
+        "--steps",
+        "10",
+        "--seed",
+        "77",
+        "--num-images",
+        "2",
+        "--json",
+        home=tiny_model_home,
+    )
+    assert done.returncode == 0, done.stderr
+    meta = json.loads(done.stdout)
+    assert meta["seeds"] == [77, 78] and meta["refined"] is True
+    paths = [tmp_path / "hero_0.webp", tmp_path / "hero_1.webp"]
+    for path, seed in zip(paths, (77, 78), strict=True):
+        with Image.open(path) as image:
+            assert (image.format, image.size) == ("WEBP", (128, 64))
+        assert parse_a1111_parameters(read_parameters(path) or "")["Seed"] == str(seed)
+    # The progress bars go to stderr, one per stage.
+    assert "base" in done.stderr and "refine" in done.stderr
+
+
+def test_bad_option_exits_2_naming_the_option(tiny_model_home: Path, tmp_path: Path) -> None:
+    done = run_cli("generate", "x", "--width", "1001", "-o", str(tmp_path / "x.png"), home=tiny_model_home)
+    assert done.returncode == 2
+    assert "--width: width must be a multiple of 8, got 1001" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "x.png").exists()
+
+
+def test_doctor_prints_device_plan_and_models(tiny_model_home: Path) -> None:
+    done = run_cli("doctor", home=tiny_model_home)
+    assert done.returncode == 0, done.stderr
+    assert "device: cpu" in done.stdout
+    assert "plan: device=cpu dtype=fp32" in done.stdout
+    assert "models: tiny" in done.stdout
+
+
+def test_doctor_tells_whether_real_models_resolve(tiny_model_home: Path, tmp_path: Path) -> None:
+    env_home = tmp_path / "hf"
+    done = subprocess.run(
+        [sys.executable, "-m", "imagesmith.cli", "doctor"],
+        env={
+            **os.environ,
+            "IMAGESMITH_DATA_DIR": str(tiny_model_home),
+            "HF_HOME": str(env_home),
+            "HF_HUB_OFFLINE": "1",
+            "IMAGESMITH_REFINER_MODEL": str(tmp_path / "missing"),
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (
+        "stabilityai/stable-diffusion-xl-base-1.0: hub id, not cached: offline mode, will fail" in done.stdout
+    )
+    assert "local path that does not exist" in done.stdout
