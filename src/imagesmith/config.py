@@ -43,6 +43,15 @@ class VaeTilingChoice(StrEnum):
     OFF = "off"
 
 
+class CompileChoice(StrEnum):
+    """torch.compile of the UNets and VAE decoder. 'reduce-overhead' adds CUDA graphs (batch-1 latency)."""
+
+    OFF = "off"
+    DEFAULT = "default"
+    MAX_AUTOTUNE = "max-autotune-no-cudagraphs"
+    REDUCE_OVERHEAD = "reduce-overhead"
+
+
 def default_data_dir() -> Path:
     return Path.home() / ".local" / "share" / "imagesmith"
 
@@ -70,6 +79,14 @@ class Settings(BaseSettings):
     vae_tiling: VaeTilingChoice = Field(VaeTilingChoice.AUTO, description="Decode large images in tiles.")
     data_dir: Path = Field(default_factory=default_data_dir, description="Jobs, images, the tiny model.")
     hf_offline: bool = Field(False, description="Never contact the hub (HF_HUB_OFFLINE=1 does the same).")
+
+    # Speed levers (engine/fast.py); figures in docs/benchmarks.md.
+    fuse_qkv: bool = Field(True, description="One matmul for Q, K and V in every attention block (exact).")
+    compile: CompileChoice = Field(CompileChoice.OFF, description="torch.compile the UNets and VAE decoder.")
+    channels_last: bool = Field(False, description="NHWC memory layout for the UNets.")
+    fp8: bool = Field(False, description="fp8 UNet linear layers via torchao (lossy; H100/H200/4090 class).")
+    warmup: bool = Field(True, description="Warm up (and compile) at start-up, before serving.")
+    warmup_sizes: str = Field("1024x1024", description="Comma-separated WxH shapes to warm up.")
 
     def tiny_model_dir(self) -> Path:
         return self.data_dir / "tiny-model"

@@ -19,6 +19,7 @@ from PIL import Image
 
 from imagesmith.config import Settings
 from imagesmith.engine.decode import decode_latents
+from imagesmith.engine.fast import apply_speed_levers
 from imagesmith.engine.hardware import HardwarePlan, needs_tiling, plan_hardware, probe_device
 from imagesmith.engine.models import LoadedModels, load_models
 from imagesmith.engine.output import a1111_parameters, encode_image
@@ -91,6 +92,7 @@ class Engine:
         self.models = models
         self.plan = plan
         self._lock = threading.Lock()
+        self.levers: list[str] = []
 
     @classmethod
     def start(cls, settings: Settings) -> Engine:
@@ -100,6 +102,9 @@ class Engine:
         log.info("hardware plan: %s", plan.summary())
         started = time.perf_counter()
         models = load_models(settings, plan)
+        levers = apply_speed_levers(models.base, models.refiner, plan, settings)
+        if levers:
+            log.info("speed levers: %s", ", ".join(levers))
         log.info(
             "models ready in %.1fs: base=%s refiner=%s",
             time.perf_counter() - started,
@@ -108,7 +113,9 @@ class Engine:
             if models.refiner is not None
             else f"none ({models.refiner_error or 'not configured'})",
         )
-        return cls(models, plan)
+        engine = cls(models, plan)
+        engine.levers = levers
+        return engine
 
     @property
     def refiner_status(self) -> str:
@@ -274,4 +281,5 @@ class Engine:
             "base_model": self.models.sources.base,
             "refiner_model": self.models.sources.refiner,
             "refiner": self.refiner_status,
+            "speed_levers": self.levers,
         }
