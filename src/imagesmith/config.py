@@ -83,6 +83,9 @@ class Settings(BaseSettings):
     # Speed levers (engine/fast.py); figures in docs/benchmarks.md.
     fuse_qkv: bool = Field(True, description="One matmul for Q, K and V in every attention block (exact).")
     compile: CompileChoice = Field(CompileChoice.OFF, description="torch.compile the UNets and VAE decoder.")
+    compile_cache_dir: Path | None = Field(
+        None, description="Compiled kernels; default DATA_DIR/compile-cache."
+    )
     channels_last: bool = Field(False, description="NHWC memory layout for the UNets.")
     fp8: bool = Field(False, description="fp8 UNet linear layers via torchao (lossy; H100/H200/4090 class).")
     warmup: bool = Field(True, description="Warm up (and compile) at start-up, before serving.")
