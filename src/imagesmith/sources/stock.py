@@ -262,6 +262,7 @@ class StockPhotoSource:
         self.per_page = per_page
         self.locale = locale
         self._last_served: OrderedDict[tuple[Any, ...], int] = OrderedDict()
+        self._last_error: str | None = None
         self._counters = {"api_searches": 0, "cache_hits": 0, "photos_served": 0, "failures": 0}
 
     @classmethod
@@ -356,6 +357,13 @@ class StockPhotoSource:
         Raises NoStockResults when nothing fits, and the client's errors (PexelsNotConfigured,
         PexelsAuthError, PexelsQuotaExhausted, PexelsUnavailable, PexelsBadResponse) as they come.
         """
+        try:
+            return await self._fetch(request)
+        except PexelsError as error:
+            self._last_error = f"{type(error).__name__}: {error}"
+            raise
+
+    async def _fetch(self, request: StockRequest) -> StockPhoto:
         found = await self.search(request)
         key = self._key(request, found.query, found.orientation)
         candidates = self._avoid_repeat(found.photos, self._last_served.get(key))
@@ -373,6 +381,7 @@ class StockPhotoSource:
                 continue
             self._remember(key, photo.id)
             self._counters["photos_served"] += 1
+            self._last_error = None
             return result
         raise NoStockResults(
             found.query, f"no Pexels photo for {found.query!r} could be downloaded: {last_problem}"
@@ -428,7 +437,7 @@ class StockPhotoSource:
             base_url=self.client.base_url,
             quota=quota,
             blocked=quota.blocked_until is not None,
-            last_error=self.client.last_error,
+            last_error=self._last_error or self.client.last_error,
             cache_entries=len(self.cache),
             **self._counters,
         )
