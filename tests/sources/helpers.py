@@ -23,7 +23,6 @@ class FakeClock:
         self.now += seconds
 
 
-
 def make_settings(standin: StandIn, tmp_path: Path, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "data_dir": tmp_path,
@@ -38,4 +37,4 @@ def make_settings(standin: StandIn, tmp_path: Path, **overrides: Any) -> Setting
         "pexels_quota_backoff_s": 600.0,
     }
     values.update(overrides)
-    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+    return Settings(_env_file=None, **values)

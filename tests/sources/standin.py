@@ -6,6 +6,7 @@ Behaviours are switched per test through `api_script` / `image_script` (one entr
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import threading
@@ -163,9 +164,15 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json(404, {"error": "Not found"})
         query = params.get("query", "")
         per_page = int(params.get("per_page", 15))
-        photos = [] if behaviour == "empty" or "nothing" in query else [
-            s.photo_json(*entry) for entry in s.catalogue if _matches(params.get("orientation"), entry[1], entry[2])
-        ]
+        photos = (
+            []
+            if behaviour == "empty" or "nothing" in query
+            else [
+                s.photo_json(*entry)
+                for entry in s.catalogue
+                if _matches(params.get("orientation"), entry[1], entry[2])
+            ]
+        )
         body = {
             "total_results": len(photos),
             "page": int(params.get("page", 1)),
@@ -226,7 +233,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _json(self, status: int, body: Any, quota: bool = True) -> None:
         self._send(status, json.dumps(body).encode(), "application/json", quota=quota)
 
-    def _send(self, status: int, body: bytes, content_type: str, *, quota: bool = False, length: int | None = None) -> None:
+    def _send(
+        self, status: int, body: bytes, content_type: str, *, quota: bool = False, length: int | None = None
+    ) -> None:
         s = self.standin
         self.send_response(status)
         self.send_header("Content-Type", content_type)
@@ -239,10 +248,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
             self.close_connection = True
         self.end_headers()
-        try:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             self.wfile.write(body)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
 
 
 class StandInServer:
@@ -251,8 +258,8 @@ class StandInServer:
         handler = type("Handler", (_Handler,), {"standin": self.standin})
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.httpd.daemon_threads = True
-        host, port = self.httpd.server_address[:2]
-        self.standin.base_url = f"http://{host}:{port}"
+        port = self.httpd.server_address[1]
+        self.standin.base_url = f"http://127.0.0.1:{port}"
         self.standin.reset()
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="pexels-standin", daemon=True)
 

@@ -31,11 +31,17 @@ def client_for(settings: Settings, clock: FakeClock | None = None) -> PexelsClie
     return PexelsClient.from_settings(settings, clock=clock or FakeClock())
 
 
-async def test_search_success_parses_photos_and_sends_key_and_filters(standin: StandIn, settings: Settings) -> None:
+async def test_search_success_parses_photos_and_sends_key_and_filters(
+    standin: StandIn, settings: Settings
+) -> None:
     async with client_for(settings) as client:
         page = await client.search(
-            "  mountain lake ", orientation=Orientation.LANDSCAPE, size=PhotoSize.MEDIUM, color="#ffaa00",
-            locale="de-DE", per_page=80,
+            "  mountain lake ",
+            orientation=Orientation.LANDSCAPE,
+            size=PhotoSize.MEDIUM,
+            color="#ffaa00",
+            locale="de-DE",
+            per_page=80,
         )
     assert page.total_results == 4 and len(page.photos) == 4  # the landscape ones
     photo = page.photos[0]
@@ -45,8 +51,13 @@ async def test_search_success_parses_photos_and_sends_key_and_filters(standin: S
     request = standin.seen[-1]
     assert request["headers"]["Authorization"] == API_KEY  # the bare key, as Pexels wants it
     assert request["params"] == {
-        "query": "mountain lake", "page": "1", "per_page": "80", "orientation": "landscape", "size": "medium",
-        "color": "#ffaa00", "locale": "de-DE",
+        "query": "mountain lake",
+        "page": "1",
+        "per_page": "80",
+        "orientation": "landscape",
+        "size": "medium",
+        "color": "#ffaa00",
+        "locale": "de-DE",
     }
     assert client.quota.limit == 200 and client.quota.remaining == 198
 
@@ -142,9 +153,13 @@ async def test_network_error_is_unavailable(tmp_path: Path) -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     settings = Settings(
-        _env_file=None, data_dir=tmp_path, pexels_api_key="k", pexels_api_base_url=f"http://127.0.0.1:{port}/v1",
-        pexels_retry_backoff_s=0.001, pexels_max_retries=1,
-    )  # type: ignore[call-arg]
+        _env_file=None,
+        data_dir=tmp_path,
+        pexels_api_key="k",
+        pexels_api_base_url=f"http://127.0.0.1:{port}/v1",
+        pexels_retry_backoff_s=0.001,
+        pexels_max_retries=1,
+    )
     async with client_for(settings) as client:
         with pytest.raises(PexelsUnavailable, match="ConnectError"):
             await client.search("cats")
@@ -159,7 +174,9 @@ async def test_malformed_json_and_wrong_shape_are_bad_responses(standin: StandIn
             await client.search("cats")
 
 
-async def test_quota_remaining_zero_blocks_until_reset(standin: StandIn, settings: Settings, clock: FakeClock) -> None:
+async def test_quota_remaining_zero_blocks_until_reset(
+    standin: StandIn, settings: Settings, clock: FakeClock
+) -> None:
     standin.reset_epoch = int(clock.now) + 120
     standin.api_script = ["quota0"]
     async with client_for(settings, clock) as client:
@@ -178,7 +195,7 @@ async def test_quota_remaining_zero_blocks_until_reset(standin: StandIn, setting
 
 
 async def test_no_key_is_not_configured(tmp_path: Path) -> None:
-    settings = Settings(_env_file=None, data_dir=tmp_path, pexels_api_key="  ")  # type: ignore[call-arg]
+    settings = Settings(_env_file=None, data_dir=tmp_path, pexels_api_key="  ")
     assert settings.pexels_api_key is None
     async with client_for(settings) as client:
         assert not client.configured

@@ -101,8 +101,12 @@ async def _search(args: argparse.Namespace, settings: Settings, request: StockRe
                 photo = await source.fetch(request)
                 args.output.write_bytes(photo.data)
                 if not args.json:
-                    print(f"\nsaved photo {photo.photo_id} ({photo.width}x{photo.height}) to {args.output}", file=out)
-                    print(f"credit: {photo.attribution.credit_text} ({photo.attribution.photo_url})", file=out)
+                    credit = photo.attribution
+                    print(
+                        f"\nsaved photo {photo.photo_id} ({photo.width}x{photo.height}) to {args.output}",
+                        file=out,
+                    )
+                    print(f"credit: {credit.credit_text} ({credit.photo_url})", file=out)
         except NoStockResults as error:
             print(f"no results: {error}", file=sys.stderr)
             return EXIT_NO_RESULTS
@@ -126,9 +130,11 @@ def _print_results(found: StockSearch, limit: int, as_json: bool, out: TextIO) -
         }
         print(json.dumps(payload, indent=2), file=out)
         return
-    print(f"{found.total_results} results for {found.query!r} ({found.orientation.value}), best first:", file=out)
+    heading = f"{found.total_results} results for {found.query!r} ({found.orientation.value}), best first:"
+    print(heading, file=out)
     for rank, photo in enumerate(shown, 1):
-        print(f"{rank:>3}. #{photo.id} {photo.width}x{photo.height}  {photo.alt or '(no description)'}", file=out)
+        alt = photo.alt or "(no description)"
+        print(f"{rank:>3}. #{photo.id} {photo.width}x{photo.height}  {alt}", file=out)
         print(f"     Photo by {photo.photographer} on Pexels  {photo.url}", file=out)
 
 

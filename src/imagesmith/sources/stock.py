@@ -258,7 +258,7 @@ class StockPhotoSource:
     ) -> None:
         self.client = client
         self.downloader = downloader
-        self.cache = cache or SearchCache(ttl_s=86_400.0)
+        self.cache = cache if cache is not None else SearchCache(ttl_s=86_400.0)
         self.per_page = per_page
         self.locale = locale
         self._last_served: OrderedDict[tuple[Any, ...], int] = OrderedDict()
