@@ -74,10 +74,29 @@ class Attribution(BaseModel):
         )
 
 
+# Latin letters that Unicode does not decompose into a base letter and an accent.
+_NO_DECOMPOSITION = str.maketrans(
+    {
+        "Ø": "O",
+        "ø": "o",
+        "Ł": "L",
+        "ł": "l",
+        "Đ": "D",
+        "đ": "d",
+        "ß": "ss",
+        "Æ": "AE",
+        "æ": "ae",
+        "Œ": "OE",
+        "œ": "oe",
+    }
+)
+
+
 def _ascii(text: str) -> str:
-    """Fold to ASCII for EXIF's ASCII fields: accents dropped, other characters replaced by '?'."""
-    folded = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
-    return folded if folded.strip() or not text.strip() else text.encode("ascii", "replace").decode("ascii")
+    """Fold to ASCII for EXIF's ASCII fields: accents dropped ("Jérôme" -> "Jerome"), other letters '?'."""
+    decomposed = unicodedata.normalize("NFKD", text.translate(_NO_DECOMPOSITION))
+    kept = "".join(ch for ch in decomposed if not unicodedata.combining(ch))
+    return kept.encode("ascii", "replace").decode("ascii")
 
 
 def _xmp_packet(attribution: Attribution) -> bytes:

@@ -293,7 +293,7 @@ class PexelsClient:
         if size:
             params["size"] = size.value
         if color:
-            # Pexels takes hex codes without URL trouble only when the '#' is kept: httpx encodes it.
+            # A colour name or a hex code such as "#ffffff"; httpx percent-encodes the '#'.
             params["color"] = color
         if locale:
             params["locale"] = locale
