@@ -17,6 +17,7 @@ from imagesmith.sources.cli_search import (
     EXIT_OK,
     EXIT_PEXELS,
     add_search_parser,
+    doctor_lines,
     pexels_doctor,
     run_search,
 )
@@ -84,3 +85,14 @@ def test_doctor(standin: StandIn, settings: Settings, tmp_path: Path) -> None:
     assert not pexels_doctor(settings, online=True).ok
     missing = pexels_doctor(Settings(_env_file=None, data_dir=tmp_path))
     assert not missing.ok and "not configured" in missing.lines[0]
+
+
+def test_doctor_lines_and_the_handler_cli_py_calls(
+    standin: StandIn, settings: Settings, tmp_path: Path
+) -> None:
+    lines = doctor_lines(settings)
+    assert lines[0].startswith("pexels: key set") and "quota 198/200 left" in lines[-1]
+    standin.api_default = "500"
+    assert "API check failed" in doctor_lines(settings)[-1]
+    assert standin.api_calls == 2  # one per check: no retries
+    assert parse("lake").handler is run_search

@@ -1,12 +1,10 @@
 """`imagesmith search "query"` and the Pexels part of `imagesmith doctor`.
 
-cli.py wires them in:
+cli.py wires them in (it imports this module only if it is installed):
 
-    from imagesmith.sources.cli_search import add_search_parser, run_search, pexels_doctor
-    add_search_parser(subparsers)                 # registers "search", sets func=run_search
-    ...
-    return args.func(args)                        # run_search(args) -> exit code
-    report = pexels_doctor(settings, online=True) # report.ok, report.lines
+    add_search_parser(subparsers)     # registers "search"; sets handler=run_search (and func, the same)
+    return args.handler(args)         # run_search(args) -> exit code
+    for line in doctor_lines(settings): print(line)   # the Pexels part of `imagesmith doctor`
 
 Exit codes of search: 0 found (and saved, with -o), 1 no results, 2 not configured or bad arguments,
 3 Pexels refused or failed (key, quota, network, a rejected download).
@@ -32,6 +30,7 @@ from imagesmith.sources.stock import StockPhotoSource, StockRequest, StockSearch
 logger = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_NO_RESULTS, EXIT_CONFIG, EXIT_PEXELS = 0, 1, 2, 3
+DOCTOR_TIMEOUT_S = 5.0
 NO_KEY_MESSAGE = (
     "no Pexels API key configured: get a free key at https://www.pexels.com/api/ and set "
     "IMAGESMITH_PEXELS_API_KEY (environment or .env)"
@@ -59,7 +58,7 @@ def add_search_parser(subparsers: Any) -> argparse.ArgumentParser:
         "-o", "--output", type=Path, help="save the best photo here (.jpg, .png or .webp; default JPEG)"
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
-    parser.set_defaults(func=run_search)
+    parser.set_defaults(handler=run_search, func=run_search)
     return parser
 
 
@@ -144,6 +143,11 @@ class PexelsDoctorReport:
     lines: list[str] = field(default_factory=list)
 
 
+def doctor_lines(settings: Settings, *, online: bool = True) -> list[str]:
+    """The Pexels lines of `imagesmith doctor`: with a key set, one quick API call checks it works."""
+    return pexels_doctor(settings, online=online).lines
+
+
 def pexels_doctor(settings: Settings, *, online: bool = False) -> PexelsDoctorReport:
     """What `imagesmith doctor` says about Pexels. online=True spends one API call to check the key."""
     hosts = ", ".join(settings.pexels_allowed_hosts) or "none"
@@ -156,7 +160,11 @@ def pexels_doctor(settings: Settings, *, online: bool = False) -> PexelsDoctorRe
 
 
 async def _doctor_online(settings: Settings, lines: list[str]) -> PexelsDoctorReport:
-    async with StockPhotoSource.from_settings(settings) as source:
+    # A health check should answer quickly: no retries and a short timeout, whatever the settings say.
+    quick = settings.model_copy(
+        update={"pexels_max_retries": 0, "pexels_timeout_s": min(settings.pexels_timeout_s, DOCTOR_TIMEOUT_S)}
+    )
+    async with StockPhotoSource.from_settings(quick) as source:
         try:
             await source.client.search("nature", per_page=1)
         except PexelsNotConfigured as error:
