@@ -83,7 +83,10 @@ class Settings(BaseSettings):
     hf_offline: bool = Field(False, description="Never contact the hub (HF_HUB_OFFLINE=1 does the same).")
 
     # Speed levers (engine/fast.py); figures in docs/benchmarks.md.
-    fuse_qkv: bool = Field(True, description="One matmul for Q, K and V in every attention block (exact).")
+    fuse_qkv: bool | None = Field(
+        None,
+        description="One matmul for Q, K and V in each attention block (exact). Default: on with compile.",
+    )
     compile: CompileChoice = Field(CompileChoice.OFF, description="torch.compile the UNets and VAE decoder.")
     compile_cache_dir: Path | None = Field(
         None, description="Compiled kernels; default DATA_DIR/compile-cache."

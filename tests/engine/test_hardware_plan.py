@@ -72,6 +72,18 @@ def test_every_choice_can_be_overridden(offload: str) -> None:
     assert "from settings" in p.summary()
 
 
+def test_offload_settings_are_ignored_off_cuda() -> None:
+    p = plan(CPU, offload=OffloadChoice.SEQUENTIAL)
+    assert p.offload == "none" and "ignored" in p.summary()
+
+
+def test_16gb_card_keeps_model_offload_and_24gb_goes_resident() -> None:
+    sixteen = DeviceInfo(
+        "cuda", name="RTX 4080", capability=(8, 9), total_memory_gib=15.7, free_memory_gib=15.1
+    )
+    assert plan(sixteen).offload == "model" and plan(RTX4090).offload == "none"
+
+
 def test_plan_summary_gives_the_reasons_in_one_line() -> None:
     summary = plan(RTX3060_12GB).summary()
     assert "\n" not in summary and "model offload" in summary and "11.2 GiB free" in summary

@@ -26,10 +26,7 @@ def _scaled(vae: Any, latents: torch.Tensor) -> torch.Tensor:
     return latents / config.scaling_factor
 
 
-def _decode_once(vae: Any, latents: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    device = next(vae.parameters()).device
-    if device.type == "meta":  # sequentially offloaded: the hooks move weights in as needed
-        device = latents.device
+def _decode_once(vae: Any, latents: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return vae.decode(_scaled(vae, latents).to(device=device, dtype=dtype), return_dict=False)[0]
 
 
@@ -41,24 +38,27 @@ def looks_broken(image: torch.Tensor) -> bool:
 
 
 def decode_latents(
-    vae: Any, latents: torch.Tensor, dtype: torch.dtype, tiling: bool
+    vae: Any, latents: torch.Tensor, dtype: torch.dtype, tiling: bool, device: torch.device | str
 ) -> tuple[list[Image.Image], list[bool]]:
     """Decode one image at a time (bounded memory). Returns the images and, per image, whether it needed fp32."""
     if tiling:
         vae.enable_tiling()
     else:
         vae.disable_tiling()
+    # `device` is where the VAE computes: with CPU offload its weights rest on the CPU (or the meta device)
+    # between uses and the offload hook brings them in, but not the inputs.
+    device = torch.device(device)
     images, retried = [], []
     with torch.no_grad():
         for one in latents.split(1):
-            image = _decode_once(vae, one, dtype)
+            image = _decode_once(vae, one, dtype, device)
             needed_fp32 = False
             if looks_broken(image) and dtype != torch.float32:
                 log.warning("VAE decode in %s gave NaN or black pixels; decoding again in fp32", dtype)
                 original = next(vae.parameters()).dtype
                 vae.to(torch.float32)
                 try:
-                    image = _decode_once(vae, one, torch.float32)
+                    image = _decode_once(vae, one, torch.float32, device)
                 finally:
                     vae.to(original)
                 needed_fp32 = True

@@ -227,7 +227,9 @@ class Engine:
 
         began = time.perf_counter()
         tiling = needs_tiling(self.plan, request.width, request.height)
-        images, fp32_retries = decode_latents(base.vae, latents, self.plan.vae_dtype, tiling)
+        images, fp32_retries = decode_latents(
+            base.vae, latents, self.plan.vae_dtype, tiling, base._execution_device
+        )
         run.finish_stage("decode", began, steps=len(images))
         total_seconds = time.perf_counter() - run.started
         log.info(

@@ -49,15 +49,42 @@ def _quantize_fp8(unet: Any) -> None:
     quantize_(unet, Float8DynamicActivationFloat8WeightConfig())
 
 
+def _drop_unfused_projections(model: Any) -> int:
+    """diffusers keeps to_q/to_k/to_v beside the fused copies (to undo the fusion): 1.8 GiB for SDXL, measured.
+    The fused processor reads to_qkv for self-attention and to_q + to_kv for cross-attention; drop the rest."""
+    from diffusers.models.attention_processor import Attention
+
+    dropped = 0
+    for module in model.modules():
+        if isinstance(module, Attention) and getattr(module, "fused_projections", False):
+            names = ("to_k", "to_v") if module.is_cross_attention else ("to_q", "to_k", "to_v")
+            for name in names:
+                if hasattr(module, name):
+                    delattr(module, name)
+                    dropped += 1
+    return dropped
+
+
+def fuse_qkv_wanted(settings: Settings, plan: HardwarePlan) -> bool:
+    """Fusing pays only when compiled (eager: 2.47 vs 2.48 s on an H200) and must happen on resident weights
+    (offloaded weights are on the meta device, and the new fused layers would get no offload hook)."""
+    wanted = settings.fuse_qkv if settings.fuse_qkv is not None else settings.compile is not CompileChoice.OFF
+    return wanted and plan.offload == "none"
+
+
 def apply_speed_levers(base: Any, refiner: Any | None, plan: HardwarePlan, settings: Settings) -> list[str]:
     """Apply the levers the settings ask for; return what was applied, for the start-up log and health."""
     applied: list[str] = []
     unets = [base.unet] + ([refiner.unet] if refiner is not None else [])
-    if settings.fuse_qkv:
+    if fuse_qkv_wanted(settings, plan):
         base.fuse_qkv_projections(unet=True, vae=True)
         if refiner is not None:
             refiner.fuse_qkv_projections(unet=True, vae=False)  # the VAE is the base's, already fused
+        for model in [*unets, base.vae]:
+            _drop_unfused_projections(model)
         applied.append("fused QKV")
+    elif settings.fuse_qkv and plan.offload != "none":
+        log.warning("fuse_qkv skipped: it needs offload=none (plan: %s)", plan.offload)
     if settings.channels_last:
         for unet in unets:
             unet.to(memory_format=torch.channels_last)

@@ -7,15 +7,18 @@ Memory budget of SDXL base + refiner in 16-bit weights (parameter counts of the 
 base UNet 2.57e9 -> 5.1 GB, refiner UNet 2.26e9 -> 4.5 GB, OpenCLIP-bigG text encoder 0.69e9 -> 1.4 GB,
 CLIP-L 0.12e9 -> 0.25 GB, VAE 0.08e9 -> 0.17 GB: about 11.4 GB resident, shared text_encoder_2 and VAE counted
 once. A 1024x1024 denoising step with guidance adds about 2-3 GB of activations and the VAE decode about 3 GB.
-Hence the thresholds on *free* memory:
+Measured on an H200 at 1024x1024, bf16, 40-step ensemble (docs/benchmarks.md): peak 13.3 GiB with everything
+resident, 5.6 GiB with model offload, 2.4 GiB with sequential offload. Hence the thresholds on *free* memory:
 
-- >= 20 GiB free: no offload. Everything resident; peak about 15-17 GiB with a bf16 VAE (the seed's fp16
-  peak on an H200 was 21.6 GiB with allocator slack). A 24 GB RTX 4090 has about 22.5 GiB free: fits.
-- >= 9 GiB free: model CPU offload. Only the running component is on the GPU; the largest is the base UNet
-  (5.1 GB) plus activations, about 8 GiB peak: fits a 12 GB card (about 11 GiB free) with room for the
-  desktop. Costs a host-to-device copy of each model per generation (about 1 s on PCIe 4).
-- below: sequential offload, layer by layer (peak under 3 GiB, so a 6 GB card runs it, slowly: weights
-  stream over PCIe every step), with VAE tiling so the 1024x1024 decode stays small.
+- >= 16 GiB free: no offload. Peak 13.3 GiB plus headroom for larger aspect presets, batches and the
+  allocator's fragmentation. A 24 GB RTX 4090 (about 22.5 GiB free) runs everything resident.
+- >= 9 GiB free: model CPU offload. Only the running component is on the GPU (peak 5.6-6.8 GiB measured):
+  fits a 12 GB card (about 11 GiB free) and 10-16 GB cards. Costs about 4 s per image on an H200 host
+  (each UNet is copied in at about 5 GB/s per stage, and back out).
+- below: sequential offload, layer by layer (peak 2.4 GiB, so a 6 GB card runs it, slowly: weights stream over
+  PCIe every step, about 40 s per 40-step image on an H200 host), with VAE tiling so the decode stays small.
+
+Offload exists for CUDA cards only; on the CPU or MPS an offload setting is ignored (and says so).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from imagesmith.config import OffloadChoice, PrecisionChoice, Settings, VaeTilin
 log = logging.getLogger(__name__)
 
 GIB = 1024**3
-NO_OFFLOAD_MIN_FREE_GIB = 20.0
+NO_OFFLOAD_MIN_FREE_GIB = 16.0
 MODEL_OFFLOAD_MIN_FREE_GIB = 9.0
 # Images above this many pixels decode in tiles once memory is tight (offloading plans).
 TILING_PIXELS = 1024 * 1024
@@ -131,11 +134,13 @@ def _choose_precision(device: DeviceInfo, settings: Settings, reasons: list[str]
 
 
 def _choose_offload(device: DeviceInfo, settings: Settings, reasons: list[str]) -> str:
+    if device.kind != "cuda":
+        if settings.offload not in (OffloadChoice.AUTO, OffloadChoice.NONE):
+            reasons.append(f"offload {settings.offload.value} ignored: {device.kind} has no separate memory")
+        return "none"
     if settings.offload is not OffloadChoice.AUTO:
         reasons.append(f"offload {settings.offload.value} from settings")
         return settings.offload.value
-    if device.kind != "cuda":
-        return "none"
     free = device.free_memory_gib
     if free >= NO_OFFLOAD_MIN_FREE_GIB:
         reasons.append(f"no offload: {free:.1f} GiB free >= {NO_OFFLOAD_MIN_FREE_GIB:.0f}")

@@ -1,0 +1,39 @@
+"""Speed levers change speed, not pictures: each exact lever gives the image the plain engine gives."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from imagesmith.config import Settings
+from imagesmith.engine import Engine
+from imagesmith.engine.fast import fuse_qkv_wanted
+from imagesmith.engine.hardware import DeviceInfo, plan_hardware
+from imagesmith.schemas import GenerationRequest
+
+REQUEST = GenerationRequest(prompt="a lighthouse", width=64, height=64, num_inference_steps=10, seed=21)
+
+
+def test_fused_qkv_gives_the_same_image_and_frees_the_unfused_weights(tiny_settings: Settings) -> None:
+    plain = Engine.start(tiny_settings.model_copy(update={"fuse_qkv": False}))
+    fused = Engine.start(tiny_settings.model_copy(update={"fuse_qkv": True, "channels_last": True}))
+    assert fused.levers == ["fused QKV", "channels_last"]
+    a = np.asarray(plain.generate(REQUEST).images[0]).astype(int)
+    b = np.asarray(fused.generate(REQUEST).images[0]).astype(int)
+    assert np.abs(a - b).max() <= 1  # the same products, summed in another order
+    attention = [m for m in fused.models.base.unet.modules() if type(m).__name__ == "Attention"]
+    assert attention and all(
+        not hasattr(m, "to_k") and hasattr(m, "to_q" if m.is_cross_attention else "to_qkv") for m in attention
+    )
+    # No weight is held twice: diffusers alone would keep to_q/to_k/to_v beside the fused copies.
+    for name in ("unet", "vae"):
+        fused_count = sum(p.numel() for p in getattr(fused.models.base, name).parameters())
+        assert fused_count == sum(p.numel() for p in getattr(plain.models.base, name).parameters())
+
+
+def test_fusing_follows_compile_and_never_touches_offloaded_weights() -> None:
+    gpu = DeviceInfo("cuda", name="H100", capability=(9, 0), total_memory_gib=80, free_memory_gib=79)
+    resident = plan_hardware(gpu, Settings())
+    offloaded = plan_hardware(gpu, Settings(offload="model"))
+    assert not fuse_qkv_wanted(Settings(), resident)
+    assert fuse_qkv_wanted(Settings(compile="default"), resident)
+    assert not fuse_qkv_wanted(Settings(compile="default", fuse_qkv=True), offloaded)
