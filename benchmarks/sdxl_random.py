@@ -38,17 +38,35 @@ def architecture(size: str) -> dict[str, Any]:
     base, refiner = arch["base"], arch["refiner"]
     # Toy sizes, same structure and the same conditioning arithmetic:
     # base cross_attention = te1.hidden + te2.hidden; class-embedding input = te2.projection + n_time_ids * time_dim.
-    te = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2,
-          "projection_dim": 32}
+    te = {
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "projection_dim": 32,
+    }
     base[TE1_KEY].update(te)
     base[TE2_KEY].update(te)
-    small_unet = {"block_out_channels": [32, 64], "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-                  "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "attention_head_dim": [2, 4],
-                  "transformer_layers_per_block": [1, 1], "layers_per_block": 1, "addition_time_embed_dim": 8,
-                  "norm_num_groups": 8, "sample_size": 8}
-    base[UNET_KEY].update(small_unet, cross_attention_dim=64, projection_class_embeddings_input_dim=32 + 6 * 8)
-    refiner[UNET_KEY].update(small_unet, cross_attention_dim=32, projection_class_embeddings_input_dim=32 + 5 * 8)
-    base[VAE_KEY].update(block_out_channels=[8, 8, 16, 16], layers_per_block=1, norm_num_groups=4, sample_size=64)
+    small_unet = {
+        "block_out_channels": [32, 64],
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+        "attention_head_dim": [2, 4],
+        "transformer_layers_per_block": [1, 1],
+        "layers_per_block": 1,
+        "addition_time_embed_dim": 8,
+        "norm_num_groups": 8,
+        "sample_size": 8,
+    }
+    base[UNET_KEY].update(
+        small_unet, cross_attention_dim=64, projection_class_embeddings_input_dim=32 + 6 * 8
+    )
+    refiner[UNET_KEY].update(
+        small_unet, cross_attention_dim=32, projection_class_embeddings_input_dim=32 + 5 * 8
+    )
+    base[VAE_KEY].update(
+        block_out_channels=[8, 8, 16, 16], layers_per_block=1, norm_num_groups=4, sample_size=64
+    )
     return arch
 
 
@@ -76,8 +94,9 @@ def make_tokenizer() -> Any:
     with tempfile.TemporaryDirectory() as folder:  # transformers 4 reads files
         (Path(folder) / "vocab.json").write_text(json.dumps(vocab))
         (Path(folder) / "merges.txt").write_text("#version: 0.2\n")
-        return CLIPTokenizer(vocab_file=f"{folder}/vocab.json", merges_file=f"{folder}/merges.txt",
-                             model_max_length=77)
+        return CLIPTokenizer(
+            vocab_file=f"{folder}/vocab.json", merges_file=f"{folder}/merges.txt", model_max_length=77
+        )
 
 
 @dataclass
@@ -94,8 +113,13 @@ class Components:
     scheduler_config: dict[str, Any]
 
     def modules(self) -> dict[str, torch.nn.Module]:
-        return {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2, "vae": self.vae,
-                "base_unet": self.base_unet, "refiner_unet": self.refiner_unet}
+        return {
+            "text_encoder": self.text_encoder,
+            "text_encoder_2": self.text_encoder_2,
+            "vae": self.vae,
+            "base_unet": self.base_unet,
+            "refiner_unet": self.refiner_unet,
+        }
 
     def to(self, dtype: torch.dtype, vae_dtype: torch.dtype | None = None) -> None:
         for name, module in self.modules().items():
@@ -105,11 +129,18 @@ class Components:
 def _text_config(cfg: dict[str, Any], tokenizer: Any) -> Any:
     from transformers import CLIPTextConfig
 
-    return CLIPTextConfig(**cfg, layer_norm_eps=1e-5, bos_token_id=tokenizer.bos_token_id,
-                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return CLIPTextConfig(
+        **cfg,
+        layer_norm_eps=1e-5,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
 
 
-def build_components(arch: dict[str, Any], device: str, seed: int = 0, weight_scale: float = 1.0) -> Components:
+def build_components(
+    arch: dict[str, Any], device: str, seed: int = 0, weight_scale: float = 1.0
+) -> Components:
     """Construct every module directly on `device` in fp32 with the constructors' random init (seeded)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
@@ -123,8 +154,16 @@ def build_components(arch: dict[str, Any], device: str, seed: int = 0, weight_sc
         vae = AutoencoderKL(**base[VAE_KEY])
         base_unet = UNet2DConditionModel(**base[UNET_KEY])
         refiner_unet = UNet2DConditionModel(**refiner[UNET_KEY])
-    components = Components(text_encoder, text_encoder_2, vae, base_unet, refiner_unet, tokenizer,
-                            copy.deepcopy(tokenizer), dict(base[SCHED_KEY]))
+    components = Components(
+        text_encoder,
+        text_encoder_2,
+        vae,
+        base_unet,
+        refiner_unet,
+        tokenizer,
+        copy.deepcopy(tokenizer),
+        dict(base[SCHED_KEY]),
+    )
     for module in components.modules().values():
         module.eval().requires_grad_(False)
         if weight_scale != 1.0:
@@ -153,16 +192,27 @@ def build_pipelines(components: Components, separate_refiner_copies: bool = Fals
 
     c = components
     base = StableDiffusionXLPipeline(
-        vae=c.vae, text_encoder=c.text_encoder, text_encoder_2=c.text_encoder_2, tokenizer=c.tokenizer,
-        tokenizer_2=c.tokenizer_2, unet=c.base_unet, scheduler=make_scheduler(c.scheduler_config),
+        vae=c.vae,
+        text_encoder=c.text_encoder,
+        text_encoder_2=c.text_encoder_2,
+        tokenizer=c.tokenizer,
+        tokenizer_2=c.tokenizer_2,
+        unet=c.base_unet,
+        scheduler=make_scheduler(c.scheduler_config),
     )
     text_encoder_2, vae = c.text_encoder_2, c.vae
     if separate_refiner_copies:
         text_encoder_2, vae = copy.deepcopy(text_encoder_2), copy.deepcopy(vae)
     refiner = StableDiffusionXLImg2ImgPipeline(
-        vae=vae, text_encoder=None, text_encoder_2=text_encoder_2, tokenizer=None, tokenizer_2=c.tokenizer_2,
-        unet=c.refiner_unet, scheduler=make_scheduler(c.scheduler_config),
-        requires_aesthetics_score=True, force_zeros_for_empty_prompt=False,
+        vae=vae,
+        text_encoder=None,
+        text_encoder_2=text_encoder_2,
+        tokenizer=None,
+        tokenizer_2=c.tokenizer_2,
+        unet=c.refiner_unet,
+        scheduler=make_scheduler(c.scheduler_config),
+        requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
     )
     for pipe in (base, refiner):
         pipe.set_progress_bar_config(disable=True)
