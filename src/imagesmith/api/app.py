@@ -40,7 +40,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
                 "recovered after an unclean stop: %d job(s) back in the queue, %d given up: %s",
                 len(requeued),
                 len(given_up),
-                ", ".join(requeued + given_up),
+                ", ".join([*requeued, *given_up]),
             )
         files = ImageFiles(data_dir / "images")
         sources, generate = build_sources(settings, engine_factory)

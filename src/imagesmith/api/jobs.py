@@ -101,7 +101,7 @@ async def list_jobs(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     offset: Annotated[int, Query(ge=0, le=2**31)] = 0,
 ) -> dict[str, Any]:
-    jobs, total = service.store.list(status, limit, offset)
+    jobs, total = service.store.list_jobs(status, limit, offset)
     return {
         "jobs": [service.view(job) for job in jobs],
         "total": total,

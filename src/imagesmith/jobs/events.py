@@ -8,6 +8,7 @@ in the store, and the events endpoint answers from there.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import threading
 from dataclasses import dataclass, field
@@ -51,10 +52,8 @@ class EventHub:
                 channel.closed = True
                 del self._channels[job_id]
         for loop, queue in subscribers:
-            try:
+            with contextlib.suppress(RuntimeError):  # RuntimeError: that client's loop is gone
                 loop.call_soon_threadsafe(queue.put_nowait, event)
-            except RuntimeError:  # that client's loop is gone
-                pass
 
     def subscribe(self, job_id: str) -> tuple[list[Event], asyncio.Queue[Event]]:
         """The events so far and a queue of those to come. Call from the event loop."""

@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from pydantic import ValidationError
@@ -199,7 +199,7 @@ class JobService:
 
     # --- waiting and events ---
 
-    async def events(self, job_id: str, heartbeat_s: float = 15.0) -> AsyncIterator[Event | None]:
+    async def events(self, job_id: str, heartbeat_s: float = 15.0) -> AsyncGenerator[Event | None, None]:
         """The job's events in order, ending with its terminal event; None now and then as a heartbeat."""
         backlog, queue = self.hub.subscribe(job_id)
         try:

@@ -165,7 +165,7 @@ class JobStore:
             row = self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))
         return JobRecord.from_row(row) if row else None
 
-    def list(self, status: JobStatus | None, limit: int, offset: int) -> tuple[list[JobRecord], int]:
+    def list_jobs(self, status: JobStatus | None, limit: int, offset: int) -> tuple[list[JobRecord], int]:
         """Newest first."""
         where, args = ("WHERE status = ?", (status.value,)) if status else ("", ())
         with self._lock:

@@ -277,7 +277,7 @@ class Worker:
             self.metrics.jobs_finished.labels(status.value).inc()
             log.info("job %s", status.value)
         final = self.store.get(job.id)
-        data = {"job_id": job.id, "status": final.status.value if final else status.value}
+        data: dict[str, Any] = {"job_id": job.id, "status": final.status.value if final else status.value}
         if final is not None:
             data.update({"result": final.result, "error": final.error})
         self.hub.publish(job.id, final.status.value if final else status.value, data, terminal=True)
