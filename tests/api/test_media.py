@@ -100,7 +100,7 @@ def test_health_keeps_seed_fields(server: ServerProcess) -> None:
 def test_stock_only_request_says_stock_is_not_configured(server: ServerProcess) -> None:
     # The seed's defaults: use_pexels=true, use_generation=false.
     response = httpx.post(f"{server.url}/api/media/generate-image", json={"prompt": "a lighthouse"})
-    assert response.status_code == 503
+    assert response.status_code == 422
     error = response.json()["error"]
     assert error["code"] == "stock_not_configured"
     assert error["field"] == "use_generation"

@@ -127,7 +127,7 @@ def install_error_handlers(app: FastAPI) -> None:
         status = {
             LimitExceeded: 422,
             JobNotFound: 404,
-            StockNotConfigured: 503,
+            StockNotConfigured: 422,  # the request asks for what this server does not offer
             SourcesStarting: 503,
             SourcesUnavailable: 503,
         }.get(type(error), 400)
