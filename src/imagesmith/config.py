@@ -77,7 +77,9 @@ class Settings(BaseSettings):
     hf_offline: bool = Field(False, description="Never contact the hub (HF_HUB_OFFLINE=1 does the same).")
 
     # --- HTTP service (imagesmith serve) ---
-    host: str = Field("127.0.0.1", description="Address to bind; forced to 127.0.0.1 while api_keys is empty.")
+    host: str = Field(
+        "127.0.0.1", description="Address to bind; forced to 127.0.0.1 while api_keys is empty."
+    )
     port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
     api_keys: str = Field(
         "", description="Comma-separated API keys; when set, every endpoint but health needs a Bearer key."
@@ -97,7 +99,9 @@ class Settings(BaseSettings):
     wait_timeout_s: float = Field(
         900.0, gt=0, description="How long POST /api/media/generate-image waits before answering 504."
     )
-    log_format: LogFormat = Field(LogFormat.TEXT, description="'text' for people or 'json' for log collectors.")
+    log_format: LogFormat = Field(
+        LogFormat.TEXT, description="'text' for people or 'json' for log collectors."
+    )
 
     def tiny_model_dir(self) -> Path:
         return self.data_dir / "tiny-model"
