@@ -48,6 +48,15 @@ class LogFormat(StrEnum):
     JSON = "json"
 
 
+class CompileChoice(StrEnum):
+    """torch.compile of the UNets and VAE decoder. 'reduce-overhead' adds CUDA graphs (batch-1 latency)."""
+
+    OFF = "off"
+    DEFAULT = "default"
+    MAX_AUTOTUNE = "max-autotune-no-cudagraphs"
+    REDUCE_OVERHEAD = "reduce-overhead"
+
+
 def default_data_dir() -> Path:
     return Path.home() / ".local" / "share" / "imagesmith"
 
@@ -102,6 +111,14 @@ class Settings(BaseSettings):
     log_format: LogFormat = Field(
         LogFormat.TEXT, description="'text' for people or 'json' for log collectors."
     )
+
+    # Speed levers (engine/fast.py); figures in docs/benchmarks.md.
+    fuse_qkv: bool = Field(True, description="One matmul for Q, K and V in every attention block (exact).")
+    compile: CompileChoice = Field(CompileChoice.OFF, description="torch.compile the UNets and VAE decoder.")
+    channels_last: bool = Field(False, description="NHWC memory layout for the UNets.")
+    fp8: bool = Field(False, description="fp8 UNet linear layers via torchao (lossy; H100/H200/4090 class).")
+    warmup: bool = Field(True, description="Warm up (and compile) at start-up, before serving.")
+    warmup_sizes: str = Field("1024x1024", description="Comma-separated WxH shapes to warm up.")
 
     def tiny_model_dir(self) -> Path:
         return self.data_dir / "tiny-model"

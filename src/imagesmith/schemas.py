@@ -212,6 +212,7 @@ class GenerationMetadata(BaseModel):
     not_refined_reason: str | None = None
     seeds: list[int]
     stages: list[StageReport]
+    batch_size: int = 1  # images computed in the same pipeline pass (several requests when batched)
     total_seconds: float
     base_model: str
     refiner_model: str | None

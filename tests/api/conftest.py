@@ -48,6 +48,7 @@ def app_client(tiny_engine: Any, tiny_settings: Settings, tmp_path: Path) -> Cal
             data_dir=tmp_path / "data",
             default_width=64,
             default_height=64,
+            warmup=False,
             **overrides,
         )
         return TestClient(create_app(settings, engine_factory or (lambda _: tiny_engine)))

@@ -23,6 +23,7 @@ SERVER_ENV = {
     "IMAGESMITH_DEFAULT_WIDTH": "64",
     "IMAGESMITH_DEFAULT_HEIGHT": "64",
     "IMAGESMITH_PREVIEW_EVERY": "5",
+    "IMAGESMITH_WARMUP": "false",
     # One torch thread: on a small, shared CI box, spinning OpenMP threads oversubscribe the cores and make the
     # tiny model dozens of times slower.
     "OMP_NUM_THREADS": "1",

@@ -43,7 +43,11 @@ class StubEngine:
 def fuzz_schema(tmp_path_factory: pytest.TempPathFactory) -> Iterator[schemathesis.BaseSchema]:
     app = create_app(
         Settings(
-            data_dir=tmp_path_factory.mktemp("fuzz"), queue_max=1000, default_width=64, default_height=64
+            data_dir=tmp_path_factory.mktemp("fuzz"),
+            queue_max=1000,
+            default_width=64,
+            default_height=64,
+            warmup=False,
         ),
         engine_factory=lambda _: StubEngine(),  # type: ignore[arg-type,return-value]
     )

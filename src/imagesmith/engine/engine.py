@@ -19,11 +19,14 @@ from PIL import Image
 
 from imagesmith.config import Settings
 from imagesmith.engine.decode import decode_latents
+from imagesmith.engine.fast import apply_speed_levers
 from imagesmith.engine.hardware import HardwarePlan, needs_tiling, plan_hardware, probe_device
 from imagesmith.engine.models import LoadedModels, load_models
 from imagesmith.engine.output import a1111_parameters, encode_image
 from imagesmith.engine.pipeline import (
+    BatchMember,
     StageRun,
+    batch_key,
     finish_with_base,
     free_cuda_memory,
     run_base,
@@ -40,6 +43,15 @@ from imagesmith.schemas import (
 )
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class BatchItem:
+    """One request handed to generate_batch, with its own progress callback and cancel token."""
+
+    request: GenerationRequest | ResolvedRequest
+    on_progress: ProgressCallback | None = None
+    cancel: CancelToken | None = None
 
 
 class GenerationError(RuntimeError):
@@ -80,6 +92,7 @@ class Engine:
         self.models = models
         self.plan = plan
         self._lock = threading.Lock()
+        self.levers: list[str] = []
 
     @classmethod
     def start(cls, settings: Settings) -> Engine:
@@ -89,6 +102,9 @@ class Engine:
         log.info("hardware plan: %s", plan.summary())
         started = time.perf_counter()
         models = load_models(settings, plan)
+        levers = apply_speed_levers(models.base, models.refiner, plan, settings)
+        if levers:
+            log.info("speed levers: %s", ", ".join(levers))
         log.info(
             "models ready in %.1fs: base=%s refiner=%s",
             time.perf_counter() - started,
@@ -97,7 +113,9 @@ class Engine:
             if models.refiner is not None
             else f"none ({models.refiner_error or 'not configured'})",
         )
-        return cls(models, plan)
+        engine = cls(models, plan)
+        engine.levers = levers
+        return engine
 
     @property
     def refiner_status(self) -> str:
@@ -122,22 +140,44 @@ class Engine:
         on_progress: ProgressCallback | None = None,
         cancel: CancelToken | None = None,
     ) -> GenerationResult:
-        resolved = request.resolve() if isinstance(request, GenerationRequest) else request
+        outcome = self.generate_batch([BatchItem(request, on_progress, cancel)])[0]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def generate_batch(self, items: list[BatchItem]) -> list[GenerationResult | BaseException]:
+        """Several compatible requests (equal batch_key) in one pipeline pass: one result or error per item,
+        in order. Each image is the one its request would get alone (its own seeds and generators)."""
+        resolved = [
+            item.request.resolve() if isinstance(item.request, GenerationRequest) else item.request
+            for item in items
+        ]
+        if len({batch_key(request) for request in resolved}) != 1:
+            raise ValueError("generate_batch needs requests with equal batch_key(); split them first")
+        members, row = [], 0
+        for request, item in zip(resolved, items, strict=True):
+            seeds = seeds_for(request)
+            members.append(
+                BatchMember(request, seeds, slice(row, row + len(seeds)), item.on_progress, item.cancel)
+            )
+            row += len(seeds)
         with self._lock:
             try:
-                return self._generate_locked(resolved, on_progress, cancel)
+                return self._generate_locked(StageRun(members=members))
+            except GenerationCanceled as canceled:
+                return [canceled for _ in items]
             except torch.cuda.OutOfMemoryError as error:
                 free_cuda_memory()
-                raise GenerationError(
-                    f"out of GPU memory at {resolved.width}x{resolved.height} with {resolved.num_images} "
-                    "image(s); lower num_images or the size, or set IMAGESMITH_OFFLOAD=model"
-                ) from error
+                first = resolved[0]
+                failure = GenerationError(
+                    f"out of GPU memory at {first.width}x{first.height} with {row} image(s) in the batch; "
+                    "lower num_images or the size, or set IMAGESMITH_OFFLOAD=model"
+                )
+                failure.__cause__ = error
+                return [failure for _ in items]
 
-    def _generate_locked(
-        self, request: ResolvedRequest, on_progress: ProgressCallback | None, cancel: CancelToken | None
-    ) -> GenerationResult:
-        seeds = seeds_for(request)
-        run = StageRun(request=request, on_progress=on_progress, cancel=cancel)
+    def _generate_locked(self, run: StageRun) -> list[GenerationResult | BaseException]:
+        request = run.request
         base, refiner = self.models.base, self.models.refiner
         mode = request.refine_mode
         not_refined: str | None = None
@@ -151,9 +191,11 @@ class Engine:
             )
 
         ensemble = mode is RefineMode.ENSEMBLE
+        seeds = run.seeds
         log.info(
-            "generating %d image(s) %dx%d, %d steps, mode=%s, seeds=%s",
-            request.num_images,
+            "generating %d image(s) for %d request(s) %dx%d, %d steps, mode=%s, seeds=%s",
+            len(seeds),
+            len(run.members),
             request.width,
             request.height,
             request.num_inference_steps,
@@ -187,38 +229,47 @@ class Engine:
         tiling = needs_tiling(self.plan, request.width, request.height)
         images, fp32_retries = decode_latents(base.vae, latents, self.plan.vae_dtype, tiling)
         run.finish_stage("decode", began, steps=len(images))
-        metadata = GenerationMetadata(
-            request=request,
-            refine_mode_ran=mode if refined else RefineMode.NONE,
-            refined=refined,
-            not_refined_reason=None if refined else not_refined,
-            seeds=seeds,
-            stages=run.stages,
-            total_seconds=time.perf_counter() - run.started,
-            base_model=self.models.sources.base,
-            refiner_model=self.models.sources.refiner if refiner is not None else None,
-            device=self.plan.device,
-            dtype=self.plan.dtype_name,
-            images=[
-                ImageReport(
-                    index=index,
-                    seed=seed,
-                    refined=refined,
-                    not_refined_reason=None if refined else not_refined,
-                    decoded_in_fp32_retry=retry,
-                    width=image.width,
-                    height=image.height,
-                )
-                for index, (seed, image, retry) in enumerate(zip(seeds, images, fp32_retries, strict=True))
-            ],
-        )
+        total_seconds = time.perf_counter() - run.started
         log.info(
             "generated in %.2fs (%s)%s",
-            metadata.total_seconds,
+            total_seconds,
             ", ".join(f"{stage.name} {stage.steps} steps {stage.seconds:.2f}s" for stage in run.stages),
             "" if refined else f"; not refined: {not_refined}",
         )
-        return GenerationResult(images=images, metadata=metadata)
+        outcomes: list[GenerationResult | BaseException] = []
+        for member in run.members:
+            if member.canceled:
+                outcomes.append(GenerationCanceled("generation canceled"))
+                continue
+            rows = range(len(seeds))[member.rows]
+            metadata = GenerationMetadata(
+                request=member.request,
+                refine_mode_ran=mode if refined else RefineMode.NONE,
+                refined=refined,
+                not_refined_reason=None if refined else not_refined,
+                seeds=member.seeds,
+                stages=run.stages,
+                batch_size=len(seeds),
+                total_seconds=total_seconds,
+                base_model=self.models.sources.base,
+                refiner_model=self.models.sources.refiner if refiner is not None else None,
+                device=self.plan.device,
+                dtype=self.plan.dtype_name,
+                images=[
+                    ImageReport(
+                        index=index,
+                        seed=member.seeds[index],
+                        refined=refined,
+                        not_refined_reason=None if refined else not_refined,
+                        decoded_in_fp32_retry=fp32_retries[row],
+                        width=images[row].width,
+                        height=images[row].height,
+                    )
+                    for index, row in enumerate(rows)
+                ],
+            )
+            outcomes.append(GenerationResult(images=[images[row] for row in rows], metadata=metadata))
+        return outcomes
 
     def describe(self) -> dict[str, Any]:
         """For health checks and `doctor`."""
@@ -230,4 +281,5 @@ class Engine:
             "base_model": self.models.sources.base,
             "refiner_model": self.models.sources.refiner,
             "refiner": self.refiner_status,
+            "speed_levers": self.levers,
         }

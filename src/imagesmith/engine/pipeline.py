@@ -22,38 +22,78 @@ from imagesmith.engine.progress import CancelToken, GenerationCanceled, Progress
 from imagesmith.engine.schedulers import make_scheduler
 from imagesmith.schemas import RefineMode, ResolvedRequest, StageReport
 
+BatchKey = tuple[object, ...]
+
+
+def batch_key(request: ResolvedRequest) -> BatchKey:
+    """Requests with equal keys can share one pipeline pass and still each get the image they would alone:
+    everything that is one scalar per pipeline call must match."""
+    return (
+        request.width,
+        request.height,
+        request.num_inference_steps,
+        request.guidance_scale,
+        request.refine_mode,
+        request.high_noise_frac,
+        request.refine_steps,
+        request.refine_strength,
+        request.scheduler,
+        bool(request.negative_prompt),
+    )
+
+
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class StageRun:
-    """Bookkeeping for one generation: counts steps as they happen, so the result says what really ran."""
+class BatchMember:
+    """One request inside a batch: its rows of the latents, its progress callback and cancel token."""
 
     request: ResolvedRequest
-    on_progress: ProgressCallback | None
-    cancel: CancelToken | None
+    seeds: list[int]
+    rows: slice
+    on_progress: ProgressCallback | None = None
+    cancel: CancelToken | None = None
+
+    @property
+    def canceled(self) -> bool:
+        return self.cancel is not None and self.cancel.canceled
+
+
+@dataclass
+class StageRun:
+    """One pipeline pass over a batch of compatible requests (the same size, steps, mode, scheduler and
+    guidance; see batch_key). Counts steps as they happen, so each result says what really ran."""
+
+    members: list[BatchMember]
     started: float = field(default_factory=time.perf_counter)
     stages: list[StageReport] = field(default_factory=list)
-    _stage: str = "base"
     _steps: int = 0
+
+    @property
+    def request(self) -> ResolvedRequest:
+        """The settings every member shares."""
+        return self.members[0].request
+
+    @property
+    def seeds(self) -> list[int]:
+        return [seed for member in self.members for seed in member.seeds]
 
     def callback(self, stage: str) -> Any:
         """A diffusers callback_on_step_end that reports progress and stops within one step on cancel."""
-        self._stage, self._steps = stage, 0
+        self._steps = 0
 
         def on_step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
             self._steps += 1
-            if self.on_progress is not None:
-                self.on_progress(
-                    ProgressEvent(
-                        stage=stage,
-                        step=self._steps,
-                        total=int(getattr(pipe, "num_timesteps", 0) or 0),
-                        elapsed_s=time.perf_counter() - self.started,
-                        latents=tensors.get("latents"),
-                    )
-                )
-            if self.cancel is not None and self.cancel.canceled:
+            total = int(getattr(pipe, "num_timesteps", 0) or 0)
+            elapsed = time.perf_counter() - self.started
+            latents = tensors.get("latents")
+            for member in self.members:
+                if member.on_progress is not None and not member.canceled:
+                    rows = None if latents is None else latents[member.rows]
+                    member.on_progress(ProgressEvent(stage, self._steps, total, elapsed, rows))
+            # A batch stops when every member has canceled; a member that cancels alone is dropped at the end.
+            if all(member.canceled for member in self.members):
                 raise GenerationCanceled(f"canceled during {stage} at step {self._steps}")
             return tensors
 
@@ -68,8 +108,8 @@ class StageRun:
         )
 
     def check_cancel(self) -> None:
-        if self.cancel is not None:
-            self.cancel.raise_if_canceled()
+        if all(member.canceled for member in self.members):
+            raise GenerationCanceled("generation canceled")
 
 
 def _synchronize() -> None:
@@ -79,14 +119,16 @@ def _synchronize() -> None:
 
 
 def _common_args(run: StageRun, generators: list[torch.Generator]) -> dict[str, Any]:
-    request = run.request
+    prompts = [m.request.prompt for m in run.members for _ in m.seeds]
+    negatives = [m.request.negative_prompt for m in run.members for _ in m.seeds]
     return {
-        "prompt": request.prompt,
-        # None (not "") lets SDXL use zeros for an empty negative prompt, as it was trained.
-        "negative_prompt": request.negative_prompt or None,
-        "guidance_scale": request.guidance_scale,
+        "prompt": prompts,
+        # None (not "") lets SDXL use zeros for an empty negative prompt, as it was trained. batch_key keeps
+        # requests with and without a negative prompt apart, so each image is what it would be alone.
+        "negative_prompt": negatives if any(negatives) else None,
+        "guidance_scale": run.request.guidance_scale,
         "generator": generators,
-        "num_images_per_prompt": request.num_images,
+        "num_images_per_prompt": 1,
         "output_type": "latent",
         "callback_on_step_end_tensor_inputs": ["latents"],
     }

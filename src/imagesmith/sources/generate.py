@@ -53,7 +53,19 @@ class GenerateSource:
 
     def _load(self) -> None:
         try:
-            self._engine = self._factory(self._settings)
+            engine = self._factory(self._settings)
+            if self._settings.warmup:
+                # Compile and autotune now, while health says "starting", rather than on a client's request.
+                from imagesmith.engine.fast import warm_up
+
+                sizes = [
+                    (int(w), int(h))
+                    for w, h in (
+                        s.lower().split("x") for s in self._settings.warmup_sizes.split(",") if s.strip()
+                    )
+                ]
+                log.info("warm-up done in %.1fs", warm_up(engine, sizes, [1]))
+            self._engine = engine
         except Exception as error:  # any load failure is reported by health, not raised into the server
             self._error = f"{type(error).__name__}: {error}"[:1000]
             log.exception("model loading failed")

@@ -1,0 +1,111 @@
+"""Speed levers, each switchable in settings and measured in docs/benchmarks.md.
+
+Applied once after loading, before warm-up. Exact levers change no result beyond bf16 rounding (fused QKV does
+the same products in one matrix; compile fuses elementwise work; channels_last only changes memory layout).
+fp8 is lossy and opt-in, its fidelity figure reported in the benchmarks.
+
+Compilation happens at start-up (warm-up), never on a request: `warm_up` runs one small generation per shape
+so that the first user does not pay the minutes. The inductor cache lives in the data dir, so a restart
+reuses compiled kernels instead of compiling again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from imagesmith.config import CompileChoice, Settings
+from imagesmith.engine.hardware import HardwarePlan
+
+log = logging.getLogger(__name__)
+
+
+def use_persistent_compile_cache(data_dir: Path) -> Path:
+    """Point inductor's caches at the data dir (unless the user chose another place) and switch them on."""
+    cache = Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(data_dir / "compile-cache")))
+    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+    cache.mkdir(parents=True, exist_ok=True)
+    return cache
+
+
+def _quantize_fp8(unet: Any) -> None:
+    try:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, quantize_
+    except ImportError as error:
+        raise RuntimeError(
+            "IMAGESMITH_FP8=true needs torchao (pip install torchao) and an H100/H200-class GPU"
+        ) from error
+    # Linear layers only: convolutions and norms stay bf16 (they are a small share of the FLOPs).
+    quantize_(unet, Float8DynamicActivationFloat8WeightConfig())
+
+
+def apply_speed_levers(base: Any, refiner: Any | None, plan: HardwarePlan, settings: Settings) -> list[str]:
+    """Apply the levers the settings ask for; return what was applied, for the start-up log and health."""
+    applied: list[str] = []
+    unets = [base.unet] + ([refiner.unet] if refiner is not None else [])
+    if settings.fuse_qkv:
+        base.fuse_qkv_projections(unet=True, vae=True)
+        if refiner is not None:
+            refiner.fuse_qkv_projections(unet=True, vae=False)  # the VAE is the base's, already fused
+        applied.append("fused QKV")
+    if settings.channels_last:
+        for unet in unets:
+            unet.to(memory_format=torch.channels_last)
+        applied.append("channels_last")
+    if settings.fp8:
+        if plan.device.startswith("cuda") and torch.cuda.get_device_capability(plan.device) < (8, 9):
+            raise RuntimeError(
+                "IMAGESMITH_FP8=true needs a GPU with fp8 tensor cores (compute capability 8.9+)"
+            )
+        for unet in unets:
+            _quantize_fp8(unet)
+        applied.append("fp8 UNet linears (lossy)")
+    if settings.compile is not CompileChoice.OFF:
+        if plan.offload != "none":
+            # Offload hooks move weights between devices inside forward; compiled graphs would break there.
+            log.warning(
+                "compile=%s skipped: it needs offload=none (plan: %s)", settings.compile.value, plan.offload
+            )
+        else:
+            use_persistent_compile_cache(settings.data_dir)
+            mode = None if settings.compile is CompileChoice.DEFAULT else settings.compile.value
+            for unet in unets:
+                unet.compile(fullgraph=True, mode=mode)
+            base.vae.decoder.compile(fullgraph=True, mode=mode)
+            applied.append(f"torch.compile(mode={settings.compile.value}) UNets + VAE decoder")
+    return applied
+
+
+def warm_up(engine: Any, sizes: list[tuple[int, int]], batch_sizes: list[int]) -> float:
+    """One small generation per (size, batch) so compilation and autotuning happen now, not on a request.
+
+    Every stage runs: the ensemble reaches base and refiner, decode reaches the VAE. Returns seconds taken.
+    """
+    from imagesmith.engine.engine import BatchItem
+    from imagesmith.schemas import GenerationRequest
+
+    began = time.perf_counter()
+    for width, height in sizes:
+        for batch in batch_sizes:
+            request = GenerationRequest(
+                prompt="warm-up",
+                width=width,
+                height=height,
+                num_inference_steps=5,
+                high_noise_frac=0.6,
+                seed=0,
+            )
+            outcomes = engine.generate_batch([BatchItem(request) for _ in range(batch)])
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    raise outcome
+            log.info(
+                "warm-up %dx%d batch %d done at %.1fs", width, height, batch, time.perf_counter() - began
+            )
+    return time.perf_counter() - began

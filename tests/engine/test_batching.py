@@ -1,0 +1,73 @@
+"""Several compatible requests in one pipeline pass: each image is the one its request would get alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from imagesmith.engine import BatchItem, CancelToken, Engine, GenerationCanceled, ProgressEvent, batch_key
+from imagesmith.schemas import GenerationRequest
+
+SMALL = {"width": 64, "height": 64, "num_inference_steps": 10}
+
+
+def pixels(image: object) -> np.ndarray:
+    return np.asarray(image).astype(np.int16)
+
+
+def test_batched_requests_match_their_solo_runs(tiny_engine: Engine) -> None:
+    first = GenerationRequest(prompt="a red bicycle", seed=11, num_images=2, **SMALL)
+    second = GenerationRequest(prompt="a blue boat on a lake", seed=99, **SMALL)
+    events: dict[str, list[ProgressEvent]] = {"first": [], "second": []}
+    outcomes = tiny_engine.generate_batch(
+        [
+            BatchItem(first, events["first"].append),
+            BatchItem(second, events["second"].append),
+        ]
+    )
+    batched_first, batched_second = outcomes
+    assert not isinstance(batched_first, BaseException) and not isinstance(batched_second, BaseException)
+    assert batched_first.metadata.seeds == [11, 12] and batched_second.metadata.seeds == [99]
+    assert batched_first.metadata.batch_size == 3 and len(batched_second.images) == 1
+    solo_first = tiny_engine.generate(first)
+    solo_second = tiny_engine.generate(second)
+    for batched, solo in ((batched_first, solo_first), (batched_second, solo_second)):
+        for a, b in zip(batched.images, solo.images, strict=True):
+            assert np.abs(pixels(a) - pixels(b)).max() <= 2
+    # Each member hears every step, with its own rows of the latents.
+    assert [e.step for e in events["first"]] == [e.step for e in events["second"]] == [*range(1, 9), 1, 2]
+    assert events["first"][0].latents.shape[0] == 2 and events["second"][0].latents.shape[0] == 1
+
+
+def test_a_member_that_cancels_is_dropped_and_the_rest_finish(tiny_engine: Engine) -> None:
+    token = CancelToken()
+
+    def cancel_early(event: ProgressEvent) -> None:
+        if event.step == 2:
+            token.cancel()
+
+    keep = GenerationRequest(prompt="keep me", seed=1, **SMALL)
+    drop = GenerationRequest(prompt="drop me", seed=2, **SMALL)
+    outcomes = tiny_engine.generate_batch([BatchItem(keep), BatchItem(drop, cancel_early, token)])
+    assert not isinstance(outcomes[0], BaseException) and outcomes[0].images
+    assert isinstance(outcomes[1], GenerationCanceled)
+
+
+def test_incompatible_requests_are_refused() -> None:
+    a = GenerationRequest(prompt="x", **SMALL).resolve()
+    b = GenerationRequest(prompt="x", scheduler="ddim", **SMALL).resolve()
+    c = GenerationRequest(prompt="y", negative_prompt="blur", **SMALL).resolve()
+    assert batch_key(a) != batch_key(b) and batch_key(a) != batch_key(c)
+    assert batch_key(a) == batch_key(
+        GenerationRequest(prompt="other", seed=5, num_images=3, **SMALL).resolve()
+    )
+
+
+def test_generate_batch_refuses_mixed_keys(tiny_engine: Engine) -> None:
+    with pytest.raises(ValueError, match="batch_key"):
+        tiny_engine.generate_batch(
+            [
+                BatchItem(GenerationRequest(prompt="x", **SMALL)),
+                BatchItem(GenerationRequest(prompt="x", scheduler="ddim", **SMALL)),
+            ]
+        )
