@@ -8,12 +8,14 @@ from __future__ import annotations
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_BASE_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 DEFAULT_REFINER_MODEL = "stabilityai/stable-diffusion-xl-refiner-1.0"
+DEFAULT_PEXELS_API_BASE_URL = "https://api.pexels.com/v1"
 
 
 class ModelPreset(StrEnum):
@@ -115,10 +117,61 @@ class Settings(BaseSettings):
     # Speed levers (engine/fast.py); figures in docs/benchmarks.md.
     fuse_qkv: bool = Field(True, description="One matmul for Q, K and V in every attention block (exact).")
     compile: CompileChoice = Field(CompileChoice.OFF, description="torch.compile the UNets and VAE decoder.")
+    compile_cache_dir: Path | None = Field(
+        None, description="Compiled kernels; default DATA_DIR/compile-cache."
+    )
     channels_last: bool = Field(False, description="NHWC memory layout for the UNets.")
     fp8: bool = Field(False, description="fp8 UNet linear layers via torchao (lossy; H100/H200/4090 class).")
     warmup: bool = Field(True, description="Warm up (and compile) at start-up, before serving.")
     warmup_sizes: str = Field("1024x1024", description="Comma-separated WxH shapes to warm up.")
+
+    # Pexels stock photos (sources/stock.py). Without a key the stock source reports itself unconfigured.
+    pexels_api_key: SecretStr | None = Field(
+        None, description="Pexels API key (https://www.pexels.com/api/); kept secret, never logged."
+    )
+    pexels_api_base_url: str = Field(DEFAULT_PEXELS_API_BASE_URL, description="Pexels API v1 root.")
+    pexels_allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["images.pexels.com"],
+        description="Hosts photos may be downloaded from, comma-separated. A bare host means https only; "
+        "'http://host:port' also allows plain http to that origin (for a local stand-in).",
+    )
+    pexels_max_download_bytes: int = Field(
+        25 * 1024 * 1024, ge=1024, description="Largest photo download accepted, in bytes."
+    )
+    pexels_max_image_pixels: int = Field(
+        100_000_000, ge=1, description="Largest photo accepted, in pixels: a decompression-bomb guard."
+    )
+    pexels_timeout_s: float = Field(10.0, gt=0, description="Per-request timeout of API calls, in seconds.")
+    pexels_download_timeout_s: float = Field(30.0, gt=0, description="Per-request timeout of downloads.")
+    pexels_max_retries: int = Field(
+        2, ge=0, le=10, description="Retries after a 5xx or network error (API calls and downloads)."
+    )
+    pexels_retry_backoff_s: float = Field(
+        0.5, ge=0, description="First retry delay; doubles each retry, with jitter, up to 8 seconds."
+    )
+    pexels_quota_backoff_s: float = Field(
+        900.0, gt=0, description="How long to stop calling after a 429 when no reset time is known."
+    )
+    pexels_cache_ttl_s: float = Field(
+        86_400.0, ge=0, description="How long search results are reused (in memory); 0 turns the cache off."
+    )
+    pexels_per_page: int = Field(30, ge=1, le=80, description="Photos fetched per search to pick from.")
+    pexels_locale: str = Field("", description="Search locale, e.g. 'en-US' or 'de-DE'; empty for Pexels'.")
+
+    @field_validator("pexels_allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("pexels_api_key", mode="before")
+    @classmethod
+    def _blank_key_is_none(cls, value: object) -> object:
+        # An empty IMAGESMITH_PEXELS_API_KEY= in a .env file means "not configured", not "the key ''".
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
 
     def tiny_model_dir(self) -> Path:
         return self.data_dir / "tiny-model"

@@ -25,9 +25,13 @@ from imagesmith.engine.hardware import HardwarePlan
 log = logging.getLogger(__name__)
 
 
-def use_persistent_compile_cache(data_dir: Path) -> Path:
-    """Point inductor's caches at the data dir (unless the user chose another place) and switch them on."""
-    cache = Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(data_dir / "compile-cache")))
+def use_persistent_compile_cache(cache: Path) -> Path:
+    """Point inductor's caches at a lasting folder and switch them on.
+
+    Assigned, not setdefault: torch fills TORCHINDUCTOR_CACHE_DIR with a /tmp default the first time it looks,
+    which may already have happened. IMAGESMITH_COMPILE_CACHE_DIR chooses another place.
+    """
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
     os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
     os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
     cache.mkdir(parents=True, exist_ok=True)
@@ -73,7 +77,7 @@ def apply_speed_levers(base: Any, refiner: Any | None, plan: HardwarePlan, setti
                 "compile=%s skipped: it needs offload=none (plan: %s)", settings.compile.value, plan.offload
             )
         else:
-            use_persistent_compile_cache(settings.data_dir)
+            use_persistent_compile_cache(settings.compile_cache_dir or settings.data_dir / "compile-cache")
             mode = None if settings.compile is CompileChoice.DEFAULT else settings.compile.value
             for unet in unets:
                 unet.compile(fullgraph=True, mode=mode)

@@ -1,0 +1,177 @@
+"""`imagesmith search "query"` and the Pexels part of `imagesmith doctor`.
+
+cli.py wires them in (it imports this module only if it is installed):
+
+    add_search_parser(subparsers)     # registers "search"; sets handler=run_search (and func, the same)
+    return args.handler(args)         # run_search(args) -> exit code
+    for line in doctor_lines(settings): print(line)   # the Pexels part of `imagesmith doctor`
+
+Exit codes of search: 0 found (and saved, with -o), 1 no results, 2 not configured or bad arguments,
+3 Pexels refused or failed (key, quota, network, a rejected download).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from imagesmith.config import Settings, get_settings
+from imagesmith.schemas import ASPECT_SIZES, AspectPreset, OutputFormat
+from imagesmith.sources.errors import NoStockResults, PexelsError, PexelsNotConfigured
+from imagesmith.sources.pexels_client import PhotoSize
+from imagesmith.sources.stock import StockPhotoSource, StockRequest, StockSearch
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_NO_RESULTS, EXIT_CONFIG, EXIT_PEXELS = 0, 1, 2, 3
+DOCTOR_TIMEOUT_S = 5.0
+NO_KEY_MESSAGE = (
+    "no Pexels API key configured: get a free key at https://www.pexels.com/api/ and set "
+    "IMAGESMITH_PEXELS_API_KEY (environment or .env)"
+)
+_SUFFIX_FORMATS = {".png": OutputFormat.PNG, ".webp": OutputFormat.WEBP, ".jpg": OutputFormat.JPEG}
+
+
+def add_search_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register the `search` subcommand on an argparse subparsers object."""
+    width, height = ASPECT_SIZES[AspectPreset.LANDSCAPE]
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "search",
+        help="search Pexels stock photos for a query",
+        description="Search Pexels, rank the photos for the size asked for, and optionally save the best one "
+        "(fitted to the exact size, with its attribution embedded).",
+    )
+    parser.add_argument("query", nargs="+", help="what to search for")
+    parser.add_argument("--width", type=int, default=width, help=f"target width (default {width})")
+    parser.add_argument("--height", type=int, default=height, help=f"target height (default {height})")
+    parser.add_argument("--color", help="Pexels colour name or hex code, e.g. blue or '#ffaa00'")
+    parser.add_argument("--locale", help="search locale, e.g. de-DE")
+    parser.add_argument("--min-size", choices=[s.value for s in PhotoSize], help="Pexels' minimum photo size")
+    parser.add_argument("-n", "--limit", type=int, default=10, help="results to list (default 10)")
+    parser.add_argument(
+        "-o", "--output", type=Path, help="save the best photo here (.jpg, .png or .webp; default JPEG)"
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    parser.set_defaults(handler=run_search, func=run_search)
+    return parser
+
+
+def run_search(args: argparse.Namespace, settings: Settings | None = None, out: TextIO | None = None) -> int:
+    """Run the search subcommand; returns the process exit code."""
+    settings = settings or get_settings()
+    out = out or sys.stdout
+    if settings.pexels_api_key is None:
+        print(f"error: {NO_KEY_MESSAGE}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        request = StockRequest(
+            prompt=" ".join(args.query),
+            width=args.width,
+            height=args.height,
+            color=args.color,
+            locale=args.locale,
+            size=PhotoSize(args.min_size) if args.min_size else None,
+            output_format=_format_for(args.output),
+        )
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+    return asyncio.run(_search(args, settings, request, out))
+
+
+def _format_for(path: Path | None) -> OutputFormat:
+    return _SUFFIX_FORMATS.get(path.suffix.lower(), OutputFormat.JPEG) if path else OutputFormat.JPEG
+
+
+async def _search(args: argparse.Namespace, settings: Settings, request: StockRequest, out: TextIO) -> int:
+    async with StockPhotoSource.from_settings(settings) as source:
+        try:
+            found = await source.search(request)
+            if not found.photos:
+                raise NoStockResults(found.query)
+            _print_results(found, args.limit, args.json, out)
+            if args.output:
+                photo = await source.fetch(request)
+                args.output.write_bytes(photo.data)
+                if not args.json:
+                    credit = photo.attribution
+                    print(
+                        f"\nsaved photo {photo.photo_id} ({photo.width}x{photo.height}) to {args.output}",
+                        file=out,
+                    )
+                    print(f"credit: {credit.credit_text} ({credit.photo_url})", file=out)
+        except NoStockResults as error:
+            print(f"no results: {error}", file=sys.stderr)
+            return EXIT_NO_RESULTS
+        except PexelsError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return EXIT_PEXELS
+        quota = source.status().quota
+        if quota.remaining is not None and not args.json:
+            print(f"\nPexels quota: {quota.remaining}/{quota.limit} left", file=out)
+    return EXIT_OK
+
+
+def _print_results(found: StockSearch, limit: int, as_json: bool, out: TextIO) -> None:
+    shown = found.photos[: max(limit, 0)]
+    if as_json:
+        payload = {
+            "query": found.query,
+            "orientation": found.orientation.value,
+            "total_results": found.total_results,
+            "photos": [photo.model_dump() for photo in shown],
+        }
+        print(json.dumps(payload, indent=2), file=out)
+        return
+    heading = f"{found.total_results} results for {found.query!r} ({found.orientation.value}), best first:"
+    print(heading, file=out)
+    for rank, photo in enumerate(shown, 1):
+        alt = photo.alt or "(no description)"
+        print(f"{rank:>3}. #{photo.id} {photo.width}x{photo.height}  {alt}", file=out)
+        print(f"     Photo by {photo.photographer} on Pexels  {photo.url}", file=out)
+
+
+@dataclass
+class PexelsDoctorReport:
+    ok: bool
+    lines: list[str] = field(default_factory=list)
+
+
+def doctor_lines(settings: Settings, *, online: bool = True) -> list[str]:
+    """The Pexels lines of `imagesmith doctor`: with a key set, one quick API call checks it works."""
+    return pexels_doctor(settings, online=online).lines
+
+
+def pexels_doctor(settings: Settings, *, online: bool = False) -> PexelsDoctorReport:
+    """What `imagesmith doctor` says about Pexels. online=True spends one API call to check the key."""
+    hosts = ", ".join(settings.pexels_allowed_hosts) or "none"
+    if settings.pexels_api_key is None:
+        return PexelsDoctorReport(ok=False, lines=[f"pexels: not configured ({NO_KEY_MESSAGE})"])
+    lines = [f"pexels: key set; API {settings.pexels_api_base_url}; downloads from {hosts}"]
+    if not online:
+        return PexelsDoctorReport(ok=True, lines=lines)
+    return asyncio.run(_doctor_online(settings, lines))
+
+
+async def _doctor_online(settings: Settings, lines: list[str]) -> PexelsDoctorReport:
+    # A health check should answer quickly: no retries and a short timeout, whatever the settings say.
+    quick = settings.model_copy(
+        update={"pexels_max_retries": 0, "pexels_timeout_s": min(settings.pexels_timeout_s, DOCTOR_TIMEOUT_S)}
+    )
+    async with StockPhotoSource.from_settings(quick) as source:
+        try:
+            await source.client.search("nature", per_page=1)
+        except PexelsNotConfigured as error:
+            return PexelsDoctorReport(ok=False, lines=[*lines, f"pexels: {error}"])
+        except PexelsError as error:
+            return PexelsDoctorReport(ok=False, lines=[*lines, f"pexels: API check failed: {error}"])
+        quota = source.status().quota
+    reset = quota.reset_at.isoformat() if quota.reset_at else "unknown"
+    lines.append(f"pexels: API answers; quota {quota.remaining}/{quota.limit} left, resets {reset}")
+    return PexelsDoctorReport(ok=True, lines=lines)

@@ -1,0 +1,217 @@
+"""Download a photo safely, and fit it to the exact size asked for.
+
+Safety, in the order it is checked:
+1. the URL's scheme and host are allowed (`pexels_allowed_hosts`: a bare host means https only, an origin
+   such as "http://127.0.0.1:8080" allows exactly that origin); redirects are followed by hand, each hop
+   checked the same way, so a redirect cannot take the download elsewhere;
+2. the answer says it is an image (Content-Type image/jpeg, image/png or image/webp);
+3. the body is streamed and cut off past `max_bytes` (a lying or missing Content-Length does not help);
+4. Pillow decodes it, and its pixel count is under `max_pixels` before any pixel is loaded.
+5xx answers, timeouts and network errors are retried with backoff; safety refusals never are.
+This client sends no Authorization header: the API key is for api.pexels.com only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import httpx
+from PIL import Image, ImageOps
+
+from imagesmith.sources.errors import (
+    DisallowedHost,
+    DownloadTooLarge,
+    NotAnImage,
+    PexelsBadResponse,
+    PexelsUnavailable,
+)
+from imagesmith.sources.retry import backoff_delay, is_retryable_status
+
+logger = logging.getLogger(__name__)
+
+IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/webp"})
+PILLOW_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "MPO"})  # MPO: multi-picture JPEGs from some cameras
+MAX_REDIRECTS = 3
+_DEFAULT_PORTS = {"https": 443, "http": 80}
+
+
+@dataclass(frozen=True)
+class AllowedOrigin:
+    scheme: str
+    host: str
+    port: int | None  # None: any port
+
+    @classmethod
+    def parse(cls, entry: str) -> AllowedOrigin:
+        entry = entry.strip().lower()
+        if "://" not in entry:
+            return cls("https", entry.rstrip("/"), None)
+        parts = urlsplit(entry)
+        if parts.scheme not in _DEFAULT_PORTS or not parts.hostname:
+            raise ValueError(f"allowed host {entry!r} must be a host name or an http(s)://host[:port] origin")
+        return cls(parts.scheme, parts.hostname, parts.port)
+
+    def allows(self, scheme: str, host: str, port: int) -> bool:
+        return scheme == self.scheme and host == self.host and (self.port is None or port == self.port)
+
+
+class HostPolicy:
+    """Which URLs a photo may come from."""
+
+    def __init__(self, entries: Sequence[str]) -> None:
+        self.origins = [AllowedOrigin.parse(entry) for entry in entries if entry.strip()]
+
+    def check(self, url: str) -> None:
+        parts = urlsplit(url)
+        scheme, host = parts.scheme.lower(), (parts.hostname or "").lower()
+        if parts.username or parts.password:
+            raise DisallowedHost(f"download URL carries credentials; refused: {scheme}://{host}")
+        try:
+            port = parts.port or _DEFAULT_PORTS.get(scheme, -1)
+        except ValueError:
+            raise DisallowedHost(f"download URL has an invalid port: {url!r}") from None
+        if not any(origin.allows(scheme, host, port) for origin in self.origins):
+            allowed = ", ".join(
+                f"{o.scheme}://{o.host}" + (f":{o.port}" if o.port else "") for o in self.origins
+            )
+            raise DisallowedHost(
+                f"download from {scheme}://{host}:{port} refused: "
+                f"not in pexels_allowed_hosts ({allowed or 'none'})"
+            )
+
+
+@dataclass(frozen=True)
+class DownloadedImage:
+    data: bytes
+    content_type: str
+    url: str  # the final URL, after redirects
+    width: int
+    height: int
+
+
+class ImageDownloader:
+    def __init__(
+        self,
+        policy: HostPolicy,
+        *,
+        max_bytes: int,
+        max_pixels: int = 100_000_000,
+        timeout_s: float = 30.0,
+        max_retries: int = 2,
+        backoff_s: float = 0.5,
+        http: httpx.AsyncClient | None = None,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+    ) -> None:
+        self.policy = policy
+        self.max_bytes = max_bytes
+        self.max_pixels = max_pixels
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self._sleep = sleep
+        self._owns_http = http is None
+        self._http = http or httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), follow_redirects=False)
+
+    async def aclose(self) -> None:
+        if self._owns_http:
+            await self._http.aclose()
+
+    async def fetch(self, url: str) -> DownloadedImage:
+        for attempt in range(self.max_retries + 1):
+            try:
+                return await self._fetch_once(url)
+            except (httpx.TransportError, _RetryableStatus) as error:
+                problem = f"{type(error).__name__} downloading {_safe(url)}"
+                if isinstance(error, _RetryableStatus):
+                    problem = f"image host answered {error.status} for {_safe(url)}"
+                if attempt == self.max_retries:
+                    raise PexelsUnavailable(f"{problem} after {attempt + 1} tries") from None
+                delay = backoff_delay(attempt, self.backoff_s)
+                logger.warning("%s; retry %d of %d in %.2fs", problem, attempt + 1, self.max_retries, delay)
+                await self._sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _fetch_once(self, url: str) -> DownloadedImage:
+        for _hop in range(MAX_REDIRECTS + 1):
+            self.policy.check(url)
+            async with self._http.stream(
+                "GET", url, headers={"Accept": "image/jpeg,image/png,image/webp"}
+            ) as response:
+                if response.is_redirect and "location" in response.headers:
+                    url = urljoin(url, response.headers["location"])
+                    continue
+                if is_retryable_status(response.status_code):
+                    raise _RetryableStatus(response.status_code)
+                if response.status_code != 200:
+                    raise PexelsBadResponse(f"image host answered {response.status_code} for {_safe(url)}")
+                content_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
+                if content_type not in IMAGE_TYPES:
+                    raise NotAnImage(
+                        f"{_safe(url)} is {content_type or 'untyped'}, not a JPEG, PNG or WebP image"
+                    )
+                declared = response.headers.get("content-length")
+                if declared and declared.isdigit() and int(declared) > self.max_bytes:
+                    raise DownloadTooLarge(
+                        f"{_safe(url)} is {int(declared)} bytes; the cap is {self.max_bytes}"
+                    )
+                data = await self._read_capped(response, url)
+            width, height = self._check_decodes(data, url)
+            return DownloadedImage(data=data, content_type=content_type, url=url, width=width, height=height)
+        raise PexelsBadResponse(f"more than {MAX_REDIRECTS} redirects downloading a photo")
+
+    async def _read_capped(self, response: httpx.Response, url: str) -> bytes:
+        chunks, total = [], 0
+        async for chunk in response.aiter_bytes():
+            total += len(chunk)
+            if total > self.max_bytes:
+                raise DownloadTooLarge(
+                    f"{_safe(url)} exceeds the {self.max_bytes}-byte cap; download stopped"
+                )
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _check_decodes(self, data: bytes, url: str) -> tuple[int, int]:
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                # The size comes from the header: check it before decoding, so a small file cannot
+                # expand into gigabytes of pixels.
+                width, height = image.size
+                if width * height > self.max_pixels:
+                    raise DownloadTooLarge(
+                        f"{_safe(url)} is {width}x{height}; the cap is {self.max_pixels} pixels"
+                    )
+                if image.format not in PILLOW_FORMATS:
+                    raise NotAnImage(f"{_safe(url)} decodes as {image.format}, not JPEG, PNG or WebP")
+                image.load()
+        except (DownloadTooLarge, NotAnImage):
+            raise
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            raise NotAnImage(f"{_safe(url)} does not decode as an image: {error}") from None
+        return width, height
+
+
+class _RetryableStatus(Exception):
+    def __init__(self, status: int) -> None:
+        self.status = status
+        super().__init__(status)
+
+
+def _safe(url: str) -> str:
+    """The URL without its query, for messages: short, and nothing private rides along."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}{parts.path}"
+
+
+def fit_exact(image: Image.Image, width: int, height: int) -> Image.Image:
+    """Scale to cover width x height, then crop the centre: the exact size, no bars, aspect kept."""
+    image = ImageOps.exif_transpose(image) or image
+    if image.mode not in ("RGB", "RGBA"):
+        image = image.convert("RGB")
+    if image.size == (width, height):
+        return image
+    return ImageOps.fit(image, (width, height), method=Image.Resampling.LANCZOS, centering=(0.5, 0.5))

@@ -1,0 +1,389 @@
+"""An async client for the Pexels API v1: photo search and photo by id, with quota tracking and retries.
+
+    async with PexelsClient.from_settings(settings) as client:
+        page = await client.search("mountain lake", orientation=Orientation.LANDSCAPE, per_page=30)
+        photo = await client.get_photo(page.photos[0].id)
+
+Quota: every answer carries X-Ratelimit-Limit / -Remaining / -Reset (UNIX seconds). When Remaining reaches 0,
+or on a 429 (which carries none of them), the client stops calling until the reset (or, with no reset known,
+for `quota_backoff_s`) and raises PexelsQuotaExhausted(retry_at) without touching the network.
+
+Retries: 5xx, timeouts and network errors are retried `max_retries` times with exponential backoff and jitter;
+401/403, 404, 429 and other 4xx are not, since repeating them cannot help.
+
+The key goes only into the Authorization header of API requests (never onto the client object's default
+headers, so a shared or logged client cannot leak it); it is a SecretStr everywhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+from imagesmith.sources.errors import (
+    PexelsAuthError,
+    PexelsBadResponse,
+    PexelsError,
+    PexelsNotConfigured,
+    PexelsNotFound,
+    PexelsQuotaExhausted,
+    PexelsUnavailable,
+)
+from imagesmith.sources.retry import backoff_delay, is_retryable_status
+
+if TYPE_CHECKING:
+    from imagesmith.config import Settings
+
+logger = logging.getLogger(__name__)
+_M = TypeVar("_M", bound=BaseModel)
+_E = TypeVar("_E", bound=PexelsError)
+
+MAX_PER_PAGE = 80  # the API's own ceiling
+
+
+# --- the API's shapes --------------------------------------------------------------------------------------
+
+
+class Orientation(StrEnum):
+    LANDSCAPE = "landscape"
+    PORTRAIT = "portrait"
+    SQUARE = "square"
+
+
+class PhotoSize(StrEnum):
+    """Pexels' minimum-size filter: large 24 MP, medium 12 MP, small 4 MP."""
+
+    LARGE = "large"
+    MEDIUM = "medium"
+    SMALL = "small"
+
+
+class PexelsPhotoSrc(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    original: str
+    large2x: str = ""
+    large: str = ""
+    medium: str = ""
+    small: str = ""
+    portrait: str = ""
+    landscape: str = ""
+    tiny: str = ""
+
+
+class PexelsPhoto(BaseModel):
+    """One photo as the API describes it; `url` is its page on pexels.com."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    id: int
+    width: int = Field(gt=0)
+    height: int = Field(gt=0)
+    url: str
+    photographer: str
+    photographer_url: str
+    photographer_id: int | None = None
+    avg_color: str | None = None
+    src: PexelsPhotoSrc
+    liked: bool = False
+    alt: str | None = ""
+
+
+class PexelsSearchPage(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    total_results: int = 0
+    page: int = 1
+    per_page: int = 0
+    photos: list[PexelsPhoto] = Field(default_factory=list)
+    next_page: str | None = None
+    prev_page: str | None = None
+
+
+# --- quota -------------------------------------------------------------------------------------------------
+
+
+class QuotaSnapshot(BaseModel):
+    """What health and metrics report about the rate limit."""
+
+    limit: int | None = None
+    remaining: int | None = None
+    reset_at: datetime | None = None
+    blocked_until: datetime | None = None
+    blocked_reason: str | None = None
+
+
+def _as_datetime(epoch_s: float | None) -> datetime | None:
+    return None if epoch_s is None else datetime.fromtimestamp(epoch_s, tz=UTC)
+
+
+def _int_header(headers: Mapping[str, str], name: str) -> int | None:
+    raw = headers.get(name)
+    try:
+        return None if raw is None else int(float(raw))
+    except ValueError:
+        return None
+
+
+@dataclass
+class QuotaTracker:
+    """The rate limit as last reported, and whether calls are held back.
+
+    `clock` returns UNIX seconds; tests pass a fake one to reach the reset without waiting for it.
+    """
+
+    default_block_s: float = 900.0
+    clock: Callable[[], float] = time.time
+    limit: int | None = None
+    remaining: int | None = None
+    reset_epoch: float | None = None
+    blocked_until: float | None = None
+    blocked_reason: str | None = None
+
+    def check(self) -> None:
+        """Raise PexelsQuotaExhausted while blocked; lift the block once its time has come."""
+        if self.blocked_until is None:
+            return
+        if self.clock() < self.blocked_until:
+            raise PexelsQuotaExhausted.at_epoch(
+                self.blocked_until,
+                f"Pexels quota exhausted ({self.blocked_reason}); calls resume at "
+                f"{_as_datetime(self.blocked_until).isoformat()}",  # type: ignore[union-attr]
+            )
+        logger.info("Pexels quota block lifted; calling the API again")
+        self.blocked_until = self.blocked_reason = None
+        self.remaining = None  # unknown until the next answer says
+
+    def observe(self, headers: Mapping[str, str]) -> None:
+        """Record the rate-limit headers of an answer; block when Remaining reaches 0."""
+        limit = _int_header(headers, "X-Ratelimit-Limit")
+        remaining = _int_header(headers, "X-Ratelimit-Remaining")
+        reset = _int_header(headers, "X-Ratelimit-Reset")
+        if limit is not None:
+            self.limit = limit
+        if remaining is not None:
+            self.remaining = remaining
+        if reset is not None:
+            self.reset_epoch = float(reset)
+        if remaining is not None and remaining <= 0:
+            self.block("remaining reached 0")
+
+    def block(self, reason: str, retry_after_s: float | None = None) -> float:
+        """Stop calling until the known reset, else for retry_after_s, else for the default backoff."""
+        now = self.clock()
+        if retry_after_s is not None:
+            until = now + retry_after_s
+        elif self.reset_epoch is not None and self.reset_epoch > now:
+            until = self.reset_epoch
+        else:
+            until = now + self.default_block_s
+        self.blocked_until, self.blocked_reason, self.remaining = until, reason, 0
+        logger.warning("Pexels quota: %s; no calls until %s", reason, _as_datetime(until).isoformat())  # type: ignore[union-attr]
+        return until
+
+    def snapshot(self) -> QuotaSnapshot:
+        blocked = self.blocked_until is not None and self.clock() < self.blocked_until
+        return QuotaSnapshot(
+            limit=self.limit,
+            remaining=self.remaining,
+            reset_at=_as_datetime(self.reset_epoch),
+            blocked_until=_as_datetime(self.blocked_until) if blocked else None,
+            blocked_reason=self.blocked_reason if blocked else None,
+        )
+
+
+# --- the client --------------------------------------------------------------------------------------------
+
+
+class PexelsClient:
+    """Search and get photos. One instance per process: it holds the quota state and a connection pool."""
+
+    def __init__(
+        self,
+        api_key: SecretStr | str | None,
+        *,
+        base_url: str = "https://api.pexels.com/v1",
+        timeout_s: float = 10.0,
+        max_retries: int = 2,
+        backoff_s: float = 0.5,
+        quota_backoff_s: float = 900.0,
+        http: httpx.AsyncClient | None = None,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+    ) -> None:
+        if isinstance(api_key, str):
+            api_key = SecretStr(api_key)
+        self._key = api_key if api_key is not None and api_key.get_secret_value() else None
+        self.base_url = base_url.rstrip("/")
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.quota = QuotaTracker(default_block_s=quota_backoff_s, clock=clock)
+        self._sleep = sleep
+        self._owns_http = http is None
+        self._http = http or httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), follow_redirects=False)
+        self.last_error: str | None = None
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, *, http: httpx.AsyncClient | None = None, **overrides: Any
+    ) -> PexelsClient:
+        kwargs: dict[str, Any] = {
+            "base_url": settings.pexels_api_base_url,
+            "timeout_s": settings.pexels_timeout_s,
+            "max_retries": settings.pexels_max_retries,
+            "backoff_s": settings.pexels_retry_backoff_s,
+            "quota_backoff_s": settings.pexels_quota_backoff_s,
+            "http": http,
+        }
+        kwargs.update(overrides)
+        return cls(settings.pexels_api_key, **kwargs)
+
+    @property
+    def configured(self) -> bool:
+        return self._key is not None
+
+    def __repr__(self) -> str:
+        # Spelled out so that no future field can put the key in a log line or a traceback.
+        return f"PexelsClient(base_url={self.base_url!r}, configured={self.configured})"
+
+    async def __aenter__(self) -> PexelsClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._owns_http:
+            await self._http.aclose()
+
+    async def search(
+        self,
+        query: str,
+        *,
+        orientation: Orientation | None = None,
+        size: PhotoSize | None = None,
+        color: str | None = None,
+        locale: str | None = None,
+        page: int = 1,
+        per_page: int = 15,
+    ) -> PexelsSearchPage:
+        """GET /search. `color` is a Pexels colour name (red, ..., white) or a hex code like '#ffffff'."""
+        query = query.strip()
+        if not query:
+            raise ValueError("query must contain text, got only whitespace")
+        if not 1 <= per_page <= MAX_PER_PAGE:
+            raise ValueError(f"per_page must be between 1 and {MAX_PER_PAGE}, got {per_page}")
+        if page < 1:
+            raise ValueError(f"page must be 1 or more, got {page}")
+        params: dict[str, str | int] = {"query": query, "page": page, "per_page": per_page}
+        if orientation:
+            params["orientation"] = orientation.value
+        if size:
+            params["size"] = size.value
+        if color:
+            # A colour name or a hex code such as "#ffffff"; httpx percent-encodes the '#'.
+            params["color"] = color
+        if locale:
+            params["locale"] = locale
+        data = await self._get_json("/search", params)
+        return self._parse(PexelsSearchPage, data, "search")
+
+    async def get_photo(self, photo_id: int) -> PexelsPhoto:
+        """GET /photos/:id."""
+        data = await self._get_json(f"/photos/{int(photo_id)}", {})
+        return self._parse(PexelsPhoto, data, "photo")
+
+    # --- internals ---
+
+    def _parse(self, model: type[_M], data: Any, what: str) -> _M:
+        try:
+            return model.model_validate(data)
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(part) for part in first["loc"]) or what
+            raise self._fail(
+                PexelsBadResponse(f"Pexels {what} answer has an unexpected shape at {where}: {first['msg']}")
+            ) from None
+
+    def _fail(self, error: _E) -> _E:
+        self.last_error = f"{type(error).__name__}: {error}"
+        return error
+
+    async def _get_json(self, path: str, params: Mapping[str, str | int]) -> Any:
+        if self._key is None:
+            raise PexelsNotConfigured("no Pexels API key: set IMAGESMITH_PEXELS_API_KEY")
+        try:
+            self.quota.check()
+        except PexelsQuotaExhausted as error:
+            raise self._fail(error) from None
+        url = self.base_url + path
+        headers = {"Authorization": self._key.get_secret_value(), "Accept": "application/json"}
+        for attempt in range(self.max_retries + 1):
+            last_try = attempt == self.max_retries
+            try:
+                response = await self._http.get(url, params=params, headers=headers)
+            except httpx.TransportError as error:  # timeouts, refused connections, broken streams
+                problem = f"{type(error).__name__} calling Pexels {path}"
+                if last_try:
+                    raise self._fail(PexelsUnavailable(f"{problem} after {attempt + 1} tries")) from None
+                await self._retry_pause(attempt, problem)
+                continue
+            self.quota.observe(response.headers)
+            status = response.status_code
+            if is_retryable_status(status):
+                problem = f"Pexels {path} answered {status}"
+                if last_try:
+                    raise self._fail(PexelsUnavailable(f"{problem} after {attempt + 1} tries"))
+                await self._retry_pause(attempt, problem)
+                continue
+            return self._decode(response, path)
+        raise AssertionError("unreachable: the loop returns or raises")  # pragma: no cover
+
+    def _decode(self, response: httpx.Response, path: str) -> Any:
+        status = response.status_code
+        if status == 429:
+            retry_after = _retry_after_s(response.headers)
+            until = self.quota.block("429 Too Many Requests", retry_after)
+            raise self._fail(PexelsQuotaExhausted.at_epoch(until))
+        if status in (401, 403):
+            raise self._fail(
+                PexelsAuthError(f"Pexels refused the API key ({status}); check IMAGESMITH_PEXELS_API_KEY")
+            )
+        if status == 404:
+            raise self._fail(PexelsNotFound(f"Pexels has nothing at {path} (404)"))
+        if status != 200:
+            raise self._fail(PexelsBadResponse(f"Pexels {path} answered {status}"))
+        try:
+            data = response.json()
+        except ValueError:
+            raise self._fail(PexelsBadResponse(f"Pexels {path} answered 200 with malformed JSON")) from None
+        self.last_error = None
+        return data
+
+    async def _retry_pause(self, attempt: int, problem: str) -> None:
+        delay = backoff_delay(attempt, self.backoff_s)
+        logger.warning("%s; retry %d of %d in %.2fs", problem, attempt + 1, self.max_retries, delay)
+        await self._sleep(delay)
+
+
+def _retry_after_s(headers: Mapping[str, str]) -> float | None:
+    """Retry-After in seconds, when a 429 happens to carry one (Pexels' usually carries nothing)."""
+    raw = headers.get("Retry-After")
+    if raw is None:
+        return None
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        return None

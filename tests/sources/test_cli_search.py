@@ -1,0 +1,98 @@
+"""`imagesmith search` and the doctor's Pexels lines, against the stand-in."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from imagesmith.config import Settings
+from imagesmith.sources.attribution import read_attribution
+from imagesmith.sources.cli_search import (
+    EXIT_CONFIG,
+    EXIT_NO_RESULTS,
+    EXIT_OK,
+    EXIT_PEXELS,
+    add_search_parser,
+    doctor_lines,
+    pexels_doctor,
+    run_search,
+)
+
+from .helpers import make_settings
+from .standin import API_KEY, StandIn
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="imagesmith")
+    add_search_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["search", *argv])
+
+
+def test_search_lists_ranked_results_with_credit(standin: StandIn, settings: Settings) -> None:
+    out = io.StringIO()
+    assert run_search(parse("mountain", "lake", "-n", "2"), settings, out) == EXIT_OK
+    text = out.getvalue()
+    assert "4 results for 'mountain lake' (landscape), best first:" in text
+    assert "  1. #101 1800x1200  Mountain lake at sunrise" in text
+    assert "Photo by Jérôme Müller on Pexels  https://www.pexels.com/photo/" in text
+    assert "  3. " not in text and "Pexels quota: 198/200 left" in text
+
+
+def test_search_saves_the_best_photo(standin: StandIn, settings: Settings, tmp_path: Path) -> None:
+    target = tmp_path / "hero.png"
+    out = io.StringIO()
+    code = run_search(parse("lake", "--width", "320", "--height", "200", "-o", str(target)), settings, out)
+    assert code == EXIT_OK
+    assert f"to {target}" in out.getvalue() and "credit: Photo by" in out.getvalue()
+    credit = read_attribution(target.read_bytes())
+    assert credit is not None and target.read_bytes().startswith(b"\x89PNG")
+
+
+def test_search_json(standin: StandIn, settings: Settings) -> None:
+    out = io.StringIO()
+    assert run_search(parse("lake", "--json", "--width", "400", "--height", "600"), settings, out) == EXIT_OK
+    payload = json.loads(out.getvalue())
+    assert payload["orientation"] == "portrait" and payload["photos"][0]["id"] == 104
+
+
+def test_search_without_key_explains(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    settings = Settings(_env_file=None, data_dir=tmp_path)
+    assert run_search(parse("lake"), settings) == EXIT_CONFIG
+    assert "IMAGESMITH_PEXELS_API_KEY" in capsys.readouterr().err
+
+
+def test_search_no_results_and_errors(
+    standin: StandIn, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = make_settings(standin, tmp_path)
+    assert run_search(parse("nothing"), settings, io.StringIO()) == EXIT_NO_RESULTS
+    bad = make_settings(standin, tmp_path, pexels_api_key="nope")
+    assert run_search(parse("lake"), bad, io.StringIO()) == EXIT_PEXELS
+    err = capsys.readouterr().err
+    assert "no results" in err and "refused the API key" in err and "nope" not in err
+
+
+def test_doctor(standin: StandIn, settings: Settings, tmp_path: Path) -> None:
+    offline = pexels_doctor(settings)
+    assert offline.ok and "key set" in offline.lines[0] and API_KEY not in " ".join(offline.lines)
+    online = pexels_doctor(settings, online=True)
+    assert online.ok and "quota 198/200 left" in online.lines[-1]
+    standin.api_script = ["401"]
+    assert not pexels_doctor(settings, online=True).ok
+    missing = pexels_doctor(Settings(_env_file=None, data_dir=tmp_path))
+    assert not missing.ok and "not configured" in missing.lines[0]
+
+
+def test_doctor_lines_and_the_handler_cli_py_calls(
+    standin: StandIn, settings: Settings, tmp_path: Path
+) -> None:
+    lines = doctor_lines(settings)
+    assert lines[0].startswith("pexels: key set") and "quota 198/200 left" in lines[-1]
+    standin.api_default = "500"
+    assert "API check failed" in doctor_lines(settings)[-1]
+    assert standin.api_calls == 2  # one per check: no retries
+    assert parse("lake").handler is run_search

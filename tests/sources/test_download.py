@@ -1,0 +1,115 @@
+"""The safe downloader against the stand-in: hosts, schemes, redirects, size cap, content type, decoding."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from imagesmith.sources.download import HostPolicy, ImageDownloader, fit_exact
+from imagesmith.sources.errors import (
+    DisallowedHost,
+    DownloadTooLarge,
+    NotAnImage,
+    PexelsUnavailable,
+)
+
+from .standin import StandIn
+
+pytestmark = pytest.mark.anyio
+
+
+def downloader(standin: StandIn, **kwargs: object) -> ImageDownloader:
+    options: dict[str, object] = {
+        "max_bytes": 200_000,
+        "timeout_s": 0.5,
+        "max_retries": 2,
+        "backoff_s": 0.001,
+    }
+    options.update(kwargs)
+    hosts = options.pop("hosts", [standin.base_url])
+    return ImageDownloader(HostPolicy(hosts), **options)  # type: ignore[arg-type]
+
+
+def url(standin: StandIn, photo_id: int = 103) -> str:
+    return f"{standin.base_url}/photos/{photo_id}/pexels-photo-{photo_id}.jpeg"
+
+
+async def test_download_ok(standin: StandIn) -> None:
+    fetcher = downloader(standin)
+    got = await fetcher.fetch(url(standin) + "?fit=crop&w=120&h=80")
+    await fetcher.aclose()
+    assert (got.width, got.height, got.content_type) == (120, 80, "image/jpeg")
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "error", "message"),
+    [
+        ("oversized", DownloadTooLarge, "download stopped"),
+        ("oversized_declared", DownloadTooLarge, "50000000 bytes"),
+        ("not_image", NotAnImage, "text/html"),
+        ("garbage", NotAnImage, "does not decode"),
+        ("redirect_offsite", DisallowedHost, "evil.example.com"),
+    ],
+)
+async def test_unsafe_downloads_are_refused(
+    standin: StandIn, behaviour: str, error: type, message: str
+) -> None:
+    standin.image_default = behaviour
+    fetcher = downloader(standin)
+    with pytest.raises(error, match=message):
+        await fetcher.fetch(url(standin))
+    await fetcher.aclose()
+    assert standin.image_calls == 1  # safety refusals are never retried
+
+
+async def test_pixel_cap_is_checked_before_decoding(standin: StandIn) -> None:
+    fetcher = downloader(standin, max_pixels=100 * 100)
+    with pytest.raises(DownloadTooLarge, match="pixels"):
+        await fetcher.fetch(url(standin))
+    await fetcher.aclose()
+
+
+async def test_5xx_then_success_and_5xx_always(standin: StandIn) -> None:
+    standin.image_script = ["500"]
+    fetcher = downloader(standin)
+    assert (await fetcher.fetch(url(standin))).width == 900
+    standin.image_default = "500"
+    with pytest.raises(PexelsUnavailable, match="502"):
+        await fetcher.fetch(url(standin))
+    await fetcher.aclose()
+    assert standin.image_calls == 1 + 1 + 3
+
+
+@pytest.mark.parametrize(
+    ("hosts", "target"),
+    [
+        (["images.pexels.com"], "{base}/photos/103/x.jpeg"),  # the default: another host
+        (["127.0.0.1"], "{base}/photos/103/x.jpeg"),  # a bare host means https only
+        (["{base}"], "http://localhost:{port}/photos/103/x.jpeg"),  # same machine, other name
+        (["{base}"], "http://127.0.0.1:1/photos/103/x.jpeg"),  # other port
+        (["images.pexels.com"], "https://user:pw@images.pexels.com/photos/1/x.jpeg"),  # credentials
+        (["images.pexels.com"], "ftp://images.pexels.com/photos/1/x.jpeg"),
+    ],
+)
+async def test_host_policy_refuses(standin: StandIn, hosts: list[str], target: str) -> None:
+    port = standin.base_url.rsplit(":", 1)[1]
+    policy = HostPolicy([h.format(base=standin.base_url) for h in hosts])
+    with pytest.raises(DisallowedHost):
+        policy.check(target.format(base=standin.base_url, port=port))
+
+
+def test_host_policy_allows() -> None:
+    policy = HostPolicy(["images.pexels.com", "http://127.0.0.1:8080"])
+    policy.check("https://images.pexels.com/photos/1/p.jpeg?w=10")
+    policy.check("https://IMAGES.pexels.com:443/photos/1/p.jpeg")
+    policy.check("http://127.0.0.1:8080/photos/1/p.jpeg")
+    with pytest.raises(ValueError, match="http"):
+        HostPolicy(["gopher://x"])
+
+
+@pytest.mark.parametrize(
+    ("size", "target"), [((900, 600), (300, 300)), ((300, 200), (1216, 832)), ((50, 80), (64, 64))]
+)
+def test_fit_exact_gives_the_exact_size(size: tuple[int, int], target: tuple[int, int]) -> None:
+    image = Image.new("RGB", size, (10, 20, 30))
+    assert fit_exact(image, *target).size == target

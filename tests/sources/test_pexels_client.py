@@ -1,0 +1,241 @@
+"""The Pexels API client against the stand-in server: shapes, errors, retries, quota, and the secret key."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from imagesmith.config import Settings
+from imagesmith.sources.errors import (
+    PexelsAuthError,
+    PexelsBadResponse,
+    PexelsNotConfigured,
+    PexelsNotFound,
+    PexelsQuotaExhausted,
+    PexelsUnavailable,
+)
+from imagesmith.sources.pexels_client import Orientation, PexelsClient, PhotoSize
+from imagesmith.sources.retry import backoff_delay
+
+from .helpers import FakeClock, make_settings
+from .standin import API_KEY, StandIn
+
+pytestmark = pytest.mark.anyio
+
+
+def client_for(settings: Settings, clock: FakeClock | None = None) -> PexelsClient:
+    return PexelsClient.from_settings(settings, clock=clock or FakeClock())
+
+
+async def test_search_success_parses_photos_and_sends_key_and_filters(
+    standin: StandIn, settings: Settings
+) -> None:
+    async with client_for(settings) as client:
+        page = await client.search(
+            "  mountain lake ",
+            orientation=Orientation.LANDSCAPE,
+            size=PhotoSize.MEDIUM,
+            color="#ffaa00",
+            locale="de-DE",
+            per_page=80,
+        )
+    assert page.total_results == 4 and len(page.photos) == 4  # the landscape ones
+    photo = page.photos[0]
+    assert (photo.id, photo.width, photo.height) == (101, 1800, 1200)
+    assert photo.photographer == "Jérôme Müller" and photo.alt == "Mountain lake at sunrise"
+    assert photo.src.original.endswith("/photos/101/pexels-photo-101.jpeg") and photo.avg_color == "#7A8B6C"
+    request = standin.seen[-1]
+    assert request["headers"]["Authorization"] == API_KEY  # the bare key, as Pexels wants it
+    assert request["params"] == {
+        "query": "mountain lake",
+        "page": "1",
+        "per_page": "80",
+        "orientation": "landscape",
+        "size": "medium",
+        "color": "#ffaa00",
+        "locale": "de-DE",
+    }
+    assert client.quota.limit == 200 and client.quota.remaining == 198
+
+
+async def test_get_photo_and_404(standin: StandIn, settings: Settings) -> None:
+    async with client_for(settings) as client:
+        photo = await client.get_photo(104)
+        assert (photo.width, photo.height) == (1200, 1800)
+        with pytest.raises(PexelsNotFound):
+            await client.get_photo(999)
+
+
+async def test_no_results_is_an_empty_page(standin: StandIn, settings: Settings) -> None:
+    standin.api_default = "empty"
+    async with client_for(settings) as client:
+        page = await client.search("anything")
+    assert page.photos == [] and page.total_results == 0
+
+
+async def test_bad_key_raises_auth_error_without_retry(standin: StandIn, tmp_path: Path) -> None:
+    settings = make_settings(standin, tmp_path, pexels_api_key="wrong-key")
+    async with client_for(settings) as client:
+        with pytest.raises(PexelsAuthError, match="401"):
+            await client.search("cats")
+    assert standin.api_calls == 1
+
+
+async def test_429_without_headers_blocks_until_default_backoff(
+    standin: StandIn, settings: Settings, clock: FakeClock
+) -> None:
+    standin.api_script = ["429"]
+    async with client_for(settings, clock) as client:
+        with pytest.raises(PexelsQuotaExhausted) as caught:
+            await client.search("cats")
+        # The reset from the earlier answers is unknown here (none came), so the default backoff applies.
+        assert caught.value.retry_at == datetime.fromtimestamp(clock.now + 600, tz=UTC)
+        with pytest.raises(PexelsQuotaExhausted):
+            await client.search("dogs")
+        assert standin.api_calls == 1  # blocked: the second search never reached the server
+        snapshot = client.quota.snapshot()
+        assert snapshot.remaining == 0 and snapshot.blocked_reason == "429 Too Many Requests"
+        clock.advance(601)
+        assert (await client.search("dogs")).photos
+    assert standin.api_calls == 2
+
+
+async def test_429_uses_the_last_known_reset(standin: StandIn, settings: Settings, clock: FakeClock) -> None:
+    standin.reset_epoch = int(clock.now) + 42
+    standin.api_script = ["ok", "429"]
+    async with client_for(settings, clock) as client:
+        await client.search("cats")
+        with pytest.raises(PexelsQuotaExhausted) as caught:
+            await client.search("cats")
+    assert caught.value.retry_at.timestamp() == clock.now + 42
+
+
+async def test_5xx_then_success_is_retried(standin: StandIn, settings: Settings) -> None:
+    standin.api_script = ["500", "500"]
+    async with client_for(settings) as client:
+        page = await client.search("cats")
+    assert page.photos and standin.api_calls == 3
+
+
+async def test_5xx_every_time_is_unavailable(standin: StandIn, settings: Settings) -> None:
+    standin.api_default = "500"
+    async with client_for(settings) as client:
+        with pytest.raises(PexelsUnavailable, match="after 3 tries"):
+            await client.search("cats")
+        assert client.last_error and "PexelsUnavailable" in client.last_error
+    assert standin.api_calls == 3
+
+
+async def test_timeout_is_retried_then_unavailable(standin: StandIn, tmp_path: Path) -> None:
+    settings = make_settings(standin, tmp_path, pexels_timeout_s=0.2, pexels_max_retries=1)
+    standin.delay_s = 0.6
+    standin.api_default = "slow"
+    async with client_for(settings) as client:
+        with pytest.raises(PexelsUnavailable, match="Timeout"):
+            await client.search("cats")
+    assert standin.api_calls == 2
+
+
+async def test_timeout_then_success(standin: StandIn, tmp_path: Path) -> None:
+    settings = make_settings(standin, tmp_path, pexels_timeout_s=0.2)
+    standin.delay_s = 0.6
+    standin.api_script = ["slow"]
+    async with client_for(settings) as client:
+        assert (await client.search("cats")).photos
+
+
+async def test_network_error_is_unavailable(tmp_path: Path) -> None:
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    settings = Settings(
+        _env_file=None,
+        data_dir=tmp_path,
+        pexels_api_key="k",
+        pexels_api_base_url=f"http://127.0.0.1:{port}/v1",
+        pexels_retry_backoff_s=0.001,
+        pexels_max_retries=1,
+    )
+    async with client_for(settings) as client:
+        with pytest.raises(PexelsUnavailable, match="ConnectError"):
+            await client.search("cats")
+
+
+async def test_malformed_json_and_wrong_shape_are_bad_responses(standin: StandIn, settings: Settings) -> None:
+    standin.api_script = ["malformed", "bad_shape"]
+    async with client_for(settings) as client:
+        with pytest.raises(PexelsBadResponse, match="malformed JSON"):
+            await client.search("cats")
+        with pytest.raises(PexelsBadResponse, match=r"photos\.0\.height"):
+            await client.search("cats")
+
+
+async def test_quota_remaining_zero_blocks_until_reset(
+    standin: StandIn, settings: Settings, clock: FakeClock
+) -> None:
+    standin.reset_epoch = int(clock.now) + 120
+    standin.api_script = ["quota0"]
+    async with client_for(settings, clock) as client:
+        assert (await client.search("cats")).photos  # the answer that spent the quota is still good
+        with pytest.raises(PexelsQuotaExhausted) as caught:
+            await client.search("cats")
+        assert caught.value.retry_at.timestamp() == clock.now + 120
+        assert client.quota.snapshot().blocked_until is not None
+        assert standin.api_calls == 1
+        standin.remaining = 200
+        clock.advance(121)  # the reset time passes
+        assert client.quota.snapshot().blocked_until is None
+        assert (await client.search("cats")).photos
+        assert client.quota.remaining == 199
+    assert standin.api_calls == 2
+
+
+async def test_no_key_is_not_configured(tmp_path: Path) -> None:
+    settings = Settings(_env_file=None, data_dir=tmp_path, pexels_api_key="  ")
+    assert settings.pexels_api_key is None
+    async with client_for(settings) as client:
+        assert not client.configured
+        with pytest.raises(PexelsNotConfigured, match="IMAGESMITH_PEXELS_API_KEY"):
+            await client.search("cats")
+
+
+async def test_arguments_are_checked_before_calling(settings: Settings) -> None:
+    async with client_for(settings) as client:
+        with pytest.raises(ValueError, match="per_page must be between 1 and 80"):
+            await client.search("cats", per_page=81)
+        with pytest.raises(ValueError, match="whitespace"):
+            await client.search("   ")
+
+
+async def test_key_never_in_logs_reprs_or_errors(
+    standin: StandIn, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)  # httpx and httpcore included
+    standin.api_script = ["500", "ok", "401"]
+    errors: list[str] = []
+    async with client_for(settings) as client:
+        await client.search("cats")
+        try:
+            await client.search("cats")
+        except PexelsAuthError as error:
+            errors.append(str(error) + repr(error))
+        texts = [repr(client), str(settings), repr(settings), client.last_error or "", *errors]
+    assert caplog.records, "debug logging should have captured the requests"
+    assert API_KEY not in caplog.text
+    for text in texts:
+        assert API_KEY not in text
+
+
+def test_backoff_grows_and_is_capped() -> None:
+    class Fixed:
+        def random(self) -> float:
+            return 1.0
+
+    fixed = Fixed()
+    delays = [backoff_delay(n, 0.5, cap_s=3.0, rng=fixed) for n in range(5)]  # type: ignore[arg-type]
+    assert delays == [0.5, 1.0, 2.0, 3.0, 3.0]
+    assert 0.25 <= backoff_delay(0, 0.5) <= 0.5  # jitter never drops below half the ceiling
