@@ -45,6 +45,11 @@ class VaeTilingChoice(StrEnum):
     OFF = "off"
 
 
+class LogFormat(StrEnum):
+    TEXT = "text"
+    JSON = "json"
+
+
 class CompileChoice(StrEnum):
     """torch.compile of the UNets and VAE decoder. 'reduce-overhead' adds CUDA graphs (batch-1 latency)."""
 
@@ -81,6 +86,33 @@ class Settings(BaseSettings):
     vae_tiling: VaeTilingChoice = Field(VaeTilingChoice.AUTO, description="Decode large images in tiles.")
     data_dir: Path = Field(default_factory=default_data_dir, description="Jobs, images, the tiny model.")
     hf_offline: bool = Field(False, description="Never contact the hub (HF_HUB_OFFLINE=1 does the same).")
+
+    # --- HTTP service (imagesmith serve) ---
+    host: str = Field(
+        "127.0.0.1", description="Address to bind; forced to 127.0.0.1 while api_keys is empty."
+    )
+    port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
+    api_keys: str = Field(
+        "", description="Comma-separated API keys; when set, every endpoint but health needs a Bearer key."
+    )
+    queue_max: int = Field(32, ge=1, description="Jobs queued or running at once; past it, 429.")
+    max_attempts: int = Field(3, ge=1, description="Runs of one job across crashes before it is failed.")
+    max_body_bytes: int = Field(64 * 1024, ge=1024, description="Largest request body accepted.")
+    max_prompt_chars: int = Field(2000, ge=1, le=2000, description="Longest prompt or negative prompt.")
+    max_images_per_request: int = Field(4, ge=1, le=4, description="Most images one request may ask for.")
+    max_total_pixels: int = Field(
+        4 * 1024 * 1024, ge=64 * 64, description="width x height x num_images allowed per request."
+    )
+    default_width: int = Field(1024, ge=64, le=2048, description="Width when a request gives no size.")
+    default_height: int = Field(1024, ge=64, le=2048, description="Height when a request gives no size.")
+    preview_every: int = Field(5, ge=0, description="Steps between SSE preview images; 0 turns them off.")
+    preview_max_side: int = Field(128, ge=16, le=512, description="Longest side of a preview image.")
+    wait_timeout_s: float = Field(
+        900.0, gt=0, description="How long POST /api/media/generate-image waits before answering 504."
+    )
+    log_format: LogFormat = Field(
+        LogFormat.TEXT, description="'text' for people or 'json' for log collectors."
+    )
 
     # Speed levers (engine/fast.py); figures in docs/benchmarks.md.
     fuse_qkv: bool | None = Field(
@@ -146,6 +178,9 @@ class Settings(BaseSettings):
 
     def tiny_model_dir(self) -> Path:
         return self.data_dir / "tiny-model"
+
+    def api_key_list(self) -> list[str]:
+        return [key.strip() for key in self.api_keys.split(",") if key.strip()]
 
 
 @lru_cache(maxsize=1)

@@ -1,0 +1,81 @@
+"""The app factory: `create_app(settings)`. Everything stateful is built in the lifespan, nothing at import."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from imagesmith import __version__
+from imagesmith.api import health, images, jobs, media, metrics
+from imagesmith.api.errors import install_error_handlers
+from imagesmith.api.limits import BodySizeLimit
+from imagesmith.config import Settings, get_settings
+from imagesmith.jobs.events import EventHub
+from imagesmith.jobs.metrics import Metrics
+from imagesmith.jobs.service import JobService
+from imagesmith.jobs.store import JobStore
+from imagesmith.jobs.worker import Worker
+from imagesmith.sources.generate import EngineFactory
+from imagesmith.sources.registry import build_sources
+from imagesmith.storage.files import ImageFiles
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None, engine_factory: EngineFactory | None = None) -> FastAPI:
+    """The service. `engine_factory` replaces Engine.start (tests pass a shared tiny engine)."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        data_dir = settings.data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        store = JobStore(data_dir / "jobs.sqlite3")
+        requeued, given_up = store.recover(settings.max_attempts)
+        if requeued or given_up:
+            log.warning(
+                "recovered after an unclean stop: %d job(s) back in the queue, %d given up: %s",
+                len(requeued),
+                len(given_up),
+                ", ".join([*requeued, *given_up]),
+            )
+        files = ImageFiles(data_dir / "images")
+        sources, generate = build_sources(settings, engine_factory)
+        hub = EventHub()
+        metrics_ = Metrics(store.counts)
+        worker = Worker(settings, store, files, sources, hub, metrics_)
+        app.state.settings, app.state.store, app.state.files = settings, store, files
+        app.state.sources, app.state.generate, app.state.hub = sources, generate, hub
+        app.state.metrics, app.state.worker = metrics_, worker
+        app.state.service = JobService(settings, store, sources, hub, worker)
+        # Models load in the background: health answers "starting" and generation requests get 503 meanwhile.
+        generate.start_loading()
+        worker.start()
+        log.info(
+            "imagesmith %s: data in %s, queue bound %d, auth %s",
+            __version__,
+            data_dir,
+            settings.queue_max,
+            "on" if settings.api_key_list() else "off",
+        )
+        try:
+            yield
+        finally:
+            worker.stop()
+            store.close()
+
+    app = FastAPI(
+        title="imagesmith",
+        version=__version__,
+        summary="Featured images: SDXL generation (base + refiner) and stock photos, as jobs with live progress.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    for module in (media, jobs, health, images, metrics):
+        app.include_router(module.router)
+    return app

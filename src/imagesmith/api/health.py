@@ -1,0 +1,69 @@
+"""Health: one report, a state (starting, ready, degraded, failed) with reasons, and the details behind it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from imagesmith.jobs.store import JobStatus
+from imagesmith.sources.base import SourceName, SourceState
+
+router = APIRouter(tags=["health"])
+
+
+def health_report(app: FastAPI) -> dict[str, Any]:
+    state = app.state
+    statuses = state.sources.statuses()
+    generate, stock = statuses[SourceName.GENERATE], statuses[SourceName.STOCK]
+    counts = state.store.counts()
+    reasons: list[str] = []
+    engine = state.generate.engine
+    details: dict[str, Any] = engine.describe() if engine is not None else {}
+    if generate.state is SourceState.STARTING:
+        status = "starting"
+        reasons.append("models loading")
+    elif generate.state is SourceState.FAILED and not stock.ready:
+        status = "failed"
+        reasons.append(f"model loading failed: {generate.detail}")
+    else:
+        status = "ready"
+        if generate.state is SourceState.FAILED:
+            reasons.append(f"generation unavailable: {generate.detail}")
+        if engine is not None and details.get("refiner") not in ("loaded", "not configured"):
+            reasons.append(f"refiner {details.get('refiner')}; images are not refined")
+        if not state.worker.alive:
+            reasons.append("the worker thread has stopped")
+        if counts[JobStatus.QUEUED] + counts[JobStatus.RUNNING] >= state.settings.queue_max:
+            reasons.append("the queue is full")
+        if reasons:
+            status = "degraded"
+    return {
+        "status": status,
+        "reasons": reasons,
+        # The seed's fields, with honest meanings: can this server serve from that source right now?
+        "pexels_ok": stock.ready,
+        "sdxl_ok": generate.ready,
+        "sources": {name.value: {"state": s.state.value, "detail": s.detail} for name, s in statuses.items()},
+        "device": details.get("device"),
+        "plan": details.get("plan"),
+        "models": {
+            "base": details.get("base_model"),
+            "refiner": details.get("refiner_model"),
+            "refiner_status": details.get("refiner"),
+        },
+        "queue": {
+            "depth": counts[JobStatus.QUEUED],
+            "running": counts[JobStatus.RUNNING],
+            "max": state.settings.queue_max,
+        },
+        "auth": bool(state.settings.api_key_list()),
+    }
+
+
+@router.get("/v1/health")
+async def health(request: Request) -> JSONResponse:
+    """The same report; 200 when ready or degraded, 503 while starting or failed (for load balancers)."""
+    report = health_report(request.app)
+    return JSONResponse(report, status_code=200 if report["status"] in ("ready", "degraded") else 503)

@@ -1,0 +1,29 @@
+"""Stored images at stable, content-addressed URLs: the bytes never change, so caches may keep them forever."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, Response
+
+from imagesmith.api.deps import Authorized, FilesDep
+from imagesmith.api.errors import ApiError
+from imagesmith.storage.files import parse_image_name
+
+router = APIRouter(tags=["images"], dependencies=[Authorized])
+
+CACHE_FOREVER = "public, max-age=31536000, immutable"
+
+
+@router.get("/v1/images/{name}", response_class=FileResponse, responses={200: {"content": {"image/png": {}}}})
+async def get_image(name: str, request: Request, files: FilesDep) -> Response:
+    parsed = parse_image_name(name)
+    if parsed is None:
+        raise ApiError(404, "not_found", "no such image; names are <sha256>.<png|jpg|webp>", "name")
+    path = files.get(name)
+    if path is None:
+        raise ApiError(404, "not_found", f"no image named {name}", "name")
+    etag = f'"{parsed[0]}"'
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=304, headers={"ETag": etag, "Cache-Control": CACHE_FOREVER})
+    media_type = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}[parsed[1]]
+    return FileResponse(path, media_type=media_type, headers={"ETag": etag, "Cache-Control": CACHE_FOREVER})

@@ -1,0 +1,150 @@
+"""Async jobs: submit (202), read, list, cancel, and follow progress as server-sent events."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
+
+from imagesmith.api.deps import Authorized, ServiceDep
+from imagesmith.api.errors import ApiError
+from imagesmith.jobs.store import JobStatus
+from imagesmith.schemas import GenerationRequest
+from imagesmith.sources.base import ImageRequest, SourceName
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Authorized])
+
+_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
+
+
+class JobCreate(GenerationRequest):
+    """A generation request plus where the image may come from (default: generate)."""
+
+    sources: list[SourceName] = Field(
+        default_factory=lambda: [SourceName.GENERATE],
+        min_length=1,
+        max_length=2,
+        description="Sources to try, in order: 'generate', 'stock'.",
+    )
+    title: str | None = Field(None, max_length=200)
+    keywords: list[str] = Field(default_factory=list, max_length=20)
+
+    def to_image_request(self) -> ImageRequest:
+        generation = GenerationRequest.model_validate(
+            self.model_dump(exclude={"sources", "title", "keywords"}, exclude_unset=True)
+        )
+        sources = list(dict.fromkeys(self.sources))  # keep order, drop repeats
+        return ImageRequest(sources=sources, generation=generation, title=self.title, keywords=self.keywords)
+
+
+class JobView(BaseModel):
+    id: str
+    status: JobStatus
+    stage: str | None = None
+    step: int | None = None
+    total: int | None = None
+    progress: float | None = Field(None, description="0-1 across all stages.")
+    eta_s: float | None = None
+    queue_position: int | None = Field(None, description="Queued jobs ahead of this one.")
+    attempts: int
+    cancel_requested: bool
+    request: dict[str, Any]
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+
+
+class JobList(BaseModel):
+    jobs: list[JobView]
+    total: int
+    limit: int
+    offset: int
+    next_offset: int | None
+
+
+def checked_key(value: str | None) -> str | None:
+    if value is not None and not _KEY.match(value):
+        raise ApiError(
+            422,
+            "invalid_request",
+            "Idempotency-Key must be 1-200 visible ASCII characters",
+            "Idempotency-Key",
+        )
+    return value
+
+
+@router.post("", status_code=202, response_model=JobView)
+async def create_job(
+    body: JobCreate,
+    service: ServiceDep,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> dict[str, Any]:
+    job, created = service.submit(body.to_image_request(), checked_key(idempotency_key))
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    if not created:
+        response.headers["Idempotent-Replayed"] = "true"
+    return service.view(job)
+
+
+@router.get("", response_model=JobList)
+async def list_jobs(
+    service: ServiceDep,
+    status: JobStatus | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    offset: Annotated[int, Query(ge=0, le=2**31)] = 0,
+) -> dict[str, Any]:
+    jobs, total = service.store.list_jobs(status, limit, offset)
+    return {
+        "jobs": [service.view(job) for job in jobs],
+        "total": total,
+        "limit": limit,
+        "offset": offset,
+        "next_offset": offset + limit if offset + limit < total else None,
+    }
+
+
+@router.get("/{job_id}", response_model=JobView)
+async def get_job(job_id: str, service: ServiceDep) -> dict[str, Any]:
+    return service.view(service.get(job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobView, status_code=202)
+async def cancel_job(job_id: str, service: ServiceDep) -> dict[str, Any]:
+    """Queued: canceled at once. Running: stops within one step (cancel_requested until it does)."""
+    return service.view(service.cancel(job_id))
+
+
+@router.get(
+    "/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+async def job_events(job_id: str, service: ServiceDep, request: Request) -> StreamingResponse:
+    """Server-sent events: `status`, `progress` (with a small `preview` data URL every few steps), and one
+    final `succeeded`, `failed` or `canceled` carrying the result or error."""
+    service.get(job_id)  # 404 before the stream starts
+
+    async def stream() -> AsyncIterator[str]:
+        yield "retry: 2000\n\n"
+        async for event in service.events(job_id):
+            if await request.is_disconnected():
+                return
+            if event is None:
+                yield ": keep-alive\n\n"
+                continue
+            ident = f"id: {event.id}\n" if event.id else ""
+            yield f"{ident}event: {event.type}\ndata: {json.dumps(event.data)}\n\n"
+
+    return StreamingResponse(
+        stream(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

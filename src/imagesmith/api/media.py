@@ -1,0 +1,141 @@
+"""The seed's media API, kept compatible: POST /api/media/generate-image is a job plus a wait."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from imagesmith.api.deps import Authorized, ServiceDep, SettingsDep
+from imagesmith.api.errors import ApiError
+from imagesmith.api.health import health_report
+from imagesmith.jobs.store import JobStatus
+from imagesmith.schemas import (
+    MAX_PROMPT_CHARS,
+    MAX_SEED,
+    AspectPreset,
+    GenerationRequest,
+    OutputFormat,
+    RefineMode,
+    SchedulerName,
+)
+from imagesmith.sources.base import ImageRequest, SourceName
+
+router = APIRouter(prefix="/api/media", tags=["media (seed API)"])
+
+
+class ImageGenerationRequest(BaseModel):
+    """The seed's request, field for field (same names, defaults and bounds), plus the engine's optional fields.
+
+    Unknown fields are ignored, as the seed's model did, so existing clients keep working.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    # --- the seed's fields ---
+    prompt: str = Field(..., description="What the image shows.")
+    title: str | None = Field(None, max_length=200, description="Article title (helps stock search).")
+    keywords: list[str] | None = Field(None, description="Search keywords for stock photos.")
+    use_pexels: bool = Field(True, description="Try a stock photo first (when stock search is configured).")
+    use_generation: bool = Field(False, description="Generate with SDXL (when no stock photo serves).")
+    use_refinement: bool = Field(True, description="Run the SDXL refiner.")
+    high_quality: bool = Field(True, description="Quality defaults (refiner on unless disabled).")
+    num_inference_steps: int = Field(50, ge=20, le=100, description="Total denoising steps (base + refiner).")
+    guidance_scale: float = Field(8.0, ge=1.0, le=20.0, description="Classifier-free guidance.")
+    # --- the engine's new optional fields ---
+    negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
+    width: int | None = Field(None, description="Multiple of 8, 64-2048; default: the server's default size.")
+    height: int | None = Field(None, description="Multiple of 8, 64-2048.")
+    aspect: AspectPreset | None = Field(None, description="Named size preset instead of width/height.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    refine_mode: RefineMode | None = None
+    high_noise_frac: float = Field(0.8, gt=0.0, lt=1.0)
+    scheduler: SchedulerName = SchedulerName.EULER
+    num_images: int = Field(1, ge=1, le=4)
+    output_format: OutputFormat = OutputFormat.PNG
+
+    def to_image_request(self) -> ImageRequest:
+        sources = []
+        if self.use_pexels:
+            sources.append(SourceName.STOCK)
+        if self.use_generation:
+            sources.append(SourceName.GENERATE)
+        if not sources:
+            raise ApiError(
+                422,
+                "no_source",
+                "use_pexels and use_generation are both false; enable at least one",
+                "use_generation",
+            )
+        generation = GenerationRequest.model_validate(
+            self.model_dump(
+                exclude={"title", "keywords", "use_pexels", "use_generation"},
+                exclude_none=True,
+            )
+        )
+        return ImageRequest(
+            sources=sources, generation=generation, title=self.title, keywords=self.keywords or []
+        )
+
+
+class ImageInfo(BaseModel):
+    url: str
+    sha256: str
+    media_type: str
+    width: int
+    height: int
+    bytes: int
+
+
+class ImageGenerationResponse(BaseModel):
+    success: bool
+    image_url: str = Field(..., description="Absolute URL of the (first) image.")
+    image_urls: list[str]
+    images: list[ImageInfo]
+    source: str = Field(..., description="Which source served it: 'generate' or 'stock'.")
+    job_id: str
+    metadata: dict[str, Any] = Field(..., description="What the source reports (engine: seeds, stages, ...).")
+
+
+def absolute(request: Request, path: str) -> str:
+    return str(request.base_url).rstrip("/") + path
+
+
+@router.post("/generate-image", response_model=ImageGenerationResponse, dependencies=[Authorized])
+async def generate_image(
+    body: ImageGenerationRequest, request: Request, service: ServiceDep, settings: SettingsDep
+) -> ImageGenerationResponse:
+    job, _ = service.submit(body.to_image_request(), request.headers.get("idempotency-key"))
+    job = await service.wait(job.id, settings.wait_timeout_s)
+    if job.status is JobStatus.SUCCEEDED and job.result:
+        images = [
+            ImageInfo(**{**image, "url": absolute(request, image["url"])}) for image in job.result["images"]
+        ]
+        return ImageGenerationResponse(
+            success=True,
+            image_url=images[0].url,
+            image_urls=[image.url for image in images],
+            images=images,
+            source=job.result["source"],
+            job_id=job.id,
+            metadata=job.result["metadata"],
+        )
+    if not job.status.terminal:
+        raise ApiError(
+            504,
+            "timeout",
+            f"the image is not ready after {settings.wait_timeout_s:.0f}s; it is still being made as job {job.id} "
+            f"(GET /v1/jobs/{job.id})",
+        )
+    error = job.error or {}
+    status = 409 if job.status is JobStatus.CANCELED else 502
+    raise ApiError(
+        status, error.get("code", job.status.value), error.get("message", f"job {job.status.value}")
+    )
+
+
+@router.get("/health")
+async def media_health(request: Request) -> dict[str, Any]:
+    """The seed's health check: pexels_ok / sdxl_ok, plus the full report. Always 200; read `status`."""
+    return health_report(request.app)

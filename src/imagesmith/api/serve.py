@@ -1,0 +1,100 @@
+"""`imagesmith serve`: the FastAPI app under uvicorn, owning one GPU worker.
+
+cli.py wires it in with add_serve_parser(subparsers) and run_serve(args); `python -m imagesmith.api.serve`
+runs it directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from imagesmith.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "serve", help="run the HTTP service", description="Run the HTTP service (settings: IMAGESMITH_* env)."
+    )
+    _add_arguments(parser)
+    parser.set_defaults(func=run_serve)
+    return parser
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", help="address to bind (IMAGESMITH_HOST; 127.0.0.1 unless API keys are set)")
+    parser.add_argument("--port", type=int, help="port (IMAGESMITH_PORT, default 8000)")
+    parser.add_argument("--model", choices=["sdxl", "tiny"], help="IMAGESMITH_MODEL")
+    parser.add_argument("--device", help="IMAGESMITH_DEVICE: auto, cpu, cuda, cuda:N")
+    parser.add_argument("--data-dir", type=Path, help="IMAGESMITH_DATA_DIR: jobs database and images")
+    parser.add_argument("--log-format", choices=["text", "json"], help="IMAGESMITH_LOG_FORMAT")
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    overrides = {
+        key: value
+        for key, value in {
+            "host": args.host,
+            "port": args.port,
+            "model": args.model,
+            "device": args.device,
+            "data_dir": args.data_dir,
+            "log_format": args.log_format,
+        }.items()
+        if value is not None
+    }
+    return Settings(**overrides)
+
+
+def bind_host(settings: Settings) -> str:
+    """Without API keys the service is open, so it listens on loopback only, whatever was asked."""
+    if settings.api_key_list():
+        return settings.host
+    if settings.host not in ("127.0.0.1", "localhost"):
+        log.warning(
+            "no API keys set (IMAGESMITH_API_KEYS): binding to 127.0.0.1 instead of %s", settings.host
+        )
+    else:
+        log.warning("no API keys set (IMAGESMITH_API_KEYS): the API is open, so it listens on 127.0.0.1 only")
+    return "127.0.0.1"
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from imagesmith.api.app import create_app
+    from imagesmith.engine.tiny import ensure_tiny_sdxl
+    from imagesmith.logs import setup_logging
+
+    settings = settings_from_args(args)
+    setup_logging(settings.log_format)
+    host = bind_host(settings)
+    if settings.model.value == "tiny":
+        ensure_tiny_sdxl(settings.tiny_model_dir())
+    config = uvicorn.Config(
+        create_app(settings),
+        host=host,
+        port=settings.port,
+        log_config=None,
+        access_log=True,
+        lifespan="on",
+        timeout_graceful_shutdown=10,
+    )
+    log.info("listening on http://%s:%d", host, settings.port)
+    uvicorn.Server(config).run()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m imagesmith.api.serve", description=__doc__)
+    _add_arguments(parser)
+    return run_serve(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Live job events: the worker thread publishes, SSE clients on the event loop subscribe.
+
+Each job has a channel holding its events so far (so a late subscriber replays them in order) and the asyncio
+queues of its current subscribers. Channels exist only while a job is live; once a job is finished its state is
+in the store, and the events endpoint answers from there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+MAX_BACKLOG = 500  # events kept per live job; older progress events are dropped first
+
+
+@dataclass
+class Event:
+    id: int
+    type: str  # "status", "progress", or a terminal status: "succeeded", "failed", "canceled"
+    data: dict[str, Any]
+    terminal: bool = False
+
+
+@dataclass
+class _Channel:
+    backlog: list[Event] = field(default_factory=list)
+    subscribers: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue[Event]]] = field(default_factory=list)
+    closed: bool = False
+
+
+class EventHub:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._channels: dict[str, _Channel] = {}
+        self._ids = itertools.count(1)
+
+    def publish(self, job_id: str, type_: str, data: dict[str, Any], terminal: bool = False) -> None:
+        with self._lock:
+            channel = self._channels.setdefault(job_id, _Channel())
+            event = Event(next(self._ids), type_, data, terminal)
+            if not terminal:
+                channel.backlog.append(event)
+                if len(channel.backlog) > MAX_BACKLOG:
+                    del channel.backlog[1 : len(channel.backlog) - MAX_BACKLOG + 1]
+            subscribers = list(channel.subscribers)
+            if terminal:
+                # Finished: the store has the outcome now, so the channel can go.
+                channel.closed = True
+                del self._channels[job_id]
+        for loop, queue in subscribers:
+            with contextlib.suppress(RuntimeError):  # RuntimeError: that client's loop is gone
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+
+    def subscribe(self, job_id: str) -> tuple[list[Event], asyncio.Queue[Event]]:
+        """The events so far and a queue of those to come. Call from the event loop."""
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            channel = self._channels.setdefault(job_id, _Channel())
+            channel.subscribers.append((loop, queue))
+            return list(channel.backlog), queue
+
+    def unsubscribe(self, job_id: str, queue: asyncio.Queue[Event]) -> None:
+        with self._lock:
+            channel = self._channels.get(job_id)
+            if channel is None:
+                return
+            channel.subscribers = [(lp, q) for lp, q in channel.subscribers if q is not queue]
+            if not channel.subscribers and not channel.backlog:
+                del self._channels[job_id]
+
+    def forget(self, job_id: str) -> None:
+        with self._lock:
+            self._channels.pop(job_id, None)

@@ -1,0 +1,255 @@
+"""The job service: what the HTTP layer calls. Admission (limits, sources, queue bound), views, cancel, waiting.
+
+It raises domain errors (ServiceError subclasses, QueueFull, IdempotencyConflict) and never HTTP ones; the api
+package's errors.py maps them to statuses in one place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from pydantic import ValidationError
+
+from imagesmith.config import Settings
+from imagesmith.jobs.events import Event, EventHub
+from imagesmith.jobs.store import JobRecord, JobStatus, JobStore
+from imagesmith.jobs.worker import Worker
+from imagesmith.schemas import GenerationRequest
+from imagesmith.sources.base import ImageRequest, SourceName, SourceState
+from imagesmith.sources.registry import SourceRegistry
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_STARTING_S = 10
+
+
+class ServiceError(Exception):
+    """A request the service will not take, with a code and the field to blame."""
+
+    code = "service_error"
+
+    def __init__(self, message: str, field: str | None = None, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.message, self.field, self.retry_after = message, field, retry_after
+
+
+class LimitExceeded(ServiceError):
+    code = "limit_exceeded"
+
+
+class StockNotConfigured(ServiceError):
+    code = "stock_not_configured"
+
+
+class SourcesStarting(ServiceError):
+    code = "starting"
+
+
+class SourcesUnavailable(ServiceError):
+    code = "source_unavailable"
+
+
+class JobNotFound(ServiceError):
+    code = "not_found"
+
+
+class JobService:
+    def __init__(
+        self, settings: Settings, store: JobStore, sources: SourceRegistry, hub: EventHub, worker: Worker
+    ) -> None:
+        self.settings, self.store, self.sources, self.hub, self.worker = settings, store, sources, hub, worker
+
+    # --- admission ---
+
+    def prepare(self, request: ImageRequest) -> ImageRequest:
+        """Apply the server's default size and its limits; raise with the field to blame."""
+        generation = request.generation
+        if generation.width is None and generation.height is None and generation.aspect is None:
+            try:
+                generation = GenerationRequest.model_validate(
+                    {
+                        **generation.model_dump(exclude_unset=True),
+                        "width": self.settings.default_width,
+                        "height": self.settings.default_height,
+                    }
+                )
+            except ValidationError as error:  # the server's defaults clash with the request (a config error)
+                raise LimitExceeded(
+                    f"the server's default size does not fit this request: {error}", "width"
+                ) from error
+        limits = self.settings
+        if len(generation.prompt) > limits.max_prompt_chars:
+            raise LimitExceeded(
+                f"prompt is {len(generation.prompt)} characters; this server takes at most {limits.max_prompt_chars}",
+                "prompt",
+            )
+        if len(generation.negative_prompt) > limits.max_prompt_chars:
+            raise LimitExceeded(
+                f"negative_prompt is {len(generation.negative_prompt)} characters; this server takes at most "
+                f"{limits.max_prompt_chars}",
+                "negative_prompt",
+            )
+        if generation.num_images > limits.max_images_per_request:
+            raise LimitExceeded(
+                f"num_images is {generation.num_images}; this server makes at most {limits.max_images_per_request} "
+                "per request",
+                "num_images",
+            )
+        resolved = generation.resolve()
+        pixels = resolved.width * resolved.height * resolved.num_images
+        if pixels > limits.max_total_pixels:
+            raise LimitExceeded(
+                f"{resolved.num_images} image(s) of {resolved.width}x{resolved.height} are {pixels} pixels; this "
+                f"server allows {limits.max_total_pixels} per request; lower the size or num_images",
+                "width",
+            )
+        return request.model_copy(update={"generation": generation})
+
+    def check_sources(self, request: ImageRequest) -> None:
+        """Refuse at once what no source can serve, rather than accept a job that can only fail."""
+        states = {name: self.sources.status(name) for name in request.sources}
+        if any(status.ready for status in states.values()):
+            return
+        configured = {n: s for n, s in states.items() if s.state is not SourceState.NOT_CONFIGURED}
+        if not configured:
+            if SourceName.STOCK in states:
+                raise StockNotConfigured(
+                    "stock photo search is not configured on this server, and this request allows no other "
+                    "source; set use_generation=true to generate the image instead",
+                    "use_generation",
+                )
+            raise SourcesUnavailable("none of the requested sources is configured on this server", "sources")
+        if any(s.state is SourceState.STARTING for s in configured.values()):
+            raise SourcesStarting(
+                "the models are still loading; retry shortly", None, retry_after=RETRY_AFTER_STARTING_S
+            )
+        details = "; ".join(f"{n.value}: {s.detail}" for n, s in configured.items())
+        raise SourcesUnavailable(f"no requested source is available ({details})", "sources")
+
+    def submit(self, request: ImageRequest, idempotency_key: str | None = None) -> tuple[JobRecord, bool]:
+        request = self.prepare(request)
+        self.check_sources(request)
+        body = request.model_dump(mode="json")
+        digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+        job, created = self.store.submit(body, digest, idempotency_key, self.settings.queue_max)
+        if created:
+            log.info("job accepted", extra={"job_id": job.id})
+            self.worker.notify()
+        return job, created
+
+    # --- reading ---
+
+    def get(self, job_id: str) -> JobRecord:
+        job = self.store.get(job_id)
+        if job is None:
+            raise JobNotFound(f"no job with id {job_id!r}", "job_id")
+        return job
+
+    def view(self, job: JobRecord) -> dict[str, Any]:
+        """The job envelope: id, status, progress, timestamps, result or error."""
+        live = self.worker.live.get(job.id) if job.status is JobStatus.RUNNING else None
+        return {
+            "id": job.id,
+            "status": job.status.value,
+            "stage": live.stage if live else None,
+            "step": live.step if live else None,
+            "total": live.total if live else None,
+            "progress": round(live.overall_step / live.overall_total, 4)
+            if live and live.overall_total
+            else None,
+            "eta_s": round(live.eta_s, 2) if live and live.eta_s is not None else None,
+            "queue_position": self.store.position(job) if job.status is JobStatus.QUEUED else None,
+            "attempts": job.attempts,
+            "cancel_requested": job.cancel_requested,
+            "request": job.request,
+            "result": job.result,
+            "error": job.error,
+            "created_at": job.created_at,
+            "started_at": job.started_at,
+            "finished_at": job.finished_at,
+        }
+
+    # --- cancel ---
+
+    def cancel(self, job_id: str) -> JobRecord:
+        job = self.get(job_id)
+        if job.status is JobStatus.QUEUED and self.store.cancel_queued(job_id):
+            log.info("job canceled while queued", extra={"job_id": job_id})
+            final = self.get(job_id)
+            self.hub.publish(
+                job_id,
+                "canceled",
+                {"job_id": job_id, "status": "canceled", "error": final.error},
+                terminal=True,
+            )
+            return final
+        job = self.get(job_id)
+        if job.status is JobStatus.RUNNING:
+            self.store.request_cancel(job_id)
+            self.worker.cancel(job_id)
+            log.info("cancel requested for running job", extra={"job_id": job_id})
+            return self.get(job_id)
+        return job  # finished already: cancel is a no-op, the envelope says how it ended
+
+    # --- waiting and events ---
+
+    async def events(self, job_id: str, heartbeat_s: float = 15.0) -> AsyncGenerator[Event | None, None]:
+        """The job's events in order, ending with its terminal event; None now and then as a heartbeat."""
+        backlog, queue = self.hub.subscribe(job_id)
+        try:
+            job = self.get(job_id)
+            if job.status.terminal:
+                yield self._terminal_from_store(job)
+                return
+            last_id = 0
+            for event in backlog:
+                last_id = event.id
+                yield event
+            while True:
+                try:
+                    event = await asyncio.wait_for(queue.get(), timeout=heartbeat_s)
+                except TimeoutError:
+                    # The worker may have finished while no event could reach us; the store knows.
+                    job = self.get(job_id)
+                    if job.status.terminal:
+                        yield self._terminal_from_store(job)
+                        return
+                    yield None
+                    continue
+                if event.id <= last_id:
+                    continue  # already replayed from the backlog
+                last_id = event.id
+                yield event
+                if event.terminal:
+                    return
+        finally:
+            self.hub.unsubscribe(job_id, queue)
+
+    def _terminal_from_store(self, job: JobRecord) -> Event:
+        data = {"job_id": job.id, "status": job.status.value, "result": job.result, "error": job.error}
+        return Event(id=0, type=job.status.value, data=data, terminal=True)
+
+    async def wait(self, job_id: str, timeout: float) -> JobRecord:
+        """Until the job finishes or `timeout` passes; returns the job as it then stands."""
+        deadline = time.monotonic() + timeout
+        stream = self.events(job_id, heartbeat_s=min(5.0, timeout))
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    event = await asyncio.wait_for(anext(stream), timeout=remaining)
+                except (TimeoutError, StopAsyncIteration):
+                    break
+                if event is not None and event.terminal:
+                    break
+        finally:
+            await stream.aclose()
+        return self.get(job_id)

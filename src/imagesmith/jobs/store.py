@@ -1,0 +1,306 @@
+"""The job store: SQLite in WAL mode, the one record of every accepted job and its result.
+
+The database is also the queue: queued jobs are taken in insertion order (seq), so a restart resumes exactly
+where the last process stopped. Every state change is one short transaction, synchronous=FULL, so an accepted
+job survives kill -9 and power loss alike. Live progress (step counts) is deliberately not written here: it
+changes many times a second and is worthless after a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
+
+
+class QueueFull(Exception):
+    def __init__(self, depth: int) -> None:
+        super().__init__(f"the queue is full ({depth} jobs queued or running)")
+        self.depth = depth
+
+
+class IdempotencyConflict(Exception):
+    """The Idempotency-Key was used before with a different request body."""
+
+
+@dataclass
+class JobRecord:
+    id: str
+    seq: int
+    status: JobStatus
+    request: dict[str, Any]
+    attempts: int
+    cancel_requested: bool
+    result: dict[str, Any] | None
+    error: dict[str, Any] | None
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> JobRecord:
+        return cls(
+            id=row["id"],
+            seq=row["seq"],
+            status=JobStatus(row["status"]),
+            request=json.loads(row["request"]),
+            attempts=row["attempts"],
+            cancel_requested=bool(row["cancel_requested"]),
+            result=json.loads(row["result"]) if row["result"] else None,
+            error=json.loads(row["error"]) if row["error"] else None,
+            created_at=row["created_at"],
+            started_at=row["started_at"],
+            finished_at=row["finished_at"],
+        )
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    status TEXT NOT NULL,
+    request TEXT NOT NULL,
+    request_hash TEXT NOT NULL,
+    idempotency_key TEXT UNIQUE,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    result TEXT,
+    error TEXT,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_status_seq ON jobs (status, seq);
+"""
+
+ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
+
+
+class JobStore:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # One connection shared by the event loop and the worker thread, serialized by a lock: every statement
+        # is short, and SQLite serializes writers anyway.
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.row_factory = sqlite3.Row
+        self._lock = threading.Lock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _one(self, sql: str, args: tuple[Any, ...] = ()) -> sqlite3.Row | None:
+        row: sqlite3.Row | None = self._db.execute(sql, args).fetchone()
+        return row
+
+    def submit(
+        self, request: dict[str, Any], request_hash: str, idempotency_key: str | None, queue_max: int
+    ) -> tuple[JobRecord, bool]:
+        """Insert a queued job, or return the one made earlier with the same Idempotency-Key (created=False).
+
+        The bound check and the insert share one write transaction, so concurrent submits never overshoot it.
+        """
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                if idempotency_key is not None:
+                    row = self._one("SELECT * FROM jobs WHERE idempotency_key = ?", (idempotency_key,))
+                    if row is not None:
+                        self._db.execute("COMMIT")
+                        if row["request_hash"] != request_hash:
+                            raise IdempotencyConflict(
+                                "this Idempotency-Key was used with a different request body"
+                            )
+                        return JobRecord.from_row(row), False
+                depth_row = self._one("SELECT COUNT(*) FROM jobs WHERE status IN (?, ?)", ACTIVE)
+                depth = int(depth_row[0]) if depth_row else 0
+                if depth >= queue_max:
+                    raise QueueFull(depth)
+                job_id = uuid.uuid4().hex
+                self._db.execute(
+                    "INSERT INTO jobs (id, status, request, request_hash, idempotency_key, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        job_id,
+                        JobStatus.QUEUED.value,
+                        json.dumps(request),
+                        request_hash,
+                        idempotency_key,
+                        time.time(),
+                    ),
+                )
+                row = self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+        assert row is not None
+        return JobRecord.from_row(row), True
+
+    def get(self, job_id: str) -> JobRecord | None:
+        with self._lock:
+            row = self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        return JobRecord.from_row(row) if row else None
+
+    def list_jobs(self, status: JobStatus | None, limit: int, offset: int) -> tuple[list[JobRecord], int]:
+        """Newest first."""
+        where, args = ("WHERE status = ?", (status.value,)) if status else ("", ())
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT * FROM jobs {where} ORDER BY seq DESC LIMIT ? OFFSET ?", (*args, limit, offset)
+            ).fetchall()
+            total_row = self._one(f"SELECT COUNT(*) FROM jobs {where}", args)
+        return [JobRecord.from_row(row) for row in rows], int(total_row[0]) if total_row else 0
+
+    def claim(self, limit: int = 1) -> list[JobRecord]:
+        """Move the oldest queued jobs (FIFO) to running, counting an attempt for each."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                rows = self._db.execute(
+                    "SELECT id FROM jobs WHERE status = ? ORDER BY seq LIMIT ?",
+                    (JobStatus.QUEUED.value, limit),
+                ).fetchall()
+                ids = [row["id"] for row in rows]
+                now = time.time()
+                for job_id in ids:
+                    self._db.execute(
+                        "UPDATE jobs SET status = ?, attempts = attempts + 1, started_at = ? WHERE id = ?",
+                        (JobStatus.RUNNING.value, now, job_id),
+                    )
+                claimed = [self._one("SELECT * FROM jobs WHERE id = ?", (job_id,)) for job_id in ids]
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+        return [JobRecord.from_row(row) for row in claimed if row is not None]
+
+    def finish(
+        self,
+        job_id: str,
+        status: JobStatus,
+        result: dict[str, Any] | None = None,
+        error: dict[str, Any] | None = None,
+    ) -> bool:
+        """Record a running job's outcome; result and status land together, so a job never succeeds twice."""
+        with self._lock:
+            cursor = self._db.execute(
+                "UPDATE jobs SET status = ?, result = ?, error = ?, finished_at = ? WHERE id = ? AND status = ?",
+                (
+                    status.value,
+                    json.dumps(result) if result is not None else None,
+                    json.dumps(error) if error is not None else None,
+                    time.time(),
+                    job_id,
+                    JobStatus.RUNNING.value,
+                ),
+            )
+        return cursor.rowcount == 1
+
+    def cancel_queued(self, job_id: str) -> bool:
+        with self._lock:
+            cursor = self._db.execute(
+                "UPDATE jobs SET status = ?, cancel_requested = 1, finished_at = ?, error = ? "
+                "WHERE id = ? AND status = ?",
+                (
+                    JobStatus.CANCELED.value,
+                    time.time(),
+                    json.dumps({"code": "canceled", "message": "canceled while queued"}),
+                    job_id,
+                    JobStatus.QUEUED.value,
+                ),
+            )
+        return cursor.rowcount == 1
+
+    def request_cancel(self, job_id: str) -> None:
+        """Remember a cancel of a running job, so a crash before it stops does not bring it back."""
+        with self._lock:
+            self._db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
+
+    def requeue(self, job_id: str) -> None:
+        """Put a running job back at its place in the queue without counting the attempt (clean shutdown)."""
+        with self._lock:
+            self._db.execute(
+                "UPDATE jobs SET status = ?, attempts = MAX(attempts - 1, 0), started_at = NULL "
+                "WHERE id = ? AND status = ?",
+                (JobStatus.QUEUED.value, job_id, JobStatus.RUNNING.value),
+            )
+
+    def recover(self, max_attempts: int) -> tuple[list[str], list[str]]:
+        """After a crash: jobs left running go back to the queue (keeping their place), unless they were
+        canceled or have used their attempts. Returns (requeued ids, given-up ids)."""
+        requeued: list[str] = []
+        given_up: list[str] = []
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            rows = self._db.execute(
+                "SELECT id, attempts, cancel_requested FROM jobs WHERE status = ?", (JobStatus.RUNNING.value,)
+            ).fetchall()
+            now = time.time()
+            for row in rows:
+                if row["cancel_requested"]:
+                    status, error = (
+                        JobStatus.CANCELED,
+                        {"code": "canceled", "message": "canceled while running"},
+                    )
+                elif row["attempts"] >= max_attempts:
+                    status, error = (
+                        JobStatus.FAILED,
+                        {
+                            "code": "interrupted",
+                            "message": f"the server stopped during each of {row['attempts']} attempts; giving up",
+                        },
+                    )
+                else:
+                    self._db.execute(
+                        "UPDATE jobs SET status = ?, started_at = NULL WHERE id = ?",
+                        (JobStatus.QUEUED.value, row["id"]),
+                    )
+                    requeued.append(row["id"])
+                    continue
+                self._db.execute(
+                    "UPDATE jobs SET status = ?, error = ?, finished_at = ? WHERE id = ?",
+                    (status.value, json.dumps(error), now, row["id"]),
+                )
+                given_up.append(row["id"])
+            self._db.execute("COMMIT")
+        return requeued, given_up
+
+    def counts(self) -> dict[JobStatus, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status").fetchall()
+        counts = dict.fromkeys(JobStatus, 0)
+        counts.update({JobStatus(row["status"]): row["n"] for row in rows})
+        return counts
+
+    def position(self, job: JobRecord) -> int:
+        """How many queued jobs are ahead of this one."""
+        with self._lock:
+            row = self._one(
+                "SELECT COUNT(*) FROM jobs WHERE status = ? AND seq < ?", (JobStatus.QUEUED.value, job.seq)
+            )
+        return int(row[0]) if row else 0

@@ -1,0 +1,283 @@
+"""The worker: one thread that owns the GPU, takes jobs FIFO from the store and runs them through the sources.
+
+One generation runs at a time (the engine holds a lock too). The loop takes a *list* of jobs from the store and
+hands it to run_batch(), which today runs them one by one; batching compatible requests into one pipeline call
+is a later performance change that fits here without touching the queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from imagesmith.config import Settings
+from imagesmith.engine.progress import CancelToken, GenerationCanceled, ProgressEvent
+from imagesmith.jobs.events import EventHub
+from imagesmith.jobs.metrics import Metrics
+from imagesmith.jobs.store import JobRecord, JobStatus, JobStore
+from imagesmith.logs import current_job
+from imagesmith.preview import preview_data_url
+from imagesmith.schemas import RefineMode, ResolvedRequest
+from imagesmith.sources.base import ImageRequest, NoMatch, SourceResult, SourceUnavailable
+from imagesmith.sources.registry import SourceRegistry
+from imagesmith.storage.files import ImageFiles
+
+log = logging.getLogger(__name__)
+
+BATCH_MAX = 1  # jobs taken per claim; >1 once the engine can batch compatible requests
+
+
+def planned_steps(request: ResolvedRequest) -> dict[str, int]:
+    """Denoising steps per stage as the engine will run them, for step totals and the ETA."""
+    steps = request.num_inference_steps
+    if request.refine_mode is RefineMode.ENSEMBLE:
+        base = int(steps * request.high_noise_frac)
+        return {"base": base, "refine": steps - base}
+    if request.refine_mode is RefineMode.IMG2IMG:
+        return {"base": steps, "refine": int(request.refine_steps * request.refine_strength)}
+    return {"base": steps}
+
+
+def compatible(first: ImageRequest, second: ImageRequest) -> bool:
+    """Whether two jobs could share one pipeline call: same sources and same shape of work."""
+    a, b = first.generation.resolve(), second.generation.resolve()
+    keys = (
+        "width",
+        "height",
+        "num_inference_steps",
+        "refine_mode",
+        "high_noise_frac",
+        "scheduler",
+        "output_format",
+    )
+    return first.sources == second.sources and all(getattr(a, key) == getattr(b, key) for key in keys)
+
+
+@dataclass
+class LiveProgress:
+    stage: str
+    step: int
+    total: int
+    overall_step: int
+    overall_total: int
+    elapsed_s: float
+    eta_s: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+class _Tracker:
+    """Turns the engine's per-stage events into overall progress, an ETA and occasional previews."""
+
+    def __init__(self, worker: Worker, job: JobRecord, request: ImageRequest) -> None:
+        self.worker, self.job = worker, job
+        self.plan = planned_steps(request.generation.resolve())
+        self.done_before = 0
+        self.stage: str | None = None
+        self.stage_total = 0
+
+    def __call__(self, event: ProgressEvent) -> None:
+        if event.stage != self.stage:
+            if self.stage is not None and self.stage != "decode":
+                self.done_before += self.stage_total
+            self.stage, self.stage_total = event.stage, event.total
+        planned = sum(self.plan.values())
+        if event.stage == "decode":
+            overall_total = done = max(planned, self.done_before)
+        else:
+            # A refiner fallback adds a "base_finish" stage the plan did not know about; grow the total.
+            overall_total = max(planned, self.done_before + event.total)
+            done = min(self.done_before + event.step, overall_total)
+        eta = event.elapsed_s / done * (overall_total - done) if done else None
+        live = LiveProgress(event.stage, event.step, event.total, done, overall_total, event.elapsed_s, eta)
+        self.worker.live[self.job.id] = live
+        data = {"job_id": self.job.id, **live.as_dict()}
+        every = self.worker.settings.preview_every
+        if (
+            every
+            and event.latents is not None
+            and event.stage != "decode"
+            and (event.step % every == 0 or event.step == event.total)
+        ):
+            try:
+                data["preview"] = preview_data_url(event.latents, 0, self.worker.settings.preview_max_side)
+            except Exception:  # a preview is a nicety; never let it fail the job
+                log.debug("preview failed", exc_info=True)
+        self.worker.hub.publish(self.job.id, "progress", data)
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: Settings,
+        store: JobStore,
+        files: ImageFiles,
+        sources: SourceRegistry,
+        hub: EventHub,
+        metrics: Metrics,
+    ) -> None:
+        self.settings, self.store, self.files, self.sources, self.hub, self.metrics = (
+            settings,
+            store,
+            files,
+            sources,
+            hub,
+            metrics,
+        )
+        self.live: dict[str, LiveProgress] = {}
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._tokens: dict[str, CancelToken] = {}
+        self._tokens_lock = threading.Lock()
+        self._explicit_cancels: set[str] = set()  # asked by a client, unlike a shutdown's cancel
+        self._thread: threading.Thread | None = None
+
+    # --- control, from any thread ---
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="imagesmith-worker", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def notify(self) -> None:
+        with self._wake:
+            self._wake.notify_all()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop after the current step: a running job is canceled and put back in the queue, not lost."""
+        self._stopping = True
+        with self._tokens_lock:
+            for token in self._tokens.values():
+                token.cancel()
+        self.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def cancel(self, job_id: str) -> bool:
+        """Cancel a running job; False when this worker is not running it."""
+        with self._tokens_lock:
+            token = self._tokens.get(job_id)
+            if token is not None:
+                self._explicit_cancels.add(job_id)
+        if token is None:
+            return False
+        token.cancel()
+        return True
+
+    # --- the loop, on the worker thread ---
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            jobs = [] if self.sources.settling() else self.store.claim(BATCH_MAX)
+            if not jobs:
+                with self._wake:
+                    self._wake.wait(timeout=0.5)
+                continue
+            try:
+                self.run_batch(jobs)
+            except Exception:  # keep the worker alive whatever happens to one batch
+                log.exception("worker batch failed")
+
+    def run_batch(self, jobs: list[JobRecord]) -> None:
+        for job in jobs:
+            token = current_job.set(job.id)
+            try:
+                self._run_one(job)
+            finally:
+                current_job.reset(token)
+
+    def _run_one(self, job: JobRecord) -> None:
+        cancel = CancelToken()
+        with self._tokens_lock:
+            self._tokens[job.id] = cancel
+        if job.cancel_requested or self._stopping:
+            cancel.cancel()
+        started = time.perf_counter()
+        log.info("job started (attempt %d)", job.attempts)
+        self.hub.publish(job.id, "status", {"job_id": job.id, "status": "running", "attempt": job.attempts})
+        try:
+            request = ImageRequest.model_validate(job.request)
+            result = self._fetch(request, job, cancel)
+            stored = [self.files.put(image.data, image.media_type) for image in result.images]
+            payload = {
+                "source": result.source.value,
+                "images": [
+                    {
+                        "url": f"/v1/images/{item.name}",
+                        "sha256": item.sha256,
+                        "media_type": item.media_type,
+                        "bytes": item.size,
+                        "width": image.width,
+                        "height": image.height,
+                    }
+                    for item, image in zip(stored, result.images, strict=True)
+                ],
+                "metadata": result.metadata,
+            }
+            self._finish(job, JobStatus.SUCCEEDED, result=payload)
+            for stage in result.metadata.get("stages", []):
+                self.metrics.stage_seconds.labels(stage["name"]).observe(stage["seconds"])
+        except GenerationCanceled:
+            if self._stopping and not job.cancel_requested and job.id not in self._explicit_cancels:
+                self.store.requeue(job.id)
+                log.info("job put back in the queue: server shutting down")
+            else:
+                self._finish(
+                    job, JobStatus.CANCELED, error={"code": "canceled", "message": "canceled while running"}
+                )
+        except Exception as error:
+            code = (
+                "source_unavailable"
+                if isinstance(error, SourceUnavailable | NoMatch)
+                else "generation_failed"
+            )
+            log.exception("job failed")
+            self._finish(
+                job,
+                JobStatus.FAILED,
+                error={"code": code, "message": f"{error}"[:2000] or type(error).__name__},
+            )
+        finally:
+            with self._tokens_lock:
+                self._tokens.pop(job.id, None)
+                self._explicit_cancels.discard(job.id)
+            self.live.pop(job.id, None)
+            self.metrics.job_seconds.observe(time.perf_counter() - started)
+
+    def _fetch(self, request: ImageRequest, job: JobRecord, cancel: CancelToken) -> SourceResult:
+        """Try the request's sources in order; the first that serves wins."""
+        reasons = []
+        for name in request.sources:
+            source = self.sources.get(name)
+            if source is None:
+                reasons.append(f"{name.value}: not configured")
+                continue
+            try:
+                return source.fetch(request, on_progress=_Tracker(self, job, request), cancel=cancel)
+            except (SourceUnavailable, NoMatch) as error:
+                log.info("source %s passed: %s", name.value, error)
+                reasons.append(f"{name.value}: {error}")
+        raise SourceUnavailable("no source could serve this request (" + "; ".join(reasons) + ")")
+
+    def _finish(
+        self,
+        job: JobRecord,
+        status: JobStatus,
+        result: dict[str, Any] | None = None,
+        error: dict[str, Any] | None = None,
+    ) -> None:
+        if self.store.finish(job.id, status, result=result, error=error):
+            self.metrics.jobs_finished.labels(status.value).inc()
+            log.info("job %s", status.value)
+        final = self.store.get(job.id)
+        data: dict[str, Any] = {"job_id": job.id, "status": final.status.value if final else status.value}
+        if final is not None:
+            data.update({"result": final.result, "error": final.error})
+        self.hub.publish(job.id, final.status.value if final else status.value, data, terminal=True)

@@ -1,0 +1,102 @@
+"""The generation source: the engine behind the source protocol, loaded in the background."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from imagesmith.config import Settings
+from imagesmith.engine import Engine
+from imagesmith.engine.progress import CancelToken, ProgressCallback
+from imagesmith.schemas import OutputFormat
+from imagesmith.sources.base import (
+    ImageRequest,
+    SourceImage,
+    SourceName,
+    SourceResult,
+    SourceState,
+    SourceStatus,
+    SourceUnavailable,
+)
+
+log = logging.getLogger(__name__)
+
+MEDIA_TYPES = {
+    OutputFormat.PNG: "image/png",
+    OutputFormat.JPEG: "image/jpeg",
+    OutputFormat.WEBP: "image/webp",
+}
+
+EngineFactory = Callable[[Settings], Engine]
+
+
+class GenerateSource:
+    name = SourceName.GENERATE
+
+    def __init__(self, settings: Settings, factory: EngineFactory = Engine.start) -> None:
+        self._settings = settings
+        self._factory = factory
+        self._engine: Engine | None = None
+        self._error: str | None = None
+        self._loaded = threading.Event()
+
+    @property
+    def engine(self) -> Engine | None:
+        return self._engine
+
+    def start_loading(self) -> threading.Thread:
+        """Load the models on a background thread, so the server answers (health, 503s) at once."""
+        thread = threading.Thread(target=self._load, name="imagesmith-engine-load", daemon=True)
+        thread.start()
+        return thread
+
+    def _load(self) -> None:
+        try:
+            engine = self._factory(self._settings)
+            if self._settings.warmup:
+                # Compile and autotune now, while health says "starting", rather than on a client's request.
+                from imagesmith.engine.fast import warm_up
+
+                sizes = [
+                    (int(w), int(h))
+                    for w, h in (
+                        s.lower().split("x") for s in self._settings.warmup_sizes.split(",") if s.strip()
+                    )
+                ]
+                log.info("warm-up done in %.1fs", warm_up(engine, sizes, [1]))
+            self._engine = engine
+        except Exception as error:  # any load failure is reported by health, not raised into the server
+            self._error = f"{type(error).__name__}: {error}"[:1000]
+            log.exception("model loading failed")
+        finally:
+            self._loaded.set()
+
+    def wait_loaded(self, timeout: float | None = None) -> bool:
+        return self._loaded.wait(timeout)
+
+    def status(self) -> SourceStatus:
+        if self._engine is not None:
+            return SourceStatus(SourceState.READY, "models loaded")
+        if self._error is not None:
+            return SourceStatus(SourceState.FAILED, self._error)
+        return SourceStatus(SourceState.STARTING, "models loading")
+
+    def fetch(
+        self,
+        request: ImageRequest,
+        on_progress: ProgressCallback | None = None,
+        cancel: CancelToken | None = None,
+    ) -> SourceResult:
+        engine = self._engine
+        if engine is None:
+            raise SourceUnavailable(f"generation is not available: {self.status().detail}")
+        result = engine.generate(request.generation, on_progress=on_progress, cancel=cancel)
+        media_type = MEDIA_TYPES[result.metadata.request.output_format]
+        images = [
+            SourceImage(
+                data=result.encoded(index), media_type=media_type, width=image.width, height=image.height
+            )
+            for index, image in enumerate(result.images)
+        ]
+        return SourceResult(source=self.name, images=images, metadata=result.metadata.model_dump(mode="json"))

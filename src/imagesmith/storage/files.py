@@ -1,0 +1,74 @@
+"""Content-addressed image files under <data_dir>/images/<first two hex>/<sha256>.<ext>.
+
+The name is derived from the bytes, never from the client, so there is no path to inject; the same bytes stored
+twice are one file, which also makes re-running an interrupted job harmless. Files are written to a temporary
+name, fsynced and renamed, so a crash never leaves a half-written image under a real name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
+MEDIA_TYPES = {ext: media for media, ext in EXTENSIONS.items()}
+_NAME = re.compile(r"^([0-9a-f]{64})\.(png|jpg|webp)$")
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    sha256: str
+    extension: str
+    size: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.sha256}.{self.extension}"
+
+    @property
+    def media_type(self) -> str:
+        return MEDIA_TYPES[self.extension]
+
+
+def parse_image_name(name: str) -> tuple[str, str] | None:
+    """(sha256, extension) for a valid image file name, None for anything else."""
+    match = _NAME.match(name)
+    return (match.group(1), match.group(2)) if match else None
+
+
+class ImageFiles:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def path_for(self, sha256: str, extension: str) -> Path:
+        return self.root / sha256[:2] / f"{sha256}.{extension}"
+
+    def put(self, data: bytes, media_type: str) -> StoredImage:
+        extension = EXTENSIONS[media_type]
+        sha256 = hashlib.sha256(data).hexdigest()
+        target = self.path_for(sha256, extension)
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, temp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(temp, target)
+            except BaseException:
+                Path(temp).unlink(missing_ok=True)
+                raise
+        return StoredImage(sha256=sha256, extension=extension, size=len(data))
+
+    def get(self, name: str) -> Path | None:
+        parsed = parse_image_name(name)
+        if parsed is None:
+            return None
+        path = self.path_for(*parsed)
+        return path if path.is_file() else None

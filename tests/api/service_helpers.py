@@ -1,0 +1,114 @@
+"""Helpers for service tests: a real uvicorn server in its own process (so tests can kill -9 it)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+
+# Small and fast on CPU: requests without a size get 64x64 (the seed's curl example gives none).
+SERVER_ENV = {
+    "IMAGESMITH_MODEL": "tiny",
+    "IMAGESMITH_DEVICE": "cpu",
+    "IMAGESMITH_DEFAULT_WIDTH": "64",
+    "IMAGESMITH_DEFAULT_HEIGHT": "64",
+    "IMAGESMITH_PREVIEW_EVERY": "5",
+    "IMAGESMITH_WARMUP": "false",
+    # One torch thread: on a small, shared CI box, spinning OpenMP threads oversubscribe the cores and make the
+    # tiny model dozens of times slower.
+    "OMP_NUM_THREADS": "1",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class ServerProcess:
+    """`python -m imagesmith.api.serve` on 127.0.0.1 with a free port and its own data dir."""
+
+    def __init__(self, data_dir: Path, tiny_model_home: Path, **env: str) -> None:
+        self.data_dir = data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        link = data_dir / "tiny-model"
+        if not link.exists():  # share the session's tiny model rather than build one per server
+            link.symlink_to(tiny_model_home / "tiny-model")
+        self.env = {**SERVER_ENV, **{key.upper(): value for key, value in env.items()}}
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log = data_dir / "server.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, wait_ready: bool = True) -> ServerProcess:
+        env = {
+            **os.environ,
+            **self.env,
+            "IMAGESMITH_DATA_DIR": str(self.data_dir),
+            "PYTHONPATH": str(SRC),
+        }
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "imagesmith.api.serve", "--port", str(self.port)],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        if wait_ready:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process is not None and self.process.poll() is None, self.log.read_text()[-3000:]
+            try:
+                if httpx.get(f"{self.url}/v1/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"server not ready in {timeout}s:\n{self.log.read_text()[-3000:]}")
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown handlers, no flushing; what a crash looks like."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+
+    def client(self, **kwargs: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60, **kwargs)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("condition not met in time")

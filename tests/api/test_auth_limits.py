@@ -1,0 +1,110 @@
+"""Auth, limits, start-up 503s and error shapes, on in-process apps (the lifespan runs; the engine is shared)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from fastapi.testclient import TestClient
+
+from imagesmith.config import Settings
+
+BODY = {"prompt": "a fox", "num_inference_steps": 20}
+
+
+def test_api_keys_guard_everything_but_health(app_client: Callable[..., TestClient]) -> None:
+    with app_client(api_keys="alpha, beta") as client:
+        for method, path in [
+            ("POST", "/v1/jobs"),
+            ("GET", "/v1/jobs"),
+            ("GET", "/metrics"),
+            ("GET", "/v1/images/" + "0" * 64 + ".png"),
+            ("POST", "/api/media/generate-image"),
+        ]:
+            response = client.request(method, path, json=BODY)
+            assert response.status_code == 401, (method, path)
+            assert response.json()["error"]["code"] == "unauthorized"
+            assert response.headers["www-authenticate"] == "Bearer"
+        assert client.get("/v1/jobs", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert client.get("/v1/jobs", headers={"Authorization": "Basic alpha"}).status_code == 401
+        assert client.get("/v1/jobs", headers={"Authorization": "Bearer beta"}).status_code == 200
+        assert client.get("/api/media/health").status_code == 200
+        assert client.get("/v1/health").json()["auth"] is True
+
+
+def test_limits_name_the_field(app_client: Callable[..., TestClient]) -> None:
+    with app_client(max_prompt_chars=50, max_images_per_request=2, max_total_pixels=128 * 128) as client:
+        cases: list[tuple[dict[str, Any], str]] = [
+            ({**BODY, "prompt": "p" * 51}, "prompt"),
+            ({**BODY, "negative_prompt": "n" * 51}, "negative_prompt"),
+            ({**BODY, "num_images": 3}, "num_images"),
+            ({**BODY, "width": 256, "height": 128}, "width"),
+            ({**BODY, "prompt": "p" * 2001}, "prompt"),
+        ]
+        for body, field in cases:
+            response = client.post("/v1/jobs", json=body)
+            assert response.status_code == 422, (body, response.text)
+            assert response.json()["error"]["field"] == field
+
+
+def test_body_size_limit(app_client: Callable[..., TestClient]) -> None:
+    with app_client(max_body_bytes=2048) as client:
+        response = client.post("/v1/jobs", json={**BODY, "negative_prompt": "x" * 4000})
+        assert response.status_code == 413
+        assert response.json()["error"]["code"] == "body_too_large"
+
+
+def test_no_client_chosen_paths(app_client: Callable[..., TestClient]) -> None:
+    with app_client() as client:
+        for name in ["..%2F..%2Fetc%2Fpasswd", "jobs.sqlite3", "0" * 64 + ".exe", "../../jobs.sqlite3"]:
+            response = client.get(f"/v1/images/{name}")
+            assert response.status_code == 404, name
+        assert client.post("/v1/jobs", json={**BODY, "output_path": "/tmp/x.png"}).status_code == 422
+
+
+def test_unknown_routes_and_methods_are_json(app_client: Callable[..., TestClient]) -> None:
+    with app_client() as client:
+        assert client.get("/nope").json()["error"]["code"] == "not_found"
+        response = client.put("/v1/jobs")
+        assert response.status_code == 405 and response.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_while_models_load_generation_gets_503_with_retry_after(
+    app_client: Callable[..., TestClient], tiny_engine: Any
+) -> None:
+    release = threading.Event()
+
+    def slow_start(_: Settings) -> Any:
+        release.wait(30)
+        return tiny_engine
+
+    with app_client(engine_factory=slow_start) as client:
+        health = client.get("/v1/health")
+        assert health.status_code == 503 and health.json()["status"] == "starting"
+        assert client.get("/api/media/health").json()["sdxl_ok"] is False
+        response = client.post("/v1/jobs", json=BODY)
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "starting"
+        assert int(response.headers["Retry-After"]) > 0
+        release.set()
+        for _ in range(100):
+            if client.get("/v1/health").status_code == 200:
+                break
+            threading.Event().wait(0.05)
+        assert client.post("/v1/jobs", json=BODY).status_code == 202
+
+
+def test_failed_model_load_reports_failed(app_client: Callable[..., TestClient]) -> None:
+    def broken(_: Settings) -> Any:
+        raise RuntimeError("no such model")
+
+    with app_client(engine_factory=broken) as client:
+        for _ in range(100):
+            body = client.get("/api/media/health").json()
+            if body["status"] != "starting":
+                break
+            threading.Event().wait(0.02)
+        assert body["status"] == "failed" and "no such model" in body["reasons"][0]
+        response = client.post("/v1/jobs", json=BODY)
+        assert response.status_code == 503 and response.json()["error"]["code"] == "source_unavailable"

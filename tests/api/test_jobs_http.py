@@ -1,0 +1,157 @@
+"""Async jobs over real HTTP: SSE order and previews, cancel (queued and running), idempotency, paging, 429s."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+from service_helpers import ServerProcess, wait_for
+
+FAST = {"prompt": "a fox", "num_inference_steps": 20}
+SLOW = {"prompt": "a slow fox", "width": 128, "height": 128, "num_inference_steps": 150}
+
+
+def sse(client: httpx.Client, path: str) -> Iterator[tuple[str, dict[str, Any], int | None]]:
+    """(event type, data, id) for each server-sent event."""
+    with client.stream("GET", path, timeout=120) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        kind, data, ident = "message", "", None
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                kind = line[7:]
+            elif line.startswith("data: "):
+                data = line[6:]
+            elif line.startswith("id: "):
+                ident = int(line[4:])
+            elif line == "" and data:
+                yield kind, json.loads(data), ident
+                kind, data, ident = "message", "", None
+
+
+def submit(client: httpx.Client, body: dict[str, Any], **headers: str) -> dict[str, Any]:
+    response = client.post("/v1/jobs", json=body, headers=headers)
+    assert response.status_code == 202, response.text
+    return dict(response.json())
+
+
+def wait_done(client: httpx.Client, job_id: str) -> dict[str, Any]:
+    return dict(
+        wait_for(
+            lambda: (
+                (j := client.get(f"/v1/jobs/{job_id}").json())["status"] not in ("queued", "running") and j
+            )
+        )
+    )
+
+
+def test_events_arrive_in_order_with_previews_and_end_with_the_result(server: ServerProcess) -> None:
+    with server.client() as client:
+        job = submit(client, FAST)
+        events = list(sse(client, f"/v1/jobs/{job['id']}/events"))
+    kinds = [kind for kind, _, _ in events]
+    assert kinds[-1] == "succeeded"
+    assert set(kinds[:-1]) <= {"status", "progress"}
+    ids = [ident for _, _, ident in events if ident is not None]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    progress = [data for kind, data, _ in events if kind == "progress"]
+    overall = [data["overall_step"] for data in progress]
+    assert overall == sorted(overall) and overall[-1] == progress[-1]["overall_total"]
+    assert any(data.get("preview", "").startswith("data:image/jpeg;base64,") for data in progress)
+    result = events[-1][1]["result"]
+    assert result["source"] == "generate" and len(result["images"]) == 1
+
+
+def test_events_of_a_finished_job_replay_the_outcome(server: ServerProcess) -> None:
+    with server.client() as client:
+        job = submit(client, FAST)
+        wait_done(client, job["id"])
+        events = list(sse(client, f"/v1/jobs/{job['id']}/events"))
+    assert [kind for kind, _, _ in events] == ["succeeded"]
+
+
+def test_cancel_running_and_queued(server: ServerProcess) -> None:
+    with server.client() as client:
+        running = submit(client, SLOW)
+        queued = submit(client, FAST)
+        stream = sse(client, f"/v1/jobs/{running['id']}/events")
+        for kind, data, _ in stream:  # wait until it really runs
+            if kind == "progress" and data["overall_step"] >= 2:
+                break
+        # The queued one is canceled at once.
+        response = client.post(f"/v1/jobs/{queued['id']}/cancel")
+        assert response.status_code == 202
+        assert response.json()["status"] == "canceled"
+        # The running one stops within a step.
+        client.post(f"/v1/jobs/{running['id']}/cancel")
+        last = [kind for kind, _, _ in stream][-1]
+        assert last == "canceled"
+        final = client.get(f"/v1/jobs/{running['id']}").json()
+        assert final["status"] == "canceled" and final["result"] is None
+        assert client.get(f"/v1/jobs/{queued['id']}").json()["status"] == "canceled"
+
+
+def test_idempotency_key_makes_retries_safe(server: ServerProcess) -> None:
+    with server.client() as client:
+        first = submit(client, FAST, **{"Idempotency-Key": "retry-me-1"})
+        again = client.post("/v1/jobs", json=FAST, headers={"Idempotency-Key": "retry-me-1"})
+        assert again.status_code == 202 and again.json()["id"] == first["id"]
+        assert again.headers["Idempotent-Replayed"] == "true"
+        other = client.post(
+            "/v1/jobs", json={**FAST, "prompt": "else"}, headers={"Idempotency-Key": "retry-me-1"}
+        )
+        assert other.status_code == 409
+        assert other.json()["error"]["field"] == "Idempotency-Key"
+        wait_done(client, first["id"])
+
+
+def test_list_pages_newest_first_and_unknown_job_is_404(server: ServerProcess) -> None:
+    with server.client() as client:
+        ids = [submit(client, FAST)["id"] for _ in range(2)]
+        for job_id in ids:
+            wait_done(client, job_id)
+        page = client.get("/v1/jobs", params={"limit": 1}).json()
+        assert page["jobs"][0]["id"] == ids[-1]
+        assert page["next_offset"] == 1 and page["total"] >= 2
+        second = client.get("/v1/jobs", params={"limit": 1, "offset": 1}).json()
+        assert second["jobs"][0]["id"] == ids[-2]
+        assert client.get("/v1/jobs", params={"status": "succeeded"}).status_code == 200
+        missing = client.get("/v1/jobs/nope")
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+        assert client.get("/v1/jobs", params={"limit": 0}).status_code == 422
+
+
+def test_many_clients_over_the_queue_bound(server: ServerProcess) -> None:
+    """Queue bound 4, 16 clients at once: each accepted job succeeds, each refused one got 429 + Retry-After."""
+    results: list[httpx.Response] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(16)
+
+    def client_thread(index: int) -> None:
+        with server.client() as client:
+            barrier.wait()
+            response = client.post("/v1/jobs", json={**FAST, "seed": index})
+            with lock:
+                results.append(response)
+
+    threads = [threading.Thread(target=client_thread, args=(index,)) for index in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    accepted = [r for r in results if r.status_code == 202]
+    refused = [r for r in results if r.status_code != 202]
+    assert accepted and refused
+    for response in refused:
+        assert response.status_code == 429
+        assert response.json()["error"]["code"] == "queue_full"
+        assert int(response.headers["Retry-After"]) > 0
+    with server.client() as client:
+        for response in accepted:
+            assert wait_done(client, response.json()["id"])["status"] == "succeeded"
+        metrics = client.get("/metrics").text
+    assert "imagesmith_queue_depth" in metrics and 'imagesmith_jobs{status="succeeded"}' in metrics
+    assert 'imagesmith_stage_seconds_count{stage="base"}' in metrics

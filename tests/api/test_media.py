@@ -1,0 +1,139 @@
+"""The seed's API over real HTTP: its curl example as written, health, and the stock-only error."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+
+import httpx
+import pytest
+from PIL import Image
+from service_helpers import ServerProcess
+
+from imagesmith.engine.output import parse_a1111_parameters, read_parameters
+
+# The seed's documented example (SDXL_REFINEMENT code changes, "Test 3: API Call"), host and port aside.
+SEED_CURL_BODY = """{
+    "prompt": "test image",
+    "use_generation": true,
+    "use_refinement": true
+  }"""
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs the curl binary")
+def test_seed_curl_example_end_to_end(server: ServerProcess) -> None:
+    done = subprocess.run(
+        [
+            "curl", "-s", "-X", "POST", f"{server.url}/api/media/generate-image",
+            "-H", "Content-Type: application/json",
+            "-d", SEED_CURL_BODY,
+        ],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    body = json.loads(done.stdout)
+    assert body["success"] is True, body
+    assert body["source"] == "generate"
+    meta = body["metadata"]
+    # The seed's defaults: 50 steps in all, guidance 8.0, refiner on.
+    assert meta["request"]["num_inference_steps"] == 50
+    assert meta["request"]["guidance_scale"] == 8.0
+    assert meta["refined"] is True
+    assert [stage["name"] for stage in meta["stages"]] == ["base", "refine", "decode"]
+
+    fetched = httpx.get(body["image_url"])
+    assert fetched.status_code == 200
+    assert fetched.headers["content-type"] == "image/png"
+    assert "immutable" in fetched.headers["cache-control"]
+    image = Image.open(io.BytesIO(fetched.content))
+    image.load()
+    assert image.size == (64, 64)
+    params = parse_a1111_parameters(read_parameters(fetched.content) or "")
+    assert params["prompt"] == "test image"
+    assert params["Seed"] == str(meta["seeds"][0])
+
+    # The URL is stable and cache-friendly: a conditional GET is a 304.
+    again = httpx.get(body["image_url"], headers={"If-None-Match": fetched.headers["etag"]})
+    assert again.status_code == 304
+
+
+def test_seed_fields_and_new_fields(server: ServerProcess) -> None:
+    with server.client() as client:
+        response = client.post(
+            "/api/media/generate-image",
+            json={
+                "prompt": "a red bicycle",
+                "title": "Cycling",
+                "keywords": ["bike"],
+                "use_generation": True,
+                "use_refinement": False,
+                "num_inference_steps": 20,
+                "guidance_scale": 5.0,
+                "width": 128,
+                "height": 64,
+                "seed": 7,
+                "num_images": 2,
+                "output_format": "webp",
+                "scheduler": "dpmpp_2m",
+                "some_unknown_field": "ignored, as the seed's model did",
+            },
+        )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert len(body["image_urls"]) == 2
+    assert body["metadata"]["seeds"] == [7, 8]
+    assert body["metadata"]["refined"] is False
+    assert all(image["media_type"] == "image/webp" and image["width"] == 128 for image in body["images"])
+
+
+def test_health_keeps_seed_fields(server: ServerProcess) -> None:
+    body = httpx.get(f"{server.url}/api/media/health").json()
+    assert body["status"] == "ready"
+    assert body["sdxl_ok"] is True
+    assert body["pexels_ok"] is False  # no stock source in this build: honest
+    assert body["device"] == "cpu"
+    assert body["models"]["refiner_status"] == "loaded"
+    assert {"depth", "running", "max"} <= set(body["queue"])
+
+
+def test_stock_only_request_says_stock_is_not_configured(server: ServerProcess) -> None:
+    # The seed's defaults: use_pexels=true, use_generation=false.
+    response = httpx.post(f"{server.url}/api/media/generate-image", json={"prompt": "a lighthouse"})
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["code"] == "stock_not_configured"
+    assert error["field"] == "use_generation"
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({}, "prompt"),
+        ({"prompt": "x", "use_generation": True, "num_inference_steps": 19}, "num_inference_steps"),
+        ({"prompt": "x", "use_generation": True, "guidance_scale": 25}, "guidance_scale"),
+        ({"prompt": "x", "use_generation": True, "title": "t" * 201}, "title"),
+        ({"prompt": "x", "use_generation": True, "width": 1001}, "width"),
+        ({"prompt": "   ", "use_generation": True}, "prompt"),
+        ({"prompt": "x", "use_pexels": False}, "use_generation"),
+        ({"prompt": "x", "use_generation": True, "aspect": "wide", "width": 64}, "aspect"),
+    ],
+)
+def test_bad_input_is_a_422_naming_the_field(
+    server: ServerProcess, body: dict[str, object], field: str
+) -> None:
+    response = httpx.post(f"{server.url}/api/media/generate-image", json=body)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["field"] == field
+    assert error["message"]
+
+
+def test_malformed_json_is_a_422(server: ServerProcess) -> None:
+    response = httpx.post(
+        f"{server.url}/api/media/generate-image",
+        content=b'{"prompt": ',
+        headers={"Content-Type": "application/json"},
+    )
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "invalid_request"

@@ -1,0 +1,50 @@
+"""Crash safety: kill -9 the server with one job running and others queued; a restart finishes every one, once."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import httpx
+from service_helpers import ServerProcess, wait_for
+
+SLOW = {"prompt": "interrupted", "width": 96, "height": 96, "num_inference_steps": 150, "seed": 1}
+
+
+def test_kill_9_with_jobs_queued_and_running(server_factory: Any, tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    first: ServerProcess = server_factory(data_dir).start()
+    with first.client() as client:
+        running = client.post("/v1/jobs", json=SLOW).json()["id"]
+        queued = [
+            client.post(
+                "/v1/jobs", json={"prompt": f"queued {i}", "num_inference_steps": 20, "seed": i}
+            ).json()["id"]
+            for i in range(3)
+        ]
+        wait_for(lambda: (client.get(f"/v1/jobs/{running}").json().get("step") or 0) >= 2)
+        assert all(client.get(f"/v1/jobs/{job}").json()["status"] == "queued" for job in queued)
+    first.kill()
+
+    second: ServerProcess = server_factory(data_dir).start()
+    with second.client() as client:
+        jobs = {job: wait_for(lambda job=job: _done(client, job), timeout=90) for job in [running, *queued]}
+        for job in jobs.values():
+            assert job["status"] == "succeeded", job
+            image = httpx.get(second.url + job["result"]["images"][0]["url"])
+            assert image.status_code == 200
+    # The interrupted job ran twice (its first run never finished); every other job exactly once.
+    assert jobs[running]["attempts"] == 2
+    assert all(jobs[job]["attempts"] == 1 for job in queued)
+    # FIFO survived the crash: the interrupted job finished before the queued ones started.
+    assert jobs[running]["finished_at"] <= min(jobs[job]["started_at"] for job in queued)
+    # One row per job, each with one result.
+    with sqlite3.connect(data_dir / "jobs.sqlite3") as db:
+        rows = db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
+    assert rows == [("succeeded", 4)]
+
+
+def _done(client: httpx.Client, job_id: str) -> dict[str, Any] | None:
+    job: dict[str, Any] = client.get(f"/v1/jobs/{job_id}").json()
+    return job if job["status"] not in ("queued", "running") else None

@@ -1,0 +1,52 @@
+"""The job store alone: FIFO, the bound, idempotency, crash recovery with bounded attempts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from imagesmith.jobs.store import IdempotencyConflict, JobStatus, JobStore, QueueFull
+
+
+def test_fifo_bound_and_idempotency(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    a, _ = store.submit({"n": 1}, "h1", None, queue_max=2)
+    b, created = store.submit({"n": 2}, "h2", "key", queue_max=2)
+    assert created
+    same, created = store.submit({"n": 2}, "h2", "key", queue_max=2)
+    assert same.id == b.id and not created  # a replay never counts against the bound
+    with pytest.raises(IdempotencyConflict):
+        store.submit({"n": 3}, "h3", "key", queue_max=2)
+    with pytest.raises(QueueFull):
+        store.submit({"n": 3}, "h3", None, queue_max=2)
+    assert [job.id for job in store.claim(1)] == [a.id]
+    assert [job.id for job in store.claim(1)] == [b.id]
+    assert store.claim(1) == []
+
+
+def test_recover_requeues_running_until_attempts_run_out(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.sqlite3"
+    store = JobStore(path)
+    job, _ = store.submit({}, "h", None, queue_max=10)
+    for attempt in (1, 2):
+        (claimed,) = store.claim(1)
+        assert claimed.attempts == attempt
+        store.close()
+        store = JobStore(path)  # a restart after a crash
+        requeued, given_up = store.recover(max_attempts=2)
+        if attempt == 1:
+            assert requeued == [job.id] and not given_up
+    assert given_up == [job.id]
+    final = store.get(job.id)
+    assert final is not None and final.status is JobStatus.FAILED and final.error
+    assert final.error["code"] == "interrupted"
+
+
+def test_finish_is_once(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    job, _ = store.submit({}, "h", None, queue_max=10)
+    store.claim(1)
+    assert store.finish(job.id, JobStatus.SUCCEEDED, result={"images": []})
+    assert not store.finish(job.id, JobStatus.FAILED, error={"code": "x"})
+    assert store.counts()[JobStatus.SUCCEEDED] == 1
