@@ -286,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         for noisy in ("diffusers", "transformers", "httpx", "accelerate"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
     handlers = {"generate": run_generate, "doctor": run_doctor}
-    handler = handlers.get(args.command) or args.handler
+    # Optional commands (serve, search) register their own handler on their subparser.
+    handler = handlers.get(args.command) or getattr(args, "handler", None) or args.func
     return int(handler(args))
 
 
