@@ -113,7 +113,7 @@ def _add_optional(subparsers: Any, module: str, adder: str) -> None:
 def _settings_for(args: argparse.Namespace) -> Settings:
     settings = get_settings()
     if getattr(args, "model", None):
-        settings = settings.model_copy(update={"model": ModelPreset(args.model)})
+        settings = settings.with_changes(model=args.model)
     return settings
 
 

@@ -176,6 +176,11 @@ class Settings(BaseSettings):
             return None
         return value
 
+    def with_changes(self, **changes: object) -> Settings:
+        """A copy with some settings changed, validated as the environment's values are (model_copy would
+        keep raw strings where enums belong)."""
+        return type(self).model_validate({**self.model_dump(), **changes})
+
     def tiny_model_dir(self) -> Path:
         return self.data_dir / "tiny-model"
 

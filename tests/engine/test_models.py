@@ -28,12 +28,12 @@ def test_tiny_model_builds_deterministically(tmp_path: Path, tiny_settings: Sett
 def test_local_folders_load_like_hub_ids(tiny_settings: Settings) -> None:
     """The sdxl preset with base/refiner pointing at folders: the path users take with downloaded weights."""
     folder = tiny_settings.tiny_model_dir()
-    settings = tiny_settings.model_copy(
-        update={
+    settings = tiny_settings.with_changes(
+        **{
             "model": ModelPreset.SDXL,
             "base_model": str(folder / "tiny-sdxl-base"),
             "refiner_model": str(folder / "tiny-sdxl-refiner"),
-        }
+        },
     )
     engine = Engine.start(settings)
     # One copy of the shared parts: the refiner holds the base's text_encoder_2 and VAE objects.
@@ -47,12 +47,12 @@ def test_local_folders_load_like_hub_ids(tiny_settings: Settings) -> None:
 def test_broken_refiner_leaves_base_only_generation_working(tiny_settings: Settings, tmp_path: Path) -> None:
     empty = tmp_path / "not-a-model"
     empty.mkdir()
-    settings = tiny_settings.model_copy(
-        update={
+    settings = tiny_settings.with_changes(
+        **{
             "model": ModelPreset.SDXL,
             "base_model": str(tiny_settings.tiny_model_dir() / "tiny-sdxl-base"),
             "refiner_model": str(empty),
-        }
+        },
     )
     engine = Engine.start(settings)
     assert engine.models.refiner is None
@@ -62,12 +62,12 @@ def test_broken_refiner_leaves_base_only_generation_working(tiny_settings: Setti
 
 
 def test_missing_base_names_model_problem_and_fix(tiny_settings: Settings, tmp_path: Path) -> None:
-    settings = tiny_settings.model_copy(
-        update={
+    settings = tiny_settings.with_changes(
+        **{
             "model": ModelPreset.SDXL,
             "base_model": str(tmp_path),
             "refiner_model": "",
-        }
+        },
     )
     with pytest.raises(ModelLoadError) as caught:
         Engine.start(settings)
@@ -80,12 +80,12 @@ def test_offline_hub_id_not_cached_says_how_to_fix(
 ) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    settings = tiny_settings.model_copy(
-        update={
+    settings = tiny_settings.with_changes(
+        **{
             "model": ModelPreset.SDXL,
             "base_model": "someone/not-downloaded-sdxl",
             "refiner_model": "",
-        }
+        },
     )
     with pytest.raises(ModelLoadError) as caught:
         Engine.start(settings)

@@ -14,8 +14,8 @@ REQUEST = GenerationRequest(prompt="a lighthouse", width=64, height=64, num_infe
 
 
 def test_fused_qkv_gives_the_same_image_and_frees_the_unfused_weights(tiny_settings: Settings) -> None:
-    plain = Engine.start(tiny_settings.model_copy(update={"fuse_qkv": False}))
-    fused = Engine.start(tiny_settings.model_copy(update={"fuse_qkv": True, "channels_last": True}))
+    plain = Engine.start(tiny_settings.with_changes(**{"fuse_qkv": False}))
+    fused = Engine.start(tiny_settings.with_changes(**{"fuse_qkv": True, "channels_last": True}))
     assert fused.levers == ["fused QKV", "channels_last"]
     a = np.asarray(plain.generate(REQUEST).images[0]).astype(int)
     b = np.asarray(fused.generate(REQUEST).images[0]).astype(int)

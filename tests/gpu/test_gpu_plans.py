@@ -21,7 +21,7 @@ pytestmark = pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["ensemble", "img2img", "none"])
 def test_every_offload_plan_generates(tiny_settings: Settings, offload: str, mode: str) -> None:
     engine = Engine.start(
-        tiny_settings.model_copy(update={"device": "cuda", "offload": offload, "fuse_qkv": True})
+        tiny_settings.with_changes(**{"device": "cuda", "offload": offload, "fuse_qkv": True})
     )
     assert engine.plan.dtype_name == ("bf16" if torch.cuda.get_device_capability() >= (8, 0) else "fp16")
     result = engine.generate(
@@ -36,8 +36,8 @@ def test_every_offload_plan_generates(tiny_settings: Settings, offload: str, mod
 
 def test_compiled_engine_matches_eager_within_bf16(tiny_settings: Settings) -> None:
     request = GenerationRequest(prompt="x", width=128, height=128, num_inference_steps=10, seed=4)
-    eager = Engine.start(tiny_settings.model_copy(update={"device": "cuda"}))
-    compiled = Engine.start(tiny_settings.model_copy(update={"device": "cuda", "compile": "default"}))
+    eager = Engine.start(tiny_settings.with_changes(**{"device": "cuda"}))
+    compiled = Engine.start(tiny_settings.with_changes(**{"device": "cuda", "compile": "default"}))
     a = np.asarray(eager.generate(request).images[0]).astype(float)
     b = np.asarray(compiled.generate(request).images[0]).astype(float)
     psnr = 10 * np.log10(255**2 / max(np.mean((a - b) ** 2), 1e-12))
