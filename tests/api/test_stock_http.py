@@ -184,8 +184,11 @@ def test_quota_spent_then_reset(standin: StandIn, stock_server: ServerProcess) -
     assert standin.api_calls == calls  # nothing reached Pexels while blocked
 
     wait_for(lambda: health(stock_server)["pexels_ok"], timeout=10, interval=0.2)
+    standin.remaining = standin.limit  # Pexels' new window
     again = seed(stock_server, keywords=["river"]).json()
     assert again["source"] == "stock" and standin.api_calls == calls + 1
+    report = health(stock_server)
+    assert report["pexels_ok"] is True and report["pexels"]["quota"]["remaining"] == 199
 
 
 def test_bad_key_then_429_on_a_fresh_server(

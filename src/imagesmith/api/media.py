@@ -39,7 +39,9 @@ class ImageGenerationRequest(BaseModel):
     prompt: str = Field(..., description="What the image shows.")
     title: str | None = Field(None, max_length=200, description="Article title (helps stock search).")
     keywords: list[str] | None = Field(None, description="Search keywords for stock photos.")
-    use_pexels: bool = Field(True, description="Try a stock photo first (when stock search is configured).")
+    use_pexels: bool = Field(
+        True, description="Try a Pexels stock photo first (needs a Pexels key on the server)."
+    )
     use_generation: bool = Field(False, description="Generate with SDXL (when no stock photo serves).")
     use_refinement: bool = Field(True, description="Run the SDXL refiner.")
     high_quality: bool = Field(True, description="Quality defaults (refiner on unless disabled).")
