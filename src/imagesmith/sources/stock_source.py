@@ -74,7 +74,12 @@ class StockSource:
         async def build() -> StockPhotoSource:  # on the loop, so the httpx clients belong to it
             return StockPhotoSource.from_settings(settings, clock=clock)
 
-        self.photos = self._run(build())
+        try:
+            self.photos = self._run(build())
+        except BaseException:  # bad settings (an allowed host that is not a host): leave no thread behind
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(CLOSE_TIMEOUT_S)
+            raise
 
     def _run(self, coro: Coroutine[Any, Any, _T], cancel: CancelToken | None = None) -> _T:
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
