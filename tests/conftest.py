@@ -1,4 +1,5 @@
-"""Shared fixtures: one tiny SDXL model and one engine per test session (built offline in seconds)."""
+"""Shared fixtures: one tiny SDXL model and one engine per test session (built offline in seconds), and one
+stand-in Pexels server (a real HTTP server on 127.0.0.1) reset before each test that uses it."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import pytest
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
+
+from pexels_standin import StandIn, StandInServer
 
 from imagesmith.config import ModelPreset, Settings
 
@@ -34,6 +37,18 @@ def tiny_engine(tiny_settings: Settings) -> Iterator[object]:
     from imagesmith.engine import Engine
 
     yield Engine.start(tiny_settings)
+
+
+@pytest.fixture(scope="session")
+def _standin_server() -> Iterator[StandIn]:
+    with StandInServer() as standin:
+        yield standin
+
+
+@pytest.fixture
+def standin(_standin_server: StandIn) -> StandIn:
+    _standin_server.reset()
+    return _standin_server
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

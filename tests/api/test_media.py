@@ -91,7 +91,7 @@ def test_health_keeps_seed_fields(server: ServerProcess) -> None:
     body = httpx.get(f"{server.url}/api/media/health").json()
     assert body["status"] == "ready"
     assert body["sdxl_ok"] is True
-    assert body["pexels_ok"] is False  # no stock source in this build: honest
+    assert body["pexels_ok"] is False  # no Pexels key on this server: honest
     assert body["device"] == "cpu"
     assert body["models"]["refiner_status"] == "loaded"
     assert {"depth", "running", "max"} <= set(body["queue"])

@@ -1,33 +1,18 @@
-"""Fixtures for the stock-photo tests: one stand-in Pexels server per session, reset before each test."""
+"""Fixtures for the stock-photo tests (the stand-in Pexels server itself is in tests/conftest.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pexels_standin import FakeClock, StandIn, make_settings
 
 from imagesmith.config import Settings
-
-from .helpers import FakeClock, make_settings
-from .standin import StandIn, StandInServer
 
 
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-@pytest.fixture(scope="session")
-def _standin_server() -> Iterator[StandIn]:
-    with StandInServer() as standin:
-        yield standin
-
-
-@pytest.fixture
-def standin(_standin_server: StandIn) -> StandIn:
-    _standin_server.reset()
-    return _standin_server
 
 
 @pytest.fixture

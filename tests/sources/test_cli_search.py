@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+from pexels_standin import API_KEY, StandIn, make_settings
 
 from imagesmith.config import Settings
 from imagesmith.sources.attribution import read_attribution
@@ -21,9 +22,6 @@ from imagesmith.sources.cli_search import (
     pexels_doctor,
     run_search,
 )
-
-from .helpers import make_settings
-from .standin import API_KEY, StandIn
 
 
 def parse(*argv: str) -> argparse.Namespace:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from pexels_standin import StandIn
 from PIL import Image
 
 from imagesmith.sources.download import HostPolicy, ImageDownloader, fit_exact
@@ -12,8 +13,6 @@ from imagesmith.sources.errors import (
     NotAnImage,
     PexelsUnavailable,
 )
-
-from .standin import StandIn
 
 pytestmark = pytest.mark.anyio
 

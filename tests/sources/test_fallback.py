@@ -1,12 +1,30 @@
-"""Which source serves, and why: the policy with fakes, then once with the real stock source."""
+"""Which source serves, and why: the policy with fake sources, then the real stock source behind the protocol."""
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
+from pexels_standin import FakeClock, StandIn
 
 from imagesmith.config import Settings
+from imagesmith.engine.progress import CancelToken, GenerationCanceled
+from imagesmith.schemas import GenerationRequest, OutputFormat
+from imagesmith.sources.attribution import read_attribution
+from imagesmith.sources.base import (
+    FallbackReason,
+    ImageRequest,
+    ImageSource,
+    NoMatch,
+    SourceImage,
+    SourceName,
+    SourceResult,
+    SourceState,
+    SourceStatus,
+    SourceUnavailable,
+)
 from imagesmith.sources.errors import (
     DisallowedHost,
     NoStockResults,
@@ -16,58 +34,42 @@ from imagesmith.sources.errors import (
     PexelsQuotaExhausted,
     PexelsUnavailable,
 )
-from imagesmith.sources.fallback import (
-    FallbackReason,
-    SourceName,
-    SourcesExhausted,
-    classify,
-    plan_sources,
-    serve_with_fallback,
-)
-from imagesmith.sources.stock import StockPhoto, StockPhotoSource, StockRequest
+from imagesmith.sources.fallback import SourcesExhausted, classify, serve_first
+from imagesmith.sources.stock_source import StockSource, stock_request
 
-from .helpers import FakeClock
-from .standin import StandIn
-
-pytestmark = pytest.mark.anyio
+RESET = datetime(2030, 1, 1, tzinfo=UTC)
 
 
 class FakeSource:
-    """Stands in for a source (the engine, or Pexels): counts calls, returns `value` or raises `error`."""
+    """Counts calls; returns a one-pixel result or raises `error`."""
 
-    def __init__(self, value: str = "generated-image", error: Exception | None = None) -> None:
-        self.calls = 0
-        self.value = value
-        self.error = error
+    def __init__(self, name: SourceName, error: Exception | None = None) -> None:
+        self.name, self.error, self.calls = name, error, 0
 
-    async def __call__(self) -> str:
+    def status(self) -> SourceStatus:
+        return SourceStatus(SourceState.READY)
+
+    def close(self) -> None:
+        pass
+
+    def fetch(self, request: ImageRequest, on_progress: Any = None, cancel: Any = None) -> SourceResult:
         self.calls += 1
         if self.error:
             raise self.error
-        return self.value
+        return SourceResult(self.name, [SourceImage(b"x", "image/png", 1, 1)])
 
 
-def fake_generator() -> FakeSource:
-    return FakeSource()
+def request(*sources: SourceName, **fields: Any) -> ImageRequest:
+    generation = GenerationRequest(prompt="a mountain lake at dawn, 8k", **fields)
+    return ImageRequest(sources=list(sources), generation=generation, title=None, keywords=[])
 
 
-def stock_returning() -> FakeSource:
-    return FakeSource("stock-photo")
+def lookup(*sources: FakeSource) -> Any:
+    table: dict[SourceName, ImageSource] = {source.name: source for source in sources}
+    return table.get
 
 
-def failing(error: Exception) -> FakeSource:
-    return FakeSource(error=error)
-
-
-QUOTA = PexelsQuotaExhausted(datetime(2030, 1, 1, tzinfo=UTC))
-
-
-def test_plan() -> None:
-    assert plan_sources(True, True) == [SourceName.PEXELS, SourceName.GENERATION]
-    assert plan_sources(True, False) == [SourceName.PEXELS]
-    assert plan_sources(False, True) == [SourceName.GENERATION]
-    with pytest.raises(ValueError, match="both false"):
-        plan_sources(False, False)
+STOCK, GENERATE = SourceName.STOCK, SourceName.GENERATE
 
 
 @pytest.mark.parametrize(
@@ -75,7 +77,7 @@ def test_plan() -> None:
     [
         (NoStockResults("q"), FallbackReason.NO_RESULTS),
         (DisallowedHost("x"), FallbackReason.NO_RESULTS),
-        (QUOTA, FallbackReason.QUOTA_EXHAUSTED),
+        (PexelsQuotaExhausted(RESET), FallbackReason.QUOTA_EXHAUSTED),
         (PexelsNotConfigured("no key"), FallbackReason.NOT_CONFIGURED),
         (PexelsAuthError("401"), FallbackReason.AUTH_FAILED),
         (PexelsUnavailable("503"), FallbackReason.UNAVAILABLE),
@@ -87,103 +89,149 @@ def test_classify(error: Exception, reason: FallbackReason) -> None:
     assert classify(error) is reason
 
 
-async def test_pexels_serves_when_it_can() -> None:
-    stock, generate = stock_returning(), fake_generator()
-    outcome = await serve_with_fallback(
-        use_pexels=True, use_generation=True, fetch_stock=stock, generate=generate
-    )
-    assert outcome.source is SourceName.PEXELS and outcome.result == "stock-photo"
-    assert outcome.reason is FallbackReason.REQUESTED and outcome.summary == "pexels"
-    assert generate.calls == 0
+def test_first_choice_serves_when_it_can() -> None:
+    stock, generate = FakeSource(STOCK), FakeSource(GENERATE)
+    served = serve_first(request(STOCK, GENERATE), lookup(stock, generate))
+    assert served.source is STOCK and served.reason is FallbackReason.REQUESTED
+    assert served.summary == "requested" and generate.calls == 0
+    assert [(a.source, a.served) for a in served.attempts] == [(STOCK, True)]
 
 
 @pytest.mark.parametrize(
-    ("error", "reason"),
+    "error",
     [
-        (NoStockResults("q"), FallbackReason.NO_RESULTS),
-        (QUOTA, FallbackReason.QUOTA_EXHAUSTED),
-        (PexelsUnavailable("Pexels /search answered 503 after 3 tries"), FallbackReason.UNAVAILABLE),
-        (PexelsNotConfigured("no key"), FallbackReason.NOT_CONFIGURED),
-        (RuntimeError("unexpected bug"), FallbackReason.ERROR),
+        NoMatch("Pexels has no photo for 'lake'"),
+        SourceUnavailable("Pexels quota exhausted", FallbackReason.QUOTA_EXHAUSTED, RESET),
+        SourceUnavailable("Pexels /search answered 503 after 3 tries"),
+        SourceUnavailable("TypeError: a bug", FallbackReason.ERROR),
     ],
 )
-async def test_generation_takes_over_and_says_why(error: Exception, reason: FallbackReason) -> None:
-    generate = fake_generator()
-    outcome = await serve_with_fallback(
-        use_pexels=True, use_generation=True, fetch_stock=failing(error), generate=generate
-    )
-    assert outcome.source is SourceName.GENERATION and outcome.result == "generated-image"
-    assert outcome.reason is reason and generate.calls == 1
-    pexels, generation = outcome.attempts
-    assert (pexels.source, pexels.served, pexels.reason, pexels.detail) == (
-        SourceName.PEXELS,
+def test_generation_takes_over_and_says_why(error: SourceUnavailable) -> None:
+    generate = FakeSource(GENERATE)
+    served = serve_first(request(STOCK, GENERATE), lookup(FakeSource(STOCK, error), generate))
+    assert served.source is GENERATE and served.reason is error.reason and generate.calls == 1
+    passed, took_over = served.attempts
+    assert (passed.source, passed.served, passed.reason, passed.detail, passed.retry_at) == (
+        STOCK,
         False,
-        reason,
+        error.reason,
         str(error),
+        error.retry_at,
     )
-    assert generation.served and outcome.summary == f"generation (pexels: {reason.value})"
+    assert took_over.served and served.summary == f"stock: {error.reason.value} ({error})"
 
 
-async def test_pexels_only_failure_raises_with_reasons() -> None:
-    generate = fake_generator()
-    with pytest.raises(SourcesExhausted, match="pexels: quota_exhausted") as caught:
-        await serve_with_fallback(
-            use_pexels=True, use_generation=False, fetch_stock=failing(QUOTA), generate=generate
-        )
+def test_an_unconfigured_source_is_passed_over() -> None:
+    served = serve_first(request(STOCK, GENERATE), lookup(FakeSource(GENERATE)))
+    assert served.source is GENERATE and served.reason is FallbackReason.NOT_CONFIGURED
+
+
+def test_stock_only_failure_raises_with_reasons_and_retry_time() -> None:
+    generate = FakeSource(GENERATE)
+    quota = SourceUnavailable("spent", FallbackReason.QUOTA_EXHAUSTED, RESET)
+    with pytest.raises(SourcesExhausted, match="stock: quota_exhausted") as caught:
+        serve_first(request(STOCK), lookup(FakeSource(STOCK, quota), generate))
     assert caught.value.reasons == [FallbackReason.QUOTA_EXHAUSTED] and generate.calls == 0
+    assert caught.value.reason is FallbackReason.QUOTA_EXHAUSTED and caught.value.retry_at == RESET
 
 
-async def test_generation_only_never_touches_pexels() -> None:
-    stock = stock_returning()
-    outcome = await serve_with_fallback(
-        use_pexels=False, use_generation=True, fetch_stock=stock, generate=fake_generator()
-    )
-    assert outcome.source is SourceName.GENERATION and outcome.reason is FallbackReason.REQUESTED
-    assert stock.calls == 0
+def test_generation_only_never_touches_stock() -> None:
+    stock = FakeSource(STOCK)
+    served = serve_first(request(GENERATE), lookup(stock, FakeSource(GENERATE)))
+    assert served.source is GENERATE and served.reason is FallbackReason.REQUESTED and stock.calls == 0
 
 
-async def test_generation_errors_propagate() -> None:
+def test_other_errors_fail_the_job_as_they_are() -> None:
+    generate = FakeSource(GENERATE, MemoryError("CUDA out of memory"))
     with pytest.raises(MemoryError):
-        await serve_with_fallback(
-            use_pexels=True,
-            use_generation=True,
-            fetch_stock=failing(NoStockResults("q")),
-            generate=failing(MemoryError("CUDA out of memory")),
-        )
+        serve_first(request(STOCK, GENERATE), lookup(FakeSource(STOCK, NoMatch("none")), generate))
 
 
-async def test_real_stock_source_out_of_quota_falls_back(
-    standin: StandIn, settings: Settings, clock: FakeClock
+# --- the real stock source behind the protocol, against the stand-in --------------------------------------
+
+
+@pytest.fixture
+def stock(settings: Settings, clock: FakeClock) -> Any:
+    source = StockSource(settings, clock=clock)
+    yield source
+    source.close()
+
+
+def test_stock_request_follows_the_job(settings: Settings) -> None:
+    job = ImageRequest(
+        sources=[STOCK],
+        generation=GenerationRequest(prompt="p", width=640, height=320, output_format=OutputFormat.WEBP),
+        title="Lakes",
+        keywords=["mountain", "lake"],
+    )
+    made = stock_request(job)
+    assert (made.query(), made.width, made.height, made.output_format) == (
+        "mountain lake",
+        640,
+        320,
+        OutputFormat.WEBP,
+    )
+    assert stock_request(job.model_copy(update={"keywords": []})).query() == "Lakes"
+
+
+def test_stock_source_serves_a_photo_with_its_credit(standin: StandIn, stock: StockSource) -> None:
+    result = stock.fetch(request(STOCK, width=96, height=64, output_format=OutputFormat.JPEG))
+    assert result.source is STOCK and len(result.images) == 1
+    image = result.images[0]
+    assert (image.width, image.height, image.media_type) == (96, 64, "image/jpeg")
+    assert result.attribution is not None and result.attribution["credit_text"].startswith("Photo by ")
+    embedded = read_attribution(image.data)
+    assert embedded is not None and embedded.model_dump(mode="json") == result.attribution
+    assert result.metadata["provider"] == "pexels" and result.metadata["query"] == "a mountain lake at dawn"
+    status = stock.status()
+    assert status.state is SourceState.READY and status.info["photos_served"] == 1
+
+
+def test_stock_source_out_of_quota_falls_back_and_reports_blocked(
+    standin: StandIn, stock: StockSource, clock: FakeClock
 ) -> None:
     standin.api_script = ["429"]
-    generate = fake_generator()
-    async with StockPhotoSource.from_settings(settings, clock=clock) as source:
-        request = StockRequest(title="lake", width=600, height=400)
-
-        async def fetch() -> StockPhoto | str:
-            return await source.fetch(request)
-
-        first = await serve_with_fallback(
-            use_pexels=True, use_generation=True, fetch_stock=fetch, generate=generate
-        )
-        second = await serve_with_fallback(
-            use_pexels=True, use_generation=True, fetch_stock=fetch, generate=generate
-        )
-        assert source.status().blocked
-    assert first.source is second.source is SourceName.GENERATION
+    generate = FakeSource(GENERATE)
+    first = serve_first(request(STOCK, GENERATE), lookup(stock, generate))  # type: ignore[arg-type]
+    second = serve_first(request(STOCK, GENERATE), lookup(stock, generate))  # type: ignore[arg-type]
+    assert first.source is second.source is GENERATE
     assert first.reason is second.reason is FallbackReason.QUOTA_EXHAUSTED
+    assert first.attempts[0].retry_at is not None
     assert standin.api_calls == 1 and generate.calls == 2  # the second never called Pexels
+    status = stock.status()
+    assert status.state is SourceState.BLOCKED and "calls resume at" in status.detail
+    assert status.info["blocked"] is True and status.info["errors"] == {"quota_exhausted": 2}
+    clock.advance(601)  # past pexels_quota_backoff_s: calls resume
+    assert stock.status().state is SourceState.READY
+    assert serve_first(request(STOCK, GENERATE), lookup(stock, generate)).source is STOCK  # type: ignore[arg-type]
 
 
-async def test_real_stock_source_no_results_falls_back(standin: StandIn, settings: Settings) -> None:
-    generate = fake_generator()
-    async with StockPhotoSource.from_settings(settings) as source:
+def test_stock_source_no_results_and_bad_key(standin: StandIn, stock: StockSource) -> None:
+    with pytest.raises(NoMatch, match="nothing at all") as caught:
+        stock.fetch(_titled("nothing at all"))
+    assert caught.value.reason is FallbackReason.NO_RESULTS
+    standin.api_default = "401"
+    with pytest.raises(SourceUnavailable) as refused:
+        stock.fetch(_titled("lake"))
+    assert refused.value.reason is FallbackReason.AUTH_FAILED
+    assert stock.status().state is SourceState.FAILED  # honest: the key is refused
 
-        async def fetch() -> StockPhoto | str:
-            return await source.fetch(StockRequest(keywords=["nothing at all"]))
 
-        outcome = await serve_with_fallback(
-            use_pexels=True, use_generation=True, fetch_stock=fetch, generate=generate
-        )
-    assert outcome.source is SourceName.GENERATION and outcome.reason is FallbackReason.NO_RESULTS
-    assert "nothing at all" in outcome.attempts[0].detail
+def _titled(title: str) -> ImageRequest:
+    return ImageRequest(sources=[STOCK], generation=GenerationRequest(prompt="p"), title=title)
+
+
+def test_cancel_stops_a_slow_fetch(standin: StandIn, stock: StockSource) -> None:
+    standin.api_default, standin.delay_s = "slow", 0.4
+    cancel = CancelToken()
+    threading.Timer(0.05, cancel.cancel).start()
+    with pytest.raises(GenerationCanceled):
+        stock.fetch(_titled("lake"), cancel=cancel)
+
+
+def test_close_is_idempotent_and_refuses_later_fetches(settings: Settings) -> None:
+    source = StockSource(settings)
+    source.close()
+    source.close()
+    with pytest.raises(SourceUnavailable, match="shut down"):
+        source.fetch(_titled("lake"))

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from pexels_standin import API_KEY, FakeClock, StandIn, make_settings
 
 from imagesmith.config import Settings
 from imagesmith.sources.errors import (
@@ -20,9 +21,6 @@ from imagesmith.sources.errors import (
 )
 from imagesmith.sources.pexels_client import Orientation, PexelsClient, PhotoSize
 from imagesmith.sources.retry import backoff_delay
-
-from .helpers import FakeClock, make_settings
-from .standin import API_KEY, StandIn
 
 pytestmark = pytest.mark.anyio
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from pexels_standin import FakeClock
 
 from imagesmith.sources.pexels_client import Orientation, PexelsPhoto, PexelsSearchPage
 from imagesmith.sources.stock import (
@@ -14,8 +15,6 @@ from imagesmith.sources.stock import (
     rank_photos,
     variant_url,
 )
-
-from .helpers import FakeClock
 
 
 def photo(photo_id: int, width: int, height: int) -> PexelsPhoto:

@@ -6,6 +6,7 @@ import io
 from pathlib import Path
 
 import pytest
+from pexels_standin import FakeClock, StandIn, make_settings
 from PIL import Image
 
 from imagesmith.config import Settings
@@ -18,9 +19,6 @@ from imagesmith.sources.errors import (
 )
 from imagesmith.sources.pexels_client import Orientation
 from imagesmith.sources.stock import StockPhotoSource, StockRequest
-
-from .helpers import FakeClock, make_settings
-from .standin import StandIn
 
 pytestmark = pytest.mark.anyio
 

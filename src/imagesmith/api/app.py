@@ -18,6 +18,7 @@ from imagesmith.jobs.metrics import Metrics
 from imagesmith.jobs.service import JobService
 from imagesmith.jobs.store import JobStore
 from imagesmith.jobs.worker import Worker
+from imagesmith.sources.base import SourceName
 from imagesmith.sources.generate import EngineFactory
 from imagesmith.sources.registry import build_sources
 from imagesmith.storage.files import ImageFiles
@@ -45,7 +46,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
         files = ImageFiles(data_dir / "images")
         sources, generate = build_sources(settings, engine_factory)
         hub = EventHub()
-        metrics_ = Metrics(store.counts)
+        metrics_ = Metrics(store.counts, lambda: sources.status(SourceName.STOCK))
         worker = Worker(settings, store, files, sources, hub, metrics_)
         app.state.settings, app.state.store, app.state.files = settings, store, files
         app.state.sources, app.state.generate, app.state.hub = sources, generate, hub
@@ -65,6 +66,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
             yield
         finally:
             worker.stop()
+            sources.close()
             store.close()
 
     app = FastAPI(

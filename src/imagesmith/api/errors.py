@@ -49,9 +49,11 @@ class ApiError(Exception):
         message: str,
         field: str | None = None,
         headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.field, self.headers = status, code, message, field, headers
+        self.extra = extra  # more members of the error object, e.g. a source failure's reason and attempts
 
 
 def error_response(
@@ -61,8 +63,9 @@ def error_response(
     field: str | None = None,
     headers: dict[str, str] | None = None,
     details: list[dict[str, str]] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> JSONResponse:
-    body: dict[str, Any] = {"code": code, "message": message, "field": field}
+    body: dict[str, Any] = {"code": code, "message": message, "field": field, **(extra or {})}
     if details:
         body["details"] = details
     return JSONResponse({"error": body}, status_code=status, headers=headers)
@@ -95,7 +98,9 @@ def _invalid(items: Sequence[Any]) -> JSONResponse:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, error: ApiError) -> JSONResponse:
-        return error_response(error.status, error.code, error.message, error.field, error.headers)
+        return error_response(
+            error.status, error.code, error.message, error.field, error.headers, extra=error.extra
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _request_invalid(_: Request, error: RequestValidationError) -> JSONResponse:

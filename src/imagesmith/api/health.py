@@ -31,6 +31,8 @@ def health_report(app: FastAPI) -> dict[str, Any]:
         status = "ready"
         if generate.state is SourceState.FAILED:
             reasons.append(f"generation unavailable: {generate.detail}")
+        if stock.state in (SourceState.BLOCKED, SourceState.FAILED):
+            reasons.append(f"stock photos unavailable: {stock.detail}")
         if engine is not None and details.get("refiner") not in ("loaded", "not configured"):
             reasons.append(f"refiner {details.get('refiner')}; images are not refined")
         if not state.worker.alive:
@@ -46,6 +48,8 @@ def health_report(app: FastAPI) -> dict[str, Any]:
         "pexels_ok": stock.ready,
         "sdxl_ok": generate.ready,
         "sources": {name.value: {"state": s.state.value, "detail": s.detail} for name, s in statuses.items()},
+        # Behind pexels_ok: quota (limit, remaining, reset_at, blocked_until), last_error, cache and counters.
+        "pexels": {"configured": stock.state is not SourceState.NOT_CONFIGURED, **stock.info},
         "device": details.get("device"),
         "plan": details.get("plan"),
         "models": {

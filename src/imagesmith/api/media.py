@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -37,7 +39,9 @@ class ImageGenerationRequest(BaseModel):
     prompt: str = Field(..., description="What the image shows.")
     title: str | None = Field(None, max_length=200, description="Article title (helps stock search).")
     keywords: list[str] | None = Field(None, description="Search keywords for stock photos.")
-    use_pexels: bool = Field(True, description="Try a stock photo first (when stock search is configured).")
+    use_pexels: bool = Field(
+        True, description="Try a Pexels stock photo first (needs a Pexels key on the server)."
+    )
     use_generation: bool = Field(False, description="Generate with SDXL (when no stock photo serves).")
     use_refinement: bool = Field(True, description="Run the SDXL refiner.")
     high_quality: bool = Field(True, description="Quality defaults (refiner on unless disabled).")
@@ -93,9 +97,28 @@ class ImageGenerationResponse(BaseModel):
     image_url: str = Field(..., description="Absolute URL of the (first) image.")
     image_urls: list[str]
     images: list[ImageInfo]
-    source: str = Field(..., description="Which source served it: 'generate' or 'stock'.")
+    source: str = Field(..., description="Which source served it: 'stock' (Pexels) or 'generate'.")
+    source_reason: str = Field(
+        ...,
+        description="Why that source: 'requested' when the first choice served, else why each source before it "
+        "passed, e.g. 'stock: quota_exhausted (...; calls resume at ...)'.",
+    )
+    attempts: list[dict[str, Any]] = Field(
+        ..., description="Every source tried, in order: source, served, reason, detail, retry_at."
+    )
+    attribution: dict[str, Any] | None = Field(
+        None,
+        description="For a stock photo, the credit to show (photographer, photographer_url, photo_url, alt, "
+        "avg_color, credit_text, credit_html); it is embedded in the file too. None for generated images.",
+    )
     job_id: str
-    metadata: dict[str, Any] = Field(..., description="What the source reports (engine: seeds, stages, ...).")
+    metadata: dict[str, Any] = Field(
+        ..., description="What the source reports (engine: seeds, stages, ...; stock: query, photo_id, ...)."
+    )
+
+
+# How a job that no source could serve answers on the seed endpoint (its error code -> HTTP status).
+SOURCE_FAILURE_STATUS = {"no_results": 404, "quota_exhausted": 503, "source_unavailable": 503}
 
 
 def absolute(request: Request, path: str) -> str:
@@ -118,6 +141,9 @@ async def generate_image(
             image_urls=[image.url for image in images],
             images=images,
             source=job.result["source"],
+            source_reason=job.result.get("source_reason", "requested"),
+            attempts=job.result.get("attempts", []),
+            attribution=job.result.get("attribution"),
             job_id=job.id,
             metadata=job.result["metadata"],
         )
@@ -129,10 +155,26 @@ async def generate_image(
             f"(GET /v1/jobs/{job.id})",
         )
     error = job.error or {}
+    code = error.get("code", job.status.value)
+    if code in SOURCE_FAILURE_STATUS:  # no source could serve: say which tried and why, not a 500
+        raise ApiError(
+            SOURCE_FAILURE_STATUS[code],
+            code,
+            error.get("message", "no source could serve the image"),
+            "use_generation" if not body.use_generation else None,
+            headers=retry_after(error.get("retry_at")),
+            extra={key: error.get(key) for key in ("reason", "retry_at", "attempts")} | {"job_id": job.id},
+        )
     status = 409 if job.status is JobStatus.CANCELED else 502
-    raise ApiError(
-        status, error.get("code", job.status.value), error.get("message", f"job {job.status.value}")
-    )
+    raise ApiError(status, code, error.get("message", f"job {job.status.value}"))
+
+
+def retry_after(retry_at: str | None) -> dict[str, str] | None:
+    """A Retry-After header (whole seconds, at least 1) for an ISO time, e.g. a Pexels quota reset."""
+    if not retry_at:
+        return None
+    seconds = (datetime.fromisoformat(retry_at) - datetime.now(UTC)).total_seconds()
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}
 
 
 @router.get("/health")

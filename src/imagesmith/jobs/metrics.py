@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from imagesmith.jobs.store import JobStatus
+from imagesmith.sources.base import SourceState, SourceStatus
 
 STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
 
@@ -48,8 +49,51 @@ class _LiveCollector(Collector):
         yield memory
 
 
+class _StockCollector(Collector):
+    """The stock source's quota and counters, read from its status at scrape time (none when not configured)."""
+
+    def __init__(self, status: Callable[[], SourceStatus]) -> None:
+        self._status = status
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        status = self._status()
+        if status.state is SourceState.NOT_CONFIGURED:
+            return
+        info = status.info
+        quota = info.get("quota") or {}
+        for key, text in (("remaining", "left in the current window"), ("limit", "per window")):
+            gauge = GaugeMetricFamily(f"imagesmith_pexels_quota_{key}", f"Pexels API requests {text}.")
+            if quota.get(key) is not None:
+                gauge.add_metric([], quota[key])
+            yield gauge
+        blocked = GaugeMetricFamily(
+            "imagesmith_pexels_blocked", "1 while calls to Pexels are held back (quota)."
+        )
+        blocked.add_metric([], 1.0 if info.get("blocked") else 0.0)
+        yield blocked
+        searches = CounterMetricFamily(
+            "imagesmith_pexels_searches", "Pexels searches by where they were answered.", labels=["origin"]
+        )
+        searches.add_metric(["api"], info.get("api_searches", 0))
+        searches.add_metric(["cache"], info.get("cache_hits", 0))
+        yield searches
+        served = CounterMetricFamily("imagesmith_pexels_photos_served", "Pexels photos served.")
+        served.add_metric([], info.get("photos_served", 0))
+        yield served
+        errors = CounterMetricFamily(
+            "imagesmith_pexels_errors", "Stock fetches that failed, by reason.", labels=["reason"]
+        )
+        for reason, count in sorted((info.get("errors") or {}).items()):
+            errors.add_metric([reason], count)
+        yield errors
+
+
 class Metrics:
-    def __init__(self, counts: Callable[[], dict[JobStatus, int]]) -> None:
+    def __init__(
+        self,
+        counts: Callable[[], dict[JobStatus, int]],
+        stock_status: Callable[[], SourceStatus] | None = None,
+    ) -> None:
         self.registry = CollectorRegistry()
         self.stage_seconds = Histogram(
             "imagesmith_stage_seconds",
@@ -70,4 +114,12 @@ class Metrics:
             buckets=STAGE_BUCKETS,
             registry=self.registry,
         )
+        self.source_attempts = Counter(
+            "imagesmith_source_attempts",
+            "Sources tried for jobs, by source and outcome ('served', or why it passed: no_results, ...).",
+            ["source", "outcome"],
+            registry=self.registry,
+        )
         self.registry.register(_LiveCollector(counts))
+        if stock_status is not None:
+            self.registry.register(_StockCollector(stock_status))

@@ -114,7 +114,8 @@ class JobService:
     def check_sources(self, request: ImageRequest) -> None:
         """Refuse at once what no source can serve, rather than accept a job that can only fail."""
         states = {name: self.sources.status(name) for name in request.sources}
-        if any(status.ready for status in states.values()):
+        # A blocked source (spent quota) may still serve from its cache; the job will say why if it cannot.
+        if any(status.state in (SourceState.READY, SourceState.BLOCKED) for status in states.values()):
             return
         configured = {n: s for n, s in states.items() if s.state is not SourceState.NOT_CONFIGURED}
         if not configured:

@@ -21,7 +21,8 @@ from imagesmith.jobs.store import JobRecord, JobStatus, JobStore
 from imagesmith.logs import current_job
 from imagesmith.preview import preview_data_url
 from imagesmith.schemas import RefineMode, ResolvedRequest
-from imagesmith.sources.base import ImageRequest, NoMatch, SourceResult, SourceUnavailable
+from imagesmith.sources.base import FallbackReason, ImageRequest, SourceUnavailable
+from imagesmith.sources.fallback import Served, SourceAttempt, SourcesExhausted, serve_first
 from imagesmith.sources.registry import SourceRegistry
 from imagesmith.storage.files import ImageFiles
 
@@ -108,6 +109,22 @@ class _Tracker:
             except Exception:  # a preview is a nicety; never let it fail the job
                 log.debug("preview failed", exc_info=True)
         self.worker.hub.publish(self.job.id, "progress", data)
+
+
+def source_error(error: SourceUnavailable) -> dict[str, Any]:
+    """The job's error when no source could serve: a code a client can act on, the reason, every attempt."""
+    code = {
+        FallbackReason.NO_RESULTS: "no_results",
+        FallbackReason.QUOTA_EXHAUSTED: "quota_exhausted",
+    }.get(error.reason, "source_unavailable")
+    attempts = error.attempts if isinstance(error, SourcesExhausted) else []
+    return {
+        "code": code,
+        "message": f"{error}"[:2000],
+        "reason": error.reason.value,
+        "retry_at": error.retry_at.isoformat() if error.retry_at else None,
+        "attempts": [attempt.model_dump(mode="json") for attempt in attempts],
+    }
 
 
 class Worker:
@@ -204,10 +221,13 @@ class Worker:
         self.hub.publish(job.id, "status", {"job_id": job.id, "status": "running", "attempt": job.attempts})
         try:
             request = ImageRequest.model_validate(job.request)
-            result = self._fetch(request, job, cancel)
+            served = self._fetch(request, job, cancel)
+            result = served.result
             stored = [self.files.put(image.data, image.media_type) for image in result.images]
             payload = {
                 "source": result.source.value,
+                "source_reason": served.summary,
+                "attempts": [attempt.model_dump(mode="json") for attempt in served.attempts],
                 "images": [
                     {
                         "url": f"/v1/images/{item.name}",
@@ -219,6 +239,7 @@ class Worker:
                     }
                     for item, image in zip(stored, result.images, strict=True)
                 ],
+                "attribution": result.attribution,
                 "metadata": result.metadata,
             }
             self._finish(job, JobStatus.SUCCEEDED, result=payload)
@@ -232,17 +253,15 @@ class Worker:
                 self._finish(
                     job, JobStatus.CANCELED, error={"code": "canceled", "message": "canceled while running"}
                 )
+        except SourceUnavailable as error:
+            log.warning("job failed: %s", error)
+            self._finish(job, JobStatus.FAILED, error=source_error(error))
         except Exception as error:
-            code = (
-                "source_unavailable"
-                if isinstance(error, SourceUnavailable | NoMatch)
-                else "generation_failed"
-            )
             log.exception("job failed")
             self._finish(
                 job,
                 JobStatus.FAILED,
-                error={"code": code, "message": f"{error}"[:2000] or type(error).__name__},
+                error={"code": "generation_failed", "message": f"{error}"[:2000] or type(error).__name__},
             )
         finally:
             with self._tokens_lock:
@@ -251,20 +270,22 @@ class Worker:
             self.live.pop(job.id, None)
             self.metrics.job_seconds.observe(time.perf_counter() - started)
 
-    def _fetch(self, request: ImageRequest, job: JobRecord, cancel: CancelToken) -> SourceResult:
-        """Try the request's sources in order; the first that serves wins."""
-        reasons = []
-        for name in request.sources:
-            source = self.sources.get(name)
-            if source is None:
-                reasons.append(f"{name.value}: not configured")
-                continue
-            try:
-                return source.fetch(request, on_progress=_Tracker(self, job, request), cancel=cancel)
-            except (SourceUnavailable, NoMatch) as error:
-                log.info("source %s passed: %s", name.value, error)
-                reasons.append(f"{name.value}: {error}")
-        raise SourceUnavailable("no source could serve this request (" + "; ".join(reasons) + ")")
+    def _fetch(self, request: ImageRequest, job: JobRecord, cancel: CancelToken) -> Served:
+        """Try the request's sources in order (fallback.py); the first that serves wins. Counts every attempt."""
+        try:
+            served = serve_first(request, self.sources.get, _Tracker(self, job, request), cancel)
+        except SourcesExhausted as exhausted:
+            self._count_attempts(exhausted.attempts)
+            raise
+        self._count_attempts(served.attempts)
+        if served.passed:
+            log.info("served by %s after %s", served.source.value, served.summary)
+        return served
+
+    def _count_attempts(self, attempts: list[SourceAttempt]) -> None:
+        for attempt in attempts:
+            outcome = "served" if attempt.served else attempt.reason.value
+            self.metrics.source_attempts.labels(attempt.source.value, outcome).inc()
 
     def _finish(
         self,

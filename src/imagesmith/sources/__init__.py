@@ -1,10 +1,14 @@
 """Where a picture comes from: Pexels stock photos (stock.py) or generation (the engine).
 
-The service needs four names: StockPhotoSource and StockRequest (fetch a photo), serve_with_fallback (which
-source serves, and why), and PexelsStatus (health and metrics). Errors live in errors.py.
+The job worker sees every source through one protocol (base.py: ImageSource, SourceName, SourceResult) and
+one policy (fallback.py: serve_first tries the request's sources in order and says which served and why).
+The stock source is StockSource (stock_source.py), which runs the async StockPhotoSource on its own loop;
+generate.py wraps the engine. Pexels errors live in errors.py. This package imports no torch: stock_source.py
+and generate.py (which do) are imported by the service, not here.
 """
 
 from imagesmith.sources.attribution import Attribution, read_attribution
+from imagesmith.sources.base import FallbackReason, SourceName
 from imagesmith.sources.errors import (
     DisallowedHost,
     DownloadRejected,
@@ -19,14 +23,7 @@ from imagesmith.sources.errors import (
     PexelsQuotaExhausted,
     PexelsUnavailable,
 )
-from imagesmith.sources.fallback import (
-    FallbackReason,
-    SourceAttempt,
-    SourceName,
-    SourceOutcome,
-    SourcesExhausted,
-    serve_with_fallback,
-)
+from imagesmith.sources.fallback import Served, SourceAttempt, SourcesExhausted, classify, serve_first
 from imagesmith.sources.stock import PexelsStatus, StockPhoto, StockPhotoSource, StockRequest
 
 __all__ = [
@@ -45,13 +42,14 @@ __all__ = [
     "PexelsQuotaExhausted",
     "PexelsStatus",
     "PexelsUnavailable",
+    "Served",
     "SourceAttempt",
     "SourceName",
-    "SourceOutcome",
     "SourcesExhausted",
     "StockPhoto",
     "StockPhotoSource",
     "StockRequest",
+    "classify",
     "read_attribution",
-    "serve_with_fallback",
+    "serve_first",
 ]

@@ -6,14 +6,18 @@ jobs; the worker tries a request's sources in its order of preference and stores
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from imagesmith.engine.progress import CancelToken, ProgressCallback
 from imagesmith.schemas import GenerationRequest
+
+if TYPE_CHECKING:  # the engine package imports torch: keep it out of light imports
+    from imagesmith.engine.progress import CancelToken, ProgressCallback
 
 
 class SourceName(StrEnum):
@@ -24,7 +28,8 @@ class SourceName(StrEnum):
 class SourceState(StrEnum):
     STARTING = "starting"  # still loading (models)
     READY = "ready"
-    FAILED = "failed"  # tried to start and could not
+    BLOCKED = "blocked"  # held back for a while (a spent quota); may still serve from a cache meanwhile
+    FAILED = "failed"  # could not start, or its service refuses us (a bad key)
     NOT_CONFIGURED = "not_configured"  # no credentials or disabled by settings
 
 
@@ -32,10 +37,24 @@ class SourceState(StrEnum):
 class SourceStatus:
     state: SourceState
     detail: str = ""
+    info: Mapping[str, Any] = field(default_factory=dict)  # the source's own report (quota, counters, ...)
 
     @property
     def ready(self) -> bool:
         return self.state is SourceState.READY
+
+
+class FallbackReason(StrEnum):
+    """Why a source did not serve; the value is stable for clients and metrics labels."""
+
+    REQUESTED = "requested"  # not a failure: the source that served was the first asked for
+    NO_RESULTS = "no_results"
+    QUOTA_EXHAUSTED = "quota_exhausted"
+    NOT_CONFIGURED = "not_configured"
+    AUTH_FAILED = "auth_failed"
+    UNAVAILABLE = "unavailable"
+    BAD_RESPONSE = "bad_response"
+    ERROR = "error"
 
 
 class ImageRequest(BaseModel):
@@ -62,14 +81,27 @@ class SourceResult:
     source: SourceName
     images: list[SourceImage]
     metadata: dict[str, Any] = field(default_factory=dict)  # the source's own record (engine metadata, ...)
+    attribution: dict[str, Any] | None = None  # the credit a stock photo must carry (it is in the file too)
 
 
 class SourceUnavailable(Exception):
-    """The source cannot serve now (not configured, still loading, failed to load): try the next one."""
+    """The source cannot serve this request now: try the next one. `reason` says why, for clients and metrics;
+    `retry_at` (UTC) says when it may serve again, where that is known (a quota reset)."""
+
+    default_reason = FallbackReason.UNAVAILABLE
+
+    def __init__(
+        self, message: str, reason: FallbackReason | None = None, retry_at: datetime | None = None
+    ) -> None:
+        super().__init__(message)
+        self.reason = reason or self.default_reason
+        self.retry_at = retry_at
 
 
-class NoMatch(Exception):
+class NoMatch(SourceUnavailable):
     """The source ran but has nothing for this request (a stock search with no hits): try the next one."""
+
+    default_reason = FallbackReason.NO_RESULTS
 
 
 class ImageSource(Protocol):
@@ -77,12 +109,16 @@ class ImageSource(Protocol):
 
     def status(self) -> SourceStatus: ...
 
+    def close(self) -> None:
+        """Release what the source holds (connections, threads); called once at shutdown."""
+        ...
+
     def fetch(
         self,
         request: ImageRequest,
         on_progress: ProgressCallback | None = None,
         cancel: CancelToken | None = None,
     ) -> SourceResult:
-        """Blocking; runs on the worker thread. Raises SourceUnavailable or NoMatch to pass to the next source,
+        """Blocking; runs on the worker thread. Raises SourceUnavailable (or NoMatch) to pass to the next source,
         GenerationCanceled when canceled, anything else to fail the job."""
         ...

@@ -1,37 +1,38 @@
-"""Which source serves a request, in which order, and why: the policy the job worker calls.
+"""Which source serves a request, in which order, and why: the one policy the job worker calls.
 
-The service's whole use of it:
+    served = serve_first(request, registry.get, on_progress=..., cancel=...)
+    served.result       # the SourceResult of the source that served
+    served.source       # SourceName.STOCK or SourceName.GENERATE
+    served.reason       # FallbackReason.REQUESTED when the first choice served, else why it was passed over
+    served.summary      # one line for the response: "stock: quota_exhausted (Pexels quota ...; calls resume at ...)"
+    served.attempts     # every source tried, with its outcome, reason and retry time: the job result keeps them
 
-    outcome = await serve_with_fallback(
-        use_pexels=req.use_pexels,
-        use_generation=req.use_generation,
-        fetch_stock=lambda: stock_source.fetch(stock_request),     # async () -> StockPhoto
-        generate=lambda: run_generation(req),                      # async () -> your generation result
-    )
-    outcome.source      # SourceName.PEXELS or SourceName.GENERATION: who served
-    outcome.result      # that source's result
-    outcome.reason      # why that source: "requested", or why Pexels was passed over, in words
-    outcome.attempts    # every source tried, with its outcome and reason: put it in the job result
-
-- use_pexels only: Pexels or nothing; a failure raises SourcesExhausted (attempts attached), which the API
-  maps to 404 (no results) or 503 (quota, unavailable) through SourcesExhausted.reasons.
-- use_generation only: generation; its errors propagate untouched (they are the engine's to map).
-- both: Pexels first; when it has nothing, is out of quota, is not configured or fails, generate.
-  Generation's own errors propagate, with the Pexels attempt logged.
-Pexels errors are caught by type (FallbackReason); other exceptions from fetch_stock are caught too (so a bug
-in the stock path never blocks a generation the user allowed) but logged with their traceback.
+The request's `sources` is the order (the seed's flags make it: use_pexels -> stock, use_generation ->
+generate, both -> stock first, since a real photo costs no GPU time). A source passes to the next by raising
+SourceUnavailable (or NoMatch) with a FallbackReason; when none serves, SourcesExhausted carries every attempt.
+Anything else a source raises (a generation's CUDA out-of-memory, a cancel) fails the job as it is. The stock
+source turns every Pexels error into a reason with `classify`, and even an unexpected bug into
+FallbackReason.ERROR, so a problem on the stock path never blocks a generation the user allowed.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import StrEnum
-from typing import Generic, TypeVar
+from datetime import datetime
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
+from imagesmith.sources.base import (
+    FallbackReason,
+    ImageRequest,
+    ImageSource,
+    SourceName,
+    SourceResult,
+    SourceUnavailable,
+)
 from imagesmith.sources.errors import (
     DownloadRejected,
     NoStockResults,
@@ -42,38 +43,27 @@ from imagesmith.sources.errors import (
     PexelsUnavailable,
 )
 
+if TYPE_CHECKING:  # the engine package imports torch: keep it out of light imports
+    from imagesmith.engine.progress import CancelToken, ProgressCallback
+
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
-
-class SourceName(StrEnum):
-    PEXELS = "pexels"
-    GENERATION = "generation"
-
-
-class FallbackReason(StrEnum):
-    """Why a source did not serve; the value is stable for clients and metrics labels."""
-
-    REQUESTED = "requested"  # not a failure: the source that served was the first asked for
-    NO_RESULTS = "no_results"
-    QUOTA_EXHAUSTED = "quota_exhausted"
-    NOT_CONFIGURED = "not_configured"
-    AUTH_FAILED = "auth_failed"
-    UNAVAILABLE = "unavailable"
-    BAD_RESPONSE = "bad_response"
-    ERROR = "error"
+SourceLookup = Callable[[SourceName], ImageSource | None]
 
 
 class SourceAttempt(BaseModel):
     source: SourceName
     served: bool
     reason: FallbackReason
-    detail: str = ""  # the error's message, for people; never contains the key
+    detail: str = ""  # the error's message, for people; never contains a key
+    retry_at: datetime | None = None  # when the source may serve again (a quota reset), where known
+
+    def describe(self) -> str:
+        return f"{self.source.value}: {self.reason.value}" + (f" ({self.detail})" if self.detail else "")
 
 
 def classify(error: BaseException) -> FallbackReason:
-    """The reason a stock fetch failed, from the error's type."""
+    """The reason a stock fetch failed, from the Pexels error's type."""
     if isinstance(error, NoStockResults | DownloadRejected):
         return FallbackReason.NO_RESULTS
     if isinstance(error, PexelsQuotaExhausted):
@@ -89,69 +79,82 @@ def classify(error: BaseException) -> FallbackReason:
     return FallbackReason.ERROR
 
 
-def plan_sources(use_pexels: bool, use_generation: bool) -> list[SourceName]:
-    """The sources to try, in order. Pexels first: a real photo costs no GPU time."""
-    plan = [SourceName.PEXELS] if use_pexels else []
-    if use_generation:
-        plan.append(SourceName.GENERATION)
-    if not plan:
-        raise ValueError("use_pexels and use_generation are both false: nothing can serve the image")
-    return plan
-
-
 @dataclass
-class SourceOutcome(Generic[T]):
-    source: SourceName
-    result: T
-    reason: FallbackReason
+class Served:
+    result: SourceResult
     attempts: list[SourceAttempt] = field(default_factory=list)
 
     @property
+    def source(self) -> SourceName:
+        return self.result.source
+
+    @property
+    def passed(self) -> list[SourceAttempt]:
+        return [attempt for attempt in self.attempts if not attempt.served]
+
+    @property
+    def reason(self) -> FallbackReason:
+        """REQUESTED when the first choice served; else why the source before the one that served passed."""
+        passed = self.passed
+        return passed[-1].reason if passed else FallbackReason.REQUESTED
+
+    @property
     def summary(self) -> str:
-        """One line for the response and the log, e.g. 'generation (pexels: quota_exhausted)'."""
-        passed = [f"{a.source.value}: {a.reason.value}" for a in self.attempts if not a.served]
-        return self.source.value + (f" ({'; '.join(passed)})" if passed else "")
+        """Why this source served, in one line: 'requested', or each passed source with its reason."""
+        passed = self.passed
+        return (
+            "; ".join(attempt.describe() for attempt in passed) if passed else FallbackReason.REQUESTED.value
+        )
 
 
-class SourcesExhausted(Exception):
-    """No allowed source could serve; `attempts` says why for each."""
+class SourcesExhausted(SourceUnavailable):
+    """No allowed source could serve; `attempts` says why for each, `reason` is the last one's."""
 
     def __init__(self, attempts: list[SourceAttempt]) -> None:
         self.attempts = attempts
-        details = "; ".join(f"{a.source.value}: {a.reason.value} ({a.detail})" for a in attempts)
-        super().__init__(f"no source could serve the image: {details}")
+        details = "; ".join(attempt.describe() for attempt in attempts)
+        retry = [attempt.retry_at for attempt in attempts if attempt.retry_at is not None]
+        super().__init__(
+            f"no source could serve the image: {details}",
+            attempts[-1].reason if attempts else FallbackReason.NOT_CONFIGURED,
+            min(retry) if retry else None,
+        )
 
     @property
     def reasons(self) -> list[FallbackReason]:
         return [attempt.reason for attempt in self.attempts]
 
 
-async def serve_with_fallback(
-    *,
-    use_pexels: bool,
-    use_generation: bool,
-    fetch_stock: Callable[[], Awaitable[T]],
-    generate: Callable[[], Awaitable[T]],
-) -> SourceOutcome[T]:
-    """Try the planned sources in order; return the first result with the story of how it was reached."""
-    plan = plan_sources(use_pexels, use_generation)
+def serve_first(
+    request: ImageRequest,
+    lookup: SourceLookup,
+    on_progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+) -> Served:
+    """Try the request's sources in order; return the first result with the story of how it was reached."""
     attempts: list[SourceAttempt] = []
-    for source in plan:
-        if source is SourceName.GENERATION:
-            result = await generate()
-            reason = attempts[-1].reason if attempts else FallbackReason.REQUESTED
-            attempts.append(SourceAttempt(source=source, served=True, reason=FallbackReason.REQUESTED))
-            return SourceOutcome(source=source, result=result, reason=reason, attempts=attempts)
-        try:
-            result = await fetch_stock()
-        except Exception as error:
-            reason = classify(error)
-            if reason is FallbackReason.ERROR:
-                logger.exception("stock source failed unexpectedly")
-            else:
-                logger.info("Pexels passed over (%s): %s", reason.value, error)
-            attempts.append(SourceAttempt(source=source, served=False, reason=reason, detail=str(error)))
+    for name in request.sources:
+        source = lookup(name)
+        if source is None:
+            attempts.append(
+                SourceAttempt(
+                    source=name,
+                    served=False,
+                    reason=FallbackReason.NOT_CONFIGURED,
+                    detail=f"no {name.value} source is configured",
+                )
+            )
             continue
-        attempts.append(SourceAttempt(source=source, served=True, reason=FallbackReason.REQUESTED))
-        return SourceOutcome(source=source, result=result, reason=FallbackReason.REQUESTED, attempts=attempts)
+        try:
+            result = source.fetch(request, on_progress=on_progress, cancel=cancel)
+        except SourceUnavailable as error:
+            logger.info("source %s passed over (%s): %s", name.value, error.reason.value, error)
+            attempts.append(
+                SourceAttempt(
+                    source=name, served=False, reason=error.reason, detail=str(error), retry_at=error.retry_at
+                )
+            )
+            continue
+        attempts.append(SourceAttempt(source=name, served=True, reason=FallbackReason.REQUESTED))
+        return Served(result=result, attempts=attempts)
     raise SourcesExhausted(attempts)

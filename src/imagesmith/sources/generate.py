@@ -82,6 +82,9 @@ class GenerateSource:
             return SourceStatus(SourceState.FAILED, self._error)
         return SourceStatus(SourceState.STARTING, "models loading")
 
+    def close(self) -> None:
+        """Nothing to release: the engine lives as long as the process."""
+
     def fetch(
         self,
         request: ImageRequest,

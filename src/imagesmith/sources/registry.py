@@ -1,13 +1,13 @@
-"""The configured sources by name, and the one place that finds the stock source if it is installed."""
+"""The configured sources by name: generation always, stock photos when a Pexels key is set."""
 
 from __future__ import annotations
 
-import importlib
 import logging
 
 from imagesmith.config import Settings
 from imagesmith.sources.base import ImageSource, SourceName, SourceState, SourceStatus
 from imagesmith.sources.generate import EngineFactory, GenerateSource
+from imagesmith.sources.stock_source import create_stock_source
 
 log = logging.getLogger(__name__)
 
@@ -32,25 +32,13 @@ class SourceRegistry:
         """Whether any source is still starting (the worker waits for them before taking jobs)."""
         return any(source.status().state is SourceState.STARTING for source in self._sources.values())
 
-
-def load_stock_source(settings: Settings) -> ImageSource | None:
-    """The stock source, if its module exists and it is configured.
-
-    stock.py is written separately; it plugs in by exposing `create_stock_source(settings) -> ImageSource | None`
-    (None when it has no API key). Until it lands, stock search is simply "not configured".
-    """
-    try:
-        module = importlib.import_module("imagesmith.sources.stock")
-    except ModuleNotFoundError as error:
-        if error.name != "imagesmith.sources.stock":
-            raise
-        return None
-    factory = getattr(module, "create_stock_source", None)
-    if factory is None:
-        log.warning("imagesmith.sources.stock has no create_stock_source(settings); stock search disabled")
-        return None
-    source: ImageSource | None = factory(settings)
-    return source
+    def close(self) -> None:
+        """Release every source's connections and threads (the lifespan calls it after the worker stops)."""
+        for source in self._sources.values():
+            try:
+                source.close()
+            except Exception:
+                log.warning("closing the %s source failed", source.name.value, exc_info=True)
 
 
 def build_sources(
@@ -58,7 +46,10 @@ def build_sources(
 ) -> tuple[SourceRegistry, GenerateSource]:
     generate = GenerateSource(settings, engine_factory) if engine_factory else GenerateSource(settings)
     sources: list[ImageSource] = [generate]
-    stock = load_stock_source(settings)
+    stock = create_stock_source(settings)
     if stock is not None:
         sources.append(stock)
+        log.info("stock photos: Pexels at %s", settings.pexels_api_base_url)
+    else:
+        log.info("stock photos: not configured (set IMAGESMITH_PEXELS_API_KEY)")
     return SourceRegistry(sources), generate

@@ -1,5 +1,8 @@
 """A local stand-in for Pexels: a real HTTP server on 127.0.0.1 serving the API's JSON and real JPEG bytes.
 
+Shared by tests/sources (the client and the stock source) and tests/api (the service); the `standin` fixture
+in tests/conftest.py gives one server per session, reset before each test.
+
 Behaviours are switched per test through `api_script` / `image_script` (one entry consumed per request, then
 `api_default` / `image_default`), so a test reads as "first a 500, then success".
 """
@@ -13,10 +16,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from PIL import Image, ImageDraw
+
+from imagesmith.config import Settings
 
 API_KEY = "test-key-5f1c2b9e8a7d"  # what the stand-in accepts; distinctive, so a leak is easy to grep
 
@@ -270,3 +276,33 @@ class StandInServer:
     def __exit__(self, *exc: object) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+class FakeClock:
+    """UNIX seconds that only move when a test says so: quota resets and cache expiry without waiting."""
+
+    def __init__(self, now: float = 1_900_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def make_settings(standin: StandIn, tmp_path: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "data_dir": tmp_path,
+        "pexels_api_key": API_KEY,
+        "pexels_api_base_url": f"{standin.base_url}/v1",
+        "pexels_allowed_hosts": [standin.base_url],
+        "pexels_timeout_s": 0.5,
+        "pexels_download_timeout_s": 0.5,
+        "pexels_max_retries": 2,
+        "pexels_retry_backoff_s": 0.001,
+        "pexels_max_download_bytes": 2_000_000,
+        "pexels_quota_backoff_s": 600.0,
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)
