@@ -28,6 +28,7 @@ from imagesmith.api.a1111_mapping import (
 from imagesmith.api.deps import Authorized, FilesDep, ServiceDep, SettingsDep
 from imagesmith.api.errors import ApiError
 from imagesmith.api.waiting import succeeded_result
+from imagesmith.config import ModelPreset, Settings
 from imagesmith.engine.output import model_label
 from imagesmith.jobs.service import JobService
 from imagesmith.jobs.store import JobStatus
@@ -169,13 +170,16 @@ async def interrupt(service: ServiceDep, jobs: JobsDep) -> dict[str, Any]:
 def _models(request: Request) -> list[tuple[str, str]]:
     """(label, source) of the base model and, when configured, the refiner."""
     engine = request.app.state.generate.engine
-    settings = request.app.state.settings
-    described = engine.describe() if engine is not None else {}
-    base = described.get("base_model") or (
-        settings.model.value if settings.model.value == "tiny" else settings.base_model
-    )
-    refiner = described.get("refiner_model") if engine is not None else settings.refiner_model
-    return [(model_label(str(source)) or str(source), str(source)) for source in (base, refiner) if source]
+    if engine is not None:
+        described = engine.describe()
+        sources = [described.get("base_model"), described.get("refiner_model")]
+    else:  # still loading: what the settings name
+        settings: Settings = request.app.state.settings
+        tiny = settings.model is ModelPreset.TINY
+        sources = (
+            ["tiny-sdxl-base", "tiny-sdxl-refiner"] if tiny else [settings.base_model, settings.refiner_model]
+        )
+    return [(model_label(str(source)) or str(source), str(source)) for source in sources if source]
 
 
 @router.get("/sd-models")

@@ -56,7 +56,7 @@ SAMPLER_ALIASES: dict[SchedulerName, list[str]] = {
     SchedulerName.UNIPC: ["unipc"],
 }
 # A1111 1.9+ splits the noise schedule off the sampler; we offer its "Automatic" and, for DPM++ 2M, "Karras".
-SCHEDULERS = {"automatic": "Automatic", "karras": "Karras"}
+SCHEDULERS = {"automatic": ("Automatic", -1.0), "karras": ("Karras", 7.0)}
 _SAMPLER_LOOKUP: dict[str, SchedulerName] = {
     **{name.lower(): ours for ours, name in A1111_SAMPLER_NAMES.items()},
     **{alias: ours for ours, aliases in SAMPLER_ALIASES.items() for alias in aliases},
@@ -121,8 +121,8 @@ def sampler_list() -> list[dict[str, Any]]:
 def scheduler_list() -> list[dict[str, Any]]:
     """GET /sdapi/v1/schedulers."""
     return [
-        {"name": name, "label": label, "aliases": None, "default_rho": -1, "need_inner_model": False}
-        for name, label in SCHEDULERS.items()
+        {"name": name, "label": label, "aliases": None, "default_rho": rho, "need_inner_model": False}
+        for name, (label, rho) in SCHEDULERS.items()
     ]
 
 
@@ -154,7 +154,8 @@ def _refinement(body: Txt2ImgRequest) -> dict[str, Any]:
         return {} if switch_at is None or switch_at >= 1 else {"high_noise_frac": switch_at}
     if not body.refiner_checkpoint or body.refiner_checkpoint == "None" or (switch_at or 0) >= 1:
         return {"refine_mode": RefineMode.NONE}
-    return {"refine_mode": RefineMode.ENSEMBLE, "high_noise_frac": switch_at or DEFAULT_SWITCH_AT}
+    high_noise_frac = DEFAULT_SWITCH_AT if switch_at is None else switch_at
+    return {"refine_mode": RefineMode.ENSEMBLE, "high_noise_frac": high_noise_frac}
 
 
 def to_image_request(body: Txt2ImgRequest, settings: Settings) -> ImageRequest:
