@@ -27,6 +27,7 @@ from imagesmith.api.a1111_mapping import (
 )
 from imagesmith.api.deps import Authorized, FilesDep, ServiceDep, SettingsDep
 from imagesmith.api.errors import ApiError
+from imagesmith.api.jobs import checked_key
 from imagesmith.api.waiting import succeeded_result
 from imagesmith.config import ModelPreset, Settings
 from imagesmith.engine.output import model_label
@@ -78,9 +79,15 @@ class ProgressResponse(BaseModel):
 
 @router.post("/txt2img", response_model=Txt2ImgResponse)
 async def txt2img(
-    body: Txt2ImgRequest, service: ServiceDep, settings: SettingsDep, files: FilesDep, jobs: JobsDep
+    body: Txt2ImgRequest,
+    request: Request,
+    service: ServiceDep,
+    settings: SettingsDep,
+    files: FilesDep,
+    jobs: JobsDep,
 ) -> dict[str, Any]:
-    job, _ = service.submit(to_image_request(body, settings))
+    key = checked_key(request.headers.get("idempotency-key"))
+    job, _ = service.submit(to_image_request(body, settings), key)
     jobs.add(job.id)
     try:
         job = await service.wait(job.id, settings.wait_timeout_s)

@@ -29,7 +29,12 @@ NO_RETRY = {"x-should-retry": "false"}
 async def create_image(
     body: OpenAIImageRequest, request: Request, service: ServiceDep, settings: SettingsDep, files: FilesDep
 ) -> dict[str, Any]:
-    job = await submit_and_wait(service, to_image_request(body, settings), settings.wait_timeout_s)
+    job = await submit_and_wait(
+        service,
+        to_image_request(body, settings),
+        settings.wait_timeout_s,
+        request.headers.get("idempotency-key"),
+    )
     result = succeeded_result(job, settings.wait_timeout_s, NO_RETRY)
     data = []
     for image in result["images"]:
