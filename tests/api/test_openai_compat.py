@@ -90,14 +90,16 @@ def test_errors_are_openai_shaped(server: ServerProcess) -> None:
         assert other["code"] == "not_found" and "field" in other and "type" not in other
 
 
-def test_output_format_and_valid_sdxl_size_accepted(server: ServerProcess) -> None:
+def test_output_format_and_idempotent_retry(server: ServerProcess) -> None:
+    body = {"prompt": "a fox", "quality": "low", "output_format": "webp", "response_format": "url"}
+    headers = {"Idempotency-Key": "openai-retry-1"}
     with httpx.Client(base_url=server.url, timeout=120) as raw:
-        webp = raw.post(
-            "/v1/images/generations",
-            json={"prompt": "a fox", "quality": "low", "output_format": "webp", "response_format": "url"},
-        )
+        webp = raw.post("/v1/images/generations", json=body, headers=headers)
         assert webp.status_code == 200, webp.text
         assert webp.json()["data"][0]["url"].endswith(".webp")
+        # A retry with the same key is answered from the same job, not a second one.
+        again = raw.post("/v1/images/generations", json=body, headers=headers)
+        assert again.json() == webp.json()
 
 
 def test_bearer_keys_apply(server_factory: Callable[..., ServerProcess]) -> None:
