@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from imagesmith import __version__
-from imagesmith.api import health, images, jobs, media, metrics
+from imagesmith.api import a1111, health, images, jobs, media, metrics, openai_images
 from imagesmith.api.errors import install_error_handlers
 from imagesmith.api.limits import BodySizeLimit
 from imagesmith.config import Settings, get_settings
@@ -52,6 +52,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
         app.state.sources, app.state.generate, app.state.hub = sources, generate, hub
         app.state.metrics, app.state.worker = metrics_, worker
         app.state.service = JobService(settings, store, sources, hub, worker)
+        app.state.a1111_jobs = a1111.A1111Jobs()
         # Models load in the background: health answers "starting" and generation requests get 503 meanwhile.
         generate.start_loading()
         worker.start()
@@ -78,6 +79,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
     app.state.settings = settings
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    for module in (media, jobs, health, images, metrics):
+    # openai_images before images: POST /v1/images/generations next to GET /v1/images/{name}.
+    for module in (media, jobs, health, openai_images, images, metrics, a1111):
         app.include_router(module.router)
     return app

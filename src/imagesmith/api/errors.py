@@ -1,4 +1,9 @@
-"""The one place that turns exceptions into HTTP: every error is JSON {"error": {code, message, field}}.
+"""The one place that turns exceptions into HTTP.
+
+Every error is JSON {"error": {code, message, field}}, except on the compatibility routes, which speak their
+clients' dialect: the OpenAI Images API gets OpenAI's error object {"error": {message, type, param, code}} (and
+400 where the service says 422), the AUTOMATIC1111 API gets A1111's {error, detail, body, errors}. The handlers
+below decide what went wrong; `render_error` decides how it is written for the route family asked.
 
 Bad input is a 4xx with the field to blame; only a bug is a 500, and it says nothing about internals.
 """
@@ -8,6 +13,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Sequence
+from enum import StrEnum
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -71,6 +77,68 @@ def error_response(
     return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
+class ErrorFamily(StrEnum):
+    SERVICE = "service"
+    OPENAI = "openai"  # /v1/images/generations and its siblings
+    A1111 = "a1111"  # /sdapi/v1/...
+
+
+# Path prefixes of the compatibility routes; everything else is the service's own API.
+_FAMILY_PREFIXES = (
+    ("/v1/images/generations", ErrorFamily.OPENAI),
+    ("/v1/images/edits", ErrorFamily.OPENAI),
+    ("/v1/images/variations", ErrorFamily.OPENAI),
+    ("/sdapi/", ErrorFamily.A1111),
+)
+_OPENAI_TYPES = {401: "invalid_request_error", 429: "rate_limit_error"}
+_OPENAI_CODES = {"unauthorized": "invalid_api_key", "queue_full": "rate_limit_exceeded"}
+
+
+def error_family(request: Request) -> ErrorFamily:
+    path = request.url.path
+    for prefix, family in _FAMILY_PREFIXES:
+        if path == prefix or path.startswith(prefix if prefix.endswith("/") else prefix + "/"):
+            return family
+    return ErrorFamily.SERVICE
+
+
+def openai_error_response(
+    status: int, code: str, message: str, param: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """OpenAI's error object. Its API answers bad parameters with 400, so the service's 422s become 400s."""
+    status = 400 if status == 422 else status
+    kind = _OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    body = {"message": message, "type": kind, "param": param, "code": _OPENAI_CODES.get(code, code)}
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
+
+
+def a1111_error_response(
+    status: int, code: str, message: str, field: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """A1111's shape (its api middleware writes {error, detail, body, errors}); `field` added for people."""
+    body = {"error": code, "detail": message, "body": "", "errors": message, "field": field}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def render_error(
+    request: Request,
+    status: int,
+    code: str,
+    message: str,
+    field: str | None = None,
+    headers: dict[str, str] | None = None,
+    details: list[dict[str, str]] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> JSONResponse:
+    """One error, written in the dialect of the route family the request went to."""
+    family = error_family(request)
+    if family is ErrorFamily.OPENAI:
+        return openai_error_response(status, code, message, field, headers)
+    if family is ErrorFamily.A1111:
+        return a1111_error_response(status, code, message, field, headers)
+    return error_response(status, code, message, field, headers, details, extra)
+
+
 def validation_details(items: Sequence[Any]) -> list[dict[str, str]]:
     """pydantic errors as [{field, message}]: locations joined with dots, without FastAPI's "body" prefix;
     checks spanning several fields name theirs as "[field] message" (see schemas.py)."""
@@ -89,46 +157,53 @@ def validation_details(items: Sequence[Any]) -> list[dict[str, str]]:
     return out
 
 
-def _invalid(items: Sequence[Any]) -> JSONResponse:
+def _invalid(request: Request, items: Sequence[Any]) -> JSONResponse:
     details = validation_details(items)
     first = details[0] if details else {"field": "request", "message": "invalid request"}
-    return error_response(422, "invalid_request", first["message"], first["field"], details=details)
+    message = first["message"]
+    if error_family(request) is not ErrorFamily.SERVICE and first["field"] != "request":
+        message = f"{first['field']}: {message}"  # these dialects have no separate list of details
+    return render_error(request, 422, "invalid_request", message, first["field"], details=details)
 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, error: ApiError) -> JSONResponse:
-        return error_response(
-            error.status, error.code, error.message, error.field, error.headers, extra=error.extra
+    async def _api_error(request: Request, error: ApiError) -> JSONResponse:
+        return render_error(
+            request, error.status, error.code, error.message, error.field, error.headers, extra=error.extra
         )
 
     @app.exception_handler(RequestValidationError)
-    async def _request_invalid(_: Request, error: RequestValidationError) -> JSONResponse:
-        return _invalid(error.errors())
+    async def _request_invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        return _invalid(request, error.errors())
 
     @app.exception_handler(ValidationError)
-    async def _model_invalid(_: Request, error: ValidationError) -> JSONResponse:
-        return _invalid(error.errors())
+    async def _model_invalid(request: Request, error: ValidationError) -> JSONResponse:
+        return _invalid(request, error.errors())
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, error: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, error: StarletteHTTPException) -> JSONResponse:
         code = _STATUS_CODES.get(error.status_code, "http_error")
-        return error_response(
-            error.status_code, code, str(error.detail), headers=getattr(error, "headers", None)
+        return render_error(
+            request, error.status_code, code, str(error.detail), headers=getattr(error, "headers", None)
         )
 
     @app.exception_handler(QueueFull)
-    async def _queue_full(_: Request, error: QueueFull) -> JSONResponse:
-        return error_response(
-            429, "queue_full", f"{error}; retry later", headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)}
+    async def _queue_full(request: Request, error: QueueFull) -> JSONResponse:
+        return render_error(
+            request,
+            429,
+            "queue_full",
+            f"{error}; retry later",
+            headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)},
         )
 
     @app.exception_handler(IdempotencyConflict)
-    async def _idempotency(_: Request, error: IdempotencyConflict) -> JSONResponse:
-        return error_response(409, "idempotency_conflict", str(error), "Idempotency-Key")
+    async def _idempotency(request: Request, error: IdempotencyConflict) -> JSONResponse:
+        return render_error(request, 409, "idempotency_conflict", str(error), "Idempotency-Key")
 
     @app.exception_handler(ServiceError)
-    async def _service(_: Request, error: ServiceError) -> JSONResponse:
+    async def _service(request: Request, error: ServiceError) -> JSONResponse:
         status = {
             LimitExceeded: 422,
             JobNotFound: 404,
@@ -137,9 +212,9 @@ def install_error_handlers(app: FastAPI) -> None:
             SourcesUnavailable: 503,
         }.get(type(error), 400)
         headers = {"Retry-After": str(error.retry_after)} if error.retry_after else None
-        return error_response(status, error.code, error.message, error.field, headers)
+        return render_error(request, status, error.code, error.message, error.field, headers)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, error: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, error: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return error_response(500, "internal_error", "an internal error occurred; see the server log")
+        return render_error(request, 500, "internal_error", "an internal error occurred; see the server log")

@@ -73,6 +73,16 @@ class EventHub:
             if not channel.subscribers and not channel.backlog:
                 del self._channels[job_id]
 
+    def latest(self, job_id: str, key: str) -> Any | None:
+        """The newest value of `key` among a live job's events so far (e.g. its latest preview), or None."""
+        with self._lock:
+            channel = self._channels.get(job_id)
+            backlog = list(channel.backlog) if channel else []
+        for event in reversed(backlog):
+            if key in event.data:
+                return event.data[key]
+        return None
+
     def forget(self, job_id: str) -> None:
         with self._lock:
             self._channels.pop(job_id, None)

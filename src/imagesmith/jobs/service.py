@@ -176,6 +176,11 @@ class JobService:
             "finished_at": job.finished_at,
         }
 
+    def live_preview(self, job_id: str) -> str | None:
+        """The running job's latest preview (a JPEG data: URL), or None before the first one."""
+        preview = self.hub.latest(job_id, "preview")
+        return preview if isinstance(preview, str) else None
+
     # --- cancel ---
 
     def cancel(self, job_id: str) -> JobRecord:

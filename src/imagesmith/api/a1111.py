@@ -1,0 +1,236 @@
+"""The AUTOMATIC1111 web UI API (/sdapi/v1): txt2img as a job plus a wait, live progress, interrupt, and the
+read-only lists clients look at first (models, samplers, schedulers, options).
+
+A1111 has one global "current generation"; here, progress and interrupt act on the jobs this API submitted
+(progress falls back to whatever job is running, for monitors). Errors are written in A1111's shape by errors.py.
+The mapping is in a1111_mapping.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from PIL import Image
+from pydantic import BaseModel, Field
+
+from imagesmith.api.a1111_mapping import (
+    Txt2ImgRequest,
+    info,
+    sampler_list,
+    scheduler_list,
+    to_image_request,
+)
+from imagesmith.api.deps import Authorized, FilesDep, ServiceDep, SettingsDep
+from imagesmith.api.errors import ApiError
+from imagesmith.api.jobs import checked_key
+from imagesmith.api.waiting import succeeded_result
+from imagesmith.config import ModelPreset, Settings
+from imagesmith.engine.output import model_label
+from imagesmith.jobs.service import JobService
+from imagesmith.jobs.store import JobStatus
+from imagesmith.schemas import GenerationMetadata
+
+router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111 API"], dependencies=[Authorized])
+
+
+class A1111Jobs:
+    """Ids of the jobs submitted through this API and not yet seen finished: what progress and interrupt mean
+    by "the current generation". In memory: the txt2img request that made each one waits for it anyway."""
+
+    def __init__(self) -> None:
+        self.ids: dict[str, None] = {}  # insertion-ordered set
+
+    def add(self, job_id: str) -> None:
+        self.ids[job_id] = None
+
+    def prune(self, service: JobService) -> None:
+        for job_id in list(self.ids):
+            job = service.store.get(job_id)
+            if job is None or job.status.terminal:
+                self.ids.pop(job_id, None)
+
+
+def a1111_jobs(request: Request) -> A1111Jobs:
+    jobs: A1111Jobs = request.app.state.a1111_jobs
+    return jobs
+
+
+JobsDep = Annotated[A1111Jobs, Depends(a1111_jobs)]
+
+
+class Txt2ImgResponse(BaseModel):
+    images: list[str] = Field(..., description="Base64 PNGs (no data: prefix), one per image.")
+    parameters: dict[str, Any] = Field(..., description="The request's fields, echoed.")
+    info: str = Field(..., description="JSON string: seed, all_seeds, infotexts, ... as A1111 writes it.")
+
+
+class ProgressResponse(BaseModel):
+    progress: float = Field(..., description="0-1 across the whole job.")
+    eta_relative: float = Field(..., description="Seconds left, estimated.")
+    state: dict[str, Any]
+    current_image: str | None = Field(None, description="Base64 PNG preview of the running job.")
+    textinfo: str | None = None
+
+
+@router.post("/txt2img", response_model=Txt2ImgResponse)
+async def txt2img(
+    body: Txt2ImgRequest,
+    request: Request,
+    service: ServiceDep,
+    settings: SettingsDep,
+    files: FilesDep,
+    jobs: JobsDep,
+) -> dict[str, Any]:
+    key = checked_key(request.headers.get("idempotency-key"))
+    job, _ = service.submit(to_image_request(body, settings), key)
+    jobs.add(job.id)
+    try:
+        job = await service.wait(job.id, settings.wait_timeout_s)
+    finally:
+        jobs.prune(service)
+    parameters = body.model_dump()
+    if job.status is JobStatus.CANCELED:
+        # A1111 answers an interrupted txt2img normally, with what it has; we have no images yet.
+        record = {"prompt": body.prompt, "all_seeds": [], "interrupted": True, "job_id": job.id}
+        return {"images": [], "parameters": parameters, "info": json.dumps(record)}
+    result = succeeded_result(job, settings.wait_timeout_s)
+    images = []
+    if body.send_images:
+        for image in result["images"]:
+            path = files.get(image["url"].rsplit("/", 1)[-1])
+            if path is None:
+                raise ApiError(500, "image_missing", f"image {image['sha256']} is gone from storage")
+            images.append(base64.b64encode(path.read_bytes()).decode("ascii"))
+    meta = GenerationMetadata.model_validate(result["metadata"])
+    return {"images": images, "parameters": parameters, "info": info(body, meta, job.started_at)}
+
+
+def _png_base64(data_url: str) -> str:
+    """A preview data: URL (JPEG) as A1111's current_image: base64 PNG without a prefix."""
+    raw = base64.b64decode(data_url.split(",", 1)[1])
+    buffer = io.BytesIO()
+    with Image.open(io.BytesIO(raw)) as image:
+        image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _idle_state(job_count: int = 0) -> dict[str, Any]:
+    return {
+        "skipped": False,
+        "interrupted": False,
+        "stopping_generation": False,
+        "job": "",
+        "job_count": job_count,
+        "job_timestamp": "0",
+        "job_no": 0,
+        "sampling_step": 0,
+        "sampling_steps": 0,
+    }
+
+
+@router.get("/progress", response_model=ProgressResponse)
+async def progress(service: ServiceDep, jobs: JobsDep, skip_current_image: bool = False) -> dict[str, Any]:
+    """The running job's progress: one of this API's if any runs, else whatever job runs; idle otherwise."""
+    live = dict(service.worker.live)
+    ours = [job_id for job_id in jobs.ids if job_id in live]
+    job_id = ours[0] if ours else next(iter(live), None)
+    job = service.store.get(job_id) if job_id else None
+    if job_id is None or job is None or job.status is not JobStatus.RUNNING:
+        waiting = [j for j in map(service.store.get, list(jobs.ids)) if j and j.status is JobStatus.QUEUED]
+        text = f"Waiting: {len(waiting)} job(s) queued" if waiting else None
+        return {"progress": 0.0, "eta_relative": 0.0, "state": _idle_state(len(waiting)), "textinfo": text}
+    now = live[job_id]
+    preview = None if skip_current_image else service.live_preview(job_id)
+    started = job.started_at or time.time()
+    state = {
+        **_idle_state(1),
+        "interrupted": job.cancel_requested,
+        "job": f"task({job_id})",
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(started)),
+        "sampling_step": now.step,
+        "sampling_steps": now.total,
+    }
+    return {
+        "progress": round(now.overall_step / now.overall_total, 4) if now.overall_total else 0.0,
+        "eta_relative": round(now.eta_s, 2) if now.eta_s is not None else 0.0,
+        "state": state,
+        "current_image": _png_base64(preview) if preview else None,
+        "textinfo": f"{now.stage}: step {now.step}/{now.total}",
+    }
+
+
+@router.post("/interrupt")
+async def interrupt(service: ServiceDep, jobs: JobsDep) -> dict[str, Any]:
+    """Stop the running generation(s) this API started, within a step; their txt2img answers with no images."""
+    live = dict(service.worker.live)
+    for job_id in list(jobs.ids):
+        if job_id in live:
+            service.cancel(job_id)
+    return {}
+
+
+def _models(request: Request) -> list[tuple[str, str]]:
+    """(label, source) of the base model and, when configured, the refiner."""
+    engine = request.app.state.generate.engine
+    if engine is not None:
+        described = engine.describe()
+        sources = [described.get("base_model"), described.get("refiner_model")]
+    else:  # still loading: what the settings name
+        settings: Settings = request.app.state.settings
+        tiny = settings.model is ModelPreset.TINY
+        sources = (
+            ["tiny-sdxl-base", "tiny-sdxl-refiner"] if tiny else [settings.base_model, settings.refiner_model]
+        )
+    return [(model_label(str(source)) or str(source), str(source)) for source in sources if source]
+
+
+@router.get("/sd-models")
+async def sd_models(request: Request) -> list[dict[str, Any]]:
+    """The base model and the refiner (use its title as refiner_checkpoint). No file hashes are computed."""
+    return [
+        {
+            "title": label,
+            "model_name": label,
+            "hash": None,
+            "sha256": None,
+            "filename": source,
+            "config": None,
+        }
+        for label, source in _models(request)
+    ]
+
+
+@router.get("/samplers")
+async def samplers() -> list[dict[str, Any]]:
+    return sampler_list()
+
+
+@router.get("/schedulers")
+async def schedulers() -> list[dict[str, Any]]:
+    return scheduler_list()
+
+
+@router.get("/options")
+async def options(request: Request, settings: SettingsDep) -> dict[str, Any]:
+    """The few A1111 options that mean something here (read-only)."""
+    models = _models(request)
+    return {
+        "sd_model_checkpoint": models[0][0] if models else None,
+        "sd_checkpoint_hash": None,
+        "sd_vae": "Automatic",
+        "samples_format": "png",
+        "CLIP_stop_at_last_layers": 1,
+        "live_previews_enable": settings.preview_every > 0,
+        "show_progress_every_n_steps": settings.preview_every or -1,
+    }
+
+
+@router.get("/scripts")
+async def scripts() -> dict[str, list[str]]:
+    """No A1111 scripts or extensions here (clients such as webuiapi ask at start-up)."""
+    return {"txt2img": [], "img2img": []}

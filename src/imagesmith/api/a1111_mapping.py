@@ -1,0 +1,239 @@
+"""AUTOMATIC1111's txt2img request, mapped onto a generation job; and its answer (images, parameters, info).
+
+What maps to what:
+- steps -> num_inference_steps (the whole schedule, base plus refiner, as in A1111); cfg_scale -> guidance_scale.
+- sampler_name (or the older sampler_index) + scheduler -> our scheduler: "Euler", "Euler a", "DPM++ 2M",
+  "DPM++ 2M Karras", "DDIM", "UniPC" (A1111's aliases such as "k_euler_a" too, any case); newer A1111's
+  sampler "DPM++ 2M" + scheduler "Karras" is "DPM++ 2M Karras"; scheduler "Automatic" (or none) keeps the
+  sampler's own. Anything else is a 422 naming the valid ones: running another sampler than the one asked would
+  give a different picture for the same seed, and the parameters would say what did not happen.
+- seed -1 -> drawn at random; image i has seed + i (A1111's all_seeds). batch_size x n_iter images in one job,
+  at most max_images_per_request.
+- refiner_checkpoint + refiner_switch_at -> the ensemble split (high_noise_frac = refiner_switch_at, default
+  0.8). refiner_checkpoint given but empty or "None", or refiner_switch_at >= 1: base only. refiner_checkpoint
+  absent (most clients never send it): imagesmith's default, the refiner ensemble.
+- width/height, steps, cfg_scale absent: imagesmith's defaults (the server's default size, not A1111's 512x512,
+  which SDXL draws poorly).
+- Tolerated and ignored: override_settings (one model: sd_model_checkpoint and the like change nothing),
+  styles, subseed*, restore_faces, tiling, enable_hr and hr_*, eta, s_*, script_name/script_args,
+  alwayson_scripts, save_images. send_images=false answers without the images, as A1111 does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from imagesmith import __version__
+from imagesmith.api.errors import ApiError
+from imagesmith.config import Settings
+from imagesmith.engine.output import a1111_parameters, model_label
+from imagesmith.engine.schedulers import A1111_SAMPLER_NAMES
+from imagesmith.schemas import (
+    GenerationMetadata,
+    GenerationRequest,
+    OutputFormat,
+    RefineMode,
+    SchedulerName,
+    field_errors,
+)
+from imagesmith.sources.base import ImageRequest, SourceName
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SWITCH_AT = 0.8
+# A1111's own aliases for the samplers we have (modules/sd_samplers_kdiffusion.py and friends).
+SAMPLER_ALIASES: dict[SchedulerName, list[str]] = {
+    SchedulerName.EULER: ["k_euler"],
+    SchedulerName.EULER_ANCESTRAL: ["k_euler_a", "k_euler_ancestral"],
+    SchedulerName.DPMPP_2M: ["k_dpmpp_2m"],
+    SchedulerName.DPMPP_2M_KARRAS: ["k_dpmpp_2m_ka"],
+    SchedulerName.DDIM: ["ddim"],
+    SchedulerName.UNIPC: ["unipc"],
+}
+# A1111 1.9+ splits the noise schedule off the sampler; we offer its "Automatic" and, for DPM++ 2M, "Karras".
+SCHEDULERS = {"automatic": ("Automatic", -1.0), "karras": ("Karras", 7.0)}
+_SAMPLER_LOOKUP: dict[str, SchedulerName] = {
+    **{name.lower(): ours for ours, name in A1111_SAMPLER_NAMES.items()},
+    **{alias: ours for ours, aliases in SAMPLER_ALIASES.items() for alias in aliases},
+    **{ours.value: ours for ours in SchedulerName},
+}
+# GenerationRequest's field names, as A1111 calls them (so an error names the field the client sent).
+_FIELDS = {
+    "num_inference_steps": "steps",
+    "guidance_scale": "cfg_scale",
+    "high_noise_frac": "refiner_switch_at",
+    "num_images": "batch_size",
+}
+_IGNORED_IF_SET = ("enable_hr", "restore_faces", "tiling", "script_name", "styles", "alwayson_scripts")
+
+
+class Txt2ImgRequest(BaseModel):
+    """POST /sdapi/v1/txt2img: the fields A1111 clients send. Others are accepted (and echoed) but unused."""
+
+    model_config = ConfigDict(extra="allow")
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    styles: list[str] | None = None
+    seed: int = Field(-1, description="-1: random.")
+    subseed: int = -1
+    subseed_strength: float = 0.0
+    sampler_name: str | None = None
+    sampler_index: str | None = Field(
+        None, description="Older name of sampler_name; used when that is unset."
+    )
+    scheduler: str | None = None
+    batch_size: int = Field(1, ge=1)
+    n_iter: int = Field(1, ge=1)
+    steps: int | None = None
+    cfg_scale: float | None = None
+    width: int | None = None
+    height: int | None = None
+    refiner_checkpoint: str | None = None
+    refiner_switch_at: float | None = None
+    override_settings: dict[str, Any] | None = None
+    enable_hr: bool = False
+    restore_faces: bool | None = None
+    tiling: bool | None = None
+    script_name: str | None = None
+    alwayson_scripts: dict[str, Any] | None = None
+    send_images: bool = True
+    save_images: bool = False
+
+
+def sampler_list() -> list[dict[str, Any]]:
+    """GET /sdapi/v1/samplers."""
+    return [
+        {
+            "name": name,
+            "aliases": SAMPLER_ALIASES[ours],
+            "options": {"scheduler": "karras"} if ours is SchedulerName.DPMPP_2M_KARRAS else {},
+        }
+        for ours, name in A1111_SAMPLER_NAMES.items()
+    ]
+
+
+def scheduler_list() -> list[dict[str, Any]]:
+    """GET /sdapi/v1/schedulers."""
+    return [
+        {"name": name, "label": label, "aliases": None, "default_rho": rho, "need_inner_model": False}
+        for name, (label, rho) in SCHEDULERS.items()
+    ]
+
+
+def resolve_sampler(sampler: str | None, scheduler: str | None) -> SchedulerName:
+    name = (sampler or "Euler").strip()
+    ours = _SAMPLER_LOOKUP.get(name.lower())
+    if ours is None:
+        valid = ", ".join(repr(n) for n in A1111_SAMPLER_NAMES.values())
+        raise ApiError(
+            422, "invalid_request", f"sampler {name!r} is not available here; valid: {valid}", "sampler_name"
+        )
+    schedule = (scheduler or "automatic").strip().lower().replace(" ", "_")
+    if schedule == "automatic":
+        return ours
+    if schedule == "karras" and ours in (SchedulerName.DPMPP_2M, SchedulerName.DPMPP_2M_KARRAS):
+        return SchedulerName.DPMPP_2M_KARRAS
+    raise ApiError(
+        422,
+        "invalid_request",
+        f"scheduler {scheduler!r} is not available with sampler {A1111_SAMPLER_NAMES[ours]!r}; valid: "
+        "'Automatic' with any sampler, 'Karras' with 'DPM++ 2M'",
+        "scheduler",
+    )
+
+
+def _refinement(body: Txt2ImgRequest) -> dict[str, Any]:
+    switch_at = body.refiner_switch_at
+    if "refiner_checkpoint" not in body.model_fields_set:
+        return {} if switch_at is None or switch_at >= 1 else {"high_noise_frac": switch_at}
+    if not body.refiner_checkpoint or body.refiner_checkpoint == "None" or (switch_at or 0) >= 1:
+        return {"refine_mode": RefineMode.NONE}
+    high_noise_frac = DEFAULT_SWITCH_AT if switch_at is None else switch_at
+    return {"refine_mode": RefineMode.ENSEMBLE, "high_noise_frac": high_noise_frac}
+
+
+def to_image_request(body: Txt2ImgRequest, settings: Settings) -> ImageRequest:
+    count = body.batch_size * body.n_iter
+    if count > settings.max_images_per_request:
+        raise ApiError(
+            422,
+            "limit_exceeded",
+            f"batch_size x n_iter is {body.batch_size} x {body.n_iter} = {count} images; this server makes at "
+            f"most {settings.max_images_per_request} per request",
+            "batch_size",
+        )
+    ignored = [name for name in _IGNORED_IF_SET if getattr(body, name)]
+    if ignored:
+        log.warning("txt2img: ignoring %s (not supported by imagesmith)", ", ".join(ignored))
+    fields: dict[str, Any] = {
+        "prompt": body.prompt,
+        "negative_prompt": body.negative_prompt,
+        "width": body.width,
+        "height": body.height,
+        "num_inference_steps": body.steps,
+        "guidance_scale": body.cfg_scale,
+        "scheduler": resolve_sampler(body.sampler_name or body.sampler_index, body.scheduler),
+        "seed": None if body.seed == -1 else body.seed,
+        "num_images": count,
+        "output_format": OutputFormat.PNG,  # A1111's API answers with PNGs
+        **_refinement(body),
+    }
+    try:
+        generation = GenerationRequest.model_validate({k: v for k, v in fields.items() if v is not None})
+    except ValidationError as error:
+        first = field_errors(error)[0]
+        field = _FIELDS.get(first.field, first.field)
+        raise ApiError(422, "invalid_request", f"{field}: {first.message}", field) from error
+    return ImageRequest(sources=[SourceName.GENERATE], generation=generation)
+
+
+def info(body: Txt2ImgRequest, meta: GenerationMetadata, started_at: float | None) -> str:
+    """A1111's `info`: a JSON string (Processed.js()) describing what ran, one infotext per image."""
+    request = meta.request
+    count = len(meta.seeds)
+    extra: dict[str, Any] = {}
+    if meta.refined and meta.refiner_model:
+        extra["Refiner"] = model_label(meta.refiner_model)
+        if meta.refine_mode_ran is RefineMode.ENSEMBLE:
+            extra["Refiner switch at"] = request.high_noise_frac
+    record = {
+        "prompt": request.prompt,
+        "all_prompts": [request.prompt] * count,
+        "negative_prompt": request.negative_prompt,
+        "all_negative_prompts": [request.negative_prompt] * count,
+        "seed": meta.seeds[0],
+        "all_seeds": meta.seeds,
+        "subseed": body.subseed,
+        "all_subseeds": [body.subseed] * count,
+        "subseed_strength": body.subseed_strength,
+        "width": request.width,
+        "height": request.height,
+        "sampler_name": A1111_SAMPLER_NAMES[request.scheduler],
+        "cfg_scale": request.guidance_scale,
+        "steps": request.num_inference_steps,
+        "batch_size": body.batch_size,
+        "restore_faces": False,
+        "face_restoration_model": None,
+        "sd_model_name": model_label(meta.base_model),
+        "sd_model_hash": None,
+        "sd_vae_name": None,
+        "sd_vae_hash": None,
+        "seed_resize_from_w": -1,
+        "seed_resize_from_h": -1,
+        "denoising_strength": None,
+        "extra_generation_params": extra,
+        "index_of_first_image": 0,
+        "infotexts": [a1111_parameters(meta, index) for index in range(count)],
+        "styles": body.styles or [],
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(started_at or time.time())),
+        "clip_skip": 1,
+        "is_using_inpainting_conditioning": False,
+        "version": f"imagesmith {__version__}",
+    }
+    return json.dumps(record)

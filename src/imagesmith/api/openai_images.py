@@ -1,0 +1,50 @@
+"""The OpenAI Images API, `POST /v1/images/generations`: a job plus a wait, answered in OpenAI's shape.
+
+The official `openai` client, pointed at this server (base_url=".../v1"), works unmodified. Errors are OpenAI's
+error object (errors.py writes it for this route family). The mapping is in openai_mapping.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from imagesmith.api.deps import Authorized, FilesDep, ServiceDep, SettingsDep
+from imagesmith.api.errors import ApiError
+from imagesmith.api.media import absolute
+from imagesmith.api.openai_mapping import OpenAIImageRequest, OpenAIImagesResponse, to_image_request
+from imagesmith.api.waiting import submit_and_wait, succeeded_result
+
+router = APIRouter(prefix="/v1/images", tags=["OpenAI Images API"], dependencies=[Authorized])
+
+# The openai client retries 409s and 5xx by itself; a job that failed, was canceled or is still running must not
+# be submitted again behind the caller's back.
+NO_RETRY = {"x-should-retry": "false"}
+
+
+@router.post("/generations", response_model=OpenAIImagesResponse, response_model_exclude_none=True)
+async def create_image(
+    body: OpenAIImageRequest, request: Request, service: ServiceDep, settings: SettingsDep, files: FilesDep
+) -> dict[str, Any]:
+    job = await submit_and_wait(
+        service,
+        to_image_request(body, settings),
+        settings.wait_timeout_s,
+        request.headers.get("idempotency-key"),
+    )
+    result = succeeded_result(job, settings.wait_timeout_s, NO_RETRY)
+    data = []
+    for image in result["images"]:
+        item: dict[str, Any] = {"revised_prompt": body.prompt}
+        if body.response_format == "b64_json":
+            path = files.get(image["url"].rsplit("/", 1)[-1])
+            if path is None:  # deleted between the job and now; nothing the client can fix by retrying
+                raise ApiError(500, "image_missing", f"image {image['sha256']} is gone from storage")
+            item["b64_json"] = base64.b64encode(path.read_bytes()).decode("ascii")
+        else:
+            item["url"] = absolute(request, image["url"])
+        data.append(item)
+    return {"created": int(job.finished_at or time.time()), "data": data}

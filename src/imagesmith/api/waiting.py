@@ -1,0 +1,48 @@
+"""A job plus a wait, shared by the compatibility APIs (as media.py does for the seed's endpoint).
+
+Both foreign APIs are synchronous: the client sends one request and expects the pictures in the answer. So they
+submit an ordinary job and wait for it; there is no second generation path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from imagesmith.api.errors import ApiError
+from imagesmith.api.jobs import checked_key
+from imagesmith.jobs.service import JobService
+from imagesmith.jobs.store import JobRecord, JobStatus
+from imagesmith.sources.base import ImageRequest
+
+
+async def submit_and_wait(
+    service: JobService, request: ImageRequest, timeout_s: float, idempotency_key: str | None = None
+) -> JobRecord:
+    """Submit (an Idempotency-Key header makes a retried request wait for the first job) and wait."""
+    job, _ = service.submit(request, checked_key(idempotency_key))
+    return await service.wait(job.id, timeout_s)
+
+
+def succeeded_result(
+    job: JobRecord, timeout_s: float, headers: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """The result of a job that succeeded; an ApiError naming what happened otherwise. `headers` ride on that
+    error (the OpenAI client, for one, must not retry a job that failed or is still running)."""
+    if job.status is JobStatus.SUCCEEDED and job.result:
+        return job.result
+    if not job.status.terminal:
+        raise ApiError(
+            504,
+            "timeout",
+            f"the image is not ready after {timeout_s:.0f}s; it is still being made as job {job.id} "
+            f"(GET /v1/jobs/{job.id})",
+            headers=headers,
+        )
+    error = job.error or {}
+    status = 409 if job.status is JobStatus.CANCELED else 502
+    raise ApiError(
+        status,
+        error.get("code", job.status.value),
+        error.get("message", f"job {job.status.value}"),
+        headers=headers,
+    )

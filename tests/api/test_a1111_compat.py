@@ -1,0 +1,169 @@
+"""The AUTOMATIC1111 API through webuiapi (a client written for A1111) and raw HTTP shaped like its requests,
+against a real server on the tiny model."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+import webuiapi
+from PIL import Image
+from service_helpers import ServerProcess
+
+from imagesmith.engine.output import parse_a1111_parameters, read_parameters
+
+
+def api_for(server: ServerProcess) -> webuiapi.WebUIApi:
+    return webuiapi.WebUIApi(host="127.0.0.1", port=server.port)
+
+
+def test_webuiapi_txt2img(server: ServerProcess) -> None:
+    api = api_for(server)
+    result = api.txt2img(
+        prompt="a lighthouse at dawn",
+        negative_prompt="blurry",
+        seed=1234,
+        steps=20,
+        cfg_scale=6.0,
+        width=64,
+        height=96,
+        batch_size=2,
+        sampler_name="DPM++ 2M",
+        scheduler="Karras",  # newer A1111: sampler and schedule apart
+        override_settings={"sd_model_checkpoint": "whatever", "CLIP_stop_at_last_layers": 2},
+    )
+    assert len(result.images) == 2
+    assert all(image.size == (64, 96) for image in result.images)
+    info = result.info
+    assert info["seed"] == 1234 and info["all_seeds"] == [1234, 1235]
+    assert info["sampler_name"] == "DPM++ 2M Karras"
+    assert info["steps"] == 20 and info["cfg_scale"] == 6.0 and info["negative_prompt"] == "blurry"
+    assert (info["width"], info["height"]) == (64, 96)
+    # webuiapi sends no refiner_checkpoint: imagesmith's default, the refiner ensemble, and info says so.
+    assert info["extra_generation_params"]["Refiner switch at"] == 0.8
+    assert "Seed: 1235" in info["infotexts"][1]
+    assert result.parameters["prompt"] == "a lighthouse at dawn" and result.parameters["steps"] == 20
+    # The PNGs carry the same parameters text A1111's PNG Info reads.
+    raw = base64.b64decode(result.json["images"][0])
+    params = parse_a1111_parameters(read_parameters(raw) or "")
+    assert params["Seed"] == "1234" and params["Sampler"] == "DPM++ 2M Karras"
+
+
+def txt2img(server: ServerProcess, **fields: Any) -> httpx.Response:
+    body = {"prompt": "a fox", "steps": 20, "width": 64, "height": 64, **fields}
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        return client.post("/sdapi/v1/txt2img", json=body)
+
+
+def test_raw_txt2img_seed_refiner_and_batches(server: ServerProcess) -> None:
+    with httpx.Client(base_url=server.url) as client:
+        models = client.get("/sdapi/v1/sd-models").json()
+    refiner = models[-1]["title"]
+    ensemble = txt2img(
+        server, seed=-1, n_iter=2, refiner_checkpoint=refiner, refiner_switch_at=0.7, sampler_name="Euler a"
+    )
+    assert ensemble.status_code == 200, ensemble.text
+    body = ensemble.json()
+    assert len(body["images"]) == 2 and isinstance(body["info"], str)
+    info = httpx.Response(200, content=body["info"]).json()
+    assert info["seed"] >= 0 and info["all_seeds"] == [info["seed"], info["seed"] + 1]
+    assert info["sampler_name"] == "Euler a"
+    assert info["extra_generation_params"] == {"Refiner": refiner, "Refiner switch at": 0.7}
+    base_only = txt2img(server, refiner_checkpoint="None", send_images=False)
+    assert base_only.status_code == 200 and base_only.json()["images"] == []
+    base_info = httpx.Response(200, content=base_only.json()["info"]).json()
+    assert base_info["extra_generation_params"] == {}
+    assert "Refine mode: none" in base_info["infotexts"][0]
+
+
+def test_errors_name_the_field_and_valid_values(server: ServerProcess) -> None:
+    api = api_for(server)
+    with pytest.raises(RuntimeError) as caught:
+        api.txt2img(prompt="a fox", sampler_name="Heun", width=64, height=64, steps=20)
+    assert caught.value.args[0] == 422
+    assert "Euler a" in caught.value.args[1] and "DPM++ 2M Karras" in caught.value.args[1]
+
+    odd = txt2img(server, width=100)
+    assert odd.status_code == 422
+    error = odd.json()
+    assert error["field"] == "width" and "multiple of 8" in error["detail"] and "104" in error["detail"]
+    assert set(error) >= {"error", "detail", "body", "errors"}
+    too_many = txt2img(server, batch_size=3, n_iter=2)
+    assert too_many.status_code == 422 and too_many.json()["field"] == "batch_size"
+    karras_euler = txt2img(server, sampler_name="Euler", scheduler="Karras")
+    assert karras_euler.status_code == 422 and karras_euler.json()["field"] == "scheduler"
+    steps = txt2img(server, steps=0)
+    assert steps.status_code == 422 and steps.json()["field"] == "steps"
+
+
+def test_lists_clients_read(server: ServerProcess) -> None:
+    api = api_for(server)
+    assert {"Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "DDIM", "UniPC"} == set(
+        api.util_get_sampler_names()
+    )
+    assert "karras" in api.util_get_scheduler_names()
+    titles = api.util_get_model_names()
+    assert titles and api.util_get_current_model() in titles
+    assert api.get_options()["samples_format"] == "png"
+    idle = api.get_progress()
+    assert idle["progress"] == 0 and idle["state"]["job_count"] == 0 and idle["current_image"] is None
+
+
+def test_progress_and_interrupt_of_a_running_txt2img(server: ServerProcess) -> None:
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = api_for(server).txt2img(
+                prompt="a slow fox", width=128, height=128, steps=150, seed=5
+            )
+        except Exception as error:  # reported below
+            outcome["error"] = error
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    monitor = api_for(server)
+    deadline = time.monotonic() + 60
+    seen: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        now = monitor.get_progress()
+        if now["state"]["sampling_step"] > 0:
+            seen.append(now)
+        if len(seen) >= 2 and now["current_image"]:
+            break
+        time.sleep(0.1)
+    assert seen and now["current_image"], "no progress with a preview seen"
+    assert 0 < now["progress"] < 1 and now["eta_relative"] > 0
+    assert now["state"]["sampling_steps"] > 0 and now["state"]["job_count"] == 1
+    assert now["textinfo"].startswith("base")
+    assert seen[-1]["progress"] >= seen[0]["progress"]
+    preview = Image.open(io.BytesIO(base64.b64decode(now["current_image"])))
+    assert preview.format == "PNG" and preview.size == (16, 16)  # latents are 1/8 scale
+
+    assert monitor.interrupt() == {}
+    worker.join(60)
+    assert "error" not in outcome, outcome.get("error")
+    result = outcome["result"]
+    assert result.images == [] and result.info["interrupted"] is True
+    with httpx.Client(base_url=server.url) as client:
+        job = client.get(f"/v1/jobs/{result.info['job_id']}").json()
+    assert job["status"] == "canceled"
+    assert monitor.get_progress()["state"]["job_count"] == 0
+
+
+def test_bearer_keys_apply(server_factory: Callable[..., ServerProcess]) -> None:
+    server = server_factory(imagesmith_api_keys="k1").start()
+    refused = httpx.get(f"{server.url}/sdapi/v1/progress")
+    assert refused.status_code == 401 and refused.json()["error"] == "unauthorized"
+    assert "Bearer" in refused.json()["detail"]
+    api = api_for(server)
+    api.session.headers["Authorization"] = "Bearer k1"
+    assert api.get_progress()["progress"] == 0
+    result = api.txt2img(prompt="a fox", width=64, height=64, steps=20)
+    assert len(result.images) == 1

@@ -1,0 +1,115 @@
+"""The OpenAI Images API through the official `openai` client, against a real server on the tiny model."""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Callable
+
+import httpx
+import openai
+import pytest
+from PIL import Image
+from service_helpers import ServerProcess
+
+from imagesmith.engine.output import parse_a1111_parameters, read_parameters
+
+
+def client_for(server: ServerProcess, api_key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=api_key, max_retries=0, timeout=120)
+
+
+def test_generate_url_and_b64_json(server: ServerProcess) -> None:
+    client = client_for(server)
+    # size left out: the server's default (64x64 here); "standard" is the draft preset (base only).
+    response = client.images.generate(
+        model="dall-e-3", prompt="a lighthouse at dawn", n=2, quality="standard", response_format="url"
+    )
+    assert isinstance(response.created, int) and response.created > 0
+    assert response.data is not None and len(response.data) == 2
+    seeds = []
+    for item in response.data:
+        assert item.b64_json is None and item.revised_prompt == "a lighthouse at dawn"
+        assert item.url is not None and item.url.startswith(f"{server.url}/v1/images/")
+        assert item.url.endswith(".png")
+        fetched = httpx.get(item.url)
+        assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/png"
+        assert Image.open(io.BytesIO(fetched.content)).size == (64, 64)
+        params = parse_a1111_parameters(read_parameters(fetched.content) or "")
+        assert params["Steps"] == "30" and params["Refine mode"] == "none"
+        seeds.append(int(params["Seed"]))
+    assert seeds[1] == seeds[0] + 1
+
+    # "hd" is the high-quality preset: 40 steps with the refiner. style and user are accepted.
+    b64 = client.images.generate(
+        model="gpt-image-1",
+        prompt="a red bicycle",
+        quality="hd",
+        response_format="b64_json",
+        style="vivid",
+        user="blog-42",
+        size="auto",
+    )
+    assert b64.data is not None and len(b64.data) == 1
+    raw = base64.b64decode(b64.data[0].b64_json or "")
+    assert raw.startswith(b"\x89PNG") and b64.data[0].url is None
+    params = parse_a1111_parameters(read_parameters(raw) or "")
+    assert params["prompt"] == "a red bicycle"
+    assert params["Steps"] == "40" and params["Refine mode"] == "ensemble"
+
+
+def test_errors_are_openai_shaped(server: ServerProcess) -> None:
+    client = client_for(server)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.images.generate(prompt="a fox", size="512x512")
+    error = caught.value
+    assert error.status_code == 400
+    body = error.response.json()["error"]
+    assert set(body) == {"message", "type", "param", "code"}
+    assert body["type"] == "invalid_request_error" and body["param"] == "size"
+    assert "1024x1024" in body["message"] and "1216x832" in body["message"]
+
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.images.generate(prompt="a fox", n=5)
+    assert caught.value.response.json()["error"]["param"] == "n"
+
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.images.generate(prompt="a fox", response_format="base64")  # type: ignore[arg-type]
+    assert caught.value.response.json()["error"]["param"] == "response_format"
+
+    with httpx.Client(base_url=server.url) as raw:
+        missing = raw.post("/v1/images/generations", json={"n": 1})
+        assert missing.status_code == 400
+        assert missing.json()["error"]["param"] == "prompt"
+        blank = raw.post("/v1/images/generations", json={"prompt": "   "})
+        assert blank.status_code == 400 and blank.json()["error"]["param"] == "prompt"
+        gif = raw.post("/v1/images/generations", json={"prompt": "a fox", "output_format": "gif"})
+        assert gif.status_code == 400 and gif.json()["error"]["param"] == "output_format"
+        # The rest of the service keeps its own error shape.
+        other = raw.get("/v1/jobs/nope").json()["error"]
+        assert other["code"] == "not_found" and "field" in other and "type" not in other
+
+
+def test_output_format_and_idempotent_retry(server: ServerProcess) -> None:
+    body = {"prompt": "a fox", "quality": "low", "output_format": "webp", "response_format": "url"}
+    headers = {"Idempotency-Key": "openai-retry-1"}
+    with httpx.Client(base_url=server.url, timeout=120) as raw:
+        webp = raw.post("/v1/images/generations", json=body, headers=headers)
+        assert webp.status_code == 200, webp.text
+        assert webp.json()["data"][0]["url"].endswith(".webp")
+        # A retry with the same key is answered from the same job, not a second one.
+        again = raw.post("/v1/images/generations", json=body, headers=headers)
+        assert again.json() == webp.json()
+
+
+def test_bearer_keys_apply(server_factory: Callable[..., ServerProcess]) -> None:
+    server = server_factory(imagesmith_api_keys="k1").start()
+    with pytest.raises(openai.AuthenticationError) as caught:
+        client_for(server, "wrong").images.generate(prompt="a fox")
+    body = caught.value.response.json()["error"]
+    assert body["code"] == "invalid_api_key" and body["type"] == "invalid_request_error"
+    response = client_for(server, "k1").images.generate(prompt="a fox", quality="standard")
+    assert response.data is not None and response.data[0].url
+    # The image URL needs the key too, as every other service URL does.
+    assert httpx.get(response.data[0].url).status_code == 401
+    assert httpx.get(response.data[0].url, headers={"Authorization": "Bearer k1"}).status_code == 200
