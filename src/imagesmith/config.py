@@ -105,6 +105,15 @@ class Settings(BaseSettings):
     )
     default_width: int = Field(1024, ge=64, le=2048, description="Width when a request gives no size.")
     default_height: int = Field(1024, ge=64, le=2048, description="Height when a request gives no size.")
+    batch_max_images: int = Field(
+        8,
+        ge=1,
+        le=32,
+        description="Images of compatible queued jobs run as one pipeline pass (1: no batching).",
+    )
+    batch_window_ms: int = Field(
+        20, ge=0, le=5000, description="How long a batchable job waits for compatible company before running."
+    )
     preview_every: int = Field(5, ge=0, description="Steps between SSE preview images; 0 turns them off.")
     preview_max_side: int = Field(128, ge=16, le=512, description="Longest side of a preview image.")
     wait_timeout_s: float = Field(

@@ -19,6 +19,7 @@ from schemathesis.checks import not_a_server_error
 from imagesmith.api import create_app
 from imagesmith.config import Settings
 from imagesmith.engine import GenerationResult
+from imagesmith.engine.hardware import DeviceInfo, plan_hardware
 from imagesmith.schemas import GenerationMetadata, ImageReport, RefineMode
 
 
@@ -34,6 +35,11 @@ class StubEngine:
         return GenerationResult(
             images=[Image.new("RGB", (8, 8), (i, 0, 0)) for i in range(count)], metadata=metadata
         )
+
+    def generate_batch(self, items: list[Any]) -> list[GenerationResult | BaseException]:
+        return [self.generate(item.request) for item in items]
+
+    plan = plan_hardware(DeviceInfo("cpu"), Settings())
 
     def describe(self) -> dict[str, Any]:
         return {"device": "cpu", "plan": "stub", "refiner": "not configured", "base_model": "stub"}

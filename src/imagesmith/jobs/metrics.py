@@ -120,6 +120,12 @@ class Metrics:
             ["source", "outcome"],
             registry=self.registry,
         )
+        self.batch_images = Histogram(
+            "imagesmith_batch_images",
+            "Images per pipeline pass when compatible jobs run together (batches of 2 or more jobs).",
+            buckets=(1, 2, 4, 8, 16, 32),
+            registry=self.registry,
+        )
         self.registry.register(_LiveCollector(counts))
         if stock_status is not None:
             self.registry.register(_StockCollector(stock_status))

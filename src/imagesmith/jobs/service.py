@@ -10,7 +10,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import time
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -243,19 +242,16 @@ class JobService:
 
     async def wait(self, job_id: str, timeout: float) -> JobRecord:
         """Until the job finishes or `timeout` passes; returns the job as it then stands."""
-        deadline = time.monotonic() + timeout
         stream = self.events(job_id, heartbeat_s=min(5.0, timeout))
         try:
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    event = await asyncio.wait_for(anext(stream), timeout=remaining)
-                except (TimeoutError, StopAsyncIteration):
-                    break
-                if event is not None and event.terminal:
-                    break
+            # One timeout around the whole loop: cancelling a pending anext() (asyncio.wait_for per event)
+            # leaves the generator marked running, and its aclose() then raises.
+            async with asyncio.timeout(timeout):
+                async for event in stream:
+                    if event is not None and event.terminal:
+                        break
+        except TimeoutError:
+            pass
         finally:
             await stream.aclose()
         return self.get(job_id)

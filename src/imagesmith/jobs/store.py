@@ -13,6 +13,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -185,6 +186,40 @@ class JobStore:
                     (JobStatus.QUEUED.value, limit),
                 ).fetchall()
                 ids = [row["id"] for row in rows]
+                now = time.time()
+                for job_id in ids:
+                    self._db.execute(
+                        "UPDATE jobs SET status = ?, attempts = attempts + 1, started_at = ? WHERE id = ?",
+                        (JobStatus.RUNNING.value, now, job_id),
+                    )
+                claimed = [self._one("SELECT * FROM jobs WHERE id = ?", (job_id,)) for job_id in ids]
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+        return [JobRecord.from_row(row) for row in claimed if row is not None]
+
+    def claim_where(
+        self, accept: Callable[[JobRecord], bool], limit: int, scan: int = 200
+    ) -> list[JobRecord]:
+        """Claim up to `limit` queued jobs that `accept` (oldest first, looking at the `scan` oldest): how the
+        worker gathers jobs that can share a pipeline pass with the one it already holds."""
+        if limit <= 0:
+            return []
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                rows = self._db.execute(
+                    "SELECT * FROM jobs WHERE status = ? AND cancel_requested = 0 ORDER BY seq LIMIT ?",
+                    (JobStatus.QUEUED.value, scan),
+                ).fetchall()
+                ids: list[str] = []
+                for row in rows:
+                    if len(ids) >= limit:
+                        break
+                    if accept(JobRecord.from_row(row)):
+                        ids.append(row["id"])
                 now = time.time()
                 for job_id in ids:
                     self._db.execute(

@@ -1,8 +1,10 @@
 """The worker: one thread that owns the GPU, takes jobs FIFO from the store and runs them through the sources.
 
-One generation runs at a time (the engine holds a lock too). The loop takes a *list* of jobs from the store and
-hands it to run_batch(), which today runs them one by one; batching compatible requests into one pipeline call
-is a later performance change that fits here without touching the queue.
+One generation runs at a time (the engine holds a lock too). The loop claims the oldest queued job; when it is a
+generation-only job and batching is on, it waits batch_window_ms for company and claims more queued jobs with
+the same engine batch_key (same size, steps, mode, scheduler, guidance), up to batch_max_images images, and runs
+them as one pipeline pass. Each image stays what it would have been alone (its own seeds and generators); each
+job keeps its own progress events, cancel and result.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from imagesmith.config import Settings
+from imagesmith.engine.engine import BatchItem
+from imagesmith.engine.pipeline import BatchKey, batch_key
 from imagesmith.engine.progress import CancelToken, GenerationCanceled, ProgressEvent
 from imagesmith.jobs.events import EventHub
 from imagesmith.jobs.metrics import Metrics
@@ -21,14 +25,13 @@ from imagesmith.jobs.store import JobRecord, JobStatus, JobStore
 from imagesmith.logs import current_job
 from imagesmith.preview import preview_data_url
 from imagesmith.schemas import RefineMode, ResolvedRequest
-from imagesmith.sources.base import FallbackReason, ImageRequest, SourceUnavailable
+from imagesmith.sources.base import FallbackReason, ImageRequest, SourceName, SourceResult, SourceUnavailable
 from imagesmith.sources.fallback import Served, SourceAttempt, SourcesExhausted, serve_first
+from imagesmith.sources.generate import GenerateSource
 from imagesmith.sources.registry import SourceRegistry
 from imagesmith.storage.files import ImageFiles
 
 log = logging.getLogger(__name__)
-
-BATCH_MAX = 1  # jobs taken per claim; >1 once the engine can batch compatible requests
 
 
 def planned_steps(request: ResolvedRequest) -> dict[str, int]:
@@ -42,19 +45,15 @@ def planned_steps(request: ResolvedRequest) -> dict[str, int]:
     return {"base": steps}
 
 
-def compatible(first: ImageRequest, second: ImageRequest) -> bool:
-    """Whether two jobs could share one pipeline call: same sources and same shape of work."""
-    a, b = first.generation.resolve(), second.generation.resolve()
-    keys = (
-        "width",
-        "height",
-        "num_inference_steps",
-        "refine_mode",
-        "high_noise_frac",
-        "scheduler",
-        "output_format",
-    )
-    return first.sources == second.sources and all(getattr(a, key) == getattr(b, key) for key in keys)
+def generation_batch_key(job: JobRecord) -> BatchKey | None:
+    """The engine batch key of a generation-only job; None for jobs that cannot share a pass (stock first)."""
+    try:
+        request = ImageRequest.model_validate(job.request)
+    except ValueError:
+        return None
+    if request.sources != [SourceName.GENERATE]:
+        return None
+    return batch_key(request.generation.resolve())
 
 
 @dataclass
@@ -109,6 +108,17 @@ class _Tracker:
             except Exception:  # a preview is a nicety; never let it fail the job
                 log.debug("preview failed", exc_info=True)
         self.worker.hub.publish(self.job.id, "progress", data)
+
+
+def _images_of(job: JobRecord) -> int:
+    generation = job.request.get("generation", {}) if isinstance(job.request, dict) else {}
+    return int(generation.get("num_images", 1) or 1)
+
+
+def served_directly(result: SourceResult) -> Served:
+    """A generation result that was asked for first (batched jobs are generation-only)."""
+    attempt = SourceAttempt(source=result.source, served=True, reason=FallbackReason.REQUESTED)
+    return Served(result=result, attempts=[attempt])
 
 
 def source_error(error: SourceUnavailable) -> dict[str, Any]:
@@ -192,7 +202,11 @@ class Worker:
 
     def _loop(self) -> None:
         while not self._stopping:
-            jobs = [] if self.sources.settling() else self.store.claim(BATCH_MAX)
+            try:
+                jobs = [] if self.sources.settling() else self._claim()
+            except Exception:  # a broken claim must not end the worker: jobs stay queued, try again
+                log.exception("claiming jobs failed")
+                jobs = []
             if not jobs:
                 with self._wake:
                     self._wake.wait(timeout=0.5)
@@ -202,7 +216,34 @@ class Worker:
             except Exception:  # keep the worker alive whatever happens to one batch
                 log.exception("worker batch failed")
 
+    def _claim(self) -> list[JobRecord]:
+        """The oldest queued job, plus queued jobs that can share its pipeline pass (see the module doc)."""
+        jobs = self.store.claim(1)
+        generator = self.sources.get(SourceName.GENERATE)
+        if not jobs or not isinstance(generator, GenerateSource):
+            return jobs
+        budget = generator.max_batch_images() - _images_of(jobs[0])
+        key = generation_batch_key(jobs[0])
+        if key is None or budget <= 0:
+            return jobs
+        if self.settings.batch_window_ms:
+            with self._wake:  # a new job notifies: no need to sleep out the whole window
+                self._wake.wait(timeout=self.settings.batch_window_ms / 1000)
+
+        def fits(job: JobRecord) -> bool:
+            nonlocal budget
+            images = _images_of(job)
+            if images > budget or generation_batch_key(job) != key:
+                return False
+            budget -= images
+            return True
+
+        return jobs + self.store.claim_where(fits, limit=generator.max_batch_images())
+
     def run_batch(self, jobs: list[JobRecord]) -> None:
+        if len(jobs) > 1:
+            self._run_generation_batch(jobs)
+            return
         for job in jobs:
             token = current_job.set(job.id)
             try:
@@ -210,18 +251,59 @@ class Worker:
             finally:
                 current_job.reset(token)
 
-    def _run_one(self, job: JobRecord) -> None:
+    def _run_generation_batch(self, jobs: list[JobRecord]) -> None:
+        """Compatible generation jobs in one engine pass; then each job is finished on its own."""
+        self.metrics.batch_images.observe(sum(_images_of(job) for job in jobs))
+        log.info("running %d jobs as one batch: %s", len(jobs), ", ".join(job.id for job in jobs))
+        starts = {job.id: self._begin(job) for job in jobs}
+        requests = [ImageRequest.model_validate(job.request) for job in jobs]
+        items = [
+            BatchItem(request.generation, _Tracker(self, job, request), starts[job.id][0])
+            for job, request in zip(jobs, requests, strict=True)
+        ]
+        generator = self.sources.get(SourceName.GENERATE)
+        assert isinstance(generator, GenerateSource)
+        try:
+            outcomes: list[SourceResult | BaseException] = generator.fetch_batch(items)
+        except Exception as error:  # the whole pass failed (engine gone, ...): every job gets the error
+            outcomes = [error for _ in jobs]
+        for job, outcome in zip(jobs, outcomes, strict=True):
+            token = current_job.set(job.id)
+            try:
+                served = outcome if isinstance(outcome, BaseException) else served_directly(outcome)
+                self._complete(job, *starts[job.id], served)
+            finally:
+                current_job.reset(token)
+
+    def _begin(self, job: JobRecord) -> tuple[CancelToken, float]:
+        """Register the job's cancel token and announce that it runs."""
         cancel = CancelToken()
         with self._tokens_lock:
             self._tokens[job.id] = cancel
         if job.cancel_requested or self._stopping:
             cancel.cancel()
-        started = time.perf_counter()
         log.info("job started (attempt %d)", job.attempts)
         self.hub.publish(job.id, "status", {"job_id": job.id, "status": "running", "attempt": job.attempts})
+        return cancel, time.perf_counter()
+
+    def _run_one(self, job: JobRecord) -> None:
+        cancel, started = self._begin(job)
+        outcome: Served | BaseException
         try:
             request = ImageRequest.model_validate(job.request)
-            served = self._fetch(request, job, cancel)
+            outcome = self._fetch(request, job, cancel)
+        except Exception as error:  # finished below, in the one place that turns outcomes into job states
+            outcome = error
+        self._complete(job, cancel, started, outcome)
+
+    def _complete(
+        self, job: JobRecord, cancel: CancelToken, started: float, outcome: Served | BaseException
+    ) -> None:
+        """Store the images and record the job's final state (or put it back in the queue on shutdown)."""
+        try:
+            if isinstance(outcome, BaseException):
+                raise outcome
+            served = outcome
             result = served.result
             stored = [self.files.put(image.data, image.media_type) for image in result.images]
             payload = {

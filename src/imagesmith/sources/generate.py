@@ -7,7 +7,7 @@ import threading
 from collections.abc import Callable
 
 from imagesmith.config import Settings
-from imagesmith.engine import Engine
+from imagesmith.engine import BatchItem, Engine, GenerationResult
 from imagesmith.engine.progress import CancelToken, ProgressCallback
 from imagesmith.schemas import OutputFormat
 from imagesmith.sources.base import (
@@ -91,10 +91,29 @@ class GenerateSource:
         on_progress: ProgressCallback | None = None,
         cancel: CancelToken | None = None,
     ) -> SourceResult:
+        outcome = self.fetch_batch([BatchItem(request.generation, on_progress, cancel)])[0]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def fetch_batch(self, items: list[BatchItem]) -> list[SourceResult | BaseException]:
+        """Several compatible generations (equal engine.batch_key) in one pipeline pass; one outcome each."""
         engine = self._engine
         if engine is None:
             raise SourceUnavailable(f"generation is not available: {self.status().detail}")
-        result = engine.generate(request.generation, on_progress=on_progress, cancel=cancel)
+        return [
+            outcome if isinstance(outcome, BaseException) else self._as_source_result(outcome)
+            for outcome in engine.generate_batch(items)
+        ]
+
+    def max_batch_images(self) -> int:
+        """Images one pass may hold: the setting when weights are resident, 1 when offloading (memory is tight)."""
+        engine = self._engine
+        if engine is None or engine.plan.offload != "none":
+            return 1
+        return self._settings.batch_max_images
+
+    def _as_source_result(self, result: GenerationResult) -> SourceResult:
         media_type = MEDIA_TYPES[result.metadata.request.output_format]
         images = [
             SourceImage(

@@ -1,0 +1,105 @@
+"""The worker batches compatible queued generation jobs into one pipeline pass; each job keeps its own result,
+progress, cancel and image (the one it would have got alone). Real SQLite store, real files, tiny engine."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imagesmith.config import Settings
+from imagesmith.engine import Engine
+from imagesmith.jobs.events import EventHub
+from imagesmith.jobs.metrics import Metrics
+from imagesmith.jobs.store import JobStatus, JobStore
+from imagesmith.jobs.worker import Worker
+from imagesmith.schemas import GenerationRequest
+from imagesmith.sources.base import ImageRequest, SourceName
+from imagesmith.sources.generate import GenerateSource
+from imagesmith.sources.registry import SourceRegistry
+from imagesmith.storage.files import ImageFiles
+
+
+def job_request(**generation: Any) -> dict[str, Any]:
+    fields = {"width": 64, "height": 64, "num_inference_steps": 10, **generation}
+    request = ImageRequest(sources=[SourceName.GENERATE], generation=GenerationRequest(**fields))
+    return request.model_dump(mode="json")
+
+
+@pytest.fixture
+def service(tiny_settings: Settings, tiny_engine: Engine, tmp_path: Path) -> Any:
+    settings = tiny_settings.with_changes(data_dir=tmp_path, batch_max_images=4, batch_window_ms=0)
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    generate = GenerateSource(settings, factory=lambda _: tiny_engine)
+    generate.start_loading().join()
+    files = ImageFiles(tmp_path / "images")
+    worker = Worker(settings, store, files, SourceRegistry([generate]), EventHub(), Metrics(store.counts))
+    yield store, worker, files
+    worker.stop()
+    store.close()
+
+
+def submit(store: JobStore, request: dict[str, Any]) -> str:
+    job, _ = store.submit(request, hashlib.sha256(repr(request).encode()).hexdigest(), None, queue_max=100)
+    return job.id
+
+
+def wait_all(store: JobStore, ids: list[str], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        jobs = [store.get(job_id) for job_id in ids]
+        if all(job is not None and job.status.terminal for job in jobs):
+            return
+        time.sleep(0.05)
+    raise AssertionError("jobs did not finish")
+
+
+def image_of(files: ImageFiles, result: dict[str, Any], index: int = 0) -> np.ndarray:
+    item = result["images"][index]
+    extension = item["url"].rsplit(".", 1)[1]
+    with Image.open(files.path_for(item["sha256"], extension)) as image:
+        return np.asarray(image).astype(np.int16)
+
+
+def test_compatible_jobs_run_as_one_batch_each_image_as_if_alone(service: Any, tiny_engine: Engine) -> None:
+    store, worker, files = service
+    first = submit(store, job_request(prompt="a red bicycle", seed=1, num_images=2))
+    other_size = submit(store, job_request(prompt="a boat", seed=2, width=96))  # incompatible: own pass
+    second = submit(store, job_request(prompt="a blue boat", seed=3))
+    too_many = submit(store, job_request(prompt="a kite", seed=4, num_images=2))  # 2+1+2 > 4 images
+    worker.start()
+    wait_all(store, [first, other_size, second, too_many])
+    jobs = {job_id: store.get(job_id) for job_id in (first, other_size, second, too_many)}
+    assert all(job is not None and job.status is JobStatus.SUCCEEDED for job in jobs.values())
+    batch_sizes = {job_id: job.result["metadata"]["batch_size"] for job_id, job in jobs.items() if job}
+    assert batch_sizes == {first: 3, second: 3, other_size: 1, too_many: 2}
+    # Every batched image equals the one its request makes alone (rounding of batched products aside).
+    solo = tiny_engine.generate(
+        GenerationRequest(prompt="a blue boat", seed=3, width=64, height=64, num_inference_steps=10)
+    )
+    assert (
+        np.abs(image_of(files, jobs[second].result) - np.asarray(solo.images[0]).astype(np.int16)).max() <= 2
+    )
+    assert jobs[first].result["metadata"]["seeds"] == [1, 2]
+
+
+def test_a_canceled_job_in_a_batch_ends_canceled_and_the_others_succeed(service: Any) -> None:
+    store, worker, _ = service
+    keep = submit(store, job_request(prompt="keep", seed=1))
+    drop = submit(store, job_request(prompt="drop", seed=2))
+
+    def cancel_drop_when_running() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not worker.cancel(drop):
+            time.sleep(0.005)
+
+    worker.start()
+    cancel_drop_when_running()
+    wait_all(store, [keep, drop])
+    assert store.get(keep).status is JobStatus.SUCCEEDED  # type: ignore[union-attr]
+    assert store.get(drop).status is JobStatus.CANCELED  # type: ignore[union-attr]
