@@ -1,0 +1,145 @@
+"""Images per second through the service's queue (SQLite job store -> worker -> engine -> content-addressed
+files), at batch_max_images 1, 4 and 8, on full-size random-weight SDXL at the MLPerf setting (20 steps, base
+only, guidance 8, 1024x1024). Optionally the same with the compiled engine.
+
+Each configuration queues N jobs at once, starts a worker and times until the last job finishes. The worker
+batches compatible queued jobs (engine batch_key) up to batch_max_images per pipeline pass.
+
+Usage:  PYTHONPATH=src python benchmarks/queue_throughput.py --out DIR [--jobs 16] [--compiled] [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sdxl_random import architecture, build_components, build_pipelines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", default=os.environ.get("OUT", "queue-out"))
+    parser.add_argument("--jobs", type=int, default=16)
+    parser.add_argument("--batches", default="1,4,8")
+    parser.add_argument("--compiled", action="store_true", help="also run the largest batch compiled")
+    parser.add_argument("--smoke", action="store_true")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    from imagesmith.config import Settings
+    from imagesmith.engine.engine import Engine
+    from imagesmith.engine.fast import apply_speed_levers
+    from imagesmith.engine.hardware import plan_hardware, probe_device
+    from imagesmith.engine.models import LoadedModels, ModelSources
+    from imagesmith.jobs.events import EventHub
+    from imagesmith.jobs.metrics import Metrics
+    from imagesmith.jobs.store import JobStatus, JobStore
+    from imagesmith.jobs.worker import Worker
+    from imagesmith.schemas import GenerationRequest
+    from imagesmith.sources.base import ImageRequest, SourceName
+    from imagesmith.sources.generate import GenerateSource
+    from imagesmith.sources.registry import SourceRegistry
+    from imagesmith.storage.files import ImageFiles
+
+    device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
+    px, steps = (64, 3) if args.smoke else (1024, 20)
+    plan = plan_hardware(probe_device(device), Settings())
+    components = build_components(architecture("smoke" if args.smoke else "full"), device)
+    components.to(plan.dtype, plan.vae_dtype)
+    base, refiner = build_pipelines(components)
+    for pipe in (base, refiner):
+        pipe.set_progress_bar_config(disable=True)
+    engine = Engine(LoadedModels(base, refiner, None, ModelSources("random-full", "random-full", None)), plan)
+    results: dict[str, Any] = {
+        "gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "jobs": args.jobs,
+        "rows": [],
+    }
+
+    def request(seed: int) -> dict[str, Any]:
+        generation = GenerationRequest(
+            prompt=f"a lighthouse, take {seed}",
+            width=px,
+            height=px,
+            num_inference_steps=steps,
+            guidance_scale=8.0,
+            refine_mode="none",
+            seed=seed,
+        )
+        return ImageRequest(sources=[SourceName.GENERATE], generation=generation).model_dump(mode="json")
+
+    def through_queue(batch: int, label: str) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            data = Path(folder)
+            settings = Settings(data_dir=data, batch_max_images=batch, batch_window_ms=0)
+            store = JobStore(data / "jobs.sqlite3")
+            source = GenerateSource(settings, factory=lambda _: engine)
+            source.start_loading().join()
+            worker = Worker(
+                settings,
+                store,
+                ImageFiles(data / "images"),
+                SourceRegistry([source]),
+                EventHub(),
+                Metrics(store.counts),
+            )
+            # One warm pass at this batch size (compiles it when compiled), outside the timing.
+            warm = [store.submit(request(10_000 + i), f"w{i}", None, 1000)[0].id for i in range(batch)]
+            ids = []
+            worker.start()
+            while not all(store.get(i).status.terminal for i in warm):  # type: ignore[union-attr]
+                time.sleep(0.01)
+            started = time.perf_counter()
+            for seed in range(args.jobs):
+                body = request(seed)
+                ids.append(
+                    store.submit(body, hashlib.sha256(repr(body).encode()).hexdigest(), None, 1000)[0].id
+                )
+            worker.notify()
+            while not all(store.get(i).status.terminal for i in ids):  # type: ignore[union-attr]
+                time.sleep(0.01)
+            wall = time.perf_counter() - started
+            worker.stop()
+            statuses = {store.get(i).status for i in ids}  # type: ignore[union-attr]
+            sizes = sorted({store.get(i).result["metadata"]["batch_size"] for i in ids})  # type: ignore[index,union-attr]
+            store.close()
+        row = {
+            "config": label,
+            "batch_max_images": batch,
+            "wall_s": wall,
+            "images_per_s": args.jobs / wall,
+            "batch_sizes_seen": sizes,
+            "all_succeeded": statuses == {JobStatus.SUCCEEDED},
+        }
+        results["rows"].append(row)
+        print(
+            f"{label:10s} batch {batch}: {row['images_per_s']:.2f} images/s ({wall:.1f}s for {args.jobs}) "
+            f"batches {sizes} ok={row['all_succeeded']}",
+            flush=True,
+        )
+        (out / "queue_throughput.json").write_text(json.dumps(results, indent=1))
+
+    batches = [int(b) for b in args.batches.split(",")]
+    for batch in batches:
+        through_queue(batch, "eager")
+    if args.compiled:
+        apply_speed_levers(base, refiner, plan, Settings(data_dir=out / "data", compile="default"))
+        through_queue(batches[-1], "compiled")
+
+
+if __name__ == "__main__":
+    main()
