@@ -105,6 +105,11 @@ class Settings(BaseSettings):
     )
     default_width: int = Field(1024, ge=64, le=2048, description="Width when a request gives no size.")
     default_height: int = Field(1024, ge=64, le=2048, description="Height when a request gives no size.")
+    stock_default_size: str = Field(
+        "1216x832",
+        description="WxH when a request that may be served by Pexels gives no size (a landscape blog hero); "
+        "empty: default_width x default_height.",
+    )
     batch_max_images: int = Field(
         8,
         ge=1,

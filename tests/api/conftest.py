@@ -47,6 +47,7 @@ def app_client(tiny_engine: Any, tiny_settings: Settings, tmp_path: Path) -> Cal
             device="cpu",
             data_dir=tmp_path / "data",
             default_width=64,
+            stock_default_size="64x64",
             default_height=64,
             warmup=False,
             **overrides,

@@ -52,6 +52,7 @@ def fuzz_schema(tmp_path_factory: pytest.TempPathFactory) -> Iterator[schemathes
             data_dir=tmp_path_factory.mktemp("fuzz"),
             queue_max=1000,
             default_width=64,
+            stock_default_size="64x64",
             default_height=64,
             warmup=False,
         ),

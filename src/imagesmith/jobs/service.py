@@ -66,17 +66,23 @@ class JobService:
 
     # --- admission ---
 
+    def _default_size(self, request: ImageRequest) -> tuple[int, int]:
+        """A featured photo is a landscape hero by default (stock_default_size); generation-only requests keep
+        the seed's square default_width x default_height."""
+        stock = self.settings.stock_default_size.strip().lower()
+        if SourceName.STOCK in request.sources and stock:
+            width, _, height = stock.partition("x")
+            return int(width), int(height)
+        return self.settings.default_width, self.settings.default_height
+
     def prepare(self, request: ImageRequest) -> ImageRequest:
         """Apply the server's default size and its limits; raise with the field to blame."""
         generation = request.generation
         if generation.width is None and generation.height is None and generation.aspect is None:
             try:
+                width, height = self._default_size(request)
                 generation = GenerationRequest.model_validate(
-                    {
-                        **generation.model_dump(exclude_unset=True),
-                        "width": self.settings.default_width,
-                        "height": self.settings.default_height,
-                    }
+                    {**generation.model_dump(exclude_unset=True), "width": width, "height": height}
                 )
             except ValidationError as error:  # the server's defaults clash with the request (a config error)
                 raise LimitExceeded(

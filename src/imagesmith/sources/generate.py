@@ -6,7 +6,7 @@ import logging
 import threading
 from collections.abc import Callable
 
-from imagesmith.config import Settings
+from imagesmith.config import CompileChoice, Settings
 from imagesmith.engine import BatchItem, Engine, GenerationResult
 from imagesmith.engine.progress import CancelToken, ProgressCallback
 from imagesmith.schemas import OutputFormat
@@ -64,7 +64,12 @@ class GenerateSource:
                         s.lower().split("x") for s in self._settings.warmup_sizes.split(",") if s.strip()
                     )
                 ]
-                log.info("warm-up done in %.1fs", warm_up(engine, sizes, [1]))
+                # A compiled graph is specialised to its batch size: warm the largest batch the worker forms
+                # too (dynamo then marks the batch dimension dynamic, covering the sizes between).
+                batches = [1]
+                if self._settings.compile is not CompileChoice.OFF and self._settings.batch_max_images > 1:
+                    batches.append(self._settings.batch_max_images)
+                log.info("warm-up done in %.1fs", warm_up(engine, sizes, batches))
             self._engine = engine
         except Exception as error:  # any load failure is reported by health, not raised into the server
             self._error = f"{type(error).__name__}: {error}"[:1000]
