@@ -178,27 +178,7 @@ class JobStore:
 
     def claim(self, limit: int = 1) -> list[JobRecord]:
         """Move the oldest queued jobs (FIFO) to running, counting an attempt for each."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                rows = self._db.execute(
-                    "SELECT id FROM jobs WHERE status = ? ORDER BY seq LIMIT ?",
-                    (JobStatus.QUEUED.value, limit),
-                ).fetchall()
-                ids = [row["id"] for row in rows]
-                now = time.time()
-                for job_id in ids:
-                    self._db.execute(
-                        "UPDATE jobs SET status = ?, attempts = attempts + 1, started_at = ? WHERE id = ?",
-                        (JobStatus.RUNNING.value, now, job_id),
-                    )
-                claimed = [self._one("SELECT * FROM jobs WHERE id = ?", (job_id,)) for job_id in ids]
-                self._db.execute("COMMIT")
-            except BaseException:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                raise
-        return [JobRecord.from_row(row) for row in claimed if row is not None]
+        return self.claim_where(lambda _: True, limit, scan=limit)
 
     def claim_where(
         self, accept: Callable[[JobRecord], bool], limit: int, scan: int = 200
