@@ -10,13 +10,26 @@ import pytest
 from imagesmith.config import Settings
 from imagesmith.jobs.service import JobService
 from imagesmith.schemas import GenerationRequest
-from imagesmith.sources.base import ImageRequest, SourceName
+from imagesmith.sources.base import ImageRequest, SourceName, SourceState, SourceStatus
+
+
+class Registry:
+    """Which sources the server has: all but stock when stock_configured is false."""
+
+    def __init__(self, stock_configured: bool) -> None:
+        self.stock_configured = stock_configured
+
+    def status(self, name: SourceName) -> SourceStatus:
+        if name is SourceName.STOCK and not self.stock_configured:
+            return SourceStatus(SourceState.NOT_CONFIGURED, "no key")
+        return SourceStatus(SourceState.READY, "ready")
 
 
 def prepared(
-    settings: Settings, sources: list[SourceName], **generation: Any
+    settings: Settings, sources: list[SourceName], stock_configured: bool = True, **generation: Any
 ) -> tuple[int | None, int | None]:
-    service = JobService(settings, store=None, sources=None, hub=None, worker=None)  # type: ignore[arg-type]
+    registry = Registry(stock_configured)
+    service = JobService(settings, store=None, sources=registry, hub=None, worker=None)  # type: ignore[arg-type]
     request = ImageRequest(sources=sources, generation=GenerationRequest(prompt="a lake", **generation))
     ready = service.prepare(request).generation.resolve()
     return ready.width, ready.height
@@ -38,3 +51,9 @@ def test_explicit_sizes_and_settings_win() -> None:
     assert prepared(Settings(), [SourceName.STOCK], aspect="portrait") == (832, 1216)
     assert prepared(Settings(), [SourceName.STOCK], width=512, height=512) == (512, 512)
     assert prepared(Settings(stock_default_size=""), [SourceName.STOCK]) == (1024, 1024)
+
+
+def test_without_a_pexels_key_the_seed_square_stays() -> None:
+    """The seed's curl example (use_pexels defaults to true) on a server without a key is generated: square."""
+    both = [SourceName.STOCK, SourceName.GENERATE]
+    assert prepared(Settings(), both, stock_configured=False) == (1024, 1024)

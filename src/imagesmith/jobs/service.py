@@ -67,10 +67,14 @@ class JobService:
     # --- admission ---
 
     def _default_size(self, request: ImageRequest) -> tuple[int, int]:
-        """A featured photo is a landscape hero by default (stock_default_size); generation-only requests keep
-        the seed's square default_width x default_height."""
+        """A featured photo is a landscape hero by default (stock_default_size) when Pexels may serve the
+        request; otherwise the seed's square default_width x default_height."""
         stock = self.settings.stock_default_size.strip().lower()
-        if SourceName.STOCK in request.sources and stock:
+        stock_may_serve = (
+            SourceName.STOCK in request.sources
+            and self.sources.status(SourceName.STOCK).state is not SourceState.NOT_CONFIGURED
+        )
+        if stock_may_serve and stock:
             width, _, height = stock.partition("x")
             return int(width), int(height)
         return self.settings.default_width, self.settings.default_height
