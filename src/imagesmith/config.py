@@ -139,6 +139,9 @@ class Settings(BaseSettings):
     )
     channels_last: bool = Field(False, description="NHWC memory layout for the UNets.")
     fp8: bool = Field(False, description="fp8 UNet linear layers via torchao (lossy; H100/H200/4090 class).")
+    prompt_cache_size: int = Field(
+        64, ge=0, description="Prompt embeddings kept on the device for repeated prompts (0: off)."
+    )
     warmup: bool = Field(True, description="Warm up (and compile) at start-up, before serving.")
     warmup_sizes: str = Field("1024x1024", description="Comma-separated WxH shapes to warm up.")
 

@@ -33,6 +33,7 @@ from imagesmith.engine.pipeline import (
     run_refiner,
 )
 from imagesmith.engine.progress import CancelToken, GenerationCanceled, ProgressCallback
+from imagesmith.engine.prompt_cache import PromptEmbeddingCache
 from imagesmith.schemas import (
     MAX_SEED,
     GenerationMetadata,
@@ -88,11 +89,15 @@ def generators_for(seeds: list[int]) -> list[torch.Generator]:
 
 
 class Engine:
-    def __init__(self, models: LoadedModels, plan: HardwarePlan) -> None:
+    def __init__(self, models: LoadedModels, plan: HardwarePlan, prompt_cache_size: int = 64) -> None:
         self.models = models
         self.plan = plan
         self._lock = threading.Lock()
         self.levers: list[str] = []
+        # Used under the lock only, like the pipelines.
+        self.prompt_cache: PromptEmbeddingCache | None = (
+            PromptEmbeddingCache(prompt_cache_size) if prompt_cache_size else None
+        )
 
     @classmethod
     def start(cls, settings: Settings) -> Engine:
@@ -113,7 +118,7 @@ class Engine:
             if models.refiner is not None
             else f"none ({models.refiner_error or 'not configured'})",
         )
-        engine = cls(models, plan)
+        engine = cls(models, plan, settings.prompt_cache_size)
         engine.levers = levers
         return engine
 
@@ -163,7 +168,7 @@ class Engine:
             row += len(seeds)
         with self._lock:
             try:
-                return self._generate_locked(StageRun(members=members))
+                return self._generate_locked(StageRun(members=members, prompt_cache=self.prompt_cache))
             except GenerationCanceled as canceled:
                 return [canceled for _ in items]
             except torch.cuda.OutOfMemoryError as error:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from imagesmith.engine.progress import CancelToken, GenerationCanceled, ProgressCallback, ProgressEvent
+from imagesmith.engine.prompt_cache import PromptEmbeddingCache
 from imagesmith.engine.schedulers import make_scheduler
 from imagesmith.schemas import RefineMode, ResolvedRequest, StageReport
 
@@ -66,6 +67,7 @@ class StageRun:
     guidance; see batch_key). Counts steps as they happen, so each result says what really ran."""
 
     members: list[BatchMember]
+    prompt_cache: PromptEmbeddingCache | None = None
     started: float = field(default_factory=time.perf_counter)
     stages: list[StageReport] = field(default_factory=list)
     _steps: int = 0
@@ -118,14 +120,21 @@ def _synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def _common_args(run: StageRun, generators: list[torch.Generator]) -> dict[str, Any]:
+def _common_args(run: StageRun, generators: list[torch.Generator], pipe: Any, role: str) -> dict[str, Any]:
     prompts = [m.request.prompt for m in run.members for _ in m.seeds]
     negatives = [m.request.negative_prompt for m in run.members for _ in m.seeds]
+    # None (not "") lets SDXL use zeros for an empty negative prompt, as it was trained. batch_key keeps
+    # requests with and without a negative prompt apart, so each image is what it would be alone.
+    negatives_or_none = negatives if any(negatives) else None
+    text: dict[str, Any]
+    if run.prompt_cache is not None:
+        text = run.prompt_cache.pipeline_args(
+            pipe, role, prompts, negatives_or_none, run.request.guidance_scale
+        )
+    else:
+        text = {"prompt": prompts, "negative_prompt": negatives_or_none}
     return {
-        "prompt": prompts,
-        # None (not "") lets SDXL use zeros for an empty negative prompt, as it was trained. batch_key keeps
-        # requests with and without a negative prompt apart, so each image is what it would be alone.
-        "negative_prompt": negatives if any(negatives) else None,
+        **text,
         "guidance_scale": run.request.guidance_scale,
         "generator": generators,
         "num_images_per_prompt": 1,
@@ -141,7 +150,7 @@ def run_base(
     base.scheduler = make_scheduler(request.scheduler, base.scheduler.config)
     began = time.perf_counter()
     latents = base(
-        **_common_args(run, generators),
+        **_common_args(run, generators, base, "base"),
         width=request.width,
         height=request.height,
         num_inference_steps=request.num_inference_steps,
@@ -162,6 +171,7 @@ def run_refiner(
 ) -> torch.Tensor:
     """Ensemble: finish the base's schedule from high_noise_frac. img2img: re-noise to refine_strength, denoise."""
     request = run.request
+    role = "base" if stage == "base_finish" else "refiner"  # whose text encoders make the embeddings
     refiner.scheduler = make_scheduler(request.scheduler, refiner.scheduler.config)
     if mode is RefineMode.ENSEMBLE:
         stage_args = {
@@ -172,7 +182,7 @@ def run_refiner(
         stage_args = {"num_inference_steps": request.refine_steps, "strength": request.refine_strength}
     began = time.perf_counter()
     refined = refiner(
-        **_common_args(run, generators),
+        **_common_args(run, generators, refiner, role),
         image=latents,  # 4-channel input is taken as latents, not encoded again
         **stage_args,
         callback_on_step_end=run.callback(stage),
