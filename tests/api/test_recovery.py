@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -48,3 +49,28 @@ def test_kill_9_with_jobs_queued_and_running(server_factory: Any, tmp_path: Path
 def _done(client: httpx.Client, job_id: str) -> dict[str, Any] | None:
     job: dict[str, Any] = client.get(f"/v1/jobs/{job_id}").json()
     return job if job["status"] not in ("queued", "running") else None
+
+
+def test_clean_shutdown_puts_the_running_job_back_without_spending_an_attempt(
+    server_factory: Any, tmp_path: Path
+) -> None:
+    """SIGTERM (a deploy, a restart): the running job stops within a step and waits in the queue, not failed."""
+    data_dir = tmp_path / "data"
+    first: ServerProcess = server_factory(data_dir, IMAGESMITH_LOG_FORMAT="json").start()
+    with first.client() as client:
+        job_id = client.post("/v1/jobs", json=SLOW).json()["id"]
+        wait_for(lambda: (client.get(f"/v1/jobs/{job_id}").json().get("step") or 0) >= 2)
+    first.stop()
+    with sqlite3.connect(data_dir / "jobs.sqlite3") as db:
+        status, attempts = db.execute("SELECT status, attempts FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    assert (status, attempts) == ("queued", 0)
+    # Structured logs: one JSON object a line, the job's lines carrying its id.
+    entries = [json.loads(line) for line in first.log.read_text().splitlines() if line.startswith("{")]
+    assert any(
+        entry.get("job_id") == job_id and "put back in the queue" in entry["message"] for entry in entries
+    )
+
+    second: ServerProcess = server_factory(data_dir).start()
+    with second.client() as client:
+        job = wait_for(lambda: _done(client, job_id), timeout=90)
+    assert job["status"] == "succeeded" and job["attempts"] == 1

@@ -103,11 +103,11 @@ class StageRun:
 
     def finish_stage(self, name: str, began: float, steps: int | None = None) -> None:
         _synchronize()
-        self.stages.append(
-            StageReport(
-                name=name, steps=self._steps if steps is None else steps, seconds=time.perf_counter() - began
-            )
+        report = StageReport(
+            name=name, steps=self._steps if steps is None else steps, seconds=time.perf_counter() - began
         )
+        self.stages.append(report)
+        log.info("stage %s: %d step(s) in %.2fs", report.name, report.steps, report.seconds)
 
     def check_cancel(self) -> None:
         if all(member.canceled for member in self.members):
