@@ -57,3 +57,14 @@ def test_without_a_pexels_key_the_seed_square_stays() -> None:
     """The seed's curl example (use_pexels defaults to true) on a server without a key is generated: square."""
     both = [SourceName.STOCK, SourceName.GENERATE]
     assert prepared(Settings(), both, stock_configured=False) == (1024, 1024)
+
+
+def test_several_stock_photos_in_one_request_are_refused_naming_num_images() -> None:
+    from imagesmith.jobs.service import LimitExceeded
+
+    with pytest.raises(LimitExceeded) as caught:
+        prepared(Settings(), [SourceName.STOCK, SourceName.GENERATE], num_images=2)
+    assert caught.value.field == "num_images" and "use_pexels=false" in str(caught.value)
+    assert prepared(Settings(), [SourceName.GENERATE], num_images=2) == (1024, 1024)
+    # Without a Pexels key the request is generated, so several images are fine.
+    assert prepared(Settings(), [SourceName.STOCK, SourceName.GENERATE], stock_configured=False, num_images=2)

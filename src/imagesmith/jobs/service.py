@@ -66,15 +66,18 @@ class JobService:
 
     # --- admission ---
 
+    def _stock_may_serve(self, request: ImageRequest) -> bool:
+        """Pexels is asked for and configured (a server without a key generates whatever the flags say)."""
+        return (
+            SourceName.STOCK in request.sources
+            and self.sources.status(SourceName.STOCK).state is not SourceState.NOT_CONFIGURED
+        )
+
     def _default_size(self, request: ImageRequest) -> tuple[int, int]:
         """A featured photo is a landscape hero by default (stock_default_size) when Pexels may serve the
         request; otherwise the seed's square default_width x default_height."""
         stock = self.settings.stock_default_size.strip().lower()
-        stock_may_serve = (
-            SourceName.STOCK in request.sources
-            and self.sources.status(SourceName.STOCK).state is not SourceState.NOT_CONFIGURED
-        )
-        if stock_may_serve and stock:
+        if self._stock_may_serve(request) and stock:
             width, _, height = stock.partition("x")
             return int(width), int(height)
         return self.settings.default_width, self.settings.default_height
@@ -108,6 +111,13 @@ class JobService:
             raise LimitExceeded(
                 f"num_images is {generation.num_images}; this server makes at most {limits.max_images_per_request} "
                 "per request",
+                "num_images",
+            )
+        if generation.num_images > 1 and self._stock_may_serve(request):
+            # One photo, one credit: a stock answer is a single picture. Say so rather than return fewer.
+            raise LimitExceeded(
+                f"num_images is {generation.num_images}, but a Pexels photo comes one per request; set "
+                "num_images=1, or use_pexels=false to generate several",
                 "num_images",
             )
         resolved = generation.resolve()
