@@ -37,3 +37,21 @@ def test_fusing_follows_compile_and_never_touches_offloaded_weights() -> None:
     assert not fuse_qkv_wanted(Settings(), resident)
     assert fuse_qkv_wanted(Settings(compile="default"), resident)
     assert not fuse_qkv_wanted(Settings(compile="default", fuse_qkv=True), offloaded)
+
+
+def test_a_failing_compile_falls_back_to_eager_and_says_so(tiny_settings: Settings) -> None:
+    """An unsupported card or a torch bug must not keep the server from serving: warm-up reverts to eager."""
+    from imagesmith.engine.fast import warm_up_or_fall_back_to_eager
+
+    engine = Engine.start(tiny_settings.with_changes(fuse_qkv=False))
+
+    def broken_compiled_call(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("inductor: no kernel for this card (simulated)")
+
+    unet = engine.models.base.unet
+    unet._compiled_call_impl = broken_compiled_call  # what Module.compile installs, failing
+    engine.levers.append("torch.compile(mode=default) UNets + VAE decoder")
+    warm_up_or_fall_back_to_eager(engine, [(64, 64)], [1])
+    assert unet._compiled_call_impl is None
+    assert engine.levers == ["torch.compile failed, eager instead (RuntimeError)"]
+    assert engine.generate(REQUEST).images

@@ -113,6 +113,30 @@ def apply_speed_levers(base: Any, refiner: Any | None, plan: HardwarePlan, setti
     return applied
 
 
+def _compiled(engine: Any) -> list[Any]:
+    base, refiner = engine.models.base, engine.models.refiner
+    modules = [base.unet, base.vae.decoder] + ([refiner.unet] if refiner is not None else [])
+    return [module for module in modules if getattr(module, "_compiled_call_impl", None) is not None]
+
+
+def warm_up_or_fall_back_to_eager(engine: Any, sizes: list[tuple[int, int]], batch_sizes: list[int]) -> float:
+    """Warm up; if compilation fails (an unsupported card, a torch bug), serve eager rather than not at all.
+
+    The failure is logged and listed in the engine's levers, which health reports."""
+    try:
+        return warm_up(engine, sizes, batch_sizes)
+    except Exception as error:
+        compiled = _compiled(engine)
+        if not compiled:
+            raise
+        log.warning("compiled warm-up failed, serving eager instead: %s: %s", type(error).__name__, error)
+        for module in compiled:
+            module._compiled_call_impl = None  # what Module.compile set; the module runs eager again
+        engine.levers = [lever for lever in engine.levers if not lever.startswith("torch.compile")]
+        engine.levers.append(f"torch.compile failed, eager instead ({type(error).__name__})")
+        return warm_up(engine, sizes, batch_sizes)
+
+
 def warm_up(engine: Any, sizes: list[tuple[int, int]], batch_sizes: list[int]) -> float:
     """One small generation per (size, batch) so compilation and autotuning happen now, not on a request.
 

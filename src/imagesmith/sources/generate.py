@@ -56,7 +56,7 @@ class GenerateSource:
             engine = self._factory(self._settings)
             if self._settings.warmup:
                 # Compile and autotune now, while health says "starting", rather than on a client's request.
-                from imagesmith.engine.fast import warm_up
+                from imagesmith.engine.fast import warm_up_or_fall_back_to_eager
 
                 sizes = [
                     (int(w), int(h))
@@ -69,7 +69,7 @@ class GenerateSource:
                 batches = [1]
                 if self._settings.compile is not CompileChoice.OFF and self._settings.batch_max_images > 1:
                     batches.append(self._settings.batch_max_images)
-                log.info("warm-up done in %.1fs", warm_up(engine, sizes, batches))
+                log.info("warm-up done in %.1fs", warm_up_or_fall_back_to_eager(engine, sizes, batches))
             self._engine = engine
         except Exception as error:  # any load failure is reported by health, not raised into the server
             self._error = f"{type(error).__name__}: {error}"[:1000]
