@@ -96,6 +96,8 @@ def test_health_keeps_seed_fields(server: ServerProcess) -> None:
     assert body["device"] == "cpu"
     assert body["models"]["refiner_status"] == "loaded"
     assert {"depth", "running", "max"} <= set(body["queue"])
+    startup = body["startup"]
+    assert startup["load_s"] > 0 and startup["ready_after_process_start_s"] >= startup["load_s"]
 
 
 def test_stock_only_request_says_stock_is_not_configured(server: ServerProcess) -> None:

@@ -62,6 +62,9 @@ def health_report(app: FastAPI) -> dict[str, Any]:
             "running": counts[JobStatus.RUNNING],
             "max": state.settings.queue_max,
         },
+        "speed_levers": details.get("speed_levers", []),
+        # Seconds: model loading, warm-up (compilation), and from process start to ready.
+        "startup": details.get("startup", {}),
         "auth": bool(state.settings.api_key_list()),
     }
 

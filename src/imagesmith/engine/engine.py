@@ -94,6 +94,7 @@ class Engine:
         self.plan = plan
         self._lock = threading.Lock()
         self.levers: list[str] = []
+        self.startup: dict[str, float] = {}  # filled by whoever warms the engine up (the service)
         # Used under the lock only, like the pipelines.
         self.prompt_cache: PromptEmbeddingCache | None = (
             PromptEmbeddingCache(prompt_cache_size) if prompt_cache_size else None
@@ -289,4 +290,5 @@ class Engine:
             "refiner_model": self.models.sources.refiner,
             "refiner": self.refiner_status,
             "speed_levers": self.levers,
+            "startup": self.startup,
         }

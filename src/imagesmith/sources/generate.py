@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
+from imagesmith import STARTED_AT
 from imagesmith.config import CompileChoice, Settings
 from imagesmith.engine import BatchItem, Engine, GenerationResult
 from imagesmith.engine.progress import CancelToken, ProgressCallback
@@ -53,7 +55,9 @@ class GenerateSource:
 
     def _load(self) -> None:
         try:
+            began = time.monotonic()
             engine = self._factory(self._settings)
+            loaded = time.monotonic()
             if self._settings.warmup:
                 # Compile and autotune now, while health says "starting", rather than on a client's request.
                 from imagesmith.engine.fast import warm_up_or_fall_back_to_eager
@@ -70,6 +74,18 @@ class GenerateSource:
                 if self._settings.compile is not CompileChoice.OFF and self._settings.batch_max_images > 1:
                     batches.append(self._settings.batch_max_images)
                 log.info("warm-up done in %.1fs", warm_up_or_fall_back_to_eager(engine, sizes, batches))
+            ready = time.monotonic()
+            engine.startup = {
+                "load_s": round(loaded - began, 2),
+                "warmup_s": round(ready - loaded, 2),
+                "ready_after_process_start_s": round(ready - STARTED_AT, 2),
+            }
+            log.info(
+                "ready %.1fs after start (models %.1fs, warm-up %.1fs)",
+                ready - STARTED_AT,
+                loaded - began,
+                ready - loaded,
+            )
             self._engine = engine
         except Exception as error:  # any load failure is reported by health, not raised into the server
             self._error = f"{type(error).__name__}: {error}"[:1000]
