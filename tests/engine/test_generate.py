@@ -220,3 +220,16 @@ def test_async_entry_point_leaves_the_event_loop_free(tiny_engine: Engine) -> No
 
     ticks, result = asyncio.run(scenario())
     assert result.images and ticks >= 3
+
+
+@pytest.mark.parametrize(
+    "scheduler", ["euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "unipc"]
+)
+@pytest.mark.parametrize("mode", ["ensemble", "img2img", "none"])
+def test_planned_steps_match_what_runs(tiny_engine: Engine, scheduler: str, mode: str) -> None:
+    """Progress totals and ETAs come from the plan: it must count the steps each stage really runs."""
+    request = GenerationRequest(
+        prompt="x", scheduler=scheduler, refine_mode=mode, high_noise_frac=0.7, **SMALL
+    )
+    ran = {s.name: s.steps for s in tiny_engine.generate(request).metadata.stages if s.name != "decode"}
+    assert tiny_engine.planned_steps(request) == ran

@@ -29,6 +29,7 @@ from imagesmith.engine.pipeline import (
     batch_key,
     finish_with_base,
     free_cuda_memory,
+    planned_stage_steps,
     run_base,
     run_refiner,
 )
@@ -278,6 +279,12 @@ class Engine:
             )
             outcomes.append(GenerationResult(images=[images[row] for row in rows], metadata=metadata))
         return outcomes
+
+    def planned_steps(self, request: GenerationRequest | ResolvedRequest) -> dict[str, int]:
+        """Denoising steps per stage as this engine will run them (for step totals and ETAs), computed from
+        the scheduler's own timesteps the way diffusers splits them at high_noise_frac."""
+        resolved = request.resolve() if isinstance(request, GenerationRequest) else request
+        return planned_stage_steps(resolved, self.models.base.scheduler.config)
 
     def describe(self) -> dict[str, Any]:
         """For health checks and `doctor`."""

@@ -114,6 +114,26 @@ class StageRun:
             raise GenerationCanceled("generation canceled")
 
 
+def planned_stage_steps(request: ResolvedRequest, scheduler_config: Any) -> dict[str, int]:
+    """Steps per stage before running: the ensemble's split depends on the scheduler's timesteps (Karras and
+    UniPC spacings put a different number of steps above the cut than int(steps x high_noise_frac))."""
+    steps = request.num_inference_steps
+    if request.refine_mode is RefineMode.IMG2IMG:
+        return {
+            "base": steps,
+            "refine": min(int(request.refine_steps * request.refine_strength), request.refine_steps),
+        }
+    if request.refine_mode is RefineMode.NONE:
+        return {"base": steps}
+    scheduler = make_scheduler(request.scheduler, scheduler_config)
+    scheduler.set_timesteps(steps)
+    train_steps = scheduler.config.num_train_timesteps
+    # The cut diffusers applies for denoising_end (base) and denoising_start (refiner).
+    cutoff = round(train_steps - request.high_noise_frac * train_steps)
+    base = int((scheduler.timesteps >= cutoff).sum().item())
+    return {"base": base, "refine": len(scheduler.timesteps) - base}
+
+
 def _synchronize() -> None:
     # Stage timings must include the GPU work, which runs asynchronously.
     if torch.cuda.is_available() and torch.cuda.is_initialized():

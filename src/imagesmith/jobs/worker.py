@@ -24,7 +24,6 @@ from imagesmith.jobs.metrics import Metrics
 from imagesmith.jobs.store import JobRecord, JobStatus, JobStore
 from imagesmith.logs import current_job
 from imagesmith.preview import preview_data_url
-from imagesmith.schemas import RefineMode, ResolvedRequest
 from imagesmith.sources.base import FallbackReason, ImageRequest, SourceName, SourceResult, SourceUnavailable
 from imagesmith.sources.fallback import Served, SourceAttempt, SourcesExhausted, serve_first
 from imagesmith.sources.generate import GenerateSource
@@ -32,17 +31,6 @@ from imagesmith.sources.registry import SourceRegistry
 from imagesmith.storage.files import ImageFiles
 
 log = logging.getLogger(__name__)
-
-
-def planned_steps(request: ResolvedRequest) -> dict[str, int]:
-    """Denoising steps per stage as the engine will run them, for step totals and the ETA."""
-    steps = request.num_inference_steps
-    if request.refine_mode is RefineMode.ENSEMBLE:
-        base = int(steps * request.high_noise_frac)
-        return {"base": base, "refine": steps - base}
-    if request.refine_mode is RefineMode.IMG2IMG:
-        return {"base": steps, "refine": int(request.refine_steps * request.refine_strength)}
-    return {"base": steps}
 
 
 def generation_batch_key(job: JobRecord) -> BatchKey | None:
@@ -75,7 +63,7 @@ class _Tracker:
 
     def __init__(self, worker: Worker, job: JobRecord, request: ImageRequest) -> None:
         self.worker, self.job = worker, job
-        self.plan = planned_steps(request.generation.resolve())
+        self.plan = worker.planned_steps(request)
         self.done_before = 0
         self.stage: str | None = None
         self.stage_total = 0
@@ -274,6 +262,14 @@ class Worker:
                 self._complete(job, *starts[job.id], served)
             finally:
                 current_job.reset(token)
+
+    def planned_steps(self, request: ImageRequest) -> dict[str, int]:
+        """Steps per stage for progress totals and the ETA: the engine's own plan when it is loaded."""
+        generator = self.sources.get(SourceName.GENERATE)
+        engine = generator.engine if isinstance(generator, GenerateSource) else None
+        if engine is None:
+            return {"base": request.generation.resolve().num_inference_steps}
+        return dict(engine.planned_steps(request.generation))
 
     def _begin(self, job: JobRecord) -> tuple[CancelToken, float]:
         """Register the job's cancel token and announce that it runs."""
