@@ -41,6 +41,9 @@ class StubEngine:
 
     plan = plan_hardware(DeviceInfo("cpu"), Settings())
 
+    def planned_steps(self, request: Any) -> dict[str, int]:
+        return {"base": request.resolve().num_inference_steps}
+
     def describe(self) -> dict[str, Any]:
         return {"device": "cpu", "plan": "stub", "refiner": "not configured", "base_model": "stub"}
 
