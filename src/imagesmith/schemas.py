@@ -226,17 +226,21 @@ class FieldError(BaseModel):
     message: str
 
 
+def blame(field: str, pydantic_message: str) -> tuple[str, str]:
+    """The field to blame and the message, from one pydantic error.
+
+    Checks that span several fields run after the fields themselves, where pydantic has no location to give;
+    they name their field as "[field] message", and that name wins."""
+    message = pydantic_message.removeprefix("Value error, ")
+    tagged = _FIELD_TAG.match(message)
+    return (tagged.group(1), tagged.group(2)) if tagged else (field, message)
+
+
 def field_errors(error: ValidationError) -> list[FieldError]:
     """Flatten pydantic's errors into field + message pairs that a person can act on."""
     out = []
     for item in error.errors():
-        field = ".".join(str(part) for part in item["loc"]) or "request"
-        message = str(item["msg"]).removeprefix("Value error, ")
-        # Checks that span several fields run after the fields themselves, where pydantic has no location to
-        # give; they name their field as "[field] message".
-        tagged = _FIELD_TAG.match(message)
-        if tagged:
-            field, message = tagged.group(1), tagged.group(2)
+        field, message = blame(".".join(str(part) for part in item["loc"]) or "request", str(item["msg"]))
         out.append(FieldError(field=field, message=message))
     return out
 

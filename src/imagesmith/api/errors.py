@@ -11,7 +11,6 @@ Bad input is a 4xx with the field to blame; only a bug is a 500, and it says not
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Sequence
 from enum import StrEnum
 from typing import Any
@@ -31,10 +30,10 @@ from imagesmith.jobs.service import (
     StockNotConfigured,
 )
 from imagesmith.jobs.store import IdempotencyConflict, QueueFull
+from imagesmith.schemas import blame
 
 log = logging.getLogger(__name__)
 
-_FIELD_TAG = re.compile(r"^\[(\w+)\] (.*)$", re.DOTALL)
 _STATUS_CODES = {
     400: "bad_request",
     401: "unauthorized",
@@ -148,11 +147,10 @@ def validation_details(items: Sequence[Any]) -> list[dict[str, str]]:
         if loc and loc[0] in ("body", "query", "path", "header"):
             loc = loc[1:]
         # Skip the model-class segment pydantic adds for nested model validators.
-        field = ".".join(part for part in loc if part not in ("generation",)) or "request"
-        message = str(item.get("msg", "invalid value")).removeprefix("Value error, ")
-        tagged = _FIELD_TAG.match(message)
-        if tagged:
-            field, message = tagged.group(1), tagged.group(2)
+        field, message = blame(
+            ".".join(part for part in loc if part not in ("generation",)) or "request",
+            str(item.get("msg", "invalid value")),
+        )
         out.append({"field": field, "message": message})
     return out
 
