@@ -59,6 +59,14 @@ class CompileChoice(StrEnum):
     REDUCE_OVERHEAD = "reduce-overhead"
 
 
+def parse_size(text: str) -> tuple[int, int]:
+    """'1216x832' -> (1216, 832). Settings use this form for image sizes."""
+    width, sep, height = text.strip().lower().partition("x")
+    if not (sep and width.isdigit() and height.isdigit()):
+        raise ValueError(f"a size looks like 1216x832 (width x height in pixels), got {text!r}")
+    return int(width), int(height)
+
+
 def default_data_dir() -> Path:
     return Path.home() / ".local" / "share" / "imagesmith"
 
@@ -192,6 +200,22 @@ class Settings(BaseSettings):
         if isinstance(value, str) and not value.strip():
             return None
         return value
+
+    @field_validator("warmup_sizes", "stock_default_size")
+    @classmethod
+    def _sizes_parse(cls, value: str) -> str:
+        # Checked here, at start-up, so a typo is a clear error now rather than a failure on a request.
+        for part in value.split(","):
+            if part.strip():
+                parse_size(part)
+        return value
+
+    def warmup_size_list(self) -> list[tuple[int, int]]:
+        return [parse_size(part) for part in self.warmup_sizes.split(",") if part.strip()]
+
+    def stock_default_dims(self) -> tuple[int, int] | None:
+        """The stock default size, or None when it is empty (use default_width x default_height)."""
+        return parse_size(self.stock_default_size) if self.stock_default_size.strip() else None
 
     def with_changes(self, **changes: object) -> Settings:
         """A copy with some settings changed, validated as the environment's values are (model_copy would

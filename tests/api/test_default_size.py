@@ -68,3 +68,13 @@ def test_several_stock_photos_in_one_request_are_refused_naming_num_images() -> 
     assert prepared(Settings(), [SourceName.GENERATE], num_images=2) == (1024, 1024)
     # Without a Pexels key the request is generated, so several images are fine.
     assert prepared(Settings(), [SourceName.STOCK, SourceName.GENERATE], stock_configured=False, num_images=2)
+
+
+def test_a_malformed_size_setting_is_refused_at_start_naming_the_setting() -> None:
+    from pydantic import ValidationError
+
+    for name in ("stock_default_size", "warmup_sizes"):
+        with pytest.raises(ValidationError, match=name) as caught:
+            Settings(**{name: "1216 by 832"})
+        assert "looks like 1216x832" in str(caught.value)
+    assert Settings(warmup_sizes="1024x1024, 1216x832").warmup_size_list() == [(1024, 1024), (1216, 832)]

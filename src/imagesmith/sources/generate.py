@@ -62,12 +62,7 @@ class GenerateSource:
                 # Compile and autotune now, while health says "starting", rather than on a client's request.
                 from imagesmith.engine.fast import warm_up_or_fall_back_to_eager
 
-                sizes = [
-                    (int(w), int(h))
-                    for w, h in (
-                        s.lower().split("x") for s in self._settings.warmup_sizes.split(",") if s.strip()
-                    )
-                ]
+                sizes = self._settings.warmup_size_list()
                 # A compiled graph is specialised to its batch size: warm the largest batch the worker forms
                 # too (dynamo then marks the batch dimension dynamic, covering the sizes between).
                 batches = [1]
