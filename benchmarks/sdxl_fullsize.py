@@ -436,29 +436,16 @@ def run_engine(engine: Any, request: Any) -> dict[str, Any]:
 
 def place_like_engine(base: Any, refiner: Any, plan: Any) -> None:
     """What imagesmith.engine.models.load_models does after loading: placement by the plan."""
-    try:
-        from imagesmith.engine.models import _place
-    except ImportError:  # the engine moved it; fall back to the same three branches
-
-        def _place(pipe: Any, plan: Any) -> None:
-            if plan.offload == "model":
-                pipe.enable_model_cpu_offload(device=plan.device)
-            elif plan.offload == "sequential":
-                pipe.enable_sequential_cpu_offload(device=plan.device)
-            else:
-                pipe.to(plan.device)
-            pipe.set_progress_bar_config(disable=True)
+    from imagesmith.engine.models import _place
 
     _place(base, plan)
     _place(refiner, plan)
 
 
 def apply_levers_like_engine(base: Any, refiner: Any, plan: Any, settings: Any) -> list[str]:
-    """What Engine.start does after load_models: imagesmith.engine.fast.apply_speed_levers (if this engine has it)."""
-    try:
-        from imagesmith.engine.fast import apply_speed_levers
-    except ImportError:
-        return []
+    """What Engine.start does after load_models: imagesmith.engine.fast.apply_speed_levers."""
+    from imagesmith.engine.fast import apply_speed_levers
+
     return list(apply_speed_levers(base, refiner, plan, settings))
 
 
@@ -503,7 +490,7 @@ def main() -> None:
     parser.add_argument(
         "--offload-decode-shim",
         action="store_true",
-        help="work around the engine's decode-device bug under offload=model (see docs)",
+        help="runs 2-3 only: worked around the decode-device bug under offload=model, fixed in the engine since",
     )
     parser.add_argument(
         "--levers",
