@@ -1,27 +1,36 @@
-"""The fast path on one GPU, in one run: eager engine vs diffusers' fp16 peer vs the compiled engine.
+"""The fast path on one GPU, in one run: diffusers' fp16 peer vs the eager engine vs the engine's speed levers.
 
-Phases (each skipped, and said so, when the time budget runs short; results are saved after every phase):
+Phases (`--phases`, each skipped, and said so, when the time budget runs short; results saved after each):
   peer       diffusers' documented fp16 ensemble, 40 steps, split 0.8 (plain pipelines): the headline's peer
-  eager      imagesmith's default (bf16 everywhere, eager), ensemble 40 steps, 0.8
-  mlperf     base only, 20 steps, guidance 8, 1024x1024, through Engine.generate_batch at batch 1, 4 and 8
-  compiled   fused QKV + torch.compile(fullgraph) of both UNets and the VAE decoder; compile time at start
-             (first start: empty inductor cache), then the same ensemble, and fidelity against eager
-             (relative L2 of the final latents, PSNR of the images; same weights, same seed)
-  mlperf_c   the MLPerf setting compiled, batch 1 and 8 (each batch size compiles once more)
-  restart    dynamo reset, then warm-up again: the second start, served from the persistent inductor cache
+  eager      imagesmith's default (bf16 everywhere, eager), ensemble 40 steps, 0.8; keeps the final latents and
+             image as the fidelity reference for every variant (same weights: the builder is seeded)
+  mlperf     the MLPerf setting eager (base only, 20 steps, guidance 8, 1024x1024) at `--mlperf-batches`
+  variants   each of `--variants` on fresh components (levers change modules in place): levers applied as
+             Engine.start applies them, warm-up timed (compilation: the first start's cost, or the cache's),
+             then the 40-step ensemble, fidelity against eager (relative L2 of the final latents, PSNR)
+  restart    dynamo reset, then the last variant's warm-up again: the second start, from the inductor cache
 
-Usage:  PYTHONPATH=src python benchmarks/fast_path.py --out DIR [--budget-s 540] [--smoke]
+A variant is `MODE[+fp8][+cl][+cudnn][:mlperf]`: MODE is a compile choice (off, default, reduce-overhead,
+max-autotune-no-cudagraphs); +fp8 torchao float8 UNet linears; +cl channels_last; +cudnn
+torch.backends.cudnn.benchmark; `:mlperf` measures the MLPerf setting instead of the ensemble (base UNet and VAE
+only; warm-up at batch 1 then the largest batch, as the service's warm-up does).
+
+Usage:  PYTHONPATH=src python benchmarks/fast_path.py --out DIR [--budget-s 540] [--smoke] \
+            [--phases peer,eager,variants] [--variants default,reduce-overhead]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import os
 import statistics
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +44,31 @@ PROMPT = "a lighthouse on a rocky cliff at sunset, dramatic sky, photograph"
 UNET_TFLOP = {"base": 13.522, "refine": 14.572}  # per call, batch 2 with CFG, 128x128 latents (reference)
 
 
+@dataclass(frozen=True)
+class Variant:
+    spec: str
+    mode: str
+    fp8: bool
+    channels_last: bool
+    cudnn_benchmark: bool
+    mlperf: bool
+
+    @classmethod
+    def parse(cls, spec: str) -> Variant:
+        body, _, kind = spec.partition(":")
+        mode, *flags = body.split("+")
+        unknown = set(flags) - {"fp8", "cl", "cudnn"}
+        if unknown or kind not in ("", "mlperf"):
+            raise SystemExit(f"variant {spec!r}: flags are +fp8 +cl +cudnn and the suffix :mlperf")
+        return cls(spec, mode, "fp8" in flags, "cl" in flags, "cudnn" in flags, kind == "mlperf")
+
+
 class Run:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args, self.started = args, time.perf_counter()
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.results: dict[str, Any] = {"skipped": {}, "errors": {}}
+        self.results: dict[str, Any] = {"skipped": {}, "errors": {}, "variants": {}}
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
@@ -91,6 +119,17 @@ def reset_peak() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def psnr(image: np.ndarray, reference: np.ndarray) -> float:
+    mse = float(np.mean((image - reference) ** 2))
+    return 10 * float(np.log10(255**2 / mse)) if mse else float("inf")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -99,13 +138,21 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=540)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--smoke", action="store_true", help="toy sizes on the CPU, to prove the code path")
-    parser.add_argument("--compile-mode", default="default")
+    parser.add_argument("--phases", default="peer,eager,mlperf,variants")
+    parser.add_argument("--variants", default="default")
+    parser.add_argument("--mlperf-batches", default="")
+    parser.add_argument("--cache-dir", default="", help="inductor cache (default OUT/data/compile-cache)")
+    parser.add_argument(
+        "--compile-needs-s", type=float, default=240, help="budget a variant needs (a cold compile)"
+    )
     args = parser.parse_args()
     run = Run(args)
     smoke = args.smoke
+    phases = set(args.phases.split(","))
+    variants = [Variant.parse(spec) for spec in args.variants.split(",") if spec]
     device = "cpu" if smoke or not torch.cuda.is_available() else "cuda"
     px, steps, mlperf_steps = (64, 4, 3) if smoke else (1024, 40, 20)
-    batches = [1, 2] if smoke else [1, 4, 8]
+    mlperf_batches = [int(b) for b in args.mlperf_batches.split(",") if b] or ([1, 2] if smoke else [1, 4, 8])
 
     from imagesmith.config import Settings
     from imagesmith.engine.engine import BatchItem, Engine
@@ -114,7 +161,6 @@ def main() -> None:
     from imagesmith.engine.models import LoadedModels, ModelSources
     from imagesmith.schemas import GenerationRequest
 
-    settings = Settings(data_dir=run.out / "data", compile=args.compile_mode)
     plan = plan_hardware(probe_device(device), Settings())
     run.results["plan"] = plan.summary()
     run.results["versions"] = {
@@ -124,18 +170,29 @@ def main() -> None:
         "diffusers": __import__("diffusers").__version__,
         "transformers": __import__("transformers").__version__,
     }
+    with contextlib.suppress(ImportError):
+        run.results["versions"]["torchao"] = __import__("torchao").__version__
     arch = architecture("smoke" if smoke else "full")
 
     def ensemble_request(seed: int = 1) -> GenerationRequest:
         return GenerationRequest(prompt=PROMPT, width=px, height=px, num_inference_steps=steps, seed=seed)
+
+    def mlperf_request() -> GenerationRequest:
+        return GenerationRequest(
+            prompt=PROMPT,
+            width=px,
+            height=px,
+            num_inference_steps=mlperf_steps,
+            guidance_scale=8.0,
+            refine_mode="none",
+            seed=7,
+        )
 
     # --- the peer: diffusers' fp16 ensemble, as its docs write it -----------------------------------------
     def peer() -> None:
         components = build_components(arch, device)
         components.to(torch.float16)
         base, refiner = build_pipelines(components)
-        for pipe in (base, refiner):
-            pipe.set_progress_bar_config(disable=True)
 
         def once() -> None:
             latents = base(
@@ -158,97 +215,129 @@ def main() -> None:
         once()
         reset_peak()
         run.results["peer_fp16_ensemble"] = {**timed(once, args.runs), "peak_gib": peak_gib()}
-        # The peer's pipelines go out of scope with this function; the allocator then gives their memory back.
 
-    def release_peer() -> None:
-        if device == "cuda":
-            torch.cuda.empty_cache()
+    if "peer" in phases:
+        run.phase("peer", 60, peer)
+        release_memory()
 
-    run.phase("peer", 60, peer)
-    release_peer()
+    def new_engine(with_refiner: bool = True) -> Any:
+        components = build_components(arch, device)
+        components.to(plan.dtype, plan.vae_dtype)
+        base, refiner = build_pipelines(components)
+        # Without a refiner (the MLPerf variants), its UNet goes with this frame: nothing else refers to it.
+        models = LoadedModels(
+            base, refiner if with_refiner else None, None, ModelSources("random-full", "random-full", None)
+        )
+        return Engine(models, plan)
 
-    components = build_components(arch, device)
-    components.to(plan.dtype, plan.vae_dtype)
-    base, refiner = build_pipelines(components)
-    for pipe in (base, refiner):
-        pipe.set_progress_bar_config(disable=True)
-    engine = Engine(LoadedModels(base, refiner, None, ModelSources("random-full", "random-full", None)), plan)
     reference: dict[str, Any] = {}
 
-    def final_latents_of(request: GenerationRequest) -> tuple[torch.Tensor, np.ndarray]:
+    def final_latents_of(engine: Any, request: GenerationRequest) -> tuple[torch.Tensor, np.ndarray]:
         captured: list[torch.Tensor] = []
         result = engine.generate(request, on_progress=lambda e: captured.append(e.latents))
         return captured[-1].float().cpu(), np.asarray(result.images[0]).astype(np.float64)
 
+    def stages_of(result: Any) -> list[tuple[str, int, float]]:
+        return [(s.name, s.steps, round(s.seconds, 4)) for s in result.metadata.stages]
+
+    def mlperf_rows(engine: Any, label: str, batch_sizes: list[int]) -> dict[str, Any]:
+        rows: dict[str, Any] = {}
+        for batch in batch_sizes:
+            items = [BatchItem(mlperf_request()) for _ in range(batch)]
+            sync()
+            t0 = time.perf_counter()
+            first = engine.generate_batch(items)  # warm (compiles this batch size when compiled)
+            sync()
+            first_s = time.perf_counter() - t0
+            reset_peak()
+            stats = timed(lambda items=items: engine.generate_batch(items), 3)
+            image = np.asarray(first[0].images[0]).astype(np.float64)
+            row = {**stats, "images_per_s": batch / stats["median_s"], "peak_gib": peak_gib()}
+            row["first_call_s"] = first_s
+            key = f"mlperf_image_{batch}"
+            if key in reference:
+                row["psnr_vs_eager_db"] = psnr(image, reference[key])
+            else:
+                reference[key] = image
+            rows[str(batch)] = row
+            run.log(f"{label} batch {batch}: {row['images_per_s']:.2f} images/s (first call {first_s:.1f}s)")
+            run.save()
+        return rows
+
     def eager() -> None:
+        engine = new_engine()
         engine.generate(ensemble_request())
         reset_peak()
         stats = timed(lambda: engine.generate(ensemble_request()), args.runs)
         result = engine.generate(ensemble_request())
-        reference["latents"], reference["image"] = final_latents_of(ensemble_request())
-        run.results["engine_eager_ensemble"] = {
-            **stats,
-            "peak_gib": peak_gib(),
-            "stages": [(s.name, s.steps, round(s.seconds, 4)) for s in result.metadata.stages],
-        }
+        reference["latents"], reference["image"] = final_latents_of(engine, ensemble_request())
+        run.results["engine_eager_ensemble"] = {**stats, "peak_gib": peak_gib(), "stages": stages_of(result)}
+        if "mlperf" in phases:
+            run.results["mlperf_eager"] = mlperf_rows(engine, "mlperf eager", mlperf_batches)
 
-    run.phase("eager", 40, eager)
+    if "eager" in phases:
+        run.phase("eager", 40, eager)
+        release_memory()
 
-    def mlperf(label: str, batch_sizes: list[int]) -> None:
-        rows = {}
-        for batch in batch_sizes:
-            request = GenerationRequest(
-                prompt=PROMPT,
-                width=px,
-                height=px,
-                num_inference_steps=mlperf_steps,
-                guidance_scale=8.0,
-                refine_mode="none",
-                seed=7,
-            )
-            items = [BatchItem(request) for _ in range(batch)]
-            engine.generate_batch(items)  # warm (compiles this batch size when compiled)
+    last_engine: list[Any] = []
+
+    def measure(variant: Variant) -> None:
+        torch._dynamo.reset()  # the previous variant's graphs (and CUDA graph pools) go
+        torch.backends.cudnn.benchmark = variant.cudnn_benchmark
+        engine = new_engine(with_refiner=not variant.mlperf)
+        settings = Settings(
+            data_dir=run.out / "data",
+            compile_cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+            compile=variant.mode,
+            fp8=variant.fp8,
+            channels_last=variant.channels_last,
+        )
+        levers = apply_speed_levers(engine.models.base, engine.models.refiner, plan, settings)
+        row: dict[str, Any] = {"levers": levers}
+        run.results["variants"][variant.spec] = row
+        sync()
+        if variant.mlperf:
+            row["mlperf"] = mlperf_rows(engine, variant.spec, mlperf_batches)
+        else:
+            t0 = time.perf_counter()
+            row["warm_up_s"] = warm_up(engine, [(px, px)], [1])
+            run.log(f"{variant.spec}: warm-up {row['warm_up_s']:.1f}s ({time.perf_counter() - t0:.1f}s)")
             reset_peak()
-            stats = timed(lambda items=items: engine.generate_batch(items), 3)
-            rows[str(batch)] = {**stats, "images_per_s": batch / stats["median_s"], "peak_gib": peak_gib()}
-            run.log(f"{label} batch {batch}: {rows[str(batch)]['images_per_s']:.2f} images/s")
-            run.save()
-        run.results[label] = rows
+            row.update(timed(lambda: engine.generate(ensemble_request()), args.runs))
+            row["peak_gib"] = peak_gib()
+            row["stages"] = stages_of(engine.generate(ensemble_request()))
+            if "latents" in reference:
+                latents, image = final_latents_of(engine, ensemble_request())
+                rel_l2 = float((latents - reference["latents"]).norm() / reference["latents"].norm())
+                row["fidelity_vs_eager"] = {
+                    "relative_l2_final_latents": rel_l2,
+                    "psnr_db": psnr(image, reference["image"]),
+                }
+            run.log(f"{variant.spec}: median {row['median_s']:.3f}s")
+        last_engine[:] = [engine, variant]
 
-    run.phase("mlperf", 60, lambda: mlperf("mlperf_eager", batches))
+    if "variants" in phases:
+        for variant in variants:
+            needs = 60 if variant.mode == "off" else args.compile_needs_s
+            last_engine.clear()
+            release_memory()
+            run.phase(f"variant {variant.spec}", needs, lambda variant=variant: measure(variant))
 
-    def compiled() -> None:
-        t0 = time.perf_counter()
-        levers = apply_speed_levers(base, refiner, plan, settings)
-        warm = warm_up(engine, [(px, px)], [1])
-        run.results["compile_first_start_s"] = time.perf_counter() - t0
-        run.results["levers"] = levers
-        reset_peak()
-        stats = timed(lambda: engine.generate(ensemble_request()), args.runs)
-        result = engine.generate(ensemble_request())
-        latents, image = final_latents_of(ensemble_request())
-        rel_l2 = float((latents - reference["latents"]).norm() / reference["latents"].norm())
-        mse = float(np.mean((image - reference["image"]) ** 2))
-        run.results["engine_compiled_ensemble"] = {
-            **stats,
-            "peak_gib": peak_gib(),
-            "warm_up_s": warm,
-            "stages": [(s.name, s.steps, round(s.seconds, 4)) for s in result.metadata.stages],
-            "fidelity_vs_eager": {
-                "relative_l2_final_latents": rel_l2,
-                "psnr_db": 10 * np.log10(255**2 / mse) if mse else float("inf"),
-            },
-        }
+    def restart() -> None:
+        engine, variant = last_engine
+        torch._dynamo.reset()
+        if variant.mlperf:
+            sync()
+            t0 = time.perf_counter()
+            engine.generate_batch([BatchItem(mlperf_request())])
+            sync()
+            run.results["second_start_s"] = {variant.spec: time.perf_counter() - t0}
+        else:
+            run.results["second_start_s"] = {variant.spec: warm_up(engine, [(px, px)], [1])}
 
-    run.phase("compiled", 250, compiled)
-    if "engine_compiled_ensemble" in run.results:
-        run.phase("mlperf_c", 150, lambda: mlperf("mlperf_compiled", [batches[0], batches[-1]]))
-
-        def restart() -> None:
-            torch._dynamo.reset()
-            run.results["compile_second_start_s"] = warm_up(engine, [(px, px)], [1])
-
+    if "restart" in phases and last_engine:
         run.phase("restart", 60, restart)
+    torch.backends.cudnn.benchmark = False
     run.save()
     print_table(run.results)
 
@@ -256,28 +345,39 @@ def main() -> None:
 def print_table(r: dict[str, Any]) -> None:
     print("\n" + json.dumps(r.get("versions", {})))
     print(f"plan: {r.get('plan')}")
+    peer = r.get("peer_fp16_ensemble", {}).get("median_s")
 
-    def row(name: str, key: str) -> None:
-        if key in r:
-            x = r[key]
-            print(
-                f"{name:34s} {x['median_s']:7.3f} s  ({x['min_s']:.3f}-{x['max_s']:.3f})  peak {x['peak_gib']:.1f} GiB"
-            )
+    def row(name: str, x: dict[str, Any]) -> None:
+        if "median_s" not in x:
+            return
+        ratio = f"  {peer / x['median_s']:.2f}x peer" if peer else ""
+        fidelity = x.get("fidelity_vs_eager")
+        extra = (
+            f"  relL2 {fidelity['relative_l2_final_latents']:.2e} PSNR {fidelity['psnr_db']:.1f}"
+            if fidelity
+            else ""
+        )
+        warm = f"  warm {x['warm_up_s']:.0f}s" if "warm_up_s" in x else ""
+        print(
+            f"{name:40s} {x['median_s']:7.3f} s ({x['min_s']:.3f}-{x['max_s']:.3f}) "
+            f"peak {x['peak_gib']:.1f} GiB{ratio}{warm}{extra}"
+        )
 
-    row("peer: diffusers fp16 ensemble 40", "peer_fp16_ensemble")
-    row("imagesmith eager bf16 ensemble 40", "engine_eager_ensemble")
-    row("imagesmith compiled ensemble 40", "engine_compiled_ensemble")
-    for key in ("mlperf_eager", "mlperf_compiled"):
-        for batch, x in r.get(key, {}).items():
+    row("peer: diffusers fp16 ensemble 40", r.get("peer_fp16_ensemble", {}))
+    row("imagesmith eager bf16 ensemble 40", r.get("engine_eager_ensemble", {}))
+    for spec, x in r.get("variants", {}).items():
+        row(spec, x)
+    mlperf = {"eager": r.get("mlperf_eager", {})}
+    mlperf.update({spec: x["mlperf"] for spec, x in r.get("variants", {}).items() if "mlperf" in x})
+    for spec, rows in mlperf.items():
+        for batch, x in rows.items():
             print(
-                f"{key} batch {batch:>2}: {x['median_s']:.3f} s, {x['images_per_s']:.2f} images/s, "
-                f"peak {x['peak_gib']:.1f} GiB"
+                f"mlperf {spec:28s} batch {batch:>2}: {x['median_s']:.3f} s, {x['images_per_s']:.2f} images/s, "
+                f"peak {x['peak_gib']:.1f} GiB, first call {x['first_call_s']:.1f}s, "
+                f"PSNR vs eager {x.get('psnr_vs_eager_db', '-')}"
             )
-    if "engine_compiled_ensemble" in r:
-        print(f"fidelity: {r['engine_compiled_ensemble']['fidelity_vs_eager']}")
-    for key in ("compile_first_start_s", "compile_second_start_s"):
-        if key in r:
-            print(f"{key}: {r[key]:.1f}")
+    if "second_start_s" in r:
+        print(f"second start: {r['second_start_s']}")
     print(f"skipped: {r['skipped']}  errors: {list(r['errors'])}")
 
 

@@ -34,6 +34,12 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=16)
     parser.add_argument("--batches", default="1,4,8")
     parser.add_argument("--compiled", action="store_true", help="also run the largest batch compiled")
+    parser.add_argument("--compile-mode", default="default")
+    parser.add_argument("--fp8", action="store_true", help="the compiled run with fp8 UNet linears")
+    parser.add_argument("--cache-dir", default="", help="inductor cache (default OUT/data/compile-cache)")
+    parser.add_argument(
+        "--all-compiled", action="store_true", help="every batch size compiled, not the largest"
+    )
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
     out = Path(args.out)
@@ -82,13 +88,18 @@ def main() -> None:
         )
         return ImageRequest(sources=[SourceName.GENERATE], generation=generation).model_dump(mode="json")
 
-    def through_queue(batch: int, label: str) -> None:
+    def through_queue(batch: int, label: str, levers: Settings | None = None) -> None:
         with tempfile.TemporaryDirectory() as folder:
             data = Path(folder)
             settings = Settings(data_dir=data, batch_max_images=batch, batch_window_ms=0)
+            if levers is not None:
+                # The service's own start-up: warm-up (compilation) at batch 1 and batch_max_images, timed.
+                settings = levers.with_changes(data_dir=data, batch_max_images=batch, batch_window_ms=0)
+                settings = settings.with_changes(warmup_sizes=f"{px}x{px}")
             store = JobStore(data / "jobs.sqlite3")
             source = GenerateSource(settings, factory=lambda _: engine)
             source.start_loading().join()
+            startup = dict(engine.startup) if levers is not None else None
             worker = Worker(
                 settings,
                 store,
@@ -124,11 +135,12 @@ def main() -> None:
             "images_per_s": args.jobs / wall,
             "batch_sizes_seen": sizes,
             "all_succeeded": statuses == {JobStatus.SUCCEEDED},
+            "startup": startup,
         }
         results["rows"].append(row)
         print(
             f"{label:10s} batch {batch}: {row['images_per_s']:.2f} images/s ({wall:.1f}s for {args.jobs}) "
-            f"batches {sizes} ok={row['all_succeeded']}",
+            f"batches {sizes} ok={row['all_succeeded']} startup {startup}",
             flush=True,
         )
         (out / "queue_throughput.json").write_text(json.dumps(results, indent=1))
@@ -137,8 +149,14 @@ def main() -> None:
     for batch in batches:
         through_queue(batch, "eager")
     if args.compiled:
-        apply_speed_levers(base, refiner, plan, Settings(data_dir=out / "data", compile="default"))
-        through_queue(batches[-1], "compiled")
+        cache = Path(args.cache_dir) if args.cache_dir else out / "data" / "compile-cache"
+        levers = Settings(
+            data_dir=out / "data", compile=args.compile_mode, fp8=args.fp8, compile_cache_dir=cache
+        )
+        results["levers"] = apply_speed_levers(base, refiner, plan, levers)
+        label = f"{args.compile_mode}{'+fp8' if args.fp8 else ''}"
+        for batch in batches if args.all_compiled else batches[-1:]:
+            through_queue(batch, label, levers)
 
 
 if __name__ == "__main__":
