@@ -42,3 +42,24 @@ def test_compiled_engine_matches_eager_within_bf16(tiny_settings: Settings) -> N
     b = np.asarray(compiled.generate(request).images[0]).astype(float)
     psnr = 10 * np.log10(255**2 / max(np.mean((a - b) ** 2), 1e-12))
     assert psnr > 30, psnr
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+    reason="needs fp8 tensor cores",
+)
+def test_fp8_scaled_mm_gives_the_product_of_the_quantized_operands() -> None:
+    """torch._scaled_mm on the GPU computes what the CPU path (and its tests) compute: the same e4m3 operands
+    multiplied with fp32 accumulation, written in bf16."""
+    from torch import nn
+
+    from imagesmith.engine.fp8 import Float8Linear, rowwise_supported
+
+    torch.manual_seed(0)
+    layer = nn.Linear(640, 2560).to("cuda", torch.bfloat16)
+    gpu = Float8Linear(layer, rowwise_supported("cuda"))
+    cpu = Float8Linear(layer.to("cpu"), rowwise_supported("cuda"))
+    x = torch.randn(2, 4096, 640, dtype=torch.bfloat16)
+    with torch.no_grad():
+        got, expected = gpu(x.cuda()).float().cpu(), cpu(x).float()
+    assert float((got - expected).norm() / expected.norm()) < 1e-2  # bf16 output rounding only

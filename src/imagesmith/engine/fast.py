@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from imagesmith.config import CompileChoice, Settings
+from imagesmith.engine.fp8 import quantize_transformer_linears
 from imagesmith.engine.hardware import HardwarePlan
 
 log = logging.getLogger(__name__)
@@ -36,17 +37,6 @@ def use_persistent_compile_cache(cache: Path) -> Path:
     os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
     cache.mkdir(parents=True, exist_ok=True)
     return cache
-
-
-def _quantize_fp8(unet: Any) -> None:
-    try:
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, quantize_
-    except ImportError as error:
-        raise RuntimeError(
-            "IMAGESMITH_FP8=true needs torchao (pip install torchao) and an H100/H200-class GPU"
-        ) from error
-    # Linear layers only: convolutions and norms stay bf16 (they are a small share of the FLOPs).
-    quantize_(unet, Float8DynamicActivationFloat8WeightConfig())
 
 
 def _drop_unfused_projections(model: Any) -> int:
@@ -89,14 +79,16 @@ def apply_speed_levers(base: Any, refiner: Any | None, plan: HardwarePlan, setti
         for unet in unets:
             unet.to(memory_format=torch.channels_last)
         applied.append("channels_last")
-    if settings.fp8:
+    if settings.fp8 and plan.offload != "none":
+        # Offloaded weights live on the meta device between uses; there is nothing to quantize there.
+        log.warning("fp8 skipped: it needs offload=none (plan: %s)", plan.offload)
+    elif settings.fp8:
         if plan.device.startswith("cuda") and torch.cuda.get_device_capability(plan.device) < (8, 9):
             raise RuntimeError(
                 "IMAGESMITH_FP8=true needs a GPU with fp8 tensor cores (compute capability 8.9+)"
             )
-        for unet in unets:
-            _quantize_fp8(unet)
-        applied.append("fp8 UNet linears (lossy)")
+        converted = sum(quantize_transformer_linears(unet) for unet in unets)
+        applied.append(f"fp8 transformer linears x{converted} (lossy)")
     if settings.compile is not CompileChoice.OFF:
         if plan.offload != "none":
             # Offload hooks move weights between devices inside forward; compiled graphs would break there.
