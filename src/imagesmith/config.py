@@ -146,7 +146,10 @@ class Settings(BaseSettings):
         None, description="Compiled kernels; default DATA_DIR/compile-cache."
     )
     channels_last: bool = Field(False, description="NHWC memory layout for the UNets.")
-    fp8: bool = Field(False, description="fp8 UNet linear layers via torchao (lossy; H100/H200/4090 class).")
+    fp8: bool = Field(
+        False,
+        description="fp8 (e4m3) linears in the UNets' transformer blocks (lossy; compute capability 8.9+).",
+    )
     prompt_cache_size: int = Field(
         64, ge=0, description="Prompt embeddings kept on the device for repeated prompts (0: off)."
     )

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import io
+import threading
+from typing import Any
+
 import numpy as np
 import pytest
+from PIL import Image
 
+from imagesmith.config import Settings
 from imagesmith.engine import BatchItem, CancelToken, Engine, GenerationCanceled, ProgressEvent, batch_key
 from imagesmith.schemas import GenerationRequest
 
@@ -71,3 +77,38 @@ def test_generate_batch_refuses_mixed_keys(tiny_engine: Engine) -> None:
                 BatchItem(GenerationRequest(prompt="x", scheduler="ddim", **SMALL)),
             ]
         )
+
+
+def test_a_batch_is_encoded_in_parallel_and_each_job_gets_its_own_files(
+    tiny_engine: Engine, tiny_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GenerateSource.fetch_batch encodes every image of the pass on the encoding threads at once; each job's
+    files are its own images, in order, past a member that was canceled."""
+    from imagesmith.engine import output
+    from imagesmith.sources.generate import GenerateSource
+
+    threads: list[str] = []
+    real_encode = output.encode_image
+
+    def recording_encode(*args: Any) -> bytes:
+        threads.append(threading.current_thread().name)
+        return real_encode(*args)
+
+    monkeypatch.setattr("imagesmith.engine.engine.encode_image", recording_encode)
+    source = GenerateSource(tiny_settings.with_changes(warmup=False), factory=lambda _: tiny_engine)
+    source.start_loading().join()
+    token = CancelToken()
+    token.cancel()
+    two = GenerationRequest(prompt="two of these", seed=5, num_images=2, **SMALL)
+    canceled = GenerationRequest(prompt="never mind", seed=6, **SMALL)
+    one = GenerationRequest(prompt="one of those", seed=7, **SMALL)
+    outcomes = source.fetch_batch([BatchItem(two), BatchItem(canceled, None, token), BatchItem(one)])
+    assert isinstance(outcomes[1], GenerationCanceled)
+    assert not isinstance(outcomes[0], BaseException) and not isinstance(outcomes[2], BaseException)
+    assert len(threads) == 3 and all(name.startswith("imagesmith-encode") for name in threads)
+    for outcome, request in ((outcomes[0], two), (outcomes[2], one)):
+        solo = tiny_engine.generate(request)
+        files = [Image.open(io.BytesIO(image.data)) for image in outcome.images]
+        assert len(files) == len(solo.images)
+        for stored, expected in zip(files, solo.images, strict=True):
+            assert np.abs(pixels(stored.convert("RGB")) - pixels(expected)).max() <= 2

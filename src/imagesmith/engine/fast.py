@@ -2,7 +2,9 @@
 
 Applied once after loading, before warm-up. Exact levers change no result beyond bf16 rounding (fused QKV does
 the same products in one matrix; compile fuses elementwise work; channels_last only changes memory layout).
-fp8 is lossy and opt-in, its fidelity figure reported in the benchmarks.
+fp8 (engine/fp8.py) is lossy and opt-in, its fidelity figure reported in the benchmarks. Measured on an H200
+(docs/benchmarks.md, runs 6-10): compile `reduce-overhead` is the fastest exact mode at batch 1 (1.33 s for the
+40-step ensemble, 1.91x diffusers' fp16 peer); fp8 saves 3.3 GiB but is slower at batch 1.
 
 Compilation happens at start-up (warm-up), never on a request: `warm_up` runs one small generation per shape
 so that the first user does not pay the minutes. The inductor cache lives in the data dir, so a restart
@@ -87,6 +89,8 @@ def apply_speed_levers(base: Any, refiner: Any | None, plan: HardwarePlan, setti
             raise RuntimeError(
                 "IMAGESMITH_FP8=true needs a GPU with fp8 tensor cores (compute capability 8.9+)"
             )
+        if not plan.device.startswith("cuda"):
+            log.warning("fp8 off the GPU is emulated in fp32: lossy and slower, useful for tests only")
         converted = sum(quantize_transformer_linears(unet) for unet in unets)
         applied.append(f"fp8 transformer linears x{converted} (lossy)")
     if settings.compile is not CompileChoice.OFF:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -10,6 +11,7 @@ from collections.abc import Callable
 from imagesmith import STARTED_AT
 from imagesmith.config import CompileChoice, Settings
 from imagesmith.engine import BatchItem, Engine, GenerationResult
+from imagesmith.engine.output import encode_in_parallel
 from imagesmith.engine.progress import CancelToken, ProgressCallback
 from imagesmith.schemas import OutputFormat
 from imagesmith.sources.base import (
@@ -117,9 +119,20 @@ class GenerateSource:
         engine = self._engine
         if engine is None:
             raise SourceUnavailable(f"generation is not available: {self.status().detail}")
+        outcomes = engine.generate_batch(items)
+        # Every image of the pass encoded at once, on the encoding threads (engine/output.py says why).
+        results = [outcome for outcome in outcomes if not isinstance(outcome, BaseException)]
+        encoders = [
+            functools.partial(result.encoded, index)
+            for result in results
+            for index in range(len(result.images))
+        ]
+        encoded = iter(encode_in_parallel(encoders))
         return [
-            outcome if isinstance(outcome, BaseException) else self._as_source_result(outcome)
-            for outcome in engine.generate_batch(items)
+            outcome
+            if isinstance(outcome, BaseException)
+            else self._as_source_result(outcome, [next(encoded) for _ in outcome.images])
+            for outcome in outcomes
         ]
 
     def max_batch_images(self) -> int:
@@ -129,12 +142,10 @@ class GenerateSource:
             return 1
         return self._settings.batch_max_images
 
-    def _as_source_result(self, result: GenerationResult) -> SourceResult:
+    def _as_source_result(self, result: GenerationResult, encoded: list[bytes]) -> SourceResult:
         media_type = MEDIA_TYPES[result.metadata.request.output_format]
         images = [
-            SourceImage(
-                data=result.encoded(index), media_type=media_type, width=image.width, height=image.height
-            )
-            for index, image in enumerate(result.images)
+            SourceImage(data=data, media_type=media_type, width=image.width, height=image.height)
+            for data, image in zip(encoded, result.images, strict=True)
         ]
         return SourceResult(source=self.name, images=images, metadata=result.metadata.model_dump(mode="json"))
