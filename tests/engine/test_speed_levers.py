@@ -55,3 +55,44 @@ def test_a_failing_compile_falls_back_to_eager_and_says_so(tiny_settings: Settin
     assert unet._compiled_call_impl is None
     assert engine.levers == ["torch.compile failed, eager instead (RuntimeError)"]
     assert engine.generate(REQUEST).images
+
+
+def test_warm_up_reports_where_it_is(tiny_engine: Engine) -> None:
+    """A cold compiled start takes minutes; the warm-up says which shape and stage it has reached."""
+    from imagesmith.engine.fast import warm_up
+
+    heard: list[str] = []
+    warm_up(tiny_engine, [(64, 64)], [1, 2], heard.append)
+    assert heard[0] == "warm-up 1 of 2 (64x64, batch 1): starting"
+    first = [message for message in heard if message.startswith("warm-up 1 of 2")]
+    stages = [message.split(": ")[1].split(" step")[0] for message in first[1:]]
+    assert stages[0] == "base" and "refine" in stages
+    assert "warm-up 2 of 2 (64x64, batch 2): starting" in heard
+
+
+def test_health_detail_names_the_warm_up_step_while_starting(tiny_settings: Settings) -> None:
+    import threading
+
+    from imagesmith.sources.base import SourceState
+    from imagesmith.sources.generate import GenerateSource
+
+    engine = Engine.start(tiny_settings)
+    release, inside = threading.Event(), threading.Event()
+    real_generate_batch = engine.generate_batch
+
+    def slow_generate_batch(items: list[object]) -> list[object]:
+        inside.set()
+        release.wait(30)
+        return real_generate_batch(items)  # type: ignore[arg-type]
+
+    engine.generate_batch = slow_generate_batch  # type: ignore[method-assign]
+    source = GenerateSource(tiny_settings.with_changes(warmup_sizes="64x64"), factory=lambda _: engine)
+    thread = source.start_loading()
+    assert inside.wait(30)
+    status = source.status()
+    assert status.state is SourceState.STARTING
+    assert status.detail.startswith("warm-up 1 of 1 (64x64, batch 1): starting (")
+    assert status.detail.endswith("s into start-up)")
+    release.set()
+    thread.join(30)
+    assert source.status().state is SourceState.READY

@@ -23,7 +23,7 @@ def health_report(app: FastAPI) -> dict[str, Any]:
     details: dict[str, Any] = engine.describe() if engine is not None else {}
     if generate.state is SourceState.STARTING:
         status = "starting"
-        reasons.append("models loading")
+        reasons.append(generate.detail)  # loading, or which warm-up (compile) step, and for how long
     elif generate.state is SourceState.FAILED and not stock.ready:
         status = "failed"
         reasons.append(f"model loading failed: {generate.detail}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -115,12 +116,17 @@ def _compiled(engine: Any) -> list[Any]:
     return [module for module in modules if getattr(module, "_compiled_call_impl", None) is not None]
 
 
-def warm_up_or_fall_back_to_eager(engine: Any, sizes: list[tuple[int, int]], batch_sizes: list[int]) -> float:
+def warm_up_or_fall_back_to_eager(
+    engine: Any,
+    sizes: list[tuple[int, int]],
+    batch_sizes: list[int],
+    on_progress: Callable[[str], None] | None = None,
+) -> float:
     """Warm up; if compilation fails (an unsupported card, a torch bug), serve eager rather than not at all.
 
     The failure is logged and listed in the engine's levers, which health reports."""
     try:
-        return warm_up(engine, sizes, batch_sizes)
+        return warm_up(engine, sizes, batch_sizes, on_progress)
     except Exception as error:
         compiled = _compiled(engine)
         if not compiled:
@@ -130,33 +136,47 @@ def warm_up_or_fall_back_to_eager(engine: Any, sizes: list[tuple[int, int]], bat
             module._compiled_call_impl = None  # what Module.compile set; the module runs eager again
         engine.levers = [lever for lever in engine.levers if not lever.startswith("torch.compile")]
         engine.levers.append(f"torch.compile failed, eager instead ({type(error).__name__})")
-        return warm_up(engine, sizes, batch_sizes)
+        return warm_up(engine, sizes, batch_sizes, on_progress)
 
 
-def warm_up(engine: Any, sizes: list[tuple[int, int]], batch_sizes: list[int]) -> float:
+def warm_up(
+    engine: Any,
+    sizes: list[tuple[int, int]],
+    batch_sizes: list[int],
+    on_progress: Callable[[str], None] | None = None,
+) -> float:
     """One small generation per (size, batch) so compilation and autotuning happen now, not on a request.
 
     Every stage runs: the ensemble reaches base and refiner, decode reaches the VAE. Returns seconds taken.
+    `on_progress` hears where it is (a cold compile takes minutes; health shows it): which warm-up of how
+    many, its shape, and the last step done.
     """
     from imagesmith.engine.engine import BatchItem
+    from imagesmith.engine.progress import ProgressEvent
     from imagesmith.schemas import GenerationRequest
 
     began = time.perf_counter()
-    for width, height in sizes:
-        for batch in batch_sizes:
-            request = GenerationRequest(
-                prompt="warm-up",
-                width=width,
-                height=height,
-                num_inference_steps=5,
-                high_noise_frac=0.6,
-                seed=0,
-            )
-            outcomes = engine.generate_batch([BatchItem(request) for _ in range(batch)])
-            for outcome in outcomes:
-                if isinstance(outcome, BaseException):
-                    raise outcome
-            log.info(
-                "warm-up %dx%d batch %d done at %.1fs", width, height, batch, time.perf_counter() - began
-            )
+    report = on_progress or (lambda _: None)
+    shapes = [(width, height, batch) for width, height in sizes for batch in batch_sizes]
+    for number, (width, height, batch) in enumerate(shapes, start=1):
+        where = f"warm-up {number} of {len(shapes)} ({width}x{height}, batch {batch})"
+        report(f"{where}: starting")
+
+        def heard(event: ProgressEvent, where: str = where) -> None:
+            # The next stage compiles after this event, so a message that stays long names the stage before it.
+            report(f"{where}: {event.stage} step {event.step} of {event.total} done")
+
+        request = GenerationRequest(
+            prompt="warm-up",
+            width=width,
+            height=height,
+            num_inference_steps=5,
+            high_noise_frac=0.6,
+            seed=0,
+        )
+        outcomes = engine.generate_batch([BatchItem(request, heard) for _ in range(batch)])
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        log.info("warm-up %dx%d batch %d done at %.1fs", width, height, batch, time.perf_counter() - began)
     return time.perf_counter() - began

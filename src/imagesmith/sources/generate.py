@@ -44,6 +44,9 @@ class GenerateSource:
         self._engine: Engine | None = None
         self._error: str | None = None
         self._loaded = threading.Event()
+        # What start-up is doing now, for health: a first compiled start takes minutes (docs/benchmarks.md).
+        self._phase = "models loading"
+        self._load_began = time.monotonic()
 
     @property
     def engine(self) -> Engine | None:
@@ -57,7 +60,7 @@ class GenerateSource:
 
     def _load(self) -> None:
         try:
-            began = time.monotonic()
+            began = self._load_began = time.monotonic()
             engine = self._factory(self._settings)
             loaded = time.monotonic()
             if self._settings.warmup:
@@ -70,7 +73,9 @@ class GenerateSource:
                 batches = [1]
                 if self._settings.compile is not CompileChoice.OFF and self._settings.batch_max_images > 1:
                     batches.append(self._settings.batch_max_images)
-                log.info("warm-up done in %.1fs", warm_up_or_fall_back_to_eager(engine, sizes, batches))
+                self._set_phase("warming up")
+                took = warm_up_or_fall_back_to_eager(engine, sizes, batches, self._set_phase)
+                log.info("warm-up done in %.1fs", took)
             ready = time.monotonic()
             engine.startup = {
                 "load_s": round(loaded - began, 2),
@@ -90,6 +95,9 @@ class GenerateSource:
         finally:
             self._loaded.set()
 
+    def _set_phase(self, phase: str) -> None:
+        self._phase = phase
+
     def wait_loaded(self, timeout: float | None = None) -> bool:
         return self._loaded.wait(timeout)
 
@@ -98,7 +106,8 @@ class GenerateSource:
             return SourceStatus(SourceState.READY, "models loaded")
         if self._error is not None:
             return SourceStatus(SourceState.FAILED, self._error)
-        return SourceStatus(SourceState.STARTING, "models loading")
+        since = time.monotonic() - self._load_began
+        return SourceStatus(SourceState.STARTING, f"{self._phase} ({since:.0f}s into start-up)")
 
     def close(self) -> None:
         """Nothing to release: the engine lives as long as the process."""
