@@ -65,3 +65,15 @@ def test_the_fp8_engine_converts_only_transformer_linears_and_stays_close(tiny_s
     b = np.asarray(fp8.generate(request).images[0]).astype(float)
     psnr = 10 * np.log10(255**2 / np.mean((a - b) ** 2))
     assert 20 < psnr < 80  # changed (it is lossy), yet the same picture
+
+
+def test_fp8_applies_after_fusing_so_the_fused_projections_are_quantized(tiny_settings: Settings) -> None:
+    engine = Engine.start(tiny_settings.with_changes(fp8=True, fuse_qkv=True))
+    assert engine.levers[0] == "fused QKV" and engine.levers[1].startswith("fp8")
+    attention = [m for m in engine.models.base.unet.modules() if type(m).__name__ == "Attention"]
+    self_attention = [m for m in attention if not m.is_cross_attention]
+    assert self_attention and all(isinstance(m.to_qkv, Float8Linear) for m in self_attention)
+    image = engine.generate(
+        GenerationRequest(prompt="a lighthouse", width=64, height=64, num_inference_steps=10, seed=5)
+    ).images[0]
+    assert np.asarray(image).std() > 0
