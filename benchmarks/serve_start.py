@@ -120,6 +120,14 @@ def one_start(args: argparse.Namespace, models: Path, data: Path, label: str, lo
     return row
 
 
+def timeline(log: Path, since: int) -> list[str]:
+    """The service's own start-up lines (load, each warm-up stage) written after byte `since` of the log: the
+    figures that remain when a start outlasts the timeout."""
+    text = log.read_bytes()[since:].decode(errors="replace") if log.exists() else ""
+    keys = ("models ready", "stage ", "warm-up", "ready ", "listening")
+    return [line[:200] for line in text.splitlines() if any(key in line for key in keys)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -143,11 +151,14 @@ def main() -> None:
     results["starts"] = []
     for index in range(args.starts):
         label = "first" if index == 0 else f"start {index + 1}"
+        log = out / "server.log"
+        since = log.stat().st_size if log.exists() else 0
         try:
-            results["starts"].append(one_start(args, models, data, label, out / "server.log"))
+            results["starts"].append(one_start(args, models, data, label, log))
         except Exception as error:
             results["starts"].append({"start": label, "error": f"{type(error).__name__}: {error}"})
             print(results["starts"][-1], flush=True)
+        results["starts"][-1]["timeline"] = timeline(log, since)
         (out / "serve_start.json").write_text(json.dumps(results, indent=1))
     print(
         f"\n{results['gpu']}, compile={args.compile}, batch_max={args.batch_max}, cache files before: "
@@ -156,6 +167,8 @@ def main() -> None:
     for row in results["starts"]:
         if "error" in row:
             print(f"{row['start']:8s} ERROR {row['error']}")
+            for line in row["timeline"]:
+                print(f"         {line}")
             continue
         print(
             f"{row['start']:8s} ready {row['ready_s']:6.1f}s  first image {row['first_image_after_process_start_s']:6.1f}s "
