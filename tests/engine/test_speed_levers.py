@@ -92,7 +92,7 @@ def test_health_detail_names_the_warm_up_step_while_starting(tiny_settings: Sett
     status = source.status()
     assert status.state is SourceState.STARTING
     assert status.detail.startswith("warm-up 1 of 1 (64x64, batch 1): starting (")
-    assert status.detail.endswith("s into start-up)")
+    assert status.detail.endswith("s after process start)")
     release.set()
     thread.join(30)
     assert source.status().state is SourceState.READY

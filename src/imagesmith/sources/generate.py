@@ -46,7 +46,6 @@ class GenerateSource:
         self._loaded = threading.Event()
         # What start-up is doing now, for health: a first compiled start takes minutes (docs/benchmarks.md).
         self._phase = "models loading"
-        self._load_began = time.monotonic()
 
     @property
     def engine(self) -> Engine | None:
@@ -60,7 +59,7 @@ class GenerateSource:
 
     def _load(self) -> None:
         try:
-            began = self._load_began = time.monotonic()
+            began = time.monotonic()
             engine = self._factory(self._settings)
             loaded = time.monotonic()
             if self._settings.warmup:
@@ -106,8 +105,8 @@ class GenerateSource:
             return SourceStatus(SourceState.READY, "models loaded")
         if self._error is not None:
             return SourceStatus(SourceState.FAILED, self._error)
-        since = time.monotonic() - self._load_began
-        return SourceStatus(SourceState.STARTING, f"{self._phase} ({since:.0f}s into start-up)")
+        since = time.monotonic() - STARTED_AT  # the clock health's startup figures use
+        return SourceStatus(SourceState.STARTING, f"{self._phase} ({since:.0f}s after process start)")
 
     def close(self) -> None:
         """Nothing to release: the engine lives as long as the process."""
