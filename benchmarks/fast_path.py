@@ -10,10 +10,11 @@ Phases (`--phases`, each skipped, and said so, when the time budget runs short; 
              then the 40-step ensemble, fidelity against eager (relative L2 of the final latents, PSNR)
   restart    dynamo reset, then the last variant's warm-up again: the second start, from the inductor cache
 
-A variant is `MODE[+fp8][+cl][+cudnn][:mlperf]`: MODE is a compile choice (off, default, reduce-overhead,
-max-autotune-no-cudagraphs); +fp8 torchao float8 UNet linears; +cl channels_last; +cudnn
-torch.backends.cudnn.benchmark; `:mlperf` measures the MLPerf setting instead of the ensemble (base UNet and VAE
-only; warm-up at batch 1 then the largest batch, as the service's warm-up does).
+A variant is `MODE[+fp8][+cl][+cudnn][+regional][:mlperf]`: MODE is a compile choice (off, default,
+reduce-overhead, max-autotune-no-cudagraphs); +fp8 fp8 transformer linears (engine/fp8.py); +cl channels_last;
++cudnn torch.backends.cudnn.benchmark; +regional compile only the UNets' transformer blocks; `:mlperf`
+measures the MLPerf setting instead of the ensemble (base UNet and VAE only; warm-up at batch 1 then the
+largest batch, as the service's warm-up does).
 
 Usage:  PYTHONPATH=src python benchmarks/fast_path.py --out DIR [--budget-s 540] [--smoke] \
             [--phases peer,eager,variants] [--variants default,reduce-overhead]
@@ -51,16 +52,19 @@ class Variant:
     fp8: bool
     channels_last: bool
     cudnn_benchmark: bool
+    regional: bool
     mlperf: bool
 
     @classmethod
     def parse(cls, spec: str) -> Variant:
         body, _, kind = spec.partition(":")
         mode, *flags = body.split("+")
-        unknown = set(flags) - {"fp8", "cl", "cudnn"}
+        unknown = set(flags) - {"fp8", "cl", "cudnn", "regional"}
         if unknown or kind not in ("", "mlperf"):
-            raise SystemExit(f"variant {spec!r}: flags are +fp8 +cl +cudnn and the suffix :mlperf")
-        return cls(spec, mode, "fp8" in flags, "cl" in flags, "cudnn" in flags, kind == "mlperf")
+            raise SystemExit(f"variant {spec!r}: flags are +fp8 +cl +cudnn +regional and the suffix :mlperf")
+        return cls(
+            spec, mode, "fp8" in flags, "cl" in flags, "cudnn" in flags, "regional" in flags, kind == "mlperf"
+        )
 
 
 class Run:
@@ -289,6 +293,7 @@ def main() -> None:
             data_dir=run.out / "data",
             compile_cache_dir=Path(args.cache_dir) if args.cache_dir else None,
             compile=variant.mode,
+            compile_scope="regional" if variant.regional else "full",
             fp8=variant.fp8,
             channels_last=variant.channels_last,
         )

@@ -50,6 +50,15 @@ class LogFormat(StrEnum):
     JSON = "json"
 
 
+class CompileScope(StrEnum):
+    """What torch.compile covers. 'full': each whole UNet (fastest measured; minutes to compile cold).
+    'regional': only the UNets' repeated transformer blocks (diffusers' compile_repeated_blocks), compiled once per
+    shape and reused by every block of that shape: a fraction of the compile time, some speed left eager."""
+
+    FULL = "full"
+    REGIONAL = "regional"
+
+
 class CompileChoice(StrEnum):
     """torch.compile of the UNets and VAE decoder. 'reduce-overhead' adds CUDA graphs (batch-1 latency)."""
 
@@ -142,6 +151,9 @@ class Settings(BaseSettings):
         description="One matmul for Q, K and V in each attention block (exact). Default: on with compile.",
     )
     compile: CompileChoice = Field(CompileChoice.OFF, description="torch.compile the UNets and VAE decoder.")
+    compile_scope: CompileScope = Field(
+        CompileScope.FULL, description="'full' UNets, or 'regional': only their transformer blocks."
+    )
     compile_cache_dir: Path | None = Field(
         None, description="Compiled kernels; default DATA_DIR/compile-cache."
     )

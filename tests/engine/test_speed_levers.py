@@ -96,3 +96,36 @@ def test_health_detail_names_the_warm_up_step_while_starting(tiny_settings: Sett
     release.set()
     thread.join(30)
     assert source.status().state is SourceState.READY
+
+
+def test_regional_compile_wraps_only_the_transformer_blocks_and_falls_back_whole(
+    tiny_settings: Settings,
+) -> None:
+    """compile_scope=regional: each BasicTransformerBlock is compiled (lazily, on first call), the UNets around
+    them stay eager; a failure in any block sends every compiled module back to eager."""
+    from imagesmith.engine.fast import warm_up_or_fall_back_to_eager
+
+    engine = Engine.start(tiny_settings.with_changes(compile="default", compile_scope="regional"))
+    assert engine.levers == [
+        "fused QKV",
+        "torch.compile(mode=default) UNet transformer blocks (regional) + VAE decoder",
+    ]
+    for unet in (engine.models.base.unet, engine.models.refiner.unet):
+        blocks = [m for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
+        assert blocks and all(m._compiled_call_impl is not None for m in blocks)
+        assert unet._compiled_call_impl is None
+    assert engine.models.base.vae.decoder._compiled_call_impl is not None
+
+    def broken_compiled_call(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("inductor: no kernel for this card (simulated)")
+
+    for module in engine.models.base.unet.modules():
+        if module._compiled_call_impl is not None:
+            module._compiled_call_impl = broken_compiled_call
+    warm_up_or_fall_back_to_eager(engine, [(64, 64)], [1])
+    every_module = [
+        m for root in (engine.models.base.unet, engine.models.refiner.unet) for m in root.modules()
+    ]
+    assert all(m._compiled_call_impl is None for m in every_module)
+    assert engine.levers[-1] == "torch.compile failed, eager instead (RuntimeError)"
+    assert engine.generate(REQUEST).images
