@@ -53,6 +53,11 @@ def test_body_size_limit(app_client: Callable[..., TestClient]) -> None:
         response = client.post("/v1/jobs", json={**BODY, "negative_prompt": "x" * 4000})
         assert response.status_code == 413
         assert response.json()["error"]["code"] == "body_too_large"
+        # Streamed (chunked, no Content-Length): refused while it is read, with the same answer.
+        chunks = (b"x" * 500 for _ in range(10))
+        response = client.post("/v1/jobs", content=chunks, headers={"Content-Type": "application/json"})
+        assert response.status_code == 413, response.text
+        assert response.json()["error"]["code"] == "body_too_large"
 
 
 def test_no_client_chosen_paths(app_client: Callable[..., TestClient]) -> None:

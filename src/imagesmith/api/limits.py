@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from imagesmith.api.errors import ApiError
+from imagesmith.api.errors import error_response
 
 
 class BodySizeLimit:
@@ -25,7 +24,7 @@ class BodySizeLimit:
                 except ValueError:
                     declared = 0
                 if declared > self.max_bytes:
-                    await _send_413(send, message)
+                    await error_response(413, "body_too_large", message)(scope, receive, send)
                     return
         seen = 0
 
@@ -35,19 +34,10 @@ class BodySizeLimit:
             if received["type"] == "http.request":
                 seen += len(received.get("body", b""))
                 if seen > self.max_bytes:
-                    raise ApiError(413, "body_too_large", message)
+                    # An HTTPException, not our ApiError: FastAPI turns any other error raised while it reads
+                    # the body into a 400 "error parsing the body". errors.py maps 413 to body_too_large.
+                    raise HTTPException(413, message)
             return received
 
         await self.app(scope, limited_receive, send)
 
-
-async def _send_413(send: Send, message: str) -> None:
-    body = json.dumps({"error": {"code": "body_too_large", "message": message, "field": None}}).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
