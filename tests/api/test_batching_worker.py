@@ -103,3 +103,17 @@ def test_a_canceled_job_in_a_batch_ends_canceled_and_the_others_succeed(service:
     wait_all(store, [keep, drop])
     assert store.get(keep).status is JobStatus.SUCCEEDED  # type: ignore[union-attr]
     assert store.get(drop).status is JobStatus.CANCELED  # type: ignore[union-attr]
+
+
+def test_a_cancel_between_claim_and_start_is_not_lost(service: Any) -> None:
+    """The store marks a job running when the worker claims it; a cancel that arrives before the worker has
+    registered the job's cancel token is only in the store. The worker must still end the job canceled."""
+    store, worker, _ = service
+    job_id = submit(store, job_request(prompt="changed my mind", seed=3))
+    (claimed,) = store.claim(1)
+    assert claimed.id == job_id and not claimed.cancel_requested
+    store.request_cancel(job_id)  # what JobService.cancel does for a running job
+    assert not worker.cancel(job_id)  # no token yet: the worker has not begun it
+    worker.run_batch([claimed])
+    final = store.get(job_id)
+    assert final is not None and final.status is JobStatus.CANCELED

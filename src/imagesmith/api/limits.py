@@ -40,4 +40,3 @@ class BodySizeLimit:
             return received
 
         await self.app(scope, limited_receive, send)
-

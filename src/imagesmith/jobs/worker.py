@@ -276,7 +276,15 @@ class Worker:
         cancel = CancelToken()
         with self._tokens_lock:
             self._tokens[job.id] = cancel
-        if job.cancel_requested or self._stopping:
+        # Read the flag now, not from the claimed record: a cancel that came between the claim and this token
+        # found no token to trip (Worker.cancel said False) and lives only in the store. Registering first, then
+        # reading, leaves no gap: a later cancel finds the token.
+        stored = self.store.get(job.id)
+        if stored is not None and stored.cancel_requested:
+            with self._tokens_lock:
+                self._explicit_cancels.add(job.id)
+            cancel.cancel()
+        elif self._stopping:
             cancel.cancel()
         log.info("job started (attempt %d)", job.attempts)
         self.hub.publish(job.id, "status", {"job_id": job.id, "status": "running", "attempt": job.attempts})
@@ -324,7 +332,7 @@ class Worker:
             for stage in result.metadata.get("stages", []):
                 self.metrics.stage_seconds.labels(stage["name"]).observe(stage["seconds"])
         except GenerationCanceled:
-            if self._stopping and not job.cancel_requested and job.id not in self._explicit_cancels:
+            if self._stopping and job.id not in self._explicit_cancels:
                 self.store.requeue(job.id)
                 log.info("job put back in the queue: server shutting down")
             else:
