@@ -113,3 +113,17 @@ def test_failed_model_load_reports_failed(app_client: Callable[..., TestClient])
         assert body["status"] == "failed" and "no such model" in body["reasons"][0]
         response = client.post("/v1/jobs", json=BODY)
         assert response.status_code == 503 and response.json()["error"]["code"] == "source_unavailable"
+
+
+def test_a_malformed_idempotency_key_is_refused_on_every_route(app_client: Callable[..., TestClient]) -> None:
+    """The check lives in JobService.submit, where every route submits; the seed endpoint used to skip it."""
+    bad = {"Idempotency-Key": "has spaces in it"}
+    with app_client() as client:
+        for path, body in (
+            ("/v1/jobs", BODY),
+            ("/api/media/generate-image", {**BODY, "use_generation": True}),
+        ):
+            response = client.post(path, json=body, headers=bad)
+            assert response.status_code == 422, (path, response.text)
+            error = response.json()["error"]
+            assert error["field"] == "Idempotency-Key" and error["code"] == "invalid_request"

@@ -27,7 +27,6 @@ from imagesmith.api.a1111_mapping import (
 )
 from imagesmith.api.deps import Authorized, FilesDep, ServiceDep, SettingsDep
 from imagesmith.api.errors import ApiError
-from imagesmith.api.jobs import checked_key
 from imagesmith.api.waiting import succeeded_result
 from imagesmith.config import ModelPreset, Settings
 from imagesmith.engine.output import model_label
@@ -86,8 +85,7 @@ async def txt2img(
     files: FilesDep,
     jobs: JobsDep,
 ) -> dict[str, Any]:
-    key = checked_key(request.headers.get("idempotency-key"))
-    job, _ = service.submit(to_image_request(body, settings), key)
+    job, _ = service.submit(to_image_request(body, settings), request.headers.get("idempotency-key"))
     jobs.add(job.id)
     try:
         job = await service.wait(job.id, settings.wait_timeout_s)

@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from imagesmith.jobs.service import (
+    InvalidIdempotencyKey,
     JobNotFound,
     LimitExceeded,
     ServiceError,
@@ -204,6 +205,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _service(request: Request, error: ServiceError) -> JSONResponse:
         status = {
             LimitExceeded: 422,
+            InvalidIdempotencyKey: 422,
             JobNotFound: 404,
             StockNotConfigured: 422,  # the request asks for what this server does not offer
             SourcesStarting: 503,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -12,14 +11,11 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from imagesmith.api.deps import Authorized, ServiceDep
-from imagesmith.api.errors import ApiError
 from imagesmith.jobs.store import JobStatus
 from imagesmith.schemas import GenerationRequest
 from imagesmith.sources.base import ImageRequest, SourceName
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Authorized])
-
-_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
 
 
 class JobCreate(GenerationRequest):
@@ -69,17 +65,6 @@ class JobList(BaseModel):
     next_offset: int | None
 
 
-def checked_key(value: str | None) -> str | None:
-    if value is not None and not _KEY.match(value):
-        raise ApiError(
-            422,
-            "invalid_request",
-            "Idempotency-Key must be 1-200 visible ASCII characters",
-            "Idempotency-Key",
-        )
-    return value
-
-
 @router.post("", status_code=202, response_model=JobView)
 async def create_job(
     body: JobCreate,
@@ -87,7 +72,7 @@ async def create_job(
     response: Response,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> dict[str, Any]:
-    job, created = service.submit(body.to_image_request(), checked_key(idempotency_key))
+    job, created = service.submit(body.to_image_request(), idempotency_key)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     if not created:
         response.headers["Idempotent-Replayed"] = "true"

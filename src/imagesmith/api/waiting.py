@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 from imagesmith.api.errors import ApiError
-from imagesmith.api.jobs import checked_key
 from imagesmith.jobs.service import JobService
 from imagesmith.jobs.store import JobRecord, JobStatus
 from imagesmith.sources.base import ImageRequest
@@ -19,7 +18,7 @@ async def submit_and_wait(
     service: JobService, request: ImageRequest, timeout_s: float, idempotency_key: str | None = None
 ) -> JobRecord:
     """Submit (an Idempotency-Key header makes a retried request wait for the first job) and wait."""
-    job, _ = service.submit(request, checked_key(idempotency_key))
+    job, _ = service.submit(request, idempotency_key)
     return await service.wait(job.id, timeout_s)
 
 

@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import re
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -36,6 +37,14 @@ class ServiceError(Exception):
     def __init__(self, message: str, field: str | None = None, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.message, self.field, self.retry_after = message, field, retry_after
+
+
+class InvalidIdempotencyKey(ServiceError):
+    code = "invalid_request"
+
+
+# What an Idempotency-Key may be: it is stored and compared as given, so keep it printable and bounded.
+IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
 
 
 class LimitExceeded(ServiceError):
@@ -152,6 +161,11 @@ class JobService:
         raise SourcesUnavailable(f"no requested source is available ({details})", "sources")
 
     def submit(self, request: ImageRequest, idempotency_key: str | None = None) -> tuple[JobRecord, bool]:
+        """Every route submits here, so the Idempotency-Key check lives here too (no route can skip it)."""
+        if idempotency_key is not None and not IDEMPOTENCY_KEY.match(idempotency_key):
+            raise InvalidIdempotencyKey(
+                "Idempotency-Key must be 1-200 visible ASCII characters", "Idempotency-Key"
+            )
         request = self.prepare(request)
         self.check_sources(request)
         body = request.model_dump(mode="json")
