@@ -26,8 +26,7 @@ from imagesmith.api.a1111_mapping import (
     to_image_request,
 )
 from imagesmith.api.deps import Authorized, FilesDep, ServiceDep, SettingsDep
-from imagesmith.api.errors import ApiError
-from imagesmith.api.waiting import succeeded_result
+from imagesmith.api.waiting import stored_image_base64, succeeded_result
 from imagesmith.config import ModelPreset, Settings
 from imagesmith.engine.output import model_label
 from imagesmith.jobs.service import JobService
@@ -97,13 +96,7 @@ async def txt2img(
         record = {"prompt": body.prompt, "all_seeds": [], "interrupted": True, "job_id": job.id}
         return {"images": [], "parameters": parameters, "info": json.dumps(record)}
     result = succeeded_result(job, settings.wait_timeout_s)
-    images = []
-    if body.send_images:
-        for image in result["images"]:
-            path = files.get(image["url"].rsplit("/", 1)[-1])
-            if path is None:
-                raise ApiError(500, "image_missing", f"image {image['sha256']} is gone from storage")
-            images.append(base64.b64encode(path.read_bytes()).decode("ascii"))
+    images = [stored_image_base64(files, image) for image in result["images"]] if body.send_images else []
     meta = GenerationMetadata.model_validate(result["metadata"])
     return {"images": images, "parameters": parameters, "info": info(body, meta, job.started_at)}
 

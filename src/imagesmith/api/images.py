@@ -7,7 +7,7 @@ from fastapi.responses import FileResponse, Response
 
 from imagesmith.api.deps import Authorized, FilesDep
 from imagesmith.api.errors import ApiError
-from imagesmith.storage.files import parse_image_name
+from imagesmith.storage.files import MEDIA_TYPES, parse_image_name
 
 router = APIRouter(tags=["images"], dependencies=[Authorized])
 
@@ -25,5 +25,6 @@ async def get_image(name: str, request: Request, files: FilesDep) -> Response:
     etag = f'"{parsed[0]}"'
     if request.headers.get("if-none-match") == etag:
         return Response(status_code=304, headers={"ETag": etag, "Cache-Control": CACHE_FOREVER})
-    media_type = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}[parsed[1]]
-    return FileResponse(path, media_type=media_type, headers={"ETag": etag, "Cache-Control": CACHE_FOREVER})
+    return FileResponse(
+        path, media_type=MEDIA_TYPES[parsed[1]], headers={"ETag": etag, "Cache-Control": CACHE_FOREVER}
+    )

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from imagesmith.api.deps import Authorized, ServiceDep, SettingsDep
 from imagesmith.api.errors import ApiError
 from imagesmith.api.health import health_report
+from imagesmith.api.waiting import submit_and_wait, succeeded_result
 from imagesmith.jobs.store import JobStatus
 from imagesmith.schemas import (
     MAX_PROMPT_CHARS,
@@ -129,34 +130,13 @@ def absolute(request: Request, path: str) -> str:
 async def generate_image(
     body: ImageGenerationRequest, request: Request, service: ServiceDep, settings: SettingsDep
 ) -> ImageGenerationResponse:
-    job, _ = service.submit(body.to_image_request(), request.headers.get("idempotency-key"))
-    job = await service.wait(job.id, settings.wait_timeout_s)
-    if job.status is JobStatus.SUCCEEDED and job.result:
-        images = [
-            ImageInfo(**{**image, "url": absolute(request, image["url"])}) for image in job.result["images"]
-        ]
-        return ImageGenerationResponse(
-            success=True,
-            image_url=images[0].url,
-            image_urls=[image.url for image in images],
-            images=images,
-            source=job.result["source"],
-            source_reason=job.result.get("source_reason", "requested"),
-            attempts=job.result.get("attempts", []),
-            attribution=job.result.get("attribution"),
-            job_id=job.id,
-            metadata=job.result["metadata"],
-        )
-    if not job.status.terminal:
-        raise ApiError(
-            504,
-            "timeout",
-            f"the image is not ready after {settings.wait_timeout_s:.0f}s; it is still being made as job {job.id} "
-            f"(GET /v1/jobs/{job.id})",
-        )
+    job = await submit_and_wait(
+        service, body.to_image_request(), settings.wait_timeout_s, request.headers.get("idempotency-key")
+    )
     error = job.error or {}
-    code = error.get("code", job.status.value)
-    if code in SOURCE_FAILURE_STATUS:  # no source could serve: say which tried and why, not a 500
+    code = error.get("code")
+    if job.status is JobStatus.FAILED and code in SOURCE_FAILURE_STATUS:
+        # No source could serve: say which tried and why, not a 500.
         raise ApiError(
             SOURCE_FAILURE_STATUS[code],
             code,
@@ -165,8 +145,20 @@ async def generate_image(
             headers=retry_after(error.get("retry_at")),
             extra={key: error.get(key) for key in ("reason", "retry_at", "attempts")} | {"job_id": job.id},
         )
-    status = 409 if job.status is JobStatus.CANCELED else 502
-    raise ApiError(status, code, error.get("message", f"job {job.status.value}"))
+    result = succeeded_result(job, settings.wait_timeout_s)  # or the timeout / canceled / failed error
+    images = [ImageInfo(**{**image, "url": absolute(request, image["url"])}) for image in result["images"]]
+    return ImageGenerationResponse(
+        success=True,
+        image_url=images[0].url,
+        image_urls=[image.url for image in images],
+        images=images,
+        source=result["source"],
+        source_reason=result.get("source_reason", "requested"),
+        attempts=result.get("attempts", []),
+        attribution=result.get("attribution"),
+        job_id=job.id,
+        metadata=result["metadata"],
+    )
 
 
 def retry_after(retry_at: str | None) -> dict[str, str] | None:

@@ -6,17 +6,15 @@ error object (errors.py writes it for this route family). The mapping is in open
 
 from __future__ import annotations
 
-import base64
 import time
 from typing import Any
 
 from fastapi import APIRouter, Request
 
 from imagesmith.api.deps import Authorized, FilesDep, ServiceDep, SettingsDep
-from imagesmith.api.errors import ApiError
 from imagesmith.api.media import absolute
 from imagesmith.api.openai_mapping import OpenAIImageRequest, OpenAIImagesResponse, to_image_request
-from imagesmith.api.waiting import submit_and_wait, succeeded_result
+from imagesmith.api.waiting import stored_image_base64, submit_and_wait, succeeded_result
 
 router = APIRouter(prefix="/v1/images", tags=["OpenAI Images API"], dependencies=[Authorized])
 
@@ -40,10 +38,7 @@ async def create_image(
     for image in result["images"]:
         item: dict[str, Any] = {"revised_prompt": body.prompt}
         if body.response_format == "b64_json":
-            path = files.get(image["url"].rsplit("/", 1)[-1])
-            if path is None:  # deleted between the job and now; nothing the client can fix by retrying
-                raise ApiError(500, "image_missing", f"image {image['sha256']} is gone from storage")
-            item["b64_json"] = base64.b64encode(path.read_bytes()).decode("ascii")
+            item["b64_json"] = stored_image_base64(files, image)
         else:
             item["url"] = absolute(request, image["url"])
         data.append(item)

@@ -6,12 +6,14 @@ submit an ordinary job and wait for it; there is no second generation path.
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 from imagesmith.api.errors import ApiError
 from imagesmith.jobs.service import JobService
 from imagesmith.jobs.store import JobRecord, JobStatus
 from imagesmith.sources.base import ImageRequest
+from imagesmith.storage.files import ImageFiles
 
 
 async def submit_and_wait(
@@ -20,6 +22,14 @@ async def submit_and_wait(
     """Submit (an Idempotency-Key header makes a retried request wait for the first job) and wait."""
     job, _ = service.submit(request, idempotency_key)
     return await service.wait(job.id, timeout_s)
+
+
+def stored_image_base64(files: ImageFiles, image: dict[str, Any]) -> str:
+    """A job result's image (an entry of result["images"]) read from storage, base64 for a JSON answer."""
+    path = files.get(image["url"].rsplit("/", 1)[-1])
+    if path is None:  # deleted between the job and now; nothing the client can fix by retrying
+        raise ApiError(500, "image_missing", f"image {image['sha256']} is gone from storage")
+    return base64.b64encode(path.read_bytes()).decode("ascii")
 
 
 def succeeded_result(
