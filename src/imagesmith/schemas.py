@@ -47,6 +47,10 @@ class OutputFormat(StrEnum):
     WEBP = "webp"
     JPEG = "jpeg"
 
+    @property
+    def media_type(self) -> str:
+        return f"image/{self.value}"
+
 
 class AspectPreset(StrEnum):
     """Named sizes from SDXL's training buckets (about one megapixel each), suited to blog images."""

@@ -13,7 +13,6 @@ from imagesmith.config import CompileChoice, Settings
 from imagesmith.engine import BatchItem, Engine, GenerationResult
 from imagesmith.engine.output import encode_in_parallel
 from imagesmith.engine.progress import CancelToken, ProgressCallback
-from imagesmith.schemas import OutputFormat
 from imagesmith.sources.base import (
     ImageRequest,
     SourceImage,
@@ -26,11 +25,6 @@ from imagesmith.sources.base import (
 
 log = logging.getLogger(__name__)
 
-MEDIA_TYPES = {
-    OutputFormat.PNG: "image/png",
-    OutputFormat.JPEG: "image/jpeg",
-    OutputFormat.WEBP: "image/webp",
-}
 
 EngineFactory = Callable[[Settings], Engine]
 
@@ -151,7 +145,7 @@ class GenerateSource:
         return self._settings.batch_max_images
 
     def _as_source_result(self, result: GenerationResult, encoded: list[bytes]) -> SourceResult:
-        media_type = MEDIA_TYPES[result.metadata.request.output_format]
+        media_type = result.metadata.request.output_format.media_type
         images = [
             SourceImage(data=data, media_type=media_type, width=image.width, height=image.height)
             for data, image in zip(encoded, result.images, strict=True)

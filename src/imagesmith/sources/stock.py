@@ -59,11 +59,6 @@ MAX_KEYWORDS = 6
 ASPECT_STEP = 0.1  # log-aspect step within which Pexels' relevance order wins over a closer aspect
 SQUARE_TOLERANCE = 1.15  # width/height within this factor of 1 asks for square photos
 MAX_DOWNLOAD_CANDIDATES = 3
-MEDIA_TYPES = {
-    OutputFormat.JPEG: "image/jpeg",
-    OutputFormat.PNG: "image/png",
-    OutputFormat.WEBP: "image/webp",
-}
 
 
 class StockRequest(BaseModel):
@@ -416,7 +411,7 @@ class StockPhotoSource:
         )
         return StockPhoto(
             data=data,
-            media_type=MEDIA_TYPES[request.output_format],
+            media_type=request.output_format.media_type,
             output_format=request.output_format,
             width=request.width,
             height=request.height,
