@@ -95,7 +95,7 @@ class StageRun:
                     rows = None if latents is None else latents[member.rows]
                     member.on_progress(ProgressEvent(stage, self._steps, total, elapsed, rows))
             # A batch stops when every member has canceled; a member that cancels alone is dropped at the end.
-            if all(member.canceled for member in self.members):
+            if self.all_canceled:
                 raise GenerationCanceled(f"canceled during {stage} at step {self._steps}")
             return tensors
 
@@ -109,8 +109,12 @@ class StageRun:
         self.stages.append(report)
         log.info("stage %s: %d step(s) in %.2fs", report.name, report.steps, report.seconds)
 
+    @property
+    def all_canceled(self) -> bool:
+        return all(member.canceled for member in self.members)
+
     def check_cancel(self) -> None:
-        if all(member.canceled for member in self.members):
+        if self.all_canceled:
             raise GenerationCanceled("generation canceled")
 
 

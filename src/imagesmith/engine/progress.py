@@ -10,7 +10,7 @@ from typing import Any
 
 @dataclass
 class ProgressEvent:
-    stage: str  # "base", "refine", "base_finish" (refiner fallback) or "decode"
+    stage: str  # "base", "refine" or "base_finish" (refiner fallback): the denoising stages
     step: int  # steps done in this stage, 1-based
     total: int  # steps this stage runs
     elapsed_s: float  # since the generation started
@@ -38,7 +38,3 @@ class CancelToken:
     @property
     def canceled(self) -> bool:
         return self._event.is_set()
-
-    def raise_if_canceled(self) -> None:
-        if self._event.is_set():
-            raise GenerationCanceled("generation canceled")

@@ -29,7 +29,6 @@ class Event:
 class _Channel:
     backlog: list[Event] = field(default_factory=list)
     subscribers: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue[Event]]] = field(default_factory=list)
-    closed: bool = False
 
 
 class EventHub:
@@ -49,7 +48,6 @@ class EventHub:
             subscribers = list(channel.subscribers)
             if terminal:
                 # Finished: the store has the outcome now, so the channel can go.
-                channel.closed = True
                 del self._channels[job_id]
         for loop, queue in subscribers:
             with contextlib.suppress(RuntimeError):  # RuntimeError: that client's loop is gone
@@ -82,7 +80,3 @@ class EventHub:
             if key in event.data:
                 return event.data[key]
         return None
-
-    def forget(self, job_id: str) -> None:
-        with self._lock:
-            self._channels.pop(job_id, None)

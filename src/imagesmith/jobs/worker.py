@@ -63,34 +63,26 @@ class _Tracker:
 
     def __init__(self, worker: Worker, job: JobRecord, request: ImageRequest) -> None:
         self.worker, self.job = worker, job
-        self.plan = worker.planned_steps(request)
+        self.planned = sum(worker.planned_steps(request).values())
         self.done_before = 0
         self.stage: str | None = None
         self.stage_total = 0
 
     def __call__(self, event: ProgressEvent) -> None:
+        # Events come from the denoising stages only (decode reports no steps).
         if event.stage != self.stage:
-            if self.stage is not None and self.stage != "decode":
+            if self.stage is not None:
                 self.done_before += self.stage_total
             self.stage, self.stage_total = event.stage, event.total
-        planned = sum(self.plan.values())
-        if event.stage == "decode":
-            overall_total = done = max(planned, self.done_before)
-        else:
-            # A refiner fallback adds a "base_finish" stage the plan did not know about; grow the total.
-            overall_total = max(planned, self.done_before + event.total)
-            done = min(self.done_before + event.step, overall_total)
+        # A refiner fallback adds a "base_finish" stage the plan did not know about; grow the total.
+        overall_total = max(self.planned, self.done_before + event.total)
+        done = min(self.done_before + event.step, overall_total)
         eta = event.elapsed_s / done * (overall_total - done) if done else None
         live = LiveProgress(event.stage, event.step, event.total, done, overall_total, event.elapsed_s, eta)
         self.worker.live[self.job.id] = live
         data = {"job_id": self.job.id, **live.as_dict()}
         every = self.worker.settings.preview_every
-        if (
-            every
-            and event.latents is not None
-            and event.stage != "decode"
-            and (event.step % every == 0 or event.step == event.total)
-        ):
+        if every and event.latents is not None and (event.step % every == 0 or event.step == event.total):
             try:
                 data["preview"] = preview_data_url(event.latents, 0, self.worker.settings.preview_max_side)
             except Exception:  # a preview is a nicety; never let it fail the job
@@ -259,7 +251,7 @@ class Worker:
             token = current_job.set(job.id)
             try:
                 served = outcome if isinstance(outcome, BaseException) else served_directly(outcome)
-                self._complete(job, *starts[job.id], served)
+                self._complete(job, starts[job.id][1], served)
             finally:
                 current_job.reset(token)
 
@@ -298,11 +290,9 @@ class Worker:
             outcome = self._fetch(request, job, cancel)
         except Exception as error:  # finished below, in the one place that turns outcomes into job states
             outcome = error
-        self._complete(job, cancel, started, outcome)
+        self._complete(job, started, outcome)
 
-    def _complete(
-        self, job: JobRecord, cancel: CancelToken, started: float, outcome: Served | BaseException
-    ) -> None:
+    def _complete(self, job: JobRecord, started: float, outcome: Served | BaseException) -> None:
         """Store the images and record the job's final state (or put it back in the queue on shutdown)."""
         try:
             if isinstance(outcome, BaseException):

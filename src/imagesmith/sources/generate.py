@@ -37,7 +37,6 @@ class GenerateSource:
         self._factory = factory
         self._engine: Engine | None = None
         self._error: str | None = None
-        self._loaded = threading.Event()
         # What start-up is doing now, for health: a first compiled start takes minutes (docs/benchmarks.md).
         self._phase = "models loading"
 
@@ -85,14 +84,9 @@ class GenerateSource:
         except Exception as error:  # any load failure is reported by health, not raised into the server
             self._error = f"{type(error).__name__}: {error}"[:1000]
             log.exception("model loading failed")
-        finally:
-            self._loaded.set()
 
     def _set_phase(self, phase: str) -> None:
         self._phase = phase
-
-    def wait_loaded(self, timeout: float | None = None) -> bool:
-        return self._loaded.wait(timeout)
 
     def status(self) -> SourceStatus:
         if self._engine is not None:
