@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import os
 import sys
@@ -44,6 +45,7 @@ _OPTION_FOR_FIELD = {
 
 def _add_generate(subparsers: Any) -> None:
     parser = subparsers.add_parser("generate", help="generate image(s) from a prompt")
+    parser.set_defaults(func=run_generate)
     parser.add_argument("prompt")
     parser.add_argument(
         "-o",
@@ -82,6 +84,7 @@ def _add_generate(subparsers: Any) -> None:
 
 def _add_doctor(subparsers: Any) -> None:
     parser = subparsers.add_parser("doctor", help="show the device, the hardware plan and the models")
+    parser.set_defaults(func=run_doctor)
     parser.add_argument("--model", choices=[m.value for m in ModelPreset])
 
 
@@ -160,11 +163,11 @@ class _StageBars:
         self._stage = ""
 
     def __call__(self, event: Any) -> None:
-        from tqdm import tqdm
-
         if event.stage != self._stage:
             self.close()
             self._stage = event.stage
+            from tqdm import tqdm  # imported with the first bar, not on every step
+
             self._bar = tqdm(
                 total=event.total,
                 desc=f"{event.stage:>11}",
@@ -190,6 +193,7 @@ def run_generate(args: argparse.Namespace) -> int:
             print(f"imagesmith generate: error: {option}: {item.message}", file=sys.stderr)
         return 2
     from imagesmith.engine import Engine, GenerationError, ModelLoadError
+    from imagesmith.engine.output import encode_in_parallel
 
     settings = _settings_for(args)
     try:
@@ -206,9 +210,10 @@ def run_generate(args: argparse.Namespace) -> int:
     finally:
         bars.close()
     paths = output_paths(args.output, len(result.images))
-    for index, path in enumerate(paths):
+    encoded = encode_in_parallel([functools.partial(result.encoded, index) for index in range(len(paths))])
+    for path, data in zip(paths, encoded, strict=True):
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(result.encoded(index))
+        path.write_bytes(data)
     meta = result.metadata
     if args.json:
         print(meta.model_dump_json(indent=2))
@@ -285,10 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         # diffusers and transformers talk a lot at INFO; keep our own lines readable.
         for noisy in ("diffusers", "transformers", "httpx", "accelerate"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
-    handlers = {"generate": run_generate, "doctor": run_doctor}
-    # Optional commands (serve, search) register their own handler on their subparser.
-    handler = handlers.get(args.command) or getattr(args, "handler", None) or args.func
-    return int(handler(args))
+    return int(args.func(args))  # each subparser, optional ones too, sets its func
 
 
 if __name__ == "__main__":
