@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,11 +28,8 @@ from imagesmith.sources.errors import (
     DownloadTooLarge,
     NotAnImage,
     PexelsBadResponse,
-    PexelsUnavailable,
 )
-from imagesmith.sources.retry import backoff_delay, is_retryable_status
-
-logger = logging.getLogger(__name__)
+from imagesmith.sources.retry import Retryable, is_retryable_status, with_retries
 
 IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/webp"})
 PILLOW_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "MPO"})  # MPO: multi-picture JPEGs from some cameras
@@ -122,19 +118,17 @@ class ImageDownloader:
             await self._http.aclose()
 
     async def fetch(self, url: str) -> DownloadedImage:
-        for attempt in range(self.max_retries + 1):
+        async def once() -> DownloadedImage:
             try:
                 return await self._fetch_once(url)
-            except (httpx.TransportError, _RetryableStatus) as error:
-                problem = f"{type(error).__name__} downloading {_safe(url)}"
-                if isinstance(error, _RetryableStatus):
-                    problem = f"image host answered {error.status} for {_safe(url)}"
-                if attempt == self.max_retries:
-                    raise PexelsUnavailable(f"{problem} after {attempt + 1} tries") from None
-                delay = backoff_delay(attempt, self.backoff_s)
-                logger.warning("%s; retry %d of %d in %.2fs", problem, attempt + 1, self.max_retries, delay)
-                await self._sleep(delay)
-        raise AssertionError("unreachable")  # pragma: no cover
+            except httpx.TransportError as error:
+                raise Retryable(f"{type(error).__name__} downloading {_safe(url)}") from None
+            except _RetryableStatus as error:
+                raise Retryable(f"image host answered {error.status} for {_safe(url)}") from None
+
+        return await with_retries(
+            once, max_retries=self.max_retries, backoff_s=self.backoff_s, sleep=self._sleep
+        )
 
     async def _fetch_once(self, url: str) -> DownloadedImage:
         for _hop in range(MAX_REDIRECTS + 1):

@@ -39,7 +39,7 @@ from imagesmith.sources.errors import (
     PexelsQuotaExhausted,
     PexelsUnavailable,
 )
-from imagesmith.sources.retry import backoff_delay, is_retryable_status
+from imagesmith.sources.retry import Retryable, is_retryable_status, with_retries
 
 if TYPE_CHECKING:
     from imagesmith.config import Settings
@@ -330,26 +330,24 @@ class PexelsClient:
             raise self._fail(error) from None
         url = self.base_url + path
         headers = {"Authorization": self._key.get_secret_value(), "Accept": "application/json"}
-        for attempt in range(self.max_retries + 1):
-            last_try = attempt == self.max_retries
+
+        async def once() -> httpx.Response:
             try:
                 response = await self._http.get(url, params=params, headers=headers)
             except httpx.TransportError as error:  # timeouts, refused connections, broken streams
-                problem = f"{type(error).__name__} calling Pexels {path}"
-                if last_try:
-                    raise self._fail(PexelsUnavailable(f"{problem} after {attempt + 1} tries")) from None
-                await self._retry_pause(attempt, problem)
-                continue
+                raise Retryable(f"{type(error).__name__} calling Pexels {path}") from None
             self.quota.observe(response.headers)
-            status = response.status_code
-            if is_retryable_status(status):
-                problem = f"Pexels {path} answered {status}"
-                if last_try:
-                    raise self._fail(PexelsUnavailable(f"{problem} after {attempt + 1} tries"))
-                await self._retry_pause(attempt, problem)
-                continue
-            return self._decode(response, path)
-        raise AssertionError("unreachable: the loop returns or raises")  # pragma: no cover
+            if is_retryable_status(response.status_code):
+                raise Retryable(f"Pexels {path} answered {response.status_code}")
+            return response
+
+        try:
+            response = await with_retries(
+                once, max_retries=self.max_retries, backoff_s=self.backoff_s, sleep=self._sleep
+            )
+        except PexelsUnavailable as error:
+            raise self._fail(error) from None
+        return self._decode(response, path)
 
     def _decode(self, response: httpx.Response, path: str) -> Any:
         status = response.status_code
@@ -371,11 +369,6 @@ class PexelsClient:
             raise self._fail(PexelsBadResponse(f"Pexels {path} answered 200 with malformed JSON")) from None
         self.last_error = None
         return data
-
-    async def _retry_pause(self, attempt: int, problem: str) -> None:
-        delay = backoff_delay(attempt, self.backoff_s)
-        logger.warning("%s; retry %d of %d in %.2fs", problem, attempt + 1, self.max_retries, delay)
-        await self._sleep(delay)
 
 
 def _retry_after_s(headers: Mapping[str, str]) -> float | None:

@@ -1,4 +1,4 @@
-"""Backoff delays shared by the API client and the downloader: exponential, capped, with jitter.
+"""Retries shared by the API client and the downloader: one loop, backoff exponential, capped, with jitter.
 
 Jitter keeps several workers that failed together from retrying together ("equal jitter": half the delay is
 fixed, half random, so a retry never comes immediately).
@@ -6,7 +6,15 @@ fixed, half random, so a retry never comes immediately).
 
 from __future__ import annotations
 
+import logging
 import random
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from imagesmith.sources.errors import PexelsUnavailable
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MAX_BACKOFF_S = 8.0
 
@@ -22,3 +30,28 @@ def backoff_delay(
 
 def is_retryable_status(status: int) -> bool:
     return 500 <= status <= 599
+
+
+class Retryable(Exception):
+    """A failure worth another try (a network error, a 5xx); the message says what happened."""
+
+
+async def with_retries(
+    once: Callable[[], Awaitable[T]],
+    *,
+    max_retries: int,
+    backoff_s: float,
+    sleep: Callable[[float], Awaitable[None]],
+) -> T:
+    """`once()`, tried again after a backoff pause each time it raises Retryable, at most `max_retries` more
+    times; then PexelsUnavailable("<what happened> after N tries"). Any other error passes straight through."""
+    for attempt in range(max_retries + 1):
+        try:
+            return await once()
+        except Retryable as error:
+            if attempt == max_retries:
+                raise PexelsUnavailable(f"{error} after {attempt + 1} tries") from None
+            delay = backoff_delay(attempt, backoff_s)
+            logger.warning("%s; retry %d of %d in %.2fs", error, attempt + 1, max_retries, delay)
+            await sleep(delay)
+    raise AssertionError("unreachable: the loop returns or raises")  # pragma: no cover
