@@ -43,7 +43,9 @@ def test_search_lists_ranked_results_with_credit(standin: StandIn, settings: Set
 def test_search_saves_the_best_photo(standin: StandIn, settings: Settings, tmp_path: Path) -> None:
     target = tmp_path / "hero.png"
     out = io.StringIO()
+    settings = settings.with_changes(pexels_cache_ttl_s=0)  # no cache to hide a second search
     code = run_search(parse("lake", "--width", "320", "--height", "200", "-o", str(target)), settings, out)
+    assert standin.api_calls == 1  # the listing's search serves the download too
     assert code == EXIT_OK
     assert f"to {target}" in out.getvalue() and "credit: Photo by" in out.getvalue()
     credit = read_attribution(target.read_bytes())

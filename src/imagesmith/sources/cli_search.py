@@ -97,7 +97,7 @@ async def _search(args: argparse.Namespace, settings: Settings, request: StockRe
                 raise NoStockResults(found.query)
             _print_results(found, args.limit, args.json, out)
             if args.output:
-                photo = await source.fetch(request)
+                photo = await source.fetch(request, found)  # the search above, not a second one
                 args.output.write_bytes(photo.data)
                 if not args.json:
                     credit = photo.attribution

@@ -346,20 +346,20 @@ class StockPhotoSource:
             from_cache=from_cache,
         )
 
-    async def fetch(self, request: StockRequest) -> StockPhoto:
+    async def fetch(self, request: StockRequest, found: StockSearch | None = None) -> StockPhoto:
         """The best photo for the request, downloaded, fitted to width x height, attribution embedded.
+        `found`: this request's search when the caller has already made it (it is not made again).
 
         Raises NoStockResults when nothing fits, and the client's errors (PexelsNotConfigured,
         PexelsAuthError, PexelsQuotaExhausted, PexelsUnavailable, PexelsBadResponse) as they come.
         """
         try:
-            return await self._fetch(request)
+            return await self._fetch(request, found or await self.search(request))
         except PexelsError as error:
             self._last_error = f"{type(error).__name__}: {error}"
             raise
 
-    async def _fetch(self, request: StockRequest) -> StockPhoto:
-        found = await self.search(request)
+    async def _fetch(self, request: StockRequest, found: StockSearch) -> StockPhoto:
         key = self._key(request, found.query, found.orientation)
         candidates = self._avoid_repeat(found.photos, self._last_served.get(key))
         if not candidates:
