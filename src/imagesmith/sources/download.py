@@ -89,6 +89,9 @@ class DownloadedImage:
     url: str  # the final URL, after redirects
     width: int
     height: int
+    image: (
+        Image.Image
+    )  # decoded once, while checking that it decodes; callers use it rather than decode again
 
 
 class ImageDownloader:
@@ -154,8 +157,8 @@ class ImageDownloader:
                         f"{_safe(url)} is {int(declared)} bytes; the cap is {self.max_bytes}"
                     )
                 data = await self._read_capped(response, url)
-            width, height = self._check_decodes(data, url)
-            return DownloadedImage(data=data, content_type=content_type, url=url, width=width, height=height)
+            image = self._decoded(data, url)
+            return DownloadedImage(data, content_type, url, image.width, image.height, image)
         raise PexelsBadResponse(f"more than {MAX_REDIRECTS} redirects downloading a photo")
 
     async def _read_capped(self, response: httpx.Response, url: str) -> bytes:
@@ -169,7 +172,9 @@ class ImageDownloader:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def _check_decodes(self, data: bytes, url: str) -> tuple[int, int]:
+    def _decoded(self, data: bytes, url: str) -> Image.Image:
+        """The image, fully decoded (so a truncated or corrupt file fails here), after the size and format
+        checks that must come before decoding."""
         try:
             with Image.open(io.BytesIO(data)) as image:
                 # The size comes from the header: check it before decoding, so a small file cannot
@@ -186,7 +191,7 @@ class ImageDownloader:
             raise
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
             raise NotAnImage(f"{_safe(url)} does not decode as an image: {error}") from None
-        return width, height
+        return image
 
 
 class _RetryableStatus(Exception):

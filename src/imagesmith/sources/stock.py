@@ -21,7 +21,6 @@ How a photo is chosen:
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import re
@@ -32,7 +31,6 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
-from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from imagesmith.schemas import ASPECT_SIZES, MAX_SIDE, MIN_SIDE, AspectPreset, OutputFormat
@@ -397,8 +395,7 @@ class StockPhotoSource:
     async def _download(self, photo: PexelsPhoto, request: StockRequest, found: StockSearch) -> StockPhoto:
         url = variant_url(photo, request.width, request.height)
         downloaded = await self.downloader.fetch(url)
-        with Image.open(io.BytesIO(downloaded.data)) as image:
-            fitted = fit_exact(image, request.width, request.height)
+        fitted = fit_exact(downloaded.image, request.width, request.height)
         attribution = Attribution.from_photo(photo)
         data = encode_with_attribution(fitted, request.output_format, attribution)
         logger.info(
