@@ -82,17 +82,9 @@ def apply_speed_levers(base: Any, refiner: Any | None, plan: HardwarePlan, setti
         for unet in unets:
             unet.to(memory_format=torch.channels_last)
         applied.append("channels_last")
-    if settings.fp8 and plan.offload != "none":
-        # Offloaded weights live on the meta device between uses; there is nothing to quantize there.
-        log.warning("fp8 skipped: it needs offload=none (plan: %s)", plan.offload)
-    elif settings.fp8:
-        if plan.device.startswith("cuda") and torch.cuda.get_device_capability(plan.device) < (8, 9):
-            raise RuntimeError(
-                "IMAGESMITH_FP8=true needs a GPU with fp8 tensor cores (compute capability 8.9+)"
-            )
-        if not plan.device.startswith("cuda"):
-            log.warning("fp8 off the GPU is emulated in fp32: lossy and slower, useful for tests only")
-        converted = sum(quantize_transformer_linears(unet) for unet in unets)
+    if plan.fp8 is not None:  # decided, with its reason, by the hardware plan
+        rowwise = plan.fp8 == "row-wise"
+        converted = sum(quantize_transformer_linears(unet, rowwise) for unet in unets)
         applied.append(f"fp8 transformer linears x{converted} (lossy)")
     if settings.compile is not CompileChoice.OFF:
         if plan.offload != "none":

@@ -78,15 +78,9 @@ class Float8Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, e4m3 {scaling}"
 
 
-def rowwise_supported(device: torch.device | str) -> bool:
-    device = torch.device(device)
-    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (9, 0)
-
-
-def quantize_transformer_linears(unet: nn.Module) -> int:
-    """Swap the nn.Linear layers under the UNet's attentions.* for Float8Linear; returns how many."""
-    device = next(unet.parameters()).device
-    rowwise = rowwise_supported(device)
+def quantize_transformer_linears(unet: nn.Module, rowwise: bool) -> int:
+    """Swap the nn.Linear layers under the UNet's attentions.* for Float8Linear; returns how many. Row-wise
+    scales need Hopper; the hardware plan chooses (HardwarePlan.fp8)."""
     targets = [
         (name, module)
         for name, module in unet.named_modules()

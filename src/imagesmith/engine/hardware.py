@@ -65,6 +65,7 @@ class HardwarePlan:
     offload: str  # "none", "model" or "sequential"
     vae_tiling: bool
     reasons: tuple[str, ...]
+    fp8: str | None = None  # "row-wise" or "per-tensor" scales for fp8 linears (engine/fp8.py); None: off
 
     @property
     def dtype(self) -> torch.dtype:
@@ -152,6 +153,28 @@ def _choose_offload(device: DeviceInfo, settings: Settings, reasons: list[str]) 
     return "sequential"
 
 
+def _choose_fp8(device: DeviceInfo, settings: Settings, offload: str, reasons: list[str]) -> str | None:
+    """fp8 linears need resident weights and, on a GPU, fp8 tensor cores; row-wise scales need Hopper."""
+    if not settings.fp8:
+        return None
+    if offload != "none":
+        # Offloaded weights live on the meta device between uses; there is nothing to quantize there.
+        reasons.append(f"fp8 skipped: it needs offload=none (offload {offload})")
+        return None
+    if device.kind != "cuda":
+        reasons.append("fp8 emulated in fp32 off the GPU: lossy and slower, useful for tests only")
+        return "row-wise"
+    capability = device.capability or (0, 0)
+    if capability < (8, 9):
+        raise RuntimeError(
+            "IMAGESMITH_FP8=true needs a GPU with fp8 tensor cores (compute capability 8.9+), "
+            f"this one is {capability[0]}.{capability[1]}"
+        )
+    scaling = "row-wise" if capability >= (9, 0) else "per-tensor"
+    reasons.append(f"fp8 {scaling}: compute capability {capability[0]}.{capability[1]}")
+    return scaling
+
+
 def plan_hardware(device: DeviceInfo, settings: Settings) -> HardwarePlan:
     reasons: list[str] = [
         f"{device.name}" + (f", {device.total_memory_gib:.0f} GiB" if device.total_memory_gib else "")
@@ -164,6 +187,7 @@ def plan_hardware(device: DeviceInfo, settings: Settings) -> HardwarePlan:
         tiling = settings.vae_tiling is VaeTilingChoice.ON
     if offload == "sequential" and tiling:
         reasons.append("VAE tiling: decode in tiles to stay small")
+    fp8 = _choose_fp8(device, settings, offload, reasons)
     return HardwarePlan(
         device=device.torch_device,
         dtype_name=dtype,
@@ -171,6 +195,7 @@ def plan_hardware(device: DeviceInfo, settings: Settings) -> HardwarePlan:
         offload=offload,
         vae_tiling=tiling,
         reasons=tuple(reasons),
+        fp8=fp8,
     )
 
 
