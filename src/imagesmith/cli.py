@@ -218,7 +218,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.json:
         print(meta.model_dump_json(indent=2))
     else:
-        stages = ", ".join(f"{stage.name} {stage.steps} steps {stage.seconds:.2f}s" for stage in meta.stages)
+        stages = ", ".join(map(str, meta.stages))
         refined = "refined" if meta.refined else f"not refined ({meta.not_refined_reason})"
         for path, seed in zip(paths, meta.seeds, strict=True):
             print(f"wrote {path} (seed {seed})")

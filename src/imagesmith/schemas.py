@@ -196,6 +196,9 @@ class StageReport(BaseModel):
     steps: int
     seconds: float
 
+    def __str__(self) -> str:  # as the CLI and the engine's log line say it
+        return f"{self.name} {self.steps} steps {self.seconds:.2f}s"
+
 
 class ImageReport(BaseModel):
     index: int

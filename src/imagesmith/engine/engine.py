@@ -242,7 +242,7 @@ class Engine:
         log.info(
             "generated in %.2fs (%s)%s",
             total_seconds,
-            ", ".join(f"{stage.name} {stage.steps} steps {stage.seconds:.2f}s" for stage in run.stages),
+            ", ".join(map(str, run.stages)),
             "" if refined else f"; not refined: {not_refined}",
         )
         outcomes: list[GenerationResult | BaseException] = []
