@@ -121,12 +121,7 @@ def _settings_for(args: argparse.Namespace) -> Settings:
 
 
 def _request_from(args: argparse.Namespace) -> GenerationRequest:
-    output_format = args.format
-    if output_format is None:
-        suffix = args.output.suffix.lower().lstrip(".")
-        output_format = (
-            {"jpg": "jpeg"}.get(suffix, suffix) if suffix in ("png", "webp", "jpg", "jpeg") else "png"
-        )
+    output_format = args.format or OutputFormat.for_suffix(args.output.suffix, OutputFormat.PNG)
     fields: dict[str, Any] = {
         "prompt": args.prompt,
         "negative_prompt": args.negative,

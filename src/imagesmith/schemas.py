@@ -51,6 +51,14 @@ class OutputFormat(StrEnum):
     def media_type(self) -> str:
         return f"image/{self.value}"
 
+    @classmethod
+    def for_suffix(cls, suffix: str, default: OutputFormat) -> OutputFormat:
+        """The format a file name's suffix asks for ('.jpg' and '.jpeg' both JPEG), else `default`."""
+        name = suffix.lower().lstrip(".")
+        if name == "jpg":
+            return cls.JPEG
+        return cls(name) if name in {member.value for member in cls} else default
+
 
 class AspectPreset(StrEnum):
     """Named sizes from SDXL's training buckets (about one megapixel each), suited to blog images."""

@@ -69,3 +69,12 @@ def test_defaults_follow_the_seed_flags() -> None:
     assert unrefined.refine_mode is RefineMode.NONE
     wide = GenerationRequest(prompt="x", aspect="landscape").resolve()
     assert (wide.width, wide.height) == (1216, 832)
+
+
+def test_output_format_from_a_file_suffix() -> None:
+    from imagesmith.schemas import OutputFormat
+
+    cases = {".PNG": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp", ".gif": "png", "": "png"}
+    for suffix, expected in cases.items():
+        assert OutputFormat.for_suffix(suffix, OutputFormat.PNG) == expected, suffix
+    assert OutputFormat.JPEG.media_type == "image/jpeg"

@@ -35,7 +35,6 @@ NO_KEY_MESSAGE = (
     "no Pexels API key configured: get a free key at https://www.pexels.com/api/ and set "
     "IMAGESMITH_PEXELS_API_KEY (environment or .env)"
 )
-_SUFFIX_FORMATS = {".png": OutputFormat.PNG, ".webp": OutputFormat.WEBP, ".jpg": OutputFormat.JPEG}
 
 
 def add_search_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -86,7 +85,7 @@ def run_search(args: argparse.Namespace, settings: Settings | None = None, out: 
 
 
 def _format_for(path: Path | None) -> OutputFormat:
-    return _SUFFIX_FORMATS.get(path.suffix.lower(), OutputFormat.JPEG) if path else OutputFormat.JPEG
+    return OutputFormat.for_suffix(path.suffix, OutputFormat.JPEG) if path else OutputFormat.JPEG
 
 
 async def _search(args: argparse.Namespace, settings: Settings, request: StockRequest, out: TextIO) -> int:
