@@ -104,17 +104,13 @@ class JobService:
                     f"the server's default size does not fit this request: {error}", "width"
                 ) from error
         limits = self.settings
-        if len(generation.prompt) > limits.max_prompt_chars:
-            raise LimitExceeded(
-                f"prompt is {len(generation.prompt)} characters; this server takes at most {limits.max_prompt_chars}",
-                "prompt",
-            )
-        if len(generation.negative_prompt) > limits.max_prompt_chars:
-            raise LimitExceeded(
-                f"negative_prompt is {len(generation.negative_prompt)} characters; this server takes at most "
-                f"{limits.max_prompt_chars}",
-                "negative_prompt",
-            )
+        for field in ("prompt", "negative_prompt"):
+            length = len(getattr(generation, field))
+            if length > limits.max_prompt_chars:
+                raise LimitExceeded(
+                    f"{field} is {length} characters; this server takes at most {limits.max_prompt_chars}",
+                    field,
+                )
         if generation.num_images > limits.max_images_per_request:
             raise LimitExceeded(
                 f"num_images is {generation.num_images}; this server makes at most {limits.max_images_per_request} "
