@@ -1,6 +1,6 @@
-"""A job plus a wait, shared by the compatibility APIs (as media.py does for the seed's endpoint).
+"""A job plus a wait, shared by the seed's endpoint (media.py) and the compatibility APIs.
 
-Both foreign APIs are synchronous: the client sends one request and expects the pictures in the answer. So they
+All three are synchronous: the client sends one request and expects the pictures in the answer. So they
 submit an ordinary job and wait for it; there is no second generation path.
 """
 
