@@ -10,9 +10,9 @@ Phases (`--phases`, each skipped, and said so, when the time budget runs short; 
              then the 40-step ensemble, fidelity against eager (relative L2 of the final latents, PSNR)
   restart    dynamo reset, then the last variant's warm-up again: the second start, from the inductor cache
 
-A variant is `MODE[+fp8][+cl][+cudnn][+regional][:mlperf]`: MODE is a compile choice (off, default,
+A variant is `MODE[+fp8][+cl][+cudnn][:mlperf]`: MODE is a compile choice (off, default,
 reduce-overhead, max-autotune-no-cudagraphs); +fp8 fp8 transformer linears (engine/fp8.py); +cl channels_last;
-+cudnn torch.backends.cudnn.benchmark; +regional compile only the UNets' transformer blocks; `:mlperf`
++cudnn cudnn.benchmark (IMAGESMITH_CUDNN_BENCHMARK; off unless named here); `:mlperf`
 measures the MLPerf setting instead of the ensemble (base UNet and VAE only; warm-up at batch 1 then the
 largest batch, as the service's warm-up does).
 
@@ -52,19 +52,16 @@ class Variant:
     fp8: bool
     channels_last: bool
     cudnn_benchmark: bool
-    regional: bool
     mlperf: bool
 
     @classmethod
     def parse(cls, spec: str) -> Variant:
         body, _, kind = spec.partition(":")
         mode, *flags = body.split("+")
-        unknown = set(flags) - {"fp8", "cl", "cudnn", "regional"}
+        unknown = set(flags) - {"fp8", "cl", "cudnn"}
         if unknown or kind not in ("", "mlperf"):
-            raise SystemExit(f"variant {spec!r}: flags are +fp8 +cl +cudnn +regional and the suffix :mlperf")
-        return cls(
-            spec, mode, "fp8" in flags, "cl" in flags, "cudnn" in flags, "regional" in flags, kind == "mlperf"
-        )
+            raise SystemExit(f"variant {spec!r}: flags are +fp8 +cl +cudnn and the suffix :mlperf")
+        return cls(spec, mode, "fp8" in flags, "cl" in flags, "cudnn" in flags, kind == "mlperf")
 
 
 class Run:
@@ -287,17 +284,21 @@ def main() -> None:
 
     def measure(variant: Variant) -> None:
         torch._dynamo.reset()  # the previous variant's graphs (and CUDA graph pools) go
-        torch.backends.cudnn.benchmark = variant.cudnn_benchmark
+        torch.backends.cudnn.benchmark = False  # the setting below switches it on where named
         engine = new_engine(with_refiner=not variant.mlperf)
         settings = Settings(
             data_dir=run.out / "data",
             compile_cache_dir=Path(args.cache_dir) if args.cache_dir else None,
             compile=variant.mode,
-            compile_scope="regional" if variant.regional else "full",
             fp8=variant.fp8,
             channels_last=variant.channels_last,
+            cudnn_benchmark=variant.cudnn_benchmark,
         )
-        levers = apply_speed_levers(engine.models.base, engine.models.refiner, plan, settings)
+        # The plan decides fp8 (row-wise or per-tensor), so it is made from this variant's settings.
+        variant_plan = plan_hardware(probe_device(device), settings)
+        levers = apply_speed_levers(engine.models.base, engine.models.refiner, variant_plan, settings)
+        if variant.fp8 != any(lever.startswith("fp8") for lever in levers):
+            raise RuntimeError(f"{variant.spec}: levers applied were {levers}")
         row: dict[str, Any] = {"levers": levers}
         run.results["variants"][variant.spec] = row
         sync()

@@ -153,7 +153,9 @@ def main() -> None:
         levers = Settings(
             data_dir=out / "data", compile=args.compile_mode, fp8=args.fp8, compile_cache_dir=cache
         )
-        results["levers"] = apply_speed_levers(base, refiner, plan, levers)
+        # The plan decides fp8, so the levers get a plan made from their own settings.
+        levers_plan = plan_hardware(probe_device(device), levers)
+        results["levers"] = apply_speed_levers(base, refiner, levers_plan, levers)
         label = f"{args.compile_mode}{'+fp8' if args.fp8 else ''}"
         for batch in batches if args.all_compiled else batches[-1:]:
             through_queue(batch, label, levers)

@@ -60,7 +60,6 @@ def one_start(args: argparse.Namespace, models: Path, data: Path, label: str, lo
         "IMAGESMITH_HF_OFFLINE": "true",
         "IMAGESMITH_DATA_DIR": str(data),
         "IMAGESMITH_COMPILE": args.compile,
-        "IMAGESMITH_COMPILE_SCOPE": args.compile_scope,
         "IMAGESMITH_BATCH_MAX_IMAGES": str(args.batch_max),
         "IMAGESMITH_WARMUP_SIZES": f"{px}x{px}",
         "IMAGESMITH_DEFAULT_WIDTH": str(px),
@@ -137,7 +136,6 @@ def main() -> None:
     parser.add_argument("--models", default=".devcache/random-sdxl")
     parser.add_argument("--data", default="", help="data dir (default: OUT/data; its compile cache decides)")
     parser.add_argument("--compile", default="default")
-    parser.add_argument("--compile-scope", default="full", help="full or regional")
     parser.add_argument("--batch-max", type=int, default=8)
     parser.add_argument("--starts", type=int, default=2)
     parser.add_argument("--timeout-s", type=float, default=500)

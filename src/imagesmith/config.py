@@ -50,22 +50,16 @@ class LogFormat(StrEnum):
     JSON = "json"
 
 
-class CompileScope(StrEnum):
-    """What torch.compile covers. 'full': each whole UNet (fastest measured; minutes to compile cold).
-    'regional': only the UNets' repeated transformer blocks (diffusers' compile_repeated_blocks), compiled once per
-    shape and reused by every block of that shape: a fraction of the compile time, some speed left eager."""
-
-    FULL = "full"
-    REGIONAL = "regional"
-
-
 class CompileChoice(StrEnum):
-    """torch.compile of the UNets and VAE decoder. 'reduce-overhead' adds CUDA graphs (batch-1 latency)."""
+    """torch.compile of the UNets and VAE decoder. 'reduce-overhead' adds CUDA graphs (batch-1 latency);
+    'max-autotune' also times Triton templates against cuBLAS/cuDNN for every matmul and convolution (a much
+    longer first start)."""
 
     OFF = "off"
     DEFAULT = "default"
-    MAX_AUTOTUNE = "max-autotune-no-cudagraphs"
     REDUCE_OVERHEAD = "reduce-overhead"
+    MAX_AUTOTUNE = "max-autotune"
+    MAX_AUTOTUNE_NO_CUDAGRAPHS = "max-autotune-no-cudagraphs"
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -151,13 +145,15 @@ class Settings(BaseSettings):
         description="One matmul for Q, K and V in each attention block (exact). Default: on with compile.",
     )
     compile: CompileChoice = Field(CompileChoice.OFF, description="torch.compile the UNets and VAE decoder.")
-    compile_scope: CompileScope = Field(
-        CompileScope.FULL, description="'full' UNets, or 'regional': only their transformer blocks."
-    )
     compile_cache_dir: Path | None = Field(
         None, description="Compiled kernels; default DATA_DIR/compile-cache."
     )
     channels_last: bool = Field(False, description="NHWC memory layout for the UNets.")
+    cudnn_benchmark: bool | None = Field(
+        None,
+        description="cuDNN times its convolution algorithms per shape and keeps the fastest (exact). "
+        "Default: on with compile on a CUDA GPU.",
+    )
     fp8: bool = Field(
         False,
         description="fp8 (e4m3) linears in the UNets' transformer blocks (lossy; compute capability 8.9+).",

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from imagesmith.config import Settings
 from imagesmith.engine import Engine
-from imagesmith.engine.fast import fuse_qkv_wanted
+from imagesmith.engine.fast import apply_speed_levers, cudnn_benchmark_wanted, fuse_qkv_wanted
 from imagesmith.engine.hardware import DeviceInfo, plan_hardware
 from imagesmith.schemas import GenerationRequest
 
@@ -37,6 +38,27 @@ def test_fusing_follows_compile_and_never_touches_offloaded_weights() -> None:
     assert not fuse_qkv_wanted(Settings(), resident)
     assert fuse_qkv_wanted(Settings(compile="default"), resident)
     assert not fuse_qkv_wanted(Settings(compile="default", fuse_qkv=True), offloaded)
+
+
+def test_cudnn_benchmark_follows_compile_on_cuda_only() -> None:
+    gpu = DeviceInfo("cuda", name="H100", capability=(9, 0), total_memory_gib=80, free_memory_gib=79)
+    plan = plan_hardware(gpu, Settings())
+    assert not cudnn_benchmark_wanted(Settings(), plan)
+    assert cudnn_benchmark_wanted(Settings(compile="reduce-overhead"), plan)
+    assert not cudnn_benchmark_wanted(Settings(compile="reduce-overhead", cudnn_benchmark=False), plan)
+    assert not cudnn_benchmark_wanted(
+        Settings(compile="default"), plan_hardware(DeviceInfo("cpu"), Settings())
+    )
+
+
+def test_fp8_settings_with_a_plan_made_without_them_are_refused(tiny_settings: Settings) -> None:
+    """The fp8 decision lives in the hardware plan; levers applied with a plan made from other settings must
+    not quietly run bf16 while reporting an fp8 configuration."""
+    engine = Engine.start(tiny_settings)
+    with pytest.raises(ValueError, match="plan was made without it"):
+        apply_speed_levers(
+            engine.models.base, engine.models.refiner, engine.plan, tiny_settings.with_changes(fp8=True)
+        )
 
 
 def test_a_failing_compile_falls_back_to_eager_and_says_so(tiny_settings: Settings) -> None:
@@ -96,36 +118,3 @@ def test_health_detail_names_the_warm_up_step_while_starting(tiny_settings: Sett
     release.set()
     thread.join(30)
     assert source.status().state is SourceState.READY
-
-
-def test_regional_compile_wraps_only_the_transformer_blocks_and_falls_back_whole(
-    tiny_settings: Settings,
-) -> None:
-    """compile_scope=regional: each BasicTransformerBlock is compiled (lazily, on first call), the UNets around
-    them stay eager; a failure in any block sends every compiled module back to eager."""
-    from imagesmith.engine.fast import warm_up_or_fall_back_to_eager
-
-    engine = Engine.start(tiny_settings.with_changes(compile="default", compile_scope="regional"))
-    assert engine.levers == [
-        "fused QKV",
-        "torch.compile(mode=default) UNet transformer blocks (regional) + VAE decoder",
-    ]
-    for unet in (engine.models.base.unet, engine.models.refiner.unet):
-        blocks = [m for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
-        assert blocks and all(m._compiled_call_impl is not None for m in blocks)
-        assert unet._compiled_call_impl is None
-    assert engine.models.base.vae.decoder._compiled_call_impl is not None
-
-    def broken_compiled_call(*args: object, **kwargs: object) -> None:
-        raise RuntimeError("inductor: no kernel for this card (simulated)")
-
-    for module in engine.models.base.unet.modules():
-        if module._compiled_call_impl is not None:
-            module._compiled_call_impl = broken_compiled_call
-    warm_up_or_fall_back_to_eager(engine, [(64, 64)], [1])
-    every_module = [
-        m for root in (engine.models.base.unet, engine.models.refiner.unet) for m in root.modules()
-    ]
-    assert all(m._compiled_call_impl is None for m in every_module)
-    assert engine.levers[-1] == "torch.compile failed, eager instead (RuntimeError)"
-    assert engine.generate(REQUEST).images
