@@ -40,6 +40,18 @@ def test_search_lists_ranked_results_with_credit(standin: StandIn, settings: Set
     assert "  3. " not in text and "Pexels quota: 198/200 left" in text
 
 
+def test_search_sizes_default_to_the_stock_default_size_setting(standin: StandIn, settings: Settings) -> None:
+    """Without --width/--height, search ranks for IMAGESMITH_STOCK_DEFAULT_SIZE, as the API does."""
+    out = io.StringIO()
+    portrait = settings.with_changes(stock_default_size="832x1216")
+    assert run_search(parse("lake", "--json"), portrait, out) == EXIT_OK
+    assert json.loads(out.getvalue())["orientation"] == "portrait"
+    out = io.StringIO()
+    square = settings.with_changes(stock_default_size="", default_width=1024, default_height=1024)
+    assert run_search(parse("lake", "--json"), square, out) == EXIT_OK
+    assert json.loads(out.getvalue())["orientation"] == "square"
+
+
 def test_search_saves_the_best_photo(standin: StandIn, settings: Settings, tmp_path: Path) -> None:
     target = tmp_path / "hero.png"
     out = io.StringIO()

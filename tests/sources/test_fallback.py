@@ -217,6 +217,19 @@ def test_stock_source_no_results_and_bad_key(standin: StandIn, stock: StockSourc
     assert stock.status().state is SourceState.FAILED  # honest: the key is refused
 
 
+def test_a_refused_key_stays_reported_through_network_and_quota_errors(
+    standin: StandIn, stock: StockSource, clock: FakeClock
+) -> None:
+    standin.api_script = ["401", "500", "500", "500", "429"]  # a 500 is tried 3 times
+    for _ in range(3):  # refused, then upstream trouble (retried inside), then a 429
+        with pytest.raises(SourceUnavailable):
+            stock.fetch(_titled("lake"))
+    clock.advance(601)  # the 429's block is over; nothing has shown the key to work since the 401
+    assert stock.status().state is SourceState.FAILED
+    stock.fetch(_titled("lake"))  # a photo served: the key works again
+    assert stock.status().state is SourceState.READY
+
+
 def _titled(title: str) -> ImageRequest:
     return ImageRequest(sources=[STOCK], generation=GenerationRequest(prompt="p"), title=title)
 

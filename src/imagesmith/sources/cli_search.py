@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from imagesmith.config import Settings, get_settings
-from imagesmith.schemas import ASPECT_SIZES, AspectPreset, OutputFormat
+from imagesmith.schemas import OutputFormat
 from imagesmith.sources.errors import NoStockResults, PexelsError, PexelsNotConfigured
 from imagesmith.sources.pexels_client import PhotoSize
 from imagesmith.sources.stock import StockPhotoSource, StockRequest, StockSearch
@@ -39,7 +39,6 @@ NO_KEY_MESSAGE = (
 
 def add_search_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register the `search` subcommand on an argparse subparsers object."""
-    width, height = ASPECT_SIZES[AspectPreset.LANDSCAPE]
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "search",
         help="search Pexels stock photos for a query",
@@ -47,8 +46,9 @@ def add_search_parser(subparsers: Any) -> argparse.ArgumentParser:
         "(fitted to the exact size, with its attribution embedded).",
     )
     parser.add_argument("query", nargs="+", help="what to search for")
-    parser.add_argument("--width", type=int, default=width, help=f"target width (default {width})")
-    parser.add_argument("--height", type=int, default=height, help=f"target height (default {height})")
+    # The defaults come from the settings at run time (IMAGESMITH_STOCK_DEFAULT_SIZE), as the API's do.
+    parser.add_argument("--width", type=int, help="target width (default: IMAGESMITH_STOCK_DEFAULT_SIZE)")
+    parser.add_argument("--height", type=int, help="target height (default: IMAGESMITH_STOCK_DEFAULT_SIZE)")
     parser.add_argument("--color", help="Pexels colour name or hex code, e.g. blue or '#ffaa00'")
     parser.add_argument("--locale", help="search locale, e.g. de-DE")
     parser.add_argument("--min-size", choices=[s.value for s in PhotoSize], help="Pexels' minimum photo size")
@@ -68,11 +68,15 @@ def run_search(args: argparse.Namespace, settings: Settings | None = None, out: 
     if settings.pexels_api_key is None:
         print(f"error: {NO_KEY_MESSAGE}", file=sys.stderr)
         return EXIT_CONFIG
+    default_width, default_height = settings.stock_default_dims() or (
+        settings.default_width,
+        settings.default_height,
+    )
     try:
         request = StockRequest(
             prompt=" ".join(args.query),
-            width=args.width,
-            height=args.height,
+            width=args.width or default_width,
+            height=args.height or default_height,
             color=args.color,
             locale=args.locale,
             size=PhotoSize(args.min_size) if args.min_size else None,

@@ -106,7 +106,11 @@ class StockSource:
         except PexelsError as error:
             reason = classify(error)
             self._errors[reason.value] += 1
-            self._auth_failed = reason is FallbackReason.AUTH_FAILED
+            if reason is FallbackReason.AUTH_FAILED:
+                self._auth_failed = True
+            elif reason is FallbackReason.NO_RESULTS:
+                self._auth_failed = False  # Pexels answered a search: the key works
+            # A quota or network error says nothing about the key: a refused key stays reported.
             retry_at = error.retry_at if isinstance(error, PexelsQuotaExhausted) else None
             kind = NoMatch if reason is FallbackReason.NO_RESULTS else SourceUnavailable
             raise kind(str(error), reason, retry_at) from error
