@@ -22,11 +22,9 @@ from typing import BinaryIO
 from PIL import Image, PngImagePlugin
 
 from imagesmith import __version__
+from imagesmith.image_metadata import read_user_comment, set_user_comment
 from imagesmith.schemas import GenerationMetadata, OutputFormat, RefineMode
 
-EXIF_USER_COMMENT = 0x9286
-EXIF_IFD = 0x8769
-_UNICODE_PREFIX = b"UNICODE\x00"
 # A1111's own pattern for one "Key: value" pair; values with commas or colons are JSON-quoted.
 _PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 
@@ -123,8 +121,7 @@ def write_image(
         info.add_text("parameters", parameters)
         image.save(target, format="PNG", pnginfo=info)
         return
-    exif = Image.Exif()
-    exif.get_ifd(EXIF_IFD)[EXIF_USER_COMMENT] = _UNICODE_PREFIX + parameters.encode("utf-16-be")
+    exif = set_user_comment(Image.Exif(), parameters)
     if output_format is OutputFormat.JPEG:
         image.convert("RGB").save(target, format="JPEG", quality=92, exif=exif.tobytes())
     else:
@@ -138,11 +135,4 @@ def read_parameters(source: str | Path | BinaryIO | bytes) -> str | None:
     with Image.open(source) as image:
         if "parameters" in image.info:
             return str(image.info["parameters"])
-        raw = image.getexif().get_ifd(EXIF_IFD).get(EXIF_USER_COMMENT)
-    if not raw:
-        return None
-    if isinstance(raw, str):
-        return raw
-    if raw.startswith(_UNICODE_PREFIX):
-        return bytes(raw[len(_UNICODE_PREFIX) :]).decode("utf-16-be")
-    return bytes(raw[8:]).decode("utf-8", errors="replace")
+        return read_user_comment(image)

@@ -23,15 +23,13 @@ from xml.sax.saxutils import escape as xml_escape
 from PIL import Image, PngImagePlugin
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from imagesmith.image_metadata import read_user_comment, set_user_comment
 from imagesmith.schemas import OutputFormat
 from imagesmith.sources.pexels_client import PexelsPhoto
 
-EXIF_IFD = 0x8769
-EXIF_USER_COMMENT = 0x9286
 TIFF_IMAGE_DESCRIPTION = 0x010E
 TIFF_ARTIST = 0x013B
 TIFF_COPYRIGHT = 0x8298
-_UNICODE_PREFIX = b"UNICODE\x00"
 PEXELS_HOME = "https://www.pexels.com"
 PEXELS_LICENSE_URL = "https://www.pexels.com/license/"
 
@@ -139,7 +137,7 @@ def encode_with_attribution(
     exif[TIFF_COPYRIGHT] = _ascii(f"{attribution.credit_text} ({attribution.photo_url})")
     if attribution.alt:
         exif[TIFF_IMAGE_DESCRIPTION] = _ascii(attribution.alt)
-    exif.get_ifd(EXIF_IFD)[EXIF_USER_COMMENT] = _UNICODE_PREFIX + record.encode("utf-16-be")
+    set_user_comment(exif, record)
     rgb = image.convert("RGB")
     if output_format is OutputFormat.JPEG:
         rgb.save(buffer, format="JPEG", quality=90, exif=exif.tobytes(), xmp=_xmp_packet(attribution))
@@ -155,11 +153,7 @@ def read_attribution(source: bytes | BinaryIO) -> Attribution | None:
     with Image.open(source) as image:
         text = image.info.get("attribution")
         if text is None:
-            raw = image.getexif().get_ifd(EXIF_IFD).get(EXIF_USER_COMMENT)
-            if isinstance(raw, bytes) and raw.startswith(_UNICODE_PREFIX):
-                text = raw[len(_UNICODE_PREFIX) :].decode("utf-16-be")
-            elif isinstance(raw, str):
-                text = raw
+            text = read_user_comment(image)
     if not text:
         return None
     try:
