@@ -62,6 +62,11 @@ class CompileChoice(StrEnum):
     MAX_AUTOTUNE_NO_CUDAGRAPHS = "max-autotune-no-cudagraphs"
 
 
+def comma_list(text: str) -> list[str]:
+    """'a, b,,c ' -> ['a', 'b', 'c']: how every list-valued setting is written in the environment."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 def parse_size(text: str) -> tuple[int, int]:
     """'1216x832' -> (1216, 832). Settings use this form for image sizes."""
     width, sep, height = text.strip().lower().partition("x")
@@ -201,7 +206,7 @@ class Settings(BaseSettings):
     @classmethod
     def _split_hosts(cls, value: object) -> object:
         if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
+            return comma_list(value)
         return value
 
     @field_validator("pexels_api_key", mode="before")
@@ -216,13 +221,12 @@ class Settings(BaseSettings):
     @classmethod
     def _sizes_parse(cls, value: str) -> str:
         # Checked here, at start-up, so a typo is a clear error now rather than a failure on a request.
-        for part in value.split(","):
-            if part.strip():
-                parse_size(part)
+        for part in comma_list(value):
+            parse_size(part)
         return value
 
     def warmup_size_list(self) -> list[tuple[int, int]]:
-        return [parse_size(part) for part in self.warmup_sizes.split(",") if part.strip()]
+        return [parse_size(part) for part in comma_list(self.warmup_sizes)]
 
     def stock_default_dims(self) -> tuple[int, int] | None:
         """The stock default size, or None when it is empty (use default_width x default_height)."""
@@ -237,7 +241,7 @@ class Settings(BaseSettings):
         return self.data_dir / "tiny-model"
 
     def api_key_list(self) -> list[str]:
-        return [key.strip() for key in self.api_keys.split(",") if key.strip()]
+        return comma_list(self.api_keys)
 
 
 @lru_cache(maxsize=1)

@@ -1,0 +1,28 @@
+"""List-valued settings are read one way: comma-separated, blanks and spaces ignored, sizes checked at start."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from imagesmith.config import Settings
+
+
+def test_list_settings_ignore_spaces_and_empty_items(tmp_path: Path) -> None:
+    settings = Settings(
+        _env_file=None,
+        data_dir=tmp_path,
+        api_keys=" key-one, ,key-two ,",
+        warmup_sizes="1024x1024, 832x1216,",
+        pexels_allowed_hosts="images.pexels.com, ,http://127.0.0.1:9000",
+    )
+    assert settings.api_key_list() == ["key-one", "key-two"]
+    assert settings.warmup_size_list() == [(1024, 1024), (832, 1216)]
+    assert settings.pexels_allowed_hosts == ["images.pexels.com", "http://127.0.0.1:9000"]
+
+
+def test_a_bad_size_in_a_list_is_refused_at_start_naming_the_form(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="a size looks like 1216x832"):
+        Settings(_env_file=None, data_dir=tmp_path, warmup_sizes="1024x1024, 1024")
