@@ -81,6 +81,11 @@ def test_cancel_running_and_queued(server: ServerProcess) -> None:
         for kind, data, _ in stream:  # wait until it really runs
             if kind == "progress" and data["overall_step"] >= 2:
                 break
+        # Waiting behind the running job, first in line: in its own view and in the listing.
+        assert client.get(f"/v1/jobs/{queued['id']}").json()["queue_position"] == 0
+        listed = {job["id"]: job for job in client.get("/v1/jobs").json()["jobs"]}
+        assert listed[queued["id"]]["queue_position"] == 0
+        assert listed[running["id"]]["queue_position"] is None
         # The queued one is canceled at once.
         response = client.post(f"/v1/jobs/{queued['id']}/cancel")
         assert response.status_code == 202

@@ -25,6 +25,15 @@ def test_fifo_bound_and_idempotency(tmp_path: Path) -> None:
     assert store.claim(1) == []
 
 
+def test_queue_positions_count_the_queued_jobs_ahead(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    a, b, c, d = (store.submit({"n": n}, f"h{n}", None, queue_max=10)[0] for n in range(4))
+    assert store.queue_positions() == {a.id: 0, b.id: 1, c.id: 2, d.id: 3}
+    store.claim(1)  # a runs
+    assert store.cancel_queued(c.id)
+    assert store.queue_positions() == {b.id: 0, d.id: 1}
+
+
 def test_recover_requeues_running_until_attempts_run_out(tmp_path: Path) -> None:
     path = tmp_path / "jobs.sqlite3"
     store = JobStore(path)

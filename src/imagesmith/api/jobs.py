@@ -87,8 +87,9 @@ async def list_jobs(
     offset: Annotated[int, Query(ge=0, le=2**31)] = 0,
 ) -> dict[str, Any]:
     jobs, total = service.store.list_jobs(status, limit, offset)
+    positions = service.store.queue_positions()
     return {
-        "jobs": [service.view(job) for job in jobs],
+        "jobs": [service.view(job, positions) for job in jobs],
         "total": total,
         "limit": limit,
         "offset": offset,

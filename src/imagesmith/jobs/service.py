@@ -180,9 +180,14 @@ class JobService:
             raise JobNotFound(f"no job with id {job_id!r}", "job_id")
         return job
 
-    def view(self, job: JobRecord) -> dict[str, Any]:
-        """The job envelope: id, status, progress, timestamps, result or error."""
+    def view(self, job: JobRecord, queue_positions: dict[str, int] | None = None) -> dict[str, Any]:
+        """The job envelope: id, status, progress, timestamps, result or error. A listing passes the
+        queue positions it read once for all its jobs."""
         live = self.worker.live.get(job.id) if job.status is JobStatus.RUNNING else None
+        position = None
+        if job.status is JobStatus.QUEUED:
+            positions = queue_positions if queue_positions is not None else self.store.queue_positions()
+            position = positions.get(job.id, 0)  # claimed since it was read: nothing is ahead of it
         return {
             "id": job.id,
             "status": job.status.value,
@@ -193,7 +198,7 @@ class JobService:
             if live and live.overall_total
             else None,
             "eta_s": round(live.eta_s, 2) if live and live.eta_s is not None else None,
-            "queue_position": self.store.position(job) if job.status is JobStatus.QUEUED else None,
+            "queue_position": position,
             "attempts": job.attempts,
             "cancel_requested": job.cancel_requested,
             "request": job.request,

@@ -312,10 +312,11 @@ class JobStore:
         counts.update({JobStatus(row["status"]): row["n"] for row in rows})
         return counts
 
-    def position(self, job: JobRecord) -> int:
-        """How many queued jobs are ahead of this one."""
+    def queue_positions(self) -> dict[str, int]:
+        """Each queued job's id -> how many queued jobs are ahead of it, in one query (a listing of 100 jobs
+        used to count once per job)."""
         with self._lock:
-            row = self._one(
-                "SELECT COUNT(*) FROM jobs WHERE status = ? AND seq < ?", (JobStatus.QUEUED.value, job.seq)
-            )
-        return int(row[0]) if row else 0
+            rows = self._db.execute(
+                "SELECT id FROM jobs WHERE status = ? ORDER BY seq", (JobStatus.QUEUED.value,)
+            ).fetchall()
+        return {row["id"]: ahead for ahead, row in enumerate(rows)}
