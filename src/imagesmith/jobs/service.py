@@ -221,12 +221,7 @@ class JobService:
         if job.status is JobStatus.QUEUED and self.store.cancel_queued(job_id):
             log.info("job canceled while queued", extra={"job_id": job_id})
             final = self.get(job_id)
-            self.hub.publish(
-                job_id,
-                "canceled",
-                {"job_id": job_id, "status": "canceled", "error": final.error},
-                terminal=True,
-            )
+            self.hub.publish(job_id, final.status.value, final.terminal_event_data(), terminal=True)
             return final
         job = self.get(job_id)
         if job.status is JobStatus.RUNNING:
@@ -271,8 +266,7 @@ class JobService:
             self.hub.unsubscribe(job_id, queue)
 
     def _terminal_from_store(self, job: JobRecord) -> Event:
-        data = {"job_id": job.id, "status": job.status.value, "result": job.result, "error": job.error}
-        return Event(id=0, type=job.status.value, data=data, terminal=True)
+        return Event(id=0, type=job.status.value, data=job.terminal_event_data(), terminal=True)
 
     async def wait(self, job_id: str, timeout: float) -> JobRecord:
         """Until the job finishes or `timeout` passes; returns the job as it then stands."""

@@ -56,6 +56,10 @@ class JobRecord:
     started_at: float | None
     finished_at: float | None
 
+    def terminal_event_data(self) -> dict[str, Any]:
+        """The last event's payload for a finished job: the same whether it is sent live or replayed."""
+        return {"job_id": self.id, "status": self.status.value, "result": self.result, "error": self.error}
+
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> JobRecord:
         return cls(

@@ -373,8 +373,11 @@ class Worker:
         if self.store.finish(job.id, status, result=result, error=error):
             self.metrics.jobs_finished.labels(status.value).inc()
             log.info("job %s", status.value)
+        # Read back, not assumed: finish() changes nothing when the job already ended (a cancel won the race),
+        # and the event must tell what the store holds.
         final = self.store.get(job.id)
-        data: dict[str, Any] = {"job_id": job.id, "status": final.status.value if final else status.value}
-        if final is not None:
-            data.update({"result": final.result, "error": final.error})
-        self.hub.publish(job.id, final.status.value if final else status.value, data, terminal=True)
+        if final is None:  # deleted underneath us; still end the stream for its listeners
+            data = {"job_id": job.id, "status": status.value, "result": None, "error": None}
+            self.hub.publish(job.id, status.value, data, terminal=True)
+            return
+        self.hub.publish(job.id, final.status.value, final.terminal_event_data(), terminal=True)
