@@ -147,8 +147,8 @@ async def progress(service: ServiceDep, jobs: JobsDep, skip_current_image: bool 
         "sampling_steps": now.total,
     }
     return {
-        "progress": round(now.overall_step / now.overall_total, 4) if now.overall_total else 0.0,
-        "eta_relative": round(now.eta_s, 2) if now.eta_s is not None else 0.0,
+        "progress": now.fraction,
+        "eta_relative": now.eta_rounded_s or 0.0,
         "state": state,
         "current_image": _png_base64(preview) if preview else None,
         "textinfo": f"{now.stage}: step {now.step}/{now.total}",

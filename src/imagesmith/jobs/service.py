@@ -194,10 +194,8 @@ class JobService:
             "stage": live.stage if live else None,
             "step": live.step if live else None,
             "total": live.total if live else None,
-            "progress": round(live.overall_step / live.overall_total, 4)
-            if live and live.overall_total
-            else None,
-            "eta_s": round(live.eta_s, 2) if live and live.eta_s is not None else None,
+            "progress": live.fraction if live else None,
+            "eta_s": live.eta_rounded_s if live else None,
             "queue_position": position,
             "attempts": job.attempts,
             "cancel_requested": job.cancel_requested,

@@ -57,6 +57,15 @@ class LiveProgress:
     def as_dict(self) -> dict[str, Any]:
         return self.__dict__.copy()
 
+    @property
+    def fraction(self) -> float:
+        """Share of the job's steps done, 0..1, rounded as both APIs show it."""
+        return round(self.overall_step / self.overall_total, 4) if self.overall_total else 0.0
+
+    @property
+    def eta_rounded_s(self) -> float | None:
+        return round(self.eta_s, 2) if self.eta_s is not None else None
+
 
 class _Tracker:
     """Turns the engine's per-stage events into overall progress, an ETA and occasional previews."""
