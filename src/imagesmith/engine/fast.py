@@ -124,13 +124,8 @@ def apply_speed_levers(base: Any, refiner: Any | None, plan: HardwarePlan, setti
 def _compiled(engine: Any) -> list[Any]:
     """Every module Module.compile wrapped: the UNets and the VAE decoder."""
     base, refiner = engine.models.base, engine.models.refiner
-    roots = [base.unet, base.vae.decoder] + ([refiner.unet] if refiner is not None else [])
-    return [
-        module
-        for root in roots
-        for module in root.modules()
-        if getattr(module, "_compiled_call_impl", None) is not None
-    ]
+    modules = [base.unet, base.vae.decoder] + ([refiner.unet] if refiner is not None else [])
+    return [module for module in modules if getattr(module, "_compiled_call_impl", None) is not None]
 
 
 def warm_up_or_fall_back_to_eager(
