@@ -228,9 +228,12 @@ class Settings(BaseSettings):
     def warmup_size_list(self) -> list[tuple[int, int]]:
         return [parse_size(part) for part in comma_list(self.warmup_sizes)]
 
-    def stock_default_dims(self) -> tuple[int, int] | None:
-        """The stock default size, or None when it is empty (use default_width x default_height)."""
-        return parse_size(self.stock_default_size) if self.stock_default_size.strip() else None
+    def stock_size(self) -> tuple[int, int]:
+        """The size of a request Pexels may serve that gives none: stock_default_size, or when that is empty
+        default_width x default_height. The API and `imagesmith search` both use it."""
+        if self.stock_default_size.strip():
+            return parse_size(self.stock_default_size)
+        return self.default_width, self.default_height
 
     def with_changes(self, **changes: object) -> Settings:
         """A copy with some settings changed, validated as the environment's values are (model_copy would

@@ -85,9 +85,8 @@ class JobService:
     def _default_size(self, request: ImageRequest) -> tuple[int, int]:
         """A featured photo is a landscape hero by default (stock_default_size) when Pexels may serve the
         request; otherwise the seed's square default_width x default_height."""
-        stock = self.settings.stock_default_dims()
-        if self._stock_may_serve(request) and stock is not None:
-            return stock
+        if self._stock_may_serve(request):
+            return self.settings.stock_size()
         return self.settings.default_width, self.settings.default_height
 
     def prepare(self, request: ImageRequest) -> ImageRequest:

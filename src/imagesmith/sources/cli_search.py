@@ -68,10 +68,7 @@ def run_search(args: argparse.Namespace, settings: Settings | None = None, out: 
     if settings.pexels_api_key is None:
         print(f"error: {NO_KEY_MESSAGE}", file=sys.stderr)
         return EXIT_CONFIG
-    default_width, default_height = settings.stock_default_dims() or (
-        settings.default_width,
-        settings.default_height,
-    )
+    default_width, default_height = settings.stock_size()
     try:
         request = StockRequest(
             prompt=" ".join(args.query),
