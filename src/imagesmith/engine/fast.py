@@ -78,7 +78,7 @@ def cudnn_benchmark_wanted(settings: Settings, plan: HardwarePlan) -> bool:
 
 def apply_speed_levers(base: Any, refiner: Any | None, plan: HardwarePlan, settings: Settings) -> list[str]:
     """Apply the levers the settings ask for; return what was applied, for the start-up log and health."""
-    if settings.fp8 and plan.fp8 is None and not any(r.startswith("fp8") for r in plan.reasons):
+    if settings.fp8 and not plan.fp8_asked:
         # A plan made from other settings would silently leave the weights in bf16 (a benchmark did once).
         raise ValueError(
             "settings ask for fp8 but the hardware plan was made without it: plan with these settings"

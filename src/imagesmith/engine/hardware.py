@@ -66,6 +66,7 @@ class HardwarePlan:
     vae_tiling: bool
     reasons: tuple[str, ...]
     fp8: str | None = None  # "row-wise" or "per-tensor" scales for fp8 linears (engine/fp8.py); None: off
+    fp8_asked: bool = False  # the settings asked for fp8 (fp8 may still be None: skipped, with a reason)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -196,6 +197,7 @@ def plan_hardware(device: DeviceInfo, settings: Settings) -> HardwarePlan:
         vae_tiling=tiling,
         reasons=tuple(reasons),
         fp8=fp8,
+        fp8_asked=settings.fp8,
     )
 
 
