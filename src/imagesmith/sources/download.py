@@ -89,9 +89,8 @@ class DownloadedImage:
     url: str  # the final URL, after redirects
     width: int
     height: int
-    image: (
-        Image.Image
-    )  # decoded once, while checking that it decodes; callers use it rather than decode again
+    # Decoded once, while checking that it decodes; callers use it rather than decode again.
+    image: Image.Image
 
 
 class ImageDownloader:
