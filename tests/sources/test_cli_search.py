@@ -107,4 +107,4 @@ def test_doctor_lines_and_the_handler_cli_py_calls(
     standin.api_default = "500"
     assert "API check failed" in doctor_lines(settings)[-1]
     assert standin.api_calls == 2  # one per check: no retries
-    assert parse("lake").handler is run_search
+    assert parse("lake").func is run_search

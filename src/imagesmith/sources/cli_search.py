@@ -2,8 +2,8 @@
 
 cli.py wires them in (it imports this module only if it is installed):
 
-    add_search_parser(subparsers)     # registers "search"; sets handler=run_search (and func, the same)
-    return args.handler(args)         # run_search(args) -> exit code
+    add_search_parser(subparsers)     # registers "search"; sets func=run_search, as every subcommand does
+    return args.func(args)            # run_search(args) -> exit code
     for line in doctor_lines(settings): print(line)   # the Pexels part of `imagesmith doctor`
 
 Exit codes of search: 0 found (and saved, with -o), 1 no results, 2 not configured or bad arguments,
@@ -57,7 +57,7 @@ def add_search_parser(subparsers: Any) -> argparse.ArgumentParser:
         "-o", "--output", type=Path, help="save the best photo here (.jpg, .png or .webp; default JPEG)"
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
-    parser.set_defaults(handler=run_search, func=run_search)
+    parser.set_defaults(func=run_search)
     return parser
 
 
