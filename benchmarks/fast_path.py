@@ -10,9 +10,10 @@ Phases (`--phases`, each skipped, and said so, when the time budget runs short; 
              then the 40-step ensemble, fidelity against eager (relative L2 of the final latents, PSNR)
   restart    dynamo reset, then the last variant's warm-up again: the second start, from the inductor cache
 
-A variant is `MODE[+fp8][+cl][+cudnn][:mlperf]`: MODE is a compile choice (off, default,
+A variant is `MODE[+fp8][+cl][+cudnn][+attn-BACKEND][:mlperf]`: MODE is a compile choice (off, default,
 reduce-overhead, max-autotune-no-cudagraphs); +fp8 fp8 transformer linears (engine/fp8.py); +cl channels_last;
-+cudnn cudnn.benchmark (IMAGESMITH_CUDNN_BENCHMARK; off unless named here); `:mlperf`
++cudnn cudnn.benchmark (IMAGESMITH_CUDNN_BENCHMARK; off unless named here); +attn-cudnn (or -flash,
+-efficient) the attention kernel tried first (IMAGESMITH_ATTENTION_BACKEND; torch's order unless named); `:mlperf`
 measures the MLPerf setting instead of the ensemble (base UNet and VAE only; warm-up at batch 1 then the
 largest batch, as the service's warm-up does).
 
@@ -53,15 +54,20 @@ class Variant:
     channels_last: bool
     cudnn_benchmark: bool
     mlperf: bool
+    attention: str = "auto"
 
     @classmethod
     def parse(cls, spec: str) -> Variant:
         body, _, kind = spec.partition(":")
         mode, *flags = body.split("+")
-        unknown = set(flags) - {"fp8", "cl", "cudnn"}
-        if unknown or kind not in ("", "mlperf"):
-            raise SystemExit(f"variant {spec!r}: flags are +fp8 +cl +cudnn and the suffix :mlperf")
-        return cls(spec, mode, "fp8" in flags, "cl" in flags, "cudnn" in flags, kind == "mlperf")
+        attention = [flag.removeprefix("attn-") for flag in flags if flag.startswith("attn-")]
+        unknown = set(flags) - {"fp8", "cl", "cudnn", "attn-flash", "attn-efficient", "attn-cudnn"}
+        if unknown or kind not in ("", "mlperf") or len(attention) > 1:
+            raise SystemExit(
+                f"variant {spec!r}: flags are +fp8 +cl +cudnn, one of +attn-flash +attn-efficient "
+                "+attn-cudnn, and the suffix :mlperf"
+            )
+        return cls(spec, mode, "fp8" in flags, "cl" in flags, "cudnn" in flags, kind == "mlperf", *attention)
 
 
 class Run:
@@ -221,7 +227,7 @@ def main() -> None:
         run.phase("peer", 60, peer)
         release_memory()
 
-    def new_engine(with_refiner: bool = True) -> Any:
+    def new_engine(with_refiner: bool = True, engine_plan: Any = plan) -> Any:
         components = build_components(arch, device)
         components.to(plan.dtype, plan.vae_dtype)
         base, refiner = build_pipelines(components)
@@ -229,7 +235,7 @@ def main() -> None:
         models = LoadedModels(
             base, refiner if with_refiner else None, None, ModelSources("random-full", "random-full", None)
         )
-        return Engine(models, plan)
+        return Engine(models, engine_plan)
 
     reference: dict[str, Any] = {}
 
@@ -285,7 +291,6 @@ def main() -> None:
     def measure(variant: Variant) -> None:
         torch._dynamo.reset()  # the previous variant's graphs (and CUDA graph pools) go
         torch.backends.cudnn.benchmark = False  # the setting below switches it on where named
-        engine = new_engine(with_refiner=not variant.mlperf)
         settings = Settings(
             data_dir=run.out / "data",
             compile_cache_dir=Path(args.cache_dir) if args.cache_dir else None,
@@ -293,13 +298,16 @@ def main() -> None:
             fp8=variant.fp8,
             channels_last=variant.channels_last,
             cudnn_benchmark=variant.cudnn_benchmark,
+            attention_backend=variant.attention,
         )
-        # The plan decides fp8 (row-wise or per-tensor), so it is made from this variant's settings.
+        # The plan decides fp8 (row-wise or per-tensor) and the attention kernel, so it is made from this
+        # variant's settings, and the engine runs with it.
         variant_plan = plan_hardware(probe_device(device), settings)
+        engine = new_engine(with_refiner=not variant.mlperf, engine_plan=variant_plan)
         levers = apply_speed_levers(engine.models.base, engine.models.refiner, variant_plan, settings)
         if variant.fp8 != any(lever.startswith("fp8") for lever in levers):
             raise RuntimeError(f"{variant.spec}: levers applied were {levers}")
-        row: dict[str, Any] = {"levers": levers}
+        row: dict[str, Any] = {"levers": levers, "attention": variant_plan.attention}
         run.results["variants"][variant.spec] = row
         sync()
         if variant.mlperf:

@@ -62,6 +62,16 @@ class CompileChoice(StrEnum):
     MAX_AUTOTUNE_NO_CUDAGRAPHS = "max-autotune-no-cudagraphs"
 
 
+class AttentionBackendChoice(StrEnum):
+    """The fused kernel scaled_dot_product_attention tries first (engine/attention.py). 'auto' keeps torch's
+    own order, which on CUDA puts flash first and cuDNN last."""
+
+    AUTO = "auto"
+    FLASH = "flash"
+    EFFICIENT = "efficient"
+    CUDNN = "cudnn"
+
+
 def comma_list(text: str) -> list[str]:
     """'a, b,,c ' -> ['a', 'b', 'c']: how every list-valued setting is written in the environment."""
     return [part.strip() for part in text.split(",") if part.strip()]
@@ -154,6 +164,11 @@ class Settings(BaseSettings):
         None, description="Compiled kernels; default DATA_DIR/compile-cache."
     )
     channels_last: bool = Field(False, description="NHWC memory layout for the UNets.")
+    attention_backend: AttentionBackendChoice = Field(
+        AttentionBackendChoice.AUTO,
+        description="Attention kernel tried first on a CUDA GPU: auto (torch's order), flash, efficient or "
+        "cudnn (exact, each within bf16 rounding).",
+    )
     cudnn_benchmark: bool | None = Field(
         None,
         description="cuDNN times its convolution algorithms per shape and keeps the fastest (exact). "

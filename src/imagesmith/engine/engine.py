@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from imagesmith.config import Settings
+from imagesmith.engine.attention import attention_priority
 from imagesmith.engine.decode import decode_latents
 from imagesmith.engine.fast import apply_speed_levers
 from imagesmith.engine.hardware import HardwarePlan, needs_tiling, plan_hardware, probe_device
@@ -168,7 +169,7 @@ class Engine:
                 BatchMember(request, seeds, slice(row, row + len(seeds)), item.on_progress, item.cancel)
             )
             row += len(seeds)
-        with self._lock:
+        with self._lock, attention_priority(self.plan.attention):
             try:
                 return self._generate_locked(StageRun(members=members, prompt_cache=self.prompt_cache))
             except GenerationCanceled as canceled:

@@ -101,6 +101,8 @@ def apply_speed_levers(base: Any, refiner: Any | None, plan: HardwarePlan, setti
     if cudnn_benchmark_wanted(settings, plan):
         torch.backends.cudnn.benchmark = True  # process-wide: the service runs one engine
         applied.append("cudnn.benchmark")
+    if plan.attention != "auto":  # entered around each generation by the engine (engine/attention.py)
+        applied.append(f"attention: {plan.attention} first")
     if plan.fp8 is not None:  # decided, with its reason, by the hardware plan
         rowwise = plan.fp8 == "row-wise"
         converted = sum(quantize_transformer_linears(unet, rowwise) for unet in unets)

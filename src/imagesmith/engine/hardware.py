@@ -28,7 +28,13 @@ from dataclasses import dataclass
 
 import torch
 
-from imagesmith.config import OffloadChoice, PrecisionChoice, Settings, VaeTilingChoice
+from imagesmith.config import (
+    AttentionBackendChoice,
+    OffloadChoice,
+    PrecisionChoice,
+    Settings,
+    VaeTilingChoice,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +73,7 @@ class HardwarePlan:
     reasons: tuple[str, ...]
     fp8: str | None = None  # "row-wise" or "per-tensor" scales for fp8 linears (engine/fp8.py); None: off
     fp8_asked: bool = False  # the settings asked for fp8 (fp8 may still be None: skipped, with a reason)
+    attention: str = "auto"  # the attention kernel tried first (engine/attention.py); "auto": torch's order
 
     @property
     def dtype(self) -> torch.dtype:
@@ -176,6 +183,18 @@ def _choose_fp8(device: DeviceInfo, settings: Settings, offload: str, reasons: l
     return scaling
 
 
+def _choose_attention(device: DeviceInfo, settings: Settings, reasons: list[str]) -> str:
+    """The backends differ on CUDA only; elsewhere torch has one attention path, so a choice is ignored."""
+    choice = settings.attention_backend
+    if choice is AttentionBackendChoice.AUTO:
+        return "auto"
+    if device.kind != "cuda":
+        reasons.append(f"attention backend {choice.value} ignored: {device.kind} has one attention path")
+        return "auto"
+    reasons.append(f"attention: {choice.value} first, from settings")
+    return choice.value
+
+
 def plan_hardware(device: DeviceInfo, settings: Settings) -> HardwarePlan:
     reasons: list[str] = [
         f"{device.name}" + (f", {device.total_memory_gib:.0f} GiB" if device.total_memory_gib else "")
@@ -189,6 +208,7 @@ def plan_hardware(device: DeviceInfo, settings: Settings) -> HardwarePlan:
     if offload == "sequential" and tiling:
         reasons.append("VAE tiling: decode in tiles to stay small")
     fp8 = _choose_fp8(device, settings, offload, reasons)
+    attention = _choose_attention(device, settings, reasons)
     return HardwarePlan(
         device=device.torch_device,
         dtype_name=dtype,
@@ -198,6 +218,7 @@ def plan_hardware(device: DeviceInfo, settings: Settings) -> HardwarePlan:
         reasons=tuple(reasons),
         fp8=fp8,
         fp8_asked=settings.fp8,
+        attention=attention,
     )
 
 

@@ -1,0 +1,245 @@
+"""Which scaled-dot-product-attention backend runs SDXL's attention fastest, and how much of a UNet call it is.
+
+1. Records every `F.scaled_dot_product_attention` call of one base and one refiner UNet call at 1024x1024
+   (shapes and counts; batch 2 is the ensemble with guidance, batch 16 the MLPerf setting at 8 images).
+2. Times each distinct shape with each fused backend (flash, efficient, cudnn) and sums them per UNet call:
+   the attention milliseconds each backend would spend, with its largest difference from flash's output.
+3. Profiles one eager UNet call per backend and splits the GPU kernel time into attention, GEMM, convolution
+   and the rest, so the attention share is measured rather than guessed.
+
+Usage:  PYTHONPATH=src python benchmarks/attention_backends.py --out DIR [--batches 2,16] [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import Counter
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sdxl_random import UNET_KEY, architecture
+
+BACKENDS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+}
+Shape = tuple[tuple[int, ...], tuple[int, ...]]  # (query shape, key shape)
+
+
+def record_attention_shapes(unet: Any, inputs: dict[str, Any]) -> Counter[Shape]:
+    """Run the UNet once with scaled_dot_product_attention wrapped, counting (q, k) shapes."""
+    seen: Counter[Shape] = Counter()
+    original = F.scaled_dot_product_attention
+
+    def recording(query: torch.Tensor, key: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        seen[(tuple(query.shape), tuple(key.shape))] += 1
+        return original(query, key, *args, **kwargs)
+
+    F.scaled_dot_product_attention = recording  # type: ignore[assignment]
+    try:
+        with torch.no_grad():
+            unet(**inputs)
+    finally:
+        F.scaled_dot_product_attention = original  # type: ignore[assignment]
+    return seen
+
+
+def time_ms(fn: Any, runs: int, cuda: bool) -> float:
+    """Median milliseconds of `fn`, timed with CUDA events on a GPU (kernel time, no launch gaps)."""
+    fn()
+    times = []
+    for _ in range(runs):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            began = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - began) * 1000)
+    return sorted(times)[len(times) // 2]
+
+
+def attention_flop(shape: Shape) -> float:
+    (batch, heads, queries, dim), (_, _, keys, _) = shape
+    return 4.0 * batch * heads * queries * keys * dim  # QK^T and PV, 2 flop per multiply-add
+
+
+def time_backends(shapes: Counter[Shape], dtype: torch.dtype, device: str, runs: int) -> dict[str, Any]:
+    cuda = device.startswith("cuda")
+    rows: list[dict[str, Any]] = []
+    totals: dict[str, float] = {}
+    for shape, count in sorted(shapes.items(), key=lambda item: -attention_flop(item[0]) * item[1]):
+        q_shape, k_shape = shape
+        query = torch.randn(q_shape, device=device, dtype=dtype)
+        key = torch.randn(k_shape, device=device, dtype=dtype)
+        value = torch.randn(k_shape, device=device, dtype=dtype)
+        reference = F.scaled_dot_product_attention(query, key, value)
+        row: dict[str, Any] = {"q": q_shape, "k": k_shape, "calls_per_unet": count}
+        for name, backend in BACKENDS.items():
+            try:
+                with sdpa_kernel(backend) if cuda else nullcontext():
+                    out = F.scaled_dot_product_attention(query, key, value)
+                    ms = time_ms(
+                        lambda q=query, k=key, v=value: F.scaled_dot_product_attention(q, k, v), runs, cuda
+                    )
+                row[name] = {
+                    "ms": ms,
+                    "tflops": attention_flop(shape) / ms / 1e9,
+                    "max_abs_diff_vs_default": float((out.float() - reference.float()).abs().max()),
+                }
+                totals[name] = totals.get(name, 0.0) + ms * count
+            except RuntimeError as error:  # the backend does not support this shape or device
+                row[name] = {"unsupported": str(error).splitlines()[0][:200]}
+                totals[name] = float("nan")
+        rows.append(row)
+    return {"shapes": rows, "attention_ms_per_unet_call": totals}
+
+
+def kind_of(kernel: str) -> str:
+    name = kernel.lower()
+    if any(word in name for word in ("flash", "fmha", "attention", "sdpa", "attn")):
+        return "attention"
+    if any(word in name for word in ("conv", "fprop", "implicit", "dgrad", "winograd")):
+        return "convolution"
+    if any(word in name for word in ("gemm", "nvjet", "cutlass", "matmul", "xmma")):
+        return "gemm"
+    return "other"
+
+
+def profile_unet(unet: Any, inputs: dict[str, Any], backend: SDPBackend) -> dict[str, Any]:
+    """GPU kernel time of one eager UNet call, by kind, and the ten longest kernels."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), sdpa_kernel([backend, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        unet(**inputs)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            unet(**inputs)
+            torch.cuda.synchronize()
+    by_kind: Counter[str] = Counter()
+    kernels: Counter[str] = Counter()
+    for event in prof.key_averages():
+        if event.device_type != DeviceType.CUDA:
+            continue
+        us = float(event.self_device_time_total)
+        by_kind[kind_of(event.key)] += us
+        kernels[event.key[:110]] += us
+    total = sum(by_kind.values())
+    return {
+        "kernel_ms": total / 1000,
+        "by_kind_ms": {kind: us / 1000 for kind, us in by_kind.most_common()},
+        "by_kind_share": {kind: us / total for kind, us in by_kind.most_common()} if total else {},
+        "top_kernels_ms": [(name, us / 1000) for name, us in kernels.most_common(10)],
+    }
+
+
+def unet_inputs(unet: Any, batch: int, latent: int, device: str, dtype: torch.dtype) -> dict[str, Any]:
+    """What the SDXL pipelines pass: text embeddings of 77 tokens and the added time/text conditioning."""
+    config = unet.config
+    time_ids = (
+        6 if config.addition_time_embed_dim * 6 + 1280 == config.projection_class_embeddings_input_dim else 5
+    )
+    pooled = config.projection_class_embeddings_input_dim - time_ids * config.addition_time_embed_dim
+    return {
+        "sample": torch.randn(batch, config.in_channels, latent, latent, device=device, dtype=dtype),
+        "timestep": torch.tensor(500.0, device=device),
+        "encoder_hidden_states": torch.randn(
+            batch, 77, config.cross_attention_dim, device=device, dtype=dtype
+        ),
+        "added_cond_kwargs": {
+            "text_embeds": torch.randn(batch, pooled, device=device, dtype=dtype),
+            "time_ids": torch.randn(batch, time_ids, device=device, dtype=dtype),
+        },
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", default=os.environ.get("OUT", "attention-out"))
+    parser.add_argument("--batches", default="2,16")
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--smoke", action="store_true", help="toy sizes on the CPU, to prove the code path")
+    args = parser.parse_args()
+    from diffusers import UNet2DConditionModel
+
+    device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
+    cuda = device == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    arch = architecture("smoke" if args.smoke else "full")
+    latent = 8 if args.smoke else 128
+    results: dict[str, Any] = {
+        "versions": {
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version(),
+            "gpu": torch.cuda.get_device_name() if cuda else "cpu",
+            "diffusers": __import__("diffusers").__version__,
+        },
+        "default_priority": [SDPBackend(int(b)).name for b in torch._C._get_sdp_priority_order()],
+        "unets": {},
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for role in ("base", "refiner"):
+        torch.manual_seed(0)
+        with torch.device(device):
+            unet = UNet2DConditionModel(**arch[role][UNET_KEY]).eval().requires_grad_(False).to(dtype)
+        for batch in (int(b) for b in args.batches.split(",")):
+            inputs = unet_inputs(unet, batch, latent, device, dtype)
+            shapes = record_attention_shapes(unet, inputs)
+            row: dict[str, Any] = time_backends(shapes, dtype, device, args.runs)
+            if cuda:
+                row["profile"] = {}
+                for name, backend in BACKENDS.items():
+                    try:
+                        row["profile"][name] = profile_unet(unet, inputs, backend)
+                    except RuntimeError as error:
+                        row["profile"][name] = {"error": str(error)[:300]}
+            results["unets"][f"{role} batch {batch}"] = row
+            print(
+                f"{role} batch {batch}: attention ms per UNet call {row['attention_ms_per_unet_call']}",
+                flush=True,
+            )
+            (out / "attention_backends.json").write_text(json.dumps(results, indent=1, default=str))
+        del unet
+        if cuda:
+            torch.cuda.empty_cache()
+    print(f"default priority: {results['default_priority']}")
+    print(
+        "| UNet call | backend | attention ms (micro) | profiled kernel ms | attention | gemm | conv | other |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for label, row in results["unets"].items():
+        for name in BACKENDS:
+            prof = row.get("profile", {}).get(name, {})
+            kinds = prof.get("by_kind_ms", {})
+            print(
+                f"| {label} | {name} | {row['attention_ms_per_unet_call'].get(name, float('nan')):.2f} | "
+                f"{prof.get('kernel_ms', float('nan')):.2f} | "
+                + " | ".join(
+                    f"{kinds.get(k, 0.0):.2f}" for k in ("attention", "gemm", "convolution", "other")
+                )
+                + " |"
+            )
+
+
+if __name__ == "__main__":
+    main()
