@@ -89,6 +89,8 @@ def time_backends(shapes: Counter[Shape], dtype: torch.dtype, device: str, runs:
         key = torch.randn(k_shape, device=device, dtype=dtype)
         value = torch.randn(k_shape, device=device, dtype=dtype)
         reference = F.scaled_dot_product_attention(query, key, value)
+        # The reference is torch's default choice: a backend with difference 0.0 on every shape is the one
+        # torch picks by itself.
         row: dict[str, Any] = {"q": q_shape, "k": k_shape, "calls_per_unet": count}
         for name, backend in BACKENDS.items():
             try:
@@ -126,7 +128,11 @@ def profile_unet(unet: Any, inputs: dict[str, Any], backend: SDPBackend) -> dict
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    with torch.no_grad(), sdpa_kernel([backend, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+    order = [
+        backend,
+        *(b for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION) if b != backend),
+    ]
+    with torch.no_grad(), sdpa_kernel([*order, SDPBackend.MATH], set_priority=True):
         unet(**inputs)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -147,6 +153,30 @@ def profile_unet(unet: Any, inputs: dict[str, Any], backend: SDPBackend) -> dict
         "by_kind_share": {kind: us / total for kind, us in by_kind.most_common()} if total else {},
         "top_kernels_ms": [(name, us / 1000) for name, us in kernels.most_common(10)],
     }
+
+
+def profile_compiled(
+    unet: Any, inputs: dict[str, Any], backend: SDPBackend, cache: Path, mode: str
+) -> dict[str, Any]:
+    """As profile_unet, for the UNet compiled while `backend` is first. Each backend gets its own inductor
+    cache: the AOTAutograd cache keys on the traced graph, where attention is still one SDPA call, so a
+    shared cache would hand the second backend the first one's kernels."""
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
+    torch._dynamo.reset()
+    order = [
+        backend,
+        *(b for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION) if b != backend),
+    ]
+    compiled = torch.compile(unet, fullgraph=True, mode=None if mode == "default" else mode)
+    began = time.perf_counter()
+    with torch.no_grad(), sdpa_kernel([*order, SDPBackend.MATH], set_priority=True):
+        for _ in range(3):  # compile; with CUDA graphs also their warm-up and recording
+            compiled(**inputs)
+        torch.cuda.synchronize()
+        compile_s = time.perf_counter() - began
+        gpu_ms = time_ms(lambda: compiled(**inputs), 10, True)
+    row = profile_unet(compiled, inputs, backend)
+    return {**row, "compile_s": compile_s, "event_timed_ms": gpu_ms}
 
 
 def unet_inputs(unet: Any, batch: int, latent: int, device: str, dtype: torch.dtype) -> dict[str, Any]:
@@ -177,6 +207,16 @@ def main() -> None:
     parser.add_argument("--batches", default="2,16")
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--smoke", action="store_true", help="toy sizes on the CPU, to prove the code path")
+    parser.add_argument("--roles", default="base,refiner")
+    parser.add_argument(
+        "--fused-qkv", action="store_true", help="fuse Q, K, V as the engine does with compile"
+    )
+    parser.add_argument(
+        "--compiled",
+        action="store_true",
+        help="also profile the UNet compiled (mode default, fullgraph), one fresh inductor cache per backend",
+    )
+    parser.add_argument("--compile-mode", default="default", help="torch.compile mode for --compiled")
     args = parser.parse_args()
     from diffusers import UNet2DConditionModel
 
@@ -193,15 +233,22 @@ def main() -> None:
             "gpu": torch.cuda.get_device_name() if cuda else "cpu",
             "diffusers": __import__("diffusers").__version__,
         },
-        "default_priority": [SDPBackend(int(b)).name for b in torch._C._get_sdp_priority_order()],
         "unets": {},
     }
+    # torch settles its default order at the first attention call (cuDNN first on Hopper with cuDNN 9.15+),
+    # so it is read after one; before, it reports the static order with flash first.
+    probe = torch.randn(1, 1, 64, 64, device=device, dtype=dtype)
+    F.scaled_dot_product_attention(probe, probe, probe)
+    results["default_priority"] = [SDPBackend(int(b)).name for b in torch._C._get_sdp_priority_order()]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for role in ("base", "refiner"):
+    results["fused_qkv"], results["compile_mode"] = args.fused_qkv, args.compile_mode
+    for role in args.roles.split(","):
         torch.manual_seed(0)
         with torch.device(device):
             unet = UNet2DConditionModel(**arch[role][UNET_KEY]).eval().requires_grad_(False).to(dtype)
+        if args.fused_qkv:
+            unet.fuse_qkv_projections()
         for batch in (int(b) for b in args.batches.split(",")):
             inputs = unet_inputs(unet, batch, latent, device, dtype)
             shapes = record_attention_shapes(unet, inputs)
@@ -213,6 +260,14 @@ def main() -> None:
                         row["profile"][name] = profile_unet(unet, inputs, backend)
                     except RuntimeError as error:
                         row["profile"][name] = {"error": str(error)[:300]}
+                if args.compiled:
+                    row["compiled_profile"] = {
+                        name: profile_compiled(
+                            unet, inputs, backend, out / f"inductor-{role}-{batch}-{name}", args.compile_mode
+                        )
+                        for name, backend in BACKENDS.items()
+                        if name != "efficient"
+                    }
             results["unets"][f"{role} batch {batch}"] = row
             print(
                 f"{role} batch {batch}: attention ms per UNet call {row['attention_ms_per_unet_call']}",
@@ -223,6 +278,21 @@ def main() -> None:
         if cuda:
             torch.cuda.empty_cache()
     print(f"default priority: {results['default_priority']}")
+    for label, row in results["unets"].items():
+        same = [
+            name
+            for name in BACKENDS
+            if all(shape.get(name, {}).get("max_abs_diff_vs_default") == 0.0 for shape in row["shapes"])
+        ]
+        print(f"{label}: bit-identical to torch's default on every shape: {same or 'none'}")
+    for label, row in results["unets"].items():
+        for name, prof in row.get("compiled_profile", {}).items():
+            kinds = prof.get("by_kind_ms", {})
+            print(
+                f"compiled {label} {name}: {prof.get('event_timed_ms', float('nan')):.2f} ms per call "
+                f"(compile {prof.get('compile_s', 0):.0f}s); kernels "
+                + ", ".join(f"{k} {v:.2f}" for k, v in kinds.items())
+            )
     print(
         "| UNet call | backend | attention ms (micro) | profiled kernel ms | attention | gemm | conv | other |"
     )

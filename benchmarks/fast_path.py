@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import itertools
 import json
 import os
 import statistics
@@ -137,6 +138,38 @@ def psnr(image: np.ndarray, reference: np.ndarray) -> float:
     return 10 * float(np.log10(255**2 / mse)) if mse else float("inf")
 
 
+def profile_generation(engine: Any, request: Any) -> dict[str, Any]:
+    """One generation under the profiler: wall time, the GPU kernel time by kind (kernels inside CUDA graphs
+    are recorded too), and when the CPU finished queueing each base step. If the kernels add up to much less
+    than the wall time, the GPU waited on the host."""
+    from attention_backends import kind_of
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    queued: list[float] = []
+    sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        began = time.perf_counter()
+        engine.generate(request, on_progress=lambda event: queued.append(time.perf_counter() - began))
+        sync()
+        wall = time.perf_counter() - began
+    by_kind: dict[str, float] = {}
+    kernels: dict[str, float] = {}
+    for event in prof.key_averages():
+        if event.device_type == DeviceType.CUDA:
+            ms = float(event.self_device_time_total) / 1000
+            by_kind[kind_of(event.key)] = by_kind.get(kind_of(event.key), 0.0) + ms
+            kernels[event.key[:90]] = kernels.get(event.key[:90], 0.0) + ms
+    step_gaps = [round((b - a) * 1000, 1) for a, b in itertools.pairwise(queued)]
+    return {
+        "wall_ms": wall * 1000,
+        "kernel_ms": sum(by_kind.values()),
+        "by_kind_ms": {kind: round(ms, 1) for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+        "top_kernels_ms": sorted(kernels.items(), key=lambda kv: -kv[1])[:8],
+        "cpu_ms_between_step_callbacks": step_gaps,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -149,6 +182,15 @@ def main() -> None:
     parser.add_argument("--variants", default="default")
     parser.add_argument("--mlperf-batches", default="")
     parser.add_argument("--cache-dir", default="", help="inductor cache (default OUT/data/compile-cache)")
+    parser.add_argument(
+        "--prompt-cache",
+        action="store_true",
+        help="keep the engine's prompt-embedding cache on; off by default because every timed run repeats one "
+        "prompt, so the cache would skip the text encoders that the peer runs each time (runs 6-23 had it on)",
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="profile one ensemble per variant: GPU kernel time by kind"
+    )
     parser.add_argument(
         "--compile-needs-s", type=float, default=240, help="budget a variant needs (a cold compile)"
     )
@@ -235,7 +277,7 @@ def main() -> None:
         models = LoadedModels(
             base, refiner if with_refiner else None, None, ModelSources("random-full", "random-full", None)
         )
-        return Engine(models, engine_plan)
+        return Engine(models, engine_plan, prompt_cache_size=64 if args.prompt_cache else 0)
 
     reference: dict[str, Any] = {}
 
@@ -320,6 +362,9 @@ def main() -> None:
             row.update(timed(lambda: engine.generate(ensemble_request()), args.runs))
             row["peak_gib"] = peak_gib()
             row["stages"] = stages_of(engine.generate(ensemble_request()))
+            if args.profile:
+                row["profile"] = profile_generation(engine, ensemble_request())
+                run.log(f"{variant.spec}: profile {row['profile']}")
             if "latents" in reference:
                 latents, image = final_latents_of(engine, ensemble_request())
                 rel_l2 = float((latents - reference["latents"]).norm() / reference["latents"].norm())

@@ -64,7 +64,7 @@ class CompileChoice(StrEnum):
 
 class AttentionBackendChoice(StrEnum):
     """The fused kernel scaled_dot_product_attention tries first (engine/attention.py). 'auto' keeps torch's
-    own order, which on CUDA puts flash first and cuDNN last."""
+    own choice, which depends on the torch and cuDNN build (cuDNN's kernel on Hopper with cuDNN 9.15+)."""
 
     AUTO = "auto"
     FLASH = "flash"
@@ -161,12 +161,13 @@ class Settings(BaseSettings):
     )
     compile: CompileChoice = Field(CompileChoice.OFF, description="torch.compile the UNets and VAE decoder.")
     compile_cache_dir: Path | None = Field(
-        None, description="Compiled kernels; default DATA_DIR/compile-cache."
+        None,
+        description="Compiled kernels; default DATA_DIR/compile-cache (one subfolder per attention backend).",
     )
     channels_last: bool = Field(False, description="NHWC memory layout for the UNets.")
     attention_backend: AttentionBackendChoice = Field(
         AttentionBackendChoice.AUTO,
-        description="Attention kernel tried first on a CUDA GPU: auto (torch's order), flash, efficient or "
+        description="Attention kernel tried first on a CUDA GPU: auto (torch's choice), flash, efficient or "
         "cudnn (exact, each within bf16 rounding).",
     )
     cudnn_benchmark: bool | None = Field(

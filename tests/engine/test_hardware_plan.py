@@ -98,3 +98,13 @@ def test_fp8_scales_follow_the_card_and_need_resident_weights() -> None:
     assert plan(CPU, fp8=True).fp8 == "row-wise"  # emulated, for tests; said so in the reasons
     with pytest.raises(RuntimeError, match=r"compute capability 8\.9\+"):
         plan(V100_32GB, fp8=True)
+
+
+def test_attention_backend_is_chosen_on_cuda_and_ignored_elsewhere_with_a_reason() -> None:
+    assert plan(H100).attention == "auto"
+    chosen = plan(H100, attention_backend="cudnn")
+    assert chosen.attention == "cudnn"
+    assert any("attention: cudnn first" in reason for reason in chosen.reasons)
+    on_cpu = plan(CPU, attention_backend="flash")
+    assert on_cpu.attention == "auto"
+    assert any("attention backend flash ignored" in reason for reason in on_cpu.reasons)

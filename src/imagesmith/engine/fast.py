@@ -42,6 +42,14 @@ def use_persistent_compile_cache(cache: Path) -> Path:
     return cache
 
 
+def compile_cache_for(settings: Settings, plan: HardwarePlan) -> Path:
+    """One inductor cache per attention choice. The traced graph holds one scaled_dot_product_attention call
+    whichever kernel runs it, and inductor's AOTAutograd cache keys on that graph: a shared cache handed a
+    restart with another IMAGESMITH_ATTENTION_BACKEND the kernels compiled for the old one (seen in run 20)."""
+    root = settings.compile_cache_dir or settings.data_dir / "compile-cache"
+    return root / f"attention-{plan.attention}"
+
+
 def _drop_unfused_projections(model: Any) -> int:
     """diffusers keeps to_q/to_k/to_v beside the fused copies (to undo the fusion): 1.8 GiB for SDXL, measured.
     The fused processor reads to_qkv for self-attention and to_q + to_kv for cross-attention; drop the rest."""
@@ -114,7 +122,7 @@ def apply_speed_levers(base: Any, refiner: Any | None, plan: HardwarePlan, setti
                 "compile=%s skipped: it needs offload=none (plan: %s)", settings.compile.value, plan.offload
             )
         else:
-            use_persistent_compile_cache(settings.compile_cache_dir or settings.data_dir / "compile-cache")
+            use_persistent_compile_cache(compile_cache_for(settings, plan))
             mode = None if settings.compile is CompileChoice.DEFAULT else settings.compile.value
             for unet in unets:
                 unet.compile(fullgraph=True, mode=mode)
