@@ -14,6 +14,7 @@ from imagesmith.schemas import OutputFormat
 from imagesmith.sources.attribution import read_attribution, read_exif_credit
 from imagesmith.sources.errors import (
     NoStockResults,
+    PexelsAuthError,
     PexelsNotConfigured,
     PexelsQuotaExhausted,
 )
@@ -190,3 +191,16 @@ async def test_default_allowed_hosts_refuse_the_stand_in(standin: StandIn, tmp_p
         with pytest.raises(NoStockResults, match="not in pexels_allowed_hosts"):
             await source.fetch(StockRequest(title="lake", width=600, height=400))
     assert standin.image_calls == 0  # refused before any request was sent
+
+
+async def test_a_failed_search_shows_in_status_until_pexels_answers_again(
+    standin: StandIn, settings: Settings
+) -> None:
+    """The job path searches before it fetches; a failure there must reach health like a failed fetch."""
+    standin.api_script = ["401"]
+    async with source_for(settings) as source:
+        with pytest.raises(PexelsAuthError):
+            await source.search(StockRequest(title="lake", width=600, height=400))
+        assert source.status().last_error and "refused the API key" in source.status().last_error
+        await source.search(StockRequest(title="forest", width=600, height=400))
+        assert source.status().last_error is None

@@ -33,11 +33,9 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from imagesmith.sources.errors import (
     PexelsAuthError,
     PexelsBadResponse,
-    PexelsError,
     PexelsNotConfigured,
     PexelsNotFound,
     PexelsQuotaExhausted,
-    PexelsUnavailable,
 )
 from imagesmith.sources.retry import Retryable, is_retryable_status, with_retries
 
@@ -46,7 +44,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 _M = TypeVar("_M", bound=BaseModel)
-_E = TypeVar("_E", bound=PexelsError)
 
 MAX_PER_PAGE = 80  # the API's own ceiling
 
@@ -231,7 +228,6 @@ class PexelsClient:
         self._sleep = sleep
         self._owns_http = http is None
         self._http = http or httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), follow_redirects=False)
-        self.last_error: str | None = None
 
     @classmethod
     def from_settings(
@@ -313,21 +309,14 @@ class PexelsClient:
         except ValidationError as error:
             first = error.errors()[0]
             where = ".".join(str(part) for part in first["loc"]) or what
-            raise self._fail(
-                PexelsBadResponse(f"Pexels {what} answer has an unexpected shape at {where}: {first['msg']}")
+            raise PexelsBadResponse(
+                f"Pexels {what} answer has an unexpected shape at {where}: {first['msg']}"
             ) from None
-
-    def _fail(self, error: _E) -> _E:
-        self.last_error = f"{type(error).__name__}: {error}"
-        return error
 
     async def _get_json(self, path: str, params: Mapping[str, str | int]) -> Any:
         if self._key is None:
             raise PexelsNotConfigured("no Pexels API key: set IMAGESMITH_PEXELS_API_KEY")
-        try:
-            self.quota.check()
-        except PexelsQuotaExhausted as error:
-            raise self._fail(error) from None
+        self.quota.check()  # raises PexelsQuotaExhausted while a 429 or an empty quota blocks
         url = self.base_url + path
         headers = {"Authorization": self._key.get_secret_value(), "Accept": "application/json"}
 
@@ -341,12 +330,10 @@ class PexelsClient:
                 raise Retryable(f"Pexels {path} answered {response.status_code}")
             return response
 
-        try:
-            response = await with_retries(
-                once, max_retries=self.max_retries, backoff_s=self.backoff_s, sleep=self._sleep
-            )
-        except PexelsUnavailable as error:
-            raise self._fail(error) from None
+        # Raises PexelsUnavailable once the retries are spent.
+        response = await with_retries(
+            once, max_retries=self.max_retries, backoff_s=self.backoff_s, sleep=self._sleep
+        )
         return self._decode(response, path)
 
     def _decode(self, response: httpx.Response, path: str) -> Any:
@@ -354,20 +341,17 @@ class PexelsClient:
         if status == 429:
             retry_after = _retry_after_s(response.headers)
             until = self.quota.block("429 Too Many Requests", retry_after)
-            raise self._fail(PexelsQuotaExhausted.at_epoch(until))
+            raise PexelsQuotaExhausted.at_epoch(until)
         if status in (401, 403):
-            raise self._fail(
-                PexelsAuthError(f"Pexels refused the API key ({status}); check IMAGESMITH_PEXELS_API_KEY")
-            )
+            raise PexelsAuthError(f"Pexels refused the API key ({status}); check IMAGESMITH_PEXELS_API_KEY")
         if status == 404:
-            raise self._fail(PexelsNotFound(f"Pexels has nothing at {path} (404)"))
+            raise PexelsNotFound(f"Pexels has nothing at {path} (404)")
         if status != 200:
-            raise self._fail(PexelsBadResponse(f"Pexels {path} answered {status}"))
+            raise PexelsBadResponse(f"Pexels {path} answered {status}")
         try:
             data = response.json()
         except ValueError:
-            raise self._fail(PexelsBadResponse(f"Pexels {path} answered 200 with malformed JSON")) from None
-        self.last_error = None
+            raise PexelsBadResponse(f"Pexels {path} answered 200 with malformed JSON") from None
         return data
 
 

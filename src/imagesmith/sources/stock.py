@@ -321,9 +321,11 @@ class StockPhotoSource:
                     locale=request.locale or self.locale or None,
                     per_page=self.per_page,
                 )
-            except PexelsError:
+            except PexelsError as error:
                 self._counters["failures"] += 1
+                self._last_error = f"{type(error).__name__}: {error}"
                 raise
+            self._last_error = None  # Pexels answered: an earlier failure is over
             self._counters["api_searches"] += 1
             self.cache.put(key, page)
         else:
@@ -429,7 +431,7 @@ class StockPhotoSource:
             base_url=self.client.base_url,
             quota=quota,
             blocked=quota.blocked_until is not None,
-            last_error=self._last_error or self.client.last_error,
+            last_error=self._last_error,
             cache_entries=len(self.cache),
             **self._counters,
         )
