@@ -70,6 +70,7 @@ def test_doctor_prints_device_plan_and_models(tiny_model_home: Path) -> None:
     assert "device: cpu" in done.stdout
     assert "plan: device=cpu dtype=fp32" in done.stdout
     assert "models: tiny" in done.stdout
+    assert "pexels: not configured" in done.stdout  # the Pexels part, from the same settings
 
 
 def test_doctor_tells_whether_real_models_resolve(tiny_model_home: Path, tmp_path: Path) -> None:

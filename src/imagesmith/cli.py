@@ -258,19 +258,11 @@ def run_doctor(args: argparse.Namespace) -> int:
             print("refiner: none configured (base-only generation)")
         if settings.vae_model:
             print(f"vae: {settings.vae_model}: {describe_source(settings.vae_model, settings)}")
-    _doctor_optional()
-    return 0
+    from imagesmith.sources.cli_search import doctor_lines
 
-
-def _doctor_optional() -> None:
-    import importlib
-
-    try:
-        report = importlib.import_module("imagesmith.sources.cli_search").doctor_lines
-    except (ModuleNotFoundError, AttributeError):
-        return
-    for line in report(get_settings()):
+    for line in doctor_lines(settings):  # the same settings as the lines above
         print(line)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,7 @@ from typing import Any, TextIO
 from imagesmith.config import Settings, get_settings
 from imagesmith.schemas import OutputFormat
 from imagesmith.sources.errors import NoStockResults, PexelsError, PexelsNotConfigured
-from imagesmith.sources.pexels_client import PhotoSize
+from imagesmith.sources.pexels_client import PexelsClient, PhotoSize
 from imagesmith.sources.stock import StockPhotoSource, StockRequest, StockSearch
 
 logger = logging.getLogger(__name__)
@@ -164,14 +164,15 @@ async def _doctor_online(settings: Settings, lines: list[str]) -> PexelsDoctorRe
     quick = settings.model_copy(
         update={"pexels_max_retries": 0, "pexels_timeout_s": min(settings.pexels_timeout_s, DOCTOR_TIMEOUT_S)}
     )
-    async with StockPhotoSource.from_settings(quick) as source:
+    # The API client alone: the check downloads nothing, so the source's downloader and cache are not needed.
+    async with PexelsClient.from_settings(quick) as client:
         try:
-            await source.client.search("nature", per_page=1)
+            await client.search("nature", per_page=1)
         except PexelsNotConfigured as error:
             return PexelsDoctorReport(ok=False, lines=[*lines, f"pexels: {error}"])
         except PexelsError as error:
             return PexelsDoctorReport(ok=False, lines=[*lines, f"pexels: API check failed: {error}"])
-        quota = source.status().quota
+        quota = client.quota.snapshot()
     reset = quota.reset_at.isoformat() if quota.reset_at else "unknown"
     lines.append(f"pexels: API answers; quota {quota.remaining}/{quota.limit} left, resets {reset}")
     return PexelsDoctorReport(ok=True, lines=lines)
