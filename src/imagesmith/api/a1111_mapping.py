@@ -26,22 +26,21 @@ import logging
 import time
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from imagesmith import __version__
+from imagesmith.api.compat_request import generation_from
 from imagesmith.api.errors import ApiError
 from imagesmith.config import Settings
 from imagesmith.engine.output import a1111_parameters, model_label
 from imagesmith.engine.schedulers import A1111_SAMPLER_NAMES
 from imagesmith.schemas import (
     GenerationMetadata,
-    GenerationRequest,
     OutputFormat,
     RefineMode,
     SchedulerName,
-    field_errors,
 )
-from imagesmith.sources.base import ImageRequest, SourceName
+from imagesmith.sources.base import ImageRequest
 
 log = logging.getLogger(__name__)
 
@@ -184,13 +183,8 @@ def to_image_request(body: Txt2ImgRequest, settings: Settings) -> ImageRequest:
         "output_format": OutputFormat.PNG,  # A1111's API answers with PNGs
         **_refinement(body),
     }
-    try:
-        generation = GenerationRequest.model_validate({k: v for k, v in fields.items() if v is not None})
-    except ValidationError as error:
-        first = field_errors(error)[0]
-        field = _FIELDS.get(first.field, first.field)
-        raise ApiError(422, "invalid_request", f"{field}: {first.message}", field) from error
-    return ImageRequest(sources=[SourceName.GENERATE], generation=generation)
+    given = {name: value for name, value in fields.items() if value is not None}
+    return generation_from(given, _FIELDS, 422, "invalid_request")
 
 
 def info(body: Txt2ImgRequest, meta: GenerationMetadata, started_at: float | None) -> str:

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
+from imagesmith.api.compat_request import generation_from
 from imagesmith.api.errors import ApiError
 from imagesmith.config import Settings
-from imagesmith.schemas import ASPECT_SIZES, GenerationRequest, OutputFormat, field_errors
-from imagesmith.sources.base import ImageRequest, SourceName
+from imagesmith.schemas import ASPECT_SIZES, OutputFormat
+from imagesmith.sources.base import ImageRequest
 
 SIZES: dict[str, tuple[int, int]] = {f"{w}x{h}": (w, h) for w, h in ASPECT_SIZES.values()}
 HIGH_QUALITY = ("hd", "high", "xhigh", "max")
@@ -50,8 +51,11 @@ class OpenAIImageRequest(BaseModel):
     stream: bool | None = Field(None, description="Must be false or absent.")
 
 
+INVALID_STATUS, INVALID_CODE = 400, "invalid_value"  # how OpenAI answers a bad parameter
+
+
 def invalid(message: str, param: str) -> ApiError:
-    return ApiError(400, "invalid_value", message, param)
+    return ApiError(INVALID_STATUS, INVALID_CODE, message, param)
 
 
 def _size(size: str | None) -> dict[str, int]:
@@ -96,13 +100,7 @@ def to_image_request(body: OpenAIImageRequest, settings: Settings) -> ImageReque
         "output_format": output_format,
         **_size(body.size),
     }
-    try:
-        generation = GenerationRequest.model_validate(fields)
-    except ValidationError as error:
-        first = field_errors(error)[0]
-        param = _PARAMS.get(first.field, first.field)
-        raise invalid(f"{param}: {first.message}", param) from error
-    return ImageRequest(sources=[SourceName.GENERATE], generation=generation)
+    return generation_from(fields, _PARAMS, INVALID_STATUS, INVALID_CODE)
 
 
 class OpenAIImage(BaseModel):
