@@ -26,7 +26,7 @@ from imagesmith.api.a1111_mapping import (
     to_image_request,
 )
 from imagesmith.api.deps import Authorized, FilesDep, ServiceDep, SettingsDep
-from imagesmith.api.waiting import stored_image_base64, succeeded_result
+from imagesmith.api.waiting import stored_image_base64, submit_and_wait, succeeded_result
 from imagesmith.config import ModelPreset, Settings
 from imagesmith.engine.output import model_label
 from imagesmith.jobs.service import JobService
@@ -84,10 +84,14 @@ async def txt2img(
     files: FilesDep,
     jobs: JobsDep,
 ) -> dict[str, Any]:
-    job, _ = service.submit(to_image_request(body, settings), request.headers.get("idempotency-key"))
-    jobs.add(job.id)
     try:
-        job = await service.wait(job.id, settings.wait_timeout_s)
+        job = await submit_and_wait(
+            service,
+            to_image_request(body, settings),
+            settings.wait_timeout_s,
+            request.headers.get("idempotency-key"),
+            on_submitted=jobs.add,
+        )
     finally:
         jobs.prune(service)
     parameters = body.model_dump()

@@ -7,6 +7,7 @@ submit an ordinary job and wait for it; there is no second generation path.
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from typing import Any
 
 from imagesmith.api.errors import ApiError
@@ -17,10 +18,17 @@ from imagesmith.storage.files import ImageFiles
 
 
 async def submit_and_wait(
-    service: JobService, request: ImageRequest, timeout_s: float, idempotency_key: str | None = None
+    service: JobService,
+    request: ImageRequest,
+    timeout_s: float,
+    idempotency_key: str | None = None,
+    on_submitted: Callable[[str], None] | None = None,
 ) -> JobRecord:
-    """Submit (an Idempotency-Key header makes a retried request wait for the first job) and wait."""
+    """Submit (an Idempotency-Key header makes a retried request wait for the first job) and wait.
+    `on_submitted` hears the job id before the wait begins (A1111's progress and interrupt look for it)."""
     job, _ = service.submit(request, idempotency_key)
+    if on_submitted is not None:
+        on_submitted(job.id)
     return await service.wait(job.id, timeout_s)
 
 
