@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from imagesmith.config import Settings
 from imagesmith.engine import CancelToken, Engine, GenerationCanceled, ProgressEvent
 from imagesmith.engine.engine import draw_seed
 from imagesmith.schemas import GenerationRequest, RefineMode
@@ -233,3 +234,20 @@ def test_planned_steps_match_what_runs(tiny_engine: Engine, scheduler: str, mode
     )
     ran = {s.name: s.steps for s in tiny_engine.generate(request).metadata.stages if s.name != "decode"}
     assert tiny_engine.planned_steps(request) == ran
+
+
+def test_the_base_finish_leaves_a_16_bit_engine_in_its_dtype(tiny_settings: Settings) -> None:
+    """The ensemble's fallback runs the base's own modules under img2img's logic; it must not cast them (the
+    refiner shares the text encoder and VAE). bf16 on the CPU stands in for a GPU's 16-bit plan."""
+    engine = Engine.start(tiny_settings.with_changes(precision="bf16"))
+    assert engine.plan.dtype_name == "bf16"
+    engine.models.refiner = None  # as when none is configured or it failed to load
+    request = GenerationRequest(prompt="a fox", seed=5, **SMALL)
+    for _ in range(2):  # the second request is the one that used to fail, in the decode
+        result = engine.generate(request)
+        assert [stage.name for stage in result.metadata.stages] == ["base", "base_finish", "decode"]
+    base = engine.models.base
+    assert {base.unet.dtype, base.text_encoder.dtype, base.text_encoder_2.dtype, base.vae.dtype} == {
+        torch.bfloat16
+    }
+    assert pixels(result.images[0]).std() > 0

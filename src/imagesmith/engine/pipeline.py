@@ -221,8 +221,15 @@ def finish_with_base(
     """The ensemble's fallback: the base denoises the rest of the schedule, so the picture is complete."""
     from diffusers import StableDiffusionXLImg2ImgPipeline
 
-    # from_pipe shares the base's modules (no copy); only the call logic differs.
-    finisher = StableDiffusionXLImg2ImgPipeline.from_pipe(base, requires_aesthetics_score=False)
+    # The base's own modules (no copy) under img2img's call logic. Built directly, not with from_pipe: diffusers'
+    # from_pipe casts every module to its dtype argument, fp32 when none is given, and these modules are the
+    # base's, shared with the refiner: a bf16 engine would be left half in fp32 (its next decode failed).
+    finisher = StableDiffusionXLImg2ImgPipeline(
+        **base.components,
+        requires_aesthetics_score=False,  # the base is conditioned on sizes, not on an aesthetic score
+        force_zeros_for_empty_prompt=base.config.force_zeros_for_empty_prompt,
+        add_watermarker=False,  # it returns latents; nothing to watermark
+    )
     finisher.set_progress_bar_config(disable=True)
     return run_refiner(finisher, run, generators, latents, RefineMode.ENSEMBLE, stage="base_finish")
 
