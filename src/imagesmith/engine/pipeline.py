@@ -224,7 +224,7 @@ def finish_with_base(
     # The base's own modules (no copy) under img2img's call logic. Built directly, not with from_pipe: diffusers'
     # from_pipe casts every module to its dtype argument, fp32 when none is given, and these modules are the
     # base's, shared with the refiner: a bf16 engine would be left half in fp32 (its next decode failed).
-    finisher = StableDiffusionXLImg2ImgPipeline(
+    finisher: Any = StableDiffusionXLImg2ImgPipeline(
         **base.components,
         requires_aesthetics_score=False,  # the base is conditioned on sizes, not on an aesthetic score
         force_zeros_for_empty_prompt=base.config.force_zeros_for_empty_prompt,
