@@ -251,3 +251,19 @@ def test_the_base_finish_leaves_a_16_bit_engine_in_its_dtype(tiny_settings: Sett
         torch.bfloat16
     }
     assert pixels(result.images[0]).std() > 0
+
+
+def test_a_request_scheduler_choice_does_not_carry_into_the_next_request(tiny_settings: Settings) -> None:
+    """Each request's scheduler is built from the model's loaded config, not from the previous request's
+    scheduler (a Karras request used to leave Karras sigmas on for the next Euler request)."""
+    euler = GenerationRequest(prompt="a fox", seed=5, scheduler="euler", **SMALL)
+    karras = GenerationRequest(prompt="a fox", seed=5, scheduler="dpmpp_2m_karras", **SMALL)
+    fresh = Engine.start(tiny_settings)
+    expected_steps = fresh.planned_steps(euler)
+    expected = pixels(fresh.generate(euler).images[0])
+    used = Engine.start(tiny_settings)
+    used.generate(karras)
+    assert used.planned_steps(euler) == expected_steps
+    result = used.generate(euler)
+    assert [(s.name, s.steps) for s in result.metadata.stages][:2] == list(expected_steps.items())
+    assert np.abs(pixels(result.images[0]) - expected).max() <= 1

@@ -36,6 +36,7 @@ from imagesmith.engine.pipeline import (
 )
 from imagesmith.engine.progress import CancelToken, GenerationCanceled, ProgressCallback
 from imagesmith.engine.prompt_cache import PromptEmbeddingCache
+from imagesmith.engine.schedulers import loaded_scheduler_config
 from imagesmith.schemas import (
     MAX_SEED,
     GenerationMetadata,
@@ -285,7 +286,7 @@ class Engine:
         """Denoising steps per stage as this engine will run them (for step totals and ETAs), computed from
         the scheduler's own timesteps the way diffusers splits them at high_noise_frac."""
         resolved = request.resolve() if isinstance(request, GenerationRequest) else request
-        return planned_stage_steps(resolved, self.models.base.scheduler.config)
+        return planned_stage_steps(resolved, loaded_scheduler_config(self.models.base))
 
     def describe(self) -> dict[str, Any]:
         """For health checks and `doctor`."""

@@ -20,7 +20,7 @@ import torch
 
 from imagesmith.engine.progress import CancelToken, GenerationCanceled, ProgressCallback, ProgressEvent
 from imagesmith.engine.prompt_cache import PromptEmbeddingCache
-from imagesmith.engine.schedulers import make_scheduler
+from imagesmith.engine.schedulers import loaded_scheduler_config, make_scheduler, remember_scheduler_config
 from imagesmith.schemas import RefineMode, ResolvedRequest, StageReport
 
 BatchKey = tuple[object, ...]
@@ -171,7 +171,7 @@ def run_base(
     base: Any, run: StageRun, generators: list[torch.Generator], stop_at: float | None
 ) -> torch.Tensor:
     request = run.request
-    base.scheduler = make_scheduler(request.scheduler, base.scheduler.config)
+    base.scheduler = make_scheduler(request.scheduler, loaded_scheduler_config(base))
     began = time.perf_counter()
     latents = base(
         **_common_args(run, generators, base, "base"),
@@ -196,7 +196,7 @@ def run_refiner(
     """Ensemble: finish the base's schedule from high_noise_frac. img2img: re-noise to refine_strength, denoise."""
     request = run.request
     role = "base" if stage == "base_finish" else "refiner"  # whose text encoders make the embeddings
-    refiner.scheduler = make_scheduler(request.scheduler, refiner.scheduler.config)
+    refiner.scheduler = make_scheduler(request.scheduler, loaded_scheduler_config(refiner))
     if mode is RefineMode.ENSEMBLE:
         stage_args = {
             "num_inference_steps": request.num_inference_steps,
@@ -231,6 +231,7 @@ def finish_with_base(
         add_watermarker=False,  # it returns latents; nothing to watermark
     )
     finisher.set_progress_bar_config(disable=True)
+    remember_scheduler_config(finisher, loaded_scheduler_config(base))
     return run_refiner(finisher, run, generators, latents, RefineMode.ENSEMBLE, stage="base_finish")
 
 

@@ -17,6 +17,27 @@ A1111_SAMPLER_NAMES: dict[SchedulerName, str] = {
 }
 
 
+_LOADED_CONFIG = "_imagesmith_loaded_scheduler_config"
+
+
+def loaded_scheduler_config(pipe: Any) -> Any:
+    """The scheduler config `pipe` was loaded with, remembered the first time it is asked for.
+
+    Every request replaces pipe.scheduler with a fresh one; building it from the current scheduler's config
+    would inherit the previous request's choices (after a Karras request, use_karras_sigmas stayed on for the
+    next Euler request: another image and another step split for the same seed)."""
+    config = getattr(pipe, _LOADED_CONFIG, None)
+    if config is None:
+        config = pipe.scheduler.config
+        setattr(pipe, _LOADED_CONFIG, config)
+    return config
+
+
+def remember_scheduler_config(pipe: Any, config: Any) -> None:
+    """For a pipeline built around another's modules (the base's finisher): use that one's loaded config."""
+    setattr(pipe, _LOADED_CONFIG, config)
+
+
 def make_scheduler(name: SchedulerName, model_config: Any) -> Any:
     """Build `name` from the model's own scheduler config (betas, timestep spacing, prediction type)."""
     from diffusers import (
