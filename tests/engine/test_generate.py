@@ -267,3 +267,18 @@ def test_a_request_scheduler_choice_does_not_carry_into_the_next_request(tiny_se
     result = used.generate(euler)
     assert [(s.name, s.steps) for s in result.metadata.stages][:2] == list(expected_steps.items())
     assert np.abs(pixels(result.images[0]) - expected).max() <= 1
+
+
+def test_each_member_of_a_batch_gives_its_own_reason_for_no_refinement(tiny_engine: Engine) -> None:
+    from imagesmith.engine import BatchItem
+
+    size = {"width": 64, "height": 64, "num_inference_steps": 4, "num_images": 1}
+    requests = [
+        GenerationRequest(prompt="a", seed=1, use_refinement=False, **size),
+        GenerationRequest(prompt="b", seed=2, refine_mode="none", **size),
+        GenerationRequest(prompt="c", seed=3, high_quality=False, **size),
+    ]
+    outcomes = tiny_engine.generate_batch([BatchItem(request) for request in requests])
+    reasons = [outcome.metadata.not_refined_reason for outcome in outcomes]  # type: ignore[union-attr]
+    assert reasons == ["refinement off (use_refinement=false)", "refine_mode none", "high_quality=false"]
+    assert all(outcome.metadata.batch_size == 3 for outcome in outcomes)  # type: ignore[union-attr]

@@ -91,6 +91,14 @@ def generators_for(seeds: list[int]) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
 
 
+def refinement_off_reason(request: ResolvedRequest) -> str:
+    """Why a request ran without the refiner by its own choice. Requests that differ here can share a batch
+    (batch_key holds the resolved refine_mode only), so each member's reason is its own."""
+    if not request.use_refinement:
+        return "refinement off (use_refinement=false)"
+    return "refine_mode none" if request.high_quality else "high_quality=false"
+
+
 class Engine:
     def __init__(self, models: LoadedModels, plan: HardwarePlan, prompt_cache_size: int = 64) -> None:
         self.models = models
@@ -189,15 +197,9 @@ class Engine:
         request = run.request
         base, refiner = self.models.base, self.models.refiner
         mode = request.refine_mode
-        not_refined: str | None = None
+        not_refined: str | None = None  # the batch's reason; with refinement off, each member says its own
         if mode is not RefineMode.NONE and refiner is None:
             not_refined = f"refiner unavailable ({self.refiner_status})"
-        elif mode is RefineMode.NONE:
-            not_refined = (
-                "refinement off (use_refinement=false)"
-                if not request.use_refinement
-                else ("refine_mode none" if request.high_quality else "high_quality=false")
-            )
 
         ensemble = mode is RefineMode.ENSEMBLE
         seeds = run.seeds
@@ -245,7 +247,7 @@ class Engine:
             "generated in %.2fs (%s)%s",
             total_seconds,
             ", ".join(map(str, run.stages)),
-            "" if refined else f"; not refined: {not_refined}",
+            "" if refined else f"; not refined: {not_refined or refinement_off_reason(request)}",
         )
         outcomes: list[GenerationResult | BaseException] = []
         for member in run.members:
@@ -253,11 +255,12 @@ class Engine:
                 outcomes.append(GenerationCanceled("generation canceled"))
                 continue
             rows = range(len(seeds))[member.rows]
+            reason = refinement_off_reason(member.request) if mode is RefineMode.NONE else not_refined
             metadata = GenerationMetadata(
                 request=member.request,
                 refine_mode_ran=mode if refined else RefineMode.NONE,
                 refined=refined,
-                not_refined_reason=None if refined else not_refined,
+                not_refined_reason=None if refined else reason,
                 seeds=member.seeds,
                 stages=run.stages,
                 batch_size=len(seeds),
@@ -271,7 +274,7 @@ class Engine:
                         index=index,
                         seed=member.seeds[index],
                         refined=refined,
-                        not_refined_reason=None if refined else not_refined,
+                        not_refined_reason=None if refined else reason,
                         decoded_in_fp32_retry=fp32_retries[row],
                         width=images[row].width,
                         height=images[row].height,
