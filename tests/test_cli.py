@@ -93,3 +93,20 @@ def test_doctor_tells_whether_real_models_resolve(tiny_model_home: Path, tmp_pat
         "stabilityai/stable-diffusion-xl-base-1.0: hub id, not cached: offline mode, will fail" in done.stdout
     )
     assert "local path that does not exist" in done.stdout
+
+
+def test_a_bad_environment_setting_is_named_as_set_and_exits_2(tiny_model_home: Path) -> None:
+    env = {**os.environ, "IMAGESMITH_DATA_DIR": str(tiny_model_home), "IMAGESMITH_PRECISION": "bf17"}
+    for command in (["doctor"], ["generate", "x", "-o", str(tiny_model_home / "never.png")]):
+        done = subprocess.run(
+            [sys.executable, "-m", "imagesmith.cli", *command],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 2, done.stderr
+        assert (
+            "IMAGESMITH_PRECISION: Input should be 'auto', 'bf16'" in done.stderr and "'bf17'" in done.stderr
+        )
+        assert "Traceback" not in done.stderr

@@ -26,3 +26,19 @@ def test_list_settings_ignore_spaces_and_empty_items(tmp_path: Path) -> None:
 def test_a_bad_size_in_a_list_is_refused_at_start_naming_the_form(tmp_path: Path) -> None:
     with pytest.raises(ValidationError, match="a size looks like 1216x832"):
         Settings(_env_file=None, data_dir=tmp_path, warmup_sizes="1024x1024, 1024")
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "says"),
+    [
+        ("warmup_sizes", "1024x1024,1001x1024", "width must be a multiple of 8"),
+        ("stock_default_size", "4096x4096", "width must be between 64 and 2048"),
+        ("default_height", 1020, "multiple of 8"),
+    ],
+)
+def test_sizes_in_settings_follow_the_request_rules_at_start(
+    tmp_path: Path, setting: str, value: object, says: str
+) -> None:
+    """A size no request could have is refused when the settings load, not at warm-up or on a request."""
+    with pytest.raises(ValidationError, match=says):
+        Settings(_env_file=None, data_dir=tmp_path, **{setting: value})  # type: ignore[arg-type]

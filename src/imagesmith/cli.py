@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from imagesmith import __version__
-from imagesmith.config import ModelPreset, Settings, get_settings
+from imagesmith.config import ModelPreset, Settings, get_settings, settings_error_lines
 from imagesmith.schemas import (
     AspectPreset,
     GenerationRequest,
@@ -277,7 +277,14 @@ def main(argv: list[str] | None = None) -> int:
         # diffusers and transformers talk a lot at INFO; keep our own lines readable.
         for noisy in ("diffusers", "transformers", "httpx", "accelerate"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
-    return int(args.func(args))  # each subparser, optional ones too, sets its func
+    try:
+        return int(args.func(args))  # each subparser, optional ones too, sets its func
+    except ValidationError as error:
+        if error.title != Settings.__name__:  # a request's fields are reported by the command itself
+            raise
+        for line in settings_error_lines(error):
+            print(f"imagesmith: error: {line}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -10,8 +10,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from imagesmith.schemas import check_side
 
 DEFAULT_BASE_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 DEFAULT_REFINER_MODEL = "stabilityai/stable-diffusion-xl-refiner-1.0"
@@ -48,6 +50,9 @@ class VaeTilingChoice(StrEnum):
 class LogFormat(StrEnum):
     TEXT = "text"
     JSON = "json"
+
+
+ENV_PREFIX = "IMAGESMITH_"
 
 
 class CompileChoice(StrEnum):
@@ -90,7 +95,7 @@ def default_data_dir() -> Path:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="IMAGESMITH_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_file=".env", extra="ignore")
 
     model: ModelPreset = Field(
         ModelPreset.SDXL, description="'sdxl' uses base_model/refiner_model; 'tiny' the built-in noise model."
@@ -236,10 +241,18 @@ class Settings(BaseSettings):
     @field_validator("warmup_sizes", "stock_default_size")
     @classmethod
     def _sizes_parse(cls, value: str) -> str:
-        # Checked here, at start-up, so a typo is a clear error now rather than a failure on a request.
+        # Checked here, at start-up, by the same rules as a request's size, so a typo or an odd size is a
+        # clear error now rather than a failed warm-up or a refused request later.
         for part in comma_list(value):
-            parse_size(part)
+            width, height = parse_size(part)
+            check_side("width", width)
+            check_side("height", height)
         return value
+
+    @field_validator("default_width", "default_height")
+    @classmethod
+    def _side_valid(cls, value: int) -> int:
+        return check_side("the size", value)
 
     def warmup_size_list(self) -> list[tuple[int, int]]:
         return [parse_size(part) for part in comma_list(self.warmup_sizes)]
@@ -266,3 +279,13 @@ class Settings(BaseSettings):
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings()
+
+
+def settings_error_lines(error: ValidationError) -> list[str]:
+    """A refused setting, named as the user set it: 'IMAGESMITH_PRECISION: Input should be ...'."""
+    lines = []
+    for item in error.errors():
+        field = str(item["loc"][0]) if item["loc"] else ""
+        name = f"{ENV_PREFIX}{field.upper()}" if field else "settings"
+        lines.append(f"{name}: {item['msg']} (got {item.get('input')!r})")
+    return lines

@@ -81,7 +81,7 @@ ASPECT_SIZES: dict[AspectPreset, tuple[int, int]] = {
 }
 
 
-def _check_side(name: str, value: int) -> int:
+def check_side(name: str, value: int) -> int:
     if not MIN_SIDE <= value <= MAX_SIDE:
         raise ValueError(f"{name} must be between {MIN_SIDE} and {MAX_SIDE} pixels, got {value}")
     if value % 8:
@@ -129,7 +129,7 @@ class GenerationRequest(BaseModel):
     @field_validator("width", "height")
     @classmethod
     def _side_valid(cls, value: int | None, info: Any) -> int | None:
-        return None if value is None else _check_side(info.field_name, value)
+        return None if value is None else check_side(info.field_name, value)
 
     @model_validator(mode="after")
     def _consistent(self) -> GenerationRequest:
