@@ -108,3 +108,11 @@ def test_attention_backend_is_chosen_on_cuda_and_ignored_elsewhere_with_a_reason
     on_cpu = plan(CPU, attention_backend="flash")
     assert on_cpu.attention == "auto"
     assert any("attention backend flash ignored" in reason for reason in on_cpu.reasons)
+
+
+def test_vae_tiling_off_holds_even_for_large_images_under_offload() -> None:
+    tight = plan(RTX3060_12GB)  # model offload
+    assert needs_tiling(tight, 1344, 1024)  # auto: large images tile while weights are offloaded
+    off = plan(RTX3060_12GB, vae_tiling="off")
+    assert off.offload == "model" and not needs_tiling(off, 1344, 1024)
+    assert "vae_tiling=off" in off.summary()
