@@ -282,3 +282,23 @@ def test_each_member_of_a_batch_gives_its_own_reason_for_no_refinement(tiny_engi
     reasons = [outcome.metadata.not_refined_reason for outcome in outcomes]  # type: ignore[union-attr]
     assert reasons == ["refinement off (use_refinement=false)", "refine_mode none", "high_quality=false"]
     assert all(outcome.metadata.batch_size == 3 for outcome in outcomes)  # type: ignore[union-attr]
+
+
+def test_an_ensemble_whose_scheduler_leaves_a_stage_empty_is_refused_naming_the_fields(
+    tiny_engine: Engine,
+) -> None:
+    """The split follows the scheduler's timesteps: 4 DPM++ steps at 0.8 all fall in the base, which the
+    schema's int(steps x frac) check cannot see. The engine refuses before running rather than call the base
+    image refined."""
+    from imagesmith.engine import GenerationError
+
+    request = GenerationRequest(
+        prompt="a fox", seed=5, scheduler="dpmpp_2m", width=64, height=64, num_inference_steps=4
+    )
+    assert tiny_engine.planned_steps(request) == {"base": 4, "refine": 0}
+    with pytest.raises(
+        GenerationError, match=r"gives the base 4 step\(s\) and the refiner 0; raise num_inference_steps"
+    ):
+        tiny_engine.generate(request)
+    enough = request.model_copy(update={"num_inference_steps": 10})
+    assert [s.name for s in tiny_engine.generate(enough).metadata.stages] == ["base", "refine", "decode"]

@@ -171,6 +171,9 @@ class Engine:
         ]
         if len({batch_key(request) for request in resolved}) != 1:
             raise ValueError("generate_batch needs requests with equal batch_key(); split them first")
+        empty_stage = self._empty_stage(resolved[0])
+        if empty_stage is not None:  # the batch shares the steps and the split, so all of it or none
+            return [GenerationError(empty_stage) for _ in items]
         members, row = [], 0
         for request, item in zip(resolved, items, strict=True):
             seeds = seeds_for(request)
@@ -284,6 +287,21 @@ class Engine:
             )
             outcomes.append(GenerationResult(images=[images[row] for row in rows], metadata=metadata))
         return outcomes
+
+    def _empty_stage(self, request: ResolvedRequest) -> str | None:
+        """The request schema checks the ensemble's split as int(steps x high_noise_frac); the scheduler's own
+        timesteps decide the real one (a 4-step DPM++ run put all 4 steps in the base). A stage with no step
+        would run the refiner on nothing, or from pure noise, and still call the image refined."""
+        if request.refine_mode is not RefineMode.ENSEMBLE:
+            return None
+        planned = self.planned_steps(request)
+        if planned["base"] >= 1 and planned["refine"] >= 1:
+            return None
+        return (
+            f"high_noise_frac {request.high_noise_frac} with {request.num_inference_steps} steps of "
+            f"{request.scheduler.value} gives the base {planned['base']} step(s) and the refiner "
+            f"{planned['refine']}; raise num_inference_steps, or move high_noise_frac away from 0 and 1"
+        )
 
     def planned_steps(self, request: GenerationRequest | ResolvedRequest) -> dict[str, int]:
         """Denoising steps per stage as this engine will run them (for step totals and ETAs), computed from
