@@ -246,7 +246,11 @@ def run_doctor(args: argparse.Namespace) -> int:
         f", compute capability {device.capability[0]}.{device.capability[1]}" if device.capability else ""
     )
     print(f"device: {device.torch_device} ({device.name}{capability}{memory})")
-    print(f"plan: {plan_hardware(device, settings).summary()}")
+    try:
+        print(f"plan: {plan_hardware(device, settings).summary()}")
+    except RuntimeError as error:  # settings this device cannot serve, such as fp8 on a card without it
+        print(f"plan: ERROR {error}")
+        return 1
     print(f"hub: {'offline' if offline(settings) else 'online'}; data dir {settings.data_dir}")
     if settings.model is ModelPreset.TINY:
         print(f"models: tiny (built-in, random weights) at {settings.tiny_model_dir()}")

@@ -116,3 +116,16 @@ def test_vae_tiling_off_holds_even_for_large_images_under_offload() -> None:
     off = plan(RTX3060_12GB, vae_tiling="off")
     assert off.offload == "model" and not needs_tiling(off, 1344, 1024)
     assert "vae_tiling=off" in off.summary()
+
+
+def test_a_gpu_number_torch_does_not_see_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from imagesmith.engine.hardware import probe_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(RuntimeError, match=r"torch sees 1 GPU\(s\), numbered from 0; set IMAGESMITH_DEVICE"):
+        probe_device("cuda:1")
+    with pytest.raises(ValueError, match="'cuda:N' with N a GPU number, got 'cuda:x'"):
+        probe_device("cuda:x")

@@ -92,6 +92,23 @@ class HardwarePlan:
         )
 
 
+def _cuda_index(requested: str) -> int:
+    """'cuda' -> the current GPU, 'cuda:N' -> N, checked against the GPUs torch sees (torch itself answers a
+    wrong index with a bare assertion)."""
+    if ":" not in requested:
+        return torch.cuda.current_device()
+    text = requested.split(":", 1)[1]
+    count = torch.cuda.device_count()
+    if not text.isdigit():
+        raise ValueError(f"device must be 'cuda' or 'cuda:N' with N a GPU number, got '{requested}'")
+    if int(text) >= count:
+        raise RuntimeError(
+            f"device '{requested}' was asked for but torch sees {count} GPU(s), numbered from 0; "
+            "set IMAGESMITH_DEVICE to one of them"
+        )
+    return int(text)
+
+
 def probe_device(requested: str = "auto") -> DeviceInfo:
     """Ask torch what the requested device is. 'auto' takes the first CUDA GPU, else the CPU."""
     if requested == "auto":
@@ -102,7 +119,7 @@ def probe_device(requested: str = "auto") -> DeviceInfo:
                 f"device '{requested}' was asked for but torch sees no CUDA GPU "
                 f"(torch {torch.__version__}); set IMAGESMITH_DEVICE=cpu or install a CUDA build of torch"
             )
-        index = int(requested.split(":", 1)[1]) if ":" in requested else torch.cuda.current_device()
+        index = _cuda_index(requested)
         props = torch.cuda.get_device_properties(index)
         free, total = torch.cuda.mem_get_info(index)
         return DeviceInfo(
