@@ -58,7 +58,8 @@ class StandIn:
     delay_s: float = 2.0
     limit: int = 200
     remaining: int = 199
-    reset_epoch: int = 2_000_000_000
+    reset_epoch: int = field(default_factory=lambda: plausible_reset())
+    api_headers: dict[str, str] = field(default_factory=dict)  # sent on every JSON answer, over the quota's
     api_calls: int = 0
     image_calls: int = 0
     seen: list[dict[str, Any]] = field(default_factory=list)
@@ -69,7 +70,8 @@ class StandIn:
         self.image_base_url = self.base_url
         self.api_default, self.image_default = "ok", "ok"
         self.api_script, self.image_script = [], []
-        self.limit, self.remaining, self.reset_epoch = 200, 199, 2_000_000_000
+        self.limit, self.remaining, self.reset_epoch = 200, 199, plausible_reset()
+        self.api_headers = {}
         self.api_calls = self.image_calls = 0
         self.seen = []
         self.catalogue = list(CATALOGUE)
@@ -154,6 +156,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(503 if s.api_calls % 2 else 500, b"upstream trouble", "text/plain")
         if behaviour == "malformed":
             return self._send(200, b'{"photos": [ {"id": 1, ', "application/json", quota=True)
+        if behaviour == "bad_encoding":  # says gzip, is not: the client fails to decode it
+            return self._send(200, b"not gzip at all", "application/json", extra={"Content-Encoding": "gzip"})
         if behaviour == "quota0":
             s.remaining = 0
         elif s.remaining > 0:
@@ -204,6 +208,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, b"<html>hello</html>", "text/html")
         if behaviour == "garbage":
             return self._send(200, b"\xff\xd8\xff" + b"not really a jpeg" * 50, "image/jpeg")
+        if behaviour == "bad_encoding":
+            return self._send(200, b"not gzip at all", "image/jpeg", extra={"Content-Encoding": "gzip"})
         if behaviour == "oversized_declared":
             return self._send(200, b"", "image/jpeg", length=50_000_000)
         if behaviour == "oversized":
@@ -237,19 +243,33 @@ class _Handler(BaseHTTPRequestHandler):
     # --- plumbing ---
 
     def _json(self, status: int, body: Any, quota: bool = True) -> None:
-        self._send(status, json.dumps(body).encode(), "application/json", quota=quota)
+        self._send(
+            status, json.dumps(body).encode(), "application/json", quota=quota, extra=self.standin.api_headers
+        )
 
     def _send(
-        self, status: int, body: bytes, content_type: str, *, quota: bool = False, length: int | None = None
+        self,
+        status: int,
+        body: bytes,
+        content_type: str,
+        *,
+        quota: bool = False,
+        length: int | None = None,
+        extra: dict[str, str] | None = None,
     ) -> None:
         s = self.standin
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body) if length is None else length))
+        headers = {
+            "Content-Type": content_type,
+            "Content-Length": str(len(body) if length is None else length),
+        }
         if quota:
-            self.send_header("X-Ratelimit-Limit", str(s.limit))
-            self.send_header("X-Ratelimit-Remaining", str(s.remaining))
-            self.send_header("X-Ratelimit-Reset", str(s.reset_epoch))
+            headers["X-Ratelimit-Limit"] = str(s.limit)
+            headers["X-Ratelimit-Remaining"] = str(s.remaining)
+            headers["X-Ratelimit-Reset"] = str(s.reset_epoch)
+        headers.update(extra or {})
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
         if length is not None:
             self.send_header("Connection", "close")
             self.close_connection = True
@@ -278,11 +298,17 @@ class StandInServer:
         self.httpd.server_close()
 
 
+def plausible_reset() -> int:
+    """Pexels' X-Ratelimit-Reset: the UNIX second its monthly window renews, some days ahead."""
+    return int(time.time()) + 20 * 86_400
+
+
 class FakeClock:
     """UNIX seconds that only move when a test says so: quota resets and cache expiry without waiting."""
 
-    def __init__(self, now: float = 1_900_000_000.0) -> None:
-        self.now = now
+    def __init__(self, now: float | None = None) -> None:
+        # Starts at the real time, so the stand-in's reset (like Pexels', days ahead) is plausible to it too.
+        self.now = float(int(time.time())) if now is None else now
 
     def __call__(self) -> float:
         return self.now

@@ -108,3 +108,34 @@ def test_doctor_lines_and_the_handler_cli_py_calls(
     assert "API check failed" in doctor_lines(settings)[-1]
     assert standin.api_calls == 2  # one per check: no retries
     assert parse("lake").func is run_search
+
+
+@pytest.mark.parametrize(
+    ("argv", "overrides", "message"),
+    [
+        (["(:1.2)"], {}, "keywords, a title or a prompt"),  # no word to search for
+        (["lake", "-o", "{tmp}/no/such/dir/x.jpg"], {}, "no folder"),
+        (["lake", "--width", "-5"], {}, "width: Input should be greater than or equal to 64"),
+        (["lake"], {"pexels_allowed_hosts": ["ftp://images.pexels.com"]}, "IMAGESMITH_PEXELS_ALLOWED_HOSTS"),
+    ],
+)
+def test_search_bad_arguments_are_one_line_errors(
+    standin: StandIn,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    overrides: dict[str, object],
+    message: str,
+) -> None:
+    settings = make_settings(standin, tmp_path, **overrides)
+    args = parse(*(arg.format(tmp=tmp_path) for arg in argv))
+    assert run_search(args, settings, io.StringIO()) == EXIT_CONFIG  # raised before the fix
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert standin.api_calls == 0  # found out before spending a search
+
+
+def test_search_reports_a_failed_save(standin: StandIn, settings: Settings, tmp_path: Path) -> None:
+    target = tmp_path / "taken"
+    target.mkdir()  # a folder where the file should go: the write fails after the search
+    assert run_search(parse("lake", "-o", str(target)), settings, io.StringIO()) == EXIT_CONFIG

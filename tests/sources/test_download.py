@@ -11,6 +11,7 @@ from imagesmith.sources.errors import (
     DisallowedHost,
     DownloadTooLarge,
     NotAnImage,
+    PexelsBadResponse,
     PexelsUnavailable,
 )
 
@@ -112,3 +113,12 @@ def test_host_policy_allows() -> None:
 def test_fit_exact_gives_the_exact_size(size: tuple[int, int], target: tuple[int, int]) -> None:
     image = Image.new("RGB", size, (10, 20, 30))
     assert fit_exact(image, *target).size == target
+
+
+async def test_a_body_that_does_not_decode_is_a_bad_response(standin: StandIn) -> None:
+    standin.image_default = "bad_encoding"  # Content-Encoding: gzip on a body that is not
+    fetcher = downloader(standin)
+    with pytest.raises(PexelsBadResponse, match="does not decode"):
+        await fetcher.fetch(url(standin))
+    await fetcher.aclose()
+    assert standin.image_calls == 1  # the same body would come again: not retried

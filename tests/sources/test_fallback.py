@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from datetime import UTC, datetime
 from typing import Any
@@ -248,3 +249,30 @@ def test_close_is_idempotent_and_refuses_later_fetches(settings: Settings) -> No
     source.close()
     with pytest.raises(SourceUnavailable, match="shut down"):
         source.fetch(_titled("lake"))
+
+
+def test_stock_source_passes_a_prompt_with_no_words_as_no_results(
+    standin: StandIn, stock: StockSource, caplog: pytest.LogCaptureFixture
+) -> None:
+    standin.api_default = "401"
+    with pytest.raises(SourceUnavailable):
+        stock.fetch(_titled("lake"))
+    job = ImageRequest(sources=[STOCK, GENERATE], generation=GenerationRequest(prompt="((:1.3))"))
+    generate = FakeSource(GENERATE)
+    with caplog.at_level(logging.INFO):
+        served = serve_first(job, lookup(stock, generate))  # type: ignore[arg-type]
+    assert served.source is GENERATE and served.reason is FallbackReason.NO_RESULTS
+    assert "prompt" in served.summary and "keywords" in served.summary
+    assert not [record for record in caplog.records if record.exc_info]  # no "failed unexpectedly" traceback
+    assert standin.api_calls == 1  # only the refused one: nothing was searched
+    assert stock.status().state is SourceState.FAILED  # no search answered, so the refused key stays reported
+
+
+def test_stock_source_status_survives_a_reset_header_in_milliseconds(
+    standin: StandIn, stock: StockSource
+) -> None:
+    """status() feeds the worker loop, /health and /metrics: one odd header must not break them for good."""
+    standin.reset_epoch = 1_900_000_000_000
+    stock.fetch(_titled("lake"))
+    status = stock.status()
+    assert status.state is SourceState.READY and status.info["quota"]["reset_at"] is None

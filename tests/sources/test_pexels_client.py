@@ -236,3 +236,99 @@ def test_backoff_grows_and_is_capped() -> None:
     delays = [backoff_delay(n, 0.5, cap_s=3.0, rng=fixed) for n in range(5)]  # type: ignore[arg-type]
     assert delays == [0.5, 1.0, 2.0, 3.0, 3.0]
     assert 0.25 <= backoff_delay(0, 0.5) <= 0.5  # jitter never drops below half the ceiling
+
+
+# --- headers, keys and bodies that are not what they should be ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"X-Ratelimit-Reset": "1900000000000"},  # milliseconds
+        {"X-Ratelimit-Reset": "inf"},
+        {"X-Ratelimit-Reset": "1e999"},
+        {"X-Ratelimit-Reset": "12345"},  # 1970
+        {"X-Ratelimit-Remaining": "1e999", "X-Ratelimit-Limit": "nan"},
+    ],
+)
+async def test_implausible_rate_limit_headers_are_ignored(
+    standin: StandIn, settings: Settings, clock: FakeClock, headers: dict[str, str]
+) -> None:
+    standin.reset_epoch = int(clock.now) + 3600
+    async with client_for(settings, clock) as client:
+        await client.search("cats")  # a plausible reset first: a bad one later must not replace it
+        standin.api_headers = headers
+        assert (await client.search("cats")).photos
+        snapshot = client.quota.snapshot()  # raised ValueError/OverflowError for ever after, before the fix
+    assert snapshot.reset_at == datetime.fromtimestamp(clock.now + 3600, tz=UTC)
+    assert snapshot.remaining is not None and snapshot.limit == 200
+
+
+@pytest.mark.parametrize(("retry_after", "wait_s"), [("1e12", 86_400), ("inf", 600), ("30", 30)])
+async def test_retry_after_is_capped_at_a_day_and_garbage_ignored(
+    standin: StandIn, settings: Settings, clock: FakeClock, retry_after: str, wait_s: float
+) -> None:
+    standin.api_script = ["429"]
+    standin.api_headers = {"Retry-After": retry_after}
+    async with client_for(settings, clock) as client:
+        with pytest.raises(PexelsQuotaExhausted) as caught:
+            await client.search("cats")
+        snapshot = client.quota.snapshot()
+    # 'inf' is not a wait: the default backoff (pexels_quota_backoff_s) applies.
+    assert caught.value.retry_at == datetime.fromtimestamp(clock.now + wait_s, tz=UTC)
+    assert snapshot.blocked_until == caught.value.retry_at
+
+
+async def test_remaining_is_unknown_once_a_block_has_passed(
+    standin: StandIn, settings: Settings, clock: FakeClock
+) -> None:
+    standin.reset_epoch = int(clock.now) + 120
+    standin.api_script = ["quota0"]
+    async with client_for(settings, clock) as client:
+        await client.search("cats")
+        assert client.quota.snapshot().remaining == 0
+        clock.advance(121)  # no call since: nobody knows what is left, and it is not 0 any more
+        snapshot = client.quota.snapshot()
+    assert snapshot.blocked_until is None and snapshot.remaining is None and snapshot.limit == 200
+
+
+async def test_a_key_with_a_trailing_newline_works(standin: StandIn, tmp_path: Path) -> None:
+    """Secret files (Docker, Kubernetes) end in a newline; no Pexels key has whitespace around it."""
+    settings = make_settings(standin, tmp_path, pexels_api_key=f"  {API_KEY}\n")
+    async with client_for(settings) as client:
+        assert (await client.search("cats")).photos
+    assert standin.seen[-1]["headers"]["Authorization"] == API_KEY
+
+
+@pytest.mark.parametrize(
+    ("key", "base_url"),
+    [
+        (API_KEY[:8] + "\n" + API_KEY[8:], None),  # a line break inside: not a legal header value
+        (API_KEY + "é", None),  # not ASCII
+        (API_KEY, "127.0.0.1:1/v1"),  # no http(s)://
+    ],
+)
+async def test_a_request_that_cannot_be_sent_is_a_config_error_not_retried(
+    standin: StandIn, tmp_path: Path, key: str, base_url: str | None
+) -> None:
+    overrides = {"pexels_api_base_url": base_url} if base_url else {}
+    settings = make_settings(standin, tmp_path, pexels_api_key=key, **overrides)
+    sleeps: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+
+    async with PexelsClient.from_settings(settings, clock=FakeClock(), sleep=sleep) as client:
+        with pytest.raises(PexelsNotConfigured, match="IMAGESMITH_PEXELS_API_KEY") as caught:
+            await client.search("cats")
+    assert sleeps == [] and standin.api_calls == 0
+    assert API_KEY[8:] not in str(caught.value)  # h11's own message quotes the header value
+
+
+async def test_a_body_that_does_not_decode_is_a_bad_response(standin: StandIn, settings: Settings) -> None:
+    standin.api_script = ["bad_encoding"]
+    async with client_for(settings) as client:
+        with pytest.raises(PexelsBadResponse, match="does not decode"):
+            await client.search("cats")
+        assert (await client.search("cats")).photos
+    assert standin.api_calls == 2  # not retried

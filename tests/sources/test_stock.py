@@ -14,6 +14,7 @@ from imagesmith.schemas import OutputFormat
 from imagesmith.sources.attribution import read_attribution, read_exif_credit
 from imagesmith.sources.errors import (
     NoStockResults,
+    NothingToSearch,
     PexelsAuthError,
     PexelsNotConfigured,
     PexelsQuotaExhausted,
@@ -204,3 +205,23 @@ async def test_a_failed_search_shows_in_status_until_pexels_answers_again(
         assert source.status().last_error and "refused the API key" in source.status().last_error
         await source.search(StockRequest(title="forest", width=600, height=400))
         assert source.status().last_error is None
+
+
+async def test_a_body_that_does_not_decode_moves_on_to_the_next_candidate(
+    standin: StandIn, settings: Settings
+) -> None:
+    standin.image_script = ["bad_encoding"]
+    async with source_for(settings) as source:
+        photo = await source.fetch(StockRequest(title="lake", width=600, height=400))
+        assert source.status().failures == 1
+    assert standin.image_calls == 2 and photo.photo_id != 101
+
+
+async def test_a_prompt_with_no_words_is_no_results_without_asking_pexels(
+    standin: StandIn, settings: Settings
+) -> None:
+    async with source_for(settings) as source:
+        with pytest.raises(NothingToSearch, match=r"prompt '\(\(:1\.3\)\)'.*keywords, a title or a prompt"):
+            await source.fetch(StockRequest(prompt="((:1.3))"))
+        assert "NothingToSearch" in (source.status().last_error or "")
+    assert standin.api_calls == 0

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from pydantic import ValidationError
+
 from imagesmith.config import Settings, get_settings
 from imagesmith.schemas import OutputFormat
 from imagesmith.sources.errors import NoStockResults, PexelsError, PexelsNotConfigured
@@ -79,10 +81,24 @@ def run_search(args: argparse.Namespace, settings: Settings | None = None, out: 
             size=PhotoSize(args.min_size) if args.min_size else None,
             output_format=_format_for(args.output),
         )
+        request.query()  # a query with no word in it ("(:1.2)") is a bad argument, not "no results"
     except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_CONFIG
+    # Checked before searching, so that a typo in the path costs no API call.
+    if args.output and not args.output.parent.is_dir():
+        print(f"error: cannot save to {args.output}: no folder {args.output.parent}", file=sys.stderr)
         return EXIT_CONFIG
     return asyncio.run(_search(args, settings, request, out))
+
+
+def _one_line(error: ValueError) -> str:
+    """A pydantic error's first problem on one line ("width: Input should be ..."), else the message."""
+    if isinstance(error, ValidationError) and error.errors():
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        return f"{where}: {first['msg']}" if where else first["msg"]
+    return str(error)
 
 
 def _format_for(path: Path | None) -> OutputFormat:
@@ -90,7 +106,12 @@ def _format_for(path: Path | None) -> OutputFormat:
 
 
 async def _search(args: argparse.Namespace, settings: Settings, request: StockRequest, out: TextIO) -> int:
-    async with StockPhotoSource.from_settings(settings) as source:
+    try:
+        source = StockPhotoSource.from_settings(settings)  # opens no connection pool when it raises
+    except ValueError as error:  # an entry of IMAGESMITH_PEXELS_ALLOWED_HOSTS that is not a host
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+    async with source:
         try:
             found = await source.search(request)
             if not found.photos:
@@ -98,7 +119,11 @@ async def _search(args: argparse.Namespace, settings: Settings, request: StockRe
             _print_results(found, args.limit, args.json, out)
             if args.output:
                 photo = await source.fetch(request, found)  # the search above, not a second one
-                args.output.write_bytes(photo.data)
+                try:
+                    args.output.write_bytes(photo.data)
+                except OSError as error:  # the folder went away, no permission, a full disk
+                    print(f"error: cannot save to {args.output}: {error.strerror or error}", file=sys.stderr)
+                    return EXIT_CONFIG
                 if not args.json:
                     credit = photo.attribution
                     print(

@@ -7,7 +7,9 @@ Safety, in the order it is checked:
 2. the answer says it is an image (Content-Type image/jpeg, image/png or image/webp);
 3. the body is streamed and cut off past `max_bytes` (a lying or missing Content-Length does not help);
 4. Pillow decodes it, and its pixel count is under `max_pixels` before any pixel is loaded.
-5xx answers, timeouts and network errors are retried with backoff; safety refusals never are.
+5xx answers, timeouts and network errors are retried with backoff; safety refusals never are, nor is a body
+that does not decode (a broken Content-Encoding) or a request that cannot be sent: those are this photo's
+problem (PexelsBadResponse), and the stock source moves on to the next candidate.
 This client sends no Authorization header: the API key is for api.pexels.com only.
 """
 
@@ -29,7 +31,7 @@ from imagesmith.sources.errors import (
     NotAnImage,
     PexelsBadResponse,
 )
-from imagesmith.sources.retry import Retryable, is_retryable_status, with_retries
+from imagesmith.sources.retry import RETRYABLE_TRANSPORT_ERRORS, Retryable, is_retryable_status, with_retries
 
 IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/webp"})
 PILLOW_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "MPO"})  # MPO: multi-picture JPEGs from some cameras
@@ -50,7 +52,10 @@ class AllowedOrigin:
             return cls("https", entry.rstrip("/"), None)
         parts = urlsplit(entry)
         if parts.scheme not in _DEFAULT_PORTS or not parts.hostname:
-            raise ValueError(f"allowed host {entry!r} must be a host name or an http(s)://host[:port] origin")
+            raise ValueError(
+                f"allowed host {entry!r} (IMAGESMITH_PEXELS_ALLOWED_HOSTS) must be a host name "
+                "or an http(s)://host[:port] origin"
+            )
         return cls(parts.scheme, parts.hostname, parts.port)
 
     def allows(self, scheme: str, host: str, port: int) -> bool:
@@ -123,10 +128,14 @@ class ImageDownloader:
         async def once() -> DownloadedImage:
             try:
                 return await self._fetch_once(url)
-            except httpx.TransportError as error:
+            except RETRYABLE_TRANSPORT_ERRORS as error:
                 raise Retryable(f"{type(error).__name__} downloading {_safe(url)}") from None
             except _RetryableStatus as error:
                 raise Retryable(f"image host answered {error.status} for {_safe(url)}") from None
+            except httpx.DecodingError:
+                raise PexelsBadResponse(f"{_safe(url)} sent a body that does not decode") from None
+            except httpx.TransportError as error:  # a URL that cannot be requested, a proxy error: no retry
+                raise PexelsBadResponse(f"{type(error).__name__} downloading {_safe(url)}") from None
 
         return await with_retries(
             once, max_retries=self.max_retries, backoff_s=self.backoff_s, sleep=self._sleep

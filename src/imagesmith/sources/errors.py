@@ -50,6 +50,11 @@ class NoStockResults(PexelsError):
         super().__init__(message or f"Pexels has no photo for {query!r}")
 
 
+class NothingToSearch(NoStockResults):
+    """The request has no word to search for (a prompt of only weights and brackets, no keywords or title):
+    no photo can match it, and Pexels was not asked."""
+
+
 class DownloadRejected(PexelsError):
     """A photo download was refused for safety: the base of the three cases below."""
 

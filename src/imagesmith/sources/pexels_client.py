@@ -8,8 +8,14 @@ Quota: every answer carries X-Ratelimit-Limit / -Remaining / -Reset (UNIX second
 or on a 429 (which carries none of them), the client stops calling until the reset (or, with no reset known,
 for `quota_backoff_s`) and raises PexelsQuotaExhausted(retry_at) without touching the network.
 
-Retries: 5xx, timeouts and network errors are retried `max_retries` times with exponential backoff and jitter;
-401/403, 404, 429 and other 4xx are not, since repeating them cannot help.
+The rate-limit headers are checked before they are kept: a reset that is not a plausible UNIX time in seconds
+(one in milliseconds, 'inf', a year 2300) or a Retry-After beyond a day is ignored or capped, with a warning, so
+that no header can make the quota's datetimes (health, metrics, the job worker) fail.
+
+Retries: 5xx, timeouts, network errors and broken answers from the far end are retried `max_retries` times with
+exponential backoff and jitter; 401/403, 404, 429 and other 4xx are not, since repeating them cannot help, nor is
+a request that cannot be sent at all (a key with a line break inside, a base URL without http(s)://), which is
+reported as a configuration error.
 
 The key goes only into the Authorization header of API requests (never onto the client object's default
 headers, so a shared or logged client cannot leak it); it is a SecretStr everywhere else.
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -36,8 +43,9 @@ from imagesmith.sources.errors import (
     PexelsNotConfigured,
     PexelsNotFound,
     PexelsQuotaExhausted,
+    PexelsUnavailable,
 )
-from imagesmith.sources.retry import Retryable, is_retryable_status, with_retries
+from imagesmith.sources.retry import RETRYABLE_TRANSPORT_ERRORS, Retryable, is_retryable_status, with_retries
 
 if TYPE_CHECKING:
     from imagesmith.config import Settings
@@ -46,6 +54,13 @@ logger = logging.getLogger(__name__)
 _M = TypeVar("_M", bound=BaseModel)
 
 MAX_PER_PAGE = 80  # the API's own ceiling
+
+# Bounds on what the rate-limit headers may say. Pexels' quota is monthly, so its reset is at most about a month
+# away; a value outside these bounds is a unit mix-up (milliseconds) or garbage from a proxy, and kept, it would
+# overflow datetime.fromtimestamp on every health check.
+EARLIEST_RESET_EPOCH = 946_684_800.0  # 2000-01-01
+MAX_RESET_AHEAD_S = 40 * 86_400.0
+MAX_RETRY_AFTER_S = 86_400.0  # a 429 never holds calls back longer than a day
 
 
 # --- the API's shapes --------------------------------------------------------------------------------------
@@ -121,15 +136,39 @@ class QuotaSnapshot(BaseModel):
 
 
 def _as_datetime(epoch_s: float | None) -> datetime | None:
-    return None if epoch_s is None else datetime.fromtimestamp(epoch_s, tz=UTC)
+    """The UTC time, or None when unknown or beyond datetime's range (the header checks keep such values out;
+    this is the last guard, so that snapshot() cannot raise)."""
+    if epoch_s is None:
+        return None
+    try:
+        return datetime.fromtimestamp(epoch_s, tz=UTC)
+    except (ValueError, OverflowError, OSError):
+        return None
+
+
+def _iso(epoch_s: float) -> str:
+    moment = _as_datetime(epoch_s)
+    return moment.isoformat() if moment else f"UNIX time {epoch_s}"
+
+
+def _number_header(headers: Mapping[str, str], name: str) -> float | None:
+    """The header as a finite number; None when absent, and (with a warning) when not a finite number."""
+    raw = headers.get(name)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):  # 'inf' and '1e999' parse as floats but fit no int or datetime
+        logger.warning("Pexels sent %s %r, not a finite number; ignored", name, raw[:40])
+        return None
+    return value
 
 
 def _int_header(headers: Mapping[str, str], name: str) -> int | None:
-    raw = headers.get(name)
-    try:
-        return None if raw is None else int(float(raw))
-    except ValueError:
-        return None
+    value = _number_header(headers, name)
+    return None if value is None else int(value)
 
 
 @dataclass
@@ -154,8 +193,7 @@ class QuotaTracker:
         if self.clock() < self.blocked_until:
             raise PexelsQuotaExhausted.at_epoch(
                 self.blocked_until,
-                f"Pexels quota exhausted ({self.blocked_reason}); calls resume at "
-                f"{_as_datetime(self.blocked_until).isoformat()}",  # type: ignore[union-attr]
+                f"Pexels quota exhausted ({self.blocked_reason}); calls resume at {_iso(self.blocked_until)}",
             )
         logger.info("Pexels quota block lifted; calling the API again")
         self.blocked_until = self.blocked_reason = None
@@ -165,13 +203,18 @@ class QuotaTracker:
         """Record the rate-limit headers of an answer; block when Remaining reaches 0."""
         limit = _int_header(headers, "X-Ratelimit-Limit")
         remaining = _int_header(headers, "X-Ratelimit-Remaining")
-        reset = _int_header(headers, "X-Ratelimit-Reset")
+        reset = _number_header(headers, "X-Ratelimit-Reset")
         if limit is not None:
             self.limit = limit
         if remaining is not None:
             self.remaining = remaining
         if reset is not None:
-            self.reset_epoch = float(reset)
+            if EARLIEST_RESET_EPOCH <= reset <= self.clock() + MAX_RESET_AHEAD_S:
+                self.reset_epoch = float(int(reset))
+            else:  # the last plausible reset (if any) stays
+                logger.warning(
+                    "Pexels sent X-Ratelimit-Reset %s, not a plausible UNIX time in seconds; ignored", reset
+                )
         if remaining is not None and remaining <= 0:
             self.block("remaining reached 0")
 
@@ -185,14 +228,18 @@ class QuotaTracker:
         else:
             until = now + self.default_block_s
         self.blocked_until, self.blocked_reason, self.remaining = until, reason, 0
-        logger.warning("Pexels quota: %s; no calls until %s", reason, _as_datetime(until).isoformat())  # type: ignore[union-attr]
+        logger.warning("Pexels quota: %s; no calls until %s", reason, _iso(until))
         return until
 
     def snapshot(self) -> QuotaSnapshot:
+        """The quota for health and metrics. Never raises: the job worker, /health and /metrics all call it."""
         blocked = self.blocked_until is not None and self.clock() < self.blocked_until
+        block_passed = self.blocked_until is not None and not blocked
         return QuotaSnapshot(
             limit=self.limit,
-            remaining=self.remaining,
+            # A block's remaining=0 is stale once its time has passed: unknown until the next answer says
+            # (check() clears it the same way, but only when the next call comes).
+            remaining=None if block_passed else self.remaining,
             reset_at=_as_datetime(self.reset_epoch),
             blocked_until=_as_datetime(self.blocked_until) if blocked else None,
             blocked_reason=self.blocked_reason if blocked else None,
@@ -218,9 +265,11 @@ class PexelsClient:
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
     ) -> None:
-        if isinstance(api_key, str):
-            api_key = SecretStr(api_key)
-        self._key = api_key if api_key is not None and api_key.get_secret_value() else None
+        key = api_key.get_secret_value() if isinstance(api_key, SecretStr) else api_key or ""
+        # A key read from a secret file (Docker, Kubernetes) often ends in a newline; no Pexels key has
+        # whitespace around it, and sent in a header it would make every request fail.
+        key = key.strip()
+        self._key = SecretStr(key) if key else None
         self.base_url = base_url.rstrip("/")
         self.max_retries = max_retries
         self.backoff_s = backoff_s
@@ -323,8 +372,26 @@ class PexelsClient:
         async def once() -> httpx.Response:
             try:
                 response = await self._http.get(url, params=params, headers=headers)
-            except httpx.TransportError as error:  # timeouts, refused connections, broken streams
+            except RETRYABLE_TRANSPORT_ERRORS as error:  # timeouts, refused connections, broken streams
                 raise Retryable(f"{type(error).__name__} calling Pexels {path}") from None
+            except (
+                httpx.LocalProtocolError,
+                httpx.UnsupportedProtocol,
+                httpx.InvalidURL,
+                UnicodeEncodeError,
+            ) as error:
+                # The request cannot even be sent, and never will be: a control or non-ASCII character in the
+                # key (not allowed in a header) or a base URL without http(s)://. The error's own text is left
+                # out: h11 quotes the illegal header value, which is the key.
+                raise PexelsNotConfigured(
+                    f"the Pexels request cannot be sent ({type(error).__name__}): check that "
+                    "IMAGESMITH_PEXELS_API_KEY is the bare key (no line breaks, spaces or non-ASCII characters "
+                    "inside) and IMAGESMITH_PEXELS_API_BASE_URL starts with https://"
+                ) from None
+            except httpx.DecodingError:  # a body that does not match its Content-Encoding
+                raise PexelsBadResponse(f"Pexels {path} answered with a body that does not decode") from None
+            except httpx.TransportError as error:  # a proxy error: nothing says a retry would pass
+                raise PexelsUnavailable(f"{type(error).__name__} calling Pexels {path}") from None
             self.quota.observe(response.headers)
             if is_retryable_status(response.status_code):
                 raise Retryable(f"Pexels {path} answered {response.status_code}")
@@ -356,11 +423,10 @@ class PexelsClient:
 
 
 def _retry_after_s(headers: Mapping[str, str]) -> float | None:
-    """Retry-After in seconds, when a 429 happens to carry one (Pexels' usually carries nothing)."""
-    raw = headers.get("Retry-After")
-    if raw is None:
-        return None
-    try:
-        return max(0.0, float(raw))
-    except ValueError:
-        return None
+    """Retry-After in seconds, when a 429 happens to carry one (Pexels' usually carries nothing); at most a day,
+    since a longer wait is more likely a proxy's mistake than Pexels' wish (an HTTP-date is ignored)."""
+    seconds = _number_header(headers, "Retry-After")
+    if seconds is not None and seconds > MAX_RETRY_AFTER_S:
+        logger.warning("Pexels sent Retry-After %s s; waiting %d s at most", seconds, MAX_RETRY_AFTER_S)
+        return MAX_RETRY_AFTER_S
+    return None if seconds is None else max(0.0, seconds)

@@ -11,12 +11,19 @@ import random
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+import httpx
+
 from imagesmith.sources.errors import PexelsUnavailable
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_BACKOFF_S = 8.0
+
+# Transport failures worth another try: the network or the far end failed. The other TransportErrors are about
+# our own request (LocalProtocolError: an illegal header value such as a key with a newline; UnsupportedProtocol:
+# a URL without http(s)://) or a proxy, and a retry would fail the same way.
+RETRYABLE_TRANSPORT_ERRORS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
 
 
 def backoff_delay(

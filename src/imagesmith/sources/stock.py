@@ -36,7 +36,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from imagesmith.schemas import ASPECT_SIZES, MAX_SIDE, MIN_SIDE, AspectPreset, OutputFormat
 from imagesmith.sources.attribution import Attribution, encode_with_attribution
 from imagesmith.sources.download import HostPolicy, ImageDownloader, fit_exact
-from imagesmith.sources.errors import DownloadRejected, NoStockResults, PexelsBadResponse, PexelsError
+from imagesmith.sources.errors import (
+    DownloadRejected,
+    NoStockResults,
+    NothingToSearch,
+    PexelsBadResponse,
+    PexelsError,
+)
 from imagesmith.sources.pexels_client import (
     Orientation,
     PexelsClient,
@@ -157,7 +163,9 @@ def build_query(prompt: str, title: str | None = None, keywords: Sequence[str] |
     if len(text) > MAX_QUERY_CHARS:
         text = text[:MAX_QUERY_CHARS].rsplit(" ", 1)[0]
     if not text:
-        raise ValueError("a stock photo search needs keywords, a title or a prompt; all were empty")
+        raise ValueError(
+            "a stock photo search needs keywords, a title or a prompt with words in it; none has any"
+        )
     return text
 
 
@@ -260,10 +268,12 @@ class StockPhotoSource:
 
     @classmethod
     def from_settings(cls, settings: Settings, *, clock: Callable[[], float] = time.time) -> StockPhotoSource:
-        """Build from settings. `clock` (UNIX seconds) drives quota and cache expiry; tests pass a fake."""
+        """Build from settings. `clock` (UNIX seconds) drives quota and cache expiry; tests pass a fake.
+        Raises ValueError for an allowed host that is not a host, before any connection pool is opened."""
+        policy = HostPolicy(settings.pexels_allowed_hosts)
         client = PexelsClient.from_settings(settings, clock=clock)
         downloader = ImageDownloader(
-            HostPolicy(settings.pexels_allowed_hosts),
+            policy,
             max_bytes=settings.pexels_max_download_bytes,
             max_pixels=settings.pexels_max_image_pixels,
             timeout_s=settings.pexels_download_timeout_s,
@@ -306,7 +316,12 @@ class StockPhotoSource:
 
     async def search(self, request: StockRequest) -> StockSearch:
         """The ranked candidates for a request (from the cache when fresh). Raises PexelsError subclasses."""
-        query = request.query()
+        try:
+            query = request.query()
+        except ValueError as error:
+            # A request, not a bug: "no photo for this", so the next source may serve it.
+            message = f"nothing to search Pexels for in prompt {request.prompt[:80]!r}: {error}"
+            raise NothingToSearch("", message) from None
         orientation = orientation_for(request.width, request.height)
         key = self._key(request, query, orientation)
         page = self.cache.get(key)

@@ -34,7 +34,7 @@ from imagesmith.sources.base import (
     SourceStatus,
     SourceUnavailable,
 )
-from imagesmith.sources.errors import PexelsError, PexelsQuotaExhausted
+from imagesmith.sources.errors import NothingToSearch, PexelsError, PexelsQuotaExhausted
 from imagesmith.sources.fallback import classify
 from imagesmith.sources.stock import StockPhotoSource, StockRequest
 
@@ -108,7 +108,7 @@ class StockSource:
             self._errors[reason.value] += 1
             if reason is FallbackReason.AUTH_FAILED:
                 self._auth_failed = True
-            elif reason is FallbackReason.NO_RESULTS:
+            elif reason is FallbackReason.NO_RESULTS and not isinstance(error, NothingToSearch):
                 self._auth_failed = False  # Pexels answered a search: the key works
             # A quota or network error says nothing about the key: a refused key stays reported.
             retry_at = error.retry_at if isinstance(error, PexelsQuotaExhausted) else None
