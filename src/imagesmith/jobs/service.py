@@ -161,10 +161,19 @@ class JobService:
             raise InvalidIdempotencyKey(
                 "Idempotency-Key must be 1-200 visible ASCII characters", "Idempotency-Key"
             )
+        # The key stands for what the client sent, not what this server made of it: hash before prepare()
+        # fills in defaults, so a retry stays a replay after the server's default size changes.
+        sent = request.model_dump(mode="json")
+        digest = hashlib.sha256(json.dumps(sent, sort_keys=True).encode()).hexdigest()
+        if idempotency_key is not None:
+            # A replay answers with its job before any admission check: the job exists whatever the sources
+            # say now (models still loading after a restart, or failed to load).
+            existing = self.store.find_idempotent(idempotency_key, digest)
+            if existing is not None:
+                return existing, False
         request = self.prepare(request)
         self.check_sources(request)
         body = request.model_dump(mode="json")
-        digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
         job, created = self.store.submit(body, digest, idempotency_key, self.settings.queue_max)
         if created:
             log.info("job accepted", extra={"job_id": job.id})
@@ -225,7 +234,12 @@ class JobService:
             self.store.request_cancel(job_id)
             self.worker.cancel(job_id)
             log.info("cancel requested for running job", extra={"job_id": job_id})
-            return self.get(job_id)
+            job = self.get(job_id)
+            if job.status is JobStatus.QUEUED and self.store.cancel_queued(job_id):
+                # A shutdown put it back in the queue between our read and the flag: claims skip a flagged
+                # row, so end it here rather than leave it queued.
+                job = self.get(job_id)
+                self.hub.publish(job_id, job.status.value, job.terminal_event_data(), terminal=True)
         return job  # finished already: cancel is a no-op, the envelope says how it ended
 
     # --- waiting and events ---

@@ -131,14 +131,12 @@ class JobStore:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 if idempotency_key is not None:
-                    row = self._one("SELECT * FROM jobs WHERE idempotency_key = ?", (idempotency_key,))
-                    if row is not None:
+                    # Checked again inside the write transaction: a concurrent submit with the same key may
+                    # have inserted since the caller's find_idempotent().
+                    existing = self._idempotent(idempotency_key, request_hash)
+                    if existing is not None:
                         self._db.execute("COMMIT")
-                        if row["request_hash"] != request_hash:
-                            raise IdempotencyConflict(
-                                "this Idempotency-Key was used with a different request body"
-                            )
-                        return JobRecord.from_row(row), False
+                        return existing, False
                 depth_row = self._one("SELECT COUNT(*) FROM jobs WHERE status IN (?, ?)", ACTIVE)
                 depth = int(depth_row[0]) if depth_row else 0
                 if depth >= queue_max:
@@ -164,6 +162,20 @@ class JobStore:
                 raise
         assert row is not None
         return JobRecord.from_row(row), True
+
+    def find_idempotent(self, idempotency_key: str, request_hash: str) -> JobRecord | None:
+        """The job made earlier with this Idempotency-Key (None when there is none); IdempotencyConflict when
+        it was made from a different request. A read only: the service replays without admitting anew."""
+        with self._lock:
+            return self._idempotent(idempotency_key, request_hash)
+
+    def _idempotent(self, idempotency_key: str, request_hash: str) -> JobRecord | None:
+        row = self._one("SELECT * FROM jobs WHERE idempotency_key = ?", (idempotency_key,))
+        if row is None:
+            return None
+        if row["request_hash"] != request_hash:
+            raise IdempotencyConflict("this Idempotency-Key was used with a different request body")
+        return JobRecord.from_row(row)
 
     def get(self, job_id: str) -> JobRecord | None:
         with self._lock:
@@ -260,18 +272,40 @@ class JobStore:
         with self._lock:
             self._db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
 
-    def requeue(self, job_id: str) -> None:
-        """Put a running job back at its place in the queue without counting the attempt (clean shutdown)."""
+    def requeue(self, job_id: str) -> bool:
+        """Put a running job back at its place in the queue without counting the attempt (clean shutdown).
+
+        False when it was not put back: not running, or a cancel was asked for it (claims skip such rows, so
+        requeued it would wait forever; the caller ends it as canceled instead)."""
         with self._lock:
-            self._db.execute(
+            cursor = self._db.execute(
                 "UPDATE jobs SET status = ?, attempts = MAX(attempts - 1, 0), started_at = NULL "
-                "WHERE id = ? AND status = ?",
+                "WHERE id = ? AND status = ? AND cancel_requested = 0",
                 (JobStatus.QUEUED.value, job_id, JobStatus.RUNNING.value),
             )
+        return cursor.rowcount == 1
+
+    def cancel_flagged_queued(self) -> list[JobRecord]:
+        """End as canceled the queued jobs whose cancel was asked while they ran (a cancel racing a requeue, or a
+        crash in between): claims skip them, so without this they would stay queued forever. Returns them, so
+        the caller can send their terminal events."""
+        with self._lock:
+            rows = self._db.execute(
+                "UPDATE jobs SET status = ?, finished_at = ?, error = ? "
+                "WHERE status = ? AND cancel_requested = 1 RETURNING *",
+                (
+                    JobStatus.CANCELED.value,
+                    time.time(),
+                    json.dumps({"code": "canceled", "message": "canceled while queued"}),
+                    JobStatus.QUEUED.value,
+                ),
+            ).fetchall()
+        return [JobRecord.from_row(row) for row in rows]
 
     def recover(self, max_attempts: int) -> tuple[list[str], list[str]]:
         """After a crash: jobs left running go back to the queue (keeping their place), unless they were
-        canceled or have used their attempts. Returns (requeued ids, given-up ids)."""
+        canceled or have used their attempts; queued jobs flagged for cancel end canceled. Returns (requeued
+        ids, given-up ids)."""
         requeued: list[str] = []
         given_up: list[str] = []
         with self._lock:
@@ -307,6 +341,8 @@ class JobStore:
                 )
                 given_up.append(row["id"])
             self._db.execute("COMMIT")
+        # A cancel that raced the last shutdown's requeue left its job queued; no one is listening yet.
+        given_up += [job.id for job in self.cancel_flagged_queued()]
         return requeued, given_up
 
     def counts(self) -> dict[JobStatus, int]:

@@ -192,6 +192,7 @@ class Worker:
     def _loop(self) -> None:
         while not self._stopping:
             try:
+                self._end_canceled_queued()
                 jobs = [] if self.sources.settling() else self._claim()
             except Exception:  # a broken claim must not end the worker: jobs stay queued, try again
                 log.exception("claiming jobs failed")
@@ -205,16 +206,34 @@ class Worker:
             except Exception:  # keep the worker alive whatever happens to one batch
                 log.exception("worker batch failed")
 
+    def _end_canceled_queued(self) -> None:
+        """Queued jobs flagged for cancel are never claimed: end them, and tell their listeners."""
+        for job in self.store.cancel_flagged_queued():
+            log.info("job canceled while queued", extra={"job_id": job.id})
+            self.hub.publish(job.id, job.status.value, job.terminal_event_data(), terminal=True)
+
     def _claim(self) -> list[JobRecord]:
         """The oldest queued job, plus queued jobs that can share its pipeline pass (see the module doc)."""
         jobs = self.store.claim(1)
+        if not jobs:
+            return jobs
+        # The first job is RUNNING in the store from here on: if gathering company fails (a locked database),
+        # run it alone rather than drop it, or it would stay running, unrun, until a restart.
+        try:
+            return jobs + self._claim_company(jobs[0])
+        except Exception:
+            log.exception("claiming jobs to batch with %s failed; running it alone", jobs[0].id)
+            return jobs
+
+    def _claim_company(self, first: JobRecord) -> list[JobRecord]:
+        """Queued jobs that can share `first`'s pipeline pass, claimed; none when it cannot share one."""
         generator = self.sources.get(SourceName.GENERATE)
-        if not jobs or not isinstance(generator, GenerateSource):
-            return jobs
-        budget = generator.max_batch_images() - _images_of(jobs[0])
-        key = generation_batch_key(jobs[0])
+        if not isinstance(generator, GenerateSource):
+            return []
+        budget = generator.max_batch_images() - _images_of(first)
+        key = generation_batch_key(first)
         if key is None or budget <= 0:
-            return jobs
+            return []
         if self.settings.batch_window_ms:
             with self._wake:  # a new job notifies: no need to sleep out the whole window
                 self._wake.wait(timeout=self.settings.batch_window_ms / 1000)
@@ -227,7 +246,7 @@ class Worker:
             budget -= images
             return True
 
-        return jobs + self.store.claim_where(fits, limit=generator.max_batch_images())
+        return self.store.claim_where(fits, limit=generator.max_batch_images())
 
     def run_batch(self, jobs: list[JobRecord]) -> None:
         if len(jobs) > 1:
@@ -259,10 +278,31 @@ class Worker:
         for job, outcome in zip(jobs, outcomes, strict=True):
             token = current_job.set(job.id)
             try:
-                served = outcome if isinstance(outcome, BaseException) else served_directly(outcome)
-                self._complete(job, starts[job.id][1], served)
+                self._complete(job, starts[job.id][1], self._batch_outcome(outcome))
             finally:
                 current_job.reset(token)
+
+    def _batch_outcome(self, outcome: SourceResult | BaseException) -> Served | BaseException:
+        """A batched job's outcome as the single-job path (serve_first, then _fetch) tells it: a result served
+        by generation, or generation passed over as SourcesExhausted; its attempt counted in the metrics
+        alike. Other errors (a cancel, out of memory) count no attempt there either."""
+        if isinstance(outcome, SourceUnavailable) and not isinstance(outcome, SourcesExhausted):
+            attempt = SourceAttempt(
+                source=SourceName.GENERATE,
+                served=False,
+                reason=outcome.reason,
+                detail=str(outcome),
+                retry_at=outcome.retry_at,
+            )
+            outcome = SourcesExhausted([attempt])
+        if isinstance(outcome, SourcesExhausted):
+            self._count_attempts(outcome.attempts)
+            return outcome
+        if isinstance(outcome, BaseException):
+            return outcome
+        served = served_directly(outcome)
+        self._count_attempts(served.attempts)
+        return served
 
     def planned_steps(self, request: ImageRequest) -> dict[str, int]:
         """Steps per stage for progress totals and the ETA: the engine's own plan when it is loaded."""
@@ -331,8 +371,9 @@ class Worker:
             for stage in result.metadata.get("stages", []):
                 self.metrics.stage_seconds.labels(stage["name"]).observe(stage["seconds"])
         except GenerationCanceled:
-            if self._stopping and job.id not in self._explicit_cancels:
-                self.store.requeue(job.id)
+            # A clean shutdown puts the job back, unless a client's cancel reached the store (requeue says
+            # False): that one ends canceled, as it would have if the cancel had reached this token.
+            if self._stopping and job.id not in self._explicit_cancels and self.store.requeue(job.id):
                 log.info("job put back in the queue: server shutting down")
             else:
                 self._finish(

@@ -1,0 +1,172 @@
+"""The worker never strands a job: a failed batch claim runs the job it already holds, batched jobs count their
+source attempts, and a job flagged for cancel while it went back to the queue ends canceled. Real SQLite store,
+real worker, tiny engine."""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+from service_helpers import wait_for
+
+from imagesmith.config import Settings
+from imagesmith.engine import Engine
+from imagesmith.jobs.events import EventHub
+from imagesmith.jobs.metrics import Metrics
+from imagesmith.jobs.service import JobService
+from imagesmith.jobs.store import JobRecord, JobStatus, JobStore
+from imagesmith.jobs.worker import Worker
+from imagesmith.schemas import GenerationRequest
+from imagesmith.sources.base import ImageRequest, SourceName
+from imagesmith.sources.generate import GenerateSource
+from imagesmith.sources.registry import SourceRegistry
+from imagesmith.storage.files import ImageFiles
+
+
+class RecordingHub(EventHub):
+    """An EventHub that remembers every terminal event it sent (a terminal event closes the channel)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.terminal: dict[str, str] = {}
+
+    def publish(self, job_id: str, type_: str, data: dict[str, Any], terminal: bool = False) -> None:
+        if terminal:
+            self.terminal[job_id] = type_
+        super().publish(job_id, type_, data, terminal)
+
+
+class Parts:
+    def __init__(self, settings: Settings, engine: Engine, path: Path) -> None:
+        self.store = JobStore(path)
+        generate = GenerateSource(settings, factory=lambda _: engine)
+        generate.start_loading().join()
+        self.sources = SourceRegistry([generate])
+        self.hub = RecordingHub()
+        self.metrics = Metrics(self.store.counts)
+        files = ImageFiles(path.parent / "images")
+        self.worker = Worker(settings, self.store, files, self.sources, self.hub, self.metrics)
+        self.service = JobService(settings, self.store, self.sources, self.hub, self.worker)
+
+    def submit(self, **generation: Any) -> str:
+        fields = {"width": 64, "height": 64, "num_inference_steps": 6, **generation}
+        request = ImageRequest(sources=[SourceName.GENERATE], generation=GenerationRequest(**fields))
+        body = request.model_dump(mode="json")
+        job, _ = self.store.submit(body, hashlib.sha256(repr(body).encode()).hexdigest(), None, queue_max=100)
+        return job.id
+
+    def job(self, job_id: str) -> JobRecord:
+        job = self.store.get(job_id)
+        assert job is not None
+        return job
+
+    def wait_terminal(self, *ids: str, timeout: float = 60) -> None:
+        wait_for(lambda: all(self.job(job_id).status.terminal for job_id in ids), timeout=timeout)
+
+
+@pytest.fixture
+def parts(tiny_settings: Settings, tiny_engine: Engine, tmp_path: Path) -> Any:
+    settings = tiny_settings.with_changes(data_dir=tmp_path, batch_max_images=4, batch_window_ms=0)
+    made = Parts(settings, tiny_engine, tmp_path / "jobs.sqlite3")
+    yield made
+    made.worker.stop()
+    made.store.close()
+
+
+def test_a_failed_batch_claim_runs_the_job_already_claimed(
+    parts: Parts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = parts.submit(prompt="a lighthouse", seed=1)
+    second = parts.submit(prompt="a lighthouse at night", seed=2)  # compatible: batch company for the first
+    claim_where = parts.store.claim_where
+    failures: list[int] = []
+
+    def locked_once(*args: Any, **kwargs: Any) -> list[JobRecord]:
+        # store.claim(1) asks for one job; the batch claim for company asks for more. Fail that one, once.
+        if kwargs.get("limit", args[1] if len(args) > 1 else 1) > 1 and not failures:
+            failures.append(1)
+            raise sqlite3.OperationalError("database is locked")
+        return claim_where(*args, **kwargs)
+
+    monkeypatch.setattr(parts.store, "claim_where", locked_once)
+    parts.worker.start()
+    parts.wait_terminal(first, second)
+    assert failures == [1]
+    assert parts.job(first).status is JobStatus.SUCCEEDED and parts.job(first).attempts == 1
+    assert parts.job(second).status is JobStatus.SUCCEEDED
+    assert parts.hub.terminal[first] == "succeeded"  # its waiters heard the end
+
+
+def test_batched_jobs_count_their_source_attempts(parts: Parts) -> None:
+    ids = [parts.submit(prompt=f"a kite {n}", seed=n) for n in range(3)]
+    parts.worker.start()
+    parts.wait_terminal(*ids)
+    assert all(parts.job(job_id).result["metadata"]["batch_size"] == 3 for job_id in ids)  # type: ignore[index]
+    served = parts.metrics.registry.get_sample_value(
+        "imagesmith_source_attempts_total", {"source": "generate", "outcome": "served"}
+    )
+    assert served == 3
+
+
+def test_a_job_flagged_for_cancel_after_a_requeue_ends_canceled(parts: Parts) -> None:
+    """A cancel that read the job running while a shutdown put it back: the row is queued with its cancel flag
+    (claims skip it). The next worker (after a restart) must end it, not leave it queued for good."""
+    job_id = parts.submit(prompt="never mind", seed=3)
+    (claimed,) = parts.store.claim(1)
+    parts.store.requeue(claimed.id)  # shutdown: back in the queue
+    assert parts.job(job_id).status is JobStatus.QUEUED
+    parts.store.request_cancel(job_id)  # the rest of JobService.cancel for a job it read running
+    later = parts.submit(prompt="after it", seed=4)
+    parts.worker.start()
+    parts.wait_terminal(job_id, later)
+    assert parts.job(job_id).status is JobStatus.CANCELED and parts.job(job_id).error
+    assert parts.hub.terminal[job_id] == "canceled"
+    assert parts.job(later).status is JobStatus.SUCCEEDED
+    assert parts.store.counts()[JobStatus.QUEUED] == 0
+
+
+def test_recover_ends_a_queued_job_flagged_for_cancel(tmp_path: Path) -> None:
+    """The same row found at startup (the last process stopped before any worker could end it)."""
+    path = tmp_path / "jobs.sqlite3"
+    store = JobStore(path)
+    job, _ = store.submit({}, "h", None, queue_max=10)
+    store.claim(1)
+    store.requeue(job.id)
+    store.request_cancel(job.id)
+    store.close()
+    store = JobStore(path)  # the restart
+    assert store.recover(max_attempts=3) == ([], [job.id])
+    final = store.get(job.id)
+    assert final is not None and final.status is JobStatus.CANCELED and final.finished_at is not None
+    assert store.counts()[JobStatus.QUEUED] == 0 and store.claim(1) == []
+    store.close()
+
+
+def test_cancel_racing_a_requeue_ends_the_job_at_once(parts: Parts, monkeypatch: pytest.MonkeyPatch) -> None:
+    """JobService.cancel reads the job running; the shutdown requeues it before the cancel flag is written."""
+    job_id = parts.submit(prompt="too late", seed=5)
+    parts.store.claim(1)
+    request_cancel = parts.store.request_cancel
+
+    def requeued_first(job: str) -> None:
+        parts.store.requeue(job)
+        request_cancel(job)
+
+    monkeypatch.setattr(parts.store, "request_cancel", requeued_first)
+    assert parts.service.cancel(job_id).status is JobStatus.CANCELED
+    assert parts.hub.terminal[job_id] == "canceled"
+
+
+def test_a_shutdown_does_not_requeue_a_job_whose_cancel_reached_only_the_store(parts: Parts) -> None:
+    """The cancel flag is in the store but the running job's token was not tripped by it (the client's cancel
+    was between its two steps) when a shutdown stops the job: it ends canceled, not back in the queue."""
+    job_id = parts.submit(prompt="a long one", seed=6, num_inference_steps=150)
+    parts.worker.start()
+    wait_for(lambda: (live := parts.worker.live.get(job_id)) is not None and live.step >= 1, timeout=60)
+    parts.store.request_cancel(job_id)  # JobService.cancel's first step; its worker.cancel has not come yet
+    parts.worker.stop()  # returns once the job stopped after its current step
+    assert parts.job(job_id).status is JobStatus.CANCELED
+    assert parts.hub.terminal[job_id] == "canceled"
