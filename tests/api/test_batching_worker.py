@@ -117,3 +117,21 @@ def test_a_cancel_between_claim_and_start_is_not_lost(service: Any) -> None:
     worker.run_batch([claimed])
     final = store.get(job_id)
     assert final is not None and final.status is JobStatus.CANCELED
+
+
+def test_a_job_canceled_inside_a_batch_ends_at_once_not_when_the_pass_ends(service: Any) -> None:
+    """Alone, a cancel stops the pass within a step; in a batch the pass goes on for the others, so the
+    canceled job must not stay 'running' (and its waiters waiting) until the whole batch is done."""
+    store, worker, _ = service
+    keep = submit(store, job_request(prompt="keep", seed=1, num_inference_steps=40))
+    drop = submit(store, job_request(prompt="drop", seed=2, num_inference_steps=40))
+    worker.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not worker.cancel(drop):
+        time.sleep(0.005)
+    ended = store.get(drop)
+    assert ended is not None and ended.status is JobStatus.CANCELED  # when cancel returns, not later
+    wait_all(store, [keep, drop])
+    assert store.get(keep).status is JobStatus.SUCCEEDED  # type: ignore[union-attr]
+    assert store.get(keep).result["metadata"]["batch_size"] == 2  # type: ignore[union-attr]
+    assert store.get(drop).status is JobStatus.CANCELED  # type: ignore[union-attr]

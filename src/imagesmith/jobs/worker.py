@@ -148,6 +148,7 @@ class Worker:
         self._wake = threading.Condition()
         self._stopping = False
         self._tokens: dict[str, CancelToken] = {}
+        self._batched: set[str] = set()  # jobs running in a pass with other jobs (under _tokens_lock)
         self._tokens_lock = threading.Lock()
         self._explicit_cancels: set[str] = set()  # asked by a client, unlike a shutdown's cancel
         self._thread: threading.Thread | None = None
@@ -177,14 +178,25 @@ class Worker:
             self._thread.join(timeout)
 
     def cancel(self, job_id: str) -> bool:
-        """Cancel a running job; False when this worker is not running it."""
+        """Cancel a running job; False when this worker is not running it.
+
+        Alone, the job stops within one step. In a batch the pass goes on for the other jobs (the engine
+        drops this one's rows at the end), so the job is ended canceled now rather than when the pass ends."""
         with self._tokens_lock:
             token = self._tokens.get(job_id)
             if token is not None:
                 self._explicit_cancels.add(job_id)
+            in_batch = job_id in self._batched
         if token is None:
             return False
         token.cancel()
+        job = self.store.get(job_id) if in_batch else None
+        if job is not None:
+            # Ends it only while running (finish() changes nothing once it ended); the batch's own finish of
+            # this job later is then a no-op.
+            self._finish(
+                job, JobStatus.CANCELED, error={"code": "canceled", "message": "canceled while running"}
+            )
         return True
 
     # --- the loop, on the worker thread ---
@@ -264,6 +276,9 @@ class Worker:
         self.metrics.batch_images.observe(sum(_images_of(job) for job in jobs))
         log.info("running %d jobs as one batch: %s", len(jobs), ", ".join(job.id for job in jobs))
         starts = {job.id: self._begin(job) for job in jobs}
+        if len(jobs) > 1:
+            with self._tokens_lock:
+                self._batched.update(job.id for job in jobs)
         requests = [ImageRequest.model_validate(job.request) for job in jobs]
         items = [
             BatchItem(request.generation, _Tracker(self, job, request), starts[job.id][0])
@@ -393,6 +408,7 @@ class Worker:
             with self._tokens_lock:
                 self._tokens.pop(job.id, None)
                 self._explicit_cancels.discard(job.id)
+                self._batched.discard(job.id)
             self.live.pop(job.id, None)
             self.metrics.job_seconds.observe(time.perf_counter() - started)
 
