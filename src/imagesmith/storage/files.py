@@ -40,6 +40,16 @@ def parse_image_name(name: str) -> tuple[str, str] | None:
     return (match.group(1), match.group(2)) if match else None
 
 
+def _fsync_dir(folder: Path) -> None:
+    if os.name != "posix":  # Windows cannot open a folder for fsync; NTFS journals renames itself
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class ImageFiles:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -53,7 +63,10 @@ class ImageFiles:
         sha256 = hashlib.sha256(data).hexdigest()
         target = self.path_for(sha256, extension)
         if not target.exists():
+            new_folder = not target.parent.exists()
             target.parent.mkdir(parents=True, exist_ok=True)
+            if new_folder:
+                _fsync_dir(self.root)  # the new two-character folder's entry must last too
             fd, temp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
             try:
                 with os.fdopen(fd, "wb") as handle:
@@ -61,6 +74,9 @@ class ImageFiles:
                     handle.flush()
                     os.fsync(handle.fileno())
                 os.replace(temp, target)
+                # The file's data is on disk; the rename lives in the folder, which must reach the disk too
+                # before the job that points at this file commits (ext4 orders this, other filesystems not).
+                _fsync_dir(target.parent)
             except BaseException:
                 Path(temp).unlink(missing_ok=True)
                 raise
