@@ -39,8 +39,8 @@ def test_an_image_is_stored_by_its_hash_and_its_folder_entries_are_synced(
     assert not [p for p in target.parent.iterdir() if p.name.startswith(".tmp-")]
     if os.name == "posix":
         # The new two-character folder's entry in the root, the data, then the file's name in its folder.
-        root_entry, data, name = synced
+        root_entry, written, name = synced
         assert root_entry == str(files.root) and name == str(target.parent)
-        assert Path(data).parent == target.parent and Path(data).name.startswith(".tmp-")  # before the rename
+        assert Path(written).parent == target.parent and Path(written).name.startswith(".tmp-")  # pre-rename
     files.put(data, "image/png")  # already stored: nothing is written or synced again
     assert len(synced) == (3 if os.name == "posix" else 1)
