@@ -14,9 +14,11 @@ FAST = {"prompt": "a fox", "num_inference_steps": 20}
 SLOW = {"prompt": "a slow fox", "width": 128, "height": 128, "num_inference_steps": 150}
 
 
-def sse(client: httpx.Client, path: str) -> Iterator[tuple[str, dict[str, Any], int | None]]:
-    """(event type, data, id) for each server-sent event."""
-    with client.stream("GET", path, timeout=120) as response:
+def sse(
+    client: httpx.Client, path: str, **headers: str
+) -> Iterator[tuple[str, dict[str, Any], int | str | None]]:
+    """(event type, data, id) for each server-sent event; the final event's id is 'end'."""
+    with client.stream("GET", path, timeout=120, headers=headers) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         kind, data, ident = "message", "", None
@@ -26,7 +28,7 @@ def sse(client: httpx.Client, path: str) -> Iterator[tuple[str, dict[str, Any], 
             elif line.startswith("data: "):
                 data = line[6:]
             elif line.startswith("id: "):
-                ident = int(line[4:])
+                ident = int(line[4:]) if line[4:].isdigit() else line[4:]
             elif line == "" and data:
                 yield kind, json.loads(data), ident
                 kind, data, ident = "message", "", None
@@ -55,8 +57,9 @@ def test_events_arrive_in_order_with_previews_and_end_with_the_result(server: Se
     kinds = [kind for kind, _, _ in events]
     assert kinds[-1] == "succeeded"
     assert set(kinds[:-1]) <= {"status", "progress"}
-    ids = [ident for _, _, ident in events if ident is not None]
+    ids = [ident for _, _, ident in events[:-1] if isinstance(ident, int)]
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert events[-1][2] == "end"  # an EventSource that reconnects with it is told to stop (204)
     progress = [data for kind, data, _ in events if kind == "progress"]
     overall = [data["overall_step"] for data in progress]
     assert overall == sorted(overall) and overall[-1] == progress[-1]["overall_total"]
@@ -71,6 +74,28 @@ def test_events_of_a_finished_job_replay_the_outcome(server: ServerProcess) -> N
         wait_done(client, job["id"])
         events = list(sse(client, f"/v1/jobs/{job['id']}/events"))
     assert [kind for kind, _, _ in events] == ["succeeded"]
+    with server.client() as client:
+        # A browser's EventSource reconnects after the stream ends, sending the last id it saw.
+        again = client.get(f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": "end"})
+    assert again.status_code == 204  # "stop reconnecting", per the SSE specification
+
+
+def test_a_reconnecting_client_resumes_after_its_last_event(server: ServerProcess) -> None:
+    with server.client() as client:
+        job = submit(client, SLOW)
+        path = f"/v1/jobs/{job['id']}/events"
+        first = []
+        for event in sse(client, path):
+            first.append(event)
+            if len([e for e in first if e[0] == "progress"]) >= 3:
+                break  # the connection drops here
+        last_id = first[-1][2]
+        assert isinstance(last_id, int)
+        resumed = sse(client, path, **{"Last-Event-ID": str(last_id)})
+        kind, _, ident = next(resumed)
+        assert isinstance(ident, int) and ident > last_id, (kind, ident, last_id)
+        resumed.close()
+        client.post(f"/v1/jobs/{job['id']}/cancel")
 
 
 def test_cancel_running_and_queued(server: ServerProcess) -> None:

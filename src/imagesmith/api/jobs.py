@@ -108,25 +108,35 @@ async def cancel_job(job_id: str, service: ServiceDep) -> dict[str, Any]:
     return service.view(service.cancel(job_id))
 
 
+END_EVENT_ID = "end"  # the id of a job's final event
+
+
 @router.get(
     "/{job_id}/events",
     response_class=StreamingResponse,
     responses={200: {"content": {"text/event-stream": {}}}},
 )
-async def job_events(job_id: str, service: ServiceDep, request: Request) -> StreamingResponse:
+async def job_events(job_id: str, service: ServiceDep, request: Request) -> Response:
     """Server-sent events: `status`, `progress` (with a small `preview` data URL every few steps), and one
-    final `succeeded`, `failed` or `canceled` carrying the result or error."""
+    final `succeeded`, `failed` or `canceled` carrying the result or error, whose id is `end`.
+
+    A browser's EventSource reconnects by itself, sending the last id it saw (Last-Event-ID): a number resumes
+    after that event; `end` means it has the outcome, and 204 tells it to stop reconnecting."""
     service.get(job_id)  # 404 before the stream starts
+    last_seen = request.headers.get("last-event-id", "").strip()
+    if last_seen == END_EVENT_ID:
+        return Response(status_code=204)
+    after_id = int(last_seen) if last_seen.isdigit() else 0
 
     async def stream() -> AsyncIterator[str]:
         yield "retry: 2000\n\n"
-        async for event in service.events(job_id):
+        async for event in service.events(job_id, after_id=after_id):
             if await request.is_disconnected():
                 return
             if event is None:
                 yield ": keep-alive\n\n"
                 continue
-            ident = f"id: {event.id}\n" if event.id else ""
+            ident = f"id: {END_EVENT_ID}\n" if event.terminal else f"id: {event.id}\n" if event.id else ""
             yield f"{ident}event: {event.type}\ndata: {json.dumps(event.data)}\n\n"
 
     return StreamingResponse(

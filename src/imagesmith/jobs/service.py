@@ -244,16 +244,22 @@ class JobService:
 
     # --- waiting and events ---
 
-    async def events(self, job_id: str, heartbeat_s: float = 15.0) -> AsyncGenerator[Event | None, None]:
-        """The job's events in order, ending with its terminal event; None now and then as a heartbeat."""
+    async def events(
+        self, job_id: str, heartbeat_s: float = 15.0, after_id: int = 0
+    ) -> AsyncGenerator[Event | None, None]:
+        """The job's events in order, ending with its terminal event; None now and then as a heartbeat.
+        `after_id`: a reconnecting client's last event; earlier ones are not sent again (the final one always
+        is). Ids restart with the server, so a stale id can only hide progress, never the outcome."""
         backlog, queue = self.hub.subscribe(job_id)
         try:
             job = self.get(job_id)
             if job.status.terminal:
                 yield self._terminal_from_store(job)
                 return
-            last_id = 0
+            last_id = after_id
             for event in backlog:
+                if event.id <= last_id:
+                    continue
                 last_id = event.id
                 yield event
             while True:
@@ -267,8 +273,8 @@ class JobService:
                         return
                     yield None
                     continue
-                if event.id <= last_id:
-                    continue  # already replayed from the backlog
+                if event.id <= last_id and not event.terminal:
+                    continue  # already replayed from the backlog, or seen before the client reconnected
                 last_id = event.id
                 yield event
                 if event.terminal:
