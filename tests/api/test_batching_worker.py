@@ -135,3 +135,20 @@ def test_a_job_canceled_inside_a_batch_ends_at_once_not_when_the_pass_ends(servi
     assert store.get(keep).status is JobStatus.SUCCEEDED  # type: ignore[union-attr]
     assert store.get(keep).result["metadata"]["batch_size"] == 2  # type: ignore[union-attr]
     assert store.get(drop).status is JobStatus.CANCELED  # type: ignore[union-attr]
+
+
+def test_a_batch_pass_counts_its_stage_times_once(service: Any) -> None:
+    """imagesmith_stage_seconds is per pipeline pass: three jobs sharing one pass add one observation per
+    stage, not three (which would inflate the counts and sums under batching)."""
+    store, worker, _ = service
+    ids = [submit(store, job_request(prompt=f"job {n}", seed=n)) for n in range(3)]
+    worker.start()
+    wait_all(store, ids)
+    assert {store.get(i).result["metadata"]["batch_size"] for i in ids} == {3}  # type: ignore[union-attr]
+    counts = {
+        sample.labels["stage"]: sample.value
+        for family in worker.metrics.stage_seconds.collect()
+        for sample in family.samples
+        if sample.name.endswith("_count")
+    }
+    assert counts and set(counts.values()) == {1.0}, counts

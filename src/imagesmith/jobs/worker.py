@@ -290,10 +290,14 @@ class Worker:
             outcomes: list[SourceResult | BaseException] = generator.fetch_batch(items)
         except Exception as error:  # the whole pass failed (engine gone, ...): every job gets the error
             outcomes = [error for _ in jobs]
+        pass_counted = False  # the pass's stage times go into the histogram once, not once per job
         for job, outcome in zip(jobs, outcomes, strict=True):
             token = current_job.set(job.id)
             try:
-                self._complete(job, starts[job.id][1], self._batch_outcome(outcome))
+                succeeded = self._complete(
+                    job, starts[job.id][1], self._batch_outcome(outcome), count_stages=not pass_counted
+                )
+                pass_counted = pass_counted or succeeded
             finally:
                 current_job.reset(token)
 
@@ -356,8 +360,12 @@ class Worker:
             outcome = error
         self._complete(job, started, outcome)
 
-    def _complete(self, job: JobRecord, started: float, outcome: Served | BaseException) -> None:
-        """Store the images and record the job's final state (or put it back in the queue on shutdown)."""
+    def _complete(
+        self, job: JobRecord, started: float, outcome: Served | BaseException, count_stages: bool = True
+    ) -> bool:
+        """Store the images and record the job's final state (or put it back in the queue on shutdown).
+        Returns whether the job succeeded. `count_stages`: whether its stages go into the stage histogram
+        (a batch's jobs share one pass, which is counted once)."""
         try:
             if isinstance(outcome, BaseException):
                 raise outcome
@@ -383,8 +391,10 @@ class Worker:
                 "metadata": result.metadata,
             }
             self._finish(job, JobStatus.SUCCEEDED, result=payload)
-            for stage in result.metadata.get("stages", []):
-                self.metrics.stage_seconds.labels(stage["name"]).observe(stage["seconds"])
+            if count_stages:
+                for stage in result.metadata.get("stages", []):
+                    self.metrics.stage_seconds.labels(stage["name"]).observe(stage["seconds"])
+            return True
         except GenerationCanceled:
             # A clean shutdown puts the job back, unless a client's cancel reached the store (requeue says
             # False): that one ends canceled, as it would have if the cancel had reached this token.
@@ -411,6 +421,7 @@ class Worker:
                 self._batched.discard(job.id)
             self.live.pop(job.id, None)
             self.metrics.job_seconds.observe(time.perf_counter() - started)
+        return False
 
     def _fetch(self, request: ImageRequest, job: JobRecord, cancel: CancelToken) -> Served:
         """Try the request's sources in order (fallback.py); the first that serves wins. Counts every attempt."""
