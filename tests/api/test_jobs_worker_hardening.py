@@ -170,3 +170,30 @@ def test_a_shutdown_does_not_requeue_a_job_whose_cancel_reached_only_the_store(p
     parts.worker.stop()  # returns once the job stopped after its current step
     assert parts.job(job_id).status is JobStatus.CANCELED
     assert parts.hub.terminal[job_id] == "canceled"
+
+
+def test_a_pass_that_breaks_outside_the_jobs_handling_ends_them_failed(
+    parts: Parts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store failing as a job begins escapes every per-job handler: the claimed job must not stay running
+    (waiters waiting) until a restart, and the worker must go on with the next job."""
+    broken = parts.submit(prompt="unlucky", seed=1, width=96)  # another size: its own pass
+    begin = parts.worker._begin
+    failures: list[str] = []
+
+    def failing_once(job: JobRecord) -> Any:
+        if not failures:
+            failures.append(job.id)
+            raise sqlite3.OperationalError("disk I/O error")
+        return begin(job)
+
+    monkeypatch.setattr(parts.worker, "_begin", failing_once)
+    parts.worker.start()
+    parts.wait_terminal(broken)
+    ended = parts.job(broken)
+    assert ended.status is JobStatus.FAILED and ended.error is not None
+    assert ended.error["code"] == "internal_error" and "disk I/O error" in ended.error["message"]
+    assert parts.hub.terminal[broken] == "failed"
+    after = parts.submit(prompt="next one", seed=2)
+    parts.wait_terminal(after)
+    assert parts.job(after).status is JobStatus.SUCCEEDED

@@ -215,8 +215,22 @@ class Worker:
                 continue
             try:
                 self.run_batch(jobs)
-            except Exception:  # keep the worker alive whatever happens to one batch
+            except Exception as error:  # keep the worker alive whatever happens to one batch
                 log.exception("worker batch failed")
+                self._end_unfinished(jobs, error)
+
+    def _end_unfinished(self, jobs: list[JobRecord], error: Exception) -> None:
+        """A pass that broke outside every job's own handling (the store failing as a job began, say) would
+        leave its claimed jobs running, their waiters waiting, until a restart: end them failed now. If the
+        store itself is down this fails too, and recovery at the next start ends them."""
+        for job in jobs:
+            try:
+                stored = self.store.get(job.id)
+                if stored is not None and not stored.status.terminal:
+                    message = f"the worker failed: {type(error).__name__}: {error}"[:2000]
+                    self._finish(job, JobStatus.FAILED, error={"code": "internal_error", "message": message})
+            except Exception:
+                log.exception("could not end job %s after the worker failed", job.id)
 
     def _end_canceled_queued(self) -> None:
         """Queued jobs flagged for cancel are never claimed: end them, and tell their listeners."""
