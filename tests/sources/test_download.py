@@ -122,3 +122,22 @@ async def test_a_body_that_does_not_decode_is_a_bad_response(standin: StandIn) -
         await fetcher.fetch(url(standin))
     await fetcher.aclose()
     assert standin.image_calls == 1  # the same body would come again: not retried
+
+
+@pytest.mark.parametrize(
+    "failure", [__import__("struct").error("unpack"), IndexError("tile"), ZeroDivisionError()]
+)
+async def test_any_decoder_failure_is_not_an_image(
+    standin: StandIn, monkeypatch: pytest.MonkeyPatch, failure: Exception
+) -> None:
+    """Pillow's plugins raise more than OSError on malformed files; every such failure must read as 'not an
+    image' (the next photo is tried), not escape as an unexpected error."""
+
+    def broken_open(*args: object, **kwargs: object) -> Image.Image:
+        raise failure
+
+    fetcher = downloader(standin)
+    monkeypatch.setattr(Image, "open", broken_open)
+    with pytest.raises(NotAnImage, match="does not decode as an image"):
+        await fetcher.fetch(url(standin))
+    await fetcher.aclose()

@@ -197,8 +197,15 @@ class ImageDownloader:
                 image.load()
         except (DownloadTooLarge, NotAnImage):
             raise
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-            raise NotAnImage(f"{_safe(url)} does not decode as an image: {error}") from None
+        except Image.DecompressionBombError as error:  # Pillow's own pixel cap, before ours could look
+            raise DownloadTooLarge(f"{_safe(url)} is too large to decode: {error}") from None
+        except Exception as error:
+            # Pillow answers malformed files with many kinds of error (OSError, SyntaxError, but also
+            # struct.error, IndexError, ZeroDivisionError from its plugins): any of them means "not an image",
+            # so the next candidate photo is tried.
+            raise NotAnImage(
+                f"{_safe(url)} does not decode as an image: {type(error).__name__}: {error}"
+            ) from None
         return image
 
 
