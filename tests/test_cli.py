@@ -110,3 +110,12 @@ def test_a_bad_environment_setting_is_named_as_set_and_exits_2(tiny_model_home: 
             "IMAGESMITH_PRECISION: Input should be 'auto', 'bf16'" in done.stderr and "'bf17'" in done.stderr
         )
         assert "Traceback" not in done.stderr
+
+
+def test_an_output_name_of_another_format_is_refused(tiny_model_home: Path, tmp_path: Path) -> None:
+    done = run_cli("generate", "x", "-o", str(tmp_path / "hero.gif"), home=tiny_model_home)
+    assert done.returncode == 2
+    assert (
+        "--output: .gif is not a format imagesmith writes; name the file .png, .jpg or .webp" in done.stderr
+    )
+    assert not (tmp_path / "hero.gif").exists()

@@ -180,6 +180,12 @@ class _StageBars:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    if not args.format:
+        try:
+            OutputFormat.for_suffix(args.output.suffix, OutputFormat.PNG)
+        except ValueError as error:
+            print(f"imagesmith generate: error: --output: {error} (or give --format)", file=sys.stderr)
+            return 2
     try:
         request = _request_from(args)
     except ValidationError as error:

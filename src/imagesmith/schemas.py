@@ -53,11 +53,17 @@ class OutputFormat(StrEnum):
 
     @classmethod
     def for_suffix(cls, suffix: str, default: OutputFormat) -> OutputFormat:
-        """The format a file name's suffix asks for ('.jpg' and '.jpeg' both JPEG), else `default`."""
+        """The format a file name's suffix asks for ('.jpg' and '.jpeg' both JPEG); `default` when the name
+        has no suffix. A suffix of another format is refused (ValueError): writing PNG bytes into 'x.gif'
+        would give a file its own name lies about."""
         name = suffix.lower().lstrip(".")
+        if not name:
+            return default
         if name == "jpg":
             return cls.JPEG
-        return cls(name) if name in {member.value for member in cls} else default
+        if name in {member.value for member in cls}:
+            return cls(name)
+        raise ValueError(f"{suffix} is not a format imagesmith writes; name the file .png, .jpg or .webp")
 
 
 class AspectPreset(StrEnum):

@@ -115,6 +115,7 @@ def test_doctor_lines_and_the_handler_cli_py_calls(
     [
         (["(:1.2)"], {}, "keywords, a title or a prompt"),  # no word to search for
         (["lake", "-o", "{tmp}/no/such/dir/x.jpg"], {}, "no folder"),
+        (["lake", "-o", "{tmp}/x.gif"], {}, ".gif is not a format imagesmith writes"),
         (["lake", "--width", "-5"], {}, "width: Input should be greater than or equal to 64"),
         (["lake"], {"pexels_allowed_hosts": ["ftp://images.pexels.com"]}, "IMAGESMITH_PEXELS_ALLOWED_HOSTS"),
     ],
