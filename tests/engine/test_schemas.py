@@ -74,7 +74,9 @@ def test_defaults_follow_the_seed_flags() -> None:
 def test_output_format_from_a_file_suffix() -> None:
     from imagesmith.schemas import OutputFormat
 
-    cases = {".PNG": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp", ".gif": "png", "": "png"}
+    cases = {".PNG": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp", "": "png"}
     for suffix, expected in cases.items():
         assert OutputFormat.for_suffix(suffix, OutputFormat.PNG) == expected, suffix
+    with pytest.raises(ValueError, match=r"\.gif is not a format imagesmith writes"):
+        OutputFormat.for_suffix(".gif", OutputFormat.PNG)
     assert OutputFormat.JPEG.media_type == "image/jpeg"
