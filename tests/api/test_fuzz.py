@@ -44,6 +44,9 @@ class StubEngine:
     def planned_steps(self, request: Any) -> dict[str, int]:
         return {"base": request.resolve().num_inference_steps}
 
+    def empty_stage(self, request: Any) -> str | None:
+        return None
+
     def describe(self) -> dict[str, Any]:
         return {"device": "cpu", "plan": "stub", "refiner": "not configured", "base_model": "stub"}
 

@@ -185,3 +185,16 @@ def test_many_clients_over_the_queue_bound(server: ServerProcess) -> None:
         metrics = client.get("/metrics").text
     assert "imagesmith_queue_depth" in metrics and 'imagesmith_jobs{status="succeeded"}' in metrics
     assert 'imagesmith_stage_seconds_count{stage="base"}' in metrics
+
+
+def test_an_ensemble_split_the_scheduler_cannot_run_is_a_422_at_submit(server: ServerProcess) -> None:
+    """4 DPM++ steps at 0.8 all fall in the base (the scheduler's timesteps decide): refused when submitted,
+    naming the field, rather than accepted and failed later."""
+    with server.client() as client:
+        response = client.post(
+            "/v1/jobs", json={"prompt": "a fox", "scheduler": "dpmpp_2m", "num_inference_steps": 4}
+        )
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert error["field"] == "high_noise_frac" and "the refiner 0" in error["message"]
+        assert client.post("/v1/jobs", json={**FAST, "scheduler": "dpmpp_2m"}).status_code == 202

@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from imagesmith.jobs.service import (
+    InvalidGeneration,
     InvalidIdempotencyKey,
     JobNotFound,
     LimitExceeded,
@@ -205,6 +206,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _service(request: Request, error: ServiceError) -> JSONResponse:
         status = {
             LimitExceeded: 422,
+            InvalidGeneration: 422,
             InvalidIdempotencyKey: 422,
             JobNotFound: 404,
             StockNotConfigured: 422,  # the request asks for what this server does not offer

@@ -171,7 +171,7 @@ class Engine:
         ]
         if len({batch_key(request) for request in resolved}) != 1:
             raise ValueError("generate_batch needs requests with equal batch_key(); split them first")
-        empty_stage = self._empty_stage(resolved[0])
+        empty_stage = self.empty_stage(resolved[0])
         if empty_stage is not None:  # the batch shares the steps and the split, so all of it or none
             return [GenerationError(empty_stage) for _ in items]
         members, row = [], 0
@@ -288,7 +288,7 @@ class Engine:
             outcomes.append(GenerationResult(images=[images[row] for row in rows], metadata=metadata))
         return outcomes
 
-    def _empty_stage(self, request: ResolvedRequest) -> str | None:
+    def empty_stage(self, request: ResolvedRequest) -> str | None:
         """The request schema checks the ensemble's split as int(steps x high_noise_frac); the scheduler's own
         timesteps decide the real one (a 4-step DPM++ run put all 4 steps in the base). A stage with no step
         would run the refiner on nothing, or from pure noise, and still call the image refined."""

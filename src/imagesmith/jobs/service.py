@@ -51,6 +51,12 @@ class LimitExceeded(ServiceError):
     code = "limit_exceeded"
 
 
+class InvalidGeneration(ServiceError):
+    """Settings the schema accepts but the loaded model's scheduler cannot run as asked (the ensemble's split)."""
+
+    code = "invalid_request"
+
+
 class StockNotConfigured(ServiceError):
     code = "stock_not_configured"
 
@@ -131,7 +137,12 @@ class JobService:
                 f"server allows {limits.max_total_pixels} per request; lower the size or num_images",
                 "width",
             )
-        return request.model_copy(update={"generation": generation})
+        prepared = request.model_copy(update={"generation": generation})
+        if SourceName.GENERATE in request.sources and self.worker is not None:
+            empty_stage = self.worker.empty_stage(prepared)
+            if empty_stage is not None:
+                raise InvalidGeneration(empty_stage, "high_noise_frac")
+        return prepared
 
     def check_sources(self, request: ImageRequest) -> None:
         """Refuse at once what no source can serve, rather than accept a job that can only fail."""

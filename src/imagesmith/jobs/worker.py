@@ -337,6 +337,13 @@ class Worker:
         self._count_attempts(served.attempts)
         return served
 
+    def empty_stage(self, request: ImageRequest) -> str | None:
+        """Why the engine would refuse this request's ensemble split (a stage with no step), once it is loaded;
+        None when the split is fine or no engine is there yet to say (the engine checks again when it runs)."""
+        generator = self.sources.get(SourceName.GENERATE)
+        engine = generator.engine if isinstance(generator, GenerateSource) else None
+        return None if engine is None else engine.empty_stage(request.generation.resolve())
+
     def planned_steps(self, request: ImageRequest) -> dict[str, int]:
         """Steps per stage for progress totals and the ETA: the engine's own plan when it is loaded."""
         generator = self.sources.get(SourceName.GENERATE)
