@@ -56,6 +56,7 @@ class StandIn:
     image_default: str = "ok"
     image_script: list[str] = field(default_factory=list)
     delay_s: float = 2.0
+    drip_interval_s: float = 0.05  # "drip" image answers: seconds between 16-byte pieces
     limit: int = 200
     remaining: int = 199
     reset_epoch: int = field(default_factory=lambda: plausible_reset())
@@ -214,6 +215,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, b"", "image/jpeg", length=50_000_000)
         if behaviour == "oversized":
             return self._stream_forever()
+        if behaviour == "drip":
+            return self._drip(jpeg_bytes(width=entry[1], height=entry[2], seed=photo_id))
         if behaviour == "redirect_offsite":
             self.send_response(302)
             self.send_header("Location", "https://evil.example.com/x.jpeg")
@@ -225,6 +228,21 @@ class _Handler(BaseHTTPRequestHandler):
             width, height = int(params["w"]), int(params["h"])  # the CDN's exact crop
         self._send(200, jpeg_bytes(width, height, seed=photo_id), "image/jpeg")  # "ignore_params" too
         return None
+
+    def _drip(self, body: bytes) -> None:
+        """A valid image sent a few bytes at a time: every read arrives within any per-read timeout."""
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        try:
+            for start in range(0, len(body), 16):
+                self.wfile.write(body[start : start + 16])
+                self.wfile.flush()
+                time.sleep(self.standin.drip_interval_s)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        self.close_connection = True
 
     def _stream_forever(self) -> None:
         """An image body that never ends (no Content-Length): only a streamed cap stops it."""

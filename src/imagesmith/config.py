@@ -207,7 +207,9 @@ class Settings(BaseSettings):
         100_000_000, ge=1, description="Largest photo accepted, in pixels: a decompression-bomb guard."
     )
     pexels_timeout_s: float = Field(10.0, gt=0, description="Per-request timeout of API calls, in seconds.")
-    pexels_download_timeout_s: float = Field(30.0, gt=0, description="Per-request timeout of downloads.")
+    pexels_download_timeout_s: float = Field(
+        30.0, gt=0, description="Deadline of one photo download attempt, in seconds."
+    )
     pexels_max_retries: int = Field(
         2, ge=0, le=10, description="Retries after a 5xx or network error (API calls and downloads)."
     )

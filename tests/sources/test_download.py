@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import struct
+import time
+
 import pytest
 from pexels_standin import StandIn
 from PIL import Image
@@ -124,9 +127,7 @@ async def test_a_body_that_does_not_decode_is_a_bad_response(standin: StandIn) -
     assert standin.image_calls == 1  # the same body would come again: not retried
 
 
-@pytest.mark.parametrize(
-    "failure", [__import__("struct").error("unpack"), IndexError("tile"), ZeroDivisionError()]
-)
+@pytest.mark.parametrize("failure", [struct.error("unpack"), IndexError("tile"), ZeroDivisionError()])
 async def test_any_decoder_failure_is_not_an_image(
     standin: StandIn, monkeypatch: pytest.MonkeyPatch, failure: Exception
 ) -> None:
@@ -140,4 +141,17 @@ async def test_any_decoder_failure_is_not_an_image(
     monkeypatch.setattr(Image, "open", broken_open)
     with pytest.raises(NotAnImage, match="does not decode as an image"):
         await fetcher.fetch(url(standin))
+    await fetcher.aclose()
+
+
+async def test_a_host_that_drips_bytes_meets_a_deadline_for_the_whole_download(standin: StandIn) -> None:
+    """Each piece arrives well within the per-read timeout; only a deadline on the whole attempt stops a host
+    that would otherwise hold the worker for as long as it likes."""
+    standin.image_default = "drip"
+    standin.drip_interval_s = 0.1
+    fetcher = downloader(standin, timeout_s=0.5, max_retries=0)
+    began = time.monotonic()
+    with pytest.raises(PexelsUnavailable, match=r"took over 0\.5s"):
+        await fetcher.fetch(url(standin))
+    assert time.monotonic() - began < 3
     await fetcher.aclose()

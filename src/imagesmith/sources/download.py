@@ -117,6 +117,7 @@ class ImageDownloader:
         self.max_retries = max_retries
         self.backoff_s = backoff_s
         self._sleep = sleep
+        self.timeout_s = timeout_s
         self._owns_http = http is None
         self._http = http or httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), follow_redirects=False)
 
@@ -127,7 +128,12 @@ class ImageDownloader:
     async def fetch(self, url: str) -> DownloadedImage:
         async def once() -> DownloadedImage:
             try:
-                return await self._fetch_once(url)
+                # httpx's timeout bounds each read; a host that drips a byte at a time would never trip it
+                # and would hold the worker. So the whole attempt has a deadline too.
+                async with asyncio.timeout(self.timeout_s):
+                    return await self._fetch_once(url)
+            except TimeoutError:
+                raise Retryable(f"downloading {_safe(url)} took over {self.timeout_s:g}s") from None
             except RETRYABLE_TRANSPORT_ERRORS as error:
                 raise Retryable(f"{type(error).__name__} downloading {_safe(url)}") from None
             except _RetryableStatus as error:
