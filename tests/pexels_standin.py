@@ -149,6 +149,9 @@ class _Handler(BaseHTTPRequestHandler):
         behaviour = s.next_api()
         if behaviour == "slow":
             time.sleep(s.delay_s)
+        if behaviour == "drip":
+            body = json.dumps({"photos": [], "total_results": 0, "page": 1, "per_page": 1}).encode()
+            return self._drip(body, "application/json")
         if self.headers.get("Authorization") != API_KEY or behaviour == "401":
             return self._json(401, {"error": "Invalid API key"}, quota=False)
         if behaviour == "429":
@@ -229,10 +232,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, jpeg_bytes(width, height, seed=photo_id), "image/jpeg")  # "ignore_params" too
         return None
 
-    def _drip(self, body: bytes) -> None:
-        """A valid image sent a few bytes at a time: every read arrives within any per-read timeout."""
+    def _drip(self, body: bytes, content_type: str = "image/jpeg") -> None:
+        """A valid answer sent a few bytes at a time: every read arrives within any per-read timeout."""
         self.send_response(200)
-        self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         try:

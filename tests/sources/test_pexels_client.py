@@ -132,9 +132,19 @@ async def test_timeout_is_retried_then_unavailable(standin: StandIn, tmp_path: P
     standin.delay_s = 0.6
     standin.api_default = "slow"
     async with client_for(settings) as client:
-        with pytest.raises(PexelsUnavailable, match="Timeout"):
+        with pytest.raises(PexelsUnavailable, match=r"Timeout|took over 0\.2s"):
             await client.search("cats")
     assert standin.api_calls == 2
+
+
+async def test_an_api_answer_dripping_in_meets_a_deadline(standin: StandIn, tmp_path: Path) -> None:
+    """Every piece arrives within the per-read timeout; the deadline on the whole answer still ends it."""
+    settings = make_settings(standin, tmp_path, pexels_timeout_s=0.3, pexels_max_retries=0)
+    standin.api_default = "drip"
+    standin.drip_interval_s = 0.1
+    async with client_for(settings) as client:
+        with pytest.raises(PexelsUnavailable, match=r"took over 0\.3s to answer"):
+            await client.search("cats")
 
 
 async def test_timeout_then_success(standin: StandIn, tmp_path: Path) -> None:

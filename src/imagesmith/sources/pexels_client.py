@@ -276,6 +276,7 @@ class PexelsClient:
         self.quota = QuotaTracker(default_block_s=quota_backoff_s, clock=clock)
         self._sleep = sleep
         self._owns_http = http is None
+        self.timeout_s = timeout_s
         self._http = http or httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), follow_redirects=False)
 
     @classmethod
@@ -371,7 +372,12 @@ class PexelsClient:
 
         async def once() -> httpx.Response:
             try:
-                response = await self._http.get(url, params=params, headers=headers)
+                # httpx's timeout bounds each read; the deadline bounds the whole answer (a host dripping
+                # bytes would otherwise hold the worker).
+                async with asyncio.timeout(self.timeout_s):
+                    response = await self._http.get(url, params=params, headers=headers)
+            except TimeoutError:
+                raise Retryable(f"Pexels {path} took over {self.timeout_s:g}s to answer") from None
             except RETRYABLE_TRANSPORT_ERRORS as error:  # timeouts, refused connections, broken streams
                 raise Retryable(f"{type(error).__name__} calling Pexels {path}") from None
             except (
