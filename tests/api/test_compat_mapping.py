@@ -81,7 +81,8 @@ def test_a1111_refiner_seed_and_batches() -> None:
     assert generation.seed == 7 and generation.refine_mode is RefineMode.ENSEMBLE
     assert generation.high_noise_frac == 0.6
     for off in ({"refiner_checkpoint": ""}, {"refiner_checkpoint": "None"}, {"refiner_checkpoint": None},
-                {"refiner_checkpoint": "r", "refiner_switch_at": 1.0}):  # fmt: skip
+                {"refiner_checkpoint": "r", "refiner_switch_at": 1.0},
+                {"refiner_switch_at": 1.0}, {"refiner_switch_at": 1.5}):  # fmt: skip
         assert (
             a1111_request(Txt2ImgRequest(prompt="p", **off), SETTINGS).generation.refine_mode
             is RefineMode.NONE

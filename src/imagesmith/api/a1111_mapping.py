@@ -149,8 +149,11 @@ def resolve_sampler(sampler: str | None, scheduler: str | None) -> SchedulerName
 
 def _refinement(body: Txt2ImgRequest) -> dict[str, Any]:
     switch_at = body.refiner_switch_at
-    if "refiner_checkpoint" not in body.model_fields_set:
-        return {} if switch_at is None or switch_at >= 1 else {"high_noise_frac": switch_at}
+    if "refiner_checkpoint" not in body.model_fields_set:  # this server's refiner, as configured
+        if switch_at is None:
+            return {}
+        # A1111: a switch at 1 or later never reaches the refiner, so the base alone makes the image.
+        return {"refine_mode": RefineMode.NONE} if switch_at >= 1 else {"high_noise_frac": switch_at}
     if not body.refiner_checkpoint or body.refiner_checkpoint == "None" or (switch_at or 0) >= 1:
         return {"refine_mode": RefineMode.NONE}
     high_noise_frac = DEFAULT_SWITCH_AT if switch_at is None else switch_at
