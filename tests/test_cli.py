@@ -119,3 +119,12 @@ def test_an_output_name_of_another_format_is_refused(tiny_model_home: Path, tmp_
         "--output: .gif is not a format imagesmith writes; name the file .png, .jpg or .webp" in done.stderr
     )
     assert not (tmp_path / "hero.gif").exists()
+
+
+def test_the_server_module_reports_a_bad_setting_like_the_cli(tmp_path: Path) -> None:
+    env = {**os.environ, "IMAGESMITH_DATA_DIR": str(tmp_path), "IMAGESMITH_QUEUE_MAX": "abc"}
+    done = subprocess.run(
+        [sys.executable, "-m", "imagesmith.api.serve"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2 and "IMAGESMITH_QUEUE_MAX: Input should be a valid integer" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -91,9 +91,10 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m imagesmith.api.serve", description=__doc__)
-    _add_arguments(parser)
-    return run_serve(parser.parse_args(argv))
+    """`python -m imagesmith.api.serve` is `imagesmith serve`: the same options, errors and exit codes."""
+    from imagesmith.cli import main as cli_main
+
+    return cli_main(["serve", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
