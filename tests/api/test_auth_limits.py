@@ -58,6 +58,14 @@ def test_body_size_limit(app_client: Callable[..., TestClient]) -> None:
         response = client.post("/v1/jobs", content=chunks, headers={"Content-Type": "application/json"})
         assert response.status_code == 413, response.text
         assert response.json()["error"]["code"] == "body_too_large"
+        # A compatibility route answers in its own dialect, whichever way the size was found out.
+        big = {"prompt": "x" * 4000}
+        openai = client.post("/v1/images/generations", json=big)
+        assert openai.status_code == 413 and openai.json()["error"]["type"] == "invalid_request_error"
+        a1111 = client.post("/sdapi/v1/txt2img", json=big)
+        assert (
+            a1111.status_code == 413 and a1111.json()["error"] == "body_too_large" and a1111.json()["detail"]
+        )
 
 
 def test_no_client_chosen_paths(app_client: Callable[..., TestClient]) -> None:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from starlette.exceptions import HTTPException
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from imagesmith.api.errors import error_response
+from imagesmith.api.errors import render_error
 
 
 class BodySizeLimit:
@@ -24,7 +25,9 @@ class BodySizeLimit:
                 except ValueError:
                     declared = 0
                 if declared > self.max_bytes:
-                    await error_response(413, "body_too_large", message)(scope, receive, send)
+                    # In the dialect of the route (OpenAI, A1111 or ours), like every other error.
+                    refusal = render_error(Request(scope), 413, "body_too_large", message)
+                    await refusal(scope, receive, send)
                     return
         seen = 0
 
