@@ -44,3 +44,19 @@ def test_an_image_is_stored_by_its_hash_and_its_folder_entries_are_synced(
         assert Path(written).parent == target.parent and Path(written).name.startswith(".tmp-")  # pre-rename
     files.put(data, "image/png")  # already stored: nothing is written or synced again
     assert len(synced) == (3 if os.name == "posix" else 1)
+
+
+def test_only_whole_image_names_parse() -> None:
+    from imagesmith.storage.files import parse_image_name
+
+    name = "a" * 64 + ".png"
+    assert parse_image_name(name) == ("a" * 64, "png")
+    for bad in (
+        name + "\n",
+        " " + name,
+        name + ".png",
+        "A" * 64 + ".png",
+        "a" * 63 + ".png",
+        "a" * 64 + ".gif",
+    ):
+        assert parse_image_name(bad) is None, repr(bad)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
 MEDIA_TYPES = {ext: media for media, ext in EXTENSIONS.items()}
-_NAME = re.compile(r"^([0-9a-f]{64})\.(png|jpg|webp)$")
+_NAME = re.compile(r"([0-9a-f]{64})\.(png|jpg|webp)")  # whole names only: fullmatch ($ allows a "\n")
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class StoredImage:
 
 def parse_image_name(name: str) -> tuple[str, str] | None:
     """(sha256, extension) for a valid image file name, None for anything else."""
-    match = _NAME.match(name)
+    match = _NAME.fullmatch(name)
     return (match.group(1), match.group(2)) if match else None
 
 
