@@ -124,7 +124,14 @@ class Settings(BaseSettings):
     )
     port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
     api_keys: str = Field(
-        "", description="Comma-separated API keys; when set, every endpoint but health needs a Bearer key."
+        "",
+        description="Comma-separated API keys; when set, every endpoint but health and image URLs needs a "
+        "Bearer key.",
+    )
+    image_urls_need_key: bool = Field(
+        False,
+        description="Image URLs (/v1/images/<sha256>.<ext>) need the Bearer key too. Off: they are "
+        "unguessable capability URLs a client downloads without a key, as with OpenAI's image URLs.",
     )
     queue_max: int = Field(32, ge=1, description="Jobs queued or running at once; past it, 429.")
     max_attempts: int = Field(3, ge=1, description="Runs of one job across crashes before it is failed.")

@@ -19,7 +19,6 @@ def test_api_keys_guard_everything_but_health(app_client: Callable[..., TestClie
             ("POST", "/v1/jobs"),
             ("GET", "/v1/jobs"),
             ("GET", "/metrics"),
-            ("GET", "/v1/images/" + "0" * 64 + ".png"),
             ("POST", "/api/media/generate-image"),
         ]:
             response = client.request(method, path, json=BODY)
@@ -135,3 +134,14 @@ def test_a_malformed_idempotency_key_is_refused_on_every_route(app_client: Calla
             assert response.status_code == 422, (path, response.text)
             error = response.json()["error"]
             assert error["field"] == "Idempotency-Key" and error["code"] == "invalid_request"
+
+
+def test_image_urls_are_capability_urls_unless_set_to_need_the_key(
+    app_client: Callable[..., TestClient],
+) -> None:
+    unknown = "/v1/images/" + "0" * 64 + ".png"
+    with app_client(api_keys="alpha") as client:
+        assert client.get(unknown).status_code == 404  # no key asked: the name itself is the secret
+    with app_client(api_keys="alpha", image_urls_need_key=True) as client:
+        assert client.get(unknown).status_code == 401
+        assert client.get(unknown, headers={"Authorization": "Bearer alpha"}).status_code == 404

@@ -55,3 +55,14 @@ def require_api_key(request: Request, settings: SettingsDep) -> None:
 
 
 Authorized = Depends(require_api_key)
+
+
+def require_api_key_for_images(request: Request, settings: SettingsDep) -> None:
+    """Image URLs are content-addressed (a SHA-256 no one can guess), so by default they work as capability
+    URLs: fetchable without a key, as clients of OpenAI's API download its image URLs. An operator who wants
+    them behind the key too sets IMAGESMITH_IMAGE_URLS_NEED_KEY."""
+    if settings.image_urls_need_key:
+        require_api_key(request, settings)
+
+
+ImagesAuthorized = Depends(require_api_key_for_images)

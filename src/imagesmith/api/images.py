@@ -1,15 +1,17 @@
-"""Stored images at stable, content-addressed URLs: the bytes never change, so caches may keep them forever."""
+"""Stored images at stable, content-addressed URLs: the bytes never change, so caches may keep them forever.
+Their names are SHA-256 hashes, unguessable, so they need no key unless IMAGESMITH_IMAGE_URLS_NEED_KEY says so
+(deps.require_api_key_for_images)."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, Response
 
-from imagesmith.api.deps import Authorized, FilesDep
+from imagesmith.api.deps import FilesDep, ImagesAuthorized
 from imagesmith.api.errors import ApiError
 from imagesmith.storage.files import MEDIA_TYPES, parse_image_name
 
-router = APIRouter(tags=["images"], dependencies=[Authorized])
+router = APIRouter(tags=["images"], dependencies=[ImagesAuthorized])
 
 CACHE_FOREVER = "public, max-age=31536000, immutable"
 
