@@ -74,3 +74,45 @@ def test_clean_shutdown_puts_the_running_job_back_without_spending_an_attempt(
     with second.client() as client:
         job = wait_for(lambda: _done(client, job_id), timeout=90)
     assert job["status"] == "succeeded" and job["attempts"] == 1
+
+
+def test_a_request_waiting_for_its_image_is_answered_at_shutdown_and_its_job_kept(
+    server_factory: Any, tmp_path: Path
+) -> None:
+    """SIGTERM while a synchronous request waits behind a running job: it gets a 503 with its job id at once,
+    not a dropped connection when the grace period ends, and the job runs after the restart."""
+    import threading
+    import time
+
+    data_dir = tmp_path / "data"
+    first: ServerProcess = server_factory(data_dir).start()
+    answer: dict[str, Any] = {}
+
+    def wait_for_an_image() -> None:
+        body = {"prompt": "behind the slow one", "use_generation": True, "use_pexels": False, "seed": 3}
+        began = time.monotonic()
+        response = httpx.post(f"{first.url}/api/media/generate-image", json=body, timeout=60)
+        answer.update(response=response, seconds=time.monotonic() - began)
+
+    with first.client() as client:
+        running = client.post("/v1/jobs", json=SLOW).json()["id"]
+        wait_for(lambda: client.get(f"/v1/jobs/{running}").json()["status"] == "running")
+        waiter = threading.Thread(target=wait_for_an_image)
+        waiter.start()
+        wait_for(lambda: client.get("/v1/jobs").json()["total"] == 2)
+    assert first.process is not None
+    stopped_at = time.monotonic()
+    first.process.terminate()
+    waiter.join(30)
+    response = answer["response"]
+    assert response.status_code == 503, response.text
+    error = response.json()["error"]
+    assert error["code"] == "shutting_down" and error["job_id"] in error["message"]
+    assert int(response.headers["Retry-After"]) > 0
+    assert time.monotonic() - stopped_at < 8  # answered, not cut off after the 10 s grace period
+    first.process.wait(30)
+
+    second: ServerProcess = server_factory(data_dir).start()
+    with second.client() as client:
+        job = wait_for(lambda: _done(client, error["job_id"]), timeout=120)
+    assert job["status"] == "succeeded"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,6 +25,15 @@ from imagesmith.sources.registry import build_sources
 from imagesmith.storage.files import ImageFiles
 
 log = logging.getLogger(__name__)
+
+
+def begin_shutdown(app: FastAPI) -> None:
+    """Called when the server is told to stop, from any thread: waiting requests answer now (see
+    JobService.begin_shutdown). A no-op before the app has started."""
+    loop = getattr(app.state, "loop", None)
+    service = getattr(app.state, "service", None)
+    if loop is not None and service is not None:
+        loop.call_soon_threadsafe(service.begin_shutdown)
 
 
 def create_app(settings: Settings | None = None, engine_factory: EngineFactory | None = None) -> FastAPI:
@@ -52,6 +62,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
         app.state.sources, app.state.generate, app.state.hub = sources, generate, hub
         app.state.metrics, app.state.worker = metrics_, worker
         app.state.service = JobService(settings, store, sources, hub, worker)
+        app.state.loop = asyncio.get_running_loop()  # for begin_shutdown, called from a signal handler
         app.state.a1111_jobs = a1111.A1111Jobs()
         # Models load in the background: health answers "starting" and generation requests get 503 meanwhile.
         generate.start_loading()

@@ -27,6 +27,7 @@ from imagesmith.jobs.service import (
     JobNotFound,
     LimitExceeded,
     ServiceError,
+    ShuttingDown,
     SourcesStarting,
     SourcesUnavailable,
     StockNotConfigured,
@@ -211,6 +212,7 @@ def install_error_handlers(app: FastAPI) -> None:
             JobNotFound: 404,
             StockNotConfigured: 422,  # the request asks for what this server does not offer
             SourcesStarting: 503,
+            ShuttingDown: 503,
             SourcesUnavailable: 503,
         }.get(type(error), 400)
         headers = {"Retry-After": str(error.retry_after)} if error.retry_after else None

@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from imagesmith.config import Settings
@@ -67,7 +68,7 @@ def bind_host(settings: Settings) -> str:
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from imagesmith.api.app import create_app
+    from imagesmith.api.app import begin_shutdown, create_app
     from imagesmith.engine.tiny import ensure_tiny_sdxl
     from imagesmith.logs import setup_logging
 
@@ -76,8 +77,17 @@ def run_serve(args: argparse.Namespace) -> int:
     host = bind_host(settings)
     if settings.model.value == "tiny":
         ensure_tiny_sdxl(settings.tiny_model_dir())
+    app = create_app(settings)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            # uvicorn then waits up to the grace period for open requests, and cuts the rest. Requests
+            # waiting for an image are answered now instead (503 with their job id); the job is kept.
+            begin_shutdown(app)
+            super().handle_exit(sig, frame)
+
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         host=host,
         port=settings.port,
         log_config=None,
@@ -86,7 +96,7 @@ def run_serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=10,
     )
     log.info("listening on http://%s:%d", host, settings.port)
-    uvicorn.Server(config).run()
+    Server(config).run()
     return 0
 
 

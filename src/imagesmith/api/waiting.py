@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from imagesmith.api.errors import ApiError
-from imagesmith.jobs.service import JobService
+from imagesmith.jobs.service import SHUTDOWN_RETRY_AFTER_S, JobService
 from imagesmith.jobs.store import JobRecord, JobStatus
 from imagesmith.sources.base import ImageRequest
 from imagesmith.storage.files import ImageFiles
@@ -29,7 +29,19 @@ async def submit_and_wait(
     job, _ = service.submit(request, idempotency_key)
     if on_submitted is not None:
         on_submitted(job.id)
-    return await service.wait(job.id, timeout_s)
+    job = await service.wait(job.id, timeout_s)
+    if service.shutting_down and not job.status.terminal:
+        # An answer now, before the grace period ends and the connection is cut. The job is kept: a client
+        # that retries (with its Idempotency-Key) or polls the job after the restart gets its image.
+        raise ApiError(
+            503,
+            "shutting_down",
+            f"the server is restarting; job {job.id} is kept and runs when it is back "
+            f"(GET /v1/jobs/{job.id}, or send the request again with the same Idempotency-Key)",
+            headers={"Retry-After": str(SHUTDOWN_RETRY_AFTER_S), "x-should-retry": "false"},
+            extra={"job_id": job.id},
+        )
+    return job
 
 
 def stored_image_base64(files: ImageFiles, image: dict[str, Any]) -> str:

@@ -31,6 +31,9 @@ class _Channel:
     subscribers: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue[Event]]] = field(default_factory=list)
 
 
+SHUTDOWN = "shutdown"  # the type of the event that ends every stream when the server stops
+
+
 class EventHub:
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -51,6 +54,16 @@ class EventHub:
                 del self._channels[job_id]
         for loop, queue in subscribers:
             with contextlib.suppress(RuntimeError):  # RuntimeError: that client's loop is gone
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+
+    def end_all_streams(self) -> None:
+        """Shutdown: every open stream gets a SHUTDOWN event, so waiters answer now instead of being cut off.
+        Nothing is kept in the backlog: it says nothing about the job."""
+        with self._lock:
+            subscribers = [pair for channel in self._channels.values() for pair in channel.subscribers]
+            event = Event(next(self._ids), SHUTDOWN, {}, False)
+        for loop, queue in subscribers:
+            with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(queue.put_nowait, event)
 
     def subscribe(self, job_id: str) -> tuple[list[Event], asyncio.Queue[Event]]:

@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from imagesmith.config import Settings
-from imagesmith.jobs.events import Event, EventHub
+from imagesmith.jobs.events import SHUTDOWN, Event, EventHub
 from imagesmith.jobs.store import JobRecord, JobStatus, JobStore
 from imagesmith.jobs.worker import Worker
 from imagesmith.schemas import GenerationRequest
@@ -61,6 +61,15 @@ class StockNotConfigured(ServiceError):
     code = "stock_not_configured"
 
 
+SHUTDOWN_RETRY_AFTER_S = 30  # what a client is told to wait for the restart
+
+
+class ShuttingDown(ServiceError):
+    """The server is stopping: come back after its restart (Retry-After); a job already taken is kept."""
+
+    code = "shutting_down"
+
+
 class SourcesStarting(ServiceError):
     code = "starting"
 
@@ -78,6 +87,7 @@ class JobService:
         self, settings: Settings, store: JobStore, sources: SourceRegistry, hub: EventHub, worker: Worker
     ) -> None:
         self.settings, self.store, self.sources, self.hub, self.worker = settings, store, sources, hub, worker
+        self._shutting_down = False
 
     # --- admission ---
 
@@ -168,6 +178,11 @@ class JobService:
 
     def submit(self, request: ImageRequest, idempotency_key: str | None = None) -> tuple[JobRecord, bool]:
         """Every route submits here, so the Idempotency-Key check lives here too (no route can skip it)."""
+        if self._shutting_down:
+            raise ShuttingDown(
+                "the server is restarting and takes no new job now; send it again shortly",
+                retry_after=SHUTDOWN_RETRY_AFTER_S,
+            )
         if idempotency_key is not None and not IDEMPOTENCY_KEY.match(idempotency_key):
             raise InvalidIdempotencyKey(
                 "Idempotency-Key must be 1-200 visible ASCII characters", "Idempotency-Key"
@@ -267,6 +282,8 @@ class JobService:
             if job.status.terminal:
                 yield self._terminal_from_store(job)
                 return
+            if self._shutting_down:  # subscribed after the streams were ended: nothing more will come
+                return
             last_id = after_id
             for event in backlog:
                 if event.id <= last_id:
@@ -284,6 +301,8 @@ class JobService:
                         return
                     yield None
                     continue
+                if event.type == SHUTDOWN:
+                    return  # the server is stopping: the job stays as it is (queued jobs run after restart)
                 if event.id <= last_id and not event.terminal:
                     continue  # already replayed from the backlog, or seen before the client reconnected
                 last_id = event.id
@@ -295,6 +314,18 @@ class JobService:
 
     def _terminal_from_store(self, job: JobRecord) -> Event:
         return Event(id=0, type=job.status.value, data=job.terminal_event_data(), terminal=True)
+
+    @property
+    def shutting_down(self) -> bool:
+        return self._shutting_down
+
+    def begin_shutdown(self) -> None:
+        """The server was told to stop (SIGTERM): claim no new job, and end every wait and event stream now,
+        so that a client waiting for an image gets an answer (503, its job id) instead of a dropped
+        connection when the grace period ends. Jobs stay in the store; queued ones run after the restart."""
+        self._shutting_down = True
+        self.worker.pause_claims()
+        self.hub.end_all_streams()
 
     async def wait(self, job_id: str, timeout: float) -> JobRecord:
         """Until the job finishes or `timeout` passes; returns the job as it then stands."""

@@ -149,6 +149,7 @@ class Worker:
         self._stopping = False
         self._tokens: dict[str, CancelToken] = {}
         self._batched: set[str] = set()  # jobs running in a pass with other jobs (under _tokens_lock)
+        self._claims_paused = False
         self._tokens_lock = threading.Lock()
         self._explicit_cancels: set[str] = set()  # asked by a client, unlike a shutdown's cancel
         self._thread: threading.Thread | None = None
@@ -166,6 +167,10 @@ class Worker:
     def notify(self) -> None:
         with self._wake:
             self._wake.notify_all()
+
+    def pause_claims(self) -> None:
+        """Take no new job (the server is stopping); the job running now goes on until stop()."""
+        self._claims_paused = True
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop after the current step: a running job is canceled and put back in the queue, not lost."""
@@ -205,7 +210,7 @@ class Worker:
         while not self._stopping:
             try:
                 self._end_canceled_queued()
-                jobs = [] if self.sources.settling() else self._claim()
+                jobs = [] if self._claims_paused or self.sources.settling() else self._claim()
             except Exception:  # a broken claim must not end the worker: jobs stay queued, try again
                 log.exception("claiming jobs failed")
                 jobs = []
