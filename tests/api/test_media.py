@@ -140,3 +140,4 @@ def test_malformed_json_is_a_422(server: ServerProcess) -> None:
     )
     assert response.status_code == 422
     assert response.json()["error"]["code"] == "invalid_request"
+    assert response.json()["error"]["field"] == "body"  # not the character offset of the error

@@ -147,7 +147,9 @@ def validation_details(items: Sequence[Any]) -> list[dict[str, str]]:
     out = []
     for item in items:
         loc = [str(part) for part in item.get("loc", ())]
-        if loc and loc[0] in ("body", "query", "path", "header"):
+        if item.get("type") == "json_invalid":
+            loc = ["body"]  # its location is a character offset into the body, not a field
+        elif loc and loc[0] in ("body", "query", "path", "header"):
             loc = loc[1:]
         # Skip the model-class segment pydantic adds for nested model validators.
         field, message = blame(
