@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from imagesmith.engine.output import parse_a1111_parameters, read_parameters
@@ -128,3 +129,22 @@ def test_the_server_module_reports_a_bad_setting_like_the_cli(tmp_path: Path) ->
     )
     assert done.returncode == 2 and "IMAGESMITH_QUEUE_MAX: Input should be a valid integer" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_doctor_reports_a_plan_the_card_cannot_serve(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """fp8 asked on a card without fp8 tensor cores: doctor says so in its plan line, no traceback."""
+    from imagesmith import cli
+    from imagesmith.engine import hardware
+
+    ampere = hardware.DeviceInfo(
+        "cuda", name="RTX 3090", capability=(8, 6), total_memory_gib=24, free_memory_gib=23
+    )
+    monkeypatch.setattr(hardware, "probe_device", lambda requested="auto": ampere)
+    monkeypatch.setenv("IMAGESMITH_FP8", "true")
+    monkeypatch.setenv("IMAGESMITH_DATA_DIR", str(tmp_path))
+    assert cli.main(["doctor"]) == 1
+    out = capsys.readouterr().out
+    assert "device: cuda:0 (RTX 3090, compute capability 8.6" in out
+    assert "plan: ERROR IMAGESMITH_FP8=true needs a GPU with fp8 tensor cores" in out
