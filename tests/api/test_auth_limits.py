@@ -145,3 +145,16 @@ def test_image_urls_are_capability_urls_unless_set_to_need_the_key(
     with app_client(api_keys="alpha", image_urls_need_key=True) as client:
         assert client.get(unknown).status_code == 401
         assert client.get(unknown, headers={"Authorization": "Bearer alpha"}).status_code == 404
+
+
+def test_health_fails_when_the_worker_thread_has_stopped(app_client: Callable[..., TestClient]) -> None:
+    """A stopped worker runs nothing again: health must say failed (503), not ready or degraded with a 200."""
+    with app_client() as client:
+        assert client.get("/v1/health").json()["status"] in ("ready", "starting", "degraded")
+        client.app.state.worker.stop()  # type: ignore[attr-defined]
+        response = client.get("/v1/health")
+        assert response.status_code == 503
+        report = response.json()
+        assert report["status"] == "failed" and any(
+            "worker thread has stopped" in r for r in report["reasons"]
+        )

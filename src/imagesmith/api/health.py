@@ -35,12 +35,15 @@ def health_report(app: FastAPI) -> dict[str, Any]:
             reasons.append(f"stock photos unavailable: {stock.detail}")
         if engine is not None and details.get("refiner") not in ("loaded", "not configured"):
             reasons.append(f"refiner {details.get('refiner')}; images are not refined")
-        if not state.worker.alive:
-            reasons.append("the worker thread has stopped")
         if counts[JobStatus.QUEUED] + counts[JobStatus.RUNNING] >= state.settings.queue_max:
             reasons.append("the queue is full")
         if reasons:
             status = "degraded"
+    if not state.worker.alive:
+        # Nothing queued would ever run: not a degraded server but a failed one, so that a load balancer
+        # routes away and an orchestrator restarts it (accepted jobs are in the store and run after that).
+        status = "failed"
+        reasons.append("the worker thread has stopped: restart the service; accepted jobs are kept")
     return {
         "status": status,
         "reasons": reasons,
