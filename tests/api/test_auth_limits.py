@@ -158,3 +158,17 @@ def test_health_fails_when_the_worker_thread_has_stopped(app_client: Callable[..
         assert report["status"] == "failed" and any(
             "worker thread has stopped" in r for r in report["reasons"]
         )
+
+
+def test_health_tells_a_caller_without_a_key_the_status_only(app_client: Callable[..., TestClient]) -> None:
+    """Model paths, load errors and Pexels details are for key holders; the status fields are for everyone
+    (load balancers, the seed's clients)."""
+    with app_client(api_keys="alpha") as client:
+        for path in ("/v1/health", "/api/media/health"):
+            public = client.get(path).json()
+            assert {"status", "pexels_ok", "sdxl_ok", "queue"} <= public.keys()
+            assert not {"models", "plan", "device", "pexels", "reasons", "sources"} & public.keys()
+            full = client.get(path, headers={"Authorization": "Bearer alpha"}).json()
+            assert {"models", "plan", "reasons", "pexels"} <= full.keys()
+    with app_client() as client:  # no keys: the service is open, and so is the full report
+        assert "models" in client.get("/v1/health").json()

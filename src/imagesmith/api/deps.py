@@ -66,3 +66,12 @@ def require_api_key_for_images(request: Request, settings: SettingsDep) -> None:
 
 
 ImagesAuthorized = Depends(require_api_key_for_images)
+
+
+def holds_api_key(request: Request, settings: Settings) -> bool:
+    """Whether the caller may see what only key holders see (no keys configured: everyone may)."""
+    try:
+        require_api_key(request, settings)
+    except ApiError:
+        return False
+    return True

@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from imagesmith.api.deps import holds_api_key
 from imagesmith.jobs.store import JobStatus
 from imagesmith.sources.base import SourceName, SourceState
 
@@ -72,8 +73,23 @@ def health_report(app: FastAPI) -> dict[str, Any]:
     }
 
 
+# What health tells a caller without a key when keys are set: enough for a load balancer and the seed's
+# clients, nothing about the host (model paths, load errors, device, Pexels details).
+PUBLIC_FIELDS = ("status", "pexels_ok", "sdxl_ok", "queue", "auth")
+
+
+def report_for(request: Request) -> dict[str, Any]:
+    report = health_report(request.app)
+    if holds_api_key(request, request.app.state.settings):
+        return report
+    public = {name: report[name] for name in PUBLIC_FIELDS}
+    public["details"] = "send the API key (Authorization: Bearer <key>) for the full report"
+    return public
+
+
 @router.get("/v1/health")
 async def health(request: Request) -> JSONResponse:
-    """The same report; 200 when ready or degraded, 503 while starting or failed (for load balancers)."""
-    report = health_report(request.app)
+    """The same report; 200 when ready or degraded, 503 while starting or failed (for load balancers).
+    With API keys set, a caller without one gets the status fields only."""
+    report = report_for(request)
     return JSONResponse(report, status_code=200 if report["status"] in ("ready", "degraded") else 503)

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from imagesmith.api.deps import Authorized, ServiceDep, SettingsDep
 from imagesmith.api.errors import ApiError
-from imagesmith.api.health import health_report
+from imagesmith.api.health import report_for
 from imagesmith.api.waiting import submit_and_wait, succeeded_result
 from imagesmith.jobs.store import JobStatus
 from imagesmith.schemas import (
@@ -171,5 +171,6 @@ def retry_after(retry_at: str | None) -> dict[str, str] | None:
 
 @router.get("/health")
 async def media_health(request: Request) -> dict[str, Any]:
-    """The seed's health check: pexels_ok / sdxl_ok, plus the full report. Always 200; read `status`."""
-    return health_report(request.app)
+    """The seed's health check: pexels_ok / sdxl_ok, plus the full report (the status fields only for a
+    caller without a key when keys are set). Always 200; read `status`."""
+    return report_for(request)
