@@ -93,3 +93,11 @@ def test_a1111_refiner_seed_and_batches() -> None:
     with pytest.raises(ApiError) as caught:
         a1111_request(Txt2ImgRequest(prompt="p", refiner_checkpoint="r", refiner_switch_at=0.0), SETTINGS)
     assert caught.value.field == "refiner_switch_at"
+
+
+def test_openai_answer_format_follows_the_model_when_not_asked() -> None:
+    assert not OpenAIImageRequest(prompt="p").wants_base64()
+    assert not OpenAIImageRequest(prompt="p", model="dall-e-3").wants_base64()
+    assert OpenAIImageRequest(prompt="p", model="gpt-image-1").wants_base64()
+    assert not OpenAIImageRequest(prompt="p", model="gpt-image-1", response_format="url").wants_base64()
+    assert OpenAIImageRequest(prompt="p", response_format="b64_json").wants_base64()

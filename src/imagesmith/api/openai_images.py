@@ -37,7 +37,7 @@ async def create_image(
     data = []
     for image in result["images"]:
         item: dict[str, Any] = {"revised_prompt": body.prompt}
-        if body.response_format == "b64_json":
+        if body.wants_base64():
             item["b64_json"] = stored_image_base64(files, image)
         else:
             item["url"] = absolute(request, image["url"])

@@ -7,7 +7,8 @@ What maps to what:
   "standard" / "low" / "medium" the draft preset (30 steps, base only); "auto" or none: imagesmith's default,
   which is high quality.
 - n: 1 up to max_images_per_request (at most 4); image i has seed + i, the seed drawn per request.
-- output_format (gpt-image-1): png, jpeg, webp. response_format: url (default) or b64_json.
+- output_format (gpt-image-1): png, jpeg, webp. response_format: url or b64_json; unset, url, except for
+  gpt-image models, which OpenAI answers with b64_json only (clients written for them read b64_json).
 - model, style, user, moderation and output_compression are accepted and do not change the picture; any
   model name is taken (the server has one model). background "transparent" and stream=true are refused:
   SDXL cannot do the first, and the second needs a streaming answer this endpoint does not give.
@@ -42,7 +43,15 @@ class OpenAIImageRequest(BaseModel):
     model: str | None = Field(None, description="Any name; this server has one model.")
     n: int | None = Field(None, description="Images to make, 1 to the server's limit (at most 4).")
     quality: str | None = Field(None, description="'hd'/'high': high-quality preset; 'standard': draft.")
-    response_format: Literal["url", "b64_json"] | None = Field(None, description="Default: url.")
+    response_format: Literal["url", "b64_json"] | None = Field(
+        None, description="Default: url; b64_json for gpt-image models, as OpenAI answers them."
+    )
+
+    def wants_base64(self) -> bool:
+        if self.response_format is not None:
+            return self.response_format == "b64_json"
+        return (self.model or "").lower().startswith("gpt-image")
+
     size: str | None = Field(None, description="'1024x1024', another SDXL size, or 'auto'.")
     style: str | None = Field(None, description="Accepted and ignored.")
     user: str | None = Field(None, description="Accepted and ignored.")
