@@ -29,6 +29,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sdxl_random import UNET_KEY, architecture
 
+from imagesmith.engine.attention import attention_priority
+
 BACKENDS = {
     "flash": SDPBackend.FLASH_ATTENTION,
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
@@ -123,21 +125,11 @@ def kind_of(kernel: str) -> str:
     return "other"
 
 
-def profile_unet(unet: Any, inputs: dict[str, Any], backend: SDPBackend) -> dict[str, Any]:
-    """GPU kernel time of one eager UNet call, by kind, and the ten longest kernels."""
+def kernel_time_by_kind(prof: Any, name_chars: int) -> tuple[Counter[str], Counter[str]]:
+    """Microseconds of GPU kernel time in a torch.profiler run, by kind (kind_of) and by kernel name (cut to
+    `name_chars`). Kernels inside CUDA graphs are recorded one by one too."""
     from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
 
-    order = [
-        backend,
-        *(b for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION) if b != backend),
-    ]
-    with torch.no_grad(), sdpa_kernel([*order, SDPBackend.MATH], set_priority=True):
-        unet(**inputs)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            unet(**inputs)
-            torch.cuda.synchronize()
     by_kind: Counter[str] = Counter()
     kernels: Counter[str] = Counter()
     for event in prof.key_averages():
@@ -145,7 +137,21 @@ def profile_unet(unet: Any, inputs: dict[str, Any], backend: SDPBackend) -> dict
             continue
         us = float(event.self_device_time_total)
         by_kind[kind_of(event.key)] += us
-        kernels[event.key[:110]] += us
+        kernels[event.key[:name_chars]] += us
+    return by_kind, kernels
+
+
+def profile_unet(unet: Any, inputs: dict[str, Any], backend: str) -> dict[str, Any]:
+    """GPU kernel time of one eager UNet call with `backend` first, by kind, and the ten longest kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), attention_priority(backend):
+        unet(**inputs)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            unet(**inputs)
+            torch.cuda.synchronize()
+    by_kind, kernels = kernel_time_by_kind(prof, name_chars=110)
     total = sum(by_kind.values())
     return {
         "kernel_ms": total / 1000,
@@ -156,20 +162,16 @@ def profile_unet(unet: Any, inputs: dict[str, Any], backend: SDPBackend) -> dict
 
 
 def profile_compiled(
-    unet: Any, inputs: dict[str, Any], backend: SDPBackend, cache: Path, mode: str
+    unet: Any, inputs: dict[str, Any], backend: str, cache: Path, mode: str
 ) -> dict[str, Any]:
     """As profile_unet, for the UNet compiled while `backend` is first. Each backend gets its own inductor
     cache: the AOTAutograd cache keys on the traced graph, where attention is still one SDPA call, so a
     shared cache would hand the second backend the first one's kernels."""
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
     torch._dynamo.reset()
-    order = [
-        backend,
-        *(b for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION) if b != backend),
-    ]
     compiled = torch.compile(unet, fullgraph=True, mode=None if mode == "default" else mode)
     began = time.perf_counter()
-    with torch.no_grad(), sdpa_kernel([*order, SDPBackend.MATH], set_priority=True):
+    with torch.no_grad(), attention_priority(backend):
         for _ in range(3):  # compile; with CUDA graphs also their warm-up and recording
             compiled(**inputs)
         torch.cuda.synchronize()
@@ -255,17 +257,17 @@ def main() -> None:
             row: dict[str, Any] = time_backends(shapes, dtype, device, args.runs)
             if cuda:
                 row["profile"] = {}
-                for name, backend in BACKENDS.items():
+                for name in BACKENDS:
                     try:
-                        row["profile"][name] = profile_unet(unet, inputs, backend)
+                        row["profile"][name] = profile_unet(unet, inputs, name)
                     except RuntimeError as error:
                         row["profile"][name] = {"error": str(error)[:300]}
                 if args.compiled:
                     row["compiled_profile"] = {
                         name: profile_compiled(
-                            unet, inputs, backend, out / f"inductor-{role}-{batch}-{name}", args.compile_mode
+                            unet, inputs, name, out / f"inductor-{role}-{batch}-{name}", args.compile_mode
                         )
-                        for name, backend in BACKENDS.items()
+                        for name in BACKENDS
                         if name != "efficient"
                     }
             results["unets"][f"{role} batch {batch}"] = row

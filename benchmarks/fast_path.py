@@ -142,8 +142,7 @@ def profile_generation(engine: Any, request: Any) -> dict[str, Any]:
     """One generation under the profiler: wall time, the GPU kernel time by kind (kernels inside CUDA graphs
     are recorded too), and when the CPU finished queueing each base step. If the kernels add up to much less
     than the wall time, the GPU waited on the host."""
-    from attention_backends import kind_of
-    from torch.autograd import DeviceType
+    from attention_backends import kernel_time_by_kind
     from torch.profiler import ProfilerActivity, profile
 
     queued: list[float] = []
@@ -153,19 +152,13 @@ def profile_generation(engine: Any, request: Any) -> dict[str, Any]:
         engine.generate(request, on_progress=lambda event: queued.append(time.perf_counter() - began))
         sync()
         wall = time.perf_counter() - began
-    by_kind: dict[str, float] = {}
-    kernels: dict[str, float] = {}
-    for event in prof.key_averages():
-        if event.device_type == DeviceType.CUDA:
-            ms = float(event.self_device_time_total) / 1000
-            by_kind[kind_of(event.key)] = by_kind.get(kind_of(event.key), 0.0) + ms
-            kernels[event.key[:90]] = kernels.get(event.key[:90], 0.0) + ms
+    by_kind, kernels = kernel_time_by_kind(prof, name_chars=90)
     step_gaps = [round((b - a) * 1000, 1) for a, b in itertools.pairwise(queued)]
     return {
         "wall_ms": wall * 1000,
-        "kernel_ms": sum(by_kind.values()),
-        "by_kind_ms": {kind: round(ms, 1) for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1])},
-        "top_kernels_ms": sorted(kernels.items(), key=lambda kv: -kv[1])[:8],
+        "kernel_ms": sum(by_kind.values()) / 1000,
+        "by_kind_ms": {kind: round(us / 1000, 1) for kind, us in by_kind.most_common()},
+        "top_kernels_ms": [(name, us / 1000) for name, us in kernels.most_common(8)],
         "cpu_ms_between_step_callbacks": step_gaps,
     }
 
