@@ -31,7 +31,7 @@ from imagesmith.sources.errors import (
     NotAnImage,
     PexelsBadResponse,
 )
-from imagesmith.sources.retry import RETRYABLE_TRANSPORT_ERRORS, Retryable, is_retryable_status, with_retries
+from imagesmith.sources.retry import Retryable, is_retryable_status, with_retries, within_deadline
 
 IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/webp"})
 PILLOW_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "MPO"})  # MPO: multi-picture JPEGs from some cameras
@@ -128,14 +128,9 @@ class ImageDownloader:
     async def fetch(self, url: str) -> DownloadedImage:
         async def once() -> DownloadedImage:
             try:
-                # httpx's timeout bounds each read; a host that drips a byte at a time would never trip it
-                # and would hold the worker. So the whole attempt has a deadline too.
-                async with asyncio.timeout(self.timeout_s):
-                    return await self._fetch_once(url)
-            except TimeoutError:
-                raise Retryable(f"downloading {_safe(url)} took over {self.timeout_s:g}s") from None
-            except RETRYABLE_TRANSPORT_ERRORS as error:
-                raise Retryable(f"{type(error).__name__} downloading {_safe(url)}") from None
+                return await within_deadline(
+                    lambda: self._fetch_once(url), self.timeout_s, f"downloading {_safe(url)}"
+                )
             except _RetryableStatus as error:
                 raise Retryable(f"image host answered {error.status} for {_safe(url)}") from None
             except httpx.DecodingError:

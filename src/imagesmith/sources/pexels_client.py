@@ -45,7 +45,7 @@ from imagesmith.sources.errors import (
     PexelsQuotaExhausted,
     PexelsUnavailable,
 )
-from imagesmith.sources.retry import RETRYABLE_TRANSPORT_ERRORS, Retryable, is_retryable_status, with_retries
+from imagesmith.sources.retry import Retryable, is_retryable_status, with_retries, within_deadline
 
 if TYPE_CHECKING:
     from imagesmith.config import Settings
@@ -372,14 +372,11 @@ class PexelsClient:
 
         async def once() -> httpx.Response:
             try:
-                # httpx's timeout bounds each read; the deadline bounds the whole answer (a host dripping
-                # bytes would otherwise hold the worker).
-                async with asyncio.timeout(self.timeout_s):
-                    response = await self._http.get(url, params=params, headers=headers)
-            except TimeoutError:
-                raise Retryable(f"Pexels {path} took over {self.timeout_s:g}s to answer") from None
-            except RETRYABLE_TRANSPORT_ERRORS as error:  # timeouts, refused connections, broken streams
-                raise Retryable(f"{type(error).__name__} calling Pexels {path}") from None
+                response = await within_deadline(
+                    lambda: self._http.get(url, params=params, headers=headers),
+                    self.timeout_s,
+                    f"calling Pexels {path}",
+                )
             except (
                 httpx.LocalProtocolError,
                 httpx.UnsupportedProtocol,

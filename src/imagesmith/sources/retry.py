@@ -6,6 +6,7 @@ fixed, half random, so a retry never comes immediately).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 from collections.abc import Awaitable, Callable
@@ -41,6 +42,19 @@ def is_retryable_status(status: int) -> bool:
 
 class Retryable(Exception):
     """A failure worth another try (a network error, a 5xx); the message says what happened."""
+
+
+async def within_deadline(call: Callable[[], Awaitable[T]], timeout_s: float, what: str) -> T:
+    """`call()` with a deadline on the whole of it, its network failures turned into Retryable. httpx's own
+    timeout bounds each read only: a host that drips a byte at a time never trips it and would hold the
+    worker for as long as it likes. `what` says what was being done ("downloading <url>")."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await call()
+    except TimeoutError:
+        raise Retryable(f"{what}: took over {timeout_s:g}s to answer") from None
+    except RETRYABLE_TRANSPORT_ERRORS as error:
+        raise Retryable(f"{type(error).__name__} {what}") from None
 
 
 async def with_retries(
