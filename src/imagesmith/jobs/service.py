@@ -147,12 +147,15 @@ class JobService:
                 f"server allows {limits.max_total_pixels} per request; lower the size or num_images",
                 "width",
             )
-        prepared = request.model_copy(update={"generation": generation})
-        if SourceName.GENERATE in request.sources and self.worker is not None:
-            empty_stage = self.worker.empty_stage(prepared)
+        return request.model_copy(update={"generation": generation})
+
+    def check_generation(self, request: ImageRequest) -> None:
+        """Refuse a split the loaded model's scheduler cannot run (a stage with no step), naming the field,
+        rather than accept a job that can only fail. Before the model has loaded, the engine checks it."""
+        if SourceName.GENERATE in request.sources:
+            empty_stage = self.worker.empty_stage(request)
             if empty_stage is not None:
                 raise InvalidGeneration(empty_stage, "high_noise_frac")
-        return prepared
 
     def check_sources(self, request: ImageRequest) -> None:
         """Refuse at once what no source can serve, rather than accept a job that can only fail."""
@@ -199,6 +202,7 @@ class JobService:
                 return existing, False
         request = self.prepare(request)
         self.check_sources(request)
+        self.check_generation(request)
         body = request.model_dump(mode="json")
         job, created = self.store.submit(body, digest, idempotency_key, self.settings.queue_max)
         if created:

@@ -19,6 +19,10 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+# The error of a canceled job, by where the cancel found it.
+CANCELED_WHILE_QUEUED: dict[str, str] = {"code": "canceled", "message": "canceled while queued"}
+CANCELED_WHILE_RUNNING: dict[str, str] = {"code": "canceled", "message": "canceled while running"}
+
 
 class JobStatus(StrEnum):
     QUEUED = "queued"
@@ -253,19 +257,7 @@ class JobStore:
         return cursor.rowcount == 1
 
     def cancel_queued(self, job_id: str) -> bool:
-        with self._lock:
-            cursor = self._db.execute(
-                "UPDATE jobs SET status = ?, cancel_requested = 1, finished_at = ?, error = ? "
-                "WHERE id = ? AND status = ?",
-                (
-                    JobStatus.CANCELED.value,
-                    time.time(),
-                    json.dumps({"code": "canceled", "message": "canceled while queued"}),
-                    job_id,
-                    JobStatus.QUEUED.value,
-                ),
-            )
-        return cursor.rowcount == 1
+        return bool(self._end_queued_as_canceled("id = ?", (job_id,)))
 
     def request_cancel(self, job_id: str) -> None:
         """Remember a cancel of a running job, so a crash before it stops does not bring it back."""
@@ -289,15 +281,20 @@ class JobStore:
         """End as canceled the queued jobs whose cancel was asked while they ran (a cancel racing a requeue, or a
         crash in between): claims skip them, so without this they would stay queued forever. Returns them, so
         the caller can send their terminal events."""
+        return self._end_queued_as_canceled("cancel_requested = 1", ())
+
+    def _end_queued_as_canceled(self, where: str, params: tuple[Any, ...]) -> list[JobRecord]:
+        """The queued jobs matching `where`, ended as canceled (flagged too, so a crash cannot revive them)."""
         with self._lock:
             rows = self._db.execute(
-                "UPDATE jobs SET status = ?, finished_at = ?, error = ? "
-                "WHERE status = ? AND cancel_requested = 1 RETURNING *",
+                "UPDATE jobs SET status = ?, cancel_requested = 1, finished_at = ?, error = ? "
+                f"WHERE status = ? AND {where} RETURNING *",
                 (
                     JobStatus.CANCELED.value,
                     time.time(),
-                    json.dumps({"code": "canceled", "message": "canceled while queued"}),
+                    json.dumps(CANCELED_WHILE_QUEUED),
                     JobStatus.QUEUED.value,
+                    *params,
                 ),
             ).fetchall()
         return [JobRecord.from_row(row) for row in rows]
@@ -316,10 +313,7 @@ class JobStore:
             now = time.time()
             for row in rows:
                 if row["cancel_requested"]:
-                    status, error = (
-                        JobStatus.CANCELED,
-                        {"code": "canceled", "message": "canceled while running"},
-                    )
+                    status, error = JobStatus.CANCELED, CANCELED_WHILE_RUNNING
                 elif row["attempts"] >= max_attempts:
                     status, error = (
                         JobStatus.FAILED,

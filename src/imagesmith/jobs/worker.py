@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from imagesmith.config import Settings
-from imagesmith.engine.engine import BatchItem
+from imagesmith.engine.engine import BatchItem, Engine
 from imagesmith.engine.pipeline import BatchKey, batch_key
 from imagesmith.engine.progress import CancelToken, GenerationCanceled, ProgressEvent
 from imagesmith.jobs.events import EventHub
 from imagesmith.jobs.metrics import Metrics
-from imagesmith.jobs.store import JobRecord, JobStatus, JobStore
+from imagesmith.jobs.store import CANCELED_WHILE_RUNNING, JobRecord, JobStatus, JobStore
 from imagesmith.logs import current_job
 from imagesmith.preview import preview_data_url
 from imagesmith.sources.base import FallbackReason, ImageRequest, SourceName, SourceResult, SourceUnavailable
@@ -199,9 +199,7 @@ class Worker:
         if job is not None:
             # Ends it only while running (finish() changes nothing once it ended); the batch's own finish of
             # this job later is then a no-op.
-            self._finish(
-                job, JobStatus.CANCELED, error={"code": "canceled", "message": "canceled while running"}
-            )
+            self._finish(job, JobStatus.CANCELED, error=CANCELED_WHILE_RUNNING)
         return True
 
     # --- the loop, on the worker thread ---
@@ -342,17 +340,20 @@ class Worker:
         self._count_attempts(served.attempts)
         return served
 
+    def _engine(self) -> Engine | None:
+        """The generation source's engine, once loaded."""
+        generator = self.sources.get(SourceName.GENERATE)
+        return generator.engine if isinstance(generator, GenerateSource) else None
+
     def empty_stage(self, request: ImageRequest) -> str | None:
         """Why the engine would refuse this request's ensemble split (a stage with no step), once it is loaded;
         None when the split is fine or no engine is there yet to say (the engine checks again when it runs)."""
-        generator = self.sources.get(SourceName.GENERATE)
-        engine = generator.engine if isinstance(generator, GenerateSource) else None
+        engine = self._engine()
         return None if engine is None else engine.empty_stage(request.generation.resolve())
 
     def planned_steps(self, request: ImageRequest) -> dict[str, int]:
         """Steps per stage for progress totals and the ETA: the engine's own plan when it is loaded."""
-        generator = self.sources.get(SourceName.GENERATE)
-        engine = generator.engine if isinstance(generator, GenerateSource) else None
+        engine = self._engine()
         if engine is None:
             return {"base": request.generation.resolve().num_inference_steps}
         return dict(engine.planned_steps(request.generation))
@@ -427,9 +428,7 @@ class Worker:
             if self._stopping and job.id not in self._explicit_cancels and self.store.requeue(job.id):
                 log.info("job put back in the queue: server shutting down")
             else:
-                self._finish(
-                    job, JobStatus.CANCELED, error={"code": "canceled", "message": "canceled while running"}
-                )
+                self._finish(job, JobStatus.CANCELED, error=CANCELED_WHILE_RUNNING)
         except SourceUnavailable as error:
             log.warning("job failed: %s", error)
             self._finish(job, JobStatus.FAILED, error=source_error(error))
