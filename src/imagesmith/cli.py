@@ -180,18 +180,15 @@ class _StageBars:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    if not args.format:
-        try:
-            OutputFormat.for_suffix(args.output.suffix, OutputFormat.PNG)
-        except ValueError as error:
-            print(f"imagesmith generate: error: --output: {error} (or give --format)", file=sys.stderr)
-            return 2
     try:
         request = _request_from(args)
     except ValidationError as error:
         for item in field_errors(error):
             option = _OPTION_FOR_FIELD.get(item.field, "--" + item.field.replace("_", "-"))
             print(f"imagesmith generate: error: {option}: {item.message}", file=sys.stderr)
+        return 2
+    except ValueError as error:  # the output name's suffix is no format we write (OutputFormat.for_suffix)
+        print(f"imagesmith generate: error: --output: {error} (or give --format)", file=sys.stderr)
         return 2
     from imagesmith.engine import Engine, GenerationError, ModelLoadError
     from imagesmith.engine.output import encode_in_parallel

@@ -46,18 +46,17 @@ class OpenAIImageRequest(BaseModel):
     response_format: Literal["url", "b64_json"] | None = Field(
         None, description="Default: url; b64_json for gpt-image models, as OpenAI answers them."
     )
-
-    def wants_base64(self) -> bool:
-        if self.response_format is not None:
-            return self.response_format == "b64_json"
-        return (self.model or "").lower().startswith("gpt-image")
-
     size: str | None = Field(None, description="'1024x1024', another SDXL size, or 'auto'.")
     style: str | None = Field(None, description="Accepted and ignored.")
     user: str | None = Field(None, description="Accepted and ignored.")
     output_format: str | None = Field(None, description="png (default), jpeg or webp.")
     background: str | None = Field(None, description="'auto' or 'opaque'; 'transparent' is refused.")
     stream: bool | None = Field(None, description="Must be false or absent.")
+
+    def wants_base64(self) -> bool:
+        if self.response_format is not None:
+            return self.response_format == "b64_json"
+        return (self.model or "").lower().startswith("gpt-image")
 
 
 INVALID_STATUS, INVALID_CODE = 400, "invalid_value"  # how OpenAI answers a bad parameter
