@@ -205,9 +205,14 @@ class Worker:
     # --- the loop, on the worker thread ---
 
     def _loop(self) -> None:
+        try:
+            # Left by a cancel that raced the last shutdown's requeue. While this worker runs, neither
+            # requeue() nor JobService.cancel leaves such a row, so once, at start, is enough.
+            self._end_canceled_queued()
+        except Exception:
+            log.exception("ending queued jobs flagged for cancel failed")
         while not self._stopping:
             try:
-                self._end_canceled_queued()
                 jobs = [] if self._claims_paused or self.sources.settling() else self._claim()
             except Exception:  # a broken claim must not end the worker: jobs stay queued, try again
                 log.exception("claiming jobs failed")
