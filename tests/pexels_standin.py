@@ -66,8 +66,12 @@ class StandIn:
     seen: list[dict[str, Any]] = field(default_factory=list)
     catalogue: list[tuple[int, int, int, str]] = field(default_factory=lambda: list(CATALOGUE))
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # Counts resets: a "slow" answer that outlives its test (its client gave up) must not spend the next
+    # test's quota when it wakes, so it checks that no reset came while it slept.
+    test_number: int = 0
 
     def reset(self) -> None:
+        self.test_number += 1
         self.image_base_url = self.base_url
         self.api_default, self.image_default = "ok", "ok"
         self.api_script, self.image_script = [], []
@@ -148,7 +152,11 @@ class _Handler(BaseHTTPRequestHandler):
         s = self.standin
         behaviour = s.next_api()
         if behaviour == "slow":
+            asked_in = s.test_number
             time.sleep(s.delay_s)
+            if s.test_number != asked_in:  # abandoned by an earlier test: answer nothing, change nothing
+                self.close_connection = True
+                return
         if behaviour == "drip":
             body = json.dumps({"photos": [], "total_results": 0, "page": 1, "per_page": 1}).encode()
             return self._drip(body, "application/json")
