@@ -201,6 +201,7 @@ def main() -> None:
     from imagesmith.engine.fast import apply_speed_levers, warm_up
     from imagesmith.engine.hardware import plan_hardware, probe_device
     from imagesmith.engine.models import LoadedModels, ModelSources
+    from imagesmith.engine.prompt_cache import PromptEmbeddingCache
     from imagesmith.schemas import GenerationRequest
 
     plan = plan_hardware(probe_device(device), Settings())
@@ -306,6 +307,17 @@ def main() -> None:
             run.save()
         return rows
 
+    def with_prompt_cache(engine: Any, row: dict[str, Any], label: str) -> None:
+        """The same engine timed again with the prompt cache on: the repeated prompt skips the text encoders
+        from the second run, a same-run A/B of what runs 6-23 measured with it on."""
+        if engine.prompt_cache is not None:
+            return
+        engine.prompt_cache = PromptEmbeddingCache(64)
+        engine.generate(ensemble_request())
+        row["with_prompt_cache"] = timed(lambda: engine.generate(ensemble_request()), args.runs)
+        engine.prompt_cache = None
+        run.log(f"{label}: with the prompt cache {row['with_prompt_cache']['median_s']:.3f}s")
+
     def eager() -> None:
         engine = new_engine()
         engine.generate(ensemble_request())
@@ -314,6 +326,7 @@ def main() -> None:
         result = engine.generate(ensemble_request())
         reference["latents"], reference["image"] = final_latents_of(engine, ensemble_request())
         run.results["engine_eager_ensemble"] = {**stats, "peak_gib": peak_gib(), "stages": stages_of(result)}
+        with_prompt_cache(engine, run.results["engine_eager_ensemble"], "eager")
         if "mlperf" in phases:
             run.results["mlperf_eager"] = mlperf_rows(engine, "mlperf eager", mlperf_batches)
 
@@ -355,6 +368,7 @@ def main() -> None:
             row.update(timed(lambda: engine.generate(ensemble_request()), args.runs))
             row["peak_gib"] = peak_gib()
             row["stages"] = stages_of(engine.generate(ensemble_request()))
+            with_prompt_cache(engine, row, variant.spec)
             if args.profile:
                 row["profile"] = profile_generation(engine, ensemble_request())
                 run.log(f"{variant.spec}: profile {row['profile']}")
@@ -419,6 +433,13 @@ def print_table(r: dict[str, Any]) -> None:
     row("imagesmith eager bf16 ensemble 40", r.get("engine_eager_ensemble", {}))
     for spec, x in r.get("variants", {}).items():
         row(spec, x)
+    for spec, x in [("eager", r.get("engine_eager_ensemble", {})), *r.get("variants", {}).items()]:
+        if "with_prompt_cache" in x:
+            cached = x["with_prompt_cache"]
+            print(
+                f"{spec:40s} prompt cache off {x['median_s']:.3f} s, on {cached['median_s']:.3f} s "
+                f"({cached['min_s']:.3f}-{cached['max_s']:.3f})"
+            )
     mlperf = {"eager": r.get("mlperf_eager", {})}
     mlperf.update({spec: x["mlperf"] for spec, x in r.get("variants", {}).items() if "mlperf" in x})
     for spec, rows in mlperf.items():
