@@ -45,6 +45,34 @@ def test_compiled_engine_matches_eager_within_bf16(tiny_settings: Settings, mode
     assert psnr > 30, psnr
 
 
+def test_cuda_graphs_warmed_on_one_thread_serve_requests_from_another(tiny_settings: Settings) -> None:
+    """The service warms up on its loading thread and generates on its worker thread. With `reduce-overhead`
+    and a batched warm-up, every request failed on torch 2.11 (AssertionError in cudagraph_trees.get_obj: a
+    new graph recorded on a thread without a CUDA-graph tree; runs 25-26). Batch 3 was never warmed up, so
+    it records a new graph, on whichever thread the engine runs it."""
+    import threading
+
+    from imagesmith.engine.fast import warm_up
+
+    engine = Engine.start(tiny_settings.with_changes(**{"device": "cuda", "compile": "reduce-overhead"}))
+    loader = threading.Thread(target=lambda: warm_up(engine, [(128, 128)], [1, 2]))
+    loader.start()
+    loader.join()
+    results: list[object] = []
+
+    def worker() -> None:
+        for count in (1, 3):
+            request = GenerationRequest(
+                prompt="x", width=128, height=128, num_inference_steps=10, seed=5, num_images=count
+            )
+            results.append(engine.generate(request))
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert [len(result.images) for result in results] == [1, 3]  # type: ignore[attr-defined]
+
+
 @pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
     reason="needs fp8 tensor cores",

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +20,7 @@ from imagesmith.config import Settings
 from imagesmith.engine.attention import attention_priority
 from imagesmith.engine.decode import decode_latents
 from imagesmith.engine.fast import apply_speed_levers
+from imagesmith.engine.gpu_thread import GpuThread
 from imagesmith.engine.hardware import HardwarePlan, needs_tiling, plan_hardware, probe_device
 from imagesmith.engine.models import LoadedModels, load_models
 from imagesmith.engine.output import a1111_parameters, encode_image
@@ -103,10 +103,12 @@ class Engine:
     def __init__(self, models: LoadedModels, plan: HardwarePlan, prompt_cache_size: int = 64) -> None:
         self.models = models
         self.plan = plan
-        self._lock = threading.Lock()
+        # One pass at a time, always on this thread: the pipelines, the prompt cache and torch's CUDA-graph
+        # trees are used from it alone.
+        self._gpu = GpuThread()
         self.levers: list[str] = []
         self.startup: dict[str, float] = {}  # filled by whoever warms the engine up (the service)
-        # Used under the lock only, like the pipelines.
+        # Used on the GPU thread only, like the pipelines.
         self.prompt_cache: PromptEmbeddingCache | None = (
             PromptEmbeddingCache(prompt_cache_size) if prompt_cache_size else None
         )
@@ -181,22 +183,27 @@ class Engine:
                 BatchMember(request, seeds, slice(row, row + len(seeds)), item.on_progress, item.cancel)
             )
             row += len(seeds)
-        with self._lock, attention_priority(self.plan.attention):
-            try:
-                return self._generate_locked(StageRun(members=members, prompt_cache=self.prompt_cache))
-            except GenerationCanceled as canceled:
-                return [canceled for _ in items]
-            except torch.cuda.OutOfMemoryError as error:
-                free_cuda_memory()
-                first = resolved[0]
-                failure = GenerationError(
-                    f"out of GPU memory at {first.width}x{first.height} with {row} image(s) in the batch; "
-                    "lower num_images or the size, or set IMAGESMITH_OFFLOAD=model"
-                )
-                failure.__cause__ = error
-                return [failure for _ in items]
 
-    def _generate_locked(self, run: StageRun) -> list[GenerationResult | BaseException]:
+        def one_pass() -> list[GenerationResult | BaseException]:
+            with attention_priority(self.plan.attention):
+                return self._one_pass(StageRun(members=members, prompt_cache=self.prompt_cache))
+
+        try:
+            # Every pass, warm-up included, on the engine's one GPU thread (gpu_thread.py says why).
+            return self._gpu.run(one_pass)
+        except GenerationCanceled as canceled:
+            return [canceled for _ in items]
+        except torch.cuda.OutOfMemoryError as error:
+            self._gpu.run(free_cuda_memory)
+            first = resolved[0]
+            failure = GenerationError(
+                f"out of GPU memory at {first.width}x{first.height} with {row} image(s) in the batch; "
+                "lower num_images or the size, or set IMAGESMITH_OFFLOAD=model"
+            )
+            failure.__cause__ = error
+            return [failure for _ in items]
+
+    def _one_pass(self, run: StageRun) -> list[GenerationResult | BaseException]:
         request = run.request
         base, refiner = self.models.base, self.models.refiner
         mode = request.refine_mode

@@ -1,0 +1,84 @@
+"""One thread for all of an engine's GPU work: warm-up and every generation.
+
+Why: torch.compile's `reduce-overhead` mode records CUDA graphs into a *per-thread* tree
+(torch/_inductor/cudagraph_trees.py keeps its tree managers in a threading.local). The service warms up on its
+loading thread and generates on its worker thread, so with a batched (dynamic-shape) graph the worker's first
+request had to record a graph on a thread whose tree torch 2.11 never set up, and every request failed with
+`AssertionError` in `cudagraph_trees.get_obj` (seen on an H200, runs 25-26 in docs/benchmarks.md; torch issue
+#123177). Newer torch sets the tree up lazily, but per thread: the worker would then record its own copy of
+every graph (a second memory pool, and a request paying the recording the warm-up was meant to pay). Running
+every pass on the thread that warmed up keeps one tree, recorded once, before the service says ready.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import queue
+import sys
+import threading
+from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def ensure_cudagraph_tree_state() -> None:
+    """Give this thread torch's CUDA-graph tree state when inductor's module was first imported on another
+    thread (torch 2.11 sets it up for the importing thread only, and asserts elsewhere). A no-op before that
+    module is imported (its import then happens here, at the first compile) and once the state exists."""
+    trees = sys.modules.get("torch._inductor.cudagraph_trees")
+    if trees is None or hasattr(trees.local, "tree_manager_containers"):
+        return
+    import torch
+
+    if torch._C._is_key_in_tls("tree_manager_containers"):
+        return
+    # What the module does for its importing thread (torch 2.11 and 2.13 alike).
+    trees.local.tree_manager_containers = {}
+    trees.local.tree_manager_locks = defaultdict(threading.Lock)
+    torch._C._stash_obj_in_tls("tree_manager_containers", trees.local.tree_manager_containers)
+    torch._C._stash_obj_in_tls("tree_manager_locks", trees.local.tree_manager_locks)
+
+
+class GpuThread:
+    """Runs callables one at a time on a single daemon thread, started on first use; the caller waits for the
+    result or the exception. The caller's context variables (the job id in log lines) go with each call."""
+
+    def __init__(self, name: str = "imagesmith-gpu") -> None:
+        self._name = name
+        self._calls: queue.SimpleQueue[tuple[Callable[[], object], Future[object]]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    @property
+    def ident(self) -> int | None:
+        return None if self._thread is None else self._thread.ident
+
+    def run(self, call: Callable[[], T]) -> T:
+        if threading.current_thread() is self._thread:
+            return call()  # already on it (a warm-up inside a pass, say): queueing would wait on itself
+        self._ensure_started()
+        context = contextvars.copy_context()
+        done: Future[object] = Future()
+        self._calls.put((lambda: context.run(call), done))
+        return done.result()  # type: ignore[return-value]
+
+    def _ensure_started(self) -> None:
+        with self._start_lock:
+            if self._thread is None:
+                # A daemon: a generation stuck in a driver call must not keep the process from exiting.
+                self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
+                self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            call, done = self._calls.get()
+            if not done.set_running_or_notify_cancel():
+                continue
+            try:
+                ensure_cudagraph_tree_state()
+                done.set_result(call())
+            except BaseException as error:  # handed to the caller, who decides
+                done.set_exception(error)
