@@ -186,7 +186,8 @@ class Engine:
 
         def one_pass() -> list[GenerationResult | BaseException]:
             with attention_priority(self.plan.attention):
-                return self._one_pass(StageRun(members=members, prompt_cache=self.prompt_cache))
+                prompts = self.prompt_cache or PromptEmbeddingCache.for_one_pass()
+                return self._one_pass(StageRun(members=members, prompt_cache=prompts))
 
         try:
             # Every pass, warm-up included, on the engine's one GPU thread (gpu_thread.py says why).

@@ -67,7 +67,8 @@ class StageRun:
     guidance; see batch_key). Counts steps as they happen, so each result says what really ran."""
 
     members: list[BatchMember]
-    prompt_cache: PromptEmbeddingCache | None = None
+    # The engine's cache across requests, or one for this pass only (texts still encoded once).
+    prompt_cache: PromptEmbeddingCache = field(default_factory=PromptEmbeddingCache.for_one_pass)
     started: float = field(default_factory=time.perf_counter)
     stages: list[StageReport] = field(default_factory=list)
     _steps: int = 0
@@ -150,13 +151,7 @@ def _common_args(run: StageRun, generators: list[torch.Generator], pipe: Any, ro
     # None (not "") lets SDXL use zeros for an empty negative prompt, as it was trained. batch_key keeps
     # requests with and without a negative prompt apart, so each image is what it would be alone.
     negatives_or_none = negatives if any(negatives) else None
-    text: dict[str, Any]
-    if run.prompt_cache is not None:
-        text = run.prompt_cache.pipeline_args(
-            pipe, role, prompts, negatives_or_none, run.request.guidance_scale
-        )
-    else:
-        text = {"prompt": prompts, "negative_prompt": negatives_or_none}
+    text = run.prompt_cache.pipeline_args(pipe, role, prompts, negatives_or_none, run.request.guidance_scale)
     return {
         **text,
         "guidance_scale": run.request.guidance_scale,

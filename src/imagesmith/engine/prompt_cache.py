@@ -1,64 +1,133 @@
-"""Prompt embeddings, cached: a repeated prompt or negative prompt skips the text encoders.
+"""Prompt embeddings, computed once per text and kept: a repeated prompt or negative prompt skips the text
+encoders, and the refiner reuses what the base computed.
 
-Content pipelines repeat themselves (the same negative prompt on every request, several seeds of one prompt),
-and both SDXL text encoders run for the base and again (OpenCLIP-bigG) for the refiner on every call. The cache
-keeps each (pipeline, prompt, negative prompt, guidance on/off) result on the device, least recently used
-first out. The embeddings are exactly what the pipeline would compute itself: it is handed the same tensors
-through its prompt_embeds arguments.
+Content pipelines repeat themselves (the same negative prompt on every request, several seeds of one prompt).
+Without help, an SDXL ensemble runs four text-encoder passes per image: CLIP-L and OpenCLIP-bigG on the prompt
+for the base, then bigG on the prompt and on "" (the refiner's empty negative prompt; its config does not use
+zeros) for the refiner. Eager and launch-bound, they cost 52 ms of a 1.42 s compiled image while the GPU
+waits (run 24, docs/benchmarks.md). Here:
+
+- each text is encoded once per encoder set (role) and kept, least recently used first out, up to
+  max_entries across requests (0: for one pass only, see `for_one_pass`);
+- the refiner's embeddings of a text are the last channels of the base's: the base concatenates CLIP-L's and
+  bigG's penultimate hidden states and pools bigG's, the refiner uses bigG's alone, and the engine loads the
+  refiner around the base's text_encoder_2. So when the module is the same object and the refiner's tokenizer
+  gives the same ids, the refiner's part is a slice of the base's, bit for bit, and bigG does not run again.
+
+The embeddings are exactly what each pipeline's encode_prompt computes (tests compare them tensor for
+tensor): the pipeline is handed them through its prompt_embeds arguments.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-Embeddings = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]
+
+@dataclass(frozen=True)
+class TextPart:
+    """One text's embeddings for one encoder set: penultimate hidden states and the pooled vector."""
+
+    hidden: torch.Tensor
+    pooled: torch.Tensor
+    # What produced the last channels, so the refiner can tell whether they are its own.
+    encoder_2: Any
+    token_ids_2: tuple[int, ...]
 
 
 class PromptEmbeddingCache:
     def __init__(self, max_entries: int = 64) -> None:
         self.max_entries = max_entries
-        self._entries: OrderedDict[tuple[object, ...], Embeddings] = OrderedDict()
+        self._entries: OrderedDict[tuple[str, str], TextPart] = OrderedDict()
         self.hits = 0
         self.misses = 0
+        self.derived = 0  # refiner parts sliced from the base's
 
-    def _one(self, pipe: Any, role: str, prompt: str, negative: str | None, guided: bool) -> Embeddings:
-        key = (role, prompt, negative, guided)
-        cached = self._entries.get(key)
-        if cached is not None:
-            self._entries.move_to_end(key)
-            self.hits += 1
-            return cached
-        self.misses += 1
-        # negative None (not ""): SDXL's base then uses zeros for the unconditional branch, as it was trained.
-        embeddings: Embeddings = pipe.encode_prompt(
-            prompt=prompt,
-            device=pipe._execution_device,
-            num_images_per_prompt=1,
-            do_classifier_free_guidance=guided,
-            negative_prompt=negative,
-        )
-        if self.max_entries > 0:
-            self._entries[key] = embeddings
-            while len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)
-        return embeddings
+    @classmethod
+    def for_one_pass(cls) -> PromptEmbeddingCache:
+        """With the cache off: texts are still encoded once within a pass, and the refiner still reuses the
+        base's; nothing outlives the pass (it holds at most a batch's texts)."""
+        return cls(max_entries=1 << 16)
 
     def pipeline_args(
         self, pipe: Any, role: str, prompts: list[str], negatives: list[str] | None, guidance_scale: float
     ) -> dict[str, torch.Tensor | None]:
-        """The prompt_embeds arguments of a pipeline call for a batch of rows (one prompt per image)."""
+        """The prompt_embeds arguments of a pipeline call for a batch of rows (one prompt per image), as
+        pipe.encode_prompt would compute them for `prompt=prompts, negative_prompt=negatives`."""
         guided = guidance_scale > 1.0  # diffusers' do_classifier_free_guidance for SDXL
-        rows = [
-            self._one(pipe, role, prompt, negatives[index] if negatives else None, guided)
-            for index, prompt in enumerate(prompts)
-        ]
-        embeds, negative_embeds, pooled, negative_pooled = zip(*rows, strict=True)
-        return {
-            "prompt_embeds": torch.cat(embeds),
-            "pooled_prompt_embeds": torch.cat(pooled),
-            "negative_prompt_embeds": torch.cat(negative_embeds) if guided else None,
-            "negative_pooled_prompt_embeds": torch.cat(negative_pooled) if guided else None,
+        positive = [self._text(pipe, role, prompt) for prompt in prompts]
+        hidden = torch.cat([part.hidden for part in positive])
+        pooled = torch.cat([part.pooled for part in positive])
+        args: dict[str, torch.Tensor | None] = {
+            "prompt_embeds": hidden,
+            "pooled_prompt_embeds": pooled,
+            "negative_prompt_embeds": None,
+            "negative_pooled_prompt_embeds": None,
         }
+        if not guided:
+            return args
+        if negatives is None and pipe.config.force_zeros_for_empty_prompt:
+            # SDXL's base was trained with zeros for an empty negative prompt (encode_prompt does the same).
+            args["negative_prompt_embeds"] = torch.zeros_like(hidden)
+            args["negative_pooled_prompt_embeds"] = torch.zeros_like(pooled)
+            return args
+        # encode_prompt encodes a negative prompt like a prompt (same tokenizer padding to 77 tokens).
+        negative = [self._text(pipe, role, text or "") for text in (negatives or [""] * len(prompts))]
+        args["negative_prompt_embeds"] = torch.cat([part.hidden for part in negative])
+        args["negative_pooled_prompt_embeds"] = torch.cat([part.pooled for part in negative])
+        return args
+
+    def _text(self, pipe: Any, role: str, text: str) -> TextPart:
+        key = (role, text)
+        part = self._entries.get(key)
+        if part is not None:
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return part
+        part = self._from_base(pipe, role, text)
+        if part is not None:
+            self.derived += 1
+        else:
+            self.misses += 1
+            part = self._encode(pipe, text)
+        self._keep(key, part)
+        return part
+
+    def _from_base(self, pipe: Any, role: str, text: str) -> TextPart | None:
+        """The refiner's part as the last channels of the base's, when the base's bigG and tokenizer made it."""
+        if role != "refiner" or pipe.text_encoder is not None:
+            return None
+        base = self._entries.get(("base", text))
+        if base is None or base.encoder_2 is not pipe.text_encoder_2:
+            return None
+        if _token_ids(pipe.tokenizer_2, text) != base.token_ids_2:
+            return None
+        width = int(pipe.text_encoder_2.config.hidden_size)
+        return TextPart(base.hidden[..., -width:].contiguous(), base.pooled, base.encoder_2, base.token_ids_2)
+
+    def _encode(self, pipe: Any, text: str) -> TextPart:
+        hidden, _, pooled, _ = pipe.encode_prompt(
+            prompt=text,
+            device=pipe._execution_device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=False,
+        )
+        return TextPart(hidden, pooled, pipe.text_encoder_2, _token_ids(pipe.tokenizer_2, text))
+
+    def _keep(self, key: tuple[str, str], part: TextPart) -> None:
+        if self.max_entries <= 0:
+            return
+        self._entries[key] = part
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+
+def _token_ids(tokenizer: Any, text: str) -> tuple[int, ...]:
+    # As encode_prompt tokenizes: padded to the model's length, truncated.
+    ids = tokenizer(
+        text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True
+    ).input_ids
+    return tuple(int(i) for i in ids)
