@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import email.utils
 import logging
 import socket
 from datetime import UTC, datetime
@@ -274,7 +275,9 @@ async def test_implausible_rate_limit_headers_are_ignored(
     assert snapshot.remaining is not None and snapshot.limit == 200
 
 
-@pytest.mark.parametrize(("retry_after", "wait_s"), [("1e12", 86_400), ("inf", 600), ("30", 30)])
+@pytest.mark.parametrize(
+    ("retry_after", "wait_s"), [("1e12", 86_400), ("inf", 600), ("30", 30), ("next week", 600)]
+)
 async def test_retry_after_is_capped_at_a_day_and_garbage_ignored(
     standin: StandIn, settings: Settings, clock: FakeClock, retry_after: str, wait_s: float
 ) -> None:
@@ -287,6 +290,21 @@ async def test_retry_after_is_capped_at_a_day_and_garbage_ignored(
     # 'inf' is not a wait: the default backoff (pexels_quota_backoff_s) applies.
     assert caught.value.retry_at == datetime.fromtimestamp(clock.now + wait_s, tz=UTC)
     assert snapshot.blocked_until == caught.value.retry_at
+
+
+@pytest.mark.parametrize(("ahead_s", "wait_s"), [(120, 120), (-60, 0), (3 * 86_400, 86_400)])
+async def test_retry_after_as_an_http_date_is_honoured(
+    standin: StandIn, settings: Settings, clock: FakeClock, ahead_s: float, wait_s: float
+) -> None:
+    """RFC 9110 allows an HTTP-date; proxies and CDNs in front of an API send one. A date in the past means
+    now; one days ahead is capped like a number."""
+    standin.api_script = ["429"]
+    when = datetime.fromtimestamp(clock.now + ahead_s, tz=UTC)
+    standin.api_headers = {"Retry-After": email.utils.format_datetime(when, usegmt=True)}
+    async with client_for(settings, clock) as client:
+        with pytest.raises(PexelsQuotaExhausted) as caught:
+            await client.search("cats")
+    assert caught.value.retry_at == datetime.fromtimestamp(clock.now + wait_s, tz=UTC)
 
 
 async def test_remaining_is_unknown_once_a_block_has_passed(

@@ -24,6 +24,7 @@ headers, so a shared or logged client cannot leak it); it is a SecretStr everywh
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import logging
 import math
 import time
@@ -409,7 +410,7 @@ class PexelsClient:
     def _decode(self, response: httpx.Response, path: str) -> Any:
         status = response.status_code
         if status == 429:
-            retry_after = _retry_after_s(response.headers)
+            retry_after = _retry_after_s(response.headers, self.quota.clock())
             until = self.quota.block("429 Too Many Requests", retry_after)
             raise PexelsQuotaExhausted.at_epoch(until)
         if status in (401, 403):
@@ -425,11 +426,34 @@ class PexelsClient:
         return data
 
 
-def _retry_after_s(headers: Mapping[str, str]) -> float | None:
-    """Retry-After in seconds, when a 429 happens to carry one (Pexels' usually carries nothing); at most a day,
-    since a longer wait is more likely a proxy's mistake than Pexels' wish (an HTTP-date is ignored)."""
-    seconds = _number_header(headers, "Retry-After")
+def _retry_after_s(headers: Mapping[str, str], now: float) -> float | None:
+    """Retry-After in seconds, when a 429 happens to carry one (Pexels' usually carries nothing): a number of
+    seconds or an HTTP-date (RFC 9110 allows both; proxies and CDNs send dates). At most a day, since a longer
+    wait is more likely a proxy's mistake than Pexels' wish."""
+    raw = headers.get("Retry-After")
+    if raw is None:
+        return None
+    try:
+        seconds: float | None = float(raw)
+    except ValueError:
+        seconds = _http_date_in_s(raw, now)
+    if seconds is not None and not math.isfinite(seconds):  # 'inf' and '1e999' parse as floats
+        logger.warning("Pexels sent Retry-After %r, not a finite number; ignored", raw[:40])
+        seconds = None
     if seconds is not None and seconds > MAX_RETRY_AFTER_S:
         logger.warning("Pexels sent Retry-After %s s; waiting %d s at most", seconds, MAX_RETRY_AFTER_S)
         return MAX_RETRY_AFTER_S
     return None if seconds is None else max(0.0, seconds)
+
+
+def _http_date_in_s(raw: str, now: float) -> float | None:
+    """Seconds from now until an HTTP-date ("Wed, 21 Oct 2026 07:28:00 GMT"); None, with a warning, when it is
+    not one."""
+    try:
+        when = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError, IndexError):
+        logger.warning("Pexels sent Retry-After %r, neither seconds nor an HTTP-date; ignored", raw[:40])
+        return None
+    if when.tzinfo is None:  # RFC 9110's dates are GMT; a date without a zone is read as such
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp() - now
