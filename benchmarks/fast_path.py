@@ -399,7 +399,8 @@ def main() -> None:
 
     def restart() -> None:
         engine, variant = last_engine
-        torch._dynamo.reset()
+        # On the engine's GPU thread: CUDA-graph trees are per thread, and reset clears the calling thread's.
+        engine._gpu.run(torch._dynamo.reset)
         if variant.mlperf:
             sync()
             t0 = time.perf_counter()

@@ -148,3 +148,37 @@ def test_doctor_reports_a_plan_the_card_cannot_serve(
     out = capsys.readouterr().out
     assert "device: cuda:0 (RTX 3090, compute capability 8.6" in out
     assert "plan: ERROR IMAGESMITH_FP8=true needs a GPU with fp8 tensor cores" in out
+
+
+def test_ctrl_c_during_generate_exits_130_cleanly(tiny_model_home: Path, tmp_path: Path) -> None:
+    """The GPU thread must stop its pass before the process exits: it used to abort ('terminate called without
+    an active exception', exit 134) because the interpreter shut down under a running pass."""
+    import signal
+    import time
+
+    out = tmp_path / "never.png"
+    # SIGINT's default handler, explicitly: a background job (CI) starts with SIGINT ignored.
+    code = (
+        "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "from imagesmith.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    env = {**os.environ, "IMAGESMITH_DATA_DIR": str(tiny_model_home), "IMAGESMITH_DEVICE": "cpu"}
+    args = ["generate", "x", "--model", "tiny", "--width", "512", "--height", "512", "--steps", "150"]
+    process = subprocess.Popen(
+        [sys.executable, "-c", code, *args, "-o", str(out)], env=env, stderr=subprocess.PIPE, text=False
+    )
+    assert process.stderr is not None
+    seen = b""
+    deadline = time.monotonic() + 120
+    while b"base:" not in seen and time.monotonic() < deadline:  # the first progress bar: mid-generation
+        chunk = os.read(process.stderr.fileno(), 4096)
+        if not chunk:
+            break
+        seen += chunk
+    assert b"base:" in seen, seen.decode(errors="replace")[-2000:]
+    process.send_signal(signal.SIGINT)
+    _, rest = process.communicate(timeout=60)
+    stderr = (seen + rest).decode(errors="replace")
+    assert process.returncode == 130, stderr[-2000:]
+    assert "imagesmith: interrupted" in stderr and "terminate called" not in stderr
+    assert not out.exists()

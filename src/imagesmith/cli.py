@@ -292,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
         for line in settings_error_lines(error):
             print(f"imagesmith: error: {line}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the engine has stopped its pass by now (gpu_thread.py)
+        print("imagesmith: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

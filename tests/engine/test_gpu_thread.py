@@ -8,14 +8,21 @@ that case for real; these tests pin down the thread discipline that fixes it, on
 
 from __future__ import annotations
 
+import gc
 import logging
+import signal
 import threading
+import time
+import weakref
+from typing import Any
 
 import pytest
 
+from imagesmith.config import Settings
 from imagesmith.engine import Engine
 from imagesmith.engine.fast import warm_up
-from imagesmith.engine.gpu_thread import GpuThread, ensure_cudagraph_tree_state
+from imagesmith.engine.gpu_thread import GpuThread
+from imagesmith.engine.progress import ProgressEvent
 from imagesmith.logs import JobIdFilter, current_job
 from imagesmith.schemas import GenerationRequest
 
@@ -78,25 +85,76 @@ def test_an_error_reaches_the_caller_and_the_thread_goes_on() -> None:
     assert gpu.run(lambda: threading.get_ident()) == gpu.ident
 
 
-def test_a_call_made_on_the_gpu_thread_runs_at_once() -> None:
+def test_a_pass_cannot_start_a_pass_from_the_gpu_thread() -> None:
     gpu = GpuThread()
-    assert gpu.run(lambda: gpu.run(lambda: 7)) == 7  # queueing it would wait on itself forever
+    with pytest.raises(RuntimeError, match="cannot start another pass"):
+        gpu.run(lambda: gpu.run(lambda: 7))  # queueing it would wait on itself for ever
 
 
-def test_a_thread_that_did_not_import_inductors_graph_trees_gets_their_state() -> None:
-    import torch
-    from torch._inductor import cudagraph_trees
+def test_a_dropped_engine_lets_go_of_its_models_and_its_thread(tiny_settings: Settings) -> None:
+    engine = Engine.start(tiny_settings)
+    engine.generate(_request(6))
+    thread = engine._gpu._thread
+    assert thread is not None and thread.is_alive()
+    dropped = weakref.ref(engine)
+    del engine
+    gc.collect()
+    assert dropped() is None  # the idle thread held its last call, and through it the engine, before
+    thread.join(timeout=10)
+    assert not thread.is_alive()
 
-    found: dict[str, bool] = {}
 
-    def fresh_thread() -> None:
-        found["before"] = hasattr(cudagraph_trees.local, "tree_manager_containers")
-        ensure_cudagraph_tree_state()
-        found["after"] = hasattr(cudagraph_trees.local, "tree_manager_containers")
-        found["stashed"] = torch._C._is_key_in_tls("tree_manager_containers")
-        found["locks"] = hasattr(cudagraph_trees.local, "tree_manager_locks")
+def _interrupt_main_thread_after(seconds: float) -> Any:
+    """Ctrl-C, as the CLI gets it: KeyboardInterrupt raised in the main thread while it waits."""
 
-    thread = threading.Thread(target=fresh_thread)
-    thread.start()
-    thread.join()
-    assert found == {"before": False, "after": True, "stashed": True, "locks": True}
+    def raise_interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, raise_interrupt)
+    if seconds:
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+    return previous
+
+
+def test_an_interrupted_caller_stops_the_call_and_waits_for_it() -> None:
+    gpu = GpuThread()
+    asked_to_stop = threading.Event()
+    finished = threading.Event()
+
+    def long_call() -> None:
+        asked_to_stop.wait(30)
+        time.sleep(0.2)  # the pass finishing its step
+        finished.set()
+
+    previous = _interrupt_main_thread_after(0.2)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            gpu.run(long_call, on_interrupt=asked_to_stop.set)
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    # The interrupt went on only after the call had ended: the process may now exit safely.
+    assert asked_to_stop.is_set() and finished.is_set()
+
+
+def test_ctrl_c_during_a_generation_stops_the_pass_within_a_step(tiny_engine: Engine) -> None:
+    steps: list[int] = []
+    main = threading.main_thread().ident
+    assert main is not None
+
+    def on_progress(event: ProgressEvent) -> None:
+        steps.append(event.step)
+        if event.step == 3:  # Ctrl-C now, delivered to the waiting main thread
+            signal.pthread_kill(main, signal.SIGALRM)
+            time.sleep(0.1)  # let it land while the pass still runs
+
+    request = GenerationRequest(prompt="x", width=64, height=64, num_inference_steps=150, seed=1)
+    previous = _interrupt_main_thread_after(0)  # the handler alone; the callback sends the signal
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            tiny_engine.generate(request, on_progress=on_progress)
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    seen = len(steps)
+    assert 3 <= seen <= 4  # stopped within a step of the interrupt ...
+    assert tiny_engine._gpu.run(lambda: len(steps)) == seen  # ... before the caller got control back
+    assert tiny_engine.generate(_request(7)).images  # and the engine serves the next request

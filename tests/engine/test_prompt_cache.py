@@ -165,3 +165,12 @@ def test_the_cache_keeps_at_most_max_entries(tiny_engine: Engine) -> None:
         cache.pipeline_args(base, "base", [prompt], None, guidance_scale=7.5)
     cache.pipeline_args(base, "base", ["three"], None, guidance_scale=7.5)
     assert len(cache._entries) == 2 and cache.hits == 1 and cache.misses == 3
+
+
+def test_kept_embeddings_hold_no_autograd_graph(tiny_engine: Engine) -> None:
+    """The text encoders' weights require grad; a kept tensor with a grad_fn would hold the encoder's
+    activations (~124 MiB per SDXL prompt in bf16, ~8 GiB for a full default cache)."""
+    cache = PromptEmbeddingCache()
+    cache.pipeline_args(tiny_engine.models.base, "base", ["a lighthouse"], ["blurry"], 7.5)
+    parts = list(cache._entries.values())
+    assert parts and not any(part.hidden.requires_grad or part.pooled.requires_grad for part in parts)

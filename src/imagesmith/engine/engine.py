@@ -10,6 +10,8 @@ import asyncio
 import logging
 import secrets
 import time
+import traceback
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,6 +108,7 @@ class Engine:
         # One pass at a time, always on this thread: the pipelines, the prompt cache and torch's CUDA-graph
         # trees are used from it alone.
         self._gpu = GpuThread()
+        weakref.finalize(self, self._gpu.close)  # a dropped engine's thread ends (and lets go of its graphs)
         self.levers: list[str] = []
         self.startup: dict[str, float] = {}  # filled by whoever warms the engine up (the service)
         # Used on the GPU thread only, like the pipelines.
@@ -184,17 +187,21 @@ class Engine:
             )
             row += len(seeds)
 
+        prompts = self.prompt_cache if self.prompt_cache is not None else PromptEmbeddingCache.for_one_pass()
+        run = StageRun(members=members, prompt_cache=prompts)
+
         def one_pass() -> list[GenerationResult | BaseException]:
             with attention_priority(self.plan.attention):
-                prompts = self.prompt_cache or PromptEmbeddingCache.for_one_pass()
-                return self._one_pass(StageRun(members=members, prompt_cache=prompts))
+                return self._one_pass(run)
 
         try:
-            # Every pass, warm-up included, on the engine's one GPU thread (gpu_thread.py says why).
-            return self._gpu.run(one_pass)
+            # Every pass, warm-up included, on the engine's one GPU thread (gpu_thread.py says why). A caller
+            # interrupted while it waits (Ctrl-C) stops the pass within a step before the interrupt goes on.
+            return self._gpu.run(one_pass, on_interrupt=run.interrupt.cancel)
         except GenerationCanceled as canceled:
             return [canceled for _ in items]
         except torch.cuda.OutOfMemoryError as error:
+            traceback.clear_frames(error.__traceback__)  # the failed pass's tensors, held by its frames
             self._gpu.run(free_cuda_memory)
             first = resolved[0]
             failure = GenerationError(
@@ -239,6 +246,7 @@ class Engine:
                     raise
                 except Exception as error:  # any refiner failure falls back to the base's picture
                     if isinstance(error, torch.cuda.OutOfMemoryError):
+                        traceback.clear_frames(error.__traceback__)  # the refiner's activations go too
                         free_cuda_memory()
                     not_refined = f"refiner failed: {type(error).__name__}: {error}"[:500]
                     log.warning("%s; returning the base image", not_refined)

@@ -12,6 +12,7 @@ every pass on the thread that warmed up keeps one tree, recorded once, before th
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import queue
 import sys
@@ -22,6 +23,7 @@ from concurrent.futures import Future
 from typing import TypeVar
 
 T = TypeVar("T")
+_Call = tuple[Callable[[], object], Future[object]]
 
 
 def ensure_cudagraph_tree_state() -> None:
@@ -48,7 +50,8 @@ class GpuThread:
 
     def __init__(self, name: str = "imagesmith-gpu") -> None:
         self._name = name
-        self._calls: queue.SimpleQueue[tuple[Callable[[], object], Future[object]]] = queue.SimpleQueue()
+        # A (call, future) pair per call; None (from close) ends the thread after the calls queued before it.
+        self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
 
@@ -56,14 +59,32 @@ class GpuThread:
     def ident(self) -> int | None:
         return None if self._thread is None else self._thread.ident
 
-    def run(self, call: Callable[[], T]) -> T:
+    def run(self, call: Callable[[], T], on_interrupt: Callable[[], None] | None = None) -> T:
+        """call() on the GPU thread. If the wait is interrupted (Ctrl-C in the CLI), on_interrupt() asks the
+        call to stop, and the caller waits for it before the interrupt goes on: a process must not exit
+        while the GPU thread is inside torch (it aborted, 'terminate called without an active exception')."""
         if threading.current_thread() is self._thread:
-            return call()  # already on it (a warm-up inside a pass, say): queueing would wait on itself
+            # A pass that starts a pass (a progress callback generating, say) would swap the pipelines'
+            # schedulers under the outer pass; queueing it would wait on itself for ever.
+            raise RuntimeError("an engine pass cannot start another pass from its own GPU thread")
         self._ensure_started()
         context = contextvars.copy_context()
         done: Future[object] = Future()
         self._calls.put((lambda: context.run(call), done))
-        return done.result()  # type: ignore[return-value]
+        try:
+            return done.result()  # type: ignore[return-value]
+        except BaseException:
+            if done.done() or on_interrupt is None:
+                raise  # the call's own outcome (or nothing to stop it with)
+            on_interrupt()
+            with contextlib.suppress(BaseException):
+                done.exception()  # the pass ends within a step
+            raise
+
+    def close(self) -> None:
+        """End the thread once the calls already queued are done (an engine that is dropped calls this)."""
+        if self._thread is not None:
+            self._calls.put(None)
 
     def _ensure_started(self) -> None:
         with self._start_lock:
@@ -74,11 +95,20 @@ class GpuThread:
 
     def _loop(self) -> None:
         while True:
-            call, done = self._calls.get()
-            if not done.set_running_or_notify_cancel():
-                continue
-            try:
-                ensure_cudagraph_tree_state()
-                done.set_result(call())
-            except BaseException as error:  # handed to the caller, who decides
-                done.set_exception(error)
+            item = self._calls.get()
+            if item is None:
+                return
+            call, done = item
+            self._run_one(call, done)
+            # Holding the last call (its engine) while idle would keep a dropped engine's models in memory.
+            del item, call, done
+
+    @staticmethod
+    def _run_one(call: Callable[[], object], done: Future[object]) -> None:
+        if not done.set_running_or_notify_cancel():
+            return
+        try:
+            ensure_cudagraph_tree_state()
+            done.set_result(call())
+        except BaseException as error:  # handed to the caller, who decides
+            done.set_exception(error)

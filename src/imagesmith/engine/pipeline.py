@@ -71,6 +71,8 @@ class StageRun:
     prompt_cache: PromptEmbeddingCache = field(default_factory=PromptEmbeddingCache.for_one_pass)
     started: float = field(default_factory=time.perf_counter)
     stages: list[StageReport] = field(default_factory=list)
+    # Set when the caller stops waiting (Ctrl-C): the whole pass stops within a step.
+    interrupt: CancelToken = field(default_factory=CancelToken)
     _steps: int = 0
 
     @property
@@ -112,7 +114,7 @@ class StageRun:
 
     @property
     def all_canceled(self) -> bool:
-        return all(member.canceled for member in self.members)
+        return self.interrupt.canceled or all(member.canceled for member in self.members)
 
     def check_cancel(self) -> None:
         if self.all_canceled:

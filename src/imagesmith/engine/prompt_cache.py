@@ -8,7 +8,8 @@ zeros) for the refiner. Eager and launch-bound, they cost 52 ms of a 1.42 s comp
 waits (run 24, docs/benchmarks.md). Here:
 
 - each text is encoded once per encoder set (role) and kept, least recently used first out, up to
-  max_entries across requests (0: for one pass only, see `for_one_pass`);
+  max_entries across requests; with the cache off the engine uses `for_one_pass`, which keeps a pass's texts
+  for that pass only;
 - the refiner's embeddings of a text are the last channels of the base's: the base concatenates CLIP-L's and
   bigG's penultimate hidden states and pools bigG's, the refiner uses bigG's alone, and the engine loads the
   refiner around the base's text_encoder_2. So when the module is the same object and the refiner's tokenizer
@@ -103,11 +104,13 @@ class PromptEmbeddingCache:
         base = self._entries.get(("base", text))
         if base is None or base.encoder_2 is not pipe.text_encoder_2:
             return None
+        self._entries.move_to_end(("base", text))  # in use: the next pass of this prompt wants it too
         if _token_ids(pipe.tokenizer_2, text) != base.token_ids_2:
             return None
         width = int(pipe.text_encoder_2.config.hidden_size)
         return TextPart(base.hidden[..., -width:].contiguous(), base.pooled, base.encoder_2, base.token_ids_2)
 
+    @torch.no_grad()  # the text encoders' weights require grad: kept tensors would hold their graphs
     def _encode(self, pipe: Any, text: str) -> TextPart:
         hidden, _, pooled, _ = pipe.encode_prompt(
             prompt=text,
