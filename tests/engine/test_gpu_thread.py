@@ -21,7 +21,7 @@ import pytest
 from imagesmith.config import Settings
 from imagesmith.engine import Engine
 from imagesmith.engine.fast import warm_up
-from imagesmith.engine.gpu_thread import GpuThread
+from imagesmith.engine.gpu_thread import GpuThread, ensure_cudagraph_tree_state
 from imagesmith.engine.progress import ProgressEvent
 from imagesmith.logs import JobIdFilter, current_job
 from imagesmith.schemas import GenerationRequest
@@ -162,3 +162,70 @@ def test_ctrl_c_during_a_generation_stops_the_pass_within_a_step(tiny_engine: En
     assert 3 <= seen < 150  # stopped early (how many steps after 3 depends on the machine's load) ...
     assert tiny_engine._gpu.run(lambda: len(steps)) == seen  # ... and before the caller got control back
     assert tiny_engine.generate(_request(7)).images  # and the engine serves the next request
+
+
+def test_a_thread_that_did_not_import_inductors_graph_trees_gets_their_state() -> None:
+    import torch
+    from torch._inductor import cudagraph_trees
+
+    found: dict[str, bool] = {}
+
+    def fresh_thread() -> None:
+        found["before"] = hasattr(cudagraph_trees.local, "tree_manager_containers")
+        ensure_cudagraph_tree_state()
+        found["after"] = hasattr(cudagraph_trees.local, "tree_manager_containers")
+        found["stashed"] = torch._C._is_key_in_tls("tree_manager_containers")
+        found["locks"] = hasattr(cudagraph_trees.local, "tree_manager_locks")
+
+    thread = threading.Thread(target=fresh_thread)
+    thread.start()
+    thread.join()
+    assert found == {"before": False, "after": True, "stashed": True, "locks": True}
+
+
+def test_ctrl_c_pressed_twice_still_waits_for_the_pass(tiny_engine: Engine) -> None:
+    """People press Ctrl-C again when the first one seems slow; the second must not let the process exit
+    under a running pass (it aborted the CLI with SIGABRT)."""
+    steps: list[int] = []
+    step_3_done: list[bool] = []
+    main = threading.main_thread().ident
+    assert main is not None
+
+    def on_progress(event: ProgressEvent) -> None:
+        steps.append(event.step)
+        if event.step == 3:
+            signal.pthread_kill(main, signal.SIGALRM)
+            time.sleep(0.1)
+            signal.pthread_kill(main, signal.SIGALRM)  # the second Ctrl-C, while the pass is stopping
+            time.sleep(0.3)
+            step_3_done.append(True)  # the pass ends right after this callback
+
+    request = GenerationRequest(prompt="x", width=64, height=64, num_inference_steps=150, seed=1)
+    previous = _interrupt_main_thread_after(0)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            tiny_engine.generate(request, on_progress=on_progress)
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    assert step_3_done == [True]  # the caller got control back only once the pass had ended
+    assert tiny_engine._gpu.run(lambda: len(steps)) == 3
+
+
+def test_times_count_the_pass_not_its_wait_for_the_gpu_thread(tiny_engine: Engine) -> None:
+    busy = threading.Thread(target=lambda: tiny_engine._gpu.run(lambda: time.sleep(2)))
+    busy.start()
+    time.sleep(0.2)  # the GPU thread is busy: the next pass waits in the queue
+    first_step: list[float] = []
+    result = tiny_engine.generate(_request(8), on_progress=lambda event: first_step.append(event.elapsed_s))
+    busy.join()
+    stages = sum(stage.seconds for stage in result.metadata.stages)
+    assert result.metadata.total_seconds < stages + 1.0  # it waited ~1.8 s; that is not the pass's time
+    assert first_step[0] < 1.0
+
+
+def test_a_closed_gpu_thread_refuses_calls_instead_of_hanging() -> None:
+    gpu = GpuThread()
+    assert gpu.run(lambda: 1) == 1
+    gpu.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        gpu.run(lambda: 2)

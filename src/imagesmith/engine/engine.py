@@ -191,6 +191,7 @@ class Engine:
         run = StageRun(members=members, prompt_cache=prompts)
 
         def one_pass() -> list[GenerationResult | BaseException]:
+            run.started = time.perf_counter()  # times and ETAs count the pass, not its wait in the queue
             with attention_priority(self.plan.attention):
                 return self._one_pass(run)
 

@@ -12,7 +12,6 @@ every pass on the thread that warmed up keeps one tree, recorded once, before th
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import queue
 import sys
@@ -54,6 +53,7 @@ class GpuThread:
         self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
+        self._closed = False
 
     @property
     def ident(self) -> int | None:
@@ -63,6 +63,8 @@ class GpuThread:
         """call() on the GPU thread. If the wait is interrupted (Ctrl-C in the CLI), on_interrupt() asks the
         call to stop, and the caller waits for it before the interrupt goes on: a process must not exit
         while the GPU thread is inside torch (it aborted, 'terminate called without an active exception')."""
+        if self._closed:
+            raise RuntimeError("this engine's GPU thread is closed")
         if threading.current_thread() is self._thread:
             # A pass that starts a pass (a progress callback generating, say) would swap the pipelines'
             # schedulers under the outer pass; queueing it would wait on itself for ever.
@@ -76,13 +78,19 @@ class GpuThread:
         except BaseException:
             if done.done() or on_interrupt is None:
                 raise  # the call's own outcome (or nothing to stop it with)
-            on_interrupt()
-            with contextlib.suppress(BaseException):
-                done.exception()  # the pass ends within a step
+            # Wait for the pass to end (within a step), however often the user presses Ctrl-C meanwhile.
+            while True:
+                on_interrupt()
+                try:
+                    done.exception()
+                    break
+                except BaseException:
+                    continue
             raise
 
     def close(self) -> None:
         """End the thread once the calls already queued are done (an engine that is dropped calls this)."""
+        self._closed = True
         if self._thread is not None:
             self._calls.put(None)
 
@@ -112,3 +120,7 @@ class GpuThread:
             done.set_result(call())
         except BaseException as error:  # handed to the caller, who decides
             done.set_exception(error)
+        finally:
+            # The exception's traceback holds this frame: without this, frame -> call -> engine and
+            # frame -> done -> exception -> traceback -> frame would keep an engine alive until a gc pass.
+            del call, done
