@@ -152,18 +152,23 @@ def _iso(epoch_s: float) -> str:
     return moment.isoformat() if moment else f"UNIX time {epoch_s}"
 
 
+def _finite_number(raw: str) -> float | None:
+    """The text as a finite number, else None ('inf' and '1e999' parse as floats but fit no int or datetime)."""
+    try:
+        value = float(raw)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
 def _number_header(headers: Mapping[str, str], name: str) -> float | None:
     """The header as a finite number; None when absent, and (with a warning) when not a finite number."""
     raw = headers.get(name)
     if raw is None:
         return None
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):  # 'inf' and '1e999' parse as floats but fit no int or datetime
+    value = _finite_number(raw)
+    if value is None:
         logger.warning("Pexels sent %s %r, not a finite number; ignored", name, raw[:40])
-        return None
     return value
 
 
@@ -433,13 +438,9 @@ def _retry_after_s(headers: Mapping[str, str], now: float) -> float | None:
     raw = headers.get("Retry-After")
     if raw is None:
         return None
-    try:
-        seconds: float | None = float(raw)
-    except ValueError:
+    seconds = _finite_number(raw)
+    if seconds is None:
         seconds = _http_date_in_s(raw, now)
-    if seconds is not None and not math.isfinite(seconds):  # 'inf' and '1e999' parse as floats
-        logger.warning("Pexels sent Retry-After %r, not a finite number; ignored", raw[:40])
-        seconds = None
     if seconds is not None and seconds > MAX_RETRY_AFTER_S:
         logger.warning("Pexels sent Retry-After %s s; waiting %d s at most", seconds, MAX_RETRY_AFTER_S)
         return MAX_RETRY_AFTER_S
@@ -452,7 +453,9 @@ def _http_date_in_s(raw: str, now: float) -> float | None:
     try:
         when = email.utils.parsedate_to_datetime(raw)
     except (TypeError, ValueError, IndexError):
-        logger.warning("Pexels sent Retry-After %r, neither seconds nor an HTTP-date; ignored", raw[:40])
+        logger.warning(
+            "Pexels sent Retry-After %r, neither a number of seconds nor an HTTP-date; ignored", raw[:40]
+        )
         return None
     if when.tzinfo is None:  # RFC 9110's dates are GMT; a date without a zone is read as such
         when = when.replace(tzinfo=UTC)
