@@ -188,17 +188,18 @@ class Engine:
             row += len(seeds)
 
         prompts = self.prompt_cache if self.prompt_cache is not None else PromptEmbeddingCache.for_one_pass()
-        run = StageRun(members=members, prompt_cache=prompts)
+        interrupt = CancelToken()
 
         def one_pass() -> list[GenerationResult | BaseException]:
-            run.started = time.perf_counter()  # times and ETAs count the pass, not its wait in the queue
+            # Made here, as the pass starts: its times and ETAs count the pass, not its wait in the queue.
+            run = StageRun(members=members, prompt_cache=prompts, interrupt=interrupt)
             with attention_priority(self.plan.attention):
                 return self._one_pass(run)
 
         try:
             # Every pass, warm-up included, on the engine's one GPU thread (gpu_thread.py says why). A caller
             # interrupted while it waits (Ctrl-C) stops the pass within a step before the interrupt goes on.
-            return self._gpu.run(one_pass, on_interrupt=run.interrupt.cancel)
+            return self._gpu.run(one_pass, on_interrupt=interrupt.cancel)
         except GenerationCanceled as canceled:
             return [canceled for _ in items]
         except torch.cuda.OutOfMemoryError as error:
