@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# One device session's measurements, run in order of importance as one background pipeline.
+#
+# Why a pipeline: a device call may run 10 minutes, but a process that starts its own session (setsid) runs on
+# until the machine goes back, so one pipeline can use the whole device budget without the gaps (and the
+# per-call limit) of one call per measurement. Each later call only waits and copies .devcache/pipe to $OUT.
+#
+# Start (first call, after installing the wheels into /tmp/site):
+#   setsid nohup bash benchmarks/device_pipeline.sh DEADLINE_EPOCH_S > /dev/null 2>&1 < /dev/null &
+# Watch (later calls): bash benchmarks/device_pipeline.sh --wait SECONDS
+#
+# Stages: save the random full-size models; the GPU tests; `imagesmith serve` (reduce-overhead, batch_max 8)
+# cold then warm; the queue at batch 1, 4 and 8, eager and compiled, on the serve run's compile cache; the
+# engine's fast path (peer, eager, fastest exact) with what budget is left before DEADLINE_EPOCH_S.
+set -u
+PIPE=.devcache/pipe
+
+if [ "${1:-}" = "--wait" ]; then
+    # Wait until the pipeline ends or SECONDS pass, then copy everything it wrote so far to $OUT.
+    until grep -q "^pipeline end" "$PIPE/stages" 2>/dev/null || [ "$SECONDS" -ge "$2" ]; do sleep 5; done
+    cp -r "$PIPE" "$OUT/" 2>/dev/null
+    cat "$PIPE/stages"
+    exit 0
+fi
+
+DEADLINE=$1
+mkdir -p "$PIPE"
+stage() {
+    local name=$1 limit=$2
+    shift 2
+    echo "$(date +%s) start $name" >> "$PIPE/stages"
+    timeout "$limit" "$@" > "$PIPE/$name.log" 2>&1
+    echo "$(date +%s) end $name rc=$?" >> "$PIPE/stages"
+}
+
+stage models 180 python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path; \
+from serve_start import save_random_models as s; print(s(Path('.devcache/random-sdxl'), False))"
+stage gpu-tests 420 python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider
+stage serve-cold 720 python3 benchmarks/serve_start.py --out "$PIPE/serve-cold" --models .devcache/random-sdxl \
+    --data .devcache/serve8 --compile reduce-overhead --batch-max 8 --starts 1 --timeout-s 700
+stage serve-warm 360 python3 benchmarks/serve_start.py --out "$PIPE/serve-warm" --models .devcache/random-sdxl \
+    --data .devcache/serve8 --compile reduce-overhead --batch-max 8 --starts 1 --timeout-s 340
+stage queue 480 python3 benchmarks/queue_throughput.py --out "$PIPE/queue" --batches 1,4,8 --jobs 16 --compiled \
+    --all-compiled --compile-mode reduce-overhead --cache-dir .devcache/serve8/compile-cache
+left=$((DEADLINE - $(date +%s) - 20))
+if [ "$left" -gt 150 ]; then
+    stage fast-path "$((left + 15))" python3 benchmarks/fast_path.py --out "$PIPE/fast-path" \
+        --cache-dir .devcache/serve8/compile-cache --phases peer,eager,variants --variants reduce-overhead+cudnn \
+        --budget-s "$left" --compile-needs-s 120
+else
+    echo "$(date +%s) skip fast-path: ${left}s left" >> "$PIPE/stages"
+fi
+echo "pipeline end $(date +%s)" >> "$PIPE/stages"
