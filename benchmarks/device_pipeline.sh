@@ -30,7 +30,8 @@ stage() {
     shift 2
     echo "$(date +%s) start $name" >> "$PIPE/stages"
     timeout "$limit" "$@" > "$PIPE/$name.log" 2>&1
-    echo "$(date +%s) end $name rc=$?" >> "$PIPE/stages"
+    local rc=$?  # before anything else runs: $(date) would reset it (124: the stage ran out of time)
+    echo "$(date +%s) end $name rc=$rc" >> "$PIPE/stages"
 }
 
 stage models 180 python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path; \

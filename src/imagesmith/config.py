@@ -185,7 +185,8 @@ class Settings(BaseSettings):
     cudnn_benchmark: bool | None = Field(
         None,
         description="cuDNN times its convolution algorithms per shape and keeps the fastest (exact). "
-        "Default: on with compile on a CUDA GPU.",
+        "Default: on with compile on a CUDA GPU, except the CUDA-graph modes (reduce-overhead, max-autotune), "
+        "where a convolution timed during a graph capture fails it.",
     )
     fp8: bool = Field(
         False,

@@ -12,6 +12,7 @@ import secrets
 import time
 import traceback
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,12 @@ from PIL import Image
 from imagesmith.config import Settings
 from imagesmith.engine.attention import attention_priority
 from imagesmith.engine.decode import decode_latents
-from imagesmith.engine.fast import apply_speed_levers
+from imagesmith.engine.fast import (
+    apply_speed_levers,
+    compiled_modules,
+    raised_in_compiled_code,
+    serve_eager_from_now,
+)
 from imagesmith.engine.gpu_thread import GpuThread
 from imagesmith.engine.hardware import HardwarePlan, needs_tiling, plan_hardware, probe_device
 from imagesmith.engine.models import LoadedModels, load_models
@@ -196,22 +202,45 @@ class Engine:
             with attention_priority(self.plan.attention):
                 return self._one_pass(run)
 
-        try:
+        def run_pass() -> list[GenerationResult | BaseException]:
             # Every pass, warm-up included, on the engine's one GPU thread (gpu_thread.py says why). A caller
             # interrupted while it waits (Ctrl-C) stops the pass within a step before the interrupt goes on.
             return self._gpu.run(one_pass, on_interrupt=interrupt.cancel)
+
+        try:
+            return self._outcomes(run_pass, len(items), resolved[0], row)
+        except Exception as error:
+            if not (compiled_modules(self) and raised_in_compiled_code(error)):
+                raise
+            # A compiled pass failed inside torch.compile's machinery (a CUDA-graph capture, a recompile). Left
+            # alone, every later pass fails the same way while health says ready: serve eager instead, from a
+            # new GPU thread (the failed capture left this one's allocator state broken), and run the pass
+            # again, so the accepted work is done.
+            serve_eager_from_now(self, error, "a compiled pass failed")
+            self._gpu.replace_thread()
+            return self._outcomes(run_pass, len(items), resolved[0], row)
+
+    def _outcomes(
+        self,
+        run_pass: Callable[[], list[GenerationResult | BaseException]],
+        count: int,
+        first: ResolvedRequest,
+        rows: int,
+    ) -> list[GenerationResult | BaseException]:
+        """The pass's outcome per item, with a cancel or an out-of-memory error given to every item."""
+        try:
+            return run_pass()
         except GenerationCanceled as canceled:
-            return [canceled for _ in items]
+            return [canceled for _ in range(count)]
         except torch.cuda.OutOfMemoryError as error:
             traceback.clear_frames(error.__traceback__)  # the failed pass's tensors, held by its frames
             self._gpu.run(free_cuda_memory)
-            first = resolved[0]
             failure = GenerationError(
-                f"out of GPU memory at {first.width}x{first.height} with {row} image(s) in the batch; "
+                f"out of GPU memory at {first.width}x{first.height} with {rows} image(s) in the batch; "
                 "lower num_images or the size, or set IMAGESMITH_OFFLOAD=model"
             )
             failure.__cause__ = error
-            return [failure for _ in items]
+            return [failure for _ in range(count)]
 
     def _one_pass(self, run: StageRun) -> list[GenerationResult | BaseException]:
         request = run.request

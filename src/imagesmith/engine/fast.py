@@ -73,14 +73,20 @@ def fuse_qkv_wanted(settings: Settings, plan: HardwarePlan) -> bool:
     return wanted and plan.offload == "none"
 
 
+# Compile modes that record CUDA graphs.
+CUDA_GRAPH_MODES = (CompileChoice.REDUCE_OVERHEAD, CompileChoice.MAX_AUTOTUNE)
+
+
 def cudnn_benchmark_wanted(settings: Settings, plan: HardwarePlan) -> bool:
     """Worth it where shapes repeat (a server's fixed sizes): the timing runs once per shape. Measured with
-    compile only (1-2 %, runs 12-13), so it follows compile unless set."""
-    wanted = (
-        settings.cudnn_benchmark
-        if settings.cudnn_benchmark is not None
-        else settings.compile is not CompileChoice.OFF
-    )
+    compile only (1-2 %, runs 12-13, most of it in the VAE decode), so it follows compile unless set; but
+    not with CUDA graphs: cuDNN's timing runs kernels and synchronises, which a graph capture forbids, so a
+    convolution whose timing is not cached when a graph is recorded fails the capture ("FIND was unable to
+    find an engine", run 27) and leaves the thread's CUDA-graph state broken. Set it to opt in anyway."""
+    if settings.cudnn_benchmark is not None:
+        wanted = settings.cudnn_benchmark
+    else:
+        wanted = settings.compile is not CompileChoice.OFF and settings.compile not in CUDA_GRAPH_MODES
     return wanted and plan.device.startswith("cuda")
 
 
@@ -106,9 +112,12 @@ def apply_speed_levers(base: Any, refiner: Any | None, plan: HardwarePlan, setti
         for unet in unets:
             unet.to(memory_format=torch.channels_last)
         applied.append("channels_last")
-    if cudnn_benchmark_wanted(settings, plan):
-        torch.backends.cudnn.benchmark = True  # process-wide: the service runs one engine
-        applied.append("cudnn.benchmark")
+    if plan.device.startswith("cuda"):
+        # Process-wide (the service runs one engine), so set either way: an earlier engine's choice (a test's,
+        # a benchmark's) must not carry over into CUDA-graph captures.
+        torch.backends.cudnn.benchmark = cudnn_benchmark_wanted(settings, plan)
+        if torch.backends.cudnn.benchmark:
+            applied.append("cudnn.benchmark")
     if plan.attention != "auto":  # entered around each generation by the engine (engine/attention.py)
         applied.append(f"attention: {plan.attention} first")
     if plan.fp8 is not None:  # decided, with its reason, by the hardware plan
@@ -131,7 +140,7 @@ def apply_speed_levers(base: Any, refiner: Any | None, plan: HardwarePlan, setti
     return applied
 
 
-def _compiled(engine: Any) -> list[Any]:
+def compiled_modules(engine: Any) -> list[Any]:
     """Every module Module.compile wrapped: the UNets and the VAE decoder."""
     base, refiner = engine.models.base, engine.models.refiner
     modules = [base.unet, base.vae.decoder] + ([refiner.unet] if refiner is not None else [])
@@ -150,15 +159,33 @@ def warm_up_or_fall_back_to_eager(
     try:
         return warm_up(engine, sizes, batch_sizes, on_progress)
     except Exception as error:
-        compiled = _compiled(engine)
-        if not compiled:
+        if not compiled_modules(engine):
             raise
-        log.warning("compiled warm-up failed, serving eager instead: %s: %s", type(error).__name__, error)
-        for module in compiled:
-            module._compiled_call_impl = None  # what Module.compile set; the module runs eager again
-        engine.levers = [lever for lever in engine.levers if not lever.startswith("torch.compile")]
-        engine.levers.append(f"torch.compile failed, eager instead ({type(error).__name__})")
+        serve_eager_from_now(engine, error, "compiled warm-up failed")
         return warm_up(engine, sizes, batch_sizes, on_progress)
+
+
+def raised_in_compiled_code(error: BaseException) -> bool:
+    """Whether the error came from inside torch.compile's machinery (dynamo, inductor, CUDA-graph trees, the
+    code inductor generated), not from the model code or the engine around it."""
+    trace = error.__traceback__
+    while trace is not None:
+        module = trace.tb_frame.f_globals.get("__name__", "")
+        if module.startswith(("torch._dynamo", "torch._inductor", "torch.cuda.graphs")):
+            return True
+        trace = trace.tb_next
+    return False
+
+
+def serve_eager_from_now(engine: Any, error: BaseException, what: str) -> None:
+    """Turn the engine's compiled modules back to eager for the rest of the process: slower, but serving.
+
+    The failure is logged and listed in the engine's levers, which health reports."""
+    log.error("%s, serving eager from now on: %s: %s", what, type(error).__name__, error)
+    for module in compiled_modules(engine):
+        module._compiled_call_impl = None  # what Module.compile set; the module runs eager again
+    engine.levers = [lever for lever in engine.levers if not lever.startswith("torch.compile")]
+    engine.levers.append(f"torch.compile failed, eager instead ({type(error).__name__})")
 
 
 def warm_up(
@@ -173,9 +200,7 @@ def warm_up(
     `on_progress` hears where it is (a cold compile takes minutes; health shows it): which warm-up of how
     many, its shape, and the last step done.
     """
-    from imagesmith.engine.engine import BatchItem
     from imagesmith.engine.progress import ProgressEvent
-    from imagesmith.schemas import GenerationRequest
 
     began = time.perf_counter()
     report = on_progress or (lambda _: None)
@@ -188,17 +213,32 @@ def warm_up(
             # The next stage compiles after this event, so a message that stays long names the stage before it.
             report(f"{where}: {event.stage} step {event.step} of {event.total} done")
 
-        request = GenerationRequest(
-            prompt="warm-up",
-            width=width,
-            height=height,
-            num_inference_steps=5,
-            high_noise_frac=0.6,
-            seed=0,
-        )
-        outcomes = engine.generate_batch([BatchItem(request, heard) for _ in range(batch)])
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
+        _warm_up_pass(engine, width, height, batch, heard)
         log.info("warm-up %dx%d batch %d done at %.1fs", width, height, batch, time.perf_counter() - began)
+    if compiled_modules(engine):
+        # A second round: a few seconds when compiled, worth nothing eager. CUDA-graph trees run a function
+        # eagerly the first time and record it the second, so the VAE decoder (called once per pass) was
+        # only warmed. And after the batched warm-up, dynamo's newest graph (dynamic in the batch) serves
+        # batch 1 as well, with no graph recorded for it. Without this round the first request recorded
+        # them (4.1 s instead of 1.7 s, run 27 in docs/benchmarks.md). Without CUDA graphs the compiled
+        # graphs just run again.
+        for width, height, batch in shapes:
+            _warm_up_pass(engine, width, height, batch)
+        report(f"warm-up: second round done ({len(shapes)} shape(s); CUDA graphs recorded)")
+        log.info("warm-up: CUDA graphs recorded at %.1fs", time.perf_counter() - began)
     return time.perf_counter() - began
+
+
+def _warm_up_pass(
+    engine: Any, width: int, height: int, batch: int, on_progress: Callable[[Any], None] | None = None
+) -> None:
+    """One short generation of `batch` images: every stage runs (the ensemble reaches base and refiner)."""
+    from imagesmith.engine.engine import BatchItem
+    from imagesmith.schemas import GenerationRequest
+
+    request = GenerationRequest(
+        prompt="warm-up", width=width, height=height, num_inference_steps=5, high_noise_frac=0.6, seed=0
+    )
+    for outcome in engine.generate_batch([BatchItem(request, on_progress) for _ in range(batch)]):
+        if isinstance(outcome, BaseException):
+            raise outcome

@@ -69,10 +69,16 @@ class GpuThread:
             # A pass that starts a pass (a progress callback generating, say) would swap the pipelines'
             # schedulers under the outer pass; queueing it would wait on itself for ever.
             raise RuntimeError("an engine pass cannot start another pass from its own GPU thread")
-        self._ensure_started()
         context = contextvars.copy_context()
         done: Future[object] = Future()
-        self._calls.put((lambda: context.run(call), done))
+        with self._start_lock:  # the queue and its thread change together (replace_thread)
+            if self._thread is None:
+                # A daemon: a generation stuck in a driver call must not keep the process from exiting.
+                self._thread = threading.Thread(
+                    target=self._loop, args=(self._calls,), name=self._name, daemon=True
+                )
+                self._thread.start()
+            self._calls.put((lambda: context.run(call), done))
         try:
             return done.result()  # type: ignore[return-value]
         except BaseException:
@@ -90,20 +96,27 @@ class GpuThread:
 
     def close(self) -> None:
         """End the thread once the calls already queued are done (an engine that is dropped calls this)."""
-        self._closed = True
-        if self._thread is not None:
-            self._calls.put(None)
+        with self._start_lock:
+            self._closed = True
+            if self._thread is not None:
+                self._calls.put(None)
 
-    def _ensure_started(self) -> None:
+    def replace_thread(self) -> None:
+        """Serve later calls from a new thread; the current one ends after the calls already queued to it.
+
+        For state torch keeps per thread that a failure can leave broken: a CUDA-graph capture that fails
+        leaves its thread allocating into the graph's memory pool ("beginAllocateToPool: already recording"
+        on every later capture, seen on an H200). A new thread starts clean."""
         with self._start_lock:
             if self._thread is None:
-                # A daemon: a generation stuck in a driver call must not keep the process from exiting.
-                self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
-                self._thread.start()
+                return
+            self._calls.put(None)
+            self._calls = queue.SimpleQueue()
+            self._thread = None
 
-    def _loop(self) -> None:
+    def _loop(self, calls: queue.SimpleQueue[_Call | None]) -> None:
         while True:
-            item = self._calls.get()
+            item = calls.get()
             if item is None:
                 return
             call, done = item
