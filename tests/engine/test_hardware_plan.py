@@ -29,7 +29,7 @@ def plan(device: DeviceInfo, **settings: object):
 
 def test_h100_runs_everything_resident_in_bf16_including_the_vae() -> None:
     p = plan(H100)
-    assert (p.dtype_name, p.vae_dtype_name, p.offload, p.vae_tiling) == ("bf16", "bf16", "none", False)
+    assert (p.dtype_name, p.vae_dtype_name, p.offload, p.vae_tiling) == ("bf16", "bf16", "none", "large")
     assert p.device == "cuda:0"
 
 
@@ -46,7 +46,7 @@ def test_12gb_card_uses_model_offload() -> None:
 
 def test_6gb_pre_ampere_card_streams_layers_in_fp16_with_fp32_vae_and_tiling() -> None:
     p = plan(RTX2060_6GB)
-    assert (p.dtype_name, p.vae_dtype_name, p.offload, p.vae_tiling) == ("fp16", "fp32", "sequential", True)
+    assert (p.dtype_name, p.vae_dtype_name, p.offload, p.vae_tiling) == ("fp16", "fp32", "sequential", "always")
 
 
 def test_pre_ampere_card_with_fixed_vae_decodes_in_fp16() -> None:
@@ -68,7 +68,7 @@ def test_cpu_is_fp32_without_offload() -> None:
 @pytest.mark.parametrize("offload", ["none", "model", "sequential"])
 def test_every_choice_can_be_overridden(offload: str) -> None:
     p = plan(H100, precision=PrecisionChoice.FP16, offload=OffloadChoice(offload), vae_tiling="on")
-    assert (p.dtype_name, p.offload, p.vae_tiling) == ("fp16", offload, True)
+    assert (p.dtype_name, p.offload, p.vae_tiling) == ("fp16", offload, "always")
     assert "from settings" in p.summary()
 
 
@@ -115,7 +115,7 @@ def test_vae_tiling_off_holds_even_for_large_images_under_offload() -> None:
     assert needs_tiling(tight, 1344, 1024)  # auto: large images tile while weights are offloaded
     off = plan(RTX3060_12GB, vae_tiling="off")
     assert off.offload == "model" and not needs_tiling(off, 1344, 1024)
-    assert "vae_tiling=off" in off.summary()
+    assert "vae_tiling=never" in off.summary()
 
 
 def test_a_gpu_number_torch_does_not_see_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

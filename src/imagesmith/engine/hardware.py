@@ -69,11 +69,11 @@ class HardwarePlan:
     dtype_name: str  # "bf16", "fp16" or "fp32": weights and compute
     vae_dtype_name: str  # the VAE may decode in fp32 where fp16 would overflow
     offload: str  # "none", "model" or "sequential"
-    vae_tiling: bool  # always tile
+    # When the VAE decodes in tiles: "always", "never", or "large" (large images while weights are offloaded).
+    vae_tiling: str
     reasons: tuple[str, ...]
     fp8: str | None = None  # "row-wise" or "per-tensor" scales for fp8 linears (engine/fp8.py); None: off
     fp8_asked: bool = False  # the settings asked for fp8 (fp8 may still be None: skipped, with a reason)
-    vae_tiling_off: bool = False  # IMAGESMITH_VAE_TILING=off: never tile, not even large images under offload
     attention: str = "auto"  # the attention kernel tried first (engine/attention.py); "auto": torch's order
 
     @property
@@ -87,7 +87,7 @@ class HardwarePlan:
     def summary(self) -> str:
         return (
             f"device={self.device} dtype={self.dtype_name} vae={self.vae_dtype_name} offload={self.offload} "
-            f"vae_tiling={'on' if self.vae_tiling else 'off' if self.vae_tiling_off else 'auto'} "
+            f"vae_tiling={self.vae_tiling} "
             f"({'; '.join(self.reasons)})"
         )
 
@@ -220,11 +220,13 @@ def plan_hardware(device: DeviceInfo, settings: Settings) -> HardwarePlan:
     ]
     dtype, vae_dtype = _choose_precision(device, settings, reasons)
     offload = _choose_offload(device, settings, reasons)
-    if settings.vae_tiling is VaeTilingChoice.AUTO:
-        tiling = offload == "sequential"
+    if settings.vae_tiling is VaeTilingChoice.OFF:
+        tiling = "never"
+    elif settings.vae_tiling is VaeTilingChoice.ON or offload == "sequential":
+        tiling = "always"
     else:
-        tiling = settings.vae_tiling is VaeTilingChoice.ON
-    if offload == "sequential" and tiling:
+        tiling = "large"
+    if offload == "sequential" and tiling == "always":
         reasons.append("VAE tiling: decode in tiles to stay small")
     fp8 = _choose_fp8(device, settings, offload, reasons)
     attention = _choose_attention(device, settings, reasons)
@@ -234,7 +236,6 @@ def plan_hardware(device: DeviceInfo, settings: Settings) -> HardwarePlan:
         vae_dtype_name=vae_dtype,
         offload=offload,
         vae_tiling=tiling,
-        vae_tiling_off=settings.vae_tiling is VaeTilingChoice.OFF,
         reasons=tuple(reasons),
         fp8=fp8,
         fp8_asked=settings.fp8,
@@ -245,6 +246,6 @@ def plan_hardware(device: DeviceInfo, settings: Settings) -> HardwarePlan:
 def needs_tiling(plan: HardwarePlan, width: int, height: int) -> bool:
     """Tiling is on for the plan, or the image is large and weights are being offloaded (memory is tight),
     unless the settings turned tiling off."""
-    if plan.vae_tiling_off:
-        return False
-    return plan.vae_tiling or (plan.offload != "none" and width * height > TILING_PIXELS)
+    if plan.vae_tiling == "large":
+        return plan.offload != "none" and width * height > TILING_PIXELS
+    return plan.vae_tiling == "always"
