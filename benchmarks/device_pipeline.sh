@@ -6,7 +6,8 @@
 # per-call limit) of one call per measurement. Each later call only waits and copies .devcache/pipe to $OUT.
 #
 # Start (first call, after installing the wheels into /tmp/site):
-#   setsid nohup bash benchmarks/device_pipeline.sh DEADLINE_EPOCH_S > /dev/null 2>&1 < /dev/null &
+#   setsid nohup bash benchmarks/device_pipeline.sh DEADLINE_EPOCH_S [STAGES] > /dev/null 2>&1 < /dev/null &
+# STAGES: a comma-separated subset of the stages below, in the order below (default: all of them).
 # Watch (later calls): bash benchmarks/device_pipeline.sh --wait SECONDS
 #
 # Stages: save the random full-size models; the GPU tests; `imagesmith serve` (reduce-overhead, batch_max 8)
@@ -24,6 +25,7 @@ if [ "${1:-}" = "--wait" ]; then
 fi
 
 DEADLINE=$1
+STAGES=${2:-models,gpu-tests,serve-cold,serve-warm,queue,fast-path}
 mkdir -p "$PIPE"
 stage() {
     local name=$1 limit=$2
@@ -34,21 +36,31 @@ stage() {
     echo "$(date +%s) end $name rc=$rc" >> "$PIPE/stages"
 }
 
-stage models 180 python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path; \
-from serve_start import save_random_models as s; print(s(Path('.devcache/random-sdxl'), False))"
-stage gpu-tests 420 python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider
-stage serve-cold 720 python3 benchmarks/serve_start.py --out "$PIPE/serve-cold" --models .devcache/random-sdxl \
-    --data .devcache/serve8 --compile reduce-overhead --batch-max 8 --starts 1 --timeout-s 700
-stage serve-warm 360 python3 benchmarks/serve_start.py --out "$PIPE/serve-warm" --models .devcache/random-sdxl \
-    --data .devcache/serve8 --compile reduce-overhead --batch-max 8 --starts 1 --timeout-s 340
-stage queue 480 python3 benchmarks/queue_throughput.py --out "$PIPE/queue" --batches 1,4,8 --jobs 16 --compiled \
-    --all-compiled --compile-mode reduce-overhead --cache-dir .devcache/serve8/compile-cache
-left=$((DEADLINE - $(date +%s) - 20))
-if [ "$left" -gt 150 ]; then
-    stage fast-path "$((left + 15))" python3 benchmarks/fast_path.py --out "$PIPE/fast-path" \
-        --cache-dir .devcache/serve8/compile-cache --phases peer,eager,variants --variants reduce-overhead+cudnn \
-        --budget-s "$left" --compile-needs-s 120
-else
-    echo "$(date +%s) skip fast-path: ${left}s left" >> "$PIPE/stages"
+wanted() { [[ ",$STAGES," == *",$1,"* ]]; }
+left() { echo $((DEADLINE - $(date +%s) - 20)); }
+
+wanted models && stage models 180 python3 -c "import sys; sys.path.insert(0, 'benchmarks'); \
+from pathlib import Path; from serve_start import save_random_models as s; \
+print(s(Path('.devcache/random-sdxl'), False))"
+wanted gpu-tests && stage gpu-tests 420 python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider
+wanted serve-cold && stage serve-cold 720 python3 benchmarks/serve_start.py --out "$PIPE/serve-cold" \
+    --models .devcache/random-sdxl --data .devcache/serve8 --compile reduce-overhead --batch-max 8 --starts 1 \
+    --timeout-s 700
+wanted serve-warm && stage serve-warm 360 python3 benchmarks/serve_start.py --out "$PIPE/serve-warm" \
+    --models .devcache/random-sdxl --data .devcache/serve8 --compile reduce-overhead --batch-max 8 --starts 1 \
+    --timeout-s 340
+# Compiled at batch 1, 4 and 8 (one engine; its warm-ups after the first hit dynamo's in-process graphs).
+wanted queue && stage queue 720 python3 benchmarks/queue_throughput.py --out "$PIPE/queue" --batches 1,4,8 \
+    --jobs 16 --compiled --all-compiled --compile-mode reduce-overhead --cache-dir .devcache/serve8/compile-cache
+if wanted fast-path; then
+    budget=$(left)
+    if [ "$budget" -gt 150 ]; then
+        # The fastest exact configuration with and without cudnn.benchmark (off by default with CUDA graphs).
+        stage fast-path "$((budget + 15))" python3 benchmarks/fast_path.py --out "$PIPE/fast-path" \
+            --cache-dir .devcache/serve8/compile-cache --phases peer,eager,variants \
+            --variants reduce-overhead+cudnn,reduce-overhead --budget-s "$budget" --compile-needs-s 120
+    else
+        echo "$(date +%s) skip fast-path: ${budget}s left" >> "$PIPE/stages"
+    fi
 fi
 echo "pipeline end $(date +%s)" >> "$PIPE/stages"
