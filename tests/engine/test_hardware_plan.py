@@ -46,7 +46,8 @@ def test_12gb_card_uses_model_offload() -> None:
 
 def test_6gb_pre_ampere_card_streams_layers_in_fp16_with_fp32_vae_and_tiling() -> None:
     p = plan(RTX2060_6GB)
-    assert (p.dtype_name, p.vae_dtype_name, p.offload, p.vae_tiling) == ("fp16", "fp32", "sequential", "always")
+    assert (p.dtype_name, p.vae_dtype_name, p.offload) == ("fp16", "fp32", "sequential")
+    assert p.vae_tiling == "always"
 
 
 def test_pre_ampere_card_with_fixed_vae_decodes_in_fp16() -> None:
