@@ -8,7 +8,7 @@
 # Start (first call, after installing the wheels into /tmp/site):
 #   setsid nohup bash benchmarks/device_pipeline.sh DEADLINE_EPOCH_S [STAGES] > /dev/null 2>&1 < /dev/null &
 # STAGES: a comma-separated subset of the stages below, in the order below (default: all of them).
-# Watch (later calls): bash benchmarks/device_pipeline.sh --wait SECONDS
+# Watch (later calls): bash benchmarks/device_pipeline.sh --wait [SECONDS, default 540]
 #
 # Stages: save the random full-size models; the GPU tests; `imagesmith serve` (reduce-overhead, batch_max 8)
 # cold then warm; the queue at batch 1, 4 and 8, eager and compiled, on the serve run's compile cache; the
@@ -18,7 +18,7 @@ PIPE=.devcache/pipe
 
 if [ "${1:-}" = "--wait" ]; then
     # Wait until the pipeline ends or SECONDS pass, then copy everything it wrote so far to $OUT.
-    until grep -q "^pipeline end" "$PIPE/stages" 2>/dev/null || [ "$SECONDS" -ge "$2" ]; do sleep 5; done
+    until grep -q "^pipeline end" "$PIPE/stages" 2>/dev/null || [ "$SECONDS" -ge "${2:-540}" ]; do sleep 5; done
     cp -r "$PIPE" "$OUT/" 2>/dev/null
     cat "$PIPE/stages"
     exit 0
@@ -26,12 +26,13 @@ fi
 
 DEADLINE=$1
 STAGES=${2:-models,gpu-tests,serve-cold,serve-warm,queue,fast-path}
+rm -rf "$PIPE"  # a warm machine keeps .devcache: an earlier run's "pipeline end" would end --wait at once
 mkdir -p "$PIPE"
 stage() {
     local name=$1 limit=$2
     shift 2
     echo "$(date +%s) start $name" >> "$PIPE/stages"
-    timeout "$limit" "$@" > "$PIPE/$name.log" 2>&1
+    timeout -k 30 "$limit" "$@" > "$PIPE/$name.log" 2>&1
     local rc=$?  # before anything else runs: $(date) would reset it (124: the stage ran out of time)
     echo "$(date +%s) end $name rc=$rc" >> "$PIPE/stages"
 }

@@ -2,9 +2,9 @@
 
 On an H200 a CUDA-graph capture failed (cuDNN timing a convolution inside the capture, run 27 in
 docs/benchmarks.md) and left its thread's allocator recording into the graph's pool, so every later pass failed
-too. These tests make a compiled module fail for real (a torch.compile backend whose compiled code raises), on
-the CPU, and check what the engine does about it. Also here: the warm-up's second round, which records the CUDA
-graphs the first round only warmed.
+too. These tests make a compiled module fail for real (a torch.compile backend that fails, as inductor does when
+it cannot compile), on the CPU, and check what the engine does about it. Also here: the warm-up's second round,
+which records the CUDA graphs the first round only warmed, and the GPU thread's replacement.
 """
 
 from __future__ import annotations
@@ -15,10 +15,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
+from imagesmith.config import Settings
 from imagesmith.engine import Engine
+from imagesmith.engine.engine import BatchItem
 from imagesmith.engine.fast import compiled_modules, raised_in_compiled_code, warm_up
 from imagesmith.engine.gpu_thread import GpuThread
+from imagesmith.engine.progress import CancelToken, GenerationCanceled, ProgressEvent
 from imagesmith.schemas import GenerationRequest
 
 
@@ -27,120 +31,215 @@ def _request(seed: int) -> GenerationRequest:
 
 
 def _failing_backend(graph: Any, example_inputs: Any) -> Any:
-    """A compiler whose compiled code fails when it runs, as a failed CUDA-graph capture does."""
-
-    def run(*args: Any) -> Any:
-        raise RuntimeError("FIND was unable to find an engine to execute this computation")
-
-    return run
+    """A compiler that fails, as inductor does on a card or graph it cannot handle."""
+    raise RuntimeError("FIND was unable to find an engine to execute this computation")
 
 
-@pytest.fixture(autouse=True)
-def _uncompiled_afterwards(tiny_engine: Engine) -> Iterator[None]:
-    """The tiny models are shared by the tests' engines: leave them as found."""
-    yield
-    for module in compiled_modules(tiny_engine):
+@pytest.fixture
+def engine(tiny_settings: Settings) -> Iterator[Engine]:
+    """An engine of its own (the tests change its levers and thread); the tiny models are shared by every
+    engine in the process, so they are left uncompiled and dynamo's caches cleared."""
+    engine = Engine.start(tiny_settings)
+    yield engine
+    for module in compiled_modules(engine):
         module._compiled_call_impl = None
+    torch._dynamo.reset()
 
 
 def _pixels(engine: Engine, seed: int) -> np.ndarray:
     return np.asarray(engine.generate(_request(seed)).images[0])
 
 
-def test_a_failing_compiled_module_falls_back_to_eager_and_the_pass_is_done(tiny_engine: Engine) -> None:
-    eager_pixels = _pixels(tiny_engine, 7)
-    decoder = tiny_engine.models.base.vae.decoder
-    decoder.compile(backend=_failing_backend)
-    tiny_engine.levers.append("torch.compile(mode=reduce-overhead) UNets + VAE decoder")
-    assert compiled_modules(tiny_engine) == [decoder]
-    thread_before = tiny_engine._gpu.ident
+def _compile(engine: Engine, module: Any, backend: Any) -> None:
+    module.compile(backend=backend)
+    engine.levers.append("torch.compile(mode=reduce-overhead) UNets + VAE decoder")
 
-    pixels = _pixels(tiny_engine, 7)  # the compiled decoder raises; the pass runs again, eager
+
+def test_a_failing_compiled_module_falls_back_to_eager_and_the_pass_is_done(engine: Engine) -> None:
+    eager_pixels = _pixels(engine, 7)
+    decoder = engine.models.base.vae.decoder
+    _compile(engine, decoder, _failing_backend)
+    assert compiled_modules(engine) == [decoder]
+    thread_before = engine._gpu.thread
+
+    pixels = _pixels(engine, 7)  # the compiled decoder fails; the pass runs again, eager
 
     np.testing.assert_array_equal(pixels, eager_pixels)
-    assert compiled_modules(tiny_engine) == []
-    assert tiny_engine.levers[-1] == "torch.compile failed, eager instead (RuntimeError)"
-    assert not any(lever.startswith("torch.compile(") for lever in tiny_engine.levers)
+    assert compiled_modules(engine) == []
+    assert engine.levers[-1] == "torch.compile failed, eager instead (BackendCompilerFailed)"
+    assert not any(lever.startswith("torch.compile(") for lever in engine.levers)
     # A new GPU thread: the failed one's per-thread CUDA state is not to be trusted.
-    assert tiny_engine._gpu.ident is not None and tiny_engine._gpu.ident != thread_before
-    np.testing.assert_array_equal(_pixels(tiny_engine, 8), _pixels(tiny_engine, 8))
+    assert engine._gpu.thread is not None and engine._gpu.thread is not thread_before
+    np.testing.assert_array_equal(_pixels(engine, 8), _pixels(engine, 8))
+
+
+def test_a_failing_compiled_refiner_still_gives_a_refined_image(engine: Engine) -> None:
+    """The refiner's own failures fall back to the base's picture; a compile failure there must not make
+    every later image unrefined while compile stays on."""
+    eager = engine.generate(_request(3))
+    _compile(engine, engine.models.refiner.unet, _failing_backend)
+
+    result = engine.generate(_request(3))
+
+    assert result.metadata.refined, result.metadata
+    np.testing.assert_array_equal(np.asarray(result.images[0]), np.asarray(eager.images[0]))
+    assert compiled_modules(engine) == []
+
+
+def test_the_retried_pass_still_honours_a_cancel(engine: Engine) -> None:
+    """The eager retry goes through the same handling as any pass: a cancel during it ends the job canceled."""
+    _compile(engine, engine.models.base.vae.decoder, _failing_backend)  # fails after every denoising step
+    events: list[ProgressEvent] = []
+    cancel = CancelToken()
+
+    def heard(event: ProgressEvent) -> None:
+        events.append(event)
+        if any(seen.stage == "refine" for seen in events) and (event.stage, event.step) == ("base", 2):
+            cancel.cancel()  # the second step of the retry
+
+    (outcome,) = engine.generate_batch([BatchItem(_request(5), heard, cancel)])
+    assert isinstance(outcome, GenerationCanceled)  # an outcome, as for any canceled pass, not an exception
+    stages = [(event.stage, event.step) for event in events]
+    assert stages == [("base", 1), ("base", 2), ("base", 3), ("refine", 1), ("base", 1), ("base", 2)]
 
 
 def test_an_error_outside_compiled_code_is_not_taken_for_a_compile_failure(
-    tiny_engine: Engine, monkeypatch: pytest.MonkeyPatch
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    decoder = tiny_engine.models.base.vae.decoder
-    decoder.compile(backend="eager")  # compiled, and working
-    unet = tiny_engine.models.base.unet
+    decoder = engine.models.base.vae.decoder
+    _compile(engine, decoder, "eager")  # compiled, and working
 
     def broken_forward(*args: Any, **kwargs: Any) -> Any:
         raise ValueError("a bug in the model code")
 
-    monkeypatch.setattr(unet, "forward", broken_forward)
+    monkeypatch.setattr(engine.models.base.unet, "forward", broken_forward)
     with pytest.raises(ValueError, match="a bug in the model code"):
-        tiny_engine.generate(_request(1))
-    assert compiled_modules(tiny_engine) == [decoder], "an unrelated error turned compile off"
+        engine.generate(_request(1))
+    assert compiled_modules(engine) == [decoder], "an unrelated error turned compile off"
 
 
 def test_raised_in_compiled_code_looks_at_where_the_error_came_from() -> None:
-    import torch
-
     def fails() -> None:
         raise RuntimeError("plain")
 
-    try:
+    with pytest.raises(RuntimeError) as plain:
         fails()
-    except RuntimeError as error:
-        assert not raised_in_compiled_code(error)
+    assert not raised_in_compiled_code(plain.value)
 
-    compiled = torch.compile(lambda x: x + 1, backend=_failing_backend)
-    with pytest.raises(RuntimeError) as caught:
-        compiled(torch.ones(2))
-    assert raised_in_compiled_code(caught.value)
+    # The model's own code failing inside a compiled module: only dynamo's call wrapper is on the way.
+    class Broken(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.sum() > 0:
+                raise ValueError("the model's own bug")
+            return x
+
+    broken = Broken()
+    broken.compile(backend="eager")
+    with pytest.raises(ValueError) as in_model:
+        broken(torch.ones(2))
+    assert not raised_in_compiled_code(in_model.value)
+
+    failing = torch.compile(lambda x: x + 1, backend=_failing_backend)
+    with pytest.raises(Exception) as compiling:
+        failing(torch.ones(2))
+    assert raised_in_compiled_code(compiling.value)
+
+    # Re-raised by code outside the machinery, with the compile failure as its cause.
+    try:
+        try:
+            failing(torch.ones(3))
+        except Exception as error:
+            raise RuntimeError("the pass failed") from error
+    except RuntimeError as wrapped:
+        assert raised_in_compiled_code(wrapped)
+    torch._dynamo.reset()
 
 
 def test_warm_up_runs_a_second_round_when_compiled_so_no_request_records_a_graph(
-    tiny_engine: Engine, monkeypatch: pytest.MonkeyPatch
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     batches: list[int] = []
-    generate_batch = tiny_engine.generate_batch
+    generate_batch = engine.generate_batch
 
     def counted(items: list[Any]) -> list[Any]:
         batches.append(len(items))
         return generate_batch(items)
 
-    monkeypatch.setattr(tiny_engine, "generate_batch", counted)
-    warm_up(tiny_engine, [(64, 64)], [1, 2])
+    monkeypatch.setattr(engine, "generate_batch", counted)
+    warm_up(engine, [(64, 64)], [1, 2])
     assert batches == [1, 2], "eager needs one round"
 
     batches.clear()
-    tiny_engine.models.base.vae.decoder.compile(backend="eager")
-    warm_up(tiny_engine, [(64, 64)], [1, 2])
+    engine.models.base.vae.decoder.compile(backend="eager")
+    heard: list[str] = []
+    warm_up(engine, [(64, 64)], [1, 2], heard.append)
     # After batch 2, dynamo's newest graph serves batch 1 too: batch 1 again records its graph at start-up.
     assert batches == [1, 2, 1, 2]
+    assert "warm-up, second round, 2 of 2 (64x64, batch 2)" in heard
 
 
-def test_after_replace_thread_calls_run_on_a_new_thread_and_queued_ones_finish_on_the_old() -> None:
+def test_replace_thread_moves_the_waiting_calls_and_never_runs_two_at_once() -> None:
     gpu = GpuThread()
+    inside = threading.Event()
     release = threading.Event()
-    first = gpu.run(threading.get_ident)
-    slow_result: list[int] = []
+    running = 0
+    most_at_once = 0
+    lock = threading.Lock()
 
-    def slow() -> int:
-        release.wait(10)
-        return threading.get_ident()
+    def call(hold: bool = False) -> threading.Thread:
+        nonlocal running, most_at_once
+        with lock:
+            running += 1
+            most_at_once = max(most_at_once, running)
+        if hold:
+            inside.set()
+            release.wait(10)
+        with lock:
+            running -= 1
+        return threading.current_thread()
 
-    caller = threading.Thread(target=lambda: slow_result.append(gpu.run(slow)))
-    caller.start()
-    while gpu.ident is None:
+    first = gpu.run(call)
+    results: dict[str, threading.Thread] = {}
+    holder = threading.Thread(target=lambda: results.update(held=gpu.run(lambda: call(hold=True))))
+    holder.start()
+    inside.wait(10)  # the old thread is inside a call
+    waiter = threading.Thread(target=lambda: results.update(waiting=gpu.run(call)))
+    waiter.start()
+    while gpu._calls.qsize() == 0:  # queued behind the held call
         pass
     gpu.replace_thread()
-    second = gpu.run(threading.get_ident)  # does not wait behind the old thread's call
     release.set()
-    caller.join(10)
+    holder.join(10)
+    waiter.join(10)
+    after = gpu.run(call)
 
-    assert slow_result == [first], "a call queued before the replacement ran elsewhere"
-    assert second != first
+    assert results["held"] is first, "the call in progress moved"
+    assert results["waiting"] is not first and results["waiting"] is after, "the waiting call did not move"
+    assert most_at_once == 1
+    assert not first.is_alive()
     gpu.close()
     with pytest.raises(RuntimeError, match="closed"):
-        gpu.run(threading.get_ident)
+        gpu.run(threading.current_thread)
+
+
+def test_a_pass_started_from_a_replaced_thread_is_still_refused() -> None:
+    gpu = GpuThread()
+    outcome: list[BaseException] = []
+    go = threading.Event()
+
+    def nested() -> None:
+        go.wait(10)
+        try:
+            gpu.run(lambda: None)
+        except RuntimeError as error:
+            outcome.append(error)
+
+    starter = threading.Thread(target=lambda: gpu.run(nested))
+    starter.start()
+    while gpu.thread is None:
+        pass
+    gpu.replace_thread()  # the nested call now comes from the old thread
+    go.set()
+    starter.join(10)
+    assert outcome and "cannot start another pass" in str(outcome[0])
+    gpu.close()

@@ -123,3 +123,18 @@ def test_health_detail_names_the_warm_up_step_while_starting(tiny_settings: Sett
     release.set()
     thread.join(30)
     assert source.status().state is SourceState.READY
+
+
+def test_an_earlier_engines_cudnn_benchmark_does_not_carry_into_cuda_graphs(tiny_settings: Settings) -> None:
+    """The flag is process-wide: an engine that wants it off must turn it off, not leave what was there."""
+    import torch
+
+    engine = Engine.start(tiny_settings)
+    gpu = DeviceInfo("cuda", name="H100", capability=(9, 0), total_memory_gib=80, free_memory_gib=79)
+    previous = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = True  # as a compile=default engine before this one left it
+        applied = apply_speed_levers(engine.models.base, None, plan_hardware(gpu, Settings()), Settings())
+        assert torch.backends.cudnn.benchmark is False and "cudnn.benchmark" not in applied
+    finally:
+        torch.backends.cudnn.benchmark = previous

@@ -12,6 +12,7 @@ import torch
 
 from imagesmith.config import Settings
 from imagesmith.engine import Engine
+from imagesmith.engine.fast import compiled_modules
 from imagesmith.schemas import GenerationRequest
 
 pytestmark = pytest.mark.gpu
@@ -43,6 +44,7 @@ def test_compiled_engine_matches_eager_within_bf16(tiny_settings: Settings, mode
     b = np.asarray(compiled.generate(request).images[0]).astype(float)
     psnr = 10 * np.log10(255**2 / max(np.mean((a - b) ** 2), 1e-12))
     assert psnr > 30, psnr
+    assert len(compiled_modules(compiled)) == 3, compiled.levers  # not the engine's eager fallback
 
 
 def _warm_up_on_one_thread_then_generate_on_another(engine: Engine) -> list[int]:
@@ -71,8 +73,6 @@ def _warm_up_on_one_thread_then_generate_on_another(engine: Engine) -> list[int]
 def test_cuda_graphs_warmed_on_one_thread_serve_requests_from_another(tiny_settings: Settings) -> None:
     """With `reduce-overhead` and a batched warm-up, every request failed on torch 2.11 (AssertionError in
     cudagraph_trees.get_obj: a new graph recorded on a thread without a CUDA-graph tree; runs 25-26)."""
-    from imagesmith.engine.fast import compiled_modules
-
     engine = Engine.start(tiny_settings.with_changes(**{"device": "cuda", "compile": "reduce-overhead"}))
     assert "cudnn.benchmark" not in engine.levers  # timing inside a capture fails it (run 27)
     assert _warm_up_on_one_thread_then_generate_on_another(engine) == [1, 3]
@@ -90,7 +90,14 @@ def test_a_failed_graph_capture_still_serves_every_request(tiny_settings: Settin
             **{"device": "cuda", "compile": "reduce-overhead", "cudnn_benchmark": True}
         )
     )
-    assert _warm_up_on_one_thread_then_generate_on_another(engine) == [1, 3]
+    try:
+        assert _warm_up_on_one_thread_then_generate_on_another(engine) == [1, 3]
+    finally:
+        torch.backends.cudnn.benchmark = False  # process-wide; the next engine sets its own anyway
+    # Either path is right; the log says which one this card and torch took.
+    fell_back = any(lever.startswith("torch.compile failed") for lever in engine.levers)
+    print(f"capture {'failed, served eager' if fell_back else 'succeeded, served compiled'}: {engine.levers}")
+    assert fell_back or len(compiled_modules(engine)) == 3
 
 
 @pytest.mark.skipif(

@@ -210,13 +210,19 @@ class Engine:
         try:
             return self._outcomes(run_pass, len(items), resolved[0], row)
         except Exception as error:
-            if not (compiled_modules(self) and raised_in_compiled_code(error)):
+            fell_back = any(lever.startswith("torch.compile failed") for lever in self.levers)
+            if not ((compiled_modules(self) or fell_back) and raised_in_compiled_code(error)):
                 raise
             # A compiled pass failed inside torch.compile's machinery (a CUDA-graph capture, a recompile). Left
             # alone, every later pass fails the same way while health says ready: serve eager instead, from a
             # new GPU thread (the failed capture left this one's allocator state broken), and run the pass
-            # again, so the accepted work is done.
-            serve_eager_from_now(self, error, "a compiled pass failed")
+            # again, once, so the accepted work is done. (A pass that was already queued when another one
+            # failed finds the modules eager by now: it only needs the retry.) Progress restarts from the
+            # first step; the worker's tracker counts a stage that starts again from where it began.
+            if compiled_modules(self):
+                serve_eager_from_now(self, error, "a compiled pass failed")
+            traceback.clear_frames(error.__traceback__)  # the failed pass's tensors, held by its frames
+            del error
             self._gpu.replace_thread()
             return self._outcomes(run_pass, len(items), resolved[0], row)
 
@@ -275,7 +281,9 @@ class Engine:
                     refined = True
                 except GenerationCanceled:
                     raise
-                except Exception as error:  # any refiner failure falls back to the base's picture
+                except Exception as error:  # any refiner failure falls back to the base's picture...
+                    if compiled_modules(self) and raised_in_compiled_code(error):
+                        raise  # ...but a compiled one's: generate_batch serves eager, refined (not for ever unrefined)
                     if isinstance(error, torch.cuda.OutOfMemoryError):
                         traceback.clear_frames(error.__traceback__)  # the refiner's activations go too
                         free_cuda_memory()

@@ -165,15 +165,29 @@ def warm_up_or_fall_back_to_eager(
         return warm_up(engine, sizes, batch_sizes, on_progress)
 
 
-def raised_in_compiled_code(error: BaseException) -> bool:
-    """Whether the error came from inside torch.compile's machinery (dynamo, inductor, CUDA-graph trees, the
-    code inductor generated), not from the model code or the engine around it."""
-    trace = error.__traceback__
-    while trace is not None:
-        module = trace.tb_frame.f_globals.get("__name__", "")
-        if module.startswith(("torch._dynamo", "torch._inductor", "torch.cuda.graphs")):
+# Where torch.compile's work happens: tracing and compiling (dynamo, AOT autograd, inductor), running what it
+# compiled (inductor's wrappers, CUDA-graph trees), capturing graphs.
+_COMPILE_MACHINERY = ("torch._dynamo", "torch._functorch", "torch._inductor", "torch.cuda.graphs")
+# Every call into a compiled module passes through this wrapper, also when the module's own code fails.
+_COMPILED_CALL_WRAPPER = "torch._dynamo.eval_frame"
+
+
+def raised_in_compiled_code(error: BaseException | None) -> bool:
+    """Whether the error came from torch.compile's machinery (its tracing, its compilers, the CUDA-graph trees,
+    the code inductor generated), not from the model code or the engine around it. Errors it re-raised with a
+    cause (`raise X from Y`) are judged by their cause too."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if type(error).__module__.startswith(("torch._dynamo.exc", "torch._inductor.exc")):
             return True
-        trace = trace.tb_next
+        trace = error.__traceback__
+        while trace is not None:
+            module = trace.tb_frame.f_globals.get("__name__", "")
+            if module.startswith(_COMPILE_MACHINERY) and module != _COMPILED_CALL_WRAPPER:
+                return True
+            trace = trace.tb_next
+        error = error.__cause__
     return False
 
 
@@ -181,7 +195,7 @@ def serve_eager_from_now(engine: Any, error: BaseException, what: str) -> None:
     """Turn the engine's compiled modules back to eager for the rest of the process: slower, but serving.
 
     The failure is logged and listed in the engine's levers, which health reports."""
-    log.error("%s, serving eager from now on: %s: %s", what, type(error).__name__, error)
+    log.error("%s, serving eager from now on: %s: %s", what, type(error).__name__, error, exc_info=error)
     for module in compiled_modules(engine):
         module._compiled_call_impl = None  # what Module.compile set; the module runs eager again
     engine.levers = [lever for lever in engine.levers if not lever.startswith("torch.compile")]
@@ -222,10 +236,10 @@ def warm_up(
         # batch 1 as well, with no graph recorded for it. Without this round the first request recorded
         # them (4.1 s instead of 1.7 s, run 27 in docs/benchmarks.md). Without CUDA graphs the compiled
         # graphs just run again.
-        for width, height, batch in shapes:
+        for number, (width, height, batch) in enumerate(shapes, start=1):
+            report(f"warm-up, second round, {number} of {len(shapes)} ({width}x{height}, batch {batch})")
             _warm_up_pass(engine, width, height, batch)
-        report(f"warm-up: second round done ({len(shapes)} shape(s); CUDA graphs recorded)")
-        log.info("warm-up: CUDA graphs recorded at %.1fs", time.perf_counter() - began)
+        log.info("warm-up second round done at %.1fs", time.perf_counter() - began)
     return time.perf_counter() - began
 
 

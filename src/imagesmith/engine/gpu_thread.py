@@ -54,6 +54,13 @@ class GpuThread:
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._closed = False
+        # Set on this object's threads (all of them, after replace_thread too): the nested-pass check.
+        self._mine = threading.local()
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        """The thread serving calls now (None before the first call, or right after a replacement)."""
+        return self._thread
 
     @property
     def ident(self) -> int | None:
@@ -63,21 +70,17 @@ class GpuThread:
         """call() on the GPU thread. If the wait is interrupted (Ctrl-C in the CLI), on_interrupt() asks the
         call to stop, and the caller waits for it before the interrupt goes on: a process must not exit
         while the GPU thread is inside torch (it aborted, 'terminate called without an active exception')."""
-        if self._closed:
-            raise RuntimeError("this engine's GPU thread is closed")
-        if threading.current_thread() is self._thread:
+        if getattr(self._mine, "serving", False):
             # A pass that starts a pass (a progress callback generating, say) would swap the pipelines'
             # schedulers under the outer pass; queueing it would wait on itself for ever.
             raise RuntimeError("an engine pass cannot start another pass from its own GPU thread")
         context = contextvars.copy_context()
         done: Future[object] = Future()
         with self._start_lock:  # the queue and its thread change together (replace_thread)
+            if self._closed:  # checked under the lock: a call queued behind close()'s marker would hang
+                raise RuntimeError("this engine's GPU thread is closed")
             if self._thread is None:
-                # A daemon: a generation stuck in a driver call must not keep the process from exiting.
-                self._thread = threading.Thread(
-                    target=self._loop, args=(self._calls,), name=self._name, daemon=True
-                )
-                self._thread.start()
+                self._start_thread(previous=None)
             self._calls.put((lambda: context.run(call), done))
         try:
             return done.result()  # type: ignore[return-value]
@@ -102,19 +105,38 @@ class GpuThread:
                 self._calls.put(None)
 
     def replace_thread(self) -> None:
-        """Serve later calls from a new thread; the current one ends after the calls already queued to it.
+        """Serve the calls waiting and every later one from a new thread, once the current one has finished
+        the call it may be running (never two passes at once).
 
         For state torch keeps per thread that a failure can leave broken: a CUDA-graph capture that fails
         leaves its thread allocating into the graph's memory pool ("beginAllocateToPool: already recording"
         on every later capture, seen on an H200). A new thread starts clean."""
         with self._start_lock:
-            if self._thread is None:
+            if self._thread is None or self._closed:
                 return
-            self._calls.put(None)
+            old_calls, previous = self._calls, self._thread
             self._calls = queue.SimpleQueue()
-            self._thread = None
+            while True:  # the waiting calls move over, in order
+                try:
+                    waiting = old_calls.get_nowait()
+                except queue.Empty:
+                    break
+                if waiting is not None:
+                    self._calls.put(waiting)
+            old_calls.put(None)
+            self._start_thread(previous)
 
-    def _loop(self, calls: queue.SimpleQueue[_Call | None]) -> None:
+    def _start_thread(self, previous: threading.Thread | None) -> None:
+        # A daemon: a generation stuck in a driver call must not keep the process from exiting.
+        self._thread = threading.Thread(
+            target=self._loop, args=(self._calls, previous), name=self._name, daemon=True
+        )
+        self._thread.start()
+
+    def _loop(self, calls: queue.SimpleQueue[_Call | None], previous: threading.Thread | None) -> None:
+        self._mine.serving = True
+        if previous is not None:
+            previous.join()  # it may still be inside the call it took before the replacement
         while True:
             item = calls.get()
             if item is None:

@@ -76,13 +76,21 @@ class _Tracker:
         self.done_before = 0
         self.stage: str | None = None
         self.stage_total = 0
+        self.step = 0
+        self.stage_starts: dict[str, int] = {}  # stage -> steps done before it began
 
     def __call__(self, event: ProgressEvent) -> None:
         # Events come from the denoising stages only (decode reports no steps).
-        if event.stage != self.stage:
-            if self.stage is not None:
+        if event.stage != self.stage or event.step < self.step:
+            if event.stage in self.stage_starts:
+                # The pass started again (the engine's eager retry after a compiled pass failed): count
+                # from where this stage began the first time, not on top of what ran before.
+                self.done_before = self.stage_starts[event.stage]
+            elif self.stage is not None:
                 self.done_before += self.stage_total
+            self.stage_starts.setdefault(event.stage, self.done_before)
             self.stage, self.stage_total = event.stage, event.total
+        self.step = event.step
         # A refiner fallback adds a "base_finish" stage the plan did not know about; grow the total.
         overall_total = max(self.planned, self.done_before + event.total)
         done = min(self.done_before + event.step, overall_total)
