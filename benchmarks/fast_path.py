@@ -198,7 +198,7 @@ def main() -> None:
 
     from imagesmith.config import Settings
     from imagesmith.engine.engine import BatchItem, Engine
-    from imagesmith.engine.fast import apply_speed_levers, warm_up
+    from imagesmith.engine.fast import apply_speed_levers, records_cuda_graphs, warm_up
     from imagesmith.engine.hardware import plan_hardware, probe_device
     from imagesmith.engine.models import LoadedModels, ModelSources
     from imagesmith.engine.prompt_cache import PromptEmbeddingCache
@@ -361,6 +361,7 @@ def main() -> None:
         variant_plan = plan_hardware(probe_device(device), settings)
         engine = new_engine(with_refiner=not variant.mlperf, engine_plan=variant_plan)
         levers = apply_speed_levers(engine.models.base, engine.models.refiner, variant_plan, settings)
+        engine.records_cuda_graphs = records_cuda_graphs(settings, levers)  # as Engine.start sets it
         if variant.fp8 != any(lever.startswith("fp8") for lever in levers):
             raise RuntimeError(f"{variant.spec}: levers applied were {levers}")
         row: dict[str, Any] = {"levers": levers, "attention": variant_plan.attention}

@@ -47,7 +47,7 @@ def main() -> None:
 
     from imagesmith.config import Settings
     from imagesmith.engine.engine import Engine
-    from imagesmith.engine.fast import apply_speed_levers
+    from imagesmith.engine.fast import apply_speed_levers, records_cuda_graphs
     from imagesmith.engine.hardware import plan_hardware, probe_device
     from imagesmith.engine.models import LoadedModels, ModelSources
     from imagesmith.jobs.events import EventHub
@@ -156,6 +156,7 @@ def main() -> None:
         # The plan decides fp8, so the levers get a plan made from their own settings.
         levers_plan = plan_hardware(probe_device(device), levers)
         results["levers"] = apply_speed_levers(base, refiner, levers_plan, levers)
+        engine.records_cuda_graphs = records_cuda_graphs(levers, results["levers"])  # as Engine.start sets it
         label = f"{args.compile_mode}{'+fp8' if args.fp8 else ''}"
         for batch in batches if args.all_compiled else batches[-1:]:
             through_queue(batch, label, levers)

@@ -20,7 +20,7 @@ import torch
 from imagesmith.config import Settings
 from imagesmith.engine import Engine
 from imagesmith.engine.engine import BatchItem
-from imagesmith.engine.fast import compiled_modules, raised_in_compiled_code, warm_up
+from imagesmith.engine.fast import compiled_modules, raised_in_compiled_code, records_cuda_graphs, warm_up
 from imagesmith.engine.gpu_thread import GpuThread
 from imagesmith.engine.progress import CancelToken, GenerationCanceled, ProgressEvent
 from imagesmith.schemas import GenerationRequest
@@ -59,13 +59,14 @@ def test_a_failing_compiled_module_falls_back_to_eager_and_the_pass_is_done(engi
     eager_pixels = _pixels(engine, 7)
     decoder = engine.models.base.vae.decoder
     _compile(engine, decoder, _failing_backend)
+    engine.records_cuda_graphs = True
     assert compiled_modules(engine) == [decoder]
     thread_before = engine._gpu.thread
 
     pixels = _pixels(engine, 7)  # the compiled decoder fails; the pass runs again, eager
 
     np.testing.assert_array_equal(pixels, eager_pixels)
-    assert compiled_modules(engine) == []
+    assert compiled_modules(engine) == [] and not engine.records_cuda_graphs
     assert engine.levers[-1] == "torch.compile failed, eager instead (BackendCompilerFailed)"
     assert not any(lever.startswith("torch.compile(") for lever in engine.levers)
     # A new GPU thread: the failed one's per-thread CUDA state is not to be trusted.
@@ -155,7 +156,7 @@ def test_raised_in_compiled_code_looks_at_where_the_error_came_from() -> None:
     torch._dynamo.reset()
 
 
-def test_warm_up_runs_a_second_round_when_compiled_so_no_request_records_a_graph(
+def test_warm_up_records_a_cuda_graph_for_every_batch_size_so_no_request_has_to(
     engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     batches: list[int] = []
@@ -166,16 +167,32 @@ def test_warm_up_runs_a_second_round_when_compiled_so_no_request_records_a_graph
         return generate_batch(items)
 
     monkeypatch.setattr(engine, "generate_batch", counted)
-    warm_up(engine, [(64, 64)], [1, 2])
-    assert batches == [1, 2], "eager needs one round"
+    warm_up(engine, [(64, 64)], [1, 4])
+    assert batches == [1, 4], "eager: one round"
 
     batches.clear()
     engine.models.base.vae.decoder.compile(backend="eager")
+    warm_up(engine, [(64, 64)], [1, 4])
+    assert batches == [1, 4], "compiled without CUDA graphs: nothing to record"
+
+    batches.clear()
+    engine.records_cuda_graphs = True  # as Engine.start sets it for reduce-overhead
     heard: list[str] = []
-    warm_up(engine, [(64, 64)], [1, 2], heard.append)
-    # After batch 2, dynamo's newest graph serves batch 1 too: batch 1 again records its graph at start-up.
-    assert batches == [1, 2, 1, 2]
-    assert "warm-up, second round, 2 of 2 (64x64, batch 2)" in heard
+    warm_up(engine, [(64, 64)], [1, 4], heard.append)
+    # Then every size the worker can form gets its graph recorded now, batch 1 included (after batch 4,
+    # dynamo's newest graph, dynamic in the batch, serves it).
+    assert batches == [1, 4, 1, 2, 3, 4]
+    assert "warm-up, recording CUDA graphs, 4 of 4 (64x64, batch 4)" in heard
+
+
+def test_only_applied_cuda_graph_modes_record_graphs() -> None:
+    applied = ["fused QKV", "torch.compile(mode=reduce-overhead) UNets + VAE decoder"]
+    assert records_cuda_graphs(Settings(compile="reduce-overhead"), applied)
+    assert records_cuda_graphs(Settings(compile="max-autotune"), applied)
+    assert not records_cuda_graphs(Settings(compile="default"), applied)
+    assert not records_cuda_graphs(Settings(compile="max-autotune-no-cudagraphs"), applied)
+    # Compile skipped (offloaded weights): nothing compiled, nothing recorded.
+    assert not records_cuda_graphs(Settings(compile="reduce-overhead"), ["fused QKV"])
 
 
 def test_replace_thread_moves_the_waiting_calls_and_never_runs_two_at_once() -> None:

@@ -26,6 +26,7 @@ from imagesmith.engine.fast import (
     apply_speed_levers,
     compiled_modules,
     raised_in_compiled_code,
+    records_cuda_graphs,
     serve_eager_from_now,
 )
 from imagesmith.engine.gpu_thread import GpuThread
@@ -117,6 +118,9 @@ class Engine:
         weakref.finalize(self, self._gpu.close)  # a dropped engine's thread ends (and lets go of its graphs)
         self.levers: list[str] = []
         self.startup: dict[str, float] = {}  # filled by whoever warms the engine up (the service)
+        # Whether compiled modules record CUDA graphs (IMAGESMITH_COMPILE=reduce-overhead): warm-up records
+        # one per batch size then, so no request has to.
+        self.records_cuda_graphs = False
         # Used on the GPU thread only, like the pipelines.
         self.prompt_cache: PromptEmbeddingCache | None = (
             PromptEmbeddingCache(prompt_cache_size) if prompt_cache_size else None
@@ -143,6 +147,7 @@ class Engine:
         )
         engine = cls(models, plan, settings.prompt_cache_size)
         engine.levers = levers
+        engine.records_cuda_graphs = records_cuda_graphs(settings, levers)
         return engine
 
     @property

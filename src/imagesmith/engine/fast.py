@@ -198,6 +198,7 @@ def serve_eager_from_now(engine: Any, error: BaseException, what: str) -> None:
     log.error("%s, serving eager from now on: %s: %s", what, type(error).__name__, error, exc_info=error)
     for module in compiled_modules(engine):
         module._compiled_call_impl = None  # what Module.compile set; the module runs eager again
+    engine.records_cuda_graphs = False
     engine.levers = [lever for lever in engine.levers if not lever.startswith("torch.compile")]
     engine.levers.append(f"torch.compile failed, eager instead ({type(error).__name__})")
 
@@ -229,18 +230,31 @@ def warm_up(
 
         _warm_up_pass(engine, width, height, batch, heard)
         log.info("warm-up %dx%d batch %d done at %.1fs", width, height, batch, time.perf_counter() - began)
-    if compiled_modules(engine):
-        # A second round: a few seconds when compiled, worth nothing eager. CUDA-graph trees run a function
-        # eagerly the first time and record it the second, so the VAE decoder (called once per pass) was
-        # only warmed. And after the batched warm-up, dynamo's newest graph (dynamic in the batch) serves
-        # batch 1 as well, with no graph recorded for it. Without this round the first request recorded
-        # them (4.1 s instead of 1.7 s, run 27 in docs/benchmarks.md). Without CUDA graphs the compiled
-        # graphs just run again.
-        for number, (width, height, batch) in enumerate(shapes, start=1):
-            report(f"warm-up, second round, {number} of {len(shapes)} ({width}x{height}, batch {batch})")
+    if getattr(engine, "records_cuda_graphs", False) and compiled_modules(engine):
+        # A second round, for the CUDA graphs: a graph is recorded per batch size, on the second run of each
+        # compiled function (the first runs eagerly), so the VAE decoder (called once per pass) was only
+        # warmed; after the batched warm-up dynamo's newest graph (dynamic in the batch) serves batch 1 as
+        # well, with no graph recorded for it; and every batch size between 1 and the largest the worker forms
+        # would be recorded by the first request of that size. Without this round the first request recorded
+        # its graphs (4.1 s instead of 1.7 s, run 27 in docs/benchmarks.md). Short passes: seconds in all.
+        second = [
+            (width, height, batch) for width, height in sizes for batch in range(1, max(batch_sizes) + 1)
+        ]
+        for number, (width, height, batch) in enumerate(second, start=1):
+            report(
+                f"warm-up, recording CUDA graphs, {number} of {len(second)} ({width}x{height}, batch {batch})"
+            )
             _warm_up_pass(engine, width, height, batch)
-        log.info("warm-up second round done at %.1fs", time.perf_counter() - began)
+        log.info("warm-up: CUDA graphs recorded at %.1fs", time.perf_counter() - began)
     return time.perf_counter() - began
+
+
+def records_cuda_graphs(settings: Settings, levers: list[str]) -> bool:
+    """Whether the engine's compiled modules record CUDA graphs: a CUDA-graph mode, and compile applied (it is
+    skipped under offload)."""
+    return settings.compile in CUDA_GRAPH_MODES and any(
+        lever.startswith("torch.compile(") for lever in levers
+    )
 
 
 def _warm_up_pass(
