@@ -11,7 +11,8 @@
 # Watch (later calls): bash benchmarks/device_pipeline.sh --wait [SECONDS, default 540]
 #
 # Stages: save the random full-size models; the GPU tests; `imagesmith serve` (reduce-overhead, batch_max 8)
-# cold then warm; the queue at batch 1, 4 and 8, eager and compiled, on the serve run's compile cache; the
+# cold then warm; (only when named) serve-dynamic, a cold start with
+# IMAGESMITH_COMPILE_DYNAMIC; the queue at batch 1, 4 and 8, eager and compiled, on the serve run's compile cache; the
 # engine's fast path (peer, eager, fastest exact) with what budget is left before DEADLINE_EPOCH_S.
 set -u
 PIPE=.devcache/pipe
@@ -50,6 +51,10 @@ wanted serve-cold && stage serve-cold 720 python3 benchmarks/serve_start.py --ou
 wanted serve-warm && stage serve-warm 360 python3 benchmarks/serve_start.py --out "$PIPE/serve-warm" \
     --models .devcache/random-sdxl --data .devcache/serve8 --compile reduce-overhead --batch-max 8 --starts 1 \
     --timeout-s 340
+# The same first start with the UNets compiled once, with dynamic shapes (its own, empty compile cache).
+wanted serve-dynamic && stage serve-dynamic 720 env IMAGESMITH_COMPILE_DYNAMIC=true \
+    python3 benchmarks/serve_start.py --out "$PIPE/serve-dynamic" --models .devcache/random-sdxl --data .devcache/serve8-dynamic \
+    --compile reduce-overhead --batch-max 8 --starts 1 --timeout-s 700
 # Compiled at batch 1, 4 and 8 (one engine; its warm-ups after the first hit dynamo's in-process graphs).
 wanted queue && stage queue 720 python3 benchmarks/queue_throughput.py --out "$PIPE/queue" --batches 1,4,8 \
     --jobs 16 --compiled --all-compiled --compile-mode reduce-overhead --cache-dir .devcache/serve8/compile-cache

@@ -10,9 +10,10 @@ Phases (`--phases`, each skipped, and said so, when the time budget runs short; 
              then the 40-step ensemble, fidelity against eager (relative L2 of the final latents, PSNR)
   restart    dynamo reset, then the last variant's warm-up again: the second start, from the inductor cache
 
-A variant is `MODE[+fp8][+cl][+cudnn][+attn-BACKEND][:mlperf]`: MODE is a compile choice (off, default,
+A variant is `MODE[+fp8][+cl][+cudnn][+dyn][+attn-BACKEND][:mlperf]`: MODE is a compile choice (off, default,
 reduce-overhead, max-autotune-no-cudagraphs); +fp8 fp8 transformer linears (engine/fp8.py); +cl channels_last;
-+cudnn cudnn.benchmark (IMAGESMITH_CUDNN_BENCHMARK; off unless named here); +attn-cudnn (or -flash,
++cudnn cudnn.benchmark (IMAGESMITH_CUDNN_BENCHMARK; off unless named here); +dyn the UNets compiled with
+dynamic shapes (IMAGESMITH_COMPILE_DYNAMIC); +attn-cudnn (or -flash,
 -efficient) the attention kernel tried first (IMAGESMITH_ATTENTION_BACKEND; torch's order unless named); `:mlperf`
 measures the MLPerf setting instead of the ensemble (base UNet and VAE only; warm-up at batch 1 then the
 largest batch, as the service's warm-up does).
@@ -56,19 +57,29 @@ class Variant:
     cudnn_benchmark: bool
     mlperf: bool
     attention: str = "auto"
+    dynamic: bool = False
 
     @classmethod
     def parse(cls, spec: str) -> Variant:
         body, _, kind = spec.partition(":")
         mode, *flags = body.split("+")
         attention = [flag.removeprefix("attn-") for flag in flags if flag.startswith("attn-")]
-        unknown = set(flags) - {"fp8", "cl", "cudnn", "attn-flash", "attn-efficient", "attn-cudnn"}
+        unknown = set(flags) - {"fp8", "cl", "cudnn", "dyn", "attn-flash", "attn-efficient", "attn-cudnn"}
         if unknown or kind not in ("", "mlperf") or len(attention) > 1:
             raise SystemExit(
-                f"variant {spec!r}: flags are +fp8 +cl +cudnn, one of +attn-flash +attn-efficient "
+                f"variant {spec!r}: flags are +fp8 +cl +cudnn +dyn, one of +attn-flash +attn-efficient "
                 "+attn-cudnn, and the suffix :mlperf"
             )
-        return cls(spec, mode, "fp8" in flags, "cl" in flags, "cudnn" in flags, kind == "mlperf", *attention)
+        return cls(
+            spec,
+            mode,
+            "fp8" in flags,
+            "cl" in flags,
+            "cudnn" in flags,
+            kind == "mlperf",
+            *(attention or ["auto"]),
+            dynamic="dyn" in flags,
+        )
 
 
 class Run:
@@ -355,6 +366,7 @@ def main() -> None:
             channels_last=variant.channels_last,
             cudnn_benchmark=variant.cudnn_benchmark,
             attention_backend=variant.attention,
+            compile_dynamic=variant.dynamic,
         )
         # The plan decides fp8 (row-wise or per-tensor) and the attention kernel, so it is made from this
         # variant's settings, and the engine runs with it.

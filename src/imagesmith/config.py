@@ -172,6 +172,11 @@ class Settings(BaseSettings):
         description="One matmul for Q, K and V in each attention block (exact). Default: on with compile.",
     )
     compile: CompileChoice = Field(CompileChoice.OFF, description="torch.compile the UNets and VAE decoder.")
+    compile_dynamic: bool = Field(
+        False,
+        description="Compile the UNets with dynamic shapes from the first compile, so the batched warm-up "
+        "needs no second compile (batch_max_images > 1). Not yet measured on a GPU, nor its cost per image.",
+    )
     compile_cache_dir: Path | None = Field(
         None,
         description="Compiled kernels; default DATA_DIR/compile-cache (one subfolder per attention backend).",

@@ -138,3 +138,80 @@ def test_an_earlier_engines_cudnn_benchmark_does_not_carry_into_cuda_graphs(tiny
         assert torch.backends.cudnn.benchmark is False and "cudnn.benchmark" not in applied
     finally:
         torch.backends.cudnn.benchmark = previous
+
+
+@pytest.mark.parametrize(("dynamic", "compiles"), [(False, 2), (True, 1)])
+def test_compile_dynamic_compiles_the_unet_once_for_every_batch_size(
+    tiny_settings: Settings, dynamic: bool, compiles: int
+) -> None:
+    """The premise of IMAGESMITH_COMPILE_DYNAMIC, on the real (tiny) UNet with the engine's own options:
+    by default dynamo compiles again when the batch changes (the service's second, batched warm-up)."""
+    import torch
+    from torch._dynamo.testing import CompileCounter
+
+    from imagesmith.engine.fast import unet_compile_options
+
+    options = unet_compile_options(Settings(compile="reduce-overhead", compile_dynamic=dynamic))
+    assert options["mode"] == "reduce-overhead" and options["fullgraph"]
+    unet = Engine.start(tiny_settings).models.base.unet
+    torch._dynamo.reset()  # dynamo remembers which sizes went dynamic, per code object, across instances
+    counter = CompileCounter()
+    compiled = torch.compile(unet, fullgraph=True, dynamic=options["dynamic"], backend=counter)
+    config = unet.config
+    try:
+        # Batch 1 and batch 3, each with classifier-free guidance. Not batch 8: on the CPU a convolution guard
+        # (2 <= rows <= 15) recompiles there; what a GPU does at 16 rows is for the GPU run to show.
+        for rows in (2, 6):
+            compiled(
+                torch.randn(rows, config.in_channels, 16, 16),
+                torch.tensor(500.0),
+                encoder_hidden_states=torch.randn(rows, 77, config.cross_attention_dim),
+                added_cond_kwargs={
+                    "text_embeds": torch.randn(
+                        rows,
+                        config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim,
+                    ),
+                    "time_ids": torch.randn(rows, 6),
+                },
+            )
+    finally:
+        torch._dynamo.reset()
+    assert counter.frame_count == compiles
+
+
+def test_the_warm_up_compiles_the_largest_pass_the_worker_can_run() -> None:
+    from imagesmith.sources.generate import warm_up_batches
+
+    assert warm_up_batches(Settings()) == [1]  # eager: nothing to compile
+    assert warm_up_batches(Settings(compile="reduce-overhead")) == [1, 8]  # batch_max_images
+    # One request of max_images_per_request images runs alone, however small batch_max_images is.
+    assert warm_up_batches(Settings(compile="reduce-overhead", batch_max_images=1)) == [1, 4]
+    assert warm_up_batches(Settings(compile="default", batch_max_images=2, max_images_per_request=3)) == [
+        1,
+        3,
+    ]
+    assert warm_up_batches(Settings(compile="default", batch_max_images=1, max_images_per_request=1)) == [1]
+
+
+def test_the_unets_are_compiled_with_the_dynamic_option_and_the_decoder_is_not(
+    tiny_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from imagesmith.engine import fast
+
+    engine = Engine.start(tiny_settings)
+    calls: dict[str, dict[str, object]] = {}
+    modules = {
+        "base unet": engine.models.base.unet,
+        "refiner unet": engine.models.refiner.unet,
+        "decoder": engine.models.base.vae.decoder,
+    }
+    for name, module in modules.items():
+        monkeypatch.setattr(module, "compile", lambda name=name, **kwargs: calls.__setitem__(name, kwargs))
+    monkeypatch.setattr(fast, "use_persistent_compile_cache", lambda cache: cache)
+    settings = Settings(compile="reduce-overhead", compile_dynamic=True, fuse_qkv=False)
+    applied = apply_speed_levers(engine.models.base, engine.models.refiner, engine.plan, settings)
+
+    dynamic = {"fullgraph": True, "mode": "reduce-overhead", "dynamic": True}
+    assert calls["base unet"] == dynamic and calls["refiner unet"] == dynamic
+    assert calls["decoder"] == {"fullgraph": True, "mode": "reduce-overhead"}  # one image at a time
+    assert "torch.compile(mode=reduce-overhead, dynamic shapes) UNets + VAE decoder" in applied

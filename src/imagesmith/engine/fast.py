@@ -132,12 +132,26 @@ def apply_speed_levers(base: Any, refiner: Any | None, plan: HardwarePlan, setti
             )
         else:
             use_persistent_compile_cache(compile_cache_for(settings, plan))
-            mode = None if settings.compile is CompileChoice.DEFAULT else settings.compile.value
+            options = unet_compile_options(settings)
             for unet in unets:
-                unet.compile(fullgraph=True, mode=mode)
-            base.vae.decoder.compile(fullgraph=True, mode=mode)
-            applied.append(f"torch.compile(mode={settings.compile.value}) UNets + VAE decoder")
+                unet.compile(**options)
+            # The decoder is not marked dynamic: the engine decodes one image at a time at any batch size.
+            base.vae.decoder.compile(fullgraph=True, mode=options["mode"])
+            dynamic = ", dynamic shapes" if options["dynamic"] else ""
+            applied.append(f"torch.compile(mode={settings.compile.value}{dynamic}) UNets + VAE decoder")
     return applied
+
+
+def unet_compile_options(settings: Settings) -> dict[str, Any]:
+    """torch.compile's arguments for the UNets. Without `dynamic`, dynamo compiles for the first batch size
+    and again, with a dynamic batch, at the second: the service's batch-8 warm-up was 308 of its 578 s first
+    start (run 27). dynamic=True makes every size symbolic from the first compile, so the batched warm-up
+    needs no second one (torch may still guard a few sizes apart: the GPU run has to show which)."""
+    return {
+        "fullgraph": True,
+        "mode": None if settings.compile is CompileChoice.DEFAULT else settings.compile.value,
+        "dynamic": True if settings.compile_dynamic else None,
+    }
 
 
 def compiled_modules(engine: Any) -> list[Any]:
@@ -231,12 +245,12 @@ def warm_up(
         _warm_up_pass(engine, width, height, batch, heard)
         log.info("warm-up %dx%d batch %d done at %.1fs", width, height, batch, time.perf_counter() - began)
     if getattr(engine, "records_cuda_graphs", False) and compiled_modules(engine):
-        # A second round, for the CUDA graphs: a graph is recorded per batch size, on the second run of each
-        # compiled function (the first runs eagerly), so the VAE decoder (called once per pass) was only
-        # warmed; after the batched warm-up dynamo's newest graph (dynamic in the batch) serves batch 1 as
-        # well, with no graph recorded for it; and every batch size between 1 and the largest the worker forms
-        # would be recorded by the first request of that size. Without this round the first request recorded
-        # its graphs (4.1 s instead of 1.7 s, run 27 in docs/benchmarks.md). Short passes: seconds in all.
+        # A second round, for the CUDA graphs. CUDA-graph trees record a function on its second run (the first
+        # runs eagerly), per batch size. After the batched warm-up, dynamo's newest graph (dynamic in the
+        # batch) serves batch 1 as well, with no graph recorded for it on that graph, and every size between
+        # 1 and the largest pass would be recorded by the first request of that size. Without this round the
+        # first request recorded its graphs (4.1 s instead of 1.7 s, run 27 in docs/benchmarks.md). Short
+        # passes: seconds in all, when nothing recompiles.
         second = [
             (width, height, batch) for width, height in sizes for batch in range(1, max(batch_sizes) + 1)
         ]

@@ -60,13 +60,10 @@ class GenerateSource:
                 from imagesmith.engine.fast import warm_up_or_fall_back_to_eager
 
                 sizes = self._settings.warmup_size_list()
-                # A compiled graph is specialised to its batch size: warm the largest batch the worker forms
-                # too (dynamo then marks the batch dimension dynamic, covering the sizes between).
-                batches = [1]
-                if self._settings.compile is not CompileChoice.OFF and self._settings.batch_max_images > 1:
-                    batches.append(self._settings.batch_max_images)
                 self._set_phase("warming up")
-                took = warm_up_or_fall_back_to_eager(engine, sizes, batches, self._set_phase)
+                took = warm_up_or_fall_back_to_eager(
+                    engine, sizes, warm_up_batches(self._settings), self._set_phase
+                )
                 log.info("warm-up done in %.1fs", took)
             ready = time.monotonic()
             engine.startup = {
@@ -145,3 +142,14 @@ class GenerateSource:
             for data, image in zip(encoded, result.images, strict=True)
         ]
         return SourceResult(source=self.name, images=images, metadata=result.metadata.model_dump(mode="json"))
+
+
+def warm_up_batches(settings: Settings) -> list[int]:
+    """Batch sizes (images per pass) the warm-up compiles: 1, and when compiled the largest pass the worker can
+    run. A compiled graph is specialised to its batch size until dynamo sees a second one and marks the batch
+    dimension dynamic, covering the sizes between. The largest pass is batch_max_images, or one request's
+    num_images when that is more (a request that fills the budget alone runs alone, whatever its size)."""
+    largest = max(settings.batch_max_images, settings.max_images_per_request)
+    if settings.compile is CompileChoice.OFF or largest == 1:
+        return [1]
+    return [1, largest]
