@@ -254,6 +254,12 @@ def warm_up(
         second = [
             (width, height, batch) for width, height in sizes for batch in range(1, max(batch_sizes) + 1)
         ]
+        # torch warns loudly past 8 graphs per function ("recording too many CUDAGraphs"); these are wanted.
+        import torch._inductor.config
+
+        limit = torch._inductor.config.triton.cudagraph_dynamic_shape_warn_limit
+        if limit is not None and limit < len(second):
+            torch._inductor.config.triton.cudagraph_dynamic_shape_warn_limit = len(second)
         for number, (width, height, batch) in enumerate(second, start=1):
             report(
                 f"warm-up, recording CUDA graphs, {number} of {len(second)} ({width}x{height}, batch {batch})"
