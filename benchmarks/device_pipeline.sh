@@ -56,7 +56,8 @@ wanted serve-dynamic && stage serve-dynamic 720 env IMAGESMITH_COMPILE_DYNAMIC=t
     python3 benchmarks/serve_start.py --out "$PIPE/serve-dynamic" --models .devcache/random-sdxl --data .devcache/serve8-dynamic \
     --compile reduce-overhead --batch-max 8 --starts 1 --timeout-s 700
 # Compiled at batch 1, 4 and 8 (one engine; its warm-ups after the first hit dynamo's in-process graphs).
-wanted queue && stage queue 720 python3 benchmarks/queue_throughput.py --out "$PIPE/queue" --batches 1,4,8 \
+# QUEUE_BATCHES (environment) picks a subset when earlier runs measured the rest.
+wanted queue && stage queue 720 python3 benchmarks/queue_throughput.py --out "$PIPE/queue" --batches "${QUEUE_BATCHES:-1,4,8}" \
     --jobs 16 --compiled --all-compiled --compile-mode reduce-overhead --cache-dir .devcache/serve8/compile-cache
 if wanted fast-path; then
     budget=$(left)
