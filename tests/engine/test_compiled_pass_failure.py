@@ -160,10 +160,12 @@ def test_warm_up_records_a_cuda_graph_for_every_batch_size_so_no_request_has_to(
     engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     batches: list[int] = []
+    warn_limits: list[int | None] = []
     generate_batch = engine.generate_batch
 
     def counted(items: list[Any]) -> list[Any]:
         batches.append(len(items))
+        warn_limits.append(torch._inductor.config.triton.cudagraph_dynamic_shape_warn_limit)
         return generate_batch(items)
 
     monkeypatch.setattr(engine, "generate_batch", counted)
@@ -180,8 +182,10 @@ def test_warm_up_records_a_cuda_graph_for_every_batch_size_so_no_request_has_to(
     heard: list[str] = []
     monkeypatch.setattr(torch._inductor.config.triton, "cudagraph_dynamic_shape_warn_limit", 2)
     warm_up(engine, [(64, 64)], [1, 4], heard.append)
-    # The graphs recorded on purpose do not trip torch's "too many CUDAGraphs" warning.
-    assert torch._inductor.config.triton.cudagraph_dynamic_shape_warn_limit == 4
+    # The graphs recorded on purpose do not trip torch's "too many CUDAGraphs" warning, and the limit is back
+    # afterwards (inductor's config is part of its compile cache's key).
+    assert warn_limits[-6:] == [2, 2, 4, 4, 4, 4]
+    assert torch._inductor.config.triton.cudagraph_dynamic_shape_warn_limit == 2
     # Then every size the worker can form gets its graph recorded now, batch 1 included (after batch 4,
     # dynamo's newest graph, dynamic in the batch, serves it).
     assert batches == [1, 4, 1, 2, 3, 4]

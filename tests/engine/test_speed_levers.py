@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 import pytest
 
 from imagesmith.config import Settings
 from imagesmith.engine import Engine
+from imagesmith.engine.batch_routing import BatchRoutedCall
 from imagesmith.engine.fast import apply_speed_levers, cudnn_benchmark_wanted, fuse_qkv_wanted
 from imagesmith.engine.hardware import DeviceInfo, plan_hardware
 from imagesmith.schemas import GenerationRequest
@@ -179,6 +183,72 @@ def test_compile_dynamic_compiles_the_unet_once_for_every_batch_size(
     assert counter.frame_count == compiles
 
 
+def _unet_inputs(config: Any, rows: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """One UNet pass's arguments as diffusers' SDXL pipeline passes them, with `rows` rows."""
+    import torch
+
+    return (torch.randn(rows, config.in_channels, 16, 16), torch.tensor(500.0)), {
+        "encoder_hidden_states": torch.randn(rows, 77, config.cross_attention_dim),
+        "added_cond_kwargs": {
+            "text_embeds": torch.randn(
+                rows, config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+            ),
+            "time_ids": torch.randn(rows, 6),
+        },
+    }
+
+
+def test_one_image_passes_keep_their_static_graph_after_batched_passes_compile(
+    tiny_settings: Settings,
+) -> None:
+    """The routed UNet (the default with compile): one image's pass (2 rows with guidance) on the graph
+    compiled for it, every batched pass on one graph dynamic in the batch; two compiles in all, as plain
+    Module.compile needs, but the one-image pass no longer moves to the batch-dynamic graph."""
+    import torch
+
+    from imagesmith.engine.batch_routing import BatchRoutedCall
+
+    unet = Engine.start(tiny_settings).models.base.unet
+    torch._dynamo.reset()
+    compiled_dynamic: list[bool] = []
+
+    def backend(graph: Any, example_inputs: list[Any]) -> Any:
+        # Dynamo's fake example values carry symbolic sizes where the graph is dynamic.
+        values = [node.meta.get("example_value") for node in graph.graph.find_nodes(op="placeholder")]
+        shapes = [value.shape for value in values if isinstance(value, torch.Tensor)]
+        compiled_dynamic.append(any(isinstance(size, torch.SymInt) for shape in shapes for size in shape))
+        return graph.forward
+
+    routed = BatchRoutedCall(unet._call_impl, {"fullgraph": True, "dynamic": None, "backend": backend})
+    seen: dict[str, list[int]] = {"single": [], "batched": []}
+
+    def recording(name: str) -> Callable[..., Any]:
+        compiled = getattr(routed, name)
+
+        def call(sample: Any, *args: Any, **kwargs: Any) -> Any:
+            seen[name].append(sample.shape[0])
+            return compiled(sample, *args, **kwargs)
+
+        return call
+
+    for name in seen:
+        setattr(routed, name, recording(name))
+    try:
+        with torch.no_grad():
+            outputs = {}
+            # Batched passes first: the batched graph must be dynamic from its first compile (not static for
+            # 6 rows, then again for 4), and the one-image graph static although a dynamic one came before.
+            for rows in (6, 4, 10, 2, 2):
+                args, kwargs = _unet_inputs(unet.config, rows)
+                outputs[rows] = (routed(*args, **kwargs), unet._call_impl(*args, **kwargs))
+    finally:
+        torch._dynamo.reset()
+    assert seen == {"single": [2, 2], "batched": [6, 4, 10]}
+    assert compiled_dynamic == [True, False], "one batch-dynamic compile, then one static compile"
+    for compiled_output, eager_output in outputs.values():
+        torch.testing.assert_close(compiled_output.sample, eager_output.sample)
+
+
 def test_the_warm_up_compiles_the_largest_pass_the_worker_can_run() -> None:
     from imagesmith.sources.generate import warm_up_batches
 
@@ -215,3 +285,21 @@ def test_the_unets_are_compiled_with_the_dynamic_option_and_the_decoder_is_not(
     assert calls["base unet"] == dynamic and calls["refiner unet"] == dynamic
     assert calls["decoder"] == {"fullgraph": True, "mode": "reduce-overhead"}  # one image at a time
     assert "torch.compile(mode=reduce-overhead, dynamic shapes) UNets + VAE decoder" in applied
+
+    # By default each UNet is routed: a static graph for one image, a batch-dynamic one for batches.
+    calls.clear()
+    try:
+        applied = apply_speed_levers(
+            engine.models.base,
+            engine.models.refiner,
+            engine.plan,
+            Settings(compile="reduce-overhead", fuse_qkv=False),
+        )
+        for name in ("base unet", "refiner unet"):
+            routed = modules[name]._compiled_call_impl
+            assert isinstance(routed, BatchRoutedCall) and name not in calls
+        assert calls["decoder"] == {"fullgraph": True, "mode": "reduce-overhead"}
+        assert "torch.compile(mode=reduce-overhead) UNets + VAE decoder" in applied
+    finally:
+        for module in modules.values():
+            module._compiled_call_impl = None

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from imagesmith.config import CompileChoice, Settings
+from imagesmith.engine.batch_routing import BatchRoutedCall
 from imagesmith.engine.fp8 import quantize_transformer_linears
 from imagesmith.engine.hardware import HardwarePlan
 
@@ -134,7 +135,12 @@ def apply_speed_levers(base: Any, refiner: Any | None, plan: HardwarePlan, setti
             use_persistent_compile_cache(compile_cache_for(settings, plan))
             options = unet_compile_options(settings)
             for unet in unets:
-                unet.compile(**options)
+                if options["dynamic"] is None:
+                    # What Module.compile installs, with a static graph kept for one image's pass
+                    # (engine/batch_routing.py says why).
+                    unet._compiled_call_impl = BatchRoutedCall(unet._call_impl, options)
+                else:
+                    unet.compile(**options)
             # The decoder is not marked dynamic: the engine decodes one image at a time at any batch size.
             base.vae.decoder.compile(fullgraph=True, mode=options["mode"])
             dynamic = ", dynamic shapes" if options["dynamic"] else ""
@@ -143,10 +149,11 @@ def apply_speed_levers(base: Any, refiner: Any | None, plan: HardwarePlan, setti
 
 
 def unet_compile_options(settings: Settings) -> dict[str, Any]:
-    """torch.compile's arguments for the UNets. Without `dynamic`, dynamo compiles for the first batch size
-    and again, with a dynamic batch, at the second: the service's batch-8 warm-up was 308 of its 578 s first
-    start (run 27). dynamic=True makes every size symbolic from the first compile, so the batched warm-up
-    needs no second one (torch may still guard a few sizes apart: the GPU run has to show which)."""
+    """torch.compile's arguments for the UNets. Without `dynamic` (the default) each UNet gets two graphs,
+    a static one for one image's pass and one dynamic in the batch (engine/batch_routing.py): two compiles,
+    and the service's batch-8 warm-up was 308 of its 578 s first start (run 27). dynamic=True
+    (IMAGESMITH_COMPILE_DYNAMIC) makes every size symbolic in one graph from the first compile, so the batched
+    warm-up needs no second one (torch may still guard a few sizes apart: the GPU run has to show which)."""
     return {
         "fullgraph": True,
         "mode": None if settings.compile is CompileChoice.DEFAULT else settings.compile.value,
@@ -255,16 +262,18 @@ def warm_up(
             (width, height, batch) for width, height in sizes for batch in range(1, max(batch_sizes) + 1)
         ]
         # torch warns loudly past 8 graphs per function ("recording too many CUDAGraphs"); these are wanted.
+        # Raised for this round only: inductor's config is part of its compile cache's key, so a lasting
+        # change would make a later compile's key depend on batch_max (a cache miss when it changes).
         import torch._inductor.config
 
         limit = torch._inductor.config.triton.cudagraph_dynamic_shape_warn_limit
-        if limit is not None and limit < len(second):
-            torch._inductor.config.triton.cudagraph_dynamic_shape_warn_limit = len(second)
-        for number, (width, height, batch) in enumerate(second, start=1):
-            report(
-                f"warm-up, recording CUDA graphs, {number} of {len(second)} ({width}x{height}, batch {batch})"
-            )
-            _warm_up_pass(engine, width, height, batch)
+        quiet = len(second) if limit is not None and limit < len(second) else limit
+        with torch._inductor.config.patch({"triton.cudagraph_dynamic_shape_warn_limit": quiet}):
+            for number, (width, height, batch) in enumerate(second, start=1):
+                report(
+                    f"warm-up, recording CUDA graphs, {number} of {len(second)} ({width}x{height}, batch {batch})"
+                )
+                _warm_up_pass(engine, width, height, batch)
         log.info("warm-up: CUDA graphs recorded at %.1fs", time.perf_counter() - began)
     return time.perf_counter() - began
 

@@ -1,0 +1,58 @@
+"""A compiled UNet with two graphs: a static one for one image's pass, one dynamic in the batch for the rest.
+
+Why: with plain `Module.compile`, dynamo compiles the first pass (one image) for its exact shape, then, at the
+first batched pass, again with the batch dimension symbolic, and from then on serves every pass (one image
+included) from that newest, batch-dynamic graph. Its generic-size kernels are slower at one image: the
+service's base stage took 1.12-1.18 s per image after its batch-8 warm-up against 1.06 s for the same pass on
+a static graph (run 29 in docs/benchmarks.md). Routing by rows keeps each graph for the passes it was made
+for, at the same two compiles as before (the static one, and the batch-dynamic one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+# Rows of one image's UNet pass: two with classifier-free guidance (the negative and the positive prompt).
+ONE_IMAGE_ROWS = 2
+
+
+class BatchRoutedCall:
+    """What `Module.compile` would install as `_compiled_call_impl`, with a graph per kind of pass.
+
+    A pass of at most ONE_IMAGE_ROWS rows goes to `single` (compiled static: each size its own graph); a
+    larger one goes to `batched`, with the batch dimension of its inputs marked
+    dynamic before the first compile, so it compiles once for every batch size instead of once for the first
+    and again for the second. Both wrap the same module: the weights are shared, only the graphs differ.
+    """
+
+    def __init__(self, call_impl: Callable[..., Any], options: dict[str, Any]) -> None:
+        # dynamic=False: dynamo's record of sizes seen is per code object, shared by both graphs; after a
+        # batched pass it would compile the one-image graph dynamic too.
+        self.single = torch.compile(call_impl, **{**options, "dynamic": False})
+        self.batched = torch.compile(call_impl, **options)
+
+    def __call__(self, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if sample.shape[0] <= ONE_IMAGE_ROWS:
+            return self.single(sample, *args, **kwargs)
+        for tensor in _batched_inputs(sample, kwargs):
+            # "maybe": a mark, not a constraint; if the model specialises the batch, dynamo recompiles
+            # instead of raising.
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        return self.batched(sample, *args, **kwargs)
+
+
+def _batched_inputs(sample: torch.Tensor, kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    """The UNet inputs with one row per image row: the latents, the prompt embeddings, SDXL's added
+    conditions (pooled text embeddings and size/crop ids). Marking only some would leave the rest static,
+    and dynamo would recompile at the second batch size for them."""
+    rows = sample.shape[0]
+    candidates = [sample, kwargs.get("encoder_hidden_states")]
+    candidates += list((kwargs.get("added_cond_kwargs") or {}).values())
+    return [
+        tensor
+        for tensor in candidates
+        if isinstance(tensor, torch.Tensor) and tensor.dim() > 0 and tensor.shape[0] == rows
+    ]
