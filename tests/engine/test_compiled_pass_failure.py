@@ -186,8 +186,7 @@ def test_warm_up_records_a_cuda_graph_for_every_batch_size_so_no_request_has_to(
     # afterwards (inductor's config is part of its compile cache's key).
     assert warn_limits[-6:] == [2, 2, 4, 4, 4, 4]
     assert torch._inductor.config.triton.cudagraph_dynamic_shape_warn_limit == 2
-    # Then every size the worker can form gets its graph recorded now, batch 1 included (after batch 4,
-    # dynamo's newest graph, dynamic in the batch, serves it).
+    # Then every size the worker can form gets its graph recorded now, batch 1 included.
     assert batches == [1, 4, 1, 2, 3, 4]
     assert "warm-up, recording CUDA graphs, 4 of 4 (64x64, batch 4)" in heard
 

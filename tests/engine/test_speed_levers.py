@@ -249,6 +249,95 @@ def test_one_image_passes_keep_their_static_graph_after_batched_passes_compile(
         torch.testing.assert_close(compiled_output.sample, eager_output.sample)
 
 
+def _graphs_compiled(engine: Engine, route: bool) -> tuple[int, list[str]]:
+    """How many graphs the engine's two UNets compile through a warm-up at two sizes (batches 1 and 4), then
+    a one-image request at a new size and one without guidance; with the engine's graph limit, and a counting
+    backend that runs the graphs as traced (no inductor: seconds on a CPU)."""
+    import torch
+
+    from imagesmith.engine.batch_routing import BatchRoutedCall
+    from imagesmith.engine.engine import BatchItem
+    from imagesmith.engine.fast import warm_up
+
+    graphs = 0
+
+    def counting(graph: Any, example_inputs: list[Any]) -> Any:
+        nonlocal graphs
+        graphs += 1
+        return graph.forward
+
+    options = {"fullgraph": True, "dynamic": None, "backend": counting}
+    unets = [engine.models.base.unet, engine.models.refiner.unet]
+    levers = list(engine.levers)
+    torch._dynamo.reset()
+    try:
+        for unet in unets:
+            if route:
+                unet._compiled_call_impl = BatchRoutedCall(unet._call_impl, options)
+            else:
+                unet.compile(**options)
+        warm_up(engine, [(64, 64), (96, 96)], [1, 4])
+        for width, height, guidance in [(128, 64, 7.5), (64, 64, 1.0)]:
+            request = GenerationRequest(
+                prompt="a lighthouse",
+                width=width,
+                height=height,
+                num_inference_steps=4,
+                seed=1,
+                guidance_scale=guidance,
+            )
+            assert not isinstance(engine.generate_batch([BatchItem(request, None)])[0], BaseException)
+        return graphs, list(engine.levers)
+    finally:
+        for unet in unets:
+            unet._compiled_call_impl = None
+        engine.levers[:] = levers  # a fallback to eager is noted there
+        torch._dynamo.reset()
+
+
+def test_routing_compiles_about_as_many_graphs_as_plain_compile_across_sizes(tiny_settings: Settings) -> None:
+    """The one-image graph is static in the batch only: a second image size makes its height and width
+    dynamic, as plain Module.compile does. Compiled fully static, each size was a graph of its own, and the
+    base and refiner (one class) reached dynamo's default limit of 8 at the third size: compile turned off for
+    good (the engine now raises the limit too)."""
+    import torch._dynamo.config
+
+    from imagesmith.engine.fast import UNET_GRAPHS_ALLOWED
+
+    engine = Engine.start(tiny_settings.with_changes(fuse_qkv=False))
+    with torch._dynamo.config.patch(recompile_limit=UNET_GRAPHS_ALLOWED):  # as compile sets it
+        plain, plain_levers = _graphs_compiled(engine, route=False)
+        routed, routed_levers = _graphs_compiled(engine, route=True)
+    for levers in (plain_levers, routed_levers):
+        assert not any("eager instead" in lever for lever in levers), levers
+    # At most one more per UNet: at the second warm-up size both of its graphs, not one, go dynamic in the
+    # height and width. (Compiled fully static, the one-image graph took 12 here against plain's 8.)
+    assert plain <= routed <= plain + 2
+
+
+def test_compile_raises_dynamos_graph_limit(tiny_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch._dynamo.config
+
+    from imagesmith.engine import fast
+
+    engine = Engine.start(tiny_settings.with_changes(fuse_qkv=False))
+    monkeypatch.setattr(fast, "use_persistent_compile_cache", lambda cache: cache)
+    modules = [engine.models.base.unet, engine.models.refiner.unet, engine.models.base.vae.decoder]
+    with torch._dynamo.config.patch(recompile_limit=8):
+        try:
+            apply_speed_levers(
+                engine.models.base,
+                engine.models.refiner,
+                engine.plan,
+                Settings(compile="default", fuse_qkv=False),
+            )
+            raised = torch._dynamo.config.recompile_limit
+        finally:
+            for module in modules:
+                module._compiled_call_impl = None
+    assert raised == fast.UNET_GRAPHS_ALLOWED
+
+
 def test_the_warm_up_compiles_the_largest_pass_the_worker_can_run() -> None:
     from imagesmith.sources.generate import warm_up_batches
 

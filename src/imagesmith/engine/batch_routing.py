@@ -5,7 +5,8 @@ first batched pass, again with the batch dimension symbolic, and from then on se
 included) from that newest, batch-dynamic graph. Its generic-size kernels are slower at one image: the
 service's base stage took 1.12-1.18 s per image after its batch-8 warm-up against 1.06 s for the same pass on
 a static graph (run 29 in docs/benchmarks.md). Routing by rows keeps each graph for the passes it was made
-for, at the same two compiles as before (the static one, and the batch-dynamic one).
+for, with as many compiles as before: the one-image graph is the first one dynamo would make anyway, and the
+batched graph the recompile it would make at the first batch.
 """
 
 from __future__ import annotations
@@ -22,20 +23,24 @@ ONE_IMAGE_ROWS = 2
 class BatchRoutedCall:
     """What `Module.compile` would install as `_compiled_call_impl`, with a graph per kind of pass.
 
-    A pass of at most ONE_IMAGE_ROWS rows goes to `single` (compiled static: each size its own graph); a
-    larger one goes to `batched`, with the batch dimension of its inputs marked
-    dynamic before the first compile, so it compiles once for every batch size instead of once for the first
-    and again for the second. Both wrap the same module: the weights are shared, only the graphs differ.
+    A pass of at most ONE_IMAGE_ROWS rows goes to `single` (its batch dimension marked static); a larger one
+    goes to `batched`, with the batch dimension of its inputs marked dynamic before the first compile, so it
+    compiles once for every batch size instead of once for the first and again for the second. Both wrap the
+    same module: the weights are shared, only the graphs differ.
     """
 
     def __init__(self, call_impl: Callable[..., Any], options: dict[str, Any]) -> None:
-        # dynamic=False: dynamo's record of sizes seen is per code object, shared by both graphs; after a
-        # batched pass it would compile the one-image graph dynamic too.
-        self.single = torch.compile(call_impl, **{**options, "dynamic": False})
+        self.single = torch.compile(call_impl, **options)
         self.batched = torch.compile(call_impl, **options)
 
     def __call__(self, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if sample.shape[0] <= ONE_IMAGE_ROWS:
+            # Static in the batch only. Dynamo's record of sizes seen is per code object, shared by both
+            # graphs: after a batched pass it would compile this one dynamic in the batch too. Not
+            # dynamic=False: then every image size would be a graph of its own (a second size makes height and
+            # width dynamic instead), and the base and refiner share dynamo's limit of graphs per code object.
+            for tensor in _batched_inputs(sample, kwargs):
+                torch._dynamo.mark_static(tensor, 0)
             return self.single(sample, *args, **kwargs)
         for tensor in _batched_inputs(sample, kwargs):
             # "maybe": a mark, not a constraint; if the model specialises the batch, dynamo recompiles

@@ -133,6 +133,7 @@ def apply_speed_levers(base: Any, refiner: Any | None, plan: HardwarePlan, setti
             )
         else:
             use_persistent_compile_cache(compile_cache_for(settings, plan))
+            allow_graphs_per_model(UNET_GRAPHS_ALLOWED)
             options = unet_compile_options(settings)
             for unet in unets:
                 if options["dynamic"] is None:
@@ -146,6 +147,20 @@ def apply_speed_levers(base: Any, refiner: Any | None, plan: HardwarePlan, setti
             dynamic = ", dynamic shapes" if options["dynamic"] else ""
             applied.append(f"torch.compile(mode={settings.compile.value}{dynamic}) UNets + VAE decoder")
     return applied
+
+
+# Graphs dynamo may keep per compiled model class. Its default (8) counts the base's and the refiner's graphs
+# together (one UNet class, one code object): two per warm-up size and batch kind, one per guidance <= 1 size.
+# Past the limit a fullgraph compile raises, and the engine would serve eager from then on.
+UNET_GRAPHS_ALLOWED = 64
+
+
+def allow_graphs_per_model(limit: int) -> None:
+    """Raise dynamo's recompile limit to `limit` (never lower it). Named cache_size_limit before torch 2.6."""
+    import torch._dynamo.config as dynamo_config
+
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo_config, name, max(getattr(dynamo_config, name), limit))
 
 
 def unet_compile_options(settings: Settings) -> dict[str, Any]:
@@ -253,11 +268,12 @@ def warm_up(
         log.info("warm-up %dx%d batch %d done at %.1fs", width, height, batch, time.perf_counter() - began)
     if getattr(engine, "records_cuda_graphs", False) and compiled_modules(engine):
         # A second round, for the CUDA graphs. CUDA-graph trees record a function on its second run (the first
-        # runs eagerly), per batch size. After the batched warm-up, dynamo's newest graph (dynamic in the
-        # batch) serves batch 1 as well, with no graph recorded for it on that graph, and every size between
-        # 1 and the largest pass would be recorded by the first request of that size. Without this round the
-        # first request recorded its graphs (4.1 s instead of 1.7 s, run 27 in docs/benchmarks.md). Short
-        # passes: seconds in all, when nothing recompiles.
+        # runs eagerly), per batch size: the batched graph serves every size between 2 and the largest pass,
+        # each recorded by the first pass of that size, and a module run once per pass (the VAE decoder) is
+        # only warmed by the first round. Without this round the first request recorded its graphs (4.1 s
+        # instead of 1.7 s, run 27 in docs/benchmarks.md). Batch 1 is repeated too: cheap, and it does not
+        # rely on which graph (engine/batch_routing.py) serves it. Short passes: seconds in all, when nothing
+        # recompiles.
         second = [
             (width, height, batch) for width, height in sizes for batch in range(1, max(batch_sizes) + 1)
         ]
