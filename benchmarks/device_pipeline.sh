@@ -62,10 +62,11 @@ wanted queue && stage queue 720 python3 benchmarks/queue_throughput.py --out "$P
 if wanted fast-path; then
     budget=$(left)
     if [ "$budget" -gt 150 ]; then
-        # The fastest exact configuration with and without cudnn.benchmark (off by default with CUDA graphs).
+        # The fastest exact configuration with and without cudnn.benchmark (off by default with CUDA graphs);
+        # FAST_VARIANTS (environment) picks others.
         stage fast-path "$((budget + 15))" python3 benchmarks/fast_path.py --out "$PIPE/fast-path" \
             --cache-dir .devcache/serve8/compile-cache --phases peer,eager,variants \
-            --variants reduce-overhead+cudnn,reduce-overhead --budget-s "$budget" --compile-needs-s 120
+            --variants "${FAST_VARIANTS:-reduce-overhead+cudnn,reduce-overhead}" --budget-s "$budget" --compile-needs-s 120
     else
         echo "$(date +%s) skip fast-path: ${budget}s left" >> "$PIPE/stages"
     fi
