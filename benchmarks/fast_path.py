@@ -12,7 +12,8 @@ Phases (`--phases`, each skipped, and said so, when the time budget runs short; 
 
 A variant is `MODE[+fp8][+cl][+cudnn][+dyn][+attn-BACKEND][:mlperf]`: MODE is a compile choice (off, default,
 reduce-overhead, max-autotune-no-cudagraphs); +fp8 fp8 transformer linears (engine/fp8.py); +cl channels_last;
-+cudnn cudnn.benchmark (IMAGESMITH_CUDNN_BENCHMARK; off unless named here); +dyn the UNets compiled with
++cudnn cudnn.benchmark (IMAGESMITH_CUDNN_BENCHMARK; off unless named here; settings refuse it with the
+CUDA-graph modes); +dyn the UNets compiled with
 dynamic shapes (IMAGESMITH_COMPILE_DYNAMIC); +attn-cudnn (or -flash,
 -efficient) the attention kernel tried first (IMAGESMITH_ATTENTION_BACKEND; torch's order unless named); `:mlperf`
 measures the MLPerf setting instead of the ensemble (base UNet and VAE only; warm-up at batch 1 then the

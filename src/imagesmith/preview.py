@@ -23,21 +23,67 @@ SDXL_LATENT_RGB_FACTORS = (
 SDXL_LATENT_RGB_BIAS = (0.1084, -0.0175, -0.0011)
 
 
-def latents_to_image(latents: Any, index: int = 0, max_side: int = 128) -> Image.Image:
-    """Image `index` of a (batch, 4, h, w) latent tensor as a small RGB picture."""
-    sample = latents[index].detach().to(dtype=torch.float32)  # (4, h, w), on whatever device it lives
+def _rgb_pixels(latents: Any, index: int) -> torch.Tensor:
+    """Image `index` of a (batch, 4, h, w) latent tensor as (h, w, 3) uint8 pixels, on the latents' device."""
+    sample = latents[index].detach().to(dtype=torch.float32)  # (4, h, w)
     factors = torch.tensor(SDXL_LATENT_RGB_FACTORS, dtype=torch.float32, device=sample.device)
     bias = torch.tensor(SDXL_LATENT_RGB_BIAS, dtype=torch.float32, device=sample.device)
     rgb = torch.einsum("chw,cr->hwr", sample, factors) + bias  # roughly in [-1, 1]
-    pixels = ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
-    image = Image.fromarray(pixels, mode="RGB")
+    return ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def _image(pixels: torch.Tensor, max_side: int) -> Image.Image:
+    image = Image.fromarray(pixels.numpy(), mode="RGB")
     if max(image.size) > max_side:
         image.thumbnail((max_side, max_side))
     return image
 
 
+def _data_url(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=70)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def latents_to_image(latents: Any, index: int = 0, max_side: int = 128) -> Image.Image:
+    """Image `index` of a (batch, 4, h, w) latent tensor as a small RGB picture (waits for the device)."""
+    return _image(_rgb_pixels(latents, index).cpu(), max_side)
+
+
 def preview_data_url(latents: Any, index: int = 0, max_side: int = 128) -> str:
     """The preview as a data: URL (JPEG), small enough to ride inside one server-sent event."""
-    buffer = io.BytesIO()
-    latents_to_image(latents, index, max_side).save(buffer, format="JPEG", quality=70)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return _data_url(latents_to_image(latents, index, max_side))
+
+
+class PreviewCopy:
+    """A preview on its way to the host, without waiting for the GPU.
+
+    Why: `latents_to_image` copies to the host, which waits until the GPU has run every step queued so far. With
+    CUDA graphs the host queues steps ahead of the GPU; a wait every few steps drains that queue, and the GPU
+    then idles while the host queues the next step. The service's one-image request ran its 32 base steps in
+    1.18 s against 1.05 s in the engine alone, which makes no previews (runs 29 and 33, docs/benchmarks.md).
+    Here the colour map and the copy are queued on the GPU's stream behind the step (so they read this
+    step's latents, before a later graph replay overwrites them) into pinned host memory, with an event; the
+    caller picks the picture up at a later step, once `ready()` says the copy is done. On the CPU it is ready
+    at once."""
+
+    def __init__(self, latents: Any, index: int = 0) -> None:
+        pixels = _rgb_pixels(latents, index)
+        self._done: torch.cuda.Event | None = None
+        if pixels.is_cuda:
+            host = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
+            host.copy_(pixels, non_blocking=True)
+            self._done = torch.cuda.Event()
+            self._done.record()
+            pixels = host
+        self._pixels = pixels
+
+    def ready(self) -> bool:
+        """Whether the pixels are on the host (never waits)."""
+        return self._done is None or self._done.query()
+
+    def data_url(self, max_side: int = 128) -> str:
+        """The preview as preview_data_url gives it; call once ready() (otherwise it waits for the copy)."""
+        if self._done is not None:
+            self._done.synchronize()
+        return _data_url(_image(self._pixels, max_side))

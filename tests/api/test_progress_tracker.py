@@ -7,19 +7,26 @@ its progress events then restart at the first step of the first stage.
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, ClassVar
+
+import pytest
+import torch
 
 from imagesmith.engine.progress import ProgressEvent
+from imagesmith.jobs import worker as worker_module
 from imagesmith.jobs.worker import _Tracker
 
 
-def _tracker() -> tuple[_Tracker, dict[str, Any]]:
+def _tracker(
+    preview_every: int = 0, published: list[dict[str, Any]] | None = None
+) -> tuple[_Tracker, dict[str, Any]]:
     live: dict[str, Any] = {}
+    sink = published if published is not None else []
     worker = SimpleNamespace(
         planned_steps=lambda request: {"base": 3, "refine": 1},
         live=live,
-        settings=SimpleNamespace(preview_every=0),
-        hub=SimpleNamespace(publish=lambda *args: None),
+        settings=SimpleNamespace(preview_every=preview_every, preview_max_side=128),
+        hub=SimpleNamespace(publish=lambda job_id, type_, data: sink.append(data)),
     )
     return _Tracker(worker, SimpleNamespace(id="job"), None), live  # type: ignore[arg-type]
 
@@ -61,3 +68,57 @@ def test_the_refiner_fallback_stage_grows_the_total() -> None:
         _overall(tracker, live, "base", step, 3)
     # The refiner failed; the base finishes the schedule instead: one more stage the plan did not know.
     assert _overall(tracker, live, "base_finish", 1, 1) == (4, 4)
+
+
+class _SlowCopy:
+    """A preview whose copy to the host finishes only when the test says so (a GPU still busy)."""
+
+    made: ClassVar[list[_SlowCopy]] = []
+
+    def __init__(self, latents: Any, index: int = 0) -> None:
+        self.step = int(latents)  # the test passes the step number as its "latents"
+        self.done = False
+        _SlowCopy.made.append(self)
+
+    def ready(self) -> bool:
+        return self.done
+
+    def data_url(self, max_side: int = 128) -> str:
+        assert self.done, "the tracker waited for a copy that was not done"
+        return f"preview of step {self.step}"
+
+
+def test_a_preview_rides_on_the_first_event_after_its_copy_is_done_and_never_waits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(worker_module, "PreviewCopy", _SlowCopy)
+    _SlowCopy.made = []
+    published: list[dict[str, Any]] = []
+    tracker, _ = _tracker(preview_every=2, published=published)
+
+    def step(n: int, total: int = 9) -> dict[str, Any]:
+        tracker(ProgressEvent("base", n, total, elapsed_s=float(n), latents=n))
+        return published[-1]
+
+    assert "preview" not in step(1)
+    assert "preview" not in step(2)  # step 2's copy starts; the GPU is not there yet
+    _SlowCopy.made[-1].done = True
+    assert step(3)["preview"] == "preview of step 2"  # picked up one step later
+    assert "preview" not in step(4)  # step 4's copy started, not done
+    assert "preview" not in step(5)
+    assert "preview" not in step(6)  # step 6's copy replaces step 4's, which never finished
+    _SlowCopy.made[-1].done = True
+    assert step(7)["preview"] == "preview of step 6"
+    assert "preview" not in step(8)
+    assert [copy.step for copy in _SlowCopy.made] == [2, 4, 6, 8]
+
+
+def test_on_the_cpu_a_preview_rides_on_its_own_steps_event() -> None:
+    published: list[dict[str, Any]] = []
+    tracker, _ = _tracker(preview_every=2, published=published)
+    latents = torch.randn(1, 4, 8, 8)
+    for n in (1, 2, 3):
+        tracker(ProgressEvent("base", n, 3, elapsed_s=float(n), latents=latents))
+    # Step 2 (every 2nd) and step 3 (the stage's last) carry one; step 1 none.
+    assert ["preview" in data for data in published] == [False, True, True]
+    assert published[1]["preview"].startswith("data:image/jpeg;base64,")

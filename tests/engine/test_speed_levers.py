@@ -7,8 +7,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
-from imagesmith.config import Settings
+from imagesmith.config import Settings, settings_error_lines
 from imagesmith.engine import Engine
 from imagesmith.engine.batch_routing import BatchRoutedCall
 from imagesmith.engine.fast import apply_speed_levers, cudnn_benchmark_wanted, fuse_qkv_wanted
@@ -53,11 +54,25 @@ def test_cudnn_benchmark_follows_compile_on_cuda_only_and_not_with_cuda_graphs()
     # Timing a convolution inside a CUDA-graph capture fails the capture (run 27): off unless asked for.
     assert not cudnn_benchmark_wanted(Settings(compile="reduce-overhead"), plan)
     assert not cudnn_benchmark_wanted(Settings(compile="max-autotune"), plan)
-    assert cudnn_benchmark_wanted(Settings(compile="reduce-overhead", cudnn_benchmark=True), plan)
+    assert cudnn_benchmark_wanted(Settings(compile="default", cudnn_benchmark=True), plan)
     assert not cudnn_benchmark_wanted(Settings(compile="default", cudnn_benchmark=False), plan)
     assert not cudnn_benchmark_wanted(
         Settings(compile="default"), plan_hardware(DeviceInfo("cpu"), Settings())
     )
+
+
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_cudnn_benchmark_with_a_cuda_graph_mode_is_refused_naming_both_settings(mode: str) -> None:
+    """Opted in with CUDA graphs, the capture failed (run 27) and the eager fallback crashed the process
+    (segmentation fault, run 32): refused at start-up, with the fix, rather than served."""
+    with pytest.raises(ValidationError) as refused:
+        Settings(compile=mode, cudnn_benchmark=True)
+    (line,) = settings_error_lines(refused.value)
+    assert line.startswith("IMAGESMITH_CUDNN_BENCHMARK: ")
+    assert f"IMAGESMITH_COMPILE={mode}" in line and "IMAGESMITH_COMPILE=default" in line
+    # Off, or left to the default, stays allowed with CUDA graphs.
+    assert Settings(compile=mode, cudnn_benchmark=False).cudnn_benchmark is False
+    assert Settings(compile=mode).cudnn_benchmark is None
 
 
 def test_fp8_settings_with_a_plan_made_without_them_are_refused(tiny_settings: Settings) -> None:

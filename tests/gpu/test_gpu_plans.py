@@ -80,26 +80,6 @@ def test_cuda_graphs_warmed_on_one_thread_serve_requests_from_another(tiny_setti
     assert len(compiled_modules(engine)) == 3, engine.levers
 
 
-def test_a_failed_graph_capture_still_serves_every_request(tiny_settings: Settings) -> None:
-    """cudnn.benchmark opted in with CUDA graphs: in run 27 a convolution timed inside a capture failed it
-    ("FIND was unable to find an engine") and left the thread's allocator recording into the graph's pool.
-    Whether or not the capture fails this time, every warm-up pass and request must come back with images
-    (the engine serves eager from a new GPU thread when a compiled pass fails)."""
-    engine = Engine.start(
-        tiny_settings.with_changes(
-            **{"device": "cuda", "compile": "reduce-overhead", "cudnn_benchmark": True}
-        )
-    )
-    try:
-        assert _warm_up_on_one_thread_then_generate_on_another(engine) == [1, 3]
-    finally:
-        torch.backends.cudnn.benchmark = False  # process-wide; the next engine sets its own anyway
-    # Either path is right; the log says which one this card and torch took.
-    fell_back = any(lever.startswith("torch.compile failed") for lever in engine.levers)
-    print(f"capture {'failed, served eager' if fell_back else 'succeeded, served compiled'}: {engine.levers}")
-    assert fell_back or len(compiled_modules(engine)) == 3
-
-
 @pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
     reason="needs fp8 tensor cores",

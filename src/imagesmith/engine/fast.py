@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from imagesmith.config import CompileChoice, Settings
+from imagesmith.config import CUDA_GRAPH_MODES, CompileChoice, Settings
 from imagesmith.engine.batch_routing import BatchRoutedCall
 from imagesmith.engine.fp8 import quantize_transformer_linears
 from imagesmith.engine.hardware import HardwarePlan
@@ -74,16 +74,12 @@ def fuse_qkv_wanted(settings: Settings, plan: HardwarePlan) -> bool:
     return wanted and plan.offload == "none"
 
 
-# Compile modes that record CUDA graphs.
-CUDA_GRAPH_MODES = (CompileChoice.REDUCE_OVERHEAD, CompileChoice.MAX_AUTOTUNE)
-
-
 def cudnn_benchmark_wanted(settings: Settings, plan: HardwarePlan) -> bool:
     """Worth it where shapes repeat (a server's fixed sizes): the timing runs once per shape. Measured with
     compile only (1-2 %, runs 12-13, most of it in the VAE decode), so it follows compile unless set; but
     not with CUDA graphs: cuDNN's timing runs kernels and synchronises, which a graph capture forbids, so a
     convolution whose timing is not cached when a graph is recorded fails the capture ("FIND was unable to
-    find an engine", run 27) and leaves the thread's CUDA-graph state broken. Set it to opt in anyway."""
+    find an engine", run 27) and leaves the thread's CUDA-graph state broken; settings refuse that pair."""
     if settings.cudnn_benchmark is not None:
         wanted = settings.cudnn_benchmark
     else:

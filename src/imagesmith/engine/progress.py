@@ -15,7 +15,8 @@ class ProgressEvent:
     total: int  # steps this stage runs
     elapsed_s: float  # since the generation started
     # The stage's current latents (batch, 4, h/8, w/8) on the device, for cheap previews. Read it during the
-    # callback only: the engine keeps writing to it.
+    # callback only (or queue work that reads it on the device's stream then, as preview.PreviewCopy does):
+    # the engine keeps writing to it.
     latents: Any = None
 
 

@@ -23,7 +23,7 @@ from imagesmith.jobs.events import EventHub
 from imagesmith.jobs.metrics import Metrics
 from imagesmith.jobs.store import CANCELED_WHILE_RUNNING, JobRecord, JobStatus, JobStore
 from imagesmith.logs import current_job
-from imagesmith.preview import preview_data_url
+from imagesmith.preview import PreviewCopy
 from imagesmith.sources.base import FallbackReason, ImageRequest, SourceName, SourceResult, SourceUnavailable
 from imagesmith.sources.fallback import Served, SourceAttempt, SourcesExhausted, serve_first
 from imagesmith.sources.generate import GenerateSource
@@ -78,6 +78,7 @@ class _Tracker:
         self.stage_total = 0
         self.step = 0
         self.stage_starts: dict[str, int] = {}  # stage -> steps done before it began
+        self.preview: PreviewCopy | None = None  # the newest preview, until its copy to the host is done
 
     def __call__(self, event: ProgressEvent) -> None:
         # Events come from the denoising stages only (decode reports no steps).
@@ -98,13 +99,26 @@ class _Tracker:
         live = LiveProgress(event.stage, event.step, event.total, done, overall_total, event.elapsed_s, eta)
         self.worker.live[self.job.id] = live
         data = {"job_id": self.job.id, **live.as_dict()}
+        try:
+            preview = self._preview(event)
+        except Exception:  # a preview is a nicety; never let it fail the job
+            log.debug("preview failed", exc_info=True)
+            self.preview = preview = None
+        if preview is not None:
+            data["preview"] = preview
+        self.worker.hub.publish(self.job.id, "progress", data)
+
+    def _preview(self, event: ProgressEvent) -> str | None:
+        """Every preview_every steps a new preview starts on its way to the host; it rides on the first
+        progress event after its copy is done (on a GPU usually a step or two later, on the CPU this one), so
+        the GPU thread never waits for it (preview.PreviewCopy says why)."""
         every = self.worker.settings.preview_every
         if every and event.latents is not None and (event.step % every == 0 or event.step == event.total):
-            try:
-                data["preview"] = preview_data_url(event.latents, 0, self.worker.settings.preview_max_side)
-            except Exception:  # a preview is a nicety; never let it fail the job
-                log.debug("preview failed", exc_info=True)
-        self.worker.hub.publish(self.job.id, "progress", data)
+            self.preview = PreviewCopy(event.latents, 0)  # the newest wins over one still on its way
+        if self.preview is None or not self.preview.ready():
+            return None
+        ready, self.preview = self.preview, None
+        return ready.data_url(self.worker.settings.preview_max_side)
 
 
 def _images_of(job: JobRecord) -> int:
