@@ -74,9 +74,11 @@ class PreviewCopy:
             host = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
             host.copy_(pixels, non_blocking=True)
             self._done = torch.cuda.Event()
-            self._done.record()
-            pixels = host
-        self._pixels = pixels
+            # On the latents' own device's stream: the engine may run on a GPU other than the current one.
+            self._done.record(torch.cuda.current_stream(pixels.device))
+            self._pixels = host
+        else:
+            self._pixels = pixels.cpu()  # the CPU (a no-op) or another backend (it waits, as before)
 
     def ready(self) -> bool:
         """Whether the pixels are on the host (never waits)."""
