@@ -7,13 +7,15 @@
 #
 # Start (first call, after installing the wheels into /tmp/site):
 #   setsid nohup bash benchmarks/device_pipeline.sh DEADLINE_EPOCH_S [STAGES] > /dev/null 2>&1 < /dev/null &
-# STAGES: a comma-separated subset of the stages below, in the order below (default: all of them).
+# STAGES: a comma-separated list of the stages below, run in the order given (default: the order below). Each
+# stage's time limit is its own or what is left before DEADLINE_EPOCH_S, whichever is less.
 # Watch (later calls): bash benchmarks/device_pipeline.sh --wait [SECONDS, default 540]
 #
 # Stages: save the random full-size models; the GPU tests; `imagesmith serve` (reduce-overhead, batch_max 8)
-# cold then warm; (only when named) serve-dynamic, a cold start with
-# IMAGESMITH_COMPILE_DYNAMIC; the queue at batch 1, 4 and 8, eager and compiled, on the serve run's compile cache; the
-# engine's fast path (peer, eager, fastest exact) with what budget is left before DEADLINE_EPOCH_S.
+# cold then warm; (only when named) serve-dynamic, a cold start with IMAGESMITH_COMPILE_DYNAMIC; the queue at
+# batch 1, 4 and 8, eager and compiled (QUEUE_BATCHES and QUEUE_ARGS in the environment change what it runs;
+# QUEUE_ARGS="--ab --eager-batches none" gives the finishing and preview A/Bs); the engine's fast path (peer,
+# eager, fastest exact) with what budget is left before DEADLINE_EPOCH_S.
 set -u
 PIPE=.devcache/pipe
 
@@ -29,46 +31,62 @@ DEADLINE=$1
 STAGES=${2:-models,gpu-tests,serve-cold,serve-warm,queue,fast-path}
 rm -rf "$PIPE"  # a warm machine keeps .devcache: an earlier run's "pipeline end" would end --wait at once
 mkdir -p "$PIPE"
+left() { echo $((DEADLINE - $(date +%s) - 20)); }
 stage() {
     local name=$1 limit=$2
     shift 2
-    echo "$(date +%s) start $name" >> "$PIPE/stages"
+    local budget
+    budget=$(left)
+    [ "$budget" -lt "$limit" ] && limit=$budget
+    if [ "$limit" -lt 30 ]; then
+        echo "$(date +%s) skip $name: ${budget}s left" >> "$PIPE/stages"
+        return
+    fi
+    echo "$(date +%s) start $name (limit ${limit}s)" >> "$PIPE/stages"
     timeout -k 30 "$limit" "$@" > "$PIPE/$name.log" 2>&1
     local rc=$?  # before anything else runs: $(date) would reset it (124: the stage ran out of time)
     echo "$(date +%s) end $name rc=$rc" >> "$PIPE/stages"
 }
 
-wanted() { [[ ",$STAGES," == *",$1,"* ]]; }
-left() { echo $((DEADLINE - $(date +%s) - 20)); }
-
-wanted models && stage models 180 python3 -c "import sys; sys.path.insert(0, 'benchmarks'); \
+run_stage() {
+    case $1 in
+    models) stage models 180 python3 -c "import sys; sys.path.insert(0, 'benchmarks'); \
 from pathlib import Path; from serve_start import save_random_models as s; \
-print(s(Path('.devcache/random-sdxl'), False))"
-wanted gpu-tests && stage gpu-tests 420 python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider
-wanted serve-cold && stage serve-cold 720 python3 benchmarks/serve_start.py --out "$PIPE/serve-cold" \
-    --models .devcache/random-sdxl --data .devcache/serve8 --compile reduce-overhead --batch-max 8 --starts 1 \
-    --timeout-s 700
-wanted serve-warm && stage serve-warm 360 python3 benchmarks/serve_start.py --out "$PIPE/serve-warm" \
-    --models .devcache/random-sdxl --data .devcache/serve8 --compile reduce-overhead --batch-max 8 --starts 1 \
-    --timeout-s 340
-# The same first start with the UNets compiled once, with dynamic shapes (its own, empty compile cache).
-wanted serve-dynamic && stage serve-dynamic 720 env IMAGESMITH_COMPILE_DYNAMIC=true \
-    python3 benchmarks/serve_start.py --out "$PIPE/serve-dynamic" --models .devcache/random-sdxl --data .devcache/serve8-dynamic \
-    --compile reduce-overhead --batch-max 8 --starts 1 --timeout-s 700
-# Compiled at batch 1, 4 and 8 (one engine; its warm-ups after the first hit dynamo's in-process graphs).
-# QUEUE_BATCHES (environment) picks a subset when earlier runs measured the rest.
-wanted queue && stage queue 720 python3 benchmarks/queue_throughput.py --out "$PIPE/queue" --batches "${QUEUE_BATCHES:-1,4,8}" \
-    --jobs 16 --compiled --all-compiled --compile-mode reduce-overhead --cache-dir .devcache/serve8/compile-cache
-if wanted fast-path; then
-    budget=$(left)
-    if [ "$budget" -gt 150 ]; then
+print(s(Path('.devcache/random-sdxl'), False))" ;;
+    gpu-tests) stage gpu-tests 420 python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider ;;
+    serve-cold) stage serve-cold 720 python3 benchmarks/serve_start.py --out "$PIPE/serve-cold" \
+        --models .devcache/random-sdxl --data .devcache/serve8 --compile reduce-overhead --batch-max 8 --starts 1 \
+        --timeout-s 700 ;;
+    serve-warm) stage serve-warm 360 python3 benchmarks/serve_start.py --out "$PIPE/serve-warm" \
+        --models .devcache/random-sdxl --data .devcache/serve8 --compile reduce-overhead --batch-max 8 --starts 1 \
+        --timeout-s 340 ;;
+    # The same first start with the UNets compiled once, with dynamic shapes (its own, empty compile cache).
+    serve-dynamic) stage serve-dynamic 720 env IMAGESMITH_COMPILE_DYNAMIC=true \
+        python3 benchmarks/serve_start.py --out "$PIPE/serve-dynamic" --models .devcache/random-sdxl \
+        --data .devcache/serve8-dynamic --compile reduce-overhead --batch-max 8 --starts 1 --timeout-s 700 ;;
+    # Compiled at batch 1, 4 and 8 (one engine; its warm-ups after the first hit dynamo's in-process graphs).
+    # shellcheck disable=SC2086  # QUEUE_ARGS is a list of arguments
+    queue) stage queue 720 python3 benchmarks/queue_throughput.py --out "$PIPE/queue" \
+        --batches "${QUEUE_BATCHES:-1,4,8}" --jobs 16 --compiled --all-compiled --compile-mode reduce-overhead \
+        --cache-dir .devcache/serve8/compile-cache ${QUEUE_ARGS:-} ;;
+    fast-path)
+        local budget
+        budget=$(left)
         # The fastest exact configuration (cudnn.benchmark is refused with CUDA graphs: it failed the capture in
         # run 27, was slower in run 31 and crashed the eager fallback in run 32); FAST_VARIANTS picks others.
-        stage fast-path "$((budget + 15))" python3 benchmarks/fast_path.py --out "$PIPE/fast-path" \
-            --cache-dir .devcache/serve8/compile-cache --phases peer,eager,variants \
-            --variants "${FAST_VARIANTS:-reduce-overhead}" --budget-s "$budget" --compile-needs-s 120
-    else
-        echo "$(date +%s) skip fast-path: ${budget}s left" >> "$PIPE/stages"
-    fi
-fi
+        if [ "$budget" -gt 150 ]; then
+            stage fast-path "$((budget + 15))" python3 benchmarks/fast_path.py --out "$PIPE/fast-path" \
+                --cache-dir .devcache/serve8/compile-cache --phases peer,eager,variants \
+                --variants "${FAST_VARIANTS:-reduce-overhead}" --budget-s "$budget" --compile-needs-s 120
+        else
+            echo "$(date +%s) skip fast-path: ${budget}s left" >> "$PIPE/stages"
+        fi ;;
+    *) echo "$(date +%s) unknown stage $1" >> "$PIPE/stages" ;;
+    esac
+}
+
+IFS=, read -r -a ORDER <<< "$STAGES"
+for name in "${ORDER[@]}"; do
+    run_stage "$name"
+done
 echo "pipeline end $(date +%s)" >> "$PIPE/stages"

@@ -5,7 +5,12 @@ only, guidance 8, 1024x1024). Optionally the same with the compiled engine.
 Each configuration queues N jobs at once, starts a worker and times until the last job finishes. The worker
 batches compatible queued jobs (engine batch_key) up to batch_max_images per pipeline pass.
 
-Usage:  PYTHONPATH=src python benchmarks/queue_throughput.py --out DIR [--jobs 16] [--compiled] [--smoke]
+With --ab each compiled batch size also runs with the pass's encoding done inline (finish_in_background off:
+the worker as it was before jobs/finishing.py) and with previews off, on the same warm engine, so the two levers
+are measured against the default in one run. Each row reports the median stage times of its jobs' passes, to
+compare with the engine alone (fast_path.py).
+
+Usage:  PYTHONPATH=src python benchmarks/queue_throughput.py --out DIR [--jobs 16] [--compiled] [--ab] [--smoke]
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import argparse
 import hashlib
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -40,13 +46,21 @@ def main() -> None:
     parser.add_argument(
         "--all-compiled", action="store_true", help="every batch size compiled, not the largest"
     )
+    parser.add_argument(
+        "--eager-batches",
+        default=None,
+        help="batch sizes run eager (default: --batches; 'none': no eager rows)",
+    )
+    parser.add_argument(
+        "--ab", action="store_true", help="compiled rows also with inline finishing and with previews off"
+    )
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     from imagesmith.config import Settings
-    from imagesmith.engine.engine import Engine
+    from imagesmith.engine.engine import BatchItem, Engine
     from imagesmith.engine.fast import apply_speed_levers, records_cuda_graphs
     from imagesmith.engine.hardware import plan_hardware, probe_device
     from imagesmith.engine.models import LoadedModels, ModelSources
@@ -88,14 +102,16 @@ def main() -> None:
         )
         return ImageRequest(sources=[SourceName.GENERATE], generation=generation).model_dump(mode="json")
 
-    def through_queue(batch: int, label: str, levers: Settings | None = None) -> None:
+    def through_queue(
+        batch: int, label: str, levers: Settings | None = None, changes: dict[str, Any] | None = None
+    ) -> None:
         with tempfile.TemporaryDirectory() as folder:
             data = Path(folder)
-            settings = Settings(data_dir=data, batch_max_images=batch, batch_window_ms=0)
+            settings = Settings(data_dir=data, batch_max_images=batch, batch_window_ms=0, **(changes or {}))
             if levers is not None:
                 # The service's own start-up: warm-up (compilation) at batch 1 and batch_max_images, timed.
                 settings = levers.with_changes(data_dir=data, batch_max_images=batch, batch_window_ms=0)
-                settings = settings.with_changes(warmup_sizes=f"{px}x{px}")
+                settings = settings.with_changes(warmup_sizes=f"{px}x{px}", **(changes or {}))
             store = JobStore(data / "jobs.sqlite3")
             source = GenerateSource(settings, factory=lambda _: engine)
             source.start_loading().join()
@@ -127,6 +143,11 @@ def main() -> None:
             worker.stop()
             statuses = {store.get(i).status for i in ids}  # type: ignore[union-attr]
             sizes = sorted({store.get(i).result["metadata"]["batch_size"] for i in ids})  # type: ignore[index,union-attr]
+            stage_times: dict[str, list[float]] = {}
+            for job_id in ids:
+                result = store.get(job_id).result or {}  # type: ignore[union-attr]
+                for stage in result.get("metadata", {}).get("stages", []):
+                    stage_times.setdefault(stage["name"], []).append(stage["seconds"])
             store.close()
         row = {
             "config": label,
@@ -136,17 +157,52 @@ def main() -> None:
             "batch_sizes_seen": sizes,
             "all_succeeded": statuses == {JobStatus.SUCCEEDED},
             "startup": startup,
+            "changes": changes or {},
+            # One value per job: a batched pass's stages appear once for each of its jobs.
+            "median_stage_s": {name: statistics.median(times) for name, times in stage_times.items()},
         }
         results["rows"].append(row)
         print(
             f"{label:10s} batch {batch}: {row['images_per_s']:.2f} images/s ({wall:.1f}s for {args.jobs}) "
-            f"batches {sizes} ok={row['all_succeeded']} startup {startup}",
+            f"batches {sizes} ok={row['all_succeeded']} stages {row['median_stage_s']} startup {startup}",
+            flush=True,
+        )
+        (out / "queue_throughput.json").write_text(json.dumps(results, indent=1))
+
+    def engine_alone(batch: int, label: str, runs: int = 5) -> None:
+        """The peer of the queue's rows: the same passes through Engine.generate_batch, with no worker, store,
+        progress tracker or files, on the same warm engine."""
+        walls, stage_times = [], {}
+        for run in range(runs):
+            items = [
+                BatchItem(GenerationRequest.model_validate(request(20_000 + 8 * run + i)["generation"]))
+                for i in range(batch)
+            ]
+            began = time.perf_counter()
+            outcomes = engine.generate_batch(items)
+            walls.append(time.perf_counter() - began)
+            first = outcomes[0]
+            assert not isinstance(first, BaseException), first
+            for stage in first.metadata.stages:
+                stage_times.setdefault(stage.name, []).append(stage.seconds)
+        row = {
+            "config": f"{label},engine-alone",
+            "batch_max_images": batch,
+            "images_per_s": batch / statistics.median(walls),
+            "median_wall_s": statistics.median(walls),
+            "median_stage_s": {name: statistics.median(times) for name, times in stage_times.items()},
+        }
+        results["rows"].append(row)
+        print(
+            f"{row['config']:10s} batch {batch}: {row['images_per_s']:.2f} images/s (median pass "
+            f"{row['median_wall_s']:.3f}s) stages {row['median_stage_s']}",
             flush=True,
         )
         (out / "queue_throughput.json").write_text(json.dumps(results, indent=1))
 
     batches = [int(b) for b in args.batches.split(",")]
-    for batch in batches:
+    eager_batches = args.eager_batches if args.eager_batches is not None else args.batches
+    for batch in [] if eager_batches == "none" else [int(b) for b in eager_batches.split(",")]:
         through_queue(batch, "eager")
     if args.compiled:
         cache = Path(args.cache_dir) if args.cache_dir else out / "data" / "compile-cache"
@@ -160,6 +216,10 @@ def main() -> None:
         label = f"{args.compile_mode}{'+fp8' if args.fp8 else ''}"
         for batch in batches if args.all_compiled else batches[-1:]:
             through_queue(batch, label, levers)
+            if args.ab:  # the same warm engine: these rows' warm-ups reuse the graphs compiled above
+                through_queue(batch, f"{label},inline-finish", levers, {"finish_in_background": False})
+                through_queue(batch, f"{label},no-preview", levers, {"preview_every": 0})
+                engine_alone(batch, label)
 
 
 if __name__ == "__main__":

@@ -161,6 +161,11 @@ class Settings(BaseSettings):
     batch_window_ms: int = Field(
         20, ge=0, le=5000, description="How long a batchable job waits for compatible company before running."
     )
+    finish_in_background: bool = Field(
+        True,
+        description="Encode a pass's files and end its jobs on a second thread while the GPU runs the next pass "
+        "(off: the GPU waits for each pass's encoding, ~0.2 s an image).",
+    )
     preview_every: int = Field(5, ge=0, description="Steps between SSE preview images; 0 turns them off.")
     preview_max_side: int = Field(128, ge=16, le=512, description="Longest side of a preview image.")
     wait_timeout_s: float = Field(

@@ -82,9 +82,11 @@ def test_generate_batch_refuses_mixed_keys(tiny_engine: Engine) -> None:
 def test_a_batch_is_encoded_in_parallel_and_each_job_gets_its_own_files(
     tiny_engine: Engine, tiny_settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """GenerateSource.fetch_batch encodes every image of the pass on the encoding threads at once; each job's
-    files are its own images, in order, past a member that was canceled."""
+    """GenerateSource.fetch_batch leaves the files to be made (the worker makes them off the GPU's path);
+    encode_pending makes every image of the pass on the encoding threads at once; each job's files are its own
+    images, in order, past a member that was canceled."""
     from imagesmith.engine import output
+    from imagesmith.jobs.finishing import encode_pending
     from imagesmith.sources.generate import GenerateSource
 
     threads: list[str] = []
@@ -105,6 +107,9 @@ def test_a_batch_is_encoded_in_parallel_and_each_job_gets_its_own_files(
     outcomes = source.fetch_batch([BatchItem(two), BatchItem(canceled, None, token), BatchItem(one)])
     assert isinstance(outcomes[1], GenerationCanceled)
     assert not isinstance(outcomes[0], BaseException) and not isinstance(outcomes[2], BaseException)
+    images = [image for outcome in (outcomes[0], outcomes[2]) for image in outcome.images]
+    assert threads == [] and all(image.pending for image in images)
+    encode_pending(images)
     assert len(threads) == 3 and all(name.startswith("imagesmith-encode") for name in threads)
     for outcome, request in ((outcomes[0], two), (outcomes[2], one)):
         solo = tiny_engine.generate(request)

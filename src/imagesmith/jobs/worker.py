@@ -4,11 +4,13 @@ One generation runs at a time (the engine holds a lock too). The loop claims the
 generation-only job and batching is on, it waits batch_window_ms for company and claims more queued jobs with
 the same engine batch_key (same size, steps, mode, scheduler, guidance), up to batch_max_images images, and runs
 them as one pipeline pass. Each image stays what it would have been alone (its own seeds and generators); each
-job keeps its own progress events, cancel and result.
+job keeps its own progress events, cancel and result. A pass's files are encoded and its jobs ended on the
+finishing thread while the next pass runs (jobs/finishing.py; setting finish_in_background).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -20,6 +22,7 @@ from imagesmith.engine.engine import BatchItem, Engine
 from imagesmith.engine.pipeline import BatchKey, batch_key
 from imagesmith.engine.progress import CancelToken, GenerationCanceled, ProgressEvent
 from imagesmith.jobs.events import EventHub
+from imagesmith.jobs.finishing import Finisher, encode_pending
 from imagesmith.jobs.metrics import Metrics
 from imagesmith.jobs.store import CANCELED_WHILE_RUNNING, JobRecord, JobStatus, JobStore
 from imagesmith.logs import current_job
@@ -175,10 +178,13 @@ class Worker:
         self._tokens_lock = threading.Lock()
         self._explicit_cancels: set[str] = set()  # asked by a client, unlike a shutdown's cancel
         self._thread: threading.Thread | None = None
+        self.finisher = Finisher()  # inline until start(): a pass run by a direct run_batch call ends in it
 
     # --- control, from any thread ---
 
     def start(self) -> None:
+        if self.settings.finish_in_background:
+            self.finisher.start()
         self._thread = threading.Thread(target=self._loop, name="imagesmith-worker", daemon=True)
         self._thread.start()
 
@@ -195,7 +201,8 @@ class Worker:
         self._claims_paused = True
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop after the current step: a running job is canceled and put back in the queue, not lost."""
+        """Stop after the current step: a running job is canceled and put back in the queue, not lost. A pass
+        already done is finished (its files stored, its jobs ended) before the worker's thread ends."""
         self._stopping = True
         with self._tokens_lock:
             for token in self._tokens.values():
@@ -233,6 +240,12 @@ class Worker:
             self._end_canceled_queued()
         except Exception:
             log.exception("ending queued jobs flagged for cancel failed")
+        try:
+            self._claim_and_run()
+        finally:
+            self.finisher.close()  # what ran is stored and ended before the worker counts as stopped
+
+    def _claim_and_run(self) -> None:
         while not self._stopping:
             try:
                 jobs = [] if self._claims_paused or self.sources.settling() else self._claim()
@@ -334,16 +347,39 @@ class Worker:
             outcomes: list[SourceResult | BaseException] = generator.fetch_batch(items)
         except Exception as error:  # the whole pass failed (engine gone, ...): every job gets the error
             outcomes = [error for _ in jobs]
-        pass_counted = False  # the pass's stage times go into the histogram once, not once per job
-        for job, outcome in zip(jobs, outcomes, strict=True):
-            token = current_job.set(job.id)
-            try:
-                succeeded = self._complete(
-                    job, starts[job.id][1], self._batch_outcome(outcome), count_stages=not pass_counted
-                )
-                pass_counted = pass_counted or succeeded
-            finally:
-                current_job.reset(token)
+        self._hand_over(
+            [
+                (job, starts[job.id][1], self._batch_outcome(outcome))
+                for job, outcome in zip(jobs, outcomes, strict=True)
+            ]
+        )
+
+    def _hand_over(self, ended: list[tuple[JobRecord, float, Served | BaseException]]) -> None:
+        """The pass is off the GPU: its files are made and its jobs ended on the finishing thread, while this
+        thread claims the next jobs (jobs/finishing.py)."""
+        self.finisher.submit(functools.partial(self._finish_pass, ended))
+
+    def _finish_pass(self, ended: list[tuple[JobRecord, float, Served | BaseException]]) -> None:
+        try:
+            encode_pending(
+                [
+                    image
+                    for *_, outcome in ended
+                    if isinstance(outcome, Served)
+                    for image in outcome.result.images
+                ]
+            )
+            pass_counted = False  # the pass's stage times go into the histogram once, not once per job
+            for job, started, outcome in ended:
+                token = current_job.set(job.id)
+                try:
+                    succeeded = self._complete(job, started, outcome, count_stages=not pass_counted)
+                    pass_counted = pass_counted or succeeded
+                finally:
+                    current_job.reset(token)
+        except Exception as error:  # as in the loop: jobs the store could not end are ended failed
+            log.exception("finishing a pass failed")
+            self._end_unfinished([job for job, *_ in ended], error)
 
     def _batch_outcome(self, outcome: SourceResult | BaseException) -> Served | BaseException:
         """A batched job's outcome as the single-job path (serve_first, then _fetch) tells it: a result served
@@ -410,9 +446,9 @@ class Worker:
         try:
             request = ImageRequest.model_validate(job.request)
             outcome = self._fetch(request, job, cancel)
-        except Exception as error:  # finished below, in the one place that turns outcomes into job states
+        except Exception as error:  # finished later, in the one place that turns outcomes into job states
             outcome = error
-        self._complete(job, started, outcome)
+        self._hand_over([(job, started, outcome)])
 
     def _complete(
         self, job: JobRecord, started: float, outcome: Served | BaseException, count_stages: bool = True

@@ -11,7 +11,6 @@ from collections.abc import Callable
 from imagesmith import STARTED_AT
 from imagesmith.config import CompileChoice, Settings
 from imagesmith.engine import BatchItem, Engine, GenerationResult
-from imagesmith.engine.output import encode_in_parallel
 from imagesmith.engine.progress import CancelToken, ProgressCallback
 from imagesmith.sources.base import (
     ImageRequest,
@@ -108,24 +107,17 @@ class GenerateSource:
         return outcome
 
     def fetch_batch(self, items: list[BatchItem]) -> list[SourceResult | BaseException]:
-        """Several compatible generations (equal engine.batch_key) in one pipeline pass; one outcome each."""
+        """Several compatible generations (equal engine.batch_key) in one pipeline pass; one outcome each.
+
+        The images' files are not made here: each SourceImage encodes its file when first read. The worker
+        reads them all at once on the encoding threads, after the pass and off the GPU's path
+        (jobs/finishing.py), so the next pass need not wait for this one's encoding."""
         engine = self._engine
         if engine is None:
             raise SourceUnavailable(f"generation is not available: {self.status().detail}")
-        outcomes = engine.generate_batch(items)
-        # Every image of the pass encoded at once, on the encoding threads (engine/output.py says why).
-        results = [outcome for outcome in outcomes if not isinstance(outcome, BaseException)]
-        encoders = [
-            functools.partial(result.encoded, index)
-            for result in results
-            for index in range(len(result.images))
-        ]
-        encoded = iter(encode_in_parallel(encoders))
         return [
-            outcome
-            if isinstance(outcome, BaseException)
-            else self._as_source_result(outcome, [next(encoded) for _ in outcome.images])
-            for outcome in outcomes
+            outcome if isinstance(outcome, BaseException) else self._as_source_result(outcome)
+            for outcome in engine.generate_batch(items)
         ]
 
     def max_batch_images(self) -> int:
@@ -135,11 +127,11 @@ class GenerateSource:
             return 1
         return self._settings.batch_max_images
 
-    def _as_source_result(self, result: GenerationResult, encoded: list[bytes]) -> SourceResult:
+    def _as_source_result(self, result: GenerationResult) -> SourceResult:
         media_type = result.metadata.request.output_format.media_type
         images = [
-            SourceImage(data=data, media_type=media_type, width=image.width, height=image.height)
-            for data, image in zip(encoded, result.images, strict=True)
+            SourceImage(functools.partial(result.encoded, index), media_type, image.width, image.height)
+            for index, image in enumerate(result.images)
         ]
         return SourceResult(source=self.name, images=images, metadata=result.metadata.model_dump(mode="json"))
 

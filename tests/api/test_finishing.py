@@ -1,0 +1,256 @@
+"""A pass's files are encoded and its jobs ended on the finishing thread while the next pass runs, and nothing is
+lost on the way: not at a stop, not when an encoder fails. Real SQLite store, real worker, tiny engine; one
+image's encoding is held at a gate so the test decides when it ends."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+from service_helpers import wait_for
+
+from imagesmith.config import Settings
+from imagesmith.engine import Engine, output
+from imagesmith.engine.output import read_parameters
+from imagesmith.jobs.events import EventHub
+from imagesmith.jobs.finishing import Finisher, encode_pending
+from imagesmith.jobs.metrics import Metrics
+from imagesmith.jobs.store import JobRecord, JobStatus, JobStore
+from imagesmith.jobs.worker import Worker
+from imagesmith.schemas import GenerationRequest
+from imagesmith.sources.base import ImageRequest, SourceImage, SourceName
+from imagesmith.sources.generate import GenerateSource
+from imagesmith.sources.registry import SourceRegistry
+from imagesmith.storage.files import ImageFiles
+
+
+class Gate:
+    """Holds the encoding of images whose prompt starts with `prompt` until open() (or fails it, `fail`)."""
+
+    def __init__(self, prompt: str, fail: bool = False) -> None:
+        self.prompt, self.fail = prompt, fail
+        self.entered, self._open = threading.Event(), threading.Event()
+
+    def open(self) -> None:
+        self._open.set()
+
+    def encode(self, image: Image.Image, output_format: Any, parameters: str) -> bytes:
+        if parameters.startswith(self.prompt):
+            self.entered.set()
+            if self.fail:
+                raise OSError("disk full while encoding")
+            assert self._open.wait(60), "the test never opened the gate"
+        return REAL_ENCODE(image, output_format, parameters)
+
+
+REAL_ENCODE = output.encode_image
+
+
+class Service:
+    def __init__(self, settings: Settings, engine: Engine, data: Path) -> None:
+        self.store = JobStore(data / "jobs.sqlite3")
+        generate = GenerateSource(settings, factory=lambda _: engine)
+        generate.start_loading().join()
+        self.files = ImageFiles(data / "images")
+        self.worker = Worker(
+            settings,
+            self.store,
+            self.files,
+            SourceRegistry([generate]),
+            EventHub(),
+            Metrics(self.store.counts),
+        )
+
+    def submit(self, prompt: str, seed: int) -> str:
+        generation = GenerationRequest(prompt=prompt, seed=seed, width=64, height=64, num_inference_steps=4)
+        body = ImageRequest(sources=[SourceName.GENERATE], generation=generation).model_dump(mode="json")
+        job, _ = self.store.submit(body, hashlib.sha256(repr(body).encode()).hexdigest(), None, queue_max=100)
+        return job.id
+
+    def job(self, job_id: str) -> JobRecord:
+        job = self.store.get(job_id)
+        assert job is not None
+        return job
+
+    def wait_terminal(self, *ids: str) -> None:
+        wait_for(lambda: all(self.job(job_id).status.terminal for job_id in ids), timeout=60)
+
+    def file_parameters(self, job_id: str) -> str | None:
+        item = self.job(job_id).result["images"][0]  # type: ignore[index]
+        return read_parameters(self.files.path_for(item["sha256"], "png"))
+
+
+def make_service(
+    tiny_settings: Settings, tiny_engine: Engine, tmp_path: Path, background: bool
+) -> Iterator[Service]:
+    settings = tiny_settings.with_changes(
+        data_dir=tmp_path, batch_max_images=1, batch_window_ms=0, finish_in_background=background
+    )
+    service = Service(settings, tiny_engine, tmp_path)
+    yield service
+    service.worker.stop()
+    service.store.close()
+
+
+@pytest.fixture
+def background(tiny_settings: Settings, tiny_engine: Engine, tmp_path: Path) -> Iterator[Service]:
+    yield from make_service(tiny_settings, tiny_engine, tmp_path, background=True)
+
+
+@pytest.fixture
+def inline(tiny_settings: Settings, tiny_engine: Engine, tmp_path: Path) -> Iterator[Service]:
+    yield from make_service(tiny_settings, tiny_engine, tmp_path, background=False)
+
+
+def test_the_next_pass_runs_while_the_last_one_is_encoded(
+    background: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = Gate("slow to encode")
+    monkeypatch.setattr("imagesmith.engine.engine.encode_image", gate.encode)
+    first = background.submit("slow to encode", seed=1)
+    second = background.submit("next in line", seed=2)
+    background.worker.start()
+    assert gate.entered.wait(60)
+    # The second job's whole pass runs while the first job's file is still being made...
+    wait_for(lambda: (live := background.worker.live.get(second)) and live.overall_step == live.overall_total)
+    # ...and the first job is still "running" in the store (a crash now leaves it to recovery, not lost).
+    assert background.job(first).status is JobStatus.RUNNING
+    gate.open()
+    background.wait_terminal(first, second)
+    assert background.job(first).status is background.job(second).status is JobStatus.SUCCEEDED
+    first_job, second_job = background.job(first), background.job(second)
+    assert second_job.started_at is not None and first_job.finished_at is not None
+    assert second_job.started_at < first_job.finished_at
+    # Each job stored its own image: the files carry their own prompts and seeds.
+    assert (background.file_parameters(first) or "").startswith("slow to encode")
+    assert (background.file_parameters(second) or "").startswith("next in line")
+    assert "Seed: 2" in (background.file_parameters(second) or "")
+
+
+def test_finishing_inline_makes_the_next_job_wait_for_the_encoding(
+    inline: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The setting off is the old behaviour: the next job is claimed only after the last one has ended."""
+    gate = Gate("slow to encode")
+    monkeypatch.setattr("imagesmith.engine.engine.encode_image", gate.encode)
+    first = inline.submit("slow to encode", seed=1)
+    second = inline.submit("next in line", seed=2)
+    inline.worker.start()
+    assert gate.entered.wait(60)
+    assert inline.job(second).status is JobStatus.QUEUED
+    gate.open()
+    inline.wait_terminal(first, second)
+    first_job, second_job = inline.job(first), inline.job(second)
+    assert first_job.finished_at is not None and second_job.started_at is not None
+    assert second_job.started_at >= first_job.finished_at
+
+
+def test_a_stop_finishes_the_pass_being_encoded(background: Service, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pass that is done on the GPU is stored and its job ended before stop() returns: not requeued to run
+    again, not left running."""
+    gate = Gate("slow to encode")
+    monkeypatch.setattr("imagesmith.engine.engine.encode_image", gate.encode)
+    first = background.submit("slow to encode", seed=1)
+    background.worker.start()
+    assert gate.entered.wait(60)
+    stopping = threading.Thread(target=background.worker.stop)
+    stopping.start()
+    wait_for(lambda: background.worker._stopping)
+    assert background.job(first).status is JobStatus.RUNNING
+    gate.open()
+    stopping.join(60)
+    assert not stopping.is_alive() and not background.worker.alive
+    job = background.job(first)
+    assert job.status is JobStatus.SUCCEEDED, job.error
+    assert (background.file_parameters(first) or "").startswith("slow to encode")
+
+
+def test_an_image_that_cannot_be_encoded_fails_its_job_and_the_worker_goes_on(
+    background: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = Gate("cannot encode", fail=True)
+    monkeypatch.setattr("imagesmith.engine.engine.encode_image", gate.encode)
+    broken = background.submit("cannot encode", seed=1)
+    after = background.submit("after the broken one", seed=2)
+    background.worker.start()
+    background.wait_terminal(broken, after)
+    failed = background.job(broken)
+    assert failed.status is JobStatus.FAILED
+    assert failed.error is not None and failed.error["code"] == "generation_failed"
+    assert "disk full while encoding" in failed.error["message"]
+    assert background.job(after).status is JobStatus.SUCCEEDED
+
+
+def test_a_pending_image_is_encoded_once_whoever_reads_it() -> None:
+    calls: list[int] = []
+    release = threading.Event()
+
+    def encode() -> bytes:
+        calls.append(1)
+        release.wait(10)
+        return b"file bytes"
+
+    image = SourceImage(encode, "image/png", 8, 8)
+    assert image.pending
+    readers = [threading.Thread(target=lambda: image.data) for _ in range(3)]
+    for reader in readers:
+        reader.start()
+    release.set()
+    for reader in readers:
+        reader.join(10)
+    assert image.data == b"file bytes" and not image.pending and calls == [1]
+    given = SourceImage(b"already a file", "image/jpeg", 1, 1)
+    assert not given.pending and given.data == b"already a file"
+
+
+def test_encode_pending_uses_the_encoding_threads_and_skips_made_files() -> None:
+    threads: list[str] = []
+
+    def encoder(index: int) -> Any:
+        def encode() -> bytes:
+            threads.append(threading.current_thread().name)
+            buffer = io.BytesIO()
+            Image.new("RGB", (4, 4), (index, 0, 0)).save(buffer, format="PNG")
+            return buffer.getvalue()
+
+        return encode
+
+    images = [SourceImage(encoder(index), "image/png", 4, 4) for index in range(3)]
+    made = SourceImage(b"made", "image/png", 4, 4)
+    encode_pending([*images, made])
+    assert not any(image.pending for image in images)
+    assert len(threads) == 3 and all(name.startswith("imagesmith-encode") for name in threads)
+    assert [Image.open(io.BytesIO(image.data)).getpixel((0, 0)) for image in images] == [
+        (0, 0, 0),
+        (1, 0, 0),
+        (2, 0, 0),
+    ]
+
+
+def test_a_finisher_runs_work_in_order_on_its_thread_and_survives_a_failing_piece() -> None:
+    finisher = Finisher()
+    done: list[tuple[str, str]] = []
+
+    def record(name: str) -> None:
+        done.append((name, threading.current_thread().name))
+
+    finisher.submit(lambda: record("before start"))
+    assert done == [("before start", threading.current_thread().name)] and not finisher.running
+    finisher.start()
+
+    def broken() -> None:
+        raise RuntimeError("boom")
+
+    finisher.submit(lambda: record("a"))
+    finisher.submit(broken)
+    finisher.submit(lambda: record("b"))
+    finisher.close()
+    assert done[1:] == [("a", "imagesmith-finish"), ("b", "imagesmith-finish")]
+    finisher.submit(lambda: record("after close"))
+    assert done[-1] == ("after close", threading.current_thread().name)
