@@ -42,7 +42,9 @@ def banded_png(image: Image.Image) -> bytes:
 def photo_like(rng: np.random.Generator) -> Image.Image:
     """Smooth shapes with a little grain: compresses like a photograph (between noise and a ramp)."""
     coarse = Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8))
-    blurred = np.asarray(coarse.resize((1024, 1024), Image.Resampling.BICUBIC).filter(ImageFilter.GaussianBlur(3)))
+    blurred = np.asarray(
+        coarse.resize((1024, 1024), Image.Resampling.BICUBIC).filter(ImageFilter.GaussianBlur(3))
+    )
     return Image.fromarray((blurred + rng.normal(0, 2, blurred.shape)).clip(0, 255).astype(np.uint8))
 
 
@@ -104,6 +106,7 @@ def main() -> None:
             print(
                 f"{name:6s} {way:26s} {statistics.median(times):.3f} s  ({min(times):.3f}-{max(times):.3f})"
             )
+
 
 if __name__ == "__main__":
     main()

@@ -23,7 +23,9 @@ def photo_like(side: int = 512, seed: int = 1) -> Image.Image:
     """Smooth shapes with a little grain: compresses like a photograph, unlike noise."""
     rng = np.random.default_rng(seed)
     coarse = Image.fromarray(rng.integers(0, 256, (side // 4, side // 4, 3), dtype=np.uint8))
-    blurred = np.asarray(coarse.resize((side, side), Image.Resampling.BICUBIC).filter(ImageFilter.GaussianBlur(3)))
+    blurred = np.asarray(
+        coarse.resize((side, side), Image.Resampling.BICUBIC).filter(ImageFilter.GaussianBlur(3))
+    )
     grain = rng.normal(0, 2, blurred.shape)
     return Image.fromarray((blurred + grain).clip(0, 255).astype(np.uint8))
 
