@@ -1,7 +1,9 @@
-"""Helpers for service tests: a real uvicorn server in its own process (so tests can kill -9 it)."""
+"""Helpers for service tests: a real uvicorn server in its own process (so tests can kill -9 it), and jobs put
+straight into a store for tests that drive the worker themselves."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import socket
@@ -113,3 +115,14 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: floa
             return value
         time.sleep(interval)
     raise AssertionError("condition not met in time")
+
+
+def submit_generation(store: Any, **generation: Any) -> str:
+    """Queue a generation-only job in a JobStore, as the service would; returns its id."""
+    from imagesmith.schemas import GenerationRequest
+    from imagesmith.sources.base import ImageRequest, SourceName
+
+    request = ImageRequest(sources=[SourceName.GENERATE], generation=GenerationRequest(**generation))
+    body = request.model_dump(mode="json")
+    job, _ = store.submit(body, hashlib.sha256(repr(body).encode()).hexdigest(), None, queue_max=100)
+    return str(job.id)

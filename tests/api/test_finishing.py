@@ -4,7 +4,6 @@ image's encoding is held at a gate so the test decides when it ends."""
 
 from __future__ import annotations
 
-import hashlib
 import io
 import threading
 from collections.abc import Iterator
@@ -13,7 +12,7 @@ from typing import Any
 
 import pytest
 from PIL import Image
-from service_helpers import wait_for
+from service_helpers import submit_generation, wait_for
 
 from imagesmith.config import Settings
 from imagesmith.engine import Engine, output
@@ -23,8 +22,7 @@ from imagesmith.jobs.finishing import Finisher, encode_pending
 from imagesmith.jobs.metrics import Metrics
 from imagesmith.jobs.store import JobRecord, JobStatus, JobStore
 from imagesmith.jobs.worker import Worker
-from imagesmith.schemas import GenerationRequest
-from imagesmith.sources.base import ImageRequest, SourceImage, SourceName
+from imagesmith.sources.base import SourceImage
 from imagesmith.sources.generate import GenerateSource
 from imagesmith.sources.registry import SourceRegistry
 from imagesmith.storage.files import ImageFiles
@@ -68,10 +66,9 @@ class Service:
         )
 
     def submit(self, prompt: str, seed: int) -> str:
-        generation = GenerationRequest(prompt=prompt, seed=seed, width=64, height=64, num_inference_steps=4)
-        body = ImageRequest(sources=[SourceName.GENERATE], generation=generation).model_dump(mode="json")
-        job, _ = self.store.submit(body, hashlib.sha256(repr(body).encode()).hexdigest(), None, queue_max=100)
-        return job.id
+        return submit_generation(
+            self.store, prompt=prompt, seed=seed, width=64, height=64, num_inference_steps=4
+        )
 
     def job(self, job_id: str) -> JobRecord:
         job = self.store.get(job_id)
@@ -80,6 +77,16 @@ class Service:
 
     def wait_terminal(self, *ids: str) -> None:
         wait_for(lambda: all(self.job(job_id).status.terminal for job_id in ids), timeout=60)
+
+    def start_behind_a_gate(self, monkeypatch: pytest.MonkeyPatch) -> tuple[Gate, str, str]:
+        """Two jobs, the first one's encoding held at a gate; returns once the worker has reached it."""
+        gate = Gate("slow to encode")
+        monkeypatch.setattr("imagesmith.engine.engine.encode_image", gate.encode)
+        first = self.submit("slow to encode", seed=1)
+        second = self.submit("next in line", seed=2)
+        self.worker.start()
+        assert gate.entered.wait(60)
+        return gate, first, second
 
     def file_parameters(self, job_id: str) -> str | None:
         item = self.job(job_id).result["images"][0]  # type: ignore[index]
@@ -111,12 +118,7 @@ def inline(tiny_settings: Settings, tiny_engine: Engine, tmp_path: Path) -> Iter
 def test_the_next_pass_runs_while_the_last_one_is_encoded(
     background: Service, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    gate = Gate("slow to encode")
-    monkeypatch.setattr("imagesmith.engine.engine.encode_image", gate.encode)
-    first = background.submit("slow to encode", seed=1)
-    second = background.submit("next in line", seed=2)
-    background.worker.start()
-    assert gate.entered.wait(60)
+    gate, first, second = background.start_behind_a_gate(monkeypatch)
     # The second job's whole pass runs while the first job's file is still being made...
     wait_for(lambda: (live := background.worker.live.get(second)) and live.overall_step == live.overall_total)
     # ...and the first job is still "running" in the store (a crash now leaves it to recovery, not lost).
@@ -137,12 +139,7 @@ def test_finishing_inline_makes_the_next_job_wait_for_the_encoding(
     inline: Service, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The setting off is the old behaviour: the next job is claimed only after the last one has ended."""
-    gate = Gate("slow to encode")
-    monkeypatch.setattr("imagesmith.engine.engine.encode_image", gate.encode)
-    first = inline.submit("slow to encode", seed=1)
-    second = inline.submit("next in line", seed=2)
-    inline.worker.start()
-    assert gate.entered.wait(60)
+    gate, first, second = inline.start_behind_a_gate(monkeypatch)
     assert inline.job(second).status is JobStatus.QUEUED
     gate.open()
     inline.wait_terminal(first, second)
@@ -153,12 +150,8 @@ def test_finishing_inline_makes_the_next_job_wait_for_the_encoding(
 
 def test_a_stop_finishes_the_pass_being_encoded(background: Service, monkeypatch: pytest.MonkeyPatch) -> None:
     """A pass that is done on the GPU is stored and its job ended before stop() returns: not requeued to run
-    again, not left running."""
-    gate = Gate("slow to encode")
-    monkeypatch.setattr("imagesmith.engine.engine.encode_image", gate.encode)
-    first = background.submit("slow to encode", seed=1)
-    background.worker.start()
-    assert gate.entered.wait(60)
+    again, not left running. The job behind it is not lost either: done, or back in the queue."""
+    gate, first, second = background.start_behind_a_gate(monkeypatch)
     stopping = threading.Thread(target=background.worker.stop)
     stopping.start()
     wait_for(lambda: background.worker._stopping)
@@ -169,6 +162,7 @@ def test_a_stop_finishes_the_pass_being_encoded(background: Service, monkeypatch
     job = background.job(first)
     assert job.status is JobStatus.SUCCEEDED, job.error
     assert (background.file_parameters(first) or "").startswith("slow to encode")
+    assert background.job(second).status in {JobStatus.SUCCEEDED, JobStatus.QUEUED}
 
 
 def test_an_image_that_cannot_be_encoded_fails_its_job_and_the_worker_goes_on(

@@ -4,13 +4,12 @@ real worker, tiny engine."""
 
 from __future__ import annotations
 
-import hashlib
 import sqlite3
 from pathlib import Path
 from typing import Any
 
 import pytest
-from service_helpers import wait_for
+from service_helpers import submit_generation, wait_for
 
 from imagesmith.config import Settings
 from imagesmith.engine import Engine
@@ -19,8 +18,6 @@ from imagesmith.jobs.metrics import Metrics
 from imagesmith.jobs.service import JobService
 from imagesmith.jobs.store import JobRecord, JobStatus, JobStore
 from imagesmith.jobs.worker import Worker
-from imagesmith.schemas import GenerationRequest
-from imagesmith.sources.base import ImageRequest, SourceName
 from imagesmith.sources.generate import GenerateSource
 from imagesmith.sources.registry import SourceRegistry
 from imagesmith.storage.files import ImageFiles
@@ -53,10 +50,7 @@ class Parts:
 
     def submit(self, **generation: Any) -> str:
         fields = {"width": 64, "height": 64, "num_inference_steps": 6, **generation}
-        request = ImageRequest(sources=[SourceName.GENERATE], generation=GenerationRequest(**fields))
-        body = request.model_dump(mode="json")
-        job, _ = self.store.submit(body, hashlib.sha256(repr(body).encode()).hexdigest(), None, queue_max=100)
-        return job.id
+        return submit_generation(self.store, **fields)
 
     def job(self, job_id: str) -> JobRecord:
         job = self.store.get(job_id)
