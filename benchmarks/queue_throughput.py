@@ -7,7 +7,8 @@ batches compatible queued jobs (engine batch_key) up to batch_max_images per pip
 
 With --ab each compiled batch size also runs with the pass's encoding done inline (finish_in_background off:
 the worker as it was before jobs/finishing.py) and with previews off, on the same warm engine, so the two levers
-are measured against the default in one run. Each row reports the median stage times of its jobs' passes, to
+are measured against the default in one run (--ab-rounds 2 or more repeats them, in alternating order, to tell an
+effect of a few % from the spread between rows). Each row reports the median stage times of its jobs' passes, to
 compare with the engine alone (fast_path.py).
 
 Usage:  PYTHONPATH=src python benchmarks/queue_throughput.py --out DIR [--jobs 16] [--compiled] [--ab] [--smoke]
@@ -53,6 +54,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--ab", action="store_true", help="compiled rows also with inline finishing and with previews off"
+    )
+    parser.add_argument(
+        "--ab-rounds", type=int, default=1, help="with --ab: rounds of the variants, in alternating order"
     )
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
@@ -214,11 +218,21 @@ def main() -> None:
         results["levers"] = apply_speed_levers(base, refiner, levers_plan, levers)
         engine.records_cuda_graphs = records_cuda_graphs(levers, results["levers"])  # as Engine.start sets it
         label = f"{args.compile_mode}{'+fp8' if args.fp8 else ''}"
+        variants: list[tuple[str, dict[str, Any]]] = [(label, {})]
+        if args.ab:
+            variants += [
+                (f"{label},inline-finish", {"finish_in_background": False}),
+                (f"{label},no-preview", {"preview_every": 0}),
+            ]
         for batch in batches if args.all_compiled else batches[-1:]:
-            through_queue(batch, label, levers)
-            if args.ab:  # the same warm engine: these rows' warm-ups reuse the graphs compiled above
-                through_queue(batch, f"{label},inline-finish", levers, {"finish_in_background": False})
-                through_queue(batch, f"{label},no-preview", levers, {"preview_every": 0})
+            through_queue(batch, label, levers)  # the first row at this size also warms it up (compiles)
+            # The same warm engine: these rows' warm-ups reuse the graphs compiled above. Each round runs the
+            # variants in turn, the next round in reverse, so a drift over the rows hits every variant alike.
+            for round_ in range(args.ab_rounds if args.ab else 0):
+                order = variants if round_ % 2 else variants[::-1]
+                for name, changes in order:
+                    if round_ or changes:  # round 0 has the default already, from the warm-up row
+                        through_queue(batch, name, levers, changes)
                 engine_alone(batch, label)
 
 
