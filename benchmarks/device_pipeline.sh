@@ -55,10 +55,10 @@ from pathlib import Path; from serve_start import save_random_models as s; \
 print(s(Path('.devcache/random-sdxl'), False))" ;;
     gpu-tests) stage gpu-tests 420 python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider ;;
     serve-cold) stage serve-cold 720 python3 benchmarks/serve_start.py --out "$PIPE/serve-cold" \
-        --models .devcache/random-sdxl --data .devcache/serve8 --compile reduce-overhead --batch-max 8 --starts 1 \
+        --models .devcache/random-sdxl --data .devcache/serve8 --compile reduce-overhead --batch-max 8 --starts 1 --requests 6 \
         --timeout-s 700 ;;
     serve-warm) stage serve-warm 360 python3 benchmarks/serve_start.py --out "$PIPE/serve-warm" \
-        --models .devcache/random-sdxl --data .devcache/serve8 --compile reduce-overhead --batch-max 8 --starts 1 \
+        --models .devcache/random-sdxl --data .devcache/serve8 --compile reduce-overhead --batch-max 8 --starts 1 --requests 6 \
         --timeout-s 340 ;;
     # The same first start with the UNets compiled once, with dynamic shapes (its own, empty compile cache).
     serve-dynamic) stage serve-dynamic 720 env IMAGESMITH_COMPILE_DYNAMIC=true \
