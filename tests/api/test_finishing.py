@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -121,8 +122,10 @@ def test_the_next_pass_runs_while_the_last_one_is_encoded(
     gate, first, second = background.start_behind_a_gate(monkeypatch)
     # The second job's whole pass runs while the first job's file is still being made...
     wait_for(lambda: (live := background.worker.live.get(second)) and live.overall_step == live.overall_total)
-    # ...and the first job is still "running" in the store (a crash now leaves it to recovery, not lost).
+    # ...and the first job is still "running" in the store (a crash now leaves it to recovery, not lost), but no
+    # longer on the GPU: a cancel cannot undo what its pass made, and says so.
     assert background.job(first).status is JobStatus.RUNNING
+    assert first not in background.worker.on_gpu() and not background.worker.cancel(first)
     gate.open()
     background.wait_terminal(first, second)
     assert background.job(first).status is background.job(second).status is JobStatus.SUCCEEDED
@@ -248,3 +251,30 @@ def test_a_finisher_runs_work_in_order_on_its_thread_and_survives_a_failing_piec
     assert done[1:] == [("a", "imagesmith-finish"), ("b", "imagesmith-finish")]
     finisher.submit(lambda: record("after close"))
     assert done[-1] == ("after close", threading.current_thread().name)
+
+
+def test_a_stop_that_outlasts_its_timeout_returns_and_says_so(
+    background: Service, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server closes the store right after stop(): stop must return within its timeout even when storing a
+    pass hangs, and log that those jobs run again at the next start."""
+    gate, first, _ = background.start_behind_a_gate(monkeypatch)
+    began = time.monotonic()
+    background.worker.stop(timeout=1.0)
+    assert time.monotonic() - began < 5
+    assert "outlasted the stop" in caplog.text
+    assert background.job(first).status is JobStatus.RUNNING  # left to recovery, not ended wrongly
+    gate.open()  # the finishing thread then ends it after all, before the test closes the store
+    wait_for(lambda: background.job(first).status is JobStatus.SUCCEEDED)
+
+
+def test_closing_a_finisher_reports_whether_it_finished() -> None:
+    finisher = Finisher()
+    finisher.start()
+    release = threading.Event()
+    finisher.submit(lambda: release.wait(10) and None)
+    assert finisher.close(timeout=0.2) is False
+    release.set()
+    idle = Finisher()
+    idle.start()
+    assert idle.close(timeout=5) is True

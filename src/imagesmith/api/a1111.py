@@ -133,7 +133,12 @@ async def progress(service: ServiceDep, jobs: JobsDep, skip_current_image: bool 
     """The running job's progress: one of this API's if any runs, else whatever job runs; idle otherwise."""
     live = dict(service.worker.live)
     ours = [job_id for job_id in jobs.ids if job_id in live]
-    job_id = ours[0] if ours else next(iter(live), None)
+    candidates = ours or list(live)
+    # A job whose pass is done stays in `live` while its images are stored, as the next pass runs: that one first.
+    on_gpu = service.worker.on_gpu()
+    job_id = next(
+        (job_id for job_id in candidates if job_id in on_gpu), candidates[0] if candidates else None
+    )
     job = service.store.get(job_id) if job_id else None
     if job_id is None or job is None or job.status is not JobStatus.RUNNING:
         waiting = [j for j in map(service.store.get, list(jobs.ids)) if j and j.status is JobStatus.QUEUED]

@@ -7,7 +7,9 @@ thread and claims the next job at once, so the next pass runs while this one is 
 release the GIL, so the GPU thread keeps queuing its steps meanwhile.
 
 The finishing thread runs passes in the order they ended. `submit` waits while one pass is already waiting to be
-finished, so at most two passes' pictures are held and a slow disk slows intake rather than piling up passes.
+finished, so a slow disk slows intake rather than piling up passes: at most three passes' pictures are held (one
+being finished, one waiting, one whose worker waits to hand it over), and a job's end lags its pass by two passes
+at most.
 
 No accepted job is lost on the way: a job stays "running" in the store until its finish is written, and one
 left running by a crash is put back in the queue at the next start (JobStore.recover).
@@ -18,6 +20,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 from imagesmith.engine.output import encode_in_parallel
@@ -49,15 +52,19 @@ class Finisher:
             return
         self._queue.put(work)
 
-    def close(self, timeout: float = 60.0) -> None:
-        """Finish everything submitted, then stop the thread; later work runs inline."""
+    def close(self, timeout: float = 60.0) -> bool:
+        """Finish everything submitted, then stop the thread; later work runs inline. Returns whether all of it
+        was done within `timeout` seconds."""
         thread, self._thread = self._thread, None
         if thread is None:
-            return
-        self._queue.put(None)
-        thread.join(timeout)
-        if thread.is_alive():
-            log.error("finishing thread still busy after %.0fs; its jobs end at the next start", timeout)
+            return True
+        deadline = time.monotonic() + timeout
+        try:
+            self._queue.put(None, timeout=timeout)
+        except queue.Full:
+            return False
+        thread.join(max(0.0, deadline - time.monotonic()))
+        return not thread.is_alive()
 
     def _loop(self) -> None:
         while (work := self._queue.get()) is not None:
@@ -67,7 +74,8 @@ class Finisher:
 def _run(work: Work) -> None:
     try:
         work()
-    except Exception:  # the work ends its own jobs on errors; this keeps the thread alive whatever escapes
+    except BaseException:  # the work ends its own jobs on errors; whatever escapes, the thread must live on,
+        # or the next submit would wait forever on a queue no one empties
         log.exception("finishing a pass failed")
 
 

@@ -202,14 +202,26 @@ class Worker:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop after the current step: a running job is canceled and put back in the queue, not lost. A pass
-        already done is finished (its files stored, its jobs ended) before the worker's thread ends."""
+        already done is finished (its files stored, its jobs ended) before stop() returns, all within `timeout`."""
         self._stopping = True
         with self._tokens_lock:
             for token in self._tokens.values():
                 token.cancel()
         self.notify()
+        deadline = time.monotonic() + timeout
         if self._thread is not None:
             self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.error(
+                    "the worker did not stop within %.0fs; its running job runs again at the next start",
+                    timeout,
+                )
+        # After the worker's last hand-over: what its passes made is stored and ended before stop() returns (the
+        # server closes the store next). A late hand-over from a worker still running finishes inline.
+        if not self.finisher.close(max(0.0, deadline - time.monotonic())):
+            log.error(
+                "storing the last pass's images outlasted the stop; its jobs run again at the next start"
+            )
 
     def cancel(self, job_id: str) -> bool:
         """Cancel a running job; False when this worker is not running it.
@@ -240,12 +252,6 @@ class Worker:
             self._end_canceled_queued()
         except Exception:
             log.exception("ending queued jobs flagged for cancel failed")
-        try:
-            self._claim_and_run()
-        finally:
-            self.finisher.close()  # what ran is stored and ended before the worker counts as stopped
-
-    def _claim_and_run(self) -> None:
         while not self._stopping:
             try:
                 jobs = [] if self._claims_paused or self.sources.settling() else self._claim()
@@ -266,6 +272,7 @@ class Worker:
         """A pass that broke outside every job's own handling (the store failing as a job began, say) would
         leave its claimed jobs running, their waiters waiting, until a restart: end them failed now. If the
         store itself is down this fails too, and recovery at the next start ends them."""
+        self._release(jobs)  # a pass that broke before its hand-over left its tokens registered
         for job in jobs:
             try:
                 stored = self.store.get(job.id)
@@ -356,24 +363,47 @@ class Worker:
 
     def _hand_over(self, ended: list[tuple[JobRecord, float, Served | BaseException]]) -> None:
         """The pass is off the GPU: its files are made and its jobs ended on the finishing thread, while this
-        thread claims the next jobs (jobs/finishing.py)."""
-        self.finisher.submit(functools.partial(self._finish_pass, ended))
+        thread claims the next jobs (jobs/finishing.py).
 
-    def _finish_pass(self, ended: list[tuple[JobRecord, float, Served | BaseException]]) -> None:
+        The jobs leave the cancel bookkeeping here, on this thread: from now on a cancel cannot change what the
+        pass made (Worker.cancel says False, and JobService reports the job as it ends), and the jobs on the GPU
+        are the next pass's alone (on_gpu). Whether a client had asked to cancel is kept with each job."""
+        explicit = self._release([job for job, _, _ in ended])
+        finishing = [(job, started, outcome, explicit[job.id]) for job, started, outcome in ended]
+        self.finisher.submit(functools.partial(self._finish_pass, finishing))
+
+    def _release(self, jobs: list[JobRecord]) -> dict[str, bool]:
+        """Forget the jobs' cancel tokens; returns, for each, whether a client had asked to cancel it."""
+        with self._tokens_lock:
+            explicit = {job.id: job.id in self._explicit_cancels for job in jobs}
+            for job in jobs:
+                self._tokens.pop(job.id, None)
+                self._explicit_cancels.discard(job.id)
+                self._batched.discard(job.id)
+        return explicit
+
+    def on_gpu(self) -> set[str]:
+        """The jobs whose pass is running now (not those whose images are being stored)."""
+        with self._tokens_lock:
+            return set(self._tokens)
+
+    def _finish_pass(self, ended: list[tuple[JobRecord, float, Served | BaseException, bool]]) -> None:
         try:
             encode_pending(
                 [
                     image
-                    for *_, outcome in ended
+                    for _, _, outcome, _ in ended
                     if isinstance(outcome, Served)
                     for image in outcome.result.images
                 ]
             )
             pass_counted = False  # the pass's stage times go into the histogram once, not once per job
-            for job, started, outcome in ended:
+            for job, started, outcome, explicit_cancel in ended:
                 token = current_job.set(job.id)
                 try:
-                    succeeded = self._complete(job, started, outcome, count_stages=not pass_counted)
+                    succeeded = self._complete(
+                        job, started, outcome, explicit_cancel, count_stages=not pass_counted
+                    )
                     pass_counted = pass_counted or succeeded
                 finally:
                     current_job.reset(token)
@@ -451,11 +481,17 @@ class Worker:
         self._hand_over([(job, started, outcome)])
 
     def _complete(
-        self, job: JobRecord, started: float, outcome: Served | BaseException, count_stages: bool = True
+        self,
+        job: JobRecord,
+        started: float,
+        outcome: Served | BaseException,
+        explicit_cancel: bool,
+        count_stages: bool = True,
     ) -> bool:
         """Store the images and record the job's final state (or put it back in the queue on shutdown).
-        Returns whether the job succeeded. `count_stages`: whether its stages go into the stage histogram
-        (a batch's jobs share one pass, which is counted once)."""
+        Returns whether the job succeeded. `explicit_cancel`: a client asked to cancel it (not a shutdown).
+        `count_stages`: whether its stages go into the stage histogram (a batch's jobs share one pass, which is
+        counted once)."""
         try:
             if isinstance(outcome, BaseException):
                 raise outcome
@@ -488,7 +524,7 @@ class Worker:
         except GenerationCanceled:
             # A clean shutdown puts the job back, unless a client's cancel reached the store (requeue says
             # False): that one ends canceled, as it would have if the cancel had reached this token.
-            if self._stopping and job.id not in self._explicit_cancels and self.store.requeue(job.id):
+            if self._stopping and not explicit_cancel and self.store.requeue(job.id):
                 log.info("job put back in the queue: server shutting down")
             else:
                 self._finish(job, JobStatus.CANCELED, error=CANCELED_WHILE_RUNNING)
@@ -503,10 +539,6 @@ class Worker:
                 error={"code": "generation_failed", "message": f"{error}"[:2000] or type(error).__name__},
             )
         finally:
-            with self._tokens_lock:
-                self._tokens.pop(job.id, None)
-                self._explicit_cancels.discard(job.id)
-                self._batched.discard(job.id)
             self.live.pop(job.id, None)
             self.metrics.job_seconds.observe(time.perf_counter() - started)
         return False
