@@ -167,3 +167,16 @@ def test_bearer_keys_apply(server_factory: Callable[..., ServerProcess]) -> None
     assert api.get_progress()["progress"] == 0
     result = api.txt2img(prompt="a fox", width=64, height=64, steps=20)
     assert len(result.images) == 1
+
+
+def test_progress_shows_the_pass_on_the_gpu_before_one_being_stored() -> None:
+    """A job whose pass is done stays live while its images are stored, as the next pass runs."""
+    from imagesmith.api.a1111 import shown_job
+
+    assert shown_job(["stored", "running"], {"running"}, []) == "running"
+    assert shown_job(["stored", "running"], {"running"}, ["stored"]) == "stored"  # ours first, even if done
+    assert shown_job(
+        ["a", "ours-running", "ours-stored"], {"a", "ours-running"}, ["ours-stored", "ours-running"]
+    ) == ("ours-running")
+    assert shown_job(["stored"], set(), []) == "stored"  # the only one there is
+    assert shown_job([], set(), ["gone"]) is None

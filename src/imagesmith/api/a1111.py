@@ -128,17 +128,18 @@ def _idle_state(job_count: int = 0) -> dict[str, Any]:
     }
 
 
+def shown_job(live: list[str], on_gpu: set[str], ours: list[str]) -> str | None:
+    """The job /progress reports: one this API started if any is live, else any live job; among those, one whose
+    pass runs now before one whose pass is done and whose images are being stored (it stays live meanwhile)."""
+    candidates = [job_id for job_id in ours if job_id in live] or live
+    return next((job_id for job_id in candidates if job_id in on_gpu), candidates[0] if candidates else None)
+
+
 @router.get("/progress", response_model=ProgressResponse)
 async def progress(service: ServiceDep, jobs: JobsDep, skip_current_image: bool = False) -> dict[str, Any]:
     """The running job's progress: one of this API's if any runs, else whatever job runs; idle otherwise."""
     live = dict(service.worker.live)
-    ours = [job_id for job_id in jobs.ids if job_id in live]
-    candidates = ours or list(live)
-    # A job whose pass is done stays in `live` while its images are stored, as the next pass runs: that one first.
-    on_gpu = service.worker.on_gpu()
-    job_id = next(
-        (job_id for job_id in candidates if job_id in on_gpu), candidates[0] if candidates else None
-    )
+    job_id = shown_job(list(live), service.worker.on_gpu(), list(jobs.ids))
     job = service.store.get(job_id) if job_id else None
     if job_id is None or job is None or job.status is not JobStatus.RUNNING:
         waiting = [j for j in map(service.store.get, list(jobs.ids)) if j and j.status is JobStatus.QUEUED]
