@@ -17,6 +17,7 @@ left running by a crash is put back in the queue at the next start (JobStore.rec
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -82,15 +83,12 @@ def _run(work: Work) -> None:
 def encode_pending(images: Sequence[SourceImage]) -> None:
     """Make the files of every still-pending image at once, on the encoding threads (engine/output.py says why).
     An image whose encoder fails stays pending: reading its `data` raises that error again, for its own job."""
+    encode_in_parallel([functools.partial(_make_file, image) for image in images if image.pending])
 
-    def encode(image: SourceImage) -> Callable[[], bytes]:
-        def attempt() -> bytes:
-            try:
-                return image.data
-            except Exception:
-                log.exception("encoding an image failed")
-                return b""
 
-        return attempt
-
-    encode_in_parallel([encode(image) for image in images if image.pending])
+def _make_file(image: SourceImage) -> bytes:
+    try:
+        return image.data
+    except Exception:  # its job reads `data` again and fails with this error; the pass's other images go on
+        log.exception("encoding an image failed")
+        return b""

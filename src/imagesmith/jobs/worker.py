@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from imagesmith.config import Settings
 from imagesmith.engine.engine import BatchItem, Engine
@@ -122,6 +122,15 @@ class _Tracker:
             return None
         ready, self.preview = self.preview, None
         return ready.data_url(self.worker.settings.preview_max_side)
+
+
+class EndedJob(NamedTuple):
+    """A job whose pass is over, on its way to the finishing thread."""
+
+    job: JobRecord
+    started: float  # perf_counter when the job began, for its duration metric
+    outcome: Served | BaseException
+    explicit_cancel: bool = False  # a client asked to cancel it (not a shutdown); set at hand-over
 
 
 def _images_of(job: JobRecord) -> int:
@@ -356,20 +365,20 @@ class Worker:
             outcomes = [error for _ in jobs]
         self._hand_over(
             [
-                (job, starts[job.id][1], self._batch_outcome(outcome))
+                EndedJob(job, starts[job.id][1], self._batch_outcome(outcome))
                 for job, outcome in zip(jobs, outcomes, strict=True)
             ]
         )
 
-    def _hand_over(self, ended: list[tuple[JobRecord, float, Served | BaseException]]) -> None:
+    def _hand_over(self, ended: list[EndedJob]) -> None:
         """The pass is off the GPU: its files are made and its jobs ended on the finishing thread, while this
         thread claims the next jobs (jobs/finishing.py).
 
         The jobs leave the cancel bookkeeping here, on this thread: from now on a cancel cannot change what the
         pass made (Worker.cancel says False, and JobService reports the job as it ends), and the jobs on the GPU
         are the next pass's alone (on_gpu). Whether a client had asked to cancel is kept with each job."""
-        explicit = self._release([job for job, _, _ in ended])
-        finishing = [(job, started, outcome, explicit[job.id]) for job, started, outcome in ended]
+        explicit = self._release([item.job for item in ended])
+        finishing = [item._replace(explicit_cancel=explicit[item.job.id]) for item in ended]
         self.finisher.submit(functools.partial(self._finish_pass, finishing))
 
     def _release(self, jobs: list[JobRecord]) -> dict[str, bool]:
@@ -387,29 +396,21 @@ class Worker:
         with self._tokens_lock:
             return set(self._tokens)
 
-    def _finish_pass(self, ended: list[tuple[JobRecord, float, Served | BaseException, bool]]) -> None:
+    def _finish_pass(self, ended: list[EndedJob]) -> None:
         try:
-            encode_pending(
-                [
-                    image
-                    for _, _, outcome, _ in ended
-                    if isinstance(outcome, Served)
-                    for image in outcome.result.images
-                ]
-            )
+            served = [item.outcome for item in ended if isinstance(item.outcome, Served)]
+            encode_pending([image for outcome in served for image in outcome.result.images])
             pass_counted = False  # the pass's stage times go into the histogram once, not once per job
-            for job, started, outcome, explicit_cancel in ended:
-                token = current_job.set(job.id)
+            for item in ended:
+                token = current_job.set(item.job.id)
                 try:
-                    succeeded = self._complete(
-                        job, started, outcome, explicit_cancel, count_stages=not pass_counted
-                    )
+                    succeeded = self._complete(item, count_stages=not pass_counted)
                     pass_counted = pass_counted or succeeded
                 finally:
                     current_job.reset(token)
         except Exception as error:  # as in the loop: jobs the store could not end are ended failed
             log.exception("finishing a pass failed")
-            self._end_unfinished([job for job, *_ in ended], error)
+            self._end_unfinished([item.job for item in ended], error)
 
     def _batch_outcome(self, outcome: SourceResult | BaseException) -> Served | BaseException:
         """A batched job's outcome as the single-job path (serve_first, then _fetch) tells it: a result served
@@ -478,20 +479,13 @@ class Worker:
             outcome = self._fetch(request, job, cancel)
         except Exception as error:  # finished later, in the one place that turns outcomes into job states
             outcome = error
-        self._hand_over([(job, started, outcome)])
+        self._hand_over([EndedJob(job, started, outcome)])
 
-    def _complete(
-        self,
-        job: JobRecord,
-        started: float,
-        outcome: Served | BaseException,
-        explicit_cancel: bool,
-        count_stages: bool = True,
-    ) -> bool:
+    def _complete(self, ended: EndedJob, count_stages: bool = True) -> bool:
         """Store the images and record the job's final state (or put it back in the queue on shutdown).
-        Returns whether the job succeeded. `explicit_cancel`: a client asked to cancel it (not a shutdown).
-        `count_stages`: whether its stages go into the stage histogram (a batch's jobs share one pass, which is
-        counted once)."""
+        Returns whether the job succeeded. `count_stages`: whether its stages go into the stage histogram
+        (a batch's jobs share one pass, which is counted once)."""
+        job, started, outcome, explicit_cancel = ended
         try:
             if isinstance(outcome, BaseException):
                 raise outcome
