@@ -106,6 +106,15 @@ def main() -> None:
         )
         return ImageRequest(sources=[SourceName.GENERATE], generation=generation).model_dump(mode="json")
 
+    def medians(times: dict[str, list[float]]) -> dict[str, float]:
+        return {name: statistics.median(values) for name, values in times.items()}
+
+    def record(row: dict[str, Any], line: str) -> None:
+        """A row into the results (rewritten after each, so a run cut short keeps what it measured) and a line."""
+        results["rows"].append(row)
+        print(line, flush=True)
+        (out / "queue_throughput.json").write_text(json.dumps(results, indent=1))
+
     def through_queue(
         batch: int, label: str, levers: Settings | None = None, changes: dict[str, Any] | None = None
     ) -> None:
@@ -163,20 +172,19 @@ def main() -> None:
             "startup": startup,
             "changes": changes or {},
             # One value per job: a batched pass's stages appear once for each of its jobs.
-            "median_stage_s": {name: statistics.median(times) for name, times in stage_times.items()},
+            "median_stage_s": medians(stage_times),
         }
-        results["rows"].append(row)
-        print(
+        record(
+            row,
             f"{label:10s} batch {batch}: {row['images_per_s']:.2f} images/s ({wall:.1f}s for {args.jobs}) "
             f"batches {sizes} ok={row['all_succeeded']} stages {row['median_stage_s']} startup {startup}",
-            flush=True,
         )
-        (out / "queue_throughput.json").write_text(json.dumps(results, indent=1))
 
     def engine_alone(batch: int, label: str, runs: int = 5) -> None:
         """The peer of the queue's rows: the same passes through Engine.generate_batch, with no worker, store,
         progress tracker or files, on the same warm engine."""
-        walls, stage_times = [], {}
+        walls: list[float] = []
+        stage_times: dict[str, list[float]] = {}
         for run in range(runs):
             items = [
                 BatchItem(GenerationRequest.model_validate(request(20_000 + 8 * run + i)["generation"]))
@@ -194,15 +202,13 @@ def main() -> None:
             "batch_max_images": batch,
             "images_per_s": batch / statistics.median(walls),
             "median_wall_s": statistics.median(walls),
-            "median_stage_s": {name: statistics.median(times) for name, times in stage_times.items()},
+            "median_stage_s": medians(stage_times),
         }
-        results["rows"].append(row)
-        print(
+        record(
+            row,
             f"{row['config']:10s} batch {batch}: {row['images_per_s']:.2f} images/s (median pass "
             f"{row['median_wall_s']:.3f}s) stages {row['median_stage_s']}",
-            flush=True,
         )
-        (out / "queue_throughput.json").write_text(json.dumps(results, indent=1))
 
     batches = [int(b) for b in args.batches.split(",")]
     eager_batches = args.eager_batches if args.eager_batches is not None else args.batches
