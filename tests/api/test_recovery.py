@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import signal
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -119,3 +121,37 @@ def test_a_request_waiting_for_its_image_is_answered_at_shutdown_and_its_job_kep
     with second.client() as client:
         job = wait_for(lambda: _done(client, error["job_id"]), timeout=120)
     assert job["status"] == "succeeded"
+
+
+# Eight 1024-pixel warm-ups: half a minute of start-up on the CPU, in passes of a second or two.
+_LONG_WARM_UP = "1024x1024,1024x960,960x1024,960x960,1024x896,896x1024,896x896,1024x832"
+
+
+def test_a_server_stopped_during_warm_up_exits_at_once_and_cleanly(
+    server_factory: Any, tmp_path: Path
+) -> None:
+    """SIGTERM while the models warm up: the warm-up stops within a step and the process ends by the signal. It
+    used to finish the pass, start the next one, and abort at exit ('terminate called without an active
+    exception', exit 134): a thread was inside torch while the interpreter finalized."""
+    server: ServerProcess = server_factory(
+        tmp_path / "data", IMAGESMITH_WARMUP="true", IMAGESMITH_WARMUP_SIZES=_LONG_WARM_UP
+    ).start(wait_ready=False)
+    assert server.process is not None
+
+    def warming_up() -> bool:
+        try:
+            return "warm-up 1 of" in httpx.get(f"{server.url}/v1/health", timeout=2).text
+        except httpx.TransportError:
+            return False
+
+    wait_for(warming_up, timeout=60)
+    server.process.terminate()
+    code = server.process.wait(60)
+    log = server.log.read_text()
+    assert "terminate called" not in log
+    # uvicorn shuts down gracefully, then re-raises the signal: killed by SIGTERM, not aborted (SIGABRT).
+    assert code == -signal.SIGTERM, log[-3000:]
+    assert "start-up stopped during warm-up" in log
+    # Stopped within the pass it was in, not after the rest of the warm-up.
+    assert len(re.findall(r"warm-up \d+x\d+ batch \d+ done at", log)) <= 2, log[-3000:]
+    assert "warm-up done" not in log

@@ -407,3 +407,63 @@ def test_the_unets_are_compiled_with_the_dynamic_option_and_the_decoder_is_not(
     finally:
         for module in modules.values():
             module._compiled_call_impl = None
+
+
+def test_closing_the_source_while_models_load_skips_the_warm_up_and_waits_for_the_thread(
+    tiny_engine: Engine, tiny_settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server told to stop while its models load: loading cannot be interrupted, so close() waits for it
+    (bounded, and says so), and no warm-up starts after it."""
+    import threading
+
+    from imagesmith.sources.base import SourceState
+    from imagesmith.sources.generate import GenerateSource
+
+    release, inside = threading.Event(), threading.Event()
+    passes: list[object] = []
+
+    def slow_factory(_: Settings) -> Engine:
+        inside.set()
+        release.wait(30)
+        return tiny_engine
+
+    source = GenerateSource(tiny_settings.with_changes(warmup_sizes="64x64"), factory=slow_factory)
+    real = tiny_engine.generate_batch
+    tiny_engine.generate_batch = lambda items: passes.append(items) or real(items)  # type: ignore[method-assign]
+    try:
+        thread = source.start_loading()
+        assert inside.wait(30)
+        with caplog.at_level("INFO", logger="imagesmith.sources.generate"):
+            source.close(timeout=0.2)  # the factory is still running: close gives up waiting, and says so
+            assert thread.is_alive()
+            assert "start-up still running after 0s (models loading)" in caplog.text
+            release.set()
+            thread.join(30)
+        assert not thread.is_alive()
+        assert passes == []  # no warm-up after the stop
+        assert "start-up stopped after the models loaded, before warm-up" in caplog.text
+        assert source.status().state is SourceState.STARTING  # never ready: it was stopped
+    finally:
+        tiny_engine.generate_batch = real  # type: ignore[method-assign]
+        release.set()
+
+
+def test_a_stopped_warm_up_ends_within_a_step_and_is_not_a_compile_failure(tiny_engine: Engine) -> None:
+    from imagesmith.engine.fast import warm_up_or_fall_back_to_eager
+    from imagesmith.engine.progress import CancelToken, GenerationCanceled
+
+    stop = CancelToken()
+    heard: list[str] = []
+
+    def report(message: str) -> None:
+        heard.append(message)
+        if "base step 1 of" in message:
+            stop.cancel()
+
+    levers = list(tiny_engine.levers)
+    with pytest.raises(GenerationCanceled):
+        warm_up_or_fall_back_to_eager(tiny_engine, [(64, 64)], [1, 2], report, stop)
+    steps = [message for message in heard if " step " in message]
+    assert steps == [steps[0]] and "base step 1 of" in steps[0]  # no step after the stop
+    assert not any(message.startswith("warm-up 2 of 2") for message in heard)
+    assert tiny_engine.levers == levers  # not turned eager, not listed as a failure

@@ -26,6 +26,7 @@ from imagesmith.config import CUDA_GRAPH_MODES, CompileChoice, Settings
 from imagesmith.engine.batch_routing import BatchRoutedCall
 from imagesmith.engine.fp8 import quantize_transformer_linears
 from imagesmith.engine.hardware import HardwarePlan
+from imagesmith.engine.progress import CancelToken, GenerationCanceled
 
 log = logging.getLogger(__name__)
 
@@ -184,17 +185,21 @@ def warm_up_or_fall_back_to_eager(
     sizes: list[tuple[int, int]],
     batch_sizes: list[int],
     on_progress: Callable[[str], None] | None = None,
+    stop: CancelToken | None = None,
 ) -> float:
     """Warm up; if compilation fails (an unsupported card, a torch bug), serve eager rather than not at all.
 
-    The failure is logged and listed in the engine's levers, which health reports."""
+    The failure is logged and listed in the engine's levers, which health reports. A stop (GenerationCanceled)
+    is not a failure: it goes to the caller."""
     try:
-        return warm_up(engine, sizes, batch_sizes, on_progress)
+        return warm_up(engine, sizes, batch_sizes, on_progress, stop)
+    except GenerationCanceled:
+        raise
     except Exception as error:
         if not compiled_modules(engine):
             raise
         serve_eager_from_now(engine, error, "compiled warm-up failed")
-        return warm_up(engine, sizes, batch_sizes, on_progress)
+        return warm_up(engine, sizes, batch_sizes, on_progress, stop)
 
 
 # Where torch.compile's work happens: tracing and compiling (dynamo, AOT autograd, inductor), running what it
@@ -240,12 +245,14 @@ def warm_up(
     sizes: list[tuple[int, int]],
     batch_sizes: list[int],
     on_progress: Callable[[str], None] | None = None,
+    stop: CancelToken | None = None,
 ) -> float:
     """One small generation per (size, batch) so compilation and autotuning happen now, not on a request.
 
     Every stage runs: the ensemble reaches base and refiner, decode reaches the VAE. Returns seconds taken.
     `on_progress` hears where it is (a cold compile takes minutes; health shows it): which warm-up of how
-    many, its shape, and the last step done.
+    many, its shape, and the last step done. `stop` ends it early (a server told to stop while it starts):
+    the pass running stops within a step, and GenerationCanceled is raised.
     """
     from imagesmith.engine.progress import ProgressEvent
 
@@ -260,7 +267,7 @@ def warm_up(
             # The next stage compiles after this event, so a message that stays long names the stage before it.
             report(f"{where}: {event.stage} step {event.step} of {event.total} done")
 
-        _warm_up_pass(engine, width, height, batch, heard)
+        _warm_up_pass(engine, width, height, batch, heard, stop)
         log.info("warm-up %dx%d batch %d done at %.1fs", width, height, batch, time.perf_counter() - began)
     if getattr(engine, "records_cuda_graphs", False) and compiled_modules(engine):
         # A second round, for the CUDA graphs. CUDA-graph trees record a function on its second run (the first
@@ -285,7 +292,7 @@ def warm_up(
                 report(
                     f"warm-up, recording CUDA graphs, {number} of {len(second)} ({width}x{height}, batch {batch})"
                 )
-                _warm_up_pass(engine, width, height, batch)
+                _warm_up_pass(engine, width, height, batch, stop=stop)
         log.info("warm-up: CUDA graphs recorded at %.1fs", time.perf_counter() - began)
     return time.perf_counter() - began
 
@@ -299,15 +306,22 @@ def records_cuda_graphs(settings: Settings, levers: list[str]) -> bool:
 
 
 def _warm_up_pass(
-    engine: Any, width: int, height: int, batch: int, on_progress: Callable[[Any], None] | None = None
+    engine: Any,
+    width: int,
+    height: int,
+    batch: int,
+    on_progress: Callable[[Any], None] | None = None,
+    stop: CancelToken | None = None,
 ) -> None:
     """One short generation of `batch` images: every stage runs (the ensemble reaches base and refiner)."""
     from imagesmith.engine.engine import BatchItem
     from imagesmith.schemas import GenerationRequest
 
+    if stop is not None and stop.canceled:
+        raise GenerationCanceled("warm-up stopped")
     request = GenerationRequest(
         prompt="warm-up", width=width, height=height, num_inference_steps=5, high_noise_frac=0.6, seed=0
     )
-    for outcome in engine.generate_batch([BatchItem(request, on_progress) for _ in range(batch)]):
+    for outcome in engine.generate_batch([BatchItem(request, on_progress, stop) for _ in range(batch)]):
         if isinstance(outcome, BaseException):
             raise outcome

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from imagesmith import STARTED_AT
 from imagesmith.config import CompileChoice, Settings
 from imagesmith.engine import BatchItem, Engine, GenerationResult
-from imagesmith.engine.progress import CancelToken, ProgressCallback
+from imagesmith.engine.progress import CancelToken, GenerationCanceled, ProgressCallback
 from imagesmith.sources.base import (
     ImageRequest,
     SourceImage,
@@ -27,6 +27,11 @@ log = logging.getLogger(__name__)
 
 EngineFactory = Callable[[Settings], Engine]
 
+# How long close() waits for the loading thread. A warm-up stops within a step; loading the models cannot be
+# interrupted (seconds to a minute for SDXL from a local disk), and a process that exits while a thread is
+# inside torch aborts ('terminate called without an active exception', engine/gpu_thread.py).
+LOADING_STOP_WAIT_S = 120.0
+
 
 class GenerateSource:
     name = SourceName.GENERATE
@@ -38,6 +43,8 @@ class GenerateSource:
         self._error: str | None = None
         # What start-up is doing now, for health: a first compiled start takes minutes (docs/benchmarks.md).
         self._phase = "models loading"
+        self._loader: threading.Thread | None = None
+        self._stop_loading = CancelToken()  # set by close(): a server told to stop while it starts
 
     @property
     def engine(self) -> Engine | None:
@@ -46,6 +53,7 @@ class GenerateSource:
     def start_loading(self) -> threading.Thread:
         """Load the models on a background thread, so the server answers (health, 503s) at once."""
         thread = threading.Thread(target=self._load, name="imagesmith-engine-load", daemon=True)
+        self._loader = thread
         thread.start()
         return thread
 
@@ -54,6 +62,9 @@ class GenerateSource:
             began = time.monotonic()
             engine = self._factory(self._settings)
             loaded = time.monotonic()
+            if self._stop_loading.canceled:
+                log.info("start-up stopped after the models loaded, before warm-up")
+                return
             if self._settings.warmup:
                 # Compile and autotune now, while health says "starting", rather than on a client's request.
                 from imagesmith.engine.fast import warm_up_or_fall_back_to_eager
@@ -61,7 +72,7 @@ class GenerateSource:
                 sizes = self._settings.warmup_size_list()
                 self._set_phase("warming up")
                 took = warm_up_or_fall_back_to_eager(
-                    engine, sizes, warm_up_batches(self._settings), self._set_phase
+                    engine, sizes, warm_up_batches(self._settings), self._set_phase, self._stop_loading
                 )
                 log.info("warm-up done in %.1fs", took)
             ready = time.monotonic()
@@ -77,6 +88,8 @@ class GenerateSource:
                 ready - loaded,
             )
             self._engine = engine
+        except GenerationCanceled:
+            log.info("start-up stopped during warm-up")
         except Exception as error:  # any load failure is reported by health, not raised into the server
             self._error = f"{type(error).__name__}: {error}"[:1000]
             log.exception("model loading failed")
@@ -92,8 +105,18 @@ class GenerateSource:
         since = time.monotonic() - STARTED_AT  # the clock health's startup figures use
         return SourceStatus(SourceState.STARTING, f"{self._phase} ({since:.0f}s after process start)")
 
-    def close(self) -> None:
-        """Nothing to release: the engine lives as long as the process."""
+    def close(self, timeout: float = LOADING_STOP_WAIT_S) -> None:
+        """Stop a start-up still under way and wait for its thread (the engine itself lives as long as the
+        process). A warm-up stops within a step; the loading thread must be out of torch before the process
+        exits, or the exit aborts (engine/gpu_thread.py says why)."""
+        self._stop_loading.cancel()
+        loader = self._loader
+        if loader is None or not loader.is_alive():
+            return
+        log.info("stopping start-up (%s); waiting up to %.0fs for it", self._phase, timeout)
+        loader.join(timeout)
+        if loader.is_alive():
+            log.warning("start-up still running after %.0fs (%s); exiting without it", timeout, self._phase)
 
     def fetch(
         self,
