@@ -182,3 +182,31 @@ def test_ctrl_c_during_generate_exits_130_cleanly(tiny_model_home: Path, tmp_pat
     assert process.returncode == 130, stderr[-2000:]
     assert "imagesmith: interrupted" in stderr and "terminate called" not in stderr
     assert not out.exists()
+
+
+def test_ctrl_c_that_a_library_turns_into_its_own_error_still_exits_130(tmp_path: Path) -> None:
+    """Ctrl-C while torch and diffusers are imported left accelerate half-imported, and diffusers reported it as
+    `RuntimeError: Failed to import ...` with two tracebacks (exit 1). Here a command catches the interrupt and
+    raises its own error, as that import chain did."""
+    code = """
+import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
+from imagesmith import cli
+
+def doctor(args):
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
+    except KeyboardInterrupt as interrupt:
+        raise RuntimeError("Failed to import diffusers.pipelines (a library's own error)") from interrupt
+    return 0
+
+cli.run_doctor = doctor
+sys.exit(cli.main(["doctor"]))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert done.returncode == 130, done.stderr[-2000:]
+    assert done.stderr.strip().endswith("imagesmith: interrupted")
+    assert "Traceback" not in done.stderr

@@ -10,7 +10,9 @@ import contextlib
 import functools
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -273,7 +275,26 @@ def run_doctor(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    interrupted = _InterruptWatch()
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:  # Ctrl-C: the engine has stopped its pass by now (gpu_thread.py)
+        print("imagesmith: interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        if not interrupted.seen:
+            raise
+        # A Ctrl-C that a library turned into its own error: pressed while torch, diffusers and accelerate are
+        # imported (seconds, at every start), it left accelerate half-imported and came out as diffusers'
+        # RuntimeError "Failed to import ..." with two tracebacks.
+        print("imagesmith: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        interrupted.restore()
+
+
+def _run(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)  # imports the optional commands' modules: seconds, interruptible
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -292,9 +313,26 @@ def main(argv: list[str] | None = None) -> int:
         for line in settings_error_lines(error):
             print(f"imagesmith: error: {line}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C: the engine has stopped its pass by now (gpu_thread.py)
-        print("imagesmith: interrupted", file=sys.stderr)
-        return 130
+
+
+class _InterruptWatch:
+    """Notes a Ctrl-C (SIGINT) and raises KeyboardInterrupt as Python's own handler does. Installed only over
+    that handler, on the main thread: a job started with SIGINT ignored stays so."""
+
+    def __init__(self) -> None:
+        self.seen = False
+        self._previous: Any = None
+        on_main_thread = threading.current_thread() is threading.main_thread()
+        if on_main_thread and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        self.seen = True
+        signal.default_int_handler(signum, frame)
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 if __name__ == "__main__":
