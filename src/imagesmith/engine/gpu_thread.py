@@ -17,9 +17,11 @@ import contextvars
 import queue
 import sys
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import Future
+from pathlib import Path
 from typing import TypeVar
 from weakref import WeakSet
 
@@ -82,6 +84,18 @@ def drop_cudagraph_tree_state() -> None:
     for key in ("tree_manager_containers", "tree_manager_locks"):
         if torch._C._is_key_in_tls(key):
             remove(key)
+
+
+def _wait_until_os_thread_gone(native_id: int | None, timeout: float) -> None:
+    """join() returns when the thread's Python state is released, before its C++ thread-local destructors run;
+    on Linux the thread leaves /proc/self/task only after them. The belt to drop_cudagraph_tree_state's braces,
+    for a torch without `_remove_obj_from_tls`. Elsewhere a no-op."""
+    if native_id is None:
+        return
+    task = Path(f"/proc/self/task/{native_id}")
+    deadline = time.monotonic() + timeout
+    while task.exists() and time.monotonic() < deadline:
+        time.sleep(0.001)
 
 
 class GpuThread:
@@ -164,7 +178,10 @@ class GpuThread:
         if thread is None or thread is threading.current_thread():
             return True
         thread.join(timeout)
-        return not thread.is_alive()
+        if thread.is_alive():
+            return False
+        _wait_until_os_thread_gone(thread.native_id, timeout=1.0)
+        return True
 
     def replace_thread(self) -> None:
         """Serve the calls waiting and every later one from a new thread, once the current one has finished
