@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from imagesmith import __version__
+from imagesmith import __version__, exit_guard
 from imagesmith.config import ModelPreset, Settings, get_settings, settings_error_lines
 from imagesmith.schemas import (
     AspectPreset,
@@ -275,6 +275,12 @@ def run_doctor(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _main_guarded(argv)
+    exit_guard.set_exit_code(code)  # the code, should the exit have to skip the interpreter's shutdown
+    return code
+
+
+def _main_guarded(argv: list[str] | None) -> int:
     interrupted = _InterruptWatch()
     try:
         return _run(argv)
@@ -286,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # A Ctrl-C that a library turned into its own error: pressed while torch, diffusers and accelerate are
         # imported (seconds, at every start), it left accelerate half-imported and came out as diffusers'
-        # RuntimeError "Failed to import ..." with two tracebacks.
+        # RuntimeError "Failed to import ..." with two tracebacks. Kept for -v, in case it was not that.
+        logging.getLogger(__name__).debug("error after Ctrl-C", exc_info=True)
         print("imagesmith: interrupted", file=sys.stderr)
         return 130
     finally:

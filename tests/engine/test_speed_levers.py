@@ -409,13 +409,14 @@ def test_the_unets_are_compiled_with_the_dynamic_option_and_the_decoder_is_not(
             module._compiled_call_impl = None
 
 
-def test_closing_the_source_while_models_load_skips_the_warm_up_and_waits_for_the_thread(
+def test_closing_the_source_while_models_load_skips_the_warm_up_and_the_exit_waits_for_the_thread(
     tiny_engine: Engine, tiny_settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A server told to stop while its models load: loading cannot be interrupted, so close() waits for it
-    (bounded, and says so), and no warm-up starts after it."""
+    """A server told to stop while its models load: close() returns at once (a SIGTERM ends the process right
+    after it), no warm-up starts once loading ends, and the exit guard knows the thread to wait for."""
     import threading
 
+    from imagesmith import exit_guard
     from imagesmith.sources.base import SourceState
     from imagesmith.sources.generate import GenerateSource
 
@@ -433,25 +434,32 @@ def test_closing_the_source_while_models_load_skips_the_warm_up_and_waits_for_th
     try:
         thread = source.start_loading()
         assert inside.wait(30)
+        assert source in exit_guard._OWNERS
         with caplog.at_level("INFO", logger="imagesmith.sources.generate"):
-            source.close(timeout=0.2)  # the factory is still running: close gives up waiting, and says so
-            assert thread.is_alive()
-            assert "start-up still running after 0s (models loading)" in caplog.text
-            release.set()
-            thread.join(30)
-        assert not thread.is_alive()
+            source.close()
+            assert thread.is_alive() and "stopping start-up (models loading)" in caplog.text
+            assert source.stop_for_exit() is thread
+            threading.Timer(0.2, release.set).start()
+            assert exit_guard.end_threads([source], wait_s=30) == []
         assert passes == []  # no warm-up after the stop
         assert "start-up stopped after the models loaded, before warm-up" in caplog.text
         assert source.status().state is SourceState.STARTING  # never ready: it was stopped
+        assert source.stop_for_exit() is None
     finally:
         tiny_engine.generate_batch = real  # type: ignore[method-assign]
         release.set()
 
 
-def test_a_stopped_warm_up_ends_within_a_step_and_is_not_a_compile_failure(tiny_engine: Engine) -> None:
-    from imagesmith.engine.fast import warm_up_or_fall_back_to_eager
+def test_a_stopped_warm_up_ends_within_a_step_and_is_not_a_compile_failure(
+    tiny_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from imagesmith.engine import fast
     from imagesmith.engine.progress import CancelToken, GenerationCanceled
 
+    # As if compiled: a failed compiled warm-up falls back to eager, and a stop must not be taken for one.
+    monkeypatch.setattr(fast, "compiled_modules", lambda _engine: [tiny_engine.models.base.unet])
+    fell_back: list[BaseException] = []
+    monkeypatch.setattr(fast, "serve_eager_from_now", lambda _engine, error, _what: fell_back.append(error))
     stop = CancelToken()
     heard: list[str] = []
 
@@ -460,10 +468,9 @@ def test_a_stopped_warm_up_ends_within_a_step_and_is_not_a_compile_failure(tiny_
         if "base step 1 of" in message:
             stop.cancel()
 
-    levers = list(tiny_engine.levers)
     with pytest.raises(GenerationCanceled):
-        warm_up_or_fall_back_to_eager(tiny_engine, [(64, 64)], [1, 2], report, stop)
+        fast.warm_up_or_fall_back_to_eager(tiny_engine, [(64, 64)], [1, 2], report, stop)
     steps = [message for message in heard if " step " in message]
     assert steps == [steps[0]] and "base step 1 of" in steps[0]  # no step after the stop
     assert not any(message.startswith("warm-up 2 of 2") for message in heard)
-    assert tiny_engine.levers == levers  # not turned eager, not listed as a failure
+    assert fell_back == []

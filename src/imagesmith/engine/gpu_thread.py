@@ -12,18 +12,16 @@ every pass on the thread that warmed up keeps one tree, recorded once, before th
 
 from __future__ import annotations
 
-import atexit
 import contextvars
 import queue
 import sys
 import threading
-import time
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import Future
-from pathlib import Path
 from typing import TypeVar
-from weakref import WeakSet
+
+from imagesmith import exit_guard
 
 T = TypeVar("T")
 _Call = tuple[Callable[[], object], Future[object]]
@@ -47,55 +45,21 @@ def ensure_cudagraph_tree_state() -> None:
     torch._C._stash_obj_in_tls("tree_manager_locks", trees.local.tree_manager_locks)
 
 
-# Every GpuThread not yet collected, for the exit hook below.
-_LIVE: WeakSet[GpuThread] = WeakSet()
-
-# How long the exit hook waits for a GPU thread still inside a call (a pass stops within a step when asked;
-# this only bounds a call that cannot be asked).
-_EXIT_JOIN_S = 30.0
-
-
-@atexit.register
-def _end_threads_before_finalizing() -> None:
-    """End every GPU thread while the interpreter is still whole.
-
-    Why: a thread that ends during interpreter finalization aborts the process ('terminate called without an
-    active exception'). Torch frees the Python objects a thread stashed in its C++ thread-local storage
-    (ensure_cudagraph_tree_state does, once inductor is imported) in a destructor that takes the GIL; during
-    finalization taking the GIL calls pthread_exit, whose unwinding out of a noexcept destructor is
-    std::terminate (torch issue #38228). weakref.finalize closed dropped engines' threads at exit, racing with
-    finalization: half of all runs of a 4-engine script aborted, and so did a CI run after all tests passed."""
-    for gpu in list(_LIVE):
-        gpu.end_for_exit(timeout=_EXIT_JOIN_S)
-
-
 def drop_cudagraph_tree_state() -> None:
     """Take back what ensure_cudagraph_tree_state (or inductor's import) stashed in this thread's C++ storage,
     while the thread can still take the GIL. Left there, torch frees it in a thread-exit destructor that takes
-    the GIL, and a thread ending during interpreter finalization then aborts the process (see
-    _end_threads_before_finalizing; thread.join() returns before those destructors run)."""
+    the GIL, and a thread ending during interpreter finalization then aborts the process (exit_guard.py says
+    more; thread.join() returns before those destructors run)."""
     if "torch._inductor.cudagraph_trees" not in sys.modules:
         return
     import torch
 
     remove = getattr(torch._C, "_remove_obj_from_tls", None)  # a private API: if a torch lacks it, the exit
-    if remove is None:  # hook's join still makes the abort rare
+    if remove is None:  # guard's wait for the OS thread covers it
         return
     for key in ("tree_manager_containers", "tree_manager_locks"):
         if torch._C._is_key_in_tls(key):
             remove(key)
-
-
-def _wait_until_os_thread_gone(native_id: int | None, timeout: float) -> None:
-    """join() returns when the thread's Python state is released, before its C++ thread-local destructors run;
-    on Linux the thread leaves /proc/self/task only after them. The belt to drop_cudagraph_tree_state's braces,
-    for a torch without `_remove_obj_from_tls`. Elsewhere a no-op."""
-    if native_id is None:
-        return
-    task = Path(f"/proc/self/task/{native_id}")
-    deadline = time.monotonic() + timeout
-    while task.exists() and time.monotonic() < deadline:
-        time.sleep(0.001)
 
 
 class GpuThread:
@@ -107,11 +71,13 @@ class GpuThread:
         # A (call, future) pair per call; None (from close) ends the thread after the calls queued before it.
         self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self._start_lock = threading.Lock()
+        # Reentrant: a garbage-collection pass inside a locked section can run a dropped engine's
+        # weakref.finalize, which calls close() on this thread (a plain lock deadlocked there).
+        self._start_lock = threading.RLock()
         self._closed = False
         # Set on this object's threads (all of them, after replace_thread too): the nested-pass check.
         self._mine = threading.local()
-        _LIVE.add(self)
+        exit_guard.register(self)
 
     @property
     def thread(self) -> threading.Thread | None:
@@ -160,28 +126,22 @@ class GpuThread:
             if self._thread is not None:
                 self._calls.put(None)
 
-    def end_for_exit(self, timeout: float) -> bool:
-        """At interpreter exit: run nothing more, and wait up to `timeout` seconds for the call that may be
-        running. The calls still queued never run and their futures stay unresolved: their callers are ending
-        with the process, and a job whose pass never ran stays "running" in the store, so the next start puts
-        it back in the queue (a cancel would have ended it failed). Returns whether the thread has ended."""
+    def stop_for_exit(self) -> threading.Thread | None:
+        """At interpreter exit (imagesmith/exit_guard.py): run nothing more, and return the thread to wait for.
+
+        The calls still queued never run and their futures stay unresolved: their callers are ending with the
+        process, and a job whose pass never ran stays "running" in the store, so the next start puts it back in
+        the queue (a cancel would have ended it failed)."""
         with self._start_lock:
             self._closed = True
-            thread = self._thread
             while True:
                 try:
                     self._calls.get_nowait()
                 except queue.Empty:
                     break
-            if thread is not None:
+            if self._thread is not None:
                 self._calls.put(None)
-        if thread is None or thread is threading.current_thread():
-            return True
-        thread.join(timeout)
-        if thread.is_alive():
-            return False
-        _wait_until_os_thread_gone(thread.native_id, timeout=1.0)
-        return True
+            return self._thread
 
     def replace_thread(self) -> None:
         """Serve the calls waiting and every later one from a new thread, once the current one has finished

@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from imagesmith import STARTED_AT
+from imagesmith import STARTED_AT, exit_guard
 from imagesmith.config import CompileChoice, Settings
 from imagesmith.engine import BatchItem, Engine, GenerationResult
 from imagesmith.engine.progress import CancelToken, GenerationCanceled, ProgressCallback
@@ -26,11 +26,6 @@ log = logging.getLogger(__name__)
 
 
 EngineFactory = Callable[[Settings], Engine]
-
-# How long close() waits for the loading thread. A warm-up stops within a step; loading the models cannot be
-# interrupted (seconds to a minute for SDXL from a local disk), and a process that exits while a thread is
-# inside torch aborts ('terminate called without an active exception', engine/gpu_thread.py).
-LOADING_STOP_WAIT_S = 120.0
 
 
 class GenerateSource:
@@ -54,6 +49,7 @@ class GenerateSource:
         """Load the models on a background thread, so the server answers (health, 503s) at once."""
         thread = threading.Thread(target=self._load, name="imagesmith-engine-load", daemon=True)
         self._loader = thread
+        exit_guard.register(self)  # a process exiting mid-start-up waits for this thread (it runs torch)
         thread.start()
         return thread
 
@@ -105,18 +101,17 @@ class GenerateSource:
         since = time.monotonic() - STARTED_AT  # the clock health's startup figures use
         return SourceStatus(SourceState.STARTING, f"{self._phase} ({since:.0f}s after process start)")
 
-    def close(self, timeout: float = LOADING_STOP_WAIT_S) -> None:
-        """Stop a start-up still under way and wait for its thread (the engine itself lives as long as the
-        process). A warm-up stops within a step; the loading thread must be out of torch before the process
-        exits, or the exit aborts (engine/gpu_thread.py says why)."""
+    def close(self) -> None:
+        """Stop a start-up still under way: a warm-up stops within a step and the engine is never served (the
+        engine itself lives as long as the process). No wait here: a SIGTERM ends the process right after the
+        lifespan without the interpreter's shutdown, and a normal exit waits in exit_guard."""
+        if self._loader is not None and self._loader.is_alive() and not self._stop_loading.canceled:
+            log.info("stopping start-up (%s)", self._phase)
         self._stop_loading.cancel()
-        loader = self._loader
-        if loader is None or not loader.is_alive():
-            return
-        log.info("stopping start-up (%s); waiting up to %.0fs for it", self._phase, timeout)
-        loader.join(timeout)
-        if loader.is_alive():
-            log.warning("start-up still running after %.0fs (%s); exiting without it", timeout, self._phase)
+
+    def stop_for_exit(self) -> threading.Thread | None:
+        self.close()
+        return self._loader if self._loader is not None and self._loader.is_alive() else None
 
     def fetch(
         self,
