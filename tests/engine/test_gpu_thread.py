@@ -380,3 +380,46 @@ def test_an_exit_with_a_thread_that_cannot_stop_ends_at_once_with_its_code_inste
     assert "terminate called" not in done.stderr
     assert "imagesmith-gpu still running after 0s" in done.stderr
     assert time.monotonic() - began < 60  # not the minute of torch ops
+
+
+def test_a_dropped_engine_finalized_inside_the_exit_stop_does_not_deadlock() -> None:
+    """A garbage-collection pass can run anywhere Python allocates, also inside stop_for_exit's locked section;
+    an engine in a reference cycle is then finalized there, and its weakref.finalize calls close() on the same
+    thread and the same lock (found in review: a plain lock hung for ever)."""
+    import queue
+
+    class CollectingQueue:
+        """The real queue, with a gc pass where stop_for_exit allocates (queue.Empty at the end of its drain)."""
+
+        def __init__(self, real: queue.SimpleQueue[Any]) -> None:
+            self.real = real
+
+        def put(self, item: Any) -> None:
+            self.real.put(item)
+
+        def get_nowait(self) -> Any:
+            try:
+                return self.real.get_nowait()
+            except queue.Empty:
+                gc.collect()
+                raise
+
+    class CyclicEngine:
+        def __init__(self) -> None:
+            self.gpu = GpuThread(name="test-gpu-cyclic")
+            weakref.finalize(self, self.gpu.close)
+            self.me = self  # only the gc frees it
+
+    gc.disable()
+    try:
+        engine = CyclicEngine()
+        engine.gpu.run(lambda: None)
+        gpu = engine.gpu
+        gpu._calls = CollectingQueue(gpu._calls)  # type: ignore[assignment]  # the thread keeps the real one
+        del engine
+        stopper = threading.Thread(target=exit_guard.end_threads, args=([gpu], 5), daemon=True)
+        stopper.start()
+        stopper.join(10)
+        assert not stopper.is_alive(), "stopping for exit deadlocked"
+    finally:
+        gc.enable()
