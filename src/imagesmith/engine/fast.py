@@ -26,7 +26,7 @@ from imagesmith.config import CUDA_GRAPH_MODES, CompileChoice, Settings
 from imagesmith.engine.batch_routing import BatchRoutedCall
 from imagesmith.engine.fp8 import quantize_transformer_linears
 from imagesmith.engine.hardware import HardwarePlan
-from imagesmith.engine.progress import CancelToken, GenerationCanceled
+from imagesmith.engine.progress import CancelToken, GenerationCanceled, ProgressEvent
 
 log = logging.getLogger(__name__)
 
@@ -254,8 +254,6 @@ def warm_up(
     many, its shape, and the last step done. `stop` ends it early (a server told to stop while it starts):
     the pass running stops within a step, and GenerationCanceled is raised.
     """
-    from imagesmith.engine.progress import ProgressEvent
-
     began = time.perf_counter()
     report = on_progress or (lambda _: None)
     shapes = [(width, height, batch) for width, height in sizes for batch in batch_sizes]

@@ -62,6 +62,18 @@ def drop_cudagraph_tree_state() -> None:
             remove(key)
 
 
+def _take_waiting(calls: queue.SimpleQueue[_Call | None]) -> list[_Call]:
+    """Empty the queue; the calls that were waiting in it, in order (end markers dropped)."""
+    taken: list[_Call] = []
+    while True:
+        try:
+            item = calls.get_nowait()
+        except queue.Empty:
+            return taken
+        if item is not None:
+            taken.append(item)
+
+
 class GpuThread:
     """Runs callables one at a time on a single daemon thread, started on first use; the caller waits for the
     result or the exception. The caller's context variables (the job id in log lines) go with each call."""
@@ -133,14 +145,8 @@ class GpuThread:
         process, and a job whose pass never ran stays "running" in the store, so the next start puts it back in
         the queue (a cancel would have ended it failed)."""
         with self._start_lock:
-            self._closed = True
-            while True:
-                try:
-                    self._calls.get_nowait()
-                except queue.Empty:
-                    break
-            if self._thread is not None:
-                self._calls.put(None)
+            _take_waiting(self._calls)
+            self.close()
             return self._thread
 
     def replace_thread(self) -> None:
@@ -155,13 +161,8 @@ class GpuThread:
                 return
             old_calls, previous = self._calls, self._thread
             self._calls = queue.SimpleQueue()
-            while True:  # the waiting calls move over, in order
-                try:
-                    waiting = old_calls.get_nowait()
-                except queue.Empty:
-                    break
-                if waiting is not None:
-                    self._calls.put(waiting)
+            for waiting in _take_waiting(old_calls):  # the waiting calls move over, in order
+                self._calls.put(waiting)
             old_calls.put(None)
             self._start_thread(previous)
 
