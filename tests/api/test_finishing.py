@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 from PIL import Image
-from service_helpers import submit_generation, wait_for
+from polling import wait_for
+from service_helpers import submit_generation
 
 from imagesmith.config import Settings
 from imagesmith.engine import Engine, output

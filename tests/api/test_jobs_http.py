@@ -8,7 +8,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
-from service_helpers import ServerProcess, wait_for
+from polling import wait_for
+from service_helpers import ServerProcess
 
 FAST = {"prompt": "a fox", "num_inference_steps": 20}
 SLOW = {"prompt": "a slow fox", "width": 128, "height": 128, "num_inference_steps": 150}

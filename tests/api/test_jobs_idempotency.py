@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi.testclient import TestClient
-from service_helpers import wait_for
+from polling import wait_for
 
 from imagesmith.api import create_app
 from imagesmith.config import ModelPreset, Settings

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from service_helpers import submit_generation, wait_for
+from polling import wait_for
+from service_helpers import submit_generation
 
 from imagesmith.config import Settings
 from imagesmith.engine import Engine

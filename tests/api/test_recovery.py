@@ -11,7 +11,8 @@ from typing import Any
 
 import httpx
 import pytest
-from service_helpers import ServerProcess, wait_for
+from polling import wait_for
+from service_helpers import ServerProcess
 
 SLOW = {"prompt": "interrupted", "width": 96, "height": 96, "num_inference_steps": 150, "seed": 1}
 

@@ -17,7 +17,8 @@ import httpx
 import pytest
 from pexels_standin import API_KEY, StandIn
 from PIL import Image
-from service_helpers import ServerProcess, wait_for
+from polling import wait_for
+from service_helpers import ServerProcess
 
 from imagesmith.sources.attribution import read_attribution
 

@@ -17,6 +17,7 @@ import weakref
 from typing import Any
 
 import pytest
+from polling import wait_for
 
 from imagesmith import exit_guard
 from imagesmith.config import Settings
@@ -281,17 +282,15 @@ def test_at_exit_no_queued_call_runs_on_any_engine_and_the_running_ones_are_wait
         call(gpu, name, lambda name=name: (entered[name].set(), gates[name].wait(10))[1])
         assert entered[name].wait(10)
     queued = call(second, "queued", lambda: "ran")
-    deadline = time.monotonic() + 10
-    while second._calls.qsize() != 1 and time.monotonic() < deadline:  # the third call waits in the queue
-        time.sleep(0.01)
+    wait_for(
+        lambda: second._calls.qsize() == 1, timeout=10, interval=0.01
+    )  # the third call waits in the queue
     # The second engine's pass ends first, while the exit still waits for the first engine's.
     threading.Timer(0.1, gates["second"].set).start()
     threading.Timer(0.5, gates["first"].set).start()
 
     assert exit_guard.end_threads([first, second], wait_s=10) == []
-    deadline = time.monotonic() + 10
-    while len(outcomes) < 2 and time.monotonic() < deadline:  # the callers wake after the threads end
-        time.sleep(0.01)
+    wait_for(lambda: len(outcomes) == 2, timeout=10, interval=0.01)  # the callers wake after the threads end
     assert outcomes == {"first": True, "second": True}
     queued.join(0.3)
     assert queued.is_alive() and "queued" not in outcomes  # never run, never resolved
