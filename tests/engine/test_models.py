@@ -6,6 +6,7 @@ import hashlib
 from pathlib import Path
 
 import pytest
+import torch
 
 from imagesmith.config import ModelPreset, Settings
 from imagesmith.engine import Engine, ModelLoadError
@@ -42,6 +43,24 @@ def test_local_folders_load_like_hub_ids(tiny_settings: Settings) -> None:
     assert engine.generate(
         GenerationRequest(prompt="x", width=64, height=64, num_inference_steps=10)
     ).metadata.refined
+
+
+def test_loaded_models_are_frozen_for_inference(tiny_settings: Settings) -> None:
+    """from_pretrained leaves weights requiring grad; torch.compile's caches key on it, so a loaded model and the
+    same model built in memory (the benchmarks) would each compile from scratch. Every module is frozen."""
+    engine = Engine.start(tiny_settings)
+    modules = {
+        f"{role}.{name}": component
+        for role, pipe in (("base", engine.models.base), ("refiner", engine.models.refiner))
+        for name, component in pipe.components.items()
+        if isinstance(component, torch.nn.Module)
+    }
+    assert {"base.unet", "base.vae", "base.text_encoder", "base.text_encoder_2", "refiner.unet"} <= set(
+        modules
+    )
+    for name, module in modules.items():
+        assert not module.training, name
+        assert not any(parameter.requires_grad for parameter in module.parameters()), name
 
 
 def test_broken_refiner_leaves_base_only_generation_working(tiny_settings: Settings, tmp_path: Path) -> None:

@@ -135,6 +135,21 @@ def _place(pipe: Any, plan: HardwarePlan) -> None:
     pipe.set_progress_bar_config(disable=True)
 
 
+def _freeze_for_inference(pipe: Any) -> None:
+    """Every module of the pipeline in eval mode with weights that do not require grad.
+
+    from_pretrained leaves the weights requiring grad. The pipelines run under no_grad, so that costs nothing
+    per step, but torch.compile's caches key on it: a model built in memory and frozen (the benchmarks) missed
+    the compile cache of the same model loaded from disk (every run's queue benchmark, runs 27-36 in
+    docs/benchmarks.md: 428-483 s of compiling instead of a warm start). Frozen here, a tensor computed outside
+    no_grad cannot hold an autograd graph either."""
+    import torch
+
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval().requires_grad_(False)
+
+
 def load_models(settings: Settings, plan: HardwarePlan) -> LoadedModels:
     from diffusers import AutoencoderKL, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
@@ -165,7 +180,8 @@ def load_models(settings: Settings, plan: HardwarePlan) -> LoadedModels:
         except Exception as error:  # any failure leaves base-only generation working
             refiner_error = str(error)
             log.warning("refiner unavailable, generation will be base-only: %s", refiner_error)
-    _place(base, plan)
-    if refiner is not None:
-        _place(refiner, plan)
+    for pipe in (base, refiner):
+        if pipe is not None:
+            _freeze_for_inference(pipe)
+            _place(pipe, plan)
     return LoadedModels(base=base, refiner=refiner, refiner_error=refiner_error, sources=sources)

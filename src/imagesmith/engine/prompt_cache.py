@@ -110,7 +110,7 @@ class PromptEmbeddingCache:
         width = int(pipe.text_encoder_2.config.hidden_size)
         return TextPart(base.hidden[..., -width:].contiguous(), base.pooled, base.encoder_2, base.token_ids_2)
 
-    @torch.no_grad()  # the text encoders' weights require grad: kept tensors would hold their graphs
+    @torch.no_grad()  # load_models freezes its weights, but an engine built around other models may not
     def _encode(self, pipe: Any, text: str) -> TextPart:
         hidden, _, pooled, _ = pipe.encode_prompt(
             prompt=text,
