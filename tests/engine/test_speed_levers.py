@@ -116,6 +116,32 @@ def test_warm_up_reports_where_it_is(tiny_engine: Engine) -> None:
     assert "warm-up 2 of 2 (64x64, batch 2): starting" in heard
 
 
+def test_warm_up_makes_one_preview_as_the_worker_does(
+    tiny_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request's first preview must not pay the preview path's one-time costs mid-pass: the warm-up makes one
+    from a pass's latents and encodes it, once, however many passes it runs."""
+    import imagesmith.engine.fast as fast
+    from imagesmith.preview import PreviewCopy
+
+    made: list[Any] = []
+    encoded: list[str] = []
+
+    class RecordingPreview(PreviewCopy):
+        def __init__(self, latents: Any, index: int = 0) -> None:
+            made.append(latents.shape)
+            super().__init__(latents, index)
+
+        def data_url(self, max_side: int = 128) -> str:
+            encoded.append(super().data_url(max_side))
+            return encoded[-1]
+
+    monkeypatch.setattr(fast, "PreviewCopy", RecordingPreview)
+    fast.warm_up(tiny_engine, [(64, 64)], [1, 2])
+    assert len(made) == 1 and made[0][-2:] == (8, 8)  # 64x64 pixels: 8x8 latents
+    assert len(encoded) == 1 and encoded[0].startswith("data:image/jpeg;base64,")
+
+
 def test_health_detail_names_the_warm_up_step_while_starting(tiny_settings: Settings) -> None:
     import threading
 

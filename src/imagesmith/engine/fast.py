@@ -27,6 +27,7 @@ from imagesmith.engine.batch_routing import BatchRoutedCall
 from imagesmith.engine.fp8 import quantize_transformer_linears
 from imagesmith.engine.hardware import HardwarePlan
 from imagesmith.engine.progress import CancelToken, GenerationCanceled, ProgressEvent
+from imagesmith.preview import PreviewCopy
 
 log = logging.getLogger(__name__)
 
@@ -256,6 +257,11 @@ def warm_up(
     """
     began = time.perf_counter()
     report = on_progress or (lambda _: None)
+    # One preview, as the worker makes them: a request's first preview would otherwise pay one-time costs on the
+    # GPU thread in the middle of its pass (the colour map's upload, its eager kernels' first load, pinned host
+    # memory, Pillow's JPEG encoder). The first request's base stage ran 70-90 ms slower than later ones (runs
+    # 34 and 36 in docs/benchmarks.md), and the warm-up made no preview.
+    previews: list[PreviewCopy] = []
     shapes = [(width, height, batch) for width, height in sizes for batch in batch_sizes]
     for number, (width, height, batch) in enumerate(shapes, start=1):
         where = f"warm-up {number} of {len(shapes)} ({width}x{height}, batch {batch})"
@@ -264,9 +270,13 @@ def warm_up(
         def heard(event: ProgressEvent, where: str = where) -> None:
             # The next stage compiles after this event, so a message that stays long names the stage before it.
             report(f"{where}: {event.stage} step {event.step} of {event.total} done")
+            if not previews and event.latents is not None:
+                previews.append(PreviewCopy(event.latents))
 
         _warm_up_pass(engine, width, height, batch, heard, stop)
         log.info("warm-up %dx%d batch %d done at %.1fs", width, height, batch, time.perf_counter() - began)
+    for preview in previews:
+        preview.data_url()  # the JPEG, on the host
     if getattr(engine, "records_cuda_graphs", False) and compiled_modules(engine):
         # A second round, for the CUDA graphs. CUDA-graph trees record a function on its second run (the first
         # runs eagerly), per batch size: the batched graph serves every size between 2 and the largest pass,
