@@ -45,10 +45,13 @@ def test_local_folders_load_like_hub_ids(tiny_settings: Settings) -> None:
     ).metadata.refined
 
 
-def test_loaded_models_are_frozen_for_inference(tiny_settings: Settings) -> None:
+@pytest.mark.parametrize("compile_mode", ["off", "default"])
+def test_loaded_models_are_frozen_for_inference(tiny_settings: Settings, compile_mode: str) -> None:
     """from_pretrained leaves weights requiring grad; torch.compile's caches key on it, so a loaded model and the
-    same model built in memory (the benchmarks) would each compile from scratch. Every module is frozen."""
-    engine = Engine.start(tiny_settings)
+    same model built in memory (the benchmarks) would each compile from scratch. Every module is frozen, also
+    the projections that fusing QKV (on with compile) creates after loading."""
+    engine = Engine.start(tiny_settings.with_changes(compile=compile_mode, warmup=False))
+    assert ("fused QKV" in engine.levers) is (compile_mode != "off")
     modules = {
         f"{role}.{name}": component
         for role, pipe in (("base", engine.models.base), ("refiner", engine.models.refiner))

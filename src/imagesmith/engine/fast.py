@@ -104,6 +104,9 @@ def apply_speed_levers(base: Any, refiner: Any | None, plan: HardwarePlan, setti
             refiner.fuse_qkv_projections(unet=True, vae=False)  # the VAE is the base's, already fused
         for model in [*unets, base.vae]:
             _drop_unfused_projections(model)
+            # The fused projections are new layers, made requiring grad: frozen like the loaded weights
+            # (models.py's _freeze_for_inference says why), so the compile cache's key does not depend on them.
+            model.requires_grad_(False)
         applied.append("fused QKV")
     elif settings.fuse_qkv and plan.offload != "none":
         log.warning("fuse_qkv skipped: it needs offload=none (plan: %s)", plan.offload)
