@@ -164,7 +164,7 @@ class Settings(BaseSettings):
     finish_in_background: bool = Field(
         True,
         description="Encode a pass's files and end its jobs on a second thread while the GPU runs the next pass "
-        "(off: the GPU waits for each pass's encoding, ~0.2 s an image).",
+        "(off: the GPU waits for each pass's encoding: 1.27 instead of 1.34 images/s at batch 1 on an H200).",
     )
     preview_every: int = Field(5, ge=0, description="Steps between SSE preview images; 0 turns them off.")
     preview_max_side: int = Field(128, ge=16, le=512, description="Longest side of a preview image.")
