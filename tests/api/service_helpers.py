@@ -39,6 +39,13 @@ def free_port() -> int:
         return port
 
 
+def _sigint_at_its_default() -> None:
+    """In the server's process before it starts: SIGINT as a terminal's Ctrl-C finds it. A background job (CI,
+    `cmd &` in a script) starts with SIGINT ignored, and the server inherits that: uvicorn still stops on SIGINT,
+    but its re-raise after the graceful shutdown is then ignored and the process exits 0, not 130."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class ServerProcess:
     """`python -m imagesmith.api.serve` on 127.0.0.1 with a free port and its own data dir."""
 
@@ -70,6 +77,7 @@ class ServerProcess:
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                preexec_fn=_sigint_at_its_default,
             )
         if wait_ready:
             self.wait_ready()
