@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from row_probe import RowProbe
 from sdxl_random import architecture, build_components, build_pipelines
 
 
@@ -143,16 +144,17 @@ def main() -> None:
             worker.start()
             while not all(store.get(i).status.terminal for i in warm):  # type: ignore[union-attr]
                 time.sleep(0.01)
-            started = time.perf_counter()
-            for seed in range(args.jobs):
-                body = request(seed)
-                ids.append(
-                    store.submit(body, hashlib.sha256(repr(body).encode()).hexdigest(), None, 1000)[0].id
-                )
-            worker.notify()
-            while not all(store.get(i).status.terminal for i in ids):  # type: ignore[union-attr]
-                time.sleep(0.01)
-            wall = time.perf_counter() - started
+            with RowProbe() as probe:
+                started = time.perf_counter()
+                for seed in range(args.jobs):
+                    body = request(seed)
+                    ids.append(
+                        store.submit(body, hashlib.sha256(repr(body).encode()).hexdigest(), None, 1000)[0].id
+                    )
+                worker.notify()
+                while not all(store.get(i).status.terminal for i in ids):  # type: ignore[union-attr]
+                    time.sleep(0.01)
+                wall = time.perf_counter() - started
             worker.stop()
             statuses = {store.get(i).status for i in ids}  # type: ignore[union-attr]
             sizes = sorted({store.get(i).result["metadata"]["batch_size"] for i in ids})  # type: ignore[index,union-attr]
@@ -173,11 +175,16 @@ def main() -> None:
             "changes": changes or {},
             # One value per job: a batched pass's stages appear once for each of its jobs.
             "median_stage_s": medians(stage_times),
+            # Each job's base stage in the order queued (and run): a slow row that is slow from its first job to
+            # its last is a different cause from one that speeds up as it goes.
+            "base_s_by_job": [round(seconds, 4) for seconds in stage_times.get("base", [])],
+            "probe": probe.summary(),
         }
         record(
             row,
             f"{label:10s} batch {batch}: {row['images_per_s']:.2f} images/s ({wall:.1f}s for {args.jobs}) "
-            f"batches {sizes} ok={row['all_succeeded']} stages {row['median_stage_s']} startup {startup}",
+            f"batches {sizes} ok={row['all_succeeded']} stages {row['median_stage_s']} startup {startup} "
+            f"probe {row['probe']}",
         )
 
     def engine_alone(batch: int, label: str, runs: int = 5) -> None:
@@ -185,29 +192,31 @@ def main() -> None:
         progress tracker or files, on the same warm engine."""
         walls: list[float] = []
         stage_times: dict[str, list[float]] = {}
-        for run in range(runs):
-            items = [
-                BatchItem(GenerationRequest.model_validate(request(20_000 + 8 * run + i)["generation"]))
-                for i in range(batch)
-            ]
-            began = time.perf_counter()
-            outcomes = engine.generate_batch(items)
-            walls.append(time.perf_counter() - began)
-            first = outcomes[0]
-            assert not isinstance(first, BaseException), first
-            for stage in first.metadata.stages:
-                stage_times.setdefault(stage.name, []).append(stage.seconds)
+        with RowProbe() as probe:
+            for run in range(runs):
+                items = [
+                    BatchItem(GenerationRequest.model_validate(request(20_000 + 8 * run + i)["generation"]))
+                    for i in range(batch)
+                ]
+                began = time.perf_counter()
+                outcomes = engine.generate_batch(items)
+                walls.append(time.perf_counter() - began)
+                first = outcomes[0]
+                assert not isinstance(first, BaseException), first
+                for stage in first.metadata.stages:
+                    stage_times.setdefault(stage.name, []).append(stage.seconds)
         row = {
             "config": f"{label},engine-alone",
             "batch_max_images": batch,
             "images_per_s": batch / statistics.median(walls),
             "median_wall_s": statistics.median(walls),
             "median_stage_s": medians(stage_times),
+            "probe": probe.summary(),
         }
         record(
             row,
             f"{row['config']:10s} batch {batch}: {row['images_per_s']:.2f} images/s (median pass "
-            f"{row['median_wall_s']:.3f}s) stages {row['median_stage_s']}",
+            f"{row['median_wall_s']:.3f}s) stages {row['median_stage_s']} probe {row['probe']}",
         )
 
     batches = [int(b) for b in args.batches.split(",")]
