@@ -20,8 +20,13 @@ set -u
 PIPE=.devcache/pipe
 
 if [ "${1:-}" = "--wait" ]; then
-    # Wait until the pipeline ends or SECONDS pass, then copy everything it wrote so far to $OUT.
-    until grep -q "^pipeline end" "$PIPE/stages" 2>/dev/null || [ "$SECONDS" -ge "${2:-540}" ]; do sleep 5; done
+    # Wait until the pipeline ends or SECONDS pass, copying everything it wrote so far to $OUT every 30 s and at
+    # the end. Why every 30 s: a call's limit can be shorter than asked (the device time left), and a call killed
+    # at its limit returns only what is already under $OUT; run 39 lost its whole stage that way.
+    until grep -q "^pipeline end" "$PIPE/stages" 2>/dev/null || [ "$SECONDS" -ge "${2:-540}" ]; do
+        sleep 5
+        [ $((SECONDS % 30)) -lt 5 ] && cp -r "$PIPE" "$OUT/" 2>/dev/null
+    done
     cp -r "$PIPE" "$OUT/" 2>/dev/null
     cat "$PIPE/stages"
     exit 0
