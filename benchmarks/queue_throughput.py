@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from row_probe import RowProbe
 from sdxl_random import architecture, build_components, build_pipelines
+from unet_timeline import UnetTimeline
 
 
 def main() -> None:
@@ -107,6 +108,12 @@ def main() -> None:
         )
         return ImageRequest(sources=[SourceName.GENERATE], generation=generation).model_dump(mode="json")
 
+    # Set once the UNets are compiled: the base UNet's call timeline (unet_timeline.py), taken per row.
+    timeline: UnetTimeline | None = None
+
+    def timeline_taken() -> dict[str, Any]:
+        return timeline.take() if timeline is not None else {}
+
     def medians(times: dict[str, list[float]]) -> dict[str, float]:
         return {name: statistics.median(values) for name, values in times.items()}
 
@@ -144,6 +151,7 @@ def main() -> None:
             worker.start()
             while not all(store.get(i).status.terminal for i in warm):  # type: ignore[union-attr]
                 time.sleep(0.01)
+            timeline_taken()  # the warm-up's calls are not the row's
             with RowProbe() as probe:
                 started = time.perf_counter()
                 for seed in range(args.jobs):
@@ -178,7 +186,7 @@ def main() -> None:
             # Each job's base stage in the order queued (and run): a slow row that is slow from its first job to
             # its last is a different cause from one that speeds up as it goes.
             "base_s_by_job": [round(seconds, 4) for seconds in stage_times.get("base", [])],
-            "probe": probe.summary(),
+            "probe": probe.summary() | timeline_taken(),
         }
         record(
             row,
@@ -192,6 +200,7 @@ def main() -> None:
         progress tracker or files, on the same warm engine."""
         walls: list[float] = []
         stage_times: dict[str, list[float]] = {}
+        timeline_taken()
         with RowProbe() as probe:
             for run in range(runs):
                 items = [
@@ -211,7 +220,7 @@ def main() -> None:
             "images_per_s": batch / statistics.median(walls),
             "median_wall_s": statistics.median(walls),
             "median_stage_s": medians(stage_times),
-            "probe": probe.summary(),
+            "probe": probe.summary() | timeline_taken(),
         }
         record(
             row,
@@ -232,6 +241,8 @@ def main() -> None:
         levers_plan = plan_hardware(probe_device(device), levers)
         results["levers"] = apply_speed_levers(base, refiner, levers_plan, levers)
         engine.records_cuda_graphs = records_cuda_graphs(levers, results["levers"])  # as Engine.start sets it
+        if base.unet._compiled_call_impl is not None:
+            timeline = UnetTimeline(base.unet)
         label = f"{args.compile_mode}{'+fp8' if args.fp8 else ''}"
         variants: list[tuple[str, dict[str, Any]]] = [(label, {})]
         if args.ab:
