@@ -17,7 +17,7 @@ import json
 import os
 import sys
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -48,12 +48,12 @@ def record_attention_shapes(unet: Any, inputs: dict[str, Any]) -> Counter[Shape]
         seen[(tuple(query.shape), tuple(key.shape))] += 1
         return original(query, key, *args, **kwargs)
 
-    F.scaled_dot_product_attention = recording  # type: ignore[assignment]
+    F.scaled_dot_product_attention = recording
     try:
         with torch.no_grad():
             unet(**inputs)
     finally:
-        F.scaled_dot_product_attention = original  # type: ignore[assignment]
+        F.scaled_dot_product_attention = original
     return seen
 
 
@@ -125,13 +125,17 @@ def kind_of(kernel: str) -> str:
     return "other"
 
 
-def kernel_time_by_kind(prof: Any, name_chars: int) -> tuple[Counter[str], Counter[str]]:
+def longest_first(times: dict[str, float]) -> list[tuple[str, float]]:
+    return sorted(times.items(), key=lambda item: -item[1])
+
+
+def kernel_time_by_kind(prof: Any, name_chars: int) -> tuple[dict[str, float], dict[str, float]]:
     """Microseconds of GPU kernel time in a torch.profiler run, by kind (kind_of) and by kernel name (cut to
     `name_chars`). Kernels inside CUDA graphs are recorded one by one too."""
     from torch.autograd import DeviceType
 
-    by_kind: Counter[str] = Counter()
-    kernels: Counter[str] = Counter()
+    by_kind: defaultdict[str, float] = defaultdict(float)
+    kernels: defaultdict[str, float] = defaultdict(float)
     for event in prof.key_averages():
         if event.device_type != DeviceType.CUDA:
             continue
@@ -155,9 +159,9 @@ def profile_unet(unet: Any, inputs: dict[str, Any], backend: str) -> dict[str, A
     total = sum(by_kind.values())
     return {
         "kernel_ms": total / 1000,
-        "by_kind_ms": {kind: us / 1000 for kind, us in by_kind.most_common()},
-        "by_kind_share": {kind: us / total for kind, us in by_kind.most_common()} if total else {},
-        "top_kernels_ms": [(name, us / 1000) for name, us in kernels.most_common(10)],
+        "by_kind_ms": {kind: us / 1000 for kind, us in longest_first(by_kind)},
+        "by_kind_share": {kind: us / total for kind, us in longest_first(by_kind)} if total else {},
+        "top_kernels_ms": [(name, us / 1000) for name, us in longest_first(kernels)[:10]],
     }
 
 
@@ -248,7 +252,8 @@ def main() -> None:
     for role in args.roles.split(","):
         torch.manual_seed(0)
         with torch.device(device):
-            unet = UNet2DConditionModel(**arch[role][UNET_KEY]).eval().requires_grad_(False).to(dtype)
+            built: Any = UNet2DConditionModel(**arch[role][UNET_KEY])  # diffusers' decorators hide nn.Module
+            unet = built.eval().requires_grad_(False).to(dtype)
         if args.fused_qkv:
             unet.fuse_qkv_projections()
         for batch in (int(b) for b in args.batches.split(",")):

@@ -15,6 +15,7 @@ Usage:  PYTHONPATH=src python benchmarks/encode_batch.py [--images 8] [--repeats
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import os
 import statistics
@@ -95,11 +96,11 @@ def main() -> None:
             serial = [pillow_png(image) for image in images]
             timings[ways[0]].append(time.perf_counter() - began)
             began = time.perf_counter()
-            parallel = encode_in_parallel([lambda image=image: pillow_png(image) for image in images])
+            parallel = encode_in_parallel([functools.partial(pillow_png, image) for image in images])
             timings[ways[1]].append(time.perf_counter() - began)
             assert parallel == serial  # same bytes, same order
             began = time.perf_counter()
-            banded = encode_in_parallel([lambda image=image: banded_png(image) for image in images])
+            banded = encode_in_parallel([functools.partial(banded_png, image) for image in images])
             timings[ways[2]].append(time.perf_counter() - began)
             assert banded == [banded_png(image) for image in images]  # deterministic, in order
         for way, times in timings.items():

@@ -78,7 +78,7 @@ class Variant:
             "cl" in flags,
             "cudnn" in flags,
             kind == "mlperf",
-            *(attention or ["auto"]),
+            attention[0] if attention else "auto",
             dynamic="dyn" in flags,
         )
 
@@ -154,7 +154,7 @@ def profile_generation(engine: Any, request: Any) -> dict[str, Any]:
     """One generation under the profiler: wall time, the GPU kernel time by kind (kernels inside CUDA graphs
     are recorded too), and when the CPU finished queueing each base step. If the kernels add up to much less
     than the wall time, the GPU waited on the host."""
-    from attention_backends import kernel_time_by_kind
+    from attention_backends import kernel_time_by_kind, longest_first
     from torch.profiler import ProfilerActivity, profile
 
     queued: list[float] = []
@@ -169,8 +169,8 @@ def profile_generation(engine: Any, request: Any) -> dict[str, Any]:
     return {
         "wall_ms": wall * 1000,
         "kernel_ms": sum(by_kind.values()) / 1000,
-        "by_kind_ms": {kind: round(us / 1000, 1) for kind, us in by_kind.most_common()},
-        "top_kernels_ms": [(name, us / 1000) for name, us in kernels.most_common(8)],
+        "by_kind_ms": {kind: round(us / 1000, 1) for kind, us in longest_first(by_kind)},
+        "top_kernels_ms": [(name, us / 1000) for name, us in longest_first(kernels)[:8]],
         "cpu_ms_between_step_callbacks": step_gaps,
     }
 

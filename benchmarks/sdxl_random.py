@@ -214,6 +214,7 @@ def build_pipelines(components: Components, separate_refiner_copies: bool = Fals
         requires_aesthetics_score=True,
         force_zeros_for_empty_prompt=False,
     )
-    for pipe in (base, refiner):
+    pipes: tuple[Any, Any] = (base, refiner)  # diffusers' mixins hide set_progress_bar_config from mypy
+    for pipe in pipes:
         pipe.set_progress_bar_config(disable=True)
-    return base, refiner
+    return pipes
