@@ -16,7 +16,9 @@ measures. Where NVML is missing (the CPU, CI) the GPU fields are left out.
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
+import operator
 import os
 import statistics
 import threading
@@ -125,13 +127,6 @@ class RowProbe:
                 "power_w_median": round(statistics.median(power), 1),
                 "temperature_c_max": max(temperature),
                 # OR of every sample's reasons (NVML's bits: 0x1 idle, 0x4 sw power cap, 0x20 sw thermal...).
-                "clock_event_reasons_seen": hex(_bitwise_or(reasons)),
+                "clock_event_reasons_seen": hex(functools.reduce(operator.or_, reasons, 0)),
             }
         return found
-
-
-def _bitwise_or(values: tuple[int, ...]) -> int:
-    found = 0
-    for value in values:
-        found |= value
-    return found

@@ -12,7 +12,8 @@ measures it per call:
   waited), and the host's time from one launch to the next.
 
 Installed on a module as its `_compiled_call_impl` wrapper (what `Module.__call__` calls when the module is
-compiled), so it sits outside the compiled graph and records nothing inside it. Without CUDA (the CPU smoke
+compiled), so it sits outside the compiled graph and records nothing inside it. Not sdxl_fullsize.Probe, which
+times UNet calls too: its forward hooks run inside `_call_impl`, the function torch.compile traces. Without CUDA (the CPU smoke
 run) host clocks stand in for events, so the code path still runs; its GPU figures then mean nothing.
 """
 
