@@ -15,7 +15,13 @@
 # cold then warm; (only when named) serve-dynamic, a cold start with IMAGESMITH_COMPILE_DYNAMIC; the queue at
 # batch 1, 4 and 8, eager and compiled (QUEUE_BATCHES and QUEUE_ARGS in the environment change what it runs;
 # QUEUE_ARGS="--ab --eager-batches none" gives the finishing and preview A/Bs); the engine's fast path (peer,
-# eager, fastest exact) with what budget is left before DEADLINE_EPOCH_S.
+# eager, fastest exact) with what budget is left before DEADLINE_EPOCH_S, or FAST_LIMIT_S if less (FAST_PHASES,
+# FAST_VARIANTS and FAST_ARGS change what it runs); (only when named) headline, the issue's tables from what the
+# stages before it wrote (benchmarks/headline.py, seconds on the CPU), into headline.md.
+#
+# The issue's whole benchmark in one run (run 40): models,serve-cold,fast-path,queue,headline with
+# FAST_PHASES=seed,peer,eager,variants FAST_VARIANTS=reduce-overhead,reduce-overhead+fp8
+# FAST_ARGS=--no-prompt-cache-ab QUEUE_ARGS="--repeats 2 --eager-batches none".
 set -u
 PIPE=.devcache/pipe
 
@@ -77,15 +83,19 @@ print(s(Path('.devcache/random-sdxl'), False))" ;;
     fast-path)
         local budget
         budget=$(left)
+        [ "$budget" -gt "${FAST_LIMIT_S:-$budget}" ] && budget=$FAST_LIMIT_S
         # The fastest exact configuration (cudnn.benchmark is refused with CUDA graphs: it failed the capture in
         # run 27, was slower in run 31 and crashed the eager fallback in run 32); FAST_VARIANTS picks others.
         if [ "$budget" -gt 150 ]; then
+            # shellcheck disable=SC2086  # FAST_ARGS is a list of arguments
             stage fast-path "$((budget + 15))" python3 benchmarks/fast_path.py --out "$PIPE/fast-path" \
-                --cache-dir .devcache/serve8/compile-cache --phases peer,eager,variants \
-                --variants "${FAST_VARIANTS:-reduce-overhead}" --budget-s "$budget" --compile-needs-s 120
+                --cache-dir .devcache/serve8/compile-cache --phases "${FAST_PHASES:-peer,eager,variants}" \
+                --variants "${FAST_VARIANTS:-reduce-overhead}" --budget-s "$budget" --compile-needs-s 120 \
+                ${FAST_ARGS:-}
         else
             echo "$(date +%s) skip fast-path: ${budget}s left" >> "$PIPE/stages"
         fi ;;
+    headline) stage headline 60 python3 benchmarks/headline.py "$PIPE" --out "$PIPE/headline.md" ;;
     *) echo "$(date +%s) unknown stage $1" >> "$PIPE/stages" ;;
     esac
 }

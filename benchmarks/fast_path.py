@@ -1,6 +1,9 @@
 """The fast path on one GPU, in one run: diffusers' fp16 peer vs the eager engine vs the engine's speed levers.
 
 Phases (`--phases`, each skipped, and said so, when the time budget runs short; results saved after each):
+  seed       the seed document's settings: plain diffusers fp32, base 50 steps to latents, then the refiner as
+             img2img, 30 steps at strength 0.3, guidance 8, negative prompt "", the refiner with its own copies
+             of text_encoder_2 and the VAE (the seed's two from_pretrained calls)
   peer       diffusers' documented fp16 ensemble, 40 steps, split 0.8 (plain pipelines): the headline's peer
   eager      imagesmith's default (bf16 everywhere, eager), ensemble 40 steps, 0.8; keeps the final latents and
              image as the fidelity reference for every variant (same weights: the builder is seeded)
@@ -9,6 +12,11 @@ Phases (`--phases`, each skipped, and said so, when the time budget runs short; 
              Engine.start applies them, warm-up timed (compilation: the first start's cost, or the cache's),
              then the 40-step ensemble, fidelity against eager (relative L2 of the final latents, PSNR)
   restart    dynamo reset, then the last variant's warm-up again: the second start, from the inductor cache
+
+Every phase records the median and spread of `--runs` end-to-end runs, the peak GPU memory, each UNet's median
+call time on the GPU and its achieved TFLOP/s (unet_timeline.py: CUDA events around every call, compiled or
+not), and `first_image_s`: from the phase's start (building its modules, which a user's process loads from disk)
+to its first image, the warm-up (compilation) included.
 
 A variant is `MODE[+fp8][+cl][+cudnn][+dyn][+attn-BACKEND][:mlperf]`: MODE is a compile choice (off, default,
 reduce-overhead, max-autotune-no-cudagraphs); +fp8 fp8 transformer linears (engine/fp8.py); +cl channels_last;
@@ -44,6 +52,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sdxl_random import architecture, build_components, build_pipelines
+from unet_timeline import UnetTimeline
 
 PROMPT = "a lighthouse on a rocky cliff at sunset, dramatic sky, photograph"
 UNET_TFLOP = {"base": 13.522, "refine": 14.572}  # per call, batch 2 with CFG, 128x128 latents (reference)
@@ -130,6 +139,35 @@ def timed(fn: Any, runs: int) -> dict[str, Any]:
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "runs": times}
 
 
+class UnetRates:
+    """Each UNet's calls on the GPU (unet_timeline.py) -> calls, median ms a call, achieved TFLOP/s. The FLOPs
+    a call are the reference's (batch 2 with CFG, 128x128 latents), so the rate means something at 1024x1024
+    with guidance only, which every configuration here uses."""
+
+    def __init__(self, base_unet: torch.nn.Module, refiner_unet: torch.nn.Module | None) -> None:
+        self.timelines = {"base": UnetTimeline(base_unet)}
+        if refiner_unet is not None:
+            self.timelines["refine"] = UnetTimeline(refiner_unet)
+
+    def discard(self) -> None:
+        """Forget the calls so far (a warm-up's)."""
+        for timeline in self.timelines.values():
+            timeline.take()
+
+    def take(self) -> dict[str, Any]:
+        rates: dict[str, Any] = {}
+        for role, timeline in self.timelines.items():
+            calls = timeline.take()
+            ms = calls.get("unet_gpu_ms_median")
+            if ms:
+                rates[role] = {
+                    "calls": calls["unet_calls"],
+                    "gpu_ms_median": ms,
+                    "tflop_s": UNET_TFLOP[role] / ms * 1e3,
+                }
+        return rates
+
+
 def peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
 
@@ -194,6 +232,12 @@ def main() -> None:
         "prompt, so the cache would skip the text encoders that the peer runs each time (runs 6-23 had it on)",
     )
     parser.add_argument(
+        "--no-prompt-cache-ab",
+        dest="prompt_cache_ab",
+        action="store_false",
+        help="skip timing eager and each variant again with the prompt cache on (saves ~10 runs a phase)",
+    )
+    parser.add_argument(
         "--profile", action="store_true", help="profile one ensemble per variant: GPU kernel time by kind"
     )
     parser.add_argument(
@@ -243,33 +287,74 @@ def main() -> None:
             seed=7,
         )
 
-    # --- the peer: diffusers' fp16 ensemble, as its docs write it -----------------------------------------
-    def peer() -> None:
-        components = build_components(arch, device)
-        components.to(torch.float16)
-        base, refiner = build_pipelines(components)
+    # --- plain diffusers: the seed's settings and the peer a user would write ------------------------------
+    def plain_two_stage(
+        base: Any, refiner: Any, base_steps: int, base_kwargs: dict[str, Any], refine_kwargs: dict[str, Any]
+    ) -> Any:
+        """One plain-diffusers generation: the base to latents, then the refiner to an image (decode inside)."""
 
         def once() -> None:
             latents = base(
                 prompt=PROMPT,
                 width=px,
                 height=px,
-                num_inference_steps=steps,
-                denoising_end=0.8,
+                num_inference_steps=base_steps,
                 output_type="latent",
                 generator=torch.Generator("cpu").manual_seed(1),
+                **base_kwargs,
             ).images
             refiner(
-                prompt=PROMPT,
-                image=latents,
-                num_inference_steps=steps,
-                denoising_start=0.8,
-                generator=torch.Generator("cpu").manual_seed(1),
+                prompt=PROMPT, image=latents, generator=torch.Generator("cpu").manual_seed(1), **refine_kwargs
             ).images[0]
 
+        return once
+
+    def measure_plain(key: str, components: Any, once: Any, began: float) -> None:
+        rates = UnetRates(components.base_unet, components.refiner_unet)
         once()
+        first_image_s = time.perf_counter() - began
+        rates.discard()
         reset_peak()
-        run.results["peer_fp16_ensemble"] = {**timed(once, args.runs), "peak_gib": peak_gib()}
+        stats = timed(once, args.runs)
+        run.results[key] = {
+            **stats,
+            "peak_gib": peak_gib(),
+            "first_image_s": first_image_s,
+            "unet": rates.take(),
+        }
+        run.log(
+            f"{key}: median {stats['median_s']:.3f}s, first image {first_image_s:.1f}s after the phase began"
+        )
+
+    def seed() -> None:
+        began = time.perf_counter()
+        components = build_components(arch, device)  # fp32, as the seed runs on a large GPU
+        base, refiner = build_pipelines(components, separate_refiner_copies=True)
+        seed_steps, refine_steps = (5, 4) if smoke else (50, 30)
+        # The seed passes guidance 8 and an empty negative prompt to both stages.
+        common = {"guidance_scale": 8.0, "negative_prompt": ""}
+        refine = {"num_inference_steps": refine_steps, "strength": 0.3, **common}
+        measure_plain(
+            "seed_fp32", components, plain_two_stage(base, refiner, seed_steps, common, refine), began
+        )
+
+    if "seed" in phases:
+        run.phase("seed", 120, seed)
+        release_memory()
+
+    def peer() -> None:
+        began = time.perf_counter()
+        components = build_components(arch, device)
+        components.to(torch.float16)
+        base, refiner = build_pipelines(components)
+        ensemble = plain_two_stage(
+            base,
+            refiner,
+            steps,
+            {"denoising_end": 0.8},
+            {"num_inference_steps": steps, "denoising_start": 0.8},
+        )
+        measure_plain("peer_fp16_ensemble", components, ensemble, began)
 
     if "peer" in phases:
         run.phase("peer", 60, peer)
@@ -339,14 +424,20 @@ def main() -> None:
         )
 
     def eager() -> None:
+        began = time.perf_counter()
         engine = new_engine()
+        rates = UnetRates(engine.models.base.unet, engine.models.refiner.unet)
         engine.generate(ensemble_request())
+        first_image_s = time.perf_counter() - began
+        rates.discard()
         reset_peak()
         stats = timed(lambda: engine.generate(ensemble_request()), args.runs)
-        result = engine.generate(ensemble_request())
+        row = {**stats, "peak_gib": peak_gib(), "first_image_s": first_image_s, "unet": rates.take()}
+        row["stages"] = stages_of(engine.generate(ensemble_request()))
         reference["latents"], reference["image"] = final_latents_of(engine, ensemble_request())
-        run.results["engine_eager_ensemble"] = {**stats, "peak_gib": peak_gib(), "stages": stages_of(result)}
-        with_prompt_cache(engine, run.results["engine_eager_ensemble"], "eager")
+        run.results["engine_eager_ensemble"] = row
+        if args.prompt_cache_ab:
+            with_prompt_cache(engine, row, "eager")
         if "mlperf" in phases:
             run.results["mlperf_eager"] = mlperf_rows(engine, "mlperf eager", mlperf_batches)
 
@@ -357,6 +448,7 @@ def main() -> None:
     last_engine: list[Any] = []
 
     def measure(variant: Variant) -> None:
+        began = time.perf_counter()
         torch._dynamo.reset()  # the previous variant's graphs (and CUDA graph pools) go
         torch.backends.cudnn.benchmark = False  # the setting below switches it on where named
         settings = Settings(
@@ -378,6 +470,7 @@ def main() -> None:
         if variant.fp8 != any(lever.startswith("fp8") for lever in levers):
             raise RuntimeError(f"{variant.spec}: levers applied were {levers}")
         row: dict[str, Any] = {"levers": levers, "attention": variant_plan.attention}
+        rates = UnetRates(engine.models.base.unet, None if variant.mlperf else engine.models.refiner.unet)
         run.results["variants"][variant.spec] = row
         sync()
         if variant.mlperf:
@@ -386,11 +479,16 @@ def main() -> None:
             t0 = time.perf_counter()
             row["warm_up_s"] = warm_up(engine, [(px, px)], [1])
             run.log(f"{variant.spec}: warm-up {row['warm_up_s']:.1f}s ({time.perf_counter() - t0:.1f}s)")
+            engine.generate(ensemble_request())
+            row["first_image_s"] = time.perf_counter() - began
+            rates.discard()
             reset_peak()
             row.update(timed(lambda: engine.generate(ensemble_request()), args.runs))
             row["peak_gib"] = peak_gib()
+            row["unet"] = rates.take()
             row["stages"] = stages_of(engine.generate(ensemble_request()))
-            with_prompt_cache(engine, row, variant.spec)
+            if args.prompt_cache_ab:
+                with_prompt_cache(engine, row, variant.spec)
             if args.profile:
                 row["profile"] = profile_generation(engine, ensemble_request())
                 run.log(f"{variant.spec}: profile {row['profile']}")
@@ -447,11 +545,17 @@ def print_table(r: dict[str, Any]) -> None:
             else ""
         )
         warm = f"  warm {x['warm_up_s']:.0f}s" if "warm_up_s" in x else ""
+        first = f"  first image {x['first_image_s']:.0f}s" if "first_image_s" in x else ""
+        unet = "".join(
+            f"  {role} {u['gpu_ms_median']:.1f} ms {u['tflop_s']:.0f} TFLOP/s"
+            for role, u in x.get("unet", {}).items()
+        )
         print(
             f"{name:40s} {x['median_s']:7.3f} s ({x['min_s']:.3f}-{x['max_s']:.3f}) "
-            f"peak {x['peak_gib']:.1f} GiB{ratio}{warm}{extra}"
+            f"peak {x['peak_gib']:.1f} GiB{ratio}{warm}{first}{unet}{extra}"
         )
 
+    row("seed: fp32, 50 + img2img 30 x 0.3", r.get("seed_fp32", {}))
     row("peer: diffusers fp16 ensemble 40", r.get("peer_fp16_ensemble", {}))
     row("imagesmith eager bf16 ensemble 40", r.get("engine_eager_ensemble", {}))
     for spec, x in r.get("variants", {}).items():

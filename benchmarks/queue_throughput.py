@@ -60,6 +60,13 @@ def main() -> None:
     parser.add_argument(
         "--ab-rounds", type=int, default=1, help="with --ab: rounds of the variants, in alternating order"
     )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="without --ab: compiled rows of the default configuration per batch size; with 2 or more, the engine "
+        "alone once after them (the first row after a warm-up has been up to 9 %% slower than later ones)",
+    )
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
     out = Path(args.out)
@@ -259,6 +266,10 @@ def main() -> None:
                 for name, changes in order:
                     if round_ or changes:  # round 0 has the default already, from the warm-up row
                         through_queue(batch, name, levers, changes)
+                engine_alone(batch, label)
+            if not args.ab and args.repeats > 1:
+                for _ in range(args.repeats - 1):
+                    through_queue(batch, label, levers)
                 engine_alone(batch, label)
 
 

@@ -11,10 +11,12 @@ measures it per call:
 - whether the previous call had already finished on the GPU when the host launched the next one (the GPU
   waited), and the host's time from one launch to the next.
 
-Installed on a module as its `_compiled_call_impl` wrapper (what `Module.__call__` calls when the module is
-compiled), so it sits outside the compiled graph and records nothing inside it. Not sdxl_fullsize.Probe, which
-times UNet calls too: its forward hooks run inside `_call_impl`, the function torch.compile traces. Without CUDA (the CPU smoke
-run) host clocks stand in for events, so the code path still runs; its GPU figures then mean nothing.
+On a compiled module it is installed as the `_compiled_call_impl` wrapper (what `Module.__call__` calls when the
+module is compiled), so it sits outside the compiled graph and records nothing inside it. Not sdxl_fullsize.Probe,
+which times UNet calls too: its forward hooks run inside `_call_impl`, the function torch.compile traces. On an
+eager module (the peer, the seed's fp32 pipelines, the eager engine) forward hooks do the same job, and the median
+call's GPU time gives every configuration's achieved UNet TFLOP/s the same way (`fast_path.py`). Without CUDA (the
+CPU smoke run) host clocks stand in for events, so the code path still runs; its GPU figures then mean nothing.
 """
 
 from __future__ import annotations
@@ -51,29 +53,41 @@ def _event() -> Any:
 
 
 class UnetTimeline:
-    """Wraps a compiled module's call; `take()` returns and clears what the calls since the last `take()` showed."""
+    """Times a module's calls; `take()` returns and clears what the calls since the last `take()` showed."""
 
     # A host gap longer than this between two calls is a stage or job boundary, not a step: not counted.
     STEP_GAP_LIMIT_S = 0.2
 
     def __init__(self, module: torch.nn.Module) -> None:
-        inner = module._compiled_call_impl
-        if inner is None:
-            raise ValueError("the module is not compiled: nothing to wrap")
-        self._inner: Callable[..., Any] = inner
         self._calls: list[tuple[Any, Any, float, bool]] = []  # start event, end event, host launch, GPU idle
-        module._compiled_call_impl = self
+        self._open: list[tuple[Any, float, bool]] = []  # calls begun, not yet ended
+        inner = module._compiled_call_impl
+        if inner is not None:
+            self._inner: Callable[..., Any] = inner
+            module._compiled_call_impl = self
+        else:
+            module.register_forward_pre_hook(lambda *_: self._begin())
+            module.register_forward_hook(lambda *_: self._end())
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self._begin()
+        out = self._inner(*args, **kwargs)
+        self._end()
+        return out
+
+    def _begin(self) -> None:
         launched = time.perf_counter()
         # Queried before this call's work is queued: True means the GPU finished the last call and sat idle.
         waited = bool(self._calls) and self._calls[-1][1].query()
-        start, end = _event(), _event()
+        start = _event()
         start.record()
-        out = self._inner(*args, **kwargs)
+        self._open.append((start, launched, waited))
+
+    def _end(self) -> None:
+        end = _event()
         end.record()
+        start, launched, waited = self._open.pop()
         self._calls.append((start, end, launched, waited))
-        return out
 
     def take(self) -> dict[str, Any]:
         calls, self._calls = self._calls, []
