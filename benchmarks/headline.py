@@ -64,8 +64,9 @@ def queue(results: dict[str, Any]) -> list[str]:
     rows = results.get("rows", [])
     lines = [
         "| batch_max | queue, images/s by row | engine alone, images/s | GPU utilisation by row (%) "
-        "| SM clock median (MHz) | GPU waited for the host (fraction of base calls, by row) |",
-        "|---|---|---|---|---|---|",
+        "| SM clock median (MHz) | GPU waited for the host (fraction of base calls, by row) "
+        "| base stage, median s (by row) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for batch in sorted({row["batch_max_images"] for row in rows}):
         mine = [r for r in rows if r["batch_max_images"] == batch and r["config"] != "eager"]
@@ -80,10 +81,13 @@ def queue(results: dict[str, Any]) -> list[str]:
         utilisation = " / ".join(str(p.get("gpu_utilization_pct_mean", "-")) for p in probes)
         waited = " / ".join(str(p.get("gpu_waited_for_host_fraction", "-")) for p in probes)
         clock = statistics.median(clocks) if clocks else "-"
-        lines.append(f"| {batch} | {rates} | {alone_rates} | {utilisation} | {clock} | {waited} |")
+        base = " / ".join(
+            f"{r['median_stage_s']['base']:.3f}" for r in queued if "base" in r["median_stage_s"]
+        )
+        lines.append(f"| {batch} | {rates} | {alone_rates} | {utilisation} | {clock} | {waited} | {base} |")
     eager = [r for r in rows if r["config"] == "eager"]
     for row in eager:
-        lines.append(f"| {row['batch_max_images']} (eager) | {row['images_per_s']:.2f} | | | | |")
+        lines.append(f"| {row['batch_max_images']} (eager) | {row['images_per_s']:.2f} | | | | | |")
     return lines
 
 

@@ -52,14 +52,22 @@ def _event() -> Any:
     return _HostEvent()
 
 
+def _p90(values: list[float]) -> float:
+    return sorted(values)[int(0.9 * (len(values) - 1))]
+
+
 class UnetTimeline:
     """Times a module's calls; `take()` returns and clears what the calls since the last `take()` showed."""
 
-    # A host gap longer than this between two calls is a stage or job boundary, not a step: not counted.
-    STEP_GAP_LIMIT_S = 0.2
+    # Two calls launched further apart than this many times the median launch interval are a stage or job
+    # boundary (the text encoders, the pipeline's setup, the decode, the next job), not two steps; boundaries are
+    # reported on their own. Run 40 showed why: with a fixed limit (0.2 s + a call) most job boundaries at batch 1
+    # (90-230 ms) counted as steps, and the steps' gap total was mostly theirs.
+    BOUNDARY_FACTOR = 1.5
 
     def __init__(self, module: torch.nn.Module) -> None:
-        self._calls: list[tuple[Any, Any, float, bool]] = []  # start event, end event, host launch, GPU idle
+        # start event, end event, host launch, host return, GPU idle before the launch
+        self._calls: list[tuple[Any, Any, float, float, bool]] = []
         self._open: list[tuple[Any, float, bool]] = []  # calls begun, not yet ended
         inner = module._compiled_call_impl
         if inner is not None:
@@ -87,7 +95,7 @@ class UnetTimeline:
         end = _event()
         end.record()
         start, launched, waited = self._open.pop()
-        self._calls.append((start, end, launched, waited))
+        self._calls.append((start, end, launched, time.perf_counter(), waited))
 
     def take(self) -> dict[str, Any]:
         calls, self._calls = self._calls, []
@@ -95,26 +103,35 @@ class UnetTimeline:
             torch.cuda.synchronize()
         if len(calls) < 2:
             return {"unet_calls": len(calls)}
-        call_ms = [start.elapsed_time(end) for start, end, _, _ in calls]
-        boundary_s = self.STEP_GAP_LIMIT_S + statistics.median(call_ms) / 1000
-        gaps_ms, host_ms, waited = [], [], 0
-        for (_, end, launched, _), (start, _, next_launch, next_waited) in itertools.pairwise(calls):
-            if next_launch - launched > boundary_s:
-                continue  # the next stage or job
-            gaps_ms.append(end.elapsed_time(start))
-            host_ms.append((next_launch - launched) * 1000)
-            waited += next_waited
+        call_ms = [start.elapsed_time(end) for start, end, *_ in calls]
+        # The host's time inside a call: the launches of an eager module (where a slow host shows), the replay's
+        # bookkeeping of a CUDA graph.
+        host_call_ms = [(returned - launched) * 1000 for _, _, launched, returned, _ in calls]
+        pairs = [
+            (end.elapsed_time(start), (next_launch - launched) * 1000, next_waited)
+            for (_, end, launched, _, _), (start, _, next_launch, _, next_waited) in itertools.pairwise(calls)
+        ]
+        step_limit_ms = self.BOUNDARY_FACTOR * statistics.median(host for _, host, _ in pairs)
+        steps = [pair for pair in pairs if pair[1] <= step_limit_ms]
+        boundaries = [pair for pair in pairs if pair[1] > step_limit_ms]
         summary: dict[str, Any] = {
             "unet_calls": len(calls),
             "unet_gpu_ms_median": round(statistics.median(call_ms), 2),
+            "unet_gpu_ms_p90_max": [round(_p90(call_ms), 2), round(max(call_ms), 2)],
+            "host_call_ms_median_max": [
+                round(statistics.median(host_call_ms), 2),
+                round(max(host_call_ms), 2),
+            ],
         }
-        if gaps_ms:
+        if steps:
+            gaps_ms = [gap for gap, _, _ in steps]
+            host_ms = [host for _, host, _ in steps]
             summary |= {
-                "step_pairs": len(gaps_ms),
+                "step_pairs": len(steps),
                 # The GPU's time between two calls of a stage: the scheduler's kernels, plus any wait for the host.
                 "gpu_gap_ms_median_p90_max": [
                     round(statistics.median(gaps_ms), 3),
-                    round(sorted(gaps_ms)[int(0.9 * (len(gaps_ms) - 1))], 3),
+                    round(_p90(gaps_ms), 3),
                     round(max(gaps_ms), 3),
                 ],
                 "gpu_gap_ms_total": round(sum(gaps_ms), 1),
@@ -123,6 +140,21 @@ class UnetTimeline:
                     round(statistics.median(host_ms), 2),
                     round(max(host_ms), 2),
                 ],
-                "gpu_waited_for_host_fraction": round(waited / len(gaps_ms), 3),
+                "gpu_waited_for_host_fraction": round(sum(waited for _, _, waited in steps) / len(steps), 3),
+            }
+        if boundaries:
+            summary |= {
+                "boundaries": len(boundaries),
+                # Between a stage's last call and the next stage's (or job's) first: GPU work of its own (the
+                # decode) plus whatever the GPU waited for (text encoders, setup, the worker).
+                "boundary_gpu_gap_ms_median_max": [
+                    round(statistics.median(gap for gap, _, _ in boundaries), 2),
+                    round(max(gap for gap, _, _ in boundaries), 2),
+                ],
+                "boundary_gpu_gap_ms_total": round(sum(gap for gap, _, _ in boundaries), 1),
+                "boundary_host_interval_ms_median_max": [
+                    round(statistics.median(host for _, host, _ in boundaries), 2),
+                    round(max(host for _, host, _ in boundaries), 2),
+                ],
             }
         return summary
