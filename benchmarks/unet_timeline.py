@@ -101,8 +101,8 @@ class UnetTimeline:
         calls, self._calls = self._calls, []
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.synchronize()
-        if len(calls) < 2:
-            return {"unet_calls": len(calls)}
+        if not calls:
+            return {"unet_calls": 0}
         call_ms = [start.elapsed_time(end) for start, end, *_ in calls]
         # The host's time inside a call: the launches of an eager module (where a slow host shows), the replay's
         # bookkeeping of a CUDA graph.
@@ -111,7 +111,10 @@ class UnetTimeline:
             (end.elapsed_time(start), (next_launch - launched) * 1000, next_waited)
             for (_, end, launched, _, _), (start, _, next_launch, _, next_waited) in itertools.pairwise(calls)
         ]
-        step_limit_ms = self.BOUNDARY_FACTOR * statistics.median(host for _, host, _ in pairs)
+        # (one call: no pairs, so neither steps nor boundaries)
+        step_limit_ms = (
+            self.BOUNDARY_FACTOR * statistics.median(host for _, host, _ in pairs) if pairs else 0.0
+        )
         steps = [pair for pair in pairs if pair[1] <= step_limit_ms]
         boundaries = [pair for pair in pairs if pair[1] > step_limit_ms]
         summary: dict[str, Any] = {
