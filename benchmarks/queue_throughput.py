@@ -76,12 +76,18 @@ def main() -> None:
         action="store_true",
         help="every row sends the same prompts (later rows then hit the engine's prompt cache), as runs 27-40 did",
     )
+    parser.add_argument(
+        "--encode-ahead-ab",
+        action="store_true",
+        help="with --repeats: each repeat also runs a row with IMAGESMITH_ENCODE_AHEAD on (engine/encode_ahead.py)",
+    )
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     from imagesmith.config import Settings
+    from imagesmith.engine.encode_ahead import EncodeAhead
     from imagesmith.engine.engine import BatchItem, Engine
     from imagesmith.engine.fast import apply_speed_levers, records_cuda_graphs
     from imagesmith.engine.hardware import plan_hardware, probe_device
@@ -165,6 +171,8 @@ def main() -> None:
                 settings = levers.with_changes(data_dir=data, batch_max_images=batch, batch_window_ms=0)
                 settings = settings.with_changes(warmup_sizes=f"{px}x{px}", **(changes or {}))
             store = JobStore(data / "jobs.sqlite3")
+            # What Engine.start does with IMAGESMITH_ENCODE_AHEAD (this engine is built directly).
+            engine.encode_ahead = EncodeAhead(engine.prompt_cache) if settings.encode_ahead else None  # type: ignore[arg-type]
             source = GenerateSource(settings, factory=lambda _: engine)
             source.start_loading().join()
             startup = dict(engine.startup) if levers is not None else None
@@ -219,6 +227,8 @@ def main() -> None:
             # its last is a different cause from one that speeds up as it goes.
             "base_s_by_job": [round(seconds, 4) for seconds in stage_times.get("base", [])],
             "probe": probe.summary() | timeline_taken(),
+            # Texts encoded in an earlier pass's step callbacks (engine/encode_ahead.py), with encode ahead on.
+            "encoded_ahead": engine.encode_ahead.encoded if engine.encode_ahead is not None else 0,
         }
         record(
             row,
@@ -233,6 +243,7 @@ def main() -> None:
         walls: list[float] = []
         stage_times: dict[str, list[float]] = {}
         rows_begun[0] += 1
+        engine.encode_ahead = None  # no worker, no queue to look ahead at
         timeline_taken()
         with RowProbe() as probe:
             for run in range(runs):
@@ -297,8 +308,14 @@ def main() -> None:
                         through_queue(batch, name, levers, changes)
                 engine_alone(batch, label)
             if not args.ab and args.repeats > 1:
-                for _ in range(args.repeats - 1):
-                    through_queue(batch, label, levers)
+                for repeat in range(args.repeats - 1):
+                    order = [(label, {})]
+                    if args.encode_ahead_ab:  # alternating order, as --ab's rounds
+                        order = [(f"{label},encode-ahead", {"encode_ahead": True}), *order][
+                            :: 1 if repeat % 2 else -1
+                        ]
+                    for name, changes in order:
+                        through_queue(batch, name, levers, changes)
                 engine_alone(batch, label)
 
 

@@ -209,6 +209,11 @@ class Settings(BaseSettings):
     prompt_cache_size: int = Field(
         64, ge=0, description="Prompt embeddings kept on the device for repeated prompts (0: off)."
     )
+    encode_ahead: bool = Field(
+        False,
+        description="Encode the queued jobs' prompts between the running pass's steps, so the next pass finds them "
+        "in the prompt cache (exact; needs the prompt cache and no offload). Not yet measured on a GPU.",
+    )
     warmup: bool = Field(True, description="Warm up (and compile) at start-up, before serving.")
     warmup_sizes: str = Field("1024x1024", description="Comma-separated WxH shapes to warm up.")
 

@@ -22,6 +22,7 @@ from PIL import Image
 from imagesmith.config import Settings
 from imagesmith.engine.attention import attention_priority
 from imagesmith.engine.decode import decode_latents
+from imagesmith.engine.encode_ahead import EncodeAhead
 from imagesmith.engine.fast import (
     apply_speed_levers,
     compiled_modules,
@@ -108,6 +109,17 @@ def refinement_off_reason(request: ResolvedRequest) -> str:
     return "refine_mode none" if request.high_quality else "high_quality=false"
 
 
+def encode_ahead_refused(engine: Engine) -> str | None:
+    """Why IMAGESMITH_ENCODE_AHEAD cannot work with this engine, or None when it can."""
+    if engine.prompt_cache is None:
+        return "it keeps what it encodes in the prompt cache, which is off (IMAGESMITH_PROMPT_CACHE_SIZE=0)"
+    if engine.plan.offload != "none":
+        return (
+            f"with offload={engine.plan.offload} the text encoders would move the UNet off the GPU mid-stage"
+        )
+    return None
+
+
 class Engine:
     def __init__(self, models: LoadedModels, plan: HardwarePlan, prompt_cache_size: int = 64) -> None:
         self.models = models
@@ -125,6 +137,9 @@ class Engine:
         self.prompt_cache: PromptEmbeddingCache | None = (
             PromptEmbeddingCache(prompt_cache_size) if prompt_cache_size else None
         )
+        # Set by start() with IMAGESMITH_ENCODE_AHEAD: the worker says which prompts are queued, and each pass
+        # encodes them between its steps (engine/encode_ahead.py).
+        self.encode_ahead: EncodeAhead | None = None
 
     @classmethod
     def start(cls, settings: Settings) -> Engine:
@@ -146,6 +161,13 @@ class Engine:
             else f"none ({models.refiner_error or 'not configured'})",
         )
         engine = cls(models, plan, settings.prompt_cache_size)
+        if settings.encode_ahead:
+            why_not = encode_ahead_refused(engine)
+            if why_not is None and engine.prompt_cache is not None:
+                engine.encode_ahead = EncodeAhead(engine.prompt_cache)
+                levers = [*levers, "encode ahead (queued prompts encoded between steps)"]
+            else:
+                log.info("encode ahead off: %s", why_not)
         engine.levers = levers
         engine.records_cuda_graphs = records_cuda_graphs(settings, levers)
         return engine
@@ -203,7 +225,9 @@ class Engine:
 
         def one_pass() -> list[GenerationResult | BaseException]:
             # Made here, as the pass starts: its times and ETAs count the pass, not its wait in the queue.
-            run = StageRun(members=members, prompt_cache=prompts, interrupt=interrupt)
+            run = StageRun(
+                members=members, prompt_cache=prompts, interrupt=interrupt, encode_ahead=self.encode_ahead
+            )
             with attention_priority(self.plan.attention):
                 return self._one_pass(run)
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from imagesmith.engine.encode_ahead import EncodeAhead
 from imagesmith.engine.progress import CancelToken, GenerationCanceled, ProgressCallback, ProgressEvent
 from imagesmith.engine.prompt_cache import PromptEmbeddingCache
 from imagesmith.engine.schedulers import loaded_scheduler_config, make_scheduler, remember_scheduler_config
@@ -73,6 +74,8 @@ class StageRun:
     stages: list[StageReport] = field(default_factory=list)
     # Set when the caller stops waiting (Ctrl-C): the whole pass stops within a step.
     interrupt: CancelToken = field(default_factory=CancelToken)
+    # Encodes the queued jobs' prompts between the base stage's steps (engine/encode_ahead.py); None: off.
+    encode_ahead: EncodeAhead | None = None
     _steps: int = 0
 
     @property
@@ -87,6 +90,8 @@ class StageRun:
     def callback(self, stage: str) -> Any:
         """A diffusers callback_on_step_end that reports progress and stops within one step on cancel."""
         self._steps = 0
+        # Only the base stage's pipeline encodes (the refiner's embeddings are sliced from the base's).
+        encode_ahead = self.encode_ahead.after_each_step() if self.encode_ahead and stage == "base" else None
 
         def on_step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
             self._steps += 1
@@ -100,6 +105,8 @@ class StageRun:
             # A batch stops when every member has canceled; a member that cancels alone is dropped at the end.
             if self.all_canceled:
                 raise GenerationCanceled(f"canceled during {stage} at step {self._steps}")
+            if encode_ahead is not None:
+                encode_ahead(pipe)
             return tensors
 
         return on_step_end

@@ -81,6 +81,14 @@ class PromptEmbeddingCache:
         args["negative_pooled_prompt_embeds"] = torch.cat([part.pooled for part in negative])
         return args
 
+    def encode_ahead(self, pipe: Any, role: str, text: str) -> bool:
+        """Encode `text` now and keep it, for a pass still to come (engine/encode_ahead.py). False when there is
+        nothing to do: it is kept already, or the cache keeps nothing."""
+        if self.max_entries <= 0 or (role, text) in self._entries:
+            return False
+        self._keep((role, text), self._encode(pipe, text))
+        return True
+
     def _text(self, pipe: Any, role: str, text: str) -> TextPart:
         key = (role, text)
         part = self._entries.get(key)

@@ -196,6 +196,15 @@ class JobStore:
             total_row = self._one(f"SELECT COUNT(*) FROM jobs {where}", args)
         return [JobRecord.from_row(row) for row in rows], int(total_row[0]) if total_row else 0
 
+    def oldest_queued(self, limit: int) -> list[JobRecord]:
+        """The queued jobs the worker will claim next (oldest first, none flagged for cancel), left queued."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM jobs WHERE status = ? AND cancel_requested = 0 ORDER BY seq LIMIT ?",
+                (JobStatus.QUEUED.value, limit),
+            ).fetchall()
+        return [JobRecord.from_row(row) for row in rows]
+
     def claim(self, limit: int = 1) -> list[JobRecord]:
         """Move the oldest queued jobs (FIFO) to running, counting an attempt for each."""
         return self.claim_where(lambda _: True, limit, scan=limit)

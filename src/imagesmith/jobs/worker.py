@@ -271,11 +271,30 @@ class Worker:
                 with self._wake:
                     self._wake.wait(timeout=0.5)
                 continue
+            self._expect_next_prompts()
             try:
                 self.run_batch(jobs)
             except Exception as error:  # keep the worker alive whatever happens to one batch
                 log.exception("worker batch failed")
                 self._end_unfinished(jobs, error)
+
+    def _expect_next_prompts(self) -> None:
+        """Tell an engine that encodes ahead (IMAGESMITH_ENCODE_AHEAD) which prompts the next queued generation
+        jobs need, so the pass about to run encodes them between its steps. Only a hint: it never stops a pass."""
+        engine = self._engine()
+        if engine is None or engine.encode_ahead is None:
+            return
+        try:
+            generator = self.sources.get(SourceName.GENERATE)
+            limit = generator.max_batch_images() if isinstance(generator, GenerateSource) else 1
+            texts: list[str] = []
+            for job in self.store.oldest_queued(limit):
+                request = ImageRequest.model_validate(job.request)
+                if SourceName.GENERATE in request.sources:
+                    texts += [request.generation.prompt, request.generation.negative_prompt]
+            engine.encode_ahead.expect(texts)
+        except Exception:
+            log.exception("looking ahead at the queued prompts failed; the next pass encodes its own")
 
     def _end_unfinished(self, jobs: list[JobRecord], error: Exception) -> None:
         """A pass that broke outside every job's own handling (the store failing as a job began, say) would
