@@ -40,6 +40,7 @@ class StubEngine:
         return [self.generate(item.request) for item in items]
 
     plan = plan_hardware(DeviceInfo("cpu"), Settings())
+    encode_ahead = None  # as the Engine's attribute: off
 
     def planned_steps(self, request: Any) -> dict[str, int]:
         return {"base": request.resolve().num_inference_steps}

@@ -281,10 +281,10 @@ class Worker:
     def _expect_next_prompts(self) -> None:
         """Tell an engine that encodes ahead (IMAGESMITH_ENCODE_AHEAD) which prompts the next queued generation
         jobs need, so the pass about to run encodes them between its steps. Only a hint: it never stops a pass."""
-        engine = self._engine()
-        if engine is None or engine.encode_ahead is None:
-            return
-        try:
+        try:  # whatever goes wrong here, the worker goes on
+            engine = self._engine()
+            if engine is None or engine.encode_ahead is None:
+                return
             generator = self.sources.get(SourceName.GENERATE)
             limit = generator.max_batch_images() if isinstance(generator, GenerateSource) else 1
             texts: list[str] = []
