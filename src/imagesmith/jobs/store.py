@@ -199,11 +199,15 @@ class JobStore:
     def oldest_queued(self, limit: int) -> list[JobRecord]:
         """The queued jobs the worker will claim next (oldest first, none flagged for cancel), left queued."""
         with self._lock:
-            rows = self._db.execute(
-                "SELECT * FROM jobs WHERE status = ? AND cancel_requested = 0 ORDER BY seq LIMIT ?",
-                (JobStatus.QUEUED.value, limit),
-            ).fetchall()
+            rows = self._claimable_rows(limit)
         return [JobRecord.from_row(row) for row in rows]
+
+    def _claimable_rows(self, limit: int) -> list[sqlite3.Row]:
+        """The oldest queued jobs not flagged for cancel: what claim_where picks from (caller holds the lock)."""
+        return self._db.execute(
+            "SELECT * FROM jobs WHERE status = ? AND cancel_requested = 0 ORDER BY seq LIMIT ?",
+            (JobStatus.QUEUED.value, limit),
+        ).fetchall()
 
     def claim(self, limit: int = 1) -> list[JobRecord]:
         """Move the oldest queued jobs (FIFO) to running, counting an attempt for each."""
@@ -219,10 +223,7 @@ class JobStore:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                rows = self._db.execute(
-                    "SELECT * FROM jobs WHERE status = ? AND cancel_requested = 0 ORDER BY seq LIMIT ?",
-                    (JobStatus.QUEUED.value, scan),
-                ).fetchall()
+                rows = self._claimable_rows(scan)
                 ids: list[str] = []
                 for row in rows:
                     if len(ids) >= limit:
