@@ -87,8 +87,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     from imagesmith.config import Settings
-    from imagesmith.engine.encode_ahead import EncodeAhead
-    from imagesmith.engine.engine import BatchItem, Engine
+    from imagesmith.engine.engine import BatchItem, Engine, encode_ahead_for
     from imagesmith.engine.fast import apply_speed_levers, records_cuda_graphs
     from imagesmith.engine.hardware import plan_hardware, probe_device
     from imagesmith.engine.models import LoadedModels, ModelSources
@@ -172,7 +171,7 @@ def main() -> None:
                 settings = settings.with_changes(warmup_sizes=f"{px}x{px}", **(changes or {}))
             store = JobStore(data / "jobs.sqlite3")
             # What Engine.start does with IMAGESMITH_ENCODE_AHEAD (this engine is built directly).
-            engine.encode_ahead = EncodeAhead(engine.prompt_cache) if settings.encode_ahead else None  # type: ignore[arg-type]
+            engine.encode_ahead = encode_ahead_for(engine, settings)
             source = GenerateSource(settings, factory=lambda _: engine)
             source.start_loading().join()
             startup = dict(engine.startup) if levers is not None else None
@@ -308,12 +307,11 @@ def main() -> None:
                         through_queue(batch, name, levers, changes)
                 engine_alone(batch, label)
             if not args.ab and args.repeats > 1:
+                repeated: list[tuple[str, dict[str, Any]]] = [(label, {})]
+                if args.encode_ahead_ab:
+                    repeated.append((f"{label},encode-ahead", {"encode_ahead": True}))
                 for repeat in range(args.repeats - 1):
-                    order = [(label, {})]
-                    if args.encode_ahead_ab:  # alternating order, as --ab's rounds
-                        order = [(f"{label},encode-ahead", {"encode_ahead": True}), *order][
-                            :: 1 if repeat % 2 else -1
-                        ]
+                    order = repeated if repeat % 2 == 0 else repeated[::-1]  # alternating, as --ab's rounds
                     for name, changes in order:
                         through_queue(batch, name, levers, changes)
                 engine_alone(batch, label)

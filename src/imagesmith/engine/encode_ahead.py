@@ -54,22 +54,18 @@ class EncodeAhead:
 
     def after_each_step(self) -> Callable[[Any], None]:
         """For one base stage: a function to call with the pipeline after each denoising step."""
-        last_end: list[float | None] = [None]
+        last_end: float | None = None  # when the last callback returned
 
         def after_step(pipe: Any) -> None:
+            nonlocal last_end
             began = time.perf_counter()
-            previous_end, last_end[0] = last_end[0], began
-            if previous_end is None:  # the first step: no step's duration to go by yet
-                return
-            budget_s = (began - previous_end) / 2
-            while True:
-                text = self._next_text()
-                if text is None:
-                    break
-                if self._cache.encode_ahead(pipe, ROLE, text):
-                    self.encoded += 1
-                if time.perf_counter() - began >= budget_s:
-                    break
-            last_end[0] = time.perf_counter()
+            if last_end is not None:  # none at the first step: no step's duration to go by yet
+                budget_s = (began - last_end) / 2
+                while (text := self._next_text()) is not None:
+                    if self._cache.encode_ahead(pipe, ROLE, text):
+                        self.encoded += 1
+                    if time.perf_counter() - began >= budget_s:
+                        break
+            last_end = time.perf_counter()
 
         return after_step

@@ -120,6 +120,18 @@ def encode_ahead_refused(engine: Engine) -> str | None:
     return None
 
 
+def encode_ahead_for(engine: Engine, settings: Settings) -> EncodeAhead | None:
+    """IMAGESMITH_ENCODE_AHEAD for this engine: None when the setting is off or the engine refuses it (the
+    reason logged)."""
+    if not settings.encode_ahead:
+        return None
+    why_not = encode_ahead_refused(engine)
+    if why_not is None and engine.prompt_cache is not None:
+        return EncodeAhead(engine.prompt_cache)
+    log.info("encode ahead off: %s", why_not)
+    return None
+
+
 class Engine:
     def __init__(self, models: LoadedModels, plan: HardwarePlan, prompt_cache_size: int = 64) -> None:
         self.models = models
@@ -161,13 +173,9 @@ class Engine:
             else f"none ({models.refiner_error or 'not configured'})",
         )
         engine = cls(models, plan, settings.prompt_cache_size)
-        if settings.encode_ahead:
-            why_not = encode_ahead_refused(engine)
-            if why_not is None and engine.prompt_cache is not None:
-                engine.encode_ahead = EncodeAhead(engine.prompt_cache)
-                levers = [*levers, "encode ahead (queued prompts encoded between steps)"]
-            else:
-                log.info("encode ahead off: %s", why_not)
+        engine.encode_ahead = encode_ahead_for(engine, settings)
+        if engine.encode_ahead is not None:
+            levers = [*levers, "encode ahead (queued prompts encoded between steps)"]
         engine.levers = levers
         engine.records_cuda_graphs = records_cuda_graphs(settings, levers)
         return engine
