@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sdxl_random import architecture, build_components, build_pipelines
+from sdxl_random import architecture, build_components, build_pipelines, run_two_stage
 from unet_timeline import UnetTimeline
 
 PROMPT = "a lighthouse on a rocky cliff at sunset, dramatic sky, photograph"
@@ -293,21 +293,11 @@ def main() -> None:
     def plain_two_stage(
         base: Any, refiner: Any, base_steps: int, base_kwargs: dict[str, Any], refine_kwargs: dict[str, Any]
     ) -> Any:
-        """One plain-diffusers generation: the base to latents, then the refiner to an image (decode inside)."""
+        """One plain-diffusers generation at this run's size (sdxl_random.run_two_stage)."""
+        base_args = {"width": px, "height": px, "num_inference_steps": base_steps, **base_kwargs}
 
         def once() -> None:
-            latents = base(
-                prompt=PROMPT,
-                width=px,
-                height=px,
-                num_inference_steps=base_steps,
-                output_type="latent",
-                generator=torch.Generator("cpu").manual_seed(1),
-                **base_kwargs,
-            ).images
-            refiner(
-                prompt=PROMPT, image=latents, generator=torch.Generator("cpu").manual_seed(1), **refine_kwargs
-            ).images[0]
+            run_two_stage(base, refiner, PROMPT, base_args, refine_kwargs)
 
         return once
 

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sdxl_random import architecture, build_components, build_pipelines, parameter_counts
+from sdxl_random import architecture, build_components, build_pipelines, parameter_counts, run_two_stage
 
 GIB = 1024**3
 PROMPT = "a lighthouse on a rocky cliff at sunset, dramatic sky, photograph"
@@ -383,23 +383,24 @@ def run_plain_two_stage(
     base_kwargs: dict[str, Any],
     common: dict[str, Any],
 ) -> dict[str, Any]:
-    """One plain-diffusers generation: base to latents, then the refiner to a PIL image (decode inside)."""
+    """One plain-diffusers generation (sdxl_random.run_two_stage), each stage timed."""
+    base_done: list[float] = []
+
+    def base_finished() -> None:
+        sync(bench.cuda)
+        base_done.append(time.perf_counter())
+
     t0 = time.perf_counter()
-    latents = base(
-        prompt=PROMPT,
-        num_inference_steps=steps,
-        output_type="latent",
-        generator=torch.Generator("cpu").manual_seed(1),
-        **base_kwargs,
-        **common,
-    ).images
+    image = run_two_stage(
+        base,
+        refiner,
+        PROMPT,
+        {"num_inference_steps": steps, **base_kwargs, **common},
+        {**refine, **common},
+        base_finished,
+    )
     sync(bench.cuda)
-    t1 = time.perf_counter()
-    image = refiner(
-        prompt=PROMPT, image=latents, generator=torch.Generator("cpu").manual_seed(1), **refine, **common
-    ).images[0]
-    sync(bench.cuda)
-    t2 = time.perf_counter()
+    t1, t2 = base_done[0], time.perf_counter()
     return {"stages": {"base": t1 - t0, "refine_and_decode": t2 - t1}, "image": image_stats(image)}
 
 

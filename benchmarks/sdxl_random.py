@@ -15,6 +15,7 @@ import copy
 import inspect
 import json
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -218,3 +219,24 @@ def build_pipelines(components: Components, separate_refiner_copies: bool = Fals
     for pipe in pipes:
         pipe.set_progress_bar_config(disable=True)
     return pipes
+
+
+def run_two_stage(
+    base: Any,
+    refiner: Any,
+    prompt: str,
+    base_kwargs: dict[str, Any],
+    refine_kwargs: dict[str, Any],
+    between_stages: Callable[[], None] | None = None,
+) -> Any:
+    """Plain diffusers, as the seed and diffusers' documented ensemble run it: the base to latents, then the
+    refiner to a PIL image (decode inside), each with generator seed 1. `between_stages` runs in between (a
+    benchmark's clock)."""
+    latents = base(
+        prompt=prompt, output_type="latent", generator=torch.Generator("cpu").manual_seed(1), **base_kwargs
+    ).images
+    if between_stages is not None:
+        between_stages()
+    return refiner(
+        prompt=prompt, image=latents, generator=torch.Generator("cpu").manual_seed(1), **refine_kwargs
+    ).images[0]
