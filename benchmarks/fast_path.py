@@ -18,11 +18,12 @@ call time on the GPU and its achieved TFLOP/s (unet_timeline.py: CUDA events aro
 not), and `first_image_s`: from the phase's start (building its modules, which a user's process loads from disk)
 to its first image, the warm-up (compilation) included.
 
-A variant is `MODE[+fp8][+cl][+cudnn][+dyn][+attn-BACKEND][:mlperf]`: MODE is a compile choice (off, default,
+A variant is `MODE[+fp8][+cl][+cudnn][+dyn][+teg|+noteg][+attn-BACKEND][:mlperf]`: MODE is a compile choice (off, default,
 reduce-overhead, max-autotune-no-cudagraphs); +fp8 fp8 transformer linears (engine/fp8.py); +cl channels_last;
 +cudnn cudnn.benchmark (IMAGESMITH_CUDNN_BENCHMARK; off unless named here; settings refuse it with the
 CUDA-graph modes); +dyn the UNets compiled with
-dynamic shapes (IMAGESMITH_COMPILE_DYNAMIC); +attn-cudnn (or -flash,
+dynamic shapes (IMAGESMITH_COMPILE_DYNAMIC); +teg / +noteg the text encoders replayed as CUDA graphs or not
+(IMAGESMITH_TEXT_ENCODER_GRAPHS; the settings' default unless named: on with the CUDA-graph modes); +attn-cudnn (or -flash,
 -efficient) the attention kernel tried first (IMAGESMITH_ATTENTION_BACKEND; torch's order unless named); `:mlperf`
 measures the MLPerf setting instead of the ensemble (base UNet and VAE only; warm-up at batch 1 then the
 largest batch, as the service's warm-up does).
@@ -68,17 +69,19 @@ class Variant:
     mlperf: bool
     attention: str = "auto"
     dynamic: bool = False
+    text_encoder_graphs: bool | None = None  # None: the settings' default (on with the CUDA-graph modes)
 
     @classmethod
     def parse(cls, spec: str) -> Variant:
         body, _, kind = spec.partition(":")
         mode, *flags = body.split("+")
         attention = [flag.removeprefix("attn-") for flag in flags if flag.startswith("attn-")]
-        unknown = set(flags) - {"fp8", "cl", "cudnn", "dyn", "attn-flash", "attn-efficient", "attn-cudnn"}
-        if unknown or kind not in ("", "mlperf") or len(attention) > 1:
+        known = {"fp8", "cl", "cudnn", "dyn", "teg", "noteg", "attn-flash", "attn-efficient", "attn-cudnn"}
+        unknown = set(flags) - known
+        if unknown or kind not in ("", "mlperf") or len(attention) > 1 or {"teg", "noteg"} <= set(flags):
             raise SystemExit(
-                f"variant {spec!r}: flags are +fp8 +cl +cudnn +dyn, one of +attn-flash +attn-efficient "
-                "+attn-cudnn, and the suffix :mlperf"
+                f"variant {spec!r}: flags are +fp8 +cl +cudnn +dyn, one of +teg +noteg, one of +attn-flash "
+                "+attn-efficient +attn-cudnn, and the suffix :mlperf"
             )
         return cls(
             spec,
@@ -89,7 +92,37 @@ class Variant:
             kind == "mlperf",
             attention[0] if attention else "auto",
             dynamic="dyn" in flags,
+            text_encoder_graphs=True if "teg" in flags else False if "noteg" in flags else None,
         )
+
+
+def encoder_graphs_report(engine: Any) -> dict[str, Any]:
+    """Each graphed text encoder: recorded or failed (and why), its replays, and whether a replay gives bit for
+    bit what its eager forward gives for this benchmark's prompt (the claim engine/encoder_graphs.py makes)."""
+    from imagesmith.engine.encoder_graphs import installed
+
+    base = engine.models.base
+    report: dict[str, Any] = {}
+    for name, tokenizer in (("text_encoder", base.tokenizer), ("text_encoder_2", base.tokenizer_2)):
+        encoder = getattr(base, name)
+        graph = installed(encoder)
+        if graph is None:
+            continue
+        ids = tokenizer(PROMPT, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+        ids = ids.input_ids.to(encoder.device)
+        with torch.no_grad():
+            replayed = encoder(ids, output_hidden_states=True)
+            eager = graph.eager_forward(ids, output_hidden_states=True)
+        report[name] = {
+            "recorded": graph.graph is not None,
+            "failure": graph.failure,
+            "replays": graph.replays,
+            "bit_identical_to_eager": bool(
+                torch.equal(replayed[0], eager[0])
+                and torch.equal(replayed.hidden_states[-2], eager.hidden_states[-2])
+            ),
+        }
+    return report
 
 
 class Run:
@@ -452,6 +485,7 @@ def main() -> None:
             cudnn_benchmark=variant.cudnn_benchmark,
             attention_backend=variant.attention,
             compile_dynamic=variant.dynamic,
+            text_encoder_graphs=variant.text_encoder_graphs,
         )
         # The plan decides fp8 (row-wise or per-tensor) and the attention kernel, so it is made from this
         # variant's settings, and the engine runs with it.
@@ -479,6 +513,9 @@ def main() -> None:
             row["peak_gib"] = peak_gib()
             row["unet"] = rates.take()
             row["stages"] = stages_of(engine.generate(ensemble_request()))
+            if any(lever.startswith("text encoders as CUDA graphs") for lever in levers):
+                row["text_encoder_graphs"] = encoder_graphs_report(engine)
+                run.log(f"{variant.spec}: text encoder graphs {row['text_encoder_graphs']}")
             if args.prompt_cache_ab:
                 with_prompt_cache(engine, row, variant.spec)
             if args.profile:

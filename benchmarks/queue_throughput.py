@@ -11,6 +11,10 @@ are measured against the default in one run (--ab-rounds 2 or more repeats them,
 effect of a few % from the spread between rows). Each row reports the median stage times of its jobs' passes, to
 compare with the engine alone (fast_path.py).
 
+`--repeats N` runs N rows of the default per compiled batch size, then the engine alone; `--encode-ahead-ab` and
+`--encoder-graphs-ab` add, to each repeat after the first, a row with encode ahead on and one with the text
+encoders' CUDA graphs paused (eager encoders), in alternating order.
+
 Every row sends prompts of its own (`--repeat-prompts`: the same in every row), so no row finds its embeddings in
 the engine's prompt cache: what a stream of new requests gets. Each row's probe also times the base UNet's and
 both text encoders' calls (unet_timeline.py).
@@ -81,12 +85,19 @@ def main() -> None:
         action="store_true",
         help="with --repeats: each repeat also runs a row with IMAGESMITH_ENCODE_AHEAD on (engine/encode_ahead.py)",
     )
+    parser.add_argument(
+        "--encoder-graphs-ab",
+        action="store_true",
+        help="with --repeats: each repeat also runs a row with the text encoders eager, their CUDA graphs "
+        "(IMAGESMITH_TEXT_ENCODER_GRAPHS, on by default with the CUDA-graph modes) paused",
+    )
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     from imagesmith.config import Settings
+    from imagesmith.engine.encoder_graphs import installed
     from imagesmith.engine.engine import BatchItem, Engine, encode_ahead_for
     from imagesmith.engine.fast import apply_speed_levers, records_cuda_graphs
     from imagesmith.engine.hardware import plan_hardware, probe_device
@@ -172,6 +183,11 @@ def main() -> None:
             store = JobStore(data / "jobs.sqlite3")
             # What Engine.start does with IMAGESMITH_ENCODE_AHEAD (this engine is built directly).
             engine.encode_ahead = encode_ahead_for(engine, settings)
+            # The encoders' graphs were installed once, with the levers; a row that turns them off pauses them.
+            graphs = [graph for graph in map(installed, (base.text_encoder, base.text_encoder_2)) if graph]
+            for graph in graphs:
+                graph.paused = settings.text_encoder_graphs is False
+            replays_before = sum(graph.replays for graph in graphs)
             source = GenerateSource(settings, factory=lambda _: engine)
             source.start_loading().join()
             startup = dict(engine.startup) if levers is not None else None
@@ -203,6 +219,8 @@ def main() -> None:
                     time.sleep(0.01)
                 wall = time.perf_counter() - started
             worker.stop()
+            for graph in graphs:
+                graph.paused = False  # the next row (the engine alone, the next arm) decides for itself
             statuses = {store.get(i).status for i in ids}  # type: ignore[union-attr]
             sizes = sorted({store.get(i).result["metadata"]["batch_size"] for i in ids})  # type: ignore[index,union-attr]
             stage_times: dict[str, list[float]] = {}
@@ -228,6 +246,9 @@ def main() -> None:
             "probe": probe.summary() | timeline_taken(),
             # Texts encoded in an earlier pass's step callbacks (engine/encode_ahead.py), with encode ahead on.
             "encoded_ahead": engine.encode_ahead.encoded if engine.encode_ahead is not None else 0,
+            # Text-encoder calls replayed as CUDA graphs in this row, its warm pass included (encoder_graphs.py).
+            "encoder_graph_replays": sum(graph.replays for graph in graphs) - replays_before,
+            "encoder_graph_failures": [graph.failure for graph in graphs if graph.failure],
         }
         record(
             row,
@@ -310,6 +331,8 @@ def main() -> None:
                 repeated: list[tuple[str, dict[str, Any]]] = [(label, {})]
                 if args.encode_ahead_ab:
                     repeated.append((f"{label},encode-ahead", {"encode_ahead": True}))
+                if args.encoder_graphs_ab:
+                    repeated.append((f"{label},eager-encoders", {"text_encoder_graphs": False}))
                 for repeat in range(args.repeats - 1):
                     order = repeated if repeat % 2 == 0 else repeated[::-1]  # alternating, as --ab's rounds
                     for name, changes in order:

@@ -202,6 +202,12 @@ class Settings(BaseSettings):
         "Default: on with compile on a CUDA GPU, except the CUDA-graph modes (reduce-overhead, max-autotune), "
         "which refuse it: a convolution timed during a graph capture fails the capture.",
     )
+    text_encoder_graphs: bool | None = Field(
+        None,
+        description="Replay the text encoders as CUDA graphs, one per encoder at one prompt's shape (exact: the "
+        "same kernels as eager, without their launch cost). Default: on with a CUDA-graph compile mode "
+        "(reduce-overhead, max-autotune) on a CUDA GPU; needs offload none.",
+    )
     fp8: bool = Field(
         False,
         description="fp8 (e4m3) linears in the UNets' transformer blocks (lossy; compute capability 8.9+).",

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from imagesmith.config import CUDA_GRAPH_MODES, CompileChoice, Settings
+from imagesmith.engine import encoder_graphs
 from imagesmith.engine.batch_routing import BatchRoutedCall
 from imagesmith.engine.fp8 import quantize_transformer_linears
 from imagesmith.engine.hardware import HardwarePlan
@@ -89,6 +90,16 @@ def cudnn_benchmark_wanted(settings: Settings, plan: HardwarePlan) -> bool:
     return wanted and plan.device.startswith("cuda")
 
 
+def text_encoder_graphs_wanted(settings: Settings, plan: HardwarePlan) -> bool:
+    """Exact and cheap (engine/encoder_graphs.py), so on by default where the user already chose CUDA graphs
+    for the UNets; a graph keeps the weights' addresses, so never with offload."""
+    if not plan.device.startswith("cuda") or plan.offload != "none":
+        return False
+    if settings.text_encoder_graphs is not None:
+        return settings.text_encoder_graphs
+    return settings.compile in CUDA_GRAPH_MODES
+
+
 def apply_speed_levers(base: Any, refiner: Any | None, plan: HardwarePlan, settings: Settings) -> list[str]:
     """Apply the levers the settings ask for; return what was applied, for the start-up log and health."""
     if settings.fp8 and not plan.fp8_asked:
@@ -122,6 +133,15 @@ def apply_speed_levers(base: Any, refiner: Any | None, plan: HardwarePlan, setti
             applied.append("cudnn.benchmark")
     if plan.attention != "auto":  # entered around each generation by the engine (engine/attention.py)
         applied.append(f"attention: {plan.attention} first")
+    if text_encoder_graphs_wanted(settings, plan):
+        # The refiner's text_encoder_2 is the base's (models.py loads it around it): one graph per module.
+        modules = [base.text_encoder, base.text_encoder_2] + ([refiner.text_encoder_2] if refiner else [])
+        encoders = list({id(module): module for module in modules if module is not None}.values())
+        for encoder in encoders:
+            encoder_graphs.install(encoder)
+        applied.append(f"text encoders as CUDA graphs x{len(encoders)}")
+    elif settings.text_encoder_graphs:
+        log.warning("text_encoder_graphs skipped: it needs a CUDA GPU and offload=none (plan: %s)", plan)
     if plan.fp8 is not None:  # decided, with its reason, by the hardware plan
         rowwise = plan.fp8 == "row-wise"
         converted = sum(quantize_transformer_linears(unet, rowwise) for unet in unets)
