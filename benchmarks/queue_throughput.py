@@ -12,8 +12,8 @@ effect of a few % from the spread between rows). Each row reports the median sta
 compare with the engine alone (fast_path.py).
 
 `--repeats N` runs N rows of the default per compiled batch size, then the engine alone; `--encode-ahead-ab` and
-`--encoder-graphs-ab` add, to each repeat after the first, a row with encode ahead on and one with the text
-encoders' CUDA graphs paused (eager encoders), in alternating order.
+`--encoder-graphs-ab` add, to each repeat after the first, a row with encode ahead off (on by default) and one
+with the text encoders' CUDA graphs paused (eager encoders), in alternating order.
 
 Every row sends prompts of its own (`--repeat-prompts`: the same in every row), so no row finds its embeddings in
 the engine's prompt cache: what a stream of new requests gets. Each row's probe also times the base UNet's and
@@ -83,7 +83,8 @@ def main() -> None:
     parser.add_argument(
         "--encode-ahead-ab",
         action="store_true",
-        help="with --repeats: each repeat also runs a row with IMAGESMITH_ENCODE_AHEAD on (engine/encode_ahead.py)",
+        help="with --repeats: each repeat also runs a row with IMAGESMITH_ENCODE_AHEAD off (engine/encode_ahead.py; "
+        "on by default since run 41, whose rows named encode-ahead had it on against a default without)",
     )
     parser.add_argument(
         "--encoder-graphs-ab",
@@ -330,7 +331,7 @@ def main() -> None:
             if not args.ab and args.repeats > 1:
                 repeated: list[tuple[str, dict[str, Any]]] = [(label, {})]
                 if args.encode_ahead_ab:
-                    repeated.append((f"{label},encode-ahead", {"encode_ahead": True}))
+                    repeated.append((f"{label},no-encode-ahead", {"encode_ahead": False}))
                 if args.encoder_graphs_ab:
                     repeated.append((f"{label},eager-encoders", {"text_encoder_graphs": False}))
                 for repeat in range(args.repeats - 1):

@@ -206,7 +206,8 @@ class Settings(BaseSettings):
         None,
         description="Replay the text encoders as CUDA graphs, one per encoder at one prompt's shape (exact: the "
         "same kernels as eager, without their launch cost). Default: on with a CUDA-graph compile mode "
-        "(reduce-overhead, max-autotune) on a CUDA GPU; needs offload none.",
+        "(reduce-overhead, max-autotune) on a CUDA GPU; needs offload none. Measured: 1.455 -> 1.381 s an image "
+        "(run 42), +2-5 % images/s in the queue with new prompts (run 41).",
     )
     fp8: bool = Field(
         False,
@@ -216,9 +217,10 @@ class Settings(BaseSettings):
         64, ge=0, description="Prompt embeddings kept on the device for repeated prompts (0: off)."
     )
     encode_ahead: bool = Field(
-        False,
+        True,
         description="Encode the queued jobs' prompts between the running pass's steps, so the next pass finds them "
-        "in the prompt cache (exact; needs the prompt cache and no offload). Not yet measured on a GPU.",
+        "in the prompt cache (exact; needs the prompt cache and no offload). Measured with the text encoders' "
+        "graphs: +1-2 % images/s at batch 1, 4 and 8 with new prompts (run 41).",
     )
     warmup: bool = Field(True, description="Warm up (and compile) at start-up, before serving.")
     warmup_sizes: str = Field("1024x1024", description="Comma-separated WxH shapes to warm up.")

@@ -106,7 +106,8 @@ def test_calls_the_graph_cannot_stand_for_run_the_encoder_eager(tiny_settings: S
 def test_a_recording_that_fails_leaves_the_encoder_eager_with_the_reason_logged(
     tiny_settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    encoder = _tiny_engine(tiny_settings).models.base.text_encoder
+    engine = _tiny_engine(tiny_settings)
+    encoder = engine.models.base.text_encoder
     graphed = install(encoder)
     # Let a CPU call through to recording, which then fails for real (no CUDA stream on this machine): what a
     # GPU does when an op inside the encoder cannot be captured.
@@ -120,6 +121,9 @@ def test_a_recording_that_fails_leaves_the_encoder_eager_with_the_reason_logged(
     assert "recording its CUDA graph failed" in caplog.text and caplog.text.count("failed") == 1
     assert torch.equal(out.pooler_output, eager.pooler_output)
     assert torch.equal(again.last_hidden_state, eager.last_hidden_state)
+    # Health lists it beside the levers, as it lists a compile that fell back to eager.
+    failures = [lever for lever in engine.describe()["speed_levers"] if "CUDA graph failed" in lever]
+    assert failures == [f"CLIPTextModel CUDA graph failed, eager instead ({graphed.failure})"]
 
 
 def test_outputs_are_copied_out_of_the_graphs_memory(tiny_settings: Settings) -> None:

@@ -21,7 +21,9 @@ REQUEST = GenerationRequest(prompt="a lighthouse", width=64, height=64, num_infe
 
 def test_fused_qkv_gives_the_same_image_and_frees_the_unfused_weights(tiny_settings: Settings) -> None:
     plain = Engine.start(tiny_settings.with_changes(**{"fuse_qkv": False}))
-    fused = Engine.start(tiny_settings.with_changes(**{"fuse_qkv": True, "channels_last": True}))
+    fused = Engine.start(
+        tiny_settings.with_changes(**{"fuse_qkv": True, "channels_last": True, "encode_ahead": False})
+    )
     assert fused.levers == ["fused QKV", "channels_last"]
     a = np.asarray(plain.generate(REQUEST).images[0]).astype(int)
     b = np.asarray(fused.generate(REQUEST).images[0]).astype(int)
@@ -89,7 +91,7 @@ def test_a_failing_compile_falls_back_to_eager_and_says_so(tiny_settings: Settin
     """An unsupported card or a torch bug must not keep the server from serving: warm-up reverts to eager."""
     from imagesmith.engine.fast import warm_up_or_fall_back_to_eager
 
-    engine = Engine.start(tiny_settings.with_changes(fuse_qkv=False))
+    engine = Engine.start(tiny_settings.with_changes(fuse_qkv=False, encode_ahead=False))
 
     def broken_compiled_call(*args: object, **kwargs: object) -> None:
         raise RuntimeError("inductor: no kernel for this card (simulated)")

@@ -23,6 +23,7 @@ from imagesmith.config import Settings
 from imagesmith.engine.attention import attention_priority
 from imagesmith.engine.decode import decode_latents
 from imagesmith.engine.encode_ahead import EncodeAhead
+from imagesmith.engine.encoder_graphs import installed
 from imagesmith.engine.fast import (
     apply_speed_levers,
     compiled_modules,
@@ -107,6 +108,17 @@ def refinement_off_reason(request: ResolvedRequest) -> str:
     if not request.use_refinement:
         return "refinement off (use_refinement=false)"
     return "refine_mode none" if request.high_quality else "high_quality=false"
+
+
+def encoder_graph_failures(models: LoadedModels) -> list[str]:
+    """Text encoders whose CUDA graph could not be recorded (engine/encoder_graphs.py): they run eager, and health
+    says so next to the levers, as it does for a compile that fell back."""
+    encoders = {id(module): module for module in (models.base.text_encoder, models.base.text_encoder_2)}
+    failed = [graph for graph in map(installed, encoders.values()) if graph is not None and graph.failure]
+    return [
+        f"{type(graph.module).__name__} CUDA graph failed, eager instead ({graph.failure})"
+        for graph in failed
+    ]
 
 
 def encode_ahead_refused(engine: Engine) -> str | None:
@@ -411,6 +423,6 @@ class Engine:
             "base_model": self.models.sources.base,
             "refiner_model": self.models.sources.refiner,
             "refiner": self.refiner_status,
-            "speed_levers": self.levers,
+            "speed_levers": self.levers + encoder_graph_failures(self.models),
             "startup": self.startup,
         }
