@@ -52,3 +52,11 @@ def test_each_replay_answers_its_own_ids_and_earlier_outputs_survive(tiny_settin
         assert torch.equal(got[0], want[0])
         assert torch.equal(got.hidden_states[-2], want.hidden_states[-2])
     assert not torch.equal(first.hidden_states[-2], second.hidden_states[-2])
+    # A call with a tensor argument (an attention mask) is not the recorded call: eager, nothing replayed.
+    mask = torch.ones_like(first_ids)
+    mask[:, 40:] = 0
+    with torch.no_grad():
+        masked = encoder(first_ids, attention_mask=mask, output_hidden_states=True)
+        expected_masked = graph.eager_forward(first_ids, attention_mask=mask, output_hidden_states=True)
+    assert graph.replays == before + 2
+    assert torch.equal(masked.hidden_states[-2], expected_masked.hidden_states[-2])

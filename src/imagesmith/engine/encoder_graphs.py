@@ -73,6 +73,8 @@ class GraphedForward:
             return False  # (inference tensors made while recording could not be written to outside it)
         if not isinstance(input_ids, torch.Tensor) or input_ids.device.type != "cuda":
             return False
+        if any(isinstance(value, torch.Tensor) for value in kwargs.values()):
+            return False  # an attention mask, say: the graph would keep the recorded one
         if torch.cuda.is_current_stream_capturing():  # inside someone else's capture: leave it alone
             return False
         if self.static_ids is None:
