@@ -22,6 +22,8 @@
 # The issue's whole benchmark in one run (run 40): models,serve-cold,fast-path,queue,headline with
 # FAST_PHASES=seed,peer,eager,variants FAST_VARIANTS=reduce-overhead,reduce-overhead+fp8
 # FAST_ARGS=--no-prompt-cache-ab QUEUE_ARGS="--repeats 2 --eager-batches none".
+# Every queue lever's A/B at 1, 4 and 8 (run 41): QUEUE_ARGS="--repeats 2 --encode-ahead-ab --encoder-graphs-ab
+# --eager-batches none". Give FAST_LIMIT_S room for a cold compile (~240 s) plus each later variant (~60 s).
 set -u
 PIPE=.devcache/pipe
 
