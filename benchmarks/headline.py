@@ -84,9 +84,13 @@ def queue(results: dict[str, Any]) -> list[str]:
         clocks = [p["sm_clock_mhz_median_min"][0] for p in probes if "sm_clock_mhz_median_min" in p]
         rates = " / ".join(f"{r['images_per_s']:.2f}" for r in queued)
         alone_rates = " / ".join(f"{r['images_per_s']:.2f}" for r in alone) or "-"
-        ahead_rates = " / ".join(f"on {r['images_per_s']:.2f}" for r in ahead)
-        ahead_rates += " / ".join(f"off {r['images_per_s']:.2f}" for r in no_ahead)
-        ahead_rates = ahead_rates or "-"
+        ahead_rates = (
+            " / ".join(
+                [f"on {r['images_per_s']:.2f}" for r in ahead]
+                + [f"off {r['images_per_s']:.2f}" for r in no_ahead]
+            )
+            or "-"
+        )
         eager_encoder_rates = " / ".join(f"{r['images_per_s']:.2f}" for r in eager_encoders) or "-"
         utilisation = " / ".join(str(p.get("gpu_utilization_pct_mean", "-")) for p in probes)
         waited = " / ".join(str(p.get("gpu_waited_for_host_fraction", "-")) for p in probes)

@@ -98,7 +98,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     from imagesmith.config import Settings
-    from imagesmith.engine.encoder_graphs import installed
+    from imagesmith.engine.encoder_graphs import installed, text_encoders
     from imagesmith.engine.engine import BatchItem, Engine, encode_ahead_for
     from imagesmith.engine.fast import apply_speed_levers, records_cuda_graphs
     from imagesmith.engine.hardware import plan_hardware, probe_device
@@ -185,7 +185,7 @@ def main() -> None:
             # What Engine.start does with IMAGESMITH_ENCODE_AHEAD (this engine is built directly).
             engine.encode_ahead = encode_ahead_for(engine, settings)
             # The encoders' graphs were installed once, with the levers; a row that turns them off pauses them.
-            graphs = [graph for graph in map(installed, (base.text_encoder, base.text_encoder_2)) if graph]
+            graphs = [graph for graph in map(installed, text_encoders(base, refiner)) if graph]
             for graph in graphs:
                 graph.paused = settings.text_encoder_graphs is False
             replays_before = sum(graph.replays for graph in graphs)

@@ -12,15 +12,15 @@ pass then finds its embeddings there.
   CUDA-graph capture (the UNets' captures happen inside their compiled calls; a text encoder's graph, recorded
   by its first one-row call, engine/encoder_graphs.py, may be recorded here, between two UNet calls, where no
   other capture is open).
-
-Measured (run 41, with the encoders' graphs, which left ~2 ms an encoder call to hide): +1.6-2.1 % images/s
-through the queue at batch 1, 4 and 8 with new prompts, so on by default.
 - Row by row, through the cache's own encoding (encode_prompt on one text): the embeddings are bit for bit the
   ones the next pass would compute itself, so an image does not depend on whether its prompt came early.
 - Bounded: after each step it encodes while the time spent in this callback is under half the last step's
   (measured from the end of one callback to the next), at least one text a step; a late text is left to its pass.
 - Only with the prompt cache on and every weight resident (offload none): under offload, running the text
   encoders in the middle of a stage would move the UNet off the GPU and back.
+
+Measured (run 41, with the encoders' graphs, which left ~2 ms an encoder call to hide): +1.6-2.1 % images/s
+through the queue at batch 1, 4 and 8 with new prompts, so on by default.
 """
 
 from __future__ import annotations

@@ -127,6 +127,16 @@ def copied(output: Any) -> Any:
     return output
 
 
+_ENCODERS = ("text_encoder", "text_encoder_2")
+
+
+def text_encoders(*pipelines: Any) -> list[torch.nn.Module]:
+    """The pipelines' text encoders, each module once: the refiner's text_encoder_2 is the base's (models.py
+    loads it around it), so it gets one graph, and one entry in what is reported about them."""
+    modules = [getattr(pipe, name, None) for pipe in pipelines if pipe is not None for name in _ENCODERS]
+    return list({id(module): module for module in modules if module is not None}.values())
+
+
 def install(module: torch.nn.Module) -> GraphedForward:
     """Replay `module` as a CUDA graph from its next one-row call on (once: installing twice returns the first)."""
     current = module.forward

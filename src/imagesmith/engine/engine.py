@@ -23,7 +23,7 @@ from imagesmith.config import Settings
 from imagesmith.engine.attention import attention_priority
 from imagesmith.engine.decode import decode_latents
 from imagesmith.engine.encode_ahead import EncodeAhead
-from imagesmith.engine.encoder_graphs import installed
+from imagesmith.engine.encoder_graphs import installed, text_encoders
 from imagesmith.engine.fast import (
     apply_speed_levers,
     compiled_modules,
@@ -113,8 +113,8 @@ def refinement_off_reason(request: ResolvedRequest) -> str:
 def encoder_graph_failures(models: LoadedModels) -> list[str]:
     """Text encoders whose CUDA graph could not be recorded (engine/encoder_graphs.py): they run eager, and health
     says so next to the levers, as it does for a compile that fell back."""
-    encoders = {id(module): module for module in (models.base.text_encoder, models.base.text_encoder_2)}
-    failed = [graph for graph in map(installed, encoders.values()) if graph is not None and graph.failure]
+    graphs = map(installed, text_encoders(models.base, models.refiner))
+    failed = [graph for graph in graphs if graph is not None and graph.failure]
     return [
         f"{type(graph.module).__name__} CUDA graph failed, eager instead ({graph.failure})"
         for graph in failed

@@ -135,9 +135,7 @@ def apply_speed_levers(base: Any, refiner: Any | None, plan: HardwarePlan, setti
     if plan.attention != "auto":  # entered around each generation by the engine (engine/attention.py)
         applied.append(f"attention: {plan.attention} first")
     if text_encoder_graphs_wanted(settings, plan):
-        # The refiner's text_encoder_2 is the base's (models.py loads it around it): one graph per module.
-        modules = [base.text_encoder, base.text_encoder_2] + ([refiner.text_encoder_2] if refiner else [])
-        encoders = list({id(module): module for module in modules if module is not None}.values())
+        encoders = encoder_graphs.text_encoders(base, refiner)
         for encoder in encoders:
             encoder_graphs.install(encoder)
         applied.append(f"text encoders as CUDA graphs x{len(encoders)}")
