@@ -24,6 +24,11 @@
 # FAST_ARGS=--no-prompt-cache-ab QUEUE_ARGS="--repeats 2 --eager-batches none".
 # Every queue lever's A/B at 1, 4 and 8 (run 41): QUEUE_ARGS="--repeats 2 --encode-ahead-ab --encoder-graphs-ab
 # --eager-batches none". Give FAST_LIMIT_S room for a cold compile (~240 s) plus each later variant (~60 s).
+# fp8 at the MLPerf setting against bf16, then fp8's latency (run 46): models,gpu-tests,fast-path,queue,fast-path-2
+# with GPU_TESTS_K=fp8 FAST_PHASES=mlperf FAST_VARIANTS=reduce-overhead:mlperf,reduce-overhead+fp8:mlperf,
+# reduce-overhead+fp8dyn:mlperf FAST_ARGS="--mlperf-batches 8 --compile-needs-s 180" FAST_LIMIT_S=700
+# QUEUE_BATCHES=8 QUEUE_ARGS="--fp8 --repeats 2 --eager-batches none" FAST2_PHASES=eager,variants
+# FAST2_VARIANTS=reduce-overhead+fp8 FAST2_ARGS="--no-prompt-cache-ab --compile-needs-s 240".
 set -u
 PIPE=.devcache/pipe
 
@@ -61,12 +66,28 @@ stage() {
     echo "$(date +%s) end $name rc=$rc" >> "$PIPE/stages"
 }
 
+# fast_path NAME LIMIT_S PHASES VARIANTS ARGS: benchmarks/fast_path.py with what budget is left, or LIMIT_S if less.
+fast_path() {
+    local name=$1 budget
+    budget=$(left)
+    [ -n "$2" ] && [ "$budget" -gt "$2" ] && budget=$2
+    if [ "$budget" -gt 150 ]; then
+        # shellcheck disable=SC2086  # ARGS is a list of arguments
+        stage "$name" "$((budget + 15))" python3 benchmarks/fast_path.py --out "$PIPE/$name" \
+            --cache-dir .devcache/serve8/compile-cache --phases "$3" --variants "$4" --budget-s "$budget" \
+            --compile-needs-s 120 $5
+    else
+        echo "$(date +%s) skip $name: ${budget}s left" >> "$PIPE/stages"
+    fi
+}
+
 run_stage() {
     case $1 in
     models) stage models 180 python3 -c "import sys; sys.path.insert(0, 'benchmarks'); \
 from pathlib import Path; from serve_start import save_random_models as s; \
 print(s(Path('.devcache/random-sdxl'), False))" ;;
-    gpu-tests) stage gpu-tests 420 python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider ;;
+    # GPU_TESTS_K: a pytest -k expression, to run only the tests of what changed (all of them when unset).
+    gpu-tests) stage gpu-tests 420 python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider -k "${GPU_TESTS_K:-}" ;;
     serve-cold) stage serve-cold 720 python3 benchmarks/serve_start.py --out "$PIPE/serve-cold" \
         --models .devcache/random-sdxl --data .devcache/serve8 --compile reduce-overhead --batch-max 8 --starts 1 --requests 6 \
         --timeout-s 700 ;;
@@ -82,21 +103,13 @@ print(s(Path('.devcache/random-sdxl'), False))" ;;
     queue) stage queue 720 python3 benchmarks/queue_throughput.py --out "$PIPE/queue" \
         --batches "${QUEUE_BATCHES:-1,4,8}" --jobs 16 --compiled --all-compiled --compile-mode reduce-overhead \
         --cache-dir .devcache/serve8/compile-cache ${QUEUE_ARGS:-} ;;
-    fast-path)
-        local budget
-        budget=$(left)
-        [ "$budget" -gt "${FAST_LIMIT_S:-$budget}" ] && budget=$FAST_LIMIT_S
-        # The fastest exact configuration (cudnn.benchmark is refused with CUDA graphs: it failed the capture in
-        # run 27, was slower in run 31 and crashed the eager fallback in run 32); FAST_VARIANTS picks others.
-        if [ "$budget" -gt 150 ]; then
-            # shellcheck disable=SC2086  # FAST_ARGS is a list of arguments
-            stage fast-path "$((budget + 15))" python3 benchmarks/fast_path.py --out "$PIPE/fast-path" \
-                --cache-dir .devcache/serve8/compile-cache --phases "${FAST_PHASES:-peer,eager,variants}" \
-                --variants "${FAST_VARIANTS:-reduce-overhead}" --budget-s "$budget" --compile-needs-s 120 \
-                ${FAST_ARGS:-}
-        else
-            echo "$(date +%s) skip fast-path: ${budget}s left" >> "$PIPE/stages"
-        fi ;;
+    # The fastest exact configuration (cudnn.benchmark is refused with CUDA graphs: it failed the capture in
+    # run 27, was slower in run 31 and crashed the eager fallback in run 32); FAST_VARIANTS picks others.
+    fast-path) fast_path fast-path "${FAST_LIMIT_S:-}" "${FAST_PHASES:-peer,eager,variants}" \
+        "${FAST_VARIANTS:-reduce-overhead}" "${FAST_ARGS:-}" ;;
+    # A second run of the fast path in the same pipeline (after the queue, say), with its own FAST2_* settings.
+    fast-path-2) fast_path fast-path-2 "${FAST2_LIMIT_S:-}" "${FAST2_PHASES:-eager,variants}" \
+        "${FAST2_VARIANTS:-reduce-overhead}" "${FAST2_ARGS:-}" ;;
     headline) stage headline 60 python3 benchmarks/headline.py "$PIPE" --out "$PIPE/headline.md" ;;
     *) echo "$(date +%s) unknown stage $1" >> "$PIPE/stages" ;;
     esac

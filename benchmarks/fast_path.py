@@ -18,8 +18,9 @@ call time on the GPU and its achieved TFLOP/s (unet_timeline.py: CUDA events aro
 not), and `first_image_s`: from the phase's start (building its modules, which a user's process loads from disk)
 to its first image, the warm-up (compilation) included.
 
-A variant is `MODE[+fp8][+cl][+cudnn][+dyn][+teg|+noteg][+attn-BACKEND][:mlperf]`: MODE is a compile choice (off, default,
-reduce-overhead, max-autotune-no-cudagraphs); +fp8 fp8 transformer linears (engine/fp8.py); +cl channels_last;
+A variant is `MODE[+fp8|+fp8dyn][+cl][+cudnn][+dyn][+teg|+noteg][+attn-BACKEND][:mlperf]`: MODE is a compile choice (off,
+default, reduce-overhead, max-autotune-no-cudagraphs); +fp8 fp8 transformer linears (engine/fp8.py) with static
+scales, calibrated as Engine.start does (the default), +fp8dyn with dynamic ones; +cl channels_last;
 +cudnn cudnn.benchmark (IMAGESMITH_CUDNN_BENCHMARK; off unless named here; settings refuse it with the
 CUDA-graph modes); +dyn the UNets compiled with
 dynamic shapes (IMAGESMITH_COMPILE_DYNAMIC); +teg / +noteg the text encoders replayed as CUDA graphs or not
@@ -70,29 +71,43 @@ class Variant:
     attention: str = "auto"
     dynamic: bool = False
     text_encoder_graphs: bool | None = None  # None: the settings' default (on with the CUDA-graph modes)
+    fp8_scales: str = "static"  # with fp8: IMAGESMITH_FP8_SCALES
 
     @classmethod
     def parse(cls, spec: str) -> Variant:
         body, _, kind = spec.partition(":")
         mode, *flags = body.split("+")
         attention = [flag.removeprefix("attn-") for flag in flags if flag.startswith("attn-")]
-        known = {"fp8", "cl", "cudnn", "dyn", "teg", "noteg", "attn-flash", "attn-efficient", "attn-cudnn"}
+        known = {
+            "fp8",
+            "fp8dyn",
+            "cl",
+            "cudnn",
+            "dyn",
+            "teg",
+            "noteg",
+            "attn-flash",
+            "attn-efficient",
+            "attn-cudnn",
+        }
         unknown = set(flags) - known
-        if unknown or kind not in ("", "mlperf") or len(attention) > 1 or {"teg", "noteg"} <= set(flags):
+        twice = {"teg", "noteg"} <= set(flags) or {"fp8", "fp8dyn"} <= set(flags)
+        if unknown or kind not in ("", "mlperf") or len(attention) > 1 or twice:
             raise SystemExit(
-                f"variant {spec!r}: flags are +fp8 +cl +cudnn +dyn, one of +teg +noteg, one of +attn-flash "
-                "+attn-efficient +attn-cudnn, and the suffix :mlperf"
+                f"variant {spec!r}: flags are one of +fp8 +fp8dyn, +cl +cudnn +dyn, one of +teg +noteg, one of "
+                "+attn-flash +attn-efficient +attn-cudnn, and the suffix :mlperf"
             )
         return cls(
             spec,
             mode,
-            "fp8" in flags,
+            "fp8" in flags or "fp8dyn" in flags,
             "cl" in flags,
             "cudnn" in flags,
             kind == "mlperf",
             attention[0] if attention else "auto",
             dynamic="dyn" in flags,
             text_encoder_graphs=True if "teg" in flags else False if "noteg" in flags else None,
+            fp8_scales="dynamic" if "fp8dyn" in flags else "static",
         )
 
 
@@ -288,6 +303,7 @@ def main() -> None:
     from imagesmith.config import Settings
     from imagesmith.engine.engine import BatchItem, Engine
     from imagesmith.engine.fast import apply_speed_levers, records_cuda_graphs, warm_up
+    from imagesmith.engine.fp8_calibration import calibrate_fp8
     from imagesmith.engine.hardware import plan_hardware, probe_device
     from imagesmith.engine.models import LoadedModels, ModelSources
     from imagesmith.engine.prompt_cache import PromptEmbeddingCache
@@ -481,6 +497,8 @@ def main() -> None:
             compile_cache_dir=Path(args.cache_dir) if args.cache_dir else None,
             compile=variant.mode,
             fp8=variant.fp8,
+            fp8_scales=variant.fp8_scales,
+            warmup_sizes=f"{px}x{px}",  # where static fp8 scales are calibrated
             channels_last=variant.channels_last,
             cudnn_benchmark=variant.cudnn_benchmark,
             attention_backend=variant.attention,
@@ -492,6 +510,8 @@ def main() -> None:
         variant_plan = plan_hardware(probe_device(device), settings)
         engine = new_engine(with_refiner=not variant.mlperf, engine_plan=variant_plan)
         levers = apply_speed_levers(engine.models.base, engine.models.refiner, variant_plan, settings)
+        calibrated = calibrate_fp8(engine, settings)  # static fp8 scales, as Engine.start calibrates them
+        levers += [calibrated] if calibrated else []
         engine.records_cuda_graphs = records_cuda_graphs(settings, levers)  # as Engine.start sets it
         if variant.fp8 != any(lever.startswith("fp8") for lever in levers):
             raise RuntimeError(f"{variant.spec}: levers applied were {levers}")
@@ -537,7 +557,14 @@ def main() -> None:
             # A variant whose UNets compile to what an earlier one compiled (the text encoders' graphs, say, are
             # not compiled) finds the kernels in the cache: ~40 s of warm-up and ~15 s of runs, not a cold
             # compile. Run 41 skipped such a variant, 118 s left against the cold compile's 120 s.
-            key = (variant.mode, variant.fp8, variant.channels_last, variant.attention, variant.dynamic)
+            key = (
+                variant.mode,
+                variant.fp8,
+                variant.fp8_scales,
+                variant.channels_last,
+                variant.attention,
+                variant.dynamic,
+            )
             needs = 60 if variant.mode == "off" or key in compiled_before else args.compile_needs_s
             compiled_before.add(key)
             last_engine.clear()

@@ -53,6 +53,12 @@ def main() -> None:
     parser.add_argument("--compiled", action="store_true", help="also run the largest batch compiled")
     parser.add_argument("--compile-mode", default="default")
     parser.add_argument("--fp8", action="store_true", help="the compiled run with fp8 UNet linears")
+    parser.add_argument(
+        "--fp8-scales",
+        default="static",
+        choices=["static", "dynamic"],
+        help="with --fp8: IMAGESMITH_FP8_SCALES",
+    )
     parser.add_argument("--cache-dir", default="", help="inductor cache (default OUT/data/compile-cache)")
     parser.add_argument(
         "--all-compiled", action="store_true", help="every batch size compiled, not the largest"
@@ -101,6 +107,7 @@ def main() -> None:
     from imagesmith.engine.encoder_graphs import installed, text_encoders
     from imagesmith.engine.engine import BatchItem, Engine, encode_ahead_for
     from imagesmith.engine.fast import apply_speed_levers, records_cuda_graphs
+    from imagesmith.engine.fp8_calibration import calibrate_fp8
     from imagesmith.engine.hardware import plan_hardware, probe_device
     from imagesmith.engine.models import LoadedModels, ModelSources
     from imagesmith.jobs.events import EventHub
@@ -300,18 +307,27 @@ def main() -> None:
     if args.compiled:
         cache = Path(args.cache_dir) if args.cache_dir else out / "data" / "compile-cache"
         levers = Settings(
-            data_dir=out / "data", compile=args.compile_mode, fp8=args.fp8, compile_cache_dir=cache
+            data_dir=out / "data",
+            compile=args.compile_mode,
+            fp8=args.fp8,
+            fp8_scales=args.fp8_scales,
+            warmup_sizes=f"{px}x{px}",  # where static fp8 scales are calibrated
+            compile_cache_dir=cache,
         )
         # The plan decides fp8, so the levers get a plan made from their own settings.
         levers_plan = plan_hardware(probe_device(device), levers)
         results["levers"] = apply_speed_levers(base, refiner, levers_plan, levers)
+        calibrated = calibrate_fp8(engine, levers)  # static fp8 scales, as Engine.start calibrates them
+        results["levers"] += [calibrated] if calibrated else []
         engine.records_cuda_graphs = records_cuda_graphs(levers, results["levers"])  # as Engine.start sets it
         if base.unet._compiled_call_impl is not None:
             timeline = UnetTimeline(base.unet)
             encoder_timelines.update(
                 text_encoder=UnetTimeline(base.text_encoder), text_encoder_2=UnetTimeline(base.text_encoder_2)
             )
-        label = f"{args.compile_mode}{'+fp8' if args.fp8 else ''}"
+        label = args.compile_mode + (
+            ("+fp8" if args.fp8_scales == "static" else "+fp8dyn") if args.fp8 else ""
+        )
         variants: list[tuple[str, dict[str, Any]]] = [(label, {})]
         if args.ab:
             variants += [

@@ -67,6 +67,16 @@ class CompileChoice(StrEnum):
     MAX_AUTOTUNE_NO_CUDAGRAPHS = "max-autotune-no-cudagraphs"
 
 
+class Fp8Scales(StrEnum):
+    """How fp8 linears scale their inputs (engine/fp8.py). 'static': one scale per layer, calibrated at start-up
+    from a real generation, so the quantization is a multiply and a cast that the compiler fuses into the kernel
+    producing the input. 'dynamic': scales computed from every input (per row on Hopper), a reduction pass
+    before each matmul."""
+
+    STATIC = "static"
+    DYNAMIC = "dynamic"
+
+
 class AttentionBackendChoice(StrEnum):
     """The fused kernel scaled_dot_product_attention tries first (engine/attention.py). 'auto' keeps torch's
     own choice, which depends on the torch and cuDNN build (cuDNN's kernel on Hopper with cuDNN 9.15+)."""
@@ -212,6 +222,11 @@ class Settings(BaseSettings):
     fp8: bool = Field(
         False,
         description="fp8 (e4m3) linears in the UNets' transformer blocks (lossy; compute capability 8.9+).",
+    )
+    fp8_scales: Fp8Scales = Field(
+        Fp8Scales.STATIC,
+        description="With fp8: 'static' scales each layer's inputs by one factor calibrated at start-up (one "
+        "generation, seconds), 'dynamic' computes them from every input (a reduction before each matmul).",
     )
     prompt_cache_size: int = Field(
         64, ge=0, description="Prompt embeddings kept on the device for repeated prompts (0: off)."

@@ -90,13 +90,17 @@ def test_plan_summary_gives_the_reasons_in_one_line() -> None:
     assert "\n" not in summary and "model offload" in summary and "11.2 GiB free" in summary
 
 
-def test_fp8_scales_follow_the_card_and_need_resident_weights() -> None:
+def test_fp8_scales_follow_the_settings_and_the_card_and_need_resident_weights() -> None:
     assert plan(H100).fp8 is None  # opt-in
-    assert plan(H100, fp8=True).fp8 == "row-wise"  # Hopper
-    assert plan(RTX4090, fp8=True).fp8 == "per-tensor"  # Ada: fp8 tensor cores, no row-wise scaling
+    # Static scales by default, on every card with fp8 tensor cores: one scale per tensor.
+    assert plan(H100, fp8=True).fp8 == "static" and plan(RTX4090, fp8=True).fp8 == "static"
+    assert plan(H100, fp8=True, fp8_scales="dynamic").fp8 == "row-wise"  # Hopper
+    # Ada: fp8 tensor cores, no row-wise scaling
+    assert plan(RTX4090, fp8=True, fp8_scales="dynamic").fp8 == "per-tensor"
     offloaded = plan(H100, fp8=True, offload="model")
     assert offloaded.fp8 is None and any("fp8 skipped" in reason for reason in offloaded.reasons)
-    assert plan(CPU, fp8=True).fp8 == "row-wise"  # emulated, for tests; said so in the reasons
+    # Emulated off the GPU, for tests; said so in the reasons.
+    assert plan(CPU, fp8=True).fp8 == "static" and plan(CPU, fp8=True, fp8_scales="dynamic").fp8 == "row-wise"
     with pytest.raises(RuntimeError, match=r"compute capability 8\.9\+"):
         plan(V100_32GB, fp8=True)
 

@@ -80,23 +80,54 @@ def test_cuda_graphs_warmed_on_one_thread_serve_requests_from_another(tiny_setti
     assert len(compiled_modules(engine)) == 3, engine.levers
 
 
-@pytest.mark.skipif(
+FP8_CARD = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
     reason="needs fp8 tensor cores",
 )
-def test_fp8_scaled_mm_gives_the_product_of_the_quantized_operands() -> None:
-    """torch._scaled_mm on the GPU computes what the CPU path (and its tests) compute: the same e4m3 operands
-    multiplied with fp32 accumulation, written in bf16."""
+
+
+@FP8_CARD
+@pytest.mark.parametrize("scaling", ["static", "dynamic"])
+def test_fp8_scaled_mm_gives_the_product_of_the_quantized_operands(scaling: str) -> None:
+    """torch._scaled_mm on the GPU (fast accumulation, the bias in its epilogue where one scale per tensor)
+    computes what the CPU path (and its tests) compute: the same e4m3 operands multiplied with fp32
+    accumulation, written in bf16."""
     from torch import nn
 
-    from imagesmith.engine.fp8 import Float8Linear
+    from imagesmith.engine.fp8 import Float8Linear, calibrate_static_scales
 
     torch.manual_seed(0)
-    rowwise = torch.cuda.get_device_capability() >= (9, 0)  # what the hardware plan picks
+    if scaling == "dynamic":  # what the hardware plan picks
+        scaling = "row-wise" if torch.cuda.get_device_capability() >= (9, 0) else "per-tensor"
     layer = nn.Linear(640, 2560).to("cuda", torch.bfloat16)
-    gpu = Float8Linear(layer, rowwise)
-    cpu = Float8Linear(layer.to("cpu"), rowwise)
+    gpu = Float8Linear(layer, scaling)
+    cpu = Float8Linear(layer.to("cpu"), scaling)
     x = torch.randn(2, 4096, 640, dtype=torch.bfloat16)
     with torch.no_grad():
+        if scaling == "static":
+            calibrate_static_scales([gpu], lambda: gpu(x.cuda()))
+            assert gpu.input_scale is not None
+            cpu.input_scale = gpu.input_scale.cpu()
         got, expected = gpu(x.cuda()).float().cpu(), cpu(x).float()
     assert float((got - expected).norm() / expected.norm()) < 1e-2  # bf16 output rounding only
+
+
+@FP8_CARD
+@pytest.mark.parametrize("scales", ["static", "dynamic"])
+def test_compiled_fp8_engine_matches_its_eager_self(tiny_settings: Settings, scales: str) -> None:
+    """The calibrated scales reach the compiled graphs (an input of the graph, like the weights), and both
+    scalings compile with CUDA graphs."""
+    from imagesmith.engine.fp8 import static_layers
+
+    request = GenerationRequest(prompt="x", width=128, height=128, num_inference_steps=10, seed=4)
+    settings = tiny_settings.with_changes(device="cuda", fp8=True, fp8_scales=scales, warmup_sizes="128x128")
+    eager = Engine.start(settings)
+    compiled = Engine.start(settings.with_changes(compile="reduce-overhead"))
+    layers = static_layers([compiled.models.base.unet, compiled.models.refiner.unet])
+    assert (len(layers) > 0) is (scales == "static")
+    assert all(layer.input_scale is not None for layer in layers)
+    a = np.asarray(eager.generate(request).images[0]).astype(float)
+    b = np.asarray(compiled.generate(request).images[0]).astype(float)
+    psnr = 10 * np.log10(255**2 / max(np.mean((a - b) ** 2), 1e-12))
+    assert psnr > 30, psnr
+    assert len(compiled_modules(compiled)) == 3, compiled.levers  # not the engine's eager fallback

@@ -31,6 +31,7 @@ from imagesmith.engine.fast import (
     records_cuda_graphs,
     serve_eager_from_now,
 )
+from imagesmith.engine.fp8_calibration import calibrate_fp8
 from imagesmith.engine.gpu_thread import GpuThread
 from imagesmith.engine.hardware import HardwarePlan, needs_tiling, plan_hardware, probe_device
 from imagesmith.engine.models import LoadedModels, load_models
@@ -185,6 +186,9 @@ class Engine:
             else f"none ({models.refiner_error or 'not configured'})",
         )
         engine = cls(models, plan, settings.prompt_cache_size)
+        calibrated = calibrate_fp8(engine, settings)  # static fp8 scales, before anything compiles
+        if calibrated is not None:
+            levers = [*levers, calibrated]
         engine.encode_ahead = encode_ahead_for(engine, settings)
         if engine.encode_ahead is not None:
             levers = [*levers, "encode ahead (queued prompts encoded between steps)"]

@@ -142,9 +142,9 @@ def apply_speed_levers(base: Any, refiner: Any | None, plan: HardwarePlan, setti
     elif settings.text_encoder_graphs:
         log.warning("text_encoder_graphs skipped: it needs a CUDA GPU and offload=none (plan: %s)", plan)
     if plan.fp8 is not None:  # decided, with its reason, by the hardware plan
-        rowwise = plan.fp8 == "row-wise"
-        converted = sum(quantize_transformer_linears(unet, rowwise) for unet in unets)
-        applied.append(f"fp8 transformer linears x{converted} (lossy)")
+        converted = sum(quantize_transformer_linears(unet, plan.fp8) for unet in unets)
+        # Static scales are calibrated by Engine.start, before anything is compiled.
+        applied.append(f"fp8 transformer linears x{converted}, {plan.fp8} scales (lossy)")
     if settings.compile is not CompileChoice.OFF:
         if plan.offload != "none":
             # Offload hooks move weights between devices inside forward; compiled graphs would break there.

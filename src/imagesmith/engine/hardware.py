@@ -30,6 +30,7 @@ import torch
 
 from imagesmith.config import (
     AttentionBackendChoice,
+    Fp8Scales,
     OffloadChoice,
     PrecisionChoice,
     Settings,
@@ -72,7 +73,9 @@ class HardwarePlan:
     # When the VAE decodes in tiles: "always", "never", or "large" (large images while weights are offloaded).
     vae_tiling: str
     reasons: tuple[str, ...]
-    fp8: str | None = None  # "row-wise" or "per-tensor" scales for fp8 linears (engine/fp8.py); None: off
+    fp8: str | None = (
+        None  # "static", "row-wise" or "per-tensor" scales for fp8 linears (engine/fp8.py); None: off
+    )
     fp8_asked: bool = False  # the settings asked for fp8 (fp8 may still be None: skipped, with a reason)
     attention: str = "auto"  # the attention kernel tried first (engine/attention.py); "auto": torch's order
 
@@ -181,23 +184,27 @@ def _choose_offload(device: DeviceInfo, settings: Settings, reasons: list[str]) 
 
 
 def _choose_fp8(device: DeviceInfo, settings: Settings, offload: str, reasons: list[str]) -> str | None:
-    """fp8 linears need resident weights and, on a GPU, fp8 tensor cores; row-wise scales need Hopper."""
+    """fp8 linears need resident weights and, on a GPU, fp8 tensor cores; dynamic row-wise scales need Hopper."""
     if not settings.fp8:
         return None
     if offload != "none":
         # Offloaded weights live on the meta device between uses; there is nothing to quantize there.
         reasons.append(f"fp8 skipped: it needs offload=none (offload {offload})")
         return None
+    static = settings.fp8_scales is Fp8Scales.STATIC
     if device.kind != "cuda":
         reasons.append("fp8 emulated in fp32 off the GPU: lossy and slower, useful for tests only")
-        return "row-wise"
+        return "static" if static else "row-wise"
     capability = device.capability or (0, 0)
     if capability < (8, 9):
         raise RuntimeError(
             "IMAGESMITH_FP8=true needs a GPU with fp8 tensor cores (compute capability 8.9+), "
             f"this one is {capability[0]}.{capability[1]}"
         )
-    scaling = "row-wise" if capability >= (9, 0) else "per-tensor"
+    if static:
+        scaling = "static"  # one scale per tensor, which every fp8 card multiplies
+    else:
+        scaling = "row-wise" if capability >= (9, 0) else "per-tensor"
     reasons.append(f"fp8 {scaling}: compute capability {capability[0]}.{capability[1]}")
     return scaling
 
