@@ -10,6 +10,8 @@
 # STAGES: a comma-separated list of the stages below, run in the order given (default: the order below). Each
 # stage's time limit is its own or what is left before DEADLINE_EPOCH_S, whichever is less.
 # Watch (later calls): bash benchmarks/device_pipeline.sh --wait [SECONDS, default 540]
+# Stop it (and the stage running): bash benchmarks/device_pipeline.sh --stop; copy .devcache/pipe away before
+# starting another, which empties it.
 #
 # Stages: save the random full-size models; the GPU tests; `imagesmith serve` (reduce-overhead, batch_max 8)
 # cold then warm; (only when named) serve-dynamic, a cold start with IMAGESMITH_COMPILE_DYNAMIC; the queue at
@@ -24,13 +26,22 @@
 # FAST_ARGS=--no-prompt-cache-ab QUEUE_ARGS="--repeats 2 --eager-batches none".
 # Every queue lever's A/B at 1, 4 and 8 (run 41): QUEUE_ARGS="--repeats 2 --encode-ahead-ab --encoder-graphs-ab
 # --eager-batches none". Give FAST_LIMIT_S room for a cold compile (~240 s) plus each later variant (~60 s).
-# fp8 at the MLPerf setting against bf16, then fp8's latency (run 46): models,gpu-tests,fast-path,queue,fast-path-2
-# with GPU_TESTS_K=fp8 FAST_PHASES=mlperf FAST_VARIANTS=reduce-overhead:mlperf,reduce-overhead+fp8:mlperf,
+# fp8 at the MLPerf setting against bf16, then fp8's latency (run 46, where FAST_PHASES lacked "variants", which
+# fast_path.py now refuses): models,gpu-tests,fast-path,queue,fast-path-2
+# with GPU_TESTS_K=fp8 FAST_PHASES=mlperf,variants FAST_VARIANTS=reduce-overhead:mlperf,reduce-overhead+fp8:mlperf,
 # reduce-overhead+fp8dyn:mlperf FAST_ARGS="--mlperf-batches 8 --compile-needs-s 180" FAST_LIMIT_S=700
 # QUEUE_BATCHES=8 QUEUE_ARGS="--fp8 --repeats 2 --eager-batches none" FAST2_PHASES=eager,variants
 # FAST2_VARIANTS=reduce-overhead+fp8 FAST2_ARGS="--no-prompt-cache-ab --compile-needs-s 240".
 set -u
 PIPE=.devcache/pipe
+
+if [ "${1:-}" = "--stop" ]; then
+    # Stop the running pipeline and its stage (to run other stages next, in the same call). Not `pkill -f
+    # device_pipeline.sh`: that also matches the calling command's own shell, which run 46 killed that way.
+    [ -f "$PIPE/pid" ] && kill -- "-$(cat "$PIPE/pid")" 2>/dev/null
+    echo "$(date +%s) stopped" >> "$PIPE/stages"
+    exit 0
+fi
 
 if [ "${1:-}" = "--wait" ]; then
     # Wait until the pipeline ends or SECONDS pass, copying everything it wrote so far to $OUT every 30 s and at
@@ -49,6 +60,8 @@ DEADLINE=$1
 STAGES=${2:-models,gpu-tests,serve-cold,serve-warm,queue,fast-path}
 rm -rf "$PIPE"  # a warm machine keeps .devcache: an earlier run's "pipeline end" would end --wait at once
 mkdir -p "$PIPE"
+# Started with setsid, so this shell leads its own process group: --stop ends the group, stages included.
+echo $$ > "$PIPE/pid"
 left() { echo $((DEADLINE - $(date +%s) - 20)); }
 stage() {
     local name=$1 limit=$2

@@ -221,7 +221,9 @@ class Settings(BaseSettings):
     )
     fp8: bool = Field(
         False,
-        description="fp8 (e4m3) linears in the UNets' transformer blocks (lossy; compute capability 8.9+).",
+        description="fp8 (e4m3) linears in the UNets' transformer blocks (lossy, PSNR ~44 dB against bf16; compute "
+        "capability 8.9+). With reduce-overhead, measured: the ensemble 1.38 -> 1.21 s, the MLPerf queue at batch 8 "
+        "1.50 -> 1.75 images/s (run 46).",
     )
     fp8_scales: Fp8Scales = Field(
         Fp8Scales.STATIC,

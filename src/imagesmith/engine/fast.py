@@ -4,8 +4,10 @@ Applied once after loading, before warm-up. Exact levers change no result beyond
 the same products in one matrix; compile fuses elementwise work; channels_last only changes memory layout).
 fp8 (engine/fp8.py) is lossy and opt-in, its fidelity figure reported in the benchmarks. Measured on an H200
 (docs/benchmarks.md, runs 6-10): compile `reduce-overhead` is the fastest exact mode at batch 1 (1.33 s for the
-40-step ensemble, 1.91x diffusers' fp16 peer); fp8 saves 3.3 GiB but is slower at batch 1. With the CUDA-graph
-modes the text encoders are replayed as CUDA graphs too (engine/encoder_graphs.py: exact, 1.455 -> 1.381 s, run 42).
+40-step ensemble, 1.91x diffusers' fp16 peer); fp8 with static scales is faster still and 3.3 GiB smaller, but
+lossy (1.21 s at PSNR 43.9 dB, run 46; Engine.start calibrates the scales, engine/fp8_calibration.py). With the
+CUDA-graph modes the text encoders are replayed as CUDA graphs too (engine/encoder_graphs.py: exact, 1.455 ->
+1.381 s, run 42).
 
 Compilation happens at start-up (warm-up), never on a request: `warm_up` runs one small generation per shape
 so that the first user does not pay the minutes. The inductor cache lives in the data dir, so a restart
