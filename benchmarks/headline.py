@@ -1,7 +1,8 @@
 """The issue's headline tables from one device pipeline run (device_pipeline.sh's `headline` stage, seconds on the
-CPU): configurations (1)-(5) from fast_path.py, the queue at each batch_max from queue_throughput.py and the
-service's start from serve_start.py, all measured on one GPU by the stages before it. Markdown, ready for
-docs/benchmarks.md; ratios are to the peer measured in the same run.
+CPU): configurations (1)-(5) from fast_path.py (its `fast-path` and `fast-path-2` stages), the queue at each
+batch_max and configuration from queue_throughput.py and the service's start from serve_start.py, all measured
+on one GPU by the stages before it. Markdown, ready for docs/benchmarks.md; ratios are to the peer measured in
+the same run.
 
 Usage:  python benchmarks/headline.py PIPE_DIR [--serve serve-cold] [--out FILE]
 """
@@ -65,14 +66,16 @@ def queue(results: dict[str, Any]) -> list[str]:
     """Table 2: images/s through the service's queue (compiled rows) and the engine alone, per batch_max."""
     rows = results.get("rows", [])
     lines = [
-        "| batch_max | queue, images/s by row | encode ahead on / off (A/B rows) | text encoders eager | engine alone, images/s "
-        "| GPU utilisation by row (%) | SM clock median (MHz) "
+        "| batch_max | configuration | queue, images/s by row | encode ahead on / off (A/B rows) "
+        "| text encoders eager | engine alone, images/s | GPU utilisation by row (%) | SM clock median (MHz) "
         "| GPU waited for the host (fraction of base calls, by row) | base stage, median s (by row) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for batch in sorted({row["batch_max_images"] for row in rows}):
-        mine = [r for r in rows if r["batch_max_images"] == batch and r["config"] != "eager"]
-        queued = [r for r in mine if "," not in r["config"]]  # the default configuration's rows
+    # A row's config is the compiled configuration (`reduce-overhead`, `reduce-overhead+fp8`), then its A/B arm.
+    configs = list(dict.fromkeys(r["config"].split(",")[0] for r in rows if r["config"] != "eager"))
+    for batch, config in ((b, c) for b in sorted({r["batch_max_images"] for r in rows}) for c in configs):
+        mine = [r for r in rows if r["batch_max_images"] == batch and r["config"].split(",")[0] == config]
+        queued = [r for r in mine if "," not in r["config"]]  # the configuration's own rows
         alone = [r for r in mine if r["config"].endswith(",engine-alone")]
         # Run 41's arm turned encode ahead on against a default without; later runs' arm turns it off.
         ahead = [r for r in mine if r["config"].endswith(",encode-ahead")]
@@ -98,13 +101,14 @@ def queue(results: dict[str, Any]) -> list[str]:
         base = " / ".join(
             f"{r['median_stage_s']['base']:.3f}" for r in queued if "base" in r["median_stage_s"]
         )
+        label = f"`{config}`" + (" (opt-in lossy)" if "+fp8" in config else "")
         lines.append(
-            f"| {batch} | {rates} | {ahead_rates} | {eager_encoder_rates} | {alone_rates} | {utilisation} | {clock} "
-            f"| {waited} | {base} |"
+            f"| {batch} | {label} | {rates} | {ahead_rates} | {eager_encoder_rates} | {alone_rates} | {utilisation} "
+            f"| {clock} | {waited} | {base} |"
         )
     eager = [r for r in rows if r["config"] == "eager"]
     for row in eager:
-        lines.append(f"| {row['batch_max_images']} (eager) | {row['images_per_s']:.2f} | | | | | | | |")
+        lines.append(f"| {row['batch_max_images']} | eager | {row['images_per_s']:.2f} | | | | | | | |")
     return lines
 
 
@@ -126,8 +130,19 @@ def service_start(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def fast_paths(pipe: Path) -> dict[str, Any]:
+    """fast_path.py's results from the `fast-path` stage, with the `fast-path-2` stage's added (its variants
+    beside the first's; the first's peer and eager rows, where it has them, win)."""
+    first, second = (_load(pipe / name / "fast_path.json") for name in ("fast-path", "fast-path-2"))
+    merged = {**second, **first}
+    merged["variants"] = {**second.get("variants", {}), **first.get("variants", {})}
+    for key in ("skipped", "errors"):
+        merged[key] = {**second.get(key, {}), **first.get(key, {})}
+    return merged
+
+
 def headline(pipe: Path, serve: str) -> str:
-    fast = _load(pipe / "fast-path" / "fast_path.json")
+    fast = fast_paths(pipe)
     versions = fast.get("versions", {})
     parts = [
         f"Measured on {versions.get('gpu', '?')}, torch {versions.get('torch', '?')}, "
