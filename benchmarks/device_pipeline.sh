@@ -32,6 +32,10 @@
 # reduce-overhead+fp8dyn:mlperf FAST_ARGS="--mlperf-batches 8 --compile-needs-s 180" FAST_LIMIT_S=700
 # QUEUE_BATCHES=8 QUEUE_ARGS="--fp8 --repeats 2 --eager-batches none" FAST2_PHASES=eager,variants
 # FAST2_VARIANTS=reduce-overhead+fp8 FAST2_ARGS="--no-prompt-cache-ab --compile-needs-s 240".
+# Next (what run 46 left): models,fast-path,fast-path-2 with the fast-path settings above (the MLPerf A/B in one
+# process), then FAST2_PHASES=peer,eager,variants FAST2_VARIANTS=reduce-overhead,max-autotune and
+# TORCHINDUCTOR_MAX_AUTOTUNE_CONV_BACKENDS=ATEN exported (it enters every compile's cache key, so no stage reuses
+# another's kernels across it; on a fresh machine all are cold anyway); FAST2_ARGS="--compile-needs-s 720".
 set -u
 PIPE=.devcache/pipe
 
