@@ -147,3 +147,25 @@ def test_the_calibration_runs_eager_and_puts_the_compiled_calls_back(tiny_settin
         unet._compiled_call_impl = None
     # The same generation again: the same scales, learned again from the inputs, the stale ones gone.
     assert {id(layer): float(layer.input_scale) for layer in layers} == pytest.approx(before)  # type: ignore[arg-type]
+
+
+def test_a_compiled_static_layer_reads_its_scale_as_an_input_not_a_constant() -> None:
+    """The calibrated scale is a buffer, so torch.compile passes it into the graph like a weight: a scale baked in
+    as a constant would make the compile cache's key depend on the calibration (engine/fp8.py). Traced through
+    dynamo and AOT autograd (the aot_eager backend: no C++ compiler needed), fullgraph as the engine compiles."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch.manual_seed(3)
+    layer = Float8Linear(nn.Linear(32, 16), "static")
+    x = torch.randn(4, 32)
+    counter = CompileCounterWithBackend("aot_eager")
+    with torch.no_grad():
+        calibrate_static_scales([layer], lambda: layer(x))
+        compiled = torch.compile(layer, backend=counter, fullgraph=True)
+        before = compiled(x)
+        assert torch.equal(before, layer(x))
+        assert layer.input_scale is not None
+        layer.input_scale.mul_(0.1)  # a new calibration, in place (now clipping): the same graph must read it
+        after = compiled(x)
+    assert torch.equal(after, layer(x)) and not torch.equal(after, before)
+    assert counter.frame_count == 1  # one graph, not recompiled for the new value
