@@ -193,8 +193,9 @@ def _choose_fp8(device: DeviceInfo, settings: Settings, offload: str, reasons: l
         return None
     static = settings.fp8_scales is Fp8Scales.STATIC
     if device.kind != "cuda":
-        reasons.append("fp8 emulated in fp32 off the GPU: lossy and slower, useful for tests only")
-        return "static" if static else "row-wise"
+        scaling = "static" if static else "row-wise"
+        reasons.append(f"fp8 {scaling} emulated in fp32 off the GPU: lossy and slower, useful for tests only")
+        return scaling
     capability = device.capability or (0, 0)
     if capability < (8, 9):
         raise RuntimeError(
