@@ -59,7 +59,12 @@ class Parts:
         return job
 
     def wait_terminal(self, *ids: str, timeout: float = 60) -> None:
-        wait_for(lambda: all(self.job(job_id).status.terminal for job_id in ids), timeout=timeout)
+        # The store's row turns terminal a moment before the hub publishes the end (Worker._finish writes, then
+        # publishes): wait for both, or an assertion on the hub races the worker thread (seen once in CI).
+        wait_for(
+            lambda: all(self.job(job_id).status.terminal and job_id in self.hub.terminal for job_id in ids),
+            timeout=timeout,
+        )
 
 
 @pytest.fixture
