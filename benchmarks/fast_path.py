@@ -307,8 +307,7 @@ def main() -> None:
 
     from imagesmith.config import Settings
     from imagesmith.engine.engine import BatchItem, Engine
-    from imagesmith.engine.fast import apply_speed_levers, records_cuda_graphs, warm_up
-    from imagesmith.engine.fp8_calibration import calibrate_fp8
+    from imagesmith.engine.fast import warm_up
     from imagesmith.engine.hardware import plan_hardware, probe_device
     from imagesmith.engine.models import LoadedModels, ModelSources
     from imagesmith.engine.prompt_cache import PromptEmbeddingCache
@@ -514,10 +513,9 @@ def main() -> None:
         # variant's settings, and the engine runs with it.
         variant_plan = plan_hardware(probe_device(device), settings)
         engine = new_engine(with_refiner=not variant.mlperf, engine_plan=variant_plan)
-        levers = apply_speed_levers(engine.models.base, engine.models.refiner, variant_plan, settings)
-        calibrated = calibrate_fp8(engine, settings)  # static fp8 scales, as Engine.start calibrates them
-        levers += [calibrated] if calibrated else []
-        engine.records_cuda_graphs = records_cuda_graphs(settings, levers)  # as Engine.start sets it
+        levers = engine.apply_levers(
+            settings
+        )  # as Engine.start applies them (the engine's plan: variant_plan)
         if variant.fp8 != any(lever.startswith("fp8") for lever in levers):
             raise RuntimeError(f"{variant.spec}: levers applied were {levers}")
         row: dict[str, Any] = {"levers": levers, "attention": variant_plan.attention}

@@ -106,8 +106,6 @@ def main() -> None:
     from imagesmith.config import Settings
     from imagesmith.engine.encoder_graphs import installed, text_encoders
     from imagesmith.engine.engine import BatchItem, Engine, encode_ahead_for
-    from imagesmith.engine.fast import apply_speed_levers, records_cuda_graphs
-    from imagesmith.engine.fp8_calibration import calibrate_fp8
     from imagesmith.engine.hardware import plan_hardware, probe_device
     from imagesmith.engine.models import LoadedModels, ModelSources
     from imagesmith.jobs.events import EventHub
@@ -316,10 +314,7 @@ def main() -> None:
         )
         # The plan decides fp8, so the levers get a plan made from their own settings.
         levers_plan = plan_hardware(probe_device(device), levers)
-        results["levers"] = apply_speed_levers(base, refiner, levers_plan, levers)
-        calibrated = calibrate_fp8(engine, levers)  # static fp8 scales, as Engine.start calibrates them
-        results["levers"] += [calibrated] if calibrated else []
-        engine.records_cuda_graphs = records_cuda_graphs(levers, results["levers"])  # as Engine.start sets it
+        results["levers"] = engine.apply_levers(levers, levers_plan)  # as Engine.start applies them
         if base.unet._compiled_call_impl is not None:
             timeline = UnetTimeline(base.unet)
             encoder_timelines.update(

@@ -174,9 +174,8 @@ class Engine:
         log.info("hardware plan: %s", plan.summary())
         started = time.perf_counter()
         models = load_models(settings, plan)
-        levers = apply_speed_levers(models.base, models.refiner, plan, settings)
-        if levers:
-            log.info("speed levers: %s", ", ".join(levers))
+        engine = cls(models, plan, settings.prompt_cache_size)
+        engine.apply_levers(settings)
         log.info(
             "models ready in %.1fs: base=%s refiner=%s",
             time.perf_counter() - started,
@@ -185,16 +184,25 @@ class Engine:
             if models.refiner is not None
             else f"none ({models.refiner_error or 'not configured'})",
         )
-        engine = cls(models, plan, settings.prompt_cache_size)
-        calibrated = calibrate_fp8(engine, settings)  # static fp8 scales, before anything compiles
-        if calibrated is not None:
-            levers = [*levers, calibrated]
         engine.encode_ahead = encode_ahead_for(engine, settings)
         if engine.encode_ahead is not None:
-            levers = [*levers, "encode ahead (queued prompts encoded between steps)"]
-        engine.levers = levers
-        engine.records_cuda_graphs = records_cuda_graphs(settings, levers)
+            engine.levers = [*engine.levers, "encode ahead (queued prompts encoded between steps)"]
         return engine
+
+    def apply_levers(self, settings: Settings, plan: HardwarePlan | None = None) -> list[str]:
+        """The speed levers (engine/fast.py) on this engine's models, then the static fp8 scales' calibration
+        (before anything compiles); sets `levers` and `records_cuda_graphs` and returns the levers. Engine.start
+        calls it, and so do the benchmarks that build an engine from their own modules, so that they apply the
+        levers the way the service does. `plan`: the one the levers follow (default: the engine's)."""
+        levers = apply_speed_levers(self.models.base, self.models.refiner, plan or self.plan, settings)
+        if levers:
+            log.info("speed levers: %s", ", ".join(levers))
+        calibrated = calibrate_fp8(self, settings)
+        if calibrated is not None:
+            levers.append(calibrated)
+        self.levers = levers
+        self.records_cuda_graphs = records_cuda_graphs(settings, levers)
+        return levers
 
     @property
     def refiner_status(self) -> str:

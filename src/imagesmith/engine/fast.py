@@ -19,7 +19,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +204,20 @@ def compiled_modules(engine: Any) -> list[Any]:
     base, refiner = engine.models.base, engine.models.refiner
     modules = [base.unet, base.vae.decoder] + ([refiner.unet] if refiner is not None else [])
     return [module for module in modules if getattr(module, "_compiled_call_impl", None) is not None]
+
+
+@contextmanager
+def compiled_calls_set_aside(engine: Any) -> Iterator[None]:
+    """Inside the block the engine's compiled modules run eager; their compiled calls are put back afterwards,
+    untouched. For work that must not compile, such as fp8 calibration (engine/fp8_calibration.py)."""
+    wrapped = [(module, module._compiled_call_impl) for module in compiled_modules(engine)]
+    for module, _ in wrapped:
+        module._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for module, compiled_call in wrapped:
+            module._compiled_call_impl = compiled_call
 
 
 def warm_up_or_fall_back_to_eager(

@@ -78,7 +78,6 @@ class Float8Linear(nn.Module):
         weight = linear.weight.detach()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.scaling = scaling
-        self.rowwise = scaling == "row-wise"
         scale = _scales(weight, self.rowwise)  # [out, 1] or [1, 1]
         self.weight_fp8 = nn.Parameter(to_e4m3(weight, scale), requires_grad=False)
         # _scaled_mm wants the second operand's scale as [1, out] (row-wise) or [1, 1].
@@ -92,6 +91,10 @@ class Float8Linear(nn.Module):
         self.register_buffer("input_scale", None, persistent=False)
         # The largest input seen while calibrating; None when not calibrating.
         self.calibration_amax: torch.Tensor | None = None
+
+    @property
+    def rowwise(self) -> bool:
+        return self.scaling == "row-wise"
 
     def _input_scale(self, rows: torch.Tensor) -> torch.Tensor:
         if self.calibration_amax is not None:

@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from imagesmith.config import Settings
-from imagesmith.engine.fast import compiled_modules
+from imagesmith.engine.fast import compiled_calls_set_aside
 from imagesmith.engine.fp8 import calibrate_static_scales, static_layers
 
 log = logging.getLogger(__name__)
@@ -51,15 +51,9 @@ def calibrate_fp8(engine: Any, settings: Settings) -> str | None:
 
     began = time.perf_counter()
     # Eager: compile wraps the modules before this runs (apply_speed_levers), and a compile now would bake in
-    # the calibrating layers' extra reduction. Put back afterwards, untouched.
-    wrapped = [(module, module._compiled_call_impl) for module in compiled_modules(engine)]
-    for module, _ in wrapped:
-        module._compiled_call_impl = None
-    try:
+    # the calibrating layers' extra reduction.
+    with compiled_calls_set_aside(engine):
         reached = calibrate_static_scales(layers, generate)
-    finally:
-        for module, compiled_call in wrapped:
-            module._compiled_call_impl = compiled_call
     took = time.perf_counter() - began
     log.info(
         "fp8 static scales calibrated for %d of %d layers in %.1fs (%dx%d, %d prompts, %d steps)",

@@ -73,9 +73,8 @@ class HardwarePlan:
     # When the VAE decodes in tiles: "always", "never", or "large" (large images while weights are offloaded).
     vae_tiling: str
     reasons: tuple[str, ...]
-    fp8: str | None = (
-        None  # "static", "row-wise" or "per-tensor" scales for fp8 linears (engine/fp8.py); None: off
-    )
+    # "static", "row-wise" or "per-tensor" scales for fp8 linears (engine/fp8.py); None: off.
+    fp8: str | None = None
     fp8_asked: bool = False  # the settings asked for fp8 (fp8 may still be None: skipped, with a reason)
     attention: str = "auto"  # the attention kernel tried first (engine/attention.py); "auto": torch's order
 
