@@ -48,6 +48,12 @@ if [ "${1:-}" = "--stop" ]; then
 fi
 
 if [ "${1:-}" = "--wait" ]; then
+    # A machine released between two calls (idle 30 s: run 47's second call came late) is replaced by a fresh
+    # one without the pipeline; waiting there would spend the whole call's device time on nothing (run 47: 570 s).
+    if [ ! -f "$PIPE/stages" ]; then
+        echo "no pipeline on this machine: it is a fresh one (the last was released, its pipeline with it)"
+        exit 3
+    fi
     # Wait until the pipeline ends or SECONDS pass, copying everything it wrote so far to $OUT every 30 s and at
     # the end. Why every 30 s: a call's limit can be shorter than asked (the device time left), and a call killed
     # at its limit returns only what is already under $OUT; run 39 lost its whole stage that way.

@@ -78,11 +78,33 @@ def test_offload_settings_are_ignored_off_cuda() -> None:
     assert p.offload == "none" and "ignored" in p.summary()
 
 
+RTX4080_16GB = DeviceInfo(
+    "cuda", name="RTX 4080", capability=(8, 9), total_memory_gib=15.7, free_memory_gib=15.1
+)
+RTX4070_12GB = DeviceInfo(
+    "cuda", name="RTX 4070", capability=(8, 9), total_memory_gib=11.7, free_memory_gib=11.2
+)
+A4000_16GB = DeviceInfo(
+    "cuda", name="RTX A4000", capability=(8, 6), total_memory_gib=15.7, free_memory_gib=15.1
+)
+
+
 def test_16gb_card_keeps_model_offload_and_24gb_goes_resident() -> None:
-    sixteen = DeviceInfo(
-        "cuda", name="RTX 4080", capability=(8, 9), total_memory_gib=15.7, free_memory_gib=15.1
-    )
-    assert plan(sixteen).offload == "model" and plan(RTX4090).offload == "none"
+    assert plan(RTX4080_16GB).offload == "model" and plan(RTX4090).offload == "none"
+
+
+def test_fp8_lets_a_16gb_ada_card_run_resident_but_not_a_12gb_one() -> None:
+    # fp8 weights: the eager ensemble's peak is 9.9 GiB (run 47), so resident needs 12 GiB free, not 16.
+    sixteen = plan(RTX4080_16GB, fp8=True)
+    assert (sixteen.offload, sixteen.fp8) == ("none", "static")
+    assert "15.1 GiB free >= 12 with fp8 weights" in sixteen.summary()
+    twelve = plan(RTX4070_12GB, fp8=True)
+    assert (twelve.offload, twelve.fp8) == ("model", None)
+    assert "11.2 GiB free < 12 with fp8 weights" in twelve.summary()
+    # A card without fp8 tensor cores gets bf16's threshold: fp8 would not shrink its weights.
+    ampere = plan(A4000_16GB, fp8=True)
+    assert (ampere.offload, ampere.fp8) == ("model", None)
+    assert "< 16" in ampere.summary()
 
 
 def test_plan_summary_gives_the_reasons_in_one_line() -> None:
@@ -103,6 +125,14 @@ def test_fp8_scales_follow_the_settings_and_the_card_and_need_resident_weights()
     assert plan(CPU, fp8=True).fp8 == "static" and plan(CPU, fp8=True, fp8_scales="dynamic").fp8 == "row-wise"
     with pytest.raises(RuntimeError, match=r"compute capability 8\.9\+"):
         plan(V100_32GB, fp8=True)
+
+
+def test_fp8_without_compile_says_it_is_slower_than_bf16() -> None:
+    # Eager, the quantization's kernels cost more than the fp8 matmuls save (run 47); compiled they fuse away.
+    warning = "slower than bf16; set IMAGESMITH_COMPILE=reduce-overhead"
+    assert warning in plan(H100, fp8=True).summary()
+    assert warning not in plan(H100, fp8=True, compile="reduce-overhead").summary()
+    assert warning not in plan(H100).summary()
 
 
 def test_attention_backend_is_chosen_on_cuda_and_ignored_elsewhere_with_a_reason() -> None:

@@ -22,9 +22,13 @@ with guidance): the transformer linears of one base UNet call take 104.5 ms in b
 the bias added after the matmul (the recipe before run 45), 69 ms as per-tensor fp8 with the bias fused and
 cuBLAS's fast accumulation; computing the activations' scales costs 77 ms a call when not fused, a fixed scale's
 multiply-and-cast 40 ms at most (less once fused into its producer). Run 16's row-wise fp8 gave 1.66 images/s
-against bf16's 1.62; static fp8 gives 1.82 against 1.55 (the engine, run 46 against run 41), and the 40-step
-ensemble in 1.21 s against bf16's 1.38 and row-wise fp8's 1.50 (runs 46, 40), at the same fidelity as row-wise
-(PSNR 43.9 against 43.6 dB).
+against bf16's 1.62; static fp8 gives 1.91 against 1.61 (the engine, one process, run 47; dynamic row-wise 1.64,
+run 48), and the 40-step ensemble in 1.21 s against bf16's 1.38 and row-wise fp8's 1.50 (runs 46, 40), at the same
+fidelity as row-wise (PSNR 43.9 against 43.6 dB).
+
+Compiled only: eager, a static layer's quantization is four small kernels (cast, divide, clamp, cast) beside its
+matmul, and the batch-1 UNet call is launch-bound, so the eager ensemble took 3.63 s against eager bf16's 2.08 s
+(run 47). The plan says so when fp8 is asked for without IMAGESMITH_COMPILE.
 
 Only the linears inside the transformer blocks (attentions.*: QKV, out, feed-forward, proj_in/out) are
 converted: they carry ~64 % of the UNet's FLOPs with many rows per call. The time-embedding linears (a few rows)
