@@ -32,10 +32,14 @@
 # reduce-overhead+fp8dyn:mlperf FAST_ARGS="--mlperf-batches 8 --compile-needs-s 180" FAST_LIMIT_S=700
 # QUEUE_BATCHES=8 QUEUE_ARGS="--fp8 --repeats 2 --eager-batches none" FAST2_PHASES=eager,variants
 # FAST2_VARIANTS=reduce-overhead+fp8 FAST2_ARGS="--no-prompt-cache-ab --compile-needs-s 240".
-# Next (what run 46 left): models,fast-path,fast-path-2 with the fast-path settings above (the MLPerf A/B in one
-# process), then FAST2_PHASES=peer,eager,variants FAST2_VARIANTS=reduce-overhead,max-autotune and
-# TORCHINDUCTOR_MAX_AUTOTUNE_CONV_BACKENDS=ATEN exported (it enters every compile's cache key, so no stage reuses
-# another's kernels across it; on a fresh machine all are cold anyway); FAST2_ARGS="--compile-needs-s 720".
+# Run 47 (the MLPerf A/B in one process and eager fp8's peak): models,fast-path,queue with
+# FAST_PHASES=eager,mlperf,variants FAST_VARIANTS=off+fp8,reduce-overhead:mlperf,reduce-overhead+fp8:mlperf,
+# reduce-overhead+fp8dyn:mlperf FAST_ARGS="--mlperf-batches 8 --compile-needs-s 180 --no-prompt-cache-ab"
+# FAST_LIMIT_S=800; its queue stage was lost with the machine.
+# Next: models,queue with QUEUE_BATCHES=1,4 QUEUE_ARGS="--fp8 --repeats 2 --eager-batches none" (static fp8 at
+# batch_max 1 and 4, ~600 s of compile); then max-autotune with TORCHINDUCTOR_MAX_AUTOTUNE_CONV_BACKENDS=ATEN
+# exported (it enters every compile's cache key): FAST2_PHASES=peer,eager,variants
+# FAST2_VARIANTS=reduce-overhead,max-autotune FAST2_ARGS="--compile-needs-s 720".
 set -u
 PIPE=.devcache/pipe
 
