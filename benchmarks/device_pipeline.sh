@@ -36,7 +36,13 @@
 # FAST_PHASES=eager,mlperf,variants FAST_VARIANTS=off+fp8,reduce-overhead:mlperf,reduce-overhead+fp8:mlperf,
 # reduce-overhead+fp8dyn:mlperf FAST_ARGS="--mlperf-batches 8 --compile-needs-s 180 --no-prompt-cache-ab"
 # FAST_LIMIT_S=800; its queue stage was lost with the machine.
-# Next: models,queue with QUEUE_BATCHES=1,4 QUEUE_ARGS="--fp8 --repeats 2 --eager-batches none" (static fp8 at
+# Run 49 (the decode A/B and batch 16 at the MLPerf setting, the queue at 8 and 16, the ensemble's decode A/B):
+# models,fast-path,queue,gpu-tests,fast-path-2 with FAST_PHASES=variants
+# FAST_VARIANTS=reduce-overhead+fp8+olddecode:mlperf,reduce-overhead+fp8:mlperf FAST_ARGS="--mlperf-batches 8,16
+# --compile-needs-s 180 --no-prompt-cache-ab" FAST_LIMIT_S=450 QUEUE_BATCHES=8,16 QUEUE_ARGS="--fp8 --repeats 2
+# --eager-batches none --jobs 32" GPU_TESTS_K="compiled_engine_matches or cuda_graphs_warmed" FAST2_PHASES=variants
+# FAST2_VARIANTS=reduce-overhead+olddecode,reduce-overhead FAST2_ARGS="--no-prompt-cache-ab --compile-needs-s 240".
+# Still to run: models,queue with QUEUE_BATCHES=1,4 QUEUE_ARGS="--fp8 --repeats 2 --eager-batches none" (static fp8 at
 # batch_max 1 and 4, ~600 s of compile); then max-autotune with TORCHINDUCTOR_MAX_AUTOTUNE_CONV_BACKENDS=ATEN
 # exported (it enters every compile's cache key): FAST2_PHASES=peer,eager,variants
 # FAST2_VARIANTS=reduce-overhead,max-autotune FAST2_ARGS="--compile-needs-s 720".

@@ -18,14 +18,16 @@ call time on the GPU and its achieved TFLOP/s (unet_timeline.py: CUDA events aro
 not), and `first_image_s`: from the phase's start (building its modules, which a user's process loads from disk)
 to its first image, the warm-up (compilation) included.
 
-A variant is `MODE[+fp8|+fp8dyn][+cl][+cudnn][+dyn][+teg|+noteg][+attn-BACKEND][:mlperf]`: MODE is a compile choice (off,
-default, reduce-overhead, max-autotune-no-cudagraphs); +fp8 fp8 transformer linears (engine/fp8.py) with static
-scales, calibrated as Engine.start does (the default), +fp8dyn with dynamic ones; +cl channels_last;
+A variant is `MODE[+fp8|+fp8dyn][+cl][+cudnn][+dyn][+teg|+noteg][+attn-BACKEND][+olddecode][:mlperf]`: MODE is a
+compile choice (off, default, reduce-overhead, max-autotune-no-cudagraphs); +fp8 fp8 transformer linears
+(engine/fp8.py) with static scales, calibrated as Engine.start does (the default), +fp8dyn with dynamic ones; +cl channels_last;
 +cudnn cudnn.benchmark (IMAGESMITH_CUDNN_BENCHMARK; off unless named here; settings refuse it with the
 CUDA-graph modes); +dyn the UNets compiled with
 dynamic shapes (IMAGESMITH_COMPILE_DYNAMIC); +teg / +noteg the text encoders replayed as CUDA graphs or not
 (IMAGESMITH_TEXT_ENCODER_GRAPHS; the settings' default unless named: on with the CUDA-graph modes); +attn-cudnn (or -flash,
--efficient) the attention kernel tried first (IMAGESMITH_ATTENTION_BACKEND; torch's order unless named); `:mlperf`
+-efficient) the attention kernel tried first (IMAGESMITH_ATTENTION_BACKEND; torch's order unless named); +olddecode
+the decode as it was before run 49, the peer of today's (a decoder compiled in the UNets' mode, CUDA graphs
+included, without cuDNN's timing; each image checked and converted on the host in turn); `:mlperf`
 measures the MLPerf setting instead of the ensemble (base UNet and VAE only; warm-up at batch 1 then the
 largest batch, as the service's warm-up does).
 
@@ -72,6 +74,7 @@ class Variant:
     dynamic: bool = False
     text_encoder_graphs: bool | None = None  # None: the settings' default (on with the CUDA-graph modes)
     fp8_scales: str = "static"  # with fp8: IMAGESMITH_FP8_SCALES
+    old_decode: bool = False
 
     @classmethod
     def parse(cls, spec: str) -> Variant:
@@ -89,13 +92,14 @@ class Variant:
             "attn-flash",
             "attn-efficient",
             "attn-cudnn",
+            "olddecode",
         }
         unknown = set(flags) - known
         twice = {"teg", "noteg"} <= set(flags) or {"fp8", "fp8dyn"} <= set(flags)
         if unknown or kind not in ("", "mlperf") or len(attention) > 1 or twice:
             raise SystemExit(
                 f"variant {spec!r}: flags are one of +fp8 +fp8dyn, +cl +cudnn +dyn, one of +teg +noteg, one of "
-                "+attn-flash +attn-efficient +attn-cudnn, and the suffix :mlperf"
+                "+attn-flash +attn-efficient +attn-cudnn, +olddecode, and the suffix :mlperf"
             )
         return cls(
             spec,
@@ -108,7 +112,52 @@ class Variant:
             dynamic="dyn" in flags,
             text_encoder_graphs=True if "teg" in flags else False if "noteg" in flags else None,
             fp8_scales="dynamic" if "fp8dyn" in flags else "static",
+            old_decode="olddecode" in flags,
         )
+
+
+def decode_one_by_one(
+    vae: Any,
+    latents: torch.Tensor,
+    dtype: torch.dtype,
+    tiling: bool,
+    device: Any,
+    autotune_convolutions: bool = False,
+) -> tuple[list[Any], list[bool]]:
+    """engine/decode.py's decode_latents before run 49 (the `+olddecode` peer): each image decoded, checked (two
+    waits for the GPU) and converted on the host in turn, the GPU idle meanwhile; no cuDNN timing."""
+    from imagesmith.engine.decode import _decode_once, looks_broken, to_pil
+
+    vae.enable_tiling() if tiling else vae.disable_tiling()
+    images, retried = [], []
+    with torch.no_grad():
+        for one in latents.split(1):
+            image = _decode_once(vae, one, dtype, torch.device(device))
+            if looks_broken(image):
+                raise RuntimeError("a broken decode: the peer has no fp32 retry")
+            images.append(to_pil(image))
+            retried.append(False)
+    return images, retried
+
+
+@contextlib.contextmanager
+def decode_as_before(engine: Any, settings: Any) -> Any:
+    """The engine's decode as before run 49, for the block: the decoder compiled in the UNets' own mode (CUDA
+    graphs with reduce-overhead), no cuDNN timing, and decode_one_by_one."""
+    import imagesmith.engine.engine as engine_module
+
+    decoder = engine.models.base.vae.decoder
+    if decoder._compiled_call_impl is not None:
+        mode = None if settings.compile.value == "default" else settings.compile.value
+        decoder._compiled_call_impl = None
+        decoder.compile(fullgraph=True, mode=mode)
+    engine.autotune_decode = False
+    current = engine_module.decode_latents
+    engine_module.decode_latents = decode_one_by_one
+    try:
+        yield
+    finally:
+        engine_module.decode_latents = current
 
 
 def encoder_graphs_report(engine: Any) -> dict[str, Any]:
@@ -425,6 +474,14 @@ def main() -> None:
     def stages_of(result: Any) -> list[tuple[str, int, float]]:
         return [(s.name, s.steps, round(s.seconds, 4)) for s in result.metadata.stages]
 
+    def median_stage_s(results: list[Any]) -> dict[str, float]:
+        """Each stage's median seconds over passes (one generate_batch's results each)."""
+        seconds: dict[str, list[float]] = {}
+        for outcomes in results:
+            for stage in outcomes[0].metadata.stages:
+                seconds.setdefault(stage.name, []).append(stage.seconds)
+        return {name: round(statistics.median(values), 4) for name, values in seconds.items()}
+
     def mlperf_rows(engine: Any, label: str, batch_sizes: list[int]) -> dict[str, Any]:
         rows: dict[str, Any] = {}
         for batch in batch_sizes:
@@ -435,17 +492,22 @@ def main() -> None:
             sync()
             first_s = time.perf_counter() - t0
             reset_peak()
-            stats = timed(lambda items=items: engine.generate_batch(items), 3)
+            passes: list[Any] = []
+            stats = timed(lambda items=items, passes=passes: passes.append(engine.generate_batch(items)), 3)
             image = np.asarray(first[0].images[0]).astype(np.float64)
             row = {**stats, "images_per_s": batch / stats["median_s"], "peak_gib": peak_gib()}
             row["first_call_s"] = first_s
+            row["median_stage_s"] = median_stage_s(passes)
             key = f"mlperf_image_{batch}"
             if key in reference:
                 row["psnr_vs_eager_db"] = psnr(image, reference[key])
             else:
                 reference[key] = image
             rows[str(batch)] = row
-            run.log(f"{label} batch {batch}: {row['images_per_s']:.2f} images/s (first call {first_s:.1f}s)")
+            run.log(
+                f"{label} batch {batch}: {row['images_per_s']:.2f} images/s (first call {first_s:.1f}s), "
+                f"stages {row['median_stage_s']}"
+            )
             run.save()
         return rows
 
@@ -522,6 +584,13 @@ def main() -> None:
         rates = UnetRates(engine.models.base.unet, None if variant.mlperf else engine.models.refiner.unet)
         run.results["variants"][variant.spec] = row
         sync()
+        with decode_as_before(engine, settings) if variant.old_decode else contextlib.nullcontext():
+            measure_engine(variant, engine, row, rates, levers, began)
+        last_engine[:] = [engine, variant]
+
+    def measure_engine(
+        variant: Variant, engine: Any, row: dict[str, Any], rates: UnetRates, levers: list[str], began: float
+    ) -> None:
         if variant.mlperf:
             row["mlperf"] = mlperf_rows(engine, variant.spec, mlperf_batches)
         else:
@@ -552,7 +621,6 @@ def main() -> None:
                     "psnr_db": psnr(image, reference["image"]),
                 }
             run.log(f"{variant.spec}: median {row['median_s']:.3f}s")
-        last_engine[:] = [engine, variant]
 
     if "variants" in phases:
         compiled_before: set[tuple[Any, ...]] = set()
@@ -560,7 +628,7 @@ def main() -> None:
             # A variant whose UNets compile to what an earlier one compiled (the text encoders' graphs, say, are
             # not compiled) finds the kernels in the cache: ~40 s of warm-up and ~15 s of runs, not a cold
             # compile. Run 41 skipped such a variant, 118 s left against the cold compile's 120 s.
-            key = (
+            key = (  # the UNets' compile (the decoder's is short)
                 variant.mode,
                 variant.fp8,
                 variant.fp8_scales,

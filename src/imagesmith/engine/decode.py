@@ -2,14 +2,21 @@
 
 SDXL's stock VAE overflows in fp16 (it produces NaN, which becomes a black image). The plan already decodes in
 fp32 where that can happen; this guard catches what slips through (a custom VAE, an unusual prompt).
+
+The pass's images are decoded one at a time (bounded memory) and turned into 8-bit pixels on the device, with
+no wait for the host between them: the guard's verdicts come back in one small copy and the pixels in one
+more. Decoding, checking and converting each image on the host in turn (as before) left the GPU idle while the
+host converted: ~60 ms an image at 1024x1024 of which the decoder's kernels are ~50 (runs 13 and 46 in
+docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -30,17 +37,56 @@ def _decode_once(vae: Any, latents: torch.Tensor, dtype: torch.dtype, device: to
     return vae.decode(_scaled(vae, latents).to(device=device, dtype=dtype), return_dict=False)[0]
 
 
+def broken_flag(image: torch.Tensor) -> torch.Tensor:
+    """On the image's device, without waiting for it: NaN/inf anywhere, or every pixel black (what a NaN
+    decode turns into after clamping)."""
+    not_finite = ~torch.isfinite(image).all()
+    black = (image.float() / 2 + 0.5).clamp(0, 1).amax() < 1.0 / 255
+    return not_finite | black
+
+
 def looks_broken(image: torch.Tensor) -> bool:
-    """NaN/inf anywhere, or every pixel black (what a NaN decode turns into after clamping)."""
-    if not torch.isfinite(image).all():
-        return True
-    return bool((image.float() / 2 + 0.5).clamp(0, 1).amax() < 1.0 / 255)
+    return bool(broken_flag(image))
+
+
+def pixels_u8(image: torch.Tensor) -> torch.Tensor:
+    """A [-1, 1] CHW (or 1CHW) tensor to HWC uint8 on its own device. The same fp32 arithmetic as on the host
+    (round half to even), so the bytes do not depend on where it runs."""
+    array = (image.float().squeeze(0) / 2 + 0.5).clamp(0, 1).nan_to_num(0.0)
+    return (array * 255).round().to(torch.uint8).permute(1, 2, 0)
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """A [-1, 1] CHW (or 1CHW) tensor to an 8-bit RGB picture."""
+    return Image.fromarray(pixels_u8(image).cpu().numpy())
+
+
+@contextmanager
+def cudnn_autotuned(enabled: bool) -> Iterator[None]:
+    """cuDNN times its convolution algorithms for each new shape and keeps the fastest (the flag is
+    process-wide, so it is put back). Only for modules run outside a CUDA-graph capture, which forbids the
+    timing (engine/fast.py's cudnn_benchmark_wanted says what happened when one met it)."""
+    if not enabled:
+        yield
+        return
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 def decode_latents(
-    vae: Any, latents: torch.Tensor, dtype: torch.dtype, tiling: bool, device: torch.device | str
+    vae: Any,
+    latents: torch.Tensor,
+    dtype: torch.dtype,
+    tiling: bool,
+    device: torch.device | str,
+    autotune_convolutions: bool = False,
 ) -> tuple[list[Image.Image], list[bool]]:
-    """Decode one image at a time (bounded memory). Returns the images and, per image, whether it needed fp32."""
+    """Decode one image at a time (bounded memory). Returns the images and, per image, whether it needed fp32.
+    `autotune_convolutions`: let cuDNN time the decoder's convolutions (engine/fast.py decides)."""
     if tiling:
         vae.enable_tiling()
     else:
@@ -48,27 +94,27 @@ def decode_latents(
     # `device` is where the VAE computes: with CPU offload its weights rest on the CPU (or the meta device)
     # between uses and the offload hook brings them in, but not the inputs.
     device = torch.device(device)
-    images, retried = [], []
-    with torch.no_grad():
+    pixels: list[torch.Tensor] = []
+    flags: list[torch.Tensor] = []
+    with torch.no_grad(), cudnn_autotuned(autotune_convolutions):
         for one in latents.split(1):
             image = _decode_once(vae, one, dtype, device)
-            needed_fp32 = False
-            if looks_broken(image) and dtype != torch.float32:
-                log.warning("VAE decode in %s gave NaN or black pixels; decoding again in fp32", dtype)
-                original = next(vae.parameters()).dtype
-                vae.to(torch.float32)
-                try:
-                    image = _decode_once(vae, one, torch.float32, device)
-                finally:
-                    vae.to(original)
-                needed_fp32 = True
-            images.append(to_pil(image))
-            retried.append(needed_fp32)
-    return images, retried
+            # Consumed before the next decode: a compiled decoder's output may live in memory it reuses.
+            if dtype != torch.float32:
+                flags.append(broken_flag(image))
+            pixels.append(pixels_u8(image))
+        retried = torch.stack(flags).tolist() if flags else [False] * len(pixels)
+        for index in [index for index, broken in enumerate(retried) if broken]:
+            log.warning("VAE decode in %s gave NaN or black pixels; decoding again in fp32", dtype)
+            pixels[index] = pixels_u8(_decode_in_fp32(vae, latents[index : index + 1], device))
+        on_host = torch.stack(pixels).cpu().numpy()
+    return [Image.fromarray(array) for array in on_host], retried
 
 
-def to_pil(image: torch.Tensor) -> Image.Image:
-    """A [-1, 1] CHW (or 1CHW) tensor to an 8-bit RGB picture."""
-    array = (image.float().squeeze(0) / 2 + 0.5).clamp(0, 1).nan_to_num(0.0)
-    pixels = (array.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-    return Image.fromarray(pixels)
+def _decode_in_fp32(vae: Any, latents: torch.Tensor, device: torch.device) -> torch.Tensor:
+    original = next(vae.parameters()).dtype
+    vae.to(torch.float32)
+    try:
+        return _decode_once(vae, latents, torch.float32, device)
+    finally:
+        vae.to(original)
