@@ -18,11 +18,12 @@ call time on the GPU and its achieved TFLOP/s (unet_timeline.py: CUDA events aro
 not), and `first_image_s`: from the phase's start (building its modules, which a user's process loads from disk)
 to its first image, the warm-up (compilation) included.
 
-A variant is `MODE[+fp8|+fp8dyn][+cl][+cudnn][+dyn][+teg|+noteg][+attn-BACKEND][+olddecode][:mlperf]`: MODE is a
+A variant is `MODE[+fp8|+fp8dyn][+cl][+cudnn|+nocudnn][+dyn][+teg|+noteg][+attn-BACKEND][+olddecode][:mlperf]`: MODE is a
 compile choice (off, default, reduce-overhead, max-autotune-no-cudagraphs); +fp8 fp8 transformer linears
 (engine/fp8.py) with static scales, calibrated as Engine.start does (the default), +fp8dyn with dynamic ones; +cl channels_last;
-+cudnn cudnn.benchmark (IMAGESMITH_CUDNN_BENCHMARK; off unless named here; settings refuse it with the
-CUDA-graph modes); +dyn the UNets compiled with
++cudnn / +nocudnn IMAGESMITH_CUDNN_BENCHMARK on or off (settings refuse it on with the CUDA-graph modes;
+unless named, off until run 49, the settings' default since run 50: cudnn.benchmark with compile `default`, and
+cuDNN's timing around each decode with any compile); +dyn the UNets compiled with
 dynamic shapes (IMAGESMITH_COMPILE_DYNAMIC); +teg / +noteg the text encoders replayed as CUDA graphs or not
 (IMAGESMITH_TEXT_ENCODER_GRAPHS; the settings' default unless named: on with the CUDA-graph modes); +attn-cudnn (or -flash,
 -efficient) the attention kernel tried first (IMAGESMITH_ATTENTION_BACKEND; torch's order unless named); +olddecode
@@ -68,7 +69,7 @@ class Variant:
     mode: str
     fp8: bool
     channels_last: bool
-    cudnn_benchmark: bool
+    cudnn_benchmark: bool | None  # None: the settings' default
     mlperf: bool
     attention: str = "auto"
     dynamic: bool = False
@@ -86,6 +87,7 @@ class Variant:
             "fp8dyn",
             "cl",
             "cudnn",
+            "nocudnn",
             "dyn",
             "teg",
             "noteg",
@@ -95,10 +97,12 @@ class Variant:
             "olddecode",
         }
         unknown = set(flags) - known
-        twice = {"teg", "noteg"} <= set(flags) or {"fp8", "fp8dyn"} <= set(flags)
+        twice = any(
+            pair <= set(flags) for pair in ({"teg", "noteg"}, {"fp8", "fp8dyn"}, {"cudnn", "nocudnn"})
+        )
         if unknown or kind not in ("", "mlperf") or len(attention) > 1 or twice:
             raise SystemExit(
-                f"variant {spec!r}: flags are one of +fp8 +fp8dyn, +cl +cudnn +dyn, one of +teg +noteg, one of "
+                f"variant {spec!r}: flags are one of +fp8 +fp8dyn, +cl +dyn, one of +cudnn +nocudnn, one of +teg +noteg, one of "
                 "+attn-flash +attn-efficient +attn-cudnn, +olddecode, and the suffix :mlperf"
             )
         return cls(
@@ -106,7 +110,7 @@ class Variant:
             mode,
             "fp8" in flags or "fp8dyn" in flags,
             "cl" in flags,
-            "cudnn" in flags,
+            True if "cudnn" in flags else False if "nocudnn" in flags else None,
             kind == "mlperf",
             attention[0] if attention else "auto",
             dynamic="dyn" in flags,
@@ -557,7 +561,7 @@ def main() -> None:
     def measure(variant: Variant) -> None:
         began = time.perf_counter()
         torch._dynamo.reset()  # the previous variant's graphs (and CUDA graph pools) go
-        torch.backends.cudnn.benchmark = False  # the setting below switches it on where named
+        torch.backends.cudnn.benchmark = False  # the settings below switch it on where named or by default
         settings = Settings(
             data_dir=run.out / "data",
             compile_cache_dir=Path(args.cache_dir) if args.cache_dir else None,
