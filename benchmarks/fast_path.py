@@ -22,13 +22,12 @@ A variant is `MODE[+fp8|+fp8dyn][+cl][+cudnn|+nocudnn][+dyn][+teg|+noteg][+attn-
 compile choice (off, default, reduce-overhead, max-autotune-no-cudagraphs); +fp8 fp8 transformer linears
 (engine/fp8.py) with static scales, calibrated as Engine.start does (the default), +fp8dyn with dynamic ones; +cl channels_last;
 +cudnn / +nocudnn IMAGESMITH_CUDNN_BENCHMARK on or off (settings refuse it on with the CUDA-graph modes;
-unless named, off until run 49, the settings' default since run 50: cudnn.benchmark with compile `default`, and
-cuDNN's timing around each decode with any compile); +dyn the UNets compiled with
+unless named: off until run 49, the settings' default since run 50, i.e. on with compile `default`); +dyn the UNets compiled with
 dynamic shapes (IMAGESMITH_COMPILE_DYNAMIC); +teg / +noteg the text encoders replayed as CUDA graphs or not
 (IMAGESMITH_TEXT_ENCODER_GRAPHS; the settings' default unless named: on with the CUDA-graph modes); +attn-cudnn (or -flash,
 -efficient) the attention kernel tried first (IMAGESMITH_ATTENTION_BACKEND; torch's order unless named); +olddecode
 the decode as it was before run 49, the peer of today's (a decoder compiled in the UNets' mode, CUDA graphs
-included, without cuDNN's timing; each image checked and converted on the host in turn); `:mlperf`
+included; each image checked and converted on the host in turn); `:mlperf`
 measures the MLPerf setting instead of the ensemble (base UNet and VAE only; warm-up at batch 1 then the
 largest batch, as the service's warm-up does).
 
@@ -126,10 +125,9 @@ def decode_one_by_one(
     dtype: torch.dtype,
     tiling: bool,
     device: Any,
-    autotune_convolutions: bool = False,
 ) -> tuple[list[Any], list[bool]]:
     """engine/decode.py's decode_latents before run 49 (the `+olddecode` peer): each image decoded, checked (two
-    waits for the GPU) and converted on the host in turn, the GPU idle meanwhile; no cuDNN timing."""
+    waits for the GPU) and converted on the host in turn, the GPU idle meanwhile."""
     from imagesmith.engine.decode import _decode_once, looks_broken, to_pil
 
     vae.enable_tiling() if tiling else vae.disable_tiling()
@@ -147,7 +145,7 @@ def decode_one_by_one(
 @contextlib.contextmanager
 def decode_as_before(engine: Any, settings: Any) -> Any:
     """The engine's decode as before run 49, for the block: the decoder compiled in the UNets' own mode (CUDA
-    graphs with reduce-overhead), no cuDNN timing, and decode_one_by_one."""
+    graphs with reduce-overhead) and decode_one_by_one."""
     import imagesmith.engine.engine as engine_module
 
     decoder = engine.models.base.vae.decoder
@@ -155,7 +153,6 @@ def decode_as_before(engine: Any, settings: Any) -> Any:
         mode = None if settings.compile.value == "default" else settings.compile.value
         decoder._compiled_call_impl = None
         decoder.compile(fullgraph=True, mode=mode)
-    engine.autotune_decode = False
     current = engine_module.decode_latents
     engine_module.decode_latents = decode_one_by_one
     try:

@@ -1,5 +1,5 @@
-"""The decode: pixels made on the device match the host arithmetic they replaced, only broken images are redone
-in fp32, and cuDNN's timing is on around the decode alone when the engine asks for it."""
+"""The decode: pixels made on the device match the host arithmetic they replaced, and only broken images are
+redone in fp32."""
 
 from __future__ import annotations
 
@@ -7,14 +7,10 @@ import dataclasses
 from typing import Any
 
 import numpy as np
-import pytest
 import torch
 
-from imagesmith.engine import Engine
-from imagesmith.engine.decode import cudnn_autotuned, decode_latents, pixels_u8, to_pil
-from imagesmith.schemas import GenerationRequest
+from imagesmith.engine.decode import decode_latents, pixels_u8, to_pil
 
-SMALL = {"width": 96, "height": 64, "num_inference_steps": 10}
 
 
 def host_pixels(image: torch.Tensor) -> np.ndarray:
@@ -45,7 +41,6 @@ class _Vae:
     def __init__(self) -> None:
         self.weight = torch.nn.Parameter(torch.zeros(1, dtype=torch.bfloat16))
         self.decoded_dtypes: list[torch.dtype] = []
-        self.benchmark_seen: list[bool] = []
 
     def parameters(self) -> Any:
         return iter([self.weight])
@@ -60,7 +55,6 @@ class _Vae:
 
     def decode(self, latents: torch.Tensor, return_dict: bool) -> tuple[torch.Tensor]:
         self.decoded_dtypes.append(latents.dtype)
-        self.benchmark_seen.append(torch.backends.cudnn.benchmark)
         value = latents.float().mean()
         if latents.dtype != torch.float32 and latents[0, 0, 0, 0] > 100:
             value = torch.tensor(float("nan"))  # overflows in 16 bits only
@@ -79,36 +73,3 @@ def test_only_the_broken_image_is_decoded_again_in_fp32() -> None:
     values = [np.asarray(image)[0, 0, 0] for image in images]
     # mean 0.05 -> (0.05 / 2 + 0.5) x 255 = 133.9; image 1 in fp32: mean 100.05 -> clamped to 255
     assert values == [134, 255, 134]
-
-
-def test_cudnn_timing_is_on_around_the_decode_only_and_put_back_after_an_error() -> None:
-    before = torch.backends.cudnn.benchmark
-    vae = _Vae()
-    latents = torch.zeros(2, 4, 1, 1)
-    decode_latents(vae, latents, torch.bfloat16, False, "cpu", autotune_convolutions=True)
-    decode_latents(vae, latents, torch.bfloat16, False, "cpu")
-    assert vae.benchmark_seen == [True, True, before, before]
-    assert torch.backends.cudnn.benchmark is before
-    with pytest.raises(RuntimeError), cudnn_autotuned(True):
-        raise RuntimeError("a failed decode")
-    assert torch.backends.cudnn.benchmark is before
-
-
-def test_the_engine_decodes_with_cudnn_timing_when_its_levers_say_so(
-    tiny_engine: Engine, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    seen: list[bool] = []
-    decoder = tiny_engine.models.base.vae.decoder
-    hook = decoder.register_forward_pre_hook(lambda *_: seen.append(torch.backends.cudnn.benchmark))
-    before = torch.backends.cudnn.benchmark
-    try:
-        monkeypatch.setattr(tiny_engine, "autotune_decode", True)
-        tiny_engine.generate(
-            GenerationRequest(prompt="a fox", refine_mode="none", num_images=2, seed=1, **SMALL)
-        )
-        monkeypatch.setattr(tiny_engine, "autotune_decode", False)
-        tiny_engine.generate(GenerationRequest(prompt="a fox", refine_mode="none", seed=1, **SMALL))
-    finally:
-        hook.remove()
-    assert seen == [True, True, before]
-    assert torch.backends.cudnn.benchmark is before

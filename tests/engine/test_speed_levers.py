@@ -13,10 +13,8 @@ from imagesmith.config import Settings, settings_error_lines
 from imagesmith.engine import Engine
 from imagesmith.engine.batch_routing import BatchRoutedCall
 from imagesmith.engine.fast import (
-    DECODE_AUTOTUNE_LEVER,
     apply_speed_levers,
     cudnn_benchmark_wanted,
-    decode_autotune_wanted,
     decoder_compile_mode,
     fuse_qkv_wanted,
 )
@@ -83,22 +81,6 @@ def test_the_decoder_compiles_as_the_unets_without_cuda_graphs(
     compile_mode: str, decoder_mode: str | None
 ) -> None:
     assert decoder_compile_mode(Settings(compile=compile_mode)) == decoder_mode
-
-
-def test_the_decoders_convolutions_are_timed_by_cudnn_when_compiled_on_a_resident_gpu() -> None:
-    gpu = DeviceInfo("cuda", name="H100", capability=(9, 0), total_memory_gib=80, free_memory_gib=79)
-    resident = plan_hardware(gpu, Settings())
-    # With CUDA graphs too: the decoder records none, and the flag is on only around the decode.
-    assert decode_autotune_wanted(Settings(compile="reduce-overhead"), resident)
-    assert decode_autotune_wanted(Settings(compile="default"), resident)
-    assert not decode_autotune_wanted(Settings(), resident)  # eager: not measured
-    assert not decode_autotune_wanted(Settings(compile="reduce-overhead", cudnn_benchmark=False), resident)
-    assert not decode_autotune_wanted(
-        Settings(compile="default"), plan_hardware(gpu, Settings(offload="model"))
-    )
-    assert not decode_autotune_wanted(
-        Settings(compile="default"), plan_hardware(DeviceInfo("cpu"), Settings())
-    )
 
 
 @pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
@@ -471,7 +453,6 @@ def test_the_unets_are_compiled_with_the_dynamic_option_and_the_decoder_is_not(
             assert isinstance(routed, BatchRoutedCall) and name not in calls
         assert calls["decoder"] == {"fullgraph": True, "mode": None}
         assert "torch.compile(mode=reduce-overhead) UNets + VAE decoder" in applied
-        assert DECODE_AUTOTUNE_LEVER not in applied  # a CPU plan: cuDNN has nothing to time
     finally:
         for module in modules.values():
             module._compiled_call_impl = None

@@ -6,15 +6,13 @@ fp32 where that can happen; this guard catches what slips through (a custom VAE,
 The pass's images are decoded one at a time (bounded memory) and turned into 8-bit pixels on the device, with
 no wait for the host between them: the guard's verdicts come back in one small copy and the pixels in one
 more. Decoding, checking and converting each image on the host in turn (as before) left the GPU idle while the
-host converted: ~60 ms an image at 1024x1024 of which the decoder's kernels are ~50 (runs 13 and 46 in
-docs/benchmarks.md).
+host converted. With the decoder compiled without CUDA graphs (engine/fast.py), a 1024x1024 decode went from
+54.8 to 43.8 ms (run 50 in docs/benchmarks.md) and a batch of 8 from 0.414 to 0.323 s (run 49).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -61,32 +59,14 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(pixels_u8(image).cpu().numpy())
 
 
-@contextmanager
-def cudnn_autotuned(enabled: bool) -> Iterator[None]:
-    """cuDNN times its convolution algorithms for each new shape and keeps the fastest (the flag is
-    process-wide, so it is put back). Only for modules run outside a CUDA-graph capture, which forbids the
-    timing (engine/fast.py's cudnn_benchmark_wanted says what happened when one met it)."""
-    if not enabled:
-        yield
-        return
-    before = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = True
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = before
-
-
 def decode_latents(
     vae: Any,
     latents: torch.Tensor,
     dtype: torch.dtype,
     tiling: bool,
     device: torch.device | str,
-    autotune_convolutions: bool = False,
 ) -> tuple[list[Image.Image], list[bool]]:
-    """Decode one image at a time (bounded memory). Returns the images and, per image, whether it needed fp32.
-    `autotune_convolutions`: let cuDNN time the decoder's convolutions (engine/fast.py decides)."""
+    """Decode one image at a time (bounded memory). Returns the images and, per image, whether it needed fp32."""
     if tiling:
         vae.enable_tiling()
     else:
@@ -96,7 +76,7 @@ def decode_latents(
     device = torch.device(device)
     pixels: list[torch.Tensor] = []
     flags: list[torch.Tensor] = []
-    with torch.no_grad(), cudnn_autotuned(autotune_convolutions):
+    with torch.no_grad():
         for one in latents.split(1):
             image = _decode_once(vae, one, dtype, device)
             # Consumed before the next decode: a compiled decoder's output may live in memory it reuses.

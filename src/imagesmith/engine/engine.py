@@ -25,7 +25,6 @@ from imagesmith.engine.decode import decode_latents
 from imagesmith.engine.encode_ahead import EncodeAhead
 from imagesmith.engine.encoder_graphs import installed, text_encoders
 from imagesmith.engine.fast import (
-    DECODE_AUTOTUNE_LEVER,
     apply_speed_levers,
     compiled_modules,
     raised_in_compiled_code,
@@ -159,8 +158,6 @@ class Engine:
         # Whether compiled modules record CUDA graphs (IMAGESMITH_COMPILE=reduce-overhead): warm-up records
         # one per batch size then, so no request has to.
         self.records_cuda_graphs = False
-        # Whether each decode lets cuDNN time the decoder's convolutions (engine/fast.py's decode_autotune_wanted).
-        self.autotune_decode = False
         # Used on the GPU thread only, like the pipelines.
         self.prompt_cache: PromptEmbeddingCache | None = (
             PromptEmbeddingCache(prompt_cache_size) if prompt_cache_size else None
@@ -205,7 +202,6 @@ class Engine:
             levers.append(calibrated)
         self.levers = levers
         self.records_cuda_graphs = records_cuda_graphs(settings, levers)
-        self.autotune_decode = DECODE_AUTOTUNE_LEVER in levers
         return levers
 
     @property
@@ -362,7 +358,7 @@ class Engine:
         began = time.perf_counter()
         tiling = needs_tiling(self.plan, request.width, request.height)
         images, fp32_retries = decode_latents(
-            base.vae, latents, self.plan.vae_dtype, tiling, base._execution_device, self.autotune_decode
+            base.vae, latents, self.plan.vae_dtype, tiling, base._execution_device
         )
         run.finish_stage("decode", began, steps=len(images))
         total_seconds = time.perf_counter() - run.started

@@ -169,37 +169,22 @@ def apply_speed_levers(base: Any, refiner: Any | None, plan: HardwarePlan, setti
             base.vae.decoder.compile(fullgraph=True, mode=decoder_compile_mode(settings))
             dynamic = ", dynamic shapes" if options["dynamic"] else ""
             applied.append(f"torch.compile(mode={settings.compile.value}{dynamic}) UNets + VAE decoder")
-            if decode_autotune_wanted(settings, plan):
-                applied.append(DECODE_AUTOTUNE_LEVER)
     return applied
 
 
-DECODE_AUTOTUNE_LEVER = "VAE decoder without CUDA graphs, its convolutions timed by cuDNN"
-
-
 def decoder_compile_mode(settings: Settings) -> str | None:
-    """The VAE decoder's torch.compile mode: the UNets' without CUDA graphs. A 1024x1024 decode is ~50 ms of
-    large kernels, so a graph saves little of its launch time (which overlaps the kernels anyway), while
-    outside a graph cuDNN may time its convolutions (decode_autotune_wanted). Nor does a graph then hold the
-    decoder's activations (hundreds of MiB at 1024x1024) between passes."""
+    """The VAE decoder's torch.compile mode: the UNets' without CUDA graphs. A 1024x1024 decode is ~45 ms of
+    large kernels, so a graph has little launch time to save. Measured on an H200 (runs 49-50 in
+    docs/benchmarks.md), together with engine/decode.py's conversion on the device: the decode 54.8 -> 43.8 ms,
+    the 40-step ensemble 1.369 -> 1.350 s, the MLPerf batch of 8 +2.9 %; the cost, 1.3 GiB more peak memory
+    (the decoder's activations no longer share the UNets' graph pool). The split between the two changes was
+    not measured. cuDNN's algorithm timing around the decode, which a graph would forbid, gained nothing
+    (43.8 ms either way, run 50), so it is not used."""
     if settings.compile is CompileChoice.MAX_AUTOTUNE:
         return CompileChoice.MAX_AUTOTUNE_NO_CUDAGRAPHS.value
     if settings.compile is CompileChoice.REDUCE_OVERHEAD:
         return None  # torch.compile's default mode
     return unet_compile_options(settings)["mode"]
-
-
-def decode_autotune_wanted(settings: Settings, plan: HardwarePlan) -> bool:
-    """cuDNN's algorithm timing for the compiled decoder's convolutions, on around each decode only
-    (engine/decode.py's cudnn_autotuned): it cut the decode from 73-76 to 55-60 ms an image (runs 12-13), but
-    process-wide it cannot be combined with the UNets' CUDA graphs (cudnn_benchmark_wanted), and the decoder
-    no longer records one (decoder_compile_mode). IMAGESMITH_CUDNN_BENCHMARK=false turns it off too."""
-    return (
-        settings.cudnn_benchmark is not False
-        and settings.compile is not CompileChoice.OFF
-        and plan.offload == "none"
-        and plan.device.startswith("cuda")
-    )
 
 
 # Graphs dynamo may keep per compiled model class. Its default (8) counts the base's and the refiner's graphs
