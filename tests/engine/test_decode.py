@@ -12,7 +12,6 @@ import torch
 from imagesmith.engine.decode import decode_latents, pixels_u8, to_pil
 
 
-
 def host_pixels(image: torch.Tensor) -> np.ndarray:
     """The conversion as it was done on the host before (numpy after the copy)."""
     array = (image.float().squeeze(0) / 2 + 0.5).clamp(0, 1).nan_to_num(0.0)
