@@ -150,9 +150,3 @@ def install(module: torch.nn.Module) -> GraphedForward:
 def installed(module: Any) -> GraphedForward | None:
     forward = getattr(module, "forward", None)
     return forward if isinstance(forward, GraphedForward) else None
-
-
-def uninstall(module: torch.nn.Module) -> None:
-    """The module's own forward again: the class's."""
-    if installed(module) is not None:
-        del module.forward

@@ -31,6 +31,7 @@ from imagesmith.engine import encoder_graphs
 from imagesmith.engine.batch_routing import BatchRoutedCall
 from imagesmith.engine.fp8 import quantize_transformer_linears
 from imagesmith.engine.hardware import HardwarePlan
+from imagesmith.engine.models import unets_of
 from imagesmith.engine.progress import CancelToken, GenerationCanceled, ProgressEvent
 from imagesmith.preview import PreviewCopy
 
@@ -112,7 +113,7 @@ def apply_speed_levers(base: Any, refiner: Any | None, plan: HardwarePlan, setti
             "settings ask for fp8 but the hardware plan was made without it: plan with these settings"
         )
     applied: list[str] = []
-    unets = [base.unet] + ([refiner.unet] if refiner is not None else [])
+    unets = unets_of(base, refiner)
     if fuse_qkv_wanted(settings, plan):
         base.fuse_qkv_projections(unet=True, vae=True)
         if refiner is not None:
@@ -217,7 +218,7 @@ def unet_compile_options(settings: Settings) -> dict[str, Any]:
 def compiled_modules(engine: Any) -> list[Any]:
     """Every module Module.compile wrapped: the UNets and the VAE decoder."""
     base, refiner = engine.models.base, engine.models.refiner
-    modules = [base.unet, base.vae.decoder] + ([refiner.unet] if refiner is not None else [])
+    modules = [*unets_of(base, refiner), base.vae.decoder]
     return [module for module in modules if getattr(module, "_compiled_call_impl", None) is not None]
 
 

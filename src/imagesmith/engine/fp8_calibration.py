@@ -17,6 +17,7 @@ from typing import Any
 from imagesmith.config import Settings
 from imagesmith.engine.fast import compiled_calls_set_aside
 from imagesmith.engine.fp8 import calibrate_static_scales, static_layers
+from imagesmith.engine.models import unets_of
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ def calibrate_fp8(engine: Any, settings: Settings) -> str | None:
     from imagesmith.engine.engine import BatchItem
     from imagesmith.schemas import GenerationRequest
 
-    unets = [engine.models.base.unet] + ([engine.models.refiner.unet] if engine.models.refiner else [])
+    unets = unets_of(engine.models.base, engine.models.refiner)
     layers = static_layers(unets)
     if not layers:
         return None

@@ -42,6 +42,11 @@ class LoadedModels:
     sources: ModelSources
 
 
+def unets_of(base: Any, refiner: Any | None) -> list[Any]:
+    """The pipelines' UNets, the base's first: what the speed levers, fp8 and its calibration work on."""
+    return [base.unet] + ([refiner.unet] if refiner is not None else [])
+
+
 def resolve_sources(settings: Settings) -> ModelSources:
     """Turn settings into the folders or hub ids to load; the tiny preset is built here on first use."""
     if settings.model is ModelPreset.TINY:
