@@ -56,7 +56,8 @@ ENV_PREFIX = "IMAGESMITH_"
 
 
 class CompileChoice(StrEnum):
-    """torch.compile of the UNets and VAE decoder. 'reduce-overhead' adds CUDA graphs (batch-1 latency);
+    """torch.compile of the UNets and VAE decoder. 'reduce-overhead' adds CUDA graphs for the UNets (batch-1
+    latency; the decoder compiles without, engine/fast.py's decoder_compile_mode says why);
     'max-autotune' also times Triton templates against cuBLAS/cuDNN for every matmul and convolution (a much
     longer first start)."""
 
