@@ -336,8 +336,9 @@ def warm_up(
         # A second round, for the CUDA graphs. CUDA-graph trees record a function on its second run (the first
         # runs eagerly), per batch size: the batched graph serves every size between 2 and the largest pass,
         # each recorded by the first pass of that size, and a module run once per pass would only be warmed by
-        # the first round (the VAE decoder was, until it stopped recording graphs: decoder_compile_mode). Without this round the first request recorded its graphs (4.1 s
-        # instead of 1.7 s, run 27 in docs/benchmarks.md). Batch 1 is repeated too: cheap, and it does not
+        # the first round (the VAE decoder was, until it stopped recording graphs: decoder_compile_mode).
+        # Without this round the first request recorded its graphs (4.1 s instead of 1.7 s, run 27 in
+        # docs/benchmarks.md). Batch 1 is repeated too: cheap, and it does not
         # rely on which graph (engine/batch_routing.py) serves it. Short passes: seconds in all, when nothing
         # recompiles.
         second = [
