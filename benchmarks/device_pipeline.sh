@@ -42,8 +42,10 @@
 # --compile-needs-s 180 --no-prompt-cache-ab" FAST_LIMIT_S=450 QUEUE_BATCHES=8,16 QUEUE_ARGS="--fp8 --repeats 2
 # --eager-batches none --jobs 32" GPU_TESTS_K="compiled_engine_matches or cuda_graphs_warmed" FAST2_PHASES=variants
 # FAST2_VARIANTS=reduce-overhead+olddecode,reduce-overhead FAST2_ARGS="--no-prompt-cache-ab --compile-needs-s 240".
-# Still to run: models,queue with QUEUE_BATCHES=1,4 QUEUE_ARGS="--fp8 --repeats 2 --eager-batches none" (static fp8 at
-# batch_max 1 and 4, ~600 s of compile); then max-autotune with TORCHINDUCTOR_MAX_AUTOTUNE_CONV_BACKENDS=ATEN
+# Run 49 kept only models and fast-path (the machine was released before the second call); run 50 measured the
+# ensemble's decode A/B (FAST_PHASES=eager,variants FAST_VARIANTS=reduce-overhead+olddecode,reduce-overhead).
+# Still to run: models,queue with QUEUE_BATCHES=1,4,8 QUEUE_ARGS="--fp8 --repeats 2 --eager-batches none" (static fp8
+# through the queue with the new decode, ~600 s of compile); then max-autotune with TORCHINDUCTOR_MAX_AUTOTUNE_CONV_BACKENDS=ATEN
 # exported (it enters every compile's cache key): FAST2_PHASES=peer,eager,variants
 # FAST2_VARIANTS=reduce-overhead,max-autotune FAST2_ARGS="--compile-needs-s 720".
 set -u
