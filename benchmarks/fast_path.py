@@ -127,17 +127,22 @@ def decode_one_by_one(
     device: Any,
 ) -> tuple[list[Any], list[bool]]:
     """engine/decode.py's decode_latents before run 49 (the `+olddecode` peer): each image decoded, checked (two
-    waits for the GPU) and converted on the host in turn, the GPU idle meanwhile."""
-    from imagesmith.engine.decode import _decode_once, looks_broken, to_pil
+    waits for the GPU) and converted on the host in turn, the GPU idle meanwhile. Its check and conversion are
+    the old code's own, kept here since run 50: runs 49-50 took them from engine/decode.py, already changed."""
+    from PIL import Image
+
+    from imagesmith.engine.decode import _decode_once
 
     vae.enable_tiling() if tiling else vae.disable_tiling()
     images, retried = [], []
     with torch.no_grad():
         for one in latents.split(1):
             image = _decode_once(vae, one, dtype, torch.device(device))
-            if looks_broken(image):
+            if not torch.isfinite(image).all() or (image.float() / 2 + 0.5).clamp(0, 1).amax() < 1.0 / 255:
                 raise RuntimeError("a broken decode: the peer has no fp32 retry")
-            images.append(to_pil(image))
+            array = (image.float().squeeze(0) / 2 + 0.5).clamp(0, 1).nan_to_num(0.0)
+            pixels = (array.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+            images.append(Image.fromarray(pixels))
             retried.append(False)
     return images, retried
 
@@ -147,12 +152,12 @@ def decode_as_before(engine: Any, settings: Any) -> Any:
     """The engine's decode as before run 49, for the block: the decoder compiled in the UNets' own mode (CUDA
     graphs with reduce-overhead) and decode_one_by_one."""
     import imagesmith.engine.engine as engine_module
+    from imagesmith.engine.fast import unet_compile_options
 
     decoder = engine.models.base.vae.decoder
     if decoder._compiled_call_impl is not None:
-        mode = None if settings.compile.value == "default" else settings.compile.value
         decoder._compiled_call_impl = None
-        decoder.compile(fullgraph=True, mode=mode)
+        decoder.compile(fullgraph=True, mode=unet_compile_options(settings)["mode"])
     current = engine_module.decode_latents
     engine_module.decode_latents = decode_one_by_one
     try:

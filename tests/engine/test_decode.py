@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from imagesmith.engine.decode import decode_latents, pixels_u8, to_pil
+from imagesmith.engine.decode import decode_latents, pixels_u8
 
 
 def host_pixels(image: torch.Tensor) -> np.ndarray:
@@ -28,16 +28,19 @@ def test_device_pixels_are_the_host_conversions_bytes() -> None:
         converted = pixels_u8(image.to(dtype))
         assert converted.dtype == torch.uint8 and converted.shape == (40, 56, 3)
         assert np.array_equal(converted.numpy(), host_pixels(image.to(dtype)))
-    assert np.array_equal(np.asarray(to_pil(image)), host_pixels(image))
+    # And through the decode itself (fp32: no retry of the NaN pixel's image).
+    images, _ = decode_latents(_Vae(picture=image), torch.zeros(1, 4, 1, 1), torch.float32, False, "cpu")
+    assert np.array_equal(np.asarray(images[0]), host_pixels(image))
 
 
 class _Vae:
-    """A VAE stand-in: decodes latents to a picture whose value is the latents' mean, NaN for a NaN latent, in
-    whatever dtype its weights are."""
+    """A VAE stand-in: decodes latents to `picture` if given, else to a picture whose value is the latents'
+    mean, NaN when the first latent overflows 16 bits; in the latents' dtype."""
 
     config = dataclasses.make_dataclass("Config", [("scaling_factor", float)])(1.0)
 
-    def __init__(self) -> None:
+    def __init__(self, picture: torch.Tensor | None = None) -> None:
+        self.picture = picture
         self.weight = torch.nn.Parameter(torch.zeros(1, dtype=torch.bfloat16))
         self.decoded_dtypes: list[torch.dtype] = []
 
@@ -54,6 +57,8 @@ class _Vae:
 
     def decode(self, latents: torch.Tensor, return_dict: bool) -> tuple[torch.Tensor]:
         self.decoded_dtypes.append(latents.dtype)
+        if self.picture is not None:
+            return (self.picture.to(latents.dtype),)
         value = latents.float().mean()
         if latents.dtype != torch.float32 and latents[0, 0, 0, 0] > 100:
             value = torch.tensor(float("nan"))  # overflows in 16 bits only

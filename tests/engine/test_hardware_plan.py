@@ -11,6 +11,15 @@ H100 = DeviceInfo(
     "cuda", name="NVIDIA H100 80GB HBM3", capability=(9, 0), total_memory_gib=79.6, free_memory_gib=78.9
 )
 RTX4090 = DeviceInfo("cuda", name="RTX 4090", capability=(8, 9), total_memory_gib=23.6, free_memory_gib=22.4)
+RTX4080_16GB = DeviceInfo(
+    "cuda", name="RTX 4080", capability=(8, 9), total_memory_gib=15.7, free_memory_gib=15.1
+)
+RTX4070_12GB = DeviceInfo(
+    "cuda", name="RTX 4070", capability=(8, 9), total_memory_gib=11.7, free_memory_gib=11.2
+)
+A4000_16GB = DeviceInfo(
+    "cuda", name="RTX A4000", capability=(8, 6), total_memory_gib=15.7, free_memory_gib=15.1
+)
 RTX3060_12GB = DeviceInfo(
     "cuda", name="RTX 3060", capability=(8, 6), total_memory_gib=11.8, free_memory_gib=11.2
 )
@@ -76,17 +85,6 @@ def test_every_choice_can_be_overridden(offload: str) -> None:
 def test_offload_settings_are_ignored_off_cuda() -> None:
     p = plan(CPU, offload=OffloadChoice.SEQUENTIAL)
     assert p.offload == "none" and "ignored" in p.summary()
-
-
-RTX4080_16GB = DeviceInfo(
-    "cuda", name="RTX 4080", capability=(8, 9), total_memory_gib=15.7, free_memory_gib=15.1
-)
-RTX4070_12GB = DeviceInfo(
-    "cuda", name="RTX 4070", capability=(8, 9), total_memory_gib=11.7, free_memory_gib=11.2
-)
-A4000_16GB = DeviceInfo(
-    "cuda", name="RTX A4000", capability=(8, 6), total_memory_gib=15.7, free_memory_gib=15.1
-)
 
 
 def test_16gb_card_keeps_model_offload_and_24gb_goes_resident() -> None:

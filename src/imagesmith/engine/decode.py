@@ -43,20 +43,11 @@ def broken_flag(image: torch.Tensor) -> torch.Tensor:
     return not_finite | black
 
 
-def looks_broken(image: torch.Tensor) -> bool:
-    return bool(broken_flag(image))
-
-
 def pixels_u8(image: torch.Tensor) -> torch.Tensor:
     """A [-1, 1] CHW (or 1CHW) tensor to HWC uint8 on its own device. The same fp32 arithmetic as on the host
     (round half to even), so the bytes do not depend on where it runs."""
     array = (image.float().squeeze(0) / 2 + 0.5).clamp(0, 1).nan_to_num(0.0)
     return (array * 255).round().to(torch.uint8).permute(1, 2, 0)
-
-
-def to_pil(image: torch.Tensor) -> Image.Image:
-    """A [-1, 1] CHW (or 1CHW) tensor to an 8-bit RGB picture."""
-    return Image.fromarray(pixels_u8(image).cpu().numpy())
 
 
 def decode_latents(
