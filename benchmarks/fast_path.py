@@ -18,9 +18,10 @@ call time on the GPU and its achieved TFLOP/s (unet_timeline.py: CUDA events aro
 not), and `first_image_s`: from the phase's start (building its modules, which a user's process loads from disk)
 to its first image, the warm-up (compilation) included.
 
-A variant is `MODE[+fp8|+fp8dyn][+cl][+cudnn|+nocudnn][+dyn][+teg|+noteg][+attn-BACKEND][+olddecode][:mlperf]`: MODE is a
-compile choice (off, default, reduce-overhead, max-autotune-no-cudagraphs); +fp8 fp8 transformer linears
-(engine/fp8.py) with static scales, calibrated as Engine.start does (the default), +fp8dyn with dynamic ones; +cl channels_last;
+A variant is `MODE[+fp8|+fp8dyn][+fp8conv][+cl][+cudnn|+nocudnn][+dyn][+teg|+noteg][+attn-BACKEND][+olddecode][:mlperf]`:
+MODE is a compile choice (off, default, reduce-overhead, max-autotune-no-cudagraphs); +fp8 fp8 transformer linears
+(engine/fp8.py) with static scales, calibrated as Engine.start does (the default), +fp8dyn with dynamic ones; +fp8conv (with +fp8)
+the convolutions in fp8 too (IMAGESMITH_FP8_CONVS, cuDNN's kernels); +cl channels_last;
 +cudnn / +nocudnn IMAGESMITH_CUDNN_BENCHMARK on or off (settings refuse it on with the CUDA-graph modes;
 unless named: off until run 49, the settings' default since run 50, i.e. on with compile `default`); +dyn the UNets compiled with
 dynamic shapes (IMAGESMITH_COMPILE_DYNAMIC); +teg / +noteg the text encoders replayed as CUDA graphs or not
@@ -75,6 +76,7 @@ class Variant:
     text_encoder_graphs: bool | None = None  # None: the settings' default (on with the CUDA-graph modes)
     fp8_scales: str = "static"  # with fp8: IMAGESMITH_FP8_SCALES
     old_decode: bool = False
+    fp8_convs: bool = False  # with +fp8: the convolutions too (IMAGESMITH_FP8_CONVS)
 
     @classmethod
     def parse(cls, spec: str) -> Variant:
@@ -94,15 +96,17 @@ class Variant:
             "attn-efficient",
             "attn-cudnn",
             "olddecode",
+            "fp8conv",
         }
         unknown = set(flags) - known
         twice = any(
             pair <= set(flags) for pair in ({"teg", "noteg"}, {"fp8", "fp8dyn"}, {"cudnn", "nocudnn"})
         )
+        twice = twice or ("fp8conv" in flags and "fp8" not in flags)
         if unknown or kind not in ("", "mlperf") or len(attention) > 1 or twice:
             raise SystemExit(
                 f"variant {spec!r}: flags are one of +fp8 +fp8dyn, +cl +dyn, one of +cudnn +nocudnn, one of +teg +noteg, one of "
-                "+attn-flash +attn-efficient +attn-cudnn, +olddecode, and the suffix :mlperf"
+                "+attn-flash +attn-efficient +attn-cudnn, +olddecode, +fp8conv (with +fp8), and the suffix :mlperf"
             )
         return cls(
             spec,
@@ -116,6 +120,7 @@ class Variant:
             text_encoder_graphs=True if "teg" in flags else False if "noteg" in flags else None,
             fp8_scales="dynamic" if "fp8dyn" in flags else "static",
             old_decode="olddecode" in flags,
+            fp8_convs="fp8conv" in flags,
         )
 
 
@@ -570,6 +575,7 @@ def main() -> None:
             compile=variant.mode,
             fp8=variant.fp8,
             fp8_scales=variant.fp8_scales,
+            fp8_convs=variant.fp8_convs,
             warmup_sizes=f"{px}x{px}",  # where static fp8 scales are calibrated
             channels_last=variant.channels_last,
             cudnn_benchmark=variant.cudnn_benchmark,
@@ -584,7 +590,9 @@ def main() -> None:
         levers = engine.apply_levers(
             settings
         )  # as Engine.start applies them (the engine's plan: variant_plan)
-        if variant.fp8 != any(lever.startswith("fp8") for lever in levers):
+        if variant.fp8 != any(lever.startswith("fp8") for lever in levers) or variant.fp8_convs != any(
+            lever.startswith("fp8 convolutions") for lever in levers
+        ):
             raise RuntimeError(f"{variant.spec}: levers applied were {levers}")
         row: dict[str, Any] = {"levers": levers, "attention": variant_plan.attention}
         rates = UnetRates(engine.models.base.unet, None if variant.mlperf else engine.models.refiner.unet)

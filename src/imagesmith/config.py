@@ -232,6 +232,12 @@ class Settings(BaseSettings):
         description="With fp8: 'static' scales each layer's inputs by one factor calibrated at start-up (one "
         "generation, seconds), 'dynamic' computes them from every input (a reduction before each matmul).",
     )
+    fp8_convs: bool = Field(
+        False,
+        description="With fp8 and static scales: the UNets' convolutions in fp8 too, through cuDNN's fp8 kernels "
+        "(Hopper, compute capability 9.0+; needs `pip install nvidia-cudnn-frontend`). Lossy, like fp8. Measured "
+        "alone: the base UNet's convolutions 41.7 -> 36.4 ms a call at the MLPerf batch (run 51).",
+    )
     prompt_cache_size: int = Field(
         64, ge=0, description="Prompt embeddings kept on the device for repeated prompts (0: off)."
     )
@@ -317,6 +323,18 @@ class Settings(BaseSettings):
                 f"cuDNN benchmarking cannot be combined with {ENV_PREFIX}COMPILE={compile_mode} (a CUDA-graph "
                 f"mode: timing a convolution inside a graph capture fails it); unset {ENV_PREFIX}CUDNN_BENCHMARK "
                 f"or use {ENV_PREFIX}COMPILE=default"
+            )
+        return value
+
+    @field_validator("fp8_convs")
+    @classmethod
+    def _fp8_convs_need_static_fp8(cls, value: bool, info: ValidationInfo) -> bool:
+        # The convolutions' inputs take scales calibrated with the fp8 linears' (engine/fp8_conv.py): per-call
+        # scales would put a reduction before every convolution, the cost that made dynamic fp8 slow (run 48).
+        if value and not (info.data.get("fp8") and info.data.get("fp8_scales") is Fp8Scales.STATIC):
+            raise ValueError(
+                f"{ENV_PREFIX}FP8_CONVS=true needs fp8 linears with static scales: set {ENV_PREFIX}FP8=true "
+                f"(and leave {ENV_PREFIX}FP8_SCALES=static), or unset {ENV_PREFIX}FP8_CONVS"
             )
         return value
 

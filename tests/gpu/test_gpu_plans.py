@@ -13,6 +13,7 @@ import torch
 from imagesmith.config import Settings
 from imagesmith.engine import Engine
 from imagesmith.engine.fast import compiled_modules
+from imagesmith.engine.fp8_conv import cudnn_frontend_available
 from imagesmith.schemas import GenerationRequest
 
 pytestmark = pytest.mark.gpu
@@ -126,6 +127,64 @@ def test_compiled_fp8_engine_matches_its_eager_self(tiny_settings: Settings, sca
     layers = static_layers([compiled.models.base.unet, compiled.models.refiner.unet])
     assert (len(layers) > 0) is (scales == "static")
     assert all(layer.input_scale is not None for layer in layers)
+    a = np.asarray(eager.generate(request).images[0]).astype(float)
+    b = np.asarray(compiled.generate(request).images[0]).astype(float)
+    psnr = 10 * np.log10(255**2 / max(np.mean((a - b) ** 2), 1e-12))
+    assert psnr > 30, psnr
+    assert len(compiled_modules(compiled)) == 3, compiled.levers  # not the engine's eager fallback
+
+
+HOPPER_WITH_CUDNN_FRONTEND = pytest.mark.skipif(
+    not torch.cuda.is_available()
+    or torch.cuda.get_device_capability() < (9, 0)
+    or not cudnn_frontend_available(),
+    reason="cuDNN's fp8 convolutions need Hopper and nvidia-cudnn-frontend",
+)
+
+
+@HOPPER_WITH_CUDNN_FRONTEND
+@pytest.mark.parametrize(("kernel", "stride"), [(3, 1), (3, 2), (1, 1)])
+def test_cudnn_fp8_convolution_gives_the_convolution_of_the_quantized_operands(
+    kernel: int, stride: int
+) -> None:
+    """cuDNN's fp8 kernel (its fastest plan, chosen on the first call) computes what the CPU path (and its tests)
+    compute from the same e4m3 operands, and replays the same inside a CUDA graph, as reduce-overhead runs it."""
+    from torch import nn
+
+    from imagesmith.engine.fp8 import calibrate_static_scales
+    from imagesmith.engine.fp8_conv import Float8Conv2d
+
+    torch.manual_seed(kernel + stride)
+    conv = nn.Conv2d(320, 640, kernel, stride=stride, padding=kernel // 2).to(torch.bfloat16)
+    cpu, gpu = Float8Conv2d(conv), Float8Conv2d(conv.to("cuda"))
+    x = torch.randn(2, 320, 64, 64, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        calibrate_static_scales([gpu], lambda: gpu(x.cuda()))
+        assert gpu.input_scale is not None
+        cpu.input_scale = gpu.input_scale.cpu()
+        got, expected = gpu(x.cuda()), cpu(x)
+        assert float((got.float().cpu() - expected.float()).norm() / expected.float().norm()) < 1e-2
+        static_x = x.cuda()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            gpu(static_x)  # warm: the shape's plan is chosen outside the capture
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = gpu(static_x)
+        graph.replay()
+        torch.cuda.synchronize()
+    assert torch.equal(captured, got)
+
+
+@HOPPER_WITH_CUDNN_FRONTEND
+def test_compiled_engine_with_fp8_convolutions_matches_its_eager_self(tiny_settings: Settings) -> None:
+    request = GenerationRequest(prompt="x", width=128, height=128, num_inference_steps=10, seed=4)
+    settings = tiny_settings.with_changes(device="cuda", fp8=True, fp8_convs=True, warmup_sizes="128x128")
+    eager = Engine.start(settings)
+    compiled = Engine.start(settings.with_changes(compile="reduce-overhead"))
+    assert any(lever.startswith("fp8 convolutions") for lever in compiled.levers)
     a = np.asarray(eager.generate(request).images[0]).astype(float)
     b = np.asarray(compiled.generate(request).images[0]).astype(float)
     psnr = 10 * np.log10(255**2 / max(np.mean((a - b) ** 2), 1e-12))

@@ -30,6 +30,7 @@ from imagesmith.config import CUDA_GRAPH_MODES, CompileChoice, Settings
 from imagesmith.engine import encoder_graphs
 from imagesmith.engine.batch_routing import BatchRoutedCall
 from imagesmith.engine.fp8 import quantize_transformer_linears
+from imagesmith.engine.fp8_conv import quantize_convolutions
 from imagesmith.engine.hardware import HardwarePlan
 from imagesmith.engine.models import unets_of
 from imagesmith.engine.progress import CancelToken, GenerationCanceled, ProgressEvent
@@ -149,6 +150,9 @@ def apply_speed_levers(base: Any, refiner: Any | None, plan: HardwarePlan, setti
         converted = sum(quantize_transformer_linears(unet, plan.fp8) for unet in unets)
         # Static scales are calibrated by Engine.start, before anything is compiled.
         applied.append(f"fp8 transformer linears x{converted}, {plan.fp8} scales (lossy)")
+    if plan.fp8_convs:  # the plan allows it only with static fp8 linears, calibrated together
+        converted = sum(quantize_convolutions(unet) for unet in unets)
+        applied.append(f"fp8 convolutions x{converted} through cuDNN, static scales (lossy)")
     if settings.compile is not CompileChoice.OFF:
         if plan.offload != "none":
             # Offload hooks move weights between devices inside forward; compiled graphs would break there.

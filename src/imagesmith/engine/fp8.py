@@ -32,7 +32,8 @@ matmul, and the batch-1 UNet call is launch-bound, so the eager ensemble took 3.
 
 Only the linears inside the transformer blocks (attentions.*: QKV, out, feed-forward, proj_in/out) are
 converted: they carry ~64 % of the UNet's FLOPs with many rows per call. The time-embedding linears (a few rows)
-and every convolution stay in the compute dtype.
+stay in the compute dtype, and so do the convolutions unless IMAGESMITH_FP8_CONVS asks for cuDNN's fp8 ones
+(engine/fp8_conv.py), whose layers share this module's input scaling (Fp8Layer) and calibration.
 """
 
 from __future__ import annotations
@@ -69,25 +70,18 @@ def to_e4m3(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
 
 
-class Float8Linear(nn.Module):
-    """y = x @ W.T + b with W in float8 e4m3; a drop-in for nn.Linear at inference.
+class Fp8Layer(nn.Module):
+    """What every fp8 layer (this module's linears, engine/fp8_conv.py's convolutions) does with its input's scale:
+    a "static" layer uses the one calibrated by `calibrate_static_scales` (per tensor, computed per call until
+    then); the others compute theirs per call, per row ("row-wise") or per tensor ("per-tensor")."""
 
-    `scaling` is one of SCALINGS (the module docstring says what each does). A "static" layer scales its inputs
-    dynamically (per tensor) until `calibrate_static_scales` has given it its fixed scale."""
+    weight_fp8: nn.Parameter  # each subclass's weight in e4m3
 
-    def __init__(self, linear: nn.Linear, scaling: str) -> None:
+    def __init__(self, scaling: str) -> None:
         super().__init__()
         if scaling not in SCALINGS:
             raise ValueError(f"fp8 scaling must be one of {', '.join(SCALINGS)}, got {scaling!r}")
-        weight = linear.weight.detach()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
         self.scaling = scaling
-        scale = _scales(weight, self.rowwise)  # [out, 1] or [1, 1]
-        self.weight_fp8 = nn.Parameter(to_e4m3(weight, scale), requires_grad=False)
-        # _scaled_mm wants the second operand's scale as [1, out] (row-wise) or [1, 1].
-        self.weight_scale = nn.Parameter(scale.reshape(1, -1), requires_grad=False)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
-        self.out_dtype = weight.dtype
         # Static scaling: the input's scale once calibrated (None before). A buffer, so that torch.compile takes
         # it as an input of the graph like the weights (not as a constant baked into the kernels, which would
         # make the compile cache's key depend on its value); not saved in state dicts.
@@ -107,6 +101,30 @@ class Float8Linear(nn.Module):
         if self.input_scale is not None and self.calibration_amax is None:
             return self.input_scale
         return _scales(rows, self.rowwise)
+
+    def _scaling_repr(self) -> str:
+        state = ""
+        if self.scaling == "static":
+            state = " calibrated" if self.input_scale is not None else " uncalibrated"
+        return f"e4m3 {self.scaling}{state}"
+
+
+class Float8Linear(Fp8Layer):
+    """y = x @ W.T + b with W in float8 e4m3; a drop-in for nn.Linear at inference.
+
+    `scaling` is one of SCALINGS (the module docstring says what each does). A "static" layer scales its inputs
+    dynamically (per tensor) until `calibrate_static_scales` has given it its fixed scale."""
+
+    def __init__(self, linear: nn.Linear, scaling: str) -> None:
+        super().__init__(scaling)
+        weight = linear.weight.detach()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        scale = _scales(weight, self.rowwise)  # [out, 1] or [1, 1]
+        self.weight_fp8 = nn.Parameter(to_e4m3(weight, scale), requires_grad=False)
+        # _scaled_mm wants the second operand's scale as [1, out] (row-wise) or [1, 1].
+        self.weight_scale = nn.Parameter(scale.reshape(1, -1), requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+        self.out_dtype = weight.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         leading = x.shape[:-1]
@@ -141,10 +159,7 @@ class Float8Linear(nn.Module):
         return y.reshape(*leading, self.out_features)
 
     def extra_repr(self) -> str:
-        state = ""
-        if self.scaling == "static":
-            state = " calibrated" if self.input_scale is not None else " uncalibrated"
-        return f"in={self.in_features}, out={self.out_features}, e4m3 {self.scaling}{state}"
+        return f"in={self.in_features}, out={self.out_features}, {self._scaling_repr()}"
 
 
 def quantize_transformer_linears(unet: nn.Module, scaling: str) -> int:
@@ -166,17 +181,17 @@ def quantize_transformer_linears(unet: nn.Module, scaling: str) -> int:
     return len(targets)
 
 
-def static_layers(models: Iterable[nn.Module]) -> list[Float8Linear]:
-    """The static-scaled fp8 layers of these models, each once."""
-    found: dict[int, Float8Linear] = {}
+def static_layers(models: Iterable[nn.Module]) -> list[Fp8Layer]:
+    """The static-scaled fp8 layers of these models (linears and convolutions), each once."""
+    found: dict[int, Fp8Layer] = {}
     for model in models:
         for module in model.modules():
-            if isinstance(module, Float8Linear) and module.scaling == "static":
+            if isinstance(module, Fp8Layer) and module.scaling == "static":
                 found.setdefault(id(module), module)
     return list(found.values())
 
 
-def calibrate_static_scales(layers: list[Float8Linear], run: Callable[[], object]) -> int:
+def calibrate_static_scales(layers: list[Fp8Layer], run: Callable[[], object]) -> int:
     """Give each static layer its input scale: `run` (a real generation, eager) while every layer records the
     largest input it sees; then scale = that x CALIBRATION_HEADROOM / 448. Returns how many layers ran. A layer
     that `run` never reached keeps scaling per call (logged): slower, never wrong."""

@@ -83,6 +83,7 @@ class HardwarePlan:
     fp8: str | None = None
     fp8_asked: bool = False  # the settings asked for fp8 (fp8 may still be None: skipped, with a reason)
     attention: str = "auto"  # the attention kernel tried first (engine/attention.py); "auto": torch's order
+    fp8_convs: bool = False  # the UNets' convolutions in fp8 through cuDNN (engine/fp8_conv.py)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -227,6 +228,36 @@ def _choose_fp8(device: DeviceInfo, settings: Settings, offload: str, reasons: l
     return scaling
 
 
+def _choose_fp8_convs(device: DeviceInfo, settings: Settings, fp8: str | None, reasons: list[str]) -> bool:
+    """fp8 convolutions ride on static fp8 (the settings require it); on a GPU they need cuDNN's fp8 kernels
+    (Hopper) and NVIDIA's cuDNN frontend to reach them."""
+    if not settings.fp8_convs:
+        return False
+    if fp8 != "static":  # fp8 itself was skipped (offload), with its reason
+        reasons.append("fp8 convolutions skipped: they need the fp8 linears")
+        return False
+    if device.kind != "cuda":
+        reasons.append(
+            "fp8 convolutions emulated in fp32 off the GPU: lossy and slower, useful for tests only"
+        )
+        return True
+    capability = device.capability or (0, 0)
+    if capability < (9, 0):
+        raise RuntimeError(
+            "IMAGESMITH_FP8_CONVS=true needs cuDNN's fp8 convolutions, which need a Hopper GPU or newer (compute "
+            f"capability 9.0+), this one is {capability[0]}.{capability[1]}; unset IMAGESMITH_FP8_CONVS"
+        )
+    from imagesmith.engine.fp8_conv import cudnn_frontend_available
+
+    if not cudnn_frontend_available():
+        raise RuntimeError(
+            "IMAGESMITH_FP8_CONVS=true needs NVIDIA's cuDNN frontend: pip install 'imagesmith[fp8-convs]' "
+            "(nvidia-cudnn-frontend), or unset IMAGESMITH_FP8_CONVS"
+        )
+    reasons.append("fp8 convolutions through cuDNN")
+    return True
+
+
 def _choose_attention(device: DeviceInfo, settings: Settings, reasons: list[str]) -> str:
     """The backends differ on CUDA only; elsewhere torch has one attention path, so a choice is ignored."""
     choice = settings.attention_backend
@@ -254,6 +285,7 @@ def plan_hardware(device: DeviceInfo, settings: Settings) -> HardwarePlan:
     if offload == "sequential" and tiling == "always":
         reasons.append("VAE tiling: decode in tiles to stay small")
     fp8 = _choose_fp8(device, settings, offload, reasons)
+    fp8_convs = _choose_fp8_convs(device, settings, fp8, reasons)
     attention = _choose_attention(device, settings, reasons)
     return HardwarePlan(
         device=device.torch_device,
@@ -265,6 +297,7 @@ def plan_hardware(device: DeviceInfo, settings: Settings) -> HardwarePlan:
         fp8=fp8,
         fp8_asked=settings.fp8,
         attention=attention,
+        fp8_convs=fp8_convs,
     )
 
 

@@ -1,0 +1,159 @@
+"""fp8 convolutions (IMAGESMITH_FP8_CONVS, engine/fp8_conv.py): which layers convert, the arithmetic (checked off
+the GPU through the op's fp32 path on the same e4m3 operands cuDNN gets), the calibration they share with the fp8
+linears, the op under torch.compile, the settings' and the plan's rules. cuDNN's own kernel: tests/gpu."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from pydantic import ValidationError
+from torch import nn
+
+from imagesmith.config import Settings
+from imagesmith.engine import Engine
+from imagesmith.engine.fp8 import E4M3_MAX, calibrate_static_scales, static_layers
+from imagesmith.engine.fp8_conv import Float8Conv2d, eligible, quantize_convolutions
+from imagesmith.engine.hardware import DeviceInfo, plan_hardware
+from imagesmith.schemas import GenerationRequest
+
+H100 = DeviceInfo("cuda", name="H100", capability=(9, 0), total_memory_gib=79.6, free_memory_gib=78.9)
+RTX4090 = DeviceInfo("cuda", name="RTX 4090", capability=(8, 9), total_memory_gib=23.6, free_memory_gib=22.4)
+
+
+def relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.mark.parametrize(("kernel", "stride"), [(3, 1), (3, 2), (1, 1)])
+def test_an_fp8_convolution_is_its_quantized_operands_convolved(kernel: int, stride: int) -> None:
+    torch.manual_seed(kernel * 10 + stride)
+    conv = nn.Conv2d(32, 48, kernel, stride=stride, padding=kernel // 2).to(torch.bfloat16)
+    x = torch.randn(2, 32, 12, 12, dtype=torch.bfloat16)
+    layer = Float8Conv2d(conv)
+    with torch.no_grad():
+        y = layer(x)
+        expected = conv(x)
+        # What cuDNN is handed: x and the filter rounded to e4m3 with one scale each (the input's computed per
+        # call until calibrated), convolved exactly, times both scales, plus the bias.
+        x_scale = x.float().abs().max() / E4M3_MAX
+        x8 = (x.float() / x_scale).to(torch.float8_e4m3fn).float() * x_scale
+        w8 = layer.weight_fp8.float().permute(0, 3, 1, 2) * layer.weight_scale
+        exact = F.conv2d(x8, w8, conv.bias.float(), stride=stride, padding=kernel // 2)
+    assert y.shape == expected.shape and y.dtype == torch.bfloat16
+    assert relative_l2(y, exact) < 4e-3  # bf16's rounding of the output only
+    assert (
+        5e-3 < relative_l2(y, expected) < 6e-2
+    )  # e4m3's 3 mantissa bits on both operands: lossy, not broken
+
+
+def test_only_plain_convolutions_with_16_channel_multiples_are_eligible() -> None:
+    assert eligible(nn.Conv2d(32, 64, 3, padding=1)) and eligible(nn.Conv2d(32, 64, 1))
+    assert eligible(nn.Conv2d(32, 32, 3, stride=2, padding=1))
+    assert not eligible(nn.Conv2d(4, 320, 3, padding=1))  # a UNet's conv_in
+    assert not eligible(nn.Conv2d(320, 4, 3, padding=1))  # its conv_out
+    assert not eligible(nn.Conv2d(32, 32, 3, padding=0))  # not "same" padding
+    assert not eligible(nn.Conv2d(32, 32, 3, padding=1, groups=2))
+    assert not eligible(nn.Conv2d(32, 32, 5, padding=2))
+    with pytest.raises(ValueError, match="not a convolution"):
+        Float8Conv2d(nn.Conv2d(4, 320, 3, padding=1))
+
+
+def test_a_static_conv_scale_comes_from_the_calibration_and_clips_beyond_it() -> None:
+    torch.manual_seed(4)
+    layer = Float8Conv2d(nn.Conv2d(16, 16, 3, padding=1))
+    x = torch.randn(1, 16, 8, 8)
+    with torch.no_grad():
+        assert calibrate_static_scales([layer], lambda: layer(x)) == 1
+        assert layer.input_scale is not None
+        assert float(layer.input_scale) == pytest.approx(float(x.abs().max()) * 2 / E4M3_MAX)
+        far = layer(x * 100)  # 50x past the calibrated range: saturates at e4m3's largest value, stays finite
+    assert torch.isfinite(far).all()
+    assert "calibrated" in repr(layer) and "3x3" in repr(layer)
+
+
+def test_the_engine_converts_every_eligible_unet_convolution_and_calibrates_them(
+    tiny_settings: Settings,
+) -> None:
+    request = GenerationRequest(prompt="a lighthouse", width=64, height=64, num_inference_steps=10, seed=5)
+    plain = Engine.start(tiny_settings)
+    fp8 = Engine.start(
+        tiny_settings.with_changes(fp8=True, fp8_convs=True, encode_ahead=False, warmup_sizes="64x64")
+    )
+    lever = next(lever for lever in fp8.levers if lever.startswith("fp8 convolutions"))
+    unets = [fp8.models.base.unet, fp8.models.refiner.unet]
+    converted = [m for unet in unets for m in unet.modules() if isinstance(m, Float8Conv2d)]
+    assert int(lever.split(" x")[1].split(" ")[0]) == len(converted) > 0
+    for unet in unets:
+        # conv_in and conv_out (4 latent channels) stay, as does every convolution outside the UNets.
+        assert type(unet.conv_in) is nn.Conv2d and type(unet.conv_out) is nn.Conv2d
+        assert not any(isinstance(m, nn.Conv2d) and eligible(m) for m in unet.modules())
+    assert not any(isinstance(m, Float8Conv2d) for m in fp8.models.base.vae.modules())
+    # One calibration for both kinds of layer, at start-up.
+    layers = static_layers(unets)
+    assert set(map(id, converted)) <= set(map(id, layers))
+    assert all(layer.input_scale is not None for layer in layers)
+    a = np.asarray(plain.generate(request).images[0]).astype(float)
+    b = np.asarray(fp8.generate(request).images[0]).astype(float)
+    psnr = 10 * np.log10(255**2 / np.mean((a - b) ** 2))
+    assert 15 < psnr < 80  # changed (it is lossy), yet the same picture
+
+
+def test_the_op_compiles_as_one_opaque_call_and_matches_eager() -> None:
+    """Under torch.compile the convolution is the custom op (its fake implementation gives the shape); the
+    quantization around it is ordinary tensor code the compiler can fuse. aot_eager: no C++ compiler needed."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch.manual_seed(6)
+    layer = Float8Conv2d(nn.Conv2d(32, 16, 3, stride=2, padding=1).to(torch.bfloat16))
+    x = torch.randn(2, 32, 10, 10, dtype=torch.bfloat16)
+    counter = CompileCounterWithBackend("aot_eager")
+    with torch.no_grad():
+        calibrate_static_scales([layer], lambda: layer(x))
+        compiled = torch.compile(layer, backend=counter, fullgraph=True)
+        assert torch.equal(compiled(x), layer(x))
+    assert counter.frame_count == 1
+    graph = counter.graphs[0].code
+    assert "imagesmith.fp8_conv2d" in graph and "conv2d(" not in graph.replace("fp8_conv2d", "")
+
+
+def test_fp8_convolutions_need_static_fp8_linears() -> None:
+    with pytest.raises(
+        ValidationError, match="IMAGESMITH_FP8_CONVS=true needs fp8 linears with static scales"
+    ):
+        Settings(fp8_convs=True)
+    with pytest.raises(ValidationError, match="IMAGESMITH_FP8=true"):
+        Settings(fp8=True, fp8_scales="dynamic", fp8_convs=True)
+    assert Settings(fp8=True, fp8_convs=True).fp8_convs
+
+
+def test_the_plan_gives_fp8_convolutions_to_hopper_with_the_cudnn_frontend(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = Settings(fp8=True, fp8_convs=True)
+    monkeypatch.setattr("imagesmith.engine.fp8_conv.cudnn_frontend_available", lambda: True)
+    plan = plan_hardware(H100, settings)
+    assert plan.fp8 == "static" and plan.fp8_convs
+    assert "fp8 convolutions through cuDNN" in plan.summary()
+    assert not plan_hardware(H100, Settings(fp8=True)).fp8_convs
+    # Ada has fp8 matmuls but cuDNN's fp8 convolutions need Hopper: a clear refusal, not a crash at the first image.
+    with pytest.raises(RuntimeError, match="Hopper"):
+        plan_hardware(RTX4090, settings)
+    monkeypatch.setattr("imagesmith.engine.fp8_conv.cudnn_frontend_available", lambda: False)
+    with pytest.raises(RuntimeError, match=r"pip install 'imagesmith\[fp8-convs\]'"):
+        plan_hardware(H100, settings)
+
+
+def test_off_the_gpu_fp8_convolutions_are_emulated_and_with_offload_skipped() -> None:
+    cpu = plan_hardware(DeviceInfo("cpu"), Settings(fp8=True, fp8_convs=True))
+    assert cpu.fp8_convs and "fp8 convolutions emulated in fp32" in cpu.summary()
+    offloaded = plan_hardware(H100, Settings(fp8=True, fp8_convs=True, offload="model"))
+    assert offloaded.fp8 is None and not offloaded.fp8_convs
+    assert "fp8 convolutions skipped: they need the fp8 linears" in offloaded.summary()
+
+
+def test_quantize_convolutions_counts_what_it_swapped() -> None:
+    model = nn.Sequential(nn.Conv2d(4, 32, 3, padding=1), nn.SiLU(), nn.Conv2d(32, 32, 3, padding=1))
+    assert quantize_convolutions(model) == 1
+    assert type(model[0]) is nn.Conv2d and isinstance(model[2], Float8Conv2d)
