@@ -4,6 +4,8 @@ linears, the op under torch.compile, the settings' and the plan's rules. cuDNN's
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,7 @@ from imagesmith.config import Settings
 from imagesmith.engine import Engine
 from imagesmith.engine.fp8 import E4M3_MAX, calibrate_static_scales, static_layers
 from imagesmith.engine.fp8_conv import Float8Conv2d, eligible, quantize_convolutions
+from imagesmith.engine.fp8_conv_plans import PlanChoices, plan_key
 from imagesmith.engine.hardware import DeviceInfo, plan_hardware
 from imagesmith.schemas import GenerationRequest
 
@@ -157,3 +160,34 @@ def test_quantize_convolutions_counts_what_it_swapped() -> None:
     model = nn.Sequential(nn.Conv2d(4, 32, 3, padding=1), nn.SiLU(), nn.Conv2d(32, 32, 3, padding=1))
     assert quantize_convolutions(model) == 1
     assert type(model[0]) is nn.Conv2d and isinstance(model[2], Float8Conv2d)
+
+
+def test_chosen_plans_survive_a_restart_and_a_bad_file_only_means_choosing_again(tmp_path: Path) -> None:
+    key = plan_key("NVIDIA H200", 91900, (16, 128, 128, 320, 320, 3, 3, 1, 1, True, "bfloat16"))
+    assert "NVIDIA H200" in key and "91900" in key and "320 320 3 3 1 1 True bfloat16" in key
+    path = tmp_path / "cache" / "fp8-conv-plans.json"
+    first = PlanChoices(path)
+    assert first.get(key) is None
+    first.remember(key, 6)
+    assert PlanChoices(path).get(key) == 6  # what the next process reads
+    assert PlanChoices(path).get(key.replace("91900", "92000")) is None  # another cuDNN: chosen again
+    path.write_text("{not json")
+    assert PlanChoices(path).get(key) is None
+    path.write_text('{"a": -1, "b": "6", "c": 2}')
+    assert (PlanChoices(path).get("a"), PlanChoices(path).get("b"), PlanChoices(path).get("c")) == (
+        None,
+        None,
+        2,
+    )
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    unwritable = PlanChoices(blocked / "fp8-conv-plans.json")  # its folder is a file: saving fails, quietly
+    unwritable.remember(key, 3)
+    assert unwritable.get(key) == 3
+
+
+def test_the_engine_keeps_its_plans_beside_the_compile_cache(tiny_settings: Settings) -> None:
+    from imagesmith.engine import fp8_conv
+
+    Engine.start(tiny_settings.with_changes(fp8=True, fp8_convs=True, warmup_sizes="64x64"))
+    assert fp8_conv._CUDNN.choices.path == tiny_settings.data_dir / "compile-cache" / "fp8-conv-plans.json"

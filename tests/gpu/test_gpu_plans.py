@@ -6,6 +6,8 @@ CPU test can see: with CPU offload the VAE's weights rest on the CPU between use
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -190,3 +192,35 @@ def test_compiled_engine_with_fp8_convolutions_matches_its_eager_self(tiny_setti
     psnr = 10 * np.log10(255**2 / max(np.mean((a - b) ** 2), 1e-12))
     assert psnr > 30, psnr
     assert len(compiled_modules(compiled)) == 3, compiled.levers  # not the engine's eager fallback
+
+
+@HOPPER_WITH_CUDNN_FRONTEND
+def test_a_restart_runs_the_remembered_cudnn_plan_without_timing_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torch import nn
+
+    from imagesmith.engine import fp8_conv
+    from imagesmith.engine.fp8_conv_plans import PlanChoices
+
+    torch.manual_seed(1)
+    layer = fp8_conv.Float8Conv2d(nn.Conv2d(640, 640, 3, padding=1).to("cuda", torch.bfloat16))
+    x = torch.randn(2, 640, 32, 32, device="cuda", dtype=torch.bfloat16)
+    path = tmp_path / "fp8-conv-plans.json"
+    first = fp8_conv._CudnnFp8Convolutions()
+    first.choices = PlanChoices(path)
+    monkeypatch.setattr(fp8_conv, "_CUDNN", first)
+    with torch.no_grad():
+        chosen = layer(x)
+    assert path.exists()
+    restarted = fp8_conv._CudnnFp8Convolutions()
+    restarted.choices = PlanChoices(path)
+
+    def no_timing(*args: object) -> int:
+        raise AssertionError("the restart timed the plans again")
+
+    monkeypatch.setattr(restarted, "_fastest", no_timing)
+    monkeypatch.setattr(fp8_conv, "_CUDNN", restarted)
+    with torch.no_grad():
+        again = layer(x)
+    assert torch.equal(again, chosen)

@@ -30,7 +30,7 @@ from imagesmith.config import CUDA_GRAPH_MODES, CompileChoice, Settings
 from imagesmith.engine import encoder_graphs
 from imagesmith.engine.batch_routing import BatchRoutedCall
 from imagesmith.engine.fp8 import quantize_transformer_linears
-from imagesmith.engine.fp8_conv import quantize_convolutions
+from imagesmith.engine.fp8_conv import quantize_convolutions, remember_plans_in
 from imagesmith.engine.hardware import HardwarePlan
 from imagesmith.engine.models import unets_of
 from imagesmith.engine.progress import CancelToken, GenerationCanceled, ProgressEvent
@@ -56,8 +56,11 @@ def compile_cache_for(settings: Settings, plan: HardwarePlan) -> Path:
     """One inductor cache per attention choice. The traced graph holds one scaled_dot_product_attention call
     whichever kernel runs it, and inductor's AOTAutograd cache keys on that graph: a shared cache handed a
     restart with another IMAGESMITH_ATTENTION_BACKEND the kernels compiled for the old one (seen in run 20)."""
-    root = settings.compile_cache_dir or settings.data_dir / "compile-cache"
-    return root / f"attention-{plan.attention}"
+    return compile_cache_root(settings) / f"attention-{plan.attention}"
+
+
+def compile_cache_root(settings: Settings) -> Path:
+    return settings.compile_cache_dir or settings.data_dir / "compile-cache"
 
 
 def _drop_unfused_projections(model: Any) -> int:
@@ -152,6 +155,7 @@ def apply_speed_levers(base: Any, refiner: Any | None, plan: HardwarePlan, setti
         applied.append(f"fp8 transformer linears x{converted}, {plan.fp8} scales (lossy)")
     if plan.fp8_convs:  # the plan allows it only with static fp8 linears, calibrated together
         converted = sum(quantize_convolutions(unet) for unet in unets)
+        remember_plans_in(compile_cache_root(settings))  # a restart skips choosing them (135 s, run 52)
         applied.append(f"fp8 convolutions x{converted} through cuDNN, static scales (lossy)")
     if settings.compile is not CompileChoice.OFF:
         if plan.offload != "none":

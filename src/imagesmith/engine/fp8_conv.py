@@ -20,7 +20,8 @@ How:
   accumulation, and in the same kernel's epilogue the two scales' product and the bias, written in bf16. Off
   the GPU the same quantized operands are convolved in fp32 (tests, not speed).
 - cuDNN's heuristic's first plan was up to 2.4x slower than its fastest on these shapes (run 51), so each
-  shape's plans are timed once, on its first call, and the fastest is kept. A first call never happens inside a
+  shape's plans are timed once, on its first call, and the fastest is kept, and remembered beside the compile
+  cache (engine/fp8_conv_plans.py) so that a restart builds only that plan. A first call never happens inside a
   CUDA-graph capture: torch's CUDA-graph trees run every new shape eagerly first, and Engine.start calibrates
   the scales (eager) before anything compiles.
 """
@@ -30,6 +31,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imagesmith.engine.fp8 import E4M3_MAX, Fp8Layer, to_e4m3
+from imagesmith.engine.fp8_conv_plans import FILE_NAME, PlanChoices, plan_key
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +186,7 @@ class _CudnnFp8Convolutions:
         self._handles: dict[int, Any] = {}
         self._graphs: dict[tuple[object, ...], _ShapeGraph] = {}
         self._cudnn: Any = None
+        self.choices = PlanChoices(None)
 
     def _module(self) -> Any:
         if self._cudnn is None:
@@ -303,6 +307,29 @@ class _CudnnFp8Convolutions:
         graph.build_operation_graph()
         graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
         graph.check_support()
+        shape = (
+            n,
+            h,
+            w,
+            c,
+            k,
+            r,
+            s,
+            stride,
+            padding,
+            bias is not None,
+            str(out_dtype).removeprefix("torch."),
+        )
+        key = plan_key(torch.cuda.get_device_name(image.device), cudnn.backend_version(), shape)
+        remembered = self.choices.get(key)
+        if remembered is not None:
+            try:
+                graph.build_plan_at_index(remembered)
+                workspace = graph.get_workspace_size_plan_at_index(remembered)
+                log.info("fp8 convolution %s: plan %d, remembered", key, remembered)
+                return _ShapeGraph(graph, x, f, d, b, y, remembered, workspace)
+            except Exception as error:  # another build of cuDNN, say: choose again
+                log.warning("fp8 convolution %s: remembered plan %d not built (%s)", key, remembered, error)
         built = []
         for index in range(min(graph.get_execution_plan_count(), PLANS_TRIED)):
             try:
@@ -317,10 +344,12 @@ class _CudnnFp8Convolutions:
         entry = _ShapeGraph(
             graph, x, f, d, b, y, built[0], max(graph.get_workspace_size_plan_at_index(i) for i in built)
         )
-        if len(built) > 1 and not torch.cuda.is_current_stream_capturing():
-            entry.plan = self._fastest(
-                handle, entry, built, image, weight, descale, bias, stride, padding, out_dtype
-            )
+        if not torch.cuda.is_current_stream_capturing():  # timing synchronises: never inside a capture
+            if len(built) > 1:
+                entry.plan = self._fastest(
+                    handle, entry, built, image, weight, descale, bias, stride, padding, out_dtype
+                )
+            self.choices.remember(key, entry.plan)
         log.info(
             "fp8 convolution %s * %s stride %d: plan %d of %d built",
             tuple(image.shape),
@@ -360,3 +389,11 @@ class _CudnnFp8Convolutions:
 
 
 _CUDNN = _CudnnFp8Convolutions()
+
+
+def remember_plans_in(folder: Path) -> Path:
+    """Keep the chosen cuDNN plans in `folder` (the compile cache's root) from now on; returns the file."""
+    path = folder / FILE_NAME
+    if _CUDNN.choices.path != path:
+        _CUDNN.choices = PlanChoices(path)
+    return path
