@@ -19,7 +19,7 @@ How:
   gives its output's shape): on a CUDA GPU a cuDNN graph per shape, e4m3 NHWC image and KRSC filter, fp32
   accumulation, and in the same kernel's epilogue the two scales' product and the bias, written in bf16. Off
   the GPU the same quantized operands are convolved in fp32 (tests, not speed).
-- cuDNN's heuristic's first plan was up to 2.4x slower than its fastest on these shapes (run 51), so each
+- cuDNN's heuristic's first plan was up to 3x slower than its fastest on these shapes (2x over a call, run 51), so each
   shape's plans are timed once, on its first call, and the fastest is kept, and remembered beside the compile
   cache (engine/fp8_conv_plans.py) so that a restart builds only that plan. A first call never happens inside a
   CUDA-graph capture: torch's CUDA-graph trees run every new shape eagerly first, and Engine.start calibrates
@@ -122,10 +122,39 @@ def quantize_convolutions(unet: nn.Module) -> int:
     return len(targets)
 
 
-def _output_shape(image: torch.Tensor, weight: torch.Tensor, stride: int, padding: int) -> tuple[int, ...]:
-    n, h, w, _ = image.shape
-    k, r, s, _ = weight.shape
-    return (n, (h + 2 * padding - r) // stride + 1, (w + 2 * padding - s) // stride + 1, k)
+@dataclass(frozen=True)
+class _Convolution:
+    """One call's operands: (image [N, H, W, C] e4m3) conv (weight [K, R, S, C] e4m3) x descale + bias."""
+
+    image: torch.Tensor
+    weight: torch.Tensor
+    descale: torch.Tensor
+    bias: torch.Tensor | None
+    stride: int
+    padding: int
+    out_dtype: torch.dtype
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        n, h, w, _ = self.image.shape
+        k, r, s, _ = self.weight.shape
+        p = self.padding
+        return (n, (h + 2 * p - r) // self.stride + 1, (w + 2 * p - s) // self.stride + 1, k)
+
+    @property
+    def shape_key(self) -> tuple[object, ...]:
+        """Everything a cuDNN graph is specific to."""
+        return (
+            tuple(self.image.shape),
+            tuple(self.weight.shape),
+            self.stride,
+            self.padding,
+            self.bias is not None,
+            str(self.out_dtype).removeprefix("torch."),
+        )
+
+    def new_output(self) -> torch.Tensor:
+        return torch.empty(self.output_shape, device=self.image.device, dtype=self.out_dtype)
 
 
 @torch.library.custom_op("imagesmith::fp8_conv2d", mutates_args=())
@@ -140,7 +169,7 @@ def fp8_conv2d(
 ) -> torch.Tensor:
     """(image [N, H, W, C] e4m3) conv (weight [K, R, S, C] e4m3) x descale + bias, as out_dtype [N, H', W', K]."""
     if image.is_cuda:
-        return _CUDNN.run(image, weight, descale, bias, stride, padding, out_dtype)
+        return _CUDNN.run(_Convolution(image, weight, descale, bias, stride, padding, out_dtype))
     # Off the GPU: the same quantized operands in fp32 (what the tests check the wiring with).
     y = F.conv2d(
         image.float().permute(0, 3, 1, 2), weight.float().permute(0, 3, 1, 2), stride=stride, padding=padding
@@ -161,7 +190,8 @@ def _fp8_conv2d_shape(
     padding: int,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    return image.new_empty(_output_shape(image, weight, stride, padding), dtype=out_dtype)
+    call = _Convolution(image, weight, descale, bias, stride, padding, out_dtype)
+    return image.new_empty(call.output_shape, dtype=out_dtype)
 
 
 @dataclass
@@ -206,77 +236,42 @@ class _CudnnFp8Convolutions:
                 self._handles[index] = self._module().create_handle()
         return self._handles[index]
 
-    def run(
-        self,
-        image: torch.Tensor,
-        weight: torch.Tensor,
-        descale: torch.Tensor,
-        bias: torch.Tensor | None,
-        stride: int,
-        padding: int,
-        out_dtype: torch.dtype,
-    ) -> torch.Tensor:
-        key = (
-            image.device,
-            tuple(image.shape),
-            tuple(weight.shape),
-            stride,
-            padding,
-            bias is not None,
-            out_dtype,
-        )
+    def run(self, call: _Convolution) -> torch.Tensor:
+        device = call.image.device
         with self._lock:
-            handle = self._handle(image.device)
-            entry = self._graphs.get(key)
+            handle = self._handle(device)
+            entry = self._graphs.get((device, *call.shape_key))
             if entry is None:
-                entry = self._build(handle, image, weight, descale, bias, stride, padding, out_dtype)
-                self._graphs[key] = entry
-        out = torch.empty(_output_shape(image, weight, stride, padding), device=image.device, dtype=out_dtype)
-        self._execute(handle, entry, image, weight, descale, bias, out, entry.plan)
+                entry = self._build(handle, call)
+                self._graphs[(device, *call.shape_key)] = entry
+        out = call.new_output()
+        self._execute(handle, entry, call, out, entry.plan)
         return out
 
     def _execute(
-        self,
-        handle: Any,
-        entry: _ShapeGraph,
-        image: torch.Tensor,
-        weight: torch.Tensor,
-        descale: torch.Tensor,
-        bias: torch.Tensor | None,
-        out: torch.Tensor,
-        plan: int,
+        self, handle: Any, entry: _ShapeGraph, call: _Convolution, out: torch.Tensor, plan: int
     ) -> None:
         cudnn = self._module()
         # torch's allocator gives the workspace, so inside a CUDA-graph capture it comes from the graph's pool.
-        workspace = torch.empty(max(entry.workspace_bytes, 1), device=image.device, dtype=torch.uint8)
+        workspace = torch.empty(max(entry.workspace_bytes, 1), device=call.image.device, dtype=torch.uint8)
         pack: dict[Any, torch.Tensor] = {
-            entry.image: image,
-            entry.weight: weight,
-            entry.descale: descale,
+            entry.image: call.image,
+            entry.weight: call.weight,
+            entry.descale: call.descale,
             entry.output: out,
         }
-        if entry.bias is not None and bias is not None:
-            pack[entry.bias] = bias
+        if entry.bias is not None and call.bias is not None:
+            pack[entry.bias] = call.bias
         # The handle runs on whatever stream torch is on now (the engine's, or a capture's).
-        cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream(image.device).cuda_stream)
+        cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream(call.image.device).cuda_stream)
         entry.graph.execute_plan_at_index(pack, workspace, plan, handle=handle)
 
-    def _build(
-        self,
-        handle: Any,
-        image: torch.Tensor,
-        weight: torch.Tensor,
-        descale: torch.Tensor,
-        bias: torch.Tensor | None,
-        stride: int,
-        padding: int,
-        out_dtype: torch.dtype,
-    ) -> _ShapeGraph:
+    def _build(self, handle: Any, call: _Convolution) -> _ShapeGraph:
         cudnn = self._module()
         dt = cudnn.data_type
-        io = {torch.bfloat16: dt.BFLOAT16, torch.float16: dt.HALF}[out_dtype]
-        n, h, w, c = image.shape
-        k, r, s, _ = weight.shape
+        io = {torch.bfloat16: dt.BFLOAT16, torch.float16: dt.HALF}[call.out_dtype]
+        n, h, w, c = call.image.shape
+        k, r, s, _ = call.weight.shape
         graph = cudnn.pygraph(
             io_data_type=io, intermediate_data_type=dt.FLOAT, compute_data_type=dt.FLOAT, handle=handle
         )
@@ -290,15 +285,15 @@ class _CudnnFp8Convolutions:
         y = graph.conv_fprop(
             image=x,
             weight=f,
-            padding=[padding, padding],
-            stride=[stride, stride],
+            padding=[call.padding, call.padding],
+            stride=[call.stride, call.stride],
             dilation=[1, 1],
             compute_data_type=dt.FLOAT,
             name="conv",
         )
         y = graph.mul(a=y, b=d, compute_data_type=dt.FLOAT, name="descale")
         b = None
-        if bias is not None:
+        if call.bias is not None:
             b = graph.tensor(name="bias", dim=[1, k, 1, 1], stride=[k, 1, k, k], data_type=io)
             y = graph.bias(input=y, bias=b, compute_data_type=dt.FLOAT, name="bias")
         y.set_output(True)
@@ -307,20 +302,7 @@ class _CudnnFp8Convolutions:
         graph.build_operation_graph()
         graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
         graph.check_support()
-        shape = (
-            n,
-            h,
-            w,
-            c,
-            k,
-            r,
-            s,
-            stride,
-            padding,
-            bias is not None,
-            str(out_dtype).removeprefix("torch."),
-        )
-        key = plan_key(torch.cuda.get_device_name(image.device), cudnn.backend_version(), shape)
+        key = plan_key(torch.cuda.get_device_name(call.image.device), cudnn.backend_version(), call.shape_key)
         remembered = self.choices.get(key)
         if remembered is not None:
             try:
@@ -338,50 +320,27 @@ class _CudnnFp8Convolutions:
             except Exception:  # an engine that cannot take this shape: the next one may
                 continue
         if not built:
-            raise RuntimeError(
-                f"cuDNN built no fp8 convolution plan for image {tuple(image.shape)}, filter {(k, r, s, c)}"
-            )
+            raise RuntimeError(f"cuDNN built no fp8 convolution plan for {key}")
         entry = _ShapeGraph(
             graph, x, f, d, b, y, built[0], max(graph.get_workspace_size_plan_at_index(i) for i in built)
         )
         if not torch.cuda.is_current_stream_capturing():  # timing synchronises: never inside a capture
             if len(built) > 1:
-                entry.plan = self._fastest(
-                    handle, entry, built, image, weight, descale, bias, stride, padding, out_dtype
-                )
+                entry.plan = self._fastest(handle, entry, built, call)
             self.choices.remember(key, entry.plan)
-        log.info(
-            "fp8 convolution %s * %s stride %d: plan %d of %d built",
-            tuple(image.shape),
-            (k, r, s, c),
-            stride,
-            entry.plan,
-            len(built),
-        )
+        log.info("fp8 convolution %s: plan %d, the fastest of %d built", key, entry.plan, len(built))
         return entry
 
-    def _fastest(
-        self,
-        handle: Any,
-        entry: _ShapeGraph,
-        plans: list[int],
-        image: torch.Tensor,
-        weight: torch.Tensor,
-        descale: torch.Tensor,
-        bias: torch.Tensor | None,
-        stride: int,
-        padding: int,
-        out_dtype: torch.dtype,
-    ) -> int:
+    def _fastest(self, handle: Any, entry: _ShapeGraph, plans: list[int], call: _Convolution) -> int:
         """Time each plan on this call's own operands (CUDA events; one warm-up call each)."""
-        out = torch.empty(_output_shape(image, weight, stride, padding), device=image.device, dtype=out_dtype)
+        out = call.new_output()
         timings = {}
         for plan in plans:
-            self._execute(handle, entry, image, weight, descale, bias, out, plan)
+            self._execute(handle, entry, call, out, plan)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             for _ in range(_TIMING_REPEATS):
-                self._execute(handle, entry, image, weight, descale, bias, out, plan)
+                self._execute(handle, entry, call, out, plan)
             end.record()
             end.synchronize()
             timings[plan] = start.elapsed_time(end)
