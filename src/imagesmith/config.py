@@ -236,7 +236,8 @@ class Settings(BaseSettings):
         False,
         description="With fp8 and static scales: the UNets' convolutions in fp8 too, through cuDNN's fp8 kernels "
         "(Hopper, compute capability 9.0+; needs `pip install nvidia-cudnn-frontend`). Lossy, like fp8. Measured "
-        "alone: the base UNet's convolutions 41.7 -> 36.4 ms a call at the MLPerf batch (run 51).",
+        "with reduce-overhead at the MLPerf setting, batch 8: 1.889 -> 1.927 images/s (run 52); the first start "
+        "takes ~135 s more (cuDNN's plans chosen per shape, then remembered beside the compile cache).",
     )
     prompt_cache_size: int = Field(
         64, ge=0, description="Prompt embeddings kept on the device for repeated prompts (0: off)."
