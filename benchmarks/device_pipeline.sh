@@ -49,7 +49,8 @@
 # the calls after fast-path's first variant; a +fp8conv variant's first call is ~300 s, static fp8's ~165 s).
 # Next: GPU_TESTS_K="fp8_conv or remembered" (the plan memory); FAST_PHASES=eager,mlperf,variants (the MLPerf eager
 # reference needs both eager and mlperf) with
-# FAST_VARIANTS=reduce-overhead+fp8+fp8conv:mlperf,reduce-overhead+fp8:mlperf (fidelity in one process).
+# FAST_VARIANTS=reduce-overhead+fp8+fp8conv:mlperf,reduce-overhead+fp8+fp8convnchw:mlperf,reduce-overhead+fp8:mlperf
+# (channels-last forced against run 52's NCHW, fidelity in one process; ~800 s of first calls on an empty cache).
 # Still to run: models,queue with QUEUE_BATCHES=1,4,8 QUEUE_ARGS="--fp8 --repeats 2 --eager-batches none" (static fp8
 # through the queue with the new decode, ~600 s of compile); then max-autotune with TORCHINDUCTOR_MAX_AUTOTUNE_CONV_BACKENDS=ATEN
 # exported (it enters every compile's cache key): FAST2_PHASES=peer,eager,variants

@@ -18,10 +18,12 @@ call time on the GPU and its achieved TFLOP/s (unet_timeline.py: CUDA events aro
 not), and `first_image_s`: from the phase's start (building its modules, which a user's process loads from disk)
 to its first image, the warm-up (compilation) included.
 
-A variant is `MODE[+fp8|+fp8dyn][+fp8conv][+cl][+cudnn|+nocudnn][+dyn][+teg|+noteg][+attn-BACKEND][+olddecode][:mlperf]`:
+A variant is
+`MODE[+fp8|+fp8dyn][+fp8conv|+fp8convnchw][+cl][+cudnn|+nocudnn][+dyn][+teg|+noteg][+attn-BACKEND][+olddecode][:mlperf]`:
 MODE is a compile choice (off, default, reduce-overhead, max-autotune-no-cudagraphs); +fp8 fp8 transformer linears
 (engine/fp8.py) with static scales, calibrated as Engine.start does (the default), +fp8dyn with dynamic ones; +fp8conv (with +fp8)
-the convolutions in fp8 too (IMAGESMITH_FP8_CONVS, cuDNN's kernels); +cl channels_last;
+the convolutions in fp8 too (IMAGESMITH_FP8_CONVS, cuDNN's kernels), +fp8convnchw the same with inductor's layout
+heuristic left alone (run 52's: NCHW, the peer); +cl channels_last;
 +cudnn / +nocudnn IMAGESMITH_CUDNN_BENCHMARK on or off (settings refuse it on with the CUDA-graph modes;
 unless named: off until run 49, the settings' default since run 50, i.e. on with compile `default`); +dyn the UNets compiled with
 dynamic shapes (IMAGESMITH_COMPILE_DYNAMIC); +teg / +noteg the text encoders replayed as CUDA graphs or not
@@ -54,6 +56,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch._inductor.config as inductor_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sdxl_random import architecture, build_components, build_pipelines, run_two_stage
@@ -77,6 +80,7 @@ class Variant:
     fp8_scales: str = "static"  # with fp8: IMAGESMITH_FP8_SCALES
     old_decode: bool = False
     fp8_convs: bool = False  # with +fp8: the convolutions too (IMAGESMITH_FP8_CONVS)
+    fp8_convs_nchw: bool = False  # +fp8convnchw: as run 52 measured them, the layout left to inductor (NCHW)
 
     @classmethod
     def parse(cls, spec: str) -> Variant:
@@ -97,16 +101,19 @@ class Variant:
             "attn-cudnn",
             "olddecode",
             "fp8conv",
+            "fp8convnchw",
         }
         unknown = set(flags) - known
         twice = any(
             pair <= set(flags) for pair in ({"teg", "noteg"}, {"fp8", "fp8dyn"}, {"cudnn", "nocudnn"})
         )
-        twice = twice or ("fp8conv" in flags and "fp8" not in flags)
+        convs = {"fp8conv", "fp8convnchw"} & set(flags)
+        twice = twice or len(convs) > 1 or bool(convs and "fp8" not in flags)
         if unknown or kind not in ("", "mlperf") or len(attention) > 1 or twice:
             raise SystemExit(
                 f"variant {spec!r}: flags are one of +fp8 +fp8dyn, +cl +dyn, one of +cudnn +nocudnn, one of +teg +noteg, one of "
-                "+attn-flash +attn-efficient +attn-cudnn, +olddecode, +fp8conv (with +fp8), and the suffix :mlperf"
+                "+attn-flash +attn-efficient +attn-cudnn, +olddecode, "
+                "one of +fp8conv +fp8convnchw (with +fp8), and the suffix :mlperf"
             )
         return cls(
             spec,
@@ -120,7 +127,8 @@ class Variant:
             text_encoder_graphs=True if "teg" in flags else False if "noteg" in flags else None,
             fp8_scales="dynamic" if "fp8dyn" in flags else "static",
             old_decode="olddecode" in flags,
-            fp8_convs="fp8conv" in flags,
+            fp8_convs=bool(convs),
+            fp8_convs_nchw="fp8convnchw" in flags,
         )
 
 
@@ -587,9 +595,13 @@ def main() -> None:
         # variant's settings, and the engine runs with it.
         variant_plan = plan_hardware(probe_device(device), settings)
         engine = new_engine(with_refiner=not variant.mlperf, engine_plan=variant_plan)
+        inductor_config.force_layout_optimization = False  # inductor's default; fp8 convolutions force it
         levers = engine.apply_levers(
             settings
         )  # as Engine.start applies them (the engine's plan: variant_plan)
+        if variant.fp8_convs_nchw:
+            inductor_config.force_layout_optimization = False  # the peer: as run 52 measured it
+            levers = [lever.replace(", channels-last", ", NCHW (the peer)") for lever in levers]
         if variant.fp8 != any(lever.startswith("fp8") for lever in levers) or variant.fp8_convs != any(
             lever.startswith("fp8 convolutions") for lever in levers
         ):

@@ -4,6 +4,7 @@ linears, the op under torch.compile, the settings' and the plan's rules. cuDNN's
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,16 @@ from imagesmith.schemas import GenerationRequest
 
 H100 = DeviceInfo("cuda", name="H100", capability=(9, 0), total_memory_gib=79.6, free_memory_gib=78.9)
 RTX4090 = DeviceInfo("cuda", name="RTX 4090", capability=(8, 9), total_memory_gib=23.6, free_memory_gib=22.4)
+
+
+@pytest.fixture(autouse=True)
+def _inductor_layout_restored() -> Iterator[None]:
+    """An engine with fp8 convolutions forces inductor's channels-last layout process-wide (engine/fast.py)."""
+    import torch._inductor.config as inductor_config
+
+    before = inductor_config.force_layout_optimization
+    yield
+    inductor_config.force_layout_optimization = before
 
 
 def relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -85,6 +96,10 @@ def test_the_engine_converts_every_eligible_unet_convolution_and_calibrates_them
         tiny_settings.with_changes(fp8=True, fp8_convs=True, encode_ahead=False, warmup_sizes="64x64")
     )
     lever = next(lever for lever in fp8.levers if lever.startswith("fp8 convolutions"))
+    # With 2 convolutions left in a UNet's graph inductor would drop channels-last (one per 300 nodes needed).
+    import torch._inductor.config as inductor_config
+
+    assert "channels-last" in lever and inductor_config.force_layout_optimization
     unets = [fp8.models.base.unet, fp8.models.refiner.unet]
     converted = [m for unet in unets for m in unet.modules() if isinstance(m, Float8Conv2d)]
     assert int(lever.split(" x")[1].split(" ")[0]) == len(converted) > 0

@@ -156,7 +156,16 @@ def apply_speed_levers(base: Any, refiner: Any | None, plan: HardwarePlan, setti
     if plan.fp8_convs:  # the plan allows it only with static fp8 linears, calibrated together
         converted = sum(quantize_convolutions(unet) for unet in unets)
         remember_plans_in(compile_cache_root(settings))  # a restart skips choosing them (135 s, run 52)
-        applied.append(f"fp8 convolutions x{converted} through cuDNN, static scales (lossy)")
+        # Inductor keeps a graph's activations channels-last only when it sees enough convolutions in it (fewer
+        # than one per 300 nodes: off). The custom op hides 49 of the base UNet's 51, so its ~11,000-node graph
+        # would run NCHW, with a transpose before every fp8 convolution and every transformer block; run 52
+        # measured fp8 convolutions that way. Forced, the graph keeps the layout it had with bf16 convolutions.
+        # Process-wide, and harmless elsewhere: a graph with many convolutions (the VAE decoder, bf16 UNets)
+        # chooses channels-last anyway, and one without any has no convolution output to lay out.
+        import torch._inductor.config as inductor_config  # here: importing inductor takes a while
+
+        inductor_config.force_layout_optimization = True
+        applied.append(f"fp8 convolutions x{converted} through cuDNN, static scales, channels-last (lossy)")
     if settings.compile is not CompileChoice.OFF:
         if plan.offload != "none":
             # Offload hooks move weights between devices inside forward; compiled graphs would break there.
