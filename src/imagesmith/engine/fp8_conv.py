@@ -8,6 +8,8 @@ UNet's convolutions take 41.7 ms a call at batch 16 in bf16 and 36.4 ms in fp8 w
 ones at up to 914 TFLOP/s, the 1x1 ones ~1.5-2x faster than bf16's); at batch 2, 6.7 against 6.2 ms.
 In the engine (run 52, MLPerf setting, batch 8, with static fp8 linears and reduce-overhead): 1.927 against 1.889
 images/s on the same machine (+2.0 %), the first call 302 against 167 s (every shape's plans built and timed).
+That run's UNet ran NCHW: inductor keeps channels-last only for graphs with a convolution per 300 nodes, and
+the custom op hides 49 of 51; engine/fast.py now forces the layout with fp8 convolutions (not yet measured).
 
 How:
 - Each eligible `nn.Conv2d` (1x1 or 3x3, stride 1 or 2, "same" padding, channels divisible by 16: every one but
