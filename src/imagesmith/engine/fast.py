@@ -157,7 +157,7 @@ def apply_speed_levers(base: Any, refiner: Any | None, plan: HardwarePlan, setti
         converted = sum(quantize_convolutions(unet) for unet in unets)
         remember_plans_in(compile_cache_root(settings))  # a restart skips choosing them (135 s, run 52)
         # Inductor keeps a graph's activations channels-last only when it sees enough convolutions in it (fewer
-        # than one per 300 nodes: off). The custom op hides 49 of the base UNet's 51, so its ~11,000-node graph
+        # than one per 300 nodes: off). The custom op hides 49 of the base UNet's 51, so its ~14,000-node graph
         # would run NCHW, with a transpose before every fp8 convolution and every transformer block; run 52
         # measured fp8 convolutions that way. Forced, the graph keeps the layout it had with bf16 convolutions.
         # Process-wide, and harmless elsewhere: a graph with many convolutions (the VAE decoder, bf16 UNets)
