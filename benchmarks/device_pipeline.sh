@@ -47,10 +47,14 @@
 # Run 52 (fp8 convolutions): models,gpu-tests,fast-path with GPU_TESTS_K=fp8_conv FAST_PHASES=eager,mlperf,variants
 # FAST_VARIANTS=reduce-overhead+fp8:mlperf,reduce-overhead+fp8+fp8conv:mlperf,... (the machine went back between
 # the calls after fast-path's first variant; a +fp8conv variant's first call is ~300 s, static fp8's ~165 s).
+# Plan every pipeline to fit ONE call (about 590 s): in runs 47, 49 and 52 the machine went back between a call and
+# the next one chained at once, taking the pipeline with it. Split longer work into pipelines of one call each.
 # Next: GPU_TESTS_K="fp8_conv or remembered" (the plan memory); FAST_PHASES=eager,mlperf,variants (the MLPerf eager
 # reference needs both eager and mlperf) with
 # FAST_VARIANTS=reduce-overhead+fp8+fp8conv:mlperf,reduce-overhead+fp8+fp8convnchw:mlperf,reduce-overhead+fp8:mlperf
-# (channels-last forced against run 52's NCHW, fidelity in one process; ~800 s of first calls on an empty cache).
+# (channels-last forced against run 52's NCHW, fidelity in one process). One call: models ~30 s, the eager MLPerf
+# reference ~60 s, +fp8conv ~300 s (cuDNN's plans chosen), +fp8convnchw ~165 s (the same process reuses the built
+# cuDNN graphs); static fp8 (~165 s) in a second pipeline, and the GPU tests (~200 s) in a third.
 # Still to run: models,queue with QUEUE_BATCHES=1,4,8 QUEUE_ARGS="--fp8 --repeats 2 --eager-batches none" (static fp8
 # through the queue with the new decode, ~600 s of compile); then max-autotune with TORCHINDUCTOR_MAX_AUTOTUNE_CONV_BACKENDS=ATEN
 # exported (it enters every compile's cache key): FAST2_PHASES=peer,eager,variants
