@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from fp8_gemm import E4M3, E4M3_MAX, time_ms
+from fp8_gemm import print_totals_table, quantize_tensorwise, time_ms
 
 # (in channels, out channels, kernel, stride, input height = width, calls per UNet call), from a forward of the
 # full-size UNets (benchmarks/sdxl-architecture.json) on the meta device with hooks on every Conv2d, 1024x1024
@@ -155,11 +155,6 @@ class CudnnFp8Conv:
         return call
 
 
-def quantize(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    scale = t.abs().amax().float().clamp(min=1e-12) / E4M3_MAX
-    return (t.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
-
-
 def measure_shape(
     cudnn: Any, handle: Any, batch: int, shape: tuple[int, ...], repeats: int, max_plans: int
 ) -> dict[str, Any]:
@@ -184,8 +179,8 @@ def measure_shape(
     expected = bf16()
 
     # NHWC fp8 operands: x's channels-last storage is NHWC already; the filter as KRSC.
-    x8, sx = quantize(x.permute(0, 2, 3, 1).contiguous())
-    w8, sw = quantize(w.permute(0, 2, 3, 1).contiguous())
+    x8, sx = quantize_tensorwise(x.permute(0, 2, 3, 1).contiguous())  # scales [1, 1]
+    w8, sw = quantize_tensorwise(w.permute(0, 2, 3, 1).contiguous())
     descale = (sx * sw).reshape(1).contiguous()
     dequantized = F.conv2d(
         (x8.float() * sx).permute(0, 3, 1, 2).to(torch.bfloat16),
@@ -282,11 +277,11 @@ def main(argv: list[str] | None = None) -> int:
         report["batches"][batch] = {"shapes": rows, "per_base_unet_call_ms": totals}
         if args.out:
             args.out.write_text(json.dumps(report, indent=2))
-    print("\n| UNet batch | " + " | ".join(methods) + " |")
-    print("|---" * (len(methods) + 1) + "|")
-    for batch, data in report["batches"].items():
-        print(f"| {batch} | " + " | ".join(f"{v:.2f}" for v in data["per_base_unet_call_ms"].values()) + " |")
-    print("(ms per base UNet call, summed over its convolutions but conv_in and conv_out)")
+    print_totals_table(
+        "UNet batch",
+        {batch: data["per_base_unet_call_ms"] for batch, data in report["batches"].items()},
+        "ms per base UNet call, summed over its convolutions but conv_in and conv_out",
+    )
     cudnn.destroy_handle(handle)
     return 0
 

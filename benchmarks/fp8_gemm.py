@@ -185,12 +185,22 @@ def main(argv: list[str] | None = None) -> int:
         report["batches"][batch] = {"shapes": per_shape, "per_unet_call_ms": totals}
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))
-    print("\n| batch | " + " | ".join(totals) + " |")
-    print("|---" * (len(totals) + 1) + "|")
-    for batch, data in report["batches"].items():
-        print(f"| {batch} | " + " | ".join(f"{v:.2f}" for v in data["per_unet_call_ms"].values()) + " |")
-    print("(ms per base UNet call, summed over its transformer linears; quant rows: one activation each)")
+    print_totals_table(
+        "batch",
+        {batch: data["per_unet_call_ms"] for batch, data in report["batches"].items()},
+        "ms per base UNet call, summed over its transformer linears; quant rows: one activation each",
+    )
     return 0
+
+
+def print_totals_table(first_column: str, totals: dict[Any, dict[str, float]], caption: str) -> None:
+    """A markdown table, one row per batch of {method: ms} (the same methods in each), then its caption."""
+    methods = list(next(iter(totals.values())))
+    print(f"\n| {first_column} | " + " | ".join(methods) + " |")
+    print("|---" * (len(methods) + 1) + "|")
+    for batch, row in totals.items():
+        print(f"| {batch} | " + " | ".join(f"{row[m]:.2f}" for m in methods) + " |")
+    print(f"({caption})")
 
 
 if __name__ == "__main__":

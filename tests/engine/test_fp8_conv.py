@@ -1,6 +1,7 @@
 """fp8 convolutions (IMAGESMITH_FP8_CONVS, engine/fp8_conv.py): which layers convert, the arithmetic (checked off
 the GPU through the op's fp32 path on the same e4m3 operands cuDNN gets), the calibration they share with the fp8
-linears, the op under torch.compile, the settings' and the plan's rules. cuDNN's own kernel: tests/gpu."""
+linears, the op under torch.compile, the settings' rule (the plan's: test_hardware_plan.py). cuDNN's own
+kernel: tests/gpu."""
 
 from __future__ import annotations
 
@@ -19,11 +20,7 @@ from imagesmith.engine import Engine
 from imagesmith.engine.fp8 import E4M3_MAX, calibrate_static_scales, static_layers
 from imagesmith.engine.fp8_conv import Float8Conv2d, eligible, quantize_convolutions
 from imagesmith.engine.fp8_conv_plans import PlanChoices, plan_key
-from imagesmith.engine.hardware import DeviceInfo, plan_hardware
 from imagesmith.schemas import GenerationRequest
-
-H100 = DeviceInfo("cuda", name="H100", capability=(9, 0), total_memory_gib=79.6, free_memory_gib=78.9)
-RTX4090 = DeviceInfo("cuda", name="RTX 4090", capability=(8, 9), total_memory_gib=23.6, free_memory_gib=22.4)
 
 
 @pytest.fixture(autouse=True)
@@ -144,31 +141,6 @@ def test_fp8_convolutions_need_static_fp8_linears() -> None:
     with pytest.raises(ValidationError, match="IMAGESMITH_FP8=true"):
         Settings(fp8=True, fp8_scales="dynamic", fp8_convs=True)
     assert Settings(fp8=True, fp8_convs=True).fp8_convs
-
-
-def test_the_plan_gives_fp8_convolutions_to_hopper_with_the_cudnn_frontend(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    settings = Settings(fp8=True, fp8_convs=True)
-    monkeypatch.setattr("imagesmith.engine.fp8_conv.cudnn_frontend_available", lambda: True)
-    plan = plan_hardware(H100, settings)
-    assert plan.fp8 == "static" and plan.fp8_convs
-    assert "fp8 convolutions through cuDNN" in plan.summary()
-    assert not plan_hardware(H100, Settings(fp8=True)).fp8_convs
-    # Ada has fp8 matmuls but cuDNN's fp8 convolutions need Hopper: a clear refusal, not a crash at the first image.
-    with pytest.raises(RuntimeError, match="Hopper"):
-        plan_hardware(RTX4090, settings)
-    monkeypatch.setattr("imagesmith.engine.fp8_conv.cudnn_frontend_available", lambda: False)
-    with pytest.raises(RuntimeError, match=r"pip install 'imagesmith\[fp8-convs\]'"):
-        plan_hardware(H100, settings)
-
-
-def test_off_the_gpu_fp8_convolutions_are_emulated_and_with_offload_skipped() -> None:
-    cpu = plan_hardware(DeviceInfo("cpu"), Settings(fp8=True, fp8_convs=True))
-    assert cpu.fp8_convs and "fp8 convolutions emulated in fp32" in cpu.summary()
-    offloaded = plan_hardware(H100, Settings(fp8=True, fp8_convs=True, offload="model"))
-    assert offloaded.fp8 is None and not offloaded.fp8_convs
-    assert "fp8 convolutions skipped: they need the fp8 linears" in offloaded.summary()
 
 
 def test_quantize_convolutions_counts_what_it_swapped() -> None:

@@ -162,3 +162,28 @@ def test_a_gpu_number_torch_does_not_see_is_a_clear_error(monkeypatch: pytest.Mo
         probe_device("cuda:1")
     with pytest.raises(ValueError, match="'cuda:N' with N a GPU number, got 'cuda:x'"):
         probe_device("cuda:x")
+
+
+def test_the_plan_gives_fp8_convolutions_to_hopper_with_the_cudnn_frontend(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = Settings(fp8=True, fp8_convs=True)
+    monkeypatch.setattr("imagesmith.engine.fp8_conv.cudnn_frontend_available", lambda: True)
+    plan = plan_hardware(H100, settings)
+    assert plan.fp8 == "static" and plan.fp8_convs
+    assert "fp8 convolutions through cuDNN" in plan.summary()
+    assert not plan_hardware(H100, Settings(fp8=True)).fp8_convs
+    # Ada has fp8 matmuls but cuDNN's fp8 convolutions need Hopper: a clear refusal, not a crash at the first image.
+    with pytest.raises(RuntimeError, match="Hopper"):
+        plan_hardware(RTX4090, settings)
+    monkeypatch.setattr("imagesmith.engine.fp8_conv.cudnn_frontend_available", lambda: False)
+    with pytest.raises(RuntimeError, match=r"pip install 'imagesmith\[fp8-convs\]'"):
+        plan_hardware(H100, settings)
+
+
+def test_off_the_gpu_fp8_convolutions_are_emulated_and_with_offload_skipped() -> None:
+    cpu = plan_hardware(CPU, Settings(fp8=True, fp8_convs=True))
+    assert cpu.fp8_convs and "fp8 convolutions emulated in fp32" in cpu.summary()
+    offloaded = plan_hardware(H100, Settings(fp8=True, fp8_convs=True, offload="model"))
+    assert offloaded.fp8 is None and not offloaded.fp8_convs
+    assert "fp8 convolutions skipped: they need the fp8 linears" in offloaded.summary()

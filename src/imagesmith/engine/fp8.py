@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -56,7 +57,7 @@ SCALINGS = ("static", "row-wise", "per-tensor")
 CALIBRATION_HEADROOM = 2.0
 
 
-def _scales(x: torch.Tensor, rowwise: bool) -> torch.Tensor:
+def e4m3_scales(x: torch.Tensor, rowwise: bool) -> torch.Tensor:
     """fp32 scale so that x / scale fits e4m3: per row (shape [rows, 1]) or per tensor (shape [1, 1])."""
     if rowwise:
         amax = x.abs().amax(dim=-1, keepdim=True)
@@ -100,7 +101,7 @@ class Fp8Layer(nn.Module):
             self.calibration_amax = torch.maximum(self.calibration_amax, rows.abs().amax().float())
         if self.input_scale is not None and self.calibration_amax is None:
             return self.input_scale
-        return _scales(rows, self.rowwise)
+        return e4m3_scales(rows, self.rowwise)
 
     def _scaling_repr(self) -> str:
         state = ""
@@ -119,7 +120,7 @@ class Float8Linear(Fp8Layer):
         super().__init__(scaling)
         weight = linear.weight.detach()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        scale = _scales(weight, self.rowwise)  # [out, 1] or [1, 1]
+        scale = e4m3_scales(weight, self.rowwise)  # [out, 1] or [1, 1]
         self.weight_fp8 = nn.Parameter(to_e4m3(weight, scale), requires_grad=False)
         # _scaled_mm wants the second operand's scale as [1, out] (row-wise) or [1, 1].
         self.weight_scale = nn.Parameter(scale.reshape(1, -1), requires_grad=False)
@@ -174,10 +175,15 @@ def quantize_transformer_linears(unet: nn.Module, scaling: str) -> int:
         and module.in_features % 16 == 0
         and module.out_features % 16 == 0
     ]
+    return replace_modules(unet, targets, lambda linear: Float8Linear(linear, scaling))
+
+
+def replace_modules(root: nn.Module, targets: list[tuple[str, Any]], make: Callable[[Any], nn.Module]) -> int:
+    """Put make(module) where each (qualified name, module) of `root` was; returns how many."""
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
-        parent = unet.get_submodule(parent_name) if parent_name else unet
-        setattr(parent, child, Float8Linear(module, scaling))
+        parent = root.get_submodule(parent_name) if parent_name else root
+        setattr(parent, child, make(module))
     return len(targets)
 
 

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imagesmith.engine.fp8 import E4M3_MAX, Fp8Layer, to_e4m3
+from imagesmith.engine.fp8 import Fp8Layer, e4m3_scales, replace_modules, to_e4m3
 from imagesmith.engine.fp8_conv_plans import FILE_NAME, PlanChoices, plan_key
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class Float8Conv2d(Fp8Layer):
         if not eligible(conv):
             raise ValueError(f"not a convolution fp8 handles here: {conv}")
         weight = conv.weight.detach()  # [K, C, R, S]
-        scale = weight.abs().amax().float().clamp(min=1e-12).reshape(1, 1) / E4M3_MAX
+        scale = e4m3_scales(weight, rowwise=False)  # [1, 1]
         self.weight_fp8 = nn.Parameter(
             to_e4m3(weight.permute(0, 2, 3, 1).contiguous(), scale), requires_grad=False
         )
@@ -117,11 +117,7 @@ class Float8Conv2d(Fp8Layer):
 def quantize_convolutions(unet: nn.Module) -> int:
     """Swap the UNet's eligible nn.Conv2d layers for Float8Conv2d; returns how many."""
     targets = [(name, m) for name, m in unet.named_modules() if isinstance(m, nn.Conv2d) and eligible(m)]
-    for name, module in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = unet.get_submodule(parent_name) if parent_name else unet
-        setattr(parent, child, Float8Conv2d(module))
-    return len(targets)
+    return replace_modules(unet, targets, Float8Conv2d)
 
 
 @dataclass(frozen=True)
@@ -239,13 +235,12 @@ class _CudnnFp8Convolutions:
         return self._handles[index]
 
     def run(self, call: _Convolution) -> torch.Tensor:
-        device = call.image.device
+        key = (call.image.device, *call.shape_key)
         with self._lock:
-            handle = self._handle(device)
-            entry = self._graphs.get((device, *call.shape_key))
+            handle = self._handle(call.image.device)
+            entry = self._graphs.get(key)
             if entry is None:
-                entry = self._build(handle, call)
-                self._graphs[(device, *call.shape_key)] = entry
+                entry = self._graphs[key] = self._build(handle, call)
         out = call.new_output()
         self._execute(handle, entry, call, out, entry.plan)
         return out
@@ -352,9 +347,8 @@ class _CudnnFp8Convolutions:
 _CUDNN = _CudnnFp8Convolutions()
 
 
-def remember_plans_in(folder: Path) -> Path:
-    """Keep the chosen cuDNN plans in `folder` (the compile cache's root) from now on; returns the file."""
+def remember_plans_in(folder: Path) -> None:
+    """Keep the chosen cuDNN plans in `folder` (the compile cache's root) from now on."""
     path = folder / FILE_NAME
     if _CUDNN.choices.path != path:
         _CUDNN.choices = PlanChoices(path)
-    return path
