@@ -49,7 +49,7 @@
 # the calls after fast-path's first variant; a +fp8conv variant's first call is ~300 s, static fp8's ~165 s).
 # Plan every pipeline to fit ONE call (about 590 s): in runs 47, 49 and 52 the machine went back between a call and
 # the next one chained at once, taking the pipeline with it. Split longer work into pipelines of one call each.
-# Next: GPU_TESTS_K="fp8_conv or remembered" (the plan memory); FAST_PHASES=eager,mlperf,variants (the MLPerf eager
+# Next: GPU_TESTS_K="fp8_conv or convs or remembered" (the plan memory); FAST_PHASES=eager,mlperf,variants (the MLPerf eager
 # reference needs both eager and mlperf) with
 # FAST_VARIANTS=reduce-overhead+fp8+fp8conv:mlperf,reduce-overhead+fp8+fp8convnchw:mlperf,reduce-overhead+fp8:mlperf
 # (channels-last forced against run 52's NCHW, fidelity in one process). One call: models ~30 s, the eager MLPerf

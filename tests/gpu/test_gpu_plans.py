@@ -88,6 +88,13 @@ FP8_CARD = pytest.mark.skipif(
     reason="needs fp8 tensor cores",
 )
 
+HOPPER_WITH_CUDNN_FRONTEND = pytest.mark.skipif(
+    not torch.cuda.is_available()
+    or torch.cuda.get_device_capability() < (9, 0)
+    or not cudnn_frontend_available(),
+    reason="cuDNN's fp8 convolutions need Hopper and nvidia-cudnn-frontend",
+)
+
 
 @FP8_CARD
 @pytest.mark.parametrize("scaling", ["static", "dynamic"])
@@ -116,32 +123,34 @@ def test_fp8_scaled_mm_gives_the_product_of_the_quantized_operands(scaling: str)
 
 
 @FP8_CARD
-@pytest.mark.parametrize("scales", ["static", "dynamic"])
+@pytest.mark.parametrize(
+    "scales", ["static", "dynamic", pytest.param("static+convs", marks=HOPPER_WITH_CUDNN_FRONTEND)]
+)
 def test_compiled_fp8_engine_matches_its_eager_self(tiny_settings: Settings, scales: str) -> None:
     """The calibrated scales reach the compiled graphs (an input of the graph, like the weights), and both
-    scalings compile with CUDA graphs."""
+    scalings, and fp8 convolutions (IMAGESMITH_FP8_CONVS, their custom op), compile with CUDA graphs."""
     from imagesmith.engine.fp8 import static_layers
 
+    convs = scales == "static+convs"
     request = GenerationRequest(prompt="x", width=128, height=128, num_inference_steps=10, seed=4)
-    settings = tiny_settings.with_changes(device="cuda", fp8=True, fp8_scales=scales, warmup_sizes="128x128")
+    settings = tiny_settings.with_changes(
+        device="cuda",
+        fp8=True,
+        fp8_scales=scales.removesuffix("+convs"),
+        fp8_convs=convs,
+        warmup_sizes="128x128",
+    )
     eager = Engine.start(settings)
     compiled = Engine.start(settings.with_changes(compile="reduce-overhead"))
+    assert any(lever.startswith("fp8 convolutions") for lever in compiled.levers) is convs
     layers = static_layers([compiled.models.base.unet, compiled.models.refiner.unet])
-    assert (len(layers) > 0) is (scales == "static")
+    assert (len(layers) > 0) is scales.startswith("static")
     assert all(layer.input_scale is not None for layer in layers)
     a = np.asarray(eager.generate(request).images[0]).astype(float)
     b = np.asarray(compiled.generate(request).images[0]).astype(float)
     psnr = 10 * np.log10(255**2 / max(np.mean((a - b) ** 2), 1e-12))
     assert psnr > 30, psnr
     assert len(compiled_modules(compiled)) == 3, compiled.levers  # not the engine's eager fallback
-
-
-HOPPER_WITH_CUDNN_FRONTEND = pytest.mark.skipif(
-    not torch.cuda.is_available()
-    or torch.cuda.get_device_capability() < (9, 0)
-    or not cudnn_frontend_available(),
-    reason="cuDNN's fp8 convolutions need Hopper and nvidia-cudnn-frontend",
-)
 
 
 @HOPPER_WITH_CUDNN_FRONTEND
@@ -178,20 +187,6 @@ def test_cudnn_fp8_convolution_gives_the_convolution_of_the_quantized_operands(
         graph.replay()
         torch.cuda.synchronize()
     assert torch.equal(captured, got)
-
-
-@HOPPER_WITH_CUDNN_FRONTEND
-def test_compiled_engine_with_fp8_convolutions_matches_its_eager_self(tiny_settings: Settings) -> None:
-    request = GenerationRequest(prompt="x", width=128, height=128, num_inference_steps=10, seed=4)
-    settings = tiny_settings.with_changes(device="cuda", fp8=True, fp8_convs=True, warmup_sizes="128x128")
-    eager = Engine.start(settings)
-    compiled = Engine.start(settings.with_changes(compile="reduce-overhead"))
-    assert any(lever.startswith("fp8 convolutions") for lever in compiled.levers)
-    a = np.asarray(eager.generate(request).images[0]).astype(float)
-    b = np.asarray(compiled.generate(request).images[0]).astype(float)
-    psnr = 10 * np.log10(255**2 / max(np.mean((a - b) ** 2), 1e-12))
-    assert psnr > 30, psnr
-    assert len(compiled_modules(compiled)) == 3, compiled.levers  # not the engine's eager fallback
 
 
 @HOPPER_WITH_CUDNN_FRONTEND
