@@ -376,6 +376,7 @@ def main() -> None:
     from imagesmith.config import Settings
     from imagesmith.engine.engine import BatchItem, Engine
     from imagesmith.engine.fast import warm_up
+    from imagesmith.engine.fp8_conv import plan_reports
     from imagesmith.engine.hardware import plan_hardware, probe_device
     from imagesmith.engine.models import LoadedModels, ModelSources
     from imagesmith.engine.prompt_cache import PromptEmbeddingCache
@@ -389,6 +390,7 @@ def main() -> None:
         "gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "diffusers": __import__("diffusers").__version__,
         "transformers": __import__("transformers").__version__,
+        "cudnn": torch.backends.cudnn.version(),
     }
     with contextlib.suppress(ImportError):
         run.results["versions"]["torchao"] = __import__("torchao").__version__
@@ -610,8 +612,14 @@ def main() -> None:
         rates = UnetRates(engine.models.base.unet, None if variant.mlperf else engine.models.refiner.unet)
         run.results["variants"][variant.spec] = row
         sync()
+        plans_before = len(plan_reports())
         with decode_as_before(engine, settings) if variant.old_decode else contextlib.nullcontext():
             measure_engine(variant, engine, row, rates, levers, began)
+        if variant.fp8_convs:  # what choosing cuDNN's plans cost this variant, and which it chose (by name)
+            reports = plan_reports()[plans_before:]
+            row["fp8_conv_plans"] = reports
+            row["fp8_conv_plans_s"] = round(sum(report["seconds"] for report in reports), 1)
+            run.log(f"{variant.spec}: {len(reports)} cuDNN graphs built in {row['fp8_conv_plans_s']} s")
         last_engine[:] = [engine, variant]
 
     def measure_engine(

@@ -211,11 +211,15 @@ def test_a_restart_runs_the_remembered_cudnn_plan_without_timing_again(
     restarted = fp8_conv._CudnnFp8Convolutions()
     restarted.choices = PlanChoices(path)
 
-    def no_timing(*args: object) -> int:
+    def no_timing(*args: object) -> dict[int, float]:
         raise AssertionError("the restart timed the plans again")
 
-    monkeypatch.setattr(restarted, "_fastest", no_timing)
+    monkeypatch.setattr(restarted, "_time_plans", no_timing)
     monkeypatch.setattr(fp8_conv, "_CUDNN", restarted)
     with torch.no_grad():
         again = layer(x)
     assert torch.equal(again, chosen)
+    [chose], [reused] = first.reports, restarted.reports
+    assert (chose["remembered"], reused["remembered"]) == (False, True)
+    assert reused["name"] == chose["name"] and reused["plan"] == chose["plan"]
+    assert len(chose["plans_ms"]) > 1 and reused["plans_ms"] == {}

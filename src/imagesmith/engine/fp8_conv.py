@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -215,6 +216,9 @@ class _CudnnFp8Convolutions:
         self._graphs: dict[tuple[object, ...], _ShapeGraph] = {}
         self._cudnn: Any = None
         self.choices = PlanChoices(None)
+        # One entry per graph built: what choosing its plan cost and chose (benchmarks read it; run 52's first
+        # call was 135 s longer and nothing said where the time went).
+        self.reports: list[dict[str, Any]] = []
 
     def _module(self) -> Any:
         if self._cudnn is None:
@@ -300,16 +304,18 @@ class _CudnnFp8Convolutions:
         graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
         graph.check_support()
         key = plan_key(torch.cuda.get_device_name(call.image.device), cudnn.backend_version(), call.shape_key)
+        began = time.perf_counter()
         remembered = self.choices.get(key)
         if remembered is not None:
             try:
                 graph.build_plan_at_index(remembered)
                 workspace = graph.get_workspace_size_plan_at_index(remembered)
                 log.info("fp8 convolution %s: plan %d, remembered", key, remembered)
+                self._report(graph, key, remembered, [remembered], {}, began, remembered=True)
                 return _ShapeGraph(graph, x, f, d, b, y, remembered, workspace)
             except Exception as error:  # another build of cuDNN, say: choose again
                 log.warning("fp8 convolution %s: remembered plan %d not built (%s)", key, remembered, error)
-        built = []
+        built: list[int] = []
         for index in range(min(graph.get_execution_plan_count(), PLANS_TRIED)):
             try:
                 graph.build_plan_at_index(index)
@@ -321,15 +327,44 @@ class _CudnnFp8Convolutions:
         entry = _ShapeGraph(
             graph, x, f, d, b, y, built[0], max(graph.get_workspace_size_plan_at_index(i) for i in built)
         )
+        timings: dict[int, float] = {}
         if not torch.cuda.is_current_stream_capturing():  # timing synchronises: never inside a capture
             if len(built) > 1:
-                entry.plan = self._fastest(handle, entry, built, call)
+                timings = self._time_plans(handle, entry, built, call)
+                entry.plan = min(timings, key=timings.__getitem__)
             self.choices.remember(key, entry.plan)
         log.info("fp8 convolution %s: plan %d, the fastest of %d built", key, entry.plan, len(built))
+        self._report(graph, key, entry.plan, built, timings, began, remembered=False)
         return entry
 
-    def _fastest(self, handle: Any, entry: _ShapeGraph, plans: list[int], call: _Convolution) -> int:
-        """Time each plan on this call's own operands (CUDA events; one warm-up call each)."""
+    def _report(
+        self,
+        graph: Any,
+        key: str,
+        plan: int,
+        built: list[int],
+        timings: dict[int, float],
+        began: float,
+        remembered: bool,
+    ) -> None:
+        # Plan names (engine and knobs) say whether a choice could carry across batch sizes, where indices cannot.
+        names = {index: str(graph.get_plan_name_at_index(index)) for index in built}
+        self.reports.append(
+            {
+                "key": key,
+                "plan": plan,
+                "name": names[plan],
+                "remembered": remembered,
+                "seconds": round(time.perf_counter() - began, 3),
+                "plans_ms": {names[index]: round(ms / _TIMING_REPEATS, 4) for index, ms in timings.items()},
+            }
+        )
+
+    def _time_plans(
+        self, handle: Any, entry: _ShapeGraph, plans: list[int], call: _Convolution
+    ) -> dict[int, float]:
+        """Each plan's time on this call's own operands in ms for _TIMING_REPEATS calls (CUDA events; one warm-up
+        call each)."""
         out = call.new_output()
         timings = {}
         for plan in plans:
@@ -341,10 +376,15 @@ class _CudnnFp8Convolutions:
             end.record()
             end.synchronize()
             timings[plan] = start.elapsed_time(end)
-        return min(timings, key=timings.__getitem__)
+        return timings
 
 
 _CUDNN = _CudnnFp8Convolutions()
+
+
+def plan_reports() -> list[dict[str, Any]]:
+    """Every cuDNN graph built in this process so far: its key, the plan it runs, and what choosing it cost."""
+    return list(_CUDNN.reports)
 
 
 def remember_plans_in(folder: Path) -> None:
