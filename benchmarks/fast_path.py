@@ -374,9 +374,9 @@ def main() -> None:
     mlperf_batches = [int(b) for b in args.mlperf_batches.split(",") if b] or ([1, 2] if smoke else [1, 4, 8])
 
     from imagesmith.config import Settings
+    from imagesmith.engine.cudnn_graphs import plan_reports
     from imagesmith.engine.engine import BatchItem, Engine
     from imagesmith.engine.fast import warm_up
-    from imagesmith.engine.fp8_conv import plan_reports
     from imagesmith.engine.hardware import plan_hardware, probe_device
     from imagesmith.engine.models import LoadedModels, ModelSources
     from imagesmith.engine.prompt_cache import PromptEmbeddingCache

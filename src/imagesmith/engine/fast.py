@@ -29,8 +29,9 @@ import torch
 from imagesmith.config import CUDA_GRAPH_MODES, CompileChoice, Settings
 from imagesmith.engine import encoder_graphs
 from imagesmith.engine.batch_routing import BatchRoutedCall
+from imagesmith.engine.cudnn_graphs import remember_plans_in
 from imagesmith.engine.fp8 import quantize_transformer_linears
-from imagesmith.engine.fp8_conv import quantize_convolutions, remember_plans_in
+from imagesmith.engine.fp8_conv import quantize_convolutions
 from imagesmith.engine.hardware import HardwarePlan
 from imagesmith.engine.models import unets_of
 from imagesmith.engine.progress import CancelToken, GenerationCanceled, ProgressEvent

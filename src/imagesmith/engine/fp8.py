@@ -95,6 +95,11 @@ class Fp8Layer(nn.Module):
     def rowwise(self) -> bool:
         return self.scaling == "row-wise"
 
+    @property
+    def device(self) -> torch.device:
+        """Where the layer runs (its calibration's running maximum lives there)."""
+        return self.weight_fp8.device
+
     def _input_scale(self, rows: torch.Tensor) -> torch.Tensor:
         if self.calibration_amax is not None:
             # On the device, no sync: the largest absolute input so far, per layer.
@@ -203,7 +208,7 @@ def calibrate_static_scales(layers: list[Fp8Layer], run: Callable[[], object]) -
     that `run` never reached keeps scaling per call (logged): slower, never wrong."""
     for layer in layers:
         layer.input_scale = None
-        layer.calibration_amax = torch.zeros((), device=layer.weight_fp8.device)
+        layer.calibration_amax = torch.zeros((), device=layer.device)
     try:
         run()
         seen = [layer.calibration_amax for layer in layers]

@@ -31,25 +31,17 @@ How:
 from __future__ import annotations
 
 import logging
-import threading
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from imagesmith.engine.cudnn_graphs import CudnnGraphs, shared
 from imagesmith.engine.fp8 import Fp8Layer, e4m3_scales, replace_modules, to_e4m3
-from imagesmith.engine.fp8_conv_plans import FILE_NAME, PlanChoices, plan_key
 
 log = logging.getLogger(__name__)
-
-# Plans tried per shape when choosing the fastest: cuDNN offered 11 for each SDXL shape in run 51, and the fastest
-# of the 8 timed there was often the 7th. Building one takes a moment at start-up.
-PLANS_TRIED = 12
-_TIMING_REPEATS = 5
 
 
 def cudnn_frontend_available() -> bool:
@@ -134,6 +126,10 @@ class _Convolution:
     out_dtype: torch.dtype
 
     @property
+    def device(self) -> torch.device:
+        return self.image.device
+
+    @property
     def output_shape(self) -> tuple[int, ...]:
         n, h, w, _ = self.image.shape
         k, r, s, _ = self.weight.shape
@@ -193,82 +189,13 @@ def _fp8_conv2d_shape(
     return image.new_empty(call.output_shape, dtype=out_dtype)
 
 
-@dataclass
-class _ShapeGraph:
-    """One shape's cuDNN graph, its tensors' handles, the plan chosen and the workspace it needs."""
+class _CudnnFp8Convolutions(CudnnGraphs):
+    """cuDNN graphs for fp8 convolutions: e4m3 NHWC image and KRSC filter, fp32 accumulation, the scales' product
+    and the bias in the epilogue, bf16 (or fp16) out."""
 
-    graph: Any
-    image: Any
-    weight: Any
-    descale: Any
-    bias: Any | None
-    output: Any
-    plan: int
-    workspace_bytes: int
+    kind = "fp8 convolution"
 
-
-class _CudnnFp8Convolutions:
-    """cuDNN graphs for fp8 convolutions, one per shape, built and timed on first use; one handle per GPU."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._handles: dict[int, Any] = {}
-        self._graphs: dict[tuple[object, ...], _ShapeGraph] = {}
-        self._cudnn: Any = None
-        self.choices = PlanChoices(None)
-        # One entry per graph built: what choosing its plan cost and chose (benchmarks read it; run 52's first
-        # call was 135 s longer and nothing said where the time went).
-        self.reports: list[dict[str, Any]] = []
-
-    def _module(self) -> Any:
-        if self._cudnn is None:
-            try:
-                import cudnn  # nvidia-cudnn-frontend, optional
-            except ImportError as error:
-                raise RuntimeError(
-                    "IMAGESMITH_FP8_CONVS needs NVIDIA's cuDNN frontend: pip install nvidia-cudnn-frontend"
-                ) from error
-            self._cudnn = cudnn
-        return self._cudnn
-
-    def _handle(self, device: torch.device) -> Any:
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        if index not in self._handles:
-            with torch.cuda.device(index):
-                self._handles[index] = self._module().create_handle()
-        return self._handles[index]
-
-    def run(self, call: _Convolution) -> torch.Tensor:
-        key = (call.image.device, *call.shape_key)
-        with self._lock:
-            handle = self._handle(call.image.device)
-            entry = self._graphs.get(key)
-            if entry is None:
-                entry = self._graphs[key] = self._build(handle, call)
-        out = call.new_output()
-        self._execute(handle, entry, call, out, entry.plan)
-        return out
-
-    def _execute(
-        self, handle: Any, entry: _ShapeGraph, call: _Convolution, out: torch.Tensor, plan: int
-    ) -> None:
-        cudnn = self._module()
-        # torch's allocator gives the workspace, so inside a CUDA-graph capture it comes from the graph's pool.
-        workspace = torch.empty(max(entry.workspace_bytes, 1), device=call.image.device, dtype=torch.uint8)
-        pack: dict[Any, torch.Tensor] = {
-            entry.image: call.image,
-            entry.weight: call.weight,
-            entry.descale: call.descale,
-            entry.output: out,
-        }
-        if entry.bias is not None and call.bias is not None:
-            pack[entry.bias] = call.bias
-        # The handle runs on whatever stream torch is on now (the engine's, or a capture's).
-        cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream(call.image.device).cuda_stream)
-        entry.graph.execute_plan_at_index(pack, workspace, plan, handle=handle)
-
-    def _build(self, handle: Any, call: _Convolution) -> _ShapeGraph:
-        cudnn = self._module()
+    def describe(self, cudnn: Any, handle: Any, call: _Convolution) -> tuple[Any, dict[str, Any]]:
         dt = cudnn.data_type
         io = {torch.bfloat16: dt.BFLOAT16, torch.float16: dt.HALF}[call.out_dtype]
         n, h, w, c = call.image.shape
@@ -293,102 +220,25 @@ class _CudnnFp8Convolutions:
             name="conv",
         )
         y = graph.mul(a=y, b=d, compute_data_type=dt.FLOAT, name="descale")
-        b = None
+        tensors = {"image": x, "weight": f, "descale": d}
         if call.bias is not None:
-            b = graph.tensor(name="bias", dim=[1, k, 1, 1], stride=[k, 1, k, k], data_type=io)
-            y = graph.bias(input=y, bias=b, compute_data_type=dt.FLOAT, name="bias")
+            tensors["bias"] = graph.tensor(name="bias", dim=[1, k, 1, 1], stride=[k, 1, k, k], data_type=io)
+            y = graph.bias(input=y, bias=tensors["bias"], compute_data_type=dt.FLOAT, name="bias")
         y.set_output(True)
         y.set_data_type(io)
-        graph.validate()
-        graph.build_operation_graph()
-        graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
-        graph.check_support()
-        key = plan_key(torch.cuda.get_device_name(call.image.device), cudnn.backend_version(), call.shape_key)
-        began = time.perf_counter()
-        remembered = self.choices.get(key)
-        if remembered is not None:
-            try:
-                graph.build_plan_at_index(remembered)
-                workspace = graph.get_workspace_size_plan_at_index(remembered)
-                log.info("fp8 convolution %s: plan %d, remembered", key, remembered)
-                self._report(graph, key, remembered, [remembered], {}, began, remembered=True)
-                return _ShapeGraph(graph, x, f, d, b, y, remembered, workspace)
-            except Exception as error:  # another build of cuDNN, say: choose again
-                log.warning("fp8 convolution %s: remembered plan %d not built (%s)", key, remembered, error)
-        built: list[int] = []
-        for index in range(min(graph.get_execution_plan_count(), PLANS_TRIED)):
-            try:
-                graph.build_plan_at_index(index)
-                built.append(index)
-            except Exception:  # an engine that cannot take this shape: the next one may
-                continue
-        if not built:
-            raise RuntimeError(f"cuDNN built no fp8 convolution plan for {key}")
-        entry = _ShapeGraph(
-            graph, x, f, d, b, y, built[0], max(graph.get_workspace_size_plan_at_index(i) for i in built)
-        )
-        timings: dict[int, float] = {}
-        if not torch.cuda.is_current_stream_capturing():  # timing synchronises: never inside a capture
-            if len(built) > 1:
-                timings = self._time_plans(handle, entry, built, call)
-                entry.plan = min(timings, key=timings.__getitem__)
-            self.choices.remember(key, entry.plan)
-        log.info("fp8 convolution %s: plan %d, the fastest of %d built", key, entry.plan, len(built))
-        self._report(graph, key, entry.plan, built, timings, began, remembered=False)
-        return entry
+        tensors["output"] = y
+        return graph, tensors
 
-    def _report(
-        self,
-        graph: Any,
-        key: str,
-        plan: int,
-        built: list[int],
-        timings: dict[int, float],
-        began: float,
-        remembered: bool,
-    ) -> None:
-        # Plan names (engine and knobs) say whether a choice could carry across batch sizes, where indices cannot.
-        names = {index: str(graph.get_plan_name_at_index(index)) for index in built}
-        self.reports.append(
-            {
-                "key": key,
-                "plan": plan,
-                "name": names[plan],
-                "remembered": remembered,
-                "seconds": round(time.perf_counter() - began, 3),
-                "plans_ms": {names[index]: round(ms / _TIMING_REPEATS, 4) for index, ms in timings.items()},
-            }
-        )
-
-    def _time_plans(
-        self, handle: Any, entry: _ShapeGraph, plans: list[int], call: _Convolution
-    ) -> dict[int, float]:
-        """Each plan's time on this call's own operands in ms for _TIMING_REPEATS calls (CUDA events; one warm-up
-        call each)."""
-        out = call.new_output()
-        timings = {}
-        for plan in plans:
-            self._execute(handle, entry, call, out, plan)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(_TIMING_REPEATS):
-                self._execute(handle, entry, call, out, plan)
-            end.record()
-            end.synchronize()
-            timings[plan] = start.elapsed_time(end)
-        return timings
+    def pack(self, tensors: dict[str, Any], call: _Convolution, out: torch.Tensor) -> dict[Any, torch.Tensor]:
+        pack = {
+            tensors["image"]: call.image,
+            tensors["weight"]: call.weight,
+            tensors["descale"]: call.descale,
+            tensors["output"]: out,
+        }
+        if call.bias is not None:
+            pack[tensors["bias"]] = call.bias
+        return pack
 
 
-_CUDNN = _CudnnFp8Convolutions()
-
-
-def plan_reports() -> list[dict[str, Any]]:
-    """Every cuDNN graph built in this process so far: its key, the plan it runs, and what choosing it cost."""
-    return list(_CUDNN.reports)
-
-
-def remember_plans_in(folder: Path) -> None:
-    """Keep the chosen cuDNN plans in `folder` (the compile cache's root) from now on."""
-    path = folder / FILE_NAME
-    if _CUDNN.choices.path != path:
-        _CUDNN.choices = PlanChoices(path)
+_CUDNN = shared(_CudnnFp8Convolutions())
