@@ -49,16 +49,17 @@
 # the calls after fast-path's first variant; a +fp8conv variant's first call is ~300 s, static fp8's ~165 s).
 # Plan every pipeline to fit ONE call (about 590 s): in runs 47, 49 and 52 the machine went back between a call and
 # the next one chained at once, taking the pipeline with it. Split longer work into pipelines of one call each.
-# Next: GPU_TESTS_K="fp8_conv or convs or remembered" (the plan memory); FAST_PHASES=eager,mlperf,variants (the MLPerf eager
-# reference needs both eager and mlperf) with
-# FAST_VARIANTS=reduce-overhead+fp8+fp8conv:mlperf,reduce-overhead+fp8+fp8convnchw:mlperf,reduce-overhead+fp8:mlperf
-# (channels-last forced against run 52's NCHW, fidelity in one process). One call: models ~30 s, the eager MLPerf
-# reference ~60 s, +fp8conv ~300 s (cuDNN's plans chosen), +fp8convnchw ~165 s (the same process reuses the built
-# cuDNN graphs); static fp8 (~165 s) in a second pipeline, and the GPU tests (~200 s) in a third.
-# Still to run: models,queue with QUEUE_BATCHES=1,4,8 QUEUE_ARGS="--fp8 --repeats 2 --eager-batches none" (static fp8
-# through the queue with the new decode, ~600 s of compile); then max-autotune with TORCHINDUCTOR_MAX_AUTOTUNE_CONV_BACKENDS=ATEN
-# exported (it enters every compile's cache key): FAST2_PHASES=peer,eager,variants
-# FAST2_VARIANTS=reduce-overhead,max-autotune FAST2_ARGS="--compile-needs-s 720".
+# Runs 53-56 (one call each): run 53 measured +fp8conv (channels-last) with its eager reference, but its NCHW peer
+# did not fit the call; run 54 the GPU tests (GPU_TESTS_K="fp8_conv or convs or remembered") and
+# benchmarks/fp8_attention.py; run 55 models,queue with QUEUE_BATCHES=1,4 QUEUE_ARGS="--fp8 --repeats 2
+# --eager-batches none" produced no row in 497 s (a static-fp8 service start does not fit one call); run 56
+# benchmarks/fp8_conv_plan_names.py.
+# Next: the layout A/B alone (~580 s, no eager reference): models,fast-path with FAST_PHASES=variants
+# FAST_VARIANTS=reduce-overhead+fp8+fp8conv:mlperf,reduce-overhead+fp8+fp8convnchw:mlperf
+# FAST_ARGS="--mlperf-batches 8 --compile-needs-s 170 --no-prompt-cache-ab"; the ensembles (static fp8 with the GPU
+# decode, then + fp8 convolutions) each in a call of their own with FAST_PHASES=eager,variants; max-autotune with
+# TORCHINDUCTOR_MAX_AUTOTUNE_CONV_BACKENDS=ATEN exported (it enters every compile's cache key):
+# FAST2_PHASES=peer,eager,variants FAST2_VARIANTS=reduce-overhead,max-autotune FAST2_ARGS="--compile-needs-s 720".
 set -u
 PIPE=.devcache/pipe
 

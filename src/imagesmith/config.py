@@ -236,10 +236,11 @@ class Settings(BaseSettings):
         False,
         description="With fp8 and static scales: the UNets' convolutions in fp8 too, through cuDNN's fp8 kernels "
         "(Hopper, compute capability 9.0+; needs `pip install nvidia-cudnn-frontend`). Lossy, like fp8. Measured "
-        "with reduce-overhead at the MLPerf setting, batch 8: 1.889 -> 1.927 images/s (run 52). The first start "
-        "is longer: cuDNN's plans are chosen per shape and batch size (135 s for the base UNet at two batch sizes, "
-        "run 52; a service warming batch 1-8 and the refiner meets ~8x as many, unmeasured), then remembered "
-        "beside the compile cache for the next start.",
+        "with reduce-overhead at the MLPerf setting, batch 8: 1.889 -> 1.927 images/s (run 52), 1.948 with "
+        "channels-last kept (run 53); image 36.7 dB from eager bf16 (fp8 linears alone: 42.4). The first start "
+        "is longer: cuDNN's plans are chosen per shape and batch size (~2.4 s each, run 56; 52 s for the base "
+        "UNet at one batch size; a service warming batch 1-8 and the refiner meets ~8x as many, unmeasured "
+        "whole), then remembered beside the compile cache for the next start.",
     )
     prompt_cache_size: int = Field(
         64, ge=0, description="Prompt embeddings kept on the device for repeated prompts (0: off)."

@@ -5,6 +5,7 @@ kernel: tests/gpu."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -178,3 +179,28 @@ def test_the_engine_keeps_its_plans_beside_the_compile_cache(tiny_settings: Sett
 
     Engine.start(tiny_settings.with_changes(fp8=True, fp8_convs=True, warmup_sizes="64x64"))
     assert fp8_conv._CUDNN.choices.path == tiny_settings.data_dir / "compile-cache" / "fp8-conv-plans.json"
+
+
+def test_every_kind_of_cudnn_graph_shares_one_plan_file_and_one_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from imagesmith.engine import cudnn_graphs
+
+    convolutions, attention = cudnn_graphs.CudnnGraphs(), cudnn_graphs.CudnnGraphs()
+    monkeypatch.setattr(cudnn_graphs, "_SHARED", [])
+    cudnn_graphs.shared(convolutions), cudnn_graphs.shared(attention)
+    cudnn_graphs.remember_plans_in(tmp_path)
+    # One object: two on one file would each write back only their own choices, losing the other's.
+    assert convolutions.choices is attention.choices
+    assert convolutions.choices.path == tmp_path / "fp8-conv-plans.json"
+    convolutions.choices.remember("conv shape", 6)
+    attention.choices.remember("attention shape", 0)
+    assert {"conv shape", "attention shape"} <= set(
+        json.loads((tmp_path / "fp8-conv-plans.json").read_text())
+    )
+    kept = convolutions.choices
+    cudnn_graphs.remember_plans_in(tmp_path)
+    assert convolutions.choices is kept  # the same folder again: nothing reread, nothing lost
+    convolutions.reports.append({"key": "a"})
+    attention.reports.append({"key": "b"})
+    assert [report["key"] for report in cudnn_graphs.plan_reports()] == ["a", "b"]
