@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import statistics
 import sys
@@ -100,6 +101,14 @@ def main() -> None:
     )
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
+    # The service's own log lines (each warm-up pass, each fp8 plan chosen, "ready after"), timestamped: run 55's
+    # start ran 460 s and was cut off at the deadline without a line saying where it was.
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("[%(relativeCreated)9.0f ms] %(name)s: %(message)s"))
+    for name in ("imagesmith.engine.fast", "imagesmith.engine.cudnn_graphs", "imagesmith.sources.generate"):
+        start_up_log = logging.getLogger(name)  # the start-up's lines, not every job's
+        start_up_log.addHandler(handler)
+        start_up_log.setLevel(logging.INFO)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
