@@ -123,6 +123,14 @@ class _Attention:
     def shape_key(self) -> tuple[object, ...]:
         return ("sdpa_fp8", tuple(self.q.shape), tuple(self.k.shape))
 
+    @property
+    def batch(self) -> int:
+        return int(self.q.shape[0])
+
+    @property
+    def family_key(self) -> tuple[object, ...]:
+        return ("sdpa_fp8", tuple(self.q.shape[1:]), tuple(self.k.shape[1:]))
+
     def new_output(self) -> torch.Tensor:
         return torch.empty(self.q.shape, device=self.q.device, dtype=torch.float8_e4m3fn)
 

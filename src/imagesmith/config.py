@@ -239,8 +239,9 @@ class Settings(BaseSettings):
         "with reduce-overhead at the MLPerf setting, batch 8: 1.889 -> 1.927 images/s (run 52), 1.948 with "
         "channels-last kept (run 53); image 36.7 dB from eager bf16 (fp8 linears alone: 42.4). The first start "
         "is longer: cuDNN's plans are chosen per shape and batch size (~2.4 s each, run 56; 52 s for the base "
-        "UNet at one batch size; a service warming batch 1-8 and the refiner meets ~8x as many, unmeasured "
-        "whole), then remembered beside the compile cache for the next start.",
+        "UNet at one batch size; a service warming batch 1-8 and the refiner meets ~8x as many, and times only at "
+        "sizes more than 2x from one already timed, building the others' plans by name; unmeasured whole), then "
+        "remembered beside the compile cache for the next start.",
     )
     prompt_cache_size: int = Field(
         64, ge=0, description="Prompt embeddings kept on the device for repeated prompts (0: off)."

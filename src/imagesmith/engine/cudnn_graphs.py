@@ -7,6 +7,9 @@ its tensors feed the graph's inputs; this module does the rest: one handle per G
 choice (cuDNN's heuristic's first plan was up to 3x slower than its fastest on SDXL's convolutions, run 51), the
 choice remembered beside the compile cache (engine/fp8_conv_plans.py) so a restart builds only that plan, and a
 report of what each choice cost (run 52's first call was 135 s longer and nothing said where the time went).
+Timing every plan costs ~2.4 s a shape (run 56), and a service's warm-up meets each shape at every batch size up
+to batch_max; so a shape met at a batch size within REUSE_WITHIN of one already timed builds that plan, found by
+its name, and times nothing.
 
 A first call never happens inside a CUDA-graph capture: torch's CUDA-graph trees run every new shape eagerly
 first, and Engine.start calibrates the fp8 scales (eager) before anything compiles. If one did, the heuristic's
@@ -29,9 +32,14 @@ from imagesmith.engine.fp8_conv_plans import FILE_NAME, PlanChoices, plan_key
 log = logging.getLogger(__name__)
 
 # Plans tried per shape when choosing the fastest: cuDNN offered 11 for each SDXL convolution shape in run 51, and
-# the fastest was often the 7th. Building one takes a moment at start-up (~2 s a shape for all of them, run 53).
+# the fastest was often the 7th. Building and timing them all takes ~2.4 s a shape (run 56).
 PLANS_TRIED = 12
 _TIMING_REPEATS = 5
+# A plan chosen by timing at one batch size is built by name, untimed, for the same shape at a batch size within
+# this factor. Run 56, the base UNet's 25 fp8 convolution shapes: batch 16's choice ran 0.6 % slower than the
+# fastest at batch 8 on average (8.8 % at worst), but 7.7 % (46 %) at batch 2, where a third of the shapes did not
+# even offer it. A service's warm-up meets every UNet batch from 2 to 2 x batch_max; this way it times a few.
+REUSE_WITHIN = 2.0
 
 
 class GraphCall(Protocol):
@@ -41,7 +49,17 @@ class GraphCall(Protocol):
     def device(self) -> torch.device: ...
 
     @property
-    def shape_key(self) -> tuple[object, ...]: ...
+    def shape_key(self) -> tuple[object, ...]:
+        """Everything the call's graph is specific to."""
+        ...
+
+    @property
+    def batch(self) -> int: ...
+
+    @property
+    def family_key(self) -> tuple[object, ...]:
+        """shape_key without the batch size: the graphs whose plans may serve each other."""
+        ...
 
     def new_output(self) -> torch.Tensor: ...
 
@@ -70,6 +88,8 @@ class CudnnGraphs:
         self.choices = PlanChoices(None)
         # One entry per graph built: what choosing its plan cost and chose (benchmarks read it).
         self.reports: list[dict[str, Any]] = []
+        # Per (device, family): the batch sizes whose plans were timed in this process, and the fastest's name.
+        self._timed: dict[tuple[object, ...], list[tuple[int, str]]] = {}
 
     def describe(self, cudnn: Any, handle: Any, call: Any) -> tuple[Any, dict[str, Any]]:
         """The operation as an unvalidated cuDNN graph, and its tensors by name (the output's set as output)."""
@@ -117,6 +137,12 @@ class CudnnGraphs:
         cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream(call.device).cuda_stream)
         entry.graph.execute_plan_at_index(self.pack(entry.tensors, call, out), workspace, plan, handle=handle)
 
+    def _device_name(self, device: torch.device) -> str:
+        return torch.cuda.get_device_name(device)
+
+    def _capturing(self) -> bool:
+        return torch.cuda.is_current_stream_capturing()
+
     def _build(self, handle: Any, call: GraphCall) -> ShapeGraph:
         cudnn = self.module()
         graph, tensors = self.describe(cudnn, handle, call)
@@ -124,7 +150,7 @@ class CudnnGraphs:
         graph.build_operation_graph()
         graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
         graph.check_support()
-        key = plan_key(torch.cuda.get_device_name(call.device), cudnn.backend_version(), call.shape_key)
+        key = plan_key(self._device_name(call.device), cudnn.backend_version(), call.shape_key)
         began = time.perf_counter()
         remembered = self.choices.get(key)
         if remembered is not None:
@@ -136,6 +162,20 @@ class CudnnGraphs:
                 return ShapeGraph(graph, tensors, remembered, workspace)
             except Exception as error:  # another build of cuDNN, say: choose again
                 log.warning("%s %s: remembered plan %d not built (%s)", self.kind, key, remembered, error)
+        family = (call.device, *call.family_key)
+        near = self._named_plan_from_a_near_batch(graph, family, call.batch)
+        if near is not None:
+            index, timed_at = near
+            try:
+                graph.build_plan_at_index(index)
+                workspace = graph.get_workspace_size_plan_at_index(index)
+            except Exception as error:  # not buildable for this batch after all: choose by timing
+                log.info("%s %s: batch %d's plan not built here (%s)", self.kind, key, timed_at, error)
+            else:
+                self.choices.remember(key, index)
+                log.info("%s %s: plan %d, by name from batch %d", self.kind, key, index, timed_at)
+                self._report(graph, key, index, [index], {}, began, remembered=False, timed_at=timed_at)
+                return ShapeGraph(graph, tensors, index, workspace)
         built: list[int] = []
         for index in range(min(graph.get_execution_plan_count(), PLANS_TRIED)):
             try:
@@ -149,14 +189,39 @@ class CudnnGraphs:
             graph, tensors, built[0], max(graph.get_workspace_size_plan_at_index(i) for i in built)
         )
         timings: dict[int, float] = {}
-        if not torch.cuda.is_current_stream_capturing():  # timing synchronises: never inside a capture
+        if not self._capturing():  # timing synchronises: never inside a capture
             if len(built) > 1:
                 timings = self._time_plans(handle, entry, built, call)
                 entry.plan = min(timings, key=timings.__getitem__)
             self.choices.remember(key, entry.plan)
+            self._timed.setdefault(family, []).append(
+                (call.batch, str(graph.get_plan_name_at_index(entry.plan)))
+            )
         log.info("%s %s: plan %d, the fastest of %d built", self.kind, key, entry.plan, len(built))
         self._report(graph, key, entry.plan, built, timings, began, remembered=False)
         return entry
+
+    def _named_plan_from_a_near_batch(
+        self, graph: Any, family: tuple[object, ...], batch: int
+    ) -> tuple[int, int] | None:
+        """The index in this graph of a plan timed fastest at a batch size within REUSE_WITHIN of `batch`, and that
+        batch size: the nearest such batch whose plan this graph offers (between two as near, the larger: its
+        choice is the one measured to serve, run 56). None when there is none."""
+        near = sorted(
+            (max(batch, other) / min(batch, other), -other, name)
+            for other, name in self._timed.get(family, [])
+            if max(batch, other) <= REUSE_WITHIN * min(batch, other)
+        )
+        if not near:
+            return None
+        try:
+            names = [str(graph.get_plan_name_at_index(i)) for i in range(graph.get_execution_plan_count())]
+        except Exception:  # names unknown before a build on this cuDNN: choose by timing
+            return None
+        for _, negated, name in near:
+            if name in names:
+                return names.index(name), -negated
+        return None
 
     def _report(
         self,
@@ -167,8 +232,9 @@ class CudnnGraphs:
         timings: dict[int, float],
         began: float,
         remembered: bool,
+        timed_at: int | None = None,
     ) -> None:
-        # Plan names (engine and knobs) say whether a choice could carry across batch sizes, where indices cannot.
+        # Plan names (engine and knobs) carry across batch sizes, where indices cannot.
         names = {index: str(graph.get_plan_name_at_index(index)) for index in built}
         self.reports.append(
             {
@@ -176,6 +242,7 @@ class CudnnGraphs:
                 "plan": plan,
                 "name": names[plan],
                 "remembered": remembered,
+                "by_name_from_batch": timed_at,
                 "seconds": round(time.perf_counter() - began, 3),
                 "plans_ms": {names[index]: round(ms / _TIMING_REPEATS, 4) for index, ms in timings.items()},
             }

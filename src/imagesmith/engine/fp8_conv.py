@@ -130,6 +130,14 @@ class _Convolution:
         return self.image.device
 
     @property
+    def batch(self) -> int:
+        return int(self.image.shape[0])
+
+    @property
+    def family_key(self) -> tuple[object, ...]:
+        return (tuple(self.image.shape[1:]), *self.shape_key[1:])
+
+    @property
     def output_shape(self) -> tuple[int, ...]:
         n, h, w, _ = self.image.shape
         k, r, s, _ = self.weight.shape
