@@ -32,7 +32,6 @@ output row is a convex combination of V's rows. The cuDNN graph per shape and it
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from fp8_gemm import print_totals_table, time_ms
+from fp8_gemm import cudnn_report, print_totals_table, record_batch, time_ms
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -304,16 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import cudnn  # nvidia-cudnn-frontend, after torch has loaded libcudnn
 
-    print(
-        f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}, "
-        f"frontend {getattr(cudnn, '__version__', '?')}",
-        flush=True,
-    )
-    report: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "batches": {},
-    }
+    report = cudnn_report(cudnn)
     methods = [f"bf16 {name}" for name in BACKENDS] + ["fp8 kernel", "fp8 whole"]
     for batch in (int(b) for b in args.batches.split(",")):
         rows = {}
@@ -336,11 +326,7 @@ def main(argv: list[str] | None = None) -> int:
                 + f" | plan {[(p['name'], p['seconds']) for p in row['plan']]}",
                 flush=True,
             )
-        if rows:
-            totals = {m: sum(r[m] * r["count"] for r in rows.values()) for m in methods}
-            report["batches"][batch] = {"shapes": rows, "per_base_unet_call_ms": totals}
-        if args.out:
-            args.out.write_text(json.dumps(report, indent=2, default=str))
+        record_batch(report, batch, rows, methods, args.out)
     if report["batches"]:
         print_totals_table(
             "UNet batch",

@@ -20,7 +20,6 @@ to e4m3). Each figure is the median of CUDA-event timings over `--repeats` calls
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from fp8_gemm import print_totals_table, quantize_tensorwise, time_ms
+from fp8_gemm import cudnn_report, print_totals_table, quantize_tensorwise, record_batch, time_ms
 
 # (in channels, out channels, kernel, stride, input height = width, calls per UNet call), from a forward of the
 # full-size UNets (benchmarks/sdxl-architecture.json) on the meta device with hooks on every Conv2d, 1024x1024
@@ -242,17 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     import cudnn  # nvidia-cudnn-frontend, after torch has loaded libcudnn
 
     handle = cudnn.create_handle()
-    print(
-        f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}, "
-        f"frontend {getattr(cudnn, '__version__', '?')} (backend {cudnn.backend_version()})",
-        flush=True,
-    )
-    report: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "cudnn": torch.backends.cudnn.version(),
-        "batches": {},
-    }
+    report = cudnn_report(cudnn)
     methods = ("bf16", "bf16 cudnn.benchmark", "fp8 heuristic", "fp8 best")
     for batch in (int(b) for b in args.batches.split(",")):
         rows = {}
@@ -273,10 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                 + f" | graph {row.get('cuda graph replay matches')}",
                 flush=True,
             )
-        totals = {m: sum(r[m] * r["count"] for r in rows.values()) for m in methods}
-        report["batches"][batch] = {"shapes": rows, "per_base_unet_call_ms": totals}
-        if args.out:
-            args.out.write_text(json.dumps(report, indent=2))
+        record_batch(report, batch, rows, methods, args.out)
     print_totals_table(
         "UNet batch",
         {batch: data["per_base_unet_call_ms"] for batch, data in report["batches"].items()},

@@ -21,7 +21,7 @@ import argparse
 import json
 import statistics
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -191,6 +191,37 @@ def main(argv: list[str] | None = None) -> int:
         "ms per base UNet call, summed over its transformer linears; quant rows: one activation each",
     )
     return 0
+
+
+def cudnn_report(cudnn: Any) -> dict[str, Any]:
+    """Print which GPU, torch and cuDNN a cuDNN microbenchmark runs on; a report holding them and no batch yet."""
+    print(
+        f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}, "
+        f"frontend {getattr(cudnn, '__version__', '?')} (backend {cudnn.backend_version()})",
+        flush=True,
+    )
+    return {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "cudnn": torch.backends.cudnn.version(),
+        "batches": {},
+    }
+
+
+def record_batch(
+    report: dict[str, Any],
+    batch: int,
+    rows: dict[str, dict[str, Any]],
+    methods: Iterable[str],
+    out: Path | None,
+) -> None:
+    """One batch's shapes into the report, with each method's ms per base UNet call (each shape's time x its
+    calls), and the report written to `out` so far (a run cut short keeps what it measured)."""
+    if rows:
+        totals = {m: sum(r[m] * r["count"] for r in rows.values()) for m in methods}
+        report["batches"][batch] = {"shapes": rows, "per_base_unet_call_ms": totals}
+    if out:
+        out.write_text(json.dumps(report, indent=2, default=str))
 
 
 def print_totals_table(first_column: str, totals: dict[Any, dict[str, float]], caption: str) -> None:
