@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from imagesmith.engine.cudnn_graphs import REUSE_WITHIN, CudnnGraphs
-from imagesmith.engine.fp8_conv_plans import PlanChoices
+from imagesmith.engine.cudnn_plan_file import PlanChoices
 
 # Each batch size's plans, by name, in cuDNN's order (which differs between batch sizes, as it does in run 56),
 # and their times in ms. At batch 2 the fastest plan at 16 is not offered at all.

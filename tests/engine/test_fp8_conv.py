@@ -18,9 +18,9 @@ from torch import nn
 
 from imagesmith.config import Settings
 from imagesmith.engine import Engine
+from imagesmith.engine.cudnn_plan_file import PlanChoices, plan_key
 from imagesmith.engine.fp8 import E4M3_MAX, calibrate_static_scales, static_layers
 from imagesmith.engine.fp8_conv import Float8Conv2d, eligible, quantize_convolutions
-from imagesmith.engine.fp8_conv_plans import PlanChoices, plan_key
 from imagesmith.schemas import GenerationRequest
 
 

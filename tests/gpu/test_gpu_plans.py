@@ -196,7 +196,7 @@ def test_a_restart_runs_the_remembered_cudnn_plan_without_timing_again(
     from torch import nn
 
     from imagesmith.engine import fp8_conv
-    from imagesmith.engine.fp8_conv_plans import PlanChoices
+    from imagesmith.engine.cudnn_plan_file import PlanChoices
 
     torch.manual_seed(1)
     layer = fp8_conv.Float8Conv2d(nn.Conv2d(640, 640, 3, padding=1).to("cuda", torch.bfloat16))

@@ -5,7 +5,7 @@ Shared by the fp8 operations torch does not have: engine/fp8_conv.py (convolutio
 (scaled dot-product attention). Each subclass says how to describe its operation as a cuDNN graph and which of
 its tensors feed the graph's inputs; this module does the rest: one handle per GPU, the graphs by shape, the plan
 choice (cuDNN's heuristic's first plan was up to 3x slower than its fastest on SDXL's convolutions, run 51), the
-choice remembered beside the compile cache (engine/fp8_conv_plans.py) so a restart builds only that plan, and a
+choice remembered beside the compile cache (engine/cudnn_plan_file.py) so a restart builds only that plan, and a
 report of what each choice cost (run 52's first call was 135 s longer and nothing said where the time went).
 Timing every plan costs ~2.4 s a shape (run 56), and a service's warm-up meets each shape at every batch size up
 to batch_max; so a shape met at a batch size within REUSE_WITHIN of one already timed builds that plan, found by
@@ -27,7 +27,7 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 
-from imagesmith.engine.fp8_conv_plans import FILE_NAME, PlanChoices, plan_key
+from imagesmith.engine.cudnn_plan_file import FILE_NAME, PlanChoices, plan_key
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,11 @@
-"""Which cuDNN plan each fp8 convolution shape runs (engine/fp8_conv.py), remembered across restarts.
+"""Which cuDNN plan each cuDNN graph shape runs (engine/cudnn_graphs.py: the fp8 convolutions'), remembered across
+restarts.
 
-Why: choosing a shape's plan builds up to 11 of them and times each; at the MLPerf setting that made the first call
-135 s longer (run 52: 50 graphs, 25 shapes at two UNet batches). The choice depends only on the shape, the GPU and
-the cuDNN version, so it is kept in a small JSON file beside the compile cache, and a restart builds the one plan
-each shape needs and times none. A missing, unreadable or unwritable file only means choosing again.
+Why: choosing a shape's plan builds up to 11 of them and times each (~2.4 s a shape, run 56); at the MLPerf setting
+that made the first call 135 s longer (run 52: 50 graphs, 25 shapes at two UNet batches). The choice depends only
+on the shape, the GPU and the cuDNN version, so it is kept in a small JSON file beside the compile cache, and a
+restart builds the one plan each shape needs and times none. A missing, unreadable or unwritable file only means
+choosing again. (The file keeps the name it had when only the fp8 convolutions used it, so no choice is lost.)
 """
 
 from __future__ import annotations
