@@ -54,7 +54,8 @@
 # benchmarks/fp8_attention.py; run 55 models,queue with QUEUE_BATCHES=1,4 QUEUE_ARGS="--fp8 --repeats 2
 # --eager-batches none" produced no row in 497 s (a static-fp8 service start does not fit one call); run 56
 # benchmarks/fp8_conv_plan_names.py.
-# Next: the layout A/B alone (~580 s, no eager reference): models,fast-path with FAST_PHASES=variants
+# Next: GPU_TESTS_K=by_name (the plan reuse by name across batch sizes, built after run 56; ~60 s); the layout A/B
+# alone (~580 s, no eager reference): models,fast-path with FAST_PHASES=variants
 # FAST_VARIANTS=reduce-overhead+fp8+fp8conv:mlperf,reduce-overhead+fp8+fp8convnchw:mlperf
 # FAST_ARGS="--mlperf-batches 8 --compile-needs-s 170 --no-prompt-cache-ab"; the ensembles (static fp8 with the GPU
 # decode, then + fp8 convolutions) each in a call of their own with FAST_PHASES=eager,variants; max-autotune with

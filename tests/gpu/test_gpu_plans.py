@@ -223,3 +223,29 @@ def test_a_restart_runs_the_remembered_cudnn_plan_without_timing_again(
     assert (chose["remembered"], reused["remembered"]) == (False, True)
     assert reused["name"] == chose["name"] and reused["plan"] == chose["plan"]
     assert len(chose["plans_ms"]) > 1 and reused["plans_ms"] == {}
+
+
+@HOPPER_WITH_CUDNN_FRONTEND
+def test_a_batch_size_near_a_timed_one_builds_its_plan_by_name_and_computes_the_same(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """cuDNN names its plans before they are built (engine/cudnn_graphs.py relies on it to reuse a choice across
+    batch sizes); the plan found by name at batch 8 is batch 16's, untimed, and its output is the CPU path's."""
+    from torch import nn
+
+    from imagesmith.engine import fp8_conv
+
+    graphs = fp8_conv._CudnnFp8Convolutions()
+    monkeypatch.setattr(fp8_conv, "_CUDNN", graphs)
+    torch.manual_seed(3)
+    conv = nn.Conv2d(640, 640, 3, padding=1).to(torch.bfloat16)
+    cpu, gpu = fp8_conv.Float8Conv2d(conv), fp8_conv.Float8Conv2d(conv.to("cuda"))
+    x = torch.randn(16, 640, 32, 32, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        gpu(x.cuda())
+        got = gpu(x[:8].cuda())
+        expected = cpu(x[:8])
+    timed, reused = graphs.reports
+    assert timed["by_name_from_batch"] is None and len(timed["plans_ms"]) > 1
+    assert reused["by_name_from_batch"] == 16 and reused["name"] == timed["name"] and reused["plans_ms"] == {}
+    assert float((got.cpu().float() - expected.float()).norm() / expected.float().norm()) < 1e-2
