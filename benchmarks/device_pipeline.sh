@@ -57,7 +57,8 @@
 # Next: GPU_TESTS_K=by_name (the plan reuse by name across batch sizes, built after run 56; ~60 s); the layout A/B
 # alone (~580 s, no eager reference): models,fast-path with FAST_PHASES=variants
 # FAST_VARIANTS=reduce-overhead+fp8+fp8conv:mlperf,reduce-overhead+fp8+fp8convnchw:mlperf
-# FAST_ARGS="--mlperf-batches 8 --compile-needs-s 170 --no-prompt-cache-ab"; the ensembles (static fp8 with the GPU
+# FAST_ARGS="--mlperf-batches 8 --compile-needs-s 170 --no-prompt-cache-ab" (+cdt in place of +fp8convnchw for
+# inductor's coordinate-descent tuning, the same way); the ensembles (static fp8 with the GPU
 # decode, then + fp8 convolutions) each in a call of their own with FAST_PHASES=eager,variants; max-autotune with
 # TORCHINDUCTOR_MAX_AUTOTUNE_CONV_BACKENDS=ATEN exported (it enters every compile's cache key):
 # FAST2_PHASES=peer,eager,variants FAST2_VARIANTS=reduce-overhead,max-autotune FAST2_ARGS="--compile-needs-s 720".

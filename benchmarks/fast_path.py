@@ -19,7 +19,7 @@ not), and `first_image_s`: from the phase's start (building its modules, which a
 to its first image, the warm-up (compilation) included.
 
 A variant is
-`MODE[+fp8|+fp8dyn][+fp8conv|+fp8convnchw][+cl][+cudnn|+nocudnn][+dyn][+teg|+noteg][+attn-BACKEND][+olddecode][:mlperf]`:
+`MODE[+fp8|+fp8dyn][+fp8conv|+fp8convnchw][+cl][+cudnn|+nocudnn][+dyn][+teg|+noteg][+attn-BACKEND][+olddecode][+cdt][:mlperf]`:
 MODE is a compile choice (off, default, reduce-overhead, max-autotune-no-cudagraphs); +fp8 fp8 transformer linears
 (engine/fp8.py) with static scales, calibrated as Engine.start does (the default), +fp8dyn with dynamic ones; +fp8conv (with +fp8)
 the convolutions in fp8 too (IMAGESMITH_FP8_CONVS, cuDNN's kernels), +fp8convnchw the same with inductor's layout
@@ -30,7 +30,8 @@ dynamic shapes (IMAGESMITH_COMPILE_DYNAMIC); +teg / +noteg the text encoders rep
 (IMAGESMITH_TEXT_ENCODER_GRAPHS; the settings' default unless named: on with the CUDA-graph modes); +attn-cudnn (or -flash,
 -efficient) the attention kernel tried first (IMAGESMITH_ATTENTION_BACKEND; torch's order unless named); +olddecode
 the decode as it was before run 49, the peer of today's (a decoder compiled in the UNets' mode, CUDA graphs
-included; each image checked and converted on the host in turn); `:mlperf`
+included; each image checked and converted on the host in turn); +cdt inductor's coordinate-descent tuning of its
+own kernels (normalisations, elementwise: ~40 ms of a ~189 ms fp8 base call at batch 16; not a setting yet); `:mlperf`
 measures the MLPerf setting instead of the ensemble (base UNet and VAE only; warm-up at batch 1 then the
 largest batch, as the service's warm-up does).
 
@@ -81,6 +82,7 @@ class Variant:
     old_decode: bool = False
     fp8_convs: bool = False  # with +fp8: the convolutions too (IMAGESMITH_FP8_CONVS)
     fp8_convs_nchw: bool = False  # +fp8convnchw: as run 52 measured them, the layout left to inductor (NCHW)
+    coordinate_descent: bool = False  # +cdt: torch._inductor.config.coordinate_descent_tuning
 
     @classmethod
     def parse(cls, spec: str) -> Variant:
@@ -102,6 +104,7 @@ class Variant:
             "olddecode",
             "fp8conv",
             "fp8convnchw",
+            "cdt",
         }
         unknown = set(flags) - known
         twice = any(
@@ -112,7 +115,7 @@ class Variant:
         if unknown or kind not in ("", "mlperf") or len(attention) > 1 or twice:
             raise SystemExit(
                 f"variant {spec!r}: flags are one of +fp8 +fp8dyn, +cl +dyn, one of +cudnn +nocudnn, one of +teg +noteg, one of "
-                "+attn-flash +attn-efficient +attn-cudnn, +olddecode, "
+                "+attn-flash +attn-efficient +attn-cudnn, +olddecode, +cdt, "
                 "one of +fp8conv +fp8convnchw (with +fp8), and the suffix :mlperf"
             )
         return cls(
@@ -129,6 +132,7 @@ class Variant:
             old_decode="olddecode" in flags,
             fp8_convs=bool(convs),
             fp8_convs_nchw="fp8convnchw" in flags,
+            coordinate_descent="cdt" in flags,
         )
 
 
@@ -598,6 +602,8 @@ def main() -> None:
         variant_plan = plan_hardware(probe_device(device), settings)
         engine = new_engine(with_refiner=not variant.mlperf, engine_plan=variant_plan)
         inductor_config.force_layout_optimization = False  # inductor's default; fp8 convolutions force it
+        # Part of inductor's cache key, so each variant compiles (or finds) its own kernels.
+        inductor_config.coordinate_descent_tuning = variant.coordinate_descent
         levers = engine.apply_levers(
             settings
         )  # as Engine.start applies them (the engine's plan: variant_plan)
