@@ -168,7 +168,7 @@ def test_the_plan_gives_fp8_convolutions_to_hopper_with_the_cudnn_frontend(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     settings = Settings(fp8=True, fp8_convs=True)
-    monkeypatch.setattr("imagesmith.engine.fp8_conv.cudnn_frontend_available", lambda: True)
+    monkeypatch.setattr("imagesmith.engine.cudnn_graphs.cudnn_frontend_available", lambda: True)
     plan = plan_hardware(H100, settings)
     assert plan.fp8 == "static" and plan.fp8_convs
     assert "fp8 convolutions through cuDNN" in plan.summary()
@@ -176,7 +176,7 @@ def test_the_plan_gives_fp8_convolutions_to_hopper_with_the_cudnn_frontend(
     # Ada has fp8 matmuls but cuDNN's fp8 convolutions need Hopper: a clear refusal, not a crash at the first image.
     with pytest.raises(RuntimeError, match="Hopper"):
         plan_hardware(RTX4090, settings)
-    monkeypatch.setattr("imagesmith.engine.fp8_conv.cudnn_frontend_available", lambda: False)
+    monkeypatch.setattr("imagesmith.engine.cudnn_graphs.cudnn_frontend_available", lambda: False)
     with pytest.raises(RuntimeError, match=r"pip install 'imagesmith\[fp8-convs\]'"):
         plan_hardware(H100, settings)
 

@@ -14,8 +14,8 @@ import torch
 
 from imagesmith.config import Settings
 from imagesmith.engine import Engine
+from imagesmith.engine.cudnn_graphs import cudnn_frontend_available
 from imagesmith.engine.fast import compiled_modules
-from imagesmith.engine.fp8_conv import cudnn_frontend_available
 from imagesmith.schemas import GenerationRequest
 
 pytestmark = pytest.mark.gpu

@@ -42,6 +42,13 @@ _TIMING_REPEATS = 5
 REUSE_WITHIN = 2.0
 
 
+def cudnn_frontend_available() -> bool:
+    """Whether `import cudnn` (nvidia-cudnn-frontend) would work; it is an optional dependency."""
+    import importlib.util
+
+    return importlib.util.find_spec("cudnn") is not None
+
+
 class GraphCall(Protocol):
     """One call of an operation: where it runs, what its graph is specific to, and a buffer for its result."""
 

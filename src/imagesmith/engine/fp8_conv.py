@@ -44,13 +44,6 @@ from imagesmith.engine.fp8 import Fp8Layer, e4m3_scales, replace_modules, to_e4m
 log = logging.getLogger(__name__)
 
 
-def cudnn_frontend_available() -> bool:
-    """Whether `import cudnn` (nvidia-cudnn-frontend) would work; it is an optional dependency."""
-    import importlib.util
-
-    return importlib.util.find_spec("cudnn") is not None
-
-
 def eligible(conv: nn.Conv2d) -> bool:
     """The convolutions cuDNN's fp8 kernels take here: plain 1x1 or 3x3, "same" padding, stride 1 or 2, and
     channel counts divisible by 16 (fp8 tensor cores read 16-byte vectors)."""

@@ -247,7 +247,7 @@ def _choose_fp8_convs(device: DeviceInfo, settings: Settings, fp8: str | None, r
             "IMAGESMITH_FP8_CONVS=true needs cuDNN's fp8 convolutions, which need a Hopper GPU or newer (compute "
             f"capability 9.0+), this one is {capability[0]}.{capability[1]}; unset IMAGESMITH_FP8_CONVS"
         )
-    from imagesmith.engine.fp8_conv import cudnn_frontend_available
+    from imagesmith.engine.cudnn_graphs import cudnn_frontend_available
 
     if not cudnn_frontend_available():
         raise RuntimeError(
