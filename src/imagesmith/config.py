@@ -235,7 +235,7 @@ class Settings(BaseSettings):
     fp8_convs: bool = Field(
         False,
         description="With fp8 and static scales: the UNets' convolutions in fp8 too, through cuDNN's fp8 kernels "
-        "(Hopper, compute capability 9.0+; needs `pip install nvidia-cudnn-frontend`). Lossy, like fp8. Measured "
+        "(Hopper, compute capability 9.0+; needs `pip install 'imagesmith[fp8-convs]'`). Lossy, like fp8. Measured "
         "with reduce-overhead at the MLPerf setting, batch 8: 1.889 -> 1.927 images/s (run 52), 1.948 with "
         "channels-last kept (run 53); image 36.7 dB from eager bf16 (fp8 linears alone: 42.4). The first start "
         "is longer: cuDNN's plans are chosen per shape and batch size (~2.4 s each, run 56; 52 s for the base "
