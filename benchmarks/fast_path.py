@@ -19,11 +19,12 @@ not), and `first_image_s`: from the phase's start (building its modules, which a
 to its first image, the warm-up (compilation) included.
 
 A variant is
-`MODE[+fp8|+fp8dyn][+fp8conv|+fp8convnchw][+cl][+cudnn|+nocudnn][+dyn][+teg|+noteg][+attn-BACKEND][+olddecode][+cdt][:mlperf]`:
+`MODE[+fp8|+fp8dyn][+fp8conv|+fp8convnchw][+geglu][+cl][+cudnn|+nocudnn][+dyn][+teg|+noteg][+attn-BACKEND][+olddecode][+cdt][:mlperf]`:
 MODE is a compile choice (off, default, reduce-overhead, max-autotune-no-cudagraphs); +fp8 fp8 transformer linears
 (engine/fp8.py) with static scales, calibrated as Engine.start does (the default), +fp8dyn with dynamic ones; +fp8conv (with +fp8)
 the convolutions in fp8 too (IMAGESMITH_FP8_CONVS, cuDNN's kernels), +fp8convnchw the same with inductor's layout
-heuristic left alone (run 52's: NCHW, the peer); +cl channels_last;
+heuristic left alone (run 52's: NCHW, the peer); +geglu (with +fp8) the feed-forwards' GEGLU fused into
+their first fp8 matmul (IMAGESMITH_FP8_FUSED_GEGLU, a Triton kernel); +cl channels_last;
 +cudnn / +nocudnn IMAGESMITH_CUDNN_BENCHMARK on or off (settings refuse it on with the CUDA-graph modes;
 unless named: off until run 49, the settings' default since run 50, i.e. on with compile `default`); +dyn the UNets compiled with
 dynamic shapes (IMAGESMITH_COMPILE_DYNAMIC); +teg / +noteg the text encoders replayed as CUDA graphs or not
@@ -83,6 +84,7 @@ class Variant:
     fp8_convs: bool = False  # with +fp8: the convolutions too (IMAGESMITH_FP8_CONVS)
     fp8_convs_nchw: bool = False  # +fp8convnchw: as run 52 measured them, the layout left to inductor (NCHW)
     coordinate_descent: bool = False  # +cdt: torch._inductor.config.coordinate_descent_tuning
+    fused_geglu: bool = False  # +geglu: with +fp8, IMAGESMITH_FP8_FUSED_GEGLU
 
     @classmethod
     def parse(cls, spec: str) -> Variant:
@@ -105,18 +107,19 @@ class Variant:
             "fp8conv",
             "fp8convnchw",
             "cdt",
+            "geglu",
         }
         unknown = set(flags) - known
         twice = any(
             pair <= set(flags) for pair in ({"teg", "noteg"}, {"fp8", "fp8dyn"}, {"cudnn", "nocudnn"})
         )
         convs = {"fp8conv", "fp8convnchw"} & set(flags)
-        twice = twice or len(convs) > 1 or bool(convs and "fp8" not in flags)
+        twice = twice or len(convs) > 1 or bool((convs or "geglu" in flags) and "fp8" not in flags)
         if unknown or kind not in ("", "mlperf") or len(attention) > 1 or twice:
             raise SystemExit(
                 f"variant {spec!r}: flags are one of +fp8 +fp8dyn, +cl +dyn, one of +cudnn +nocudnn, one of +teg +noteg, one of "
                 "+attn-flash +attn-efficient +attn-cudnn, +olddecode, +cdt, "
-                "one of +fp8conv +fp8convnchw (with +fp8), and the suffix :mlperf"
+                "one of +fp8conv +fp8convnchw (with +fp8), +geglu (with +fp8), and the suffix :mlperf"
             )
         return cls(
             spec,
@@ -133,6 +136,7 @@ class Variant:
             fp8_convs=bool(convs),
             fp8_convs_nchw="fp8convnchw" in flags,
             coordinate_descent="cdt" in flags,
+            fused_geglu="geglu" in flags,
         )
 
 
@@ -590,6 +594,7 @@ def main() -> None:
             fp8=variant.fp8,
             fp8_scales=variant.fp8_scales,
             fp8_convs=variant.fp8_convs,
+            fp8_fused_geglu=variant.fused_geglu,
             warmup_sizes=f"{px}x{px}",  # where static fp8 scales are calibrated
             channels_last=variant.channels_last,
             cudnn_benchmark=variant.cudnn_benchmark,
@@ -610,8 +615,10 @@ def main() -> None:
         if variant.fp8_convs_nchw:
             inductor_config.force_layout_optimization = False  # the peer: as run 52 measured it
             levers = [lever.replace(", channels-last", ", NCHW (the peer)") for lever in levers]
-        if variant.fp8 != any(lever.startswith("fp8") for lever in levers) or variant.fp8_convs != any(
-            lever.startswith("fp8 convolutions") for lever in levers
+        if (
+            variant.fp8 != any(lever.startswith("fp8") for lever in levers)
+            or variant.fp8_convs != any(lever.startswith("fp8 convolutions") for lever in levers)
+            or variant.fused_geglu != any(lever.startswith("fp8 GEGLU") for lever in levers)
         ):
             raise RuntimeError(f"{variant.spec}: levers applied were {levers}")
         row: dict[str, Any] = {"levers": levers, "attention": variant_plan.attention}

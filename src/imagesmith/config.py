@@ -243,6 +243,13 @@ class Settings(BaseSettings):
         "sizes more than 2x from one already timed, building the others' plans by name; unmeasured whole), then "
         "remembered beside the compile cache for the next start.",
     )
+    fp8_fused_geglu: bool = Field(
+        False,
+        description="With fp8 and static scales: each transformer block's feed-forward runs its first fp8 matmul "
+        "and GEGLU as one Triton kernel writing e4m3 for the second (engine/fp8_geglu.py), instead of a cuBLAS "
+        "matmul writing bf16 and a second pass reading it back. The same arithmetic without the bf16 rounding "
+        "between them. Speed not yet measured in the engine.",
+    )
     prompt_cache_size: int = Field(
         64, ge=0, description="Prompt embeddings kept on the device for repeated prompts (0: off)."
     )
@@ -331,15 +338,17 @@ class Settings(BaseSettings):
             )
         return value
 
-    @field_validator("fp8_convs")
+    @field_validator("fp8_convs", "fp8_fused_geglu")
     @classmethod
-    def _fp8_convs_need_static_fp8(cls, value: bool, info: ValidationInfo) -> bool:
-        # The convolutions' inputs take scales calibrated with the fp8 linears' (engine/fp8_conv.py): per-call
-        # scales would put a reduction before every convolution, the cost that made dynamic fp8 slow (run 48).
+    def _fp8_extras_need_static_fp8(cls, value: bool, info: ValidationInfo) -> bool:
+        # Both take scales calibrated with the fp8 linears' (engine/fp8_conv.py, engine/fp8_geglu.py): per-call
+        # scales would put a reduction before every convolution, the cost that made dynamic fp8 slow (run 48),
+        # and the fused GEGLU kernel writes e4m3 with the next linear's fixed scale.
+        name = f"{ENV_PREFIX}{str(info.field_name).upper()}"
         if value and not (info.data.get("fp8") and info.data.get("fp8_scales") is Fp8Scales.STATIC):
             raise ValueError(
-                f"{ENV_PREFIX}FP8_CONVS=true needs fp8 linears with static scales: set {ENV_PREFIX}FP8=true "
-                f"(and leave {ENV_PREFIX}FP8_SCALES=static), or unset {ENV_PREFIX}FP8_CONVS"
+                f"{name}=true needs fp8 linears with static scales: set {ENV_PREFIX}FP8=true "
+                f"(and leave {ENV_PREFIX}FP8_SCALES=static), or unset {name}"
             )
         return value
 

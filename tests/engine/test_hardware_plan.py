@@ -187,3 +187,19 @@ def test_off_the_gpu_fp8_convolutions_are_emulated_and_with_offload_skipped() ->
     offloaded = plan_hardware(H100, Settings(fp8=True, fp8_convs=True, offload="model"))
     assert offloaded.fp8 is None and not offloaded.fp8_convs
     assert "fp8 convolutions skipped: they need the fp8 linears" in offloaded.summary()
+
+
+def test_the_plan_fuses_geglu_with_static_fp8_and_triton(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = Settings(fp8=True, fp8_fused_geglu=True)
+    monkeypatch.setattr("imagesmith.engine.fp8_geglu.triton_available", lambda: True)
+    plan = plan_hardware(H100, settings)
+    assert plan.fp8 == "static" and plan.fp8_fused_geglu and "(Triton)" in plan.summary()
+    assert not plan_hardware(H100, Settings(fp8=True)).fp8_fused_geglu
+    cpu = plan_hardware(CPU, settings)
+    assert cpu.fp8_fused_geglu and "fused GEGLU emulated in fp32" in cpu.summary()
+    offloaded = plan_hardware(H100, Settings(fp8=True, fp8_fused_geglu=True, offload="model"))
+    assert offloaded.fp8 is None and not offloaded.fp8_fused_geglu
+    assert "fp8 fused GEGLU skipped: it needs the fp8 linears" in offloaded.summary()
+    monkeypatch.setattr("imagesmith.engine.fp8_geglu.triton_available", lambda: False)
+    with pytest.raises(RuntimeError, match=r"needs Triton.*unset IMAGESMITH_FP8_FUSED_GEGLU"):
+        plan_hardware(H100, settings)

@@ -123,26 +123,58 @@ def test_fp8_scaled_mm_gives_the_product_of_the_quantized_operands(scaling: str)
 
 
 @FP8_CARD
+@pytest.mark.parametrize(("m", "k", "n", "bias"), [(300, 640, 2560, True), (50, 96, 80, False)])
+def test_the_fused_geglu_kernel_computes_the_cpu_reference(m: int, k: int, n: int, bias: bool) -> None:
+    """engine/fp8_geglu_kernel.py (Triton, fast fp8 accumulation) against the op's fp32 path on the same e4m3
+    operands: rows that are no multiple of a tile, a K that is none of BLOCK_K (the masked loop), no bias."""
+    from imagesmith.engine.fp8 import e4m3_scales, to_e4m3
+    from imagesmith.engine.fp8_geglu import fp8_geglu
+
+    torch.manual_seed(m)
+    x = torch.randn(m, k)
+    w = torch.randn(2 * n, k) / k**0.5
+    b = (torch.randn(2 * n) * 0.1).to(torch.bfloat16) if bias else None
+    x_scale, w_scale = e4m3_scales(x, False), e4m3_scales(w, False)
+    x8, w8 = to_e4m3(x, x_scale), to_e4m3(w, w_scale)
+    descale, out_scale = (x_scale * w_scale).reshape(1), torch.tensor([2.0 / 448])
+    expected = fp8_geglu(x8, w8, descale, b, out_scale).float()
+    got = fp8_geglu(x8.cuda(), w8.cuda(), descale.cuda(), None if b is None else b.cuda(), out_scale.cuda())
+    assert got.dtype == torch.float8_e4m3fn and got.shape == (m, n)
+    got = got.float().cpu()
+    assert float((got == expected).float().mean()) > 0.9  # most land on the same e4m3 value
+    assert float((got - expected).norm() / expected.norm()) < 1e-2  # the rest on a neighbour
+
+
+@FP8_CARD
 @pytest.mark.parametrize(
-    "scales", ["static", "dynamic", pytest.param("static+convs", marks=HOPPER_WITH_CUDNN_FRONTEND)]
+    "scales",
+    [
+        "static",
+        "dynamic",
+        pytest.param("static+convs", marks=HOPPER_WITH_CUDNN_FRONTEND),
+        "static+geglu",
+    ],
 )
 def test_compiled_fp8_engine_matches_its_eager_self(tiny_settings: Settings, scales: str) -> None:
     """The calibrated scales reach the compiled graphs (an input of the graph, like the weights), and both
-    scalings, and fp8 convolutions (IMAGESMITH_FP8_CONVS, their custom op), compile with CUDA graphs."""
+    scalings, fp8 convolutions (IMAGESMITH_FP8_CONVS, their custom op) and the fused GEGLU (its Triton kernel
+    in a custom op, autotuned on its first call) compile with CUDA graphs."""
     from imagesmith.engine.fp8 import static_layers
 
-    convs = scales == "static+convs"
+    convs, geglu = scales == "static+convs", scales == "static+geglu"
     request = GenerationRequest(prompt="x", width=128, height=128, num_inference_steps=10, seed=4)
     settings = tiny_settings.with_changes(
         device="cuda",
         fp8=True,
-        fp8_scales=scales.removesuffix("+convs"),
+        fp8_scales=scales.partition("+")[0],
         fp8_convs=convs,
+        fp8_fused_geglu=geglu,
         warmup_sizes="128x128",
     )
     eager = Engine.start(settings)
     compiled = Engine.start(settings.with_changes(compile="reduce-overhead"))
     assert any(lever.startswith("fp8 convolutions") for lever in compiled.levers) is convs
+    assert any(lever.startswith("fp8 GEGLU") for lever in compiled.levers) is geglu
     layers = static_layers([compiled.models.base.unet, compiled.models.refiner.unet])
     assert (len(layers) > 0) is scales.startswith("static")
     assert all(layer.input_scale is not None for layer in layers)

@@ -32,6 +32,7 @@ from imagesmith.engine.batch_routing import BatchRoutedCall
 from imagesmith.engine.cudnn_graphs import remember_plans_in
 from imagesmith.engine.fp8 import quantize_transformer_linears
 from imagesmith.engine.fp8_conv import quantize_convolutions
+from imagesmith.engine.fp8_geglu import fuse_geglu_feed_forwards
 from imagesmith.engine.hardware import HardwarePlan
 from imagesmith.engine.models import unets_of
 from imagesmith.engine.progress import CancelToken, GenerationCanceled, ProgressEvent
@@ -154,6 +155,9 @@ def apply_speed_levers(base: Any, refiner: Any | None, plan: HardwarePlan, setti
         converted = sum(quantize_transformer_linears(unet, plan.fp8) for unet in unets)
         # Static scales are calibrated by Engine.start, before anything is compiled.
         applied.append(f"fp8 transformer linears x{converted}, {plan.fp8} scales (lossy)")
+    if plan.fp8_fused_geglu:  # the plan allows it only with static fp8 linears, which it then holds
+        fused = sum(fuse_geglu_feed_forwards(unet) for unet in unets)
+        applied.append(f"fp8 GEGLU fused into the feed-forwards' first matmul x{fused}")
     if plan.fp8_convs:  # the plan allows it only with static fp8 linears, calibrated together
         converted = sum(quantize_convolutions(unet) for unet in unets)
         remember_plans_in(compile_cache_root(settings))  # a restart skips choosing them (135 s, run 52)

@@ -136,8 +136,13 @@ class Float8Linear(Fp8Layer):
         leading = x.shape[:-1]
         rows = x.reshape(-1, self.in_features)
         x_scale = self._input_scale(rows)
-        x_fp8 = to_e4m3(rows, x_scale)
-        if x.is_cuda:
+        y = self.matmul_e4m3(to_e4m3(rows, x_scale), x_scale)
+        return y.reshape(*leading, self.out_features)
+
+    def matmul_e4m3(self, x_fp8: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
+        """The layer on input rows already in e4m3 ([rows, in], scaled by x_scale): [rows, out] in out_dtype.
+        engine/fp8_geglu.py calls it with rows its kernel wrote in e4m3."""
+        if x_fp8.is_cuda:
             # weight_fp8 is [out, in] row-major, so .t() is the column-major [in, out] that _scaled_mm needs.
             # Fast accumulation: Hopper's fp8 tensor cores keep partial sums in reduced precision rather than
             # stopping to promote them to fp32; 5-7 % faster (run 45), within fp8's own error. With one scale per
@@ -156,13 +161,13 @@ class Float8Linear(Fp8Layer):
             )
             if self.bias is not None and not fused_bias:
                 y = y + self.bias
-        else:
-            # No fp8 matmul off the GPU: the same quantized operands, multiplied in fp32 (tests, not speed).
-            weight = self.weight_fp8.float() * self.weight_scale.reshape(-1, 1)
-            y = ((x_fp8.float() * x_scale) @ weight.t()).to(self.out_dtype)
-            if self.bias is not None:
-                y = y + self.bias
-        return y.reshape(*leading, self.out_features)
+            return y
+        # No fp8 matmul off the GPU: the same quantized operands, multiplied in fp32 (tests, not speed).
+        weight = self.weight_fp8.float() * self.weight_scale.reshape(-1, 1)
+        y = ((x_fp8.float() * x_scale) @ weight.t()).to(self.out_dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, {self._scaling_repr()}"

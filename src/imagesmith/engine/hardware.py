@@ -84,6 +84,9 @@ class HardwarePlan:
     fp8_asked: bool = False  # the settings asked for fp8 (fp8 may still be None: skipped, with a reason)
     attention: str = "auto"  # the attention kernel tried first (engine/attention.py); "auto": torch's order
     fp8_convs: bool = False  # the UNets' convolutions in fp8 through cuDNN (engine/fp8_conv.py)
+    fp8_fused_geglu: bool = (
+        False  # the feed-forwards' GEGLU inside their first fp8 matmul (engine/fp8_geglu.py)
+    )
 
     @property
     def dtype(self) -> torch.dtype:
@@ -258,6 +261,29 @@ def _choose_fp8_convs(device: DeviceInfo, settings: Settings, fp8: str | None, r
     return True
 
 
+def _choose_fp8_fused_geglu(
+    device: DeviceInfo, settings: Settings, fp8: str | None, reasons: list[str]
+) -> bool:
+    """The fused GEGLU kernel rides on static fp8 (the settings require it); on a GPU it is a Triton kernel."""
+    if not settings.fp8_fused_geglu:
+        return False
+    if fp8 != "static":  # fp8 itself was skipped (offload), with its reason
+        reasons.append("fp8 fused GEGLU skipped: it needs the fp8 linears")
+        return False
+    if device.kind == "cuda":
+        from imagesmith.engine.fp8_geglu import triton_available
+
+        if not triton_available():
+            raise RuntimeError(
+                "IMAGESMITH_FP8_FUSED_GEGLU=true needs Triton, which torch's CUDA builds install with it: "
+                "pip install triton, or unset IMAGESMITH_FP8_FUSED_GEGLU"
+            )
+        reasons.append("fp8 GEGLU fused into the feed-forward's matmul (Triton)")
+    else:
+        reasons.append("fp8 fused GEGLU emulated in fp32 off the GPU: useful for tests only")
+    return True
+
+
 def _choose_attention(device: DeviceInfo, settings: Settings, reasons: list[str]) -> str:
     """The backends differ on CUDA only; elsewhere torch has one attention path, so a choice is ignored."""
     choice = settings.attention_backend
@@ -286,6 +312,7 @@ def plan_hardware(device: DeviceInfo, settings: Settings) -> HardwarePlan:
         reasons.append("VAE tiling: decode in tiles to stay small")
     fp8 = _choose_fp8(device, settings, offload, reasons)
     fp8_convs = _choose_fp8_convs(device, settings, fp8, reasons)
+    fp8_fused_geglu = _choose_fp8_fused_geglu(device, settings, fp8, reasons)
     attention = _choose_attention(device, settings, reasons)
     return HardwarePlan(
         device=device.torch_device,
@@ -298,6 +325,7 @@ def plan_hardware(device: DeviceInfo, settings: Settings) -> HardwarePlan:
         fp8_asked=settings.fp8,
         attention=attention,
         fp8_convs=fp8_convs,
+        fp8_fused_geglu=fp8_fused_geglu,
     )
 
 
