@@ -11,11 +11,13 @@ Imported only where Triton is (a CUDA machine); the module that calls it keeps a
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
 
-E4M3_MAX = 448.0
+E4M3_MAX = tl.constexpr(448.0)  # a global a Triton kernel reads must be a constexpr
 
 # Tiles for Hopper's fp8 tensor cores (wgmma wants K-tiles of 32+ and 64+ rows per warp group). Two fp32
 # accumulators of BLOCK_M x BLOCK_N live in registers at once, so 128x128 tiles take 8 warps (64 registers each
@@ -113,14 +115,103 @@ def _fp8_geglu_kernel(
     tl.store(out, y.to(out_ptr.dtype.element_ty), mask=(out_rows[:, None] < M) & (out_cols[None, :] < N))
 
 
+def _set_tma_blocks(args: dict[str, Any]) -> None:
+    """Autotuning tries several tile shapes; each config gives the TMA descriptors their block before a launch."""
+    bm, bn, bk = args["BLOCK_M"], args["BLOCK_N"], args["BLOCK_K"]
+    args["x_desc"].block_shape = [bm, bk]
+    args["w_desc"].block_shape = [bn, bk]
+    args["out_desc"].block_shape = [bm, bn]
+
+
+_TMA_CONFIGS = [
+    triton.Config(
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+        num_warps=w,
+        num_stages=s,
+        pre_hook=_set_tma_blocks,
+    )
+    for bm, bn, bk, w, s in [
+        (128, 128, 128, 8, 3),
+        (128, 128, 128, 8, 4),
+        (128, 128, 64, 8, 4),
+        (128, 128, 64, 8, 5),
+        (128, 64, 128, 4, 4),
+        (64, 128, 128, 4, 4),
+        (256, 64, 128, 8, 3),
+    ]
+]
+
+
+@triton.autotune(configs=_TMA_CONFIGS, key=["M", "N", "K"])
+@triton.jit
+def _fp8_geglu_tma_kernel(
+    x_desc,  # [M, K] e4m3
+    w_desc,  # [2N, K] e4m3: the value rows, then the gate rows
+    bias_ptr,
+    descale_ptr,
+    out_scale_ptr,
+    out_desc,  # [M, N] e4m3
+    M,
+    N,
+    K,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """The same arithmetic as _fp8_geglu_kernel, its tiles moved by Hopper's tensor memory accelerator (TMA):
+    bulk copies into shared memory that Triton pipelines asynchronously, out-of-bounds rows and columns read as
+    zeros and clipped on the store, so no masks and no address arithmetic per element."""
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = min(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    row = pid_m * BLOCK_M
+    col = pid_n * BLOCK_N
+
+    value = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        a = x_desc.load([row, k])
+        # A value tile past column N reads gate rows: harmless, those output columns are clipped on the store.
+        value = tl.dot(a, w_desc.load([col, k]).T, value)
+        gate = tl.dot(a, w_desc.load([N + col, k]).T, gate)
+
+    descale = tl.load(descale_ptr)
+    value = value * descale
+    gate = gate * descale
+    if HAS_BIAS:
+        cols = (col + tl.arange(0, BLOCK_N)) % N
+        value += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+        gate += tl.load(bias_ptr + N + cols).to(tl.float32)[None, :]
+    y = value * (0.5 * gate * (1.0 + tl.erf(gate * 0.7071067811865476)))
+    y = y * (1.0 / tl.load(out_scale_ptr))
+    y = tl.minimum(tl.maximum(y, -E4M3_MAX), E4M3_MAX)
+    out_desc.store([row, col], y.to(tl.float8e4nv))
+
+
+def tma_ready(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """TMA needs 16-byte aligned rows (K and N multiples of 16 for e4m3) and base addresses."""
+    n = weight.shape[0] // 2
+    aligned = all(t.data_ptr() % 16 == 0 and t.stride(1) == 1 for t in (x, weight))
+    return aligned and x.shape[1] % 16 == 0 and n % 16 == 0
+
+
 def fp8_geglu_cuda(
     x: torch.Tensor,
     weight: torch.Tensor,
     descale: torch.Tensor,
     bias: torch.Tensor | None,
     out_scale: torch.Tensor,
+    tma: bool | None = None,
 ) -> torch.Tensor:
-    """x [M, K] e4m3, weight [2N, K] e4m3 -> [M, N] e4m3 (engine/fp8_geglu.py's op says what it computes)."""
+    """x [M, K] e4m3, weight [2N, K] e4m3 -> [M, N] e4m3 (engine/fp8_geglu.py's op says what it computes).
+    tma: the TMA kernel (None: wherever the shapes allow it), else the one with plain loads."""
     m, k = x.shape
     n = weight.shape[0] // 2
     out = torch.empty((m, n), device=x.device, dtype=torch.float8_e4m3fn)
@@ -128,6 +219,25 @@ def fp8_geglu_cuda(
     def grid(meta: dict[str, int]) -> tuple[int]:
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
+    if tma is None:
+        tma = tma_ready(x, weight)
+    if tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        placeholder = [16, 16]  # each config's pre_hook sets the real block shapes
+        _fp8_geglu_tma_kernel[grid](
+            TensorDescriptor.from_tensor(x, placeholder),
+            TensorDescriptor.from_tensor(weight, placeholder),
+            bias if bias is not None else descale,
+            descale,
+            out_scale,
+            TensorDescriptor.from_tensor(out, placeholder),
+            m,
+            n,
+            k,
+            HAS_BIAS=bias is not None,
+        )
+        return out
     _fp8_geglu_kernel[grid](
         x,
         weight,
