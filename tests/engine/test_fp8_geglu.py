@@ -75,6 +75,10 @@ def test_only_static_fp8_geglu_feed_forwards_fuse() -> None:
     assert not fusable(FeedForward(32, activation_fn="geglu"))  # bf16 linears
     assert not fusable(FeedForward(32, activation_fn="geglu-approximate"))  # gelu's sigmoid approximation
     assert not fusable(FeedForward(32, activation_fn="gelu"))
+    narrow = FeedForward(32, activation_fn="geglu", inner_dim=40)  # N = 40: TMA's rows need multiples of 16
+    narrow.net[0].proj = Float8Linear(narrow.net[0].proj, "static")
+    narrow.net[2] = Float8Linear(narrow.net[2], "static")
+    assert not fusable(narrow)
     dynamic = FeedForward(32, activation_fn="geglu")
     dynamic.net[0].proj = Float8Linear(dynamic.net[0].proj, "row-wise")
     dynamic.net[2] = Float8Linear(dynamic.net[2], "row-wise")

@@ -107,7 +107,7 @@ class Fp8GegluFeedForward(nn.Module):
 
 
 def fusable(module: nn.Module) -> bool:
-    """A FeedForward of GEGLU, dropout and a linear, both linears static-scaled fp8."""
+    """A FeedForward of GEGLU, dropout and a linear, both linears static-scaled fp8, of widths the kernel takes."""
     if type(module) is not FeedForward:
         return False
     net = list(module.net)
@@ -117,6 +117,9 @@ def fusable(module: nn.Module) -> bool:
     return (
         type(geglu) is GEGLU  # exact gelu (erf), as the kernel computes; "geglu-approximate" is another class
         and isinstance(geglu.proj, Float8Linear)
+        # The kernel's TMA reads e4m3 rows in 16-byte steps: K and N (half the projection) multiples of 16.
+        and geglu.proj.in_features % 16 == 0
+        and geglu.proj.out_features % 32 == 0
         and isinstance(out, Float8Linear)
         and geglu.proj.scaling == out.scaling == "static"
     )
