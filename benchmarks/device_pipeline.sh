@@ -54,14 +54,19 @@
 # benchmarks/fp8_attention.py; run 55 models,queue with QUEUE_BATCHES=1,4 QUEUE_ARGS="--fp8 --repeats 2
 # --eager-batches none" produced no row in 497 s (a static-fp8 service start does not fit one call); run 56
 # benchmarks/fp8_conv_plan_names.py.
-# Next: GPU_TESTS_K=by_name (the plan reuse by name across batch sizes, built after run 56; ~60 s); the layout A/B
-# alone (~580 s, no eager reference): models,fast-path with FAST_PHASES=variants
-# FAST_VARIANTS=reduce-overhead+fp8+fp8conv:mlperf,reduce-overhead+fp8+fp8convnchw:mlperf
-# FAST_ARGS="--mlperf-batches 8 --compile-needs-s 170 --no-prompt-cache-ab" (+cdt in place of +fp8convnchw for
-# inductor's coordinate-descent tuning, the same way); the ensembles (static fp8 with the GPU
-# decode, then + fp8 convolutions) each in a call of their own with FAST_PHASES=eager,variants; max-autotune with
-# TORCHINDUCTOR_MAX_AUTOTUNE_CONV_BACKENDS=ATEN exported (it enters every compile's cache key):
-# FAST2_PHASES=peer,eager,variants FAST2_VARIANTS=reduce-overhead,max-autotune FAST2_ARGS="--compile-needs-s 720".
+# Runs 57-60 (session 20): run 57 GPU_TESTS_K="by_name or geglu" and benchmarks/fp8_geglu.py (plain python
+# calls, no pipeline); run 58 the same; run 59 models,fast-path with FAST_PHASES=variants
+# FAST_VARIANTS=reduce-overhead+fp8+fp8conv+geglu:mlperf,reduce-overhead+fp8+fp8conv:mlperf (the peer did not fit);
+# run 60 the same with reduce-overhead+fp8:mlperf,reduce-overhead+fp8+geglu:mlperf (the second did not fit: a
+# static-fp8 variant's first call was 223 s, and the fused one's longer).
+# Next: python3 benchmarks/fp8_geglu.py --batches 16,2 --cold (~100 s, PYTHONPATH=/tmp/site:src:benchmarks); then
+# models,fast-path with FAST_PHASES=variants FAST_VARIANTS=reduce-overhead+fp8+geglu:mlperf,reduce-overhead+fp8:mlperf
+# FAST_ARGS="--mlperf-batches 8 --compile-needs-s 120 --no-prompt-cache-ab" alone in its call; then the layout A/B
+# (~580 s): FAST_VARIANTS=reduce-overhead+fp8+fp8conv:mlperf,reduce-overhead+fp8+fp8convnchw:mlperf (+cdt in place
+# of +fp8convnchw the same way); the ensembles (static fp8 with the GPU decode, then + fp8 convolutions) each in a
+# call of their own with FAST_PHASES=eager,variants; max-autotune with TORCHINDUCTOR_MAX_AUTOTUNE_CONV_BACKENDS=ATEN
+# exported (it enters every compile's cache key): FAST2_PHASES=peer,eager,variants
+# FAST2_VARIANTS=reduce-overhead,max-autotune FAST2_ARGS="--compile-needs-s 720".
 set -u
 PIPE=.devcache/pipe
 
