@@ -42,3 +42,17 @@ def test_sizes_in_settings_follow_the_request_rules_at_start(
     """A size no request could have is refused when the settings load, not at warm-up or on a request."""
     with pytest.raises(ValidationError, match=says):
         Settings(_env_file=None, data_dir=tmp_path, **{setting: value})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("field", "variable"), [("fp8_convs", "FP8_CONVS"), ("fp8_fused_geglu", "FP8_FUSED_GEGLU")]
+)
+def test_fp8_extras_need_static_fp8_linears(field: str, variable: str) -> None:
+    """fp8 convolutions and the fused GEGLU take scales calibrated with the static fp8 linears'."""
+    with pytest.raises(
+        ValidationError, match=f"IMAGESMITH_{variable}=true needs fp8 linears with static scales"
+    ):
+        Settings(**{field: True})
+    with pytest.raises(ValidationError, match=f"IMAGESMITH_FP8=true.*unset IMAGESMITH_{variable}"):
+        Settings(**{"fp8": True, "fp8_scales": "dynamic", field: True})
+    assert getattr(Settings(**{"fp8": True, field: True}), field)

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from pydantic import ValidationError
 from torch import nn
 
 from imagesmith.config import Settings
@@ -132,16 +131,6 @@ def test_the_op_compiles_as_one_opaque_call_and_matches_eager() -> None:
     assert counter.frame_count == 1
     graph = counter.graphs[0].code
     assert "imagesmith.fp8_conv2d" in graph and "conv2d(" not in graph.replace("fp8_conv2d", "")
-
-
-def test_fp8_convolutions_need_static_fp8_linears() -> None:
-    with pytest.raises(
-        ValidationError, match="IMAGESMITH_FP8_CONVS=true needs fp8 linears with static scales"
-    ):
-        Settings(fp8_convs=True)
-    with pytest.raises(ValidationError, match="IMAGESMITH_FP8=true"):
-        Settings(fp8=True, fp8_scales="dynamic", fp8_convs=True)
-    assert Settings(fp8=True, fp8_convs=True).fp8_convs
 
 
 def test_quantize_convolutions_counts_what_it_swapped() -> None:

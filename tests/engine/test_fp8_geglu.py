@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers.models.attention import FeedForward
-from pydantic import ValidationError
 from torch import nn
 
 from imagesmith.config import Settings
@@ -125,16 +124,5 @@ def test_the_engine_fuses_every_unet_feed_forward_after_calibrating(tiny_setting
     b = np.asarray(fused.generate(request).images[0]).astype(float)
     assert not unfused_calls  # every feed-forward ran the fused op
     psnr = 10 * np.log10(255**2 / max(np.mean((a - b) ** 2), 1e-12))
-    assert psnr > 40, (
-        psnr
-    )  # the same picture (on the CPU in fp32 the same arithmetic: no bf16 product to round)
-
-
-def test_a_fused_geglu_needs_static_fp8_linears() -> None:
-    with pytest.raises(
-        ValidationError, match="IMAGESMITH_FP8_FUSED_GEGLU=true needs fp8 linears with static"
-    ):
-        Settings(fp8_fused_geglu=True)
-    with pytest.raises(ValidationError, match="unset IMAGESMITH_FP8_FUSED_GEGLU"):
-        Settings(fp8=True, fp8_scales="dynamic", fp8_fused_geglu=True)
-    assert Settings(fp8=True, fp8_fused_geglu=True).fp8_fused_geglu
+    # The same picture (on the CPU in fp32 the same arithmetic: no bf16 product to round).
+    assert psnr > 40, psnr
