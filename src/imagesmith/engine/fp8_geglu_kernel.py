@@ -37,8 +37,10 @@ def _set_tma_blocks(args: dict[str, Any]) -> None:
 
 # Tiles for Hopper's fp8 tensor cores (wgmma wants K-tiles of 32+ and 64+ rows per warp group). Two fp32
 # accumulators of BLOCK_M x BLOCK_N live in registers at once, so 128x128 tiles take 8 warps (64 registers each
-# per accumulator) where a single-accumulator matmul would use 4. Autotuned per (M, N, K) on the first call
-# (run 58 chose 128x128x128, 8 warps, 3-4 stages at every SDXL shape).
+# per accumulator) where a single-accumulator matmul would use 4. Autotuned per (M, N, K) on the first call: the two
+# that won at every SDXL shape in run 58 (128x128x128, 3 or 4 stages), beside a shorter K step and a tile for few
+# rows, for other widths; run 58's other three (128x64, 256x64, 5 stages) never won, and each candidate costs a
+# compile and a timing at the first start.
 _CONFIGS = [
     triton.Config(
         {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
@@ -50,10 +52,7 @@ _CONFIGS = [
         (128, 128, 128, 8, 3),
         (128, 128, 128, 8, 4),
         (128, 128, 64, 8, 4),
-        (128, 128, 64, 8, 5),
-        (128, 64, 128, 4, 4),
         (64, 128, 128, 4, 4),
-        (256, 64, 128, 8, 3),
     ]
 ]
 
