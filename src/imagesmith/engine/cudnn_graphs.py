@@ -1,9 +1,10 @@
 """cuDNN graphs through NVIDIA's cuDNN frontend (`import cudnn`, the optional `nvidia-cudnn-frontend` wheel): one
 graph per operation shape, its plans built and timed on first use, the fastest kept and remembered.
 
-Shared by the fp8 operations torch does not have: engine/fp8_conv.py (convolutions) and engine/fp8_attention.py
-(scaled dot-product attention). Each subclass says how to describe its operation as a cuDNN graph and which of
-its tensors feed the graph's inputs; this module does the rest: one handle per GPU, the graphs by shape, the plan
+For the fp8 operations torch does not have: engine/fp8_conv.py (convolutions), and benchmarks/fp8_attention.py
+(scaled dot-product attention, measured and ruled out: slower than bf16 on SDXL, run 54). Each subclass says
+how to describe its operation as a cuDNN graph and which of its tensors feed the graph's inputs; this module does
+the rest: one handle per GPU, the graphs by shape, the plan
 choice (cuDNN's heuristic's first plan was up to 3x slower than its fastest on SDXL's convolutions, run 51), the
 choice remembered beside the compile cache (engine/cudnn_plan_file.py) so a restart builds only that plan, and a
 report of what each choice cost (run 52's first call was 135 s longer and nothing said where the time went).
@@ -275,9 +276,8 @@ class CudnnGraphs:
 
 
 _Graphs = TypeVar("_Graphs", bound=CudnnGraphs)
-_SHARED: list[
-    CudnnGraphs
-] = []  # the process's graphs of each kind (each fp8 module's own), in creation order
+# The process's graphs of each kind (each fp8 module's own), in creation order.
+_SHARED: list[CudnnGraphs] = []
 
 
 def shared(graphs: _Graphs) -> _Graphs:

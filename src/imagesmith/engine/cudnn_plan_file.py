@@ -21,7 +21,7 @@ FILE_NAME = "fp8-conv-plans.json"
 
 
 def plan_key(device_name: str, cudnn_version: int, shape: tuple[object, ...]) -> str:
-    """One line per (GPU model, cuDNN version, convolution shape): a plan index means nothing across them."""
+    """One line per (GPU model, cuDNN version, graph shape): a plan index means nothing across them."""
     return f"{device_name} | cudnn {cudnn_version} | " + " ".join(str(part) for part in shape)
 
 
@@ -38,7 +38,7 @@ class PlanChoices:
         try:
             data = json.loads(self.path.read_text())
         except (OSError, ValueError) as error:
-            log.warning("fp8 convolution plans in %s not read (%s); choosing again", self.path, error)
+            log.warning("cuDNN plans in %s not read (%s); choosing again", self.path, error)
             return {}
         if not isinstance(data, dict):
             return {}
@@ -57,6 +57,4 @@ class PlanChoices:
             partial.write_text(json.dumps(self._choices, indent=1, sort_keys=True))
             os.replace(partial, self.path)  # whole or not at all: a crash mid-write leaves the old file
         except OSError as error:
-            log.warning(
-                "fp8 convolution plans not saved to %s (%s): the next start chooses again", self.path, error
-            )
+            log.warning("cuDNN plans not saved to %s (%s): the next start chooses again", self.path, error)
