@@ -31,16 +31,14 @@ output row is a convex combination of V's rows. The cuDNN graph per shape and it
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from fp8_gemm import cudnn_report, print_totals_table, record_batch, time_ms
+from fp8_gemm import cudnn_report, print_per_call_totals, record_batch, time_ms, unet_batch_parser
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -294,12 +292,8 @@ def measure_shape(batch: int, tokens: int, heads: int, dim: int, repeats: int) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--batches", default="16,2", help="the UNet's batch (images x 2 for guidance)")
+    parser = unet_batch_parser(__doc__)
     parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     import cudnn  # nvidia-cudnn-frontend, after torch has loaded libcudnn
 
@@ -327,12 +321,7 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
         record_batch(report, batch, rows, methods, args.out)
-    if report["batches"]:
-        print_totals_table(
-            "UNet batch",
-            {batch: data["per_base_unet_call_ms"] for batch, data in report["batches"].items()},
-            "ms per base UNet call, summed over its self-attentions",
-        )
+    print_per_call_totals(report, "ms per base UNet call, summed over its self-attentions")
     return 0
 
 

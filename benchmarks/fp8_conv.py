@@ -19,15 +19,20 @@ to e4m3). Each figure is the median of CUDA-event timings over `--repeats` calls
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from fp8_gemm import cudnn_report, print_totals_table, quantize_tensorwise, record_batch, time_ms
+from fp8_gemm import (
+    cudnn_report,
+    print_per_call_totals,
+    quantize_tensorwise,
+    record_batch,
+    time_ms,
+    unet_batch_parser,
+)
 
 # (in channels, out channels, kernel, stride, input height = width, calls per UNet call), from a forward of the
 # full-size UNets (benchmarks/sdxl-architecture.json) on the meta device with hooks on every Conv2d, 1024x1024
@@ -230,13 +235,9 @@ def measure_shape(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--batches", default="16,2", help="the UNet's batch (images x 2 for guidance)")
+    parser = unet_batch_parser(__doc__)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--max-plans", type=int, default=12, help="cuDNN plans timed per shape")
-    parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     import cudnn  # nvidia-cudnn-frontend, after torch has loaded libcudnn
 
@@ -263,10 +264,8 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
         record_batch(report, batch, rows, methods, args.out)
-    print_totals_table(
-        "UNet batch",
-        {batch: data["per_base_unet_call_ms"] for batch, data in report["batches"].items()},
-        "ms per base UNet call, summed over its convolutions but conv_in and conv_out",
+    print_per_call_totals(
+        report, "ms per base UNet call, summed over its convolutions but conv_in and conv_out"
     )
     cudnn.destroy_handle(handle)
     return 0

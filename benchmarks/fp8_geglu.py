@@ -22,16 +22,14 @@ showed up as ~2-3 ms in the engine (runs 59-60) is the question it asks.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 import triton.testing
-from fp8_gemm import print_totals_table, record_batch
+from fp8_gemm import print_per_call_totals, record_batch, unet_batch_parser
 
 from imagesmith.engine import fp8_geglu_kernel
 from imagesmith.engine.fp8 import CALIBRATION_HEADROOM, E4M3_MAX, e4m3_scales, to_e4m3
@@ -128,12 +126,8 @@ def measure_shape(rows: int, k: int, n: int, compiled: Any, cold: bool) -> dict[
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--batches", default="16,2", help="UNet batches (the image batch x 2 with guidance)")
+    parser = unet_batch_parser(__doc__)
     parser.add_argument("--cold", action="store_true", help="operands from memory, not from L2 (see above)")
-    parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     compiled = torch.compile(unfused)
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
@@ -160,11 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
         record_batch(report, batch, rows, METHODS, args.out)
-    print_totals_table(
-        "UNet batch",
-        {batch: data["per_base_unet_call_ms"] for batch, data in report["batches"].items()},
-        "ms per base UNet call, summed over its 70 feed-forwards' first halves",
-    )
+    print_per_call_totals(report, "ms per base UNet call, summed over its 70 feed-forwards' first halves")
     return 0
 
 

@@ -224,6 +224,24 @@ def record_batch(
         out.write_text(json.dumps(report, indent=2, default=str))
 
 
+def unet_batch_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The per-shape microbenchmarks' common arguments: the UNet batches to measure and the JSON report's path."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", default="16,2", help="the UNet's batch (images x 2 for guidance)")
+    parser.add_argument("--out", type=Path)
+    return parser
+
+
+def print_per_call_totals(report: dict[str, Any], caption: str) -> None:
+    """The report's per-batch totals (record_batch's ms per base UNet call) as print_totals_table's table."""
+    if report["batches"]:
+        print_totals_table(
+            "UNet batch",
+            {batch: data["per_base_unet_call_ms"] for batch, data in report["batches"].items()},
+            caption,
+        )
+
+
 def print_totals_table(first_column: str, totals: dict[Any, dict[str, float]], caption: str) -> None:
     """A markdown table, one row per batch of {method: ms} (the same methods in each), then its caption."""
     methods = list(next(iter(totals.values())))
