@@ -84,9 +84,7 @@ class HardwarePlan:
     fp8_asked: bool = False  # the settings asked for fp8 (fp8 may still be None: skipped, with a reason)
     attention: str = "auto"  # the attention kernel tried first (engine/attention.py); "auto": torch's order
     fp8_convs: bool = False  # the UNets' convolutions in fp8 through cuDNN (engine/fp8_conv.py)
-    fp8_fused_geglu: bool = (
-        False  # the feed-forwards' GEGLU inside their first fp8 matmul (engine/fp8_geglu.py)
-    )
+    fp8_fused_geglu: bool = False  # GEGLU inside the feed-forward's first fp8 matmul (engine/fp8_geglu.py)
 
     @property
     def dtype(self) -> torch.dtype:
