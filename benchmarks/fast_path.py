@@ -371,6 +371,11 @@ def main() -> None:
         "--profile", action="store_true", help="profile one ensemble per variant: GPU kernel time by kind"
     )
     parser.add_argument(
+        "--pin-ab",
+        action="store_true",
+        help="before an MLPerf row's runs, time 3 batches with the execution device searched (the peer)",
+    )
+    parser.add_argument(
         "--idle-profile",
         action="store_true",
         help="after an MLPerf row's runs, profile two more batches: where the GPU waits (gpu_idle.py)",
@@ -395,6 +400,7 @@ def main() -> None:
     from imagesmith.config import Settings
     from imagesmith.engine.cudnn_graphs import plan_reports
     from imagesmith.engine.engine import BatchItem, Engine
+    from imagesmith.engine.execution_device import pin_execution_device, unpin_execution_device
     from imagesmith.engine.fast import warm_up
     from imagesmith.engine.hardware import plan_hardware, probe_device
     from imagesmith.engine.models import LoadedModels, ModelSources
@@ -522,6 +528,20 @@ def main() -> None:
                 seconds.setdefault(stage.name, []).append(stage.seconds)
         return {name: round(statistics.median(values), 4) for name, values in seconds.items()}
 
+    def unpinned_batches(engine: Any, items: list[Any]) -> dict[str, Any]:
+        """The peer of the engine's pinned execution device (engine/execution_device.py): the same warm engine
+        with diffusers' search on every use, timed the same way (3 batches), then pinned again."""
+        pipes = [pipe for pipe in (engine.models.base, engine.models.refiner) if pipe is not None]
+        devices = [pipe._execution_device for pipe in pipes]
+        for pipe in pipes:
+            unpin_execution_device(pipe)
+        try:
+            stats = timed(functools.partial(engine.generate_batch, items), 3)
+        finally:
+            for pipe, device in zip(pipes, devices, strict=True):
+                pin_execution_device(pipe, device)
+        return {**stats, "images_per_s": len(items) / stats["median_s"]}
+
     def mlperf_rows(engine: Any, label: str, batch_sizes: list[int], rates: UnetRates) -> dict[str, Any]:
         """`rates` times the base UNet's own calls on the GPU (CUDA events around each): a kernel-level A/B's
         figure, which the batch time mixes with the decode and the host (run 59's fused GEGLU could not be told
@@ -534,6 +554,7 @@ def main() -> None:
             first = engine.generate_batch(items)  # warm (compiles this batch size when compiled)
             sync()
             first_s = time.perf_counter() - t0
+            unpinned_row = unpinned_batches(engine, items) if args.pin_ab else None
             reset_peak()
             rates.discard()
             passes: list[Any] = []
@@ -543,6 +564,12 @@ def main() -> None:
             row["first_call_s"] = first_s
             row["median_stage_s"] = median_stage_s(passes)
             row["unet"] = rates.take(images=batch)
+            if unpinned_row is not None:
+                row["unpinned_execution_device"] = unpinned_row
+                run.log(
+                    f"{label} batch {batch}: execution device searched (diffusers) "
+                    f"{unpinned_row['images_per_s']:.3f} images/s, pinned {row['images_per_s']:.3f}"
+                )
             if args.idle_profile:
                 row["gpu_idle"] = profile_idle(functools.partial(engine.generate_batch, items), calls=2)
                 print_idle(row["gpu_idle"], f"{label} batch {batch}")
