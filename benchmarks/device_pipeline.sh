@@ -59,13 +59,17 @@
 # FAST_VARIANTS=reduce-overhead+fp8+fp8conv+geglu:mlperf,reduce-overhead+fp8+fp8conv:mlperf (the peer did not fit);
 # run 60 the same with reduce-overhead+fp8:mlperf,reduce-overhead+fp8+geglu:mlperf (the second did not fit: a
 # static-fp8 variant's first call was 223 s, and the fused one's longer).
-# Next: python3 benchmarks/fp8_geglu.py --batches 16,2 --cold (~100 s, PYTHONPATH=/tmp/site:src:benchmarks); then
-# models,fast-path with FAST_PHASES=variants FAST_VARIANTS=reduce-overhead+fp8+geglu:mlperf,reduce-overhead+fp8:mlperf
-# FAST_ARGS="--mlperf-batches 8 --compile-needs-s 120 --no-prompt-cache-ab" alone in its call; then the layout A/B
-# (~580 s): FAST_VARIANTS=reduce-overhead+fp8+fp8conv:mlperf,reduce-overhead+fp8+fp8convnchw:mlperf (+cdt in place
-# of +fp8convnchw the same way); the ensembles (static fp8 with the GPU decode, then + fp8 convolutions) each in a
-# call of their own with FAST_PHASES=eager,variants; max-autotune with TORCHINDUCTOR_MAX_AUTOTUNE_CONV_BACKENDS=ATEN
-# exported (it enters every compile's cache key): FAST2_PHASES=peer,eager,variants
+# Runs 61-65 (session 21): run 61 fp8_geglu.py --cold and vae_decode.py (plain python calls); runs 62-63
+# models,fast-path with +fp8+fp8conv+geglu:mlperf cold, then the next call on the same machine with
+# +fp8+fp8conv:mlperf,+fp8+fp8conv+geglu:mlperf (the second from the first's caches: a same-process A/B in 284 s);
+# run 64 models,fast-path with reduce-overhead+fp8:mlperf and --idle-profile; run 65 fast-path alone with
+# +fp8conv+geglu and --pin-ab --idle-profile in 305 s did not finish its first call (no figure).
+# Next: fast-path alone (it does not need models) with FAST_PHASES=variants FAST_VARIANTS=reduce-overhead+fp8:mlperf
+# FAST_ARGS="--mlperf-batches 8 --compile-needs-s 120 --no-prompt-cache-ab --pin-ab --idle-profile --idle-stacks"
+# (~330 s); then, chained within 30 s on the same machine, +fp8+fp8conv+geglu:mlperf for the headline; then the
+# layout A/B (+fp8conv against +fp8convnchw, ~580 s), +cdt, the ensembles (static fp8 with the GPU decode, then +
+# fp8 convolutions) each in a call of their own with FAST_PHASES=eager,variants; max-autotune with
+# TORCHINDUCTOR_MAX_AUTOTUNE_CONV_BACKENDS=ATEN exported: FAST2_PHASES=peer,eager,variants
 # FAST2_VARIANTS=reduce-overhead,max-autotune FAST2_ARGS="--compile-needs-s 720".
 set -u
 PIPE=.devcache/pipe

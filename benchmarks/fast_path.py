@@ -376,6 +376,11 @@ def main() -> None:
         help="before an MLPerf row's runs, time 3 batches with the execution device searched (the peer)",
     )
     parser.add_argument(
+        "--idle-stacks",
+        action="store_true",
+        help="after an MLPerf row's runs, profile one batch with Python's functions: what fills each GPU hole",
+    )
+    parser.add_argument(
         "--idle-profile",
         action="store_true",
         help="after an MLPerf row's runs, profile two more batches: where the GPU waits (gpu_idle.py)",
@@ -573,6 +578,11 @@ def main() -> None:
             if args.idle_profile:
                 row["gpu_idle"] = profile_idle(functools.partial(engine.generate_batch, items), calls=2)
                 print_idle(row["gpu_idle"], f"{label} batch {batch}")
+            if args.idle_stacks:
+                row["gpu_idle_with_stacks"] = profile_idle(
+                    functools.partial(engine.generate_batch, items), calls=1, with_stack=True
+                )
+                print_idle(row["gpu_idle_with_stacks"], f"{label} batch {batch}, with Python stacks")
             key = f"mlperf_image_{batch}"
             if key in reference:
                 row["psnr_vs_eager_db"] = psnr(image, reference[key])

@@ -35,11 +35,30 @@ def merged_busy(intervals: list[tuple[float, float]]) -> list[tuple[float, float
     return spans
 
 
+def host_inside(host: list[tuple[float, float, str]], start: float, end: float) -> list[str]:
+    """What the host ran during a hole: the events overlapping it, most overlap first, leaving out those over
+    4x the hole's length (the frames around everything: the pass, the pipeline's call)."""
+    length = end - start
+    overlaps = [
+        (min(e, end) - max(s, start), name)
+        for s, e, name in host
+        if e > start and s < end and e - s <= 4 * length
+    ]
+    named: dict[str, float] = {}
+    for overlap, name in sorted(overlaps, reverse=True):
+        named.setdefault(name, overlap)
+    return [f"{name} ({overlap / 1e3:.1f} ms)" for name, overlap in list(named.items())[:6]]
+
+
 def idle_gaps(
-    device: list[tuple[float, float, str]], host: list[tuple[float, str]], threshold_us: float, top: int
+    device: list[tuple[float, float, str]],
+    host: list[tuple[float, float, str]],
+    threshold_us: float,
+    top: int,
 ) -> dict[str, Any]:
-    """From device events (start us, end us, name) and host operators (start us, name): the busy and idle totals
-    between the first device event and the last, and the `top` longest holes of at least `threshold_us`."""
+    """From device events (start us, end us, name) and host events (start us, end us, name: operators, and
+    Python functions when profiled with stacks): the busy and idle totals between the first device event and the
+    last, and the `top` longest holes of at least `threshold_us`, each with what the host ran meanwhile."""
     if not device:
         return {"device_events": 0}
     spans = merged_busy([(start, end) for start, end, _ in device])
@@ -53,7 +72,7 @@ def idle_gaps(
             continue
         before = max((e for e in by_end if e[1] <= previous_end), key=lambda e: e[1])
         after = min((e for e in by_start if e[0] >= next_start), key=lambda e: e[0])
-        ops = Counter(name for at, name in host if previous_end <= at < next_start)
+        ops = Counter(name for at, _, name in host if previous_end <= at < next_start)
         holes.append(
             {
                 "at_ms": round((previous_end - first) / 1e3, 2),
@@ -61,6 +80,7 @@ def idle_gaps(
                 "after_kernel": before[2][:90],
                 "before_kernel": after[2][:90],
                 "host_ops": [f"{name} x{count}" for name, count in ops.most_common(6)],
+                "host_during": host_inside(host, previous_end, next_start),
             }
         )
     long_idle = sum(float(hole["idle_ms"]) for hole in holes)
@@ -75,27 +95,32 @@ def idle_gaps(
     }
 
 
-def profile_idle(fn: Callable[[], object], calls: int = 2, top: int = 12) -> dict[str, Any]:
-    """Profile `fn` called `calls` times (GPU and host operators) and report the GPU's idle time (idle_gaps)."""
+def profile_idle(
+    fn: Callable[[], object], calls: int = 2, top: int = 12, with_stack: bool = False
+) -> dict[str, Any]:
+    """Profile `fn` called `calls` times (GPU and host operators) and report the GPU's idle time (idle_gaps).
+    `with_stack`: record every Python function too (torch's Python tracer), so a hole where no torch operator
+    ran (run 64's 66 ms before a pass's first UNet call) shows which Python ran in it; it slows the host, so
+    the holes grow, and one call is enough."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(ProfilerActivity.CUDA)
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, with_stack=with_stack) as prof:
         for _ in range(calls):
             fn()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
     device: list[tuple[float, float, str]] = []
-    host: list[tuple[float, str]] = []
+    host: list[tuple[float, float, str]] = []
     for event in prof.events():
         start, end = event.time_range.start, event.time_range.end
         if event.device_type == torch.autograd.DeviceType.CUDA:
             if end > start:
                 device.append((start, end, event.name))
         else:
-            host.append((start, event.name))
+            host.append((start, end, event.name))
     report = idle_gaps(device, host, GAP_THRESHOLD_US, top)
     report["calls"] = calls
     return report
@@ -116,3 +141,5 @@ def print_idle(report: dict[str, Any], label: str) -> None:
             f"before {hole['before_kernel'][:50]} | host: {', '.join(hole['host_ops'][:4])}",
             flush=True,
         )
+        if hole["host_during"]:
+            print(f"      host during: {'; '.join(hole['host_during'][:4])}", flush=True)
