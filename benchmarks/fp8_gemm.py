@@ -58,6 +58,11 @@ def time_ms(fn: Callable[[], object], repeats: int) -> float:
         print(f"  refused: {str(error).splitlines()[0][:160]}", flush=True)
         return float("nan")
     torch.cuda.synchronize()
+    return statistics.median(event_times_ms(fn, repeats))
+
+
+def event_times_ms(fn: Callable[[], object], repeats: int) -> list[float]:
+    """Each of `repeats` calls' milliseconds on the GPU, CUDA events around it (no warm-up)."""
     samples = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -66,7 +71,7 @@ def time_ms(fn: Callable[[], object], repeats: int) -> float:
         end.record()
         end.synchronize()
         samples.append(start.elapsed_time(end))
-    return statistics.median(samples)
+    return samples
 
 
 def quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from fp8_gemm import event_times_ms
 from sdxl_random import VAE_KEY, architecture
 
 from imagesmith.engine.decode import _decode_once
@@ -90,14 +91,7 @@ def count_flops(vae: Any, device: str) -> tuple[float, list[dict[str, Any]]]:
 
 
 def median_ms(fn: Callable[[], object], runs: int) -> tuple[float, list[float]]:
-    times = []
-    for _ in range(runs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+    times = event_times_ms(fn, runs)
     return statistics.median(times), times
 
 
