@@ -107,7 +107,7 @@ def profile_idle(
     activities = [ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(ProfilerActivity.CUDA)
-    with profile(activities=activities, with_stack=with_stack) as prof:
+    with profile(activities=activities, with_stack=with_stack, **all_threads()) as prof:
         for _ in range(calls):
             fn()
         if torch.cuda.is_available():
@@ -124,6 +124,16 @@ def profile_idle(
     report = idle_gaps(device, host, GAP_THRESHOLD_US, top)
     report["calls"] = calls
     return report
+
+
+def all_threads() -> dict[str, Any]:
+    """The profiler's option to record every thread's operators. Without it only the thread that starts the
+    profiler is seen, and the engine runs its passes on a thread of its own (engine/gpu_thread.py): run 64's
+    holes listed only the CUDA runtime's calls (which CUPTI sees from any thread), as if no operator ran."""
+    try:
+        return {"experimental_config": torch._C._profiler._ExperimentalConfig(profile_all_threads=True)}
+    except TypeError:  # a torch without the option
+        return {}
 
 
 def print_idle(report: dict[str, Any], label: str) -> None:
