@@ -36,6 +36,10 @@ own kernels (normalisations, elementwise: ~40 ms of a ~189 ms fp8 base call at b
 measures the MLPerf setting instead of the ensemble (base UNet and VAE only; warm-up at batch 1 then the
 largest batch, as the service's warm-up does).
 
+An MLPerf row records 3 batches' times and the base UNet's own call time on the GPU; `--pin-ab` times 3 batches
+first with diffusers' execution-device search back on (engine/execution_device.py's peer), `--idle-profile` then
+profiles two batches for where the GPU waits (gpu_idle.py), `--idle-stacks` one more with Python's functions.
+
 Usage:  PYTHONPATH=src python benchmarks/fast_path.py --out DIR [--budget-s 540] [--smoke] \
             [--phases peer,eager,variants] [--variants default,reduce-overhead]
 """
