@@ -551,11 +551,13 @@ def main() -> None:
                 pin_execution_device(pipe, device)
         return {**stats, "images_per_s": len(items) / stats["median_s"]}
 
-    def mlperf_rows(engine: Any, label: str, batch_sizes: list[int], rates: UnetRates) -> dict[str, Any]:
-        """`rates` times the base UNet's own calls on the GPU (CUDA events around each): a kernel-level A/B's
-        figure, which the batch time mixes with the decode and the host (run 59's fused GEGLU could not be told
-        from its host)."""
-        rows: dict[str, Any] = {}
+    def mlperf_rows(
+        engine: Any, label: str, batch_sizes: list[int], rates: UnetRates, rows: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Fills `rows`, already in run.results, so each save holds the batches measured so far (through run 65
+        a row was attached only when all were done). `rates` times the base UNet's own calls on the GPU (CUDA
+        events around each): a kernel-level A/B's figure, which the batch time mixes with the decode and the
+        host (run 59's fused GEGLU could not be told from its host)."""
         for batch in batch_sizes:
             items = [BatchItem(mlperf_request(image)) for image in range(batch)]
             sync()
@@ -579,14 +581,6 @@ def main() -> None:
                     f"{label} batch {batch}: execution device searched (diffusers) "
                     f"{unpinned_row['images_per_s']:.3f} images/s, pinned {row['images_per_s']:.3f}"
                 )
-            if args.idle_profile:
-                row["gpu_idle"] = profile_idle(functools.partial(engine.generate_batch, items), calls=2)
-                print_idle(row["gpu_idle"], f"{label} batch {batch}")
-            if args.idle_stacks:
-                row["gpu_idle_with_stacks"] = profile_idle(
-                    functools.partial(engine.generate_batch, items), calls=1, with_stack=True
-                )
-                print_idle(row["gpu_idle_with_stacks"], f"{label} batch {batch}, with Python stacks")
             key = f"mlperf_image_{batch}"
             if key in reference:
                 row["psnr_vs_eager_db"] = psnr(image, reference[key])
@@ -597,7 +591,17 @@ def main() -> None:
                 f"{label} batch {batch}: {row['images_per_s']:.2f} images/s (first call {first_s:.1f}s), "
                 f"stages {row['median_stage_s']}, base UNet call {row['unet'].get('base', {}).get('gpu_ms_median')} ms"
             )
-            run.save()
+            run.save()  # before the profiles: a call cut short in one keeps the row
+            if args.idle_profile:
+                row["gpu_idle"] = profile_idle(functools.partial(engine.generate_batch, items), calls=2)
+                print_idle(row["gpu_idle"], f"{label} batch {batch}")
+                run.save()
+            if args.idle_stacks:
+                row["gpu_idle_with_stacks"] = profile_idle(
+                    functools.partial(engine.generate_batch, items), calls=1, with_stack=True
+                )
+                print_idle(row["gpu_idle_with_stacks"], f"{label} batch {batch}, with Python stacks")
+                run.save()
         return rows
 
     def with_prompt_cache(engine: Any, row: dict[str, Any], label: str) -> None:
@@ -635,7 +639,8 @@ def main() -> None:
         if args.prompt_cache_ab:
             with_prompt_cache(engine, row, "eager")
         if "mlperf" in phases:
-            run.results["mlperf_eager"] = mlperf_rows(engine, "mlperf eager", mlperf_batches, rates)
+            run.results["mlperf_eager"] = {}
+            mlperf_rows(engine, "mlperf eager", mlperf_batches, rates, run.results["mlperf_eager"])
 
     if "eager" in phases:
         run.phase("eager", 40, eager)
@@ -699,7 +704,8 @@ def main() -> None:
         variant: Variant, engine: Any, row: dict[str, Any], rates: UnetRates, levers: list[str], began: float
     ) -> None:
         if variant.mlperf:
-            row["mlperf"] = mlperf_rows(engine, variant.spec, mlperf_batches, rates)
+            row["mlperf"] = {}
+            mlperf_rows(engine, variant.spec, mlperf_batches, rates, row["mlperf"])
         else:
             t0 = time.perf_counter()
             row["warm_up_s"] = warm_up(engine, [(px, px)], [1])
