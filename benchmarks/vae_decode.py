@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from fp8_gemm import event_times_ms
+from fp8_gemm import event_times_ms, time_ms
 from sdxl_random import VAE_KEY, architecture
 
 from imagesmith.engine.decode import _decode_once
@@ -90,11 +90,6 @@ def count_flops(vae: Any, device: str) -> tuple[float, list[dict[str, Any]]]:
     return flops[0], rows
 
 
-def median_ms(fn: Callable[[], object], runs: int) -> tuple[float, list[float]]:
-    times = event_times_ms(fn, runs)
-    return statistics.median(times), times
-
-
 def conv_floor(rows: list[dict[str, Any]], runs: int) -> list[dict[str, Any]]:
     """Each convolution shape alone in bf16 (cuDNN picking its fastest algorithm), NCHW and channels-last:
     what the decode's convolutions could take at best in either layout."""
@@ -107,13 +102,11 @@ def conv_floor(rows: list[dict[str, Any]], runs: int) -> list[dict[str, Any]]:
         flops = 2 * row["kernel"] ** 2 * row["in"] * row["out"] * row["size"] ** 2
         for layout, fmt in (("nchw", torch.contiguous_format), ("nhwc", torch.channels_last)):
             xl, wl = x.contiguous(memory_format=fmt), w.contiguous(memory_format=fmt)
-            for _ in range(3):
-                F.conv2d(xl, wl, b, padding=pad)
 
             def conv(xl: torch.Tensor = xl, wl: torch.Tensor = wl) -> torch.Tensor:
                 return F.conv2d(xl, wl, b, padding=pad)  # noqa: B023 (called only in this iteration)
 
-            ms, _ = median_ms(conv, runs)
+            ms = time_ms(conv, runs)  # its warm-up calls let cuDNN's benchmark choose first
             row[f"{layout}_ms"] = ms
             row[f"{layout}_tflop_s"] = flops / ms / 1e9
         print(
@@ -205,7 +198,8 @@ def measure_variant(vae: Any, variant: str, flops: float, runs: int) -> dict[str
         for _ in range(2):
             decode()
         torch.cuda.reset_peak_memory_stats()
-        ms, times = median_ms(decode, runs)
+        times = event_times_ms(decode, runs)
+        ms = statistics.median(times)
         per_image = ms / images
         row: dict[str, Any] = {
             "images_per_call": images,
