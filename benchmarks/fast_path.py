@@ -380,6 +380,18 @@ def main() -> None:
         help="before an MLPerf row's runs, time 3 batches with the execution device searched (the peer)",
     )
     parser.add_argument(
+        "--noise-ab",
+        action="store_true",
+        help="before an MLPerf row's runs, time 3 batches with diffusers drawing the starting noise (the peer of "
+        "engine/starting_noise.py)",
+    )
+    parser.add_argument(
+        "--threads-ab",
+        action="store_true",
+        help="before an MLPerf row's runs, time 3 batches with torch's own CPU thread count on the GPU thread "
+        "(the peer of the plan's cpu_threads; engine/cpu_threads.py)",
+    )
+    parser.add_argument(
         "--idle-stacks",
         action="store_true",
         help="after an MLPerf row's runs, profile one batch with Python's functions: what fills each GPU hole",
@@ -393,6 +405,7 @@ def main() -> None:
         "--compile-needs-s", type=float, default=240, help="budget a variant needs (a cold compile)"
     )
     args = parser.parse_args()
+    torch_threads_at_start = torch.get_num_threads()  # before any engine lowers it: the threads A/B's peer
     run = Run(args)
     smoke = args.smoke
     phases = set(args.phases.split(","))
@@ -418,6 +431,7 @@ def main() -> None:
 
     plan = plan_hardware(probe_device(device), Settings())
     run.results["plan"] = plan.summary()
+    run.results["torch_cpu_threads_at_start"] = torch_threads_at_start
     run.results["versions"] = {
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
@@ -551,6 +565,30 @@ def main() -> None:
                 pin_execution_device(pipe, device)
         return {**stats, "images_per_s": len(items) / stats["median_s"]}
 
+    def diffusers_noise_batches(engine: Any, items: list[Any]) -> dict[str, Any]:
+        """The peer of the engine's starting noise (engine/starting_noise.py): the same warm engine with
+        diffusers' randn_tensor (a CPU cat and a blocking upload), timed the same way (3 batches)."""
+        noise, engine.starting_noise = engine.starting_noise, None
+        try:
+            stats = timed(functools.partial(engine.generate_batch, items), 3)
+        finally:
+            engine.starting_noise = noise
+        return {**stats, "images_per_s": len(items) / stats["median_s"]}
+
+    def default_threads_batches(engine: Any, items: list[Any]) -> dict[str, Any] | None:
+        """The peer of the plan's CPU thread count (engine/cpu_threads.py): the same warm engine with torch's own
+        count on its GPU thread, timed the same way (3 batches), then the plan's again. None when the plan
+        leaves torch's count (nothing to compare)."""
+        chosen = engine.plan.cpu_threads
+        if not chosen or chosen == torch_threads_at_start:
+            return None
+        engine._gpu.run(functools.partial(torch.set_num_threads, torch_threads_at_start))
+        try:
+            stats = timed(functools.partial(engine.generate_batch, items), 3)
+        finally:
+            engine._gpu.run(functools.partial(torch.set_num_threads, chosen))
+        return {**stats, "images_per_s": len(items) / stats["median_s"], "threads": torch_threads_at_start}
+
     def mlperf_rows(
         engine: Any, label: str, batch_sizes: list[int], rates: UnetRates, rows: dict[str, Any]
     ) -> dict[str, Any]:
@@ -566,6 +604,8 @@ def main() -> None:
             sync()
             first_s = time.perf_counter() - t0
             unpinned_row = unpinned_batches(engine, items) if args.pin_ab else None
+            default_threads_row = default_threads_batches(engine, items) if args.threads_ab else None
+            diffusers_noise_row = diffusers_noise_batches(engine, items) if args.noise_ab else None
             reset_peak()
             rates.discard()
             passes: list[Any] = []
@@ -580,6 +620,19 @@ def main() -> None:
                 run.log(
                     f"{label} batch {batch}: execution device searched (diffusers) "
                     f"{unpinned_row['images_per_s']:.3f} images/s, pinned {row['images_per_s']:.3f}"
+                )
+            if diffusers_noise_row is not None:
+                row["diffusers_starting_noise"] = diffusers_noise_row
+                run.log(
+                    f"{label} batch {batch}: diffusers' starting noise {diffusers_noise_row['images_per_s']:.3f} "
+                    f"images/s, the engine's {row['images_per_s']:.3f}"
+                )
+            if default_threads_row is not None:
+                row["torch_default_cpu_threads"] = default_threads_row
+                run.log(
+                    f"{label} batch {batch}: torch's {torch_threads_at_start} CPU threads "
+                    f"{default_threads_row['images_per_s']:.3f} images/s, the plan's {engine.plan.cpu_threads} "
+                    f"{row['images_per_s']:.3f}"
                 )
             key = f"mlperf_image_{batch}"
             if key in reference:

@@ -37,17 +37,21 @@ def merged_busy(intervals: list[tuple[float, float]]) -> list[tuple[float, float
 
 def host_inside(host: list[tuple[float, float, str]], start: float, end: float) -> list[str]:
     """What the host ran during a hole: the events overlapping it, most overlap first, leaving out those over
-    4x the hole's length (the frames around everything: the pass, the pipeline's call)."""
+    4x the hole's length (the frames around everything: the pass, the pipeline's call) and those that hold the
+    whole hole and are over 1.5x its length (with Python's functions, the callers of what did the work)."""
     length = end - start
     overlaps = [
         (min(e, end) - max(s, start), name)
         for s, e, name in host
-        if e > start and s < end and e - s <= 4 * length
+        if e > start
+        and s < end
+        and e - s <= 4 * length
+        and not (s <= start and e >= end and e - s > 1.5 * length)
     ]
     named: dict[str, float] = {}
     for overlap, name in sorted(overlaps, reverse=True):
         named.setdefault(name, overlap)
-    return [f"{name} ({overlap / 1e3:.1f} ms)" for name, overlap in list(named.items())[:6]]
+    return [f"{name} ({overlap / 1e3:.1f} ms)" for name, overlap in list(named.items())[:8]]
 
 
 def idle_gaps(
@@ -112,6 +116,42 @@ def profile_idle(
             fn()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+    if with_stack:
+        device, host = trace_events(prof)
+    else:
+        device, host = operator_events(prof)
+    report = idle_gaps(device, host, GAP_THRESHOLD_US, top)
+    report["calls"] = calls
+    return report
+
+
+def trace_events(prof: Any) -> tuple[list[tuple[float, float, str]], list[tuple[float, float, str]]]:
+    """Device and host events from the exported trace, which holds the Python tracer's functions: the
+    operator list (`prof.events()`) leaves them out, so run 66's profile with stacks named only operators."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        trace = json.loads(path.read_text())
+    device: list[tuple[float, float, str]] = []
+    host: list[tuple[float, float, str]] = []
+    for event in trace.get("traceEvents", []):
+        if event.get("ph") != "X" or "dur" not in event:
+            continue
+        start, end = float(event["ts"]), float(event["ts"]) + float(event["dur"])
+        category = event.get("cat", "")
+        if category in ("kernel", "gpu_memcpy", "gpu_memset"):
+            if end > start:
+                device.append((start, end, event.get("name", "")))
+        elif category in ("cpu_op", "python_function", "cuda_runtime", "user_annotation"):
+            host.append((start, end, event.get("name", "")))
+    return device, host
+
+
+def operator_events(prof: Any) -> tuple[list[tuple[float, float, str]], list[tuple[float, float, str]]]:
     device: list[tuple[float, float, str]] = []
     host: list[tuple[float, float, str]] = []
     for event in prof.events():
@@ -121,9 +161,7 @@ def profile_idle(
                 device.append((start, end, event.name))
         else:
             host.append((start, end, event.name))
-    report = idle_gaps(device, host, GAP_THRESHOLD_US, top)
-    report["calls"] = calls
-    return report
+    return device, host
 
 
 def all_threads() -> dict[str, Any]:

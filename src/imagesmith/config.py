@@ -251,6 +251,13 @@ class Settings(BaseSettings):
         "between them. Measured: 14.5 ms less per batch-16 base UNet call alone (run 58); in the engine, one "
         "process, 2.3 ms a call (-1.3 %) and +0.5 % images/s at the MLPerf setting (run 63).",
     )
+    cpu_threads: int = Field(
+        0,
+        ge=0,
+        description="Threads for torch's CPU operators. 0: the CPUs this process may really use, the least of "
+        "torch's count, the affinity mask and the container's CPU quota (cgroup cpu.max), since torch counts "
+        "the host's cores and a throttled thread team stalls the GPU pass waiting on it (engine/cpu_threads.py).",
+    )
     prompt_cache_size: int = Field(
         64, ge=0, description="Prompt embeddings kept on the device for repeated prompts (0: off)."
     )

@@ -7,6 +7,7 @@ themselves), so the CLI, the HTTP worker and a Ray replica can all drive the sam
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 import time
@@ -21,6 +22,7 @@ from PIL import Image
 
 from imagesmith.config import Settings
 from imagesmith.engine.attention import attention_priority
+from imagesmith.engine.cpu_threads import apply_cpu_threads
 from imagesmith.engine.decode import decode_latents
 from imagesmith.engine.encode_ahead import EncodeAhead
 from imagesmith.engine.encoder_graphs import installed, text_encoders
@@ -50,6 +52,7 @@ from imagesmith.engine.pipeline import (
 from imagesmith.engine.progress import CancelToken, GenerationCanceled, ProgressCallback
 from imagesmith.engine.prompt_cache import PromptEmbeddingCache
 from imagesmith.engine.schedulers import loaded_scheduler_config
+from imagesmith.engine.starting_noise import StartingNoise
 from imagesmith.schemas import (
     MAX_SEED,
     GenerationMetadata,
@@ -157,6 +160,11 @@ class Engine:
         # trees are used from it alone.
         self._gpu = GpuThread()
         weakref.finalize(self, self._gpu.close)  # a dropped engine's thread ends (and lets go of its graphs)
+        # torch's CPU threads bounded by the CPUs the process may use (engine/cpu_threads.py): set here and on
+        # the GPU thread, since a thread keeps the count it had at its first parallel operator.
+        if plan.cpu_threads:
+            apply_cpu_threads(plan.cpu_threads)
+            self._gpu.run(functools.partial(apply_cpu_threads, plan.cpu_threads))
         self.levers: list[str] = []
         self.startup: dict[str, float] = {}  # filled by whoever warms the engine up (the service)
         # Whether compiled modules record CUDA graphs (IMAGESMITH_COMPILE=reduce-overhead): warm-up records
@@ -166,6 +174,9 @@ class Engine:
         self.prompt_cache: PromptEmbeddingCache | None = (
             PromptEmbeddingCache(prompt_cache_size) if prompt_cache_size else None
         )
+        # The base's starting noise drawn into a reused (pinned) buffer and uploaded without a sync, the same
+        # noise diffusers makes (engine/starting_noise.py); None: diffusers' own (the benchmarks' peer).
+        self.starting_noise: StartingNoise | None = StartingNoise()
         # Set by start() with IMAGESMITH_ENCODE_AHEAD: the worker says which prompts are queued, and each pass
         # encodes them between its steps (engine/encode_ahead.py).
         self.encode_ahead: EncodeAhead | None = None
@@ -334,7 +345,11 @@ class Engine:
             seeds,
         )
         latents = run_base(
-            base, run, generators_for(seeds), stop_at=request.high_noise_frac if ensemble else None
+            base,
+            run,
+            generators_for(seeds),
+            stop_at=request.high_noise_frac if ensemble else None,
+            noise=self.starting_noise,
         )
         run.check_cancel()
 

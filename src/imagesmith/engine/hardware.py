@@ -40,6 +40,7 @@ from imagesmith.config import (
     Settings,
     VaeTilingChoice,
 )
+from imagesmith.engine.cpu_threads import choose_cpu_threads, cpu_budget
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ class HardwarePlan:
     attention: str = "auto"  # the attention kernel tried first (engine/attention.py); "auto": torch's order
     fp8_convs: bool = False  # the UNets' convolutions in fp8 through cuDNN (engine/fp8_conv.py)
     fp8_fused_geglu: bool = False  # GEGLU inside the feed-forward's first fp8 matmul (engine/fp8_geglu.py)
+    cpu_threads: int = 0  # torch's intra-op threads for the engine (engine/cpu_threads.py); 0: torch's own
 
     @property
     def dtype(self) -> torch.dtype:
@@ -312,6 +314,7 @@ def plan_hardware(device: DeviceInfo, settings: Settings) -> HardwarePlan:
     fp8_convs = _choose_fp8_convs(device, settings, fp8, reasons)
     fp8_fused_geglu = _choose_fp8_fused_geglu(device, settings, fp8, reasons)
     attention = _choose_attention(device, settings, reasons)
+    cpu_threads = choose_cpu_threads(settings.cpu_threads, cpu_budget(), reasons)
     return HardwarePlan(
         device=device.torch_device,
         dtype_name=dtype,
@@ -324,6 +327,7 @@ def plan_hardware(device: DeviceInfo, settings: Settings) -> HardwarePlan:
         attention=attention,
         fp8_convs=fp8_convs,
         fp8_fused_geglu=fp8_fused_geglu,
+        cpu_threads=cpu_threads,
     )
 
 

@@ -22,6 +22,7 @@ from imagesmith.engine.encode_ahead import EncodeAhead
 from imagesmith.engine.progress import CancelToken, GenerationCanceled, ProgressCallback, ProgressEvent
 from imagesmith.engine.prompt_cache import PromptEmbeddingCache
 from imagesmith.engine.schedulers import loaded_scheduler_config, make_scheduler, remember_scheduler_config
+from imagesmith.engine.starting_noise import StartingNoise
 from imagesmith.schemas import RefineMode, ResolvedRequest, StageReport
 
 BatchKey = tuple[object, ...]
@@ -154,6 +155,13 @@ def _synchronize() -> None:
         torch.cuda.synchronize()
 
 
+def _latents_dtype(pipe: Any) -> torch.dtype:
+    # What SDXL's pipeline makes its noise in: its prompt embeddings' dtype, which encode_prompt sets to the
+    # second text encoder's (the UNet's without one).
+    encoder = pipe.text_encoder_2 if pipe.text_encoder_2 is not None else pipe.unet
+    return encoder.dtype
+
+
 def _common_args(run: StageRun, generators: list[torch.Generator], pipe: Any, role: str) -> dict[str, Any]:
     prompts = [m.request.prompt for m in run.members for _ in m.seeds]
     negatives = [m.request.negative_prompt for m in run.members for _ in m.seeds]
@@ -172,13 +180,26 @@ def _common_args(run: StageRun, generators: list[torch.Generator], pipe: Any, ro
 
 
 def run_base(
-    base: Any, run: StageRun, generators: list[torch.Generator], stop_at: float | None
+    base: Any,
+    run: StageRun,
+    generators: list[torch.Generator],
+    stop_at: float | None,
+    noise: StartingNoise | None = None,
 ) -> torch.Tensor:
+    """`noise`: the engine's starting noise (engine/starting_noise.py); None: diffusers makes its own."""
     request = run.request
     base.scheduler = make_scheduler(request.scheduler, loaded_scheduler_config(base))
     began = time.perf_counter()
+    args = _common_args(run, generators, base, "base")
+    if noise is not None:
+        shape = (
+            int(base.unet.config.in_channels),
+            request.height // base.vae_scale_factor,
+            request.width // base.vae_scale_factor,
+        )
+        args["latents"] = noise.latents(generators, shape, _latents_dtype(base), base._execution_device)
     latents = base(
-        **_common_args(run, generators, base, "base"),
+        **args,
         width=request.width,
         height=request.height,
         num_inference_steps=request.num_inference_steps,
