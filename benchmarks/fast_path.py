@@ -380,6 +380,12 @@ def main() -> None:
         help="before an MLPerf row's runs, time 3 batches with the execution device searched (the peer)",
     )
     parser.add_argument(
+        "--host-ab",
+        action="store_true",
+        help="before an MLPerf row's runs, time 3 batches as run 66b's engine: the text encoders' device searched "
+        "and diffusers' starting noise (the peer of both changes after run 67)",
+    )
+    parser.add_argument(
         "--noise-ab",
         action="store_true",
         help="before an MLPerf row's runs, time 3 batches with diffusers drawing the starting noise (the peer of "
@@ -575,6 +581,29 @@ def main() -> None:
             engine.starting_noise = noise
         return {**stats, "images_per_s": len(items) / stats["median_s"]}
 
+    def run66_host_batches(engine: Any, items: list[Any]) -> dict[str, Any]:
+        """The peer of run 67's host changes: the text encoders' device searched by diffusers (the pipelines stay
+        pinned) and diffusers' starting noise, timed the same way (3 batches), then both back."""
+        from imagesmith.engine.execution_device import _MODULE_DEVICE
+
+        encoders = {
+            id(module): module
+            for pipe in (engine.models.base, engine.models.refiner)
+            if pipe is not None
+            for module in (pipe.text_encoder, pipe.text_encoder_2)
+            if module is not None
+        }
+        pinned = {key: module.__dict__.pop(_MODULE_DEVICE, None) for key, module in encoders.items()}
+        noise, engine.starting_noise = engine.starting_noise, None
+        try:
+            stats = timed(functools.partial(engine.generate_batch, items), 3)
+        finally:
+            engine.starting_noise = noise
+            for key, device in pinned.items():
+                if device is not None:
+                    encoders[key].__dict__[_MODULE_DEVICE] = device
+        return {**stats, "images_per_s": len(items) / stats["median_s"]}
+
     def default_threads_batches(engine: Any, items: list[Any]) -> dict[str, Any] | None:
         """The peer of the plan's CPU thread count (engine/cpu_threads.py): the same warm engine with torch's own
         count on its GPU thread, timed the same way (3 batches), then the plan's again. None when the plan
@@ -606,6 +635,7 @@ def main() -> None:
             unpinned_row = unpinned_batches(engine, items) if args.pin_ab else None
             default_threads_row = default_threads_batches(engine, items) if args.threads_ab else None
             diffusers_noise_row = diffusers_noise_batches(engine, items) if args.noise_ab else None
+            run66_host_row = run66_host_batches(engine, items) if args.host_ab else None
             reset_peak()
             rates.discard()
             passes: list[Any] = []
@@ -620,6 +650,12 @@ def main() -> None:
                 run.log(
                     f"{label} batch {batch}: execution device searched (diffusers) "
                     f"{unpinned_row['images_per_s']:.3f} images/s, pinned {row['images_per_s']:.3f}"
+                )
+            if run66_host_row is not None:
+                row["run66_host"] = run66_host_row
+                run.log(
+                    f"{label} batch {batch}: run 66b's host (encoders searched, diffusers' noise) "
+                    f"{run66_host_row['images_per_s']:.3f} images/s, now {row['images_per_s']:.3f}"
                 )
             if diffusers_noise_row is not None:
                 row["diffusers_starting_noise"] = diffusers_noise_row

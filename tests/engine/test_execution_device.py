@@ -43,6 +43,27 @@ def module_walks() -> Iterator[Counter[str]]:
 
 
 @contextmanager
+def modules_visited() -> Iterator[Counter[str]]:
+    """Counts the modules each walk (named_modules from a root) yields, by the root's class: a walk stopped at
+    its first parameter (what a `dtype` lookup does) counts 1, a search through the whole model all of them."""
+    visited: Counter[str] = Counter()
+    original = torch.nn.Module.named_modules
+
+    def counting(self: torch.nn.Module, *args: object, **kwargs: object) -> Iterator[object]:
+        root = not args and not kwargs.get("prefix")
+        for item in original(self, *args, **kwargs):  # type: ignore[arg-type]
+            if root:
+                visited[type(self).__name__] += 1
+            yield item
+
+    torch.nn.Module.named_modules = counting  # type: ignore[assignment,method-assign]
+    try:
+        yield visited
+    finally:
+        torch.nn.Module.named_modules = original  # type: ignore[method-assign]
+
+
+@contextmanager
 def unpinned(pipe: object) -> Iterator[None]:
     device = pipe._execution_device  # type: ignore[attr-defined]
     unpin_execution_device(pipe)
@@ -77,10 +98,39 @@ def test_a_pass_never_walks_the_unet(tiny_engine: Engine) -> None:
         )
         for row in range(3)
     ]
-    with module_walks() as walks:
+    with module_walks() as walks, modules_visited() as visited:
         outcomes = tiny_engine.generate_batch(items)
     assert not any(isinstance(outcome, BaseException) for outcome in outcomes)
     assert walks["UNet2DConditionModel"] == 0, walks
+    # Run 67: encode_prompt asked diffusers' get_module_execution_device about each encoder, which walked all of
+    # it. What is left is bigG's dtype, asked of its first parameter: the few modules down to it, a lookup.
+    assert walks["CLIPTextModel"] == 0, walks
+    big_g_modules = len(list(tiny_engine.models.base.text_encoder_2.modules()))
+    assert (
+        visited["CLIPTextModelWithProjection"] <= 5 * walks["CLIPTextModelWithProjection"] < 5 * big_g_modules
+    )
+    with unpinned(tiny_engine.models.base), modules_visited() as searched:
+        tiny_engine.generate_batch(items)
+    assert searched["CLIPTextModel"] >= 3 * len(list(tiny_engine.models.base.text_encoder.modules()))
+
+
+def test_the_text_encoders_answer_the_pinned_device_and_others_are_still_searched(
+    tiny_engine: Engine,
+) -> None:
+    from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl as sdxl_module
+
+    base = tiny_engine.models.base
+    lookup = sdxl_module.get_module_execution_device
+    with module_walks() as walks:
+        assert lookup(base.text_encoder) == torch.device("cpu")
+        assert lookup(base.text_encoder_2) == torch.device("cpu")
+    assert not walks
+    with module_walks() as walks:
+        assert lookup(torch.nn.Sequential(torch.nn.Linear(2, 2))) == torch.device("cpu")
+    assert walks["Sequential"] >= 1  # not pinned: diffusers' own search
+    with unpinned(base), module_walks() as walks:
+        assert lookup(base.text_encoder_2) == torch.device("cpu")
+    assert walks["CLIPTextModelWithProjection"] >= 1
 
 
 def test_pinning_changes_no_image(tiny_engine: Engine) -> None:

@@ -108,3 +108,41 @@ def test_the_pipeline_is_handed_the_noise_and_the_images_are_unchanged(
     assert calls == [1]
     for ours, theirs in zip(made, own, strict=True):
         assert np.array_equal(ours, theirs)
+
+
+def test_the_noise_is_drawn_on_its_own_thread_while_the_prompts_are_encoded(
+    tiny_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run 67: drawn on the pass's thread, the draws were GPU idle time (~2 ms an image on the H200 host)."""
+    import threading
+
+    from imagesmith.engine import starting_noise
+
+    events: list[tuple[str, str]] = []
+    draw = starting_noise._draw
+
+    def recording_draw(*args: object) -> None:
+        events.append(("draw", threading.current_thread().name))
+        draw(*args)  # type: ignore[arg-type]
+
+    encode = type(tiny_engine.models.base).encode_prompt
+
+    def recording_encode(self: object, *args: object, **kwargs: object) -> object:
+        events.append(("encode", threading.current_thread().name))
+        return encode(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    drawer = starting_noise._DRAWER
+
+    class RecordingDrawer:
+        def submit(self, *args: object) -> object:
+            events.append(("submit", threading.current_thread().name))
+            return drawer.submit(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(starting_noise, "_draw", recording_draw)
+    monkeypatch.setattr(starting_noise, "_DRAWER", RecordingDrawer())
+    monkeypatch.setattr(type(tiny_engine.models.base), "encode_prompt", recording_encode)
+    batch(tiny_engine, "none")
+    threads = dict(events)  # each kind's thread (all encodes run on the pass's thread)
+    assert events[0][0] == "submit"  # before the first prompt's encode, on the pass's thread
+    assert threads["submit"] == threads["encode"]
+    assert threads["draw"].startswith("imagesmith-noise") and threads["draw"] != threads["encode"]

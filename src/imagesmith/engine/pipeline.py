@@ -190,14 +190,17 @@ def run_base(
     request = run.request
     base.scheduler = make_scheduler(request.scheduler, loaded_scheduler_config(base))
     began = time.perf_counter()
-    args = _common_args(run, generators, base, "base")
-    if noise is not None:
+    drawn = None
+    if noise is not None:  # drawn while the prompts are encoded
         shape = (
             int(base.unet.config.in_channels),
             request.height // base.vae_scale_factor,
             request.width // base.vae_scale_factor,
         )
-        args["latents"] = noise.latents(generators, shape, _latents_dtype(base), base._execution_device)
+        drawn = noise.start(generators, shape, _latents_dtype(base), base._execution_device)
+    args = _common_args(run, generators, base, "base")
+    if drawn is not None:
+        args["latents"] = drawn()
     latents = base(
         **args,
         width=request.width,
