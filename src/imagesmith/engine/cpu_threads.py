@@ -5,9 +5,12 @@ Why: torch sizes its intra-op pool (OpenMP) by the cores it sees. A container li
 its host, so a parallel operator starts a team of, say, 64 threads with 16 CPUs' worth of time: once the quota
 of a scheduling period is spent, the whole process is throttled until the next period, and the operator's
 threads wait at its barrier meanwhile. A GPU pass does little on the CPU, but what it does sits on the critical
-path with the GPU waiting. Run 66 (docs/benchmarks.md) profiled 44-51 ms of one CPU `torch.cat` (diffusers'
-starting noise, 8 tensors of 4x128x128) in each MLPerf batch on the H200 host, a hole in the GPU's timeline,
-where this 2-core machine takes under 1 ms for it; an oversized thread team is the suspect that run 67 checks.
+path with the GPU waiting.
+
+Measured so far: run 66 profiled one CPU `torch.cat` of 44-51 ms in an MLPerf batch on the H200 host and this
+was the suspect, but run 67 found that host without a quota (16 CPUs, 16 in the affinity mask, torch's 16
+threads), so there the plan changes nothing, and the cat was fast again (0.35 ms median). The guard is for the
+containers that do set a quota, where torch's count is the host's; its gain there is unmeasured.
 
 The count is the least of: torch's own default, the CPUs in the process's affinity mask, and the cgroup's CPU
 quota (v2 `cpu.max`, or v1 `cpu.cfs_quota_us` / `cpu.cfs_period_us`) along the process's cgroup and its
