@@ -64,11 +64,17 @@
 # +fp8+fp8conv:mlperf,+fp8+fp8conv+geglu:mlperf (the second from the first's caches: a same-process A/B in 284 s);
 # run 64 models,fast-path with reduce-overhead+fp8:mlperf and --idle-profile; run 65 fast-path alone with
 # +fp8conv+geglu and --pin-ab --idle-profile in 305 s did not finish its first call (no figure).
-# Next: fast-path alone (it does not need models) with FAST_PHASES=variants FAST_VARIANTS=reduce-overhead+fp8:mlperf
-# FAST_ARGS="--mlperf-batches 8 --compile-needs-s 120 --no-prompt-cache-ab --pin-ab --idle-profile --idle-stacks"
-# (~330 s); then, chained within 30 s on the same machine, +fp8+fp8conv+geglu:mlperf for the headline; then the
-# layout A/B (+fp8conv against +fp8convnchw, ~580 s), +cdt, the ensembles (static fp8 with the GPU decode, then +
-# fp8 convolutions) each in a call of their own with FAST_PHASES=eager,variants; max-autotune with
+# Runs 66-68 (session 22): run 66 fast-path alone with reduce-overhead+fp8:mlperf and --pin-ab --idle-profile
+# --idle-stacks (the pin's A/B: -70 ms a batch), chained within 30 s by +fp8+fp8conv+geglu:mlperf (1.994 images/s);
+# run 67 benchmarks/host_threads.py, then gpu-tests,fast-path with GPU_TESTS_K=starting_noise and the same variant
+# (+ --threads-ab --noise-ab --idle-profile --idle-stacks; 520 s in all, the first call 281 s cold); run 68
+# fast-path with reduce-overhead:mlperf and --host-ab --idle-profile (218 s). Those flags are now --ab NAMES
+# (host_peers.py: pin, noise, host, threads), peer and engine batches alternating, --ab-rounds 8 by default.
+# Next: fast-path alone with FAST_VARIANTS=reduce-overhead+fp8+fp8conv+geglu:mlperf FAST_ARGS="--mlperf-batches 8
+# --compile-needs-s 120 --no-prompt-cache-ab --ab host --ab-rounds 8 --idle-profile --idle-stacks" (~480 s: the
+# headline with 8 alternating rounds against run 66b's host, and the between-pass hole named); then the ensemble
+# with the same levers (FAST_PHASES=eager,variants FAST_VARIANTS=reduce-overhead+fp8+fp8conv) for the 1.2 s target;
+# then the layout A/B (+fp8conv against +fp8convnchw, ~580 s), +cdt, max-autotune with
 # TORCHINDUCTOR_MAX_AUTOTUNE_CONV_BACKENDS=ATEN exported: FAST2_PHASES=peer,eager,variants
 # FAST2_VARIANTS=reduce-overhead,max-autotune FAST2_ARGS="--compile-needs-s 720".
 set -u

@@ -36,9 +36,10 @@ own kernels (normalisations, elementwise: ~40 ms of a ~189 ms fp8 base call at b
 measures the MLPerf setting instead of the ensemble (base UNet and VAE only; warm-up at batch 1 then the
 largest batch, as the service's warm-up does).
 
-An MLPerf row records 3 batches' times and the base UNet's own call time on the GPU; `--pin-ab` times 3 batches
-first with diffusers' execution-device search back on (engine/execution_device.py's peer), `--idle-profile` then
-profiles two batches for where the GPU waits (gpu_idle.py), `--idle-stacks` one more with Python's functions.
+An MLPerf row records 3 batches' times and the base UNet's own call time on the GPU; `--ab pin,noise,...` first
+runs same-process A/Bs of the exact host changes, peer and engine batches alternating (host_peers.py),
+`--idle-profile` then profiles two batches for where the GPU waits (gpu_idle.py), `--idle-stacks` two more with
+Python's functions (two, so the hole between passes is among them).
 
 Usage:  PYTHONPATH=src python benchmarks/fast_path.py --out DIR [--budget-s 540] [--smoke] \
             [--phases peer,eager,variants] [--variants default,reduce-overhead]
@@ -67,6 +68,7 @@ import torch._inductor.config as inductor_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_idle import print_idle, profile_idle
+from host_peers import alternating_ab, peers_for
 from sdxl_random import architecture, build_components, build_pipelines, run_two_stage
 from unet_timeline import UnetTimeline
 
@@ -375,27 +377,18 @@ def main() -> None:
         "--profile", action="store_true", help="profile one ensemble per variant: GPU kernel time by kind"
     )
     parser.add_argument(
-        "--pin-ab",
-        action="store_true",
-        help="before an MLPerf row's runs, time 3 batches with the execution device searched (the peer)",
+        "--ab",
+        default="",
+        help="comma-separated same-process A/Bs run before an MLPerf row's own batches, each against a peer that "
+        "undoes one exact host change (benchmarks/host_peers.py): pin (the execution devices searched), noise "
+        "(diffusers' starting noise), host (run 66b's host: encoders searched, diffusers' noise), threads "
+        "(torch's CPU thread count; only where the plan changed it)",
     )
     parser.add_argument(
-        "--host-ab",
-        action="store_true",
-        help="before an MLPerf row's runs, time 3 batches as run 66b's engine: the text encoders' device searched "
-        "and diffusers' starting noise (the peer of both changes after run 67)",
-    )
-    parser.add_argument(
-        "--noise-ab",
-        action="store_true",
-        help="before an MLPerf row's runs, time 3 batches with diffusers drawing the starting noise (the peer of "
-        "engine/starting_noise.py)",
-    )
-    parser.add_argument(
-        "--threads-ab",
-        action="store_true",
-        help="before an MLPerf row's runs, time 3 batches with torch's own CPU thread count on the GPU thread "
-        "(the peer of the plan's cpu_threads; engine/cpu_threads.py)",
+        "--ab-rounds",
+        type=int,
+        default=8,
+        help="alternating peer/engine batch pairs per A/B (runs 66-68: 3+3)",
     )
     parser.add_argument(
         "--idle-stacks",
@@ -428,7 +421,6 @@ def main() -> None:
     from imagesmith.config import Settings
     from imagesmith.engine.cudnn_graphs import plan_reports
     from imagesmith.engine.engine import BatchItem, Engine
-    from imagesmith.engine.execution_device import pin_execution_device, unpin_execution_device
     from imagesmith.engine.fast import warm_up
     from imagesmith.engine.hardware import plan_hardware, probe_device
     from imagesmith.engine.models import LoadedModels, ModelSources
@@ -557,67 +549,6 @@ def main() -> None:
                 seconds.setdefault(stage.name, []).append(stage.seconds)
         return {name: round(statistics.median(values), 4) for name, values in seconds.items()}
 
-    def unpinned_batches(engine: Any, items: list[Any]) -> dict[str, Any]:
-        """The peer of the engine's pinned execution device (engine/execution_device.py): the same warm engine
-        with diffusers' search on every use, timed the same way (3 batches), then pinned again."""
-        pipes = [pipe for pipe in (engine.models.base, engine.models.refiner) if pipe is not None]
-        devices = [pipe._execution_device for pipe in pipes]
-        for pipe in pipes:
-            unpin_execution_device(pipe)
-        try:
-            stats = timed(functools.partial(engine.generate_batch, items), 3)
-        finally:
-            for pipe, device in zip(pipes, devices, strict=True):
-                pin_execution_device(pipe, device)
-        return {**stats, "images_per_s": len(items) / stats["median_s"]}
-
-    def diffusers_noise_batches(engine: Any, items: list[Any]) -> dict[str, Any]:
-        """The peer of the engine's starting noise (engine/starting_noise.py): the same warm engine with
-        diffusers' randn_tensor (a CPU cat and a blocking upload), timed the same way (3 batches)."""
-        noise, engine.starting_noise = engine.starting_noise, None
-        try:
-            stats = timed(functools.partial(engine.generate_batch, items), 3)
-        finally:
-            engine.starting_noise = noise
-        return {**stats, "images_per_s": len(items) / stats["median_s"]}
-
-    def run66_host_batches(engine: Any, items: list[Any]) -> dict[str, Any]:
-        """The peer of run 67's host changes: the text encoders' device searched by diffusers (the pipelines stay
-        pinned) and diffusers' starting noise, timed the same way (3 batches), then both back."""
-        from imagesmith.engine.execution_device import _MODULE_DEVICE
-
-        encoders = {
-            id(module): module
-            for pipe in (engine.models.base, engine.models.refiner)
-            if pipe is not None
-            for module in (pipe.text_encoder, pipe.text_encoder_2)
-            if module is not None
-        }
-        pinned = {key: module.__dict__.pop(_MODULE_DEVICE, None) for key, module in encoders.items()}
-        noise, engine.starting_noise = engine.starting_noise, None
-        try:
-            stats = timed(functools.partial(engine.generate_batch, items), 3)
-        finally:
-            engine.starting_noise = noise
-            for key, device in pinned.items():
-                if device is not None:
-                    encoders[key].__dict__[_MODULE_DEVICE] = device
-        return {**stats, "images_per_s": len(items) / stats["median_s"]}
-
-    def default_threads_batches(engine: Any, items: list[Any]) -> dict[str, Any] | None:
-        """The peer of the plan's CPU thread count (engine/cpu_threads.py): the same warm engine with torch's own
-        count on its GPU thread, timed the same way (3 batches), then the plan's again. None when the plan
-        leaves torch's count (nothing to compare)."""
-        chosen = engine.plan.cpu_threads
-        if not chosen or chosen == torch_threads_at_start:
-            return None
-        engine._gpu.run(functools.partial(torch.set_num_threads, torch_threads_at_start))
-        try:
-            stats = timed(functools.partial(engine.generate_batch, items), 3)
-        finally:
-            engine._gpu.run(functools.partial(torch.set_num_threads, chosen))
-        return {**stats, "images_per_s": len(items) / stats["median_s"], "threads": torch_threads_at_start}
-
     def mlperf_rows(
         engine: Any, label: str, batch_sizes: list[int], rates: UnetRates, rows: dict[str, Any]
     ) -> dict[str, Any]:
@@ -632,10 +563,13 @@ def main() -> None:
             first = engine.generate_batch(items)  # warm (compiles this batch size when compiled)
             sync()
             first_s = time.perf_counter() - t0
-            unpinned_row = unpinned_batches(engine, items) if args.pin_ab else None
-            default_threads_row = default_threads_batches(engine, items) if args.threads_ab else None
-            diffusers_noise_row = diffusers_noise_batches(engine, items) if args.noise_ab else None
-            run66_host_row = run66_host_batches(engine, items) if args.host_ab else None
+            peers = peers_for(engine, [name for name in args.ab.split(",") if name], torch_threads_at_start)
+            ab_rows = {
+                name: alternating_ab(
+                    functools.partial(engine.generate_batch, items), peer, args.ab_rounds, batch
+                )
+                for name, peer in peers.items()
+            }
             reset_peak()
             rates.discard()
             passes: list[Any] = []
@@ -645,30 +579,13 @@ def main() -> None:
             row["first_call_s"] = first_s
             row["median_stage_s"] = median_stage_s(passes)
             row["unet"] = rates.take(images=batch)
-            if unpinned_row is not None:
-                row["unpinned_execution_device"] = unpinned_row
+            if ab_rows:
+                row["ab"] = ab_rows
+            for name, ab in ab_rows.items():
                 run.log(
-                    f"{label} batch {batch}: execution device searched (diffusers) "
-                    f"{unpinned_row['images_per_s']:.3f} images/s, pinned {row['images_per_s']:.3f}"
-                )
-            if run66_host_row is not None:
-                row["run66_host"] = run66_host_row
-                run.log(
-                    f"{label} batch {batch}: run 66b's host (encoders searched, diffusers' noise) "
-                    f"{run66_host_row['images_per_s']:.3f} images/s, now {row['images_per_s']:.3f}"
-                )
-            if diffusers_noise_row is not None:
-                row["diffusers_starting_noise"] = diffusers_noise_row
-                run.log(
-                    f"{label} batch {batch}: diffusers' starting noise {diffusers_noise_row['images_per_s']:.3f} "
-                    f"images/s, the engine's {row['images_per_s']:.3f}"
-                )
-            if default_threads_row is not None:
-                row["torch_default_cpu_threads"] = default_threads_row
-                run.log(
-                    f"{label} batch {batch}: torch's {torch_threads_at_start} CPU threads "
-                    f"{default_threads_row['images_per_s']:.3f} images/s, the plan's {engine.plan.cpu_threads} "
-                    f"{row['images_per_s']:.3f}"
+                    f"{label} batch {batch}: A/B '{name}', {ab['rounds']} alternating rounds: peer "
+                    f"{ab['peer_images_per_s']:.3f} images/s, engine {ab['engine_images_per_s']:.3f} "
+                    f"({ab['engine_minus_peer_ms']:+.1f} ms a batch)"
                 )
             key = f"mlperf_image_{batch}"
             if key in reference:
@@ -687,7 +604,7 @@ def main() -> None:
                 run.save()
             if args.idle_stacks:
                 row["gpu_idle_with_stacks"] = profile_idle(
-                    functools.partial(engine.generate_batch, items), calls=1, with_stack=True
+                    functools.partial(engine.generate_batch, items), calls=2, with_stack=True
                 )
                 print_idle(row["gpu_idle_with_stacks"], f"{label} batch {batch}, with Python stacks")
                 run.save()
