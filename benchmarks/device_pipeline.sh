@@ -73,7 +73,7 @@
 # Next: fast-path alone with FAST_VARIANTS=reduce-overhead+fp8+fp8conv+geglu:mlperf FAST_ARGS="--mlperf-batches 8
 # --compile-needs-s 120 --no-prompt-cache-ab --ab host --ab-rounds 8 --idle-profile --idle-stacks" (~480 s: the
 # headline with 8 alternating rounds against run 66b's host, and the between-pass hole named); then the ensemble
-# with the same levers (FAST_PHASES=eager,variants FAST_VARIANTS=reduce-overhead+fp8+fp8conv) for the 1.2 s target;
+# with the same levers and --ab pin,host (FAST_PHASES=eager,variants FAST_VARIANTS=reduce-overhead) for the 1.2 s target;
 # then the layout A/B (+fp8conv against +fp8convnchw, ~580 s), +cdt, max-autotune with
 # TORCHINDUCTOR_MAX_AUTOTUNE_CONV_BACKENDS=ATEN exported: FAST2_PHASES=peer,eager,variants
 # FAST2_VARIANTS=reduce-overhead,max-autotune FAST2_ARGS="--compile-needs-s 720".

@@ -706,6 +706,19 @@ def main() -> None:
             run.log(f"{variant.spec}: {len(reports)} cuDNN graphs built in {row['fp8_conv_plans_s']} s")
         last_engine[:] = [engine, variant]
 
+    def ensemble_ab(engine: Any, label: str, row: dict[str, Any]) -> None:
+        """--ab on an ensemble image (batch 1): the host changes' share of the 1.2 s target's gap."""
+        peers = peers_for(engine, [name for name in args.ab.split(",") if name], torch_threads_at_start)
+        if not peers:
+            return
+        one_image = functools.partial(engine.generate, ensemble_request())
+        row["ab"] = {name: alternating_ab(one_image, peer, args.ab_rounds, 1) for name, peer in peers.items()}
+        for name, ab in row["ab"].items():
+            run.log(
+                f"{label}: A/B '{name}', {ab['rounds']} alternating rounds: peer {ab['peer_median_s']:.3f} s, "
+                f"engine {ab['engine_median_s']:.3f} s ({ab['engine_minus_peer_ms']:+.1f} ms an image)"
+            )
+
     def measure_engine(
         variant: Variant, engine: Any, row: dict[str, Any], rates: UnetRates, levers: list[str], began: float
     ) -> None:
@@ -724,6 +737,7 @@ def main() -> None:
             row["peak_gib"] = peak_gib()
             row["unet"] = rates.take()
             row["stages"] = stages_of(engine.generate(ensemble_request()))
+            ensemble_ab(engine, variant.spec, row)
             if any(lever.startswith("text encoders as CUDA graphs") for lever in levers):
                 row["text_encoder_graphs"] = encoder_graphs_report(engine)
                 run.log(f"{variant.spec}: text encoder graphs {row['text_encoder_graphs']}")
