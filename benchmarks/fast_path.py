@@ -154,6 +154,7 @@ def decode_one_by_one(
     dtype: torch.dtype,
     tiling: bool,
     device: Any,
+    host: Any = None,  # the engine's pinned pixel buffer (engine/host_pixels.py): not used before run 49
 ) -> tuple[list[Any], list[bool]]:
     """engine/decode.py's decode_latents before run 49 (the `+olddecode` peer): each image decoded, checked (two
     waits for the GPU) and converted on the host in turn, the GPU idle meanwhile. Its check and conversion are

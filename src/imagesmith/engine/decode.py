@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from PIL import Image
 
+from imagesmith.engine.host_pixels import HostPixels
+
 log = logging.getLogger(__name__)
 
 
@@ -56,8 +58,10 @@ def decode_latents(
     dtype: torch.dtype,
     tiling: bool,
     device: torch.device | str,
+    host: HostPixels | None = None,
 ) -> tuple[list[Image.Image], list[bool]]:
-    """Decode one image at a time (bounded memory). Returns the images and, per image, whether it needed fp32."""
+    """Decode one image at a time (bounded memory). Returns the images and, per image, whether it needed fp32.
+    `host`: where the pixels land on the host (engine/host_pixels.py); None: a fresh tensor each time."""
     if tiling:
         vae.enable_tiling()
     else:
@@ -78,7 +82,8 @@ def decode_latents(
         for index in [index for index, broken in enumerate(retried) if broken]:
             log.warning("VAE decode in %s gave NaN or black pixels; decoding again in fp32", dtype)
             pixels[index] = pixels_u8(_decode_in_fp32(vae, latents[index : index + 1], device))
-        on_host = torch.stack(pixels).cpu().numpy()
+        stacked = torch.stack(pixels)
+        on_host = host.fetch(stacked) if host is not None else stacked.cpu().numpy()
     return [Image.fromarray(array) for array in on_host], retried
 
 

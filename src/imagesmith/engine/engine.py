@@ -37,6 +37,7 @@ from imagesmith.engine.fast import (
 from imagesmith.engine.fp8_calibration import calibrate_fp8
 from imagesmith.engine.gpu_thread import GpuThread
 from imagesmith.engine.hardware import HardwarePlan, needs_tiling, plan_hardware, probe_device
+from imagesmith.engine.host_pixels import HostPixels, keep_pillow_blocks
 from imagesmith.engine.models import LoadedModels, load_models
 from imagesmith.engine.output import a1111_parameters, encode_image
 from imagesmith.engine.pipeline import (
@@ -177,6 +178,10 @@ class Engine:
         # The base's starting noise drawn into a reused (pinned) buffer and uploaded without a sync, the same
         # noise diffusers makes (engine/starting_noise.py); None: diffusers' own (the benchmarks' peer).
         self.starting_noise: StartingNoise | None = StartingNoise()
+        # The decoded pixels land in a pinned buffer kept across passes, and Pillow keeps its freed blocks for the
+        # next pass's images: no fresh memory to fault in while the GPU waits (engine/host_pixels.py).
+        self.host_pixels = HostPixels()
+        keep_pillow_blocks()
         # Set by start() with IMAGESMITH_ENCODE_AHEAD: the worker says which prompts are queued, and each pass
         # encodes them between its steps (engine/encode_ahead.py).
         self.encode_ahead: EncodeAhead | None = None
@@ -377,7 +382,7 @@ class Engine:
         began = time.perf_counter()
         tiling = needs_tiling(self.plan, request.width, request.height)
         images, fp32_retries = decode_latents(
-            base.vae, latents, self.plan.vae_dtype, tiling, base._execution_device
+            base.vae, latents, self.plan.vae_dtype, tiling, base._execution_device, self.host_pixels
         )
         run.finish_stage("decode", began, steps=len(images))
         total_seconds = time.perf_counter() - run.started
