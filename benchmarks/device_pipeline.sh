@@ -71,7 +71,7 @@
 # fast-path with reduce-overhead:mlperf and --host-ab --idle-profile (218 s). Those flags are now --ab NAMES
 # (host_peers.py: pin, noise, host, threads), peer and engine batches alternating, --ab-rounds 8 by default.
 # Next: fast-path alone with FAST_VARIANTS=reduce-overhead+fp8+fp8conv+geglu:mlperf FAST_ARGS="--mlperf-batches 8
-# --compile-needs-s 120 --no-prompt-cache-ab --ab host --ab-rounds 8 --idle-profile --idle-stacks" (~480 s: the
+# --compile-needs-s 120 --no-prompt-cache-ab --ab host,pixels --ab-rounds 8 --idle-profile --idle-stacks" (~540 s: the
 # headline with 8 alternating rounds against run 66b's host, and the between-pass hole named); then the ensemble
 # with the same levers and --ab pin,host (FAST_PHASES=eager,variants FAST_VARIANTS=reduce-overhead) for the 1.2 s target;
 # then the layout A/B (+fp8conv against +fp8convnchw, ~580 s), +cdt, max-autotune with

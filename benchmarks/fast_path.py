@@ -382,7 +382,8 @@ def main() -> None:
         default="",
         help="comma-separated same-process A/Bs run before an MLPerf row's own batches, each against a peer that "
         "undoes one exact host change (benchmarks/host_peers.py): pin (the execution devices searched), noise "
-        "(diffusers' starting noise), host (run 66b's host: encoders searched, diffusers' noise), threads "
+        "(diffusers' starting noise), host (run 66b's host: encoders searched, diffusers' noise), pixels (fresh "
+        "host memory for the decoded pixels, engine/host_pixels.py's peer), threads "
         "(torch's CPU thread count; only where the plan changed it)",
     )
     parser.add_argument(

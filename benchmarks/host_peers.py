@@ -71,6 +71,22 @@ def diffusers_noise(engine: Any) -> Iterator[None]:
 
 
 @contextmanager
+def fresh_pixel_memory(engine: Any) -> Iterator[None]:
+    """The decoded pixels into a fresh tensor each pass and Pillow giving back its freed blocks (its default):
+    the peer of engine/host_pixels.py."""
+    from PIL import Image
+
+    host, engine.host_pixels = engine.host_pixels, None
+    blocks = Image.core.get_blocks_max()
+    Image.core.set_blocks_max(0)
+    try:
+        yield
+    finally:
+        engine.host_pixels = host
+        Image.core.set_blocks_max(blocks)
+
+
+@contextmanager
 def run66_host(engine: Any) -> Iterator[None]:
     """The engine's host as run 66b had it: the text encoders searched, diffusers' noise."""
     with searched_text_encoders(engine), diffusers_noise(engine):
@@ -93,13 +109,14 @@ def peers_for(engine: Any, names: list[str], torch_threads_at_start: int) -> dic
         "pin": functools.partial(searched_execution_device, engine),
         "noise": functools.partial(diffusers_noise, engine),
         "host": functools.partial(run66_host, engine),
+        "pixels": functools.partial(fresh_pixel_memory, engine),
     }
     chosen = engine.plan.cpu_threads
     if chosen and chosen != torch_threads_at_start:
         available["threads"] = functools.partial(torch_threads, engine, torch_threads_at_start)
     unknown = [name for name in names if name not in available and name != "threads"]
     if unknown:
-        raise SystemExit(f"unknown A/B peers {unknown}: choose from pin, noise, host, threads")
+        raise SystemExit(f"unknown A/B peers {unknown}: choose from pin, noise, host, pixels, threads")
     return {name: available[name] for name in names if name in available}
 
 
