@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from imagesmith.engine.host_buffer import HostBuffer
+
 # Enough for a batch of the largest batch_max the benchmarks use (16): each image is one block.
 PILLOW_BLOCKS = 16
 
@@ -32,12 +34,9 @@ def keep_pillow_blocks(count: int = PILLOW_BLOCKS) -> None:
         Image.core.set_blocks_max(count)
 
 
-class HostPixels:
+class HostPixels(HostBuffer):
     """Used from the engine's GPU thread only, one pass at a time: an array it returns is valid until the next
     fetch, so the caller copies out of it (Image.fromarray does) before the next pass."""
-
-    def __init__(self) -> None:
-        self._flat: torch.Tensor | None = None
 
     def fetch(self, pixels: torch.Tensor) -> np.ndarray:
         """`pixels` (uint8, any shape) as a host array. From a CUDA device through the reused pinned buffer;
@@ -47,12 +46,3 @@ class HostPixels:
         host = self.view(pixels.shape, pixels.dtype, pinned=True)
         host.copy_(pixels)  # waits for the GPU, as .cpu() did: the pass's images are done
         return host.numpy()
-
-    def view(self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype, pinned: bool) -> torch.Tensor:
-        """A tensor of `shape` over the kept buffer, grown (never shrunk) when it is too small."""
-        needed = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
-        flat = self._flat
-        if flat is None or flat.numel() < needed or flat.is_pinned() != pinned:
-            flat = torch.empty(needed, dtype=torch.uint8, pin_memory=pinned)
-            self._flat = flat
-        return flat[:needed].view(dtype).view(shape)

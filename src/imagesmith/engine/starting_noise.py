@@ -25,6 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from imagesmith.engine.host_buffer import HostBuffer
+
 # One thread for the process: draws are short, and a pass waits for its own before its pipeline call.
 _DRAWER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imagesmith-noise")
 
@@ -39,7 +41,7 @@ class StartingNoise:
     """Used from the engine's GPU thread only, one pass at a time (the buffer is reused across passes)."""
 
     def __init__(self) -> None:
-        self._host: torch.Tensor | None = None
+        self._host = HostBuffer()
         # Recorded after each upload: the buffer is rewritten only once the GPU has read it.
         self._uploaded: torch.cuda.Event | None = None
 
@@ -82,14 +84,4 @@ class StartingNoise:
         if self._uploaded is not None:
             self._uploaded.synchronize()  # done long ago in practice: a pass ends synchronised
             self._uploaded = None
-        host = self._host
-        if (
-            host is None
-            or host.dtype != dtype
-            or tuple(host.shape[1:]) != shape
-            or host.shape[0] < count
-            or host.is_pinned() != pinned
-        ):
-            host = torch.empty((count, *shape), dtype=dtype, pin_memory=pinned)
-            self._host = host
-        return host[:count]
+        return self._host.view((count, *shape), dtype, pinned)
