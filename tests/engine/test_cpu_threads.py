@@ -116,8 +116,8 @@ def restores_cpu_threads() -> Iterator[None]:
 
 @pytest.mark.usefixtures("restores_cpu_threads")
 def test_the_engine_sets_the_count_on_its_gpu_thread(tiny_engine: Engine) -> None:
-    # A thread keeps the count it had at its first parallel operator: the GPU thread must be told itself.
-    # Engine(...) on the tiny engine's models builds a second engine with its own GPU thread.
+    # A thread keeps the count it had at its first parallel operator: the GPU thread, where passes run, must
+    # get it before its first. Engine(...) on the tiny engine's models builds an engine with its own GPU thread.
     engine = Engine(tiny_engine.models, dataclasses.replace(tiny_engine.plan, cpu_threads=1))
     try:
         assert engine._gpu.run(torch.get_num_threads) == 1

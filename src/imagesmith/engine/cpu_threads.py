@@ -129,6 +129,7 @@ def choose_cpu_threads(setting: int, budget: CpuBudget, reasons: list[str]) -> i
 
 def apply_cpu_threads(count: int) -> None:
     """Set torch's intra-op threads for the calling thread and every thread that has not run a parallel
-    operator yet (torch reads the process-wide count on a thread's first one). 0: leave them."""
-    if count > 0 and torch.get_num_threads() != count:
+    operator yet (torch reads the process-wide count on a thread's first one). 0: leave them. Set even when
+    the calling thread already has `count`: the process-wide count may differ from it."""
+    if count > 0:
         torch.set_num_threads(count)

@@ -7,7 +7,6 @@ themselves), so the CLI, the HTTP worker and a Ray replica can all drive the sam
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import secrets
 import time
@@ -161,11 +160,9 @@ class Engine:
         # trees are used from it alone.
         self._gpu = GpuThread()
         weakref.finalize(self, self._gpu.close)  # a dropped engine's thread ends (and lets go of its graphs)
-        # torch's CPU threads bounded by the CPUs the process may use (engine/cpu_threads.py): set here and on
-        # the GPU thread, since a thread keeps the count it had at its first parallel operator.
-        if plan.cpu_threads:
-            apply_cpu_threads(plan.cpu_threads)
-            self._gpu.run(functools.partial(apply_cpu_threads, plan.cpu_threads))
+        # torch's CPU threads bounded by the CPUs the process may use (engine/cpu_threads.py). Set before the GPU
+        # thread's first operator: a thread takes the process's count then and keeps it.
+        apply_cpu_threads(plan.cpu_threads)
         self.levers: list[str] = []
         self.startup: dict[str, float] = {}  # filled by whoever warms the engine up (the service)
         # Whether compiled modules record CUDA graphs (IMAGESMITH_COMPILE=reduce-overhead): warm-up records
