@@ -42,7 +42,7 @@ def searched_execution_device(engine: Any) -> Iterator[None]:
 def searched_text_encoders(engine: Any) -> Iterator[None]:
     """Only the text encoders' device searched (`encode_prompt`'s `get_module_execution_device`); the pipelines
     stay pinned (run 68's peer, with diffusers' noise)."""
-    from imagesmith.engine.execution_device import _MODULE_DEVICE
+    from imagesmith.engine.execution_device import _DEVICE_ATTRIBUTE
 
     encoders = {
         id(module): module
@@ -51,13 +51,13 @@ def searched_text_encoders(engine: Any) -> Iterator[None]:
         for module in (pipe.text_encoder, pipe.text_encoder_2)
         if module is not None
     }
-    pinned = {key: module.__dict__.pop(_MODULE_DEVICE, None) for key, module in encoders.items()}
+    pinned = {key: module.__dict__.pop(_DEVICE_ATTRIBUTE, None) for key, module in encoders.items()}
     try:
         yield
     finally:
         for key, device in pinned.items():
             if device is not None:
-                encoders[key].__dict__[_MODULE_DEVICE] = device
+                encoders[key].__dict__[_DEVICE_ATTRIBUTE] = device
 
 
 @contextmanager

@@ -28,10 +28,12 @@ import torch
 
 # One pinned subclass per pipeline class, so pinning many pipelines does not make many classes.
 _PINNED: dict[type, type] = {}
+# Where a pinned pipeline or text encoder keeps its device.
+_DEVICE_ATTRIBUTE = "_imagesmith_execution_device"
 
 
 def _pinned_execution_device(pipe: Any) -> torch.device:
-    return pipe._imagesmith_execution_device
+    return getattr(pipe, _DEVICE_ATTRIBUTE)
 
 
 def pin_execution_device(pipe: Any, device: torch.device | str) -> None:
@@ -50,14 +52,13 @@ def pin_execution_device(pipe: Any, device: torch.device | str) -> None:
             },
         )
         _PINNED[original] = pinned
+    device = torch.device(device)
     # object.__setattr__: DiffusionPipeline's own __setattr__ would treat the name as a config entry.
-    object.__setattr__(pipe, "_imagesmith_execution_device", torch.device(device))
+    object.__setattr__(pipe, _DEVICE_ATTRIBUTE, device)
     pipe.__class__ = pinned
     _answer_pinned_modules_in(sys.modules[original.__module__])
     for encoder in _text_encoders(pipe):
-        encoder.__dict__[_MODULE_DEVICE] = torch.device(
-            device
-        )  # a plain attribute, not a submodule or buffer
+        encoder.__dict__[_DEVICE_ATTRIBUTE] = device  # a plain attribute, not a submodule or buffer
 
 
 def unpin_execution_device(pipe: Any) -> None:
@@ -65,10 +66,7 @@ def unpin_execution_device(pipe: Any) -> None:
     refiner shares with the base)."""
     pipe.__class__ = unpinned_class(pipe)
     for encoder in _text_encoders(pipe):
-        encoder.__dict__.pop(_MODULE_DEVICE, None)
-
-
-_MODULE_DEVICE = "_imagesmith_execution_device"
+        encoder.__dict__.pop(_DEVICE_ATTRIBUTE, None)
 
 
 def _text_encoders(pipe: Any) -> list[torch.nn.Module]:
@@ -77,7 +75,7 @@ def _text_encoders(pipe: Any) -> list[torch.nn.Module]:
 
 
 def pinned_module_device(module: torch.nn.Module) -> torch.device | None:
-    return module.__dict__.get(_MODULE_DEVICE)
+    return module.__dict__.get(_DEVICE_ATTRIBUTE)
 
 
 def _answer_pinned_modules_in(pipeline_module: Any) -> None:
