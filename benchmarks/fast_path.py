@@ -395,7 +395,7 @@ def main() -> None:
     parser.add_argument(
         "--idle-stacks",
         action="store_true",
-        help="after an MLPerf row's runs, profile one batch with Python's functions: what fills each GPU hole",
+        help="after an MLPerf row's runs, profile two batches with Python's functions: what fills each GPU hole",
     )
     parser.add_argument(
         "--idle-profile",
@@ -407,6 +407,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch_threads_at_start = torch.get_num_threads()  # before any engine lowers it: the threads A/B's peer
+    ab_names = [name for name in args.ab.split(",") if name]
     run = Run(args)
     smoke = args.smoke
     phases = set(args.phases.split(","))
@@ -551,6 +552,20 @@ def main() -> None:
                 seconds.setdefault(stage.name, []).append(stage.seconds)
         return {name: round(statistics.median(values), 4) for name, values in seconds.items()}
 
+    def host_abs(engine: Any, fn: Any, images: int, label: str) -> dict[str, Any]:
+        """The --ab peers against the warm engine, `fn` (one batch of `images`) timed in alternating rounds."""
+        rows = {
+            name: alternating_ab(fn, peer, args.ab_rounds, images)
+            for name, peer in peers_for(engine, ab_names, torch_threads_at_start).items()
+        }
+        for name, ab in rows.items():
+            run.log(
+                f"{label}: A/B '{name}', {ab['rounds']} alternating rounds: peer {ab['peer_median_s']:.3f} s "
+                f"({ab['peer_images_per_s']:.3f} images/s), engine {ab['engine_median_s']:.3f} s "
+                f"({ab['engine_images_per_s']:.3f}), {ab['engine_minus_peer_ms']:+.1f} ms"
+            )
+        return rows
+
     def mlperf_rows(
         engine: Any, label: str, batch_sizes: list[int], rates: UnetRates, rows: dict[str, Any]
     ) -> dict[str, Any]:
@@ -565,13 +580,9 @@ def main() -> None:
             first = engine.generate_batch(items)  # warm (compiles this batch size when compiled)
             sync()
             first_s = time.perf_counter() - t0
-            peers = peers_for(engine, [name for name in args.ab.split(",") if name], torch_threads_at_start)
-            ab_rows = {
-                name: alternating_ab(
-                    functools.partial(engine.generate_batch, items), peer, args.ab_rounds, batch
-                )
-                for name, peer in peers.items()
-            }
+            ab_rows = host_abs(
+                engine, functools.partial(engine.generate_batch, items), batch, f"{label} batch {batch}"
+            )
             reset_peak()
             rates.discard()
             passes: list[Any] = []
@@ -583,12 +594,6 @@ def main() -> None:
             row["unet"] = rates.take(images=batch)
             if ab_rows:
                 row["ab"] = ab_rows
-            for name, ab in ab_rows.items():
-                run.log(
-                    f"{label} batch {batch}: A/B '{name}', {ab['rounds']} alternating rounds: peer "
-                    f"{ab['peer_images_per_s']:.3f} images/s, engine {ab['engine_images_per_s']:.3f} "
-                    f"({ab['engine_minus_peer_ms']:+.1f} ms a batch)"
-                )
             key = f"mlperf_image_{batch}"
             if key in reference:
                 row["psnr_vs_eager_db"] = psnr(image, reference[key])
@@ -708,19 +713,6 @@ def main() -> None:
             run.log(f"{variant.spec}: {len(reports)} cuDNN graphs built in {row['fp8_conv_plans_s']} s")
         last_engine[:] = [engine, variant]
 
-    def ensemble_ab(engine: Any, label: str, row: dict[str, Any]) -> None:
-        """--ab on an ensemble image (batch 1): the host changes' share of the 1.2 s target's gap."""
-        peers = peers_for(engine, [name for name in args.ab.split(",") if name], torch_threads_at_start)
-        if not peers:
-            return
-        one_image = functools.partial(engine.generate, ensemble_request())
-        row["ab"] = {name: alternating_ab(one_image, peer, args.ab_rounds, 1) for name, peer in peers.items()}
-        for name, ab in row["ab"].items():
-            run.log(
-                f"{label}: A/B '{name}', {ab['rounds']} alternating rounds: peer {ab['peer_median_s']:.3f} s, "
-                f"engine {ab['engine_median_s']:.3f} s ({ab['engine_minus_peer_ms']:+.1f} ms an image)"
-            )
-
     def measure_engine(
         variant: Variant, engine: Any, row: dict[str, Any], rates: UnetRates, levers: list[str], began: float
     ) -> None:
@@ -739,7 +731,11 @@ def main() -> None:
             row["peak_gib"] = peak_gib()
             row["unet"] = rates.take()
             row["stages"] = stages_of(engine.generate(ensemble_request()))
-            ensemble_ab(engine, variant.spec, row)
+            ensemble_abs = host_abs(
+                engine, functools.partial(engine.generate, ensemble_request()), 1, variant.spec
+            )
+            if ensemble_abs:  # the host changes' share of the 1.2 s target's gap
+                row["ab"] = ensemble_abs
             if any(lever.startswith("text encoders as CUDA graphs") for lever in levers):
                 row["text_encoder_graphs"] = encoder_graphs_report(engine)
                 run.log(f"{variant.spec}: text encoder graphs {row['text_encoder_graphs']}")
