@@ -25,32 +25,18 @@ from imagesmith.schemas import GenerationRequest
 
 
 @contextmanager
-def module_walks() -> Iterator[Counter[str]]:
-    """Counts Module.named_modules calls (what modules() and diffusers' offload-hook search use) by class."""
+def walks_and_visits() -> Iterator[tuple[Counter[str], Counter[str]]]:
+    """Counts, by the root's class, Module.named_modules walks (what modules() and diffusers' offload-hook search
+    use: a walk's first call, not its recursion) and the modules each walk yields: a walk stopped at its first
+    parameter (what a `dtype` lookup does) visits a few, a search through the whole model all of them."""
     walks: Counter[str] = Counter()
-    original = torch.nn.Module.named_modules
-
-    def counting(self: torch.nn.Module, *args: object, **kwargs: object) -> object:
-        if not args and not kwargs.get("prefix"):  # a walk's first call, not its recursion
-            walks[type(self).__name__] += 1
-        return original(self, *args, **kwargs)  # type: ignore[arg-type]
-
-    torch.nn.Module.named_modules = counting  # type: ignore[assignment,method-assign]
-    try:
-        yield walks
-    finally:
-        torch.nn.Module.named_modules = original  # type: ignore[method-assign]
-
-
-@contextmanager
-def modules_visited() -> Iterator[Counter[str]]:
-    """Counts the modules each walk (named_modules from a root) yields, by the root's class: a walk stopped at
-    its first parameter (what a `dtype` lookup does) counts 1, a search through the whole model all of them."""
     visited: Counter[str] = Counter()
     original = torch.nn.Module.named_modules
 
     def counting(self: torch.nn.Module, *args: object, **kwargs: object) -> Iterator[object]:
         root = not args and not kwargs.get("prefix")
+        if root:
+            walks[type(self).__name__] += 1
         for item in original(self, *args, **kwargs):  # type: ignore[arg-type]
             if root:
                 visited[type(self).__name__] += 1
@@ -58,9 +44,21 @@ def modules_visited() -> Iterator[Counter[str]]:
 
     torch.nn.Module.named_modules = counting  # type: ignore[assignment,method-assign]
     try:
-        yield visited
+        yield walks, visited
     finally:
         torch.nn.Module.named_modules = original  # type: ignore[method-assign]
+
+
+@contextmanager
+def module_walks() -> Iterator[Counter[str]]:
+    with walks_and_visits() as (walks, _):
+        yield walks
+
+
+@contextmanager
+def modules_visited() -> Iterator[Counter[str]]:
+    with walks_and_visits() as (_, visited):
+        yield visited
 
 
 @contextmanager
@@ -98,7 +96,7 @@ def test_a_pass_never_walks_the_unet(tiny_engine: Engine) -> None:
         )
         for row in range(3)
     ]
-    with module_walks() as walks, modules_visited() as visited:
+    with walks_and_visits() as (walks, visited):
         outcomes = tiny_engine.generate_batch(items)
     assert not any(isinstance(outcome, BaseException) for outcome in outcomes)
     assert walks["UNet2DConditionModel"] == 0, walks
