@@ -69,7 +69,7 @@
 # run 67 benchmarks/host_threads.py, then gpu-tests,fast-path with GPU_TESTS_K=starting_noise and the same variant
 # (+ --threads-ab --noise-ab --idle-profile --idle-stacks; 520 s in all, the first call 281 s cold); run 68
 # fast-path with reduce-overhead:mlperf and --host-ab --idle-profile (218 s). Those flags are now --ab NAMES
-# (host_peers.py: pin, noise, host, threads), peer and engine batches alternating, --ab-rounds 8 by default.
+# (host_peers.py: pin, noise, host, pixels, threads), peer and engine batches alternating, --ab-rounds 8 by default.
 # Next: gpu-tests,fast-path with GPU_TESTS_K="starting_noise or host_pixels" (neither GPU test ran on the code
 # as it now is), FAST_VARIANTS=reduce-overhead+fp8+fp8conv+geglu:mlperf FAST_ARGS="--mlperf-batches 8
 # --compile-needs-s 120 --no-prompt-cache-ab --ab host,pixels --ab-rounds 8 --idle-profile --idle-stacks" (~540 s: the
