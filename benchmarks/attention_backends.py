@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernel_kinds import kind_of
 from sdxl_random import UNET_KEY, architecture
 
 from imagesmith.engine.attention import attention_priority
@@ -112,17 +113,6 @@ def time_backends(shapes: Counter[Shape], dtype: torch.dtype, device: str, runs:
                 totals[name] = float("nan")
         rows.append(row)
     return {"shapes": rows, "attention_ms_per_unet_call": totals}
-
-
-def kind_of(kernel: str) -> str:
-    name = kernel.lower()
-    if any(word in name for word in ("flash", "fmha", "attention", "sdpa", "attn")):
-        return "attention"
-    if any(word in name for word in ("conv", "fprop", "implicit", "dgrad", "winograd")):
-        return "convolution"
-    if any(word in name for word in ("gemm", "nvjet", "cutlass", "matmul", "xmma")):
-        return "gemm"
-    return "other"
 
 
 def longest_first(times: dict[str, float]) -> list[tuple[str, float]]:
@@ -301,7 +291,7 @@ def main() -> None:
                 + ", ".join(f"{k} {v:.2f}" for k, v in kinds.items())
             )
     print(
-        "| UNet call | backend | attention ms (micro) | profiled kernel ms | attention | gemm | conv | other |"
+        "| UNet call | backend | attention ms (micro) | profiled kernel ms | attention | matmul | conv | other |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for label, row in results["unets"].items():
@@ -312,7 +302,7 @@ def main() -> None:
                 f"| {label} | {name} | {row['attention_ms_per_unet_call'].get(name, float('nan')):.2f} | "
                 f"{prof.get('kernel_ms', float('nan')):.2f} | "
                 + " | ".join(
-                    f"{kinds.get(k, 0.0):.2f}" for k in ("attention", "gemm", "convolution", "other")
+                    f"{kinds.get(k, 0.0):.2f}" for k in ("attention", "matmul", "convolution", "other")
                 )
                 + " |"
             )

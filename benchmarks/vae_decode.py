@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from fp8_gemm import event_times_ms, time_ms
+from kernel_kinds import kind_of
 from sdxl_random import VAE_KEY, architecture
 
 from imagesmith.engine.decode import _decode_once
@@ -117,25 +118,6 @@ def conv_floor(rows: list[dict[str, Any]], runs: int) -> list[dict[str, Any]]:
         )
     torch.backends.cudnn.benchmark = False
     return rows
-
-
-# In this order: inductor names its kernels after the ops they fuse ("triton_..._convolution_..." adds a
-# convolution's bias), so Triton comes before the convolutions (run 61 counted those kernels as convolutions).
-KINDS = (
-    ("triton (inductor)", ("triton",)),
-    ("layout transpose", ("nchwtonhwc", "nhwctonchw", "transpose", "convertTensor")),
-    ("attention", ("fmha", "flash", "attention", "softmax")),
-    ("convolution", ("conv", "xmma", "implicit", "cudnn", "sm90_", "sm80_", "winograd", "fft")),
-    ("matmul", ("gemm", "nvjet", "cublas", "cutlass")),
-)
-
-
-def kind_of(kernel: str) -> str:
-    lowered = kernel.lower()
-    for kind, needles in KINDS:
-        if any(needle.lower() in lowered for needle in needles):
-            return kind
-    return "other"
 
 
 def profile_kinds(fn: Callable[[], object], images: int) -> dict[str, Any]:

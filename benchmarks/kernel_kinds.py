@@ -1,0 +1,38 @@
+"""A GPU kernel's kind, from its name, for the benchmarks' profiles: Triton (inductor's fused pointwise and
+norms), layout transpose, attention, convolution, matmul, other.
+
+The order matters, because names overlap: inductor names its kernels after the ops they fuse
+("triton_..._convolution_..." adds a convolution's bias), cuDNN's attention kernels say "fprop" like its
+convolutions ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_..."), and its convolutions say "gemm"
+("sm90_xmma_fprop_implicit_gemm_..."). cuBLAS's Hopper matmuls are "nvjet_sm90_tst_..." and say neither; run 72
+counted them as convolutions when "sm90_" and "xmma" were convolution words.
+"""
+
+from __future__ import annotations
+
+KINDS = (
+    ("triton (inductor)", ("triton",)),
+    ("layout transpose", ("nchwtonhwc", "nhwctonchw", "transpose", "converttensor")),
+    ("attention", ("fmha", "flash", "attention", "sdpa", "attn", "softmax")),
+    ("convolution", ("conv", "fprop", "implicit", "dgrad", "winograd", "fft")),
+    ("matmul", ("gemm", "nvjet", "cublas", "cutlass", "matmul", "xmma")),
+)
+
+
+def kind_of(kernel: str) -> str:
+    """The kind of the kernel named `kernel`, the first in KINDS whose words its name contains.
+
+    >>> kind_of("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_bias_TNT")
+    'matmul'
+    >>> kind_of("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc")
+    'convolution'
+    >>> kind_of("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7")
+    'attention'
+    >>> kind_of("triton_poi_fused_convolution_0")
+    'triton (inductor)'
+    """
+    lowered = kernel.lower()
+    for kind, needles in KINDS:
+        if any(needle in lowered for needle in needles):
+            return kind
+    return "other"

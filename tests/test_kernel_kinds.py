@@ -1,0 +1,18 @@
+"""The benchmarks' kernel classifier (benchmarks/kernel_kinds.py): its docstring's examples are real kernel
+names from run 72's profile, where an earlier order of the kinds counted cuBLAS's matmuls as convolutions."""
+
+import doctest
+import importlib.util
+from pathlib import Path
+
+KERNEL_KINDS = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_kinds.py"
+
+
+def test_each_example_kernel_gets_its_kind() -> None:
+    spec = importlib.util.spec_from_file_location("kernel_kinds", KERNEL_KINDS)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = doctest.testmod(module)
+    assert result.attempted >= 4 and result.failed == 0
+    assert module.kind_of("void at::native::vectorized_layer_norm_kernel<c10::BFloat16>") == "other"
