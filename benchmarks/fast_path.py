@@ -38,7 +38,9 @@ largest batch, as the service's warm-up does).
 
 An MLPerf row records 3 batches' times and the base UNet's own call time on the GPU; `--ab pin,noise,...` first
 runs same-process A/Bs of the exact host changes, peer and engine batches alternating (host_peers.py),
-`--idle-profile` then profiles two batches for where the GPU waits (gpu_idle.py), `--idle-stacks` two more with
+`--queue-jobs N` then sends N jobs through the service's queue on the same warm engine (queue_row.py: the
+service's figure at that batch without the service's ~10-minute cold start of the fp8 levers), `--idle-profile`
+then profiles two batches for where the GPU waits (gpu_idle.py), `--idle-stacks` two more with
 Python's functions (two, so the hole between passes is among them).
 
 Usage:  PYTHONPATH=src python benchmarks/fast_path.py --out DIR [--budget-s 540] [--smoke] \
@@ -69,6 +71,7 @@ import torch._inductor.config as inductor_config
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_idle import print_idle, profile_idle
 from host_peers import alternating_ab, peers_for
+from queue_row import request_bodies, through_queue
 from sdxl_random import architecture, build_components, build_pipelines, run_two_stage
 from unet_timeline import UnetTimeline
 
@@ -387,6 +390,13 @@ def main() -> None:
         "(torch's CPU thread count; only where the plan changed it)",
     )
     parser.add_argument(
+        "--queue-jobs",
+        type=int,
+        default=0,
+        help="MLPerf rows: also this many jobs through the service's queue (store, worker, files) at "
+        "batch_max_images = the batch, on the warm engine (queue_row.py); 0: none",
+    )
+    parser.add_argument(
         "--ab-rounds",
         type=int,
         default=8,
@@ -567,7 +577,12 @@ def main() -> None:
         return rows
 
     def mlperf_rows(
-        engine: Any, label: str, batch_sizes: list[int], rates: UnetRates, rows: dict[str, Any]
+        engine: Any,
+        label: str,
+        batch_sizes: list[int],
+        rates: UnetRates,
+        rows: dict[str, Any],
+        settings: Settings,
     ) -> dict[str, Any]:
         """Fills `rows`, already in run.results, so each save holds the batches measured so far (through run 65
         a row was attached only when all were done). `rates` times the base UNet's own calls on the GPU (CUDA
@@ -605,6 +620,9 @@ def main() -> None:
                 f"stages {row['median_stage_s']}, base UNet call {row['unet'].get('base', {}).get('gpu_ms_median')} ms"
             )
             run.save()  # before the profiles: a call cut short in one keeps the row
+            if args.queue_jobs:
+                row["queue"] = queue_at(engine, settings, batch, f"{label} batch {batch}")
+                run.save()
             if args.idle_profile:
                 row["gpu_idle"] = profile_idle(functools.partial(engine.generate_batch, items), calls=2)
                 print_idle(row["gpu_idle"], f"{label} batch {batch}")
@@ -616,6 +634,23 @@ def main() -> None:
                 print_idle(row["gpu_idle_with_stacks"], f"{label} batch {batch}, with Python stacks")
                 run.save()
         return rows
+
+    def queue_at(engine: Any, settings: Settings, batch: int, label: str) -> dict[str, Any]:
+        """--queue-jobs jobs through the service's queue at batch_max_images `batch` on this warm engine, after
+        one untimed pass; new prompts (none the engine's batches above used)."""
+        row = through_queue(
+            engine,
+            settings.with_changes(batch_max_images=batch, batch_window_ms=0),
+            request_bodies(mlperf_request, 10_000, args.queue_jobs),
+            warm_bodies=request_bodies(mlperf_request, 9_000, batch),
+        )
+        steady = row.get("steady_images_per_s")
+        run.log(
+            f"{label}: through the queue {row['images_per_s']:.3f} images/s ({row['wall_s']:.2f} s for "
+            f"{row['jobs']}), steady state {f'{steady:.3f}' if steady else '-'}, passes of {row['batch_sizes_seen']}, "
+            f"all succeeded {row['all_succeeded']}, stages {row['median_stage_s']}"
+        )
+        return row
 
     def with_prompt_cache(engine: Any, row: dict[str, Any], label: str) -> None:
         """The same engine timed again with the prompt cache on: the repeated prompt skips the text encoders
@@ -653,7 +688,10 @@ def main() -> None:
             with_prompt_cache(engine, row, "eager")
         if "mlperf" in phases:
             run.results["mlperf_eager"] = {}
-            mlperf_rows(engine, "mlperf eager", mlperf_batches, rates, run.results["mlperf_eager"])
+            eager_settings = Settings(data_dir=run.out / "data")  # the defaults: eager bf16
+            mlperf_rows(
+                engine, "mlperf eager", mlperf_batches, rates, run.results["mlperf_eager"], eager_settings
+            )
 
     if "eager" in phases:
         run.phase("eager", 40, eager)
@@ -705,7 +743,7 @@ def main() -> None:
         sync()
         plans_before = len(plan_reports())
         with decode_as_before(engine, settings) if variant.old_decode else contextlib.nullcontext():
-            measure_engine(variant, engine, row, rates, levers, began)
+            measure_engine(variant, engine, row, rates, levers, began, settings)
         if variant.fp8_convs:  # what choosing cuDNN's plans cost this variant, and which it chose (by name)
             reports = plan_reports()[plans_before:]
             row["fp8_conv_plans"] = reports
@@ -714,11 +752,17 @@ def main() -> None:
         last_engine[:] = [engine, variant]
 
     def measure_engine(
-        variant: Variant, engine: Any, row: dict[str, Any], rates: UnetRates, levers: list[str], began: float
+        variant: Variant,
+        engine: Any,
+        row: dict[str, Any],
+        rates: UnetRates,
+        levers: list[str],
+        began: float,
+        settings: Settings,
     ) -> None:
         if variant.mlperf:
             row["mlperf"] = {}
-            mlperf_rows(engine, variant.spec, mlperf_batches, rates, row["mlperf"])
+            mlperf_rows(engine, variant.spec, mlperf_batches, rates, row["mlperf"], settings)
         else:
             t0 = time.perf_counter()
             row["warm_up_s"] = warm_up(engine, [(px, px)], [1])

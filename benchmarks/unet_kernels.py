@@ -26,15 +26,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from attention_backends import unet_inputs
 from fp8_gemm import event_times_ms
 from sdxl_random import UNET_KEY, architecture
 from vae_decode import profile_kinds
 
 LATENT = 128  # 1024x1024 images
 ROWS = 2  # one image with classifier-free guidance
-# SDXL's size and crop ids: original size, crop, target size (base); the refiner's aesthetic score in place of the
-# target size.
-TIME_IDS = {"base": 6, "refiner": 5}
 DTYPE = torch.bfloat16
 VARIANTS = ("eager", "eager-cl")
 
@@ -50,29 +48,6 @@ def build_unet(which: str, device: str) -> Any:
     unet.eval().requires_grad_(False).to(DTYPE)
     unet.fuse_qkv_projections()
     return unet
-
-
-def unet_inputs(unet: Any, which: str, device: str, channels_last: bool) -> dict[str, Any]:
-    """One guided image's inputs; the pooled text embedding's width is what the ids leave of the added
-    conditions' projection (1280, CLIP bigG's, at full size)."""
-    config = unet.config
-    ids = TIME_IDS[which]
-    pooled = config.projection_class_embeddings_input_dim - ids * config.addition_time_embed_dim
-    sample = torch.randn(ROWS, config.in_channels, LATENT, LATENT, device=device, dtype=DTYPE)
-    if channels_last:
-        sample = sample.to(memory_format=torch.channels_last)
-    return {
-        "sample": sample,
-        "timestep": torch.tensor(500.0, device=device),
-        "encoder_hidden_states": torch.randn(
-            ROWS, 77, config.cross_attention_dim, device=device, dtype=DTYPE
-        ),
-        "added_cond_kwargs": {
-            "text_embeds": torch.randn(ROWS, pooled, device=device, dtype=DTYPE),
-            "time_ids": torch.randn(ROWS, ids, device=device, dtype=DTYPE),
-        },
-        "return_dict": False,
-    }
 
 
 @contextlib.contextmanager
@@ -122,7 +97,9 @@ def counting_flops() -> Iterator[dict[str, float]]:
 def measure(unet: Any, which: str, variant: str, device: str, runs: int) -> dict[str, Any]:
     channels_last = variant.endswith("-cl")
     unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    inputs = unet_inputs(unet, which, device, channels_last)
+    inputs = unet_inputs(unet, ROWS, LATENT, device, DTYPE)
+    if channels_last:
+        inputs["sample"] = inputs["sample"].to(memory_format=torch.channels_last)
 
     def call() -> object:
         with torch.no_grad():

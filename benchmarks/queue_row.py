@@ -1,0 +1,124 @@
+"""Jobs through the service's own queue (SQLite job store -> worker -> engine -> finishing thread -> files) on an
+engine that is already warm, timed from the first submit to the last job's end.
+
+Why a warm engine: `queue_throughput.py` starts the service as a user would (its warm-up compiles the one-image
+graph and every batch size's CUDA graphs), and with the opt-in fp8 levers that start took ~10 minutes (run 46), more
+than one device call. `fast_path.py` has the engine warm at the batch it measures; the queue's figure at the same
+batch needs only its jobs' time, on the same engine, in the same call.
+
+Two rates: over the whole row (the first pass's encodes and the last pass's files included, what a burst of N
+jobs sees) and in steady state, from the end of the first pass to the end of the last (what a stream that keeps
+the queue full gets; with N = 2 passes the whole-row rate mixes both ends in).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def through_queue(
+    engine: Any, settings: Any, bodies: list[dict[str, Any]], warm_bodies: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Run `warm_bodies` (untimed: one pass that warms the worker's own path) then `bodies` through a fresh
+    store and worker on `engine`; `settings` (imagesmith.config.Settings) set batching. The engine is not warmed
+    again: its warm-up is turned off here."""
+    from imagesmith.engine.engine import encode_ahead_for
+    from imagesmith.jobs.events import EventHub
+    from imagesmith.jobs.metrics import Metrics
+    from imagesmith.jobs.store import JobStatus, JobStore
+    from imagesmith.jobs.worker import Worker
+    from imagesmith.sources.generate import GenerateSource
+    from imagesmith.sources.registry import SourceRegistry
+    from imagesmith.storage.files import ImageFiles
+
+    with tempfile.TemporaryDirectory() as folder:
+        data = Path(folder)
+        settings = settings.with_changes(data_dir=data, warmup=False)
+        store = JobStore(data / "jobs.sqlite3")
+        previous_encode_ahead = engine.encode_ahead
+        engine.encode_ahead = encode_ahead_for(engine, settings)  # what Engine.start does with the setting
+        source = GenerateSource(settings, factory=lambda _: engine)
+        source.start_loading().join()
+        worker = Worker(
+            settings,
+            store,
+            ImageFiles(data / "images"),
+            SourceRegistry([source]),
+            EventHub(),
+            Metrics(store.counts),
+        )
+
+        def submit_all(batch: list[dict[str, Any]]) -> list[str]:
+            return [
+                store.submit(body, hashlib.sha256(repr(body).encode()).hexdigest(), None, len(bodies) + 100)[
+                    0
+                ].id
+                for body in batch
+            ]
+
+        def wait_for(ids: list[str]) -> None:
+            while not all(store.get(job_id).status.terminal for job_id in ids):  # type: ignore[union-attr]
+                time.sleep(0.005)
+
+        try:
+            warm = submit_all(warm_bodies)
+            worker.start()
+            wait_for(warm)
+            started_wall = time.time()
+            started = time.perf_counter()
+            ids = submit_all(bodies)
+            worker.notify()
+            wait_for(ids)
+            wall = time.perf_counter() - started
+        finally:
+            worker.stop()
+            engine.encode_ahead = previous_encode_ahead
+        jobs = [store.get(job_id) for job_id in ids]
+        store.close()
+    finished = sorted(job.finished_at - started_wall for job in jobs)  # type: ignore[union-attr,operator]
+    sizes = [job.result["metadata"]["batch_size"] for job in jobs]  # type: ignore[index,union-attr]
+    row: dict[str, Any] = {
+        "jobs": len(jobs),
+        "all_succeeded": all(job.status == JobStatus.SUCCEEDED for job in jobs),  # type: ignore[union-attr]
+        "batch_sizes_seen": sorted(set(sizes)),
+        "wall_s": round(wall, 4),
+        "images_per_s": len(jobs) / wall,
+        "finished_s": [round(seconds, 4) for seconds in finished],
+    }
+    row.update(steady_state(finished, max(sizes)))
+    row["median_stage_s"] = stage_medians(job.result for job in jobs)  # type: ignore[union-attr]
+    return row
+
+
+def steady_state(finished_s: list[float], batch: int) -> dict[str, Any]:
+    """Images per second from the end of the first pass (its `batch` jobs, the first to end) to the end of the
+    last; empty with fewer than two passes."""
+    if len(finished_s) < 2 * batch:
+        return {}
+    span = finished_s[-1] - finished_s[batch - 1]
+    return {"steady_images_per_s": (len(finished_s) - batch) / span, "steady_span_s": round(span, 4)}
+
+
+def stage_medians(results: Any) -> dict[str, float]:
+    """Each stage's median seconds over the jobs (a batched pass's stages appear once for each of its jobs)."""
+    times: dict[str, list[float]] = {}
+    for result in results:
+        for stage in (result or {}).get("metadata", {}).get("stages", []):
+            times.setdefault(stage["name"], []).append(stage["seconds"])
+    return {name: round(statistics.median(values), 4) for name, values in times.items()}
+
+
+def request_bodies(make: Callable[[int], Any], first: int, count: int) -> list[dict[str, Any]]:
+    """`count` generate-only request bodies, the JSON the HTTP API takes, from `make(i)`'s GenerationRequest."""
+    from imagesmith.sources.base import ImageRequest, SourceName
+
+    return [
+        ImageRequest(sources=[SourceName.GENERATE], generation=make(i)).model_dump(mode="json")
+        for i in range(first, first + count)
+    ]
