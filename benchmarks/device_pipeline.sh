@@ -70,14 +70,21 @@
 # (+ --threads-ab --noise-ab --idle-profile --idle-stacks; 520 s in all, the first call 281 s cold); run 68
 # fast-path with reduce-overhead:mlperf and --host-ab --idle-profile (218 s). Those flags are now --ab NAMES
 # (host_peers.py: pin, noise, host, pixels, threads), peer and engine batches alternating, --ab-rounds 8 by default.
-# Next: gpu-tests,fast-path with GPU_TESTS_K="starting_noise or host_pixels" (neither GPU test ran on the code
-# as it now is), FAST_VARIANTS=reduce-overhead+fp8+fp8conv+geglu:mlperf FAST_ARGS="--mlperf-batches 8
-# --compile-needs-s 120 --no-prompt-cache-ab --ab host,pixels --ab-rounds 8 --idle-profile --idle-stacks" (~540 s: the
-# headline with 8 alternating rounds against run 66b's host, and the between-pass hole named); then the ensemble
-# with the same levers and --ab pin,host (FAST_PHASES=eager,variants FAST_VARIANTS=reduce-overhead) for the 1.2 s target;
-# then the layout A/B (+fp8conv against +fp8convnchw, ~580 s), +cdt, max-autotune with
-# TORCHINDUCTOR_MAX_AUTOTUNE_CONV_BACKENDS=ATEN exported: FAST2_PHASES=peer,eager,variants
-# FAST2_VARIANTS=reduce-overhead,max-autotune FAST2_ARGS="--compile-needs-s 720".
+# Runs 69-72 (session 23): run 69 gpu-tests,fast-path with GPU_TESTS_K="starting_noise or host_pixels" and
+# FAST_VARIANTS=reduce-overhead+fp8+fp8conv+geglu:mlperf FAST_ARGS="--mlperf-batches 8 --compile-needs-s 120
+# --no-prompt-cache-ab --ab host,pixels --ab-rounds 8 --idle-profile --idle-stacks" (469 s: 2.010 images/s pooled);
+# run 70 fast-path with FAST_PHASES=eager,variants FAST_VARIANTS=reduce-overhead FAST_ARGS="--no-prompt-cache-ab
+# --ab pin,host --ab-rounds 8" (325 s: 1.330 s); run 71, chained, the same with
+# FAST_VARIANTS=reduce-overhead+fp8+fp8conv+geglu FAST_ARGS=--no-prompt-cache-ab (509 s: 1.118 s, 38.9 dB); run 72
+# benchmarks/unet_kernels.py directly (30 s).
+# Next: (1) the service's queue at the fastest levers, on fast_path's warm engine: fast-path with
+# FAST_PHASES=variants FAST_VARIANTS=reduce-overhead+fp8+fp8conv+geglu:mlperf FAST_ARGS="--mlperf-batches 8
+# --compile-needs-s 120 --no-prompt-cache-ab --queue-jobs 32" (~330 s); (2) max-autotune at the MLPerf
+# setting, bf16, with TORCHINDUCTOR_MAX_AUTOTUNE_CONV_BACKENDS=ATEN exported: FAST_VARIANTS=max-autotune:mlperf
+# FAST_ARGS="--mlperf-batches 8 --compile-needs-s 500 --no-prompt-cache-ab" (its cold autotune: over 7 minutes for
+# the base UNet in an earlier session, so alone in its call; the peer is run 68's bf16 1.638 images/s, or add
+# reduce-overhead:mlperf if time is left); (3) unet_kernels.py again with the fixed classifier (30 s) for the
+# matmul / convolution split; then the layout A/B (+fp8conv against +fp8convnchw), +cdt, dynamic fp8 at MLPerf.
 set -u
 PIPE=.devcache/pipe
 
