@@ -27,8 +27,10 @@ def through_queue(
 ) -> dict[str, Any]:
     """Run `warm_bodies` (untimed: one pass that warms the worker's own path) then `bodies` through a fresh
     store and worker on `engine`; `settings` (imagesmith.config.Settings) set batching. The engine is not warmed
-    again: its warm-up is turned off here."""
+    again: its warm-up is turned off here. It gets the service's prompt cache and encode ahead for the row, as
+    the service's engine has them, and its own back after."""
     from imagesmith.engine.engine import encode_ahead_for
+    from imagesmith.engine.prompt_cache import PromptEmbeddingCache
     from imagesmith.jobs.events import EventHub
     from imagesmith.jobs.metrics import Metrics
     from imagesmith.jobs.store import JobStatus, JobStore
@@ -41,7 +43,10 @@ def through_queue(
         data = Path(folder)
         settings = settings.with_changes(data_dir=data, warmup=False)
         store = JobStore(data / "jobs.sqlite3")
-        previous_encode_ahead = engine.encode_ahead
+        previous_cache, previous_encode_ahead = engine.prompt_cache, engine.encode_ahead
+        if previous_cache is None and settings.prompt_cache_size:
+            # The service's engine has its prompt cache (Engine.from_settings); encode ahead fills it.
+            engine.prompt_cache = PromptEmbeddingCache(settings.prompt_cache_size)
         engine.encode_ahead = encode_ahead_for(engine, settings)  # what Engine.start does with the setting
         source = GenerateSource(settings, factory=lambda _: engine)
         source.start_loading().join()
@@ -78,7 +83,7 @@ def through_queue(
             wall = time.perf_counter() - started
         finally:
             worker.stop()
-            engine.encode_ahead = previous_encode_ahead
+            engine.prompt_cache, engine.encode_ahead = previous_cache, previous_encode_ahead
         jobs = [store.get(job_id) for job_id in ids]
         store.close()
     finished = sorted(job.finished_at - started_wall for job in jobs)  # type: ignore[union-attr,operator]
