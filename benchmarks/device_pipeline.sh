@@ -78,8 +78,9 @@
 # FAST_VARIANTS=reduce-overhead+fp8+fp8conv+geglu FAST_ARGS=--no-prompt-cache-ab (509 s: 1.118 s, 38.9 dB); run 72
 # benchmarks/unet_kernels.py directly (30 s).
 # Next: (1) the service's queue at the fastest levers, on fast_path's warm engine: fast-path with
-# FAST_PHASES=variants FAST_VARIANTS=reduce-overhead+fp8+fp8conv+geglu:mlperf FAST_ARGS="--mlperf-batches 8
-# --compile-needs-s 120 --no-prompt-cache-ab --queue-jobs 32" (~330 s); (2) max-autotune at the MLPerf
+# FAST_PHASES=variants FAST_VARIANTS=reduce-overhead+fp8+fp8conv+geglu:mlperf FAST_ARGS="--mlperf-batches 8,4
+# --compile-needs-s 120 --no-prompt-cache-ab --queue-jobs 32" (~360 s: 4 and 8 share the batched graph), then the
+# same with --mlperf-batches 1 (the one-image graph: a cold compile of its own); (2) max-autotune at the MLPerf
 # setting, bf16, with TORCHINDUCTOR_MAX_AUTOTUNE_CONV_BACKENDS=ATEN exported: FAST_VARIANTS=max-autotune:mlperf
 # FAST_ARGS="--mlperf-batches 8 --compile-needs-s 500 --no-prompt-cache-ab" (its cold autotune: over 7 minutes for
 # the base UNet in an earlier session, so alone in its call; the peer is run 68's bf16 1.638 images/s, or add
