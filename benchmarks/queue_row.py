@@ -45,7 +45,7 @@ def through_queue(
         store = JobStore(data / "jobs.sqlite3")
         previous_cache, previous_encode_ahead = engine.prompt_cache, engine.encode_ahead
         if previous_cache is None and settings.prompt_cache_size:
-            # The service's engine has its prompt cache (Engine.from_settings); encode ahead fills it.
+            # The service's engine has its prompt cache (Engine.start); encode ahead fills it.
             engine.prompt_cache = PromptEmbeddingCache(settings.prompt_cache_size)
         engine.encode_ahead = encode_ahead_for(engine, settings)  # what Engine.start does with the setting
         source = GenerateSource(settings, factory=lambda _: engine)
@@ -59,13 +59,14 @@ def through_queue(
             Metrics(store.counts),
         )
 
+        queue_max = len(bodies) + len(warm_bodies)
+
+        def submit(body: dict[str, Any]) -> str:
+            job, _ = store.submit(body, hashlib.sha256(repr(body).encode()).hexdigest(), None, queue_max)
+            return job.id
+
         def submit_all(batch: list[dict[str, Any]]) -> list[str]:
-            return [
-                store.submit(body, hashlib.sha256(repr(body).encode()).hexdigest(), None, len(bodies) + 100)[
-                    0
-                ].id
-                for body in batch
-            ]
+            return [submit(body) for body in batch]
 
         def wait_for(ids: list[str]) -> None:
             while not all(store.get(job_id).status.terminal for job_id in ids):  # type: ignore[union-attr]
@@ -87,7 +88,8 @@ def through_queue(
         jobs = [store.get(job_id) for job_id in ids]
         store.close()
     finished = sorted(job.finished_at - started_wall for job in jobs)  # type: ignore[union-attr,operator]
-    sizes = [job.result["metadata"]["batch_size"] for job in jobs]  # type: ignore[index,union-attr]
+    # A failed job has no result: the row then says all_succeeded False rather than failing itself.
+    sizes = [job.result["metadata"]["batch_size"] for job in jobs if job.result]  # type: ignore[union-attr]
     row: dict[str, Any] = {
         "jobs": len(jobs),
         "all_succeeded": all(job.status == JobStatus.SUCCEEDED for job in jobs),  # type: ignore[union-attr]
@@ -96,7 +98,7 @@ def through_queue(
         "images_per_s": len(jobs) / wall,
         "finished_s": [round(seconds, 4) for seconds in finished],
     }
-    row.update(steady_state(finished, max(sizes)))
+    row.update(steady_state(finished, max(sizes, default=1)))
     row["median_stage_s"] = stage_medians(job.result for job in jobs)  # type: ignore[union-attr]
     return row
 
