@@ -2,7 +2,7 @@
 by kernel kind, and each kind's FLOPs and TFLOP/s.
 
 Why: the fastest exact ensemble is UNet-bound (run 70: 1.330 s, of which 32 base calls of 31.2 ms and 8 refiner
-calls of 33.2 ms on the GPU, the host hidden), and 1.2 s needs those calls ~7 % faster. Which kind of kernel
+calls of 33.2 ms on the GPU, the host hidden), and 1.2 s needs those calls ~10 % faster. Which kind of kernel
 holds the time, and which runs furthest below the card (matmuls, convolutions, attention, the rest)? The
 compiled call runs the same matmul (cuBLAS), convolution (cuDNN) and attention kernels as eager (inductor calls
 them as extern kernels when max-autotune is off) and fuses the rest into Triton; so eager's matmul, convolution
