@@ -1,4 +1,4 @@
-"""imagesmith's command line: generate | doctor (and serve | search where those parts are installed).
+"""imagesmith's command line: generate | doctor | bench (and serve | search where those parts are installed).
 
 Bad input exits with status 2 and a message naming the option; failures exit 1 with one clear line.
 """
@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from imagesmith import __version__, exit_guard
+from imagesmith.bench import add_bench_parser
 from imagesmith.config import ModelPreset, Settings, get_settings, settings_error_lines
 from imagesmith.schemas import (
     AspectPreset,
@@ -99,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_generate(subparsers)
     _add_doctor(subparsers)
+    add_bench_parser(subparsers)
     for module, adder in (
         ("imagesmith.api.serve", "add_serve_parser"),
         ("imagesmith.sources.cli_search", "add_search_parser"),

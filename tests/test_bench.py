@@ -1,0 +1,63 @@
+"""`imagesmith bench` as a user runs it: a real process, the tiny model, the report on stdout."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from tests.test_cli import run_cli
+
+
+def bench(home: Path, *args: str) -> dict:
+    done = run_cli("bench", "--width", "64", "--height", "64", "--json", *args, home=home)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_the_ensemble_preset_times_each_pass_through_both_stages(tiny_model_home: Path) -> None:
+    report = bench(tiny_model_home, "--runs", "3", "--steps", "10")
+    assert (report["preset"], report["batch"], report["steps"], report["width"]) == ("ensemble", 1, 10, 64)
+    assert len(report["runs_s"]) == 3 and report["images_made"] == 3
+    assert report["median_s"] == pytest.approx(statistics.median(report["runs_s"]), abs=1e-4)
+    assert report["min_s"] <= report["median_s"] <= report["max_s"]
+    assert report["images_per_s"] == pytest.approx(1 / report["median_s"], rel=1e-3)
+    assert set(report["stage_median_s"]) == {"base", "refine", "decode"}
+    # The first image comes after the models loaded and the warm-up ran, counted from the process's start.
+    assert report["first_image_after_start_s"] >= report["load_s"] + report["warmup_s"]
+    assert report["plan"].startswith("device=cpu") and report["peak_gpu_gib"] is None
+
+
+def test_the_mlperf_preset_runs_batched_base_only_passes(tiny_model_home: Path) -> None:
+    report = bench(tiny_model_home, "--preset", "mlperf", "--batch", "3", "--runs", "2", "--steps", "4")
+    assert (report["preset"], report["batch"], report["steps"]) == ("mlperf", 3, 4)
+    assert report["images_made"] == 6  # two passes of three images each
+    assert report["images_per_s"] == pytest.approx(3 / report["median_s"], rel=1e-3)
+    assert set(report["stage_median_s"]) == {"base", "decode"}
+
+
+def test_progress_goes_to_stderr_and_the_table_to_stdout(tiny_model_home: Path) -> None:
+    done = run_cli(
+        "bench", "--width", "64", "--height", "64", "--runs", "2", "--steps", "6", home=tiny_model_home
+    )
+    assert done.returncode == 0, done.stderr
+    assert "warming up at 64x64" in done.stderr and "timed passes" in done.stderr
+    assert "a pass: median" in done.stdout and "images/s" in done.stdout and "warming up" not in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (("--runs", "0"), "--runs"),
+        (("--batch", "0"), "--batch"),
+        (("--width", "60"), "--width"),
+        (("--steps", "0"), "--steps"),
+    ],
+)
+def test_bad_input_names_the_option(tiny_model_home: Path, args: tuple[str, ...], option: str) -> None:
+    done = run_cli("bench", *args, home=tiny_model_home)
+    assert done.returncode == 2
+    assert f"imagesmith bench: error: {option}:" in done.stderr
+    assert "Traceback" not in done.stderr
