@@ -77,7 +77,7 @@
 # --ab pin,host --ab-rounds 8" (325 s: 1.330 s); run 71, chained, the same with
 # FAST_VARIANTS=reduce-overhead+fp8+fp8conv+geglu FAST_ARGS=--no-prompt-cache-ab (509 s: 1.118 s, 38.9 dB); run 72
 # benchmarks/unet_kernels.py directly (30 s).
-# Next: (1) the service's queue at the fastest levers, on fast_path's warm engine: fast-path with
+# Next: first gpu-tests with GPU_TESTS_K=bench (test_gpu_bench: never run on a GPU), then (1) the service's queue at the fastest levers, on fast_path's warm engine: fast-path with
 # FAST_PHASES=variants FAST_VARIANTS=reduce-overhead+fp8+fp8conv+geglu:mlperf FAST_ARGS="--mlperf-batches 8,4
 # --compile-needs-s 120 --no-prompt-cache-ab --queue-jobs 32" (~360 s: 4 and 8 share the batched graph), then the
 # same with --mlperf-batches 1 (the one-image graph: a cold compile of its own); (2) max-autotune at the MLPerf
