@@ -54,6 +54,7 @@ def test_progress_goes_to_stderr_and_the_table_to_stdout(tiny_model_home: Path) 
         (("--batch", "0"), "--batch"),
         (("--width", "60"), "--width"),
         (("--steps", "0"), "--steps"),
+        (("--steps", "1"), "--steps"),  # the ensemble's refiner would get no step
     ],
 )
 def test_bad_input_names_the_option(tiny_model_home: Path, args: tuple[str, ...], option: str) -> None:

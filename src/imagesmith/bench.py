@@ -38,7 +38,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 DEFAULT_BATCH = {"ensemble": 1, "mlperf": 8}
 PROMPT = "a lighthouse on a rocky coast at dawn, detailed photograph"
 # The CLI option for each request field it sets, so a validation error names what the user typed.
-OPTION_FOR_FIELD = {"num_inference_steps": "--steps", "width": "--width", "height": "--height"}
+# The preset fixes high_noise_frac, so a steps count that leaves a stage without a step is --steps' fault.
+OPTION_FOR_FIELD = {
+    "num_inference_steps": "--steps",
+    "high_noise_frac": "--steps",
+    "width": "--width",
+    "height": "--height",
+}
 
 
 class EngineDidNotStart(RuntimeError):
