@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -61,4 +64,24 @@ def test_bad_input_names_the_option(tiny_model_home: Path, args: tuple[str, ...]
     done = run_cli("bench", *args, home=tiny_model_home)
     assert done.returncode == 2
     assert f"imagesmith bench: error: {option}:" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_models_that_cannot_load_end_in_one_clear_line(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "IMAGESMITH_DATA_DIR": str(tmp_path),
+        "IMAGESMITH_DEVICE": "cpu",
+        "IMAGESMITH_BASE_MODEL": str(tmp_path / "no-such-model"),
+        "HF_HUB_OFFLINE": "1",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "imagesmith.cli", "bench", "--model", "sdxl", "--runs", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1
+    assert "imagesmith bench: cannot start the engine: could not load the base model" in done.stderr
     assert "Traceback" not in done.stderr
