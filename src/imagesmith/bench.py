@@ -30,7 +30,7 @@ from imagesmith import STARTED_AT
 from imagesmith.config import CompileChoice, ModelPreset, Settings, get_settings
 from imagesmith.schemas import GenerationRequest, RefineMode, field_errors
 
-# The two settings the issue's benchmark names: SDXL's documented ensemble, and MLPerf's SDXL setting.
+# SDXL's documented ensemble and MLPerf's SDXL setting: the two docs/benchmarks.md measures on an H200.
 PRESETS: dict[str, dict[str, Any]] = {
     "ensemble": {"num_inference_steps": 40, "refine_mode": RefineMode.ENSEMBLE, "high_noise_frac": 0.8},
     "mlperf": {"num_inference_steps": 20, "refine_mode": RefineMode.NONE, "guidance_scale": 8.0},
