@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from queue_row import steady_state
 from row_probe import RowProbe
 from sdxl_random import architecture, build_components, build_pipelines
 from unet_timeline import UnetTimeline
@@ -223,6 +224,7 @@ def main() -> None:
                 time.sleep(0.01)
             timeline_taken()  # the warm-up's calls are not the row's
             with RowProbe() as probe:
+                started_wall = time.time()  # the store's finished_at clock
                 started = time.perf_counter()
                 for seed in range(args.jobs):
                     body = request(seed)
@@ -237,6 +239,7 @@ def main() -> None:
             for graph in graphs:
                 graph.paused = False  # the next row (the engine alone, the next arm) decides for itself
             statuses = {store.get(i).status for i in ids}  # type: ignore[union-attr]
+            finished = sorted(store.get(i).finished_at - started_wall for i in ids)  # type: ignore[union-attr,operator]
             sizes = sorted({store.get(i).result["metadata"]["batch_size"] for i in ids})  # type: ignore[index,union-attr]
             stage_times: dict[str, list[float]] = {}
             for job_id in ids:
@@ -249,6 +252,9 @@ def main() -> None:
             "batch_max_images": batch,
             "wall_s": wall,
             "images_per_s": args.jobs / wall,
+            # From the end of the first pass to the end of the last (queue_row.py): without the first pass's
+            # encodes and the last pass's files, which a 2-pass row mixes in.
+            **steady_state(finished, batch),
             "batch_sizes_seen": sizes,
             "all_succeeded": statuses == {JobStatus.SUCCEEDED},
             "startup": startup,
@@ -267,7 +273,8 @@ def main() -> None:
         }
         record(
             row,
-            f"{label:10s} batch {batch}: {row['images_per_s']:.2f} images/s ({wall:.1f}s for {args.jobs}) "
+            f"{label:10s} batch {batch}: {row['images_per_s']:.2f} images/s ({wall:.1f}s for {args.jobs}; "
+            f"steady state {row.get('steady_images_per_s', float('nan')):.2f}) "
             f"batches {sizes} ok={row['all_succeeded']} stages {row['median_stage_s']} startup {startup} "
             f"probe {row['probe']}",
         )
