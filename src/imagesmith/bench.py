@@ -27,7 +27,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from imagesmith import STARTED_AT
-from imagesmith.config import CompileChoice, ModelPreset, Settings, get_settings
+from imagesmith.config import ModelPreset, Settings, get_settings
 from imagesmith.schemas import GenerationRequest, RefineMode, field_errors
 
 # SDXL's documented ensemble and MLPerf's SDXL setting: the two docs/benchmarks.md measures on an H200.
@@ -157,6 +157,7 @@ def run_bench(
     from imagesmith.engine import Engine, ModelLoadError
     from imagesmith.engine.engine import BatchItem
     from imagesmith.engine.fast import warm_up_or_fall_back_to_eager
+    from imagesmith.sources.generate import warm_up_batches
 
     progress.phase("loading the models")
     began = time.perf_counter()
@@ -165,11 +166,11 @@ def run_bench(
     except (ModelLoadError, RuntimeError, ValueError) as error:
         raise EngineDidNotStart(str(error)) from error
     load_s = time.perf_counter() - began
-    first = requests(0)
-    size = (first.resolve().width, first.resolve().height)
-    # What the service with batch_max_images = `batch` warms up (sources/generate.py's warm_up_batches): both
-    # compiled graphs when compiled (one-image passes and batched ones), so its cold start is what is reported.
-    batches = sorted({1, batch}) if settings.compile is not CompileChoice.OFF else [batch]
+    first = requests(0).resolve()
+    size = (first.width, first.height)
+    # What the service warms up with these settings (batch_max_images = `batch`): both compiled graphs when
+    # compiled (one-image passes and batched ones), so its cold start is what is reported.
+    batches = warm_up_batches(settings)
     progress.phase(f"warming up at {size[0]}x{size[1]}, batch {' and '.join(map(str, batches))}")
     began = time.perf_counter()
     warm_up_or_fall_back_to_eager(engine, [size], batches, on_progress=progress.warm_up)
@@ -194,7 +195,7 @@ def run_bench(
         batch=batch,
         width=size[0],
         height=size[1],
-        steps=first.resolve().num_inference_steps,
+        steps=first.num_inference_steps,
         plan=engine.plan.summary(),
         levers=list(engine.levers),
         load_s=round(load_s, 2),
