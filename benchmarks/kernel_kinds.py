@@ -5,12 +5,15 @@ The order matters, because names overlap: inductor names its kernels after the o
 ("triton_..._convolution_..." adds a convolution's bias), cuDNN's attention kernels say "fprop" like its
 convolutions ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_..."), and its convolutions say "gemm"
 ("sm90_xmma_fprop_implicit_gemm_..."). cuBLAS's Hopper matmuls are "nvjet_sm90_tst_..." and say neither; run 72
-counted them as convolutions when "sm90_" and "xmma" were convolution words.
+counted them as convolutions when "sm90_" and "xmma" were convolution words. Under max_autotune inductor's own
+matmul templates are Triton kernels too ("triton_tem_fused_addmm_..."), with the pointwise work they fuse in
+their names: they count as matmuls, ahead of the other Triton kernels.
 """
 
 from __future__ import annotations
 
 KINDS = (
+    ("matmul", ("triton_tem_",)),
     ("triton (inductor)", ("triton",)),
     ("layout transpose", ("nchwtonhwc", "nhwctonchw", "transpose", "converttensor")),
     ("attention", ("fmha", "flash", "attention", "sdpa", "attn", "softmax")),
@@ -30,6 +33,8 @@ def kind_of(kernel: str) -> str:
     'attention'
     >>> kind_of("triton_poi_fused_convolution_0")
     'triton (inductor)'
+    >>> kind_of("triton_tem_fused_addmm_gelu_mul_7")
+    'matmul'
     """
     lowered = kernel.lower()
     for kind, needles in KINDS:

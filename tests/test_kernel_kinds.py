@@ -1,5 +1,6 @@
 """The benchmarks' kernel classifier (benchmarks/kernel_kinds.py): its docstring's examples are real kernel
-names from run 72's profile, where an earlier order of the kinds counted cuBLAS's matmuls as convolutions."""
+names from run 72's profile, where an earlier order of the kinds counted cuBLAS's matmuls as convolutions, and a
+name in the form of inductor's matmul templates (max_autotune), which must not count as pointwise Triton work."""
 
 import doctest
 import importlib.util
@@ -14,5 +15,5 @@ def test_each_example_kernel_gets_its_kind() -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     result = doctest.testmod(module)
-    assert result.attempted >= 4 and result.failed == 0
+    assert result.attempted >= 5 and result.failed == 0
     assert module.kind_of("void at::native::vectorized_layer_norm_kernel<c10::BFloat16>") == "other"

@@ -1,0 +1,231 @@
+"""One compiled UNet call of the 40-step ensemble (one image, two rows for guidance, 1024x1024) under inductor's
+tuning options, all in one process: does any compile-side lever give the exact 1.2 s?
+
+Why: the fastest exact ensemble is 1.330 s, the UNets' 1.265 s of GPU time plus the decode (run 70), and 1.2 s
+needs each UNet call ~3.25 ms (~10 %) faster. In the base call the matmuls and convolutions already run at ~650
+TFLOP/s and attention at 347; ~8 ms goes to inductor's Triton kernels and the gaps between kernels (run 72). Two
+levers act on exactly that and were never measured, because each needs a compile of its own and the engine's
+whole compile (both UNets, the decoder, every batch graph) left no room in a device call:
+- `coordinate_descent_tuning`: inductor times block sizes for each of its pointwise and reduction kernels (the
+  norms, GEGLU, the residual adds) instead of taking its heuristics';
+- `max_autotune`: Triton matmul templates timed against cuBLAS for every matmul shape, with the pointwise work
+  around a matmul fused into the template (epilogue, prologue), which an extern cuBLAS call cannot take. The
+  convolutions stay with cuDNN (`max_autotune_conv_backends=ATEN`): Triton's convolution templates took most of
+  run 17's unfinished 420 s of autotuning, and cuDNN's convolutions are not where the time is.
+
+Here only one UNet compiles, once per variant, at the one shape the ensemble needs, so every variant fits one
+call. Each variant compiles its own copy of the UNet (the same random weights), so all stay callable and the
+timing can alternate between them: right after its compile a variant is timed against `ro` (the engine's
+`reduce-overhead`, the peer), and at the end all are timed round-robin. Rows are written after each step, so a
+call that runs out of time keeps what finished.
+
+Reported per variant: compile seconds (its first call), the call's median GPU time (CUDA events around a graph
+replay) and its difference from the peer's in the same rounds, the output's relative L2 against the peer's on the
+same inputs (both bf16; a Triton matmul accumulates in fp32 like cuBLAS, so this should stay at bf16's ~1e-3
+to 1e-2), and with --profile the GPU time by kernel kind.
+
+    python3 benchmarks/unet_compiled.py --out results.json [--unet base] [--variants ro,ro+cdt,mat,mat+cdt]
+    python3 benchmarks/unet_compiled.py --out /tmp/x.json --smoke     # CPU, toy UNet, proves the code path
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from attention_backends import unet_inputs
+from sdxl_random import UNET_KEY, architecture
+from vae_decode import profile_kinds
+
+LATENT = 128  # 1024x1024 images
+ROWS = 2  # one image with classifier-free guidance
+CUDA_GRAPHS = {"triton.cudagraphs": True}  # what mode="reduce-overhead" sets
+# Convolutions stay with cuDNN under max_autotune (the module docstring says why).
+MAX_AUTOTUNE = {"max_autotune": True, "max_autotune_conv_backends": "ATEN"}
+COORDINATE_DESCENT = {"coordinate_descent_tuning": True}
+# torch.compile's `options` for each variant; `ro` is the engine's IMAGESMITH_COMPILE=reduce-overhead.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "ro": CUDA_GRAPHS,
+    "ro+cdt": {**CUDA_GRAPHS, **COORDINATE_DESCENT},
+    "mat": {**CUDA_GRAPHS, **MAX_AUTOTUNE},
+    "mat+cdt": {**CUDA_GRAPHS, **MAX_AUTOTUNE, **COORDINATE_DESCENT},  # mode="max-autotune", cuDNN's convs
+}
+PEER = "ro"
+
+
+def build_unet(which: str, size: str, device: str, dtype: torch.dtype) -> Any:
+    """The SDXL UNet (`base` or `refiner`) with random weights from seed 0, QKV fused, as the engine holds it."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet: Any = UNet2DConditionModel(**architecture(size)[which][UNET_KEY])
+    unet.eval().requires_grad_(False).to(dtype)
+    unet.fuse_qkv_projections()
+    unet.requires_grad_(False)  # the fused layers are new, made requiring grad
+    return unet
+
+
+def compiled_call(unet: Any, options: dict[str, Any], inputs: dict[str, Any]) -> Callable[[], torch.Tensor]:
+    """One UNet call through its own torch.compile (fullgraph, static shapes, as the engine's one-image graph)."""
+    compiled = torch.compile(unet, fullgraph=True, dynamic=False, options=options)
+
+    def call() -> torch.Tensor:
+        # A new "step" for the CUDA-graph trees: the previous replay's output may be overwritten.
+        torch.compiler.cudagraph_mark_step_begin()
+        with torch.no_grad():
+            output: torch.Tensor = compiled(**inputs, return_dict=False)[0]
+        return output
+
+    return call
+
+
+def call_times_ms(call: Callable[[], object], repeats: int, cuda: bool) -> list[float]:
+    """Each call's milliseconds: on the GPU between CUDA events, else on the host clock (the smoke run)."""
+    samples = []
+    for _ in range(repeats):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            call()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end))
+        else:
+            began = time.perf_counter()
+            call()
+            samples.append((time.perf_counter() - began) * 1e3)
+    return samples
+
+
+def relative_l2(output: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((output.float() - reference.float()).norm() / reference.float().norm().clamp(min=1e-30))
+
+
+def alternate(
+    calls: Mapping[str, Callable[[], object]], rounds: int, per_round: int, cuda: bool
+) -> dict[str, Any]:
+    """Time the calls in turn, `rounds` times `per_round` calls each, so a drift in clock or temperature falls on
+    all of them alike; each one's median, and its median difference from the peer's over the rounds."""
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    round_medians: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            times = call_times_ms(call, per_round, cuda)
+            samples[name] += times
+            round_medians[name].append(statistics.median(times))
+    table: dict[str, Any] = {}
+    for name in calls:
+        row: dict[str, Any] = {"median_ms": round(statistics.median(samples[name]), 3)}
+        row["min_ms"], row["max_ms"] = round(min(samples[name]), 3), round(max(samples[name]), 3)
+        if name != PEER and PEER in calls:
+            paired = [a - b for a, b in zip(round_medians[name], round_medians[PEER], strict=True)]
+            row["vs_peer_ms_by_round"] = [round(d, 3) for d in paired]
+            row["vs_peer_ms"] = round(statistics.median(paired), 3)
+        table[name] = row
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--unet", default="base", choices=("base", "refiner"))
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help="names from VARIANTS; the peer runs first"
+    )
+    parser.add_argument("--rounds", type=int, default=4, help="alternating rounds at the end")
+    parser.add_argument("--per-round", type=int, default=5, help="calls per variant in a round")
+    parser.add_argument("--profile", action="store_true", help="also each variant's GPU time by kernel kind")
+    parser.add_argument(
+        "--smoke", action="store_true", help="toy UNet on the CPU, fp32: proves the code path"
+    )
+    args = parser.parse_args(argv)
+    wanted = [name for name in args.variants.split(",") if name]
+    unknown = [name for name in wanted if name not in VARIANTS]
+    if unknown:
+        parser.error(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
+    # The peer first: the others are timed against it.
+    names = [PEER, *(name for name in wanted if name != PEER)]
+    cuda = not args.smoke
+    if cuda and not torch.cuda.is_available():
+        print("needs a CUDA GPU (or --smoke)", file=sys.stderr)
+        return 2
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    latent = LATENT if cuda else 16
+    size = "smoke" if args.smoke else "full"
+    import torch._dynamo.config as dynamo_config
+
+    # Every variant is a graph of the same code object (UNet2DConditionModel.forward); dynamo's default limit of
+    # graphs per code object (8) would do, but say so rather than depend on it.
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 4 * len(VARIANTS))
+    results: dict[str, Any] = {
+        "gpu": torch.cuda.get_device_name() if cuda else "cpu (smoke)",
+        "torch": torch.__version__,
+        "unet": args.unet,
+        "shape": f"{ROWS} rows x {latent}x{latent} latents",
+        "variants": {name: VARIANTS[name] for name in names},
+        "compiled": {},
+        "against_peer_after_compile": {},
+    }
+
+    def save() -> None:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+
+    torch.manual_seed(1)
+    unet = build_unet(args.unet, size, device, dtype)
+    inputs = unet_inputs(unet, ROWS, latent, device, dtype)
+    calls: dict[str, Callable[[], torch.Tensor]] = {}
+    reference: torch.Tensor | None = None
+    for name in names:
+        variant_unet = unet if name == PEER else build_unet(args.unet, size, device, dtype)
+        call = compiled_call(variant_unet, VARIANTS[name], inputs)
+        began = time.perf_counter()
+        call()  # dynamo traces, inductor compiles (and autotunes), the CUDA-graph trees warm up
+        if cuda:
+            torch.cuda.synchronize()
+        compile_s = time.perf_counter() - began
+        for _ in range(2):  # the trees record the graph on a later call; replays from then on
+            call()
+        output = call().clone()
+        if reference is None:
+            reference = output
+        calls[name] = call
+        results["compiled"][name] = {
+            "compile_s": round(compile_s, 1),
+            "rel_l2_vs_peer": round(relative_l2(output, reference), 6),
+            "finite": bool(torch.isfinite(output).all()),
+        }
+        if name != PEER:
+            results["against_peer_after_compile"][name] = alternate(
+                {PEER: calls[PEER], name: call}, rounds=3, per_round=args.per_round, cuda=cuda
+            )[name]
+        if args.profile and cuda:
+            results["compiled"][name]["profile"] = profile_kinds(call, images=1)
+        print(f"{name}: compiled in {compile_s:.1f}s, {results['compiled'][name]}", flush=True)
+        save()
+    results["round_robin"] = alternate(calls, args.rounds, args.per_round, cuda)
+    save()
+    print(f"\n{results['gpu']}, torch {results['torch']}; {args.unet} UNet, {results['shape']}, ms per call")
+    print("| variant | compile s | call ms (range) | against ro, ms | rel. L2 against ro |")
+    print("|---|---|---|---|---|")
+    for name in names:
+        row, built = results["round_robin"][name], results["compiled"][name]
+        versus = f"{row['vs_peer_ms']:+.2f}" if "vs_peer_ms" in row else "peer"
+        print(
+            f"| {name} | {built['compile_s']} | {row['median_ms']:.2f} ({row['min_ms']:.2f}-{row['max_ms']:.2f}) "
+            f"| {versus} | {built['rel_l2_vs_peer']:.2e} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
