@@ -28,7 +28,8 @@ from pydantic import ValidationError
 
 from imagesmith import STARTED_AT
 from imagesmith.config import ModelPreset, Settings, get_settings
-from imagesmith.schemas import GenerationRequest, RefineMode, field_errors
+from imagesmith.option_errors import report_option_errors
+from imagesmith.schemas import GenerationRequest, RefineMode
 
 # SDXL's documented ensemble and MLPerf's SDXL setting: the two docs/benchmarks.md measures on an H200.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -266,10 +267,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     try:
         bench_request(args.preset, args.width, args.height, args.steps, 0).resolve()
     except ValidationError as invalid:
-        for item in field_errors(invalid):
-            option = OPTION_FOR_FIELD.get(item.field, "--" + item.field.replace("_", "-"))
-            print(f"imagesmith bench: error: {option}: {item.message}", file=sys.stderr)
-        return 2
+        return report_option_errors("bench", invalid, OPTION_FOR_FIELD)
     # What a service whose passes hold up to `batch` images gets: its batch_max_images.
     settings = get_settings().with_changes(batch_max_images=batch)
     if args.model:

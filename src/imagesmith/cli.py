@@ -21,13 +21,13 @@ from pydantic import ValidationError
 from imagesmith import __version__, exit_guard
 from imagesmith.bench import add_bench_parser
 from imagesmith.config import ModelPreset, Settings, get_settings, settings_error_lines
+from imagesmith.option_errors import report_option_errors
 from imagesmith.schemas import (
     AspectPreset,
     GenerationRequest,
     OutputFormat,
     RefineMode,
     SchedulerName,
-    field_errors,
 )
 
 log = logging.getLogger("imagesmith")
@@ -187,10 +187,7 @@ def run_generate(args: argparse.Namespace) -> int:
     try:
         request = _request_from(args)
     except ValidationError as error:
-        for item in field_errors(error):
-            option = _OPTION_FOR_FIELD.get(item.field, "--" + item.field.replace("_", "-"))
-            print(f"imagesmith generate: error: {option}: {item.message}", file=sys.stderr)
-        return 2
+        return report_option_errors("generate", error, _OPTION_FOR_FIELD)
     except ValueError as error:  # the output name's suffix is no format we write (OutputFormat.for_suffix)
         print(f"imagesmith generate: error: --output: {error} (or give --format)", file=sys.stderr)
         return 2
