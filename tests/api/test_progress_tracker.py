@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from imagesmith.engine.progress import ProgressEvent
-from imagesmith.jobs import worker as worker_module
-from imagesmith.jobs.worker import _Tracker
+from imagesmith.jobs import progress_tracker as tracker_module
+from imagesmith.jobs.progress_tracker import ProgressTracker
 
 
 def _tracker(
     preview_every: int = 0, published: list[dict[str, Any]] | None = None
-) -> tuple[_Tracker, dict[str, Any]]:
+) -> tuple[ProgressTracker, dict[str, Any]]:
     live: dict[str, Any] = {}
     sink = published if published is not None else []
     worker = SimpleNamespace(
@@ -28,10 +28,12 @@ def _tracker(
         settings=SimpleNamespace(preview_every=preview_every, preview_max_side=128),
         hub=SimpleNamespace(publish=lambda job_id, type_, data: sink.append(data)),
     )
-    return _Tracker(worker, SimpleNamespace(id="job"), None), live  # type: ignore[arg-type]
+    return ProgressTracker(worker, SimpleNamespace(id="job"), None), live  # type: ignore[arg-type]
 
 
-def _overall(tracker: _Tracker, live: dict[str, Any], stage: str, step: int, total: int) -> tuple[int, int]:
+def _overall(
+    tracker: ProgressTracker, live: dict[str, Any], stage: str, step: int, total: int
+) -> tuple[int, int]:
     tracker(ProgressEvent(stage, step, total, elapsed_s=float(step)))
     return live["job"].overall_step, live["job"].overall_total
 
@@ -91,7 +93,7 @@ class _SlowCopy:
 def test_a_preview_rides_on_the_first_event_after_its_copy_is_done_and_never_waits(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(worker_module, "PreviewCopy", _SlowCopy)
+    monkeypatch.setattr(tracker_module, "PreviewCopy", _SlowCopy)
     _SlowCopy.made = []
     published: list[dict[str, Any]] = []
     tracker, _ = _tracker(preview_every=2, published=published)

@@ -14,19 +14,18 @@ import functools
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from imagesmith.config import Settings
 from imagesmith.engine.engine import BatchItem, Engine
 from imagesmith.engine.pipeline import BatchKey, batch_key
-from imagesmith.engine.progress import CancelToken, GenerationCanceled, ProgressEvent
+from imagesmith.engine.progress import CancelToken, GenerationCanceled
 from imagesmith.jobs.events import EventHub
 from imagesmith.jobs.finishing import Finisher, encode_pending
 from imagesmith.jobs.metrics import Metrics
+from imagesmith.jobs.progress_tracker import LiveProgress, ProgressTracker
 from imagesmith.jobs.store import CANCELED_WHILE_RUNNING, JobRecord, JobStatus, JobStore
 from imagesmith.logs import current_job
-from imagesmith.preview import PreviewCopy
 from imagesmith.sources.base import FallbackReason, ImageRequest, SourceName, SourceResult, SourceUnavailable
 from imagesmith.sources.fallback import Served, SourceAttempt, SourcesExhausted, serve_first
 from imagesmith.sources.generate import GenerateSource
@@ -45,83 +44,6 @@ def generation_batch_key(job: JobRecord) -> BatchKey | None:
     if request.sources != [SourceName.GENERATE]:
         return None
     return batch_key(request.generation.resolve())
-
-
-@dataclass
-class LiveProgress:
-    stage: str
-    step: int
-    total: int
-    overall_step: int
-    overall_total: int
-    elapsed_s: float
-    eta_s: float | None
-
-    def as_dict(self) -> dict[str, Any]:
-        return self.__dict__.copy()
-
-    @property
-    def fraction(self) -> float:
-        """Share of the job's steps done, 0..1, rounded as both APIs show it."""
-        return round(self.overall_step / self.overall_total, 4) if self.overall_total else 0.0
-
-    @property
-    def eta_rounded_s(self) -> float | None:
-        return round(self.eta_s, 2) if self.eta_s is not None else None
-
-
-class _Tracker:
-    """Turns the engine's per-stage events into overall progress, an ETA and occasional previews."""
-
-    def __init__(self, worker: Worker, job: JobRecord, request: ImageRequest) -> None:
-        self.worker, self.job = worker, job
-        self.planned = sum(worker.planned_steps(request).values())
-        self.done_before = 0
-        self.stage: str | None = None
-        self.stage_total = 0
-        self.step = 0
-        self.stage_starts: dict[str, int] = {}  # stage -> steps done before it began
-        self.preview: PreviewCopy | None = None  # the newest preview, until its copy to the host is done
-
-    def __call__(self, event: ProgressEvent) -> None:
-        # Events come from the denoising stages only (decode reports no steps).
-        if event.stage != self.stage or event.step < self.step:
-            if event.stage in self.stage_starts:
-                # The pass started again (the engine's eager retry after a compiled pass failed): count
-                # from where this stage began the first time, not on top of what ran before.
-                self.done_before = self.stage_starts[event.stage]
-            elif self.stage is not None:
-                self.done_before += self.stage_total
-            self.stage_starts.setdefault(event.stage, self.done_before)
-            self.stage, self.stage_total = event.stage, event.total
-        self.step = event.step
-        # A refiner fallback adds a "base_finish" stage the plan did not know about; grow the total.
-        overall_total = max(self.planned, self.done_before + event.total)
-        done = min(self.done_before + event.step, overall_total)
-        eta = event.elapsed_s / done * (overall_total - done) if done else None
-        live = LiveProgress(event.stage, event.step, event.total, done, overall_total, event.elapsed_s, eta)
-        self.worker.live[self.job.id] = live
-        data = {"job_id": self.job.id, **live.as_dict()}
-        try:
-            preview = self._preview(event)
-        except Exception:  # a preview is a nicety; never let it fail the job
-            log.debug("preview failed", exc_info=True)
-            self.preview = preview = None
-        if preview is not None:
-            data["preview"] = preview
-        self.worker.hub.publish(self.job.id, "progress", data)
-
-    def _preview(self, event: ProgressEvent) -> str | None:
-        """Every preview_every steps a new preview starts on its way to the host; it rides on the first
-        progress event after its copy is done (on a GPU usually a step or two later, on the CPU this one), so
-        the GPU thread never waits for it (preview.PreviewCopy says why)."""
-        every = self.worker.settings.preview_every
-        if every and event.latents is not None and (event.step % every == 0 or event.step == event.total):
-            self.preview = PreviewCopy(event.latents, 0)  # the newest wins over one still on its way
-        if self.preview is None or not self.preview.ready():
-            return None
-        ready, self.preview = self.preview, None
-        return ready.data_url(self.worker.settings.preview_max_side)
 
 
 class EndedJob(NamedTuple):
@@ -373,7 +295,7 @@ class Worker:
                 self._batched.update(job.id for job in jobs)
         requests = [ImageRequest.model_validate(job.request) for job in jobs]
         items = [
-            BatchItem(request.generation, _Tracker(self, job, request), starts[job.id][0])
+            BatchItem(request.generation, ProgressTracker(self, job, request), starts[job.id][0])
             for job, request in zip(jobs, requests, strict=True)
         ]
         generator = self.sources.get(SourceName.GENERATE)
@@ -559,7 +481,7 @@ class Worker:
     def _fetch(self, request: ImageRequest, job: JobRecord, cancel: CancelToken) -> Served:
         """Try the request's sources in order (fallback.py); the first that serves wins. Counts every attempt."""
         try:
-            served = serve_first(request, self.sources.get, _Tracker(self, job, request), cancel)
+            served = serve_first(request, self.sources.get, ProgressTracker(self, job, request), cancel)
         except SourcesExhausted as exhausted:
             self._count_attempts(exhausted.attempts)
             raise
