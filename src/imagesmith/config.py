@@ -170,7 +170,12 @@ class Settings(BaseSettings):
         description="Images of compatible queued jobs run as one pipeline pass (1: no batching).",
     )
     batch_window_ms: int = Field(
-        20, ge=0, le=5000, description="How long a batchable job waits for compatible company before running."
+        20,
+        ge=0,
+        le=5000,
+        description="How long a batchable job may wait for compatible company, counted from its submission: "
+        "queued company joins at once, and a job that has already waited this long in the queue does not wait "
+        "again.",
     )
     finish_in_background: bool = Field(
         True,

@@ -1,11 +1,12 @@
 """The worker: one thread that owns the GPU, takes jobs FIFO from the store and runs them through the sources.
 
 One generation runs at a time (the engine holds a lock too). The loop claims the oldest queued job; when it is a
-generation-only job and batching is on, it waits batch_window_ms for company and claims more queued jobs with
-the same engine batch_key (same size, steps, mode, scheduler, guidance), up to batch_max_images images, and runs
-them as one pipeline pass. Each image stays what it would have been alone (its own seeds and generators); each
-job keeps its own progress events, cancel and result. A pass's files are encoded and its jobs ended on the
-finishing thread while the next pass runs (jobs/finishing.py; setting finish_in_background).
+generation-only job and batching is on, it claims more queued jobs with the same engine batch_key (same size,
+steps, mode, scheduler, guidance), up to batch_max_images images, waiting for more while the oldest job is younger
+than batch_window_ms (Worker._claim_company), and runs them as one pipeline pass. Each image stays what it would
+have been alone (its own seeds and generators); each job keeps its own progress events, cancel and result. A
+pass's files are encoded and its jobs ended on the finishing thread while the next pass runs (jobs/finishing.py;
+setting finish_in_background).
 """
 
 from __future__ import annotations
@@ -252,7 +253,13 @@ class Worker:
             return jobs
 
     def _claim_company(self, first: JobRecord) -> list[JobRecord]:
-        """Queued jobs that can share `first`'s pipeline pass, claimed; none when it cannot share one."""
+        """Queued jobs that can share `first`'s pipeline pass, claimed; none when it cannot share one.
+
+        batch_window_ms is how long a job may wait for company counted from its submission, not from its claim:
+        company already queued joins at once, and only a job younger than the window waits, for what is left of
+        it, while its pass has room. Under load every job has sat in the queue through the pass before, so the GPU
+        goes from one pass to the next without idling for the window (counted from the claim, it idled the whole
+        window before every pass: 20 ms by default, 1.5 % of a 1.33 s ensemble)."""
         generator = self.sources.get(SourceName.GENERATE)
         if not isinstance(generator, GenerateSource):
             return []
@@ -260,9 +267,6 @@ class Worker:
         key = generation_batch_key(first)
         if key is None or budget <= 0:
             return []
-        if self.settings.batch_window_ms:
-            with self._wake:  # a new job notifies: no need to sleep out the whole window
-                self._wake.wait(timeout=self.settings.batch_window_ms / 1000)
 
         def fits(job: JobRecord) -> bool:
             nonlocal budget
@@ -272,7 +276,19 @@ class Worker:
             budget -= images
             return True
 
-        return self.store.claim_where(fits, limit=generator.max_batch_images())
+        window = self.settings.batch_window_ms / 1000
+        # created_at is the store's wall clock; clamped, so a clock that jumps never stretches the wait past one
+        # window nor skips it for a job submitted just now.
+        waited = min(max(time.time() - first.created_at, 0.0), window)
+        deadline = time.monotonic() + window - waited
+        company: list[JobRecord] = []
+        while True:
+            company += self.store.claim_where(fits, limit=generator.max_batch_images())
+            left = deadline - time.monotonic()
+            if budget <= 0 or left <= 0 or self._stopping:
+                return company
+            with self._wake:  # a new job notifies: look again at once
+                self._wake.wait(timeout=left)
 
     def run_batch(self, jobs: list[JobRecord]) -> None:
         if len(jobs) > 1:
