@@ -251,10 +251,15 @@ def run_doctor(args: argparse.Namespace) -> int:
     )
     print(f"device: {device.torch_device} ({device.name}{capability}{memory})")
     try:
-        print(f"plan: {plan_hardware(device, settings).summary()}")
+        plan = plan_hardware(device, settings)
     except RuntimeError as error:  # settings this device cannot serve, such as fp8 on a card without it
         print(f"plan: ERROR {error}")
         return 1
+    print(f"plan: {plan.summary()}")
+    from imagesmith.engine.speed_advice import speed_lines
+
+    for line in speed_lines(settings, device, plan):
+        print(line)
     print(f"hub: {'offline' if offline(settings) else 'online'}; data dir {settings.data_dir}")
     if settings.model is ModelPreset.TINY:
         print(f"models: tiny (built-in, random weights) at {settings.tiny_model_dir()}")

@@ -1,0 +1,62 @@
+"""`imagesmith doctor`'s speed lines (engine/speed_advice.py): what runs, and the levers each card could add,
+for cards faked as in test_hardware_plan.py."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from imagesmith.config import CompileChoice, Settings
+from imagesmith.engine.hardware import DeviceInfo, plan_hardware
+from imagesmith.engine.speed_advice import speed_lines
+
+H100 = DeviceInfo("cuda", name="H100", capability=(9, 0), total_memory_gib=79.6, free_memory_gib=78.9)
+A100 = DeviceInfo("cuda", name="A100", capability=(8, 0), total_memory_gib=79.2, free_memory_gib=78.5)
+RTX4090 = DeviceInfo("cuda", name="RTX 4090", capability=(8, 9), total_memory_gib=23.6, free_memory_gib=22.4)
+RTX3060_12GB = DeviceInfo(
+    "cuda", name="RTX 3060", capability=(8, 6), total_memory_gib=11.8, free_memory_gib=11.2
+)
+CPU = DeviceInfo("cpu")
+
+
+def lines_for(device: DeviceInfo, settings: Settings) -> list[str]:
+    return speed_lines(settings, device, plan_hardware(device, settings))
+
+
+def tries(lines: list[str]) -> list[str]:
+    return [line for line in lines if line.startswith("try: ")]
+
+
+def test_a_cpu_is_told_what_runs_and_offered_nothing() -> None:
+    lines = lines_for(CPU, Settings())
+    assert lines == ["speed: eager (IMAGESMITH_COMPILE=off, the default: nothing to compile)"]
+
+
+def test_each_card_is_offered_the_levers_it_has() -> None:
+    a100 = tries(lines_for(A100, Settings()))
+    assert len(a100) == 1 and "IMAGESMITH_COMPILE=reduce-overhead" in a100[0]  # no fp8 tensor cores
+    ada = tries(lines_for(RTX4090, Settings()))
+    assert [line.split()[1] for line in ada] == ["IMAGESMITH_COMPILE=reduce-overhead", "IMAGESMITH_FP8=true"]
+    hopper = tries(lines_for(H100, Settings()))
+    assert len(hopper) == 3 and "IMAGESMITH_FP8_CONVS=true" in hopper[2]
+
+
+def test_a_card_that_offloads_is_told_why_compile_cannot_help() -> None:
+    settings = Settings(compile=CompileChoice.REDUCE_OVERHEAD)
+    lines = lines_for(RTX3060_12GB, settings)
+    assert lines[0] == "speed: eager: IMAGESMITH_COMPILE=reduce-overhead is skipped with offload=model"
+    assert tries(lines) == [lines[1]] and "need the models resident" in lines[1]
+
+
+def test_a_server_with_every_lever_on_is_told_what_runs_and_offered_nothing() -> None:
+    settings = Settings(
+        compile=CompileChoice.REDUCE_OVERHEAD, warmup_sizes="1024x1024,1216x832", batch_max_images=4
+    )
+    # fp8 convolutions need NVIDIA's cuDNN frontend to be planned; the plan is what speed_lines reads.
+    plan = dataclasses.replace(
+        plan_hardware(H100, settings), fp8="static", fp8_convs=True, fp8_fused_geglu=True
+    )
+    lines = speed_lines(settings, H100, plan)
+    assert tries(lines) == []
+    assert lines[0].startswith("speed: torch.compile reduce-overhead; a server compiles at start-up for ")
+    assert "1024x1024, 1216x832 up to batch 4" in lines[0]
+    assert lines[0].endswith("lossy: fp8 linears (static scales), fp8 convolutions, fused fp8 GEGLU")
