@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 from attention_backends import unet_inputs
+from fp8_gemm import event_times_ms
 from sdxl_random import UNET_KEY, architecture
 from vae_decode import profile_kinds
 
@@ -89,19 +90,13 @@ def compiled_call(unet: Any, options: dict[str, Any], inputs: dict[str, Any]) ->
 
 def call_times_ms(call: Callable[[], object], repeats: int, cuda: bool) -> list[float]:
     """Each call's milliseconds: on the GPU between CUDA events, else on the host clock (the smoke run)."""
+    if cuda:
+        return event_times_ms(call, repeats)
     samples = []
     for _ in range(repeats):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            call()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end))
-        else:
-            began = time.perf_counter()
-            call()
-            samples.append((time.perf_counter() - began) * 1e3)
+        began = time.perf_counter()
+        call()
+        samples.append((time.perf_counter() - began) * 1e3)
     return samples
 
 
