@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     latent = LATENT if cuda else 16
     size = "smoke" if args.smoke else "full"
     import torch._dynamo.config as dynamo_config
+    from torch._dynamo.utils import counters
 
     # Every variant is a graph of the same code object (UNet2DConditionModel.forward); dynamo's default limit of
     # graphs per code object (8) would do, but say so rather than depend on it.
@@ -198,6 +199,11 @@ def main(argv: list[str] | None = None) -> int:
             "compile_s": round(compile_s, 1),
             "rel_l2_vs_peer": round(relative_l2(output, reference), 6),
             "finite": bool(torch.isfinite(output).all()),
+            # Whether the compile was a cold one: on a machine that ran this before, inductor's cache (and its
+            # autotuning results) under /tmp make a variant's second compile quick; the counts are cumulative.
+            "fxgraph_cache_so_far": {
+                kind: counters["inductor"][f"fxgraph_cache_{kind}"] for kind in ("hit", "miss")
+            },
         }
         if name != PEER:
             results["against_peer_after_compile"][name] = alternate(
