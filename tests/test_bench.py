@@ -31,6 +31,8 @@ def test_the_ensemble_preset_times_each_pass_through_both_stages(tiny_model_home
     # The first image comes after the models loaded and the warm-up ran, counted from the process's start.
     assert report["first_image_after_start_s"] >= report["load_s"] + report["warmup_s"]
     assert report["plan"].startswith("device=cpu") and report["peak_gpu_gib"] is None
+    # Each timed pass's prompt was encoded between the steps of the pass before it, as the service's queue does.
+    assert report["prompts_encoded_ahead"] == 3
 
 
 def test_the_mlperf_preset_runs_batched_base_only_passes(tiny_model_home: Path) -> None:
@@ -39,6 +41,7 @@ def test_the_mlperf_preset_runs_batched_base_only_passes(tiny_model_home: Path) 
     assert report["images_made"] == 6  # two passes of three images each
     assert report["images_per_s"] == pytest.approx(3 / report["median_s"], rel=1e-3)
     assert set(report["stage_median_s"]) == {"base", "decode"}
+    assert report["prompts_encoded_ahead"] == 6  # a prompt of its own for every image, each one ready in time
 
 
 def test_progress_goes_to_stderr_and_the_table_to_stdout(tiny_model_home: Path) -> None:
@@ -48,6 +51,16 @@ def test_progress_goes_to_stderr_and_the_table_to_stdout(tiny_model_home: Path) 
     assert done.returncode == 0, done.stderr
     assert "warming up at 64x64" in done.stderr and "timed passes" in done.stderr
     assert "a pass: median" in done.stdout and "images/s" in done.stdout and "warming up" not in done.stdout
+    assert "prompts: 2 encoded during the pass before theirs" in done.stdout
+
+
+def test_with_encode_ahead_off_each_pass_encodes_its_own_prompts(
+    tiny_model_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("IMAGESMITH_ENCODE_AHEAD", "false")
+    report = bench(tiny_model_home, "--runs", "2", "--steps", "6")
+    assert report["prompts_encoded_ahead"] is None and report["images_made"] == 2
+    assert "encode ahead" not in " ".join(report["levers"])
 
 
 @pytest.mark.parametrize(
