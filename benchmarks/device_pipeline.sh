@@ -87,7 +87,8 @@
 # same with --mlperf-batches 1 (the one-image graph: a cold compile of its own); (2) what (0) says: a variant that
 # saves >= 1 ms a base call goes end to end (fast_path's +cdt, or max-autotune with
 # TORCHINDUCTOR_MAX_AUTOTUNE_CONV_BACKENDS=ATEN exported); (3) unet_kernels.py again with the fixed classifier
-# (30 s) for the matmul / convolution split; then the layout A/B (+fp8conv against +fp8convnchw), dynamic fp8 at
+# (30 s) for the matmul / convolution split, and vae_decode.py --variants compiled,compiled-math,compiled-mathbf16
+# --no-conv-floor (~90 s; docs/benchmarks.md's predictions); then the layout A/B (+fp8conv against +fp8convnchw), dynamic fp8 at
 # MLPerf.
 set -u
 PIPE=.devcache/pipe

@@ -11,9 +11,13 @@ Variants, each the engine's decode path (engine/decode.py's `_decode_once`: post
 `eager` and `eager-cl` (weights and latents channels-last), `compiled` (what the engine runs:
 `decoder.compile(fullgraph=True)`, torch.compile's default mode, NCHW weights; inductor picks the layout),
 `compiled-cl` (the same with channels-last weights), `compiled-batch2` (two images in one call: whether a batched
-decode would pay). Figures: median ms per image over `--runs` CUDA-event-timed calls and TFLOP/s from the counted
-FLOPs; then, per variant, one profiled decode's kernel time by kind (convolution, layout transpose, Triton
-(inductor's fused pointwise and norms), attention, matmul, other).
+decode would pay), `compiled-math` and `compiled-mathbf16` (the mid-block's attention, one head of 512 channels
+over 16,384 positions, which no flash kernel takes, compiled as two matmuls and a softmax instead of the
+memory-efficient kernel: torch's math path in fp32, or with `allow_fp16_bf16_reduction_math_sdp` in bf16 with
+fp32 accumulation). Each variant's image is compared with the first variant's (relative L2). Figures: median
+ms per image over `--runs` CUDA-event-timed calls and TFLOP/s from the counted FLOPs; then, per variant, one
+profiled decode's kernel time by kind (convolution, layout transpose, Triton (inductor's fused pointwise and
+norms), attention, matmul, other).
 
     python3 benchmarks/vae_decode.py --out results.json [--variants compiled,compiled-cl]
 """
@@ -39,7 +43,15 @@ from sdxl_random import VAE_KEY, architecture
 from imagesmith.engine.decode import _decode_once
 
 LATENT = 128  # 1024x1024 images
-VARIANTS = ("eager", "eager-cl", "compiled", "compiled-cl", "compiled-batch2")
+VARIANTS = (
+    "eager",
+    "eager-cl",
+    "compiled",
+    "compiled-cl",
+    "compiled-batch2",
+    "compiled-math",
+    "compiled-mathbf16",
+)
 DTYPE = torch.bfloat16
 DEVICE = "cuda"  # a module constant, so a CPU dry run of this script can change it
 
@@ -154,23 +166,38 @@ def variant_state(vae: Any, variant: str) -> Iterator[int]:
     if variant.startswith("compiled"):
         torch._dynamo.reset()
         vae.decoder.compile(fullgraph=True)
+    reduced = torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()
+    torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(variant.endswith("-mathbf16"))
     try:
         yield 2 if variant.endswith("batch2") else 1
     finally:
         vae.decoder._compiled_call_impl = None
+        torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(reduced)
         if channels_last:
             vae.to(memory_format=torch.contiguous_format)
+
+
+def attention_for(variant: str) -> contextlib.AbstractContextManager[object]:
+    """The math path for the -math variants (chosen when the graph is traced, so around every call, the first
+    one included); torch's own choice otherwise."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH]) if "-math" in variant else contextlib.nullcontext()
+
+
+_FIRST_IMAGE: list[torch.Tensor] = []  # the first variant's image, which the others are compared with
 
 
 def measure_variant(vae: Any, variant: str, flops: float, runs: int) -> dict[str, Any]:
     device = torch.device(DEVICE)
     with variant_state(vae, variant) as images:
+        torch.manual_seed(1)  # every variant decodes the same latents: their images are compared
         latents = torch.randn(images, 4, LATENT, LATENT, device=DEVICE)
         if variant.endswith("-cl"):
             latents = latents.contiguous(memory_format=torch.channels_last)
 
         def decode() -> torch.Tensor:
-            with torch.no_grad():
+            with torch.no_grad(), attention_for(variant):
                 return _decode_once(vae, latents, DTYPE, device)
 
         t0 = time.perf_counter()
@@ -192,6 +219,11 @@ def measure_variant(vae: Any, variant: str, flops: float, runs: int) -> dict[str
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
             "profile": profile_kinds(decode, images),
         }
+        image = decode()[:1].float().cpu()
+        if not _FIRST_IMAGE:
+            _FIRST_IMAGE.append(image)
+        first = _FIRST_IMAGE[0]
+        row["rel_l2_vs_first_variant"] = float((image - first).norm() / first.norm().clamp(min=1e-30))
     kinds = ", ".join(f"{k} {v:.1f}" for k, v in row["profile"]["ms_by_kind"].items())
     print(
         f"{variant}: {per_image:.2f} ms/image ({row['tflop_s']:.0f} TFLOP/s), first call {first_s:.1f} s, "
