@@ -78,18 +78,17 @@
 # FAST_VARIANTS=reduce-overhead+fp8+fp8conv+geglu FAST_ARGS=--no-prompt-cache-ab (509 s: 1.118 s, 38.9 dB); run 72
 # benchmarks/unet_kernels.py directly (30 s).
 # Session 24 had no device (loans paused); it built benchmarks/unet_compiled.py for the next session's first call.
-# Next: (0) one call, no pipeline: python3 -m pytest -q -m gpu tests/gpu/test_gpu_bench.py (test_gpu_bench: never
-# run on a GPU), then timeout 500 python3 benchmarks/unet_compiled.py --out $OUT/unet_compiled.json --profile
-# (the base UNet at the ensemble's shape compiled four ways: ro, ro+cdt, mat, mat+cdt; predictions in
-# docs/benchmarks.md, "Run 73"); (1) the service's queue at the fastest levers, on fast_path's warm engine: fast-path with
-# FAST_PHASES=variants FAST_VARIANTS=reduce-overhead+fp8+fp8conv+geglu:mlperf FAST_ARGS="--mlperf-batches 8,4
-# --compile-needs-s 120 --no-prompt-cache-ab --queue-jobs 32" (~360 s: 4 and 8 share the batched graph), then the
-# same with --mlperf-batches 1 (the one-image graph: a cold compile of its own); (2) what (0) says: a variant that
-# saves >= 1 ms a base call goes end to end (fast_path's +cdt, or max-autotune with
-# TORCHINDUCTOR_MAX_AUTOTUNE_CONV_BACKENDS=ATEN exported); (3) unet_kernels.py again with the fixed classifier
-# (30 s) for the matmul / convolution split, and vae_decode.py --variants compiled,compiled-math,compiled-mathbf16
-# --no-conv-floor (~90 s; docs/benchmarks.md's predictions); then the layout A/B (+fp8conv against +fp8convnchw), dynamic fp8 at
-# MLPerf.
+# Next: (0) one call, no pipeline: python3 -m pytest -q -m gpu tests/gpu/test_gpu_bench.py (test_gpu_bench: never run
+# on a GPU), then timeout 500 python3 benchmarks/unet_compiled.py --out $OUT/unet_compiled.json --profile (the base
+# UNet at the ensemble's shape compiled four ways: ro, ro+cdt, mat, mat+cdt; predictions in docs/benchmarks.md, "Run
+# 73"); (1) the service's queue at the fastest levers, on fast_path's warm engine: fast-path with FAST_PHASES=variants
+# FAST_VARIANTS=reduce-overhead+fp8+fp8conv+geglu:mlperf FAST_ARGS="--mlperf-batches 8,4 --compile-needs-s 120
+# --no-prompt-cache-ab --queue-jobs 32" (~360 s: 4 and 8 share the batched graph), then the same with --mlperf-batches
+# 1 (the one-image graph: a cold compile of its own); (2) what (0) says: a variant that saves >= 1 ms a base call goes
+# end to end (fast_path's +cdt, or max-autotune with TORCHINDUCTOR_MAX_AUTOTUNE_CONV_BACKENDS=ATEN exported); (3)
+# unet_kernels.py again with the fixed classifier (30 s) for the matmul / convolution split, and vae_decode.py
+# --variants compiled,compiled-math,compiled-mathbf16 --no-conv-floor (~90 s; docs/benchmarks.md's predictions); then
+# the layout A/B (+fp8conv against +fp8convnchw), dynamic fp8 at MLPerf.
 set -u
 PIPE=.devcache/pipe
 
