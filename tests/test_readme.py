@@ -23,3 +23,43 @@ def test_quick_start_has_exactly_the_two_commands() -> None:
     assert commands == ["make demo", "make test"]
     makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
     assert "\ndemo:" in makefile and "\ntest:" in makefile
+
+
+DOCS = [
+    README,
+    *(path.read_text() for path in sorted((Path(__file__).resolve().parents[1] / "docs").glob("*.md"))),
+]
+
+
+def curl_examples() -> list[tuple[str, str]]:
+    """(path, JSON body) of every curl command in the README's and docs' bash blocks that sends a body with -d."""
+    examples = []
+    for block in re.findall(r"```bash\n(.*?)```", "\n".join(DOCS), re.DOTALL):
+        starts = [match.start() for match in re.finditer(r"(?m)^curl\b", block)]
+        for number, start in enumerate(starts):
+            command = block[start : starts[number + 1] if number + 1 < len(starts) else len(block)]
+            body = re.search(r"-d '([^']*)'", command)
+            path = re.search(r"localhost:\d+(/[^\s\"'\\]+)", command)
+            if body and path:
+                examples.append((path.group(1), body.group(1)))
+    return examples
+
+
+def test_every_curl_example_sends_a_body_its_route_accepts() -> None:
+    """Each example's JSON passes the validation of the route it is sent to (what answers 422 otherwise). The
+    README's /v1/jobs example sent the seed API's use_generation and use_pexels, which that route refuses."""
+    from imagesmith.api.a1111_mapping import Txt2ImgRequest
+    from imagesmith.api.jobs import JobCreate
+    from imagesmith.api.media import ImageGenerationRequest
+    from imagesmith.api.openai_mapping import OpenAIImageRequest
+
+    models = {
+        "/v1/jobs": JobCreate,
+        "/api/media/generate-image": ImageGenerationRequest,
+        "/v1/images/generations": OpenAIImageRequest,
+        "/sdapi/v1/txt2img": Txt2ImgRequest,
+    }
+    examples = curl_examples()
+    assert {path for path, _ in examples} == set(models), examples
+    for path, body in examples:
+        models[path].model_validate_json(body)
