@@ -38,7 +38,7 @@ largest batch, as the service's warm-up does).
 
 An MLPerf row records 3 batches' times and the base UNet's own call time on the GPU; `--ab pin,noise,...` first
 runs same-process A/Bs of the exact host changes, peer and engine batches alternating (host_peers.py),
-`--queue-jobs N` then sends N jobs through the service's queue on the same warm engine (queue_row.py: the
+`--queue-jobs N` then sends N jobs through the service's queue on the same warm engine (imagesmith/jobs/queue_timing.py: the
 service's figure at that batch without the service's ~10-minute cold start of the fp8 levers), `--idle-profile`
 then profiles two batches for where the GPU waits (gpu_idle.py), `--idle-stacks` two more with
 Python's functions (two, so the hole between passes is among them).
@@ -71,9 +71,10 @@ import torch._inductor.config as inductor_config
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_idle import print_idle, profile_idle
 from host_peers import alternating_ab, peers_for
-from queue_row import request_bodies, through_queue
 from sdxl_random import architecture, build_components, build_pipelines, run_two_stage
 from unet_timeline import UnetTimeline
+
+from imagesmith.jobs.queue_timing import request_bodies, through_queue
 
 PROMPT = "a lighthouse on a rocky cliff at sunset, dramatic sky, photograph"
 UNET_TFLOP = {"base": 13.522, "refine": 14.572}  # per call, batch 2 with CFG, 128x128 latents (reference)
@@ -394,7 +395,7 @@ def main() -> None:
         type=int,
         default=0,
         help="MLPerf rows: also this many jobs through the service's queue (store, worker, files) at "
-        "batch_max_images = the batch, on the warm engine (queue_row.py); 0: none",
+        "batch_max_images = the batch, on the warm engine (imagesmith/jobs/queue_timing.py); 0: none",
     )
     parser.add_argument(
         "--ab-rounds",

@@ -39,10 +39,11 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from queue_row import steady_state
 from row_probe import RowProbe
 from sdxl_random import architecture, build_components, build_pipelines
 from unet_timeline import UnetTimeline
+
+from imagesmith.jobs.queue_timing import steady_state
 
 
 def main() -> None:
@@ -252,7 +253,7 @@ def main() -> None:
             "batch_max_images": batch,
             "wall_s": wall,
             "images_per_s": args.jobs / wall,
-            # From the end of the first pass to the end of the last (queue_row.py): without the first pass's
+            # From the end of the first pass to the end of the last (imagesmith/jobs/queue_timing.py): without the first pass's
             # encodes and the last pass's files, which a 2-pass row mixes in.
             **steady_state(finished, batch),
             "batch_sizes_seen": sizes,

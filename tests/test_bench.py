@@ -33,6 +33,7 @@ def test_the_ensemble_preset_times_each_pass_through_both_stages(tiny_model_home
     assert report["plan"].startswith("device=cpu") and report["peak_gpu_gib"] is None
     # Each timed pass's prompt was encoded between the steps of the pass before it, as the service's queue does.
     assert report["prompts_encoded_ahead"] == 3
+    assert report["queue"] is None  # no --queue: no queue row
 
 
 def test_the_mlperf_preset_runs_batched_base_only_passes(tiny_model_home: Path) -> None:
@@ -54,6 +55,17 @@ def test_progress_goes_to_stderr_and_the_table_to_stdout(tiny_model_home: Path) 
     assert "prompts: 2 encoded during the pass before theirs" in done.stdout
 
 
+def test_the_queue_row_sends_jobs_through_the_services_own_queue(tiny_model_home: Path) -> None:
+    args = ("--preset", "mlperf", "--batch", "2", "--runs", "1", "--steps", "3", "--queue", "6")
+    row = bench(tiny_model_home, *args)["queue"]
+    # Six one-image jobs through the SQLite store, the worker and the finishing thread, in passes of two.
+    assert row["jobs"] == 6 and row["all_succeeded"] and row["batch_sizes_seen"] == [2]
+    assert len(row["finished_s"]) == 6 and row["finished_s"] == sorted(row["finished_s"])
+    assert row["images_per_s"] == pytest.approx(6 / row["wall_s"], rel=1e-3)
+    assert row["steady_images_per_s"] > 0  # three passes: the last two after the first's end
+    assert set(row["median_stage_s"]) == {"base", "decode"}
+
+
 def test_with_encode_ahead_off_each_pass_encodes_its_own_prompts(
     tiny_model_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -67,6 +79,7 @@ def test_with_encode_ahead_off_each_pass_encodes_its_own_prompts(
     ("args", "option"),
     [
         (("--runs", "0"), "--runs"),
+        (("--queue", "-1"), "--queue"),
         (("--batch", "0"), "--batch"),
         (("--width", "60"), "--width"),
         (("--steps", "0"), "--steps"),

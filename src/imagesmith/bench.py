@@ -11,6 +11,8 @@ service's worker does with its queue, the next pass's prompts are encoded betwee
 
 Reported: the time to load, to warm up and to the first image from process start; each timed pass's seconds,
 their median and spread, images per second; each stage's median; the GPU's peak memory during the timed passes.
+With --queue N, then N one-image jobs through the service's own queue on the warm engine (jobs/queue_timing.py):
+the images per second a server gets, whole and in steady state, its SQLite store and PNG files included.
 """
 
 from __future__ import annotations
@@ -104,6 +106,8 @@ class BenchReport:
     images_made: int = 0  # by the timed passes: batch x runs when every pass made its images
     # Texts encoded between the steps of the pass before theirs (encode ahead), as in the service; None: off.
     prompts_encoded_ahead: int | None = None
+    # --queue N: N jobs through the service's own queue on the warm engine (jobs/queue_timing.py); None: not run.
+    queue: dict[str, Any] | None = None
     peak_gpu_gib: float | None = None
 
     @property
@@ -141,8 +145,20 @@ class BenchReport:
             f"{self.images_per_s:.3f} images/s",
             f"stages (median): {stages}; {self.images_made} images made by the timed passes",
             f"prompts: {ahead}",
+            *([self._queue_line()] if self.queue else []),
             f"peak GPU memory: {peak}",
         ]
+
+    def _queue_line(self) -> str:
+        row = self.queue or {}
+        steady = row.get("steady_images_per_s")
+        steady_text = f", {steady:.3f} in steady state" if steady is not None else ""
+        ended = "all succeeded" if row.get("all_succeeded") else "NOT ALL SUCCEEDED"
+        return (
+            f"through the service's queue: {row.get('jobs')} jobs in {row.get('wall_s')}s, "
+            f"{row.get('images_per_s', 0):.3f} images/s{steady_text}, passes of {row.get('batch_sizes_seen')}, "
+            f"{ended}"
+        )
 
 
 def bench_request(preset: str, width: int, height: int, steps: int | None, image: int) -> GenerationRequest:
@@ -160,9 +176,12 @@ def run_bench(
     runs: int,
     requests: Callable[[int], GenerationRequest],
     progress: BenchProgress,
+    queue_jobs: int = 0,
 ) -> BenchReport:
     """Start the engine from `settings`, warm it up as the service does, then time `runs` passes of `batch`
-    images; `requests(i)` is image i's request. `progress` hears each phase (a cold compile takes minutes)."""
+    images; `requests(i)` is image i's request. `progress` hears each phase (a cold compile takes minutes).
+    With `queue_jobs`, that many one-image jobs then go through the service's own queue (SQLite store, worker,
+    finishing thread, files) on the warm engine, at batch_max_images `batch`."""
     import torch
 
     from imagesmith.engine import Engine, ModelLoadError
@@ -238,10 +257,23 @@ def run_bench(
         report.prompts_encoded_ahead = engine.encode_ahead.encoded - encoded_before
     if cuda:
         report.peak_gpu_gib = round(torch.cuda.max_memory_allocated(engine.plan.device) / 2**30, 2)
+    if queue_jobs:
+        from imagesmith.jobs.queue_timing import request_bodies, through_queue
+
+        progress.phase(f"{queue_jobs} jobs through the service's queue, passes of up to {batch}")
+        first_job = next(numbers)  # prompts none of the passes above used: the jobs', then one warm pass's
+        with _quiet((*ENGINE_LOGGERS, *QUEUE_LOGGERS)):
+            report.queue = through_queue(
+                engine,
+                settings,
+                request_bodies(requests, first_job, queue_jobs),
+                warm_bodies=request_bodies(requests, first_job + queue_jobs, batch),
+            )
     return report
 
 
 ENGINE_LOGGERS = ("imagesmith.engine.engine", "imagesmith.engine.pipeline")
+QUEUE_LOGGERS = ("imagesmith.jobs.worker", "imagesmith.sources.generate")  # a line per job and source
 
 
 @contextlib.contextmanager
@@ -272,6 +304,14 @@ def add_bench_parser(subparsers: Any) -> None:
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--height", type=int, default=1024)
     parser.add_argument("--steps", type=int, help="override the preset's steps (ensemble 40, mlperf 20)")
+    parser.add_argument(
+        "--queue",
+        type=int,
+        default=0,
+        metavar="JOBS",
+        help="then send JOBS one-image jobs through the service's own queue (store, worker, files) and report its "
+        "images/s (default 0: not)",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -285,6 +325,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
     batch = args.batch if args.batch is not None else DEFAULT_BATCH[args.preset]
     if batch < 1:
         return error("--batch", f"must be at least 1, got {batch}")
+    if args.queue < 0:
+        return error("--queue", f"must be 0 (no queue row) or a number of jobs, got {args.queue}")
     try:
         bench_request(args.preset, args.width, args.height, args.steps, 0).resolve()
     except ValidationError as invalid:
@@ -307,6 +349,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
             args.runs,
             lambda image: bench_request(args.preset, args.width, args.height, args.steps, image),
             BenchProgress(say),
+            queue_jobs=args.queue,
         )
     except EngineDidNotStart as failure:
         print(f"imagesmith bench: cannot start the engine: {failure}", file=sys.stderr)

@@ -1,10 +1,11 @@
 """Jobs through the service's own queue (SQLite job store -> worker -> engine -> finishing thread -> files) on an
-engine that is already warm, timed from the first submit to the last job's end.
+engine that is already warm, timed from the first submit to the last job's end: `imagesmith bench --queue N`, and
+the benchmarks' queue rows (benchmarks/fast_path.py --queue-jobs).
 
-Why a warm engine: `queue_throughput.py` starts the service as a user would (its warm-up compiles the one-image
-graph and every batch size's CUDA graphs), and with the opt-in fp8 levers that start took ~10 minutes (run 46), more
-than one device call. `fast_path.py` has the engine warm at the batch it measures; the queue's figure at the same
-batch needs only its jobs' time, on the same engine, in the same call.
+Why a warm engine: the images per second a service gets, beside the engine's own, without a second start.
+`benchmarks/queue_throughput.py` starts the service as a user would (its warm-up compiles the one-image graph and
+every batch size's CUDA graphs), and with the opt-in fp8 levers that start took ~10 minutes (run 46 in
+docs/benchmarks.md), more than one device call; `imagesmith bench` has the engine warm at the batch it measures.
 
 Two rates: over the whole row (the first pass's encodes and the last pass's files included, what a burst of N
 jobs sees) and in steady state, from the end of the first pass to the end of the last (what a stream that keeps
@@ -17,16 +18,21 @@ import hashlib
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from imagesmith.config import Settings
+    from imagesmith.engine.engine import Engine
+    from imagesmith.schemas import GenerationRequest
 
 
 def through_queue(
-    engine: Any, settings: Any, bodies: list[dict[str, Any]], warm_bodies: list[dict[str, Any]]
+    engine: Engine, settings: Settings, bodies: list[dict[str, Any]], warm_bodies: list[dict[str, Any]]
 ) -> dict[str, Any]:
     """Run `warm_bodies` (untimed: one pass that warms the worker's own path) then `bodies` through a fresh
-    store and worker on `engine`; `settings` (imagesmith.config.Settings) set batching. The engine is not warmed
+    store and worker on `engine`, in a temporary data folder; `settings` set batching. The engine is not warmed
     again: its warm-up is turned off here. It gets the service's prompt cache and encode ahead for the row, as
     the service's engine has them, and its own back after."""
     from imagesmith.engine.engine import encode_ahead_for
@@ -112,7 +118,7 @@ def steady_state(finished_s: list[float], batch: int) -> dict[str, Any]:
     return {"steady_images_per_s": (len(finished_s) - batch) / span, "steady_span_s": round(span, 4)}
 
 
-def stage_medians(results: Any) -> dict[str, float]:
+def stage_medians(results: Iterable[dict[str, Any] | None]) -> dict[str, float]:
     """Each stage's median seconds over the jobs (a batched pass's stages appear once for each of its jobs)."""
     times: dict[str, list[float]] = {}
     for result in results:
@@ -121,7 +127,7 @@ def stage_medians(results: Any) -> dict[str, float]:
     return {name: round(statistics.median(values), 4) for name, values in times.items()}
 
 
-def request_bodies(make: Callable[[int], Any], first: int, count: int) -> list[dict[str, Any]]:
+def request_bodies(make: Callable[[int], GenerationRequest], first: int, count: int) -> list[dict[str, Any]]:
     """`count` generate-only request bodies, the JSON the HTTP API takes, from `make(i)`'s GenerationRequest."""
     from imagesmith.sources.base import ImageRequest, SourceName
 
