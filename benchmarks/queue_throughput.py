@@ -43,7 +43,7 @@ from row_probe import RowProbe
 from sdxl_random import architecture, build_components, build_pipelines
 from unet_timeline import UnetTimeline
 
-from imagesmith.jobs.queue_timing import steady_state
+from imagesmith.jobs.queue_timing import generation_worker, steady_state
 
 
 def main() -> None:
@@ -119,15 +119,9 @@ def main() -> None:
     from imagesmith.engine.engine import BatchItem, Engine, encode_ahead_for
     from imagesmith.engine.hardware import plan_hardware, probe_device
     from imagesmith.engine.models import LoadedModels, ModelSources
-    from imagesmith.jobs.events import EventHub
-    from imagesmith.jobs.metrics import Metrics
     from imagesmith.jobs.store import JobStatus, JobStore
-    from imagesmith.jobs.worker import Worker
     from imagesmith.schemas import GenerationRequest
     from imagesmith.sources.base import ImageRequest, SourceName
-    from imagesmith.sources.generate import GenerateSource
-    from imagesmith.sources.registry import SourceRegistry
-    from imagesmith.storage.files import ImageFiles
 
     device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
     px, steps = (64, 3) if args.smoke else (1024, 20)
@@ -205,17 +199,9 @@ def main() -> None:
             for graph in graphs:
                 graph.paused = settings.text_encoder_graphs is False
             replays_before = sum(graph.replays for graph in graphs)
-            source = GenerateSource(settings, factory=lambda _: engine)
-            source.start_loading().join()
+            # Loading the generation source runs the service's warm-up, when its settings ask for one.
+            worker = generation_worker(engine, settings, store, data / "images")
             startup = dict(engine.startup) if levers is not None else None
-            worker = Worker(
-                settings,
-                store,
-                ImageFiles(data / "images"),
-                SourceRegistry([source]),
-                EventHub(),
-                Metrics(store.counts),
-            )
             rows_begun[0] += 1
             # One warm pass at this batch size (compiles it when compiled), outside the timing.
             warm = [store.submit(request(10_000 + i), f"w{i}", None, 1000)[0].id for i in range(batch)]

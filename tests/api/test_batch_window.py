@@ -18,15 +18,11 @@ import pytest
 
 from imagesmith.config import Settings
 from imagesmith.engine import Engine
-from imagesmith.jobs.events import EventHub
-from imagesmith.jobs.metrics import Metrics
+from imagesmith.jobs.queue_timing import generation_worker
 from imagesmith.jobs.store import JobStatus, JobStore
 from imagesmith.jobs.worker import Worker
 from imagesmith.schemas import GenerationRequest
 from imagesmith.sources.base import ImageRequest, SourceName
-from imagesmith.sources.generate import GenerateSource
-from imagesmith.sources.registry import SourceRegistry
-from imagesmith.storage.files import ImageFiles
 
 LONG_WINDOW_MS = 5000  # far longer than a claim takes, so whether a claim waited it is plain
 
@@ -51,10 +47,7 @@ def make_parts(
         )
         store = JobStore(tmp_path / "jobs.sqlite3")
         stores.append(store)
-        generate = GenerateSource(settings, factory=lambda _: tiny_engine)
-        generate.start_loading().join()
-        files = ImageFiles(tmp_path / "images")
-        worker = Worker(settings, store, files, SourceRegistry([generate]), EventHub(), Metrics(store.counts))
+        worker = generation_worker(tiny_engine, settings, store, tmp_path / "images")
 
         def submit(width: int = 64) -> str:
             request = job_request(width)

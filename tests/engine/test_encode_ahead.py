@@ -16,15 +16,10 @@ from imagesmith.config import Settings
 from imagesmith.engine import Engine
 from imagesmith.engine.encode_ahead import EncodeAhead
 from imagesmith.engine.engine import encode_ahead_refused
-from imagesmith.jobs.events import EventHub
-from imagesmith.jobs.metrics import Metrics
+from imagesmith.jobs.queue_timing import generation_worker
 from imagesmith.jobs.store import JobStatus, JobStore
-from imagesmith.jobs.worker import Worker
 from imagesmith.schemas import GenerationRequest
 from imagesmith.sources.base import ImageRequest, SourceName
-from imagesmith.sources.generate import GenerateSource
-from imagesmith.sources.registry import SourceRegistry
-from imagesmith.storage.files import ImageFiles
 
 SMALL = {"width": 64, "height": 64, "num_inference_steps": 10, "seed": 8}
 
@@ -119,16 +114,7 @@ def test_the_worker_tells_the_engine_the_queued_jobs_prompts(tiny_settings: Sett
     engine = Engine.start(settings)
     assert engine.encode_ahead is not None
     store = JobStore(tmp_path / "jobs.sqlite3")
-    generate = GenerateSource(settings, factory=lambda _: engine)
-    generate.start_loading().join()
-    worker = Worker(
-        settings,
-        store,
-        ImageFiles(tmp_path / "images"),
-        SourceRegistry([generate]),
-        EventHub(),
-        Metrics(store.counts),
-    )
+    worker = generation_worker(engine, settings, store, tmp_path / "images")
     prompts = ["a lighthouse", "a red bicycle", "a blue boat"]
     ids = []
     for prompt in prompts:

@@ -20,12 +20,30 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from imagesmith.config import Settings
-    from imagesmith.engine.engine import Engine
-    from imagesmith.schemas import GenerationRequest
+from imagesmith.config import Settings
+from imagesmith.engine.engine import Engine, encode_ahead_for
+from imagesmith.engine.prompt_cache import PromptEmbeddingCache
+from imagesmith.jobs.events import EventHub
+from imagesmith.jobs.metrics import Metrics
+from imagesmith.jobs.store import JobRecord, JobStatus, JobStore
+from imagesmith.jobs.worker import Worker
+from imagesmith.schemas import GenerationRequest
+from imagesmith.sources.base import ImageRequest, SourceName
+from imagesmith.sources.generate import GenerateSource
+from imagesmith.sources.registry import SourceRegistry
+from imagesmith.storage.files import ImageFiles
+
+
+def generation_worker(engine: Engine, settings: Settings, store: JobStore, images: Path) -> Worker:
+    """The service's worker with generation as its one source, on an engine that is already loaded (and warm, if
+    it is to be): how the queue rows, and tests, run jobs without starting a service."""
+    source = GenerateSource(settings, factory=lambda _: engine)
+    source.start_loading().join()
+    return Worker(
+        settings, store, ImageFiles(images), SourceRegistry([source]), EventHub(), Metrics(store.counts)
+    )
 
 
 def through_queue(
@@ -35,16 +53,6 @@ def through_queue(
     store and worker on `engine`, in a temporary data folder; `settings` set batching. The engine is not warmed
     again: its warm-up is turned off here. It gets the service's prompt cache and encode ahead for the row, as
     the service's engine has them, and its own back after."""
-    from imagesmith.engine.engine import encode_ahead_for
-    from imagesmith.engine.prompt_cache import PromptEmbeddingCache
-    from imagesmith.jobs.events import EventHub
-    from imagesmith.jobs.metrics import Metrics
-    from imagesmith.jobs.store import JobStatus, JobStore
-    from imagesmith.jobs.worker import Worker
-    from imagesmith.sources.generate import GenerateSource
-    from imagesmith.sources.registry import SourceRegistry
-    from imagesmith.storage.files import ImageFiles
-
     with tempfile.TemporaryDirectory() as folder:
         data = Path(folder)
         settings = settings.with_changes(data_dir=data, warmup=False)
@@ -54,16 +62,7 @@ def through_queue(
             # The service's engine has its prompt cache (Engine.start); encode ahead fills it.
             engine.prompt_cache = PromptEmbeddingCache(settings.prompt_cache_size)
         engine.encode_ahead = encode_ahead_for(engine, settings)  # what Engine.start does with the setting
-        source = GenerateSource(settings, factory=lambda _: engine)
-        source.start_loading().join()
-        worker = Worker(
-            settings,
-            store,
-            ImageFiles(data / "images"),
-            SourceRegistry([source]),
-            EventHub(),
-            Metrics(store.counts),
-        )
+        worker = generation_worker(engine, settings, store, data / "images")
 
         queue_max = len(bodies) + len(warm_bodies)
 
@@ -75,7 +74,7 @@ def through_queue(
             return [submit(body) for body in batch]
 
         def wait_for(ids: list[str]) -> None:
-            while not all(store.get(job_id).status.terminal for job_id in ids):  # type: ignore[union-attr]
+            while not all(stored(store, job_id).status.terminal for job_id in ids):
                 time.sleep(0.005)
 
         try:
@@ -91,22 +90,31 @@ def through_queue(
         finally:
             worker.stop()
             engine.prompt_cache, engine.encode_ahead = previous_cache, previous_encode_ahead
-        jobs = [store.get(job_id) for job_id in ids]
+        jobs = [stored(store, job_id) for job_id in ids]
         store.close()
-    finished = sorted(job.finished_at - started_wall for job in jobs)  # type: ignore[union-attr,operator]
+    # Every job has ended (wait_for), so each has its finishing time.
+    finished = sorted((job.finished_at or started_wall) - started_wall for job in jobs)
     # A failed job has no result: the row then says all_succeeded False rather than failing itself.
-    sizes = [job.result["metadata"]["batch_size"] for job in jobs if job.result]  # type: ignore[union-attr]
+    sizes = [job.result["metadata"]["batch_size"] for job in jobs if job.result]
     row: dict[str, Any] = {
         "jobs": len(jobs),
-        "all_succeeded": all(job.status == JobStatus.SUCCEEDED for job in jobs),  # type: ignore[union-attr]
+        "all_succeeded": all(job.status == JobStatus.SUCCEEDED for job in jobs),
         "batch_sizes_seen": sorted(set(sizes)),
         "wall_s": round(wall, 4),
         "images_per_s": len(jobs) / wall,
         "finished_s": [round(seconds, 4) for seconds in finished],
     }
     row.update(steady_state(finished, max(sizes, default=1)))
-    row["median_stage_s"] = stage_medians(job.result for job in jobs)  # type: ignore[union-attr]
+    row["median_stage_s"] = stage_medians(job.result for job in jobs)
     return row
+
+
+def stored(store: JobStore, job_id: str) -> JobRecord:
+    """The job as the store holds it; the row's own jobs are never deleted while it runs."""
+    job = store.get(job_id)
+    if job is None:
+        raise LookupError(f"job {job_id} is gone from the store")
+    return job
 
 
 def steady_state(finished_s: list[float], batch: int) -> dict[str, Any]:
@@ -129,8 +137,6 @@ def stage_medians(results: Iterable[dict[str, Any] | None]) -> dict[str, float]:
 
 def request_bodies(make: Callable[[int], GenerationRequest], first: int, count: int) -> list[dict[str, Any]]:
     """`count` generate-only request bodies, the JSON the HTTP API takes, from `make(i)`'s GenerationRequest."""
-    from imagesmith.sources.base import ImageRequest, SourceName
-
     return [
         ImageRequest(sources=[SourceName.GENERATE], generation=make(i)).model_dump(mode="json")
         for i in range(first, first + count)
