@@ -63,3 +63,27 @@ def test_every_curl_example_sends_a_body_its_route_accepts() -> None:
     assert {path for path, _ in examples} == set(models), examples
     for path, body in examples:
         models[path].model_validate_json(body)
+
+
+def test_the_cli_summary_names_every_option() -> None:
+    """The README's CLI block lists every option of generate, doctor, bench and serve (search's are in
+    docs/pexels.md), by one of its names, so an option added to a command cannot go unmentioned."""
+    from imagesmith.cli import build_parser
+
+    block = README.split("### CLI", 1)[1].split("```text", 1)[1].split("```", 1)[0]
+    pexels = (Path(__file__).resolve().parents[1] / "docs" / "pexels.md").read_text()
+    commands = next(action.choices for action in build_parser()._actions if isinstance(action.choices, dict))
+    # Each command's own lines: from "imagesmith COMMAND" to the next command.
+    usage = dict(re.findall(r"(?ms)^imagesmith (\w+)(.*?)(?=^imagesmith |\Z)", block))
+    for command, parser in commands.items():
+        text = pexels if command == "search" else usage[command]
+        missing = [
+            action.option_strings
+            for action in parser._actions
+            if action.option_strings
+            and "--help" not in action.option_strings
+            and not any(re.search(rf"(?<![\w-]){name}(?![\w-])", text) for name in action.option_strings)
+        ]
+        assert not missing, (
+            f"imagesmith {command}: {missing} not in the README's CLI block (or docs/pexels.md)"
+        )
