@@ -126,7 +126,7 @@ class Settings(BaseSettings):
         None,
         description="Whether the VAE decodes in fp16 without overflow. Default: true when vae_model is set.",
     )
-    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    device: str = Field("auto", description="'auto', 'cpu', 'mps', 'cuda' or 'cuda:N'.")
     precision: PrecisionChoice = Field(PrecisionChoice.AUTO, description="Weights and compute dtype.")
     offload: OffloadChoice = Field(OffloadChoice.AUTO, description="Where weights live between uses.")
     vae_tiling: VaeTilingChoice = Field(VaeTilingChoice.AUTO, description="Decode large images in tiles.")

@@ -31,7 +31,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help="address to bind (IMAGESMITH_HOST; 127.0.0.1 unless API keys are set)")
     parser.add_argument("--port", type=int, help="port (IMAGESMITH_PORT, default 8000)")
     parser.add_argument("--model", choices=["sdxl", "tiny"], help="IMAGESMITH_MODEL")
-    parser.add_argument("--device", help="IMAGESMITH_DEVICE: auto, cpu, cuda, cuda:N")
+    parser.add_argument("--device", help="IMAGESMITH_DEVICE: auto, cpu, mps, cuda, cuda:N")
     parser.add_argument("--data-dir", type=Path, help="IMAGESMITH_DATA_DIR: jobs database and images")
     parser.add_argument("--log-format", choices=["text", "json"], help="IMAGESMITH_LOG_FORMAT")
 
