@@ -129,8 +129,15 @@ class Worker:
             self._wake.notify_all()
 
     def pause_claims(self) -> None:
-        """Take no new job (the server is stopping); the job running now goes on until stop()."""
+        """Take no new job (the server is stopping); the job running now goes on until stop(). A claim waiting
+        for company stops waiting and runs what it holds."""
         self._claims_paused = True
+        self.notify()
+
+    def resume_claims(self) -> None:
+        """Take jobs again after pause_claims (a benchmark that queues a whole burst before the worker sees it)."""
+        self._claims_paused = False
+        self.notify()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop after the current step: a running job is canceled and put back in the queue, not lost. A pass
@@ -277,18 +284,31 @@ class Worker:
             return True
 
         window = self.settings.batch_window_ms / 1000
-        # created_at is the store's wall clock; clamped, so a clock that jumps never stretches the wait past one
-        # window nor skips it for a job submitted just now.
+        # created_at is the store's wall clock; clamped, so a clock set back never stretches the wait past one
+        # window (one set forward may cut a young job's wait short).
         waited = min(max(time.time() - first.created_at, 0.0), window)
         deadline = time.monotonic() + window - waited
-        company: list[JobRecord] = []
-        while True:
-            company += self.store.claim_where(fits, limit=generator.max_batch_images())
+        company = self.store.claim_where(fits, limit=generator.max_batch_images())
+        while budget > 0 and not (self._stopping or self._claims_paused):
             left = deadline - time.monotonic()
-            if budget <= 0 or left <= 0 or self._stopping:
-                return company
-            with self._wake:  # a new job notifies: look again at once
+            if left <= 0:
+                break
+            with self._wake:  # a new job, a stop or a pause notifies: look again at once
                 self._wake.wait(timeout=left)
+            if self._stopping or self._claims_paused:
+                break
+            try:
+                company += self.store.claim_where(fits, limit=generator.max_batch_images())
+            except Exception:
+                # The jobs claimed so far are RUNNING in the store: run them rather than drop them (they would stay
+                # running, unrun, until a restart). `budget` may count the failed claim's rows, so stop here.
+                log.exception(
+                    "claiming more jobs to batch with %s failed; running the %d claimed",
+                    first.id,
+                    1 + len(company),
+                )
+                break
+        return company
 
     def run_batch(self, jobs: list[JobRecord]) -> None:
         if len(jobs) > 1:
