@@ -262,12 +262,15 @@ def run_bench(
 
         progress.phase(f"{queue_jobs} jobs through the service's queue, passes of up to {batch}")
         first_job = next(numbers)  # prompts none of the passes above used: the jobs', then one warm pass's
+        passes = -(-queue_jobs // batch) + 1
         with _quiet((*ENGINE_LOGGERS, *QUEUE_LOGGERS)):
             report.queue = through_queue(
                 engine,
                 settings,
                 request_bodies(requests, first_job, queue_jobs),
                 warm_bodies=request_bodies(requests, first_job + queue_jobs, batch),
+                # Ten times the timed passes' pace, or five minutes: a stuck queue ends the command.
+                timeout_s=max(300.0, 10 * report.median_s * passes),
             )
     return report
 
@@ -354,11 +357,17 @@ def run_bench_command(args: argparse.Namespace) -> int:
     except EngineDidNotStart as failure:
         print(f"imagesmith bench: cannot start the engine: {failure}", file=sys.stderr)
         return 1
-    except GenerationError as failure:
+    except (GenerationError, TimeoutError) as failure:
         print(f"imagesmith bench: {failure}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
     else:
         print("\n".join(report.lines()))
+    if report.queue is not None and not report.queue["all_succeeded"]:
+        print(
+            "imagesmith bench: some of the queue row's jobs failed (see the service's log lines)",
+            file=sys.stderr,
+        )
+        return 1
     return 0

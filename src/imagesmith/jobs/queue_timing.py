@@ -47,24 +47,25 @@ def generation_worker(engine: Engine, settings: Settings, store: JobStore, image
 
 
 def through_queue(
-    engine: Engine, settings: Settings, bodies: list[dict[str, Any]], warm_bodies: list[dict[str, Any]]
+    engine: Engine,
+    settings: Settings,
+    bodies: list[dict[str, Any]],
+    warm_bodies: list[dict[str, Any]],
+    timeout_s: float = 3600.0,
 ) -> dict[str, Any]:
     """Run `warm_bodies` (untimed: one pass that warms the worker's own path) then `bodies` through a fresh
     store and worker on `engine`, in a temporary data folder; `settings` set batching. The engine is not warmed
     again: its warm-up is turned off here. It gets the service's prompt cache and encode ahead for the row, as
-    the service's engine has them, and its own back after."""
+    the service's engine has them, and its own back after. Raises TimeoutError when the jobs have not ended
+    within `timeout_s`, and RuntimeError when the worker thread has stopped, rather than wait for ever."""
     with tempfile.TemporaryDirectory() as folder:
         data = Path(folder)
         settings = settings.with_changes(data_dir=data, warmup=False)
         store = JobStore(data / "jobs.sqlite3")
         previous_cache, previous_encode_ahead = engine.prompt_cache, engine.encode_ahead
-        if previous_cache is None and settings.prompt_cache_size:
-            # The service's engine has its prompt cache (Engine.start); encode ahead fills it.
-            engine.prompt_cache = PromptEmbeddingCache(settings.prompt_cache_size)
-        engine.encode_ahead = encode_ahead_for(engine, settings)  # what Engine.start does with the setting
-        worker = generation_worker(engine, settings, store, data / "images")
-
+        worker: Worker | None = None
         queue_max = len(bodies) + len(warm_bodies)
+        deadline = time.monotonic() + timeout_s
 
         def submit(body: dict[str, Any]) -> str:
             job, _ = store.submit(body, hashlib.sha256(repr(body).encode()).hexdigest(), None, queue_max)
@@ -73,25 +74,40 @@ def through_queue(
         def submit_all(batch: list[dict[str, Any]]) -> list[str]:
             return [submit(body) for body in batch]
 
-        def wait_for(ids: list[str]) -> None:
+        def wait_for(ids: list[str], worker: Worker) -> None:
             while not all(stored(store, job_id).status.terminal for job_id in ids):
+                if not worker.alive:
+                    raise RuntimeError("the worker thread stopped before the queue row's jobs ended")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the queue row's jobs did not end within {timeout_s:.0f}s")
                 time.sleep(0.005)
 
         try:
+            if previous_cache is None and settings.prompt_cache_size:
+                # The service's engine has its prompt cache (Engine.start); encode ahead fills it.
+                engine.prompt_cache = PromptEmbeddingCache(settings.prompt_cache_size)
+            engine.encode_ahead = encode_ahead_for(
+                engine, settings
+            )  # what Engine.start does with the setting
+            worker = generation_worker(engine, settings, store, data / "images")
             warm = submit_all(warm_bodies)
             worker.start()
-            wait_for(warm)
+            wait_for(warm, worker)
+            # The whole burst is queued before the worker looks, like jobs that came in while a pass ran: a claim
+            # in the middle of the submissions would run a partial pass.
+            worker.pause_claims()
             started_wall = time.time()
             started = time.perf_counter()
             ids = submit_all(bodies)
-            worker.notify()
-            wait_for(ids)
+            worker.resume_claims()
+            wait_for(ids, worker)
             wall = time.perf_counter() - started
+            jobs = [stored(store, job_id) for job_id in ids]
         finally:
-            worker.stop()
+            if worker is not None:
+                worker.stop()
             engine.prompt_cache, engine.encode_ahead = previous_cache, previous_encode_ahead
-        jobs = [stored(store, job_id) for job_id in ids]
-        store.close()
+            store.close()
     # Every job has ended (wait_for), so each has its finishing time.
     finished = sorted((job.finished_at or started_wall) - started_wall for job in jobs)
     # A failed job has no result: the row then says all_succeeded False rather than failing itself.
