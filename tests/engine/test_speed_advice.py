@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from imagesmith.config import CompileChoice, Settings
+from imagesmith.config import CompileChoice, OffloadChoice, Settings
 from imagesmith.engine.hardware import DeviceInfo, plan_hardware
 from imagesmith.engine.speed_advice import speed_lines
 
@@ -58,5 +58,19 @@ def test_a_server_with_every_lever_on_is_told_what_runs_and_offered_nothing() ->
     lines = speed_lines(settings, H100, plan)
     assert tries(lines) == []
     assert lines[0].startswith("speed: torch.compile reduce-overhead; a server compiles at start-up for ")
-    assert "1024x1024, 1216x832 up to batch 4" in lines[0]
+    assert "a server compiles at start-up for 1024x1024, 1216x832, batch 1 and 4;" in lines[0]
     assert lines[0].endswith("lossy: fp8 linears (static scales), fp8 convolutions, fused fp8 GEGLU")
+
+
+def test_an_offload_the_user_chose_is_named_as_what_to_unset() -> None:
+    settings = Settings(offload=OffloadChoice.MODEL)
+    lines = lines_for(H100, settings)  # 78.9 GiB free: `auto` would keep the models resident
+    assert tries(lines) == [lines[1]] and lines[1].startswith("try: unsetting IMAGESMITH_OFFLOAD=model")
+
+
+def test_without_a_warm_up_the_line_says_shapes_compile_on_first_use() -> None:
+    settings = Settings(compile=CompileChoice.REDUCE_OVERHEAD, warmup=False)
+    assert (
+        "IMAGESMITH_WARMUP=false: each new shape compiles on its first request"
+        in lines_for(H100, settings)[0]
+    )

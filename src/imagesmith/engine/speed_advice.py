@@ -8,9 +8,10 @@ names the settings that would help on this device, each with its measured figure
 
 from __future__ import annotations
 
-from imagesmith.config import CUDA_GRAPH_MODES, CompileChoice, Settings
+from imagesmith.config import CUDA_GRAPH_MODES, CompileChoice, OffloadChoice, Settings
 from imagesmith.engine.fast import compile_cache_root
 from imagesmith.engine.hardware import FP8_MIN_CAPABILITY, DeviceInfo, HardwarePlan
+from imagesmith.sources.generate import warm_up_batches
 
 HOPPER = (9, 0)  # fp8 convolutions through cuDNN need it (engine/fp8_conv.py)
 
@@ -22,10 +23,17 @@ def speed_lines(settings: Settings, device: DeviceInfo, plan: HardwarePlan) -> l
     if device.kind != "cuda":
         return lines  # CUDA graphs and fp8 tensor cores are CUDA's; here the defaults are what there is
     if plan.offload != "none":
-        lines.append(
-            "try: nothing more here: compilation and CUDA graphs need the models resident on the GPU, which the "
-            "plan chooses from 16 GiB free (12 GiB with IMAGESMITH_FP8 on an fp8 card)"
-        )
+        if settings.offload is not OffloadChoice.AUTO:  # the user chose offload: the way out is to unset it
+            lines.append(
+                f"try: unsetting IMAGESMITH_OFFLOAD={settings.offload.value}: compilation and CUDA graphs need the "
+                "models resident on the GPU, which `auto` chooses from 16 GiB free (12 GiB with IMAGESMITH_FP8 on "
+                "an fp8 card)"
+            )
+        else:
+            lines.append(
+                "try: nothing more here: compilation and CUDA graphs need the models resident on the GPU, which the "
+                "plan chooses from 16 GiB free (12 GiB with IMAGESMITH_FP8 on an fp8 card)"
+            )
         return lines
     if settings.compile not in CUDA_GRAPH_MODES:
         lines.append(
@@ -52,12 +60,14 @@ def _what_runs(settings: Settings, plan: HardwarePlan) -> str:
     elif plan.offload != "none":
         what = f"eager: IMAGESMITH_COMPILE={settings.compile.value} is skipped with offload={plan.offload}"
     else:
-        sizes = ", ".join(f"{width}x{height}" for width, height in settings.warmup_size_list())
-        what = (
-            f"torch.compile {settings.compile.value}; a server compiles at start-up for {sizes} up to batch "
-            f"{settings.batch_max_images}; compile cache {compile_cache_root(settings)} (keep it: a restart "
-            "reuses it)"
-        )
+        if settings.warmup:
+            sizes = ", ".join(f"{width}x{height}" for width, height in settings.warmup_size_list())
+            batches = " and ".join(map(str, warm_up_batches(settings)))
+            when = f"a server compiles at start-up for {sizes}, batch {batches}"
+        else:
+            when = "IMAGESMITH_WARMUP=false: each new shape compiles on its first request"
+        cache = f"compile cache {compile_cache_root(settings)} (keep it: a restart reuses it)"
+        what = f"torch.compile {settings.compile.value}; {when}; {cache}"
     lossy = [f"fp8 linears ({plan.fp8} scales)"] if plan.fp8 else []
     lossy += ["fp8 convolutions"] if plan.fp8_convs else []
     lossy += ["fused fp8 GEGLU"] if plan.fp8_fused_geglu else []
