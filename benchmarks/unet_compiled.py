@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 from attention_backends import unet_inputs
+from fp8_conv import relative_l2
 from fp8_gemm import event_times_ms
 from sdxl_random import UNET_KEY, architecture
 from vae_decode import profile_kinds
@@ -98,10 +99,6 @@ def call_times_ms(call: Callable[[], object], repeats: int, cuda: bool) -> list[
         call()
         samples.append((time.perf_counter() - began) * 1e3)
     return samples
-
-
-def relative_l2(output: torch.Tensor, reference: torch.Tensor) -> float:
-    return float((output.float() - reference.float()).norm() / reference.float().norm().clamp(min=1e-30))
 
 
 def alternate(

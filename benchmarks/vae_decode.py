@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from fp8_conv import relative_l2
 from fp8_gemm import event_times_ms, time_ms
 from kernel_kinds import kind_of
 from sdxl_random import VAE_KEY, architecture
@@ -223,7 +224,7 @@ def measure_variant(vae: Any, variant: str, flops: float, runs: int) -> dict[str
         if not _FIRST_IMAGE:
             _FIRST_IMAGE.append(image)
         first = _FIRST_IMAGE[0]
-        row["rel_l2_vs_first_variant"] = float((image - first).norm() / first.norm().clamp(min=1e-30))
+        row["rel_l2_vs_first_variant"] = relative_l2(image, first)
     kinds = ", ".join(f"{k} {v:.1f}" for k, v in row["profile"]["ms_by_kind"].items())
     print(
         f"{variant}: {per_image:.2f} ms/image ({row['tflop_s']:.0f} TFLOP/s), first call {first_s:.1f} s, "
