@@ -216,8 +216,7 @@ def run_bench(
         if engine.encode_ahead is not None:
             # As the service's worker does with its queue (IMAGESMITH_ENCODE_AHEAD): the next pass's prompts are
             # encoded between this pass's steps, so the figures are the service's, not a cold encode per pass.
-            texts = [text for request in upcoming for text in (request.prompt, request.negative_prompt)]
-            engine.encode_ahead.expect(texts if another_follows else [])
+            engine.encode_ahead.expect_requests(upcoming if another_follows else [])
         items = [BatchItem(request) for request in current]
         started = time.perf_counter()
         outcomes = engine.generate_batch(items)

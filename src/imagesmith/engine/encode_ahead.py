@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from imagesmith.engine.prompt_cache import PromptEmbeddingCache
+from imagesmith.schemas import GenerationRequest
 
 # The base pipeline's role in the prompt cache: the refiner's embeddings are sliced from the base's.
 ROLE = "base"
@@ -48,6 +49,10 @@ class EncodeAhead:
         queue holds now is what matters."""
         with self._lock:
             self._texts = list(dict.fromkeys(text for text in texts if text))
+
+    def expect_requests(self, requests: Iterable[GenerationRequest]) -> None:
+        """expect() the texts these requests' passes will encode: each one's prompt and negative prompt."""
+        self.expect(text for request in requests for text in (request.prompt, request.negative_prompt))
 
     def expected(self) -> list[str]:
         with self._lock:

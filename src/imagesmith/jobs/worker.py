@@ -217,12 +217,10 @@ class Worker:
                 return
             generator = self.sources.get(SourceName.GENERATE)
             limit = generator.max_batch_images() if isinstance(generator, GenerateSource) else 1
-            texts: list[str] = []
-            for job in self.store.oldest_queued(limit):
-                request = ImageRequest.model_validate(job.request)
-                if SourceName.GENERATE in request.sources:
-                    texts += [request.generation.prompt, request.generation.negative_prompt]
-            engine.encode_ahead.expect(texts)
+            requests = [ImageRequest.model_validate(job.request) for job in self.store.oldest_queued(limit)]
+            engine.encode_ahead.expect_requests(
+                request.generation for request in requests if SourceName.GENERATE in request.sources
+            )
         except Exception:
             log.exception("looking ahead at the queued prompts failed; the next pass encodes its own")
 
