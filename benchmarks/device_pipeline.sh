@@ -14,7 +14,8 @@
 # starting another, which empties it.
 #
 # Stages: save the random full-size models; the GPU tests; `imagesmith serve` (reduce-overhead, batch_max 8)
-# cold then warm; (only when named) serve-dynamic, a cold start with IMAGESMITH_COMPILE_DYNAMIC; the queue at
+# cold then warm; (only when named) serve-dynamic, a cold start with IMAGESMITH_COMPILE_DYNAMIC; (only when named)
+# serve-regions, a cold then a warm start with IMAGESMITH_COMPILE_REGIONS; the queue at
 # batch 1, 4 and 8, eager and compiled (QUEUE_BATCHES and QUEUE_ARGS in the environment change what it runs;
 # QUEUE_ARGS="--ab --eager-batches none" gives the finishing and preview A/Bs); the engine's fast path (peer,
 # eager, fastest exact) with what budget is left before DEADLINE_EPOCH_S, or FAST_LIMIT_S if less (FAST_PHASES,
@@ -89,6 +90,13 @@
 # unet_kernels.py again with the fixed classifier (30 s) for the matmul / convolution split, and vae_decode.py
 # --variants compiled,compiled-math,compiled-mathbf16 --no-conv-floor (~90 s; docs/benchmarks.md's predictions); then
 # the layout A/B (+fp8conv against +fp8convnchw), dynamic fp8 at MLPerf.
+# Session 25 had no device either (loans paused); it built IMAGESMITH_COMPILE_REGIONS (engine/compile_regions.py) and
+# kept the UNets' model sizes static (engine/batch_routing.py). Its calls go after (0), predictions in
+# docs/benchmarks.md ("Session 25"): (0b) one call: timeout 560 python3 benchmarks/unet_compiled.py --variants
+# ro,ro+regions --first ro+regions --fresh-cache --out $OUT/regions.json (the regions' cold compile and their price
+# per call against ro in one process); (0c) one call: models,serve-regions (a cold and a warm start against run 36's
+# 433-596 / 152 s; the models stage saves the random SDXL folder the service loads); (0d) fast-path with
+# FAST_PHASES=variants FAST_VARIANTS=reduce-overhead+regions,reduce-overhead (the ensemble, regions against none).
 set -u
 PIPE=.devcache/pipe
 
@@ -174,6 +182,11 @@ print(s(Path('.devcache/random-sdxl'), False))" ;;
     serve-dynamic) stage serve-dynamic 720 env IMAGESMITH_COMPILE_DYNAMIC=true \
         python3 benchmarks/serve_start.py --out "$PIPE/serve-dynamic" --models .devcache/random-sdxl \
         --data .devcache/serve8-dynamic --compile reduce-overhead --batch-max 8 --starts 1 --timeout-s 700 ;;
+    # A first and a second start with each kind of transformer block compiled once (its own compile cache): the
+    # start-up it saves against serve-cold / serve-warm, and the one-image requests' latency after it.
+    serve-regions) stage serve-regions 900 env IMAGESMITH_COMPILE_REGIONS=true \
+        python3 benchmarks/serve_start.py --out "$PIPE/serve-regions" --models .devcache/random-sdxl \
+        --data .devcache/serve8-regions --compile reduce-overhead --batch-max 8 --starts 2 --requests 4 --timeout-s 600 ;;
     # Compiled at batch 1, 4 and 8 (one engine; its warm-ups after the first hit dynamo's in-process graphs).
     # shellcheck disable=SC2086  # QUEUE_ARGS is a list of arguments
     queue) stage queue 720 python3 benchmarks/queue_throughput.py --out "$PIPE/queue" \

@@ -19,7 +19,7 @@ not), and `first_image_s`: from the phase's start (building its modules, which a
 to its first image, the warm-up (compilation) included.
 
 A variant is
-`MODE[+fp8|+fp8dyn][+fp8conv|+fp8convnchw][+geglu][+cl][+cudnn|+nocudnn][+dyn][+teg|+noteg][+attn-BACKEND][+olddecode][+cdt][:mlperf]`:
+`MODE[+fp8|+fp8dyn][+fp8conv|+fp8convnchw][+geglu][+cl][+cudnn|+nocudnn][+dyn][+regions][+teg|+noteg][+attn-BACKEND][+olddecode][+cdt][:mlperf]`:
 MODE is a compile choice (off, default, reduce-overhead, max-autotune-no-cudagraphs); +fp8 fp8 transformer linears
 (engine/fp8.py) with static scales, calibrated as Engine.start does (the default), +fp8dyn with dynamic ones; +fp8conv (with +fp8)
 the convolutions in fp8 too (IMAGESMITH_FP8_CONVS, cuDNN's kernels), +fp8convnchw the same with inductor's layout
@@ -27,7 +27,9 @@ heuristic left alone (run 52's: NCHW, the peer); +geglu (with +fp8) the feed-for
 their first fp8 matmul (IMAGESMITH_FP8_FUSED_GEGLU, a Triton kernel); +cl channels_last;
 +cudnn / +nocudnn IMAGESMITH_CUDNN_BENCHMARK on or off (settings refuse it on with the CUDA-graph modes;
 unless named: off until run 49, the settings' default since run 50, i.e. on with compile `default`); +dyn the UNets compiled with
-dynamic shapes (IMAGESMITH_COMPILE_DYNAMIC); +teg / +noteg the text encoders replayed as CUDA graphs or not
+dynamic shapes (IMAGESMITH_COMPILE_DYNAMIC); +regions each kind of transformer block compiled once
+(IMAGESMITH_COMPILE_REGIONS; variants in one process share inductor's kernels, so its cold compile is
+unet_compiled.py's `--first ro+regions --fresh-cache`); +teg / +noteg the text encoders replayed as CUDA graphs or not
 (IMAGESMITH_TEXT_ENCODER_GRAPHS; the settings' default unless named: on with the CUDA-graph modes); +attn-cudnn (or -flash,
 -efficient) the attention kernel tried first (IMAGESMITH_ATTENTION_BACKEND; torch's order unless named); +olddecode
 the decode as it was before run 49, the peer of today's (a decoder compiled in the UNets' mode, CUDA graphs
@@ -97,6 +99,7 @@ class Variant:
     fp8_convs_nchw: bool = False  # +fp8convnchw: as run 52 measured them, the layout left to inductor (NCHW)
     coordinate_descent: bool = False  # +cdt: torch._inductor.config.coordinate_descent_tuning
     fused_geglu: bool = False  # +geglu: with +fp8, IMAGESMITH_FP8_FUSED_GEGLU
+    regions: bool = False  # +regions: IMAGESMITH_COMPILE_REGIONS
 
     @classmethod
     def parse(cls, spec: str) -> Variant:
@@ -120,6 +123,7 @@ class Variant:
             "fp8convnchw",
             "cdt",
             "geglu",
+            "regions",
         }
         unknown = set(flags) - known
         twice = any(
@@ -130,7 +134,7 @@ class Variant:
         if unknown or kind not in ("", "mlperf") or len(attention) > 1 or twice:
             raise SystemExit(
                 f"variant {spec!r}: flags are one of +fp8 +fp8dyn, +cl +dyn, one of +cudnn +nocudnn, one of +teg +noteg, one of "
-                "+attn-flash +attn-efficient +attn-cudnn, +olddecode, +cdt, "
+                "+attn-flash +attn-efficient +attn-cudnn, +olddecode, +cdt, +regions, "
                 "one of +fp8conv +fp8convnchw (with +fp8), +geglu (with +fp8), and the suffix :mlperf"
             )
         return cls(
@@ -149,6 +153,7 @@ class Variant:
             fp8_convs_nchw="fp8convnchw" in flags,
             coordinate_descent="cdt" in flags,
             fused_geglu="geglu" in flags,
+            regions="regions" in flags,
         )
 
 
@@ -719,6 +724,7 @@ def main() -> None:
             cudnn_benchmark=variant.cudnn_benchmark,
             attention_backend=variant.attention,
             compile_dynamic=variant.dynamic,
+            compile_regions=variant.regions,
             text_encoder_graphs=variant.text_encoder_graphs,
         )
         # The plan decides fp8 (row-wise or per-tensor) and the attention kernel, so it is made from this
@@ -738,6 +744,7 @@ def main() -> None:
             variant.fp8 != any(lever.startswith("fp8") for lever in levers)
             or variant.fp8_convs != any(lever.startswith("fp8 convolutions") for lever in levers)
             or variant.fused_geglu != any(lever.startswith("fp8 GEGLU") for lever in levers)
+            or variant.regions != any("transformer blocks as regions" in lever for lever in levers)
         ):
             raise RuntimeError(f"{variant.spec}: levers applied were {levers}")
         row: dict[str, Any] = {"levers": levers, "attention": variant_plan.attention}

@@ -13,6 +13,10 @@ whole compile (both UNets, the decoder, every batch graph) left no room in a dev
   convolutions stay with cuDNN (`max_autotune_conv_backends=ATEN`): Triton's convolution templates took most of
   run 17's unfinished 420 s of autotuning, and cuDNN's convolutions are not where the time is.
 
+`ro+regions` is the engine's IMAGESMITH_COMPILE_REGIONS (engine/compile_regions.py): the same options, each kind
+of transformer block compiled once. It is here for its price per call (fusion lost at block boundaries) and, with
+`--first ro+regions --fresh-cache`, its cold compile against the peer's cold compile in another run.
+
 Here only one UNet compiles, once per variant, at the one shape the ensemble needs, so every variant fits one
 call. Each variant compiles its own copy of the UNet (the same random weights), so all stay callable and the
 timing can alternate between them: right after its compile a variant is timed against `ro` (the engine's
@@ -25,6 +29,7 @@ same inputs (both bf16; a Triton matmul accumulates in fp32 like cuBLAS, so this
 to 1e-2), and with --profile the GPU time by kernel kind.
 
     python3 benchmarks/unet_compiled.py --out results.json [--unet base] [--variants ro,ro+cdt,mat,mat+cdt]
+    python3 benchmarks/unet_compiled.py --out r.json --variants ro+regions --first ro+regions --fresh-cache
     python3 benchmarks/unet_compiled.py --out /tmp/x.json --smoke     # CPU, toy UNet, proves the code path
 """
 
@@ -46,6 +51,8 @@ from fp8_gemm import event_times_ms
 from sdxl_random import UNET_KEY, architecture
 from vae_decode import profile_kinds
 
+from imagesmith.engine.compile_regions import compile_transformer_blocks_once
+
 LATENT = 128  # 1024x1024 images
 ROWS = 2  # one image with classifier-free guidance
 CUDA_GRAPHS = {"triton.cudagraphs": True}  # what mode="reduce-overhead" sets
@@ -60,6 +67,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "mat+cdt": {**CUDA_GRAPHS, **MAX_AUTOTUNE, **COORDINATE_DESCENT},  # mode="max-autotune", cuDNN's convs
 }
 PEER = "ro"
+# Variants whose UNet has its transformer blocks marked as nested compile regions (IMAGESMITH_COMPILE_REGIONS,
+# engine/compile_regions.py): the same options, a different graph to compile.
+VARIANTS["ro+regions"] = CUDA_GRAPHS
+REGION_VARIANTS = {"ro+regions"}
 
 
 def build_unet(which: str, size: str, device: str, dtype: torch.dtype) -> Any:
@@ -138,6 +149,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-round", type=int, default=5, help="calls per variant in a round")
     parser.add_argument("--profile", action="store_true", help="also each variant's GPU time by kernel kind")
     parser.add_argument(
+        "--first",
+        help="the variant compiled first (default: the peer). Later compiles reuse the Triton kernels earlier "
+        "ones built in this process, so only the first compile is a cold one",
+    )
+    parser.add_argument(
+        "--fresh-cache",
+        action="store_true",
+        help="inductor's on-disk cache in a new empty folder, so the first compile is cold even on a machine "
+        "that ran this before",
+    )
+    parser.add_argument(
         "--smoke", action="store_true", help="toy UNet on the CPU, fp32: proves the code path"
     )
     args = parser.parse_args(argv)
@@ -145,8 +167,16 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [name for name in wanted if name not in VARIANTS]
     if unknown:
         parser.error(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
-    # The peer first: the others are timed against it.
-    names = [PEER, *(name for name in wanted if name != PEER)]
+    # The peer first unless --first says otherwise: the others are timed against it as they compile.
+    first = args.first or PEER
+    if first not in VARIANTS:
+        parser.error(f"--first: unknown {first!r}; known: {', '.join(VARIANTS)}")
+    names = list(dict.fromkeys([first, PEER, *wanted]))
+    if args.fresh_cache:
+        import os
+        import tempfile
+
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-cache-")
     cuda = not args.smoke
     if cuda and not torch.cuda.is_available():
         print("needs a CUDA GPU (or --smoke)", file=sys.stderr)
@@ -177,9 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     unet = build_unet(args.unet, size, device, dtype)
     inputs = unet_inputs(unet, ROWS, latent, device, dtype)
     calls: dict[str, Callable[[], torch.Tensor]] = {}
-    reference: torch.Tensor | None = None
+    outputs: dict[str, torch.Tensor] = {}
     for name in names:
         variant_unet = unet if name == PEER else build_unet(args.unet, size, device, dtype)
+        if name in REGION_VARIANTS:
+            compile_transformer_blocks_once(variant_unet)
         call = compiled_call(variant_unet, VARIANTS[name], inputs)
         began = time.perf_counter()
         call()  # dynamo traces, inductor compiles (and autotunes), the CUDA-graph trees warm up
@@ -188,21 +220,18 @@ def main(argv: list[str] | None = None) -> int:
         compile_s = time.perf_counter() - began
         for _ in range(2):  # the trees record the graph on a later call; replays from then on
             call()
-        output = call().clone()
-        if reference is None:
-            reference = output
+        outputs[name] = call().clone()
         calls[name] = call
         results["compiled"][name] = {
             "compile_s": round(compile_s, 1),
-            "rel_l2_vs_peer": round(relative_l2(output, reference), 6),
-            "finite": bool(torch.isfinite(output).all()),
+            "finite": bool(torch.isfinite(outputs[name]).all()),
             # Whether the compile was a cold one: on a machine that ran this before, inductor's cache (and its
             # autotuning results) under /tmp make a variant's second compile quick; the counts are cumulative.
             "fxgraph_cache_so_far": {
                 kind: counters["inductor"][f"fxgraph_cache_{kind}"] for kind in ("hit", "miss")
             },
         }
-        if name != PEER:
+        if name != PEER and PEER in calls:
             results["against_peer_after_compile"][name] = alternate(
                 {PEER: calls[PEER], name: call}, rounds=3, per_round=args.per_round, cuda=cuda
             )[name]
@@ -210,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
             results["compiled"][name]["profile"] = profile_kinds(call, images=1)
         print(f"{name}: compiled in {compile_s:.1f}s, {results['compiled'][name]}", flush=True)
         save()
+    for name, output in outputs.items():
+        results["compiled"][name]["rel_l2_vs_peer"] = round(relative_l2(output, outputs[PEER]), 6)
     results["round_robin"] = alternate(calls, args.rounds, args.per_round, cuda)
     save()
     print(f"\n{results['gpu']}, torch {results['torch']}; {args.unet} UNet, {results['shape']}, ms per call")

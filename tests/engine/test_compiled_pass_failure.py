@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from dynamo_reset import reset_dynamo
 
 from imagesmith.config import Settings
 from imagesmith.engine import Engine
@@ -35,16 +36,6 @@ def _failing_backend(graph: Any, example_inputs: Any) -> Any:
     raise RuntimeError("FIND was unable to find an engine to execute this computation")
 
 
-def _reset_dynamo() -> None:
-    """torch._dynamo.reset(), once more if it trips over its own backend cache: run right after
-    test_speed_levers.py (not the suite's order), torch 2.13's reset raised "dictionary changed size during
-    iteration" while resetting a backend that registered another. The second reset finds the cache settled."""
-    try:
-        torch._dynamo.reset()
-    except RuntimeError:
-        torch._dynamo.reset()
-
-
 @pytest.fixture
 def engine(tiny_settings: Settings) -> Iterator[Engine]:
     """An engine of its own (the tests change its levers and thread); the tiny models are shared by every
@@ -53,7 +44,7 @@ def engine(tiny_settings: Settings) -> Iterator[Engine]:
     yield engine
     for module in compiled_modules(engine):
         module._compiled_call_impl = None
-    _reset_dynamo()
+    reset_dynamo()
 
 
 def _pixels(engine: Engine, seed: int) -> np.ndarray:
@@ -163,7 +154,7 @@ def test_raised_in_compiled_code_looks_at_where_the_error_came_from() -> None:
             raise RuntimeError("the pass failed") from error
     except RuntimeError as wrapped:
         assert raised_in_compiled_code(wrapped)
-    _reset_dynamo()
+    reset_dynamo()
 
 
 def test_warm_up_records_a_cuda_graph_for_every_batch_size_so_no_request_has_to(

@@ -74,3 +74,10 @@ def test_without_a_warm_up_the_line_says_shapes_compile_on_first_use() -> None:
         "IMAGESMITH_WARMUP=false: each new shape compiles on its first request"
         in lines_for(H100, settings)[0]
     )
+
+
+def test_compile_regions_are_named_in_what_runs() -> None:
+    settings = Settings(compile=CompileChoice.DEFAULT, compile_regions=True)
+    assert lines_for(A100, settings)[0].startswith(
+        "speed: torch.compile default, each kind of transformer block once (IMAGESMITH_COMPILE_REGIONS); "
+    )

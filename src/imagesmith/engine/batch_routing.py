@@ -34,6 +34,7 @@ class BatchRoutedCall:
         self.batched = torch.compile(call_impl, **options)
 
     def __call__(self, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        _mark_model_sizes_static(kwargs)
         if sample.shape[0] <= ONE_IMAGE_ROWS:
             # Static in the batch only. Dynamo's record of sizes seen is per code object, shared by both
             # graphs: after a batched pass it would compile this one dynamic in the batch too. Not
@@ -47,6 +48,23 @@ class BatchRoutedCall:
             # instead of raising.
             torch._dynamo.maybe_mark_dynamic(tensor, 0)
         return self.batched(sample, *args, **kwargs)
+
+
+def _mark_model_sizes_static(kwargs: dict[str, Any]) -> None:
+    """Keep the sizes a model fixes (77 tokens, the text encoders' widths, the number of size/crop ids) static.
+
+    The base and the refiner run one code object (UNet2DConditionModel.forward), and dynamo remembers per code
+    object which input sizes changed between calls: at the refiner's first call the prompt embeddings' width
+    (2048 -> 1280) and the ids' count (6 -> 5) differ from the base's, so dynamo compiled the refiner's graph,
+    and every later graph of either UNet, with those sizes symbolic (seen on the tiny model). That was never
+    meant, and torch cannot reuse a nested compile region (engine/compile_regions.py) across such sizes (a
+    KeyError in dynamo, torch 2.13). Marked static, each UNet's graph keeps its own fixed sizes; the batch and
+    the image size still go symbolic where the routing and a second size make them."""
+    tensors = [kwargs.get("encoder_hidden_states"), *(kwargs.get("added_cond_kwargs") or {}).values()]
+    for tensor in tensors:
+        if isinstance(tensor, torch.Tensor):
+            for dim in range(1, tensor.dim()):
+                torch._dynamo.mark_static(tensor, dim)
 
 
 def _batched_inputs(sample: torch.Tensor, kwargs: dict[str, Any]) -> list[torch.Tensor]:

@@ -29,6 +29,7 @@ import torch
 from imagesmith.config import CUDA_GRAPH_MODES, CompileChoice, Settings
 from imagesmith.engine import encoder_graphs
 from imagesmith.engine.batch_routing import BatchRoutedCall
+from imagesmith.engine.compile_regions import compile_transformer_blocks_once, regions_supported
 from imagesmith.engine.cudnn_graphs import remember_plans_in
 from imagesmith.engine.fp8 import quantize_transformer_linears
 from imagesmith.engine.fp8_conv import quantize_convolutions
@@ -180,6 +181,7 @@ def apply_speed_levers(base: Any, refiner: Any | None, plan: HardwarePlan, setti
         else:
             use_persistent_compile_cache(compile_cache_for(settings, plan))
             allow_graphs_per_model(UNET_GRAPHS_ALLOWED)
+            regions = _mark_compile_regions(unets) if settings.compile_regions else ""
             options = unet_compile_options(settings)
             for unet in unets:
                 if options["dynamic"] is None:
@@ -191,8 +193,25 @@ def apply_speed_levers(base: Any, refiner: Any | None, plan: HardwarePlan, setti
             # The decoder is not marked dynamic: the engine decodes one image at a time at any batch size.
             base.vae.decoder.compile(fullgraph=True, mode=decoder_compile_mode(settings))
             dynamic = ", dynamic shapes" if options["dynamic"] else ""
-            applied.append(f"torch.compile(mode={settings.compile.value}{dynamic}) UNets + VAE decoder")
+            # One lever: serving eager after a failed compile (serve_eager_from_now) drops the regions with it.
+            applied.append(
+                f"torch.compile(mode={settings.compile.value}{dynamic}{regions}) UNets + VAE decoder"
+            )
+    elif settings.compile_regions:
+        log.warning("compile_regions skipped: it shapes what torch.compile compiles, and compile is off")
     return applied
+
+
+def _mark_compile_regions(unets: list[Any]) -> str:
+    """The UNets' transformer blocks compiled once per kind (engine/compile_regions.py), for the compile lever's
+    text; a torch without nested compile regions compiles as before, with a warning."""
+    if not regions_supported():
+        log.warning(
+            "compile_regions skipped: this torch (%s) has no nested compile regions", torch.__version__
+        )
+        return ""
+    marked = sum(compile_transformer_blocks_once(unet) for unet in unets)
+    return f", {marked} transformer blocks as regions"
 
 
 def decoder_compile_mode(settings: Settings) -> str | None:

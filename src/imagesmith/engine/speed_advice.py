@@ -67,7 +67,12 @@ def _what_runs(settings: Settings, plan: HardwarePlan) -> str:
         else:
             when = "IMAGESMITH_WARMUP=false: each new shape compiles on its first request"
         cache = f"compile cache {compile_cache_root(settings)} (keep it: a restart reuses it)"
-        what = f"torch.compile {settings.compile.value}; {when}; {cache}"
+        regions = (
+            ", each kind of transformer block once (IMAGESMITH_COMPILE_REGIONS)"
+            if settings.compile_regions
+            else ""
+        )
+        what = f"torch.compile {settings.compile.value}{regions}; {when}; {cache}"
     lossy = [f"fp8 linears ({plan.fp8} scales)"] if plan.fp8 else []
     lossy += ["fp8 convolutions"] if plan.fp8_convs else []
     lossy += ["fused fp8 GEGLU"] if plan.fp8_fused_geglu else []
