@@ -94,7 +94,7 @@
 # kept the UNets' model sizes static (engine/batch_routing.py). Its calls go after (0), predictions in
 # docs/benchmarks.md ("Session 25"): (0b) one call: timeout 560 python3 benchmarks/unet_compiled.py --variants
 # ro,ro+regions --first ro+regions --fresh-cache --out $OUT/regions.json (the regions' cold compile and their price
-# per call against ro in one process); (0c) one call: models,serve-regions (a cold and a warm start against run 36's
+# per call against ro in one process); (0c) one detached pipeline (start, then --wait calls): models,serve-regions (a cold and a warm start against run 36's
 # 433-596 / 152 s; the models stage saves the random SDXL folder the service loads); (0d) fast-path with
 # FAST_PHASES=variants FAST_VARIANTS=reduce-overhead+regions,reduce-overhead (the ensemble, regions against none).
 set -u

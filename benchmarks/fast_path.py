@@ -131,10 +131,12 @@ class Variant:
         )
         convs = {"fp8conv", "fp8convnchw"} & set(flags)
         twice = twice or len(convs) > 1 or bool((convs or "geglu" in flags) and "fp8" not in flags)
+        # Regions shape a compile (not mode off), and settings refuse them with every size dynamic.
+        twice = twice or ("regions" in flags and (mode == "off" or "dyn" in flags))
         if unknown or kind not in ("", "mlperf") or len(attention) > 1 or twice:
             raise SystemExit(
                 f"variant {spec!r}: flags are one of +fp8 +fp8dyn, +cl +dyn, one of +cudnn +nocudnn, one of +teg +noteg, one of "
-                "+attn-flash +attn-efficient +attn-cudnn, +olddecode, +cdt, +regions, "
+                "+attn-flash +attn-efficient +attn-cudnn, +olddecode, +cdt, +regions (compiled, not with +dyn), "
                 "one of +fp8conv +fp8convnchw (with +fp8), +geglu (with +fp8), and the suffix :mlperf"
             )
         return cls(

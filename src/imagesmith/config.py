@@ -361,7 +361,7 @@ class Settings(BaseSettings):
     @classmethod
     def _compile_regions_not_with_dynamic(cls, value: bool, info: ValidationInfo) -> bool:
         # Compiled with every size symbolic, torch 2.13 cannot reuse a region: the first compile fails inside
-        # dynamo, and the engine would serve eager for good (tests/engine/test_compile_regions.py).
+        # dynamo (seen on the tiny UNet), and the engine would serve eager for good.
         if value and info.data.get("compile_dynamic"):
             raise ValueError(
                 f"{ENV_PREFIX}COMPILE_REGIONS=true cannot be combined with {ENV_PREFIX}COMPILE_DYNAMIC=true (torch "

@@ -13,7 +13,10 @@ from pydantic import ValidationError
 from imagesmith.config import Settings
 from imagesmith.engine import Engine
 from imagesmith.engine.batch_routing import BatchRoutedCall
-from imagesmith.engine.compile_regions import compile_transformer_blocks_once
+from imagesmith.engine.compile_regions import compile_transformer_blocks_once, regions_supported
+
+# torch 2.8 and later (pyproject allows older); the engine skips the lever there, with a warning.
+needs_regions = pytest.mark.skipif(not regions_supported(), reason="this torch has no nested compile regions")
 
 
 def _unet_inputs(
@@ -51,6 +54,7 @@ def fresh_unet(tiny_settings: Settings) -> Any:
     reset_dynamo()
 
 
+@needs_regions
 def test_every_block_reuses_one_traced_subgraph_in_both_graphs_with_the_same_outputs(fresh_unet: Any) -> None:
     """The routed UNet (the engine's compile): the one-image graph and the batch-dynamic graph each call the
     tiny UNet's four transformer blocks (one kind: 64 channels) as one shared subgraph, and each gives what
@@ -75,6 +79,7 @@ def test_every_block_reuses_one_traced_subgraph_in_both_graphs_with_the_same_out
         assert len(calls) == 4 and len(set(calls)) == 1
 
 
+@needs_regions
 def test_regions_compile_for_the_base_the_refiner_and_a_second_size(tiny_settings: Settings) -> None:
     """The base and the refiner share one code object, so dynamo made the sizes that differ between them (the
     prompt embeddings' width, the ids' count) symbolic in every graph after the base's first, and torch cannot
@@ -124,6 +129,7 @@ def test_regions_with_every_size_dynamic_are_refused_naming_both_settings() -> N
         Settings(compile="default", compile_dynamic=True, compile_regions=True)
 
 
+@needs_regions
 def test_inductors_compiled_regions_compute_what_eager_does(fresh_unet: Any) -> None:
     """Through inductor, as the service compiles: the regions change what is compiled, not the result."""
     args, kwargs = _unet_inputs(fresh_unet.config, 2)
@@ -134,6 +140,7 @@ def test_inductors_compiled_regions_compute_what_eager_does(fresh_unet: Any) -> 
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
 
 
+@needs_regions
 def test_the_setting_marks_the_unets_blocks_and_names_them_in_the_compile_lever(
     tiny_settings: Settings,
 ) -> None:
@@ -157,3 +164,17 @@ def test_regions_without_compile_are_skipped_with_a_warning(
         type(module).__name__ == "RegionTransformerBlock" for module in engine.models.base.unet.modules()
     )
     assert "compile_regions skipped" in caplog.text
+
+
+@needs_regions
+def test_a_marked_unet_pickles_and_keeps_its_regions(fresh_unet: Any) -> None:
+    import pickle
+
+    compile_transformer_blocks_once(fresh_unet)
+    copy = pickle.loads(pickle.dumps(fresh_unet))
+    kinds = [
+        type(module).__name__
+        for module in copy.modules()
+        if type(module).__name__.endswith("TransformerBlock")
+    ]
+    assert kinds == ["RegionTransformerBlock"] * 4

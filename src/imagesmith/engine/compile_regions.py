@@ -25,8 +25,8 @@ import torch
 log = logging.getLogger(__name__)
 
 # Distinct kinds of inputs a region may be compiled for within one graph before torch raises (its default, 8).
-# The base UNet needs 2 and the refiner 2 per graph; kept well above, since past it the compile fails and the
-# engine falls back to eager for good.
+# The base UNet needs 2 per graph and the refiner 3 (its 1536-channel blocks run at two resolutions); kept well
+# above, since past it the compile fails and the engine falls back to eager for good.
 REGION_KINDS_ALLOWED = 32
 
 
@@ -39,9 +39,11 @@ def regions_supported() -> bool:
 def _region_block_class() -> type:
     """diffusers' transformer block with its forward marked as a nested compile region.
 
-    A subclass set on each instance (not a patch of diffusers' class) so that only this engine's UNets change:
-    a peer pipeline in the same process (the benchmarks') keeps inlining its blocks. One class for every
-    instance, as the reuse is keyed by the forward's code."""
+    A subclass set on each instance, not a replacement of diffusers' class, so that only this engine's UNets
+    change: a peer pipeline in the same process (the benchmarks') keeps inlining its blocks. (torch does note
+    the region's settings as attributes on diffusers' forward function, which nothing reads outside a marked
+    call.) One class for every instance, as the reuse is keyed by the forward's code. Built on first use, as
+    importing diffusers takes seconds; the module's __getattr__ finds it by name, so a marked UNet pickles."""
     from diffusers.models.attention import BasicTransformerBlock
 
     mark = torch.compiler.nested_compile_region
@@ -53,7 +55,15 @@ def _region_block_class() -> type:
     class RegionTransformerBlock(BasicTransformerBlock):
         forward = region_forward
 
+    RegionTransformerBlock.__qualname__ = "RegionTransformerBlock"  # where pickle looks for it: this module
+    RegionTransformerBlock.__module__ = __name__
     return RegionTransformerBlock
+
+
+def __getattr__(name: str) -> Any:
+    if name == "RegionTransformerBlock":
+        return _region_block_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def compile_transformer_blocks_once(model: Any) -> int:

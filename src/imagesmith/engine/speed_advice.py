@@ -9,6 +9,7 @@ names the settings that would help on this device, each with its measured figure
 from __future__ import annotations
 
 from imagesmith.config import CUDA_GRAPH_MODES, CompileChoice, OffloadChoice, Settings
+from imagesmith.engine.compile_regions import regions_supported
 from imagesmith.engine.fast import compile_cache_root
 from imagesmith.engine.hardware import FP8_MIN_CAPABILITY, DeviceInfo, HardwarePlan
 from imagesmith.sources.generate import warm_up_batches
@@ -67,11 +68,10 @@ def _what_runs(settings: Settings, plan: HardwarePlan) -> str:
         else:
             when = "IMAGESMITH_WARMUP=false: each new shape compiles on its first request"
         cache = f"compile cache {compile_cache_root(settings)} (keep it: a restart reuses it)"
-        regions = (
-            ", each kind of transformer block once (IMAGESMITH_COMPILE_REGIONS)"
-            if settings.compile_regions
-            else ""
-        )
+        regions = ""
+        if settings.compile_regions:  # the engine skips them, with a warning, on a torch without regions
+            regions = ", each kind of transformer block once (IMAGESMITH_COMPILE_REGIONS)"
+            regions = regions if regions_supported() else ", not IMAGESMITH_COMPILE_REGIONS (torch too old)"
         what = f"torch.compile {settings.compile.value}{regions}; {when}; {cache}"
     lossy = [f"fp8 linears ({plan.fp8} scales)"] if plan.fp8 else []
     lossy += ["fp8 convolutions"] if plan.fp8_convs else []
