@@ -205,8 +205,8 @@ class Settings(BaseSettings):
     compile_regions: bool = Field(
         False,
         description="Compile each kind of UNet transformer block once and reuse it for the others (torch's "
-        "nested compile regions): a cold compile of the base UNet 3.3x faster on a CPU. Its cost per image is "
-        "not yet measured on a GPU: off until it is.",
+        "nested compile regions): on an H200 the base UNet's cold compile 78 s instead of 123 s, at +0.5 ms a "
+        "UNet call (~1.5 % an image). For servers that start often.",
     )
     compile_cache_dir: Path | None = Field(
         None,

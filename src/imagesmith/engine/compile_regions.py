@@ -7,10 +7,10 @@ and compiles every block's kernels again, 70 times over. Marked as a nested comp
 call and the result reused for every later block with the same kind of inputs: the UNet stays one full graph
 (one CUDA graph with `reduce-overhead`), each block a call into a shared subgraph with its own weights.
 
-Measured on this project's 2-core CPU, full-size base UNet in bf16 (docs/benchmarks.md, session 25): the first
-compile 134.9 -> 41.1 s, a restart's from the compile cache 18.6 -> 14.1 s, the compiled call as fast. What it
-may cost is fusion across block boundaries (a block's last residual add with the next block's norm), which the
-GPU run has to weigh: off by default until then.
+Measured (docs/benchmarks.md, session 25 and runs 74-75), full-size base UNet in bf16: on an H200 the cold
+compile 122.6 -> 78.4 s, the call +0.5 ms (33.56 -> 33.85 ms, ~1.5 % of an ensemble image: the fusion lost at the
+blocks' boundaries); on this project's 2-core CPU the cold compile 134.9 -> 41.1 s, a restart's 18.6 -> 14.1 s.
+So it is opt-in: for servers that start often, not for long-running ones.
 """
 
 from __future__ import annotations
