@@ -97,6 +97,9 @@
 # per call against ro in one process); (0c) one detached pipeline (start, then --wait calls): models,serve-regions (a cold and a warm start against run 36's
 # 433-596 / 152 s; the models stage saves the random SDXL folder the service loads); (0d) fast-path with
 # FAST_PHASES=variants FAST_VARIANTS=reduce-overhead+regions,reduce-overhead (the ensemble, regions against none).
+# Runs 74-75 (late in session 25) did (0b), test_gpu_bench (passes) and ro+cdt (+0.05 ms: no gain). Next: (0) with
+# --variants ro,mat --fresh-cache alone (max-autotune, the last compile-side lever; ro compiles in ~115 s), then
+# (0c), (1), (3) as above.
 set -u
 PIPE=.devcache/pipe
 
