@@ -9,6 +9,7 @@ import pytest
 import torch
 from dynamo_reset import reset_dynamo
 from pydantic import ValidationError
+from unet_call import unet_inputs
 
 from imagesmith.config import Settings
 from imagesmith.engine import Engine
@@ -17,25 +18,6 @@ from imagesmith.engine.compile_regions import compile_transformer_blocks_once, r
 
 # torch 2.8 and later (pyproject allows older); the engine skips the lever there, with a warning.
 needs_regions = pytest.mark.skipif(not regions_supported(), reason="this torch has no nested compile regions")
-
-
-def _unet_inputs(
-    config: Any, rows: int, side: int = 16, ids: int = 6
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """One UNet pass's arguments as diffusers' SDXL pipelines pass them: `rows` rows of side x side latents, and
-    `ids` size/crop ids (the refiner's pipeline passes 5, an aesthetic score in place of the target size)."""
-    generator = torch.Generator().manual_seed(rows)
-    return (torch.randn(rows, config.in_channels, side, side, generator=generator), torch.tensor(500.0)), {
-        "encoder_hidden_states": torch.randn(rows, 77, config.cross_attention_dim, generator=generator),
-        "added_cond_kwargs": {
-            "text_embeds": torch.randn(
-                rows,
-                config.projection_class_embeddings_input_dim - ids * config.addition_time_embed_dim,
-                generator=generator,
-            ),
-            "time_ids": torch.randn(rows, ids, generator=generator),
-        },
-    }
 
 
 def _region_calls(graph: torch.fx.GraphModule) -> list[str]:
@@ -69,7 +51,7 @@ def test_every_block_reuses_one_traced_subgraph_in_both_graphs_with_the_same_out
     routed = BatchRoutedCall(fresh_unet._call_impl, {"fullgraph": True, "dynamic": None, "backend": backend})
     with torch.no_grad():
         for rows in (2, 6):  # one image with guidance, then a batch of three
-            args, kwargs = _unet_inputs(fresh_unet.config, rows)
+            args, kwargs = unet_inputs(fresh_unet.config, rows)
             compiled = routed(*args, **kwargs)[0]
             eager = fresh_unet(*args, **kwargs)[0]
             assert torch.equal(compiled, eager)
@@ -110,7 +92,7 @@ def test_regions_compile_for_the_base_the_refiner_and_a_second_size(tiny_setting
         with torch.no_grad():
             for name, side in (("base", 16), ("refiner", 16), ("base", 24)):
                 ids = 5 if name == "refiner" else 6
-                args, kwargs = _unet_inputs(unets[name].config, 2, side, ids)
+                args, kwargs = unet_inputs(unets[name].config, 2, side, ids)
                 compiled = unets[name](*args, **kwargs)[0]
                 unets[name]._compiled_call_impl, routed = None, unets[name]._compiled_call_impl
                 assert torch.equal(compiled, unets[name](*args, **kwargs)[0])
@@ -132,7 +114,7 @@ def test_regions_with_every_size_dynamic_are_refused_naming_both_settings() -> N
 @needs_regions
 def test_inductors_compiled_regions_compute_what_eager_does(fresh_unet: Any) -> None:
     """Through inductor, as the service compiles: the regions change what is compiled, not the result."""
-    args, kwargs = _unet_inputs(fresh_unet.config, 2)
+    args, kwargs = unet_inputs(fresh_unet.config, 2)
     with torch.no_grad():
         eager = fresh_unet(*args, **kwargs)[0]
         compile_transformer_blocks_once(fresh_unet)

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 from pydantic import ValidationError
+from unet_call import unet_inputs
 
 from imagesmith.config import Settings, settings_error_lines
 from imagesmith.engine import Engine
@@ -229,36 +230,11 @@ def test_compile_dynamic_compiles_the_unet_once_for_every_batch_size(
         # Batch 1 and batch 3, each with classifier-free guidance. Not batch 8: on the CPU a convolution guard
         # (2 <= rows <= 15) recompiles there; what a GPU does at 16 rows is for the GPU run to show.
         for rows in (2, 6):
-            compiled(
-                torch.randn(rows, config.in_channels, 16, 16),
-                torch.tensor(500.0),
-                encoder_hidden_states=torch.randn(rows, 77, config.cross_attention_dim),
-                added_cond_kwargs={
-                    "text_embeds": torch.randn(
-                        rows,
-                        config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim,
-                    ),
-                    "time_ids": torch.randn(rows, 6),
-                },
-            )
+            args, kwargs = unet_inputs(config, rows)
+            compiled(*args, **kwargs)
     finally:
         torch._dynamo.reset()
     assert counter.frame_count == compiles
-
-
-def _unet_inputs(config: Any, rows: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """One UNet pass's arguments as diffusers' SDXL pipeline passes them, with `rows` rows."""
-    import torch
-
-    return (torch.randn(rows, config.in_channels, 16, 16), torch.tensor(500.0)), {
-        "encoder_hidden_states": torch.randn(rows, 77, config.cross_attention_dim),
-        "added_cond_kwargs": {
-            "text_embeds": torch.randn(
-                rows, config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-            ),
-            "time_ids": torch.randn(rows, 6),
-        },
-    }
 
 
 def test_one_image_passes_keep_their_static_graph_after_batched_passes_compile(
@@ -302,7 +278,7 @@ def test_one_image_passes_keep_their_static_graph_after_batched_passes_compile(
             # Batched passes first: the batched graph must be dynamic from its first compile (not static for
             # 6 rows, then again for 4), and the one-image graph static although a dynamic one came before.
             for rows in (6, 4, 10, 2, 2):
-                args, kwargs = _unet_inputs(unet.config, rows)
+                args, kwargs = unet_inputs(unet.config, rows)
                 outputs[rows] = (routed(*args, **kwargs), unet._call_impl(*args, **kwargs))
     finally:
         torch._dynamo.reset()
