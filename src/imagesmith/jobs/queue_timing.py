@@ -86,9 +86,8 @@ def through_queue(
             if previous_cache is None and settings.prompt_cache_size:
                 # The service's engine has its prompt cache (Engine.start); encode ahead fills it.
                 engine.prompt_cache = PromptEmbeddingCache(settings.prompt_cache_size)
-            engine.encode_ahead = encode_ahead_for(
-                engine, settings
-            )  # what Engine.start does with the setting
+            # What Engine.start does with the setting.
+            engine.encode_ahead = encode_ahead_for(engine, settings)
             worker = generation_worker(engine, settings, store, data / "images")
             warm = submit_all(warm_bodies)
             worker.start()
