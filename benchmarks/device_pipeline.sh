@@ -100,6 +100,13 @@
 # Runs 74-75 (late in session 25) did (0b), test_gpu_bench (passes) and ro+cdt (+0.05 ms: no gain). Next: (0) with
 # --variants ro,mat --fresh-cache alone (max-autotune, the last compile-side lever; ro compiles in ~115 s), then
 # (0c), (1), (3) as above.
+# Session 26 got no device call through (machines not started, taken back, then none lent). Next, in order, one
+# call each: run 77 (docs/benchmarks.md: the MLPerf setting through the service's queue at the fastest levers):
+# python3 benchmarks/fast_path.py --out $OUT/fp --cache-dir .devcache/c --phases variants --variants
+# reduce-overhead+fp8+fp8conv+geglu:mlperf --budget-s 525 --compile-needs-s 120 --mlperf-batches 8,4
+# --no-prompt-cache-ab --queue-jobs 32 (carry nvidia-cudnn-frontend==1.16.0's wheel in .whl); run 76:
+# unet_compiled.py --variants ro,mat --profile; run 78: unet_compiled.py --variants ro,ro+kv --profile (the
+# cross-attention's keys and values projected once per prompt, benchmarks/cross_attention_kv.py); then (0c), (3).
 set -u
 PIPE=.devcache/pipe
 
