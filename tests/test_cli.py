@@ -96,6 +96,66 @@ def test_doctor_tells_whether_real_models_resolve(tiny_model_home: Path, tmp_pat
     assert "local path that does not exist" in done.stdout
 
 
+def doctor_with_hub_at(endpoint: str, home: Path, hf_home: Path) -> str:
+    """doctor's output with the real (uncached) hub ids and the hub at `endpoint` (HF_ENDPOINT, a local
+    address: conftest's HF_HUB_OFFLINE is lifted for it, and the real hub is still never reached)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "imagesmith.cli", "doctor"],
+        env={
+            **os.environ,
+            "IMAGESMITH_DATA_DIR": str(home),
+            "HF_HOME": str(hf_home),
+            "HF_ENDPOINT": endpoint,
+            "HF_HUB_OFFLINE": "0",
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_doctor_says_when_the_hub_cannot_be_reached_and_how_to_load_models_anyway(
+    tiny_model_home: Path, tmp_path: Path
+) -> None:
+    """On an air-gapped server "downloads on first load" was a promise the first request broke. A port nothing
+    listens on stands for the unreachable hub; a local HTTP server for the reachable one."""
+    import socket
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    out = doctor_with_hub_at(f"http://127.0.0.1:{closed_port}", tiny_model_home, tmp_path / "hf")
+    assert "hub: downloads allowed" in out
+    base = next(line for line in out.splitlines() if line.startswith("base model:"))
+    assert f"the hub is not reachable (http://127.0.0.1:{closed_port}: ConnectError)" in base
+    assert "hf download stabilityai/stable-diffusion-xl-base-1.0 --local-dir DIR" in base
+    assert "IMAGESMITH_BASE_MODEL" in base
+    assert "IMAGESMITH_REFINER_MODEL" in next(
+        line for line in out.splitlines() if line.startswith("refiner:")
+    )
+
+    class AnyAnswer(BaseHTTPRequestHandler):
+        def do_HEAD(self) -> None:
+            self.send_response(404)  # any answer: the network works, whatever the status
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), AnyAnswer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        out = doctor_with_hub_at(f"http://127.0.0.1:{server.server_port}", tiny_model_home, tmp_path / "hf")
+    finally:
+        server.shutdown()
+    assert "stabilityai/stable-diffusion-xl-base-1.0: hub id, not cached: downloads on first load" in out
+    assert "not reachable" not in out
+
+
 def test_a_bad_environment_setting_is_named_as_set_and_exits_2(tiny_model_home: Path) -> None:
     env = {**os.environ, "IMAGESMITH_DATA_DIR": str(tiny_model_home), "IMAGESMITH_PRECISION": "bf17"}
     for command in (["doctor"], ["generate", "x", "-o", str(tiny_model_home / "never.png")]):

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from imagesmith import __version__, exit_guard
 from imagesmith.bench import add_bench_parser
-from imagesmith.config import ModelPreset, Settings, get_settings, settings_error_lines
+from imagesmith.config import ENV_PREFIX, ModelPreset, Settings, get_settings, settings_error_lines
 from imagesmith.option_errors import report_option_errors
 from imagesmith.schemas import (
     AspectPreset,
@@ -260,17 +260,21 @@ def run_doctor(args: argparse.Namespace) -> int:
 
     for line in speed_lines(settings, device, plan):
         print(line)
-    print(f"hub: {'offline' if offline(settings) else 'online'}; data dir {settings.data_dir}")
+    hub_mode = "offline (local files only)" if offline(settings) else "downloads allowed"
+    print(f"hub: {hub_mode}; data dir {settings.data_dir}")
     if settings.model is ModelPreset.TINY:
         print(f"models: tiny (built-in, random weights) at {settings.tiny_model_dir()}")
     else:
-        print(f"base model: {settings.base_model}: {describe_source(settings.base_model, settings)}")
-        if settings.refiner_model:
-            print(f"refiner: {settings.refiner_model}: {describe_source(settings.refiner_model, settings)}")
-        else:
-            print("refiner: none configured (base-only generation)")
+
+        def source_line(label: str, field: str) -> str:
+            source = getattr(settings, field)
+            return f"{label}: {source}: {describe_source(source, settings, ENV_PREFIX + field.upper())}"
+
+        print(source_line("base model", "base_model"))
+        no_refiner = "refiner: none configured (base-only generation)"
+        print(source_line("refiner", "refiner_model") if settings.refiner_model else no_refiner)
         if settings.vae_model:
-            print(f"vae: {settings.vae_model}: {describe_source(settings.vae_model, settings)}")
+            print(source_line("vae", "vae_model"))
     from imagesmith.sources.cli_search import doctor_lines
 
     for line in doctor_lines(settings):  # the same settings as the lines above

@@ -7,6 +7,7 @@ working: the failure is kept and reported, never hidden.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -65,8 +66,9 @@ def offline(settings: Settings) -> bool:
     return settings.hf_offline or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
-def describe_source(source: str, settings: Settings) -> str:
-    """One line for `doctor`: does this source resolve without loading it?"""
+def describe_source(source: str, settings: Settings, setting: str) -> str:
+    """One line for `doctor`: does this source resolve without loading it? `setting`: the environment name of
+    the setting that chose it, for the fix."""
     path = Path(source).expanduser()
     if path.exists():
         return (
@@ -81,9 +83,32 @@ def describe_source(source: str, settings: Settings) -> str:
     cached = try_to_load_from_cache(source, "model_index.json")
     if isinstance(cached, str):
         return "hub id, in the local cache"
-    return "hub id, not cached: " + (
-        "offline mode, will fail" if offline(settings) else "downloads on first load"
-    )
+    if offline(settings):
+        return "hub id, not cached: offline mode, will fail"
+    unreachable = hub_unreachable()
+    if unreachable:
+        # "downloads on first load" would be a promise the first request breaks, minutes into a start.
+        return (
+            f"hub id, not cached, and the hub is not reachable ({unreachable}): the first load will fail. "
+            f"Fix: `hf download {source} --local-dir DIR` on a machine that reaches it, copy DIR here and set "
+            f"{setting} to it"
+        )
+    return "hub id, not cached: downloads on first load"
+
+
+@functools.cache
+def hub_unreachable(timeout_s: float = 3.0) -> str | None:
+    """Why the Hugging Face hub (HF_ENDPOINT, huggingface.co by default) cannot be reached from here, or None
+    when it answers. Any HTTP answer counts as reachable: the question is the network, not the status. Asked
+    once per process (doctor names two or three models)."""
+    import httpx
+    from huggingface_hub import constants
+
+    try:
+        httpx.head(constants.ENDPOINT, timeout=timeout_s)
+    except httpx.HTTPError as error:
+        return f"{constants.ENDPOINT}: {type(error).__name__}"
+    return None
 
 
 def _load_kwargs(source: str, plan: HardwarePlan, settings: Settings) -> dict[str, Any]:
