@@ -113,3 +113,4 @@ def test_offline_hub_id_not_cached_says_how_to_fix(
         Engine.start(settings)
     assert "someone/not-downloaded-sdxl" in str(caught.value)
     assert "HF_HUB_OFFLINE" in str(caught.value)
+    assert "`hf download someone/not-downloaded-sdxl`" in str(caught.value)  # a command huggingface_hub has

@@ -146,11 +146,12 @@ def _from_pretrained(
     assert last_error is not None
     problem = str(last_error).splitlines()[0][:300]
     if offline(settings):
-        fix = "download it once with network access (huggingface-cli download), or unset HF_HUB_OFFLINE"
+        # `hf`: huggingface_hub's command since 1.0 (the `huggingface-cli` these lines named is gone in 2.x).
+        fix = f"download it once with network access (`hf download {source}`), or unset HF_HUB_OFFLINE"
     elif local.exists():
         fix = "check the folder is a complete diffusers save (unet/, vae/, text encoders, scheduler/)"
     else:
-        fix = "check the hub id, log in with `huggingface-cli login` for gated repos, or use a local folder"
+        fix = "check the hub id, log in with `hf auth login` for gated repos, or use a local folder"
     raise ModelLoadError(role, source, problem, fix) from last_error
 
 
