@@ -114,3 +114,26 @@ def test_offline_hub_id_not_cached_says_how_to_fix(
     assert "someone/not-downloaded-sdxl" in str(caught.value)
     assert "HF_HUB_OFFLINE" in str(caught.value)
     assert "`hf download someone/not-downloaded-sdxl`" in str(caught.value)  # a command huggingface_hub has
+
+
+def test_the_hub_probe_gives_up_after_its_timeout_even_when_the_request_hangs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """httpx's timeout does not cover the name lookup: a resolver that never answers held doctor for as long
+    as it liked. The stand-in request hangs for 30 s; the probe answers within its own 0.2 s."""
+    import threading
+    import time
+
+    import httpx
+
+    from imagesmith.engine.models import hub_unreachable
+
+    released = threading.Event()
+    monkeypatch.setattr(httpx, "head", lambda *args, **kwargs: released.wait(30))
+    started = time.monotonic()
+    try:
+        reason = hub_unreachable.__wrapped__(timeout_s=0.2)
+    finally:
+        released.set()
+    assert time.monotonic() - started < 5
+    assert reason is not None and reason.endswith(": no answer in 0.2 s (name lookup or connection)")

@@ -100,15 +100,31 @@ def describe_source(source: str, settings: Settings, setting: str) -> str:
 def hub_unreachable(timeout_s: float = 3.0) -> str | None:
     """Why the Hugging Face hub (HF_ENDPOINT, huggingface.co by default) cannot be reached from here, or None
     when it answers. Any HTTP answer counts as reachable: the question is the network, not the status. Asked
-    once per process (doctor names two or three models)."""
+    once per process (doctor names two or three models).
+
+    The request runs on a daemon thread that is waited for at most timeout_s: httpx's timeout does not cover
+    the name lookup, and a resolver that never answers would otherwise hold doctor for as long as it likes."""
+    import threading
+
     import httpx
     from huggingface_hub import constants
 
-    try:
-        httpx.head(constants.ENDPOINT, timeout=timeout_s)
-    except httpx.HTTPError as error:
-        return f"{constants.ENDPOINT}: {type(error).__name__}"
-    return None
+    outcome: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            httpx.head(constants.ENDPOINT, timeout=timeout_s)
+        except httpx.HTTPError as error:
+            outcome.append(f"{constants.ENDPOINT}: {type(error).__name__}")
+        else:
+            outcome.append(None)
+
+    thread = threading.Thread(target=probe, name="hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if not outcome:
+        return f"{constants.ENDPOINT}: no answer in {timeout_s:g} s (name lookup or connection)"
+    return outcome[0]
 
 
 def _load_kwargs(source: str, plan: HardwarePlan, settings: Settings) -> dict[str, Any]:
