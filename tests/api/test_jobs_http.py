@@ -16,7 +16,7 @@ SLOW = {"prompt": "a slow fox", "width": 128, "height": 128, "num_inference_step
 
 
 def sse(
-    client: httpx.Client, path: str, **headers: str
+    client: httpx.Client, path: str, **headers: str | bytes
 ) -> Iterator[tuple[str, dict[str, Any], int | str | None]]:
     """(event type, data, id) for each server-sent event; the final event's id is 'end'."""
     with client.stream("GET", path, timeout=120, headers=headers) as response:
@@ -79,6 +79,12 @@ def test_events_of_a_finished_job_replay_the_outcome(server: ServerProcess) -> N
         # A browser's EventSource reconnects after the stream ends, sending the last id it saw.
         again = client.get(f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": "end"})
     assert again.status_code == 204  # "stop reconnecting", per the SSE specification
+    with server.client() as client:
+        # An id that is not one of ours replays from the start: '²' (byte 0xb2 as latin-1) passed isdigit()
+        # and 5000 digits passed it too; int() refused both, a 500.
+        for bad_id in (b"\xb2", b"9" * 5000, b"-3", b"twelve"):
+            replayed = list(sse(client, f"/v1/jobs/{job['id']}/events", **{"Last-Event-ID": bad_id}))
+            assert [kind for kind, _, _ in replayed] == ["succeeded"], bad_id
 
 
 def test_a_reconnecting_client_resumes_after_its_last_event(server: ServerProcess) -> None:

@@ -109,6 +109,16 @@ async def cancel_job(job_id: str, service: ServiceDep) -> dict[str, Any]:
 
 
 END_EVENT_ID = "end"  # the id of a job's final event
+MAX_EVENT_ID_DIGITS = 18  # event ids are SQLite rowids, below 2**63
+
+
+def event_id_after(last_seen: str) -> int:
+    """The event to resume after, from a Last-Event-ID header; anything that is not an event id of ours
+    starts from the beginning. ASCII digits only: str.isdigit() also passes '²', which int() refuses, and
+    int() refuses strings over 4300 digits; both were 500s."""
+    if last_seen.isascii() and last_seen.isdigit() and len(last_seen) <= MAX_EVENT_ID_DIGITS:
+        return int(last_seen)
+    return 0
 
 
 @router.get(
@@ -126,7 +136,7 @@ async def job_events(job_id: str, service: ServiceDep, request: Request) -> Resp
     last_seen = request.headers.get("last-event-id", "").strip()
     if last_seen == END_EVENT_ID:
         return Response(status_code=204)
-    after_id = int(last_seen) if last_seen.isdigit() else 0
+    after_id = event_id_after(last_seen)
 
     async def stream() -> AsyncIterator[str]:
         yield "retry: 2000\n\n"
