@@ -132,12 +132,39 @@ def test_bad_input_is_a_422_naming_the_field(
     assert error["message"]
 
 
-def test_malformed_json_is_a_422(server: ServerProcess) -> None:
-    response = httpx.post(
-        f"{server.url}/api/media/generate-image",
-        content=b'{"prompt": ',
-        headers={"Content-Type": "application/json"},
-    )
-    assert response.status_code == 422
-    assert response.json()["error"]["code"] == "invalid_request"
-    assert response.json()["error"]["field"] == "body"  # not the character offset of the error
+BODY_FIX = "send a JSON object encoded as UTF-8, with Content-Type: application/json"
+
+
+@pytest.mark.parametrize(
+    ("content", "content_type"),
+    [
+        (b'{"prompt": ', "application/json"),  # malformed JSON
+        (b'{"prompt": "\xff"}', "application/json"),  # not UTF-8: FastAPI's own 400 "error parsing the body"
+        (b'{"prompt": "x"}', "text/plain"),  # a JSON object, but not sent as JSON
+        (b"prompt=x", "application/x-www-form-urlencoded"),
+        (b"", "application/json"),
+        (b'["prompt"]', "application/json"),  # JSON, not an object
+    ],
+)
+@pytest.mark.parametrize(
+    "path", ["/api/media/generate-image", "/v1/jobs", "/v1/images/generations", "/sdapi/v1/txt2img"]
+)
+def test_a_body_that_is_not_a_json_object_is_refused_naming_the_body(
+    server: ServerProcess, path: str, content: bytes, content_type: str
+) -> None:
+    """Each route, each dialect: the field is the body (not a character offset, not "request"), and the
+    message says what to send, where a 400 "bad_request" without a field or a "Field required" used to be."""
+    response = httpx.post(f"{server.url}{path}", content=content, headers={"Content-Type": content_type})
+    body = response.json()
+    if path.startswith("/v1/images"):  # OpenAI's error object: 400 for bad parameters
+        assert response.status_code == 400 and body["error"]["param"] == "body", body
+        message = body["error"]["message"]
+    elif path.startswith("/sdapi"):
+        assert response.status_code == 422 and body["field"] == "body", body
+        message = body["detail"]
+    else:
+        assert response.status_code == 422 and body["error"]["code"] == "invalid_request", body
+        assert body["error"]["field"] == "body", body
+        message = body["error"]["message"]
+    if content != b'{"prompt": ':  # a JSON syntax error says where it is instead
+        assert BODY_FIX in message, message

@@ -141,12 +141,27 @@ def render_error(
     return error_response(status, code, message, field, headers, details, extra)
 
 
+# What FastAPI says when it cannot read a body at all (bytes that are not UTF-8), and the errors pydantic gives
+# for a body that is there but is not a JSON object (empty, a form, text/plain, a JSON list): each is bad input
+# like a wrong field, so each is the same 422 naming the body, with the fix.
+BODY_UNREADABLE = "There was an error parsing the body"
+BODY_NOT_AN_OBJECT_ERRORS = ("model_attributes_type", "dict_type", "missing")
+SEND_A_JSON_OBJECT = (
+    'send a JSON object encoded as UTF-8, with Content-Type: application/json, e.g. {"prompt": "..."}'
+)
+
+
 def validation_details(items: Sequence[Any]) -> list[dict[str, str]]:
     """pydantic errors as [{field, message}]: locations joined with dots, without FastAPI's "body" prefix;
     checks spanning several fields name theirs as "[field] message" (see schemas.py)."""
     out = []
     for item in items:
         loc = [str(part) for part in item.get("loc", ())]
+        if loc == ["body"] and item.get("type") in BODY_NOT_AN_OBJECT_ERRORS:
+            out.append(
+                {"field": "body", "message": f"the request body is not a JSON object; {SEND_A_JSON_OBJECT}"}
+            )
+            continue
         if item.get("type") == "json_invalid":
             loc = ["body"]  # its location is a character offset into the body, not a field
         elif loc and loc[0] in ("body", "query", "path", "header"):
@@ -186,6 +201,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        if error.status_code == 400 and error.detail == BODY_UNREADABLE:
+            unreadable = {
+                "type": "json_invalid",
+                "msg": f"the request body could not be read; {SEND_A_JSON_OBJECT}",
+            }
+            return _invalid(request, [unreadable])
         code = _STATUS_CODES.get(error.status_code, "http_error")
         return render_error(
             request, error.status_code, code, str(error.detail), headers=getattr(error, "headers", None)
