@@ -156,6 +156,28 @@ def test_doctor_says_when_the_hub_cannot_be_reached_and_how_to_load_models_anywa
     assert "not reachable" not in out
 
 
+def test_a_split_with_no_step_is_said_in_options_with_the_fewest_steps_that_work(
+    tiny_model_home: Path, tmp_path: Path
+) -> None:
+    """The request's message names its fields (num_inference_steps); the user typed --steps. Blamed: the
+    option they set, --steps when the split is the default."""
+    out = str(tmp_path / "never.png")
+    done = run_cli("generate", "x", "--steps", "1", "-o", out, home=tiny_model_home)
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        "imagesmith generate: error: --steps: 1 step(s) at --high-noise-frac 0.8 (the default) leave the base or "
+        "the refiner no step; raise --steps to 2 or more"
+    )
+    done = run_cli(
+        "generate", "x", "--steps", "3", "--high-noise-frac", "0.1", "-o", out, home=tiny_model_home
+    )
+    assert done.returncode == 2
+    assert done.stderr.startswith("imagesmith generate: error: --high-noise-frac: ")
+    assert done.stderr.rstrip().endswith(
+        "raise --steps to 10 or more, or move --high-noise-frac closer to 0.5"
+    )
+
+
 def test_a_bad_environment_setting_is_named_as_set_and_exits_2(tiny_model_home: Path) -> None:
     env = {**os.environ, "IMAGESMITH_DATA_DIR": str(tiny_model_home), "IMAGESMITH_PRECISION": "bf17"}
     for command in (["doctor"], ["generate", "x", "-o", str(tiny_model_home / "never.png")]):

@@ -69,7 +69,9 @@ def _add_generate(subparsers: Any) -> None:
     parser.add_argument("--steps", type=int, help="total denoising steps (default 40; 30 with --draft)")
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--mode", choices=[m.value for m in RefineMode], help="refinement (default ensemble)")
-    parser.add_argument("--high-noise-frac", type=float, default=0.8)
+    parser.add_argument(
+        "--high-noise-frac", type=float, help="ensemble: share of the steps the base runs (default 0.8)"
+    )
     parser.add_argument("--refine-steps", type=int, default=30)
     parser.add_argument("--refine-strength", type=float, default=0.3)
     parser.add_argument("--scheduler", choices=[s.value for s in SchedulerName], default="euler")

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 from pydantic import ValidationError
 
-from imagesmith.schemas import field_errors
+from imagesmith.schemas import field_errors, in_callers_names
 
 USAGE_ERROR = 2  # argparse's exit status for bad usage
 
@@ -25,5 +25,6 @@ def report_option_errors(command: str, invalid: ValidationError, option_for_fiel
     """Print each field error as `imagesmith COMMAND: error: --option: message` on stderr; the exit status."""
     for item in field_errors(invalid):
         option = option_for(item.field, option_for_field)
-        print(f"imagesmith {command}: error: {option}: {item.message}", file=sys.stderr)
+        message = in_callers_names(item.message, option_for_field)  # only fields this command has options for
+        print(f"imagesmith {command}: error: {option}: {message}", file=sys.stderr)
     return USAGE_ERROR

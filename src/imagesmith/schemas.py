@@ -7,6 +7,7 @@ diffusers' own checks ("width must be a multiple of 8, got 1001; the nearest val
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any
 
@@ -17,6 +18,14 @@ MIN_SIDE, MAX_SIDE = 64, 2048
 MAX_PROMPT_CHARS = 2000
 DEFAULT_STEPS_HIGH_QUALITY = 40
 DEFAULT_STEPS_DRAFT = 30
+MAX_STEPS = 150
+
+
+def splits_into_two_stages(steps: int, high_noise_frac: float) -> bool:
+    """Whether the ensemble's split leaves both the base and the refiner at least one step (as the schema
+    reckons it; the scheduler's own timesteps have the last word, engine.empty_stage)."""
+    base_steps = int(steps * high_noise_frac)
+    return 1 <= base_steps < steps
 
 
 class RefineMode(StrEnum):
@@ -109,7 +118,10 @@ class GenerationRequest(BaseModel):
     height: int | None = Field(None, description="Multiple of 8; default 1024, or the aspect preset's.")
     aspect: AspectPreset | None = Field(None, description="Named size; conflicts with explicit width/height.")
     num_inference_steps: int | None = Field(
-        None, ge=1, le=150, description="Total steps of the schedule (40, or 30 when high_quality is false)."
+        None,
+        ge=1,
+        le=MAX_STEPS,
+        description="Total steps of the schedule (40, or 30 when high_quality is false).",
     )
     guidance_scale: float = Field(7.5, ge=0.0, le=30.0)
     refine_mode: RefineMode | None = Field(
@@ -147,19 +159,33 @@ class GenerationRequest(BaseModel):
                     "give either aspect or width/height, not both"
                 )
         resolved = self.resolve()
-        if resolved.refine_mode is RefineMode.ENSEMBLE:
-            base_steps = int(resolved.num_inference_steps * self.high_noise_frac)
-            if base_steps < 1 or base_steps >= resolved.num_inference_steps:
-                raise ValueError(
-                    f"[high_noise_frac] high_noise_frac {self.high_noise_frac} with {resolved.num_inference_steps} steps leaves "
-                    "a stage with no step; raise num_inference_steps or move high_noise_frac toward 0.8"
-                )
+        steps = resolved.num_inference_steps
+        if resolved.refine_mode is RefineMode.ENSEMBLE and not splits_into_two_stages(
+            steps, self.high_noise_frac
+        ):
+            raise ValueError(self._empty_stage_message(steps))
         if resolved.refine_mode is RefineMode.IMG2IMG and int(self.refine_steps * self.refine_strength) < 1:
             raise ValueError(
                 f"[refine_strength] refine_strength {self.refine_strength} x refine_steps {self.refine_steps} is under one "
                 "refiner step; raise refine_steps or refine_strength"
             )
         return self
+
+    def _empty_stage_message(self, steps: int) -> str:
+        """Blame what the client chose: the split if they set it, else the steps; the fix names the fewest
+        steps that work at this split, since "raise the steps" alone left them guessing (and "move
+        high_noise_frac toward 0.8" was no help when it was 0.8)."""
+        frac_chosen = "high_noise_frac" in self.model_fields_set
+        split = f"high_noise_frac {self.high_noise_frac}" + ("" if frac_chosen else " (the default)")
+        fewest = next(
+            (n for n in range(steps + 1, MAX_STEPS + 1) if splits_into_two_stages(n, self.high_noise_frac)),
+            None,
+        )
+        fixes = [f"raise num_inference_steps to {fewest} or more"] if fewest is not None else []
+        if frac_chosen or fewest is None:
+            fixes.append("move high_noise_frac closer to 0.5")
+        field = "high_noise_frac" if frac_chosen else "num_inference_steps"
+        return f"[{field}] {steps} step(s) at {split} leave the base or the refiner no step; {', or '.join(fixes)}"
 
     def resolve(self) -> ResolvedRequest:
         """Fill the defaults that depend on other fields, so the engine sees one explicit plan."""
@@ -267,3 +293,10 @@ def field_errors(error: ValidationError) -> list[FieldError]:
 
 
 _FIELD_TAG = re.compile(r"^\[(\w+)\] (.*)$", re.DOTALL)
+_FIELD_NAME = re.compile(r"\b[a-z][a-z_]*\b")
+
+
+def in_callers_names(message: str, names: Mapping[str, str]) -> str:
+    """`message` with each field name in `names` replaced by what the caller calls it: an A1111 client sends
+    `steps`, the CLI's user types `--steps`; "raise num_inference_steps" helps neither."""
+    return _FIELD_NAME.sub(lambda word: names.get(word.group(0), word.group(0)), message)

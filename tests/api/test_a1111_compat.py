@@ -100,6 +100,15 @@ def test_errors_name_the_field_and_valid_values(server: ServerProcess) -> None:
     assert karras_euler.status_code == 422 and karras_euler.json()["field"] == "scheduler"
     steps = txt2img(server, steps=0)
     assert steps.status_code == 422 and steps.json()["field"] == "steps"
+    # The request's own checks and the service's (the loaded model's split) speak A1111's names, in the
+    # field and in the message: steps and refiner_switch_at, not num_inference_steps and high_noise_frac.
+    one_step = txt2img(server, steps=1).json()
+    assert one_step["field"] == "steps", one_step
+    assert one_step["detail"].endswith("at refiner_switch_at 0.8 (the default) leave the base or the refiner no "
+                                       "step; raise steps to 2 or more")  # fmt: skip
+    dpm = txt2img(server, steps=4, sampler_name="DPM++ 2M")
+    assert dpm.status_code == 422 and dpm.json()["field"] == "refiner_switch_at", dpm.text
+    assert "raise steps, or move refiner_switch_at" in dpm.json()["detail"], dpm.text
 
 
 def test_lists_clients_read(server: ServerProcess) -> None:

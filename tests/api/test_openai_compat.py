@@ -112,3 +112,14 @@ def test_bearer_keys_apply(server_factory: Callable[..., ServerProcess]) -> None
     assert response.data is not None and response.data[0].url
     # The image URL downloads without a key, as OpenAI's do (an unguessable, content-addressed name).
     assert httpx.get(response.data[0].url).status_code == 200
+
+
+def test_a_server_limit_names_the_openai_parameter(server_factory: Callable[..., ServerProcess]) -> None:
+    """The service's own limits are checked after the mapping, in its field names: `width` was the param and
+    `num_images` in the message, neither of which an OpenAI client sends."""
+    server = server_factory(imagesmith_max_total_pixels="1000000").start()
+    with pytest.raises(openai.BadRequestError) as caught:
+        client_for(server).images.generate(prompt="a fox", size="1024x1024")
+    body = caught.value.response.json()["error"]
+    assert body["param"] == "size" and body["message"].endswith("lower the size or n"), body
+    assert "num_images" not in body["message"] and "width" not in body["message"]

@@ -55,6 +55,22 @@ def test_cross_field_errors_name_the_field_to_change() -> None:
     assert "aspect" in errors_for(prompt="x", aspect="wide", width=1024)
 
 
+def test_an_empty_stage_blames_what_the_client_chose_and_names_the_fewest_steps_that_work() -> None:
+    """The split at its default: the steps are to blame, and the fix is a number, not "move high_noise_frac
+    toward 0.8" (it was 0.8). A split the client set: blamed, with both fixes."""
+    [(field, message)] = errors_for(prompt="x", num_inference_steps=1).items()
+    assert field == "num_inference_steps"
+    assert message.endswith("at high_noise_frac 0.8 (the default) leave the base or the refiner no step; "
+                            "raise num_inference_steps to 2 or more")  # fmt: skip
+    [(field, message)] = errors_for(prompt="x", num_inference_steps=3, high_noise_frac=0.1).items()
+    assert field == "high_noise_frac"
+    assert message.endswith("raise num_inference_steps to 10 or more, or move high_noise_frac closer to 0.5")
+    GenerationRequest(prompt="x", num_inference_steps=10, high_noise_frac=0.1)  # the fix it names works
+    [(field, message)] = errors_for(prompt="x", num_inference_steps=150, high_noise_frac=0.001).items()
+    assert field == "high_noise_frac"  # no step count is enough
+    assert message.endswith("no step; move high_noise_frac closer to 0.5")
+
+
 def test_defaults_follow_the_seed_flags() -> None:
     default = GenerationRequest(prompt="x").resolve()
     assert (default.width, default.height, default.num_inference_steps, default.refine_mode) == (

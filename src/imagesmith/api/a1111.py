@@ -19,12 +19,14 @@ from PIL import Image
 from pydantic import BaseModel, Field
 
 from imagesmith.api.a1111_mapping import (
+    A1111_FIELDS,
     Txt2ImgRequest,
     info,
     sampler_list,
     scheduler_list,
     to_image_request,
 )
+from imagesmith.api.compat_request import service_errors_in_client_terms
 from imagesmith.api.deps import Authorized, FilesDep, ServiceDep, SettingsDep
 from imagesmith.api.waiting import stored_image_base64, submit_and_wait, succeeded_result
 from imagesmith.config import ModelPreset, Settings
@@ -85,13 +87,14 @@ async def txt2img(
     jobs: JobsDep,
 ) -> dict[str, Any]:
     try:
-        job = await submit_and_wait(
-            service,
-            to_image_request(body, settings),
-            settings.wait_timeout_s,
-            request.headers.get("idempotency-key"),
-            on_submitted=jobs.add,
-        )
+        with service_errors_in_client_terms(A1111_FIELDS):
+            job = await submit_and_wait(
+                service,
+                to_image_request(body, settings),
+                settings.wait_timeout_s,
+                request.headers.get("idempotency-key"),
+                on_submitted=jobs.add,
+            )
     finally:
         jobs.prune(service)
     parameters = body.model_dump()

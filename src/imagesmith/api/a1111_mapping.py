@@ -62,7 +62,7 @@ _SAMPLER_LOOKUP: dict[str, SchedulerName] = {
     **{ours.value: ours for ours in SchedulerName},
 }
 # GenerationRequest's field names, as A1111 calls them (so an error names the field the client sent).
-_FIELDS = {
+A1111_FIELDS = {
     "num_inference_steps": "steps",
     "guidance_scale": "cfg_scale",
     "high_noise_frac": "refiner_switch_at",
@@ -187,7 +187,7 @@ def to_image_request(body: Txt2ImgRequest, settings: Settings) -> ImageRequest:
         **_refinement(body),
     }
     given = {name: value for name, value in fields.items() if value is not None}
-    return generation_from(given, _FIELDS, 422, "invalid_request")
+    return generation_from(given, A1111_FIELDS, 422, "invalid_request")
 
 
 def info(body: Txt2ImgRequest, meta: GenerationMetadata, started_at: float | None) -> str:

@@ -11,9 +11,15 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
+from imagesmith.api.compat_request import service_errors_in_client_terms
 from imagesmith.api.deps import Authorized, FilesDep, ServiceDep, SettingsDep
 from imagesmith.api.media import absolute
-from imagesmith.api.openai_mapping import OpenAIImageRequest, OpenAIImagesResponse, to_image_request
+from imagesmith.api.openai_mapping import (
+    OPENAI_PARAMS,
+    OpenAIImageRequest,
+    OpenAIImagesResponse,
+    to_image_request,
+)
 from imagesmith.api.waiting import stored_image_base64, submit_and_wait, succeeded_result
 
 router = APIRouter(prefix="/v1/images", tags=["OpenAI Images API"], dependencies=[Authorized])
@@ -27,12 +33,13 @@ NO_RETRY = {"x-should-retry": "false"}
 async def create_image(
     body: OpenAIImageRequest, request: Request, service: ServiceDep, settings: SettingsDep, files: FilesDep
 ) -> dict[str, Any]:
-    job = await submit_and_wait(
-        service,
-        to_image_request(body, settings),
-        settings.wait_timeout_s,
-        request.headers.get("idempotency-key"),
-    )
+    with service_errors_in_client_terms(OPENAI_PARAMS):
+        job = await submit_and_wait(
+            service,
+            to_image_request(body, settings),
+            settings.wait_timeout_s,
+            request.headers.get("idempotency-key"),
+        )
     result = succeeded_result(job, settings.wait_timeout_s, NO_RETRY)
     data = []
     for image in result["images"]:

@@ -31,7 +31,7 @@ HIGH_QUALITY = ("hd", "high", "xhigh", "max")
 DRAFT_QUALITY = ("standard", "low", "medium")
 OUTPUT_FORMATS = {"png": OutputFormat.PNG, "jpeg": OutputFormat.JPEG, "webp": OutputFormat.WEBP}
 # GenerationRequest's field names, as the OpenAI request calls them (for the `param` of an error).
-_PARAMS = {"num_images": "n", "width": "size", "height": "size", "aspect": "size"}
+OPENAI_PARAMS = {"num_images": "n", "width": "size", "height": "size", "aspect": "size"}
 
 
 class OpenAIImageRequest(BaseModel):
@@ -108,7 +108,7 @@ def to_image_request(body: OpenAIImageRequest, settings: Settings) -> ImageReque
         "output_format": output_format,
         **_size(body.size),
     }
-    return generation_from(fields, _PARAMS, INVALID_STATUS, INVALID_CODE)
+    return generation_from(fields, OPENAI_PARAMS, INVALID_STATUS, INVALID_CODE)
 
 
 class OpenAIImage(BaseModel):
