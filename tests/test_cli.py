@@ -89,14 +89,19 @@ def test_doctor_tells_whether_real_models_resolve(tiny_model_home: Path, tmp_pat
         text=True,
         timeout=120,
     )
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 1, done.stderr  # a script or a container's check can act on it
     assert (
-        "stabilityai/stable-diffusion-xl-base-1.0: hub id, not cached: offline mode, will fail" in done.stdout
+        "stabilityai/stable-diffusion-xl-base-1.0: hub id, not cached: offline mode, will fail. Fix: unset "
+        "HF_HUB_OFFLINE for the first load, or `hf download stabilityai/stable-diffusion-xl-base-1.0"
+        in done.stdout
     )
-    assert "local path that does not exist" in done.stdout
+    assert "local path that does not exist; set IMAGESMITH_REFINER_MODEL to an existing folder" in done.stdout
+    assert done.stdout.rstrip().endswith(
+        "doctor: 2 problem(s) above will stop imagesmith working as configured"
+    )
 
 
-def doctor_with_hub_at(endpoint: str, home: Path, hf_home: Path) -> str:
+def doctor_with_hub_at(endpoint: str, home: Path, hf_home: Path) -> tuple[int, str]:
     """doctor's output with the real (uncached) hub ids and the hub at `endpoint` (HF_ENDPOINT, a local
     address: conftest's HF_HUB_OFFLINE is lifted for it, and the real hub is still never reached)."""
     done = subprocess.run(
@@ -112,8 +117,8 @@ def doctor_with_hub_at(endpoint: str, home: Path, hf_home: Path) -> str:
         text=True,
         timeout=120,
     )
-    assert done.returncode == 0, done.stderr
-    return done.stdout
+    assert "Traceback" not in done.stderr, done.stderr
+    return done.returncode, done.stdout
 
 
 def test_doctor_says_when_the_hub_cannot_be_reached_and_how_to_load_models_anyway(
@@ -128,8 +133,8 @@ def test_doctor_says_when_the_hub_cannot_be_reached_and_how_to_load_models_anywa
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         closed_port = probe.getsockname()[1]
-    out = doctor_with_hub_at(f"http://127.0.0.1:{closed_port}", tiny_model_home, tmp_path / "hf")
-    assert "hub: downloads allowed" in out
+    code, out = doctor_with_hub_at(f"http://127.0.0.1:{closed_port}", tiny_model_home, tmp_path / "hf")
+    assert code == 1 and "hub: downloads allowed" in out
     base = next(line for line in out.splitlines() if line.startswith("base model:"))
     assert f"the hub is not reachable (http://127.0.0.1:{closed_port}: ConnectError)" in base
     assert "hf download stabilityai/stable-diffusion-xl-base-1.0 --local-dir DIR" in base
@@ -149,9 +154,12 @@ def test_doctor_says_when_the_hub_cannot_be_reached_and_how_to_load_models_anywa
     server = HTTPServer(("127.0.0.1", 0), AnyAnswer)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        out = doctor_with_hub_at(f"http://127.0.0.1:{server.server_port}", tiny_model_home, tmp_path / "hf")
+        code, out = doctor_with_hub_at(
+            f"http://127.0.0.1:{server.server_port}", tiny_model_home, tmp_path / "hf"
+        )
     finally:
         server.shutdown()
+    assert code == 0, out
     assert "stabilityai/stable-diffusion-xl-base-1.0: hub id, not cached: downloads on first load" in out
     assert "not reachable" not in out
 
@@ -176,6 +184,58 @@ def test_a_split_with_no_step_is_said_in_options_with_the_fewest_steps_that_work
     assert done.stderr.rstrip().endswith(
         "raise --steps to 10 or more, or move --high-noise-frac closer to 0.5"
     )
+
+
+def test_an_output_path_that_cannot_be_written_is_refused_before_the_models_load(
+    tiny_model_home: Path, tmp_path: Path
+) -> None:
+    """It was found after the generation (minutes with SDXL), as a traceback. A name whose suffix disagrees
+    with --format is refused like a suffix of no format; a name with no suffix gets the format's."""
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    refused = {
+        str(folder): f"{folder} is a folder; give a file name, e.g. {folder / 'image.png'}",
+        str(a_file / "hero.png"): f"{a_file} is a file, so {a_file / 'hero.png'} cannot be made",
+    }
+    for output, message in refused.items():
+        done = run_cli("generate", "x", "-o", output, home=tiny_model_home)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.startswith(f"imagesmith generate: error: --output: {message}"), done.stderr
+        assert "loading base model" not in done.stderr  # refused before any work
+    done = run_cli(
+        "generate", "x", "-o", str(tmp_path / "hero.png"), "--format", "jpeg", home=tiny_model_home
+    )
+    assert done.returncode == 2
+    assert "hero.png is named as png but --format is jpeg; name the file hero.jpg" in done.stderr
+    assert not (tmp_path / "hero.png").exists()
+    small = ("--width", "64", "--height", "64", "--steps", "2")
+    done = run_cli(
+        "generate", "x", *small, "-o", str(tmp_path / "hero"), "--format", "webp", home=tiny_model_home
+    )
+    assert done.returncode == 0, done.stderr
+    assert Image.open(tmp_path / "hero.webp").format == "WEBP"
+    assert not (tmp_path / "hero").exists()
+    assert not list(tmp_path.glob(".*.part"))  # the temporary file was renamed, not left
+
+
+def test_a_data_dir_that_cannot_be_made_is_named_as_a_setting(tmp_path: Path) -> None:
+    """It was a FileNotFoundError traceback from deep in the tiny model's build (generate, bench, serve)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    env = {**os.environ, "IMAGESMITH_DATA_DIR": str(blocker / "data"), "IMAGESMITH_MODEL": "tiny"}
+    for command in (["generate", "x", "-o", str(tmp_path / "x.png")], ["serve", "--port", "1"], ["doctor"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "imagesmith.cli", *command],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == (1 if command == ["doctor"] else 2), (command, done.stderr)
+        assert "Traceback" not in done.stderr
+        assert f"IMAGESMITH_DATA_DIR: cannot create {blocker / 'data'}" in done.stderr + done.stdout, command
 
 
 def test_a_bad_environment_setting_is_named_as_set_and_exits_2(tiny_model_home: Path) -> None:

@@ -20,8 +20,17 @@ from pydantic import ValidationError
 
 from imagesmith import __version__, exit_guard
 from imagesmith.bench import add_bench_parser
-from imagesmith.config import ENV_PREFIX, ModelPreset, Settings, get_settings, settings_error_lines
-from imagesmith.option_errors import report_option_errors
+from imagesmith.config import (
+    ENV_PREFIX,
+    ModelPreset,
+    Settings,
+    UnusableSetting,
+    get_settings,
+    prepared_data_dir,
+    settings_error_lines,
+)
+from imagesmith.option_errors import USAGE_ERROR, report_option_errors
+from imagesmith.output_file import OutputPathError, planned_output, write_whole
 from imagesmith.schemas import (
     AspectPreset,
     GenerationRequest,
@@ -126,8 +135,7 @@ def _settings_for(args: argparse.Namespace) -> Settings:
     return settings
 
 
-def _request_from(args: argparse.Namespace) -> GenerationRequest:
-    output_format = args.format or OutputFormat.for_suffix(args.output.suffix, OutputFormat.PNG)
+def _request_from(args: argparse.Namespace, output_format: OutputFormat) -> GenerationRequest:
     fields: dict[str, Any] = {
         "prompt": args.prompt,
         "negative_prompt": args.negative,
@@ -186,19 +194,23 @@ class _StageBars:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    try:  # before the models load: a path that cannot be written costs no generation
+        output, output_format = planned_output(args.output, args.format, OutputFormat.PNG)
+    except OutputPathError as error:
+        print(f"imagesmith generate: error: --output: {error}", file=sys.stderr)
+        return USAGE_ERROR
     try:
-        request = _request_from(args)
+        request = _request_from(args, output_format)
     except ValidationError as error:
         return report_option_errors("generate", error, _OPTION_FOR_FIELD)
-    except ValueError as error:  # the output name's suffix is no format we write (OutputFormat.for_suffix)
-        print(f"imagesmith generate: error: --output: {error} (or give --format)", file=sys.stderr)
-        return 2
     from imagesmith.engine import Engine, GenerationError, ModelLoadError
     from imagesmith.engine.output import encode_in_parallel
 
     settings = _settings_for(args)
     try:
         engine = Engine.start(settings)
+    except UnusableSetting:
+        raise  # said by _run, as a setting
     except (ModelLoadError, RuntimeError, ValueError) as error:
         print(f"imagesmith generate: cannot start the engine: {error}", file=sys.stderr)
         return 1
@@ -210,11 +222,14 @@ def run_generate(args: argparse.Namespace) -> int:
         return 1
     finally:
         bars.close()
-    paths = output_paths(args.output, len(result.images))
+    paths = output_paths(output, len(result.images))
     encoded = encode_in_parallel([functools.partial(result.encoded, index) for index in range(len(paths))])
     for path, data in zip(paths, encoded, strict=True):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
+        try:
+            write_whole(path, data)
+        except OSError as error:  # checked writable before; since then the disk filled or the folder went
+            print(f"imagesmith generate: cannot write {path}: {error.strerror or error}", file=sys.stderr)
+            return 1
     meta = result.metadata
     if args.json:
         print(meta.model_dump_json(indent=2))
@@ -263,24 +278,37 @@ def run_doctor(args: argparse.Namespace) -> int:
     for line in speed_lines(settings, device, plan):
         print(line)
     hub_mode = "offline (local files only)" if offline(settings) else "downloads allowed"
+    problems = 0
     print(f"hub: {hub_mode}; data dir {settings.data_dir}")
+    try:
+        prepared_data_dir(settings.data_dir)  # made as every other command would make it
+    except UnusableSetting as error:
+        print(f"data dir: {error}")
+        problems += 1
     if settings.model is ModelPreset.TINY:
         print(f"models: tiny (built-in, random weights) at {settings.tiny_model_dir()}")
     else:
-
-        def source_line(label: str, field: str) -> str:
-            source = getattr(settings, field)
-            return f"{label}: {source}: {describe_source(source, settings, ENV_PREFIX + field.upper())}"
-
-        print(source_line("base model", "base_model"))
-        no_refiner = "refiner: none configured (base-only generation)"
-        print(source_line("refiner", "refiner_model") if settings.refiner_model else no_refiner)
+        checks = [("base model", "base_model", "model_index.json")]
+        if settings.refiner_model:
+            checks.append(("refiner", "refiner_model", "model_index.json"))
+        else:
+            print("refiner: none configured (base-only generation)")
         if settings.vae_model:
-            print(source_line("vae", "vae_model"))
-    from imagesmith.sources.cli_search import doctor_lines
+            checks.append(("vae", "vae_model", "config.json"))  # a lone AutoencoderKL folder
+        for label, field, index_file in checks:
+            source = getattr(settings, field)
+            check = describe_source(source, settings, ENV_PREFIX + field.upper(), index_file)
+            print(f"{label}: {source}: {check.text}")
+            problems += check.will_fail
+    from imagesmith.sources.cli_search import pexels_doctor
 
-    for line in doctor_lines(settings):  # the same settings as the lines above
+    pexels = pexels_doctor(settings, online=True)  # the same settings as the lines above
+    for line in pexels.lines:
         print(line)
+    problems += settings.pexels_api_key is not None and not pexels.ok  # not configured: optional, not a fault
+    if problems:
+        print(f"doctor: {problems} problem(s) above will stop imagesmith working as configured")
+        return 1
     return 0
 
 
@@ -329,6 +357,9 @@ def _run(argv: list[str] | None) -> int:
             raise
         for line in settings_error_lines(error):
             print(f"imagesmith: error: {line}", file=sys.stderr)
+        return 2
+    except UnusableSetting as error:
+        print(f"imagesmith: error: {error}", file=sys.stderr)
         return 2
 
 

@@ -5,6 +5,7 @@ Read them through get_settings(), never at import time, so tests and the CLI can
 
 from __future__ import annotations
 
+import os
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
@@ -107,6 +108,27 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def default_data_dir() -> Path:
     return Path.home() / ".local" / "share" / "imagesmith"
+
+
+class UnusableSetting(ValueError):
+    """A setting that is valid as written but cannot be used on this machine; the message names it and the fix."""
+
+
+def prepared_data_dir(data_dir: Path) -> Path:
+    """IMAGESMITH_DATA_DIR, made if missing; a folder that cannot be made or written is said as a setting to
+    change rather than a FileNotFoundError from deep in a start."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UnusableSetting(
+            f"{ENV_PREFIX}DATA_DIR: cannot create {data_dir} ({error.strerror or error}); set it to a folder "
+            "this user can write"
+        ) from error
+    if not os.access(data_dir, os.W_OK | os.X_OK):
+        raise UnusableSetting(
+            f"{ENV_PREFIX}DATA_DIR: {data_dir} is not writable by this user; set it to a folder this user can write"
+        )
+    return data_dir
 
 
 class Settings(BaseSettings):

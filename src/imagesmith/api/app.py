@@ -13,7 +13,7 @@ from imagesmith import __version__
 from imagesmith.api import a1111, health, images, jobs, media, metrics, openai_images
 from imagesmith.api.errors import install_error_handlers
 from imagesmith.api.limits import BodySizeLimit
-from imagesmith.config import Settings, get_settings
+from imagesmith.config import Settings, get_settings, prepared_data_dir
 from imagesmith.jobs.events import EventHub
 from imagesmith.jobs.metrics import Metrics
 from imagesmith.jobs.service import JobService
@@ -42,8 +42,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        data_dir = settings.data_dir
-        data_dir.mkdir(parents=True, exist_ok=True)
+        data_dir = prepared_data_dir(settings.data_dir)
         store = JobStore(data_dir / "jobs.sqlite3")
         requeued, given_up = store.recover(settings.max_attempts)
         if requeued or given_up:

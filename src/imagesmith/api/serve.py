@@ -13,7 +13,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from imagesmith.config import Settings
+from imagesmith.config import Settings, prepared_data_dir
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,7 @@ def run_serve(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     setup_logging(settings.log_format)
     host = bind_host(settings)
+    prepared_data_dir(settings.data_dir)  # before the tiny model, the job store and the port are taken
     if settings.model.value == "tiny":
         ensure_tiny_sdxl(settings.tiny_model_dir())
     app = create_app(settings)

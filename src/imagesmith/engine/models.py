@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imagesmith.config import ModelPreset, Settings
+from imagesmith.config import ModelPreset, Settings, prepared_data_dir
 from imagesmith.engine.hardware import HardwarePlan
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ def resolve_sources(settings: Settings) -> ModelSources:
     if settings.model is ModelPreset.TINY:
         from imagesmith.engine.tiny import ensure_tiny_sdxl
 
+        prepared_data_dir(settings.data_dir)
         base, refiner = ensure_tiny_sdxl(settings.tiny_model_dir())
         return ModelSources(base=str(base), refiner=str(refiner), vae=None)
     return ModelSources(
@@ -66,34 +67,54 @@ def offline(settings: Settings) -> bool:
     return settings.hf_offline or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
-def describe_source(source: str, settings: Settings, setting: str) -> str:
-    """One line for `doctor`: does this source resolve without loading it? `setting`: the environment name of
-    the setting that chose it, for the fix."""
+@dataclass(frozen=True)
+class SourceCheck:
+    """What `doctor` says about one model source, and whether loading it is sure to fail."""
+
+    text: str
+    will_fail: bool = False
+
+
+def describe_source(
+    source: str, settings: Settings, setting: str, index_file: str = "model_index.json"
+) -> SourceCheck:
+    """Does this source resolve, without loading it? `setting`: the environment name of the setting that
+    chose it, for the fix. `index_file`: the file that makes a folder loadable (a pipeline's
+    model_index.json; a lone VAE's config.json)."""
     path = Path(source).expanduser()
     if path.exists():
-        return (
-            "local folder, model_index.json present"
-            if (path / "model_index.json").exists()
-            else ("local folder WITHOUT model_index.json (not a diffusers pipeline folder)")
+        if (path / index_file).exists():
+            return SourceCheck(f"local folder, {index_file} present")
+        kind = (
+            "a diffusers pipeline folder" if index_file == "model_index.json" else "a diffusers model folder"
         )
+        return SourceCheck(f"local folder WITHOUT {index_file} (not {kind}); set {setting} to one", True)
     if source.startswith((".", "/", "~")):
-        return "local path that does not exist"
+        return SourceCheck(f"local path that does not exist; set {setting} to an existing folder", True)
     from huggingface_hub import try_to_load_from_cache
 
-    cached = try_to_load_from_cache(source, "model_index.json")
+    cached = try_to_load_from_cache(source, index_file)
     if isinstance(cached, str):
-        return "hub id, in the local cache"
+        return SourceCheck("hub id, in the local cache")
+    fetch_elsewhere = (
+        f"`hf download {source} --local-dir DIR` on a machine that reaches the hub, copy DIR here and set "
+        f"{setting} to it"
+    )
     if offline(settings):
-        return "hub id, not cached: offline mode, will fail"
+        return SourceCheck(
+            f"hub id, not cached: offline mode, will fail. Fix: unset HF_HUB_OFFLINE for the first load, or "
+            f"{fetch_elsewhere}",
+            True,
+        )
     unreachable = hub_unreachable()
     if unreachable:
         # "downloads on first load" would be a promise the first request breaks, minutes into a start.
-        return (
+        return SourceCheck(
             f"hub id, not cached, and the hub is not reachable ({unreachable}): the first load will fail. "
-            f"Fix: `hf download {source} --local-dir DIR` on a machine that reaches it, copy DIR here and set "
-            f"{setting} to it"
+            f"Fix: {fetch_elsewhere}",
+            True,
         )
-    return "hub id, not cached: downloads on first load"
+    return SourceCheck("hub id, not cached: downloads on first load")
 
 
 @functools.cache
@@ -199,7 +220,14 @@ def _freeze_for_inference(pipe: Any) -> None:
 
 def load_models(settings: Settings, plan: HardwarePlan) -> LoadedModels:
     from diffusers import AutoencoderKL, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
+    # Their "Loading pipeline components" and "Loading weights" bars broke into the CLI's stage bars and into
+    # the server's log lines; the line per model below says the same. The hub's download bars (a first
+    # start's 13 GB) are huggingface_hub's and stay.
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     sources = resolve_sources(settings)
     extra: dict[str, Any] = {}
     if sources.vae:

@@ -1,0 +1,68 @@
+"""Where the CLI writes an image (`generate -o`, `search -o`): checked before any work, written whole.
+
+A path that cannot be written is found before the models load or the Pexels search runs, not after minutes of
+work; the bytes go to a temporary file beside the target and are renamed over it, so a full disk or a Ctrl-C
+mid-write never leaves half an image under the name asked for.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from imagesmith.schemas import OutputFormat
+
+SUFFIXES = {OutputFormat.PNG: ".png", OutputFormat.JPEG: ".jpg", OutputFormat.WEBP: ".webp"}
+
+
+class OutputPathError(ValueError):
+    """An output path that cannot be used, with the fix."""
+
+
+def planned_output(
+    output: Path, format_option: str | None, default: OutputFormat
+) -> tuple[Path, OutputFormat]:
+    """The file to write and its format, from `-o` and `--format`. A name without a suffix gets the format's
+    (a PNG named 'hero' opens in nothing); a suffix that disagrees with --format is refused, as a suffix of
+    no format is, since the file's name would lie about its bytes."""
+    if output.is_dir():  # before a suffix is added: 'adir' must not become 'adir.png' beside it
+        check_writable(output)
+    chosen = OutputFormat(format_option) if format_option else None
+    try:
+        named = OutputFormat.for_suffix(output.suffix, chosen or default) if output.suffix else None
+    except ValueError as error:
+        raise OutputPathError(f"{error} (or give --format)") from error
+    if chosen is not None and named is not None and named is not chosen:
+        raise OutputPathError(
+            f"{output.name} is named as {named.value} but --format is {chosen.value}; name the file "
+            f"{output.stem}{SUFFIXES[chosen]}, or leave --format out"
+        )
+    output_format = chosen or named or default
+    path = output if output.suffix else output.with_name(output.name + SUFFIXES[output_format])
+    check_writable(path)
+    return path, output_format
+
+
+def check_writable(path: Path) -> None:
+    """Refuse, with the fix, a path that is a folder or whose nearest existing folder cannot be written in
+    (the folders below it are made when the file is written)."""
+    if path.is_dir():
+        raise OutputPathError(f"{path} is a folder; give a file name, e.g. {path / 'image.png'}")
+    existing = next((folder for folder in path.parents if folder.exists()), Path("."))
+    if not existing.is_dir():
+        raise OutputPathError(f"{existing} is a file, so {path} cannot be made; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputPathError(f"cannot write in {existing} (permission denied); choose another folder")
+
+
+def write_whole(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file renamed over it; raises OSError (the temporary file is
+    removed) when the disk is full or the folder went away."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.part")
+    try:
+        partial.write_bytes(data)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
