@@ -161,3 +161,21 @@ def test_a_server_stopped_during_warm_up_exits_at_once_and_cleanly(
     # Stopped within the pass it was in, not after the rest of the warm-up.
     assert len(re.findall(r"warm-up \d+x\d+ batch \d+ done at", log)) <= 2, log[-3000:]
     assert "warm-up done" not in log
+
+
+def test_a_second_server_on_the_data_dir_is_refused_and_leaves_the_running_job_alone(
+    server_factory: Any, tmp_path: Path
+) -> None:
+    """It used to start, requeue the job the first server was running (recover() took it for a crash's
+    leftover) and run it too: twice the work, and the first run's end written over the second's row."""
+    data_dir = tmp_path / "data"
+    first: ServerProcess = server_factory(data_dir).start()
+    with first.client() as client:
+        job_id = client.post("/v1/jobs", json=SLOW).json()["id"]
+        wait_for(lambda: (client.get(f"/v1/jobs/{job_id}").json().get("step") or 0) >= 2)
+        second: ServerProcess = server_factory(data_dir).start(wait_ready=False)
+        assert second.process is not None
+        assert second.process.wait(60) == 1
+        assert f"in use by another imagesmith process (pid {first.process.pid})" in second.log.read_text()
+        job = wait_for(lambda: _done(client, job_id), timeout=90)
+    assert job["status"] == "succeeded" and job["attempts"] == 1, job  # run once, by the first server

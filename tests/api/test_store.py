@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-from imagesmith.jobs.store import IdempotencyConflict, JobStatus, JobStore, QueueFull
+from imagesmith.jobs.store import IdempotencyConflict, JobStatus, JobStore, QueueFull, StoreDamaged
+from imagesmith.jobs.store_lock import StoreInUse
 
 
 def test_fifo_bound_and_idempotency(tmp_path: Path) -> None:
@@ -59,3 +61,35 @@ def test_finish_is_once(tmp_path: Path) -> None:
     assert store.finish(job.id, JobStatus.SUCCEEDED, result={"images": []})
     assert not store.finish(job.id, JobStatus.FAILED, error={"code": "x"})
     assert store.counts()[JobStatus.SUCCEEDED] == 1
+
+
+def test_one_process_at_a_time_opens_a_store(tmp_path: Path) -> None:
+    """A second server on the data dir (even one that then failed to bind its port) ran recover() and
+    requeued the jobs the first was running, and both ran them. The lock is the kernel's: closing the store
+    or the process dying (kill -9) releases it."""
+    path = tmp_path / "jobs.sqlite3"
+    store = JobStore(path)
+    with pytest.raises(StoreInUse, match=rf"in use by another imagesmith process \(pid {os.getpid()}\)"):
+        JobStore(path)
+    store.close()
+    JobStore(path).close()
+
+
+def test_a_damaged_store_is_refused_with_the_fix(tmp_path: Path) -> None:
+    """One bad page started "ready", and listing jobs then failed with 500s."""
+    path = tmp_path / "jobs.sqlite3"
+    store = JobStore(path)
+    for n in range(300):
+        store.submit({"pad": "x" * 2000, "n": n}, f"h{n}", None, queue_max=1000)
+    store.close()
+    data = bytearray(path.read_bytes())
+    page = 4096 * 40  # a leaf page of the jobs table, well past the schema on page 1
+    data[page + 100 : page + 2100] = b"\x5a" * 2000
+    path.write_bytes(bytes(data))
+    with pytest.raises(
+        StoreDamaged, match=r"is damaged \(\*\*\* in database main \*\*\* On tree page 41"
+    ) as caught:
+        JobStore(path)
+    assert "move the file aside (or restore a backup)" in str(caught.value) and "\n" not in str(caught.value)
+    (tmp_path / "jobs.sqlite3").unlink()
+    JobStore(path).close()  # the lock was let go when the check failed: a fresh store opens

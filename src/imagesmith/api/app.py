@@ -17,7 +17,7 @@ from imagesmith.config import Settings, get_settings, prepared_data_dir
 from imagesmith.jobs.events import EventHub
 from imagesmith.jobs.metrics import Metrics
 from imagesmith.jobs.service import JobService
-from imagesmith.jobs.store import JobStore
+from imagesmith.jobs.store import DATABASE_NAME, JobStore
 from imagesmith.jobs.worker import Worker
 from imagesmith.sources.base import SourceName
 from imagesmith.sources.generate import EngineFactory
@@ -43,7 +43,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         data_dir = prepared_data_dir(settings.data_dir)
-        store = JobStore(data_dir / "jobs.sqlite3")
+        store = JobStore(data_dir / DATABASE_NAME)
         requeued, given_up = store.recover(settings.max_attempts)
         if requeued or given_up:
             log.warning(

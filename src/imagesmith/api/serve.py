@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sqlite3
 import sys
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from imagesmith.config import Settings, prepared_data_dir
+from imagesmith.jobs.store import DATABASE_NAME, JobStore, StoreDamaged
+from imagesmith.jobs.store_lock import StoreInUse
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +79,11 @@ def run_serve(args: argparse.Namespace) -> int:
     setup_logging(settings.log_format)
     host = bind_host(settings)
     prepared_data_dir(settings.data_dir)  # before the tiny model, the job store and the port are taken
+    try:  # its lock and integrity check, said in one line now rather than as a failed startup's traceback
+        JobStore(settings.data_dir / DATABASE_NAME).close()
+    except (StoreInUse, StoreDamaged, sqlite3.DatabaseError) as error:
+        print(f"imagesmith serve: cannot open the job store: {error}", file=sys.stderr)
+        return 1
     if settings.model.value == "tiny":
         ensure_tiny_sdxl(settings.tiny_model_dir())
     app = create_app(settings)

@@ -19,6 +19,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from imagesmith.jobs.store_lock import lock_store, unlock_store
+
 # The error of a canceled job, by where the cancel found it.
 CANCELED_WHILE_QUEUED: dict[str, str] = {"code": "canceled", "message": "canceled while queued"}
 CANCELED_WHILE_RUNNING: dict[str, str] = {"code": "canceled", "message": "canceled while running"}
@@ -40,6 +42,10 @@ class QueueFull(Exception):
     def __init__(self, depth: int) -> None:
         super().__init__(f"the queue is full ({depth} jobs queued or running)")
         self.depth = depth
+
+
+class StoreDamaged(RuntimeError):
+    """The database file fails SQLite's integrity check."""
 
 
 class IdempotencyConflict(Exception):
@@ -101,24 +107,43 @@ CREATE INDEX IF NOT EXISTS jobs_status_seq ON jobs (status, seq);
 """
 
 ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
+DATABASE_NAME = "jobs.sqlite3"  # in IMAGESMITH_DATA_DIR
 
 
 class JobStore:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        # One connection shared by the event loop and the worker thread, serialized by a lock: every statement
-        # is short, and SQLite serializes writers anyway.
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.row_factory = sqlite3.Row
-        self._lock = threading.Lock()
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
+        self._store_lock = lock_store(path)  # StoreInUse when another process has it (store_lock.py)
+        try:
+            # One connection shared by the event loop and the worker thread, serialized by a lock: every
+            # statement is short, and SQLite serializes writers anyway.
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+            self._db.row_factory = sqlite3.Row
+            self._lock = threading.Lock()
+            with self._lock:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=FULL")
+                self._db.executescript(_SCHEMA)
+                self._check_intact(path)
+        except BaseException:
+            unlock_store(self._store_lock)
+            raise
+
+    def _check_intact(self, path: Path) -> None:
+        """A damaged page started "ready", then failed listings with 500s: refuse to start instead, with the
+        fix. quick_check reads every page once (well under a second for a job store)."""
+        problems = [row[0] for row in self._db.execute("PRAGMA quick_check").fetchall()]
+        if problems != ["ok"]:
+            first = " ".join(" ".join(problems).split())[:200]  # one line: quick_check's rows span several
+            raise StoreDamaged(
+                f"{path} is damaged ({first}); stop imagesmith, move the file aside (or restore a backup) "
+                "and start again: a new store is made, and the jobs in the damaged one are not run"
+            )
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+        unlock_store(self._store_lock)
 
     def _one(self, sql: str, args: tuple[Any, ...] = ()) -> sqlite3.Row | None:
         row: sqlite3.Row | None = self._db.execute(sql, args).fetchone()
