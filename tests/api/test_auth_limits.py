@@ -6,6 +6,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 
 from imagesmith.config import Settings
@@ -172,3 +173,25 @@ def test_health_tells_a_caller_without_a_key_the_status_only(app_client: Callabl
             assert {"models", "plan", "reasons", "pexels"} <= full.keys()
     with app_client() as client:  # no keys: the service is open, and so is the full report
         assert "models" in client.get("/v1/health").json()
+
+
+def test_a_job_store_that_cannot_be_written_is_a_503_to_retry(
+    app_client: Callable[..., TestClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk failed the submit's transaction, and the client got a 500 "internal error", as for a bug.
+    Nothing was accepted; the client should retry later, and is told so."""
+    import sqlite3
+
+    with app_client() as client:
+        store = client.app.state.store  # type: ignore[attr-defined]
+
+        def disk_full(*args: Any, **kwargs: Any) -> Any:
+            raise sqlite3.OperationalError("database or disk is full")
+
+        monkeypatch.setattr(store, "submit", disk_full)
+        for path in ("/v1/jobs", "/api/media/generate-image"):
+            response = client.post(path, json={**BODY, "use_generation": True} if "media" in path else BODY)
+            assert response.status_code == 503, response.text
+            assert response.json()["error"]["code"] == "storage_unavailable"
+            assert "database or disk is full" in response.json()["error"]["message"]
+            assert int(response.headers["Retry-After"]) > 0

@@ -53,6 +53,14 @@ def test_explicit_sizes_and_settings_win() -> None:
     assert prepared(Settings(stock_default_size=""), [SourceName.STOCK]) == (1024, 1024)
 
 
+def test_one_side_given_takes_the_servers_default_for_the_other() -> None:
+    """It took the schema's 1024: 64 wide on a server whose default is 64x64 made a 64x1024 image."""
+    small = Settings(default_width=64, default_height=96)
+    assert prepared(small, [SourceName.GENERATE], width=128) == (128, 96)
+    assert prepared(small, [SourceName.GENERATE], height=128) == (64, 128)
+    assert prepared(Settings(), [SourceName.STOCK], height=640) == (1216, 640)  # the stock default's width
+
+
 def test_without_a_pexels_key_the_seed_square_stays() -> None:
     """The seed's curl example (use_pexels defaults to true) on a server without a key is generated: square."""
     both = [SourceName.STOCK, SourceName.GENERATE]

@@ -5,6 +5,7 @@ real worker, tiny engine."""
 from __future__ import annotations
 
 import sqlite3
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -197,3 +198,95 @@ def test_a_pass_that_breaks_outside_the_jobs_handling_ends_them_failed(
     after = parts.submit(prompt="next one", seed=2)
     parts.wait_terminal(after)
     assert parts.job(after).status is JobStatus.SUCCEEDED
+
+
+def test_a_job_that_was_running_at_a_crash_runs_alone(parts: Parts) -> None:
+    """It may be what killed the process: batched again with the jobs behind it, each crash used up their
+    attempts as well as its own (three restarts failed an innocent job sharing its pass)."""
+    crashed = parts.submit(prompt="a lighthouse", seed=1)
+    behind = [parts.submit(prompt=f"a lighthouse {n}", seed=10 + n) for n in range(2)]  # compatible company
+    parts.store.claim(1)  # it was running ...
+    assert parts.store.recover(max_attempts=3) == ([crashed], [])  # ... when the process died
+    parts.worker.start()
+    parts.wait_terminal(crashed, *behind)
+    assert parts.job(crashed).attempts == 2
+    assert parts.job(crashed).result["metadata"]["batch_size"] == 1  # type: ignore[index]
+    assert all(parts.job(job_id).result["metadata"]["batch_size"] == 2 for job_id in behind)  # type: ignore[index]
+
+
+def test_a_job_whose_end_could_not_be_written_is_retried_once_the_store_takes_writes(
+    parts: Parts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk: the pass failed, and so did writing that it failed. The job stayed "running", its waiters
+    waiting, until a restart; now the worker tries again each round and requeues it once the disk has room."""
+    job_id = parts.submit(prompt="a full disk", seed=7)
+    disk_full = True
+    run_batch, finish, release = parts.worker.run_batch, parts.store.finish, parts.store.release_stranded
+
+    def failing_pass(jobs: list[JobRecord]) -> None:
+        monkeypatch.setattr(parts.worker, "run_batch", run_batch)  # the next pass runs
+        raise OSError(28, "No space left on device")
+
+    def store_write(real: Any) -> Any:
+        def write(*args: Any, **kwargs: Any) -> Any:
+            if disk_full:
+                raise sqlite3.OperationalError("database or disk is full")
+            return real(*args, **kwargs)
+
+        return write
+
+    monkeypatch.setattr(parts.worker, "run_batch", failing_pass)
+    monkeypatch.setattr(parts.store, "finish", store_write(finish))
+    monkeypatch.setattr(parts.store, "release_stranded", store_write(release))
+    parts.worker.start()
+    wait_for(lambda: parts.worker.run_batch is run_batch)  # the failed pass is over
+    threading.Event().wait(1.2)  # two rounds of the loop, their releases refused by the full disk
+    assert parts.job(job_id).status is JobStatus.RUNNING
+    disk_full = False
+    parts.wait_terminal(job_id)
+    final = parts.job(job_id)
+    assert final.status is JobStatus.SUCCEEDED and final.attempts == 2, final
+    assert parts.hub.terminal[job_id] == "succeeded"
+
+
+def test_jobs_wait_in_the_queue_while_the_models_failed_to_load(
+    tiny_settings: Settings, tiny_engine: Engine, tmp_path: Path
+) -> None:
+    """A restart whose models did not load (a wrong path, a GPU gone) failed every job accepted before it, in
+    seconds. Health says "failed" and promises accepted jobs are kept: they wait for the restart that works."""
+    settings = tiny_settings.with_changes(data_dir=tmp_path, batch_window_ms=0)
+    path = tmp_path / "jobs.sqlite3"
+    store = JobStore(path)
+    waiting = [
+        submit_generation(store, prompt=f"kept {n}", width=64, height=64, num_inference_steps=6)
+        for n in range(2)
+    ]
+
+    def no_models(_: Settings) -> Engine:
+        raise RuntimeError("no such model folder")
+
+    broken = GenerateSource(settings, factory=no_models)
+    broken.start_loading().join()
+    worker = Worker(
+        settings,
+        store,
+        ImageFiles(tmp_path / "images"),
+        SourceRegistry([broken]),
+        EventHub(),
+        Metrics(store.counts),
+    )
+    worker.start()
+    threading.Event().wait(1.5)  # three rounds of the worker's loop
+    worker.stop()
+    assert [store.get(job_id).status for job_id in waiting] == [JobStatus.QUEUED] * 2  # type: ignore[union-attr]
+    assert all(store.get(job_id).attempts == 0 for job_id in waiting)  # type: ignore[union-attr]
+    store.close()
+
+    restarted = Parts(settings, tiny_engine, path)  # the restart with models that load
+    try:
+        restarted.worker.start()
+        restarted.wait_terminal(*waiting)
+        assert all(restarted.job(job_id).status is JobStatus.SUCCEEDED for job_id in waiting)
+    finally:
+        restarted.worker.stop()
+        restarted.store.close()

@@ -6,11 +6,13 @@ import json
 import re
 import signal
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 from polling import wait_for
 from service_helpers import ServerProcess
 
@@ -179,3 +181,18 @@ def test_a_second_server_on_the_data_dir_is_refused_and_leaves_the_running_job_a
         assert f"in use by another imagesmith process (pid {first.process.pid})" in second.log.read_text()
         job = wait_for(lambda: _done(client, job_id), timeout=90)
     assert job["status"] == "succeeded" and job["attempts"] == 1, job  # run once, by the first server
+
+
+def test_a_start_removes_image_files_a_crash_left_half_written(
+    app_client: Callable[..., TestClient], tmp_path: Path
+) -> None:
+    """A kill -9 between writing an image's temporary file and renaming it left the file for good."""
+    images = tmp_path / "data" / "images" / "ab"
+    images.mkdir(parents=True)
+    (images / ".tmp-k2j4h1").write_bytes(b"half a png")
+    whole = images / ("ab" + "0" * 62 + ".png")
+    whole.write_bytes(b"a stored image")
+    with app_client() as client:
+        assert client.get("/v1/health").status_code in (200, 503)
+        assert not (images / ".tmp-k2j4h1").exists()
+        assert whole.read_bytes() == b"a stored image"

@@ -11,6 +11,7 @@ Bad input is a 4xx with the field to blame; only a bug is a 500, and it says not
 from __future__ import annotations
 
 import logging
+import sqlite3
 from collections.abc import Sequence
 from enum import StrEnum
 from typing import Any
@@ -47,6 +48,7 @@ _STATUS_CODES = {
     415: "unsupported_media_type",
 }
 QUEUE_FULL_RETRY_AFTER_S = 5
+STORAGE_RETRY_AFTER_S = 10
 
 
 class ApiError(Exception):
@@ -240,6 +242,19 @@ def install_error_handlers(app: FastAPI) -> None:
         }.get(type(error), 400)
         headers = {"Retry-After": str(error.retry_after)} if error.retry_after else None
         return render_error(request, status, error.code, error.message, error.field, headers)
+
+    @app.exception_handler(sqlite3.OperationalError)
+    async def _store_unwritable(request: Request, error: sqlite3.OperationalError) -> JSONResponse:
+        # A full disk, or the database locked by another program past the busy timeout: the server is fine and
+        # the request was not taken (its transaction did not commit), so a retry later is the answer, not a 500.
+        log.error("the job store failed: %s", error)
+        return render_error(
+            request,
+            503,
+            "storage_unavailable",
+            f"the job store cannot be used right now ({error}); nothing was changed, retry later",
+            headers={"Retry-After": str(STORAGE_RETRY_AFTER_S)},
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:

@@ -108,11 +108,17 @@ class JobService:
     def prepare(self, request: ImageRequest) -> ImageRequest:
         """Apply the server's default size and its limits; raise with the field to blame."""
         generation = request.generation
-        if generation.width is None and generation.height is None and generation.aspect is None:
+        if generation.aspect is None and (generation.width is None or generation.height is None):
+            # The server's default for each side the request leaves out: one side alone took the schema's 1024
+            # for the other, whatever the server's default.
+            width, height = self._default_size(request)
             try:
-                width, height = self._default_size(request)
                 generation = GenerationRequest.model_validate(
-                    {**generation.model_dump(exclude_unset=True), "width": width, "height": height}
+                    {
+                        **generation.model_dump(exclude_unset=True),
+                        "width": generation.width or width,
+                        "height": generation.height or height,
+                    }
                 )
             except ValidationError as error:  # the server's defaults clash with the request (a config error)
                 raise LimitExceeded(

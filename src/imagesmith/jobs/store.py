@@ -338,41 +338,77 @@ class JobStore:
         """After a crash: jobs left running go back to the queue (keeping their place), unless they were
         canceled or have used their attempts; queued jobs flagged for cancel end canceled. Returns (requeued
         ids, given-up ids)."""
-        requeued: list[str] = []
-        given_up: list[str] = []
+
+        def interrupted(attempts: int) -> dict[str, str]:
+            return {
+                "code": "interrupted",
+                "message": f"the server stopped during each of {attempts} attempts; giving up",
+            }
+
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             rows = self._db.execute(
                 "SELECT id, attempts, cancel_requested FROM jobs WHERE status = ?", (JobStatus.RUNNING.value,)
             ).fetchall()
-            now = time.time()
-            for row in rows:
-                if row["cancel_requested"]:
-                    status, error = JobStatus.CANCELED, CANCELED_WHILE_RUNNING
-                elif row["attempts"] >= max_attempts:
-                    status, error = (
-                        JobStatus.FAILED,
-                        {
-                            "code": "interrupted",
-                            "message": f"the server stopped during each of {row['attempts']} attempts; giving up",
-                        },
-                    )
-                else:
-                    self._db.execute(
-                        "UPDATE jobs SET status = ?, started_at = NULL WHERE id = ?",
-                        (JobStatus.QUEUED.value, row["id"]),
-                    )
-                    requeued.append(row["id"])
-                    continue
-                self._db.execute(
-                    "UPDATE jobs SET status = ?, error = ?, finished_at = ? WHERE id = ?",
-                    (status.value, json.dumps(error), now, row["id"]),
-                )
-                given_up.append(row["id"])
+            requeued, given_up = self._release_running(rows, max_attempts, interrupted)
             self._db.execute("COMMIT")
         # A cancel that raced the last shutdown's requeue left its job queued; no one is listening yet.
         given_up += [job.id for job in self.cancel_flagged_queued()]
         return requeued, given_up
+
+    def release_stranded(self, job_id: str, max_attempts: int) -> JobRecord | None:
+        """A running job whose end could not be written (a full disk): what recover() would do with it at the
+        next start, done now, so it does not stay "running", its waiters waiting, until a restart. None when
+        it is not running."""
+
+        def unstorable(attempts: int) -> dict[str, str]:
+            return {
+                "code": "storage_error",
+                "message": f"its result could not be stored (the disk full or failing) in {attempts} attempt(s)",
+            }
+
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                rows = self._db.execute(
+                    "SELECT id, attempts, cancel_requested FROM jobs WHERE id = ? AND status = ?",
+                    (job_id, JobStatus.RUNNING.value),
+                ).fetchall()
+                self._release_running(rows, max_attempts, unstorable)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            row = self._one("SELECT * FROM jobs WHERE id = ?", (job_id,)) if rows else None
+        return JobRecord.from_row(row) if row else None
+
+    def _release_running(
+        self, rows: list[sqlite3.Row], max_attempts: int, gave_up: Callable[[int], dict[str, str]]
+    ) -> tuple[list[str], list[str]]:
+        """Running jobs no process is running any more: canceled if a cancel was asked, failed with
+        gave_up(attempts) once their attempts are used, else back in the queue at their place. The caller holds
+        the lock inside a transaction. Returns (requeued ids, ended ids)."""
+        requeued: list[str] = []
+        ended: list[str] = []
+        now = time.time()
+        for row in rows:
+            if row["cancel_requested"]:
+                status, error = JobStatus.CANCELED, CANCELED_WHILE_RUNNING
+            elif row["attempts"] >= max_attempts:
+                status, error = JobStatus.FAILED, gave_up(row["attempts"])
+            else:
+                self._db.execute(
+                    "UPDATE jobs SET status = ?, started_at = NULL WHERE id = ?",
+                    (JobStatus.QUEUED.value, row["id"]),
+                )
+                requeued.append(row["id"])
+                continue
+            self._db.execute(
+                "UPDATE jobs SET status = ?, error = ?, finished_at = ? WHERE id = ?",
+                (status.value, json.dumps(error), now, row["id"]),
+            )
+            ended.append(row["id"])
+        return requeued, ended
 
     def counts(self) -> dict[JobStatus, int]:
         with self._lock:

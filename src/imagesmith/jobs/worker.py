@@ -27,7 +27,14 @@ from imagesmith.jobs.metrics import Metrics
 from imagesmith.jobs.progress_tracker import LiveProgress, ProgressTracker
 from imagesmith.jobs.store import CANCELED_WHILE_RUNNING, JobRecord, JobStatus, JobStore
 from imagesmith.logs import current_job
-from imagesmith.sources.base import FallbackReason, ImageRequest, SourceName, SourceResult, SourceUnavailable
+from imagesmith.sources.base import (
+    FallbackReason,
+    ImageRequest,
+    SourceName,
+    SourceResult,
+    SourceState,
+    SourceUnavailable,
+)
 from imagesmith.sources.fallback import Served, SourceAttempt, SourcesExhausted, serve_first
 from imagesmith.sources.generate import GenerateSource
 from imagesmith.sources.registry import SourceRegistry
@@ -109,6 +116,7 @@ class Worker:
         self._claims_paused = False
         self._tokens_lock = threading.Lock()
         self._explicit_cancels: set[str] = set()  # asked by a client, unlike a shutdown's cancel
+        self._stranded: set[str] = set()  # running in the store, though their end could not be written
         self._thread: threading.Thread | None = None
         self.finisher = Finisher()  # inline until start(): a pass run by a direct run_batch call ends in it
 
@@ -192,6 +200,7 @@ class Worker:
         except Exception:
             log.exception("ending queued jobs flagged for cancel failed")
         while not self._stopping:
+            self._release_stranded()
             try:
                 jobs = [] if self._claims_paused or self.sources.settling() else self._claim()
             except Exception:  # a broken claim must not end the worker: jobs stay queued, try again
@@ -236,7 +245,24 @@ class Worker:
                     message = f"the worker failed: {type(error).__name__}: {error}"[:2000]
                     self._finish(job, JobStatus.FAILED, error={"code": "internal_error", "message": message})
             except Exception:
-                log.exception("could not end job %s after the worker failed", job.id)
+                log.exception("could not end job %s after the worker failed; trying again", job.id)
+                self._stranded.add(job.id)
+
+    def _release_stranded(self) -> None:
+        """Try again, each round until the store takes it, to end the jobs _end_unfinished could not (their
+        result and their failure both unwritable, on a full disk): requeued, or failed once their attempts
+        are used. They stayed "running", their waiters waiting, until the next restart."""
+        for job_id in list(self._stranded):
+            try:
+                job = self.store.release_stranded(job_id, self.settings.max_attempts)
+            except Exception:
+                return  # the store still fails: next round
+            self._stranded.discard(job_id)
+            if job is not None and job.status.terminal:
+                log.warning("job %s ended %s: its result could not be stored", job_id, job.status.value)
+                self.hub.publish(job.id, job.status.value, job.terminal_event_data(), terminal=True)
+            elif job is not None:
+                log.warning("job %s back in the queue: its result could not be stored", job_id)
 
     def _end_canceled_queued(self) -> None:
         """Queued jobs flagged for cancel are never claimed: end them, and tell their listeners."""
@@ -245,8 +271,9 @@ class Worker:
             self.hub.publish(job.id, job.status.value, job.terminal_event_data(), terminal=True)
 
     def _claim(self) -> list[JobRecord]:
-        """The oldest queued job, plus queued jobs that can share its pipeline pass (see the module doc)."""
-        jobs = self.store.claim(1)
+        """The oldest queued job it may run, plus queued jobs that can share its pipeline pass (see the
+        module doc)."""
+        jobs = self.store.claim_where(self._may_run, limit=1)
         if not jobs:
             return jobs
         # The first job is RUNNING in the store from here on: if gathering company fails (a locked database),
@@ -256,6 +283,21 @@ class Worker:
         except Exception:
             log.exception("claiming jobs to batch with %s failed; running it alone", jobs[0].id)
             return jobs
+
+    def _may_run(self, job: JobRecord) -> bool:
+        """Not a generation while the models failed to load and no other source it allows can serve: it stays
+        queued for the restart that fixes the models (health says "failed"; accepted jobs are kept), where
+        claiming it would fail it, and with it every job accepted before the failed start."""
+        if self.sources.status(SourceName.GENERATE).state is not SourceState.FAILED:
+            return True
+        try:
+            allowed = ImageRequest.model_validate(job.request).sources
+        except ValueError:
+            return True  # claimed, it fails with its own error
+        if SourceName.GENERATE not in allowed:
+            return True
+        others = (self.sources.status(name).state for name in allowed if name is not SourceName.GENERATE)
+        return any(state in (SourceState.READY, SourceState.BLOCKED) for state in others)
 
     def _claim_company(self, first: JobRecord) -> list[JobRecord]:
         """Queued jobs that can share `first`'s pipeline pass, claimed; none when it cannot share one.
@@ -270,13 +312,16 @@ class Worker:
             return []
         budget = generator.max_batch_images() - _images_of(first)
         key = generation_batch_key(first)
-        if key is None or budget <= 0:
+        # A job that was running when the process died (attempts above one at its claim; a clean shutdown's
+        # requeue gives its attempt back) may be what killed it: it runs alone, and is taken as no one's company,
+        # so it cannot use up the attempts of jobs that only shared its pass.
+        if key is None or budget <= 0 or first.attempts > 1:
             return []
 
         def fits(job: JobRecord) -> bool:
             nonlocal budget
             images = _images_of(job)
-            if images > budget or generation_batch_key(job) != key:
+            if job.attempts > 0 or images > budget or generation_batch_key(job) != key:
                 return False
             budget -= images
             return True

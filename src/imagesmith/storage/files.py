@@ -55,6 +55,15 @@ class ImageFiles:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
 
+    def remove_partial_writes(self) -> int:
+        """Delete the temporary files of writes a crash cut short (put() renames a whole file or removes its
+        temporary one; a kill -9 in between leaves it, and nothing else ever would). Only for the process that
+        holds the job store's lock, at start: another process's put() may be writing one. Returns how many."""
+        partial = list(self.root.glob("*/.tmp-*"))
+        for path in partial:
+            path.unlink(missing_ok=True)
+        return len(partial)
+
     def path_for(self, sha256: str, extension: str) -> Path:
         return self.root / sha256[:2] / f"{sha256}.{extension}"
 
