@@ -7,6 +7,7 @@ diffusers' own checks ("width must be a multiple of 8, got 1001; the nearest val
 from __future__ import annotations
 
 import re
+import secrets
 from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any
@@ -19,6 +20,11 @@ MAX_PROMPT_CHARS = 2000
 DEFAULT_STEPS_HIGH_QUALITY = 40
 DEFAULT_STEPS_DRAFT = 30
 MAX_STEPS = 150
+
+
+def draw_seed() -> int:
+    """A 63-bit seed: large enough that two requests practically never collide (cog draws 16 bits)."""
+    return secrets.randbits(63)
 
 
 def splits_into_two_stages(steps: int, high_noise_frac: float) -> bool:

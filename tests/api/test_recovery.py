@@ -24,6 +24,11 @@ def test_kill_9_with_jobs_queued_and_running(server_factory: Any, tmp_path: Path
     first: ServerProcess = server_factory(data_dir).start()
     with first.client() as client:
         running = client.post("/v1/jobs", json=SLOW).json()["id"]
+        # No seed sent: the one drawn for it is stored with the job at once, so its run after the restart makes
+        # the image the first run was making (drawn at run time, the rerun made another).
+        unseeded = client.post("/v1/jobs", json={"prompt": "no seed", "num_inference_steps": 20}).json()
+        drawn = unseeded["request"]["generation"]["seed"]
+        assert isinstance(drawn, int)
         queued = [
             client.post(
                 "/v1/jobs", json={"prompt": f"queued {i}", "num_inference_steps": 20, "seed": i}
@@ -41,6 +46,8 @@ def test_kill_9_with_jobs_queued_and_running(server_factory: Any, tmp_path: Path
             assert job["status"] == "succeeded", job
             image = httpx.get(second.url + job["result"]["images"][0]["url"])
             assert image.status_code == 200
+        unseeded_job = wait_for(lambda: _done(client, unseeded["id"]), timeout=90)
+        assert unseeded_job["result"]["metadata"]["seeds"] == [drawn]
     # The interrupted job ran twice (its first run never finished); every other job exactly once.
     assert jobs[running]["attempts"] == 2
     assert all(jobs[job]["attempts"] == 1 for job in queued)
@@ -52,7 +59,7 @@ def test_kill_9_with_jobs_queued_and_running(server_factory: Any, tmp_path: Path
     # One row per job, each with one result.
     with sqlite3.connect(data_dir / "jobs.sqlite3") as db:
         rows = db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
-    assert rows == [("succeeded", 4)]
+    assert rows == [("succeeded", 5)]
 
 
 def _done(client: httpx.Client, job_id: str) -> dict[str, Any] | None:

@@ -15,8 +15,7 @@ import torch
 
 from imagesmith.config import Settings
 from imagesmith.engine import CancelToken, Engine, GenerationCanceled, ProgressEvent
-from imagesmith.engine.engine import draw_seed
-from imagesmith.schemas import GenerationRequest, RefineMode
+from imagesmith.schemas import GenerationRequest, RefineMode, draw_seed
 
 SMALL = {"width": 96, "height": 64, "num_inference_steps": 10}
 

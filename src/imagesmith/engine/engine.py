@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
 import traceback
 import weakref
@@ -60,6 +59,7 @@ from imagesmith.schemas import (
     ImageReport,
     RefineMode,
     ResolvedRequest,
+    draw_seed,
 )
 
 log = logging.getLogger(__name__)
@@ -89,11 +89,6 @@ class GenerationResult:
     def encoded(self, index: int) -> bytes:
         """Image `index` as file bytes in the requested format, its parameters embedded."""
         return encode_image(self.images[index], self.metadata.request.output_format, self.parameters(index))
-
-
-def draw_seed() -> int:
-    """A 63-bit seed: large enough that two requests practically never collide (cog draws 16 bits)."""
-    return secrets.randbits(63)
 
 
 def seeds_for(request: ResolvedRequest) -> list[int]:

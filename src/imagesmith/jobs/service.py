@@ -20,7 +20,7 @@ from imagesmith.config import Settings
 from imagesmith.jobs.events import SHUTDOWN, Event, EventHub
 from imagesmith.jobs.store import JobRecord, JobStatus, JobStore
 from imagesmith.jobs.worker import Worker
-from imagesmith.schemas import GenerationRequest
+from imagesmith.schemas import GenerationRequest, draw_seed
 from imagesmith.sources.base import ImageRequest, SourceName, SourceState
 from imagesmith.sources.registry import SourceRegistry
 
@@ -108,6 +108,10 @@ class JobService:
     def prepare(self, request: ImageRequest) -> ImageRequest:
         """Apply the server's default size and its limits; raise with the field to blame."""
         generation = request.generation
+        if generation.seed is None:
+            # Drawn now and stored with the job, not when it runs: a run after a crash makes the image its
+            # first run was making (and its previews showed), and the client sees its seed from the start.
+            generation = generation.model_copy(update={"seed": draw_seed()})
         if generation.aspect is None and (generation.width is None or generation.height is None):
             # The server's default for each side the request leaves out: one side alone took the schema's 1024
             # for the other, whatever the server's default.
