@@ -129,6 +129,16 @@ def test_cancel_running_and_queued(server: ServerProcess) -> None:
         final = client.get(f"/v1/jobs/{running['id']}").json()
         assert final["status"] == "canceled" and final["result"] is None
         assert client.get(f"/v1/jobs/{queued['id']}").json()["status"] == "canceled"
+        # Again: already canceled, nothing more to do (200). A job that succeeded has nothing to cancel (409);
+        # a 202 said the cancel was taken when nothing happened.
+        again = client.post(f"/v1/jobs/{queued['id']}/cancel")
+        assert again.status_code == 200 and again.json()["status"] == "canceled"
+        done = submit(client, FAST)
+        wait_done(client, done["id"])
+        late = client.post(f"/v1/jobs/{done['id']}/cancel")
+        assert late.status_code == 409, late.text
+        assert late.json()["error"]["code"] == "already_finished" and "already succeeded" in late.text
+        assert client.get(f"/v1/jobs/{done['id']}").json()["status"] == "succeeded"
 
 
 def test_idempotency_key_makes_retries_safe(server: ServerProcess) -> None:

@@ -106,7 +106,12 @@ def test_stock_only_request_says_stock_is_not_configured(server: ServerProcess) 
     assert response.status_code == 422
     error = response.json()["error"]
     assert error["code"] == "stock_not_configured"
-    assert error["field"] == "use_generation"
+    assert error["field"] == "use_generation" and "set use_generation=true" in error["message"]
+    # The same refusal on /v1/jobs, which has no use_generation: said in its own field.
+    response = httpx.post(f"{server.url}/v1/jobs", json={"prompt": "a lighthouse", "sources": ["stock"]})
+    error = response.json()["error"]
+    assert (response.status_code, error["code"], error["field"]) == (422, "stock_not_configured", "sources")
+    assert 'add "generate" to sources' in error["message"]
 
 
 @pytest.mark.parametrize(

@@ -124,6 +124,9 @@ def test_a_request_waiting_for_its_image_is_answered_at_shutdown_and_its_job_kep
     assert response.status_code == 503, response.text
     error = response.json()["error"]
     assert error["code"] == "shutting_down" and error["job_id"] in error["message"]
+    # It sent no Idempotency-Key: resending would make a second job, and the message says so rather than
+    # suggest a key it never had.
+    assert "sending the request again would make a second job" in error["message"]
     assert int(response.headers["Retry-After"]) > 0
     assert time.monotonic() - stopped_at < 8  # answered, not cut off after the 10 s grace period
     first.process.wait(30)

@@ -11,6 +11,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from imagesmith.api.deps import Authorized, ServiceDep
+from imagesmith.api.errors import ApiError
 from imagesmith.jobs.store import JobStatus
 from imagesmith.schemas import GenerationRequest
 from imagesmith.sources.base import ImageRequest, SourceName
@@ -103,9 +104,22 @@ async def get_job(job_id: str, service: ServiceDep) -> dict[str, Any]:
 
 
 @router.post("/{job_id}/cancel", response_model=JobView, status_code=202)
-async def cancel_job(job_id: str, service: ServiceDep) -> dict[str, Any]:
-    """Queued: canceled at once. Running: stops within one step (cancel_requested until it does)."""
-    return service.view(service.cancel(job_id))
+async def cancel_job(job_id: str, service: ServiceDep, response: Response) -> dict[str, Any]:
+    """Queued: canceled at once. Running: stops within one step (cancel_requested until it does). Canceled
+    already: 200, nothing more to do. Succeeded or failed: 409, there is nothing to cancel (a 202 said the
+    cancel was taken when nothing happened)."""
+    if service.get(job_id).status is JobStatus.CANCELED:
+        response.status_code = 200
+    job = service.cancel(job_id)  # a no-op for a finished job
+    if job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
+        raise ApiError(
+            409,
+            "already_finished",
+            f"job {job_id} already {job.status.value}; there is nothing to cancel",
+            "job_id",
+            extra={"job_id": job_id, "status": job.status.value},
+        )
+    return service.view(job)
 
 
 END_EVENT_ID = "end"  # the id of a job's final event

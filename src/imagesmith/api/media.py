@@ -13,6 +13,7 @@ from imagesmith.api.deps import Authorized, ServiceDep, SettingsDep
 from imagesmith.api.errors import ApiError
 from imagesmith.api.health import report_for
 from imagesmith.api.waiting import submit_and_wait, succeeded_result
+from imagesmith.jobs.service import StockNotConfigured
 from imagesmith.jobs.store import JobStatus
 from imagesmith.schemas import (
     MAX_PROMPT_CHARS,
@@ -130,9 +131,13 @@ def absolute(request: Request, path: str) -> str:
 async def generate_image(
     body: ImageGenerationRequest, request: Request, service: ServiceDep, settings: SettingsDep
 ) -> ImageGenerationResponse:
-    job = await submit_and_wait(
-        service, body.to_image_request(), settings.wait_timeout_s, request.headers.get("idempotency-key")
-    )
+    try:
+        job = await submit_and_wait(
+            service, body.to_image_request(), settings.wait_timeout_s, request.headers.get("idempotency-key")
+        )
+    except StockNotConfigured as refused:  # said in this endpoint's flags, not /v1/jobs' sources
+        fix = "set use_generation=true to generate the image instead"
+        raise StockNotConfigured.with_fix(fix, "use_generation") from refused
     error = job.error or {}
     code = error.get("code")
     if job.status is JobStatus.FAILED and code in SOURCE_FAILURE_STATUS:

@@ -33,11 +33,16 @@ async def submit_and_wait(
     if service.shutting_down and not job.status.terminal:
         # An answer now, before the grace period ends and the connection is cut. The job is kept: a client
         # that retries (with its Idempotency-Key) or polls the job after the restart gets its image.
+        again = (
+            "or send the request again with the same Idempotency-Key"
+            if idempotency_key is not None
+            else "sending the request again would make a second job"
+        )
         raise ApiError(
             503,
             "shutting_down",
             f"the server is restarting; job {job.id} is kept and runs when it is back "
-            f"(GET /v1/jobs/{job.id}, or send the request again with the same Idempotency-Key)",
+            f"(GET /v1/jobs/{job.id} for its result; {again})",
             headers={"Retry-After": str(SHUTDOWN_RETRY_AFTER_S), "x-should-retry": "false"},
             extra={"job_id": job.id},
         )
@@ -66,6 +71,7 @@ def succeeded_result(
             f"the image is not ready after {timeout_s:.0f}s; it is still being made as job {job.id} "
             f"(GET /v1/jobs/{job.id})",
             headers=headers,
+            extra={"job_id": job.id},
         )
     error = job.error or {}
     status = 409 if job.status is JobStatus.CANCELED else 502

@@ -60,6 +60,15 @@ class InvalidGeneration(ServiceError):
 class StockNotConfigured(ServiceError):
     code = "stock_not_configured"
 
+    @classmethod
+    def with_fix(cls, fix: str, field: str) -> StockNotConfigured:
+        """The error with the fix in the route's terms: `sources` on /v1/jobs, `use_generation` on the seed's
+        endpoint."""
+        return cls(
+            f"stock photo search is not configured on this server, and this request allows no other source; {fix}",
+            field,
+        )
+
 
 SHUTDOWN_RETRY_AFTER_S = 30  # what a client is told to wait for the restart
 
@@ -176,10 +185,8 @@ class JobService:
         configured = {n: s for n, s in states.items() if s.state is not SourceState.NOT_CONFIGURED}
         if not configured:
             if SourceName.STOCK in states:
-                raise StockNotConfigured(
-                    "stock photo search is not configured on this server, and this request allows no other "
-                    "source; set use_generation=true to generate the image instead",
-                    "use_generation",
+                raise StockNotConfigured.with_fix(
+                    'add "generate" to sources to generate the image instead', "sources"
                 )
             raise SourcesUnavailable("none of the requested sources is configured on this server", "sources")
         if any(s.state is SourceState.STARTING for s in configured.values()):
