@@ -116,7 +116,7 @@ def check_side(name: str, value: int) -> int:
 class GenerationRequest(BaseModel):
     """One generation: what the user asked for. `resolve()` fills the defaults that depend on other fields."""
 
-    model_config = ConfigDict(extra="forbid", use_enum_values=False)
+    model_config = ConfigDict(extra="forbid", use_enum_values=False, allow_inf_nan=False)
 
     prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS)
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)

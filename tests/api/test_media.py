@@ -57,6 +57,20 @@ def test_seed_curl_example_end_to_end(server: ServerProcess) -> None:
     # The URL is stable and cache-friendly: a conditional GET is a 304.
     again = httpx.get(body["image_url"], headers={"If-None-Match": fetched.headers["etag"]})
     assert again.status_code == 304
+    # ... whatever form a cache sends the tag in: weak, in a list, or '*' (each was a 200 with the bytes).
+    etag = fetched.headers["etag"]
+    for held in (f"W/{etag}", f'"other", {etag}', "*"):
+        assert httpx.get(body["image_url"], headers={"If-None-Match": held}).status_code == 304, held
+    assert httpx.get(body["image_url"], headers={"If-None-Match": '"other"'}).status_code == 200
+    # HEAD answers with the headers (it was a 405); a Range it cannot parse gets the whole file (it was a
+    # plain-text 400); a satisfiable one its bytes.
+    head = httpx.head(body["image_url"])
+    assert head.status_code == 200 and head.headers["content-length"] == str(len(fetched.content))
+    assert not head.content
+    whole = httpx.get(body["image_url"], headers={"Range": "bytes=abc"})
+    assert whole.status_code == 200 and whole.content == fetched.content
+    part = httpx.get(body["image_url"], headers={"Range": "bytes=0-7"})
+    assert part.status_code == 206 and part.content == fetched.content[:8]
 
 
 def test_seed_fields_and_new_fields(server: ServerProcess) -> None:

@@ -85,6 +85,16 @@ def test_errors_are_openai_shaped(server: ServerProcess) -> None:
         assert blank.status_code == 400 and blank.json()["error"]["param"] == "prompt"
         gif = raw.post("/v1/images/generations", json={"prompt": "a fox", "output_format": "gif"})
         assert gif.status_code == 400 and gif.json()["error"]["param"] == "output_format"
+        background = raw.post("/v1/images/generations", json={"prompt": "a fox", "background": "purple"})
+        assert background.status_code == 400 and background.json()["error"]["param"] == "background"
+        # A GET of a POST route is a 405 saying so (it was the image route's 404 "no such image"); edits and
+        # variations are said to be unsupported (they were a 405).
+        got = raw.get("/v1/images/generations")
+        assert got.status_code == 405 and got.headers["allow"] == "POST"
+        for path in ("/v1/images/edits", "/v1/images/variations"):
+            refused = raw.post(path, json={"prompt": "a fox"})
+            assert refused.status_code == 404, refused.text
+            assert refused.json()["error"]["code"] == "not_supported"
         # The rest of the service keeps its own error shape.
         other = raw.get("/v1/jobs/nope").json()["error"]
         assert other["code"] == "not_found" and "field" in other and "type" not in other

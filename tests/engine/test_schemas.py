@@ -43,6 +43,18 @@ def test_out_of_range_values_name_their_field(fields: dict[str, object], field: 
     assert field in errors_for(prompt="x", **fields)
 
 
+def test_a_number_that_is_not_finite_is_refused_as_such() -> None:
+    """NaN passed every bound check but one, which then said "less than or equal to 30"."""
+    for value in (float("nan"), float("inf")):
+        assert errors_for(prompt="x", guidance_scale=value) == {
+            "guidance_scale": "Input should be a finite number"
+        }
+        assert (
+            "Input should be a finite number"
+            in errors_for(prompt="x", high_noise_frac=value)["high_noise_frac"]
+        )
+
+
 def test_blank_prompt_is_refused() -> None:
     assert "prompt" in errors_for(prompt="   ")
 

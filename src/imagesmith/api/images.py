@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, Response
+from starlette.responses import MalformedRangeHeader
 
 from imagesmith.api.deps import FilesDep, ImagesAuthorized
 from imagesmith.api.errors import ApiError
@@ -14,10 +15,39 @@ from imagesmith.storage.files import MEDIA_TYPES, parse_image_name
 router = APIRouter(tags=["images"], dependencies=[ImagesAuthorized])
 
 CACHE_FOREVER = "public, max-age=31536000, immutable"
+OPENAI_ROUTES = ("generations", "edits", "variations")
 
 
-@router.get("/v1/images/{name}", response_class=FileResponse, responses={200: {"content": {"image/png": {}}}})
+class ImageFileResponse(FileResponse):
+    """A stored image. A Range header it cannot parse is ignored and the whole file sent, as RFC 9110 lets a
+    server do; Starlette answered it with a plain-text 400, the one error of this API that was not JSON."""
+
+    @classmethod
+    def _parse_range_header(cls, http_range: str, file_size: int) -> list[tuple[int, int]]:
+        try:
+            return super()._parse_range_header(http_range, file_size)
+        except MalformedRangeHeader:
+            return []  # no range: the whole file
+
+
+def etag_matches(if_none_match: str | None, etag: str) -> bool:
+    """If-None-Match holds `etag`: '*', or a comma-separated list, each strong or weak (W/"..."); weak
+    comparison, as RFC 9110 asks for this header."""
+    if not if_none_match:
+        return False
+    tags = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
+    return "*" in tags or etag in tags
+
+
+@router.api_route(
+    "/v1/images/{name}",
+    methods=["GET", "HEAD"],
+    response_class=FileResponse,
+    responses={200: {"content": {"image/png": {}}}},
+)
 async def get_image(name: str, request: Request, files: FilesDep) -> Response:
+    if name in OPENAI_ROUTES:  # POST-only routes of the OpenAI Images API under the same prefix
+        raise ApiError(405, "method_not_allowed", f"/v1/images/{name} takes POST", headers={"Allow": "POST"})
     parsed = parse_image_name(name)
     if parsed is None:
         raise ApiError(404, "not_found", "no such image; names are <sha256>.<png|jpg|webp>", "name")
@@ -25,8 +55,8 @@ async def get_image(name: str, request: Request, files: FilesDep) -> Response:
     if path is None:
         raise ApiError(404, "not_found", f"no image named {name}", "name")
     etag = f'"{parsed[0]}"'
-    if request.headers.get("if-none-match") == etag:
+    if etag_matches(request.headers.get("if-none-match"), etag):
         return Response(status_code=304, headers={"ETag": etag, "Cache-Control": CACHE_FOREVER})
-    return FileResponse(
+    return ImageFileResponse(
         path, media_type=MEDIA_TYPES[parsed[1]], headers={"ETag": etag, "Cache-Control": CACHE_FOREVER}
     )

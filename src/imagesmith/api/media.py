@@ -35,7 +35,7 @@ class ImageGenerationRequest(BaseModel):
     Unknown fields are ignored, as the seed's model did, so existing clients keep working.
     """
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     # --- the seed's fields ---
     prompt: str = Field(..., description="What the image shows.")

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Request
 
 from imagesmith.api.compat_request import service_errors_in_client_terms
 from imagesmith.api.deps import Authorized, FilesDep, ServiceDep, SettingsDep
+from imagesmith.api.errors import ApiError
 from imagesmith.api.media import absolute
 from imagesmith.api.openai_mapping import (
     OPENAI_PARAMS,
@@ -50,3 +51,15 @@ async def create_image(
             item["url"] = absolute(request, image["url"])
         data.append(item)
     return {"created": int(job.finished_at or time.time()), "data": data}
+
+
+@router.post("/edits", include_in_schema=False)
+@router.post("/variations", include_in_schema=False)
+async def not_supported(request: Request) -> None:
+    """OpenAI's image edits and variations take an image in; imagesmith makes images from text only. Said
+    plainly, rather than the 405 the image route's GET /v1/images/{name} made of them."""
+    raise ApiError(
+        404,
+        "not_supported",
+        f"{request.url.path} is not supported: imagesmith makes images from text (POST /v1/images/generations)",
+    )

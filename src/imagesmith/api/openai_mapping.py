@@ -95,6 +95,8 @@ def to_image_request(body: OpenAIImageRequest, settings: Settings) -> ImageReque
         raise invalid("streaming is not supported; leave stream unset or false", "stream")
     if body.background == "transparent":
         raise invalid("transparent backgrounds are not supported; use 'auto' or 'opaque'", "background")
+    if body.background not in (None, "auto", "opaque"):
+        raise invalid(f"background {body.background!r} is not a value; use 'auto' or 'opaque'", "background")
     output_format = OUTPUT_FORMATS.get(body.output_format or "png")
     if output_format is None:
         raise invalid(
