@@ -238,6 +238,45 @@ def test_a_data_dir_that_cannot_be_made_is_named_as_a_setting(tmp_path: Path) ->
         assert f"IMAGESMITH_DATA_DIR: cannot create {blocker / 'data'}" in done.stderr + done.stdout, command
 
 
+def test_options_that_contradict_or_fall_outside_their_range_are_named_as_typed(
+    tiny_model_home: Path,
+) -> None:
+    """--no-refine won over --mode ensemble without a word; --port and --batch were blamed on the settings
+    they become (IMAGESMITH_PORT, IMAGESMITH_BATCH_MAX_IMAGES), which the user never set; an unknown device
+    was an exit 1 from deep in the engine's start."""
+    expected = {
+        ("generate", "x", "--no-refine", "--mode", "ensemble"): "imagesmith generate: error: --no-refine: "
+        "conflicts with --mode ensemble; drop one",
+        (
+            "serve",
+            "--port",
+            "99999",
+        ): "imagesmith serve: error: --port: Input should be less than or equal to 65535 (got 99999)",
+        (
+            "serve",
+            "--device",
+            "gpu",
+        ): "imagesmith serve: error: --device: device must be 'auto', 'cpu', 'mps', "
+        "'cuda' or 'cuda:N' (got 'gpu')",
+        ("bench", "--batch", "40"): "imagesmith bench: error: --batch: must be 1 to 32, got 40",
+    }
+    for args, message in expected.items():
+        done = run_cli(*args, home=tiny_model_home)
+        assert (done.returncode, done.stderr.strip()) == (2, message), args
+    env = {**os.environ, "IMAGESMITH_DATA_DIR": str(tiny_model_home), "IMAGESMITH_DEVICE": "gpu"}
+    done = subprocess.run(
+        [sys.executable, "-m", "imagesmith.cli", "doctor"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        "imagesmith: error: IMAGESMITH_DEVICE: device must be 'auto', 'cpu', 'mps', 'cuda' or 'cuda:N' (got 'gpu')"
+    )
+
+
 def test_a_bad_environment_setting_is_named_as_set_and_exits_2(tiny_model_home: Path) -> None:
     env = {**os.environ, "IMAGESMITH_DATA_DIR": str(tiny_model_home), "IMAGESMITH_PRECISION": "bf17"}
     for command in (["doctor"], ["generate", "x", "-o", str(tiny_model_home / "never.png")]):

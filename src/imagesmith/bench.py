@@ -31,7 +31,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from imagesmith import STARTED_AT
-from imagesmith.config import ModelPreset, Settings, get_settings
+from imagesmith.config import MAX_BATCH_IMAGES, ModelPreset, Settings, get_settings
 from imagesmith.option_errors import report_option_errors
 from imagesmith.schemas import GenerationRequest, RefineMode
 
@@ -325,8 +325,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
     if args.runs < 1:
         return error("--runs", f"must be at least 1, got {args.runs}")
     batch = args.batch if args.batch is not None else DEFAULT_BATCH[args.preset]
-    if batch < 1:
-        return error("--batch", f"must be at least 1, got {batch}")
+    if not 1 <= batch <= MAX_BATCH_IMAGES:  # said as --batch, not as the setting it becomes below
+        return error("--batch", f"must be 1 to {MAX_BATCH_IMAGES}, got {batch}")
     if args.queue < 0:
         return error("--queue", f"must be 0 (no queue row) or a number of jobs, got {args.queue}")
     try:

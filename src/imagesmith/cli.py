@@ -199,6 +199,12 @@ def run_generate(args: argparse.Namespace) -> int:
     except OutputPathError as error:
         print(f"imagesmith generate: error: --output: {error}", file=sys.stderr)
         return USAGE_ERROR
+    if args.no_refine and args.mode in (RefineMode.ENSEMBLE, RefineMode.IMG2IMG):
+        print(
+            f"imagesmith generate: error: --no-refine: conflicts with --mode {args.mode}; drop one",
+            file=sys.stderr,
+        )
+        return USAGE_ERROR
     try:
         request = _request_from(args, output_format)
     except ValidationError as error:

@@ -6,6 +6,7 @@ Read them through get_settings(), never at import time, so tests and the CLI can
 from __future__ import annotations
 
 import os
+import re
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
@@ -54,6 +55,8 @@ class LogFormat(StrEnum):
 
 
 ENV_PREFIX = "IMAGESMITH_"
+MAX_BATCH_IMAGES = 32  # the most images one pipeline pass may hold (IMAGESMITH_BATCH_MAX_IMAGES)
+DEVICE_NAME = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
 class CompileChoice(StrEnum):
@@ -188,7 +191,7 @@ class Settings(BaseSettings):
     batch_max_images: int = Field(
         8,
         ge=1,
-        le=32,
+        le=MAX_BATCH_IMAGES,
         description="Images of compatible queued jobs run as one pipeline pass (1: no batching).",
     )
     batch_window_ms: int = Field(
@@ -338,6 +341,16 @@ class Settings(BaseSettings):
     pexels_per_page: int = Field(30, ge=1, le=80, description="Photos fetched per search to pick from.")
     pexels_locale: str = Field("", description="Search locale, e.g. 'en-US' or 'de-DE'; empty for Pexels'.")
 
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        """Refused with the settings, at start: 'gpu' came out as an exit 1 from deep in the engine's start (a
+        traceback in a server's log, the server left running)."""
+        name = value.strip().lower()
+        if not DEVICE_NAME.fullmatch(name):
+            raise ValueError("device must be 'auto', 'cpu', 'mps', 'cuda' or 'cuda:N'")
+        return name
+
     @field_validator("pexels_allowed_hosts", mode="before")
     @classmethod
     def _split_hosts(cls, value: object) -> object:
@@ -443,5 +456,5 @@ def settings_error_lines(error: ValidationError) -> list[str]:
     for item in error.errors():
         field = str(item["loc"][0]) if item["loc"] else ""
         name = f"{ENV_PREFIX}{field.upper()}" if field else "settings"
-        lines.append(f"{name}: {item['msg']} (got {item.get('input')!r})")
+        lines.append(f"{name}: {item['msg'].removeprefix('Value error, ')} (got {item.get('input')!r})")
     return lines

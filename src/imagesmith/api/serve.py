@@ -14,6 +14,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from pydantic import ValidationError
+
 from imagesmith.config import Settings, prepared_data_dir
 from imagesmith.jobs.store import DATABASE_NAME, JobStore, StoreDamaged
 from imagesmith.jobs.store_lock import StoreInUse
@@ -39,20 +41,37 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-format", choices=["text", "json"], help="IMAGESMITH_LOG_FORMAT")
 
 
+# The settings serve's options set, by option.
+OPTION_SETTINGS = {
+    "--host": "host",
+    "--port": "port",
+    "--model": "model",
+    "--device": "device",
+    "--data-dir": "data_dir",
+    "--log-format": "log_format",
+}
+
+
 def settings_from_args(args: argparse.Namespace) -> Settings:
     overrides = {
-        key: value
-        for key, value in {
-            "host": args.host,
-            "port": args.port,
-            "model": args.model,
-            "device": args.device,
-            "data_dir": args.data_dir,
-            "log_format": args.log_format,
-        }.items()
-        if value is not None
+        setting: getattr(args, setting)
+        for setting in OPTION_SETTINGS.values()
+        if getattr(args, setting) is not None
     }
     return Settings(**overrides)
+
+
+def option_errors(invalid: ValidationError, args: argparse.Namespace) -> list[str]:
+    """The errors of settings an option set, said as that option (`--port 99999` was blamed on
+    IMAGESMITH_PORT, which the user never set); empty when the fault is in the environment."""
+    option_for = {
+        setting: option for option, setting in OPTION_SETTINGS.items() if getattr(args, setting) is not None
+    }
+    return [
+        f"{option_for[str(item['loc'][0])]}: {item['msg'].removeprefix('Value error, ')} (got {item['input']!r})"
+        for item in invalid.errors()
+        if item["loc"] and str(item["loc"][0]) in option_for
+    ]
 
 
 def bind_host(settings: Settings) -> str:
@@ -75,7 +94,15 @@ def run_serve(args: argparse.Namespace) -> int:
     from imagesmith.engine.tiny import ensure_tiny_sdxl
     from imagesmith.logs import setup_logging
 
-    settings = settings_from_args(args)
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as invalid:
+        said_as_options = option_errors(invalid, args)
+        if not said_as_options:
+            raise  # the environment's: said as settings by the CLI
+        for line in said_as_options:
+            print(f"imagesmith serve: error: {line}", file=sys.stderr)
+        return 2
     setup_logging(settings.log_format)
     host = bind_host(settings)
     prepared_data_dir(settings.data_dir)  # before the tiny model, the job store and the port are taken
