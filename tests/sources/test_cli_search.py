@@ -114,9 +114,19 @@ def test_doctor_lines_and_the_handler_cli_py_calls(
     ("argv", "overrides", "message"),
     [
         (["(:1.2)"], {}, "keywords, a title or a prompt"),  # no word to search for
-        (["lake", "-o", "{tmp}/no/such/dir/x.jpg"], {}, "no folder"),
+        (
+            ["lake", "-o", "{tmp}"],
+            {},
+            "--output: {tmp} is a folder; give a file name",
+        ),  # searched, then failed
         (["lake", "-o", "{tmp}/x.gif"], {}, ".gif is not a format imagesmith writes"),
-        (["lake", "--width", "-5"], {}, "width: Input should be greater than or equal to 64"),
+        (["lake", "--width", "-5"], {}, "--width: Input should be greater than or equal to 64"),
+        (
+            ["lake", "--width", "0"],
+            {},
+            "--width: Input should be greater than or equal to 64",
+        ),  # was the default
+        (["lake", "-n", "-3"], {}, "--limit: must be at least 1, got -3"),  # was a heading and no results
         (["lake"], {"pexels_allowed_hosts": ["ftp://images.pexels.com"]}, "IMAGESMITH_PEXELS_ALLOWED_HOSTS"),
     ],
 )
@@ -132,11 +142,45 @@ def test_search_bad_arguments_are_one_line_errors(
     args = parse(*(arg.format(tmp=tmp_path) for arg in argv))
     assert run_search(args, settings, io.StringIO()) == EXIT_CONFIG  # raised before the fix
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert err.startswith("imagesmith search: error: ") and message.format(tmp=tmp_path) in err, err
+    assert err.count("\n") == 1
     assert standin.api_calls == 0  # found out before spending a search
 
 
-def test_search_reports_a_failed_save(standin: StandIn, settings: Settings, tmp_path: Path) -> None:
-    target = tmp_path / "taken"
-    target.mkdir()  # a folder where the file should go: the write fails after the search
+def test_search_reports_a_failed_save_and_leaves_no_partial_file(
+    standin: StandIn,
+    settings: Settings,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The disk fills between the check and the write: one line, and no half photo under the name."""
+    real_write = Path.write_bytes
+
+    def disk_full(path: Path, data: bytes) -> int:
+        real_write(path, data[:100])  # part of it reached the disk
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", disk_full)
+    target = tmp_path / "hero.jpg"
     assert run_search(parse("lake", "-o", str(target)), settings, io.StringIO()) == EXIT_CONFIG
+    assert (
+        capsys.readouterr().err
+        == f"imagesmith search: error: cannot save to {target}: No space left on device\n"
+    )
+    assert list(tmp_path.iterdir()) == []  # neither the photo nor its temporary file
+
+
+def test_search_json_with_output_carries_the_file_and_its_credit(
+    standin: StandIn, settings: Settings, tmp_path: Path
+) -> None:
+    """Pexels asks for the credit to be shown with the photo; --json -o left out both the file and the credit."""
+    out = io.StringIO()
+    target = tmp_path / "hero"  # no suffix: the default format's is added
+    assert run_search(parse("lake", "--json", "-o", str(target)), settings, out) == EXIT_OK
+    saved = json.loads(out.getvalue())["saved"]
+    assert (
+        saved["path"] == str(tmp_path / "hero.jpg")
+        and (tmp_path / "hero.jpg").read_bytes()[:2] == b"\xff\xd8"
+    )
+    assert saved["attribution"]["credit_text"].startswith("Photo by ") and saved["attribution"]["photo_url"]
