@@ -277,6 +277,23 @@ def test_options_that_contradict_or_fall_outside_their_range_are_named_as_typed(
     )
 
 
+def test_serve_on_a_busy_port_says_so_before_starting(tiny_model_home: Path) -> None:
+    """uvicorn binds after the start-up: a busy port ended the models' load in a traceback (exit 3)."""
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = run_cli("serve", "--port", str(port), home=tiny_model_home)
+    assert done.returncode == 2, done.stderr
+    assert (
+        f"imagesmith serve: error: --port: 127.0.0.1:{port} cannot be listened on (Address already in use)"
+        in (done.stderr)
+    )
+    assert "Traceback" not in done.stderr and "loading base model" not in done.stderr
+
+
 def test_a_bad_environment_setting_is_named_as_set_and_exits_2(tiny_model_home: Path) -> None:
     env = {**os.environ, "IMAGESMITH_DATA_DIR": str(tiny_model_home), "IMAGESMITH_PRECISION": "bf17"}
     for command in (["doctor"], ["generate", "x", "-o", str(tiny_model_home / "never.png")]):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import sqlite3
 import sys
 from pathlib import Path
@@ -74,6 +75,19 @@ def option_errors(invalid: ValidationError, args: argparse.Namespace) -> list[st
     ]
 
 
+def port_taken(host: str, port: int) -> str | None:
+    """Why the server could not listen on host:port (another server has it, say), or None. Bound the way
+    uvicorn binds (SO_REUSEADDR), then let go."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            return f"cannot be listened on ({error.strerror or error})"
+    return None
+
+
 def bind_host(settings: Settings) -> str:
     """Without API keys the service is open, so it listens on loopback only, whatever was asked."""
     if settings.api_key_list():
@@ -111,6 +125,15 @@ def run_serve(args: argparse.Namespace) -> int:
     except (StoreInUse, StoreDamaged, sqlite3.DatabaseError) as error:
         print(f"imagesmith serve: cannot open the job store: {error}", file=sys.stderr)
         return 1
+    taken = port_taken(host, settings.port)
+    if (
+        taken
+    ):  # before the start-up: uvicorn binds after it, and a busy port ended a model load in a traceback
+        print(
+            f"imagesmith serve: error: --port: {host}:{settings.port} {taken}; choose another port",
+            file=sys.stderr,
+        )
+        return 2
     if settings.model.value == "tiny":
         ensure_tiny_sdxl(settings.tiny_model_dir())
     app = create_app(settings)
