@@ -65,12 +65,14 @@ def fuzz_schema(tmp_path_factory: pytest.TempPathFactory) -> Iterator[schemathes
         ),
         engine_factory=lambda _: StubEngine(),  # type: ignore[arg-type,return-value]
     )
-    # Enter the lifespan once; schemathesis' own calls then find the app's state ready.
-    with TestClient(app) as client:
-        for _ in range(200):
-            if client.get("/v1/health").status_code == 200:
-                break
-        yield schemathesis.openapi.from_asgi("/openapi.json", app)
+    # schemathesis enters the app's lifespan itself (from_asgi); a second one of ours beside it would open the
+    # job store twice, which its lock refuses. The client below runs no lifespan: it only waits for ready.
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    client = TestClient(app)
+    for _ in range(200):
+        if client.get("/v1/health").status_code == 200:
+            break
+    yield schema
 
 
 def test_no_input_gets_a_5xx(fuzz_schema: schemathesis.BaseSchema) -> None:

@@ -93,3 +93,32 @@ def test_a_damaged_store_is_refused_with_the_fix(tmp_path: Path) -> None:
     assert "move the file aside (or restore a backup)" in str(caught.value) and "\n" not in str(caught.value)
     (tmp_path / "jobs.sqlite3").unlink()
     JobStore(path).close()  # the lock was let go when the check failed: a fresh store opens
+
+
+def test_reads_do_not_wait_behind_a_write_stuck_on_another_programs_lock(tmp_path: Path) -> None:
+    """A backup or the sqlite3 shell holding the database's write lock: a claim waits it out (up to the 30 s
+    busy timeout) holding the store's write lock, and health, job views and listings waited behind it."""
+    import sqlite3
+    import threading
+    import time
+
+    path = tmp_path / "jobs.sqlite3"
+    store = JobStore(path)
+    job, _ = store.submit({"n": 1}, "h1", None, queue_max=10)
+    outside = sqlite3.connect(path, isolation_level=None)
+    outside.execute("BEGIN IMMEDIATE")  # another program's write lock
+    claimed: list[object] = []
+    claimer = threading.Thread(target=lambda: claimed.append(store.claim(1)))
+    claimer.start()
+    time.sleep(0.3)  # the claim is waiting on the database now, holding the write connection's lock
+    assert claimer.is_alive()
+    started = time.monotonic()
+    assert store.counts()[JobStatus.QUEUED] == 1
+    found = store.get(job.id)
+    assert found is not None and found.status is JobStatus.QUEUED
+    assert store.list_jobs(None, 10, 0)[1] == 1 and store.queue_positions() == {job.id: 0}
+    assert time.monotonic() - started < 1.0
+    outside.execute("ROLLBACK")
+    claimer.join(10)
+    assert [claimed_job.id for claimed_job in claimed[0]] == [job.id]  # type: ignore[attr-defined]
+    store.close()

@@ -139,7 +139,7 @@ def shown_job(live: list[str], on_gpu: set[str], ours: list[str]) -> str | None:
 
 
 @router.get("/progress", response_model=ProgressResponse)
-async def progress(service: ServiceDep, jobs: JobsDep, skip_current_image: bool = False) -> dict[str, Any]:
+def progress(service: ServiceDep, jobs: JobsDep, skip_current_image: bool = False) -> dict[str, Any]:
     """The running job's progress: one of this API's if any runs, else whatever job runs; idle otherwise."""
     live = dict(service.worker.live)
     job_id = shown_job(list(live), service.worker.on_gpu(), list(jobs.ids))
@@ -169,7 +169,7 @@ async def progress(service: ServiceDep, jobs: JobsDep, skip_current_image: bool 
 
 
 @router.post("/interrupt")
-async def interrupt(service: ServiceDep, jobs: JobsDep) -> dict[str, Any]:
+def interrupt(service: ServiceDep, jobs: JobsDep) -> dict[str, Any]:
     """Stop the running generation(s) this API started, within a step; their txt2img answers with no images."""
     live = dict(service.worker.live)
     for job_id in list(jobs.ids):

@@ -88,7 +88,7 @@ def report_for(request: Request) -> dict[str, Any]:
 
 
 @router.get("/v1/health")
-async def health(request: Request) -> JSONResponse:
+def health(request: Request) -> JSONResponse:
     """The same report; 200 when ready or degraded, 503 while starting or failed (for load balancers).
     With API keys set, a caller without one gets the status fields only."""
     report = report_for(request)

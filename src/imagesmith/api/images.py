@@ -39,12 +39,8 @@ def etag_matches(if_none_match: str | None, etag: str) -> bool:
     return "*" in tags or etag in tags
 
 
-@router.api_route(
-    "/v1/images/{name}",
-    methods=["GET", "HEAD"],
-    response_class=FileResponse,
-    responses={200: {"content": {"image/png": {}}}},
-)
+@router.get("/v1/images/{name}", response_class=FileResponse, responses={200: {"content": {"image/png": {}}}})
+@router.head("/v1/images/{name}", include_in_schema=False)  # the same, headers only (FileResponse sees HEAD)
 async def get_image(name: str, request: Request, files: FilesDep) -> Response:
     if name in OPENAI_ROUTES:  # POST-only routes of the OpenAI Images API under the same prefix
         raise ApiError(405, "method_not_allowed", f"/v1/images/{name} takes POST", headers={"Allow": "POST"})

@@ -67,7 +67,7 @@ class JobList(BaseModel):
 
 
 @router.post("", status_code=202, response_model=JobView)
-async def create_job(
+def create_job(
     body: JobCreate,
     service: ServiceDep,
     response: Response,
@@ -81,7 +81,7 @@ async def create_job(
 
 
 @router.get("", response_model=JobList)
-async def list_jobs(
+def list_jobs(
     service: ServiceDep,
     status: JobStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
@@ -99,12 +99,12 @@ async def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobView)
-async def get_job(job_id: str, service: ServiceDep) -> dict[str, Any]:
+def get_job(job_id: str, service: ServiceDep) -> dict[str, Any]:
     return service.view(service.get(job_id))
 
 
 @router.post("/{job_id}/cancel", response_model=JobView, status_code=202)
-async def cancel_job(job_id: str, service: ServiceDep, response: Response) -> dict[str, Any]:
+def cancel_job(job_id: str, service: ServiceDep, response: Response) -> dict[str, Any]:
     """Queued: canceled at once. Running: stops within one step (cancel_requested until it does). Canceled
     already: 200, nothing more to do. Succeeded or failed: 409, there is nothing to cancel (a 202 said the
     cancel was taken when nothing happened)."""

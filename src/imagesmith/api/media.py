@@ -175,7 +175,7 @@ def retry_after(retry_at: str | None) -> dict[str, str] | None:
 
 
 @router.get("/health")
-async def media_health(request: Request) -> dict[str, Any]:
+def media_health(request: Request) -> dict[str, Any]:
     """The seed's health check: pexels_ok / sdxl_ok, plus the full report (the status fields only for a
     caller without a key when keys are set). Always 200; read `status`."""
     return report_for(request)

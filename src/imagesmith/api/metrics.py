@@ -11,5 +11,5 @@ router = APIRouter(tags=["operations"], dependencies=[Authorized])
 
 
 @router.get("/metrics", response_class=Response)
-async def metrics(request: Request) -> Response:
+def metrics(request: Request) -> Response:
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

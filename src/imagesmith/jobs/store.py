@@ -115,8 +115,8 @@ class JobStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._store_lock = lock_store(path)  # StoreInUse when another process has it (store_lock.py)
         try:
-            # One connection shared by the event loop and the worker thread, serialized by a lock: every
-            # statement is short, and SQLite serializes writers anyway.
+            # One connection for writes, shared by the request threads and the worker, serialized by a lock:
+            # every statement is short, and SQLite serializes writers anyway.
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
             self._db.row_factory = sqlite3.Row
             self._lock = threading.Lock()
@@ -125,6 +125,12 @@ class JobStore:
                 self._db.execute("PRAGMA synchronous=FULL")
                 self._db.executescript(_SCHEMA)
                 self._check_intact(path)
+            # And one for reads (health, job views, listings), with its own lock. In WAL mode a read never waits
+            # for a writer: behind the write lock, a claim waiting out another program's lock on the database
+            # (a backup, the sqlite3 shell) held health and every GET for up to the 30 s busy timeout.
+            self._reader = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+            self._reader.row_factory = sqlite3.Row
+            self._read_lock = threading.Lock()
         except BaseException:
             unlock_store(self._store_lock)
             raise
@@ -141,12 +147,16 @@ class JobStore:
             )
 
     def close(self) -> None:
+        with self._read_lock:
+            self._reader.close()
         with self._lock:
             self._db.close()
         unlock_store(self._store_lock)
 
-    def _one(self, sql: str, args: tuple[Any, ...] = ()) -> sqlite3.Row | None:
-        row: sqlite3.Row | None = self._db.execute(sql, args).fetchone()
+    def _one(
+        self, sql: str, args: tuple[Any, ...] = (), db: sqlite3.Connection | None = None
+    ) -> sqlite3.Row | None:
+        row: sqlite3.Row | None = (db or self._db).execute(sql, args).fetchone()
         return row
 
     def submit(
@@ -195,11 +205,13 @@ class JobStore:
     def find_idempotent(self, idempotency_key: str, request_hash: str) -> JobRecord | None:
         """The job made earlier with this Idempotency-Key (None when there is none); IdempotencyConflict when
         it was made from a different request. A read only: the service replays without admitting anew."""
-        with self._lock:
-            return self._idempotent(idempotency_key, request_hash)
+        with self._read_lock:
+            return self._idempotent(idempotency_key, request_hash, self._reader)
 
-    def _idempotent(self, idempotency_key: str, request_hash: str) -> JobRecord | None:
-        row = self._one("SELECT * FROM jobs WHERE idempotency_key = ?", (idempotency_key,))
+    def _idempotent(
+        self, idempotency_key: str, request_hash: str, db: sqlite3.Connection | None = None
+    ) -> JobRecord | None:
+        row = self._one("SELECT * FROM jobs WHERE idempotency_key = ?", (idempotency_key,), db)
         if row is None:
             return None
         if row["request_hash"] != request_hash:
@@ -207,32 +219,36 @@ class JobStore:
         return JobRecord.from_row(row)
 
     def get(self, job_id: str) -> JobRecord | None:
-        with self._lock:
-            row = self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        with self._read_lock:
+            row = self._one("SELECT * FROM jobs WHERE id = ?", (job_id,), self._reader)
         return JobRecord.from_row(row) if row else None
 
     def list_jobs(self, status: JobStatus | None, limit: int, offset: int) -> tuple[list[JobRecord], int]:
         """Newest first."""
         where, args = ("WHERE status = ?", (status.value,)) if status else ("", ())
-        with self._lock:
-            rows = self._db.execute(
+        with self._read_lock:
+            rows = self._reader.execute(
                 f"SELECT * FROM jobs {where} ORDER BY seq DESC LIMIT ? OFFSET ?", (*args, limit, offset)
             ).fetchall()
-            total_row = self._one(f"SELECT COUNT(*) FROM jobs {where}", args)
+            total_row = self._one(f"SELECT COUNT(*) FROM jobs {where}", args, self._reader)
         return [JobRecord.from_row(row) for row in rows], int(total_row[0]) if total_row else 0
 
     def oldest_queued(self, limit: int) -> list[JobRecord]:
         """The queued jobs the worker will claim next (oldest first, none flagged for cancel), left queued."""
-        with self._lock:
-            rows = self._claimable_rows(limit)
+        with self._read_lock:
+            rows = self._claimable_rows(limit, self._reader)
         return [JobRecord.from_row(row) for row in rows]
 
-    def _claimable_rows(self, limit: int) -> list[sqlite3.Row]:
+    def _claimable_rows(self, limit: int, db: sqlite3.Connection | None = None) -> list[sqlite3.Row]:
         """The oldest queued jobs not flagged for cancel: what claim_where picks from (caller holds the lock)."""
-        return self._db.execute(
-            "SELECT * FROM jobs WHERE status = ? AND cancel_requested = 0 ORDER BY seq LIMIT ?",
-            (JobStatus.QUEUED.value, limit),
-        ).fetchall()
+        return (
+            (db or self._db)
+            .execute(
+                "SELECT * FROM jobs WHERE status = ? AND cancel_requested = 0 ORDER BY seq LIMIT ?",
+                (JobStatus.QUEUED.value, limit),
+            )
+            .fetchall()
+        )
 
     def claim(self, limit: int = 1) -> list[JobRecord]:
         """Move the oldest queued jobs (FIFO) to running, counting an attempt for each."""
@@ -411,8 +427,8 @@ class JobStore:
         return requeued, ended
 
     def counts(self) -> dict[JobStatus, int]:
-        with self._lock:
-            rows = self._db.execute("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status").fetchall()
+        with self._read_lock:
+            rows = self._reader.execute("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status").fetchall()
         counts = dict.fromkeys(JobStatus, 0)
         counts.update({JobStatus(row["status"]): row["n"] for row in rows})
         return counts
@@ -420,8 +436,8 @@ class JobStore:
     def queue_positions(self) -> dict[str, int]:
         """Each queued job's id -> how many queued jobs are ahead of it, in one query (a listing of 100 jobs
         used to count once per job)."""
-        with self._lock:
-            rows = self._db.execute(
+        with self._read_lock:
+            rows = self._reader.execute(
                 "SELECT id FROM jobs WHERE status = ? ORDER BY seq", (JobStatus.QUEUED.value,)
             ).fetchall()
         return {row["id"]: ahead for ahead, row in enumerate(rows)}
