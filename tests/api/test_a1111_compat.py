@@ -100,6 +100,8 @@ def test_errors_name_the_field_and_valid_values(server: ServerProcess) -> None:
     assert karras_euler.status_code == 422 and karras_euler.json()["field"] == "scheduler"
     steps = txt2img(server, steps=0)
     assert steps.status_code == 422 and steps.json()["field"] == "steps"
+    seed = txt2img(server, seed=-2).json()  # -1 is A1111's random: the bound says so (it said 0)
+    assert seed["field"] == "seed" and "greater than or equal to -1" in seed["detail"], seed
     # The request's own checks and the service's (the loaded model's split) speak A1111's names, in the
     # field and in the message: steps and refiner_switch_at, not num_inference_steps and high_noise_frac.
     one_step = txt2img(server, steps=1).json()

@@ -26,6 +26,7 @@ def test_api_keys_guard_everything_but_health(app_client: Callable[..., TestClie
             response = client.request(method, path, json=BODY)
             assert response.status_code == 401, (method, path)
             assert response.json()["error"]["code"] == "unauthorized"
+            assert response.json()["error"]["field"] == "Authorization"  # the header to fix
             assert response.headers["www-authenticate"] == "Bearer"
         assert client.get("/v1/jobs", headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert client.get("/v1/jobs", headers={"Authorization": "Basic alpha"}).status_code == 401

@@ -81,6 +81,8 @@ def test_errors_are_openai_shaped(server: ServerProcess) -> None:
         missing = raw.post("/v1/images/generations", json={"n": 1})
         assert missing.status_code == 400
         assert missing.json()["error"]["param"] == "prompt"
+        # One code for a bad parameter, whether the schema or the mapping refused it (was invalid_request).
+        assert missing.json()["error"]["code"] == "invalid_value"
         blank = raw.post("/v1/images/generations", json={"prompt": "   "})
         assert blank.status_code == 400 and blank.json()["error"]["param"] == "prompt"
         gif = raw.post("/v1/images/generations", json={"prompt": "a fox", "output_format": "gif"})

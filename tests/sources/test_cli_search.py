@@ -97,6 +97,9 @@ def test_doctor(standin: StandIn, settings: Settings, tmp_path: Path) -> None:
     assert not pexels_doctor(settings, online=True).ok
     missing = pexels_doctor(Settings(_env_file=None, data_dir=tmp_path))
     assert not missing.ok and "not configured" in missing.lines[0]
+    # An allowed host every search refuses: doctor said nothing and exited 0.
+    ftp = pexels_doctor(settings.with_changes(pexels_allowed_hosts=["ftp://images.pexels.com"]))
+    assert not ftp.ok and "IMAGESMITH_PEXELS_ALLOWED_HOSTS" in ftp.lines[-1]
 
 
 def test_doctor_lines_and_the_handler_cli_py_calls(

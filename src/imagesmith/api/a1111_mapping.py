@@ -79,7 +79,7 @@ class Txt2ImgRequest(BaseModel):
     prompt: str = ""
     negative_prompt: str = ""
     styles: list[str] | None = None
-    seed: int = Field(-1, description="-1: random.")
+    seed: int = Field(-1, ge=-1, description="-1: random; otherwise 0 to 2^63-1.")
     subseed: int = -1
     subseed_strength: float = 0.0
     sampler_name: str | None = None

@@ -50,6 +50,7 @@ def require_api_key(request: Request, settings: SettingsDep) -> None:
             401,
             "unauthorized",
             "a valid API key is required: send 'Authorization: Bearer <key>'",
+            "Authorization",
             headers={"WWW-Authenticate": "Bearer"},
         )
 

@@ -95,7 +95,12 @@ _FAMILY_PREFIXES = (
     ("/sdapi/", ErrorFamily.A1111),
 )
 _OPENAI_TYPES = {401: "invalid_request_error", 429: "rate_limit_error"}
-_OPENAI_CODES = {"unauthorized": "invalid_api_key", "queue_full": "rate_limit_exceeded"}
+# Our codes as OpenAI's: a bad parameter is "invalid_value" whether the schema or the mapping refused it.
+_OPENAI_CODES = {
+    "unauthorized": "invalid_api_key",
+    "queue_full": "rate_limit_exceeded",
+    "invalid_request": "invalid_value",
+}
 
 
 def error_family(request: Request) -> ErrorFamily:

@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from imagesmith.config import Settings, get_settings
 from imagesmith.output_file import OutputPathError, planned_output, write_whole
 from imagesmith.schemas import OutputFormat
+from imagesmith.sources.download import HostPolicy
 from imagesmith.sources.errors import NoStockResults, PexelsError, PexelsNotConfigured
 from imagesmith.sources.pexels_client import PexelsClient, PhotoSize
 from imagesmith.sources.stock import StockPhotoSource, StockRequest, StockSearch
@@ -202,6 +203,10 @@ def pexels_doctor(settings: Settings, *, online: bool = False) -> PexelsDoctorRe
     if settings.pexels_api_key is None:
         return PexelsDoctorReport(ok=False, lines=[f"pexels: not configured ({NO_KEY_MESSAGE})"])
     lines = [f"pexels: key set; API {settings.pexels_api_base_url}; downloads from {hosts}"]
+    try:
+        HostPolicy(settings.pexels_allowed_hosts)  # what every search would refuse, said here too
+    except ValueError as error:
+        return PexelsDoctorReport(ok=False, lines=[*lines, f"pexels: {error}"])
     if not online:
         return PexelsDoctorReport(ok=True, lines=lines)
     return asyncio.run(_doctor_online(settings, lines))
