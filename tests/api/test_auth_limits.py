@@ -213,3 +213,24 @@ def test_a_wait_that_runs_out_is_a_504_naming_the_job_which_goes_on(
         job = client.get(f"/v1/jobs/{error['job_id']}").json()
         assert job["status"] == "queued"  # the wait ran out; the job did not
         client.post(f"/v1/jobs/{error['job_id']}/cancel")
+
+
+def test_a_short_wait_ends_on_time_while_its_job_sends_progress(
+    app_client: Callable[..., TestClient],
+) -> None:
+    """A 0.2 s wait on a running job that sends an event every step lasted the whole job (9 s) twice in this
+    session's runs, then not again. The suspect: the heartbeat's wait_for and the wait's timeout firing
+    together, where Python 3.11's wait_for can lose the cancel. The wait now checks its deadline at every event
+    and heartbeat too; this checks it ends on time, three waits in a row."""
+    import time
+
+    slow = {"prompt": "slow", "use_generation": True, "use_pexels": False, "num_inference_steps": 60}
+    slow |= {"width": 512, "height": 512}
+    with app_client(wait_timeout_s=0.2) as client:
+        wait_for(lambda: client.get("/v1/health").json().get("status") != "starting")
+        for _ in range(3):
+            started = time.monotonic()
+            response = client.post("/api/media/generate-image", json=slow)
+            assert response.status_code == 504, response.text
+            assert time.monotonic() - started < 2.0
+            client.post(f"/v1/jobs/{response.json()['error']['job_id']}/cancel")

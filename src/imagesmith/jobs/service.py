@@ -313,7 +313,10 @@ class JobService:
                 yield event
             while True:
                 try:
-                    event = await asyncio.wait_for(queue.get(), timeout=heartbeat_s)
+                    # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow the cancel of a timeout
+                    # around it (a caller's wait) when its own timeout fires at the same moment.
+                    async with asyncio.timeout(heartbeat_s):
+                        event = await queue.get()
                 except TimeoutError:
                     # The worker may have finished while no event could reach us; the store knows.
                     job = self.get(job_id)
@@ -350,13 +353,17 @@ class JobService:
 
     async def wait(self, job_id: str, timeout: float) -> JobRecord:
         """Until the job finishes or `timeout` passes; returns the job as it then stands."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         stream = self.events(job_id, heartbeat_s=min(5.0, timeout))
         try:
             # One timeout around the whole loop: cancelling a pending anext() (asyncio.wait_for per event)
-            # leaves the generator marked running, and its aclose() then raises.
-            async with asyncio.timeout(timeout):
+            # leaves the generator marked running, and its aclose() then raises. The deadline is checked at
+            # each event and heartbeat too: a cancel lost in a race still ends the wait within a heartbeat
+            # (a 0.2 s wait on a job sending progress every step twice lasted the whole 9 s job in tests).
+            async with asyncio.timeout_at(deadline):
                 async for event in stream:
-                    if event is not None and event.terminal:
+                    if (event is not None and event.terminal) or loop.time() >= deadline:
                         break
         except TimeoutError:
             pass
