@@ -43,6 +43,7 @@ log = logging.getLogger("imagesmith")
 
 # CLI option for each request field, so errors name what the user typed.
 _OPTION_FOR_FIELD = {
+    "prompt": "PROMPT",  # the positional argument: there is no --prompt
     "num_inference_steps": "--steps",
     "guidance_scale": "--guidance",
     "refine_mode": "--mode",
