@@ -14,15 +14,21 @@ from PIL import Image
 from imagesmith.engine.output import parse_a1111_parameters, read_parameters
 
 
-def run_cli(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "IMAGESMITH_DATA_DIR": str(home),
-        "IMAGESMITH_MODEL": "tiny",
-        "IMAGESMITH_DEVICE": "cpu",
-    }
+def cli_with(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """`imagesmith ARGS` in a subprocess, with `env` over this process's environment."""
     return subprocess.run(
-        [sys.executable, "-m", "imagesmith.cli", *args], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "imagesmith.cli", *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def run_cli(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
+    """On the tiny model, on the CPU, with `home` as the data dir."""
+    return cli_with(
+        {"IMAGESMITH_DATA_DIR": str(home), "IMAGESMITH_MODEL": "tiny", "IMAGESMITH_DEVICE": "cpu"}, *args
     )
 
 
@@ -76,19 +82,13 @@ def test_doctor_prints_device_plan_and_models(tiny_model_home: Path) -> None:
 
 def test_doctor_tells_whether_real_models_resolve(tiny_model_home: Path, tmp_path: Path) -> None:
     env_home = tmp_path / "hf"
-    done = subprocess.run(
-        [sys.executable, "-m", "imagesmith.cli", "doctor"],
-        env={
-            **os.environ,
-            "IMAGESMITH_DATA_DIR": str(tiny_model_home),
-            "HF_HOME": str(env_home),
-            "HF_HUB_OFFLINE": "1",
-            "IMAGESMITH_REFINER_MODEL": str(tmp_path / "missing"),
-        },
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    env = {
+        "IMAGESMITH_DATA_DIR": str(tiny_model_home),
+        "HF_HOME": str(env_home),
+        "HF_HUB_OFFLINE": "1",
+        "IMAGESMITH_REFINER_MODEL": str(tmp_path / "missing"),
+    }
+    done = cli_with(env, "doctor")
     assert done.returncode == 1, done.stderr  # a script or a container's check can act on it
     assert (
         "stabilityai/stable-diffusion-xl-base-1.0: hub id, not cached: offline mode, will fail. Fix: unset "
@@ -104,19 +104,13 @@ def test_doctor_tells_whether_real_models_resolve(tiny_model_home: Path, tmp_pat
 def doctor_with_hub_at(endpoint: str, home: Path, hf_home: Path) -> tuple[int, str]:
     """doctor's output with the real (uncached) hub ids and the hub at `endpoint` (HF_ENDPOINT, a local
     address: conftest's HF_HUB_OFFLINE is lifted for it, and the real hub is still never reached)."""
-    done = subprocess.run(
-        [sys.executable, "-m", "imagesmith.cli", "doctor"],
-        env={
-            **os.environ,
-            "IMAGESMITH_DATA_DIR": str(home),
-            "HF_HOME": str(hf_home),
-            "HF_ENDPOINT": endpoint,
-            "HF_HUB_OFFLINE": "0",
-        },
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    env = {
+        "IMAGESMITH_DATA_DIR": str(home),
+        "HF_HOME": str(hf_home),
+        "HF_ENDPOINT": endpoint,
+        "HF_HUB_OFFLINE": "0",
+    }
+    done = cli_with(env, "doctor")
     assert "Traceback" not in done.stderr, done.stderr
     return done.returncode, done.stdout
 
@@ -224,15 +218,9 @@ def test_a_data_dir_that_cannot_be_made_is_named_as_a_setting(tmp_path: Path) ->
     """It was a FileNotFoundError traceback from deep in the tiny model's build (generate, bench, serve)."""
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    env = {**os.environ, "IMAGESMITH_DATA_DIR": str(blocker / "data"), "IMAGESMITH_MODEL": "tiny"}
+    env = {"IMAGESMITH_DATA_DIR": str(blocker / "data"), "IMAGESMITH_MODEL": "tiny"}
     for command in (["generate", "x", "-o", str(tmp_path / "x.png")], ["serve", "--port", "1"], ["doctor"]):
-        done = subprocess.run(
-            [sys.executable, "-m", "imagesmith.cli", *command],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        done = cli_with(env, *command)
         assert done.returncode == (1 if command == ["doctor"] else 2), (command, done.stderr)
         assert "Traceback" not in done.stderr
         assert f"IMAGESMITH_DATA_DIR: cannot create {blocker / 'data'}" in done.stderr + done.stdout, command
@@ -263,14 +251,7 @@ def test_options_that_contradict_or_fall_outside_their_range_are_named_as_typed(
     for args, message in expected.items():
         done = run_cli(*args, home=tiny_model_home)
         assert (done.returncode, done.stderr.strip()) == (2, message), args
-    env = {**os.environ, "IMAGESMITH_DATA_DIR": str(tiny_model_home), "IMAGESMITH_DEVICE": "gpu"}
-    done = subprocess.run(
-        [sys.executable, "-m", "imagesmith.cli", "doctor"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = cli_with({"IMAGESMITH_DATA_DIR": str(tiny_model_home), "IMAGESMITH_DEVICE": "gpu"}, "doctor")
     assert done.returncode == 2
     assert done.stderr.strip() == (
         "imagesmith: error: IMAGESMITH_DEVICE: device must be 'auto', 'cpu', 'mps', 'cuda' or 'cuda:N' (got 'gpu')"
@@ -295,15 +276,9 @@ def test_serve_on_a_busy_port_says_so_before_starting(tiny_model_home: Path) -> 
 
 
 def test_a_bad_environment_setting_is_named_as_set_and_exits_2(tiny_model_home: Path) -> None:
-    env = {**os.environ, "IMAGESMITH_DATA_DIR": str(tiny_model_home), "IMAGESMITH_PRECISION": "bf17"}
+    env = {"IMAGESMITH_DATA_DIR": str(tiny_model_home), "IMAGESMITH_PRECISION": "bf17"}
     for command in (["doctor"], ["generate", "x", "-o", str(tiny_model_home / "never.png")]):
-        done = subprocess.run(
-            [sys.executable, "-m", "imagesmith.cli", *command],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        done = cli_with(env, *command)
         assert done.returncode == 2, done.stderr
         assert (
             "IMAGESMITH_PRECISION: Input should be 'auto', 'bf16'" in done.stderr and "'bf17'" in done.stderr
