@@ -273,7 +273,10 @@ class Worker:
     def _claim(self) -> list[JobRecord]:
         """The oldest queued job it may run, plus queued jobs that can share its pipeline pass (see the
         module doc)."""
-        jobs = self.store.claim_where(self._may_run, limit=1)
+        if self.sources.status(SourceName.GENERATE).state is SourceState.FAILED:
+            jobs = self.store.claim_where(self._servable_without_models, limit=1)  # past the held generations
+        else:
+            jobs = self.store.claim(1)  # the head of the queue, one row read: the path between two passes
         if not jobs:
             return jobs
         # The first job is RUNNING in the store from here on: if gathering company fails (a locked database),
@@ -284,20 +287,18 @@ class Worker:
             log.exception("claiming jobs to batch with %s failed; running it alone", jobs[0].id)
             return jobs
 
-    def _may_run(self, job: JobRecord) -> bool:
-        """Not a generation while the models failed to load and no other source it allows can serve: it stays
+    def _servable_without_models(self, job: JobRecord) -> bool:
+        """While the models failed to load: a job another source it allows can serve. A generation stays
         queued for the restart that fixes the models (health says "failed"; accepted jobs are kept), where
         claiming it would fail it, and with it every job accepted before the failed start."""
-        if self.sources.status(SourceName.GENERATE).state is not SourceState.FAILED:
-            return True
         try:
             allowed = ImageRequest.model_validate(job.request).sources
         except ValueError:
             return True  # claimed, it fails with its own error
-        if SourceName.GENERATE not in allowed:
-            return True
         others = (self.sources.status(name).state for name in allowed if name is not SourceName.GENERATE)
-        return any(state in (SourceState.READY, SourceState.BLOCKED) for state in others)
+        return SourceName.GENERATE not in allowed or any(
+            state in (SourceState.READY, SourceState.BLOCKED) for state in others
+        )
 
     def _claim_company(self, first: JobRecord) -> list[JobRecord]:
         """Queued jobs that can share `first`'s pipeline pass, claimed; none when it cannot share one.
