@@ -269,7 +269,7 @@ def test_serve_on_a_busy_port_says_so_before_starting(tiny_model_home: Path) -> 
         done = run_cli("serve", "--port", str(port), home=tiny_model_home)
     assert done.returncode == 2, done.stderr
     assert (
-        f"imagesmith serve: error: --port: 127.0.0.1:{port} cannot be listened on (Address already in use)"
+        f"imagesmith serve: error: port: 127.0.0.1:{port} cannot be listened on (Address already in use)"
         in (done.stderr)
     )
     assert "Traceback" not in done.stderr and "loading base model" not in done.stderr

@@ -64,7 +64,7 @@ def _add_generate(subparsers: Any) -> None:
         "-o",
         "--output",
         type=Path,
-        default=Path("image.png"),
+        default=None,
         help="file to write; with several images, NAME_0.png, NAME_1.png, ...",
     )
     parser.add_argument(
@@ -196,7 +196,9 @@ class _StageBars:
 
 def run_generate(args: argparse.Namespace) -> int:
     try:  # before the models load: a path that cannot be written costs no generation
-        output, output_format = planned_output(args.output, args.format, OutputFormat.PNG)
+        output, output_format = planned_output(
+            args.output or Path("image"), args.format, OutputFormat.PNG, " (or give --format)"
+        )
     except OutputPathError as error:
         print(f"imagesmith generate: error: --output: {error}", file=sys.stderr)
         return USAGE_ERROR
@@ -312,7 +314,7 @@ def run_doctor(args: argparse.Namespace) -> int:
     pexels = pexels_doctor(settings, online=True)  # the same settings as the lines above
     for line in pexels.lines:
         print(line)
-    problems += settings.pexels_api_key is not None and not pexels.ok  # not configured: optional, not a fault
+    problems += pexels.fault  # not configured (optional), the network or a spent quota: not a fault
     if problems:
         print(f"doctor: {problems} problem(s) above will stop imagesmith working as configured")
         return 1

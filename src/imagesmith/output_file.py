@@ -20,7 +20,7 @@ class OutputPathError(ValueError):
 
 
 def planned_output(
-    output: Path, format_option: str | None, default: OutputFormat
+    output: Path, format_option: str | None, default: OutputFormat, format_hint: str = ""
 ) -> tuple[Path, OutputFormat]:
     """The file to write and its format, from `-o` and `--format`. A name without a suffix gets the format's
     (a PNG named 'hero' opens in nothing); a suffix that disagrees with --format is refused, as a suffix of
@@ -31,14 +31,16 @@ def planned_output(
     try:
         named = OutputFormat.for_suffix(output.suffix, chosen or default) if output.suffix else None
     except ValueError as error:
-        raise OutputPathError(f"{error} (or give --format)") from error
+        if chosen is None:
+            raise OutputPathError(f"{error}{format_hint}") from error
+        named = None  # 'hero.v2 --format png': the dot is part of the name; the format's suffix is added
     if chosen is not None and named is not None and named is not chosen:
         raise OutputPathError(
             f"{output.name} is named as {named.value} but --format is {chosen.value}; name the file "
             f"{output.stem}{SUFFIXES[chosen]}, or leave --format out"
         )
     output_format = chosen or named or default
-    path = output if output.suffix else output.with_name(output.name + SUFFIXES[output_format])
+    path = output if named is not None else output.with_name(output.name + SUFFIXES[output_format])
     check_writable(path)
     return path, output_format
 

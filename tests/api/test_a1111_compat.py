@@ -108,6 +108,9 @@ def test_errors_name_the_field_and_valid_values(server: ServerProcess) -> None:
     assert one_step["field"] == "steps", one_step
     assert one_step["detail"].endswith("at refiner_switch_at 0.8 (the default) leave the base or the refiner no "
                                        "step; raise steps to 2 or more")  # fmt: skip
+    # Naming a refiner without a switch point is the default split, not one the client chose.
+    named = txt2img(server, steps=1, refiner_checkpoint="sd_xl_refiner_1.0").json()
+    assert named["field"] == "steps", named
     dpm = txt2img(server, steps=4, sampler_name="DPM++ 2M")
     assert dpm.status_code == 422 and dpm.json()["field"] == "refiner_switch_at", dpm.text
     assert "raise steps, or move refiner_switch_at" in dpm.json()["detail"], dpm.text

@@ -234,3 +234,21 @@ def test_a_short_wait_ends_on_time_while_its_job_sends_progress(
             assert response.status_code == 504, response.text
             assert time.monotonic() - started < 2.0
             client.post(f"/v1/jobs/{response.json()['error']['job_id']}/cancel")
+
+
+def test_a_query_the_store_rejects_is_a_500_not_a_retry(
+    app_client: Callable[..., TestClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite raises the same OperationalError class for a full disk and for a bad query; only the first is
+    for the client to retry later. A bug told clients "retry later" for ever."""
+    import sqlite3
+
+    with app_client() as client:
+        store = client.app.state.store  # type: ignore[attr-defined]
+
+        def bad_query(*args: Any, **kwargs: Any) -> Any:
+            return sqlite3.connect(":memory:").execute("SELECT no_such_column FROM sqlite_master")
+
+        monkeypatch.setattr(store, "submit", bad_query)
+        response = client.post("/v1/jobs", json=BODY)
+        assert response.status_code == 500 and response.json()["error"]["code"] == "internal_error"

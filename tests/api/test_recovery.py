@@ -206,3 +206,17 @@ def test_a_start_removes_image_files_a_crash_left_half_written(
         assert client.get("/v1/health").status_code in (200, 503)
         assert not (images / ".tmp-k2j4h1").exists()
         assert whole.read_bytes() == b"a stored image"
+
+
+def test_a_start_that_fails_lets_go_of_the_job_store(tmp_path: Path) -> None:
+    """A setting that failed the start after the store was open (an allowed Pexels host that is not a host)
+    kept the store's lock: the next app in the process was told another process had it (its own pid)."""
+    from imagesmith.api import create_app
+    from imagesmith.config import Settings
+
+    broken = Settings(data_dir=tmp_path, pexels_api_key="k", pexels_allowed_hosts="ftp://images.pexels.com")
+    with pytest.raises(ValueError, match="pexels"), TestClient(create_app(broken, lambda _: None)):
+        pass
+    fixed = Settings(data_dir=tmp_path, warmup=False)
+    with TestClient(create_app(fixed, lambda _: None)) as client:
+        assert client.get("/v1/health").status_code in (200, 503)

@@ -94,12 +94,16 @@ def test_doctor(standin: StandIn, settings: Settings, tmp_path: Path) -> None:
     online = pexels_doctor(settings, online=True)
     assert online.ok and "quota 198/200 left" in online.lines[-1]
     standin.api_script = ["401"]
-    assert not pexels_doctor(settings, online=True).ok
+    refused = pexels_doctor(settings, online=True)
+    assert not refused.ok and refused.fault  # a key to change: doctor fails
+    standin.api_script = ["500"]
+    passing = pexels_doctor(settings, online=True)
+    assert not passing.ok and not passing.fault  # the API down for now: said, not a fault (generation serves)
     missing = pexels_doctor(Settings(_env_file=None, data_dir=tmp_path))
     assert not missing.ok and "not configured" in missing.lines[0]
     # An allowed host every search refuses: doctor said nothing and exited 0.
     ftp = pexels_doctor(settings.with_changes(pexels_allowed_hosts=["ftp://images.pexels.com"]))
-    assert not ftp.ok and "IMAGESMITH_PEXELS_ALLOWED_HOSTS" in ftp.lines[-1]
+    assert not ftp.ok and ftp.fault and "IMAGESMITH_PEXELS_ALLOWED_HOSTS" in ftp.lines[-1]
 
 
 def test_doctor_lines_and_the_handler_cli_py_calls(

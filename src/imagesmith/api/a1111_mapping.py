@@ -156,8 +156,11 @@ def _refinement(body: Txt2ImgRequest) -> dict[str, Any]:
         return {"refine_mode": RefineMode.NONE} if switch_at >= 1 else {"high_noise_frac": switch_at}
     if not body.refiner_checkpoint or body.refiner_checkpoint == "None" or (switch_at or 0) >= 1:
         return {"refine_mode": RefineMode.NONE}
-    high_noise_frac = DEFAULT_SWITCH_AT if switch_at is None else switch_at
-    return {"refine_mode": RefineMode.ENSEMBLE, "high_noise_frac": high_noise_frac}
+    if (
+        switch_at is None
+    ):  # the schema's default split (DEFAULT_SWITCH_AT): left unset, so an error blames steps
+        return {"refine_mode": RefineMode.ENSEMBLE}
+    return {"refine_mode": RefineMode.ENSEMBLE, "high_noise_frac": switch_at}
 
 
 def to_image_request(body: Txt2ImgRequest, settings: Settings) -> ImageRequest:

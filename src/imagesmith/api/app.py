@@ -44,31 +44,37 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         data_dir = prepared_data_dir(settings.data_dir)
         store = JobStore(data_dir / DATABASE_NAME)
-        requeued, given_up = store.recover(settings.max_attempts)
-        if requeued or given_up:
-            log.warning(
-                "recovered after an unclean stop: %d job(s) back in the queue, %d given up: %s",
-                len(requeued),
-                len(given_up),
-                ", ".join([*requeued, *given_up]),
-            )
-        files = ImageFiles(data_dir / "images")
-        removed = files.remove_partial_writes()  # safe: this process holds the store's lock (store_lock.py)
-        if removed:
-            log.warning("removed %d image file(s) a crash left half-written", removed)
-        sources, generate = build_sources(settings, engine_factory)
-        hub = EventHub()
-        metrics_ = Metrics(store.counts, lambda: sources.status(SourceName.STOCK))
-        worker = Worker(settings, store, files, sources, hub, metrics_)
-        app.state.settings, app.state.store, app.state.files = settings, store, files
-        app.state.sources, app.state.generate, app.state.hub = sources, generate, hub
-        app.state.metrics, app.state.worker = metrics_, worker
-        app.state.service = JobService(settings, store, sources, hub, worker)
-        app.state.loop = asyncio.get_running_loop()  # for begin_shutdown, called from a signal handler
-        app.state.a1111_jobs = a1111.A1111Jobs()
-        # Models load in the background: health answers "starting" and generation requests get 503 meanwhile.
-        generate.start_loading()
-        worker.start()
+        try:  # a start that fails below must not keep the store (and its lock) open
+            requeued, given_up = store.recover(settings.max_attempts)
+            if requeued or given_up:
+                log.warning(
+                    "recovered after an unclean stop: %d job(s) back in the queue, %d given up: %s",
+                    len(requeued),
+                    len(given_up),
+                    ", ".join([*requeued, *given_up]),
+                )
+            files = ImageFiles(data_dir / "images")
+            removed = (
+                files.remove_partial_writes()
+            )  # safe: this process holds the store's lock (store_lock.py)
+            if removed:
+                log.warning("removed %d image file(s) a crash left half-written", removed)
+            sources, generate = build_sources(settings, engine_factory)
+            hub = EventHub()
+            metrics_ = Metrics(store.counts, lambda: sources.status(SourceName.STOCK))
+            worker = Worker(settings, store, files, sources, hub, metrics_)
+            app.state.settings, app.state.store, app.state.files = settings, store, files
+            app.state.sources, app.state.generate, app.state.hub = sources, generate, hub
+            app.state.metrics, app.state.worker = metrics_, worker
+            app.state.service = JobService(settings, store, sources, hub, worker)
+            app.state.loop = asyncio.get_running_loop()  # for begin_shutdown, called from a signal handler
+            app.state.a1111_jobs = a1111.A1111Jobs()
+            # Models load in the background: health answers "starting" and generation requests get 503 meanwhile.
+            generate.start_loading()
+            worker.start()
+        except BaseException:
+            store.close()
+            raise
         log.info(
             "imagesmith %s: data in %s, queue bound %d, auth %s",
             __version__,

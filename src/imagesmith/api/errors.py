@@ -49,6 +49,14 @@ _STATUS_CODES = {
 }
 QUEUE_FULL_RETRY_AFTER_S = 5
 STORAGE_RETRY_AFTER_S = 10
+# The SQLite result codes a retry can outlive: locked by another program, a full or failing disk.
+_STORE_TRANSIENT = {
+    sqlite3.SQLITE_BUSY,
+    sqlite3.SQLITE_LOCKED,
+    sqlite3.SQLITE_FULL,
+    sqlite3.SQLITE_IOERR,
+    sqlite3.SQLITE_READONLY,
+}
 
 
 class ApiError(Exception):
@@ -252,6 +260,12 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _store_unwritable(request: Request, error: sqlite3.OperationalError) -> JSONResponse:
         # A full disk, or the database locked by another program past the busy timeout: the server is fine and
         # the request was not taken (its transaction did not commit), so a retry later is the answer, not a 500.
+        code = getattr(error, "sqlite_errorcode", None)  # set on errors SQLite raised (Python 3.11+)
+        if code is not None and code & 0xFF not in _STORE_TRANSIENT:  # SQL or schema: a bug, not the disk
+            log.error("unhandled store error", exc_info=error)
+            return render_error(
+                request, 500, "internal_error", "an internal error occurred; see the server log"
+            )
         log.error("the job store failed: %s", error)
         return render_error(
             request,

@@ -123,7 +123,7 @@ def cancel_job(job_id: str, service: ServiceDep, response: Response) -> dict[str
 
 
 END_EVENT_ID = "end"  # the id of a job's final event
-MAX_EVENT_ID_DIGITS = 18  # event ids are SQLite rowids, below 2**63
+MAX_EVENT_ID_DIGITS = 18  # event ids count up from 1 in the server process (EventHub): far below 10**18
 
 
 def event_id_after(last_seen: str) -> int:

@@ -130,7 +130,8 @@ def run_serve(args: argparse.Namespace) -> int:
         taken
     ):  # before the start-up: uvicorn binds after it, and a busy port ended a model load in a traceback
         print(
-            f"imagesmith serve: error: --port: {host}:{settings.port} {taken}; choose another port",
+            f"imagesmith serve: error: port: {host}:{settings.port} {taken}; choose another (--port or "
+            "IMAGESMITH_PORT)",
             file=sys.stderr,
         )
         return 2

@@ -132,6 +132,8 @@ class JobStore:
             self._reader.row_factory = sqlite3.Row
             self._read_lock = threading.Lock()
         except BaseException:
+            if hasattr(self, "_db"):
+                self._db.close()
             unlock_store(self._store_lock)
             raise
 
@@ -227,10 +229,14 @@ class JobStore:
         """Newest first."""
         where, args = ("WHERE status = ?", (status.value,)) if status else ("", ())
         with self._read_lock:
-            rows = self._reader.execute(
-                f"SELECT * FROM jobs {where} ORDER BY seq DESC LIMIT ? OFFSET ?", (*args, limit, offset)
-            ).fetchall()
-            total_row = self._one(f"SELECT COUNT(*) FROM jobs {where}", args, self._reader)
+            self._reader.execute("BEGIN")  # one snapshot: the page and the total agree
+            try:
+                rows = self._reader.execute(
+                    f"SELECT * FROM jobs {where} ORDER BY seq DESC LIMIT ? OFFSET ?", (*args, limit, offset)
+                ).fetchall()
+                total_row = self._one(f"SELECT COUNT(*) FROM jobs {where}", args, self._reader)
+            finally:
+                self._reader.execute("COMMIT")
         return [JobRecord.from_row(row) for row in rows], int(total_row[0]) if total_row else 0
 
     def oldest_queued(self, limit: int) -> list[JobRecord]:
@@ -363,11 +369,16 @@ class JobStore:
 
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
-            rows = self._db.execute(
-                "SELECT id, attempts, cancel_requested FROM jobs WHERE status = ?", (JobStatus.RUNNING.value,)
-            ).fetchall()
-            requeued, given_up = self._release_running(rows, max_attempts, interrupted)
-            self._db.execute("COMMIT")
+            try:
+                rows = self._db.execute(
+                    "SELECT id, attempts, cancel_requested FROM jobs WHERE status = ?",
+                    (JobStatus.RUNNING.value,),
+                ).fetchall()
+                requeued, given_up = self._release_running(rows, max_attempts, interrupted)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
         # A cancel that raced the last shutdown's requeue left its job queued; no one is listening yet.
         given_up += [job.id for job in self.cancel_flagged_queued()]
         return requeued, given_up

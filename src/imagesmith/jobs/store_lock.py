@@ -35,8 +35,14 @@ def lock_store(database: Path) -> int:
             f"{database} is in use by another imagesmith process (pid {holder}); stop that one, or give this one "
             "its own IMAGESMITH_DATA_DIR"
         ) from None
-    os.ftruncate(fd, 0)
-    os.write(fd, str(os.getpid()).encode("ascii"))  # for the message above, in the process locked out
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode("ascii"))  # for the message above, in the process locked out
+    except OSError:
+        pass  # a full disk: the lock holds without the pid (the message then says "unknown")
     return fd
 
 

@@ -27,7 +27,7 @@ from imagesmith.config import Settings, get_settings
 from imagesmith.output_file import OutputPathError, planned_output, write_whole
 from imagesmith.schemas import OutputFormat
 from imagesmith.sources.download import HostPolicy
-from imagesmith.sources.errors import NoStockResults, PexelsError, PexelsNotConfigured
+from imagesmith.sources.errors import NoStockResults, PexelsAuthError, PexelsError, PexelsNotConfigured
 from imagesmith.sources.pexels_client import PexelsClient, PhotoSize
 from imagesmith.sources.stock import StockPhotoSource, StockRequest, StockSearch
 
@@ -190,6 +190,9 @@ def _print_results(
 class PexelsDoctorReport:
     ok: bool
     lines: list[str] = field(default_factory=list)
+    # A setting to change (a refused key, an allowed host no search accepts), as against a passing failure (the
+    # network, a spent quota: stock photos fall back to generation meanwhile). Only a fault fails `doctor`.
+    fault: bool = False
 
 
 def doctor_lines(settings: Settings, *, online: bool = True) -> list[str]:
@@ -206,7 +209,7 @@ def pexels_doctor(settings: Settings, *, online: bool = False) -> PexelsDoctorRe
     try:
         HostPolicy(settings.pexels_allowed_hosts)  # what every search would refuse, said here too
     except ValueError as error:
-        return PexelsDoctorReport(ok=False, lines=[*lines, f"pexels: {error}"])
+        return PexelsDoctorReport(ok=False, lines=[*lines, f"pexels: {error}"], fault=True)
     if not online:
         return PexelsDoctorReport(ok=True, lines=lines)
     return asyncio.run(_doctor_online(settings, lines))
@@ -221,10 +224,12 @@ async def _doctor_online(settings: Settings, lines: list[str]) -> PexelsDoctorRe
     async with PexelsClient.from_settings(quick) as client:
         try:
             await client.search("nature", per_page=1)
-        except PexelsNotConfigured as error:
-            return PexelsDoctorReport(ok=False, lines=[*lines, f"pexels: {error}"])
-        except PexelsError as error:
-            return PexelsDoctorReport(ok=False, lines=[*lines, f"pexels: API check failed: {error}"])
+        except (PexelsNotConfigured, PexelsAuthError) as error:
+            return PexelsDoctorReport(ok=False, lines=[*lines, f"pexels: {error}"], fault=True)
+        except PexelsError as error:  # the network, the quota: it passes, and generation serves meanwhile
+            return PexelsDoctorReport(
+                ok=False, lines=[*lines, f"pexels: API check failed (for now): {error}"]
+            )
         quota = client.quota.snapshot()
     reset = quota.reset_at.isoformat() if quota.reset_at else "unknown"
     lines.append(f"pexels: API answers; quota {quota.remaining}/{quota.limit} left, resets {reset}")

@@ -1,0 +1,42 @@
+"""Where the CLI writes an image: the name, the format, and the checks made before any work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from imagesmith.output_file import OutputPathError, planned_output
+from imagesmith.schemas import OutputFormat
+
+
+def test_the_name_and_the_format_option_agree_or_the_format_adds_its_suffix(tmp_path: Path) -> None:
+    png = OutputFormat.PNG
+    cases = {
+        ("hero.png", None): ("hero.png", OutputFormat.PNG),
+        ("hero.JPG", None): ("hero.JPG", OutputFormat.JPEG),
+        ("hero", "webp"): ("hero.webp", OutputFormat.WEBP),
+        ("hero", None): ("hero.png", OutputFormat.PNG),
+        # A dot that is part of the name, with --format: the format's suffix is added (it was refused).
+        ("hero.v2", "png"): ("hero.v2.png", OutputFormat.PNG),
+        ("2024.05.01-hero", "jpeg"): ("2024.05.01-hero.jpg", OutputFormat.JPEG),
+    }
+    for (name, format_option), (expected, output_format) in cases.items():
+        assert planned_output(tmp_path / name, format_option, png) == (tmp_path / expected, output_format), (
+            name
+        )
+
+
+def test_names_that_would_lie_about_their_bytes_are_refused_with_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(
+        OutputPathError, match=r"hero.png is named as png but --format is jpeg; name the file hero.jpg"
+    ):
+        planned_output(tmp_path / "hero.png", "jpeg", OutputFormat.PNG)
+    with pytest.raises(
+        OutputPathError, match=r"^\.v2 is not a format imagesmith writes; .* \(or give --format\)$"
+    ):
+        planned_output(tmp_path / "hero.v2", None, OutputFormat.PNG, " (or give --format)")
+    with pytest.raises(
+        OutputPathError, match=r"is not a format imagesmith writes; name the file .png, .jpg or .webp$"
+    ):
+        planned_output(tmp_path / "hero.v2", None, OutputFormat.JPEG)  # search: no --format to suggest
