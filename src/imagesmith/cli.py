@@ -65,7 +65,8 @@ def _add_generate(subparsers: Any) -> None:
         "--output",
         type=Path,
         default=None,
-        help="file to write; with several images, NAME_0.png, NAME_1.png, ...",
+        help="file to write (default image.png, or image.<format> with --format); with several images, "
+        "NAME_0.png, NAME_1.png, ...",
     )
     parser.add_argument(
         "--model",

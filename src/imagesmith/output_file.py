@@ -24,7 +24,8 @@ def planned_output(
 ) -> tuple[Path, OutputFormat]:
     """The file to write and its format, from `-o` and `--format`. A name without a suffix gets the format's
     (a PNG named 'hero' opens in nothing); a suffix that disagrees with --format is refused, as a suffix of
-    no format is, since the file's name would lie about its bytes."""
+    no format is, since the file's name would lie about its bytes. `format_hint`: added to that refusal where
+    the command has a --format to suggest."""
     if output.is_dir():  # before a suffix is added: 'adir' must not become 'adir.png' beside it
         check_writable(output)
     chosen = OutputFormat(format_option) if format_option else None
