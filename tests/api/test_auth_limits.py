@@ -197,6 +197,10 @@ def test_a_job_store_that_cannot_be_written_is_a_503_to_retry(
             assert response.json()["error"]["code"] == "storage_unavailable"
             assert "database or disk is full" in response.json()["error"]["message"]
             assert int(response.headers["Retry-After"]) > 0
+        # A load balancer sees it too: "degraded" with the reason, where health said "ready".
+        health = client.get("/v1/health").json()
+        assert health["status"] == "degraded", health
+        assert any("job store could not be written" in reason for reason in health["reasons"])
 
 
 def test_a_wait_that_runs_out_is_a_504_naming_the_job_which_goes_on(

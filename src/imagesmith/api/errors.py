@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import time
 from collections.abc import Sequence
 from enum import StrEnum
 from typing import Any
@@ -267,6 +268,7 @@ def install_error_handlers(app: FastAPI) -> None:
                 request, 500, "internal_error", "an internal error occurred; see the server log"
             )
         log.error("the job store failed: %s", error)
+        request.app.state.store_failure = (time.monotonic(), str(error))  # health says so for a while
         return render_error(
             request,
             503,

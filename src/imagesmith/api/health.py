@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
@@ -38,6 +39,9 @@ def health_report(app: FastAPI) -> dict[str, Any]:
             reasons.append(f"refiner {details.get('refiner')}; images are not refined")
         if counts[JobStatus.QUEUED] + counts[JobStatus.RUNNING] >= state.settings.queue_max:
             reasons.append("the queue is full")
+        store_failure = recent_store_failure(app)
+        if store_failure:
+            reasons.append(store_failure)
         if reasons:
             status = "degraded"
     if not state.worker.alive:
@@ -71,6 +75,22 @@ def health_report(app: FastAPI) -> dict[str, Any]:
         "startup": details.get("startup", {}),
         "auth": bool(state.settings.api_key_list()),
     }
+
+
+STORE_FAILURE_SHOWN_S = 60.0  # how long health reports a failed write to the job store
+
+
+def recent_store_failure(app: FastAPI) -> str | None:
+    """A write to the job store that failed lately (a full disk, a lock held by another program): submits get
+    503 meanwhile, so health says "degraded" rather than "ready" to a load balancer, for a minute after."""
+    failure = getattr(app.state, "store_failure", None)
+    if failure is None:
+        return None
+    failed_at, error = failure
+    ago = time.monotonic() - failed_at
+    if ago > STORE_FAILURE_SHOWN_S:
+        return None
+    return f"the job store could not be written {ago:.0f}s ago ({error}); new jobs get 503 until it can"
 
 
 # What health tells a caller without a key when keys are set: enough for a load balancer and the seed's
