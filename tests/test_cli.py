@@ -383,3 +383,22 @@ sys.exit(cli.main(["doctor"]))
     assert done.returncode == 130, done.stderr[-2000:]
     assert done.stderr.strip().endswith("imagesmith: interrupted")
     assert "Traceback" not in done.stderr
+
+
+def test_options_the_runs_mode_does_not_use_get_a_note() -> None:
+    """--refine-steps with the default ensemble, or --high-noise-frac with --mode none, were ignored without a
+    word."""
+    from imagesmith import cli
+    from imagesmith.schemas import RefineMode
+
+    def notes(*argv: str, mode: RefineMode) -> list[str]:
+        return cli.unused_options(cli.build_parser().parse_args(["generate", "x", *argv]), mode)
+
+    assert notes("--refine-steps", "10", mode=RefineMode.ENSEMBLE) == [
+        "--refine-steps applies to --mode img2img; this run is ensemble, so it is not used"
+    ]
+    assert notes("--high-noise-frac", "0.7", "--mode", "none", mode=RefineMode.NONE) == [
+        "--high-noise-frac applies to --mode ensemble; this run is none, so it is not used"
+    ]
+    assert notes("--refine-steps", "10", "--refine-strength", "0.5", mode=RefineMode.IMG2IMG) == []
+    assert notes(mode=RefineMode.NONE) == []  # defaults given by no one: nothing to say

@@ -83,8 +83,12 @@ def _add_generate(subparsers: Any) -> None:
     parser.add_argument(
         "--high-noise-frac", type=float, help="ensemble: share of the steps the base runs (default 0.8)"
     )
-    parser.add_argument("--refine-steps", type=int, default=30)
-    parser.add_argument("--refine-strength", type=float, default=0.3)
+    parser.add_argument(
+        "--refine-steps", type=int, help="img2img mode: refiner steps before strength (default 30)"
+    )
+    parser.add_argument(
+        "--refine-strength", type=float, help="img2img mode: how much to re-noise (default 0.3)"
+    )
     parser.add_argument("--scheduler", choices=[s.value for s in SchedulerName], default="euler")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--num-images", type=int, default=1)
@@ -160,6 +164,24 @@ def _request_from(args: argparse.Namespace, output_format: OutputFormat) -> Gene
     return GenerationRequest(**{key: value for key, value in fields.items() if value is not None})
 
 
+# The options that shape one refinement mode only, by the mode they belong to.
+_MODE_OPTIONS = {
+    "--high-noise-frac": ("high_noise_frac", RefineMode.ENSEMBLE),
+    "--refine-steps": ("refine_steps", RefineMode.IMG2IMG),
+    "--refine-strength": ("refine_strength", RefineMode.IMG2IMG),
+}
+
+
+def unused_options(args: argparse.Namespace, mode: RefineMode) -> list[str]:
+    """A note for each option given that this run's refinement mode does not use (they were ignored without
+    a word: --refine-steps with the default ensemble, say)."""
+    return [
+        f"{option} applies to --mode {wanted.value}; this run is {mode.value}, so it is not used"
+        for option, (attribute, wanted) in _MODE_OPTIONS.items()
+        if getattr(args, attribute) is not None and mode is not wanted
+    ]
+
+
 def output_paths(output: Path, count: int) -> list[Path]:
     if count == 1:
         return [output]
@@ -213,6 +235,8 @@ def run_generate(args: argparse.Namespace) -> int:
         request = _request_from(args, output_format)
     except ValidationError as error:
         return report_option_errors("generate", error, _OPTION_FOR_FIELD)
+    for option in unused_options(args, request.resolve().refine_mode):
+        print(f"imagesmith generate: note: {option}", file=sys.stderr)
     from imagesmith.engine import Engine, GenerationError, ModelLoadError
     from imagesmith.engine.output import encode_in_parallel
 
