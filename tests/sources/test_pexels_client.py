@@ -113,6 +113,20 @@ async def test_429_uses_the_last_known_reset(standin: StandIn, settings: Setting
     assert caught.value.retry_at.timestamp() == clock.now + 42
 
 
+async def test_a_429_with_calls_left_is_the_hourly_limit_not_the_months(
+    standin: StandIn, settings: Settings, clock: FakeClock
+) -> None:
+    """Pexels' reset is the monthly period's; a 429 while Remaining is above 0 is its hourly limit. Blocking
+    until the reset switched stock photos off for ten days after one busy hour."""
+    standin.reset_epoch = int(clock.now) + 10 * 86_400
+    standin.api_script = ["ok", "429"]
+    async with client_for(settings, clock) as client:
+        await client.search("cats")  # Remaining 198 of 200
+        with pytest.raises(PexelsQuotaExhausted) as caught:
+            await client.search("dogs")
+    assert caught.value.retry_at.timestamp() == clock.now + 600  # the backoff, not the month's end
+
+
 async def test_5xx_then_success_is_retried(standin: StandIn, settings: Settings) -> None:
     standin.api_script = ["500", "500"]
     async with client_for(settings) as client:

@@ -225,14 +225,19 @@ class QuotaTracker:
             self.block("remaining reached 0")
 
     def block(self, reason: str, retry_after_s: float | None = None) -> float:
-        """Stop calling until the known reset, else for retry_after_s, else for the default backoff."""
+        """Stop calling: for retry_after_s when the answer gave one; until the reset when the period's calls are
+        spent (Remaining 0); else for the default backoff, or until the reset if that comes sooner.
+
+        Pexels' X-Ratelimit-Reset is the monthly period's, while a 429 without Remaining 0 is its hourly
+        limit: blocking until the reset then switched stock photos off for weeks after one busy hour."""
         now = self.clock()
+        reset_ahead = self.reset_epoch if self.reset_epoch is not None and self.reset_epoch > now else None
         if retry_after_s is not None:
             until = now + retry_after_s
-        elif self.reset_epoch is not None and self.reset_epoch > now:
-            until = self.reset_epoch
+        elif reset_ahead is not None and self.remaining is not None and self.remaining <= 0:
+            until = reset_ahead
         else:
-            until = now + self.default_block_s
+            until = min(now + self.default_block_s, reset_ahead or math.inf)
         self.blocked_until, self.blocked_reason, self.remaining = until, reason, 0
         logger.warning("Pexels quota: %s; no calls until %s", reason, _iso(until))
         return until
