@@ -176,6 +176,11 @@ class _Handler(BaseHTTPRequestHandler):
             s.remaining -= 1
         if behaviour == "bad_shape":
             return self._json(200, {"page": 1, "per_page": 15, "photos": [{"id": 5, "width": 10}]})
+        if behaviour == "no_photos":  # a proxy's error page, as JSON with a 200
+            return self._json(200, {"error": "upstream said no"})
+        if behaviour == "huge_width":
+            photo = s.photo_json(*s.catalogue[0])
+            return self._json(200, {"page": 1, "per_page": 1, "photos": [{**photo, "width": int("9" * 400)}]})
         if path.startswith("/v1/photos/"):
             wanted = int(path.rsplit("/", 1)[1])
             for entry in s.catalogue:

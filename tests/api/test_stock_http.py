@@ -209,6 +209,9 @@ def test_bad_key_then_429_on_a_fresh_server(
     assert "Pexels refused the API key" in report["pexels"]["last_error"]
     refused = seed(proc, keywords=["lake"])  # refused at once now, naming the cause
     assert refused.status_code == 503 and "refused the API key" in refused.json()["error"]["message"]
+    # ... and the field this endpoint has (it named /v1/jobs' `sources`, which the seed's request lacks).
+    assert refused.json()["error"]["field"] == "use_generation"
+    assert "use_generation=true would generate the image instead" in refused.json()["error"]["message"]
 
     # A 429 (Pexels sends no rate-limit headers with it): generated, and health shows Pexels blocked.
     standin.api_script = ["429"]

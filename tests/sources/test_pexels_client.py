@@ -194,6 +194,14 @@ async def test_malformed_json_and_wrong_shape_are_bad_responses(standin: StandIn
             await client.search("cats")
         with pytest.raises(PexelsBadResponse, match=r"photos\.0\.height"):
             await client.search("cats")
+    # A 200 without photos was "no results" (cached for a day); a 400-digit width overflowed the ranking.
+    standin.api_script = ["no_photos", "huge_width"]
+    async with client_for(settings) as client:
+        with pytest.raises(PexelsBadResponse, match="photos"):
+            await client.search("cats")
+        with pytest.raises(PexelsBadResponse, match=r"photos\.0\.width"):
+            await client.search("cats")
+        assert (await client.search("cats")).photos  # Pexels is back: nothing of the bad answers stayed
 
 
 async def test_quota_remaining_zero_blocks_until_reset(

@@ -84,7 +84,7 @@ def test_variant_url_asks_the_cdn_for_the_crop_only_when_big_enough() -> None:
 def test_cache_expires_and_evicts() -> None:
     clock = FakeClock()
     cache = SearchCache(ttl_s=10, max_entries=2, clock=clock)
-    page = PexelsSearchPage()
+    page = PexelsSearchPage(photos=[])
     cache.put(("a",), page)
     cache.put(("b",), page)
     assert cache.get(("a",)) is page  # "a" is now the most recently used

@@ -13,7 +13,7 @@ from imagesmith.api.deps import Authorized, ServiceDep, SettingsDep
 from imagesmith.api.errors import ApiError
 from imagesmith.api.health import report_for
 from imagesmith.api.waiting import submit_and_wait, succeeded_result
-from imagesmith.jobs.service import StockNotConfigured
+from imagesmith.jobs.service import SourcesUnavailable, StockNotConfigured
 from imagesmith.jobs.store import JobStatus
 from imagesmith.schemas import (
     MAX_PROMPT_CHARS,
@@ -138,6 +138,12 @@ async def generate_image(
     except StockNotConfigured as refused:  # said in this endpoint's flags, not /v1/jobs' sources
         fix = "set use_generation=true to generate the image instead"
         raise StockNotConfigured.with_fix(fix, "use_generation") from refused
+    except SourcesUnavailable as refused:  # the same: this endpoint has no `sources` to blame
+        if body.use_generation:
+            raise
+        raise SourcesUnavailable(
+            f"{refused.message}; use_generation=true would generate the image instead", "use_generation"
+        ) from refused
     error = job.error or {}
     code = error.get("code")
     if job.status is JobStatus.FAILED and code in SOURCE_FAILURE_STATUS:

@@ -61,6 +61,7 @@ MAX_PER_PAGE = 80  # the API's own ceiling
 # overflow datetime.fromtimestamp on every health check.
 EARLIEST_RESET_EPOCH = 946_684_800.0  # 2000-01-01
 MAX_RESET_AHEAD_S = 40 * 86_400.0
+MAX_PHOTO_SIDE = 100_000  # pixels; Pexels' largest originals are under 20,000
 MAX_RETRY_AFTER_S = 86_400.0  # a 429 never holds calls back longer than a day
 
 
@@ -100,8 +101,9 @@ class PexelsPhoto(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     id: int
-    width: int = Field(gt=0)
-    height: int = Field(gt=0)
+    # Bounded: a 400-digit width overflowed the ranking (an error for the query, cached for a day).
+    width: int = Field(gt=0, le=MAX_PHOTO_SIDE)
+    height: int = Field(gt=0, le=MAX_PHOTO_SIDE)
     url: str
     photographer: str
     photographer_url: str
@@ -118,7 +120,9 @@ class PexelsSearchPage(BaseModel):
     total_results: int = 0
     page: int = 1
     per_page: int = 0
-    photos: list[PexelsPhoto] = Field(default_factory=list)
+    # Required: a 200 without it (a proxy's error page as JSON) is a bad answer, not "no results" (which the
+    # search cache kept for a day, after Pexels was back).
+    photos: list[PexelsPhoto]
     next_page: str | None = None
     prev_page: str | None = None
 
