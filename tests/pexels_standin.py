@@ -227,6 +227,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, b"\xff\xd8\xff" + b"not really a jpeg" * 50, "image/jpeg")
         if behaviour == "bad_encoding":
             return self._send(200, b"not gzip at all", "image/jpeg", extra={"Content-Encoding": "gzip"})
+        if behaviour == "placeholder":  # a CDN's 1x1 stand-in for a photo it cannot serve
+            return self._send(200, jpeg_bytes(1, 1, seed=photo_id), "image/jpeg")
         if behaviour == "oversized_declared":
             return self._send(200, b"", "image/jpeg", length=50_000_000)
         if behaviour == "oversized":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import struct
 import time
 
@@ -116,6 +117,21 @@ def test_host_policy_allows() -> None:
 def test_fit_exact_gives_the_exact_size(size: tuple[int, int], target: tuple[int, int]) -> None:
     image = Image.new("RGB", size, (10, 20, 30))
     assert fit_exact(image, *target).size == target
+
+
+def test_a_16_bit_png_keeps_its_tones() -> None:
+    """convert("RGB") clips 16-bit greys: a gradient came out solid white."""
+    import numpy as np
+
+    gradient = np.linspace(0, 65535, 64 * 8).reshape(8, 64).astype(np.uint16)
+    encoded = io.BytesIO()
+    Image.fromarray(gradient).save(encoded, "PNG")
+    decoded = Image.open(io.BytesIO(encoded.getvalue()))
+    assert decoded.mode.startswith("I")
+    fitted = np.asarray(fit_exact(decoded, 64, 8))
+    assert fitted.shape == (8, 64, 3)
+    assert fitted[0, 0, 0] < 10 and fitted[-1, -1, 0] == 255  # a ramp up to white, not white throughout
+    assert abs(int(fitted[4, 32, 0]) - int(gradient[4, 32]) // 256) <= 1
 
 
 async def test_a_body_that_does_not_decode_is_a_bad_response(standin: StandIn) -> None:

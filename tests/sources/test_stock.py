@@ -145,6 +145,18 @@ async def test_bad_downloads_move_on_to_the_next_candidate(standin: StandIn, set
     assert standin.image_calls == 3 and photo.photo_id not in (101,)
 
 
+async def test_a_placeholder_download_moves_on_to_the_next_candidate(
+    standin: StandIn, settings: Settings
+) -> None:
+    """A 1x1 image for a 1800x1200 photo was upscaled and served as a flat "photo", with full credit."""
+    standin.image_script = ["placeholder"]
+    async with source_for(settings) as source:
+        photo = await source.fetch(StockRequest(title="lake", width=600, height=400))
+        assert source.status().failures == 1
+    assert standin.image_calls == 2 and photo.photo_id != 101
+    assert Image.open(io.BytesIO(photo.data)).getextrema() != ((128, 128),) * 3  # not one flat colour
+
+
 async def test_every_download_rejected_is_no_results(standin: StandIn, settings: Settings) -> None:
     standin.image_default = "oversized"
     async with source_for(settings) as source:
@@ -225,3 +237,23 @@ async def test_a_prompt_with_no_words_is_no_results_without_asking_pexels(
             await source.fetch(StockRequest(prompt="((:1.3))"))
         assert "NothingToSearch" in (source.status().last_error or "")
     assert standin.api_calls == 0
+
+
+def test_the_credit_html_links_only_to_web_pages(standin: StandIn) -> None:
+    """A `javascript:` photographer URL (a hostile or tampered answer) went into the href a blog pastes into
+    its pages; only http(s) links are kept, the name stays."""
+    from imagesmith.sources.attribution import Attribution
+    from imagesmith.sources.pexels_client import PexelsPhoto
+
+    photo = PexelsPhoto.model_validate(
+        {
+            **standin.photo_json(101, 1800, 1200, "a lake"),
+            "photographer_url": "javascript:alert(1)",
+            "url": "data:x",
+        }
+    )
+    credit = Attribution.from_photo(photo)
+    assert "javascript:" not in credit.credit_html and "data:" not in credit.credit_html
+    assert credit.credit_html.startswith(f'Photo by {photo.photographer} on <a href="https://www.pexels.com')
+    fine = Attribution.from_photo(PexelsPhoto.model_validate(standin.photo_json(101, 1800, 1200, "a lake")))
+    assert '<a href="https://www.pexels.com/@' in fine.credit_html or '<a href="https://' in fine.credit_html

@@ -18,6 +18,7 @@ import io
 import json
 import unicodedata
 from typing import BinaryIO, Literal
+from urllib.parse import urlsplit
 from xml.sax.saxutils import escape as xml_escape
 
 from PIL import Image, PngImagePlugin
@@ -54,11 +55,16 @@ class Attribution(BaseModel):
     @classmethod
     def from_photo(cls, photo: PexelsPhoto) -> Attribution:
         name = photo.photographer.strip() or "an unknown photographer"
-        page = photo.url or PEXELS_HOME
-        credit_html = (
-            f'Photo by <a href="{html.escape(photo.photographer_url, quote=True)}">{html.escape(name)}</a> '
-            f'on <a href="{html.escape(page, quote=True)}">Pexels</a>'
+        page = web_link(photo.url) or PEXELS_HOME
+        # Only http(s) links go into the HTML a blog pastes into its pages: a `javascript:` URL from a hostile
+        # upstream (or a tampered answer) passed through, escaped but live.
+        photographer_link = web_link(photo.photographer_url)
+        by = (
+            f'<a href="{html.escape(photographer_link, quote=True)}">{html.escape(name)}</a>'
+            if photographer_link
+            else html.escape(name)
         )
+        credit_html = f'Photo by {by} on <a href="{html.escape(page, quote=True)}">Pexels</a>'
         return cls(
             photo_id=photo.id,
             photo_url=page,
@@ -172,3 +178,11 @@ def read_exif_credit(source: bytes) -> dict[str, str]:
             TIFF_IMAGE_DESCRIPTION: "ImageDescription",
         }
         return {name: str(exif[tag]) for tag, name in names.items() if tag in exif}
+
+
+def web_link(url: str | None) -> str | None:
+    """`url` if it is an http(s) link, else None."""
+    if not url:
+        return None
+    scheme = urlsplit(url.strip()).scheme.lower()
+    return url.strip() if scheme in ("http", "https") else None

@@ -39,6 +39,7 @@ from imagesmith.sources.download import HostPolicy, ImageDownloader, fit_exact
 from imagesmith.sources.errors import (
     DownloadRejected,
     NoStockResults,
+    NotAnImage,
     NothingToSearch,
     PexelsBadResponse,
     PexelsError,
@@ -412,6 +413,7 @@ class StockPhotoSource:
     async def _download(self, photo: PexelsPhoto, request: StockRequest, found: StockSearch) -> StockPhoto:
         url = variant_url(photo, request.width, request.height)
         downloaded = await self.downloader.fetch(url)
+        check_not_a_placeholder(downloaded.image.size, photo, request)
         fitted = fit_exact(downloaded.image, request.width, request.height)
         attribution = Attribution.from_photo(photo)
         data = encode_with_attribution(fitted, request.output_format, attribution)
@@ -449,4 +451,20 @@ class StockPhotoSource:
             last_error=self._last_error,
             cache_entries=len(self.cache),
             **self._counters,
+        )
+
+
+PLACEHOLDER_FRACTION = 4  # a download this many times smaller than expected, on either side, is not the photo
+
+
+def check_not_a_placeholder(size: tuple[int, int], photo: PexelsPhoto, request: StockRequest) -> None:
+    """Refuse a download far smaller than the crop asked for (or the photo itself, if smaller): a CDN's 1x1
+    placeholder was upscaled and served as a flat "photo" with full credit; refused, the next candidate is
+    tried."""
+    width, height = size
+    expected_width, expected_height = min(photo.width, request.width), min(photo.height, request.height)
+    if width * PLACEHOLDER_FRACTION < expected_width or height * PLACEHOLDER_FRACTION < expected_height:
+        raise NotAnImage(
+            f"photo {photo.id} downloaded at {width}x{height}, far below the {expected_width}x{expected_height} "
+            "asked for (a placeholder?)"
         )
