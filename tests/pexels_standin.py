@@ -10,6 +10,7 @@ Behaviours are switched per test through `api_script` / `image_script` (one entr
 from __future__ import annotations
 
 import contextlib
+import gzip
 import io
 import json
 import threading
@@ -176,6 +177,9 @@ class _Handler(BaseHTTPRequestHandler):
             s.remaining -= 1
         if behaviour == "bad_shape":
             return self._json(200, {"page": 1, "per_page": 15, "photos": [{"id": 5, "width": 10}]})
+        if behaviour == "gzip_bomb":  # 3 MB of JSON, gzipped to a few KB
+            bomb = gzip.compress(json.dumps({"photos": [], "padding": " " * 3_000_000}).encode())
+            return self._send(200, bomb, "application/json", extra={"Content-Encoding": "gzip"})
         if behaviour == "no_photos":  # a proxy's error page, as JSON with a 200
             return self._json(200, {"error": "upstream said no"})
         if behaviour == "huge_width":

@@ -194,6 +194,11 @@ async def test_malformed_json_and_wrong_shape_are_bad_responses(standin: StandIn
             await client.search("cats")
         with pytest.raises(PexelsBadResponse, match=r"photos\.0\.height"):
             await client.search("cats")
+    # A gzip bomb was read whole (a 300 KB answer took the server from 1.3 to 2.2 GB): the body is capped.
+    standin.api_script = ["gzip_bomb"]
+    async with client_for(settings) as client:
+        with pytest.raises(PexelsBadResponse, match="answered more than 2000000 bytes"):
+            await client.search("cats")
     # A 200 without photos was "no results" (cached for a day); a 400-digit width overflowed the ranking.
     standin.api_script = ["no_photos", "huge_width"]
     async with client_for(settings) as client:
