@@ -45,6 +45,8 @@ def test_query_prefers_keywords_then_title_then_prompt() -> None:
 
 def test_normalise_query() -> None:
     assert normalise_query("  Mountain   LAKE! ") == normalise_query("mountain lake") == "mountain lake"
+    # Punctuation alone stays itself: all three were "" and shared one cache entry and one repeat memory.
+    assert len({normalise_query(query) for query in ("!!!", "???", "...")}) == 3
 
 
 @pytest.mark.parametrize(

@@ -171,8 +171,10 @@ def build_query(prompt: str, title: str | None = None, keywords: Sequence[str] |
 
 
 def normalise_query(query: str) -> str:
-    """The cache's and the repeat memory's view of a query: case, spacing and edge punctuation ignored."""
-    return _SPACES.sub(" ", query.casefold()).strip(" .,;:!?\"'")
+    """The cache's and the repeat memory's view of a query: case, spacing and edge punctuation ignored (but a
+    query of punctuation alone stays itself: "!!!", "???" and "..." all became "" and shared one entry)."""
+    spaced = _SPACES.sub(" ", query.casefold())
+    return spaced.strip(" .,;:!?\"'") or spaced.strip()
 
 
 def orientation_for(width: int, height: int) -> Orientation:
