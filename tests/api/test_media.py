@@ -71,6 +71,9 @@ def test_seed_curl_example_end_to_end(server: ServerProcess) -> None:
     assert whole.status_code == 200 and whole.content == fetched.content
     part = httpx.get(body["image_url"], headers={"Range": "bytes=0-7"})
     assert part.status_code == 206 and part.content == fetched.content[:8]
+    beyond = httpx.get(body["image_url"], headers={"Range": f"bytes={len(fetched.content) + 10}-"})
+    assert beyond.status_code == 416 and beyond.headers["content-range"] == f"bytes */{len(fetched.content)}"
+    assert beyond.json()["error"]["code"] == "range_not_satisfiable"  # JSON, like every other error
 
 
 def test_seed_fields_and_new_fields(server: ServerProcess) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, Response
-from starlette.responses import MalformedRangeHeader
+from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
 
 from imagesmith.api.deps import FilesDep, ImagesAuthorized
 from imagesmith.api.errors import ApiError
@@ -53,6 +53,19 @@ async def get_image(name: str, request: Request, files: FilesDep) -> Response:
     etag = f'"{parsed[0]}"'
     if etag_matches(request.headers.get("if-none-match"), etag):
         return Response(status_code=304, headers={"ETag": etag, "Cache-Control": CACHE_FOREVER})
+    wanted = request.headers.get("range")
+    if wanted is not None:
+        size = path.stat().st_size
+        try:  # said here, in JSON like every other error, rather than as Starlette's empty text/plain 416
+            ImageFileResponse._parse_range_header(wanted, size)
+        except RangeNotSatisfiable:
+            raise ApiError(
+                416,
+                "range_not_satisfiable",
+                f"the image is {size} bytes; ask for a range that starts below that",
+                "Range",
+                headers={"Content-Range": f"bytes */{size}"},
+            ) from None
     return ImageFileResponse(
         path, media_type=MEDIA_TYPES[parsed[1]], headers={"ETag": etag, "Cache-Control": CACHE_FOREVER}
     )
