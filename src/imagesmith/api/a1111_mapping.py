@@ -44,7 +44,6 @@ from imagesmith.sources.base import ImageRequest
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SWITCH_AT = 0.8
 # A1111's own aliases for the samplers we have (modules/sd_samplers_kdiffusion.py and friends).
 SAMPLER_ALIASES: dict[SchedulerName, list[str]] = {
     SchedulerName.EULER: ["k_euler"],
@@ -156,9 +155,8 @@ def _refinement(body: Txt2ImgRequest) -> dict[str, Any]:
         return {"refine_mode": RefineMode.NONE} if switch_at >= 1 else {"high_noise_frac": switch_at}
     if not body.refiner_checkpoint or body.refiner_checkpoint == "None" or (switch_at or 0) >= 1:
         return {"refine_mode": RefineMode.NONE}
-    if (
-        switch_at is None
-    ):  # the schema's default split (DEFAULT_SWITCH_AT): left unset, so an error blames steps
+    if switch_at is None:
+        # The schema's default split (0.8, A1111's too), left unset: an error then blames the steps.
         return {"refine_mode": RefineMode.ENSEMBLE}
     return {"refine_mode": RefineMode.ENSEMBLE, "high_noise_frac": switch_at}
 

@@ -54,9 +54,8 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
                     ", ".join([*requeued, *given_up]),
                 )
             files = ImageFiles(data_dir / "images")
-            removed = (
-                files.remove_partial_writes()
-            )  # safe: this process holds the store's lock (store_lock.py)
+            # Safe here: this process holds the store's lock (store_lock.py), so no other put() is writing.
+            removed = files.remove_partial_writes()
             if removed:
                 log.warning("removed %d image file(s) a crash left half-written", removed)
             sources, generate = build_sources(settings, engine_factory)

@@ -125,10 +125,9 @@ def run_serve(args: argparse.Namespace) -> int:
     except (StoreInUse, StoreDamaged, sqlite3.DatabaseError) as error:
         print(f"imagesmith serve: cannot open the job store: {error}", file=sys.stderr)
         return 1
+    # Before the start-up: uvicorn binds after it, and a busy port ended a model load in a traceback.
     taken = port_taken(host, settings.port)
-    if (
-        taken
-    ):  # before the start-up: uvicorn binds after it, and a busy port ended a model load in a traceback
+    if taken:
         print(
             f"imagesmith serve: error: port: {host}:{settings.port} {taken}; choose another (--port or "
             "IMAGESMITH_PORT)",

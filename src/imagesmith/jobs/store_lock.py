@@ -48,9 +48,3 @@ def lock_store(database: Path) -> int:
 
 def unlock_store(fd: int) -> None:
     os.close(fd)  # closing the descriptor releases the lock
-
-
-def check_store_free(database: Path) -> None:
-    """Raise StoreInUse if another process holds the store now (before a start that would fail later)."""
-    if database.exists():
-        unlock_store(lock_store(database))
