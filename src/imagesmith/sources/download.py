@@ -31,7 +31,13 @@ from imagesmith.sources.errors import (
     NotAnImage,
     PexelsBadResponse,
 )
-from imagesmith.sources.retry import Retryable, is_retryable_status, with_retries, within_deadline
+from imagesmith.sources.retry import (
+    Retryable,
+    is_retryable_status,
+    read_at_most,
+    with_retries,
+    within_deadline,
+)
 
 IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/webp"})
 PILLOW_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "MPO"})  # MPO: multi-picture JPEGs from some cameras
@@ -171,15 +177,10 @@ class ImageDownloader:
         raise PexelsBadResponse(f"more than {MAX_REDIRECTS} redirects downloading a photo")
 
     async def _read_capped(self, response: httpx.Response, url: str) -> bytes:
-        chunks, total = [], 0
-        async for chunk in response.aiter_bytes():
-            total += len(chunk)
-            if total > self.max_bytes:
-                raise DownloadTooLarge(
-                    f"{_safe(url)} exceeds the {self.max_bytes}-byte cap; download stopped"
-                )
-            chunks.append(chunk)
-        return b"".join(chunks)
+        data = await read_at_most(response, self.max_bytes)
+        if data is None:
+            raise DownloadTooLarge(f"{_safe(url)} exceeds the {self.max_bytes}-byte cap; download stopped")
+        return data
 
     def _decoded(self, data: bytes, url: str) -> Image.Image:
         """The image, fully decoded (so a truncated or corrupt file fails here), after the size and format

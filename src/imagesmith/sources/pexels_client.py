@@ -47,7 +47,13 @@ from imagesmith.sources.errors import (
     PexelsQuotaExhausted,
     PexelsUnavailable,
 )
-from imagesmith.sources.retry import Retryable, is_retryable_status, with_retries, within_deadline
+from imagesmith.sources.retry import (
+    Retryable,
+    is_retryable_status,
+    read_at_most,
+    with_retries,
+    within_deadline,
+)
 
 if TYPE_CHECKING:
     from imagesmith.config import Settings
@@ -391,14 +397,10 @@ class PexelsClient:
             # Streamed with a cap on the decoded bytes: a 300 KB gzipped answer took the server's memory from
             # 1.3 to 2.2 GB when read whole (an 80-photo page is about 100 KB).
             async with self._http.stream("GET", url, params=params, headers=headers) as response:
-                body = bytearray()
-                async for chunk in response.aiter_bytes():
-                    body += chunk
-                    if len(body) > MAX_API_BODY_BYTES:
-                        raise PexelsBadResponse(
-                            f"Pexels {path} answered more than {MAX_API_BODY_BYTES} bytes"
-                        )
-            return response, bytes(body)
+                body = await read_at_most(response, MAX_API_BODY_BYTES)
+            if body is None:
+                raise PexelsBadResponse(f"Pexels {path} answered more than {MAX_API_BODY_BYTES} bytes")
+            return response, body
 
         async def once() -> tuple[httpx.Response, bytes]:
             try:

@@ -1,4 +1,5 @@
-"""Retries shared by the API client and the downloader: one loop, backoff exponential, capped, with jitter.
+"""Retries shared by the API client and the downloader: one loop, backoff exponential, capped, with jitter;
+and the capped body read they share.
 
 Jitter keeps several workers that failed together from retrying together ("equal jitter": half the delay is
 fixed, half random, so a retry never comes immediately).
@@ -38,6 +39,18 @@ def backoff_delay(
 
 def is_retryable_status(status: int) -> bool:
     return 500 <= status <= 599
+
+
+async def read_at_most(response: httpx.Response, max_bytes: int) -> bytes | None:
+    """The body, decoded, or None as soon as it passes max_bytes: reading stops there, so a body that inflates
+    (gzip) or never ends costs at most max_bytes of memory."""
+    chunks, total = [], 0
+    async for chunk in response.aiter_bytes():
+        total += len(chunk)
+        if total > max_bytes:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 class Retryable(Exception):
