@@ -36,16 +36,22 @@ def begin_shutdown(app: FastAPI) -> None:
         loop.call_soon_threadsafe(service.begin_shutdown)
 
 
-def create_app(settings: Settings | None = None, engine_factory: EngineFactory | None = None) -> FastAPI:
-    """The service. `engine_factory` replaces Engine.start (tests pass a shared tiny engine)."""
+def create_app(
+    settings: Settings | None = None,
+    engine_factory: EngineFactory | None = None,
+    store: JobStore | None = None,
+) -> FastAPI:
+    """The service. `engine_factory` replaces Engine.start (tests pass a shared tiny engine). `store`: the job
+    store, already open (serve opens it before the port, to say a lock or a damaged file in one line); the app
+    then owns it and closes it at shutdown. Without one, the start-up opens it."""
     settings = settings or get_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         data_dir = prepared_data_dir(settings.data_dir)
-        store = JobStore(data_dir / DATABASE_NAME)
+        job_store = store if store is not None else JobStore(data_dir / DATABASE_NAME)
         try:  # a start that fails below must not keep the store (and its lock) open
-            requeued, given_up = store.recover(settings.max_attempts)
+            requeued, given_up = job_store.recover(settings.max_attempts)
             if requeued or given_up:
                 log.warning(
                     "recovered after an unclean stop: %d job(s) back in the queue, %d given up: %s",
@@ -60,19 +66,19 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
                 log.warning("removed %d image file(s) a crash left half-written", removed)
             sources, generate = build_sources(settings, engine_factory)
             hub = EventHub()
-            metrics_ = Metrics(store.counts, lambda: sources.status(SourceName.STOCK))
-            worker = Worker(settings, store, files, sources, hub, metrics_)
-            app.state.settings, app.state.store, app.state.files = settings, store, files
+            metrics_ = Metrics(job_store.counts, lambda: sources.status(SourceName.STOCK))
+            worker = Worker(settings, job_store, files, sources, hub, metrics_)
+            app.state.settings, app.state.store, app.state.files = settings, job_store, files
             app.state.sources, app.state.generate, app.state.hub = sources, generate, hub
             app.state.metrics, app.state.worker = metrics_, worker
-            app.state.service = JobService(settings, store, sources, hub, worker)
+            app.state.service = JobService(settings, job_store, sources, hub, worker)
             app.state.loop = asyncio.get_running_loop()  # for begin_shutdown, called from a signal handler
             app.state.a1111_jobs = a1111.A1111Jobs()
             # Models load in the background: health answers "starting" and generation requests get 503 meanwhile.
             generate.start_loading()
             worker.start()
         except BaseException:
-            store.close()
+            job_store.close()
             raise
         log.info(
             "imagesmith %s: data in %s, queue bound %d, auth %s",
@@ -86,7 +92,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
         finally:
             worker.stop()
             sources.close()
-            store.close()
+            job_store.close()
 
     app = FastAPI(
         title="imagesmith",

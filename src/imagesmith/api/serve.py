@@ -121,7 +121,7 @@ def run_serve(args: argparse.Namespace) -> int:
     host = bind_host(settings)
     prepared_data_dir(settings.data_dir)  # before the tiny model, the job store and the port are taken
     try:  # its lock and integrity check, said in one line now rather than as a failed startup's traceback
-        JobStore(settings.data_dir / DATABASE_NAME).close()
+        store = JobStore(settings.data_dir / DATABASE_NAME)  # handed to the app: opened (and checked) once
     except (StoreInUse, StoreDamaged, sqlite3.DatabaseError) as error:
         print(f"imagesmith serve: cannot open the job store: {error}", file=sys.stderr)
         return 1
@@ -133,10 +133,11 @@ def run_serve(args: argparse.Namespace) -> int:
             "IMAGESMITH_PORT)",
             file=sys.stderr,
         )
+        store.close()
         return 2
     if settings.model.value == "tiny":
         ensure_tiny_sdxl(settings.tiny_model_dir())
-    app = create_app(settings)
+    app = create_app(settings, store=store)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
