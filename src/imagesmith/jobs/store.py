@@ -13,7 +13,8 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -155,6 +156,20 @@ class JobStore:
             self._db.close()
         unlock_store(self._store_lock)
 
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """The write connection in one IMMEDIATE transaction, under the write lock: committed when the block
+        ends (a return inside it included), rolled back when it raises."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+                self._db.execute("COMMIT")  # inside the try: a commit that fails (a full disk) is rolled back
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+
     def _one(
         self, sql: str, args: tuple[Any, ...] = (), db: sqlite3.Connection | None = None
     ) -> sqlite3.Row | None:
@@ -168,39 +183,31 @@ class JobStore:
 
         The bound check and the insert share one write transaction, so concurrent submits never overshoot it.
         """
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                if idempotency_key is not None:
-                    # Checked again inside the write transaction: a concurrent submit with the same key may
-                    # have inserted since the caller's find_idempotent().
-                    existing = self._idempotent(idempotency_key, request_hash)
-                    if existing is not None:
-                        self._db.execute("COMMIT")
-                        return existing, False
-                depth_row = self._one("SELECT COUNT(*) FROM jobs WHERE status IN (?, ?)", ACTIVE)
-                depth = int(depth_row[0]) if depth_row else 0
-                if depth >= queue_max:
-                    raise QueueFull(depth)
-                job_id = uuid.uuid4().hex
-                self._db.execute(
-                    "INSERT INTO jobs (id, status, request, request_hash, idempotency_key, created_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    (
-                        job_id,
-                        JobStatus.QUEUED.value,
-                        json.dumps(request),
-                        request_hash,
-                        idempotency_key,
-                        time.time(),
-                    ),
-                )
-                row = self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))
-                self._db.execute("COMMIT")
-            except BaseException:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                raise
+        with self._writing():
+            if idempotency_key is not None:
+                # Checked again inside the write transaction: a concurrent submit with the same key may have
+                # inserted since the caller's find_idempotent().
+                existing = self._idempotent(idempotency_key, request_hash)
+                if existing is not None:
+                    return existing, False
+            depth_row = self._one("SELECT COUNT(*) FROM jobs WHERE status IN (?, ?)", ACTIVE)
+            depth = int(depth_row[0]) if depth_row else 0
+            if depth >= queue_max:
+                raise QueueFull(depth)
+            job_id = uuid.uuid4().hex
+            self._db.execute(
+                "INSERT INTO jobs (id, status, request, request_hash, idempotency_key, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    job_id,
+                    JobStatus.QUEUED.value,
+                    json.dumps(request),
+                    request_hash,
+                    idempotency_key,
+                    time.time(),
+                ),
+            )
+            row = self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))
         assert row is not None
         return JobRecord.from_row(row), True
 
@@ -267,28 +274,21 @@ class JobStore:
         worker gathers jobs that can share a pipeline pass with the one it already holds."""
         if limit <= 0:
             return []
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                rows = self._claimable_rows(scan)
-                ids: list[str] = []
-                for row in rows:
-                    if len(ids) >= limit:
-                        break
-                    if accept(JobRecord.from_row(row)):
-                        ids.append(row["id"])
-                now = time.time()
-                for job_id in ids:
-                    self._db.execute(
-                        "UPDATE jobs SET status = ?, attempts = attempts + 1, started_at = ? WHERE id = ?",
-                        (JobStatus.RUNNING.value, now, job_id),
-                    )
-                claimed = [self._one("SELECT * FROM jobs WHERE id = ?", (job_id,)) for job_id in ids]
-                self._db.execute("COMMIT")
-            except BaseException:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                raise
+        with self._writing():
+            rows = self._claimable_rows(scan)
+            ids: list[str] = []
+            for row in rows:
+                if len(ids) >= limit:
+                    break
+                if accept(JobRecord.from_row(row)):
+                    ids.append(row["id"])
+            now = time.time()
+            for job_id in ids:
+                self._db.execute(
+                    "UPDATE jobs SET status = ?, attempts = attempts + 1, started_at = ? WHERE id = ?",
+                    (JobStatus.RUNNING.value, now, job_id),
+                )
+            claimed = [self._one("SELECT * FROM jobs WHERE id = ?", (job_id,)) for job_id in ids]
         return [JobRecord.from_row(row) for row in claimed if row is not None]
 
     def finish(
@@ -367,18 +367,11 @@ class JobStore:
                 "message": f"the server stopped during each of {attempts} attempts; giving up",
             }
 
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                rows = self._db.execute(
-                    "SELECT id, attempts, cancel_requested FROM jobs WHERE status = ?",
-                    (JobStatus.RUNNING.value,),
-                ).fetchall()
-                requeued, given_up = self._release_running(rows, max_attempts, interrupted)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._writing():
+            rows = self._db.execute(
+                "SELECT id, attempts, cancel_requested FROM jobs WHERE status = ?", (JobStatus.RUNNING.value,)
+            ).fetchall()
+            requeued, given_up = self._release_running(rows, max_attempts, interrupted)
         # A cancel that raced the last shutdown's requeue left its job queued; no one is listening yet.
         given_up += [job.id for job in self.cancel_flagged_queued()]
         return requeued, given_up
@@ -394,18 +387,12 @@ class JobStore:
                 "message": f"its result could not be stored (the disk full or failing) in {attempts} attempt(s)",
             }
 
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                rows = self._db.execute(
-                    "SELECT id, attempts, cancel_requested FROM jobs WHERE id = ? AND status = ?",
-                    (job_id, JobStatus.RUNNING.value),
-                ).fetchall()
-                self._release_running(rows, max_attempts, unstorable)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._writing():
+            rows = self._db.execute(
+                "SELECT id, attempts, cancel_requested FROM jobs WHERE id = ? AND status = ?",
+                (job_id, JobStatus.RUNNING.value),
+            ).fetchall()
+            self._release_running(rows, max_attempts, unstorable)
             row = self._one("SELECT * FROM jobs WHERE id = ?", (job_id,)) if rows else None
         return JobRecord.from_row(row) if row else None
 
