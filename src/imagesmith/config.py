@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -455,6 +456,11 @@ def settings_error_lines(error: ValidationError) -> list[str]:
     lines = []
     for item in error.errors():
         field = str(item["loc"][0]) if item["loc"] else ""
-        name = f"{ENV_PREFIX}{field.upper()}" if field else "settings"
-        lines.append(f"{name}: {item['msg'].removeprefix('Value error, ')} (got {item.get('input')!r})")
+        lines.append(setting_error_line(item, f"{ENV_PREFIX}{field.upper()}" if field else "settings"))
     return lines
+
+
+def setting_error_line(item: Mapping[str, Any], name: str) -> str:
+    """One refused setting (a pydantic error item) under `name`, the way the user set it: an environment
+    variable, or a command's option."""
+    return f"{name}: {str(item['msg']).removeprefix('Value error, ')} (got {item.get('input')!r})"

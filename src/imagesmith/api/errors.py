@@ -200,6 +200,11 @@ def _invalid(request: Request, items: Sequence[Any]) -> JSONResponse:
     return render_error(request, 422, "invalid_request", message, first["field"], details=details)
 
 
+def _internal_error(request: Request) -> JSONResponse:
+    """A bug's answer: a 500 that says nothing about internals (the log has the traceback)."""
+    return render_error(request, 500, "internal_error", "an internal error occurred; see the server log")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, error: ApiError) -> JSONResponse:
@@ -264,9 +269,7 @@ def install_error_handlers(app: FastAPI) -> None:
         code = getattr(error, "sqlite_errorcode", None)  # set on errors SQLite raised (Python 3.11+)
         if code is not None and code & 0xFF not in _STORE_TRANSIENT:  # SQL or schema: a bug, not the disk
             log.error("unhandled store error", exc_info=error)
-            return render_error(
-                request, 500, "internal_error", "an internal error occurred; see the server log"
-            )
+            return _internal_error(request)
         log.error("the job store failed: %s", error)
         request.app.state.store_failure = (time.monotonic(), str(error))  # health says so for a while
         return render_error(
@@ -280,4 +283,4 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return render_error(request, 500, "internal_error", "an internal error occurred; see the server log")
+        return _internal_error(request)

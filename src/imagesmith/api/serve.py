@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from imagesmith.config import Settings, prepared_data_dir
+from imagesmith.config import Settings, prepared_data_dir, setting_error_line
 from imagesmith.jobs.store import DATABASE_NAME, JobStore, StoreDamaged
 from imagesmith.jobs.store_lock import StoreInUse
 
@@ -69,7 +69,7 @@ def option_errors(invalid: ValidationError, args: argparse.Namespace) -> list[st
         setting: option for option, setting in OPTION_SETTINGS.items() if getattr(args, setting) is not None
     }
     return [
-        f"{option_for[str(item['loc'][0])]}: {item['msg'].removeprefix('Value error, ')} (got {item['input']!r})"
+        setting_error_line(item, option_for[str(item["loc"][0])])
         for item in invalid.errors()
         if item["loc"] and str(item["loc"][0]) in option_for
     ]
