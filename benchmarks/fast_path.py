@@ -80,6 +80,13 @@ from imagesmith.jobs.queue_timing import request_bodies, through_queue
 
 PROMPT = "a lighthouse on a rocky cliff at sunset, dramatic sky, photograph"
 UNET_TFLOP = {"base": 13.522, "refine": 14.572}  # per call, batch 2 with CFG, 128x128 latents (reference)
+# --queue-ab: the service settings an A/B of the queue changes, one each (each is exact: the images are the
+# same; what moves is where the host's work sits against the GPU's passes).
+QUEUE_AB: dict[str, dict[str, Any]] = {
+    "no-encode-ahead": {"encode_ahead": False},  # the next pass's prompts encoded by that pass, not between steps
+    "finish-inline": {"finish_in_background": False},  # each pass's PNGs before the next pass starts
+    "no-previews": {"preview_every": 0},
+}
 
 
 @dataclass(frozen=True)
@@ -405,6 +412,12 @@ def main() -> None:
         "batch_max_images = the batch, on the warm engine (imagesmith/jobs/queue_timing.py); 0: none",
     )
     parser.add_argument(
+        "--queue-ab",
+        default="",
+        help="with --queue-jobs: comma-separated queue A/Bs, each a row with one service setting changed against "
+        f"the default's, twice, alternating ({', '.join(f'{k}: {v}' for k, v in QUEUE_AB.items())})",
+    )
+    parser.add_argument(
         "--ab-rounds",
         type=int,
         default=8,
@@ -426,6 +439,11 @@ def main() -> None:
     args = parser.parse_args()
     torch_threads_at_start = torch.get_num_threads()  # before any engine lowers it: the threads A/B's peer
     ab_names = [name for name in args.ab.split(",") if name]
+    queue_ab = [name for name in args.queue_ab.split(",") if name]
+    if unknown_ab := [name for name in queue_ab if name not in QUEUE_AB]:
+        parser.error(f"--queue-ab: unknown {unknown_ab}; known: {', '.join(QUEUE_AB)}")
+    if queue_ab and not args.queue_jobs:
+        parser.error("--queue-ab needs --queue-jobs N (the queue rows it compares)")
     run = Run(args)
     smoke = args.smoke
     phases = set(args.phases.split(","))
@@ -645,21 +663,45 @@ def main() -> None:
 
     def queue_at(engine: Any, settings: Settings, batch: int, label: str) -> dict[str, Any]:
         """--queue-jobs jobs through the service's queue at batch_max_images `batch` on this warm engine, after
-        one untimed pass; new prompts (none the engine's batches above used)."""
-        # The default batch window, as a service runs: since session 24 it costs nothing when the queue is
-        # full (jobs that already waited it, or a full pass, do not wait), which the row then shows.
-        row = through_queue(
-            engine,
-            settings.with_changes(batch_max_images=batch),
-            request_bodies(mlperf_request, 10_000, args.queue_jobs),
-            warm_bodies=request_bodies(mlperf_request, 9_000, batch),
-        )
-        steady = row.get("steady_images_per_s")
-        run.log(
-            f"{label}: through the queue {row['images_per_s']:.3f} images/s ({row['wall_s']:.2f} s for "
-            f"{row['jobs']}), steady state {f'{steady:.3f}' if steady else '-'}, passes of {row['batch_sizes_seen']}, "
-            f"all succeeded {row['all_succeeded']}, stages {row['median_stage_s']}"
-        )
+        one untimed pass; new prompts (none the engine's batches above used). With --queue-ab, each named
+        setting's row against the default's, alternating, after it."""
+
+        def queue_row(changes: dict[str, Any], row_label: str) -> dict[str, Any]:
+            # The default batch window, as a service runs: since session 24 it costs nothing when the queue is
+            # full (jobs that already waited it, or a full pass, do not wait), which the row then shows.
+            row = through_queue(
+                engine,
+                settings.with_changes(batch_max_images=batch, **changes),
+                request_bodies(mlperf_request, 10_000, args.queue_jobs),
+                warm_bodies=request_bodies(mlperf_request, 9_000, batch),
+            )
+            steady = row.get("steady_images_per_s")
+            run.log(
+                f"{row_label}: through the queue {row['images_per_s']:.3f} images/s ({row['wall_s']:.2f} s for "
+                f"{row['jobs']}), steady state {f'{steady:.3f}' if steady else '-'}, passes of "
+                f"{row['batch_sizes_seen']}, all succeeded {row['all_succeeded']}, stages {row['median_stage_s']}, "
+                f"base stage by pass {row['base_s_by_pass']}"
+            )
+            return row
+
+        row = queue_row({}, label)
+        if queue_ab:
+            row["ab"] = {}
+        for name in queue_ab:
+            # Two rounds of (variant, default) after the default row above: the default's three rows bracket
+            # the variant's two, so a drift over the minutes shows as a spread, not as the variant's effect.
+            variant_rows, default_rows = [], [row]
+            for _ in range(2):
+                variant_rows.append(queue_row(QUEUE_AB[name], f"{label}, queue A/B {name}"))
+                default_rows.append(queue_row({}, f"{label}, queue A/B default"))
+            row["ab"][name] = {
+                "changes": QUEUE_AB[name],
+                "variant_steady_images_per_s": [r.get("steady_images_per_s") for r in variant_rows],
+                "default_steady_images_per_s": [r.get("steady_images_per_s") for r in default_rows],
+                "variant_base_s_by_pass": [r["base_s_by_pass"] for r in variant_rows],
+                "default_base_s_by_pass": [r["base_s_by_pass"] for r in default_rows],
+            }
+            run.save()
         return row
 
     def with_prompt_cache(engine: Any, row: dict[str, Any], label: str) -> None:

@@ -13,10 +13,6 @@ whole compile (both UNets, the decoder, every batch graph) left no room in a dev
   convolutions stay with cuDNN (`max_autotune_conv_backends=ATEN`): Triton's convolution templates took most of
   run 17's unfinished 420 s of autotuning, and cuDNN's convolutions are not where the time is.
 
-`ro+kv` projects the cross-attention's keys and values once per prompt, outside the compiled call
-(cross_attention_kv.py: a candidate exact lever, measured here before the engine takes it; the row also gives
-what that projection costs once per prompt).
-
 `ro+regions` is the engine's IMAGESMITH_COMPILE_REGIONS (engine/compile_regions.py): the same options, each kind
 of transformer block compiled once. It is here for its price per call (fusion lost at block boundaries) and, with
 `--first ro+regions --fresh-cache`, its cold compile against the peer's cold compile in another run.
@@ -32,7 +28,7 @@ replay) and its difference from the peer's in the same rounds, the output's rela
 same inputs (both bf16; a Triton matmul accumulates in fp32 like cuBLAS, so this should stay at bf16's ~1e-3
 to 1e-2), and with --profile the GPU time by kernel kind.
 
-    python3 benchmarks/unet_compiled.py --out results.json [--unet base] [--variants ro,ro+cdt,mat,mat+cdt,ro+kv]
+    python3 benchmarks/unet_compiled.py --out results.json [--unet base] [--variants ro,ro+cdt,mat,mat+cdt]
     python3 benchmarks/unet_compiled.py --out r.json --variants ro+regions --first ro+regions --fresh-cache
     python3 benchmarks/unet_compiled.py --out /tmp/x.json --smoke     # CPU, toy UNet, proves the code path
 """
@@ -40,7 +36,6 @@ to 1e-2), and with --profile the GPU time by kernel kind.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import statistics
 import sys
@@ -49,7 +44,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import cross_attention_kv
 import torch
 from attention_backends import unet_inputs
 from fp8_conv import relative_l2
@@ -77,10 +71,6 @@ PEER = "ro"
 # engine/compile_regions.py): the same options, a different graph to compile.
 VARIANTS["ro+regions"] = CUDA_GRAPHS
 REGION_VARIANTS = {"ro+regions"}
-# Variants whose cross-attention keys and values are projected once per prompt, outside the compiled call
-# (cross_attention_kv.py): the same options, 70 fewer matmuls a base call.
-VARIANTS["ro+kv"] = CUDA_GRAPHS
-PRECOMPUTED_KV_VARIANTS = {"ro+kv"}
 
 
 def build_unet(which: str, size: str, device: str, dtype: torch.dtype) -> Any:
@@ -222,16 +212,6 @@ def main(argv: list[str] | None = None) -> int:
         variant_unet = unet if name == PEER else build_unet(args.unet, size, device, dtype)
         if name in REGION_VARIANTS:
             compile_transformer_blocks_once(variant_unet)
-        fill_ms = None
-        if name in PRECOMPUTED_KV_VARIANTS:
-            cross_attention_kv.install(variant_unet)
-            # What the lever costs once per prompt (eager, as an engine would fill before the first step): the
-            # first fill makes the buffers, the timed ones write into them.
-            prompt = inputs["encoder_hidden_states"]
-            cross_attention_kv.fill(variant_unet, prompt)
-            fill_ms = statistics.median(
-                call_times_ms(functools.partial(cross_attention_kv.fill, variant_unet, prompt), 5, cuda)
-            )
         call = compiled_call(variant_unet, VARIANTS[name], inputs)
         began = time.perf_counter()
         call()  # dynamo traces, inductor compiles (and autotunes), the CUDA-graph trees warm up
@@ -245,7 +225,6 @@ def main(argv: list[str] | None = None) -> int:
         results["compiled"][name] = {
             "compile_s": round(compile_s, 1),
             "finite": bool(torch.isfinite(outputs[name]).all()),
-            **({"kv_fill_ms_once_per_prompt": round(fill_ms, 3)} if fill_ms is not None else {}),
             # Whether the compile was a cold one: on a machine that ran this before, inductor's cache (and its
             # autotuning results) under /tmp make a variant's second compile quick; the counts are cumulative.
             "fxgraph_cache_so_far": {

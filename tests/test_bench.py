@@ -64,6 +64,8 @@ def test_the_queue_row_sends_jobs_through_the_services_own_queue(tiny_model_home
     assert row["images_per_s"] == pytest.approx(6 / row["wall_s"], rel=1e-3)
     assert row["steady_images_per_s"] > 0  # three passes: the last two after the first's end
     assert set(row["median_stage_s"]) == {"base", "decode"}
+    # One base-stage time per pass, in the order they ran: three passes of two.
+    assert len(row["base_s_by_pass"]) == 3 and all(seconds > 0 for seconds in row["base_s_by_pass"])
 
 
 def test_with_encode_ahead_off_each_pass_encodes_its_own_prompts(

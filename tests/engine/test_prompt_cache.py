@@ -55,6 +55,21 @@ def _assert_same_as_encode_prompt(
                 assert got is not None and torch.equal(got[row : row + 1], want), (name, row)
 
 
+def test_a_prompt_past_the_encoders_length_is_cut_as_encode_prompt_cuts_it_and_said_so(
+    tiny_engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    base = tiny_engine.models.base
+    long_prompt = ", ".join(f"detail {i}" for i in range(60))  # well past 77 tokens
+    cache = PromptEmbeddingCache.for_one_pass()
+    with caplog.at_level("WARNING", logger="imagesmith.engine.prompt_cache"):
+        args = cache.pipeline_args(base, "base", [long_prompt], None, 1.0)
+    _assert_same_as_encode_prompt(base, args, [long_prompt], None, 1.0)
+    assert "longer than the text encoder's" in caplog.text
+    caplog.clear()
+    cache.pipeline_args(base, "base", ["a lighthouse"], None, 1.0)
+    assert "longer than" not in caplog.text
+
+
 @pytest.mark.parametrize(("prompts", "negatives", "guidance"), CASES)
 def test_the_embeddings_are_encode_prompts_own(
     tiny_engine: Engine, prompts: list[str], negatives: list[str] | None, guidance: float

@@ -60,3 +60,31 @@ def test_each_replay_answers_its_own_ids_and_earlier_outputs_survive(tiny_settin
         expected_masked = graph.eager_forward(first_ids, attention_mask=mask, output_hidden_states=True)
     assert graph.replays == before + 2
     assert torch.equal(masked.hidden_states[-2], expected_masked.hidden_states[-2])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("graphs", [True, False])
+def test_encoding_a_new_text_never_waits_for_the_gpu(tiny_settings: Settings, graphs: bool) -> None:
+    """Encode ahead encodes between a pass's steps, with a UNet step queued: a synchronising copy there makes the
+    GPU idle while the host encodes (prompt_cache._encode says why). torch raises on any synchronising call
+    under sync debug mode "error"; the embeddings stay encode_prompt's own."""
+    from imagesmith.engine.prompt_cache import PromptEmbeddingCache
+
+    engine = Engine.start(tiny_settings.with_changes(device="cuda", text_encoder_graphs=graphs))
+    base = engine.models.base
+    cache = PromptEmbeddingCache(8)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        assert cache.encode_ahead(base, "base", "a harbour at night, rain")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    args = cache.pipeline_args(base, "base", ["a harbour at night, rain"], None, 1.0)
+    with torch.no_grad():
+        hidden, _, pooled, _ = base.encode_prompt(
+            prompt="a harbour at night, rain",
+            device=base._execution_device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=False,
+        )
+    assert torch.equal(args["prompt_embeds"], hidden) and torch.equal(args["pooled_prompt_embeds"], pooled)

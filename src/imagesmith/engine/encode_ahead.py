@@ -12,8 +12,10 @@ pass then finds its embeddings there.
   CUDA-graph capture (the UNets' captures happen inside their compiled calls; a text encoder's graph, recorded
   by its first one-row call, engine/encoder_graphs.py, may be recorded here, between two UNet calls, where no
   other capture is open).
-- Row by row, through the cache's own encoding (encode_prompt on one text): the embeddings are bit for bit the
-  ones the next pass would compute itself, so an image does not depend on whether its prompt came early.
+- Row by row, through the cache's own encoding (encode_prompt's computation on one text, prompt_cache._encode):
+  the embeddings are bit for bit the ones the next pass would compute itself, so an image does not depend on
+  whether its prompt came early. That encoding never waits for the GPU (its token ids are copied without a
+  stream sync), so the step already queued keeps the GPU busy while the host encodes.
 - Bounded: after each step it encodes while the time spent in this callback is under half the last step's
   (measured from the end of one callback to the next), at least one text a step; a late text is left to its pass.
 - Only with the prompt cache on and every weight resident (offload none): under offload, running the text

@@ -121,6 +121,7 @@ def through_queue(
     }
     row.update(steady_state(finished, max(sizes, default=1)))
     row["median_stage_s"] = stage_medians(job.result for job in jobs)
+    row["base_s_by_pass"] = base_stage_by_pass(jobs)
     return row
 
 
@@ -139,6 +140,19 @@ def steady_state(finished_s: list[float], batch: int) -> dict[str, Any]:
         return {}
     span = finished_s[-1] - finished_s[batch - 1]
     return {"steady_images_per_s": (len(finished_s) - batch) / span, "steady_span_s": round(span, 4)}
+
+
+def base_stage_by_pass(jobs: Iterable[JobRecord]) -> list[float]:
+    """The base stage's seconds of each pass, in the order the passes ran: which passes paid for work between
+    their steps (encode ahead runs in a pass's base stage when jobs wait behind it; the last pass has none)."""
+    by_pass: dict[tuple[float, ...], float] = {}
+    for job in sorted(jobs, key=lambda job: job.finished_at or 0.0):
+        stages = (job.result or {}).get("metadata", {}).get("stages", [])
+        base = [stage["seconds"] for stage in stages if stage["name"] == "base"]
+        if base:
+            # A pass's jobs share its stage timings: the tuple of them identifies the pass.
+            by_pass.setdefault(tuple(stage["seconds"] for stage in stages), round(base[0], 4))
+    return list(by_pass.values())
 
 
 def stage_medians(results: Iterable[dict[str, Any] | None]) -> dict[str, float]:
