@@ -107,6 +107,12 @@
 # --no-prompt-cache-ab --queue-jobs 32 (carry nvidia-cudnn-frontend==1.16.0's wheel in .whl); run 76:
 # unet_compiled.py --variants ro,mat --profile; run 78: unet_compiled.py --variants ro,ro+kv --profile (the
 # cross-attention's keys and values projected once per prompt, benchmarks/cross_attention_kv.py); then (0c), (3).
+# Session 28 ran 77 (393 s; the queue 1.983 images/s steady at batch 8), 78 (213 s; +0.07 ms, the prototype
+# dropped) and 76 (566 s cut off while autotuning, then 273 s on the same machine: +3.4 ms). Next, one call: run 79,
+# python3 benchmarks/fast_path.py --out $OUT/fp --cache-dir .devcache/c --phases variants --variants
+# reduce-overhead+fp8+fp8conv+geglu:mlperf --budget-s 525 --compile-needs-s 120 --mlperf-batches 8 --no-prompt-cache-ab
+# --queue-jobs 32 --queue-ab no-encode-ahead,finish-inline,no-previews, then python3 -m pytest -q -m gpu
+# tests/gpu/test_gpu_encoder_graphs.py (predictions in docs/benchmarks.md, "Built after run 77"); then (0c), (3).
 set -u
 PIPE=.devcache/pipe
 
