@@ -82,9 +82,11 @@ PROMPT = "a lighthouse on a rocky cliff at sunset, dramatic sky, photograph"
 UNET_TFLOP = {"base": 13.522, "refine": 14.572}  # per call, batch 2 with CFG, 128x128 latents (reference)
 # --queue-ab: the service settings an A/B of the queue changes, one each (each is exact: the images are the
 # same; what moves is where the host's work sits against the GPU's passes).
+# no-encode-ahead: the next pass's prompts encoded by that pass, not between this one's steps; finish-inline: each
+# pass's PNGs written before the next pass starts.
 QUEUE_AB: dict[str, dict[str, Any]] = {
-    "no-encode-ahead": {"encode_ahead": False},  # the next pass's prompts encoded by that pass, not between steps
-    "finish-inline": {"finish_in_background": False},  # each pass's PNGs before the next pass starts
+    "no-encode-ahead": {"encode_ahead": False},
+    "finish-inline": {"finish_in_background": False},
     "no-previews": {"preview_every": 0},
 }
 
