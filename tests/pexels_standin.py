@@ -10,11 +10,14 @@ Behaviours are switched per test through `api_script` / `image_script` (one entr
 from __future__ import annotations
 
 import contextlib
+import functools
 import gzip
 import io
 import json
+import struct
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -46,6 +49,22 @@ def jpeg_bytes(width: int, height: int, seed: int = 0) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=80)
     return buffer.getvalue()
+
+
+@functools.cache  # about 3 s to compress 800 MB of zeros: once a session
+def png_bomb() -> bytes:
+    """A real 10000x10000 16-bit RGBA PNG of zeros: 0.78 MB, under the default pixel cap (100 MP), yet 400 MB
+    once Pillow decodes it (to 8-bit RGBA), and 1.2 GB at the peak of fitting it (measured with ru_maxrss)."""
+    width, height = 10_000, 10_000
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = bytes(1 + width * 4 * 2)  # filter byte 0, then 4 samples of 2 bytes a pixel
+    deflate = zlib.compressobj()
+    pixels = b"".join(deflate.compress(row) for _ in range(height)) + deflate.flush()
+    header = struct.pack(">IIBBBBB", width, height, 16, 6, 0, 0, 0)  # 16 bits, colour type 6: RGBA
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
 
 
 @dataclass
@@ -233,6 +252,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, b"not gzip at all", "image/jpeg", extra={"Content-Encoding": "gzip"})
         if behaviour == "placeholder":  # a CDN's 1x1 stand-in for a photo it cannot serve
             return self._send(200, jpeg_bytes(1, 1, seed=photo_id), "image/jpeg")
+        if behaviour == "bomb":  # small on the wire, huge decoded
+            return self._send(200, png_bomb(), "image/png")
         if behaviour == "oversized_declared":
             return self._send(200, b"", "image/jpeg", length=50_000_000)
         if behaviour == "oversized":

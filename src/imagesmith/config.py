@@ -321,7 +321,19 @@ class Settings(BaseSettings):
         25 * 1024 * 1024, ge=1024, description="Largest photo download accepted, in bytes."
     )
     pexels_max_image_pixels: int = Field(
-        100_000_000, ge=1, description="Largest photo accepted, in pixels: a decompression-bomb guard."
+        100_000_000,
+        ge=1,
+        description="Largest photo accepted, in pixels (width x height, read from the header before decoding). "
+        "A pixel costs 1 to 4 bytes by mode, so memory is bounded by pexels_max_image_bytes.",
+    )
+    pexels_max_image_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1024,
+        description="Largest photo accepted, in bytes once decoded (width x height x the bytes Pillow keeps a "
+        "pixel of the header's mode in: 4 for RGB or RGBA, 2 for 16-bit grey, 1 for grey), checked before "
+        "decoding: a decompression-bomb guard. 256 MiB passes a whole Pexels original (up to about 50 MP RGB, "
+        "200 MB decoded) and refuses a 10000x10000 RGBA PNG (400 MB decoded, 1.2 GB at its peak to fit), "
+        "which the pixel cap passes and can be under 1 MB.",
     )
     pexels_timeout_s: float = Field(10.0, gt=0, description="Per-request timeout of API calls, in seconds.")
     pexels_download_timeout_s: float = Field(

@@ -7,7 +7,7 @@ import struct
 import time
 
 import pytest
-from pexels_standin import StandIn
+from pexels_standin import StandIn, png_bomb
 from PIL import Image
 
 from imagesmith.sources.download import HostPolicy, ImageDownloader, fit_exact
@@ -71,6 +71,19 @@ async def test_pixel_cap_is_checked_before_decoding(standin: StandIn) -> None:
     with pytest.raises(DownloadTooLarge, match="pixels"):
         await fetcher.fetch(url(standin))
     await fetcher.aclose()
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow's, at 89 MP
+async def test_the_decoded_size_is_checked_before_decoding(standin: StandIn) -> None:
+    """Under the pixel cap is not enough: the 0.78 MB PNG decodes to 400 MB. Refused as too large, not
+    retried, its message naming the setting to raise."""
+    png_bomb()  # built first (seconds), so the stand-in answers within the download timeout
+    standin.image_default = "bomb"
+    fetcher = downloader(standin, max_bytes=1_000_000)  # and the default caps: 100 MP, 256 MiB decoded
+    with pytest.raises(DownloadTooLarge, match=r"400000000 bytes decoded; the cap is 268435456 bytes"):
+        await fetcher.fetch(url(standin))
+    await fetcher.aclose()
+    assert standin.image_calls == 1
 
 
 async def test_5xx_then_success_and_5xx_always(standin: StandIn) -> None:

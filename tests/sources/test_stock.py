@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import io
+import logging
 from pathlib import Path
 
 import pytest
-from pexels_standin import FakeClock, StandIn, make_settings
+from pexels_standin import FakeClock, StandIn, make_settings, png_bomb
 from PIL import Image
 
 from imagesmith.config import Settings
@@ -155,6 +156,24 @@ async def test_a_placeholder_download_moves_on_to_the_next_candidate(
         assert source.status().failures == 1
     assert standin.image_calls == 2 and photo.photo_id != 101
     assert Image.open(io.BytesIO(photo.data)).getextrema() != ((128, 128),) * 3  # not one flat colour
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow's, at 89 MP
+async def test_a_png_bomb_under_the_pixel_cap_moves_on_to_the_next_candidate(
+    standin: StandIn, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 10000x10000 16-bit RGBA PNG of 0.78 MB passed the default pixel cap (100 MP) and was decoded and
+    fitted: 1.2 GB at the peak. With the default settings it is refused from its header, named by its
+    setting, and the next candidate served."""
+    png_bomb()  # built first (seconds), so the stand-in answers within the download timeout
+    standin.image_script = ["bomb"]
+    with caplog.at_level(logging.WARNING, logger="imagesmith.sources.stock"):
+        async with source_for(settings) as source:
+            photo = await source.fetch(StockRequest(title="lake", width=600, height=400))
+            assert source.status().failures == 1
+    assert standin.image_calls == 2 and photo.photo_id != 101
+    assert "skipped" in caplog.text and "10000x10000 RGBA, 400000000 bytes decoded" in caplog.text
+    assert "(pexels_max_image_bytes): raise IMAGESMITH_PEXELS_MAX_IMAGE_BYTES" in caplog.text
 
 
 async def test_every_download_rejected_is_no_results(standin: StandIn, settings: Settings) -> None:

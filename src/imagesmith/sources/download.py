@@ -6,7 +6,8 @@ Safety, in the order it is checked:
    checked the same way, so a redirect cannot take the download elsewhere;
 2. the answer says it is an image (Content-Type image/jpeg, image/png or image/webp);
 3. the body is streamed and cut off past `max_bytes` (a lying or missing Content-Length does not help);
-4. Pillow decodes it, and its pixel count is under `max_pixels` before any pixel is loaded.
+4. Pillow reads its header, and its pixel count is under `max_pixels` and its decoded size (pixels x bytes a
+   pixel for its mode) under `max_image_bytes` before any pixel is loaded; then it is decoded.
 5xx answers, timeouts and network errors are retried with backoff; safety refusals never are, nor is a body
 that does not decode (a broken Content-Encoding) or a request that cannot be sent: those are this photo's
 problem (PexelsBadResponse), and the stock source moves on to the next candidate.
@@ -23,7 +24,7 @@ from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import httpx
-from PIL import Image, ImageOps
+from PIL import Image, ImageMode, ImageOps
 
 from imagesmith.sources.errors import (
     DisallowedHost,
@@ -111,6 +112,7 @@ class ImageDownloader:
         *,
         max_bytes: int,
         max_pixels: int = 100_000_000,
+        max_image_bytes: int = 256 * 1024 * 1024,
         timeout_s: float = 30.0,
         max_retries: int = 2,
         backoff_s: float = 0.5,
@@ -120,6 +122,7 @@ class ImageDownloader:
         self.policy = policy
         self.max_bytes = max_bytes
         self.max_pixels = max_pixels
+        self.max_image_bytes = max_image_bytes
         self.max_retries = max_retries
         self.backoff_s = backoff_s
         self._sleep = sleep
@@ -192,7 +195,17 @@ class ImageDownloader:
                 width, height = image.size
                 if width * height > self.max_pixels:
                     raise DownloadTooLarge(
-                        f"{_safe(url)} is {width}x{height}; the cap is {self.max_pixels} pixels"
+                        f"{_safe(url)} is {width}x{height}; the cap is {self.max_pixels} pixels "
+                        "(pexels_max_image_pixels)"
+                    )
+                # The pixel cap alone lets a 10000x10000 RGBA PNG of under 1 MB through: 400 MB decoded, and
+                # 1.2 GB at the peak of fitting it. Its mode is in the header too, so bound the bytes as well.
+                decoded = decoded_bytes(image.mode, width, height)
+                if decoded > self.max_image_bytes:
+                    raise DownloadTooLarge(
+                        f"{_safe(url)} is {width}x{height} {image.mode}, {decoded} bytes decoded; the cap is "
+                        f"{self.max_image_bytes} bytes (pexels_max_image_bytes): raise "
+                        "IMAGESMITH_PEXELS_MAX_IMAGE_BYTES to accept photos this large"
                     )
                 if image.format not in PILLOW_FORMATS:
                     raise NotAnImage(f"{_safe(url)} decodes as {image.format}, not JPEG, PNG or WebP")
@@ -209,6 +222,16 @@ class ImageDownloader:
                 f"{_safe(url)} does not decode as an image: {type(error).__name__}: {error}"
             ) from None
         return image
+
+
+def decoded_bytes(mode: str, width: int, height: int) -> int:
+    """The memory Pillow takes for the pixels of an image of this mode and size: bands x bytes per sample,
+    except that it keeps a pixel of several 8-bit bands in 4 bytes (a 50 MP RGB image takes 200 MB, measured,
+    not 150). So 1 byte a pixel for grey or palette, 2 for 16-bit grey, 4 for RGB, RGBA, CMYK or 32-bit."""
+    spec = ImageMode.getmode(mode)
+    per_sample = int(spec.typestr[2:])  # a numpy typestr such as "|u1" or "<u2": the digits are bytes
+    per_pixel = per_sample if len(spec.bands) == 1 else max(4, len(spec.bands) * per_sample)
+    return width * height * per_pixel
 
 
 class _RetryableStatus(Exception):

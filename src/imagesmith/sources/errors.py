@@ -64,7 +64,8 @@ class DisallowedHost(DownloadRejected):
 
 
 class DownloadTooLarge(DownloadRejected):
-    """The body exceeds pexels_max_download_bytes, or the image pexels_max_image_pixels."""
+    """The body exceeds pexels_max_download_bytes, or the image pexels_max_image_pixels or, decoded,
+    pexels_max_image_bytes."""
 
 
 class NotAnImage(DownloadRejected):

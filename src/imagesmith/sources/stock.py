@@ -279,6 +279,7 @@ class StockPhotoSource:
             policy,
             max_bytes=settings.pexels_max_download_bytes,
             max_pixels=settings.pexels_max_image_pixels,
+            max_image_bytes=settings.pexels_max_image_bytes,
             timeout_s=settings.pexels_download_timeout_s,
             max_retries=settings.pexels_max_retries,
             backoff_s=settings.pexels_retry_backoff_s,
