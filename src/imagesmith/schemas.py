@@ -20,6 +20,10 @@ MAX_PROMPT_CHARS = 2000
 DEFAULT_STEPS_HIGH_QUALITY = 40
 DEFAULT_STEPS_DRAFT = 30
 MAX_STEPS = 150
+# The schema's ceiling on num_images, well above any server's own limit (max_images_per_request, at most 4): a
+# request past that limit reaches the server's check, whose message names it; this cap at 4 answered 5 with
+# "less than or equal to 4" where the server's limit was 2. 32: as many as one pipeline pass holds.
+MAX_NUM_IMAGES = 32
 
 
 def draw_seed() -> int:
@@ -138,7 +142,9 @@ class GenerationRequest(BaseModel):
     refine_strength: float = Field(0.3, gt=0.0, le=1.0, description="img2img mode: how much to re-noise.")
     scheduler: SchedulerName = SchedulerName.EULER
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Image i uses seed + i; drawn if missing.")
-    num_images: int = Field(1, ge=1, le=4)
+    num_images: int = Field(
+        1, ge=1, le=MAX_NUM_IMAGES, description="Images to make; at most the server's max_images_per_request."
+    )
     output_format: OutputFormat = OutputFormat.PNG
     high_quality: bool = Field(True, description="False: 30 steps and no refiner unless asked explicitly.")
     use_refinement: bool = Field(True, description="False: base only, whatever refine_mode says.")

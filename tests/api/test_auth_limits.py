@@ -50,6 +50,50 @@ def test_limits_name_the_field(app_client: Callable[..., TestClient]) -> None:
             assert response.json()["error"]["field"] == field
 
 
+def test_too_many_images_are_refused_naming_the_servers_limit_on_every_route(
+    app_client: Callable[..., TestClient],
+) -> None:
+    """num_images=5 answered "Input should be less than or equal to 4" (the schema's cap) on a server that makes
+    at most 2: each route that takes a count names the server's limit, under the name the client sent."""
+    native = "num_images is {}; this server makes at most 2 per request (max_images_per_request): ask for 2 or fewer"
+    generate_only = {"use_pexels": False, "use_generation": True}
+    with app_client(max_images_per_request=2) as client:
+        for count in (5, 32, 3):  # past the old schema cap, at the new one, and under both
+            cases: list[tuple[str, dict[str, Any], int, str, str]] = [
+                ("/v1/jobs", {**BODY, "num_images": count}, 422, "num_images", native.format(count)),
+                (
+                    "/api/media/generate-image",
+                    {**BODY, **generate_only, "num_images": count},
+                    422,
+                    "num_images",
+                    native.format(count),
+                ),
+                (
+                    "/v1/images/generations",
+                    {"prompt": "a fox", "n": count},
+                    400,
+                    "n",
+                    f"1 and 2 on this server, got {count}",
+                ),
+                (
+                    "/sdapi/v1/txt2img",
+                    {"prompt": "a fox", "batch_size": count},
+                    422,
+                    "batch_size",
+                    "at most 2 per request",
+                ),
+            ]
+            for path, body, status, field, message in cases:
+                response = client.post(path, json=body)
+                assert response.status_code == status, (path, response.text)
+                error = response.json()["error"]
+                if isinstance(error, dict):  # ours and OpenAI's; A1111's error is a code beside its fields
+                    answer = (error.get("field") or error.get("param"), error["message"])
+                else:
+                    answer = (response.json()["field"], response.json()["detail"])
+                assert answer[0] == field and message in answer[1], (path, count, response.text)
+
+
 def test_body_size_limit(app_client: Callable[..., TestClient]) -> None:
     with app_client(max_body_bytes=2048) as client:
         response = client.post("/v1/jobs", json={**BODY, "negative_prompt": "x" * 4000})

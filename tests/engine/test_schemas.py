@@ -28,7 +28,8 @@ def test_width_not_multiple_of_8_names_field_and_neighbours() -> None:
         ({"num_inference_steps": 0}, "num_inference_steps"),
         ({"num_inference_steps": 500}, "num_inference_steps"),
         ({"guidance_scale": -1}, "guidance_scale"),
-        ({"num_images": 5}, "num_images"),
+        ({"num_images": 0}, "num_images"),
+        ({"num_images": 33}, "num_images"),  # past MAX_NUM_IMAGES (a server's lower limit is its own check)
         ({"high_noise_frac": 1.0}, "high_noise_frac"),
         ({"refine_strength": 0}, "refine_strength"),
         ({"seed": -1}, "seed"),

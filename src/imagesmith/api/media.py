@@ -16,6 +16,7 @@ from imagesmith.api.waiting import submit_and_wait, succeeded_result
 from imagesmith.jobs.service import SourcesUnavailable, StockNotConfigured
 from imagesmith.jobs.store import JobStatus
 from imagesmith.schemas import (
+    MAX_NUM_IMAGES,
     MAX_PROMPT_CHARS,
     MAX_SEED,
     AspectPreset,
@@ -58,7 +59,9 @@ class ImageGenerationRequest(BaseModel):
     refine_mode: RefineMode | None = None
     high_noise_frac: float = Field(0.8, gt=0.0, lt=1.0)
     scheduler: SchedulerName = SchedulerName.EULER
-    num_images: int = Field(1, ge=1, le=4)
+    num_images: int = Field(
+        1, ge=1, le=MAX_NUM_IMAGES, description="Images to make; at most the server's max_images_per_request."
+    )
     output_format: OutputFormat = OutputFormat.PNG
 
     def to_image_request(self) -> ImageRequest:

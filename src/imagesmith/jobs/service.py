@@ -148,7 +148,8 @@ class JobService:
         if generation.num_images > limits.max_images_per_request:
             raise LimitExceeded(
                 f"num_images is {generation.num_images}; this server makes at most {limits.max_images_per_request} "
-                "per request",
+                f"per request (max_images_per_request): ask for {limits.max_images_per_request} or fewer, in "
+                "several requests if you need more",
                 "num_images",
             )
         if generation.num_images > 1 and self._stock_may_serve(request):
