@@ -28,6 +28,7 @@ from imagesmith.api.a1111_mapping import (
 )
 from imagesmith.api.compat_request import service_errors_in_client_terms
 from imagesmith.api.deps import Authorized, FilesDep, ServiceDep, SettingsDep
+from imagesmith.api.store_writes import in_write_thread
 from imagesmith.api.waiting import stored_image_base64, submit_and_wait, succeeded_result
 from imagesmith.config import ModelPreset, Settings
 from imagesmith.engine.output import model_label
@@ -169,12 +170,16 @@ def progress(service: ServiceDep, jobs: JobsDep, skip_current_image: bool = Fals
 
 
 @router.post("/interrupt")
-def interrupt(service: ServiceDep, jobs: JobsDep) -> dict[str, Any]:
+async def interrupt(service: ServiceDep, jobs: JobsDep) -> dict[str, Any]:
     """Stop the running generation(s) this API started, within a step; their txt2img answers with no images."""
-    live = dict(service.worker.live)
-    for job_id in list(jobs.ids):
-        if job_id in live:
-            service.cancel(job_id)
+
+    def cancel_ours() -> None:
+        live = dict(service.worker.live)
+        for job_id in list(jobs.ids):
+            if job_id in live:
+                service.cancel(job_id)
+
+    await in_write_thread(cancel_ours)  # a cancel writes the store (store_writes.py)
     return {}
 
 

@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field
 
 from imagesmith.api.deps import Authorized, ServiceDep
 from imagesmith.api.errors import ApiError
+from imagesmith.api.store_writes import in_write_thread
 from imagesmith.jobs.store import JobStatus
 from imagesmith.schemas import GenerationRequest
 from imagesmith.sources.base import ImageRequest, SourceName
@@ -67,17 +68,20 @@ class JobList(BaseModel):
 
 
 @router.post("", status_code=202, response_model=JobView)
-def create_job(
+async def create_job(
     body: JobCreate,
     service: ServiceDep,
     response: Response,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> dict[str, Any]:
-    job, created = service.submit(body.to_image_request(), idempotency_key)
-    response.headers["Location"] = f"/v1/jobs/{job.id}"
-    if not created:
-        response.headers["Idempotent-Replayed"] = "true"
-    return service.view(job)
+    def submit() -> dict[str, Any]:
+        job, created = service.submit(body.to_image_request(), idempotency_key)
+        response.headers["Location"] = f"/v1/jobs/{job.id}"
+        if not created:
+            response.headers["Idempotent-Replayed"] = "true"
+        return service.view(job)
+
+    return await in_write_thread(submit)  # not in the pool that health and the reads use (store_writes.py)
 
 
 @router.get("", response_model=JobList)
@@ -104,22 +108,26 @@ def get_job(job_id: str, service: ServiceDep) -> dict[str, Any]:
 
 
 @router.post("/{job_id}/cancel", response_model=JobView, status_code=202)
-def cancel_job(job_id: str, service: ServiceDep, response: Response) -> dict[str, Any]:
+async def cancel_job(job_id: str, service: ServiceDep, response: Response) -> dict[str, Any]:
     """Queued: canceled at once. Running: stops within one step (cancel_requested until it does). Canceled
     already: 200, nothing more to do. Succeeded or failed: 409, there is nothing to cancel (a 202 said the
     cancel was taken when nothing happened)."""
-    if service.get(job_id).status is JobStatus.CANCELED:
-        response.status_code = 200
-    job = service.cancel(job_id)  # a no-op for a finished job
-    if job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
-        raise ApiError(
-            409,
-            "already_finished",
-            f"job {job_id} already {job.status.value}; there is nothing to cancel",
-            "job_id",
-            extra={"job_id": job_id, "status": job.status.value},
-        )
-    return service.view(job)
+
+    def cancel() -> dict[str, Any]:
+        if service.get(job_id).status is JobStatus.CANCELED:
+            response.status_code = 200
+        job = service.cancel(job_id)  # a no-op for a finished job
+        if job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
+            raise ApiError(
+                409,
+                "already_finished",
+                f"job {job_id} already {job.status.value}; there is nothing to cancel",
+                "job_id",
+                extra={"job_id": job_id, "status": job.status.value},
+            )
+        return service.view(job)
+
+    return await in_write_thread(cancel)  # a cancel writes the store (store_writes.py)
 
 
 END_EVENT_ID = "end"  # the id of a job's final event

@@ -10,9 +10,8 @@ import base64
 from collections.abc import Callable
 from typing import Any
 
-from starlette.concurrency import run_in_threadpool
-
 from imagesmith.api.errors import ApiError
+from imagesmith.api.store_writes import in_write_thread
 from imagesmith.jobs.service import SHUTDOWN_RETRY_AFTER_S, JobService
 from imagesmith.jobs.store import JobRecord, JobStatus
 from imagesmith.sources.base import ImageRequest
@@ -29,7 +28,7 @@ async def submit_and_wait(
     """Submit (an Idempotency-Key header makes a retried request wait for the first job) and wait.
     `on_submitted` hears the job id before the wait begins (A1111's progress and interrupt look for it)."""
     # Off the event loop: a submit writes (and fsyncs) the store, and waits out another program's lock on it.
-    job, _ = await run_in_threadpool(service.submit, request, idempotency_key)
+    job, _ = await in_write_thread(lambda: service.submit(request, idempotency_key))
     if on_submitted is not None:
         on_submitted(job.id)
     job = await service.wait(job.id, timeout_s)
