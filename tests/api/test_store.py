@@ -122,3 +122,44 @@ def test_reads_do_not_wait_behind_a_write_stuck_on_another_programs_lock(tmp_pat
     claimer.join(10)
     assert [claimed_job.id for claimed_job in claimed[0]] == [job.id]  # type: ignore[attr-defined]
     store.close()
+
+
+def test_writes_queued_behind_another_programs_lock_each_give_up_within_two_busy_timeouts(
+    tmp_path: Path,
+) -> None:
+    """Six submits behind another program's lock on the database: one waits out SQLite's busy timeout holding
+    the store's write lock, the others wait for that lock. Before the lock's wait was bounded they were answered
+    one busy timeout after another (six here, 50 submits 25 minutes with the default 30 s)."""
+    import sqlite3
+    import threading
+    import time
+
+    from imagesmith.jobs.store import WriteLockTimeout
+
+    path = tmp_path / "jobs.sqlite3"
+    store = JobStore(path, busy_timeout_s=1.0)
+    outside = sqlite3.connect(path, isolation_level=None)
+    outside.execute("BEGIN IMMEDIATE")  # another program's write lock, held throughout
+    outcomes: list[tuple[float, BaseException | None]] = []
+    started = time.monotonic()
+
+    def submit(n: int) -> None:
+        try:
+            store.submit({"n": n}, f"h{n}", None, queue_max=10)
+            outcomes.append((time.monotonic() - started, None))
+        except sqlite3.OperationalError as error:
+            outcomes.append((time.monotonic() - started, error))
+
+    threads = [threading.Thread(target=submit, args=(n,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    outside.execute("ROLLBACK")
+    assert len(outcomes) == 6 and all(error is not None for _, error in outcomes)
+    assert any(isinstance(error, WriteLockTimeout) for _, error in outcomes)
+    assert max(seconds for seconds, _ in outcomes) < 3.5  # unbounded: ~6 s
+    assert store.counts()[JobStatus.QUEUED] == 0
+    job, created = store.submit({"n": 9}, "h9", None, queue_max=10)  # the lock gone, writes go through again
+    assert created and store.get(job.id) is not None
+    store.close()

@@ -111,14 +111,26 @@ ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 DATABASE_NAME = "jobs.sqlite3"  # in IMAGESMITH_DATA_DIR
 
 
+class WriteLockTimeout(sqlite3.OperationalError):
+    """A write waited busy_timeout_s for the store's write lock: another write held it that long, waiting on a
+    lock another program holds on the database. The same answer as SQLite's own busy timeout (a 503
+    storage_unavailable to a client), and no later than it."""
+
+
 class JobStore:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, busy_timeout_s: float = 30.0) -> None:
+        # How long a write waits for the database (SQLite's busy timeout) and, before that, for this store's
+        # write lock. Bounding the second too: with only SQLite's, 50 submits behind another program's lock were
+        # answered one busy timeout after another, the last after 25 minutes; now each within ~2 timeouts.
+        self.busy_timeout_s = busy_timeout_s
         path.parent.mkdir(parents=True, exist_ok=True)
         self._store_lock = lock_store(path)  # StoreInUse when another process has it (store_lock.py)
         try:
             # One connection for writes, shared by the request threads and the worker, serialized by a lock:
             # every statement is short, and SQLite serializes writers anyway.
-            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+            self._db = sqlite3.connect(
+                path, check_same_thread=False, isolation_level=None, timeout=busy_timeout_s
+            )
             self._db.row_factory = sqlite3.Row
             self._lock = threading.Lock()
             with self._lock:
@@ -129,7 +141,9 @@ class JobStore:
             # And one for reads (health, job views, listings), with its own lock. In WAL mode a read never waits
             # for a writer: behind the write lock, a claim waiting out another program's lock on the database
             # (a backup, the sqlite3 shell) held health and every GET for up to the 30 s busy timeout.
-            self._reader = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+            self._reader = sqlite3.connect(
+                path, check_same_thread=False, isolation_level=None, timeout=busy_timeout_s
+            )
             self._reader.row_factory = sqlite3.Row
             self._read_lock = threading.Lock()
         except BaseException:
@@ -157,10 +171,23 @@ class JobStore:
         unlock_store(self._store_lock)
 
     @contextmanager
+    def _write_lock(self) -> Iterator[None]:
+        """The write lock, waited for at most busy_timeout_s (WriteLockTimeout past that)."""
+        if not self._lock.acquire(timeout=self.busy_timeout_s):
+            raise WriteLockTimeout(
+                f"the job store stayed busy for {self.busy_timeout_s:.0f} s (another program holds a lock on the "
+                "database, or it is very slow)"
+            )
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    @contextmanager
     def _writing(self) -> Iterator[None]:
         """The write connection in one IMMEDIATE transaction, under the write lock: committed when the block
         ends (a return inside it included), rolled back when it raises."""
-        with self._lock:
+        with self._write_lock():
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield
@@ -299,7 +326,7 @@ class JobStore:
         error: dict[str, Any] | None = None,
     ) -> bool:
         """Record a running job's outcome; result and status land together, so a job never succeeds twice."""
-        with self._lock:
+        with self._write_lock():
             cursor = self._db.execute(
                 "UPDATE jobs SET status = ?, result = ?, error = ?, finished_at = ? WHERE id = ? AND status = ?",
                 (
@@ -318,7 +345,7 @@ class JobStore:
 
     def request_cancel(self, job_id: str) -> None:
         """Remember a cancel of a running job, so a crash before it stops does not bring it back."""
-        with self._lock:
+        with self._write_lock():
             self._db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
 
     def requeue(self, job_id: str) -> bool:
@@ -326,7 +353,7 @@ class JobStore:
 
         False when it was not put back: not running, or a cancel was asked for it (claims skip such rows, so
         requeued it would wait forever; the caller ends it as canceled instead)."""
-        with self._lock:
+        with self._write_lock():
             cursor = self._db.execute(
                 "UPDATE jobs SET status = ?, attempts = MAX(attempts - 1, 0), started_at = NULL "
                 "WHERE id = ? AND status = ? AND cancel_requested = 0",
@@ -342,7 +369,7 @@ class JobStore:
 
     def _end_queued_as_canceled(self, where: str, params: tuple[Any, ...]) -> list[JobRecord]:
         """The queued jobs matching `where`, ended as canceled (flagged too, so a crash cannot revive them)."""
-        with self._lock:
+        with self._write_lock():
             rows = self._db.execute(
                 "UPDATE jobs SET status = ?, cancel_requested = 1, finished_at = ?, error = ? "
                 f"WHERE status = ? AND {where} RETURNING *",
