@@ -39,8 +39,8 @@ class RecordingHub(EventHub):
 
 
 class Parts:
-    def __init__(self, settings: Settings, engine: Engine, path: Path) -> None:
-        self.store = JobStore(path)
+    def __init__(self, settings: Settings, engine: Engine, path: Path, busy_timeout_s: float = 30.0) -> None:
+        self.store = JobStore(path, busy_timeout_s=busy_timeout_s)
         generate = GenerateSource(settings, factory=lambda _: engine)
         generate.start_loading().join()
         self.sources = SourceRegistry([generate])
@@ -247,6 +247,95 @@ def test_a_job_whose_end_could_not_be_written_is_retried_once_the_store_takes_wr
     final = parts.job(job_id)
     assert final.status is JobStatus.SUCCEEDED and final.attempts == 2, final
     assert parts.hub.terminal[job_id] == "succeeded"
+
+
+def test_a_pass_whose_results_wait_out_another_programs_lock_is_recorded_as_made(
+    tiny_settings: Settings, tiny_engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backup holds the database's lock longer than the busy timeout just as a pass's images are stored. The
+    first job's success could not be written: it was recorded failed ("database is locked") and, that write
+    failing too, both jobs of the pass were ended failed or run again. Now the worker waits the lock out."""
+    settings = tiny_settings.with_changes(data_dir=tmp_path, batch_max_images=4, batch_window_ms=0)
+    parts = Parts(settings, tiny_engine, tmp_path / "jobs.sqlite3", busy_timeout_s=0.3)
+    try:
+        ids = [parts.submit(prompt=f"a harbour {n}", seed=n) for n in range(2)]
+        finish = parts.store.finish
+        calls: list[str] = []
+        backup = sqlite3.connect(tmp_path / "jobs.sqlite3", isolation_level=None, check_same_thread=False)
+
+        def finish_during_a_backup(job_id: str, status: JobStatus, **fields: Any) -> bool:
+            if not calls:  # the backup starts as the first result is written, and lasts 4 busy timeouts
+                backup.execute("BEGIN IMMEDIATE")
+                threading.Timer(1.2, lambda: backup.execute("ROLLBACK")).start()
+            calls.append(job_id)
+            return finish(job_id, status, **fields)
+
+        monkeypatch.setattr(parts.store, "finish", finish_during_a_backup)
+        parts.worker.start()
+        parts.wait_terminal(*ids)
+        assert calls.count(ids[0]) >= 2  # it did meet the lock, and was written again
+        for job_id in ids:
+            job = parts.job(job_id)
+            assert job.status is JobStatus.SUCCEEDED, job.error
+            assert job.attempts == 1 and job.result["metadata"]["batch_size"] == 2  # type: ignore[index]
+        backup.close()
+    finally:
+        parts.worker.stop()
+        parts.store.close()
+
+
+def test_a_job_whose_end_cannot_be_written_does_not_end_its_batch_mates(
+    parts: Parts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store refusing the first job's end, and then its failure (a disk error, not a busy lock), escaped to
+    the pass: every job of the pass was ended failed, the second one's images made and stored for nothing."""
+    first, second = (parts.submit(prompt=f"a bridge {n}", seed=n) for n in range(2))
+    finish = parts.store.finish
+    refused: list[JobStatus] = []
+
+    def failing_for_the_first(job_id: str, status: JobStatus, **fields: Any) -> bool:
+        if job_id == first and len(refused) < 2:
+            refused.append(status)
+            raise sqlite3.OperationalError("disk I/O error")
+        return finish(job_id, status, **fields)
+
+    monkeypatch.setattr(parts.store, "finish", failing_for_the_first)
+    parts.worker.start()
+    parts.wait_terminal(first, second)
+    assert refused == [JobStatus.SUCCEEDED, JobStatus.FAILED]  # its result, then its failure
+    mate = parts.job(second)
+    assert mate.status is JobStatus.SUCCEEDED and mate.attempts == 1, mate.error
+    assert mate.result["metadata"]["batch_size"] == 2  # type: ignore[index]
+    again = parts.job(first)  # stranded, then put back in the queue (release_stranded), and run again
+    assert again.status is JobStatus.SUCCEEDED and again.attempts == 2, again.error
+
+
+def test_a_cancel_that_took_effect_is_not_reported_failed_when_the_store_is_busy(
+    tiny_settings: Settings, tiny_engine: Engine, tmp_path: Path
+) -> None:
+    """Cancelling a batched job trips its token, then ends it in the store at once. With the store locked by
+    another program that write failed, and the client read "nothing was changed" about a cancel that happened."""
+    from imagesmith.engine.progress import CancelToken
+
+    parts = Parts(tiny_settings.with_changes(data_dir=tmp_path), tiny_engine, tmp_path / "jobs.sqlite3", 0.2)
+    try:
+        job_id = parts.submit(prompt="a lantern", seed=5)
+        assert [claimed.id for claimed in parts.store.claim(1)] == [job_id]
+        token = CancelToken()
+        with parts.worker._tokens_lock:  # the state a running batch leaves: its token, and batched
+            parts.worker._tokens[job_id] = token
+            parts.worker._batched.add(job_id)
+        backup = sqlite3.connect(tmp_path / "jobs.sqlite3", isolation_level=None)
+        backup.execute("BEGIN IMMEDIATE")
+        try:
+            assert parts.worker.cancel(job_id) is True
+        finally:
+            backup.execute("ROLLBACK")
+            backup.close()
+        assert token.canceled
+        assert parts.job(job_id).status is JobStatus.RUNNING  # ended canceled when its pass ends
+    finally:
+        parts.store.close()
 
 
 def test_jobs_wait_in_the_queue_while_the_models_failed_to_load(

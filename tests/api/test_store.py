@@ -163,3 +163,48 @@ def test_writes_queued_behind_another_programs_lock_each_give_up_within_two_busy
     job, created = store.submit({"n": 9}, "h9", None, queue_max=10)  # the lock gone, writes go through again
     assert created and store.get(job.id) is not None
     store.close()
+
+
+def test_api_writes_behind_another_programs_lock_are_answered_within_two_busy_timeouts(
+    tmp_path: Path,
+) -> None:
+    """The routes' path (store_writes.in_write_thread): 24 submits, more than its 8 writer threads. Those waiting
+    for a thread waited without limit: answered 1, 2 and 3 busy timeouts late, eight at a time."""
+    import sqlite3
+    import time
+
+    import anyio
+
+    from imagesmith.api.store_writes import in_write_thread
+    from imagesmith.jobs.store import WriteLockTimeout
+
+    path = tmp_path / "jobs.sqlite3"
+    store = JobStore(path, busy_timeout_s=1.0)
+    outside = sqlite3.connect(path, isolation_level=None)
+    outside.execute("BEGIN IMMEDIATE")  # another program's write lock, held throughout
+    answers: list[tuple[float, BaseException | None]] = []
+
+    async def submits() -> None:
+        started = time.monotonic()
+
+        async def submit(n: int) -> None:
+            try:
+                await in_write_thread(lambda: store.submit({"n": n}, f"h{n}", None, queue_max=100), 1.0)
+                answers.append((time.monotonic() - started, None))
+            except sqlite3.OperationalError as error:
+                answers.append((time.monotonic() - started, error))
+
+        async with anyio.create_task_group() as group:
+            for n in range(24):
+                group.start_soon(submit, n)
+
+    try:
+        anyio.run(submits)
+    finally:
+        outside.execute("ROLLBACK")
+        outside.close()
+    assert len(answers) == 24 and all(error is not None for _, error in answers)
+    assert sum(isinstance(error, WriteLockTimeout) for _, error in answers) >= 16  # most never reached SQLite
+    assert max(seconds for seconds, _ in answers) < 2.7, sorted(round(seconds, 2) for seconds, _ in answers)
+    assert store.counts()[JobStatus.QUEUED] == 0
+    store.close()

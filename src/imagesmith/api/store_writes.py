@@ -11,27 +11,52 @@ it wait for a token on the event loop, holding no thread.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
+import anyio
 from anyio import CapacityLimiter, to_thread
 from anyio.lowlevel import RunVar
+
+from imagesmith.jobs.store import WriteLockTimeout, write_lock_deadline
 
 # The store serializes writes behind one lock anyway, so more threads would only wait there; a few let a
 # submit's checks and reads overlap another's write. Far below the default pool's 40, which stays for reads.
 STORE_WRITE_THREADS = 8
 
-# One limiter per event loop, as anyio keeps its default one (a TestClient may run a loop per request).
-_limiter: RunVar[CapacityLimiter] = RunVar("imagesmith_store_writes")
+# Per event loop, as anyio keeps its default limiter (a TestClient may run a loop per request). `_writers`: the
+# tokens a request waits for, with a deadline. `_threads`: what the thread of a request holding a token runs
+# under; never short of tokens (each runner holds a writer's token first), it only keeps those threads out of
+# the default pool.
+_writers: RunVar[CapacityLimiter] = RunVar("imagesmith_store_writers")
+_threads: RunVar[CapacityLimiter] = RunVar("imagesmith_store_write_threads")
 
 T = TypeVar("T")
 
 
-async def in_write_thread(work: Callable[[], T]) -> T:
-    """`work` (which writes the store) in a worker thread counted against the writers' limiter."""
+def _limiter(var: RunVar[CapacityLimiter]) -> CapacityLimiter:
     try:
-        limiter = _limiter.get()
+        return var.get()
     except LookupError:
         limiter = CapacityLimiter(STORE_WRITE_THREADS)
-        _limiter.set(limiter)
-    return await to_thread.run_sync(work, limiter=limiter)
+        var.set(limiter)
+        return limiter
+
+
+async def in_write_thread(work: Callable[[], T], busy_timeout_s: float) -> T:
+    """`work` (which writes the store) in a thread of the writers' own. Waiting for that thread and for the
+    store's write lock take one busy timeout at most together (WriteLockTimeout, a 503 past it): a request
+    waits at most that, then SQLite's own busy timeout. Without the first bound, 24 submits behind another
+    program's lock were answered 1, 2 and 3 timeouts late, eight at a time."""
+    deadline = time.monotonic() + busy_timeout_s
+    writers = _limiter(_writers)
+    with anyio.move_on_after(busy_timeout_s) as waited:
+        await writers.acquire()
+    if waited.cancelled_caught:
+        raise WriteLockTimeout.after(busy_timeout_s)
+    try:
+        with write_lock_deadline(deadline):  # the thread copies this context, and with it the deadline
+            return await to_thread.run_sync(work, limiter=_limiter(_threads))
+    finally:
+        writers.release()

@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -116,12 +117,57 @@ class WriteLockTimeout(sqlite3.OperationalError):
     lock another program holds on the database. The same answer as SQLite's own busy timeout (a 503
     storage_unavailable to a client), and no later than it."""
 
+    @classmethod
+    def after(cls, busy_timeout_s: float) -> WriteLockTimeout:
+        return cls(
+            f"the job store stayed busy for {busy_timeout_s:.0f} s (another program holds a lock on the "
+            "database, or it is very slow)"
+        )
+
+
+# When the writes of the current context stop waiting for the write lock (time.monotonic()), if sooner than one
+# busy timeout from each write's start. The API sets it around a request's writes: with the wait for a writer
+# thread counted in, a request waits for the lock at most one busy timeout in all, then SQLite's own at most one.
+_write_lock_deadline: ContextVar[float | None] = ContextVar("imagesmith_write_lock_deadline", default=None)
+
+
+@contextmanager
+def write_lock_deadline(deadline: float) -> Iterator[None]:
+    """Writes made in this context (and in threads started from it, which copy the context) wait for the write
+    lock until `deadline` at the latest."""
+    token = _write_lock_deadline.set(deadline)
+    try:
+        yield
+    finally:
+        _write_lock_deadline.reset(token)
+
+
+_SQLITE_BUSY, _SQLITE_LOCKED = 5, 6  # primary result codes; extended codes keep them in the low byte
+
+
+def store_busy(error: BaseException) -> bool:
+    """Whether a write failed only because it waited out a lock (this store's, or SQLite's held by another
+    program): the same write can succeed later. A full disk or a broken file is not busy."""
+    if isinstance(error, WriteLockTimeout):
+        return True
+    code = getattr(error, "sqlite_errorcode", None)  # set on errors SQLite raised (Python 3.11+)
+    return (
+        isinstance(error, sqlite3.OperationalError)
+        and code is not None
+        and code & 0xFF
+        in (
+            _SQLITE_BUSY,
+            _SQLITE_LOCKED,
+        )
+    )
+
 
 class JobStore:
     def __init__(self, path: Path, busy_timeout_s: float = 30.0) -> None:
         # How long a write waits for the database (SQLite's busy timeout) and, before that, for this store's
         # write lock. Bounding the second too: with only SQLite's, 50 submits behind another program's lock were
-        # answered one busy timeout after another, the last after 25 minutes; now each within ~2 timeouts.
+        # answered one busy timeout after another, the last after 25 minutes; now each within ~2 timeouts (the
+        # API's writes: store_writes.py).
         self.busy_timeout_s = busy_timeout_s
         path.parent.mkdir(parents=True, exist_ok=True)
         self._store_lock = lock_store(path)  # StoreInUse when another process has it (store_lock.py)
@@ -173,11 +219,12 @@ class JobStore:
     @contextmanager
     def _write_lock(self) -> Iterator[None]:
         """The write lock, waited for at most busy_timeout_s (WriteLockTimeout past that)."""
-        if not self._lock.acquire(timeout=self.busy_timeout_s):
-            raise WriteLockTimeout(
-                f"the job store stayed busy for {self.busy_timeout_s:.0f} s (another program holds a lock on the "
-                "database, or it is very slow)"
-            )
+        wait_s = self.busy_timeout_s
+        deadline = _write_lock_deadline.get()
+        if deadline is not None:  # a request that waited already for a thread to write in (store_writes.py)
+            wait_s = max(0.0, min(wait_s, deadline - time.monotonic()))
+        if not self._lock.acquire(timeout=wait_s):
+            raise WriteLockTimeout.after(self.busy_timeout_s)
         try:
             yield
         finally:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sqlite3
 import threading
 import time
 from typing import Any, NamedTuple
@@ -25,7 +26,7 @@ from imagesmith.jobs.events import EventHub
 from imagesmith.jobs.finishing import Finisher, encode_pending
 from imagesmith.jobs.metrics import Metrics
 from imagesmith.jobs.progress_tracker import LiveProgress, ProgressTracker
-from imagesmith.jobs.store import CANCELED_WHILE_RUNNING, JobRecord, JobStatus, JobStore
+from imagesmith.jobs.store import CANCELED_WHILE_RUNNING, JobRecord, JobStatus, JobStore, store_busy
 from imagesmith.logs import current_job
 from imagesmith.sources.base import (
     FallbackReason,
@@ -41,6 +42,10 @@ from imagesmith.sources.registry import SourceRegistry
 from imagesmith.storage.files import ImageFiles
 
 log = logging.getLogger(__name__)
+
+# A job's end waiting on a busy store is written again after 0.5, 1, 2, 4, 8, 8, ... s.
+FINISH_RETRY_FIRST_S = 0.5
+FINISH_RETRY_MAX_S = 8.0
 
 
 def generation_batch_key(job: JobRecord) -> BatchKey | None:
@@ -187,7 +192,12 @@ class Worker:
         if job is not None:
             # Ends it only while running (finish() changes nothing once it ended); the batch's own finish of
             # this job later is then a no-op.
-            self._finish(job, JobStatus.CANCELED, error=CANCELED_WHILE_RUNNING)
+            try:
+                self._finish(job, JobStatus.CANCELED, error=CANCELED_WHILE_RUNNING, patient=False)
+            except sqlite3.OperationalError as error:
+                # The cancel took effect (its token is tripped, the request is remembered): the pass ends the job
+                # canceled when it ends. Not an error to the client, who would read "nothing was changed".
+                log.warning("job %s ends canceled when its pass ends: the store is busy (%s)", job_id, error)
         return True
 
     # --- the loop, on the worker thread ---
@@ -427,6 +437,9 @@ class Worker:
                 try:
                     succeeded = self._complete(item, count_stages=not pass_counted)
                     pass_counted = pass_counted or succeeded
+                except Exception as error:  # this job only: its batch-mates' outcomes are still to be stored
+                    log.exception("ending the job failed")
+                    self._end_unfinished([item.job], error)
                 finally:
                     current_job.reset(token)
         except Exception as error:  # as in the loop: jobs the store could not end are ended failed
@@ -531,11 +544,6 @@ class Worker:
                 "attribution": result.attribution,
                 "metadata": result.metadata,
             }
-            self._finish(job, JobStatus.SUCCEEDED, result=payload)
-            if count_stages:
-                for stage in result.metadata.get("stages", []):
-                    self.metrics.stage_seconds.labels(stage["name"]).observe(stage["seconds"])
-            return True
         except GenerationCanceled:
             # A clean shutdown puts the job back, unless a client's cancel reached the store (requeue says
             # False): that one ends canceled, as it would have if the cancel had reached this token.
@@ -553,6 +561,14 @@ class Worker:
                 JobStatus.FAILED,
                 error={"code": "generation_failed", "message": f"{error}"[:2000] or type(error).__name__},
             )
+        else:
+            # Outside the handlers above: the images are made and stored, so a store that fails to record
+            # that is not the generation failing (its error goes to _finish_pass, which ends this job alone).
+            self._finish(job, JobStatus.SUCCEEDED, result=payload)
+            if count_stages:
+                for stage in result.metadata.get("stages", []):
+                    self.metrics.stage_seconds.labels(stage["name"]).observe(stage["seconds"])
+            return True
         finally:
             self.live.pop(job.id, None)
             self.metrics.job_seconds.observe(time.perf_counter() - started)
@@ -570,6 +586,31 @@ class Worker:
             log.info("served by %s after %s", served.source.value, served.summary)
         return served
 
+    def _finish_write(
+        self,
+        job_id: str,
+        status: JobStatus,
+        result: dict[str, Any] | None,
+        error: dict[str, Any] | None,
+        patient: bool,
+    ) -> bool:
+        delay_s = FINISH_RETRY_FIRST_S
+        while True:
+            try:
+                return self.store.finish(job_id, status, result=result, error=error)
+            except sqlite3.OperationalError as store_error:
+                # Stopping: give up; the job is still running in the store, and the next start runs it again.
+                if not (patient and store_busy(store_error)) or self._stopping:
+                    raise
+                log.warning(
+                    "the job store is busy (%s); recording job %s again in %.0f s",
+                    store_error,
+                    job_id,
+                    delay_s,
+                )
+                time.sleep(delay_s)
+                delay_s = min(delay_s * 2, FINISH_RETRY_MAX_S)
+
     def _count_attempts(self, attempts: list[SourceAttempt]) -> None:
         for attempt in attempts:
             outcome = "served" if attempt.served else attempt.reason.value
@@ -581,8 +622,13 @@ class Worker:
         status: JobStatus,
         result: dict[str, Any] | None = None,
         error: dict[str, Any] | None = None,
+        patient: bool = True,
     ) -> None:
-        if self.store.finish(job.id, status, result=result, error=error):
+        """Record the job's end and tell its listeners. `patient`: while the store is busy (another program
+        holding its lock, the API's writes queued ahead), wait and try again rather than fail; the worker's
+        threads are patient (a lock held past the busy timeout made a generated image a failed job), a
+        request's thread is not (it answers within its bound: store_writes.py)."""
+        if self._finish_write(job.id, status, result, error, patient):
             self.metrics.jobs_finished.labels(status.value).inc()
             log.info("job %s", status.value)
         # Read back, not assumed: finish() changes nothing when the job already ended (a cancel won the race),
