@@ -52,18 +52,21 @@ def jpeg_bytes(width: int, height: int, seed: int = 0) -> bytes:
 
 
 @functools.cache  # about 3 s to compress 800 MB of zeros: once a session
-def png_bomb() -> bytes:
+def png_bomb(grey: bool = False) -> bytes:
     """A real 10000x10000 16-bit RGBA PNG of zeros: 0.78 MB, under the default pixel cap (100 MP), yet 400 MB
-    once Pillow decodes it (to 8-bit RGBA), and 1.2 GB at the peak of fitting it (measured with ru_maxrss)."""
+    once Pillow decodes it (to 8-bit RGBA), and 1.2 GB at the peak of fitting it (measured with ru_maxrss).
+    `grey`: 16-bit grey instead, 0.2 MB: 200 MB decoded (I;16), over 1.1 GB at the peak of fitting it."""
     width, height = 10_000, 10_000
+    samples = 1 if grey else 4
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    row = bytes(1 + width * 4 * 2)  # filter byte 0, then 4 samples of 2 bytes a pixel
+    row = bytes(1 + width * samples * 2)  # filter byte 0, then the samples of 2 bytes a pixel
     deflate = zlib.compressobj()
     pixels = b"".join(deflate.compress(row) for _ in range(height)) + deflate.flush()
-    header = struct.pack(">IIBBBBB", width, height, 16, 6, 0, 0, 0)  # 16 bits, colour type 6: RGBA
+    colour_type = 0 if grey else 6  # grey, or RGBA
+    header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
 
 
@@ -252,8 +255,11 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, b"not gzip at all", "image/jpeg", extra={"Content-Encoding": "gzip"})
         if behaviour == "placeholder":  # a CDN's 1x1 stand-in for a photo it cannot serve
             return self._send(200, jpeg_bytes(1, 1, seed=photo_id), "image/jpeg")
-        if behaviour == "bomb":  # small on the wire, huge decoded
-            return self._send(200, png_bomb(), "image/png")
+        if behaviour in ("bomb", "grey_bomb"):  # small on the wire, huge decoded
+            # png_bomb() as the tests call it: functools.cache keys png_bomb() and png_bomb(grey=False) apart
+            return self._send(
+                200, png_bomb(grey=True) if behaviour == "grey_bomb" else png_bomb(), "image/png"
+            )
         if behaviour == "oversized_declared":
             return self._send(200, b"", "image/jpeg", length=50_000_000)
         if behaviour == "oversized":

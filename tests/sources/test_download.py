@@ -10,7 +10,7 @@ import pytest
 from pexels_standin import StandIn, png_bomb
 from PIL import Image
 
-from imagesmith.sources.download import HostPolicy, ImageDownloader, fit_exact
+from imagesmith.sources.download import HostPolicy, ImageDownloader, fit_exact, working_bytes
 from imagesmith.sources.errors import (
     DisallowedHost,
     DownloadTooLarge,
@@ -84,6 +84,38 @@ async def test_the_decoded_size_is_checked_before_decoding(standin: StandIn) -> 
         await fetcher.fetch(url(standin))
     await fetcher.aclose()
     assert standin.image_calls == 1
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+async def test_a_grey_photo_is_charged_for_its_conversion_to_rgb(standin: StandIn) -> None:
+    """A 16-bit grey PNG of 0.2 MB at 100 MP counted 200 MB decoded, under the 256 MiB cap, and took over 1.1 GB
+    to fit (its 32-bit copies, then RGB): what it takes on the way to RGB is charged."""
+    png_bomb(grey=True)
+    standin.image_default = "grey_bomb"
+    fetcher = downloader(standin, max_bytes=1_000_000)
+    with pytest.raises(DownloadTooLarge, match=r"I;16, 1000000000 bytes decoded with its conversion to RGB"):
+        await fetcher.fetch(url(standin))
+    await fetcher.aclose()
+
+
+@pytest.mark.parametrize(
+    ("mode", "per_pixel"),
+    [
+        ("RGB", 4),
+        ("RGBA", 4),
+        ("L", 1 + 4),
+        ("P", 1 + 4),
+        ("1", 1 + 4),
+        ("LA", 4 + 4),
+        ("CMYK", 4 + 4),
+        ("I;16", 2 + 8),
+        ("I", 4 + 8),
+    ],
+)
+def test_working_bytes_count_the_copy_fitting_makes(mode: str, per_pixel: int) -> None:
+    """Measured peaks (ru_maxrss, fitting 10000x10000 to 1216x832) were 5x the pixels for 1-bit, grey and
+    palette and 11x for 16-bit grey, against 1x and 2x counted; RGB keeps its 4 bytes."""
+    assert working_bytes(mode, 1000, 500) == 1000 * 500 * per_pixel
 
 
 async def test_5xx_then_success_and_5xx_always(standin: StandIn) -> None:

@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from diffusers.utils.torch_utils import get_module_execution_device
 
+from imagesmith.engine.execution_device import pinned_module_device
+
 log = logging.getLogger(__name__)
 
 
@@ -150,7 +152,7 @@ class PromptEmbeddingCache:
             )
             ids = _token_id_tensor(tokenizer, prompt)
             output = encoder(
-                _on_device_without_waiting(ids, get_module_execution_device(encoder)),
+                _on_device_without_waiting(ids, _execution_device(encoder)),
                 output_hidden_states=True,
             )
             # As encode_prompt: the pooled vector is the first 2-D output[0] (bigG's projection; CLIP-L's
@@ -191,6 +193,13 @@ def _token_id_tensor(tokenizer: Any, text: str) -> torch.Tensor:
             text,
         )
     return ids
+
+
+def _execution_device(encoder: torch.nn.Module) -> torch.device:
+    """Where the encoder runs: the engine's pinned answer (no offload), else diffusers' search of its hooks,
+    which walks all of its modules (run 67: most of each prompt's host time; engine/execution_device.py)."""
+    pinned = pinned_module_device(encoder)
+    return pinned if pinned is not None else get_module_execution_device(encoder)
 
 
 def _on_device_without_waiting(ids: torch.Tensor, device: torch.device) -> torch.Tensor:
