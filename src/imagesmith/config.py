@@ -329,12 +329,12 @@ class Settings(BaseSettings):
     pexels_max_image_bytes: int = Field(
         256 * 1024 * 1024,
         ge=1024,
-        description="Largest photo accepted, in the bytes its pixels take decoded and on their way to RGB "
-        "(width x height x: 4 for RGB or RGBA; 5 for grey, palette or 1-bit, decoded then converted; 10 for "
-        "16-bit grey, which is scaled through 32-bit copies first), checked before decoding: a "
-        "decompression-bomb guard. 256 MiB passes a whole Pexels original (up to about 50 MP RGB, 200 MB) and "
-        "refuses a 10000x10000 RGBA PNG (400 MB decoded, 1.2 GB at its peak to fit), which the pixel cap "
-        "passes and can be under 1 MB.",
+        description="Largest photo accepted, in the bytes its pixels take to decode and fit (width x height "
+        "x: 5 for RGB or grey, palette or 1-bit; 8 for CMYK or grey with alpha; 9 for RGBA; 10 for 16-bit grey: "
+        "the decoded image and the copies fitting makes, as measured), checked before decoding: a "
+        "decompression-bomb guard. 256 MiB passes a whole Pexels original (up to about 50 MP RGB, 250 MB) and "
+        "refuses a 10000x10000 RGBA PNG (900 MB; 1.2 GB measured at its peak), which the pixel cap passes and "
+        "can be under 1 MB.",
     )
     pexels_timeout_s: float = Field(10.0, gt=0, description="Per-request timeout of API calls, in seconds.")
     pexels_download_timeout_s: float = Field(

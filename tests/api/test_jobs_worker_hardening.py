@@ -284,6 +284,46 @@ def test_a_pass_whose_results_wait_out_another_programs_lock_is_recorded_as_made
         parts.store.close()
 
 
+def test_a_stop_while_a_result_waits_out_a_busy_store_leaves_the_job_to_run_again(
+    tiny_settings: Settings, tiny_engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server stopping while a backup holds the store: the finishing thread slept out its backoff (up to 8 s)
+    past the stop's deadline, and the job whose result it held was then ended failed (internal_error) for good,
+    its images made. Now the stop wakes it at once and the job stays running, for the next start to run again."""
+    import time
+
+    settings = tiny_settings.with_changes(data_dir=tmp_path, batch_window_ms=0)
+    parts = Parts(settings, tiny_engine, tmp_path / "jobs.sqlite3", busy_timeout_s=0.3)
+    backup = sqlite3.connect(tmp_path / "jobs.sqlite3", isolation_level=None, check_same_thread=False)
+    try:
+        job_id = parts.submit(prompt="a quay at dusk", seed=3)
+        finish = parts.store.finish
+        calls: list[JobStatus] = []
+
+        def finish_during_a_backup(job_id: str, status: JobStatus, **fields: Any) -> bool:
+            if not calls:
+                backup.execute("BEGIN IMMEDIATE")  # held until the test ends it, after the stop
+            calls.append(status)
+            return finish(job_id, status, **fields)
+
+        monkeypatch.setattr(parts.store, "finish", finish_during_a_backup)
+        parts.worker.start()
+        # The third try: 0.3 s on the lock, then a 2 s backoff; the stop comes 0.6 s into that.
+        wait_for(lambda: len(calls) >= 3, timeout=60)
+        time.sleep(0.6)
+        started = time.monotonic()
+        parts.worker.stop(timeout=10)
+        assert time.monotonic() - started < 1.2  # not the backoff's remaining ~1.7 s, nor the 10 s deadline
+        assert set(calls) == {JobStatus.SUCCEEDED}  # never written failed
+        backup.execute("ROLLBACK")
+        assert parts.job(job_id).status is JobStatus.RUNNING
+        assert parts.store.recover(max_attempts=3) == ([job_id], [])  # the next start runs it again
+    finally:
+        backup.close()
+        parts.worker.stop()
+        parts.store.close()
+
+
 def test_a_job_whose_end_cannot_be_written_does_not_end_its_batch_mates(
     parts: Parts, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -172,7 +172,7 @@ async def test_a_png_bomb_under_the_pixel_cap_moves_on_to_the_next_candidate(
             photo = await source.fetch(StockRequest(title="lake", width=600, height=400))
             assert source.status().failures == 1
     assert standin.image_calls == 2 and photo.photo_id != 101
-    assert "skipped" in caplog.text and "10000x10000 RGBA, 400000000 bytes decoded" in caplog.text
+    assert "skipped" in caplog.text and "10000x10000 RGBA, 900000000 bytes to decode and fit" in caplog.text
     assert "(pexels_max_image_bytes): raise IMAGESMITH_PEXELS_MAX_IMAGE_BYTES" in caplog.text
 
 

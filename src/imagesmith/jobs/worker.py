@@ -116,6 +116,7 @@ class Worker:
         self.live: dict[str, LiveProgress] = {}
         self._wake = threading.Condition()
         self._stopping = False
+        self._stop_requested = threading.Event()  # set with _stopping: wakes a write waiting out a busy store
         self._tokens: dict[str, CancelToken] = {}
         self._batched: set[str] = set()  # jobs running in a pass with other jobs (under _tokens_lock)
         self._claims_paused = False
@@ -156,6 +157,7 @@ class Worker:
         """Stop after the current step: a running job is canceled and put back in the queue, not lost. A pass
         already done is finished (its files stored, its jobs ended) before stop() returns, all within `timeout`."""
         self._stopping = True
+        self._stop_requested.set()
         with self._tokens_lock:
             for token in self._tokens.values():
                 token.cancel()
@@ -438,6 +440,11 @@ class Worker:
                     succeeded = self._complete(item, count_stages=not pass_counted)
                     pass_counted = pass_counted or succeeded
                 except Exception as error:  # this job only: its batch-mates' outcomes are still to be stored
+                    if self._stopping and store_busy(error):
+                        # Not failed: it stays running in the store, and the next start runs it again (recover),
+                        # as it would a job whose pass the stop cut short.
+                        log.warning("job left to run again at the next start: the store is busy (%s)", error)
+                        continue
                     log.exception("ending the job failed")
                     self._end_unfinished([item.job], error)
                 finally:
@@ -603,12 +610,13 @@ class Worker:
                 if not (patient and store_busy(store_error)) or self._stopping:
                     raise
                 log.warning(
-                    "the job store is busy (%s); recording job %s again in %.0f s",
+                    "the job store is busy (%s); recording job %s again in %.1f s",
                     store_error,
                     job_id,
                     delay_s,
                 )
-                time.sleep(delay_s)
+                if self._stop_requested.wait(delay_s):  # a stop does not wait out the backoff
+                    raise
                 delay_s = min(delay_s * 2, FINISH_RETRY_MAX_S)
 
     def _count_attempts(self, attempts: list[SourceAttempt]) -> None:
