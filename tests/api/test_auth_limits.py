@@ -58,7 +58,7 @@ def test_too_many_images_are_refused_naming_the_servers_limit_on_every_route(
     native = "num_images is {}; this server makes at most 2 per request (max_images_per_request): ask for 2 or fewer"
     generate_only = {"use_pexels": False, "use_generation": True}
     with app_client(max_images_per_request=2) as client:
-        for count in (5, 32, 3):  # past the old schema cap, at the new one, and under both
+        for count in (5, 32, 40, 3):  # past the old schema cap, at the new one, past it, and under both
             cases: list[tuple[str, dict[str, Any], int, str, str]] = [
                 ("/v1/jobs", {**BODY, "num_images": count}, 422, "num_images", native.format(count)),
                 (

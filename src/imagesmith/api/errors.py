@@ -33,6 +33,7 @@ from imagesmith.jobs.service import (
     SourcesStarting,
     SourcesUnavailable,
     StockNotConfigured,
+    too_many_images,
 )
 from imagesmith.jobs.store import IdempotencyConflict, QueueFull
 from imagesmith.schemas import blame
@@ -191,8 +192,22 @@ def validation_details(items: Sequence[Any]) -> list[dict[str, str]]:
     return out
 
 
+def _servers_image_limit(request: Request, items: Sequence[Any]) -> list[Any]:
+    """A num_images past the schema's ceiling (MAX_NUM_IMAGES) answered with the server's own, lower limit, as
+    one past that limit is: pydantic's "less than or equal to 32" named a number this server never allows."""
+    settings = getattr(request.app.state, "settings", None)
+    if settings is None:
+        return list(items)
+    return [
+        {**item, "msg": too_many_images(item.get("input"), settings.max_images_per_request)}
+        if item.get("type") == "less_than_equal" and tuple(item.get("loc", ()))[-1:] == ("num_images",)
+        else item
+        for item in items
+    ]
+
+
 def _invalid(request: Request, items: Sequence[Any]) -> JSONResponse:
-    details = validation_details(items)
+    details = validation_details(_servers_image_limit(request, items))
     first = details[0] if details else {"field": "request", "message": "invalid request"}
     message = first["message"]
     if error_family(request) is not ErrorFamily.SERVICE and first["field"] != "request":

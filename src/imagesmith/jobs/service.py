@@ -91,6 +91,15 @@ class JobNotFound(ServiceError):
     code = "not_found"
 
 
+def too_many_images(count: object, limit: int) -> str:
+    """The answer to a num_images past the server's limit, whichever check finds it (this service, or the
+    schema's ceiling: api/errors.py)."""
+    return (
+        f"num_images is {count}; this server makes at most {limit} per request (max_images_per_request): ask for "
+        f"{limit} or fewer, in several requests if you need more"
+    )
+
+
 class JobService:
     def __init__(
         self, settings: Settings, store: JobStore, sources: SourceRegistry, hub: EventHub, worker: Worker
@@ -147,10 +156,7 @@ class JobService:
                 )
         if generation.num_images > limits.max_images_per_request:
             raise LimitExceeded(
-                f"num_images is {generation.num_images}; this server makes at most {limits.max_images_per_request} "
-                f"per request (max_images_per_request): ask for {limits.max_images_per_request} or fewer, in "
-                "several requests if you need more",
-                "num_images",
+                too_many_images(generation.num_images, limits.max_images_per_request), "num_images"
             )
         if generation.num_images > 1 and self._stock_may_serve(request):
             # One photo, one credit: a stock answer is a single picture. Say so rather than return fewer.
