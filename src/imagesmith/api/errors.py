@@ -35,7 +35,7 @@ from imagesmith.jobs.service import (
     StockNotConfigured,
     too_many_images,
 )
-from imagesmith.jobs.store import IdempotencyConflict, QueueFull
+from imagesmith.jobs.store import IdempotencyConflict, QueueFull, sqlite_result_code
 from imagesmith.schemas import blame
 
 log = logging.getLogger(__name__)
@@ -281,8 +281,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _store_unwritable(request: Request, error: sqlite3.OperationalError) -> JSONResponse:
         # A full disk, or the database locked by another program past the busy timeout: the server is fine and
         # the request was not taken (its transaction did not commit), so a retry later is the answer, not a 500.
-        code = getattr(error, "sqlite_errorcode", None)  # set on errors SQLite raised (Python 3.11+)
-        if code is not None and code & 0xFF not in _STORE_TRANSIENT:  # SQL or schema: a bug, not the disk
+        code = sqlite_result_code(error)
+        if code is not None and code not in _STORE_TRANSIENT:  # SQL or schema: a bug, not the disk
             log.error("unhandled store error", exc_info=error)
             return _internal_error(request)
         log.error("the job store failed: %s", error)

@@ -142,23 +142,19 @@ def write_lock_deadline(deadline: float) -> Iterator[None]:
         _write_lock_deadline.reset(token)
 
 
-_SQLITE_BUSY, _SQLITE_LOCKED = 5, 6  # primary result codes; extended codes keep them in the low byte
+def sqlite_result_code(error: BaseException) -> int | None:
+    """The primary SQLite result code of an error SQLite raised (sqlite3.SQLITE_BUSY, ...; an extended code keeps
+    it in its low byte); None for one it did not raise (ours, such as WriteLockTimeout)."""
+    code = getattr(error, "sqlite_errorcode", None)  # set on errors SQLite raised (Python 3.11+)
+    return None if code is None else code & 0xFF
 
 
 def store_busy(error: BaseException) -> bool:
     """Whether a write failed only because it waited out a lock (this store's, or SQLite's held by another
     program): the same write can succeed later. A full disk or a broken file is not busy."""
-    if isinstance(error, WriteLockTimeout):
-        return True
-    code = getattr(error, "sqlite_errorcode", None)  # set on errors SQLite raised (Python 3.11+)
-    return (
-        isinstance(error, sqlite3.OperationalError)
-        and code is not None
-        and code & 0xFF
-        in (
-            _SQLITE_BUSY,
-            _SQLITE_LOCKED,
-        )
+    return isinstance(error, WriteLockTimeout) or sqlite_result_code(error) in (
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
     )
 
 
