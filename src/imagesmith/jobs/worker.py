@@ -115,8 +115,7 @@ class Worker:
         )
         self.live: dict[str, LiveProgress] = {}
         self._wake = threading.Condition()
-        self._stopping = False
-        self._stop_requested = threading.Event()  # set with _stopping: wakes a write waiting out a busy store
+        self._stop_requested = threading.Event()  # set by stop(); also wakes a write waiting out a busy store
         self._tokens: dict[str, CancelToken] = {}
         self._batched: set[str] = set()  # jobs running in a pass with other jobs (under _tokens_lock)
         self._claims_paused = False
@@ -133,6 +132,10 @@ class Worker:
             self.finisher.start()
         self._thread = threading.Thread(target=self._loop, name="imagesmith-worker", daemon=True)
         self._thread.start()
+
+    @property
+    def _stopping(self) -> bool:
+        return self._stop_requested.is_set()
 
     @property
     def alive(self) -> bool:
@@ -156,7 +159,6 @@ class Worker:
     def stop(self, timeout: float = 30.0) -> None:
         """Stop after the current step: a running job is canceled and put back in the queue, not lost. A pass
         already done is finished (its files stored, its jobs ended) before stop() returns, all within `timeout`."""
-        self._stopping = True
         self._stop_requested.set()
         with self._tokens_lock:
             for token in self._tokens.values():
