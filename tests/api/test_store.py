@@ -189,7 +189,7 @@ def test_api_writes_behind_another_programs_lock_are_answered_within_two_busy_ti
 
         async def submit(n: int) -> None:
             try:
-                await in_write_thread(lambda: store.submit({"n": n}, f"h{n}", None, queue_max=100), 1.0)
+                await in_write_thread(lambda: store.submit({"n": n}, f"h{n}", None, queue_max=100), store)
                 answers.append((time.monotonic() - started, None))
             except sqlite3.OperationalError as error:
                 answers.append((time.monotonic() - started, error))

@@ -179,9 +179,7 @@ async def interrupt(service: ServiceDep, jobs: JobsDep) -> dict[str, Any]:
             if job_id in live:
                 service.cancel(job_id)
 
-    await in_write_thread(
-        cancel_ours, service.store.busy_timeout_s
-    )  # a cancel writes the store (store_writes.py)
+    await in_write_thread(cancel_ours, service.store)  # a cancel writes the store (store_writes.py)
     return {}
 
 

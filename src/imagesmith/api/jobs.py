@@ -81,9 +81,8 @@ async def create_job(
             response.headers["Idempotent-Replayed"] = "true"
         return service.view(job)
 
-    return await in_write_thread(
-        submit, service.store.busy_timeout_s
-    )  # not in the pool that health and the reads use (store_writes.py)
+    # Not in the pool that health and the reads use (store_writes.py).
+    return await in_write_thread(submit, service.store)
 
 
 @router.get("", response_model=JobList)
@@ -129,9 +128,7 @@ async def cancel_job(job_id: str, service: ServiceDep, response: Response) -> di
             )
         return service.view(job)
 
-    return await in_write_thread(
-        cancel, service.store.busy_timeout_s
-    )  # a cancel writes the store (store_writes.py)
+    return await in_write_thread(cancel, service.store)  # a cancel writes the store (store_writes.py)
 
 
 END_EVENT_ID = "end"  # the id of a job's final event

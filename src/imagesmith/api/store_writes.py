@@ -19,7 +19,7 @@ import anyio
 from anyio import CapacityLimiter, to_thread
 from anyio.lowlevel import RunVar
 
-from imagesmith.jobs.store import WriteLockTimeout, write_lock_deadline
+from imagesmith.jobs.store import JobStore, WriteLockTimeout, write_lock_deadline
 
 # The store serializes writes behind one lock anyway, so more threads would only wait there; a few let a
 # submit's checks and reads overlap another's write. Far below the default pool's 40, which stays for reads.
@@ -44,11 +44,12 @@ def _limiter(var: RunVar[CapacityLimiter]) -> CapacityLimiter:
         return limiter
 
 
-async def in_write_thread(work: Callable[[], T], busy_timeout_s: float) -> T:
-    """`work` (which writes the store) in a thread of the writers' own. Waiting for that thread and for the
+async def in_write_thread(work: Callable[[], T], store: JobStore) -> T:
+    """`work` (which writes `store`) in a thread of the writers' own. Waiting for that thread and for the
     store's write lock take one busy timeout at most together (WriteLockTimeout, a 503 past it): a request
     waits at most that, then SQLite's own busy timeout. Without the first bound, 24 submits behind another
     program's lock were answered 1, 2 and 3 timeouts late, eight at a time."""
+    busy_timeout_s = store.busy_timeout_s
     deadline = time.monotonic() + busy_timeout_s
     writers = _limiter(_writers)
     with anyio.move_on_after(busy_timeout_s) as waited:

@@ -28,9 +28,7 @@ async def submit_and_wait(
     """Submit (an Idempotency-Key header makes a retried request wait for the first job) and wait.
     `on_submitted` hears the job id before the wait begins (A1111's progress and interrupt look for it)."""
     # Off the event loop: a submit writes (and fsyncs) the store, and waits out another program's lock on it.
-    job, _ = await in_write_thread(
-        lambda: service.submit(request, idempotency_key), service.store.busy_timeout_s
-    )
+    job, _ = await in_write_thread(lambda: service.submit(request, idempotency_key), service.store)
     if on_submitted is not None:
         on_submitted(job.id)
     job = await service.wait(job.id, timeout_s)
