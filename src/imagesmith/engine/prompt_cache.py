@@ -150,9 +150,10 @@ class PromptEmbeddingCache:
             prompt = (
                 pipe.maybe_convert_prompt(text, tokenizer) if hasattr(pipe, "maybe_convert_prompt") else text
             )
-            ids = _token_id_tensor(tokenizer, prompt)
+            ids = _token_ids(tokenizer, prompt)
+            _say_if_cut(tokenizer, prompt)
             output = encoder(
-                _on_device_without_waiting(ids, _execution_device(encoder)),
+                _on_device_without_waiting(torch.tensor([ids]), _execution_device(encoder)),
                 output_hidden_states=True,
             )
             # As encode_prompt: the pooled vector is the first 2-D output[0] (bigG's projection; CLIP-L's
@@ -161,7 +162,7 @@ class PromptEmbeddingCache:
                 pooled = output[0]
             hidden_parts.append(output.hidden_states[-2])
             if encoder is pipe.text_encoder_2:
-                token_ids_2 = tuple(int(i) for i in ids[0].tolist())
+                token_ids_2 = ids
         if pooled is None:
             raise ValueError("the pipeline's text encoders gave no pooled embedding (no text_encoder_2?)")
         dtype = pipe.text_encoder_2.dtype if pipe.text_encoder_2 is not None else pipe.unet.dtype
@@ -176,23 +177,14 @@ class PromptEmbeddingCache:
             self._entries.popitem(last=False)
 
 
-def _token_id_tensor(tokenizer: Any, text: str) -> torch.Tensor:
-    """As encode_prompt tokenizes: padded to the model's length, truncated; [1, 77] on the CPU. Says so when the
-    text was cut, as encode_prompt does."""
-    ids: torch.Tensor = tokenizer(
-        text,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
+def _say_if_cut(tokenizer: Any, text: str) -> None:
+    """A warning when the text is longer than the encoder takes (_token_ids cuts it), as encode_prompt warns."""
     if len(tokenizer(text).input_ids) > tokenizer.model_max_length:
         log.warning(
             "the prompt is longer than the text encoder's %d tokens; only its start is used: %.60r",
             tokenizer.model_max_length,
             text,
         )
-    return ids
 
 
 def _execution_device(encoder: torch.nn.Module) -> torch.device:
