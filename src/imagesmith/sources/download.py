@@ -271,7 +271,7 @@ def _safe(url: str) -> str:
 def fit_exact(image: Image.Image, width: int, height: int) -> Image.Image:
     """Scale to cover width x height, then crop the centre: the exact size, no bars, aspect kept."""
     image = ImageOps.exif_transpose(image) or image
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+    if image.mode in _SIXTEEN_BIT_GREYS:
         # 16-bit greys: scaled to 8 bits first, since convert("RGB") clips them (a 16-bit PNG came out white).
         image = image.convert("I").point(lambda value: value * (1 / 256)).convert("L")
     if image.mode not in ("RGB", "RGBA"):
