@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from text_embeddings import encode_prompt_alone
 
 from imagesmith.config import Settings
 from imagesmith.engine import Engine
@@ -53,13 +54,7 @@ def test_expected_prompts_are_encoded_during_a_pass_and_the_next_pass_skips_the_
     # What was kept is what encode_prompt gives for the text alone.
     cache, base = engine.prompt_cache, engine.models.base
     assert cache is not None
-    with torch.no_grad():
-        hidden, _, pooled, _ = base.encode_prompt(
-            prompt="a red bicycle",
-            device=base._execution_device,
-            num_images_per_prompt=1,
-            do_classifier_free_guidance=False,
-        )
+    hidden, pooled = encode_prompt_alone(base, "a red bicycle")
     kept = cache._entries[("base", "a red bicycle")]
     assert torch.equal(kept.hidden, hidden) and torch.equal(kept.pooled, pooled)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from text_embeddings import encode_prompt_alone
 
 from imagesmith.config import Settings
 from imagesmith.engine import Engine
@@ -80,11 +81,5 @@ def test_encoding_a_new_text_never_waits_for_the_gpu(tiny_settings: Settings, gr
     finally:
         torch.cuda.set_sync_debug_mode("default")
     args = cache.pipeline_args(base, "base", ["a harbour at night, rain"], None, 1.0)
-    with torch.no_grad():
-        hidden, _, pooled, _ = base.encode_prompt(
-            prompt="a harbour at night, rain",
-            device=base._execution_device,
-            num_images_per_prompt=1,
-            do_classifier_free_guidance=False,
-        )
+    hidden, pooled = encode_prompt_alone(base, "a harbour at night, rain")
     assert torch.equal(args["prompt_embeds"], hidden) and torch.equal(args["pooled_prompt_embeds"], pooled)

@@ -187,25 +187,24 @@ async def test_network_error_is_unavailable(tmp_path: Path) -> None:
             await client.search("cats")
 
 
-async def test_malformed_json_and_wrong_shape_are_bad_responses(standin: StandIn, settings: Settings) -> None:
-    standin.api_script = ["malformed", "bad_shape"]
-    async with client_for(settings) as client:
-        with pytest.raises(PexelsBadResponse, match="malformed JSON"):
-            await client.search("cats")
-        with pytest.raises(PexelsBadResponse, match=r"photos\.0\.height"):
-            await client.search("cats")
+# Each bad 200 answer, and what the refusal must say.
+BAD_ANSWERS = [
+    ("malformed", "malformed JSON"),
+    ("bad_shape", r"photos\.0\.height"),
     # A gzip bomb was read whole (a 300 KB answer took the server from 1.3 to 2.2 GB): the body is capped.
-    standin.api_script = ["gzip_bomb"]
-    async with client_for(settings) as client:
-        with pytest.raises(PexelsBadResponse, match="answered more than 2000000 bytes"):
-            await client.search("cats")
+    ("gzip_bomb", "answered more than 2000000 bytes"),
     # A 200 without photos was "no results" (cached for a day); a 400-digit width overflowed the ranking.
-    standin.api_script = ["no_photos", "huge_width"]
+    ("no_photos", "photos"),
+    ("huge_width", r"photos\.0\.width"),
+]
+
+
+async def test_malformed_json_and_wrong_shape_are_bad_responses(standin: StandIn, settings: Settings) -> None:
+    standin.api_script = [behaviour for behaviour, _ in BAD_ANSWERS]
     async with client_for(settings) as client:
-        with pytest.raises(PexelsBadResponse, match="photos"):
-            await client.search("cats")
-        with pytest.raises(PexelsBadResponse, match=r"photos\.0\.width"):
-            await client.search("cats")
+        for _, refusal in BAD_ANSWERS:
+            with pytest.raises(PexelsBadResponse, match=refusal):
+                await client.search("cats")
         assert (await client.search("cats")).photos  # Pexels is back: nothing of the bad answers stayed
 
 

@@ -146,11 +146,17 @@ async def test_bad_downloads_move_on_to_the_next_candidate(standin: StandIn, set
     assert standin.image_calls == 3 and photo.photo_id not in (101,)
 
 
-async def test_a_placeholder_download_moves_on_to_the_next_candidate(
-    standin: StandIn, settings: Settings
+@pytest.mark.parametrize(
+    "download",
+    [
+        "placeholder",  # a 1x1 image for a 1800x1200 photo was upscaled and served as a flat "photo", credited
+        "bad_encoding",  # a body that does not decode (a broken Content-Encoding)
+    ],
+)
+async def test_a_download_that_is_not_the_photo_moves_on_to_the_next_candidate(
+    standin: StandIn, settings: Settings, download: str
 ) -> None:
-    """A 1x1 image for a 1800x1200 photo was upscaled and served as a flat "photo", with full credit."""
-    standin.image_script = ["placeholder"]
+    standin.image_script = [download]
     async with source_for(settings) as source:
         photo = await source.fetch(StockRequest(title="lake", width=600, height=400))
         assert source.status().failures == 1
@@ -236,16 +242,6 @@ async def test_a_failed_search_shows_in_status_until_pexels_answers_again(
         assert source.status().last_error and "refused the API key" in source.status().last_error
         await source.search(StockRequest(title="forest", width=600, height=400))
         assert source.status().last_error is None
-
-
-async def test_a_body_that_does_not_decode_moves_on_to_the_next_candidate(
-    standin: StandIn, settings: Settings
-) -> None:
-    standin.image_script = ["bad_encoding"]
-    async with source_for(settings) as source:
-        photo = await source.fetch(StockRequest(title="lake", width=600, height=400))
-        assert source.status().failures == 1
-    assert standin.image_calls == 2 and photo.photo_id != 101
 
 
 async def test_a_prompt_with_no_words_is_no_results_without_asking_pexels(
