@@ -324,7 +324,7 @@ class Settings(BaseSettings):
         100_000_000,
         ge=1,
         description="Largest photo accepted, in pixels (width x height, read from the header before decoding). "
-        "A pixel costs 1 to 4 bytes by mode, so memory is bounded by pexels_max_image_bytes.",
+        "A pixel costs 5 to 10 bytes to decode and fit, by mode, so memory is bounded by pexels_max_image_bytes.",
     )
     pexels_max_image_bytes: int = Field(
         256 * 1024 * 1024,
