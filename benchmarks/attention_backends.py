@@ -7,7 +7,12 @@
 3. Profiles one eager UNet call per backend and splits the GPU kernel time into attention, GEMM, convolution
    and the rest, so the attention share is measured rather than guessed.
 
-Usage:  PYTHONPATH=src python benchmarks/attention_backends.py --out DIR [--batches 2,16] [--smoke]
+With --flex, step 2 also times torch's FlexAttention (flex_attention compiled by inductor into a Triton kernel,
+no score modification: plain attention), with its default kernel options and with each of --flex-options: the one
+attention kernel torch 2.11 ships besides cuDNN's, flash's and the memory-efficient one (FlashAttention-3 is a
+separate build no package index here has).
+
+Usage:  PYTHONPATH=src python benchmarks/attention_backends.py --out DIR [--batches 2,16] [--smoke] [--flex]
 """
 
 from __future__ import annotations
@@ -82,7 +87,29 @@ def attention_flop(shape: Shape) -> float:
     return 4.0 * batch * heads * queries * keys * dim  # QK^T and PV, 2 flop per multiply-add
 
 
-def time_backends(shapes: Counter[Shape], dtype: torch.dtype, device: str, runs: int) -> dict[str, Any]:
+def flex_backends(options: list[str]) -> dict[str, Any]:
+    """FlexAttention as named callables: "flex" with inductor's default kernel options, then one per entry of
+    `options` ("KEY=VALUE;KEY=VALUE", e.g. "BLOCK_M=128;BLOCK_N=64;num_warps=8"), each compiled once."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    def parsed(text: str) -> dict[str, Any]:
+        pairs = (item.split("=", 1) for item in text.split(";") if item)
+        return {key: (value == "True") if value in ("True", "False") else int(value) for key, value in pairs}
+
+    # One graph per shape and kernel option (dynamic=False keeps each kernel specialised, as in a UNet's graph):
+    # more than dynamo's default of 8, after which it would fall back to eager flex and time that instead.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+    compiled = torch.compile(flex_attention, dynamic=False)
+    backends: dict[str, Any] = {"flex": compiled}
+    for text in options:
+        kernel_options = parsed(text)
+        backends[f"flex[{text}]"] = lambda q, k, v, o=kernel_options: compiled(q, k, v, kernel_options=o)
+    return backends
+
+
+def time_backends(
+    shapes: Counter[Shape], dtype: torch.dtype, device: str, runs: int, flex: dict[str, Any] | None = None
+) -> dict[str, Any]:
     cuda = device.startswith("cuda")
     rows: list[dict[str, Any]] = []
     totals: dict[str, float] = {}
@@ -110,6 +137,19 @@ def time_backends(shapes: Counter[Shape], dtype: torch.dtype, device: str, runs:
                 totals[name] = totals.get(name, 0.0) + ms * count
             except RuntimeError as error:  # the backend does not support this shape or device
                 row[name] = {"unsupported": str(error).splitlines()[0][:200]}
+                totals[name] = float("nan")
+        for name, attend in (flex or {}).items():
+            try:
+                out = attend(query, key, value)
+                ms = time_ms(lambda q=query, k=key, v=value, f=attend: f(q, k, v), runs, cuda)
+                row[name] = {
+                    "ms": ms,
+                    "tflops": attention_flop(shape) / ms / 1e9,
+                    "max_abs_diff_vs_default": float((out.float() - reference.float()).abs().max()),
+                }
+                totals[name] = totals.get(name, 0.0) + ms * count
+            except Exception as error:  # a kernel option the card cannot run (shared memory): said, not fatal
+                row[name] = {"unsupported": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"}
                 totals[name] = float("nan")
         rows.append(row)
     return {"shapes": rows, "attention_ms_per_unet_call": totals}
@@ -213,6 +253,13 @@ def main() -> None:
         help="also profile the UNet compiled (mode default, fullgraph), one fresh inductor cache per backend",
     )
     parser.add_argument("--compile-mode", default="default", help="torch.compile mode for --compiled")
+    parser.add_argument("--flex", action="store_true", help="also time FlexAttention in step 2")
+    parser.add_argument(
+        "--flex-options",
+        default="",
+        help="comma-separated FlexAttention kernel options to time as well, each KEY=VALUE;KEY=VALUE",
+    )
+    parser.add_argument("--no-profile", action="store_true", help="skip step 3 (the eager UNet profiles)")
     args = parser.parse_args()
     from diffusers import UNet2DConditionModel
 
@@ -249,8 +296,9 @@ def main() -> None:
         for batch in (int(b) for b in args.batches.split(",")):
             inputs = unet_inputs(unet, batch, latent, device, dtype)
             shapes = record_attention_shapes(unet, inputs)
-            row: dict[str, Any] = time_backends(shapes, dtype, device, args.runs)
-            if cuda:
+            flex = flex_backends([o for o in args.flex_options.split(",") if o]) if args.flex else None
+            row: dict[str, Any] = time_backends(shapes, dtype, device, args.runs, flex)
+            if cuda and not args.no_profile:
                 row["profile"] = {}
                 for name in BACKENDS:
                     try:
