@@ -14,7 +14,10 @@ Variants, each the engine's decode path (engine/decode.py's `_decode_once`: post
 decode would pay), `compiled-math` and `compiled-mathbf16` (the mid-block's attention, one head of 512 channels
 over 16,384 positions, which no flash kernel takes, compiled as two matmuls and a softmax instead of the
 memory-efficient kernel: torch's math path in fp32, or with `allow_fp16_bf16_reduction_math_sdp` in bf16 with
-fp32 accumulation). Each variant's image is compared with the first variant's (relative L2). Figures: median
+fp32 accumulation), and `compiled-fp8conv` (lossy: the decoder's eligible convolutions, all but its first and last,
+as the UNets' opt-in fp8 convolutions (engine/fp8_conv.py: e4m3 filters and inputs, static input scales calibrated
+by one eager decode of other latents, cuDNN's fastest fp8 plan), channels-last as the engine lays fp8 UNets out;
+it replaces the convolutions, so it runs last). Each variant's image is compared with the first variant's (relative L2). Figures: median
 ms per image over `--runs` CUDA-event-timed calls and TFLOP/s from the counted FLOPs; then, per variant, one
 profiled decode's kernel time by kind (convolution, layout transpose, Triton (inductor's fused pointwise and
 norms), attention, matmul, other).
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import statistics
 import sys
 import time
@@ -52,6 +56,7 @@ VARIANTS = (
     "compiled-batch2",
     "compiled-math",
     "compiled-mathbf16",
+    "compiled-fp8conv",  # last: it swaps the decoder's convolutions for good
 )
 DTYPE = torch.bfloat16
 DEVICE = "cuda"  # a module constant, so a CPU dry run of this script can change it
@@ -164,6 +169,9 @@ def variant_state(vae: Any, variant: str) -> Iterator[int]:
     channels_last = variant.endswith("-cl")
     if channels_last:
         vae.to(memory_format=torch.channels_last)
+    if variant.endswith("-fp8conv"):
+        layers = fp8_convolutions(vae)
+        print(f"{variant}: {len(layers)} convolutions in fp8", flush=True)
     if variant.startswith("compiled"):
         torch._dynamo.reset()
         vae.decoder.compile(fullgraph=True)
@@ -176,6 +184,23 @@ def variant_state(vae: Any, variant: str) -> Iterator[int]:
         torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(reduced)
         if channels_last:
             vae.to(memory_format=torch.contiguous_format)
+
+
+def fp8_convolutions(vae: Any) -> list[Any]:
+    """The decoder's eligible convolutions swapped for the engine's Float8Conv2d, channels-last, their input
+    scales calibrated by one eager decode of latents no timed call uses (the engine calibrates on a real
+    generation at start-up)."""
+    from imagesmith.engine.fp8 import calibrate_static_scales
+    from imagesmith.engine.fp8_conv import Float8Conv2d, quantize_convolutions
+
+    quantize_convolutions(vae.decoder)
+    vae.to(memory_format=torch.channels_last)
+    layers = [module for module in vae.decoder.modules() if isinstance(module, Float8Conv2d)]
+    generator = torch.Generator(device=DEVICE).manual_seed(7)
+    sample = torch.randn(1, 4, LATENT, LATENT, device=DEVICE, generator=generator)
+    with torch.no_grad():
+        calibrate_static_scales(layers, lambda: _decode_once(vae, sample, DTYPE, torch.device(DEVICE)))
+    return layers
 
 
 def attention_for(variant: str) -> contextlib.AbstractContextManager[object]:
@@ -225,6 +250,7 @@ def measure_variant(vae: Any, variant: str, flops: float, runs: int) -> dict[str
             _FIRST_IMAGE.append(image)
         first = _FIRST_IMAGE[0]
         row["rel_l2_vs_first_variant"] = relative_l2(image, first)
+        row["psnr_vs_first_variant_db"] = round(psnr_8bit(image, first), 2)
     kinds = ", ".join(f"{k} {v:.1f}" for k, v in row["profile"]["ms_by_kind"].items())
     print(
         f"{variant}: {per_image:.2f} ms/image ({row['tflop_s']:.0f} TFLOP/s), first call {first_s:.1f} s, "
@@ -232,6 +258,16 @@ def measure_variant(vae: Any, variant: str, flops: float, runs: int) -> dict[str
         flush=True,
     )
     return row
+
+
+def psnr_8bit(image: torch.Tensor, reference: torch.Tensor) -> float:
+    """PSNR of the two decodes as the 8-bit pictures the engine would write ([-1, 1] to 0..255, rounded)."""
+
+    def pixels(x: torch.Tensor) -> torch.Tensor:
+        return ((x / 2 + 0.5).clamp(0, 1) * 255).round()
+
+    mse = float(((pixels(image) - pixels(reference)) ** 2).mean())
+    return 10 * math.log10(255**2 / mse) if mse else float("inf")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -247,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         parser.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+    if "compiled-fp8conv" in variants[:-1]:
+        parser.error("--variants: compiled-fp8conv replaces the decoder's convolutions, so it must come last")
     if DEVICE == "cuda" and not torch.cuda.is_available():
         print("vae_decode.py measures a GPU; none here", file=sys.stderr)
         return 2
