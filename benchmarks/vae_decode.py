@@ -17,8 +17,9 @@ memory-efficient kernel: torch's math path in fp32, or with `allow_fp16_bf16_red
 fp32 accumulation), and `compiled-fp8conv` (lossy: the decoder's eligible convolutions, all but its first and last,
 as the UNets' opt-in fp8 convolutions (engine/fp8_conv.py: e4m3 filters and inputs, static input scales calibrated
 by one eager decode of other latents, cuDNN's fastest fp8 plan), channels-last as the engine lays fp8 UNets out;
-it replaces the convolutions, so it runs last). Each variant's image is compared with the first variant's (relative L2). Figures: median
-ms per image over `--runs` CUDA-event-timed calls and TFLOP/s from the counted FLOPs; then, per variant, one
+it replaces the convolutions, so it runs last). Each variant's image is compared with the first variant's
+(relative L2, and PSNR of the 8-bit pictures). Figures: median ms per image over `--runs` CUDA-event-timed calls
+and TFLOP/s from the counted FLOPs; then, per variant, one
 profiled decode's kernel time by kind (convolution, layout transpose, Triton (inductor's fused pointwise and
 norms), attention, matmul, other).
 
