@@ -191,12 +191,12 @@ def fp8_convolutions(vae: Any) -> list[Any]:
     """The decoder's eligible convolutions swapped for the engine's Float8Conv2d, channels-last, their input
     scales calibrated by one eager decode of latents no timed call uses (the engine calibrates on a real
     generation at start-up)."""
-    from imagesmith.engine.fp8 import calibrate_static_scales
+    from imagesmith.engine.fp8 import Fp8Layer, calibrate_static_scales
     from imagesmith.engine.fp8_conv import Float8Conv2d, quantize_convolutions
 
     quantize_convolutions(vae.decoder)
     vae.to(memory_format=torch.channels_last)
-    layers = [module for module in vae.decoder.modules() if isinstance(module, Float8Conv2d)]
+    layers: list[Fp8Layer] = [module for module in vae.decoder.modules() if isinstance(module, Float8Conv2d)]
     generator = torch.Generator(device=DEVICE).manual_seed(7)
     sample = torch.randn(1, 4, LATENT, LATENT, device=DEVICE, generator=generator)
     with torch.no_grad():
