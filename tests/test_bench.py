@@ -7,10 +7,12 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from imagesmith.jobs.queue_timing import PassClock
 from tests.test_cli import run_cli
 
 
@@ -66,6 +68,10 @@ def test_the_queue_row_sends_jobs_through_the_services_own_queue(tiny_model_home
     assert set(row["median_stage_s"]) == {"base", "decode"}
     # One base-stage time per pass, in the order they ran: three passes of two.
     assert len(row["base_s_by_pass"]) == 3 and all(seconds > 0 for seconds in row["base_s_by_pass"])
+    # Each pass's own time and the worker's between them, read around the engine's generate_batch.
+    assert len(row["pass_s"]) == 3 and all(seconds > 0 for seconds in row["pass_s"])
+    assert len(row["between_passes_ms"]) == 2 and all(ms >= 0 for ms in row["between_passes_ms"])
+    assert sum(row["pass_s"]) + sum(row["between_passes_ms"]) / 1000 <= row["wall_s"]
 
 
 def test_with_encode_ahead_off_each_pass_encodes_its_own_prompts(
@@ -113,3 +119,22 @@ def test_models_that_cannot_load_end_in_one_clear_line(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert "imagesmith bench: cannot start the engine: could not load the base model" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_the_pass_clock_times_each_pass_and_the_gap_and_hands_the_method_back() -> None:
+    class Passes:
+        def generate_batch(self, items: list[int]) -> list[int]:
+            time.sleep(0.01)
+            return items
+
+    engine = Passes()
+    began = time.perf_counter()
+    with PassClock(engine) as clock:  # type: ignore[arg-type]
+        assert engine.generate_batch([1]) == [1]
+        time.sleep(0.03)  # the worker's time between two passes
+        engine.generate_batch([2])
+    assert "generate_batch" not in vars(engine)  # the class's method again
+    row = clock.row(since=began)
+    assert len(row["pass_s"]) == 2 and all(seconds >= 0.01 for seconds in row["pass_s"])
+    assert len(row["between_passes_ms"]) == 1 and row["between_passes_ms"][0] >= 30
+    assert clock.row(since=time.perf_counter()) == {"pass_s": [], "between_passes_ms": []}

@@ -154,10 +154,14 @@ class BenchReport:
         steady = row.get("steady_images_per_s")
         steady_text = f", {steady:.3f} in steady state" if steady is not None else ""
         ended = "all succeeded" if row.get("all_succeeded") else "NOT ALL SUCCEEDED"
+        between = row.get("between_passes_ms") or []
+        between_text = (
+            f", the worker's time between passes {statistics.median(between):.1f} ms" if between else ""
+        )
         return (
             f"through the service's queue: {row.get('jobs')} jobs in {row.get('wall_s')}s, "
-            f"{row.get('images_per_s', 0):.3f} images/s{steady_text}, passes of {row.get('batch_sizes_seen')}, "
-            f"{ended}"
+            f"{row.get('images_per_s', 0):.3f} images/s{steady_text}, passes of {row.get('batch_sizes_seen')}"
+            f"{between_text}, {ended}"
         )
 
 

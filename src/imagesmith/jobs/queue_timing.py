@@ -7,6 +7,9 @@ Why a warm engine: the images per second a service gets, beside the engine's own
 every batch size's CUDA graphs), and with the opt-in fp8 levers that start took ~10 minutes (run 46 in
 docs/benchmarks.md), more than one device call; `imagesmith bench` has the engine warm at the batch it measures.
 
+Each pass's own seconds and the worker's time between two passes are reported too (PassClock): what the engine
+alone never pays, and so where a queue's rate falls short of the engine's beyond the passes themselves.
+
 Two rates: over the whole row (the first pass's encodes and the last pass's files included, what a burst of N
 jobs sees) and in steady state, from the end of the first pass to the end of the last (what a stream that keeps
 the queue full gets; with N = 2 passes the whole-row rate mixes both ends in).
@@ -15,6 +18,7 @@ the queue full gets; with N = 2 passes the whole-row rate mixes both ends in).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import statistics
 import tempfile
 import time
@@ -46,6 +50,43 @@ def generation_worker(engine: Engine, settings: Settings, store: JobStore, image
     )
 
 
+class PassClock:
+    """When each engine pass began and ended (perf_counter), read around the engine's generate_batch for as long
+    as the clock is entered. The time from one pass's end to the next one's start is the worker's (handing the
+    pass to the finishing thread, claiming the next jobs, their bookkeeping): the GPU has no pass queued then."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.spans: list[tuple[float, float]] = []
+
+    def __enter__(self) -> PassClock:
+        original = self.engine.generate_batch
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            began = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.spans.append((began, time.perf_counter()))
+
+        # An instance attribute hides the method for this engine only; __exit__ uncovers it again.
+        self.engine.generate_batch = timed  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        del self.engine.generate_batch
+
+    def row(self, since: float) -> dict[str, Any]:
+        """The passes that began at or after `since`: each one's seconds, and the milliseconds between them."""
+        spans = [span for span in self.spans if span[0] >= since]
+        return {
+            "pass_s": [round(end - began, 4) for began, end in spans],
+            "between_passes_ms": [
+                round((after[0] - before[1]) * 1000, 2) for before, after in itertools.pairwise(spans)
+            ],
+        }
+
+
 def through_queue(
     engine: Engine,
     settings: Settings,
@@ -58,7 +99,8 @@ def through_queue(
     again: its warm-up is turned off here. It gets the service's prompt cache and encode ahead for the row, as
     the service's engine has them, and its own back after. Raises TimeoutError when the jobs have not ended
     within `timeout_s`, and RuntimeError when the worker thread has stopped, rather than wait for ever."""
-    with tempfile.TemporaryDirectory() as folder:
+    # The clock outlasts the worker: the worker is stopped (in the finally below) before the clock lets go.
+    with tempfile.TemporaryDirectory() as folder, PassClock(engine) as clock:
         data = Path(folder)
         settings = settings.with_changes(data_dir=data, warmup=False)
         store = JobStore(data / "jobs.sqlite3")
@@ -122,6 +164,7 @@ def through_queue(
     row.update(steady_state(finished, max(sizes, default=1)))
     row["median_stage_s"] = stage_medians(job.result for job in jobs)
     row["base_s_by_pass"] = base_stage_by_pass(jobs)
+    row.update(clock.row(since=started))
     return row
 
 
