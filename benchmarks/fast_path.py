@@ -682,7 +682,8 @@ def main() -> None:
                 f"{row_label}: through the queue {row['images_per_s']:.3f} images/s ({row['wall_s']:.2f} s for "
                 f"{row['jobs']}), steady state {f'{steady:.3f}' if steady else '-'}, passes of "
                 f"{row['batch_sizes_seen']}, all succeeded {row['all_succeeded']}, stages {row['median_stage_s']}, "
-                f"base stage by pass {row['base_s_by_pass']}"
+                f"base stage by pass {row['base_s_by_pass']}, passes {row['pass_s']} s, "
+                f"the worker between them {row['between_passes_ms']} ms"
             )
             return row
 
