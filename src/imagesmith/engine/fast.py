@@ -59,7 +59,8 @@ def compile_cache_for(settings: Settings, plan: HardwarePlan) -> Path:
     """One inductor cache per attention choice. The traced graph holds one scaled_dot_product_attention call
     whichever kernel runs it, and inductor's AOTAutograd cache keys on that graph: a shared cache handed a
     restart with another IMAGESMITH_ATTENTION_BACKEND the kernels compiled for the old one (seen in run 20)."""
-    return compile_cache_root(settings) / f"attention-{plan.attention}"
+    decoder = "-decoder-math" if decoder_math_attention_wanted(settings, plan) else ""  # the same reason
+    return compile_cache_root(settings) / f"attention-{plan.attention}{decoder}"
 
 
 def compile_cache_root(settings: Settings) -> Path:
@@ -80,6 +81,16 @@ def _drop_unfused_projections(model: Any) -> int:
                     delattr(module, name)
                     dropped += 1
     return dropped
+
+
+def decoder_math_attention_wanted(settings: Settings, plan: HardwarePlan) -> bool:
+    """The VAE decoder's attention as matmuls (engine/decoder_attention.py): only with the decoder compiled, and
+    by default on a CUDA GPU, where it was measured."""
+    if settings.compile is CompileChoice.OFF:
+        return False
+    if settings.decoder_math_attention is not None:
+        return settings.decoder_math_attention
+    return plan.device.startswith("cuda")
 
 
 def fuse_qkv_wanted(settings: Settings, plan: HardwarePlan) -> bool:
@@ -192,6 +203,8 @@ def apply_speed_levers(base: Any, refiner: Any | None, plan: HardwarePlan, setti
                     unet.compile(**options)
             # The decoder is not marked dynamic: the engine decodes one image at a time at any batch size.
             base.vae.decoder.compile(fullgraph=True, mode=decoder_compile_mode(settings))
+            if decoder_math_attention_wanted(settings, plan):
+                applied.append("VAE decoder attention as matmuls")
             dynamic = ", dynamic shapes" if options["dynamic"] else ""
             # One lever: serving eager after a failed compile (serve_eager_from_now) drops the regions with it.
             applied.append(
