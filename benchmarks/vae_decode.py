@@ -290,6 +290,10 @@ def main(argv: list[str] | None = None) -> int:
         print("vae_decode.py measures a GPU; none here", file=sys.stderr)
         return 2
     torch.backends.cuda.matmul.allow_tf32 = True
+    # Each variant compiles from scratch: inductor's caches key on the traced graph, which holds one attention call
+    # whatever path runs it, so with them the -math variants got the first variant's kernels (run 80's first try).
+    torch._inductor.config.fx_graph_cache = False
+    torch._functorch.config.enable_autograd_cache = False
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
