@@ -286,6 +286,10 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results["fused_qkv"], results["compile_mode"] = args.fused_qkv, args.compile_mode
+    try:  # compiled once; each shape then compiles its own kernel on first use
+        flex = flex_backends([o for o in args.flex_options.split(",") if o]) if args.flex else None
+    except ValueError as error:  # a value neither an integer nor True/False
+        parser.error(f"--flex-options: {error}")
     for role in args.roles.split(","):
         torch.manual_seed(0)
         with torch.device(device):
@@ -296,7 +300,6 @@ def main() -> None:
         for batch in (int(b) for b in args.batches.split(",")):
             inputs = unet_inputs(unet, batch, latent, device, dtype)
             shapes = record_attention_shapes(unet, inputs)
-            flex = flex_backends([o for o in args.flex_options.split(",") if o]) if args.flex else None
             row: dict[str, Any] = time_backends(shapes, dtype, device, args.runs, flex)
             if cuda and not args.no_profile:
                 row["profile"] = {}

@@ -138,3 +138,18 @@ def test_the_pass_clock_times_each_pass_and_the_gap_and_hands_the_method_back() 
     assert len(row["pass_s"]) == 2 and all(seconds >= 0.01 for seconds in row["pass_s"])
     assert len(row["between_passes_ms"]) == 1 and row["between_passes_ms"][0] >= 30
     assert clock.row(since=time.perf_counter()) == {"pass_s": [], "between_passes_ms": []}
+
+
+def test_nested_pass_clocks_each_time_the_passes_and_hand_back_what_they_found() -> None:
+    class Passes:
+        def generate_batch(self, items: list[int]) -> list[int]:
+            return items
+
+    engine = Passes()
+    began = time.perf_counter()
+    with PassClock(engine) as outer:  # type: ignore[arg-type]
+        with PassClock(engine) as inner:  # type: ignore[arg-type]
+            engine.generate_batch([1])
+        engine.generate_batch([2])  # the outer clock's wrapper is back
+    assert "generate_batch" not in vars(engine)
+    assert len(inner.row(since=began)["pass_s"]) == 1 and len(outer.row(since=began)["pass_s"]) == 2

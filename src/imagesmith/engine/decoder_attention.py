@@ -8,20 +8,45 @@ the decode took 36.0 ms against 38.8 (run 80 in docs/benchmarks.md, H100, same p
 rounding of the kernel's (relative L2 1.2e-2, 51.5 dB, the size of any reordering of the sums). The score matrix
 is 0.5 GiB in bf16 at 1024x1024, yet the compiled decode's peak did not grow (1.45 GiB either way).
 
-Only with the decoder compiled: eager, the math path would write that matrix and read it back through separate
-kernels. Torch records the attention path when it traces, so the choice is in force around every decode (the
-warm-up's included), and the compile cache is keyed by it (engine/fast.py, compile_cache_for): a cache traced
-with the kernel would otherwise hand its graph to a start that asked for the matmuls, as run 80's first try
-showed (every variant got the first one's kernels).
+Only with the decoder compiled (eager, the math path would write that matrix and read it back through separate
+kernels), in bf16 by default, and up to 128x128 latents (MAX_POSITIONS: the matrix grows with the positions
+squared); each size then keeps a static graph of its own (engine/fast.py). Torch records the attention path when
+it traces, so the choice is in force around every decode (the warm-up's included), and the compile cache is
+keyed by it (engine/fast.py, compile_cache_for): a cache traced with the kernel would otherwise hand its graph to
+a start that asked for the matmuls, as run 80's first try showed (every variant got the first one's kernels).
+Switching it on or off (or upgrading to the first version with it) therefore starts with an empty compile cache:
+one cold compile, UNets included.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# Latent positions up to which the decode's attention runs as matmuls: 128x128, a 1024x1024 image, where it was
+# measured. The math path holds the whole score matrix, positions squared: 0.5 GiB in bf16 here, but 8 GiB at
+# 2048x2048, where the memory-efficient kernel needs none; larger decodes keep the kernel.
+MAX_POSITIONS = 128 * 128
+_MARK = "_imagesmith_math_attention"
+
+
+def mark_math_attention(decoder: Any, on: bool) -> None:
+    """Record on the decoder, as it is compiled, whether its attention is to be traced as matmuls: what the
+    engine reads at each decode, so the choice follows the compile that made the graphs (and their cache)."""
+    setattr(decoder, _MARK, on)
+
+
+def math_attention_for(decoder: Any, latents: torch.Tensor) -> bool:
+    """Whether this decode runs its attention as matmuls: the decoder was compiled for it and still runs
+    compiled (not after a failed compile's fall back to eager, where the math path is the slow one), and the
+    latents are no larger than MAX_POSITIONS."""
+    compiled = getattr(decoder, "_compiled_call_impl", None) is not None
+    positions = latents.shape[-1] * latents.shape[-2]
+    return bool(getattr(decoder, _MARK, False)) and compiled and positions <= MAX_POSITIONS
 
 
 @contextmanager

@@ -22,14 +22,13 @@ from imagesmith.config import Settings
 from imagesmith.engine.attention import attention_priority
 from imagesmith.engine.cpu_threads import apply_cpu_threads
 from imagesmith.engine.decode import decode_latents
-from imagesmith.engine.decoder_attention import decoder_attention
+from imagesmith.engine.decoder_attention import decoder_attention, math_attention_for
 from imagesmith.engine.encode_ahead import EncodeAhead
 from imagesmith.engine.encoder_graphs import installed, text_encoders
 from imagesmith.engine.execution_device import pin_pipelines
 from imagesmith.engine.fast import (
     apply_speed_levers,
     compiled_modules,
-    decoder_math_attention_wanted,
     raised_in_compiled_code,
     records_cuda_graphs,
     serve_eager_from_now,
@@ -165,8 +164,6 @@ class Engine:
         # Whether compiled modules record CUDA graphs (IMAGESMITH_COMPILE=reduce-overhead): warm-up records
         # one per batch size then, so no request has to.
         self.records_cuda_graphs = False
-        # The VAE decoder's attention compiled as matmuls (engine/decoder_attention.py); set by apply_levers.
-        self.decoder_math_attention = False
         # Used on the GPU thread only, like the pipelines.
         self.prompt_cache: PromptEmbeddingCache | None = (
             PromptEmbeddingCache(prompt_cache_size) if prompt_cache_size else None
@@ -218,7 +215,6 @@ class Engine:
             levers.append(calibrated)
         self.levers = levers
         self.records_cuda_graphs = records_cuda_graphs(settings, levers)
-        self.decoder_math_attention = decoder_math_attention_wanted(settings, plan or self.plan)
         return levers
 
     @property
@@ -378,9 +374,7 @@ class Engine:
 
         began = time.perf_counter()
         tiling = needs_tiling(self.plan, request.width, request.height)
-        # Not once the decoder runs eager again (a failed compile): eager, the math path is the slow one.
-        decoder_compiled = getattr(base.vae.decoder, "_compiled_call_impl", None) is not None
-        with decoder_attention(self.decoder_math_attention and decoder_compiled):
+        with decoder_attention(math_attention_for(base.vae.decoder, latents)):
             images, fp32_retries = decode_latents(
                 base.vae, latents, self.plan.vae_dtype, tiling, base._execution_device, self.host_pixels
             )

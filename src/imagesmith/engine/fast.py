@@ -31,6 +31,7 @@ from imagesmith.engine import encoder_graphs
 from imagesmith.engine.batch_routing import BatchRoutedCall
 from imagesmith.engine.compile_regions import compile_transformer_blocks_once, regions_supported
 from imagesmith.engine.cudnn_graphs import remember_plans_in
+from imagesmith.engine.decoder_attention import mark_math_attention
 from imagesmith.engine.fp8 import quantize_transformer_linears
 from imagesmith.engine.fp8_conv import quantize_convolutions
 from imagesmith.engine.fp8_geglu import fuse_geglu_feed_forwards
@@ -84,13 +85,14 @@ def _drop_unfused_projections(model: Any) -> int:
 
 
 def decoder_math_attention_wanted(settings: Settings, plan: HardwarePlan) -> bool:
-    """The VAE decoder's attention as matmuls (engine/decoder_attention.py): only with the decoder compiled, and
-    by default on a CUDA GPU, where it was measured."""
+    """The VAE decoder's attention as matmuls (engine/decoder_attention.py): only with the decoder compiled; by
+    default where it was measured, a CUDA GPU decoding in bf16. Not by default in fp16 (the scores, reduced in
+    fp16, can overflow where the fused kernels keep fp32) nor in fp32 (twice the memory, unmeasured)."""
     if settings.compile is CompileChoice.OFF:
         return False
     if settings.decoder_math_attention is not None:
         return settings.decoder_math_attention
-    return plan.device.startswith("cuda")
+    return plan.device.startswith("cuda") and plan.vae_dtype_name == "bf16"
 
 
 def fuse_qkv_wanted(settings: Settings, plan: HardwarePlan) -> bool:
@@ -202,13 +204,21 @@ def apply_speed_levers(base: Any, refiner: Any | None, plan: HardwarePlan, setti
                 else:
                     unet.compile(**options)
             # The decoder is not marked dynamic: the engine decodes one image at a time at any batch size.
-            base.vae.decoder.compile(fullgraph=True, mode=decoder_compile_mode(settings))
-            if decoder_math_attention_wanted(settings, plan):
-                applied.append("VAE decoder attention as matmuls")
+            math_attention = decoder_math_attention_wanted(settings, plan)
+            # With the math attention, each image size keeps a static graph of its own (dynamic=False): a size
+            # is traced under its own choice of path (engine/decoder_attention.py: matmuls only up to 128x128
+            # latents). Left to dynamo, the second size would trace one dynamic graph for every size to come,
+            # under whichever path that size had.
+            base.vae.decoder.compile(
+                fullgraph=True, mode=decoder_compile_mode(settings), dynamic=False if math_attention else None
+            )
+            mark_math_attention(base.vae.decoder, math_attention)
             dynamic = ", dynamic shapes" if options["dynamic"] else ""
-            # One lever: serving eager after a failed compile (serve_eager_from_now) drops the regions with it.
+            decoder = " (its attention as matmuls)" if math_attention else ""
+            # One lever: serving eager after a failed compile (serve_eager_from_now) drops the regions, and the
+            # decoder's matmul attention, with it.
             applied.append(
-                f"torch.compile(mode={settings.compile.value}{dynamic}{regions}) UNets + VAE decoder"
+                f"torch.compile(mode={settings.compile.value}{dynamic}{regions}) UNets + VAE decoder{decoder}"
             )
     elif settings.compile_regions:
         log.warning("compile_regions skipped: it shapes what torch.compile compiles, and compile is off")
