@@ -202,17 +202,21 @@ def decode_as_before(engine: Any, settings: Any) -> Any:
     """The engine's decode as before run 49, for the block: the decoder compiled in the UNets' own mode (CUDA
     graphs with reduce-overhead) and decode_one_by_one."""
     import imagesmith.engine.engine as engine_module
+    from imagesmith.engine.decoder_attention import mark_math_attention
     from imagesmith.engine.fast import unet_compile_options
 
     decoder = engine.models.base.vae.decoder
+    math_attention = getattr(decoder, "_imagesmith_math_attention", False)
     if decoder._compiled_call_impl is not None:
         decoder._compiled_call_impl = None
         decoder.compile(fullgraph=True, mode=unet_compile_options(settings)["mode"])
+    mark_math_attention(decoder, False)  # before run 49 the decoder's attention ran in its fused kernel
     current = engine_module.decode_latents
     engine_module.decode_latents = decode_one_by_one
     try:
         yield
     finally:
+        mark_math_attention(decoder, math_attention)
         engine_module.decode_latents = current
 
 

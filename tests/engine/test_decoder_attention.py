@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend
 
-from imagesmith.config import CompileChoice, PrecisionChoice, Settings
-from imagesmith.engine import Engine
+from imagesmith.config import CompileChoice, Settings
+from imagesmith.engine import Engine, fast
 from imagesmith.engine import engine as engine_module
 from imagesmith.engine.attention import attention_priority
 from imagesmith.engine.decoder_attention import (
@@ -27,7 +27,6 @@ from imagesmith.engine.hardware import DeviceInfo, plan_hardware
 from imagesmith.schemas import GenerationRequest
 
 GPU = DeviceInfo("cuda", name="H100", capability=(9, 0), total_memory_gib=80, free_memory_gib=79)
-OLD_GPU = DeviceInfo("cuda", name="V100", capability=(7, 0), total_memory_gib=32, free_memory_gib=31)
 CPU = DeviceInfo("cpu", name="cpu", capability=None, total_memory_gib=24, free_memory_gib=20)
 MATH_ONLY = (False, False, False, True, True)  # flash, memory-efficient, cuDNN, math, bf16/fp16 reductions
 
@@ -92,30 +91,20 @@ def test_a_decode_uses_the_matmuls_only_compiled_marked_and_up_to_128x128_latent
 
 
 @pytest.mark.parametrize(
-    ("device", "compile", "precision", "asked", "wanted"),
+    ("device", "compile", "asked", "wanted"),
     [
-        (
-            GPU,
-            CompileChoice.REDUCE_OVERHEAD,
-            PrecisionChoice.AUTO,
-            None,
-            True,
-        ),  # bf16 on a CUDA GPU: measured
-        (GPU, CompileChoice.REDUCE_OVERHEAD, PrecisionChoice.FP16, None, False),  # fp16 scores can overflow
-        (OLD_GPU, CompileChoice.DEFAULT, PrecisionChoice.AUTO, None, False),  # no bf16: fp32/fp16 decode
-        (OLD_GPU, CompileChoice.DEFAULT, PrecisionChoice.AUTO, True, True),  # asked for
-        (GPU, CompileChoice.OFF, PrecisionChoice.AUTO, None, False),  # eager, the math path is the slow one
-        (GPU, CompileChoice.OFF, PrecisionChoice.AUTO, True, False),  # asked for: still only compiled
-        (GPU, CompileChoice.DEFAULT, PrecisionChoice.AUTO, False, False),
-        (CPU, CompileChoice.DEFAULT, PrecisionChoice.AUTO, None, False),  # unmeasured off CUDA
-        (CPU, CompileChoice.DEFAULT, PrecisionChoice.AUTO, True, True),
+        (GPU, CompileChoice.REDUCE_OVERHEAD, True, True),
+        (GPU, CompileChoice.REDUCE_OVERHEAD, False, False),  # opt-in: one decoder graph per image size
+        (GPU, CompileChoice.OFF, True, False),  # asked for, still only with the decoder compiled
+        (CPU, CompileChoice.DEFAULT, True, True),
     ],
 )
-def test_it_follows_compile_on_a_cuda_gpu_decoding_in_bf16_unless_set(
-    device: DeviceInfo, compile: CompileChoice, precision: PrecisionChoice, asked: bool | None, wanted: bool
+def test_it_is_asked_for_and_needs_compile(
+    device: DeviceInfo, compile: CompileChoice, asked: bool, wanted: bool
 ) -> None:
-    settings = Settings(compile=compile, precision=precision, decoder_math_attention=asked)
+    settings = Settings(compile=compile, decoder_math_attention=asked)
     assert decoder_math_attention_wanted(settings, plan_hardware(device, settings)) is wanted
+    assert Settings().decoder_math_attention is False
 
 
 def test_with_and_without_it_the_decoder_compiles_into_separate_caches(tmp_path: Path) -> None:
@@ -138,6 +127,7 @@ def test_compiling_marks_the_decoder_keeps_its_graphs_static_and_names_the_lever
     decoder = engine.models.base.vae.decoder
     options: dict[str, Any] = {}
     monkeypatch.setattr(type(decoder), "compile", lambda self, **kwargs: options.update(kwargs))
+    monkeypatch.setattr(fast, "use_persistent_compile_cache", lambda cache: cache)  # no process-wide cache
     settings = tiny_settings.with_changes(compile=CompileChoice.DEFAULT, decoder_math_attention=asked)
     levers = apply_speed_levers(engine.models.base, engine.models.refiner, engine.plan, settings)
     assert decoder._imagesmith_math_attention is asked

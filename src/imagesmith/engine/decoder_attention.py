@@ -9,13 +9,16 @@ rounding of the kernel's (relative L2 1.2e-2, 51.5 dB, the size of any reorderin
 is 0.5 GiB in bf16 at 1024x1024, yet the compiled decode's peak did not grow (1.45 GiB either way).
 
 Only with the decoder compiled (eager, the math path would write that matrix and read it back through separate
-kernels), in bf16 by default, and up to 128x128 latents (MAX_POSITIONS: the matrix grows with the positions
-squared); each size then keeps a static graph of its own (engine/fast.py). Torch records the attention path when
+kernels), and up to 128x128 latents (MAX_POSITIONS: the matrix grows with the positions squared, 8 GiB at
+2048x2048). Opt-in: each image size then keeps a static decoder graph of its own (engine/fast.py), traced under
+the path chosen for that size; left to dynamo, the second size would trace one dynamic graph for every size to
+come under whichever path that size had. So a server that sees many sizes compiles the decoder once for each,
+and past dynamo's graph limit (64) serves eager: the lever is for servers with few sizes. Routing by size inside
+the traced code (a branch dynamo guards on) would lift that; not built. Torch records the attention path when
 it traces, so the choice is in force around every decode (the warm-up's included), and the compile cache is
 keyed by it (engine/fast.py, compile_cache_for): a cache traced with the kernel would otherwise hand its graph to
 a start that asked for the matmuls, as run 80's first try showed (every variant got the first one's kernels).
-Switching it on or off (or upgrading to the first version with it) therefore starts with an empty compile cache:
-one cold compile, UNets included.
+Switching it on or off therefore starts with an empty compile cache: one cold compile, UNets included.
 """
 
 from __future__ import annotations

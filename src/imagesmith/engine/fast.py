@@ -85,14 +85,12 @@ def _drop_unfused_projections(model: Any) -> int:
 
 
 def decoder_math_attention_wanted(settings: Settings, plan: HardwarePlan) -> bool:
-    """The VAE decoder's attention as matmuls (engine/decoder_attention.py): only with the decoder compiled; by
-    default where it was measured, a CUDA GPU decoding in bf16. Not by default in fp16 (the scores, reduced in
-    fp16, can overflow where the fused kernels keep fp32) nor in fp32 (twice the memory, unmeasured)."""
-    if settings.compile is CompileChoice.OFF:
-        return False
-    if settings.decoder_math_attention is not None:
-        return settings.decoder_math_attention
-    return plan.device.startswith("cuda") and plan.vae_dtype_name == "bf16"
+    """The VAE decoder's attention as matmuls (engine/decoder_attention.py): asked for, and the decoder compiled.
+
+    Opt-in: with it the decoder keeps a static graph per image size (so each size runs the path chosen for it),
+    and a server seeing many sizes compiles the decoder once per size, up to dynamo's graph limit, past which
+    the engine serves eager. Worth it where the sizes are few (the warm-up's)."""
+    return settings.compile is not CompileChoice.OFF and bool(settings.decoder_math_attention)
 
 
 def fuse_qkv_wanted(settings: Settings, plan: HardwarePlan) -> bool:
