@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from diffusers.utils.torch_utils import get_module_execution_device
 
 # One pinned subclass per pipeline class, so pinning many pipelines does not make many classes.
 _PINNED: dict[type, type] = {}
@@ -78,6 +79,16 @@ def pinned_module_device(module: torch.nn.Module) -> torch.device | None:
     return module.__dict__.get(_DEVICE_ATTRIBUTE)
 
 
+def module_execution_device(
+    module: torch.nn.Module,
+    search: Callable[[torch.nn.Module], torch.device] = get_module_execution_device,
+) -> torch.device:
+    """Where `module` runs: its pinned device at once, else `search`'s answer (diffusers' function by default,
+    which walks every one of the module's submodules for an offload hook)."""
+    pinned = pinned_module_device(module)
+    return pinned if pinned is not None else search(module)
+
+
 def _answer_pinned_modules_in(pipeline_module: Any) -> None:
     """Replace the pipeline module's `get_module_execution_device` (once) with one that answers a pinned
     module's device at once and asks diffusers' function about every other module."""
@@ -88,8 +99,7 @@ def _answer_pinned_modules_in(pipeline_module: Any) -> None:
         return
 
     def get_module_execution_device(module: torch.nn.Module) -> torch.device:
-        pinned = pinned_module_device(module)
-        return pinned if pinned is not None else original(module)
+        return module_execution_device(module, original)
 
     get_module_execution_device._imagesmith_answers_pinned = True  # type: ignore[attr-defined]
     pipeline_module.get_module_execution_device = get_module_execution_device

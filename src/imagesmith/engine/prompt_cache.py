@@ -27,9 +27,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers.utils.torch_utils import get_module_execution_device
 
-from imagesmith.engine.execution_device import pinned_module_device
+from imagesmith.engine.execution_device import module_execution_device
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +152,9 @@ class PromptEmbeddingCache:
             ids = _token_ids(tokenizer, prompt)
             _say_if_cut(tokenizer, prompt)
             output = encoder(
-                _on_device_without_waiting(torch.tensor([ids]), _execution_device(encoder)),
+                # The engine's pinned answer (no offload) first: diffusers' search walks all of the encoder's
+                # modules (run 67: most of each prompt's host time; engine/execution_device.py).
+                _on_device_without_waiting(torch.tensor([ids]), module_execution_device(encoder)),
                 output_hidden_states=True,
             )
             # As encode_prompt: the pooled vector is the first 2-D output[0] (bigG's projection; CLIP-L's
@@ -185,13 +186,6 @@ def _say_if_cut(tokenizer: Any, text: str) -> None:
             tokenizer.model_max_length,
             text,
         )
-
-
-def _execution_device(encoder: torch.nn.Module) -> torch.device:
-    """Where the encoder runs: the engine's pinned answer (no offload), else diffusers' search of its hooks,
-    which walks all of its modules (run 67: most of each prompt's host time; engine/execution_device.py)."""
-    pinned = pinned_module_device(encoder)
-    return pinned if pinned is not None else get_module_execution_device(encoder)
 
 
 def _on_device_without_waiting(ids: torch.Tensor, device: torch.device) -> torch.Tensor:
