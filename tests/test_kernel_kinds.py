@@ -3,23 +3,18 @@ names from run 72's profile, where an earlier order of the kinds counted cuBLAS'
 name in the form of inductor's matmul templates (max_autotune), which must not count as pointwise Triton work."""
 
 import doctest
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 
-KERNEL_KINDS = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_kinds.py"
+from tests.kernel_kinds_module import load_kernel_kinds
 
 
 def test_each_example_kernel_gets_its_kind(monkeypatch: pytest.MonkeyPatch) -> None:
-    spec = importlib.util.spec_from_file_location("kernel_kinds", KERNEL_KINDS)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
+    module = load_kernel_kinds()
     # doctest counts only the functions whose module name resolves to this very module: another copy already
     # imported as "kernel_kinds" (a benchmark imported by an earlier test) would leave it none to run.
     monkeypatch.setitem(sys.modules, "kernel_kinds", module)
-    spec.loader.exec_module(module)
     result = doctest.testmod(module)
     assert result.attempted >= 5 and result.failed == 0
     assert module.kind_of("void at::native::vectorized_layer_norm_kernel<c10::BFloat16>") == "other"

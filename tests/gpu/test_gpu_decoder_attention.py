@@ -4,7 +4,6 @@ rounding."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 from typing import Any
@@ -18,19 +17,9 @@ from imagesmith.engine.decode import decode_latents
 from imagesmith.engine.decoder_attention import decoder_attention
 from imagesmith.engine.tiny import build_tiny_sdxl
 from tests.dynamo_reset import reset_dynamo
+from tests.kernel_kinds_module import load_kernel_kinds
 
 pytestmark = pytest.mark.gpu
-KERNEL_KINDS = Path(__file__).resolve().parents[2] / "benchmarks" / "kernel_kinds.py"
-
-
-def kind_of(kernel: str) -> str:
-    """benchmarks/kernel_kinds.py's classifier (Triton's kernels first, so inductor's softmax is not attention)."""
-    spec = importlib.util.spec_from_file_location("kernel_kinds", KERNEL_KINDS)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    kind: str = module.kind_of(kernel)
-    return kind
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -53,6 +42,8 @@ def test_the_compiled_decoders_attention_becomes_matmuls_and_keeps_the_picture(
     vae = vae.to("cuda", torch.bfloat16).eval()
     latents = torch.randn(1, 4, 32, 32, device="cuda", generator=torch.Generator("cuda").manual_seed(3))
     device = torch.device("cuda")
+    # benchmarks/kernel_kinds.py's classifier (Triton's kernels first, so inductor's softmax is not attention).
+    kernel_kinds = load_kernel_kinds()
 
     def decode(math_attention: bool) -> tuple[torch.Tensor, set[str]]:
         reset_dynamo()
@@ -64,7 +55,7 @@ def test_the_compiled_decoders_attention_becomes_matmuls_and_keeps_the_picture(
             decode_latents(vae, latents, torch.bfloat16, False, device)  # compiles
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 images, _ = decode_latents(vae, latents, torch.bfloat16, False, device)
-        kinds = {kind_of(event.key) for event in prof.key_averages()}
+        kinds = {kernel_kinds.kind_of(event.key) for event in prof.key_averages()}
         return torch.from_numpy(np.stack([np.asarray(image) for image in images])), kinds
 
     try:
