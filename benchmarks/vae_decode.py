@@ -46,7 +46,7 @@ from fp8_gemm import event_times_ms, time_ms
 from kernel_kinds import kind_of
 from sdxl_random import VAE_KEY, architecture
 
-from imagesmith.engine.decode import _decode_once
+from imagesmith.engine.decode import _decode_once, pixels_u8
 
 LATENT = 128  # 1024x1024 images
 VARIANTS = (
@@ -262,12 +262,8 @@ def measure_variant(vae: Any, variant: str, flops: float, runs: int) -> dict[str
 
 
 def psnr_8bit(image: torch.Tensor, reference: torch.Tensor) -> float:
-    """PSNR of the two decodes as the 8-bit pictures the engine would write ([-1, 1] to 0..255, rounded)."""
-
-    def pixels(x: torch.Tensor) -> torch.Tensor:
-        return ((x / 2 + 0.5).clamp(0, 1) * 255).round()
-
-    mse = float(((pixels(image) - pixels(reference)) ** 2).mean())
+    """PSNR of the two decodes as the 8-bit pictures the engine writes (engine/decode.py's pixels_u8)."""
+    mse = float(((pixels_u8(image).float() - pixels_u8(reference).float()) ** 2).mean())
     return 10 * math.log10(255**2 / mse) if mse else float("inf")
 
 
