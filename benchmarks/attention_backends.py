@@ -107,6 +107,29 @@ def flex_backends(options: list[str]) -> dict[str, Any]:
     return backends
 
 
+def timed_attention(
+    attend: Any,
+    context: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    reference: torch.Tensor,
+    flop: float,
+    runs: int,
+    cuda: bool,
+) -> dict[str, Any]:
+    """`attend(query, key, value)` under `context()`: its median ms, TFLOP/s and largest difference from
+    `reference` (torch's default choice)."""
+    with context():
+        out = attend(query, key, value)
+        ms = time_ms(lambda: attend(query, key, value), runs, cuda)
+    return {
+        "ms": ms,
+        "tflops": flop / ms / 1e9,
+        "max_abs_diff_vs_default": float((out.float() - reference.float()).abs().max()),
+    }
+
+
 def time_backends(
     shapes: Counter[Shape], dtype: torch.dtype, device: str, runs: int, flex: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -122,35 +145,21 @@ def time_backends(
         # The reference is torch's default choice: a backend with difference 0.0 on every shape is the one
         # torch picks by itself.
         row: dict[str, Any] = {"q": q_shape, "k": k_shape, "calls_per_unet": count}
+        timing = (query, key, value, reference, attention_flop(shape), runs, cuda)
         for name, backend in BACKENDS.items():
+            context = (lambda backend=backend: sdpa_kernel(backend)) if cuda else nullcontext
             try:
-                with sdpa_kernel(backend) if cuda else nullcontext():
-                    out = F.scaled_dot_product_attention(query, key, value)
-                    ms = time_ms(
-                        lambda q=query, k=key, v=value: F.scaled_dot_product_attention(q, k, v), runs, cuda
-                    )
-                row[name] = {
-                    "ms": ms,
-                    "tflops": attention_flop(shape) / ms / 1e9,
-                    "max_abs_diff_vs_default": float((out.float() - reference.float()).abs().max()),
-                }
-                totals[name] = totals.get(name, 0.0) + ms * count
+                row[name] = timed_attention(F.scaled_dot_product_attention, context, *timing)
             except RuntimeError as error:  # the backend does not support this shape or device
                 row[name] = {"unsupported": str(error).splitlines()[0][:200]}
-                totals[name] = float("nan")
         for name, attend in (flex or {}).items():
             try:
-                out = attend(query, key, value)
-                ms = time_ms(lambda q=query, k=key, v=value, f=attend: f(q, k, v), runs, cuda)
-                row[name] = {
-                    "ms": ms,
-                    "tflops": attention_flop(shape) / ms / 1e9,
-                    "max_abs_diff_vs_default": float((out.float() - reference.float()).abs().max()),
-                }
-                totals[name] = totals.get(name, 0.0) + ms * count
+                row[name] = timed_attention(attend, nullcontext, *timing)
             except Exception as error:  # a kernel option the card cannot run (shared memory): said, not fatal
                 row[name] = {"unsupported": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"}
-                totals[name] = float("nan")
+        for name in [*BACKENDS, *(flex or {})]:
+            # An unsupported shape makes the backend's sum NaN, for good.
+            totals[name] = totals.get(name, 0.0) + row[name].get("ms", float("nan")) * count
         rows.append(row)
     return {"shapes": rows, "attention_ms_per_unet_call": totals}
 
