@@ -201,22 +201,31 @@ def decode_one_by_one(
 def decode_as_before(engine: Any, settings: Any) -> Any:
     """The engine's decode as before run 49, for the block: the decoder compiled in the UNets' own mode (CUDA
     graphs with reduce-overhead) and decode_one_by_one."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0, FusedAttnProcessor2_0
+
     import imagesmith.engine.engine as engine_module
-    from imagesmith.engine.decoder_attention import mark_math_attention
     from imagesmith.engine.fast import unet_compile_options
 
     decoder = engine.models.base.vae.decoder
-    math_attention = getattr(decoder, "_imagesmith_math_attention", False)
+    # Before run 49 the decoder's attention ran in a fused kernel: diffusers' own processors, not the routed one.
+    blocks = [module for module in decoder.modules() if isinstance(module, Attention)]
+    processors = [block.processor for block in blocks]
+    for block in blocks:
+        fused = getattr(block, "fused_projections", False)
+        plain: Any = (
+            FusedAttnProcessor2_0() if fused else AttnProcessor2_0()
+        )  # diffusers types it AttnProcessor
+        block.set_processor(plain)
     if decoder._compiled_call_impl is not None:
         decoder._compiled_call_impl = None
         decoder.compile(fullgraph=True, mode=unet_compile_options(settings)["mode"])
-    mark_math_attention(decoder, False)  # before run 49 the decoder's attention ran in its fused kernel
     current = engine_module.decode_latents
     engine_module.decode_latents = decode_one_by_one
     try:
         yield
     finally:
-        mark_math_attention(decoder, math_attention)
+        for block, processor in zip(blocks, processors, strict=True):
+            block.set_processor(processor)
         engine_module.decode_latents = current
 
 

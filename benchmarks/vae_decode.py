@@ -13,15 +13,16 @@ Variants, each the engine's decode path (engine/decode.py's `_decode_once`: post
 `compiled-cl` (the same with channels-last weights), `compiled-batch2` (two images in one call: whether a batched
 decode would pay), `compiled-math` and `compiled-mathbf16` (the mid-block's attention, one head of 512 channels
 over 16,384 positions, which no flash kernel takes, compiled as two matmuls and a softmax instead of the
-memory-efficient kernel: torch's math path in fp32, or with `allow_fp16_bf16_reduction_math_sdp` in bf16 with
-fp32 accumulation), and `compiled-fp8conv` (lossy: the decoder's eligible convolutions, all but its first and last,
-as the UNets' opt-in fp8 convolutions (engine/fp8_conv.py: e4m3 filters and inputs, static input scales calibrated
-by one eager decode of other latents, cuDNN's fastest fp8 plan), channels-last as the engine lays fp8 UNets out;
-it replaces the convolutions, so it runs last). Each variant's image is compared with the first variant's
-(relative L2, and PSNR of the 8-bit pictures). Figures: median ms per image over `--runs` CUDA-event-timed calls
-and TFLOP/s from the counted FLOPs; then, per variant, one
-profiled decode's kernel time by kind (convolution, layout transpose, Triton (inductor's fused pointwise and
-norms), attention, matmul, other).
+memory-efficient kernel: torch's math path in fp32, or with `allow_fp16_bf16_reduction_math_sdp` in bf16 with fp32
+accumulation), `compiled-routed` (the engine's form of the last: engine/decoder_attention.py's processor, matmuls
+written in the traced code for bf16 decodes up to 128x128 latents), and `compiled-fp8conv` (lossy: the decoder's
+eligible convolutions, all but its first and last, as the UNets' opt-in fp8 convolutions (engine/fp8_conv.py: e4m3
+filters and inputs, static input scales calibrated by one eager decode of other latents, cuDNN's fastest fp8 plan),
+channels-last as the engine lays fp8 UNets out; it replaces the convolutions, so it runs last). Each variant's
+image is compared with the first variant's (relative L2, and PSNR of the 8-bit pictures). Figures: median ms per
+image over `--runs` CUDA-event-timed calls and TFLOP/s from the counted FLOPs; then, per variant, one profiled
+decode's kernel time by kind (convolution, layout transpose, Triton (inductor's fused pointwise and norms),
+attention, matmul, other).
 
     python3 benchmarks/vae_decode.py --out results.json [--variants compiled,compiled-cl]
 """
@@ -47,6 +48,7 @@ from kernel_kinds import kind_of
 from sdxl_random import VAE_KEY, architecture
 
 from imagesmith.engine.decode import _decode_once, pixels_u8
+from imagesmith.engine.decoder_attention import route_decoder_attention
 
 LATENT = 128  # 1024x1024 images
 VARIANTS = (
@@ -57,6 +59,7 @@ VARIANTS = (
     "compiled-batch2",
     "compiled-math",
     "compiled-mathbf16",
+    "compiled-routed",
     "compiled-fp8conv",  # last: it swaps the decoder's convolutions for good
 )
 DTYPE = torch.bfloat16
@@ -173,6 +176,9 @@ def variant_state(vae: Any, variant: str) -> Iterator[int]:
     if variant.endswith("-fp8conv"):
         layers = fp8_convolutions(vae)
         print(f"{variant}: {len(layers)} convolutions in fp8", flush=True)
+    processors = {block: block.processor for block in attention_blocks(vae.decoder)}
+    if variant.endswith("-routed"):
+        print(f"{variant}: {route_decoder_attention(vae.decoder)} attention blocks routed", flush=True)
     if variant.startswith("compiled"):
         torch._dynamo.reset()
         vae.decoder.compile(fullgraph=True)
@@ -182,9 +188,17 @@ def variant_state(vae: Any, variant: str) -> Iterator[int]:
         yield 2 if variant.endswith("batch2") else 1
     finally:
         vae.decoder._compiled_call_impl = None
+        for block, processor in processors.items():
+            block.set_processor(processor)
         torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(reduced)
         if channels_last:
             vae.to(memory_format=torch.contiguous_format)
+
+
+def attention_blocks(decoder: Any) -> list[Any]:
+    from diffusers.models.attention_processor import Attention
+
+    return [module for module in decoder.modules() if isinstance(module, Attention)]
 
 
 def fp8_convolutions(vae: Any) -> list[Any]:

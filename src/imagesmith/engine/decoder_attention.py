@@ -1,68 +1,129 @@
-"""The VAE decoder's one attention as two matmuls and a softmax (IMAGESMITH_DECODER_MATH_ATTENTION).
+"""The VAE decoder's one attention as two matmuls and a softmax, routed by size inside the traced code
+(IMAGESMITH_DECODER_MATH_ATTENTION, on by default with compile).
 
 Why: the SDXL VAE's mid-block attends over every latent position with one head 512 wide (16,384 positions at
 1024x1024). No flash kernel takes head dimension 512, so torch runs it in the memory-efficient kernel, 4.5 ms of
-a ~39 ms compiled decode on an H100. Traced under torch's math path instead, inductor compiles it to cuBLAS
-matmuls and a fused softmax; with bf16 operands and fp32 accumulation (`allow_fp16_bf16_reduction_math_sdp`)
-the decode took 36.0 ms against 38.8 (run 80 in docs/benchmarks.md, H100, same process), the image within bf16
-rounding of the kernel's (relative L2 1.2e-2, 51.5 dB, the size of any reordering of the sums). The score matrix
-is 0.5 GiB in bf16 at 1024x1024, yet the compiled decode's peak did not grow (1.45 GiB either way).
+a ~39 ms compiled decode on an H100. Compiled as matmuls instead, inductor gives cuBLAS matmuls (bf16 operands,
+fp32 accumulation) and a fused softmax: the decode took 36.0 ms against 38.8 (run 80 in docs/benchmarks.md, H100,
+same process), the image within bf16 rounding of the kernel's (relative L2 1.2e-2, 51.5 dB, the size of any
+reordering of the sums). The score matrix is 0.5 GiB in bf16 at 1024x1024, yet the compiled decode's peak did
+not grow (1.45 GiB either way).
 
-Only with the decoder compiled (eager, the math path would write that matrix and read it back through separate
-kernels), and up to 128x128 latents (MAX_POSITIONS: the matrix grows with the positions squared, 8 GiB at
-2048x2048). Opt-in: each image size then keeps a static decoder graph of its own (engine/fast.py), traced under
-the path chosen for that size; left to dynamo, the second size would trace one dynamic graph for every size to
-come under whichever path that size had. So a server that sees many sizes compiles the decoder once for each,
-and past dynamo's graph limit (64) serves eager: the lever is for servers with few sizes. Routing by size inside
-the traced code (a branch dynamo guards on) would lift that; not built. Torch records the attention path when
-it traces, so the choice is in force around every decode (the warm-up's included), and the compile cache is
-keyed by it (engine/fast.py, compile_cache_for): a cache traced with the kernel would otherwise hand its graph to
-a start that asked for the matmuls, as run 80's first try showed (every variant got the first one's kernels).
-Switching it on or off therefore starts with an empty compile cache: one cold compile, UNets included.
+Where it applies, decided in the processor's own code, which dynamo traces and guards on:
+- only while compiling (`torch.compiler.is_compiling()`): eager, the matrix would be written and read back by
+  separate kernels; a decoder fallen back to eager after a failed compile takes the fused kernel by itself;
+- only in bf16, where it was measured: fp16 scores can overflow where the fused kernels keep fp32, and the fp32
+  retry of a NaN decode has nothing to gain;
+- only up to MAX_POSITIONS (128x128 latents): the matrix grows with the positions squared, 8 GiB at 2048x2048,
+  where the kernel needs none.
+The size test is a branch on a shape, so with dynamic shapes dynamo keeps one graph for each side of the bound
+and guards on it: any number of image sizes compile the decoder at most a few times. (Session 30's first form
+switched torch's attention flags around the decode; torch reads them only as it traces, so each size needed a
+static graph of its own, and a server seeing many sizes recompiled, then past dynamo's 64 graphs served eager:
+that form had to be opt-in.) The traced graphs differ with and without it (matmuls or one attention call), so
+inductor's caches tell them apart by themselves.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+import logging
 from typing import Any
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 # Latent positions up to which the decode's attention runs as matmuls: 128x128, a 1024x1024 image, where it was
-# measured. The math path holds the whole score matrix, positions squared: 0.5 GiB in bf16 here, but 8 GiB at
-# 2048x2048, where the memory-efficient kernel needs none; larger decodes keep the kernel.
+# measured. The math holds the whole score matrix, positions squared: 0.5 GiB in bf16 here, 8 GiB at 2048x2048.
 MAX_POSITIONS = 128 * 128
-_MARK = "_imagesmith_math_attention"
 
 
-def mark_math_attention(decoder: Any, on: bool) -> None:
-    """Record on the decoder, as it is compiled, whether its attention is to be traced as matmuls: what the
-    engine reads at each decode, so the choice follows the compile that made the graphs (and their cache)."""
-    setattr(decoder, _MARK, on)
+def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Self-attention of (batch, heads, positions, head_dim) tensors: as matmuls and a softmax when traced in
+    bf16 for up to MAX_POSITIONS positions, else torch's fused kernels. The matmul form is torch's own math path
+    with reduced-precision reductions allowed: q and k each scaled by head_dim^-1/4, bf16 operands with fp32
+    accumulation, the softmax computed in fp32 and stored in bf16."""
+    positions = query.shape[-2]
+    if torch.compiler.is_compiling() and query.dtype is torch.bfloat16 and positions <= MAX_POSITIONS:
+        root_scale = query.shape[-1] ** -0.25
+        scores = (query * root_scale) @ (key * root_scale).transpose(-1, -2)
+        return scores.softmax(dim=-1) @ value
+    return F.scaled_dot_product_attention(query, key, value)
 
 
-def math_attention_for(decoder: Any, latents: torch.Tensor) -> bool:
-    """Whether this decode runs its attention as matmuls: the decoder was compiled for it and still runs
-    compiled (not after a failed compile's fall back to eager, where the math path is the slow one), and the
-    latents are no larger than MAX_POSITIONS."""
-    compiled = getattr(decoder, "_compiled_call_impl", None) is not None
-    positions = latents.shape[-1] * latents.shape[-2]
-    return bool(getattr(decoder, _MARK, False)) and compiled and positions <= MAX_POSITIONS
+class DecoderAttentionProcessor:
+    """diffusers' AttnProcessor2_0 and FusedAttnProcessor2_0 for the VAE's case only (self-attention over a
+    4-D feature map, a group norm, no mask, spatial norm or q/k norms), its attention through `attend`. The
+    same sums as theirs otherwise, so eager it gives their output exactly."""
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        # temb feeds only a spatial norm, which _routable rules out; the decoder's mid-block passes None.
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError("the decoder's attention processor takes self-attention without a mask only")
+        residual = hidden_states
+        batch, channels, height, width = hidden_states.shape
+        hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        if getattr(attn, "fused_projections", False):
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (
+            t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value)
+        )
+        hidden_states = attend(query, key, value)
+        hidden_states = (
+            hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        )
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))  # the projection, then dropout
+        hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channels, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
 
 
-@contextmanager
-def decoder_attention(math: bool) -> Iterator[None]:
-    """With `math`, the body's scaled_dot_product_attention runs torch's math path with bf16/fp16 reductions
-    allowed (fp32 accumulation in the matmuls); the process-wide flag is restored on exit. Without, nothing."""
-    if not math:
-        yield
-        return
-    reduced = torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()
-    torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True)
-    try:
-        with sdpa_kernel([SDPBackend.MATH]):
-            yield
-    finally:
-        torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(reduced)
+def _routable(attn: Any) -> bool:
+    """Whether DecoderAttentionProcessor computes what this attention's processor computes: diffusers' two
+    plain SDPA processors on plain self-attention. Anything else (xformers, a user's own) is left alone."""
+    from diffusers.models.attention_processor import AttnProcessor2_0, FusedAttnProcessor2_0
+
+    plain = type(attn.processor) in (AttnProcessor2_0, FusedAttnProcessor2_0)
+    extras = (attn.spatial_norm, attn.norm_q, attn.norm_k, getattr(attn, "norm_cross", None))
+    return plain and not attn.is_cross_attention and all(extra is None for extra in extras)
+
+
+def route_decoder_attention(decoder: Any) -> int:
+    """Give the decoder's attention blocks DecoderAttentionProcessor, before it is compiled (and after any QKV
+    fusion, whose processor it replaces); returns how many. Those it cannot stand for keep theirs, logged."""
+    from diffusers.models.attention_processor import Attention
+
+    routed = 0
+    for name, module in decoder.named_modules():
+        if not isinstance(module, Attention):
+            continue
+        if _routable(module):
+            processor: Any = (
+                DecoderAttentionProcessor()
+            )  # diffusers types the argument as its own AttnProcessor
+            module.set_processor(processor)
+            routed += 1
+        else:
+            log.warning("decoder attention %s keeps %s", name, type(module.processor).__name__)
+    return routed
+
+
+def routed_blocks(decoder: Any) -> int:
+    """How many of the decoder's attention blocks run through DecoderAttentionProcessor."""
+    return sum(
+        isinstance(getattr(m, "processor", None), DecoderAttentionProcessor) for m in decoder.modules()
+    )

@@ -22,7 +22,6 @@ from imagesmith.config import Settings
 from imagesmith.engine.attention import attention_priority
 from imagesmith.engine.cpu_threads import apply_cpu_threads
 from imagesmith.engine.decode import decode_latents
-from imagesmith.engine.decoder_attention import decoder_attention, math_attention_for
 from imagesmith.engine.encode_ahead import EncodeAhead
 from imagesmith.engine.encoder_graphs import installed, text_encoders
 from imagesmith.engine.execution_device import pin_pipelines
@@ -374,10 +373,9 @@ class Engine:
 
         began = time.perf_counter()
         tiling = needs_tiling(self.plan, request.width, request.height)
-        with decoder_attention(math_attention_for(base.vae.decoder, latents)):
-            images, fp32_retries = decode_latents(
-                base.vae, latents, self.plan.vae_dtype, tiling, base._execution_device, self.host_pixels
-            )
+        images, fp32_retries = decode_latents(
+            base.vae, latents, self.plan.vae_dtype, tiling, base._execution_device, self.host_pixels
+        )
         run.finish_stage("decode", began, steps=len(images))
         total_seconds = time.perf_counter() - run.started
         log.info(

@@ -31,7 +31,7 @@ from imagesmith.engine import encoder_graphs
 from imagesmith.engine.batch_routing import BatchRoutedCall
 from imagesmith.engine.compile_regions import compile_transformer_blocks_once, regions_supported
 from imagesmith.engine.cudnn_graphs import remember_plans_in
-from imagesmith.engine.decoder_attention import mark_math_attention
+from imagesmith.engine.decoder_attention import route_decoder_attention
 from imagesmith.engine.fp8 import quantize_transformer_linears
 from imagesmith.engine.fp8_conv import quantize_convolutions
 from imagesmith.engine.fp8_geglu import fuse_geglu_feed_forwards
@@ -60,8 +60,7 @@ def compile_cache_for(settings: Settings, plan: HardwarePlan) -> Path:
     """One inductor cache per attention choice. The traced graph holds one scaled_dot_product_attention call
     whichever kernel runs it, and inductor's AOTAutograd cache keys on that graph: a shared cache handed a
     restart with another IMAGESMITH_ATTENTION_BACKEND the kernels compiled for the old one (seen in run 20)."""
-    decoder = "-decoder-math" if decoder_math_attention_wanted(settings, plan) else ""  # the same reason
-    return compile_cache_root(settings) / f"attention-{plan.attention}{decoder}"
+    return compile_cache_root(settings) / f"attention-{plan.attention}"
 
 
 def compile_cache_root(settings: Settings) -> Path:
@@ -85,11 +84,9 @@ def _drop_unfused_projections(model: Any) -> int:
 
 
 def decoder_math_attention_wanted(settings: Settings, plan: HardwarePlan) -> bool:
-    """The VAE decoder's attention as matmuls (engine/decoder_attention.py): asked for, and the decoder compiled.
-
-    Opt-in: with it the decoder keeps a static graph per image size (so each size runs the path chosen for it),
-    and a server seeing many sizes compiles the decoder once per size, up to dynamo's graph limit, past which
-    the engine serves eager. Worth it where the sizes are few (the warm-up's)."""
+    """The VAE decoder's attention as matmuls where it pays (engine/decoder_attention.py): on unless turned
+    off, and only with the decoder compiled. The size and precision bounds are decided inside the traced code,
+    so the decoder keeps dynamo's usual graphs (one per side of the size bound at most)."""
     return settings.compile is not CompileChoice.OFF and bool(settings.decoder_math_attention)
 
 
@@ -201,18 +198,16 @@ def apply_speed_levers(base: Any, refiner: Any | None, plan: HardwarePlan, setti
                     unet._compiled_call_impl = BatchRoutedCall(unet._call_impl, options)
                 else:
                     unet.compile(**options)
-            # The decoder is not marked dynamic: the engine decodes one image at a time at any batch size.
-            math_attention = decoder_math_attention_wanted(settings, plan)
-            # With the math attention, each image size keeps a static graph of its own (dynamic=False): a size
-            # is traced under its own choice of path (engine/decoder_attention.py: matmuls only up to 128x128
-            # latents). Left to dynamo, the second size would trace one dynamic graph for every size to come,
-            # under whichever path that size had.
-            base.vae.decoder.compile(
-                fullgraph=True, mode=decoder_compile_mode(settings), dynamic=False if math_attention else None
+            # The processor goes in before compiling (after the QKV fusion above, whose processor it replaces).
+            routed = (
+                route_decoder_attention(base.vae.decoder)
+                if decoder_math_attention_wanted(settings, plan)
+                else 0
             )
-            mark_math_attention(base.vae.decoder, math_attention)
+            # The decoder is not marked dynamic: the engine decodes one image at a time at any batch size.
+            base.vae.decoder.compile(fullgraph=True, mode=decoder_compile_mode(settings))
             dynamic = ", dynamic shapes" if options["dynamic"] else ""
-            decoder = " (its attention as matmuls)" if math_attention else ""
+            decoder = " (its attention as matmuls up to 1024x1024 in bf16)" if routed else ""
             # One lever: serving eager after a failed compile (serve_eager_from_now) drops the regions, and the
             # decoder's matmul attention, with it.
             applied.append(
