@@ -4,8 +4,8 @@ same picture; on by default with compile."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,7 +26,7 @@ from imagesmith.engine.decoder_attention import (
     route_decoder_attention,
     routed_blocks,
 )
-from imagesmith.engine.fast import apply_speed_levers, compile_cache_for, decoder_math_attention_wanted
+from imagesmith.engine.fast import apply_speed_levers, decoder_math_attention_wanted
 from imagesmith.engine.hardware import DeviceInfo, plan_hardware
 from tests.dynamo_reset import reset_dynamo
 
@@ -43,7 +43,7 @@ def vae_attention(fused: bool) -> Attention:
         CHANNELS,
         heads=1,
         dim_head=CHANNELS,
-        rescale_output_factor=1.0,
+        rescale_output_factor=2.0,  # the VAE's is 1.0; 2.0 shows the processor divides by it
         eps=1e-6,
         norm_num_groups=4,
         residual_connection=True,
@@ -94,16 +94,25 @@ def test_eager_even_bf16_keeps_the_fused_kernel(monkeypatch: pytest.MonkeyPatch)
     assert calls == [1]
 
 
-def traced_graphs(block: Attention, sizes: list[tuple[int, int]], dtype: torch.dtype) -> list[str]:
+def traced_graphs(
+    block: Attention, sizes: list[tuple[int, int]], dtype: torch.dtype
+) -> tuple[list[str], list[str]]:
     """Compile `block` as the engine compiles the decoder (fullgraph, dynamo's automatic dynamic shapes) with
-    a backend that records each graph dynamo hands it, and run it at each size; returns, per graph traced, how
-    its attention runs: 'matmuls' or 'kernel'."""
+    a backend that records each graph dynamo hands it, and run it at each size. Returns how each graph traced
+    runs its attention ('matmuls' or 'kernel'), and which kind of graph served each size."""
     graphs: list[str] = []
+    served: list[str] = []
 
     def recording(graph_module: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Any:
         targets = " ".join(str(node.target) for node in graph_module.graph.nodes)
-        graphs.append("kernel" if "scaled_dot_product_attention" in targets else "matmuls")
-        return graph_module.forward
+        kind = "kernel" if "scaled_dot_product_attention" in targets else "matmuls"
+        graphs.append(kind)
+
+        def run(*args: Any) -> Any:
+            served.append(kind)
+            return graph_module.forward(*args)
+
+        return run
 
     reset_dynamo()
     compiled = torch.compile(block, backend=recording, fullgraph=True)
@@ -113,7 +122,7 @@ def traced_graphs(block: Attention, sizes: list[tuple[int, int]], dtype: torch.d
                 compiled(feature_map(height, width, dtype))
     finally:
         reset_dynamo()
-    return graphs
+    return graphs, served
 
 
 def test_traced_in_bf16_it_is_matmuls_up_to_the_bound_and_the_kernel_past_it_one_graph_a_side() -> None:
@@ -125,7 +134,10 @@ def test_traced_in_bf16_it_is_matmuls_up_to_the_bound_and_the_kernel_past_it_one
     below = [(8, 6), (16, 12), (24, 20), (128, 128), (96, 40)]
     above = [(136, 128), (144, 136), (129, 128)]
     assert all(h * w <= MAX_POSITIONS for h, w in below) and all(h * w > MAX_POSITIONS for h, w in above)
-    assert traced_graphs(block, below + above, torch.bfloat16) == ["matmuls", "matmuls", "kernel"]
+    graphs, served = traced_graphs(block, below + above, torch.bfloat16)
+    assert graphs == ["matmuls", "matmuls", "kernel"]
+    # Each size on its own side: 128x128, the bound itself and the size measured, gets the matmuls.
+    assert served == ["matmuls"] * len(below) + ["kernel"] * len(above)
 
 
 def test_traced_in_fp32_or_fp16_it_keeps_the_kernel() -> None:
@@ -133,8 +145,8 @@ def test_traced_in_fp32_or_fp16_it_keeps_the_kernel() -> None:
     decode gains nothing."""
     block = vae_attention(fused=False)
     route_decoder_attention(block)
-    assert traced_graphs(block, [(8, 6)], torch.float32) == ["kernel"]
-    assert traced_graphs(block.to(torch.float16), [(8, 6)], torch.float16) == ["kernel"]
+    assert traced_graphs(block, [(8, 6)], torch.float32) == (["kernel"], ["kernel"])
+    assert traced_graphs(block.to(torch.float16), [(8, 6)], torch.float16) == (["kernel"], ["kernel"])
 
 
 def test_the_matmuls_give_the_kernels_attention_within_bf16_rounding() -> None:
@@ -169,6 +181,11 @@ def test_routing_replaces_only_the_processors_it_stands_for(caplog: pytest.LogCa
     with caplog.at_level(logging.WARNING):
         assert route_decoder_attention(decoder) == 2
     assert routed_blocks(decoder) == 2
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        # The levers applied again to the same models: the routed blocks still count (the lever's text follows).
+        assert route_decoder_attention(decoder) == 2
+    assert "keeps DecoderAttentionProcessor" not in caplog.text
     assert isinstance(decoder.other.processor, AttnProcessor) and isinstance(
         decoder.cross.processor, AttnProcessor2_0
     )
@@ -193,8 +210,8 @@ def test_the_processor_refuses_what_it_does_not_compute() -> None:
             CPU,
             CompileChoice.DEFAULT,
             None,
-            True,
-        ),  # on the CPU too: its bf16 bound keeps fp32 decodes as they are
+            False,
+        ),  # the CPU's plan decodes in fp32: the kernel, no lever named
     ],
 )
 def test_it_is_on_with_compile_unless_turned_off(
@@ -202,19 +219,6 @@ def test_it_is_on_with_compile_unless_turned_off(
 ) -> None:
     settings = Settings(compile=compile, **({} if asked is None else {"decoder_math_attention": asked}))
     assert decoder_math_attention_wanted(settings, plan_hardware(device, settings)) is wanted
-
-
-def test_the_compile_cache_is_shared_the_graphs_tell_themselves_apart(tmp_path: Path) -> None:
-    """Session 30's form switched torch's flags, leaving one attention call in the graph either way, and needed
-    a cache of its own. The routed form writes matmuls into the graph, which inductor's keys see."""
-    caches = {
-        compile_cache_for(settings, plan_hardware(GPU, settings))
-        for asked in (True, False)
-        for settings in [
-            Settings(data_dir=tmp_path, compile=CompileChoice.DEFAULT, decoder_math_attention=asked)
-        ]
-    }
-    assert len(caches) == 1
 
 
 @pytest.mark.parametrize("asked", [True, False])
@@ -226,8 +230,16 @@ def test_compiling_routes_the_decoders_attention_and_names_the_lever(
     options: dict[str, Any] = {}
     monkeypatch.setattr(type(decoder), "compile", lambda self, **kwargs: options.update(kwargs))
     monkeypatch.setattr(fast, "use_persistent_compile_cache", lambda cache: cache)  # no process-wide cache
-    settings = tiny_settings.with_changes(compile=CompileChoice.DEFAULT, decoder_math_attention=asked)
-    levers = apply_speed_levers(engine.models.base, engine.models.refiner, engine.plan, settings)
+    # fuse_qkv off: the levers are applied twice below, and the fusion only once.
+    settings = tiny_settings.with_changes(
+        compile=CompileChoice.DEFAULT, decoder_math_attention=asked, fuse_qkv=False
+    )
+    fp32_levers = apply_speed_levers(engine.models.base, engine.models.refiner, engine.plan, settings)
+    assert routed_blocks(decoder) == 0  # the CPU's plan decodes in fp32, where the kernel runs anyway
+    assert not any("attention as matmuls" in lever for lever in fp32_levers)
+    # A GPU's plan, whose VAE decodes in bf16.
+    bf16_plan = dataclasses.replace(engine.plan, vae_dtype_name="bf16")
+    levers = apply_speed_levers(engine.models.base, engine.models.refiner, bf16_plan, settings)
     assert routed_blocks(decoder) == (1 if asked else 0)  # the tiny VAE's one mid-block attention
     assert "dynamic" not in options  # dynamo's own graphs: the bound is guarded in the traced code
     compile_lever = next(lever for lever in levers if lever.startswith("torch.compile"))

@@ -16,8 +16,11 @@ Where it applies, decided in the processor's own code, which dynamo traces and g
   retry of a NaN decode has nothing to gain;
 - only up to MAX_POSITIONS (128x128 latents): the matrix grows with the positions squared, 8 GiB at 2048x2048,
   where the kernel needs none.
-The size test is a branch on a shape, so with dynamic shapes dynamo keeps one graph for each side of the bound
-and guards on it: any number of image sizes compile the decoder at most a few times. (Session 30's first form
+The size test is a branch on a shape, so dynamo guards on it and a graph traced for one side never runs the
+other's sizes. With its automatic dynamic shapes, any number of image sizes then compile the decoder a few
+times, not once per size: a CPU test of the block sees three graphs for eight sizes (the first size static, one
+dynamic graph below the bound, one above); a whole decoder may add one as its height and width turn dynamic one
+at a time, and a batch or the fp32 retry one each, as they would without this processor. (Session 30's first form
 switched torch's attention flags around the decode; torch reads them only as it traces, so each size needed a
 static graph of its own, and a server seeing many sizes recompiled, then past dynamo's 64 graphs served eager:
 that form had to be opt-in.) The traced graphs differ with and without it (matmuls or one attention call), so
@@ -111,10 +114,11 @@ def route_decoder_attention(decoder: Any) -> int:
     for name, module in decoder.named_modules():
         if not isinstance(module, Attention):
             continue
-        if _routable(module):
-            processor: Any = (
-                DecoderAttentionProcessor()
-            )  # diffusers types the argument as its own AttnProcessor
+        if isinstance(module.processor, DecoderAttentionProcessor):
+            routed += 1  # routed by an earlier call (the levers applied again to the same models)
+        elif _routable(module):
+            # diffusers types set_processor's argument as its own AttnProcessor.
+            processor: Any = DecoderAttentionProcessor()
             module.set_processor(processor)
             routed += 1
         else:

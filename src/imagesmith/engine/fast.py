@@ -85,9 +85,12 @@ def _drop_unfused_projections(model: Any) -> int:
 
 def decoder_math_attention_wanted(settings: Settings, plan: HardwarePlan) -> bool:
     """The VAE decoder's attention as matmuls where it pays (engine/decoder_attention.py): on unless turned
-    off, and only with the decoder compiled. The size and precision bounds are decided inside the traced code,
-    so the decoder keeps dynamo's usual graphs (one per side of the size bound at most)."""
-    return settings.compile is not CompileChoice.OFF and bool(settings.decoder_math_attention)
+    off, only with the decoder compiled, and only for a plan that decodes in bf16 (where it was measured; an fp16
+    or fp32 decode would take the kernel anyway, and health would name a lever not in force). The size bound,
+    and the fp32 retry of a NaN decode, are decided inside the traced code, so the decoder keeps dynamo's usual
+    graphs (one per side of the size bound at most)."""
+    compiled = settings.compile is not CompileChoice.OFF
+    return compiled and bool(settings.decoder_math_attention) and plan.vae_dtype is torch.bfloat16
 
 
 def fuse_qkv_wanted(settings: Settings, plan: HardwarePlan) -> bool:
