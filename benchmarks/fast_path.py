@@ -696,7 +696,8 @@ def main() -> None:
                 f"{row['jobs']}), steady state {f'{steady:.3f}' if steady else '-'}, passes of "
                 f"{row['batch_sizes_seen']}, all succeeded {row['all_succeeded']}, stages {row['median_stage_s']}, "
                 f"base stage by pass {row['base_s_by_pass']}, passes {row['pass_s']} s, "
-                f"the worker between them {row['between_passes_ms']} ms"
+                f"the worker between them {row['between_passes_ms']} ms (its claims {row['claim_ms']} ms; "
+                f"an fsync {row['fsync_ms']} ms)"
             )
             return row
 

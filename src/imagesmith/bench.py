@@ -155,9 +155,14 @@ class BenchReport:
         steady_text = f", {steady:.3f} in steady state" if steady is not None else ""
         ended = "all succeeded" if row.get("all_succeeded") else "NOT ALL SUCCEEDED"
         between = row.get("between_passes_ms") or []
+        claims = row.get("claim_ms") or []
         between_text = (
             f", the worker's time between passes {statistics.median(between):.1f} ms" if between else ""
         )
+        if between and claims:
+            between_text += (
+                f" (its claim {statistics.median(claims):.1f} ms; an fsync here {row.get('fsync_ms')} ms)"
+            )
         return (
             f"through the service's queue: {row.get('jobs')} jobs in {row.get('wall_s')}s, "
             f"{row.get('images_per_s', 0):.3f} images/s{steady_text}, passes of {row.get('batch_sizes_seen')}"

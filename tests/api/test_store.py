@@ -208,3 +208,71 @@ def test_api_writes_behind_another_programs_lock_are_answered_within_two_busy_ti
     assert max(seconds for seconds, _ in answers) < 2.7, sorted(round(seconds, 2) for seconds, _ in answers)
     assert store.counts()[JobStatus.QUEUED] == 0
     store.close()
+
+
+def test_a_claim_commits_without_its_own_fsync_and_every_other_write_with_one(tmp_path: Path) -> None:
+    """A claim sits on the GPU's path between two passes; a lost one only leaves its jobs queued. The pragma is
+    per connection, so it must be back to FULL after the claim, a failed claim included."""
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    statements: list[str] = []
+    store._db.set_trace_callback(statements.append)
+    job, _ = store.submit({}, "h", None, queue_max=10)
+    submitted, statements[:] = list(statements), []
+    store.claim(1)
+    claimed, statements[:] = list(statements), []
+    store.finish(job.id, JobStatus.SUCCEEDED, result={"images": []})
+    finished = list(statements)
+    store._db.set_trace_callback(None)
+
+    def sync(sql: list[str]) -> list[str]:
+        return [s for s in sql if s.startswith("PRAGMA synchronous") or s in ("BEGIN IMMEDIATE", "COMMIT")]
+
+    assert sync(claimed) == [
+        "PRAGMA synchronous=NORMAL",
+        "BEGIN IMMEDIATE",
+        "COMMIT",
+        "PRAGMA synchronous=FULL",
+    ]
+    assert not any("synchronous" in s for s in submitted + finished)
+    assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+    store.submit({}, "h2", None, queue_max=10)
+
+    def refuse(_: object) -> bool:
+        raise RuntimeError("a broken filter")
+
+    with pytest.raises(RuntimeError, match="a broken filter"):
+        store.claim_where(refuse, limit=1)
+    assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # back to FULL after the failure
+    assert not store._db.in_transaction
+
+
+def test_a_claim_survives_the_process_being_killed(tmp_path: Path) -> None:
+    """Without its own fsync a claim is still in the WAL the kernel holds: kill -9 right after it keeps the job
+    running with its attempt counted, so a job that crashes the process still runs out of attempts."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    path = tmp_path / "jobs.sqlite3"
+    child = textwrap.dedent(
+        f"""
+        import os, signal
+        from pathlib import Path
+        from imagesmith.jobs.store import JobStore
+        store = JobStore(Path({str(path)!r}))
+        store.submit({{}}, "h", None, queue_max=10)
+        (job,) = store.claim(1)
+        print(job.id, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=60)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    job_id = done.stdout.strip()
+    store = JobStore(path)
+    job = store.get(job_id)
+    assert job is not None and job.status is JobStatus.RUNNING and job.attempts == 1
+    requeued, _ = store.recover(max_attempts=2)
+    assert requeued == [job_id]

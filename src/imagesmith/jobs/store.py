@@ -2,7 +2,8 @@
 
 The database is also the queue: queued jobs are taken in insertion order (seq), so a restart resumes exactly
 where the last process stopped. Every state change is one short transaction, synchronous=FULL, so an accepted
-job survives kill -9 and power loss alike. Live progress (step counts) is deliberately not written here: it
+job survives kill -9 and power loss alike. The one exception is a claim (queued -> running), committed without
+its own fsync: see JobStore.claim_where. Live progress (step counts) is deliberately not written here: it
 changes many times a second and is worthless after a crash.
 """
 
@@ -227,18 +228,28 @@ class JobStore:
             self._lock.release()
 
     @contextmanager
-    def _writing(self) -> Iterator[None]:
+    def _writing(self, durable: bool = True) -> Iterator[None]:
         """The write connection in one IMMEDIATE transaction, under the write lock: committed when the block
-        ends (a return inside it included), rolled back when it raises."""
+        ends (a return inside it included), rolled back when it raises. Not `durable`: committed with
+        synchronous=NORMAL, written to the WAL without an fsync of its own (the next durable commit's fsync
+        covers it, the WAL being appended in order); it survives the process's crash, not a power cut."""
         with self._write_lock():
-            self._db.execute("BEGIN IMMEDIATE")
+            if not durable:
+                self._db.execute("PRAGMA synchronous=NORMAL")  # a pragma, not part of the transaction
             try:
-                yield
-                self._db.execute("COMMIT")  # inside the try: a commit that fails (a full disk) is rolled back
-            except BaseException:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                raise
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield
+                    self._db.execute(
+                        "COMMIT"
+                    )  # inside the try: a commit that fails (a full disk) is rolled back
+                except BaseException:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise
+            finally:
+                if not durable:
+                    self._db.execute("PRAGMA synchronous=FULL")
 
     def _one(
         self, sql: str, args: tuple[Any, ...] = (), db: sqlite3.Connection | None = None
@@ -341,10 +352,16 @@ class JobStore:
         self, accept: Callable[[JobRecord], bool], limit: int, scan: int = 200
     ) -> list[JobRecord]:
         """Claim up to `limit` queued jobs that `accept` (oldest first, looking at the `scan` oldest): how the
-        worker gathers jobs that can share a pipeline pass with the one it already holds."""
+        worker gathers jobs that can share a pipeline pass with the one it already holds.
+
+        A claim is committed without an fsync of its own (`_writing(durable=False)`): it sits on the GPU's path
+        between two passes, twice a pass (the head, then its company), each an fsync of its own before. It need
+        not be durable: a claim lost to a power cut leaves its jobs queued, and they run at the next start, as
+        the jobs of a claim that was kept do (recover() requeues them); a process crash keeps it (the WAL
+        holds it), so a job that crashes the process still counts its attempts."""
         if limit <= 0:
             return []
-        with self._writing():
+        with self._writing(durable=False):
             rows = self._claimable_rows(scan)
             ids: list[str] = []
             for row in rows:
