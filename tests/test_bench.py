@@ -72,8 +72,9 @@ def test_the_queue_row_sends_jobs_through_the_services_own_queue(tiny_model_home
     assert len(row["pass_s"]) == 3 and all(seconds > 0 for seconds in row["pass_s"])
     assert len(row["between_passes_ms"]) == 2 and all(ms >= 0 for ms in row["between_passes_ms"])
     assert sum(row["pass_s"]) + sum(row["between_passes_ms"]) / 1000 <= row["wall_s"]
-    # One claim that took jobs for each pass, and the store's disk's fsync, for where the time between goes.
-    assert len(row["claim_ms"]) == 3 and all(ms > 0 for ms in row["claim_ms"]) and row["fsync_ms"] > 0
+    # The store's claims that took jobs: each pass's head, then its company (the second of a pass's two jobs,
+    # already queued); and the store's disk's fsync: where the time between passes may go.
+    assert len(row["claim_ms"]) == 6 and all(ms > 0 for ms in row["claim_ms"]) and row["fsync_ms"] >= 0
 
 
 def test_with_encode_ahead_off_each_pass_encodes_its_own_prompts(

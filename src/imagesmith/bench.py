@@ -160,9 +160,7 @@ class BenchReport:
             f", the worker's time between passes {statistics.median(between):.1f} ms" if between else ""
         )
         if between and claims:
-            between_text += (
-                f" (its claim {statistics.median(claims):.1f} ms; an fsync here {row.get('fsync_ms')} ms)"
-            )
+            between_text += f" (a claim's commit {statistics.median(claims):.1f} ms; an fsync here {row.get('fsync_ms')} ms)"
         return (
             f"through the service's queue: {row.get('jobs')} jobs in {row.get('wall_s')}s, "
             f"{row.get('images_per_s', 0):.3f} images/s{steady_text}, passes of {row.get('batch_sizes_seen')}"

@@ -9,8 +9,9 @@ docs/benchmarks.md), more than one device call; `imagesmith bench` has the engin
 
 Each pass's own seconds and the worker's time between two passes are reported too (PassClock): what the engine
 alone never pays, and so where a queue's rate falls short of the engine's beyond the passes themselves. Of that
-time, the worker's claims (claim_ms) and, for the disk under them, one fsync's milliseconds (fsync_ms): a
-claim commits to SQLite, and run 81 found 20-29 ms between passes on the GPU's host against 5-10 on this CPU.
+time, the store's claim transactions (claim_ms: a pass's head, then its company, each committed with an fsync)
+and one fsync's milliseconds on the row's store's disk (fsync_ms): run 81 found 20-29 ms between passes on the
+GPU's host against 5-10 on this CPU, and whether the claims' commits explain it decides what to change.
 
 Two rates: over the whole row (the first pass's encodes and the last pass's files included, what a burst of N
 jobs sees) and in steady state, from the end of the first pass to the end of the last (what a stream that keeps
@@ -44,35 +45,38 @@ from imagesmith.storage.files import ImageFiles
 
 
 def fsync_ms(folder: Path, times: int = 20) -> float:
-    """The median milliseconds of an fsync after a 4 KiB write in `folder`: what each durable commit of the job
-    store there pays at least."""
+    """The median milliseconds of an fsync after a 4 KiB write in `folder`: what each durable commit of a job
+    store there pays at least. Microseconds kept (tmpfs answers in one)."""
     probe = folder / "fsync-probe"
     seconds: list[float] = []
-    with probe.open("wb") as file:
-        for _ in range(times):
-            file.write(b"\0" * 4096)
-            file.flush()
-            began = time.perf_counter()
-            os.fsync(file.fileno())
-            seconds.append(time.perf_counter() - began)
-    probe.unlink()
-    return round(statistics.median(seconds) * 1000, 3)
+    try:
+        with probe.open("wb") as file:
+            for _ in range(times):
+                file.write(b"\0" * 4096)
+                file.flush()
+                began = time.perf_counter()
+                os.fsync(file.fileno())
+                seconds.append(time.perf_counter() - began)
+    finally:
+        probe.unlink(missing_ok=True)
+    return round(statistics.median(seconds) * 1000, 4)
 
 
-def timed_claims(worker: Worker) -> list[tuple[float, float]]:
-    """Each of the worker's claims that took jobs from now on, as (when it began, its milliseconds); one that
-    found none only waited for work. An instance attribute over Worker._claim, on this worker only."""
+def timed_claims(store: JobStore) -> list[tuple[float, float]]:
+    """Each of the store's claim transactions that took jobs from now on, as (when it began, its milliseconds):
+    the commits alone, not the worker's wait for company. An instance attribute over JobStore.claim_where (which
+    claim() calls too), on this store only."""
     claims: list[tuple[float, float]] = []
-    original = worker._claim
+    original = store.claim_where
 
-    def timed() -> list[JobRecord]:
+    def timed(accept: Callable[[JobRecord], bool], limit: int, scan: int = 200) -> list[JobRecord]:
         began = time.perf_counter()
-        jobs = original()
+        jobs = original(accept, limit, scan)
         if jobs:
             claims.append((began, (time.perf_counter() - began) * 1000))
         return jobs
 
-    worker._claim = timed  # type: ignore[method-assign]
+    store.claim_where = timed  # type: ignore[method-assign]
     return claims
 
 
@@ -176,7 +180,7 @@ def through_queue(
             # What Engine.start does with the setting.
             engine.encode_ahead = encode_ahead_for(engine, settings)
             worker = generation_worker(engine, settings, store, data / "images")
-            claims = timed_claims(worker)
+            claims = timed_claims(store)
             fsync = fsync_ms(data)
             submit_all(warm_bodies)
             worker.start()
@@ -212,7 +216,8 @@ def through_queue(
     row["median_stage_s"] = stage_medians(job.result for job in jobs)
     row["base_s_by_pass"] = base_stage_by_pass(jobs)
     row.update(clock.row(since=started))
-    row["claim_ms"] = [round(ms, 2) for began, ms in claims if began >= started]  # after the burst was queued
+    # After the burst was queued: about two a pass (its head, then its company).
+    row["claim_ms"] = [round(ms, 2) for began, ms in claims if began >= started]
     row["fsync_ms"] = fsync
     return row
 

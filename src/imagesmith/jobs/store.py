@@ -2,8 +2,7 @@
 
 The database is also the queue: queued jobs are taken in insertion order (seq), so a restart resumes exactly
 where the last process stopped. Every state change is one short transaction, synchronous=FULL, so an accepted
-job survives kill -9 and power loss alike. The one exception is a claim (queued -> running), committed without
-its own fsync: see JobStore.claim_where. Live progress (step counts) is deliberately not written here: it
+job survives kill -9 and power loss alike. Live progress (step counts) is deliberately not written here: it
 changes many times a second and is worthless after a crash.
 """
 
@@ -228,28 +227,18 @@ class JobStore:
             self._lock.release()
 
     @contextmanager
-    def _writing(self, durable: bool = True) -> Iterator[None]:
+    def _writing(self) -> Iterator[None]:
         """The write connection in one IMMEDIATE transaction, under the write lock: committed when the block
-        ends (a return inside it included), rolled back when it raises. Not `durable`: committed with
-        synchronous=NORMAL, written to the WAL without an fsync of its own (the next durable commit's fsync
-        covers it, the WAL being appended in order); it survives the process's crash, not a power cut."""
+        ends (a return inside it included), rolled back when it raises."""
         with self._write_lock():
-            if not durable:
-                self._db.execute("PRAGMA synchronous=NORMAL")  # a pragma, not part of the transaction
+            self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    yield
-                    self._db.execute(
-                        "COMMIT"
-                    )  # inside the try: a commit that fails (a full disk) is rolled back
-                except BaseException:
-                    if self._db.in_transaction:
-                        self._db.execute("ROLLBACK")
-                    raise
-            finally:
-                if not durable:
-                    self._db.execute("PRAGMA synchronous=FULL")
+                yield
+                self._db.execute("COMMIT")  # inside the try: a commit that fails (a full disk) is rolled back
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
 
     def _one(
         self, sql: str, args: tuple[Any, ...] = (), db: sqlite3.Connection | None = None
@@ -352,16 +341,10 @@ class JobStore:
         self, accept: Callable[[JobRecord], bool], limit: int, scan: int = 200
     ) -> list[JobRecord]:
         """Claim up to `limit` queued jobs that `accept` (oldest first, looking at the `scan` oldest): how the
-        worker gathers jobs that can share a pipeline pass with the one it already holds.
-
-        A claim is committed without an fsync of its own (`_writing(durable=False)`): it sits on the GPU's path
-        between two passes, twice a pass (the head, then its company), each an fsync of its own before. It need
-        not be durable: a claim lost to a power cut leaves its jobs queued, and they run at the next start, as
-        the jobs of a claim that was kept do (recover() requeues them); a process crash keeps it (the WAL
-        holds it), so a job that crashes the process still counts its attempts."""
+        worker gathers jobs that can share a pipeline pass with the one it already holds."""
         if limit <= 0:
             return []
-        with self._writing(durable=False):
+        with self._writing():
             rows = self._claimable_rows(scan)
             ids: list[str] = []
             for row in rows:
