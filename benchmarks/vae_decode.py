@@ -15,14 +15,16 @@ decode would pay), `compiled-math` and `compiled-mathbf16` (the mid-block's atte
 over 16,384 positions, which no flash kernel takes, compiled as two matmuls and a softmax instead of the
 memory-efficient kernel: torch's math path in fp32, or with `allow_fp16_bf16_reduction_math_sdp` in bf16 with fp32
 accumulation), `compiled-routed` (the engine's form of the last: engine/decoder_attention.py's processor, matmuls
-written in the traced code for bf16 decodes up to 128x128 latents), and `compiled-fp8conv` (lossy: the decoder's
-eligible convolutions, all but its first and last, as the UNets' opt-in fp8 convolutions (engine/fp8_conv.py: e4m3
-filters and inputs, static input scales calibrated by one eager decode of other latents, cuDNN's fastest fp8 plan),
-channels-last as the engine lays fp8 UNets out; it replaces the convolutions, so it runs last). Each variant's
-image is compared with the first variant's (relative L2, and PSNR of the 8-bit pictures). Figures: median ms per
-image over `--runs` CUDA-event-timed calls and TFLOP/s from the counted FLOPs; then, per variant, one profiled
-decode's kernel time by kind (convolution, layout transpose, Triton (inductor's fused pointwise and norms),
-attention, matmul, other).
+written in the traced code for bf16 decodes up to 128x128 latents), `compiled-dynamic` and
+`compiled-routed-dynamic` (the same two after one decode of another size, so the timed 1024x1024 decode runs the
+graph with symbolic height and width that a service runs once it has seen a second size), and `compiled-fp8conv`
+(lossy: the decoder's eligible convolutions, all but its first and last, as the UNets' opt-in fp8 convolutions
+(engine/fp8_conv.py: e4m3 filters and inputs, static input scales calibrated by one eager decode of other latents,
+cuDNN's fastest fp8 plan), channels-last as the engine lays fp8 UNets out; it replaces the convolutions, so it runs
+last). Each variant's image is compared with the first variant's (relative L2, and PSNR of the 8-bit pictures).
+Figures: median ms per image over `--runs` CUDA-event-timed calls and TFLOP/s from the counted FLOPs; then, per
+variant, one profiled decode's kernel time by kind (convolution, layout transpose, Triton (inductor's fused
+pointwise and norms), attention, matmul, other).
 
     python3 benchmarks/vae_decode.py --out results.json [--variants compiled,compiled-cl]
 """
@@ -60,8 +62,11 @@ VARIANTS = (
     "compiled-math",
     "compiled-mathbf16",
     "compiled-routed",
+    "compiled-dynamic",
+    "compiled-routed-dynamic",
     "compiled-fp8conv",  # last: it swaps the decoder's convolutions for good
 )
+SECOND_SIZE = (96, 112)  # the -dynamic variants' first decode: 768x896
 DTYPE = torch.bfloat16
 DEVICE = "cuda"  # a module constant, so a CPU dry run of this script can change it
 
@@ -177,7 +182,7 @@ def variant_state(vae: Any, variant: str) -> Iterator[int]:
         layers = fp8_convolutions(vae)
         print(f"{variant}: {len(layers)} convolutions in fp8", flush=True)
     processors = {block: block.processor for block in attention_blocks(vae.decoder)}
-    if variant.endswith("-routed"):
+    if "-routed" in variant:
         print(f"{variant}: {route_decoder_attention(vae.decoder)} attention blocks routed", flush=True)
     if variant.startswith("compiled"):
         torch._dynamo.reset()
@@ -241,6 +246,12 @@ def measure_variant(vae: Any, variant: str, flops: float, runs: int) -> dict[str
             with torch.no_grad(), attention_for(variant):
                 return _decode_once(vae, latents, DTYPE, device)
 
+        if variant.endswith("-dynamic"):
+            # Another size first (both sides differ): dynamo then traces the 1024x1024 decode with its height and
+            # width symbolic, as a service's decoder runs after its second image size.
+            other = torch.randn(images, 4, SECOND_SIZE[0], SECOND_SIZE[1], device=DEVICE)
+            with torch.no_grad(), attention_for(variant):
+                _decode_once(vae, other, DTYPE, device)
         t0 = time.perf_counter()
         decode()
         torch.cuda.synchronize()
