@@ -156,3 +156,36 @@ def test_nested_pass_clocks_each_time_the_passes_and_hand_back_what_they_found()
         engine.generate_batch([2])  # the outer clock's wrapper is back
     assert "generate_batch" not in vars(engine)
     assert len(inner.row(since=began)["pass_s"]) == 1 and len(outer.row(since=began)["pass_s"]) == 2
+
+
+def test_the_queue_line_says_where_the_time_between_passes_goes() -> None:
+    from imagesmith.bench import BenchReport
+
+    report = BenchReport(
+        preset="mlperf",
+        batch=8,
+        width=64,
+        height=64,
+        steps=3,
+        plan="device=cpu",
+        levers=[],
+        load_s=1.0,
+        warmup_s=1.0,
+        first_image_after_start_s=3.0,
+        runs_s=[1.0],
+        queue={
+            "jobs": 32,
+            "wall_s": 4.2,
+            "images_per_s": 7.6,
+            "batch_sizes_seen": [8],
+            "all_succeeded": True,
+            "between_passes_ms": [20.0, 30.0, 24.0],
+            "claim_ms": [2.0, 4.0, 3.0, 5.0],
+            "fsync_ms": 1.25,
+        },
+    )
+    (line,) = [line for line in report.lines() if line.startswith("through the service's queue")]
+    assert "the worker's time between passes 24.0 ms (a claim's commit 3.5 ms; an fsync here 1.25 ms)" in line
+    report.queue = {**(report.queue or {}), "claim_ms": []}  # an older row: no claim column, no parenthesis
+    (line,) = [line for line in report.lines() if line.startswith("through the service's queue")]
+    assert line.endswith("between passes 24.0 ms, all succeeded")
