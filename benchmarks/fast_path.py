@@ -201,32 +201,30 @@ def decode_one_by_one(
 def decode_as_before(engine: Any, settings: Any) -> Any:
     """The engine's decode as before run 49, for the block: the decoder compiled in the UNets' own mode (CUDA
     graphs with reduce-overhead) and decode_one_by_one."""
-    from diffusers.models.attention_processor import Attention, AttnProcessor2_0, FusedAttnProcessor2_0
+    from diffusers.models.attention_processor import AttnProcessor2_0, FusedAttnProcessor2_0
 
     import imagesmith.engine.engine as engine_module
+    from imagesmith.engine.decoder_attention import processors_kept
     from imagesmith.engine.fast import unet_compile_options
 
     decoder = engine.models.base.vae.decoder
     # Before run 49 the decoder's attention ran in a fused kernel: diffusers' own processors, not the routed one.
-    blocks = [module for module in decoder.modules() if isinstance(module, Attention)]
-    processors = [block.processor for block in blocks]
-    for block in blocks:
-        fused = getattr(block, "fused_projections", False)
-        plain: Any = (
-            FusedAttnProcessor2_0() if fused else AttnProcessor2_0()
-        )  # diffusers types it AttnProcessor
-        block.set_processor(plain)
-    if decoder._compiled_call_impl is not None:
-        decoder._compiled_call_impl = None
-        decoder.compile(fullgraph=True, mode=unet_compile_options(settings)["mode"])
-    current = engine_module.decode_latents
-    engine_module.decode_latents = decode_one_by_one
-    try:
-        yield
-    finally:
-        for block, processor in zip(blocks, processors, strict=True):
-            block.set_processor(processor)
-        engine_module.decode_latents = current
+    with processors_kept(decoder) as blocks:
+        for block in blocks:
+            fused = getattr(block, "fused_projections", False)
+            plain: Any = (
+                FusedAttnProcessor2_0() if fused else AttnProcessor2_0()
+            )  # diffusers types it AttnProcessor
+            block.set_processor(plain)
+        if decoder._compiled_call_impl is not None:
+            decoder._compiled_call_impl = None
+            decoder.compile(fullgraph=True, mode=unet_compile_options(settings)["mode"])
+        current = engine_module.decode_latents
+        engine_module.decode_latents = decode_one_by_one
+        try:
+            yield
+        finally:
+            engine_module.decode_latents = current
 
 
 def encoder_graphs_report(engine: Any) -> dict[str, Any]:

@@ -50,7 +50,7 @@ from kernel_kinds import kind_of
 from sdxl_random import VAE_KEY, architecture
 
 from imagesmith.engine.decode import _decode_once, pixels_u8
-from imagesmith.engine.decoder_attention import route_decoder_attention
+from imagesmith.engine.decoder_attention import processors_kept, route_decoder_attention
 
 LATENT = 128  # 1024x1024 images
 VARIANTS = (
@@ -181,29 +181,21 @@ def variant_state(vae: Any, variant: str) -> Iterator[int]:
     if variant.endswith("-fp8conv"):
         layers = fp8_convolutions(vae)
         print(f"{variant}: {len(layers)} convolutions in fp8", flush=True)
-    processors = {block: block.processor for block in attention_blocks(vae.decoder)}
-    if "-routed" in variant:
-        print(f"{variant}: {route_decoder_attention(vae.decoder)} attention blocks routed", flush=True)
-    if variant.startswith("compiled"):
-        torch._dynamo.reset()
-        vae.decoder.compile(fullgraph=True)
-    reduced = torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()
-    torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(variant.endswith("-mathbf16"))
-    try:
-        yield 2 if variant.endswith("batch2") else 1
-    finally:
-        vae.decoder._compiled_call_impl = None
-        for block, processor in processors.items():
-            block.set_processor(processor)
-        torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(reduced)
-        if channels_last:
-            vae.to(memory_format=torch.contiguous_format)
-
-
-def attention_blocks(decoder: Any) -> list[Any]:
-    from diffusers.models.attention_processor import Attention
-
-    return [module for module in decoder.modules() if isinstance(module, Attention)]
+    with processors_kept(vae.decoder):
+        if "-routed" in variant:
+            print(f"{variant}: {route_decoder_attention(vae.decoder)} attention blocks routed", flush=True)
+        if variant.startswith("compiled"):
+            torch._dynamo.reset()
+            vae.decoder.compile(fullgraph=True)
+        reduced = torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()
+        torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(variant.endswith("-mathbf16"))
+        try:
+            yield 2 if variant.endswith("batch2") else 1
+        finally:
+            vae.decoder._compiled_call_impl = None
+            torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(reduced)
+            if channels_last:
+                vae.to(memory_format=torch.contiguous_format)
 
 
 def fp8_convolutions(vae: Any) -> list[Any]:

@@ -23,6 +23,7 @@ from imagesmith.engine import decoder_attention as module
 from imagesmith.engine.decoder_attention import (
     MAX_POSITIONS,
     DecoderAttentionProcessor,
+    processors_kept,
     route_decoder_attention,
     routed_blocks,
 )
@@ -245,3 +246,15 @@ def test_compiling_routes_the_decoders_attention_and_names_the_lever(
     compile_lever = next(lever for lever in levers if lever.startswith("torch.compile"))
     # In the compile lever's text, so a fall back to eager (which drops that lever) drops it too.
     assert ("attention as matmuls" in compile_lever) is asked
+
+
+def test_processors_kept_gives_each_block_its_processor_back_even_after_a_failure() -> None:
+    decoder = torch.nn.Module()
+    decoder.plain = vae_attention(fused=False)
+    decoder.fused = vae_attention(fused=True)
+    before = [decoder.plain.processor, decoder.fused.processor]
+    with pytest.raises(RuntimeError, match="boom"), processors_kept(decoder) as blocks:
+        assert blocks == [decoder.plain, decoder.fused]
+        assert route_decoder_attention(decoder) == 2 and routed_blocks(decoder) == 2
+        raise RuntimeError("boom")
+    assert [decoder.plain.processor, decoder.fused.processor] == before and routed_blocks(decoder) == 0

@@ -30,6 +30,8 @@ inductor's caches tell them apart by themselves.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -131,3 +133,17 @@ def routed_blocks(decoder: Any) -> int:
     return sum(
         isinstance(getattr(m, "processor", None), DecoderAttentionProcessor) for m in decoder.modules()
     )
+
+
+@contextmanager
+def processors_kept(decoder: Any) -> Iterator[list[Any]]:
+    """The decoder's attention blocks, each given back on exit the processor it had on entry: for the
+    benchmarks that route them, or put diffusers' own back, for a while."""
+    from diffusers.models.attention_processor import Attention
+
+    kept = {module: module.processor for module in decoder.modules() if isinstance(module, Attention)}
+    try:
+        yield list(kept)
+    finally:
+        for block, processor in kept.items():
+            block.set_processor(processor)

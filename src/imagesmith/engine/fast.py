@@ -88,7 +88,7 @@ def decoder_math_attention_wanted(settings: Settings, plan: HardwarePlan) -> boo
     off, only with the decoder compiled, and only for a plan that decodes in bf16 (where it was measured; an fp16
     or fp32 decode would take the kernel anyway, and health would name a lever not in force). The size bound,
     and the fp32 retry of a NaN decode, are decided inside the traced code, so the decoder keeps dynamo's usual
-    graphs (one per side of the size bound at most)."""
+    graphs: a few, whatever the sizes served, not one per size."""
     compiled = settings.compile is not CompileChoice.OFF
     return compiled and bool(settings.decoder_math_attention) and plan.vae_dtype is torch.bfloat16
 
