@@ -13,6 +13,9 @@ whole compile (both UNets, the decoder, every batch graph) left no room in a dev
   convolutions stay with cuDNN (`max_autotune_conv_backends=ATEN`): Triton's convolution templates took most of
   run 17's unfinished 420 s of autotuning, and cuDNN's convolutions are not where the time is.
 
+`ro+anysize` is the graph a service's UNet ran after its second image size, until engine/size_routing.py: the
+same options, the latents' height and width symbolic. Its cost per call says what the routing saves.
+
 `ro+regions` is the engine's IMAGESMITH_COMPILE_REGIONS (engine/compile_regions.py): the same options, each kind
 of transformer block compiled once. It is here for its price per call (fusion lost at block boundaries) and, with
 `--first ro+regions --fresh-cache`, its cold compile against the peer's cold compile in another run.
@@ -71,6 +74,10 @@ PEER = "ro"
 # engine/compile_regions.py): the same options, a different graph to compile.
 VARIANTS["ro+regions"] = CUDA_GRAPHS
 REGION_VARIANTS = {"ro+regions"}
+# Variants whose graph has the latents' height and width symbolic: the graph dynamo makes at a second image size,
+# which served every size, the warmed-up one included, before engine/size_routing.py kept those static.
+VARIANTS["ro+anysize"] = CUDA_GRAPHS
+ANY_SIZE_VARIANTS = {"ro+anysize"}
 
 
 def build_unet(which: str, size: str, device: str, dtype: torch.dtype) -> Any:
@@ -86,11 +93,17 @@ def build_unet(which: str, size: str, device: str, dtype: torch.dtype) -> Any:
     return unet
 
 
-def compiled_call(unet: Any, options: dict[str, Any], inputs: dict[str, Any]) -> Callable[[], torch.Tensor]:
-    """One UNet call through its own torch.compile (fullgraph, static shapes, as the engine's one-image graph)."""
-    compiled = torch.compile(unet, fullgraph=True, dynamic=False, options=options)
+def compiled_call(
+    unet: Any, options: dict[str, Any], inputs: dict[str, Any], any_size: bool = False
+) -> Callable[[], torch.Tensor]:
+    """One UNet call through its own torch.compile: fullgraph, static shapes, as the engine's one-image graph
+    at a warmed-up size; `any_size`: the latents' height and width marked dynamic (the graph for other sizes)."""
+    compiled = torch.compile(unet, fullgraph=True, dynamic=None if any_size else False, options=options)
 
     def call() -> torch.Tensor:
+        if any_size:
+            for dim in (2, 3):
+                torch._dynamo.maybe_mark_dynamic(inputs["sample"], dim)
         # A new "step" for the CUDA-graph trees: the previous replay's output may be overwritten.
         torch.compiler.cudagraph_mark_step_begin()
         with torch.no_grad():
@@ -212,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         variant_unet = unet if name == PEER else build_unet(args.unet, size, device, dtype)
         if name in REGION_VARIANTS:
             compile_transformer_blocks_once(variant_unet)
-        call = compiled_call(variant_unet, VARIANTS[name], inputs)
+        call = compiled_call(variant_unet, VARIANTS[name], inputs, any_size=name in ANY_SIZE_VARIANTS)
         began = time.perf_counter()
         call()  # dynamo traces, inductor compiles (and autotunes), the CUDA-graph trees warm up
         if cuda:

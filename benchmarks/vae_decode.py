@@ -17,7 +17,9 @@ memory-efficient kernel: torch's math path in fp32, or with `allow_fp16_bf16_red
 accumulation), `compiled-routed` (the engine's form of the last: engine/decoder_attention.py's processor, matmuls
 written in the traced code for bf16 decodes up to 128x128 latents), `compiled-dynamic` and
 `compiled-routed-dynamic` (the same two after one decode of another size, so the timed 1024x1024 decode runs the
-graph with symbolic height and width that a service runs once it has seen a second size), and `compiled-fp8conv`
+graph with symbolic height and width that a service ran once it had seen a second size), `compiled-routed-sized`
+(the engine's decoder now: the last with engine/size_routing.py's routing, 1024x1024 warmed up, so after the other
+size the timed decode runs its static graph), and `compiled-fp8conv`
 (lossy: the decoder's eligible convolutions, all but its first and last, as the UNets' opt-in fp8 convolutions
 (engine/fp8_conv.py: e4m3 filters and inputs, static input scales calibrated by one eager decode of other latents,
 cuDNN's fastest fp8 plan), channels-last as the engine lays fp8 UNets out; it replaces the convolutions, so it runs
@@ -51,6 +53,7 @@ from sdxl_random import VAE_KEY, architecture
 
 from imagesmith.engine.decode import _decode_once, pixels_u8
 from imagesmith.engine.decoder_attention import processors_kept, route_decoder_attention
+from imagesmith.engine.size_routing import SizeRoutedCall
 
 LATENT = 128  # 1024x1024 images
 VARIANTS = (
@@ -64,6 +67,7 @@ VARIANTS = (
     "compiled-routed",
     "compiled-dynamic",
     "compiled-routed-dynamic",
+    "compiled-routed-sized",
     "compiled-fp8conv",  # last: it swaps the decoder's convolutions for good
 )
 SECOND_SIZE = (96, 112)  # the -dynamic variants' first decode: 768x896
@@ -186,7 +190,12 @@ def variant_state(vae: Any, variant: str) -> Iterator[int]:
             print(f"{variant}: {route_decoder_attention(vae.decoder)} attention blocks routed", flush=True)
         if variant.startswith("compiled"):
             torch._dynamo.reset()
-            vae.decoder.compile(fullgraph=True)
+            if "-sized" in variant:  # as engine/fast.py compiles it, after a warm-up at 1024x1024
+                routed = SizeRoutedCall(vae.decoder._call_impl, {"fullgraph": True})
+                routed.keep_static((LATENT, LATENT))
+                vae.decoder._compiled_call_impl = routed
+            else:
+                vae.decoder.compile(fullgraph=True)
         reduced = torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()
         torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(variant.endswith("-mathbf16"))
         try:
@@ -238,9 +247,10 @@ def measure_variant(vae: Any, variant: str, flops: float, runs: int) -> dict[str
             with torch.no_grad(), attention_for(variant):
                 return _decode_once(vae, latents, DTYPE, device)
 
-        if variant.endswith("-dynamic"):
+        if variant.endswith(("-dynamic", "-sized")):
             # Another size first (both sides differ): dynamo then traces the 1024x1024 decode with its height and
-            # width symbolic, as a service's decoder runs after its second image size.
+            # width symbolic, as a service's decoder ran after its second image size; routed by size, the
+            # 1024x1024 decode keeps its static graph.
             other = torch.randn(images, 4, SECOND_SIZE[0], SECOND_SIZE[1], device=DEVICE)
             with torch.no_grad(), attention_for(variant):
                 _decode_once(vae, other, DTYPE, device)

@@ -228,8 +228,6 @@ def test_compiling_routes_the_decoders_attention_and_names_the_lever(
 ) -> None:
     engine = Engine.start(tiny_settings)
     decoder = engine.models.base.vae.decoder
-    options: dict[str, Any] = {}
-    monkeypatch.setattr(type(decoder), "compile", lambda self, **kwargs: options.update(kwargs))
     monkeypatch.setattr(fast, "use_persistent_compile_cache", lambda cache: cache)  # no process-wide cache
     # fuse_qkv off: the levers are applied twice below, and the fusion only once.
     settings = tiny_settings.with_changes(
@@ -240,9 +238,15 @@ def test_compiling_routes_the_decoders_attention_and_names_the_lever(
     assert not any("attention as matmuls" in lever for lever in fp32_levers)
     # A GPU's plan, whose VAE decodes in bf16.
     bf16_plan = dataclasses.replace(engine.plan, vae_dtype_name="bf16")
-    levers = apply_speed_levers(engine.models.base, engine.models.refiner, bf16_plan, settings)
+    try:
+        levers = apply_speed_levers(engine.models.base, engine.models.refiner, bf16_plan, settings)
+        options = decoder._compiled_call_impl.options
+    finally:
+        for module in fast.compiled_modules(engine):
+            module._compiled_call_impl = None
     assert routed_blocks(decoder) == (1 if asked else 0)  # the tiny VAE's one mid-block attention
-    assert "dynamic" not in options  # dynamo's own graphs: the bound is guarded in the traced code
+    # No `dynamic` option: the size routing marks the sides, and the bound is guarded in the traced code.
+    assert options == {"fullgraph": True, "mode": None}
     compile_lever = next(lever for lever in levers if lever.startswith("torch.compile"))
     # In the compile lever's text, so a fall back to eager (which drops that lever) drops it too.
     assert ("attention as matmuls" in compile_lever) is asked

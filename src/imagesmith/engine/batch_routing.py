@@ -7,6 +7,9 @@ service's base stage took 1.12-1.18 s per image after its batch-8 warm-up agains
 a static graph (run 29 in docs/benchmarks.md). Routing by rows keeps each graph for the passes it was made
 for, with as many compiles as before: the one-image graph is the first one dynamo would make anyway, and the
 batched graph the recompile it would make at the first batch.
+
+Each of the two also routes by image size (engine/size_routing.py): a warmed-up size keeps static graphs, any
+other size runs on graphs dynamic in height and width.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from imagesmith.engine.size_routing import LatentSize, SizeRoutedCall
 
 # Rows of one image's UNet pass: two with classifier-free guidance (the negative and the positive prompt).
 ONE_IMAGE_ROWS = 2
@@ -26,20 +31,27 @@ class BatchRoutedCall:
     A pass of at most ONE_IMAGE_ROWS rows goes to `single` (its batch dimension marked static); a larger one
     goes to `batched`, with the batch dimension of its inputs marked dynamic before the first compile, so it
     compiles once for every batch size instead of once for the first and again for the second. Both wrap the
-    same module: the weights are shared, only the graphs differ.
+    same module: the weights are shared, only the graphs differ. Each routes by image size as well, with one set
+    of warmed-up sizes for both.
     """
 
     def __init__(self, call_impl: Callable[..., Any], options: dict[str, Any]) -> None:
-        self.single = torch.compile(call_impl, **options)
-        self.batched = torch.compile(call_impl, **options)
+        warmed: set[LatentSize] = set()
+        self.single: Callable[..., Any] = SizeRoutedCall(call_impl, options, warmed)
+        self.batched: Callable[..., Any] = SizeRoutedCall(call_impl, options, warmed)
+        self.warmed = warmed
+
+    def keep_static(self, size: LatentSize) -> None:
+        """From now on passes at this latent size run on graphs static in height and width."""
+        self.warmed.add(size)
 
     def __call__(self, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         _mark_model_sizes_static(kwargs)
         if sample.shape[0] <= ONE_IMAGE_ROWS:
             # Static in the batch only. Dynamo's record of sizes seen is per code object, shared by both
             # graphs: after a batched pass it would compile this one dynamic in the batch too. Not
-            # dynamic=False: then every image size would be a graph of its own (a second size makes height and
-            # width dynamic instead), and the base and refiner share dynamo's limit of graphs per code object.
+            # dynamic=False: then every image size would be a graph of its own (the size routing keeps that for
+            # the warmed-up sizes), and the base and refiner share dynamo's limit of graphs per code object.
             for tensor in _batched_inputs(sample, kwargs):
                 torch._dynamo.mark_static(tensor, 0)
             return self.single(sample, *args, **kwargs)

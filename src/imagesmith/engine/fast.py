@@ -38,6 +38,7 @@ from imagesmith.engine.fp8_geglu import fuse_geglu_feed_forwards
 from imagesmith.engine.hardware import HardwarePlan
 from imagesmith.engine.models import unets_of
 from imagesmith.engine.progress import CancelToken, GenerationCanceled, ProgressEvent
+from imagesmith.engine.size_routing import SizeRoutedCall, latent_size_of_image
 from imagesmith.preview import PreviewCopy
 
 log = logging.getLogger(__name__)
@@ -207,14 +208,18 @@ def apply_speed_levers(base: Any, refiner: Any | None, plan: HardwarePlan, setti
                 if decoder_math_attention_wanted(settings, plan)
                 else 0
             )
-            # The decoder is not marked dynamic: the engine decodes one image at a time at any batch size.
-            base.vae.decoder.compile(fullgraph=True, mode=decoder_compile_mode(settings))
+            # Not dynamic in the batch: the engine decodes one image at a time at any batch size. Routed by image
+            # size: a warmed-up size keeps its static graph (engine/size_routing.py says why).
+            decoder = base.vae.decoder
+            decoder._compiled_call_impl = SizeRoutedCall(
+                decoder._call_impl, {"fullgraph": True, "mode": decoder_compile_mode(settings)}
+            )
             dynamic = ", dynamic shapes" if options["dynamic"] else ""
-            decoder = " (its attention as matmuls up to 1024x1024 in bf16)" if routed else ""
+            attention = " (its attention as matmuls up to 1024x1024 in bf16)" if routed else ""
             # One lever: serving eager after a failed compile (serve_eager_from_now) drops the regions, and the
             # decoder's matmul attention, with it.
             applied.append(
-                f"torch.compile(mode={settings.compile.value}{dynamic}{regions}) UNets + VAE decoder{decoder}"
+                f"torch.compile(mode={settings.compile.value}{dynamic}{regions}) UNets + VAE decoder{attention}"
             )
     elif settings.compile_regions:
         log.warning("compile_regions skipped: it shapes what torch.compile compiles, and compile is off")
@@ -372,6 +377,7 @@ def warm_up(
     """
     began = time.perf_counter()
     report = on_progress or (lambda _: None)
+    keep_sizes_static(engine, sizes)
     # One preview, as the worker makes them: a request's first preview would otherwise pay one-time costs on the
     # GPU thread in the middle of its pass (the colour map's upload, its eager kernels' first load, pinned host
     # memory, Pillow's JPEG encoder). The first request's base stage ran 70-90 ms slower than later ones (runs
@@ -419,6 +425,18 @@ def warm_up(
                 _warm_up_pass(engine, width, height, batch, stop=stop)
         log.info("warm-up: CUDA graphs recorded at %.1fs", time.perf_counter() - began)
     return time.perf_counter() - began
+
+
+def keep_sizes_static(engine: Any, sizes: list[tuple[int, int]]) -> None:
+    """Tell the engine's size-routed compiled calls (engine/size_routing.py) which image sizes (width, height)
+    are warmed up: those keep static graphs, every other size shares one graph dynamic in height and width."""
+    scale_factor = engine.models.base.vae_scale_factor
+    for module in compiled_modules(engine):
+        keep_static = getattr(module._compiled_call_impl, "keep_static", None)
+        if keep_static is None:  # Module.compile's own call (IMAGESMITH_COMPILE_DYNAMIC's UNets)
+            continue
+        for width, height in sizes:
+            keep_static(latent_size_of_image(width, height, scale_factor))
 
 
 def records_cuda_graphs(settings: Settings, levers: list[str]) -> bool:

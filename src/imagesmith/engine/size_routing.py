@@ -1,0 +1,74 @@
+"""A compiled call with a static graph for each warmed-up image size and one graph for every other size.
+
+Why: dynamo remembers per code object which input sizes changed between calls. At the second image size it
+compiles a graph with symbolic height and width, and from then on serves every call from that newest graph, the
+warmed-up size included. Such a graph is slower. Inductor leaves the channels-last layout out of graphs whose
+convolutions have symbolic shapes, so the graph pays transposes around them. The VAE decoder's 1024x1024 decode
+took 47.3 ms on that graph against 35.5 ms on its static one, with 7.1 ms of layout transposes (run 82 in
+docs/benchmarks.md, an H100). A service that served one 1216x832 image would have decoded every later
+1024x1024 image on it.
+
+Routing by size keeps each warmed-up size on a graph compiled for it: the warm-up says which sizes those are
+(`keep_static`, from engine/fast.py's warm_up). Any other size goes to one graph marked dynamic in height and
+width before its first compile. That is one compile on the first request of such a size, as dynamo's own second
+graph would have been, and none for each size after it. The static graphs add one compile per warmed-up size
+beyond the first, where dynamo would have made the one dynamic graph: the price of never serving a warmed-up
+size from a generic graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+LatentSize = tuple[int, int]  # (height, width) of the latents, the image's sides over the VAE's scale factor
+HEIGHT_DIM, WIDTH_DIM = -2, -1  # of an NCHW sample
+
+
+class SizeRoutedCall:
+    """What `Module.compile` would install as `_compiled_call_impl`, with a graph per kind of image size.
+
+    A sample whose latent height and width were warmed up (`keep_static`) goes to `static`, its height and width
+    marked static, so each such size keeps a graph of its own. Any other goes to `any_size`, its height and width
+    marked dynamic before the first compile. Both wrap the same module: the weights are shared, only the graphs
+    differ. `warmed` may be shared with other routed calls (engine/batch_routing.py shares one between its two).
+    """
+
+    def __init__(
+        self, call_impl: Callable[..., Any], options: dict[str, Any], warmed: set[LatentSize] | None = None
+    ) -> None:
+        self.options = dict(options)  # torch.compile's arguments, for the start-up's checks and tests
+        self.static = torch.compile(call_impl, **options)
+        self.any_size = torch.compile(call_impl, **options)
+        self.warmed: set[LatentSize] = warmed if warmed is not None else set()
+
+    def keep_static(self, size: LatentSize) -> None:
+        """From now on samples of this latent size run on a static graph of their own."""
+        self.warmed.add(size)
+
+    def __call__(self, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return self.compiled_for(sample)(sample, *args, **kwargs)
+
+    def compiled_for(self, sample: torch.Tensor) -> Callable[..., Any]:
+        """The compiled function for this sample, with its height and width marked for it."""
+        dims = (sample.dim() + HEIGHT_DIM, sample.dim() + WIDTH_DIM)
+        if latent_size(sample) in self.warmed:
+            for dim in dims:
+                torch._dynamo.mark_static(sample, dim)
+            return self.static
+        for dim in dims:
+            # "maybe": a mark, not a constraint; where the model specialises a side (the decoder's attention
+            # bound, a square first size) dynamo adds a guard or recompiles instead of raising.
+            torch._dynamo.maybe_mark_dynamic(sample, dim)
+        return self.any_size
+
+
+def latent_size(sample: torch.Tensor) -> LatentSize:
+    return int(sample.shape[HEIGHT_DIM]), int(sample.shape[WIDTH_DIM])
+
+
+def latent_size_of_image(width: int, height: int, scale_factor: int) -> LatentSize:
+    """The latents' (height, width) for an image, as diffusers' SDXL pipelines make them."""
+    return height // scale_factor, width // scale_factor
