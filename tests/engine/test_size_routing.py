@@ -80,3 +80,26 @@ def test_each_warmed_up_size_gets_a_static_graph_of_its_own() -> None:
 
 def test_the_latents_of_an_image_size() -> None:
     assert latent_size_of_image(1216, 832, 8) == (104, 152)  # (height, width), as the pipelines make them
+
+
+def test_each_route_keeps_its_graphs_on_a_code_object_of_its_own() -> None:
+    """Torch 2.11 (the GPU machine's) does not guard on static marks: with one code object for both routes, a
+    warmed-up size ran the dynamic graph compiled for another size (run 83). Apart, the static entry holds
+    only static graphs, whatever torch's guards are."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    module = TwoConvolutions().eval()
+    routed, compiled, _ = routed_with_recording(module)
+    routed.keep_static((8, 8))
+    assert routed.static_entry.__code__ is not routed.any_size_entry.__code__
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            for height, width in [(6, 10), (12, 6), (8, 8)]:  # another size first, as in run 83
+                routed(torch.randn(1, 4, height, width))
+        static_graphs = len(_debug_get_cache_entry_list(routed.static_entry))
+        any_size_graphs = len(_debug_get_cache_entry_list(routed.any_size_entry))
+    finally:
+        torch._dynamo.reset()
+    assert (static_graphs, any_size_graphs) == (1, 1)
+    assert compiled == [True, False]

@@ -37,8 +37,9 @@ class BatchRoutedCall:
 
     def __init__(self, call_impl: Callable[..., Any], options: dict[str, Any]) -> None:
         warmed: set[LatentSize] = set()
-        self.single: Callable[..., Any] = SizeRoutedCall(call_impl, options, warmed)
-        self.batched: Callable[..., Any] = SizeRoutedCall(call_impl, options, warmed)
+        # Each with code objects of its own (engine/size_routing.py), so neither runs the other's graphs.
+        self.single: Callable[..., Any] = SizeRoutedCall(call_impl, options, warmed, "one_image")
+        self.batched: Callable[..., Any] = SizeRoutedCall(call_impl, options, warmed, "batched")
         self.warmed = warmed
 
     def keep_static(self, size: LatentSize) -> None:

@@ -212,7 +212,9 @@ def apply_speed_levers(base: Any, refiner: Any | None, plan: HardwarePlan, setti
             # size: a warmed-up size keeps its static graph (engine/size_routing.py says why).
             decoder = base.vae.decoder
             decoder._compiled_call_impl = SizeRoutedCall(
-                decoder._call_impl, {"fullgraph": True, "mode": decoder_compile_mode(settings)}
+                decoder._call_impl,
+                {"fullgraph": True, "mode": decoder_compile_mode(settings)},
+                label="decode",
             )
             dynamic = ", dynamic shapes" if options["dynamic"] else ""
             attention = " (its attention as matmuls up to 1024x1024 in bf16)" if routed else ""

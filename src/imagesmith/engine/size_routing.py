@@ -8,6 +8,12 @@ took 47.3 ms on that graph against 35.5 ms on its static one, with 7.1 ms of lay
 docs/benchmarks.md, an H100). A service that served one 1216x832 image would have decoded every later
 1024x1024 image on it.
 
+Each route's graphs hang on a code object of its own (`entry_of_its_own`). Dynamo keeps its compiled graphs, its
+record of sizes seen and its limit of graphs per code object, so with the module's `forward` as every route's
+first frame, a call marked static could still run a graph compiled dynamic for another route: torch 2.11 does not
+guard on static marks (2.13 does). Run 83 saw it: the decoder's routed 1024x1024 decode ran the other size's
+dynamic graph, at 44.7 ms, and compiled nothing.
+
 Routing by size keeps each warmed-up size on a graph compiled for it: the warm-up says which sizes those are
 (`keep_static`, from engine/fast.py's warm_up). Any other size goes to one graph marked dynamic in height and
 width before its first compile. That is one compile on the first request of such a size, as dynamo's own second
@@ -18,6 +24,7 @@ size from a generic graph.
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -37,11 +44,17 @@ class SizeRoutedCall:
     """
 
     def __init__(
-        self, call_impl: Callable[..., Any], options: dict[str, Any], warmed: set[LatentSize] | None = None
+        self,
+        call_impl: Callable[..., Any],
+        options: dict[str, Any],
+        warmed: set[LatentSize] | None = None,
+        label: str = "graph",
     ) -> None:
         self.options = dict(options)  # torch.compile's arguments, for the start-up's checks and tests
-        self.static = torch.compile(call_impl, **options)
-        self.any_size = torch.compile(call_impl, **options)
+        self.static_entry = entry_of_its_own(call_impl, f"{label}_at_a_warmed_up_size")
+        self.any_size_entry = entry_of_its_own(call_impl, f"{label}_at_any_other_size")
+        self.static = torch.compile(self.static_entry, **options)
+        self.any_size = torch.compile(self.any_size_entry, **options)
         self.warmed: set[LatentSize] = warmed if warmed is not None else set()
 
     def keep_static(self, size: LatentSize) -> None:
@@ -63,6 +76,17 @@ class SizeRoutedCall:
             # bound, a square first size) dynamo adds a guard or recompiles instead of raising.
             torch._dynamo.maybe_mark_dynamic(sample, dim)
         return self.any_size
+
+
+def entry_of_its_own(call_impl: Callable[..., Any], name: str) -> Callable[..., Any]:
+    """A function that calls `call_impl`, with a new code object named `name`: dynamo compiles it as the first
+    frame and keeps the graphs it makes there, apart from every other entry's (the module docstring says why)."""
+
+    def entry(*args: Any, **kwargs: Any) -> Any:
+        return call_impl(*args, **kwargs)
+
+    code = entry.__code__.replace(co_name=name, co_qualname=name)
+    return types.FunctionType(code, entry.__globals__, name, None, entry.__closure__)
 
 
 def latent_size(sample: torch.Tensor) -> LatentSize:
