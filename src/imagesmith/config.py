@@ -313,6 +313,12 @@ class Settings(BaseSettings):
     )
     warmup: bool = Field(True, description="Warm up (and compile) at start-up, before serving.")
     warmup_sizes: str = Field("1024x1024", description="Comma-separated WxH shapes to warm up.")
+    warmup_any_size: bool = Field(
+        False,
+        description="With compile, also warm up one size outside IMAGESMITH_WARMUP_SIZES: that compiles the graphs "
+        "every other size shares, so no request compiles (except guidance_scale <= 1). Lengthens the first "
+        "start by those compiles.",
+    )
 
     # Pexels stock photos (sources/stock.py). Without a key the stock source reports itself unconfigured.
     pexels_api_key: SecretStr | None = Field(

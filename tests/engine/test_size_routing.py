@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import torch
 
 from imagesmith.engine.size_routing import SizeRoutedCall, latent_size_of_image
@@ -103,3 +104,96 @@ def test_each_route_keeps_its_graphs_on_a_code_object_of_its_own() -> None:
         torch._dynamo.reset()
     assert (static_graphs, any_size_graphs) == (1, 1)
     assert compiled == [True, False]
+
+
+def test_the_size_outside_the_warm_up_sizes_is_close_oblong_and_new() -> None:
+    from imagesmith.engine.fast import size_outside
+
+    assert size_outside([(1024, 1024)]) == (1024, 960)  # 120x128 latents: below the decoder's attention bound
+    assert size_outside([(1024, 1024), (1024, 960)]) == (1024, 896)
+    assert size_outside([(64, 64)]) == (64, 128)  # the smallest side: larger instead
+    assert size_outside([(960, 1024)]) == (960, 896)  # not square
+    assert size_outside([(1000, 1000)]) == (1000, 960)  # a multiple of 64 px (latents that divide by 4)
+
+
+def test_warming_up_any_size_leaves_no_compile_for_requests_at_new_sizes(tiny_settings: Any) -> None:
+    """IMAGESMITH_WARMUP_ANY_SIZE: after the warm-up, one-image and batched requests at sizes it never ran
+    compile nothing (with guidance; a pass of one row per image is a shape of its own)."""
+    from imagesmith.engine import Engine
+    from imagesmith.engine.batch_routing import BatchRoutedCall
+    from imagesmith.engine.engine import BatchItem
+    from imagesmith.engine.fast import warm_up
+    from imagesmith.schemas import GenerationRequest
+
+    engine = Engine.start(tiny_settings.with_changes(fuse_qkv=False))
+    graphs: list[bool] = []
+
+    def counting(graph: Any, example_inputs: list[Any]) -> Any:
+        graphs.append(True)
+        return graph.forward
+
+    options = {"fullgraph": True, "dynamic": None, "backend": counting}
+    unets = [engine.models.base.unet, engine.models.refiner.unet]
+    decoder = engine.models.base.vae.decoder
+    heard: list[str] = []
+    torch._dynamo.reset()
+    try:
+        for unet in unets:
+            unet._compiled_call_impl = BatchRoutedCall(unet._call_impl, options)
+        decoder._compiled_call_impl = SizeRoutedCall(decoder._call_impl, options)
+        warm_up(engine, [(64, 64)], [1, 4], heard.append, any_size=True)
+        after_warm_up = len(graphs)
+        # Sizes the warm-up did not run (64x128 it ran, for the other sizes), in multiples of 32 px (latents whose
+        # sides divide by 4, or the UNet's upsampling takes another branch: a graph of their own). Each under
+        # 160 latent positions, past which torch's CPU convolution guards a size of its own in the tiny decoder.
+        for sizes in [[(128, 64)], [(64, 96)], [(96, 96)], [(96, 64), (96, 64)]]:
+            items = [
+                BatchItem(
+                    GenerationRequest(
+                        prompt="a lighthouse", width=width, height=height, num_inference_steps=4, seed=1
+                    ),
+                    None,
+                )
+                for width, height in sizes
+            ]
+            for outcome in engine.generate_batch(items):
+                assert not isinstance(outcome, BaseException)
+    finally:
+        for module in [*unets, decoder]:
+            module._compiled_call_impl = None
+        torch._dynamo.reset()
+    assert len(graphs) == after_warm_up
+    assert not any("eager instead" in lever for lever in engine.levers)
+    assert any("64x128" in line and "every other size" in line for line in heard)
+
+
+@pytest.mark.parametrize("asked", [True, False])
+def test_the_service_warms_up_any_size_when_the_setting_asks(
+    tiny_settings: Any, tiny_engine: Any, asked: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from imagesmith.engine import fast
+    from imagesmith.sources.base import SourceState
+    from imagesmith.sources.generate import GenerateSource
+
+    heard: dict[str, Any] = {}
+
+    def warm_up(
+        engine: Any, sizes: list[tuple[int, int]], batches: list[int], *args: Any, **kwargs: Any
+    ) -> float:
+        heard.update(sizes=sizes, **kwargs)
+        return 0.0
+
+    monkeypatch.setattr(fast, "warm_up_or_fall_back_to_eager", warm_up)
+    settings = tiny_settings.with_changes(warmup_sizes="64x64", warmup_any_size=asked)
+    source = GenerateSource(settings, factory=lambda _: tiny_engine)
+    source.start_loading().join(30)
+    assert source.status().state is SourceState.READY
+    assert heard == {"sizes": [(64, 64)], "any_size": asked}
+
+
+def test_without_compiled_graphs_there_is_nothing_to_warm_up_for_other_sizes(tiny_engine: Any) -> None:
+    from imagesmith.engine.fast import warm_up
+
+    heard: list[str] = []
+    warm_up(tiny_engine, [(64, 64)], [1], heard.append, any_size=True)  # the CPU's eager engine
+    assert heard and all("warm-up 1 of 1 (64x64, batch 1)" in line for line in heard)

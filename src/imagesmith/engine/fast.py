@@ -40,6 +40,7 @@ from imagesmith.engine.models import unets_of
 from imagesmith.engine.progress import CancelToken, GenerationCanceled, ProgressEvent
 from imagesmith.engine.size_routing import SizeRoutedCall, latent_size_of_image
 from imagesmith.preview import PreviewCopy
+from imagesmith.schemas import MAX_SIDE, MIN_SIDE
 
 log = logging.getLogger(__name__)
 
@@ -309,13 +310,14 @@ def warm_up_or_fall_back_to_eager(
     batch_sizes: list[int],
     on_progress: Callable[[str], None] | None = None,
     stop: CancelToken | None = None,
+    any_size: bool = False,
 ) -> float:
     """Warm up; if compilation fails (an unsupported card, a torch bug), serve eager rather than not at all.
 
     The failure is logged and listed in the engine's levers, which health reports. A stop (GenerationCanceled)
-    is not a failure: it goes to the caller."""
+    is not a failure: it goes to the caller. `any_size`: as warm_up's."""
     try:
-        return warm_up(engine, sizes, batch_sizes, on_progress, stop)
+        return warm_up(engine, sizes, batch_sizes, on_progress, stop, any_size)
     except GenerationCanceled:
         raise
     except Exception as error:
@@ -369,25 +371,35 @@ def warm_up(
     batch_sizes: list[int],
     on_progress: Callable[[str], None] | None = None,
     stop: CancelToken | None = None,
+    any_size: bool = False,
 ) -> float:
     """One small generation per (size, batch) so compilation and autotuning happen now, not on a request.
 
     Every stage runs: the ensemble reaches base and refiner, decode reaches the VAE. Returns seconds taken.
     `on_progress` hears where it is (a cold compile takes minutes; health shows it): which warm-up of how
     many, its shape, and the last step done. `stop` ends it early (a server told to stop while it starts):
-    the pass running stops within a step, and GenerationCanceled is raised.
+    the pass running stops within a step, and GenerationCanceled is raised. `any_size`: also one pass per batch
+    size at a size outside `sizes`, which compiles the graphs every such size shares (engine/size_routing.py).
     """
     began = time.perf_counter()
     report = on_progress or (lambda _: None)
     keep_sizes_static(engine, sizes)
+    if any_size and sizes and compiled_modules(engine):
+        other = size_outside(sizes)
+        # After the warmed-up sizes: a warm-up that fails here has still compiled the graphs most requests use.
+        sizes_and_other = [*sizes, other]
+    else:
+        sizes_and_other = list(sizes)
     # One preview, as the worker makes them: a request's first preview would otherwise pay one-time costs on the
     # GPU thread in the middle of its pass (the colour map's upload, its eager kernels' first load, pinned host
     # memory, Pillow's JPEG encoder). The first request's base stage ran 70-90 ms slower than later ones (runs
     # 34 and 36 in docs/benchmarks.md), and the warm-up made no preview.
     previews: list[PreviewCopy] = []
-    shapes = [(width, height, batch) for width, height in sizes for batch in batch_sizes]
+    shapes = [(width, height, batch) for width, height in sizes_and_other for batch in batch_sizes]
     for number, (width, height, batch) in enumerate(shapes, start=1):
         where = f"warm-up {number} of {len(shapes)} ({width}x{height}, batch {batch})"
+        if (width, height) not in sizes:
+            where += ", the graphs for every other size"
         report(f"{where}: starting")
 
         def heard(event: ProgressEvent, where: str = where) -> None:
@@ -427,6 +439,25 @@ def warm_up(
                 _warm_up_pass(engine, width, height, batch, stop=stop)
         log.info("warm-up: CUDA graphs recorded at %.1fs", time.perf_counter() - began)
     return time.perf_counter() - began
+
+
+def size_outside(sizes: list[tuple[int, int]]) -> tuple[int, int]:
+    """An image size (width, height) not in `sizes`, for compiling the graphs shared by every other size: the
+    first size's width, and the nearest height below it (else above) that is a multiple of 64 px and differs
+    from the width.
+    - Close to a warmed-up size, so its pass costs about the same, and below the decoder's attention bound when
+      that size is (engine/decoder_attention.py), where most requests fall.
+    - A multiple of 64 px: the UNet's upsampling checks whether the latents' sides divide by 4 (pixels by 32),
+      so a first size that did not would leave a graph that the usual sizes do not fit.
+    - Not square: dynamo would give height and width one symbol, and recompile at the first oblong size."""
+    width, height = sizes[0]
+    nearest = max(MIN_SIDE, height - height % 64)
+    below = range(nearest, MIN_SIDE - 1, -64)
+    above = range(nearest + 64, MAX_SIDE + 1, 64)
+    for candidate in [*below, *above]:
+        if candidate != width and (width, candidate) not in sizes:
+            return width, candidate
+    raise ValueError(f"no image size of width {width} outside the warm-up sizes {sizes}")
 
 
 def keep_sizes_static(engine: Any, sizes: list[tuple[int, int]]) -> None:

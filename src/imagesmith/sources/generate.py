@@ -68,7 +68,12 @@ class GenerateSource:
                 sizes = self._settings.warmup_size_list()
                 self._set_phase("warming up")
                 took = warm_up_or_fall_back_to_eager(
-                    engine, sizes, warm_up_batches(self._settings), self._set_phase, self._stop_loading
+                    engine,
+                    sizes,
+                    warm_up_batches(self._settings),
+                    self._set_phase,
+                    self._stop_loading,
+                    any_size=self._settings.warmup_any_size,
                 )
                 log.info("warm-up done in %.1fs", took)
             ready = time.monotonic()
