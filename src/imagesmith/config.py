@@ -317,7 +317,8 @@ class Settings(BaseSettings):
         False,
         description="With compile, also warm up one size outside IMAGESMITH_WARMUP_SIZES: that compiles the graphs "
         "every other size shares, so no request compiles (except guidance_scale <= 1). Lengthens the first "
-        "start by those compiles.",
+        "start by those compiles. On by itself with two or more warm-up sizes, whose warm-up compiled a graph "
+        "for any size before the size routing.",
     )
 
     # Pexels stock photos (sources/stock.py). Without a key the stock source reports itself unconfigured.
@@ -452,6 +453,12 @@ class Settings(BaseSettings):
 
     def warmup_size_list(self) -> list[tuple[int, int]]:
         return [parse_size(part) for part in comma_list(self.warmup_sizes)]
+
+    def warms_up_any_size(self) -> bool:
+        """Whether the warm-up also compiles the graphs shared by sizes outside the warm-up sizes: asked for, or
+        two or more warm-up sizes (their warm-up made dynamo's graph for any size before engine/size_routing.py,
+        so a new size compiled nothing on its request; this keeps that)."""
+        return self.warmup_any_size or len(self.warmup_size_list()) > 1
 
     def stock_size(self) -> tuple[int, int]:
         """The size of a request Pexels may serve that gives none: stock_default_size, or when that is empty

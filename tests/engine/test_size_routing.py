@@ -197,3 +197,52 @@ def test_without_compiled_graphs_there_is_nothing_to_warm_up_for_other_sizes(tin
     heard: list[str] = []
     warm_up(tiny_engine, [(64, 64)], [1], heard.append, any_size=True)  # the CPU's eager engine
     assert heard and all("warm-up 1 of 1 (64x64, batch 1)" in line for line in heard)
+
+
+def test_without_a_warm_up_the_first_size_seen_keeps_a_static_graph() -> None:
+    """A one-shot command, a server without warm-up, a benchmark's own passes: as dynamo's own first graph."""
+    module = TwoConvolutions().eval()
+    routed, compiled, ran = routed_with_recording(module)
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            for height, width in [(8, 12), (6, 10), (8, 12)]:
+                routed(torch.randn(1, 4, height, width))
+    finally:
+        torch._dynamo.reset()
+    assert ran == [False, True, False] and compiled == [False, True]
+
+
+def test_the_one_image_and_batched_graphs_keep_their_graphs_apart(tiny_settings: Any) -> None:
+    """Torch 2.11 ran a one-image pass after a batched one on the batch-dynamic graph when both hung on one code
+    object (CI's torch 2.13 guards on the static mark, so only the cache entries show it here)."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from unet_call import unet_inputs
+
+    from imagesmith.engine import Engine
+    from imagesmith.engine.batch_routing import BatchRoutedCall
+
+    unet = Engine.start(tiny_settings).models.base.unet
+    routed = BatchRoutedCall(unet._call_impl, {"fullgraph": True, "dynamic": None, "backend": "eager"})
+    routed.keep_static((16, 16))  # unet_inputs' latents
+    single, batched = routed.single, routed.batched
+    assert isinstance(single, SizeRoutedCall) and isinstance(batched, SizeRoutedCall)
+    assert single.static_entry.__code__ is not batched.static_entry.__code__
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            for rows in (6, 2):
+                args, kwargs = unet_inputs(unet.config, rows)
+                routed(*args, **kwargs)
+        held = [len(_debug_get_cache_entry_list(call.static_entry)) for call in (single, batched)]
+    finally:
+        torch._dynamo.reset()
+    assert held == [1, 1]
+
+
+def test_two_warm_up_sizes_warm_up_any_size_by_themselves() -> None:
+    from imagesmith.config import Settings
+
+    assert not Settings().warms_up_any_size()
+    assert Settings(warmup_any_size=True).warms_up_any_size()
+    assert Settings(warmup_sizes="1024x1024,1216x832").warms_up_any_size()

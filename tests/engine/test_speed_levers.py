@@ -333,9 +333,10 @@ def _graphs_through_sizes(engine: Engine, route: bool) -> dict[str, Any]:
             decoder._compiled_call_impl = SizeRoutedCall(decoder._call_impl, options)
         else:
             decoder.compile(**options)
-        warm_up(engine, [(64, 64), (96, 96)], [1, 4])
+        # An oblong size (width 96, height 64): a warm-up that swapped the sides would leave it on the dynamic graph.
+        warm_up(engine, [(64, 64), (96, 64)], [1, 4])
         result: dict[str, Any] = {"after_warm_up": len(compiled), "after_request": []}
-        requests = [(128, 64, 7.5), (64, 64, 1.0), (96, 128, 7.5), (128, 128, 7.5), (64, 64, 7.5)]
+        requests = [(128, 64, 7.5), (64, 64, 1.0), (64, 96, 7.5), (128, 128, 7.5), (96, 64, 7.5)]
         for width, height, guidance in requests:
             request = GenerationRequest(
                 prompt="a lighthouse",

@@ -49,10 +49,9 @@ class BatchRoutedCall:
     def __call__(self, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         _mark_model_sizes_static(kwargs)
         if sample.shape[0] <= ONE_IMAGE_ROWS:
-            # Static in the batch only. Dynamo's record of sizes seen is per code object, shared by both
-            # graphs: after a batched pass it would compile this one dynamic in the batch too. Not
-            # dynamic=False: then every image size would be a graph of its own (the size routing keeps that for
-            # the warmed-up sizes), and the base and refiner share dynamo's limit of graphs per code object.
+            # Static in the batch only: dynamo's record of sizes seen is kept by function name and file, so
+            # after a batched pass it could compile this one dynamic in the batch too. Not dynamic=False: then
+            # every image size would be a graph of its own (the size routing keeps that for warmed-up sizes).
             for tensor in _batched_inputs(sample, kwargs):
                 torch._dynamo.mark_static(tensor, 0)
             return self.single(sample, *args, **kwargs)
@@ -66,8 +65,9 @@ class BatchRoutedCall:
 def _mark_model_sizes_static(kwargs: dict[str, Any]) -> None:
     """Keep the sizes a model fixes (77 tokens, the text encoders' widths, the number of size/crop ids) static.
 
-    The base and the refiner run one code object (UNet2DConditionModel.forward), and dynamo remembers per code
-    object which input sizes changed between calls: at the refiner's first call the prompt embeddings' width
+    The base and the refiner run one function (UNet2DConditionModel.forward, entered through entries of the same
+    names, engine/size_routing.py), and dynamo remembers per function which input sizes changed between calls:
+    at the refiner's first call the prompt embeddings' width
     (2048 -> 1280) and the ids' count (6 -> 5) differ from the base's, so dynamo compiled the refiner's graph,
     and every later graph of either UNet, with those sizes symbolic (seen on the tiny model). That was never
     meant, and torch cannot reuse a nested compile region (engine/compile_regions.py) across such sizes (a

@@ -256,9 +256,9 @@ def decoder_compile_mode(settings: Settings) -> str | None:
     return unet_compile_options(settings)["mode"]
 
 
-# Graphs dynamo may keep per compiled model class. Its default (8) counts the base's and the refiner's graphs
-# together (one UNet class, one code object): two per warm-up size and batch kind, one per guidance <= 1 size.
-# Past the limit a fullgraph compile raises, and the engine would serve eager from then on.
+# Graphs dynamo may keep per code object: each route of engine/size_routing.py has its own, with about two graphs
+# per warmed-up size (guidance and not). Dynamo's default (8) was once shared by the base and the refiner (one UNet
+# class, one code object). Past the limit a fullgraph compile raises, and the engine would serve eager from then on.
 UNET_GRAPHS_ALLOWED = 64
 
 

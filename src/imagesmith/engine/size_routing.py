@@ -8,18 +8,19 @@ took 47.3 ms on that graph against 35.5 ms on its static one, with 7.1 ms of lay
 docs/benchmarks.md, an H100). A service that served one 1216x832 image would have decoded every later
 1024x1024 image on it.
 
-Each route's graphs hang on a code object of its own (`entry_of_its_own`). Dynamo keeps its compiled graphs, its
-record of sizes seen and its limit of graphs per code object, so with the module's `forward` as every route's
-first frame, a call marked static could still run a graph compiled dynamic for another route: torch 2.11 does not
-guard on static marks (2.13 does). Run 83 saw it: the decoder's routed 1024x1024 decode ran the other size's
+Each route's graphs hang on a code object of its own (`entry_of_its_own`). Dynamo keeps its compiled graphs and its
+limit of graphs per code object, so with the module's `forward` as every route's first frame, a call marked static
+could still run a graph compiled dynamic for another route: torch 2.11 does not guard on static marks (2.13
+does). Run 83 saw it: the decoder's routed 1024x1024 decode ran the other size's
 dynamic graph, at 44.7 ms, and compiled nothing.
 
 Routing by size keeps each warmed-up size on a graph compiled for it: the warm-up says which sizes those are
 (`keep_static`, from engine/fast.py's warm_up). Any other size goes to one graph marked dynamic in height and
-width before its first compile. That is one compile on the first request of such a size, as dynamo's own second
-graph would have been, and none for each size after it. The static graphs add one compile per warmed-up size
-beyond the first, where dynamo would have made the one dynamic graph: the price of never serving a warmed-up
-size from a generic graph.
+width before its first compile: one compile per kind of pass on the first request of such a size, and none for
+each size after it (sides in multiples of 32 px, areas up to the decoder's attention bound). The price: with two
+or more warm-up sizes, dynamo's own dynamic graph came out of the warm-up and served new sizes; here each
+warmed-up size gets a static graph, and the shared graph needs a warm-up pass of its own, which the service then
+runs (fast.warm_up's `any_size`, Settings.warms_up_any_size).
 """
 
 from __future__ import annotations
@@ -65,8 +66,13 @@ class SizeRoutedCall:
         return self.compiled_for(sample)(sample, *args, **kwargs)
 
     def compiled_for(self, sample: torch.Tensor) -> Callable[..., Any]:
-        """The compiled function for this sample, with its height and width marked for it."""
+        """The compiled function for this sample, with its height and width marked for it. With no size warmed
+        up (no warm-up ran: `IMAGESMITH_WARMUP=false`, a one-shot command, a benchmark's own passes), the first
+        size seen counts as warmed up, as dynamo's own first graph would be static."""
         dims = (sample.dim() + HEIGHT_DIM, sample.dim() + WIDTH_DIM)
+        if not self.warmed:
+            self.warmed.add(latent_size(sample))
+        # No tensor object goes through both routes: dynamo lets a "maybe dynamic" mark win over a static one.
         if latent_size(sample) in self.warmed:
             for dim in dims:
                 torch._dynamo.mark_static(sample, dim)

@@ -68,7 +68,7 @@ def _what_runs(settings: Settings, plan: HardwarePlan) -> str:
             # What a request at another size meets (engine/size_routing.py, fast.size_outside).
             when += (
                 ", and the graphs every other size shares (IMAGESMITH_WARMUP_ANY_SIZE)"
-                if settings.warmup_any_size
+                if settings.warms_up_any_size()
                 else "; another size compiles once, on its first request (IMAGESMITH_WARMUP_ANY_SIZE=true: at start-up)"
             )
         else:

@@ -73,7 +73,7 @@ class GenerateSource:
                     warm_up_batches(self._settings),
                     self._set_phase,
                     self._stop_loading,
-                    any_size=self._settings.warmup_any_size,
+                    any_size=self._settings.warms_up_any_size(),
                 )
                 log.info("warm-up done in %.1fs", took)
             ready = time.monotonic()
