@@ -22,6 +22,7 @@ from imagesmith.engine.encode_ahead import EncodeAhead
 from imagesmith.engine.progress import CancelToken, GenerationCanceled, ProgressCallback, ProgressEvent
 from imagesmith.engine.prompt_cache import PromptEmbeddingCache
 from imagesmith.engine.schedulers import loaded_scheduler_config, make_scheduler, remember_scheduler_config
+from imagesmith.engine.size_routing import latent_size_of_image
 from imagesmith.engine.starting_noise import StartingNoise
 from imagesmith.schemas import RefineMode, ResolvedRequest, StageReport
 
@@ -192,11 +193,8 @@ def run_base(
     began = time.perf_counter()
     drawn = None
     if noise is not None:  # drawn while the prompts are encoded
-        shape = (
-            int(base.unet.config.in_channels),
-            request.height // base.vae_scale_factor,
-            request.width // base.vae_scale_factor,
-        )
+        height, width = latent_size_of_image(request.width, request.height, base.vae_scale_factor)
+        shape = (int(base.unet.config.in_channels), height, width)
         drawn = noise.start(generators, shape, _latents_dtype(base), base._execution_device)
     args = _common_args(run, generators, base, "base")
     if drawn is not None:

@@ -70,10 +70,11 @@ class SizeRoutedCall:
         up (no warm-up ran: `IMAGESMITH_WARMUP=false`, a one-shot command, a benchmark's own passes), the first
         size seen counts as warmed up, as dynamo's own first graph would be static."""
         dims = (sample.dim() + HEIGHT_DIM, sample.dim() + WIDTH_DIM)
+        size = latent_size(sample)
         if not self.warmed:
-            self.warmed.add(latent_size(sample))
+            self.warmed.add(size)
         # No tensor object goes through both routes: dynamo lets a "maybe dynamic" mark win over a static one.
-        if latent_size(sample) in self.warmed:
+        if size in self.warmed:
             for dim in dims:
                 torch._dynamo.mark_static(sample, dim)
             return self.static
