@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 import torch
+from graph_recording import GraphRecording
 
 from imagesmith.engine.size_routing import SizeRoutedCall, latent_size_of_image
 
@@ -24,26 +25,9 @@ class TwoConvolutions(torch.nn.Module):
 def routed_with_recording(module: torch.nn.Module) -> tuple[SizeRoutedCall, list[bool], list[bool]]:
     """A routed call whose graphs run as traced; per graph compiled and per graph run, whether its sizes are
     symbolic."""
-    compiled: list[bool] = []
-    ran: list[bool] = []
-
-    def recording(graph: Any, example_inputs: list[Any]) -> Any:
-        values = [node.meta.get("example_value") for node in graph.graph.find_nodes(op="placeholder")]
-        dynamic = any(
-            isinstance(size, torch.SymInt)
-            for value in values
-            if isinstance(value, torch.Tensor)
-            for size in value.shape
-        )
-        compiled.append(dynamic)
-
-        def run(*args: Any) -> Any:
-            ran.append(dynamic)
-            return graph.forward(*args)
-
-        return run
-
-    return SizeRoutedCall(module._call_impl, {"fullgraph": True, "backend": recording}), compiled, ran
+    recording = GraphRecording()
+    options = {"fullgraph": True, "backend": recording.backend}
+    return SizeRoutedCall(module._call_impl, options), recording.compiled, recording.ran
 
 
 def test_a_warmed_up_size_stays_on_its_static_graph_after_other_sizes() -> None:

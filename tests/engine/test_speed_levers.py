@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from graph_recording import GraphRecording
 from pydantic import ValidationError
 from unet_call import unet_inputs
 
@@ -250,16 +251,8 @@ def test_one_image_passes_keep_their_static_graph_after_batched_passes_compile(
 
     unet = Engine.start(tiny_settings).models.base.unet
     torch._dynamo.reset()
-    compiled_dynamic: list[bool] = []
-
-    def backend(graph: Any, example_inputs: list[Any]) -> Any:
-        # Dynamo's fake example values carry symbolic sizes where the graph is dynamic.
-        values = [node.meta.get("example_value") for node in graph.graph.find_nodes(op="placeholder")]
-        shapes = [value.shape for value in values if isinstance(value, torch.Tensor)]
-        compiled_dynamic.append(any(isinstance(size, torch.SymInt) for shape in shapes for size in shape))
-        return graph.forward
-
-    routed = BatchRoutedCall(unet._call_impl, {"fullgraph": True, "dynamic": None, "backend": backend})
+    graphs = GraphRecording()
+    routed = BatchRoutedCall(unet._call_impl, {"fullgraph": True, "dynamic": None, "backend": graphs.backend})
     routed.keep_static((16, 16))  # unet_inputs' latents, as a warm-up at their size would
     seen: dict[str, list[int]] = {"single": [], "batched": []}
 
@@ -285,7 +278,7 @@ def test_one_image_passes_keep_their_static_graph_after_batched_passes_compile(
     finally:
         torch._dynamo.reset()
     assert seen == {"single": [2, 2], "batched": [6, 4, 10]}
-    assert compiled_dynamic == [True, False], "one batch-dynamic compile, then one static compile"
+    assert graphs.compiled == [True, False], "one batch-dynamic compile, then one static compile"
     for compiled_output, eager_output in outputs.values():
         torch.testing.assert_close(compiled_output.sample, eager_output.sample)
 
@@ -303,22 +296,9 @@ def _graphs_through_sizes(engine: Engine, route: bool) -> dict[str, Any]:
     from imagesmith.engine.engine import BatchItem
     from imagesmith.engine.fast import warm_up
 
-    compiled: list[bool] = []  # per graph compiled: whether its inputs have symbolic sizes
-    ran: list[bool] = []  # per graph run: the same
-
-    def recording(graph: Any, example_inputs: list[Any]) -> Any:
-        values = [node.meta.get("example_value") for node in graph.graph.find_nodes(op="placeholder")]
-        shapes = [value.shape for value in values if isinstance(value, torch.Tensor)]
-        dynamic = any(isinstance(size, torch.SymInt) for shape in shapes for size in shape)
-        compiled.append(dynamic)
-
-        def run(*args: Any) -> Any:
-            ran.append(dynamic)
-            return graph.forward(*args)
-
-        return run
-
-    options = {"fullgraph": True, "dynamic": None, "backend": recording}
+    recording = GraphRecording()
+    compiled, ran = recording.compiled, recording.ran
+    options = {"fullgraph": True, "dynamic": None, "backend": recording.backend}
     unets = [engine.models.base.unet, engine.models.refiner.unet]
     decoder = engine.models.base.vae.decoder
     levers = list(engine.levers)

@@ -1,0 +1,29 @@
+"""A torch.compile backend for tests that runs each graph as dynamo traced it (no inductor: seconds on a CPU) and
+records, per graph compiled and per graph run, whether its tensor inputs have symbolic sizes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class GraphRecording:
+    compiled: list[bool] = field(default_factory=list)  # per graph compiled: whether its sizes are symbolic
+    ran: list[bool] = field(default_factory=list)  # per graph run: the same
+
+    def backend(self, graph: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        # Dynamo's fake example values carry symbolic sizes where the graph is dynamic.
+        values = [node.meta.get("example_value") for node in graph.graph.find_nodes(op="placeholder")]
+        shapes = [value.shape for value in values if isinstance(value, torch.Tensor)]
+        dynamic = any(isinstance(size, torch.SymInt) for shape in shapes for size in shape)
+        self.compiled.append(dynamic)
+
+        def run(*args: Any) -> Any:
+            self.ran.append(dynamic)
+            return graph.forward(*args)
+
+        return run
