@@ -1,5 +1,6 @@
 """A torch.compile backend for tests that runs each graph as dynamo traced it (no inductor: seconds on a CPU) and
-records, per graph compiled and per graph run, whether its tensor inputs have symbolic sizes."""
+records, per graph compiled and per graph run, whether its tensor inputs have symbolic sizes; and a small
+convolutional module to route through it."""
 
 from __future__ import annotations
 
@@ -27,3 +28,14 @@ class GraphRecording:
             return graph.forward(*args)
 
         return run
+
+
+class TwoConvolutions(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first = torch.nn.Conv2d(4, 8, 3, padding=1)
+        self.second = torch.nn.Conv2d(8, 3, 3, padding=1)
+
+    def forward(self, sample: torch.Tensor) -> torch.Tensor:
+        return self.second(torch.nn.functional.silu(self.first(sample)))

@@ -320,6 +320,12 @@ class Settings(BaseSettings):
         "start by those compiles. On by itself with two or more warm-up sizes, whose warm-up compiled a graph "
         "for any size before the size routing.",
     )
+    compile_on_request: bool = Field(
+        False,
+        description="With compile and warm-up: a request of a shape the warm-up did not compile (another size, "
+        "guidance_scale <= 1) compiles it, minutes on a GPU that every queued request waits for, and runs fast "
+        "after. Off: it runs uncompiled (slower, eager speed), and nothing compiles on a request.",
+    )
 
     # Pexels stock photos (sources/stock.py). Without a key the stock source reports itself unconfigured.
     pexels_api_key: SecretStr | None = Field(

@@ -6,20 +6,9 @@ from typing import Any
 
 import pytest
 import torch
-from graph_recording import GraphRecording
+from graph_recording import GraphRecording, TwoConvolutions
 
 from imagesmith.engine.size_routing import SizeRoutedCall, latent_size_of_image
-
-
-class TwoConvolutions(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.first = torch.nn.Conv2d(4, 8, 3, padding=1)
-        self.second = torch.nn.Conv2d(8, 3, 3, padding=1)
-
-    def forward(self, sample: torch.Tensor) -> torch.Tensor:
-        return self.second(torch.nn.functional.silu(self.first(sample)))
 
 
 def routed_with_recording(module: torch.nn.Module) -> tuple[SizeRoutedCall, list[bool], list[bool]]:

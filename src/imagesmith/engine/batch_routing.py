@@ -38,13 +38,18 @@ class BatchRoutedCall:
     def __init__(self, call_impl: Callable[..., Any], options: dict[str, Any]) -> None:
         warmed: set[LatentSize] = set()
         # Each with code objects of its own (engine/size_routing.py), so neither runs the other's graphs.
-        self.single: Callable[..., Any] = SizeRoutedCall(call_impl, options, warmed, "one_image")
-        self.batched: Callable[..., Any] = SizeRoutedCall(call_impl, options, warmed, "batched")
+        self.single = SizeRoutedCall(call_impl, options, warmed, "one_image")
+        self.batched = SizeRoutedCall(call_impl, options, warmed, "batched")
         self.warmed = warmed
 
     def keep_static(self, size: LatentSize) -> None:
         """From now on passes at this latent size run on graphs static in height and width."""
         self.warmed.add(size)
+
+    def stop_compiling(self) -> None:
+        """From now on a kind of pass the warm-up never ran runs uncompiled (engine/size_routing.py)."""
+        for call in (self.single, self.batched):
+            call.stop_compiling()
 
     def __call__(self, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         _mark_model_sizes_static(kwargs)

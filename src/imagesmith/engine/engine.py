@@ -28,6 +28,7 @@ from imagesmith.engine.execution_device import pin_pipelines
 from imagesmith.engine.fast import (
     apply_speed_levers,
     compiled_modules,
+    no_compiling_on_requests,
     raised_in_compiled_code,
     records_cuda_graphs,
     serve_eager_from_now,
@@ -163,6 +164,9 @@ class Engine:
         # Whether compiled modules record CUDA graphs (IMAGESMITH_COMPILE=reduce-overhead): warm-up records
         # one per batch size then, so no request has to.
         self.records_cuda_graphs = False
+        # False after the service's warm-up (fast.stop_compiling_on_requests): passes run what was compiled and
+        # nothing new compiles.
+        self.compiles_on_request = True
         # Used on the GPU thread only, like the pipelines.
         self.prompt_cache: PromptEmbeddingCache | None = (
             PromptEmbeddingCache(prompt_cache_size) if prompt_cache_size else None
@@ -272,7 +276,7 @@ class Engine:
             run = StageRun(
                 members=members, prompt_cache=prompts, interrupt=interrupt, encode_ahead=self.encode_ahead
             )
-            with attention_priority(self.plan.attention):
+            with attention_priority(self.plan.attention), no_compiling_on_requests(self):
                 return self._one_pass(run)
 
         def run_pass() -> list[GenerationResult | BaseException]:

@@ -10,8 +10,9 @@ CUDA-graph modes the text encoders are replayed as CUDA graphs too (engine/encod
 1.381 s, run 42).
 
 Compilation happens at start-up (warm-up), never on a request: `warm_up` runs one small generation per shape
-so that the first user does not pay the minutes. The inductor cache lives in the data dir, so a restart
-reuses compiled kernels instead of compiling again.
+so that the first user does not pay the minutes, and after it the service calls `stop_compiling_on_requests`:
+a shape no warmed-up graph serves runs uncompiled (IMAGESMITH_COMPILE_ON_REQUEST=true compiles it once instead).
+The inductor cache lives in the data dir, so a restart reuses compiled kernels instead of compiling again.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -439,6 +440,38 @@ def warm_up(
                 _warm_up_pass(engine, width, height, batch, stop=stop)
         log.info("warm-up: CUDA graphs recorded at %.1fs", time.perf_counter() - began)
     return time.perf_counter() - began
+
+
+STOPPED_COMPILING = "no compile on a request: shapes the warm-up did not run go uncompiled"
+
+
+def stop_compiling_on_requests(engine: Any) -> None:
+    """After the service's warm-up (unless IMAGESMITH_COMPILE_ON_REQUEST): no pass compiles from now on.
+
+    A compile on a request takes minutes on a GPU (131 s for the base UNet's graph alone, run 82 in
+    docs/benchmarks.md), on the GPU thread, so every queued request waits behind it; uncompiled, one pass is
+    slower (eager bf16: 2.08 s against 1.33 s for the 40-step ensemble, runs 47 and 70) and no one waits for it.
+    Two parts: routes the warm-up never ran run the module uncompiled (engine/size_routing.py), and each pass
+    runs under `no_compiling_on_requests`, for guard misses inside routes that did compile (a pass of one row
+    per image, with guidance_scale <= 1; a size the any-size graph was specialised against)."""
+    modules = compiled_modules(engine)
+    if not modules:
+        return
+    for module in modules:
+        stop = getattr(module._compiled_call_impl, "stop_compiling", None)
+        if stop is not None:  # None: Module.compile's own call (IMAGESMITH_COMPILE_DYNAMIC's UNets)
+            stop()
+    engine.compiles_on_request = False
+    engine.levers = [*engine.levers, STOPPED_COMPILING]
+
+
+def no_compiling_on_requests(engine: Any) -> AbstractContextManager[Any]:
+    """Around a pass: after `stop_compiling_on_requests`, dynamo runs a call its graphs' guards reject uncompiled
+    instead of recompiling ("eager_on_recompile"; graphs whose guards pass still run). The stance is torch's
+    global one, set for the pass only, on the engine's GPU thread, where every pass runs."""
+    if getattr(engine, "compiles_on_request", True):
+        return nullcontext()
+    return torch.compiler.set_stance("eager_on_recompile")
 
 
 def size_outside(sizes: list[tuple[int, int]]) -> tuple[int, int]:

@@ -21,15 +21,25 @@ each size after it (sides in multiples of 32 px, areas up to the decoder's atten
 or more warm-up sizes, dynamo's own dynamic graph came out of the warm-up and served new sizes; here each
 warmed-up size gets a static graph, and the shared graph needs a warm-up pass of its own, which the service then
 runs (fast.warm_up's `any_size`, Settings.warms_up_any_size).
+
+After a service's warm-up the routes stop compiling (`stop_compiling`, IMAGESMITH_COMPILE_ON_REQUEST=false, the
+default): a route the warm-up never ran (the any-size graph without IMAGESMITH_WARMUP_ANY_SIZE, the batched graph
+of a server warmed up at batch 1 only) runs the module uncompiled instead of compiling on a client's request. A
+full-size compile takes minutes on the GPU thread, and every queued request would wait behind it; uncompiled,
+the one pass is slower and nothing else waits. (Inside a route that did compile, engine/fast.py's
+`no_compiling_on_requests` makes dynamo run uncompiled on a guard miss rather than recompile.)
 """
 
 from __future__ import annotations
 
+import logging
 import types
 from collections.abc import Callable
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 LatentSize = tuple[int, int]  # (height, width) of the latents, the image's sides over the VAE's scale factor
 HEIGHT_DIM, WIDTH_DIM = -2, -1  # of an NCHW sample
@@ -57,6 +67,16 @@ class SizeRoutedCall:
         self.static = torch.compile(self.static_entry, **options)
         self.any_size = torch.compile(self.any_size_entry, **options)
         self.warmed: set[LatentSize] = warmed if warmed is not None else set()
+        self.label = label
+        self.uncompiled = call_impl  # the module's own call: what runs where no graph was warmed up
+        # The routes that ran while compiling was allowed: those have graphs. `stop_compiling` freezes the set.
+        self.routes_run: set[str] = set()
+        self.compiles = True
+        self.ran_uncompiled: set[LatentSize] = set()  # logged once each
+
+    def stop_compiling(self) -> None:
+        """From now on a route that never ran (no graph of it exists) runs the module uncompiled."""
+        self.compiles = False
 
     def keep_static(self, size: LatentSize) -> None:
         """From now on samples of this latent size run on a static graph of their own."""
@@ -73,8 +93,22 @@ class SizeRoutedCall:
         size = latent_size(sample)
         if not self.warmed:
             self.warmed.add(size)
+        route = "static" if size in self.warmed else "any size"
+        if not self.compiles and route not in self.routes_run:
+            if size not in self.ran_uncompiled:
+                self.ran_uncompiled.add(size)
+                log.warning(
+                    "%s: no graph was warmed up for latents %dx%d (%s route), so they run uncompiled (slower) "
+                    "rather than compile on a request; IMAGESMITH_WARMUP_SIZES or IMAGESMITH_WARMUP_ANY_SIZE=true "
+                    "compiles them at start-up",
+                    self.label,
+                    *size,
+                    route,
+                )
+            return self.uncompiled
+        self.routes_run.add(route)
         # No tensor object goes through both routes: dynamo lets a "maybe dynamic" mark win over a static one.
-        if size in self.warmed:
+        if route == "static":
             for dim in dims:
                 torch._dynamo.mark_static(sample, dim)
             return self.static

@@ -66,11 +66,15 @@ def _what_runs(settings: Settings, plan: HardwarePlan) -> str:
             batches = " and ".join(map(str, warm_up_batches(settings)))
             when = f"a server compiles at start-up for {sizes}, batch {batches}"
             # What a request at another size meets (engine/size_routing.py, fast.size_outside).
-            when += (
-                ", and the graphs every other size shares (IMAGESMITH_WARMUP_ANY_SIZE)"
-                if settings.warms_up_any_size()
-                else "; another size compiles once, on its first request (IMAGESMITH_WARMUP_ANY_SIZE=true: at start-up)"
-            )
+            if settings.warms_up_any_size():
+                when += ", and the graphs every other size shares (IMAGESMITH_WARMUP_ANY_SIZE)"
+            elif settings.compile_on_request:
+                when += "; another size compiles once, on its first request (IMAGESMITH_COMPILE_ON_REQUEST)"
+            else:
+                when += (
+                    "; another size runs uncompiled, never compiling on a request "
+                    "(IMAGESMITH_WARMUP_ANY_SIZE=true compiles its graphs at start-up)"
+                )
         else:
             when = "IMAGESMITH_WARMUP=false: each new shape compiles on its first request"
         cache = f"compile cache {compile_cache_root(settings)} (keep it: a restart reuses it)"

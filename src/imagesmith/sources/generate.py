@@ -76,6 +76,10 @@ class GenerateSource:
                     any_size=self._settings.warms_up_any_size(),
                 )
                 log.info("warm-up done in %.1fs", took)
+                if not self._settings.compile_on_request:
+                    from imagesmith.engine.fast import stop_compiling_on_requests
+
+                    stop_compiling_on_requests(engine)
             ready = time.monotonic()
             engine.startup = {
                 "load_s": round(loaded - began, 2),
