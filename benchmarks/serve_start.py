@@ -6,6 +6,11 @@ DATA_DIR/compile-cache, the second reads it), health turning "ready", then one g
 (POST /api/media/generate-image, 40-step ensemble at 1024x1024), then --requests - 1 more, one at a time (their
 median is a warm one-image request's latency). The same data dir serves both starts.
 
+--other-size WxH: then two requests at a size the warm-up did not run, and one more at the warmed-up size. By
+default they run uncompiled (no compile on a request); --compile-on-request makes the first compile, and
+--any-size warms up the graphs every other size shares at start-up (IMAGESMITH_WARMUP_ANY_SIZE), which
+lengthens the start.
+
 The model folder is full-size SDXL base + refiner with random weights (benchmarks/sdxl_random.py), saved once
 with save_pretrained and loaded by the engine's own loader (IMAGESMITH_BASE_MODEL / IMAGESMITH_REFINER_MODEL).
 
@@ -67,6 +72,8 @@ def one_start(args: argparse.Namespace, models: Path, data: Path, label: str, lo
         "IMAGESMITH_DEFAULT_WIDTH": str(px),
         "IMAGESMITH_DEFAULT_HEIGHT": str(px),
         "IMAGESMITH_STOCK_DEFAULT_SIZE": "",
+        "IMAGESMITH_COMPILE_ON_REQUEST": str(args.compile_on_request).lower(),
+        "IMAGESMITH_WARMUP_ANY_SIZE": str(args.any_size).lower(),
     }
     started = time.perf_counter()
     with open(log, "ab") as sink:
@@ -117,6 +124,23 @@ def one_start(args: argparse.Namespace, models: Path, data: Path, label: str, lo
         row["later_requests_s"] = later
         row["second_image_request_s"] = later[0] if later else None
         row["later_requests_median_s"] = statistics.median(later) if later else None
+        if args.other_size:
+            width, height = (int(side) for side in args.other_size.lower().split("x"))
+            other = []
+            for seed in (101, 102):
+                began = time.perf_counter()
+                httpx.post(
+                    f"{url}/api/media/generate-image",
+                    json={**body, "seed": seed, "width": width, "height": height},
+                    timeout=args.timeout_s,
+                ).raise_for_status()
+                other.append(time.perf_counter() - began)
+            row["other_size_requests_s"] = other
+            began = time.perf_counter()
+            httpx.post(
+                f"{url}/api/media/generate-image", json={**body, "seed": 103}, timeout=600
+            ).raise_for_status()
+            row["warmed_size_after_other_s"] = time.perf_counter() - began
     finally:
         process.terminate()
         try:
@@ -147,6 +171,11 @@ def main() -> None:
     parser.add_argument("--starts", type=int, default=2)
     parser.add_argument("--timeout-s", type=float, default=500)
     parser.add_argument("--requests", type=int, default=2, help="one-image requests after ready (at least 1)")
+    parser.add_argument("--other-size", default="", help="WxH outside the warm-up: two requests there, timed")
+    parser.add_argument(
+        "--compile-on-request", action="store_true", help="IMAGESMITH_COMPILE_ON_REQUEST=true"
+    )
+    parser.add_argument("--any-size", action="store_true", help="IMAGESMITH_WARMUP_ANY_SIZE=true")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
     out = Path(args.out)
@@ -184,6 +213,13 @@ def main() -> None:
             f"{row['later_requests_median_s'] or float('nan'):.2f}s of {len(row['later_requests_s'])})"
             f"  health startup {row['health_startup']}"
         )
+        if "other_size_requests_s" in row:
+            first, second = row["other_size_requests_s"]
+            print(
+                f"         {args.other_size}: {first:.2f}s then {second:.2f}s; the warmed-up size after them "
+                f"{row['warmed_size_after_other_s']:.2f}s (compile on request: {args.compile_on_request}, "
+                f"any-size warm-up: {args.any_size})"
+            )
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 LatentSize = tuple[int, int]  # (height, width) of the latents, the image's sides over the VAE's scale factor
 HEIGHT_DIM, WIDTH_DIM = -2, -1  # of an NCHW sample
+SDXL_VAE_SCALE = 8  # pixels per latent side, for the logs (the tiny model's too)
 
 
 class SizeRoutedCall:
@@ -72,7 +73,6 @@ class SizeRoutedCall:
         # The routes that ran while compiling was allowed: those have graphs. `stop_compiling` freezes the set.
         self.routes_run: set[str] = set()
         self.compiles = True
-        self.ran_uncompiled: set[LatentSize] = set()  # logged once each
 
     def stop_compiling(self) -> None:
         """From now on a route that never ran (no graph of it exists) runs the module uncompiled."""
@@ -95,16 +95,7 @@ class SizeRoutedCall:
             self.warmed.add(size)
         route = "static" if size in self.warmed else "any size"
         if not self.compiles and route not in self.routes_run:
-            if size not in self.ran_uncompiled:
-                self.ran_uncompiled.add(size)
-                log.warning(
-                    "%s: no graph was warmed up for latents %dx%d (%s route), so they run uncompiled (slower) "
-                    "rather than compile on a request; IMAGESMITH_WARMUP_SIZES or IMAGESMITH_WARMUP_ANY_SIZE=true "
-                    "compiles them at start-up",
-                    self.label,
-                    *size,
-                    route,
-                )
+            say_once_it_runs_uncompiled(size, f"{self.label}, {route} route")
             return self.uncompiled
         self.routes_run.add(route)
         # No tensor object goes through both routes: dynamo lets a "maybe dynamic" mark win over a static one.
@@ -117,6 +108,28 @@ class SizeRoutedCall:
             # bound, a square first size) dynamo adds a guard or recompiles instead of raising.
             torch._dynamo.maybe_mark_dynamic(sample, dim)
         return self.any_size
+
+
+_SAID_UNCOMPILED: set[LatentSize] = (
+    set()
+)  # sizes logged already: the base, the refiner and the decoder meet each
+
+
+def say_once_it_runs_uncompiled(size: LatentSize, where: str) -> None:
+    if size in _SAID_UNCOMPILED:
+        return
+    _SAID_UNCOMPILED.add(size)
+    height, width = size
+    log.warning(
+        "no graph was warmed up for latents %dx%d (a %dx%d image with SDXL's VAE; %s): they run uncompiled, slower, "
+        "rather than compile on a request; IMAGESMITH_WARMUP_SIZES or IMAGESMITH_WARMUP_ANY_SIZE=true compiles "
+        "them at start-up",
+        height,
+        width,
+        width * SDXL_VAE_SCALE,
+        height * SDXL_VAE_SCALE,
+        where,
+    )
 
 
 def entry_of_its_own(call_impl: Callable[..., Any], name: str) -> Callable[..., Any]:
