@@ -16,8 +16,9 @@ dynamic graph, at 44.7 ms, and compiled nothing.
 
 Routing by size keeps each warmed-up size on a graph compiled for it: the warm-up says which sizes those are
 (`keep_static`, from engine/fast.py's warm_up). Any other size goes to one graph marked dynamic in height and
-width before its first compile: one compile per kind of pass on the first request of such a size, and none for
-each size after it (sides in multiples of 32 px, areas up to the decoder's attention bound). The price: with two
+width before its first compile: one compile per kind of pass, at the any-size warm-up or (with
+IMAGESMITH_COMPILE_ON_REQUEST) on the first request of such a size, and none for each size after it (sides in
+multiples of 32 px, areas up to the decoder's attention bound). The price: with two
 or more warm-up sizes, dynamo's own dynamic graph came out of the warm-up and served new sizes; here each
 warmed-up size gets a static graph, and the shared graph needs a warm-up pass of its own, which the service then
 runs (fast.warm_up's `any_size`, Settings.warms_up_any_size).
