@@ -1,10 +1,11 @@
 """A torch.compile backend for tests that runs each graph as dynamo traced it (no inductor: seconds on a CPU) and
-records, per graph compiled and per graph run, whether its tensor inputs have symbolic sizes; and a small
-convolutional module to route through it."""
+records, per graph compiled and per graph run, whether its tensor inputs have symbolic sizes; a small
+convolutional module to route through it; and the tiny engine's modules routed as the service compiles them."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,3 +40,32 @@ class TwoConvolutions(torch.nn.Module):
 
     def forward(self, sample: torch.Tensor) -> torch.Tensor:
         return self.second(torch.nn.functional.silu(self.first(sample)))
+
+
+@contextmanager
+def engine_routed_and_counting(engine: Any) -> Iterator[list[bool]]:
+    """The engine's UNets and VAE decoder compiled with the service's routing (engine/batch_routing.py,
+    engine/size_routing.py), through a backend that runs each graph as traced. Yields a list with one entry per
+    graph compiled. Afterwards the modules are eager again and dynamo's caches are empty."""
+    from imagesmith.engine.batch_routing import BatchRoutedCall
+    from imagesmith.engine.size_routing import SizeRoutedCall
+
+    graphs: list[bool] = []
+
+    def counting(graph: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        graphs.append(True)
+        return graph.forward
+
+    options = {"fullgraph": True, "dynamic": None, "backend": counting}
+    unets = [engine.models.base.unet, engine.models.refiner.unet]
+    decoder = engine.models.base.vae.decoder
+    torch._dynamo.reset()
+    try:
+        for unet in unets:
+            unet._compiled_call_impl = BatchRoutedCall(unet._call_impl, options)
+        decoder._compiled_call_impl = SizeRoutedCall(decoder._call_impl, options)
+        yield graphs
+    finally:
+        for module in [*unets, decoder]:
+            module._compiled_call_impl = None
+        torch._dynamo.reset()

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from graph_recording import GraphRecording, TwoConvolutions
+from graph_recording import GraphRecording, TwoConvolutions, engine_routed_and_counting
 
 from imagesmith.engine.size_routing import SizeRoutedCall
 
@@ -91,25 +91,11 @@ def test_after_the_warm_up_requests_of_new_shapes_compile_nothing(tiny_settings:
     """Stopped, each new shape runs uncompiled, with the image an eager engine makes; not stopped
     (IMAGESMITH_COMPILE_ON_REQUEST=true), each compiles."""
     from imagesmith.engine import Engine
-    from imagesmith.engine.batch_routing import BatchRoutedCall
     from imagesmith.engine.fast import STOPPED_COMPILING, stop_compiling_on_requests, warm_up
 
     engine = Engine.start(tiny_settings.with_changes(fuse_qkv=False))
     eager = {shape: generate(engine, *shape) for shape in REQUESTS}
-    graphs: list[bool] = []
-
-    def counting(graph: Any, example_inputs: list[Any]) -> Any:
-        graphs.append(True)
-        return graph.forward
-
-    options = {"fullgraph": True, "dynamic": None, "backend": counting}
-    unets = [engine.models.base.unet, engine.models.refiner.unet]
-    decoder = engine.models.base.vae.decoder
-    torch._dynamo.reset()
-    try:
-        for unet in unets:
-            unet._compiled_call_impl = BatchRoutedCall(unet._call_impl, options)
-        decoder._compiled_call_impl = SizeRoutedCall(decoder._call_impl, options)
+    with engine_routed_and_counting(engine) as graphs:
         warm_up(engine, [(64, 64)], [1])
         after_warm_up = len(graphs)
         if stopped:
@@ -119,10 +105,6 @@ def test_after_the_warm_up_requests_of_new_shapes_compile_nothing(tiny_settings:
         warmed_up_size_again = len(graphs)
         generate(engine, 64, 64)
         assert len(graphs) == warmed_up_size_again  # the warmed-up shape still runs its graphs
-    finally:
-        for module in [*unets, decoder]:
-            module._compiled_call_impl = None
-        torch._dynamo.reset()
     assert after_warm_up > 0
     if stopped:
         assert new_graphs == 0

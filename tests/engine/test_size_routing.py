@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 import torch
-from graph_recording import GraphRecording, TwoConvolutions
+from graph_recording import GraphRecording, TwoConvolutions, engine_routed_and_counting
 
 from imagesmith.engine.size_routing import SizeRoutedCall, latent_size_of_image
 
@@ -93,27 +93,13 @@ def test_warming_up_any_size_leaves_no_compile_for_requests_at_new_sizes(tiny_se
     """IMAGESMITH_WARMUP_ANY_SIZE: after the warm-up, one-image and batched requests at sizes it never ran
     compile nothing (with guidance; a pass of one row per image is a shape of its own)."""
     from imagesmith.engine import Engine
-    from imagesmith.engine.batch_routing import BatchRoutedCall
     from imagesmith.engine.engine import BatchItem
     from imagesmith.engine.fast import warm_up
     from imagesmith.schemas import GenerationRequest
 
     engine = Engine.start(tiny_settings.with_changes(fuse_qkv=False))
-    graphs: list[bool] = []
-
-    def counting(graph: Any, example_inputs: list[Any]) -> Any:
-        graphs.append(True)
-        return graph.forward
-
-    options = {"fullgraph": True, "dynamic": None, "backend": counting}
-    unets = [engine.models.base.unet, engine.models.refiner.unet]
-    decoder = engine.models.base.vae.decoder
     heard: list[str] = []
-    torch._dynamo.reset()
-    try:
-        for unet in unets:
-            unet._compiled_call_impl = BatchRoutedCall(unet._call_impl, options)
-        decoder._compiled_call_impl = SizeRoutedCall(decoder._call_impl, options)
+    with engine_routed_and_counting(engine) as graphs:
         warm_up(engine, [(64, 64)], [1, 4], heard.append, any_size=True)
         after_warm_up = len(graphs)
         # Sizes the warm-up did not run (64x128 it ran, for the other sizes), in multiples of 32 px (latents whose
@@ -131,10 +117,6 @@ def test_warming_up_any_size_leaves_no_compile_for_requests_at_new_sizes(tiny_se
             ]
             for outcome in engine.generate_batch(items):
                 assert not isinstance(outcome, BaseException)
-    finally:
-        for module in [*unets, decoder]:
-            module._compiled_call_impl = None
-        torch._dynamo.reset()
     assert len(graphs) == after_warm_up
     assert not any("eager instead" in lever for lever in engine.levers)
     assert any("64x128" in line and "every other size" in line for line in heard)
