@@ -138,7 +138,7 @@ def one_start(args: argparse.Namespace, models: Path, data: Path, label: str, lo
             row["other_size_requests_s"] = other
             began = time.perf_counter()
             httpx.post(
-                f"{url}/api/media/generate-image", json={**body, "seed": 103}, timeout=600
+                f"{url}/api/media/generate-image", json={**body, "seed": 103}, timeout=args.timeout_s
             ).raise_for_status()
             row["warmed_size_after_other_s"] = time.perf_counter() - began
     finally:

@@ -43,20 +43,15 @@ class TwoConvolutions(torch.nn.Module):
 
 
 @contextmanager
-def engine_routed_and_counting(engine: Any) -> Iterator[list[bool]]:
+def engine_routed_and_recording(engine: Any) -> Iterator[GraphRecording]:
     """The engine's UNets and VAE decoder compiled with the service's routing (engine/batch_routing.py,
-    engine/size_routing.py), through a backend that runs each graph as traced. Yields a list with one entry per
-    graph compiled. Afterwards the modules are eager again and dynamo's caches are empty."""
+    engine/size_routing.py), through a backend that runs each graph as traced and records each graph compiled and
+    each graph run. Afterwards the modules are eager again and dynamo's caches are empty."""
     from imagesmith.engine.batch_routing import BatchRoutedCall
     from imagesmith.engine.size_routing import SizeRoutedCall
 
-    graphs: list[bool] = []
-
-    def counting(graph: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
-        graphs.append(True)
-        return graph.forward
-
-    options = {"fullgraph": True, "dynamic": None, "backend": counting}
+    recording = GraphRecording()
+    options = {"fullgraph": True, "dynamic": None, "backend": recording.backend}
     unets = [engine.models.base.unet, engine.models.refiner.unet]
     decoder = engine.models.base.vae.decoder
     torch._dynamo.reset()
@@ -64,7 +59,7 @@ def engine_routed_and_counting(engine: Any) -> Iterator[list[bool]]:
         for unet in unets:
             unet._compiled_call_impl = BatchRoutedCall(unet._call_impl, options)
         decoder._compiled_call_impl = SizeRoutedCall(decoder._call_impl, options)
-        yield graphs
+        yield recording
     finally:
         for module in [*unets, decoder]:
             module._compiled_call_impl = None

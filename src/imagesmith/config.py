@@ -316,9 +316,10 @@ class Settings(BaseSettings):
     warmup_any_size: bool = Field(
         False,
         description="With compile, also warm up one size outside IMAGESMITH_WARMUP_SIZES: that compiles the graphs "
-        "every other size shares, so no request compiles (except guidance_scale <= 1). Lengthens the first "
-        "start by those compiles. On by itself with two or more warm-up sizes, whose warm-up compiled a graph "
-        "for any size before the size routing.",
+        "every other size shares, so requests at other sizes run compiled (with guidance_scale <= 1 they still "
+        "run uncompiled). Lengthens the first start by those compiles. On by itself with two or more warm-up "
+        "sizes, whose warm-up compiled a graph for any size before the size routing, and with "
+        "IMAGESMITH_COMPILE_DYNAMIC (its graphs, compiled at a square size, fit no oblong one).",
     )
     compile_on_request: bool = Field(
         False,
@@ -463,8 +464,10 @@ class Settings(BaseSettings):
     def warms_up_any_size(self) -> bool:
         """Whether the warm-up also compiles the graphs shared by sizes outside the warm-up sizes: asked for, or
         two or more warm-up sizes (their warm-up made dynamo's graph for any size before engine/size_routing.py,
-        so a new size compiled nothing on its request; this keeps that)."""
-        return self.warmup_any_size or len(self.warmup_size_list()) > 1
+        so a new size compiled nothing on its request; this keeps that), or IMAGESMITH_COMPILE_DYNAMIC (its UNet
+        graphs, compiled at a square size, guard height == width: without a pass at an oblong size every oblong
+        request would run uncompiled)."""
+        return self.warmup_any_size or self.compile_dynamic or len(self.warmup_size_list()) > 1
 
     def stock_size(self) -> tuple[int, int]:
         """The size of a request Pexels may serve that gives none: stock_default_size, or when that is empty

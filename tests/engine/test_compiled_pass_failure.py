@@ -21,7 +21,13 @@ from dynamo_reset import reset_dynamo
 from imagesmith.config import Settings
 from imagesmith.engine import Engine
 from imagesmith.engine.engine import BatchItem
-from imagesmith.engine.fast import compiled_modules, raised_in_compiled_code, records_cuda_graphs, warm_up
+from imagesmith.engine.fast import (
+    STOPPED_COMPILING,
+    compiled_modules,
+    raised_in_compiled_code,
+    records_cuda_graphs,
+    warm_up,
+)
 from imagesmith.engine.gpu_thread import GpuThread
 from imagesmith.engine.progress import CancelToken, GenerationCanceled, ProgressEvent
 from imagesmith.schemas import GenerationRequest
@@ -61,6 +67,7 @@ def test_a_failing_compiled_module_falls_back_to_eager_and_the_pass_is_done(engi
     decoder = engine.models.base.vae.decoder
     _compile(engine, decoder, _failing_backend)
     engine.records_cuda_graphs = True
+    engine.levers.append(STOPPED_COMPILING)  # what the service's warm-up adds (it would compile nothing here)
     assert compiled_modules(engine) == [decoder]
     thread_before = engine._gpu.thread
 
@@ -70,6 +77,7 @@ def test_a_failing_compiled_module_falls_back_to_eager_and_the_pass_is_done(engi
     assert compiled_modules(engine) == [] and not engine.records_cuda_graphs
     assert engine.levers[-1] == "torch.compile failed, eager instead (BackendCompilerFailed)"
     assert not any(lever.startswith("torch.compile(") for lever in engine.levers)
+    assert STOPPED_COMPILING not in engine.levers  # nothing compiled is left to stop
     # A new GPU thread: the failed one's per-thread CUDA state is not to be trusted.
     assert engine._gpu.thread is not None and engine._gpu.thread is not thread_before
     np.testing.assert_array_equal(_pixels(engine, 8), _pixels(engine, 8))

@@ -9,19 +9,28 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from graph_recording import GraphRecording, TwoConvolutions, engine_routed_and_counting
+from graph_recording import GraphRecording, TwoConvolutions, engine_routed_and_recording
 
 from imagesmith.engine.size_routing import SizeRoutedCall
 
 
-def test_a_stopped_route_runs_a_size_without_a_graph_uncompiled(
-    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def fresh_logs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each kind of uncompiled call is logged once a process: not already by an earlier test."""
     from imagesmith.engine import size_routing
 
-    monkeypatch.setattr(
-        size_routing, "_SAID_UNCOMPILED", set()
-    )  # said once a process: not by an earlier test
+    monkeypatch.setattr(size_routing, "_SAID_UNCOMPILED", set())
+
+
+def routing_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        record.getMessage() for record in caplog.records if record.name == "imagesmith.engine.size_routing"
+    ]
+
+
+def test_a_stopped_route_runs_a_size_without_a_graph_uncompiled(
+    caplog: pytest.LogCaptureFixture, fresh_logs: None
+) -> None:
     module = TwoConvolutions().eval()
     recording = GraphRecording()
     routed = SizeRoutedCall(
@@ -34,18 +43,23 @@ def test_a_stopped_route_runs_a_size_without_a_graph_uncompiled(
             routed(torch.randn(1, 4, 8, 8))  # the warm-up
             routed.stop_compiling()
             with caplog.at_level(logging.WARNING, logger="imagesmith.engine.size_routing"):
-                for height, width in [(6, 10), (6, 10), (8, 8)]:
-                    sample = torch.randn(1, 4, height, width)
+                for rows, height, width in [(1, 6, 10), (1, 6, 10), (1, 8, 8), (3, 8, 8), (3, 8, 8)]:
+                    sample = torch.randn(rows, 4, height, width)
                     torch.testing.assert_close(routed(sample), module(sample))
     finally:
         torch._dynamo.reset()
     assert recording.compiled == [False]  # the warmed-up size's graph only
-    assert recording.ran == [False, False]  # the warm-up and the last call; 6x10 ran uncompiled
-    warnings = [record.getMessage() for record in caplog.records if record.name.startswith("imagesmith")]
-    assert len(warnings) == 1
-    assert warnings[0].startswith(
-        "no graph was warmed up for latents 6x10 (a 80x48 image with SDXL's VAE; decode,"
-    )
+    assert recording.ran == [False, False]  # the warm-up and the call at 8x8; the others ran uncompiled
+    assert routing_warnings(caplog) == [
+        "the warm-up compiled no decode graph for this size, latents 6x10 with 1 row(s) (a 80x48 image): it runs "
+        "uncompiled (slower) rather than compile on a request. IMAGESMITH_WARMUP_SIZES, "
+        "IMAGESMITH_WARMUP_ANY_SIZE=true or IMAGESMITH_COMPILE_ON_REQUEST=true compiles such passes",
+        # Three rows at the warmed-up size: the static graph's guards want one; dynamo names the failed guard.
+        "a decode call at latents 8x8 with 3 row(s) (a 64x64 image) missed its graphs' guards (tensor 'args[0]' "
+        "size mismatch at index 0. expected 1, actual 3): it runs uncompiled (slower) rather than compile on a "
+        "request. IMAGESMITH_WARMUP_SIZES, IMAGESMITH_WARMUP_ANY_SIZE=true or IMAGESMITH_COMPILE_ON_REQUEST=true "
+        "compiles such passes",
+    ]
 
 
 def test_a_route_that_ran_before_the_stop_keeps_serving_new_sizes() -> None:
@@ -66,7 +80,15 @@ def test_a_route_that_ran_before_the_stop_keeps_serving_new_sizes() -> None:
     assert recording.compiled == [False, True] and recording.ran == [False, True, True]
 
 
-def generate(engine: Any, width: int, height: int, images: int = 1, guidance: float = 5.0) -> np.ndarray:
+def generate(
+    engine: Any,
+    width: int,
+    height: int,
+    images: int = 1,
+    guidance: float = 5.0,
+    scheduler: str = "euler",
+    steps: int = 4,
+) -> np.ndarray:
     from imagesmith.schemas import GenerationRequest
 
     request = GenerationRequest(
@@ -75,7 +97,8 @@ def generate(engine: Any, width: int, height: int, images: int = 1, guidance: fl
         height=height,
         num_images=images,
         guidance_scale=guidance,
-        num_inference_steps=4,
+        scheduler=scheduler,
+        num_inference_steps=steps,
         seed=3,
     )
     return np.stack([np.asarray(image) for image in engine.generate(request).images])
@@ -86,34 +109,98 @@ def generate(engine: Any, width: int, height: int, images: int = 1, guidance: fl
 REQUESTS = [(96, 64, 1, 5.0), (64, 64, 2, 5.0), (64, 64, 1, 1.0)]
 
 
+# A one-image request on compiled graphs: one per UNet step (base and refiner; each scheduler here calls the UNet
+# once a step) and the decode.
+def graphs_run_by_a_request(steps: int = 4) -> int:
+    return steps + 1
+
+
 @pytest.mark.parametrize("stopped", [True, False])
-def test_after_the_warm_up_requests_of_new_shapes_compile_nothing(tiny_settings: Any, stopped: bool) -> None:
-    """Stopped, each new shape runs uncompiled, with the image an eager engine makes; not stopped
-    (IMAGESMITH_COMPILE_ON_REQUEST=true), each compiles."""
+def test_after_the_warm_up_requests_of_new_shapes_compile_nothing(
+    tiny_settings: Any, stopped: bool, fresh_logs: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Stopped, each new shape runs uncompiled, with the image an eager engine makes, each kind logged once, and
+    the warmed-up shape still runs its graphs; not stopped (IMAGESMITH_COMPILE_ON_REQUEST=true), each compiles."""
     from imagesmith.engine import Engine
     from imagesmith.engine.fast import STOPPED_COMPILING, stop_compiling_on_requests, warm_up
 
     engine = Engine.start(tiny_settings.with_changes(fuse_qkv=False))
     eager = {shape: generate(engine, *shape) for shape in REQUESTS}
-    with engine_routed_and_counting(engine) as graphs:
+    with engine_routed_and_recording(engine) as recording, caplog.at_level(logging.WARNING):
         warm_up(engine, [(64, 64)], [1])
-        after_warm_up = len(graphs)
+        after_warm_up = len(recording.compiled)
         if stopped:
             stop_compiling_on_requests(engine)
         compiled = {shape: generate(engine, *shape) for shape in REQUESTS}
-        new_graphs = len(graphs) - after_warm_up
-        warmed_up_size_again = len(graphs)
+        new_graphs = len(recording.compiled) - after_warm_up
+        before = len(recording.ran)
         generate(engine, 64, 64)
-        assert len(graphs) == warmed_up_size_again  # the warmed-up shape still runs its graphs
+        graphs_run_after = len(recording.ran) - before
     assert after_warm_up > 0
+    assert graphs_run_after == graphs_run_by_a_request()  # the warmed-up shape, after the new ones
+    warnings = routing_warnings(caplog)
     if stopped:
         assert new_graphs == 0
         assert STOPPED_COMPILING in engine.levers and not engine.compiles_on_request
         for shape in REQUESTS:
             np.testing.assert_array_equal(compiled[shape], eager[shape])
+        assert any("no one_image graph for this size, latents 8x12" in line for line in warnings)
+        assert any("no batched graph for this kind of pass at a warmed-up size" in line for line in warnings)
+        assert any("a one_image call at latents 8x8 with 1 row(s)" in line for line in warnings)  # guidance 1
+        assert len(warnings) == len(set(warnings))
     else:
-        assert new_graphs >= len(REQUESTS)
+        assert new_graphs >= len(REQUESTS) and not warnings
     assert not any("eager instead" in lever for lever in engine.levers)
+    assert torch._dynamo.eval_frame._stance.stance == "default"  # the passes' stance went with them
+
+
+@pytest.mark.parametrize("scheduler", ["dpmpp_2m", "ddim", "unipc"])
+def test_schedulers_with_integer_timesteps_run_the_warmed_up_graphs(
+    tiny_settings: Any, scheduler: str
+) -> None:
+    """The warm-up runs Euler (float timesteps); these hand the UNet int64 timesteps, which the routing casts
+    to float32: the warm-up's graphs serve them, with the eager engine's image."""
+    from imagesmith.engine import Engine
+    from imagesmith.engine.fast import stop_compiling_on_requests, warm_up
+
+    engine = Engine.start(tiny_settings.with_changes(fuse_qkv=False))
+    steps = 8  # 4 would leave the refiner no step with these schedulers' timesteps
+    eager = generate(engine, 64, 64, scheduler=scheduler, steps=steps)
+    with engine_routed_and_recording(engine) as recording:
+        warm_up(engine, [(64, 64)], [1])
+        stop_compiling_on_requests(engine)
+        graphs = len(recording.compiled)
+        before = len(recording.ran)
+        image = generate(engine, 64, 64, scheduler=scheduler, steps=steps)
+        assert len(recording.compiled) == graphs
+        assert len(recording.ran) - before == graphs_run_by_a_request(steps)
+    np.testing.assert_array_equal(image, eager)
+
+
+def test_modules_compiled_without_routing_do_not_compile_on_a_request_either(tiny_settings: Any) -> None:
+    """IMAGESMITH_COMPILE_DYNAMIC's UNets keep Module.compile's own call, with no routing: the pass's
+    "eager_on_recompile" stance runs their guard misses uncompiled."""
+    from imagesmith.engine import Engine
+    from imagesmith.engine.fast import stop_compiling_on_requests, warm_up
+
+    engine = Engine.start(tiny_settings.with_changes(fuse_qkv=False))
+    recording = GraphRecording()
+    unets = [engine.models.base.unet, engine.models.refiner.unet]
+    torch._dynamo.reset()
+    try:
+        for unet in unets:
+            unet.compile(fullgraph=True, dynamic=True, backend=recording.backend)
+        warm_up(engine, [(64, 64)], [1])
+        stop_compiling_on_requests(engine)
+        graphs = len(recording.compiled)
+        generate(engine, 96, 64)  # oblong after a square warm-up: a guard miss (height == width)
+        generate(engine, 64, 64, guidance=1.0)
+        assert len(recording.compiled) == graphs > 0
+    finally:
+        for unet in unets:
+            unet._compiled_call_impl = None
+        torch._dynamo.reset()
+    assert torch._dynamo.eval_frame._stance.stance == "default"
 
 
 def test_without_compiled_modules_there_is_nothing_to_stop(tiny_engine: Any) -> None:

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 import torch
-from graph_recording import GraphRecording, TwoConvolutions, engine_routed_and_counting
+from graph_recording import GraphRecording, TwoConvolutions, engine_routed_and_recording
 
 from imagesmith.engine.size_routing import SizeRoutedCall, latent_size_of_image
 
@@ -99,7 +99,8 @@ def test_warming_up_any_size_leaves_no_compile_for_requests_at_new_sizes(tiny_se
 
     engine = Engine.start(tiny_settings.with_changes(fuse_qkv=False))
     heard: list[str] = []
-    with engine_routed_and_counting(engine) as graphs:
+    with engine_routed_and_recording(engine) as recording:
+        graphs = recording.compiled
         warm_up(engine, [(64, 64)], [1, 4], heard.append, any_size=True)
         after_warm_up = len(graphs)
         # Sizes the warm-up did not run (64x128 it ran, for the other sizes), in multiples of 32 px (latents whose
@@ -201,3 +202,5 @@ def test_two_warm_up_sizes_warm_up_any_size_by_themselves() -> None:
     assert not Settings().warms_up_any_size()
     assert Settings(warmup_any_size=True).warms_up_any_size()
     assert Settings(warmup_sizes="1024x1024,1216x832").warms_up_any_size()
+    # Its UNet graphs, compiled at the square warm-up size, guard height == width: an oblong pass warms them up.
+    assert Settings(compile_dynamic=True).warms_up_any_size()

@@ -52,6 +52,7 @@ class BatchRoutedCall:
             call.stop_compiling()
 
     def __call__(self, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        args, kwargs = _timestep_as_float32(args, kwargs)
         _mark_model_sizes_static(kwargs)
         if sample.shape[0] <= ONE_IMAGE_ROWS:
             # Static in the batch only: dynamo's record of sizes seen is kept by function name and file, so
@@ -65,6 +66,27 @@ class BatchRoutedCall:
             # instead of raising.
             torch._dynamo.maybe_mark_dynamic(tensor, 0)
         return self.batched(sample, *args, **kwargs)
+
+
+def _timestep_as_float32(
+    args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The UNet's timestep as float32, whatever the scheduler hands it.
+
+    Euler hands float32 timesteps; DPM++ 2M, DDIM and UniPC hand int64 ones. A graph is guarded on its inputs'
+    dtypes, so the warm-up's graphs (Euler) did not fit those schedulers' passes: they compiled graphs of their own on
+    a request, or ran uncompiled once the service stops compiling (fast.stop_compiling_on_requests). The cast
+    changes no result: the UNet's time embedding starts with `timesteps.float()` (diffusers'
+    get_timestep_embedding), and float32 holds every integer timestep (0-999) exactly."""
+    if args:
+        timestep = args[0]
+        if isinstance(timestep, torch.Tensor) and timestep.dtype != torch.float32:
+            return (timestep.float(), *args[1:]), kwargs
+        return args, kwargs
+    timestep = kwargs.get("timestep")
+    if isinstance(timestep, torch.Tensor) and timestep.dtype != torch.float32:
+        return args, {**kwargs, "timestep": timestep.float()}
+    return args, kwargs
 
 
 def _mark_model_sizes_static(kwargs: dict[str, Any]) -> None:

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -362,7 +363,11 @@ def serve_eager_from_now(engine: Any, error: BaseException, what: str) -> None:
     for module in compiled_modules(engine):
         module._compiled_call_impl = None  # what Module.compile set; the module runs eager again
     engine.records_cuda_graphs = False
-    engine.levers = [lever for lever in engine.levers if not lever.startswith("torch.compile")]
+    engine.levers = [
+        lever
+        for lever in engine.levers
+        if not lever.startswith("torch.compile") and lever != STOPPED_COMPILING
+    ]
     engine.levers.append(f"torch.compile failed, eager instead ({type(error).__name__})")
 
 
@@ -465,13 +470,33 @@ def stop_compiling_on_requests(engine: Any) -> None:
     engine.levers = [*engine.levers, STOPPED_COMPILING]
 
 
-def no_compiling_on_requests(engine: Any) -> AbstractContextManager[Any]:
+_PASSES_NOT_COMPILING = 0  # passes under way with the stance below: it is torch's global one, not per thread
+_PASSES_NOT_COMPILING_LOCK = threading.Lock()
+
+
+@contextmanager
+def no_compiling_on_requests(engine: Any) -> Iterator[None]:
     """Around a pass: after `stop_compiling_on_requests`, dynamo runs a call its graphs' guards reject uncompiled
-    instead of recompiling ("eager_on_recompile"; graphs whose guards pass still run). The stance is torch's
-    global one, set for the pass only, on the engine's GPU thread, where every pass runs."""
+    instead of recompiling ("eager_on_recompile"; graphs whose guards pass still run). Routed calls log such calls
+    (engine/size_routing.py); this covers modules compiled without routing (IMAGESMITH_COMPILE_DYNAMIC's UNets).
+
+    The stance is process-wide, so it is set by the first such pass under way and put back by the last: with
+    torch's own save-and-restore, two engines' passes on two threads (tests, benchmarks) could leave it set."""
+    global _PASSES_NOT_COMPILING
     if getattr(engine, "compiles_on_request", True):
-        return nullcontext()
-    return torch.compiler.set_stance("eager_on_recompile")
+        yield
+        return
+    with _PASSES_NOT_COMPILING_LOCK:
+        if _PASSES_NOT_COMPILING == 0:
+            torch.compiler.set_stance("eager_on_recompile")
+        _PASSES_NOT_COMPILING += 1
+    try:
+        yield
+    finally:
+        with _PASSES_NOT_COMPILING_LOCK:
+            _PASSES_NOT_COMPILING -= 1
+            if _PASSES_NOT_COMPILING == 0:
+                torch.compiler.set_stance("default")
 
 
 def size_outside(sizes: list[tuple[int, int]]) -> tuple[int, int]:

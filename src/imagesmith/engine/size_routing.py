@@ -27,13 +27,17 @@ After a service's warm-up the routes stop compiling (`stop_compiling`, IMAGESMIT
 default): a route the warm-up never ran (the any-size graph without IMAGESMITH_WARMUP_ANY_SIZE, the batched graph
 of a server warmed up at batch 1 only) runs the module uncompiled instead of compiling on a client's request. A
 full-size compile takes minutes on the GPU thread, and every queued request would wait behind it; uncompiled,
-the one pass is slower and nothing else waits. (Inside a route that did compile, engine/fast.py's
-`no_compiling_on_requests` makes dynamo run uncompiled on a guard miss rather than recompile.)
+the one pass is slower and nothing else waits. Inside a route that did compile, a call its graphs' guards reject
+(guidance_scale <= 1: one row per image; a size the any-size graph was specialised against) runs uncompiled too:
+dynamo's "fail_on_recompile" stance refuses the recompile, and the call runs the module itself. Each kind is
+logged once, with dynamo's reason. (Modules compiled without routing are covered by engine/fast.py's
+`no_compiling_on_requests`, silently.)
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import types
 from collections.abc import Callable
 from typing import Any
@@ -84,7 +88,23 @@ class SizeRoutedCall:
         self.warmed.add(size)
 
     def __call__(self, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        return self.compiled_for(sample)(sample, *args, **kwargs)
+        compiled = self.compiled_for(sample)
+        if self.compiles or compiled is self.uncompiled:
+            return compiled(sample, *args, **kwargs)
+        try:
+            # Dynamo checks the guards as the entry frame starts, before any of its work runs: a refused
+            # recompile leaves nothing half done.
+            with torch.compiler.set_stance("fail_on_recompile"):
+                return compiled(sample, *args, **kwargs)
+        except RuntimeError as error:
+            reason = refused_recompile_reason(error)
+            if reason is None:
+                raise
+        say_once_it_runs_uncompiled(
+            (self.label, latent_size(sample), reason),
+            f"a {self.label} call at latents {shape_text(sample)} missed its graphs' guards ({reason})",
+        )
+        return self.uncompiled(sample, *args, **kwargs)
 
     def compiled_for(self, sample: torch.Tensor) -> Callable[..., Any]:
         """The compiled function for this sample, with its height and width marked for it. With no size warmed
@@ -96,7 +116,11 @@ class SizeRoutedCall:
             self.warmed.add(size)
         route = "static" if size in self.warmed else "any size"
         if not self.compiles and route not in self.routes_run:
-            say_once_it_runs_uncompiled(size, f"{self.label}, {route} route")
+            what = "size" if route == "any size" else "kind of pass at a warmed-up size"
+            say_once_it_runs_uncompiled(
+                (self.label, size, route),
+                f"the warm-up compiled no {self.label} graph for this {what}, latents {shape_text(sample)}",
+            )
             return self.uncompiled
         self.routes_run.add(route)
         # No tensor object goes through both routes: dynamo lets a "maybe dynamic" mark win over a static one.
@@ -111,26 +135,37 @@ class SizeRoutedCall:
         return self.any_size
 
 
-_SAID_UNCOMPILED: set[LatentSize] = (
-    set()
-)  # sizes logged already: the base, the refiner and the decoder meet each
+# What was logged already: each kind once a process (the base, the refiner and the decoder each meet a new size).
+_SAID_UNCOMPILED: set[tuple[Any, ...]] = set()
+_REFUSED_RECOMPILE = "Detected recompile when torch.compile stance is 'fail_on_recompile'"
 
 
-def say_once_it_runs_uncompiled(size: LatentSize, where: str) -> None:
-    if size in _SAID_UNCOMPILED:
+def say_once_it_runs_uncompiled(kind: tuple[Any, ...], what: str) -> None:
+    if kind in _SAID_UNCOMPILED:
         return
-    _SAID_UNCOMPILED.add(size)
-    height, width = size
+    _SAID_UNCOMPILED.add(kind)
     log.warning(
-        "no graph was warmed up for latents %dx%d (a %dx%d image with SDXL's VAE; %s): they run uncompiled, slower, "
-        "rather than compile on a request; IMAGESMITH_WARMUP_SIZES or IMAGESMITH_WARMUP_ANY_SIZE=true compiles "
-        "them at start-up",
-        height,
-        width,
-        width * SDXL_VAE_SCALE,
-        height * SDXL_VAE_SCALE,
-        where,
+        "%s: it runs uncompiled (slower) rather than compile on a request. IMAGESMITH_WARMUP_SIZES, "
+        "IMAGESMITH_WARMUP_ANY_SIZE=true or IMAGESMITH_COMPILE_ON_REQUEST=true compiles such passes",
+        what,
     )
+
+
+def refused_recompile_reason(error: RuntimeError) -> str | None:
+    """The guard that failed, when `error` is dynamo refusing a recompile under "fail_on_recompile" (torch 2.11
+    and 2.13 word it alike); None for any other error."""
+    message = str(error)
+    if not message.startswith(_REFUSED_RECOMPILE):
+        return None
+    failures = [line.strip()[2:] for line in message.splitlines() if line.strip().startswith("- ")]
+    # Each failure starts with its graph's place among the cache entries ("0/0: "), which says nothing here.
+    return re.sub(r"^\d+/\d+: ", "", failures[0])[:200] if failures else "no guard named"
+
+
+def shape_text(sample: torch.Tensor) -> str:
+    """`rows`x`height`x`width` of the latents and the image size with SDXL's VAE, for the logs."""
+    rows, (height, width) = sample.shape[0], latent_size(sample)
+    return f"{height}x{width} with {rows} row(s) (a {width * SDXL_VAE_SCALE}x{height * SDXL_VAE_SCALE} image)"
 
 
 def entry_of_its_own(call_impl: Callable[..., Any], name: str) -> Callable[..., Any]:
