@@ -14,7 +14,9 @@
 # starting another, which empties it.
 #
 # Stages: save the random full-size models; the GPU tests; `imagesmith serve` (reduce-overhead, batch_max 8)
-# cold then warm; (only when named) serve-dynamic, a cold start with IMAGESMITH_COMPILE_DYNAMIC; (only when named)
+# cold then warm; (only when named) serve-other, serve-anysize, vae-routed and unet-anysize, the runs owed by
+# sessions 32-33 (one pipeline for them: models,serve-cold,serve-other,vae-routed,unet-anysize,serve-anysize, then
+# SERVE_OTHER_ARGS=--compile-on-request with serve-other alone); (only when named) serve-dynamic, a cold start with IMAGESMITH_COMPILE_DYNAMIC; (only when named)
 # serve-regions, a cold then a warm start with IMAGESMITH_COMPILE_REGIONS; the queue at
 # batch 1, 4 and 8, eager and compiled (QUEUE_BATCHES and QUEUE_ARGS in the environment change what it runs;
 # QUEUE_ARGS="--ab --eager-batches none" gives the finishing and preview A/Bs); the engine's fast path (peer,
@@ -194,6 +196,24 @@ print(s(Path('.devcache/random-sdxl'), False))" ;;
     serve-warm) stage serve-warm 360 python3 benchmarks/serve_start.py --out "$PIPE/serve-warm" \
         --models .devcache/random-sdxl --data .devcache/serve8 --compile reduce-overhead --batch-max 8 --starts 1 --requests 6 \
         --timeout-s 340 ;;
+    # A warm start, then requests at a size the warm-up did not run (1024x960): uncompiled by default (session 33),
+    # compiled on the first with --compile-on-request (SERVE_OTHER_ARGS). Predicted: 1.9-2.1 s uncompiled;
+    # 200-350 s then ~1.45 s compiling on the request (docs/benchmarks.md, "Session 33").
+    # shellcheck disable=SC2086  # SERVE_OTHER_ARGS is a list of arguments
+    serve-other) stage serve-other 600 python3 benchmarks/serve_start.py --out "$PIPE/serve-other" \
+        --models .devcache/random-sdxl --data .devcache/serve8 --compile reduce-overhead --batch-max 8 --starts 1 --requests 3 \
+        --other-size 1024x960 --timeout-s 580 ${SERVE_OTHER_ARGS:-} ;;
+    # A first start that also warms up the graphs every other size shares (its own compile cache): the start-up
+    # cost of IMAGESMITH_WARMUP_ANY_SIZE against serve-cold (predicted +60-100 %), then 1024x960 compiled.
+    serve-anysize) stage serve-anysize 900 python3 benchmarks/serve_start.py --out "$PIPE/serve-anysize" \
+        --models .devcache/random-sdxl --data .devcache/serve8-anysize --compile reduce-overhead --batch-max 8 --starts 1 \
+        --requests 3 --other-size 1024x960 --any-size --timeout-s 880 ;;
+    # The routed decoder after another size (session 32's prediction: -sized within 0.5 ms of the static graph).
+    vae-routed) stage vae-routed 300 python3 benchmarks/vae_decode.py --out "$PIPE/vae-routed.json" \
+        --variants compiled-routed,compiled-routed-dynamic,compiled-routed-sized ;;
+    # The base UNet's any-size graph against its static one (predicted +10-15 %; the any-size compile is long).
+    unet-anysize) stage unet-anysize 480 python3 benchmarks/unet_compiled.py --out "$PIPE/unet-anysize.json" \
+        --variants ro,ro+anysize --profile ;;
     # The same first start with the UNets compiled once, with dynamic shapes (its own, empty compile cache).
     serve-dynamic) stage serve-dynamic 720 env IMAGESMITH_COMPILE_DYNAMIC=true \
         python3 benchmarks/serve_start.py --out "$PIPE/serve-dynamic" --models .devcache/random-sdxl \
