@@ -58,7 +58,9 @@ def engine_routed_and_recording(engine: Any) -> Iterator[GraphRecording]:
     try:
         for unet in unets:
             unet._compiled_call_impl = BatchRoutedCall(unet._call_impl, options)
-        decoder._compiled_call_impl = SizeRoutedCall(decoder._call_impl, options)
+        decoder._compiled_call_impl = SizeRoutedCall(
+            decoder._call_impl, options, label="decode"
+        )  # as fast.py's
         yield recording
     finally:
         for module in [*unets, decoder]:

@@ -12,6 +12,7 @@ import torch
 from graph_recording import GraphRecording, TwoConvolutions, engine_routed_and_recording
 
 from imagesmith.engine.size_routing import SizeRoutedCall
+from imagesmith.uncompiled_calls import uncompiled_calls
 
 
 @pytest.fixture
@@ -131,7 +132,10 @@ def test_after_the_warm_up_requests_of_new_shapes_compile_nothing(
         after_warm_up = len(recording.compiled)
         if stopped:
             stop_compiling_on_requests(engine)
+        calls_before = uncompiled_calls()
         compiled = {shape: generate(engine, *shape) for shape in REQUESTS}
+        calls = {kind: count - calls_before.get(kind, 0) for kind, count in uncompiled_calls().items()}
+        calls = {kind: count for kind, count in calls.items() if count}  # kinds counted by earlier tests only
         new_graphs = len(recording.compiled) - after_warm_up
         before = len(recording.ran)
         generate(engine, 64, 64)
@@ -148,8 +152,11 @@ def test_after_the_warm_up_requests_of_new_shapes_compile_nothing(
         assert any("no batched graph for this kind of pass at a warmed-up size" in line for line in warnings)
         assert any("a one_image call at latents 8x8 with 1 row(s)" in line for line in warnings)  # guidance 1
         assert len(warnings) == len(set(warnings))
+        # /metrics' count, per UNet step (4 a request) and decode: the new size's steps and decode, the two-image
+        # pass's batched steps, guidance 1's steps. The other two decodes fit the static graph (a row an image).
+        assert calls == {"one_image": 4 + 4, "batched": 4, "decode": 1}
     else:
-        assert new_graphs >= len(REQUESTS) and not warnings
+        assert new_graphs >= len(REQUESTS) and not warnings and not calls
     assert not any("eager instead" in lever for lever in engine.levers)
     assert torch._dynamo.eval_frame._stance.stance == "default"  # the passes' stance went with them
 

@@ -44,6 +44,8 @@ from typing import Any
 
 import torch
 
+from imagesmith.uncompiled_calls import count_uncompiled_call
+
 log = logging.getLogger(__name__)
 
 LatentSize = tuple[int, int]  # (height, width) of the latents, the image's sides over the VAE's scale factor
@@ -65,7 +67,7 @@ class SizeRoutedCall:
         call_impl: Callable[..., Any],
         options: dict[str, Any],
         warmed: set[LatentSize] | None = None,
-        label: str = "graph",
+        label: str = "module",
     ) -> None:
         self.options = dict(options)  # torch.compile's arguments, for the start-up's checks and tests
         self.static_entry = entry_of_its_own(call_impl, f"{label}_at_a_warmed_up_size")
@@ -100,6 +102,7 @@ class SizeRoutedCall:
             reason = refused_recompile_reason(error)
             if reason is None:
                 raise
+        count_uncompiled_call(self.label)
         say_once_it_runs_uncompiled(
             (self.label, latent_size(sample), reason),
             f"a {self.label} call at latents {shape_text(sample)} missed its graphs' guards ({reason})",
@@ -117,6 +120,7 @@ class SizeRoutedCall:
         route = "static" if size in self.warmed else "any size"
         if not self.compiles and route not in self.routes_run:
             what = "size" if route == "any size" else "kind of pass at a warmed-up size"
+            count_uncompiled_call(self.label)
             say_once_it_runs_uncompiled(
                 (self.label, size, route),
                 f"the warm-up compiled no {self.label} graph for this {what}, latents {shape_text(sample)}",

@@ -10,6 +10,7 @@ from prometheus_client.registry import Collector
 
 from imagesmith.jobs.store import JobStatus
 from imagesmith.sources.base import SourceState, SourceStatus
+from imagesmith.uncompiled_calls import uncompiled_calls
 
 STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
 
@@ -32,7 +33,7 @@ class _LiveCollector(Collector):
     def __init__(self, counts: Callable[[], dict[JobStatus, int]]) -> None:
         self._counts = counts
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         counts = self._counts()
         depth = GaugeMetricFamily("imagesmith_queue_depth", "Jobs waiting in the queue (not yet running).")
         depth.add_metric([], counts[JobStatus.QUEUED])
@@ -47,6 +48,15 @@ class _LiveCollector(Collector):
         for kind, value in gpu_memory().items():
             memory.add_metric([kind], value)
         yield memory
+        uncompiled = CounterMetricFamily(
+            "imagesmith_uncompiled_calls",
+            "Calls of compiled modules that ran uncompiled after the warm-up (a shape it did not compile), by "
+            "kind: one_image, batched (UNet passes), decode.",
+            labels=["kind"],
+        )
+        for kind, calls in sorted(uncompiled_calls().items()):
+            uncompiled.add_metric([kind], calls)
+        yield uncompiled
 
 
 class _StockCollector(Collector):
