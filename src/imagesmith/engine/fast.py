@@ -456,9 +456,10 @@ def stop_compiling_on_requests(engine: Any) -> None:
     A compile on a request takes minutes on a GPU (131 s for the base UNet's graph alone, run 82 in
     docs/benchmarks.md), on the GPU thread, so every queued request waits behind it; uncompiled, one pass is
     slower (eager bf16: 2.08 s against 1.33 s for the 40-step ensemble, runs 47 and 70) and no one waits for it.
-    Two parts: routes the warm-up never ran run the module uncompiled (engine/size_routing.py), and each pass
-    runs under `no_compiling_on_requests`, for guard misses inside routes that did compile (a pass of one row
-    per image, with guidance_scale <= 1; a size the any-size graph was specialised against)."""
+    The routed calls (engine/size_routing.py) run a route the warm-up never ran, and a call their graphs' guards
+    reject (a pass of one row per image, with guidance_scale <= 1; a size the any-size graph was specialised
+    against), uncompiled, and log and count it. Each pass also runs under `no_compiling_on_requests`, for modules
+    compiled without routing."""
     modules = compiled_modules(engine)
     if not modules:
         return
