@@ -102,9 +102,9 @@ class SizeRoutedCall:
             reason = refused_recompile_reason(error)
             if reason is None:
                 raise
-        count_uncompiled_call(self.label)
-        say_once_it_runs_uncompiled(
-            (self.label, latent_size(sample), reason),
+        note_uncompiled_call(
+            self.label,
+            (latent_size(sample), reason),
             f"a {self.label} call at latents {shape_text(sample)} missed its graphs' guards ({reason})",
         )
         return self.uncompiled(sample, *args, **kwargs)
@@ -120,9 +120,9 @@ class SizeRoutedCall:
         route = "static" if size in self.warmed else "any size"
         if not self.compiles and route not in self.routes_run:
             what = "size" if route == "any size" else "kind of pass at a warmed-up size"
-            count_uncompiled_call(self.label)
-            say_once_it_runs_uncompiled(
-                (self.label, size, route),
+            note_uncompiled_call(
+                self.label,
+                (size, route),
                 f"the warm-up compiled no {self.label} graph for this {what}, latents {shape_text(sample)}",
             )
             return self.uncompiled
@@ -144,10 +144,12 @@ _SAID_UNCOMPILED: set[tuple[Any, ...]] = set()
 _REFUSED_RECOMPILE = "Detected recompile when torch.compile stance is 'fail_on_recompile'"
 
 
-def say_once_it_runs_uncompiled(kind: tuple[Any, ...], what: str) -> None:
-    if kind in _SAID_UNCOMPILED:
+def note_uncompiled_call(label: str, kind: tuple[Any, ...], what: str) -> None:
+    """Count a call that runs uncompiled (/metrics, by `label`) and log its kind once a process."""
+    count_uncompiled_call(label)
+    if (label, *kind) in _SAID_UNCOMPILED:
         return
-    _SAID_UNCOMPILED.add(kind)
+    _SAID_UNCOMPILED.add((label, *kind))
     log.warning(
         "%s: it runs uncompiled (slower) rather than compile on a request. IMAGESMITH_WARMUP_SIZES, "
         "IMAGESMITH_WARMUP_ANY_SIZE=true or IMAGESMITH_COMPILE_ON_REQUEST=true compiles such passes",
