@@ -18,6 +18,7 @@ from imagesmith.engine.compile_regions import compile_transformer_blocks_once, r
 
 # torch 2.8 and later (pyproject allows older); the engine skips the lever there, with a warning.
 needs_regions = pytest.mark.skipif(not regions_supported(), reason="this torch has no nested compile regions")
+_TORCH_AT_LEAST_2_13 = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 13)
 
 
 def _region_calls(graph: torch.fx.GraphModule) -> list[str]:
@@ -56,9 +57,13 @@ def test_every_block_reuses_one_traced_subgraph_in_both_graphs_with_the_same_out
             eager = fresh_unet(*args, **kwargs)[0]
             assert torch.equal(compiled, eager)
     assert len(graphs) == 2
-    for graph in graphs:
-        calls = _region_calls(graph)
-        assert len(calls) == 4 and len(set(calls)) == 1
+    one_image, batched = (_region_calls(graph) for graph in graphs)
+    assert len(one_image) == 4 and len(set(one_image)) == 1
+    # In the batch-dynamic graph the text's rows and the latents' rows start as two symbols. torch 2.13 knows
+    # they are equal before the first block; torch 2.11 (the GPU machine's) learns it inside the first block, so
+    # that block traces a subgraph of its own (one more input: the text's rows) and the other three share one.
+    assert len(batched) == 4 and len(set(batched[1:])) == 1
+    assert len(set(batched)) <= (1 if _TORCH_AT_LEAST_2_13 else 2)
 
 
 @needs_regions
