@@ -189,12 +189,14 @@ def test_warm_up_records_a_cuda_graph_for_every_batch_size_so_no_request_has_to(
     batches.clear()
     engine.records_cuda_graphs = True  # as Engine.start sets it for reduce-overhead
     heard: list[str] = []
-    monkeypatch.setattr(torch._inductor.config.triton, "cudagraph_dynamic_shape_warn_limit", 2)
-    warm_up(engine, [(64, 64)], [1, 4], heard.append)
-    # The graphs recorded on purpose do not trip torch's "too many CUDAGraphs" warning, and the limit is back
-    # afterwards (inductor's config is part of its compile cache's key).
-    assert warn_limits[-6:] == [2, 2, 4, 4, 4, 4]
-    assert torch._inductor.config.triton.cudagraph_dynamic_shape_warn_limit == 2
+    # Inductor's own patch, not monkeypatch: torch 2.11's config hides a key that monkeypatch's undo deletes,
+    # and every later compile in the process then failed reading it.
+    with torch._inductor.config.patch({"triton.cudagraph_dynamic_shape_warn_limit": 2}):
+        warm_up(engine, [(64, 64)], [1, 4], heard.append)
+        # The graphs recorded on purpose do not trip torch's "too many CUDAGraphs" warning, and the limit is back
+        # afterwards (inductor's config is part of its compile cache's key).
+        assert warn_limits[-6:] == [2, 2, 4, 4, 4, 4]
+        assert torch._inductor.config.triton.cudagraph_dynamic_shape_warn_limit == 2
     # Then every size the worker can form gets its graph recorded now, batch 1 included.
     assert batches == [1, 4, 1, 2, 3, 4]
     assert "warm-up, recording CUDA graphs, 4 of 4 (64x64, batch 4)" in heard

@@ -233,6 +233,10 @@ def test_a_closed_gpu_thread_refuses_calls_instead_of_hanging() -> None:
         gpu.run(lambda: 2)
 
 
+@pytest.mark.skipif(
+    not hasattr(__import__("torch")._C, "_remove_obj_from_tls"),
+    reason="this torch (2.11) cannot take the state back; exit_guard's wait for the OS thread covers it",
+)
 def test_the_gpu_thread_takes_back_its_stashed_graph_state_before_it_ends(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
