@@ -212,9 +212,10 @@ print(s(Path('.devcache/random-sdxl'), False))" ;;
     # The routed decoder after another size (session 32's prediction: -sized within 0.5 ms of the static graph).
     vae-routed) stage vae-routed 300 python3 benchmarks/vae_decode.py --out "$PIPE/vae-routed.json" \
         --variants compiled-routed,compiled-routed-dynamic,compiled-routed-sized ;;
-    # The base UNet's any-size graph against its static one (predicted +10-15 %; the any-size compile is long).
+    # The base UNet's any-size graph against its static one (predicted +10-15 %; the any-size compile is long),
+    # then the same without CUDA graphs (predicted 0.5-3 ms a call above ro+anysize: launches overlap the GPU's work).
     unet-anysize) stage unet-anysize 480 python3 benchmarks/unet_compiled.py --out "$PIPE/unet-anysize.json" \
-        --variants ro,ro+anysize --profile ;;
+        --variants ro,ro+anysize,default+anysize --profile ;;
     # The same first start with the UNets compiled once, with dynamic shapes (its own, empty compile cache).
     serve-dynamic) stage serve-dynamic 720 env IMAGESMITH_COMPILE_DYNAMIC=true \
         python3 benchmarks/serve_start.py --out "$PIPE/serve-dynamic" --models .devcache/random-sdxl \

@@ -77,7 +77,11 @@ REGION_VARIANTS = {"ro+regions"}
 # Variants whose graph has the latents' height and width symbolic: the graph dynamo makes at a second image size,
 # which served every size, the warmed-up one included, before engine/size_routing.py kept those static.
 VARIANTS["ro+anysize"] = CUDA_GRAPHS
-ANY_SIZE_VARIANTS = {"ro+anysize"}
+# The same graph without CUDA graphs (inductor's default mode). Under reduce-overhead the any-size graph records a
+# CUDA graph for each new size on that size's first calls (time, and pool memory that grows with the sizes seen);
+# this says what skipping them (inductor's `triton.cudagraph_skip_dynamic_graphs`) would cost per call.
+VARIANTS["default+anysize"] = {}
+ANY_SIZE_VARIANTS = {"ro+anysize", "default+anysize"}
 
 
 def build_unet(which: str, size: str, device: str, dtype: torch.dtype) -> Any:
