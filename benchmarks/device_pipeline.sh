@@ -201,6 +201,8 @@ print(s(Path('.devcache/random-sdxl'), False))" ;;
     # 200-350 s then ~1.45 s compiling on the request (docs/benchmarks.md, "Session 33").
     # shellcheck disable=SC2086  # SERVE_OTHER_ARGS is a list of arguments
     # On a fresh machine its data dir is cold: the start compiles (433-596 s in runs 36-40), hence the limit.
+    # A one-image-only start (the batch-1 warm-up alone: 196 s cold on an H100, run 84) needs
+    # SERVE_OTHER_ARGS="--batch-max 1 --max-images-per-request 1"; --batch-max 1 alone still warms batch 4.
     serve-other) stage serve-other 900 python3 benchmarks/serve_start.py --out "$PIPE/serve-other" \
         --models .devcache/random-sdxl --data .devcache/serve8 --compile reduce-overhead --batch-max 8 --starts 1 --requests 3 \
         --other-size 1024x960 --timeout-s 860 ${SERVE_OTHER_ARGS:-} ;;

@@ -68,6 +68,7 @@ def one_start(args: argparse.Namespace, models: Path, data: Path, label: str, lo
         "IMAGESMITH_DATA_DIR": str(data),
         "IMAGESMITH_COMPILE": args.compile,
         "IMAGESMITH_BATCH_MAX_IMAGES": str(args.batch_max),
+        "IMAGESMITH_MAX_IMAGES_PER_REQUEST": str(args.max_images_per_request),
         "IMAGESMITH_WARMUP_SIZES": f"{px}x{px}",
         "IMAGESMITH_DEFAULT_WIDTH": str(px),
         "IMAGESMITH_DEFAULT_HEIGHT": str(px),
@@ -168,6 +169,11 @@ def main() -> None:
     parser.add_argument("--data", default="", help="data dir (default: OUT/data; its compile cache decides)")
     parser.add_argument("--compile", default="default")
     parser.add_argument("--batch-max", type=int, default=8)
+    # The warm-up compiles the largest pass the worker may run: batch_max or one request's images, whichever is
+    # more (sources/generate.py's warm_up_batches). Only --batch-max 1 with this at 1 warms up one image alone.
+    parser.add_argument(
+        "--max-images-per-request", type=int, default=4, help="IMAGESMITH_MAX_IMAGES_PER_REQUEST"
+    )
     parser.add_argument("--starts", type=int, default=2)
     parser.add_argument("--timeout-s", type=float, default=500)
     parser.add_argument("--requests", type=int, default=2, help="one-image requests after ready (at least 1)")
