@@ -68,7 +68,6 @@ def one_start(args: argparse.Namespace, models: Path, data: Path, label: str, lo
         "IMAGESMITH_DATA_DIR": str(data),
         "IMAGESMITH_COMPILE": args.compile,
         "IMAGESMITH_BATCH_MAX_IMAGES": str(args.batch_max),
-        "IMAGESMITH_MAX_IMAGES_PER_REQUEST": str(args.max_images_per_request),
         "IMAGESMITH_WARMUP_SIZES": f"{px}x{px}",
         "IMAGESMITH_DEFAULT_WIDTH": str(px),
         "IMAGESMITH_DEFAULT_HEIGHT": str(px),
@@ -76,6 +75,8 @@ def one_start(args: argparse.Namespace, models: Path, data: Path, label: str, lo
         "IMAGESMITH_COMPILE_ON_REQUEST": str(args.compile_on_request).lower(),
         "IMAGESMITH_WARMUP_ANY_SIZE": str(args.any_size).lower(),
     }
+    if args.max_images_per_request is not None:  # otherwise the setting's own default
+        env["IMAGESMITH_MAX_IMAGES_PER_REQUEST"] = str(args.max_images_per_request)
     started = time.perf_counter()
     with open(log, "ab") as sink:
         process = subprocess.Popen(
@@ -172,7 +173,7 @@ def main() -> None:
     # The warm-up compiles the largest pass the worker may run: batch_max or one request's images, whichever is
     # more (sources/generate.py's warm_up_batches). Only --batch-max 1 with this at 1 warms up one image alone.
     parser.add_argument(
-        "--max-images-per-request", type=int, default=4, help="IMAGESMITH_MAX_IMAGES_PER_REQUEST"
+        "--max-images-per-request", type=int, default=None, help="IMAGESMITH_MAX_IMAGES_PER_REQUEST"
     )
     parser.add_argument("--starts", type=int, default=2)
     parser.add_argument("--timeout-s", type=float, default=500)
