@@ -48,7 +48,7 @@ def engine_routed_and_recording(engine: Any) -> Iterator[GraphRecording]:
     engine/size_routing.py), through a backend that runs each graph as traced and records each graph compiled and
     each graph run. Afterwards the modules are eager again and dynamo's caches are empty."""
     from imagesmith.engine.batch_routing import BatchRoutedCall
-    from imagesmith.engine.size_routing import SizeRoutedCall
+    from imagesmith.engine.fast import route_decoder
 
     recording = GraphRecording()
     options = {"fullgraph": True, "dynamic": None, "backend": recording.backend}
@@ -58,9 +58,7 @@ def engine_routed_and_recording(engine: Any) -> Iterator[GraphRecording]:
     try:
         for unet in unets:
             unet._compiled_call_impl = BatchRoutedCall(unet._call_impl, options)
-        decoder._compiled_call_impl = SizeRoutedCall(
-            decoder._call_impl, options, label="decode"
-        )  # as fast.py's
+        route_decoder(decoder, options)
         yield recording
     finally:
         for module in [*unets, decoder]:

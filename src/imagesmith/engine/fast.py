@@ -213,12 +213,7 @@ def apply_speed_levers(base: Any, refiner: Any | None, plan: HardwarePlan, setti
             )
             # Not dynamic in the batch: the engine decodes one image at a time at any batch size. Routed by image
             # size: a warmed-up size keeps its static graph (engine/size_routing.py says why).
-            decoder = base.vae.decoder
-            decoder._compiled_call_impl = SizeRoutedCall(
-                decoder._call_impl,
-                {"fullgraph": True, "mode": decoder_compile_mode(settings)},
-                label="decode",
-            )
+            route_decoder(base.vae.decoder, {"fullgraph": True, "mode": decoder_compile_mode(settings)})
             dynamic = ", dynamic shapes" if options["dynamic"] else ""
             attention = " (its attention as matmuls up to 1024x1024 in bf16)" if routed else ""
             # One lever: serving eager after a failed compile (serve_eager_from_now) drops the regions, and the
@@ -304,6 +299,12 @@ def compiled_calls_set_aside(engine: Any) -> Iterator[None]:
     finally:
         for module, compiled_call in wrapped:
             module._compiled_call_impl = compiled_call
+
+
+def route_decoder(decoder: Any, options: dict[str, Any]) -> None:
+    """Compile the VAE decoder with `options`, routed by image size (engine/size_routing.py); its calls that run
+    uncompiled count as "decode" on /metrics."""
+    decoder._compiled_call_impl = SizeRoutedCall(decoder._call_impl, options, label="decode")
 
 
 def warm_up_or_fall_back_to_eager(
