@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from dynamo_reset import reset_dynamo
 
 
 @dataclass
@@ -54,7 +55,7 @@ def engine_routed_and_recording(engine: Any) -> Iterator[GraphRecording]:
     options = {"fullgraph": True, "dynamic": None, "backend": recording.backend}
     unets = [engine.models.base.unet, engine.models.refiner.unet]
     decoder = engine.models.base.vae.decoder
-    torch._dynamo.reset()
+    reset_dynamo()
     try:
         for unet in unets:
             unet._compiled_call_impl = BatchRoutedCall(unet._call_impl, options)
@@ -63,4 +64,4 @@ def engine_routed_and_recording(engine: Any) -> Iterator[GraphRecording]:
     finally:
         for module in [*unets, decoder]:
             module._compiled_call_impl = None
-        torch._dynamo.reset()
+        reset_dynamo()

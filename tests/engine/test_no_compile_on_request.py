@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from dynamo_reset import reset_dynamo
 from graph_recording import GraphRecording, TwoConvolutions, engine_routed_and_recording
 
 from imagesmith.engine.size_routing import SizeRoutedCall
@@ -38,7 +39,7 @@ def test_a_stopped_route_runs_a_size_without_a_graph_uncompiled(
         module._call_impl, {"fullgraph": True, "backend": recording.backend}, label="decode"
     )
     routed.keep_static((8, 8))
-    torch._dynamo.reset()
+    reset_dynamo()
     try:
         with torch.no_grad():
             routed(torch.randn(1, 4, 8, 8))  # the warm-up
@@ -48,7 +49,7 @@ def test_a_stopped_route_runs_a_size_without_a_graph_uncompiled(
                     sample = torch.randn(rows, 4, height, width)
                     torch.testing.assert_close(routed(sample), module(sample))
     finally:
-        torch._dynamo.reset()
+        reset_dynamo()
     assert recording.compiled == [False]  # the warmed-up size's graph only
     assert recording.ran == [False, False]  # the warm-up and the call at 8x8; the others ran uncompiled
     assert routing_warnings(caplog) == [
@@ -69,7 +70,7 @@ def test_a_route_that_ran_before_the_stop_keeps_serving_new_sizes() -> None:
     recording = GraphRecording()
     routed = SizeRoutedCall(module._call_impl, {"fullgraph": True, "backend": recording.backend})
     routed.keep_static((8, 8))
-    torch._dynamo.reset()
+    reset_dynamo()
     try:
         with torch.no_grad():
             for height, width in [(8, 8), (8, 12)]:  # the warm-up: its size, then one outside it
@@ -77,7 +78,7 @@ def test_a_route_that_ran_before_the_stop_keeps_serving_new_sizes() -> None:
             routed.stop_compiling()
             routed(torch.randn(1, 4, 12, 6))
     finally:
-        torch._dynamo.reset()
+        reset_dynamo()
     assert recording.compiled == [False, True] and recording.ran == [False, True, True]
 
 
@@ -193,7 +194,7 @@ def test_modules_compiled_without_routing_do_not_compile_on_a_request_either(tin
     engine = Engine.start(tiny_settings.with_changes(fuse_qkv=False))
     recording = GraphRecording()
     unets = [engine.models.base.unet, engine.models.refiner.unet]
-    torch._dynamo.reset()
+    reset_dynamo()
     try:
         for unet in unets:
             unet.compile(fullgraph=True, dynamic=True, backend=recording.backend)
@@ -206,7 +207,7 @@ def test_modules_compiled_without_routing_do_not_compile_on_a_request_either(tin
     finally:
         for unet in unets:
             unet._compiled_call_impl = None
-        torch._dynamo.reset()
+        reset_dynamo()
     assert torch._dynamo.eval_frame._stance.stance == "default"
 
 

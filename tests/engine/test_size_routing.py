@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 import torch
+from dynamo_reset import reset_dynamo
 from graph_recording import GraphRecording, TwoConvolutions, engine_routed_and_recording
 
 from imagesmith.engine.size_routing import SizeRoutedCall, latent_size_of_image
@@ -24,14 +25,14 @@ def test_a_warmed_up_size_stays_on_its_static_graph_after_other_sizes() -> None:
     routed, compiled, ran = routed_with_recording(module)
     routed.keep_static((8, 8))
     sizes = [(8, 8), (6, 10), (12, 6), (10, 14), (8, 8)]
-    torch._dynamo.reset()
+    reset_dynamo()
     try:
         with torch.no_grad():
             for height, width in sizes:
                 sample = torch.randn(1, 4, height, width)
                 torch.testing.assert_close(routed(sample), module(sample))
     finally:
-        torch._dynamo.reset()
+        reset_dynamo()
     assert ran == [False, True, True, True, False]
     assert compiled == [False, True]  # the warmed size's graph, then one for every other size
 
@@ -42,13 +43,13 @@ def test_each_warmed_up_size_gets_a_static_graph_of_its_own() -> None:
     routed, compiled, ran = routed_with_recording(module)
     for size in [(8, 8), (6, 10)]:
         routed.keep_static(size)
-    torch._dynamo.reset()
+    reset_dynamo()
     try:
         with torch.no_grad():
             for height, width in [(8, 8), (6, 10), (8, 8), (6, 10)]:
                 routed(torch.randn(1, 4, height, width))
     finally:
-        torch._dynamo.reset()
+        reset_dynamo()
     assert compiled == [False, False] and ran == [False] * 4
 
 
@@ -66,7 +67,7 @@ def test_each_route_keeps_its_graphs_on_a_code_object_of_its_own() -> None:
     routed, compiled, _ = routed_with_recording(module)
     routed.keep_static((8, 8))
     assert routed.static_entry.__code__ is not routed.any_size_entry.__code__
-    torch._dynamo.reset()
+    reset_dynamo()
     try:
         with torch.no_grad():
             for height, width in [(6, 10), (12, 6), (8, 8)]:  # another size first, as in run 83
@@ -74,7 +75,7 @@ def test_each_route_keeps_its_graphs_on_a_code_object_of_its_own() -> None:
         static_graphs = len(_debug_get_cache_entry_list(routed.static_entry))
         any_size_graphs = len(_debug_get_cache_entry_list(routed.any_size_entry))
     finally:
-        torch._dynamo.reset()
+        reset_dynamo()
     assert (static_graphs, any_size_graphs) == (1, 1)
     assert compiled == [True, False]
 
@@ -159,13 +160,13 @@ def test_without_a_warm_up_the_first_size_seen_keeps_a_static_graph() -> None:
     """A one-shot command, a server without warm-up, a benchmark's own passes: as dynamo's own first graph."""
     module = TwoConvolutions().eval()
     routed, compiled, ran = routed_with_recording(module)
-    torch._dynamo.reset()
+    reset_dynamo()
     try:
         with torch.no_grad():
             for height, width in [(8, 12), (6, 10), (8, 12)]:
                 routed(torch.randn(1, 4, height, width))
     finally:
-        torch._dynamo.reset()
+        reset_dynamo()
     assert ran == [False, True, False] and compiled == [False, True]
 
 
@@ -184,7 +185,7 @@ def test_the_one_image_and_batched_graphs_keep_their_graphs_apart(tiny_settings:
     single, batched = routed.single, routed.batched
     assert isinstance(single, SizeRoutedCall) and isinstance(batched, SizeRoutedCall)
     assert single.static_entry.__code__ is not batched.static_entry.__code__
-    torch._dynamo.reset()
+    reset_dynamo()
     try:
         with torch.no_grad():
             for rows in (6, 2):
@@ -192,7 +193,7 @@ def test_the_one_image_and_batched_graphs_keep_their_graphs_apart(tiny_settings:
                 routed(*args, **kwargs)
         held = [len(_debug_get_cache_entry_list(call.static_entry)) for call in (single, batched)]
     finally:
-        torch._dynamo.reset()
+        reset_dynamo()
     assert held == [1, 1]
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from dynamo_reset import reset_dynamo
 from graph_recording import GraphRecording
 from pydantic import ValidationError
 from unet_call import unet_inputs
@@ -224,7 +225,7 @@ def test_compile_dynamic_compiles_the_unet_once_for_every_batch_size(
     options = unet_compile_options(Settings(compile="reduce-overhead", compile_dynamic=dynamic))
     assert options["mode"] == "reduce-overhead" and options["fullgraph"]
     unet = Engine.start(tiny_settings).models.base.unet
-    torch._dynamo.reset()  # dynamo remembers which sizes went dynamic, per code object, across instances
+    reset_dynamo()  # dynamo remembers which sizes went dynamic, per code object, across instances
     counter = CompileCounter()
     compiled = torch.compile(unet, fullgraph=True, dynamic=options["dynamic"], backend=counter)
     config = unet.config
@@ -235,7 +236,7 @@ def test_compile_dynamic_compiles_the_unet_once_for_every_batch_size(
             args, kwargs = unet_inputs(config, rows)
             compiled(*args, **kwargs)
     finally:
-        torch._dynamo.reset()
+        reset_dynamo()
     assert counter.frame_count == compiles
 
 
@@ -250,7 +251,7 @@ def test_one_image_passes_keep_their_static_graph_after_batched_passes_compile(
     from imagesmith.engine.batch_routing import BatchRoutedCall
 
     unet = Engine.start(tiny_settings).models.base.unet
-    torch._dynamo.reset()
+    reset_dynamo()
     graphs = GraphRecording()
     routed = BatchRoutedCall(unet._call_impl, {"fullgraph": True, "dynamic": None, "backend": graphs.backend})
     routed.keep_static((16, 16))  # unet_inputs' latents, as a warm-up at their size would
@@ -276,7 +277,7 @@ def test_one_image_passes_keep_their_static_graph_after_batched_passes_compile(
                 args, kwargs = unet_inputs(unet.config, rows)
                 outputs[rows] = (routed(*args, **kwargs), unet._call_impl(*args, **kwargs))
     finally:
-        torch._dynamo.reset()
+        reset_dynamo()
     assert seen == {"single": [2, 2], "batched": [6, 4, 10]}
     assert graphs.compiled == [True, False], "one batch-dynamic compile, then one static compile"
     for compiled_output, eager_output in outputs.values():
@@ -290,7 +291,6 @@ def _graphs_through_sizes(engine: Engine, route: bool) -> dict[str, Any]:
     size as the warm-up ran it. `route`: the engine's routing (engine/batch_routing.py, engine/size_routing.py);
     else plain Module.compile. Returns the graphs compiled after the warm-up and after each request, whether
     each graph run by the last request had symbolic sizes, and the engine's levers."""
-    import torch
 
     from imagesmith.engine.batch_routing import BatchRoutedCall
     from imagesmith.engine.engine import BatchItem
@@ -302,7 +302,7 @@ def _graphs_through_sizes(engine: Engine, route: bool) -> dict[str, Any]:
     unets = [engine.models.base.unet, engine.models.refiner.unet]
     decoder = engine.models.base.vae.decoder
     levers = list(engine.levers)
-    torch._dynamo.reset()
+    reset_dynamo()
     try:
         for unet in unets:
             if route:
@@ -336,7 +336,7 @@ def _graphs_through_sizes(engine: Engine, route: bool) -> dict[str, Any]:
         for module in [*unets, decoder]:
             module._compiled_call_impl = None
         engine.levers[:] = levers  # a fallback to eager is noted there
-        torch._dynamo.reset()
+        reset_dynamo()
 
 
 def test_warmed_up_sizes_keep_static_graphs_and_new_sizes_share_one(tiny_settings: Settings) -> None:
