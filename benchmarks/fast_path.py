@@ -83,8 +83,10 @@ UNET_TFLOP = {"base": 13.522, "refine": 14.572}  # per call, batch 2 with CFG, 1
 # --queue-ab: the service settings an A/B of the queue changes, one each (each is exact: the images are the
 # same; what moves is where the host's work sits against the GPU's passes).
 # no-encode-ahead: the next pass's prompts encoded by that pass, not between this one's steps; finish-inline: each
-# pass's PNGs written before the next pass starts.
+# pass's PNGs written before the next pass starts; hand-over-first: each pass handed to the finishing thread before
+# the next pass's claim (the order before session 35).
 QUEUE_AB: dict[str, dict[str, Any]] = {
+    "hand-over-first": {"claim_before_hand_over": False},
     "no-encode-ahead": {"encode_ahead": False},
     "finish-inline": {"finish_in_background": False},
     "no-previews": {"preview_every": 0},

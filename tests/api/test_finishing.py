@@ -139,6 +139,92 @@ def test_the_next_pass_runs_while_the_last_one_is_encoded(
     assert "Seed: 2" in (background.file_parameters(second) or "")
 
 
+@pytest.mark.parametrize("claim_first", [True, False])
+def test_the_next_jobs_are_claimed_before_the_last_pass_is_handed_over(
+    background: Service, monkeypatch: pytest.MonkeyPatch, claim_first: bool
+) -> None:
+    """A claim made while the finishing thread stores PNGs waited for the GIL (5-20 ms against ~1 ms, runs 81-82),
+    with the GPU idle: the worker claims the next pass first, then hands the last one over. The setting off gives
+    the order before (the benchmark's A/B peer)."""
+    background.worker.settings = background.worker.settings.with_changes(claim_before_hand_over=claim_first)
+    events: list[tuple[str, list[str]]] = []
+    real_claim, real_submit = background.store.claim, background.worker.finisher.submit
+
+    def claim(limit: int = 1) -> list[JobRecord]:
+        jobs = real_claim(limit)
+        events.append(("claim", [job.id for job in jobs]))
+        return jobs
+
+    def submit(work: Any) -> None:
+        events.append(("hand over", [item.job.id for item in work.args[0]]))
+        real_submit(work)
+
+    monkeypatch.setattr(background.store, "claim", claim)
+    monkeypatch.setattr(background.worker.finisher, "submit", submit)
+    first = background.submit("first", seed=1)
+    second = background.submit("second", seed=2)
+    background.worker.start()
+    background.wait_terminal(first, second)
+    if claim_first:
+        expected = [("claim", [first]), ("claim", [second]), ("hand over", [first]), ("claim", [])]
+        expected.append(("hand over", [second]))
+    else:
+        expected = [("claim", [first]), ("hand over", [first]), ("claim", [second]), ("hand over", [second])]
+        expected.append(("claim", []))
+    assert events[:5] == expected
+    assert background.job(first).status is background.job(second).status is JobStatus.SUCCEEDED
+
+
+def test_a_claim_waiting_for_company_hands_the_last_pass_over_before_it_waits(
+    tiny_settings: Settings, tiny_engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The next job is young, so its claim waits batch_window_ms for company: the pass before it is handed over
+    (stored, its job ended) before that wait, not after it."""
+    window_s = 5.0
+    settings = tiny_settings.with_changes(
+        data_dir=tmp_path, batch_max_images=2, batch_window_ms=int(window_s * 1000), finish_in_background=True
+    )
+    service = Service(settings, tiny_engine, tmp_path)
+    on_the_gpu, go_on = threading.Event(), threading.Event()
+    real_fetch = GenerateSource.fetch
+
+    def held_fetch(self: GenerateSource, *args: Any, **kwargs: Any) -> Any:
+        on_the_gpu.set()
+        assert go_on.wait(60), "the test never let the pass go on"
+        return real_fetch(self, *args, **kwargs)
+
+    def submit(prompt: str, seed: int, images: int) -> str:
+        return submit_generation(
+            service.store,
+            prompt=prompt,
+            seed=seed,
+            width=64,
+            height=64,
+            num_inference_steps=4,
+            num_images=images,
+        )
+
+    monkeypatch.setattr(GenerateSource, "fetch", held_fetch)
+    try:
+        full = submit("a full pass", seed=1, images=2)  # fills batch_max: it waits for no company
+        service.worker.start()
+        assert on_the_gpu.wait(60)
+        young = submit(
+            "waits for company", seed=2, images=1
+        )  # young when the full pass ends: its claim waits
+        go_on.set()
+        # Ended while the young job's claim waits out its 5 s window (handed over after the wait, it would not be).
+        wait_for(lambda: service.job(full).status.terminal, timeout=window_s - 1)
+        assert service.job(full).status is JobStatus.SUCCEEDED
+        assert service.job(young).status is JobStatus.RUNNING and young not in service.worker.on_gpu()
+        company = submit("company", seed=3, images=1)  # joins the young job's pass, which then runs at once
+        service.wait_terminal(young, company)
+        assert service.job(young).status is service.job(company).status is JobStatus.SUCCEEDED
+    finally:
+        service.worker.stop()
+        service.store.close()
+
+
 def test_finishing_inline_makes_the_next_job_wait_for_the_encoding(
     inline: Service, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -124,6 +124,9 @@ class Worker:
         self._stranded: set[str] = set()  # running in the store, though their end could not be written
         self._thread: threading.Thread | None = None
         self.finisher = Finisher()  # inline until start(): a pass run by a direct run_batch call ends in it
+        # The loop's last pass, ended but not yet handed to the finishing thread: the next claim runs first
+        # (see _submit_finishing). Touched by the worker thread only.
+        self._unsubmitted: functools.partial[None] | None = None
 
     # --- control, from any thread ---
 
@@ -213,23 +216,39 @@ class Worker:
             self._end_canceled_queued()
         except Exception:
             log.exception("ending queued jobs flagged for cancel failed")
-        while not self._stopping:
-            self._release_stranded()
-            try:
-                jobs = [] if self._claims_paused or self.sources.settling() else self._claim()
-            except Exception:  # a broken claim must not end the worker: jobs stay queued, try again
-                log.exception("claiming jobs failed")
-                jobs = []
-            if not jobs:
-                with self._wake:
-                    self._wake.wait(timeout=0.5)
-                continue
-            self._expect_next_prompts()
-            try:
-                self.run_batch(jobs)
-            except Exception as error:  # keep the worker alive whatever happens to one batch
-                log.exception("worker batch failed")
-                self._end_unfinished(jobs, error)
+        try:
+            while not self._stopping:
+                self._release_stranded()
+                try:
+                    jobs = [] if self._claims_paused or self.sources.settling() else self._claim()
+                except Exception:  # a broken claim must not end the worker: jobs stay queued, try again
+                    log.exception("claiming jobs failed")
+                    jobs = []
+                self._submit_finishing()
+                if not jobs:
+                    with self._wake:
+                        self._wake.wait(timeout=0.5)
+                    continue
+                self._expect_next_prompts()
+                try:
+                    self.run_batch(jobs)
+                except Exception as error:  # keep the worker alive whatever happens to one batch
+                    log.exception("worker batch failed")
+                    self._end_unfinished(jobs, error)
+        finally:
+            self._submit_finishing()  # the last pass before a stop: stored before stop() returns
+
+    def _submit_finishing(self) -> None:
+        """Hand the last pass to the finishing thread, after the claim of the next one.
+
+        Claimed while the finishing thread stores the last pass's PNGs, the next jobs' claim waited for the GIL:
+        5-20 ms a claim against 0.5-1.5 ms with the thread idle, 13-27 ms of the 19-34 ms the GPU waited between
+        two passes of 8 (runs 81-82, docs/benchmarks.md). So the loop claims first and hands over after, which
+        delays a pass's results by one uncontended claim (~1 ms); a claim that waits for company (batch_window_ms)
+        hands over before it waits, so the window never delays them."""
+        work, self._unsubmitted = self._unsubmitted, None
+        if work is not None:
+            self.finisher.submit(work)
 
     def _expect_next_prompts(self) -> None:
         """Tell an engine that encodes ahead (IMAGESMITH_ENCODE_AHEAD) which prompts the next queued generation
@@ -347,6 +366,8 @@ class Worker:
         waited = min(max(time.time() - first.created_at, 0.0), window)
         deadline = time.monotonic() + window - waited
         company = self.store.claim_where(fits, limit=generator.max_batch_images())
+        if budget > 0 and deadline > time.monotonic():
+            self._submit_finishing()  # about to wait for company: the last pass's results must not wait too
         while budget > 0 and not (self._stopping or self._claims_paused):
             left = deadline - time.monotonic()
             if left <= 0:
@@ -407,14 +428,25 @@ class Worker:
 
     def _hand_over(self, ended: list[EndedJob]) -> None:
         """The pass is off the GPU: its files are made and its jobs ended on the finishing thread, while this
-        thread claims the next jobs (jobs/finishing.py).
+        thread claims the next jobs (jobs/finishing.py), the loop's claim first (_submit_finishing).
 
         The jobs leave the cancel bookkeeping here, on this thread: from now on a cancel cannot change what the
         pass made (Worker.cancel says False, and JobService reports the job as it ends), and the jobs on the GPU
         are the next pass's alone (on_gpu). Whether a client had asked to cancel is kept with each job."""
         explicit = self._release([item.job for item in ended])
         finishing = [item._replace(explicit_cancel=explicit[item.job.id]) for item in ended]
-        self.finisher.submit(functools.partial(self._finish_pass, finishing))
+        work = functools.partial(self._finish_pass, finishing)
+        if (
+            self.settings.claim_before_hand_over
+            and self.finisher.running
+            and threading.current_thread() is self._thread
+        ):
+            # The loop's pass: handed over after the next claim (_submit_finishing). Inline finishing keeps its
+            # order (the next job claimed after the last one ended).
+            self._submit_finishing()  # never two passes held back
+            self._unsubmitted = work
+        else:
+            self.finisher.submit(work)
 
     def _release(self, jobs: list[JobRecord]) -> dict[str, bool]:
         """Forget the jobs' cancel tokens; returns, for each, whether a client had asked to cancel it."""
