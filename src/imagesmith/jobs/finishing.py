@@ -2,9 +2,10 @@
 
 After each pass the worker used to encode the images (~0.2 s for one 1024x1024 PNG on the H200's host) and write
 the store before it claimed the next job, and the GPU sat idle all that time: at batch 1 the queue kept 78 % of
-the engine's rate (1.08 of 1.38 images/s, docs/benchmarks.md). Now the worker hands that work to one finishing
-thread and claims the next job at once, so the next pass runs while this one is encoded. Pillow's encoders
-release the GIL, so the GPU thread keeps queuing its steps meanwhile.
+the engine's rate (1.08 of 1.38 images/s, docs/benchmarks.md). Now the worker claims the next jobs, then hands
+that work to one finishing thread, so the next pass runs while this one is encoded. (Claimed after the hand-over,
+the claim waited for the GIL behind the finishing thread: up to 9 ms instead of 1, run 85; Worker._submit_finishing.)
+Pillow's encoders release the GIL, so the GPU thread keeps queuing its steps meanwhile.
 
 The finishing thread runs passes in the order they ended. `submit` waits while one pass is already waiting to be
 finished, so a slow disk slows intake rather than piling up passes: at most three passes' pictures are held (one
