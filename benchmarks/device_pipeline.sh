@@ -115,6 +115,16 @@
 # reduce-overhead+fp8+fp8conv+geglu:mlperf --budget-s 525 --compile-needs-s 120 --mlperf-batches 8 --no-prompt-cache-ab
 # --queue-jobs 32 --queue-ab no-encode-ahead,finish-inline,no-previews, then python3 -m pytest -q -m gpu
 # tests/gpu/test_gpu_encoder_graphs.py (predictions in docs/benchmarks.md, "Built after run 77"); then (0c), (3).
+# Session 35 (run 85, one H100, three calls of 551, 541 and 30 s): models,serve-other,fast-path,vae-routed,
+# unet-anysize,serve-anysize with SERVE_OTHER_ARGS="--batch-max 1 --max-images-per-request 1", FAST_PHASES=variants
+# FAST_VARIANTS=reduce-overhead+fp8+fp8conv+geglu:mlperf FAST_LIMIT_S=420 FAST_ARGS="--mlperf-batches 8
+# --no-prompt-cache-ab --queue-jobs 32 --queue-ab hand-over-first --cache-dir .devcache/fast/compile-cache" and a
+# 1150 s deadline: all done but unet-anysize (ro+anysize still compiling after ~250 s) and serve-anysize (no time).
+# Run 86: a fresh H200 with 312 s could not finish fast_path.py's cold first call (over 290 s there: the models
+# built in-process, an empty cache). Owed, each its own call: the H200 queue (run 85's fast-path stage alone, ~330
+# s cold); unet-anysize alone (ro 85 s + ro+anysize over 250 s + default+anysize: give it the whole call);
+# serve-other with SERVE_OTHER_ARGS="--batch-max 1 --max-images-per-request 1 --compile-on-request" (187 s cold +
+# 1024x960's compile on its request, 200-350 s predicted); serve-anysize (over one call cold: needs a kept cache).
 set -u
 PIPE=.devcache/pipe
 
