@@ -4,6 +4,7 @@ image's encoding is held at a gate so the test decides when it ends."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import threading
 import time
@@ -67,9 +68,15 @@ class Service:
             Metrics(self.store.counts),
         )
 
-    def submit(self, prompt: str, seed: int) -> str:
+    def submit(self, prompt: str, seed: int, images: int = 1) -> str:
         return submit_generation(
-            self.store, prompt=prompt, seed=seed, width=64, height=64, num_inference_steps=4
+            self.store,
+            prompt=prompt,
+            seed=seed,
+            width=64,
+            height=64,
+            num_inference_steps=4,
+            num_images=images,
         )
 
     def job(self, job_id: str) -> JobRecord:
@@ -95,26 +102,34 @@ class Service:
         return read_parameters(self.files.path_for(item["sha256"], "png"))
 
 
+@contextlib.contextmanager
 def make_service(
-    tiny_settings: Settings, tiny_engine: Engine, tmp_path: Path, background: bool
+    tiny_settings: Settings, tiny_engine: Engine, tmp_path: Path, background: bool, **changes: Any
 ) -> Iterator[Service]:
+    """One image a pass and no batch window unless `changes` say otherwise; stopped and closed afterwards."""
     settings = tiny_settings.with_changes(
-        data_dir=tmp_path, batch_max_images=1, batch_window_ms=0, finish_in_background=background
+        **{"batch_max_images": 1, "batch_window_ms": 0, **changes},
+        data_dir=tmp_path,
+        finish_in_background=background,
     )
     service = Service(settings, tiny_engine, tmp_path)
-    yield service
-    service.worker.stop()
-    service.store.close()
+    try:
+        yield service
+    finally:
+        service.worker.stop()
+        service.store.close()
 
 
 @pytest.fixture
 def background(tiny_settings: Settings, tiny_engine: Engine, tmp_path: Path) -> Iterator[Service]:
-    yield from make_service(tiny_settings, tiny_engine, tmp_path, background=True)
+    with make_service(tiny_settings, tiny_engine, tmp_path, background=True) as service:
+        yield service
 
 
 @pytest.fixture
 def inline(tiny_settings: Settings, tiny_engine: Engine, tmp_path: Path) -> Iterator[Service]:
-    yield from make_service(tiny_settings, tiny_engine, tmp_path, background=False)
+    with make_service(tiny_settings, tiny_engine, tmp_path, background=False) as service:
+        yield service
 
 
 def test_the_next_pass_runs_while_the_last_one_is_encoded(
@@ -181,10 +196,6 @@ def test_a_claim_waiting_for_company_hands_the_last_pass_over_before_it_waits(
     """The next job is young, so its claim waits batch_window_ms for company: the pass before it is handed over
     (stored, its job ended) before that wait, not after it."""
     window_s = 5.0
-    settings = tiny_settings.with_changes(
-        data_dir=tmp_path, batch_max_images=2, batch_window_ms=int(window_s * 1000), finish_in_background=True
-    )
-    service = Service(settings, tiny_engine, tmp_path)
     on_the_gpu, go_on = threading.Event(), threading.Event()
     real_fetch = GenerateSource.fetch
 
@@ -193,36 +204,24 @@ def test_a_claim_waiting_for_company_hands_the_last_pass_over_before_it_waits(
         assert go_on.wait(60), "the test never let the pass go on"
         return real_fetch(self, *args, **kwargs)
 
-    def submit(prompt: str, seed: int, images: int) -> str:
-        return submit_generation(
-            service.store,
-            prompt=prompt,
-            seed=seed,
-            width=64,
-            height=64,
-            num_inference_steps=4,
-            num_images=images,
-        )
-
     monkeypatch.setattr(GenerateSource, "fetch", held_fetch)
-    try:
-        full = submit("a full pass", seed=1, images=2)  # fills batch_max: it waits for no company
+    windowed = make_service(
+        tiny_settings, tiny_engine, tmp_path, True, batch_max_images=2, batch_window_ms=int(window_s * 1000)
+    )
+    with windowed as service:
+        full = service.submit("a full pass", seed=1, images=2)  # fills batch_max: it waits for no company
         service.worker.start()
         assert on_the_gpu.wait(60)
-        young = submit(
-            "waits for company", seed=2, images=1
-        )  # young when the full pass ends: its claim waits
+        # Young when the full pass ends: its claim waits for company.
+        young = service.submit("waits for company", seed=2)
         go_on.set()
         # Ended while the young job's claim waits out its 5 s window (handed over after the wait, it would not be).
         wait_for(lambda: service.job(full).status.terminal, timeout=window_s - 1)
         assert service.job(full).status is JobStatus.SUCCEEDED
         assert service.job(young).status is JobStatus.RUNNING and young not in service.worker.on_gpu()
-        company = submit("company", seed=3, images=1)  # joins the young job's pass, which then runs at once
+        company = service.submit("company", seed=3)  # joins the young job's pass, which then runs at once
         service.wait_terminal(young, company)
         assert service.job(young).status is service.job(company).status is JobStatus.SUCCEEDED
-    finally:
-        service.worker.stop()
-        service.store.close()
 
 
 def test_finishing_inline_makes_the_next_job_wait_for_the_encoding(
