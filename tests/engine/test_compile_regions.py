@@ -18,7 +18,7 @@ from imagesmith.engine.compile_regions import compile_transformer_blocks_once, r
 
 # torch 2.8 and later (pyproject allows older); the engine skips the lever there, with a warning.
 needs_regions = pytest.mark.skipif(not regions_supported(), reason="this torch has no nested compile regions")
-_TORCH_AT_LEAST_2_13 = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 13)
+_TORCH_AT_LEAST_2_13 = torch.__version__ >= (2, 13)  # torch's TorchVersion compares with tuples
 
 
 def _region_calls(graph: torch.fx.GraphModule) -> list[str]:
