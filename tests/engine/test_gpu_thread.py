@@ -17,6 +17,7 @@ import weakref
 from typing import Any
 
 import pytest
+import torch
 from polling import wait_for
 
 from imagesmith import exit_guard
@@ -167,7 +168,6 @@ def test_ctrl_c_during_a_generation_stops_the_pass_within_a_step(tiny_engine: En
 
 
 def test_a_thread_that_did_not_import_inductors_graph_trees_gets_their_state() -> None:
-    import torch
     from torch._inductor import cudagraph_trees
 
     found: dict[str, bool] = {}
@@ -234,7 +234,7 @@ def test_a_closed_gpu_thread_refuses_calls_instead_of_hanging() -> None:
 
 
 @pytest.mark.skipif(
-    not hasattr(__import__("torch")._C, "_remove_obj_from_tls"),
+    not hasattr(torch._C, "_remove_obj_from_tls"),
     reason="this torch (2.11) cannot take the state back; exit_guard's wait for the OS thread covers it",
 )
 def test_the_gpu_thread_takes_back_its_stashed_graph_state_before_it_ends(
@@ -242,7 +242,6 @@ def test_the_gpu_thread_takes_back_its_stashed_graph_state_before_it_ends(
 ) -> None:
     """Left in the thread's C++ storage, torch frees it in a thread-exit destructor that takes the GIL: a thread
     ending during interpreter finalization then aborted the process ('terminate called', a CI run)."""
-    import torch
     from torch._inductor import cudagraph_trees  # noqa: F401  (what makes GPU threads stash state)
 
     from imagesmith.engine import gpu_thread as module
