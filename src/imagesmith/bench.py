@@ -112,7 +112,9 @@ class BenchReport:
 
     @property
     def median_s(self) -> float:
-        return statistics.median(self.runs_s)
+        # Kept to 0.1 ms like each run, so images_per_s is the batch over the median the report shows (the median
+        # of an even count of runs is a mean, one decimal longer: images/s from it disagreed by up to 0.1 %).
+        return round(statistics.median(self.runs_s), 4)
 
     @property
     def images_per_s(self) -> float:
@@ -120,7 +122,7 @@ class BenchReport:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self) | {
-            "median_s": round(self.median_s, 4),
+            "median_s": self.median_s,
             "min_s": round(min(self.runs_s), 4),
             "max_s": round(max(self.runs_s), 4),
             "images_per_s": round(self.images_per_s, 4),
