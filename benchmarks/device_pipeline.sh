@@ -125,6 +125,12 @@
 # s cold); unet-anysize alone (ro 85 s + ro+anysize over 250 s + default+anysize: give it the whole call);
 # serve-other with SERVE_OTHER_ARGS="--batch-max 1 --max-images-per-request 1 --compile-on-request" (187 s cold +
 # 1024x960's compile on its request, 200-350 s predicted); serve-anysize (over one call cold: needs a kept cache).
+# Session 36 (run 87, H100s): models,unet-anysize with UNET_ANYSIZE_LIMIT_S=760 over two chained calls (ro 132.8 s,
+# ro+anysize 453.4 s and +10.3 ms a call; default+anysize cut in its compile), then serve-other with
+# --compile-on-request (a 312 s cold start on that slow-compiling host; the new size's request compiles the shared
+# any-size graphs, over 238 s, unfinished). Owed, each its own call: the H200 queue (as above); unet-anysize with
+# --variants ro,ro+anysize+cl (channels-last weights for the any-size graph: ~600 s, two chained calls);
+# default+anysize (the any-size graph without CUDA graphs); serve-anysize (over one call cold).
 set -u
 PIPE=.devcache/pipe
 

@@ -16,6 +16,9 @@ whole compile (both UNets, the decoder, every batch graph) left no room in a dev
 `ro+anysize` is the graph a service's UNet ran after its second image size, until engine/size_routing.py: the
 same options, the latents' height and width symbolic. Its cost per call says what the routing saves.
 
+`ro+anysize+cl` is that graph with the UNet's weights channels-last (IMAGESMITH_CHANNELS_LAST): the layout inductor
+does not choose for a graph with symbolic sides.
+
 `ro+regions` is the engine's IMAGESMITH_COMPILE_REGIONS (engine/compile_regions.py): the same options, each kind
 of transformer block compiled once. It is here for its price per call (fusion lost at block boundaries) and, with
 `--first ro+regions --fresh-cache`, its cold compile against the peer's cold compile in another run.
@@ -81,7 +84,14 @@ VARIANTS["ro+anysize"] = CUDA_GRAPHS
 # CUDA graph for each new size on that size's first calls (time, and pool memory that grows with the sizes seen);
 # this says what skipping them (inductor's `triton.cudagraph_skip_dynamic_graphs`) would cost per call.
 VARIANTS["default+anysize"] = {}
-ANY_SIZE_VARIANTS = {"ro+anysize", "default+anysize"}
+# The any-size graph with the UNet's weights channels-last (IMAGESMITH_CHANNELS_LAST=true). Inductor lays a graph
+# out channels-last itself only when its convolutions' shapes are static (graph.py's decide_layout_opt, pytorch
+# issue 102670), so the any-size graph ran NCHW and cuDNN transposed around each convolution: 2.87 ms of 40.9 ms of
+# kernels in run 87. With channels-last weights each convolution's output is channels-last already (eager's rule,
+# which the graph keeps), so only the first convolution's input is transposed.
+VARIANTS["ro+anysize+cl"] = CUDA_GRAPHS
+ANY_SIZE_VARIANTS = {"ro+anysize", "default+anysize", "ro+anysize+cl"}
+CHANNELS_LAST_VARIANTS = {"ro+anysize+cl"}
 
 
 def build_unet(which: str, size: str, device: str, dtype: torch.dtype) -> Any:
@@ -229,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         variant_unet = unet if name == PEER else build_unet(args.unet, size, device, dtype)
         if name in REGION_VARIANTS:
             compile_transformer_blocks_once(variant_unet)
+        if name in CHANNELS_LAST_VARIANTS:
+            variant_unet.to(memory_format=torch.channels_last)  # what the engine's channels_last setting does
         call = compiled_call(variant_unet, VARIANTS[name], inputs, any_size=name in ANY_SIZE_VARIANTS)
         began = time.perf_counter()
         call()  # dynamo traces, inductor compiles (and autotunes), the CUDA-graph trees warm up
