@@ -319,15 +319,19 @@ class Settings(BaseSettings):
         "graphs: +1-2 % images/s at batch 1, 4 and 8 with new prompts (run 41).",
     )
     warmup: bool = Field(True, description="Warm up (and compile) at start-up, before serving.")
-    warmup_sizes: str = Field("1024x1024", description="Comma-separated WxH shapes to warm up.")
+    warmup_sizes: str = Field(
+        "1024x1024",
+        description="Comma-separated WxH shapes to warm up. Each gets graphs compiled for it (a static graph's "
+        "compile time per size); other sizes run uncompiled unless IMAGESMITH_WARMUP_ANY_SIZE.",
+    )
     warmup_any_size: bool = Field(
         False,
         description="With compile, also warm up one size outside IMAGESMITH_WARMUP_SIZES: that compiles the graphs "
         "every other size shares, so requests at other sizes run compiled (with guidance_scale <= 1 they still "
         "run uncompiled). Lengthens the first start by those compiles (the base UNet's: ~3.4x its static graph's, "
         "453 s on an H100), and those sizes run ~29 % slower than a warmed one (uncompiled: ~75 %). On by "
-        "itself with two or more warm-up sizes, whose warm-up compiled a graph for any size before the size routing, and with "
-        "IMAGESMITH_COMPILE_DYNAMIC (its graphs, compiled at a square size, fit no oblong one).",
+        "itself with IMAGESMITH_COMPILE_DYNAMIC (its graphs, compiled at a square size, fit no oblong one); two or "
+        "more warm-up sizes no longer turn it on.",
     )
     compile_on_request: bool = Field(
         False,
@@ -471,11 +475,15 @@ class Settings(BaseSettings):
 
     def warms_up_any_size(self) -> bool:
         """Whether the warm-up also compiles the graphs shared by sizes outside the warm-up sizes: asked for, or
-        two or more warm-up sizes (their warm-up made dynamo's graph for any size before engine/size_routing.py,
-        so a new size compiled nothing on its request; this keeps that), or IMAGESMITH_COMPILE_DYNAMIC (its UNet
-        graphs, compiled at a square size, guard height == width: without a pass at an oblong size every oblong
-        request would run uncompiled)."""
-        return self.warmup_any_size or self.compile_dynamic or len(self.warmup_size_list()) > 1
+        IMAGESMITH_COMPILE_DYNAMIC (its UNet graphs, compiled at a square size, guard height == width: without a
+        pass at an oblong size every oblong request would run uncompiled).
+
+        Not implied by two or more warm-up sizes any more (it was until session 36, to keep what their warm-up
+        did before engine/size_routing.py). Run 87 measured the price on an H100: the base UNet's shared graph
+        compiled in 453 s against its static graph's 133 s, and a call on it costs +29 %. A service that lists
+        its sizes gets each a static graph; compiling the shared ones too would more than double its start-up
+        for sizes it did not list, which run uncompiled instead (~1.75x a warmed size's time)."""
+        return self.warmup_any_size or self.compile_dynamic
 
     def stock_size(self) -> tuple[int, int]:
         """The size of a request Pexels may serve that gives none: stock_default_size, or when that is empty
