@@ -130,7 +130,9 @@
 # --compile-on-request (a 312 s cold start on that slow-compiling host; the new size's request compiles the shared
 # any-size graphs, over 238 s, unfinished). Owed, each its own call: the H200 queue (as above); unet-anysize with
 # --variants ro,ro+anysize+cl (channels-last weights for the any-size graph: ~600 s, two chained calls);
-# default+anysize (the any-size graph without CUDA graphs); serve-anysize (over one call cold).
+# default+anysize (the any-size graph without CUDA graphs); serve-anysize (over one call cold). The channels-last
+# call: models,unet-anysize with UNET_ANYSIZE_VARIANTS=ro,ro+anysize+cl UNET_ANYSIZE_LIMIT_S=760 and a deadline
+# ~800 s on, then --wait again at once.
 set -u
 PIPE=.devcache/pipe
 
@@ -232,9 +234,10 @@ print(s(Path('.devcache/random-sdxl'), False))" ;;
         --variants compiled-routed,compiled-routed-dynamic,compiled-routed-sized ;;
     # The base UNet's any-size graph against its static one (predicted +10-15 %; the any-size compile is long),
     # then the same without CUDA graphs (predicted 0.5-3 ms a call above ro+anysize: launches overlap the GPU's work).
-    # UNET_ANYSIZE_LIMIT_S lifts its limit: run 85 cut it at ~250 s into the any-size compile.
+    # UNET_ANYSIZE_LIMIT_S lifts its limit: run 85 cut it at ~250 s into the any-size compile. UNET_ANYSIZE_VARIANTS
+    # picks the variants (ro,ro+anysize+cl: channels-last weights for the any-size graph, owed after run 87).
     unet-anysize) stage unet-anysize "${UNET_ANYSIZE_LIMIT_S:-480}" python3 benchmarks/unet_compiled.py --out "$PIPE/unet-anysize.json" \
-        --variants ro,ro+anysize,default+anysize --profile ;;
+        --variants "${UNET_ANYSIZE_VARIANTS:-ro,ro+anysize,default+anysize}" --profile ;;
     # The same first start with the UNets compiled once, with dynamic shapes (its own, empty compile cache).
     serve-dynamic) stage serve-dynamic 720 env IMAGESMITH_COMPILE_DYNAMIC=true \
         python3 benchmarks/serve_start.py --out "$PIPE/serve-dynamic" --models .devcache/random-sdxl \
