@@ -190,6 +190,37 @@ def test_the_next_jobs_are_claimed_before_the_last_pass_is_handed_over(
     assert background.job(first).status is background.job(second).status is JobStatus.SUCCEEDED
 
 
+def test_a_pass_held_back_ends_before_the_next_one_when_the_finisher_has_closed(
+    background: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop that timed out closes the finishing thread while the worker is still alive; the worker then ends its
+    passes inline. A pass it still held back must end first, not after the one that came later."""
+    from imagesmith.jobs.worker import EndedJob
+
+    worker = background.worker
+    ended: list[str] = []
+    real_finish = worker._finish_pass
+
+    def finish(passes: list[EndedJob]) -> None:
+        ended.extend(item.job.id for item in passes)
+        real_finish(passes)
+
+    monkeypatch.setattr(worker, "_finish_pass", finish)
+    first, second = background.submit("first", seed=1), background.submit("second", seed=2)
+    jobs = background.store.claim(2)
+    worker._thread = threading.current_thread()  # these hand-overs are the loop's
+    worker.finisher.start()
+    try:
+        worker._hand_over([EndedJob(jobs[0], time.perf_counter(), RuntimeError("first pass failed"))])
+        assert ended == []  # held back until the next claim
+        assert worker.finisher.close(10)
+        worker._hand_over([EndedJob(jobs[1], time.perf_counter(), RuntimeError("second pass failed"))])
+    finally:
+        worker._thread = None
+    assert ended == [first, second]
+    assert background.job(first).status is background.job(second).status is JobStatus.FAILED
+
+
 def test_a_claim_waiting_for_company_hands_the_last_pass_over_before_it_waits(
     tiny_settings: Settings, tiny_engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -354,6 +385,30 @@ def test_a_stop_that_outlasts_its_timeout_returns_and_says_so(
     assert background.job(first).status is JobStatus.RUNNING  # left to recovery, not ended wrongly
     gate.open()  # the finishing thread then ends it after all, before the test closes the store
     wait_for(lambda: background.job(first).status is JobStatus.SUCCEEDED)
+
+
+def test_work_submitted_while_a_finisher_closes_still_runs() -> None:
+    """A submit that saw the thread running and a close that ran before its put: the work went in behind the end
+    marker, and no thread ever ran it. Here the close starts between the two and gets a second to finish."""
+    finisher = Finisher()
+    finisher.start()
+    ran: list[str] = []
+    closed: list[bool] = []
+    real_put = finisher._queue.put
+
+    def put_after_a_close(item: Any, *args: Any, **kwargs: Any) -> None:
+        if item is not None:
+            closing = threading.Thread(target=lambda: closed.append(finisher.close(10)))
+            closing.start()
+            closing.join(1.0)  # the close runs (or waits its turn) before this put
+        real_put(item, *args, **kwargs)
+
+    finisher._queue.put = put_after_a_close  # type: ignore[method-assign]
+    finisher.submit(lambda: ran.append("submitted as the finisher closed"))
+    wait_for(lambda: closed == [True], timeout=10)
+    assert ran == ["submitted as the finisher closed"]
+    finisher.submit(lambda: ran.append("after the close, inline"))
+    assert ran[-1] == "after the close, inline"
 
 
 def test_closing_a_finisher_reports_whether_it_finished() -> None:

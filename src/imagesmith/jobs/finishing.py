@@ -39,6 +39,10 @@ class Finisher:
     def __init__(self) -> None:
         self._queue: queue.Queue[Work | None] = queue.Queue(maxsize=1)
         self._thread: threading.Thread | None = None
+        # Held from a submit's look at the thread to its put, and by close() as it takes the thread away: work
+        # submitted while a close runs goes in before the close's end marker or runs inline, never after the
+        # marker, where no thread would ever run it (a stop that timed out closes while the worker still runs).
+        self._handing_over = threading.Lock()
 
     @property
     def running(self) -> bool:
@@ -49,20 +53,26 @@ class Finisher:
         self._thread.start()
 
     def submit(self, work: Work) -> None:
-        if self._thread is None:
-            _run(work)
-            return
-        self._queue.put(work)
+        with self._handing_over:
+            if self._thread is not None:
+                self._queue.put(work)  # waits while a pass waits: the thread takes it without this lock
+                return
+        _run(work)
 
     def close(self, timeout: float = 60.0) -> bool:
         """Finish everything submitted, then stop the thread; later work runs inline. Returns whether all of it
         was done within `timeout` seconds."""
-        thread, self._thread = self._thread, None
+        deadline = time.monotonic() + timeout
+        if not self._handing_over.acquire(timeout=timeout):
+            return False
+        try:
+            thread, self._thread = self._thread, None
+        finally:
+            self._handing_over.release()
         if thread is None:
             return True
-        deadline = time.monotonic() + timeout
         try:
-            self._queue.put(None, timeout=timeout)
+            self._queue.put(None, timeout=max(0.0, deadline - time.monotonic()))
         except queue.Full:
             return False
         thread.join(max(0.0, deadline - time.monotonic()))

@@ -438,14 +438,14 @@ class Worker:
         explicit = self._release([item.job for item in ended])
         finishing = [item._replace(explicit_cancel=explicit[item.job.id]) for item in ended]
         work = functools.partial(self._finish_pass, finishing)
-        if (
-            self.settings.claim_before_hand_over
-            and self.finisher.running
-            and threading.current_thread() is self._thread
-        ):
+        on_the_loop = threading.current_thread() is self._thread
+        if on_the_loop:
+            # A pass held back goes first, whichever way this one goes: passes end in the order they ran (a
+            # finisher closed by a stop that timed out runs this one inline, and would have run it first).
+            self._submit_finishing()
+        if self.settings.claim_before_hand_over and self.finisher.running and on_the_loop:
             # The loop's pass: handed over after the next claim (_submit_finishing). Inline finishing keeps its
             # order (the next job claimed after the last one ended).
-            self._submit_finishing()  # never two passes held back
             self._unsubmitted = work
         else:
             self.finisher.submit(work)
