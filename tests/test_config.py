@@ -28,6 +28,13 @@ def test_a_bad_size_in_a_list_is_refused_at_start_naming_the_form(tmp_path: Path
         Settings(_env_file=None, data_dir=tmp_path, warmup_sizes="1024x1024, 1024")
 
 
+@pytest.mark.parametrize("value", ["", " , "])
+def test_an_empty_warm_up_size_list_is_refused_naming_the_fix(tmp_path: Path, value: str) -> None:
+    """Empty, a compiled server warmed up nothing and then ran every pass uncompiled, saying it compiled."""
+    with pytest.raises(ValidationError, match="IMAGESMITH_WARMUP_SIZES lists no size: give at least one WxH"):
+        Settings(_env_file=None, data_dir=tmp_path, warmup_sizes=value)
+
+
 @pytest.mark.parametrize(
     ("setting", "value", "says"),
     [

@@ -424,6 +424,18 @@ class Settings(BaseSettings):
             check_side("height", height)
         return value
 
+    @field_validator("warmup_sizes")
+    @classmethod
+    def _warmup_sizes_not_empty(cls, value: str) -> str:
+        # Empty, a compiled server would warm up nothing, then (compiling nothing on a request) run every pass
+        # uncompiled while its levers said torch.compile.
+        if not comma_list(value):
+            raise ValueError(
+                "IMAGESMITH_WARMUP_SIZES lists no size: give at least one WxH (the default is 1024x1024), "
+                "or set IMAGESMITH_WARMUP=false to skip the warm-up"
+            )
+        return value
+
     @field_validator("cudnn_benchmark")
     @classmethod
     def _cudnn_benchmark_not_with_cuda_graphs(cls, value: bool | None, info: ValidationInfo) -> bool | None:

@@ -54,13 +54,14 @@ def test_a_stopped_route_runs_a_size_without_a_graph_uncompiled(
     assert recording.ran == [False, False]  # the warm-up and the call at 8x8; the others ran uncompiled
     assert routing_warnings(caplog) == [
         "the warm-up compiled no decode graph for this size, latents 6x10 with 1 row(s) (a 80x48 image): it runs "
-        "uncompiled (slower) rather than compile on a request. IMAGESMITH_WARMUP_SIZES, "
-        "IMAGESMITH_WARMUP_ANY_SIZE=true or IMAGESMITH_COMPILE_ON_REQUEST=true compiles such passes",
-        # Three rows at the warmed-up size: the static graph's guards want one; dynamo names the failed guard.
+        "uncompiled (slower) rather than compile on a request. To compile it: list the size in "
+        "IMAGESMITH_WARMUP_SIZES, or set IMAGESMITH_WARMUP_ANY_SIZE=true (every size) or "
+        "IMAGESMITH_COMPILE_ON_REQUEST=true",
+        # Three rows at the warmed-up size: the static graph's guards want one; dynamo names the failed guard. No
+        # warm-up size would help: only compiling on the request does.
         "a decode call at latents 8x8 with 3 row(s) (a 64x64 image) missed its graphs' guards (tensor 'args[0]' "
         "size mismatch at index 0. expected 1, actual 3): it runs uncompiled (slower) rather than compile on a "
-        "request. IMAGESMITH_WARMUP_SIZES, IMAGESMITH_WARMUP_ANY_SIZE=true or IMAGESMITH_COMPILE_ON_REQUEST=true "
-        "compiles such passes",
+        "request. To compile it: IMAGESMITH_COMPILE_ON_REQUEST=true compiles such passes, on their first request",
     ]
 
 
