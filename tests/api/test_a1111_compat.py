@@ -116,6 +116,27 @@ def test_errors_name_the_field_and_valid_values(server: ServerProcess) -> None:
     assert "raise steps, or move refiner_switch_at" in dpm.json()["detail"], dpm.text
 
 
+@pytest.mark.parametrize(
+    ("body", "field", "says"),
+    [
+        (b'{"prompt": "a fox", "subseed_strength": NaN}', "subseed_strength", "finite number"),
+        (b'{"prompt": "a fox", "denoising_strength": Infinity}', "denoising_strength", "denoising_strength is NaN"),
+        (b'{"prompt": "a fox", "override_settings": {"a": [1, -Infinity]}}', "override_settings",
+         "override_settings.a[1] is NaN or Infinity"),
+    ],
+)  # fmt: skip
+def test_nan_and_infinity_are_refused_naming_the_field(
+    server: ServerProcess, body: bytes, field: str, says: str
+) -> None:
+    """Python's JSON reader takes them; echoed back in `info` they made JSON that strict parsers refuse."""
+    response = httpx.post(
+        f"{server.url}/sdapi/v1/txt2img", content=body, headers={"Content-Type": "application/json"}
+    )
+    error = response.json()
+    assert response.status_code == 422 and error["field"] == field, error
+    assert says in error["detail"], error
+
+
 def test_lists_clients_read(server: ServerProcess) -> None:
     api = api_for(server)
     assert {"Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "DDIM", "UniPC"} == set(

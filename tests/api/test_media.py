@@ -158,6 +158,37 @@ BODY_FIX = "send a JSON object encoded as UTF-8, with Content-Type: application/
 
 
 @pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("DELETE", "/v1/jobs", "GET, POST"),  # two routes at one path: Starlette's Allow named POST alone
+        ("GET", "/api/media/generate-image", "POST"),
+        ("POST", "/metrics", "GET"),
+        ("POST", "/sdapi/v1/options", "GET"),
+    ],
+)
+def test_a_method_a_path_does_not_take_is_told_the_ones_it_does(
+    server: ServerProcess, method: str, path: str, allowed: str
+) -> None:
+    response = httpx.request(method, f"{server.url}{path}")
+    assert response.status_code == 405 and response.headers["allow"] == allowed, response.text
+    message = response.json()["detail"] if path.startswith("/sdapi") else response.json()["error"]["message"]
+    assert message == f"{path} takes {allowed.replace(', ', ' or ')}, not {method}"
+
+
+def test_an_unknown_path_names_where_the_routes_are(server: ServerProcess) -> None:
+    """An A1111 client calling a route this server lacks (img2img) hears which A1111 routes there are."""
+    a1111 = httpx.post(f"{server.url}/sdapi/v1/img2img", json={"prompt": "x"})
+    assert a1111.status_code == 404, a1111.text
+    assert a1111.json()["detail"].startswith("/sdapi/v1/img2img is not served here; the AUTOMATIC1111 routes")
+    assert "POST /sdapi/v1/txt2img" in a1111.json()["detail"]
+    ours = httpx.get(f"{server.url}/v1/nothing-here")
+    assert ours.status_code == 404
+    assert (
+        ours.json()["error"]["message"] == "no route /v1/nothing-here; the API's routes are listed at /docs"
+    )
+
+
+@pytest.mark.parametrize(
     ("content", "content_type"),
     [
         (b'{"prompt": ', "application/json"),  # malformed JSON
@@ -188,5 +219,8 @@ def test_a_body_that_is_not_a_json_object_is_refused_naming_the_body(
         assert response.status_code == 422 and body["error"]["code"] == "invalid_request", body
         assert body["error"]["field"] == "body", body
         message = body["error"]["message"]
-    if content != b'{"prompt": ':  # a JSON syntax error says where it is instead
-        assert BODY_FIX in message, message
+    assert BODY_FIX in message, message
+    if (
+        content == b'{"prompt": '
+    ):  # a JSON syntax error also says what and where, where it said "JSON decode error"
+        assert "the request body is not valid JSON: Expecting value at character 11" in message, message

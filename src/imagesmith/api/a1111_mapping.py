@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from imagesmith import __version__
 from imagesmith.api.compat_request import generation_from
@@ -73,7 +74,9 @@ _IGNORED_IF_SET = ("enable_hr", "restore_faces", "tiling", "script_name", "style
 class Txt2ImgRequest(BaseModel):
     """POST /sdapi/v1/txt2img: the fields A1111 clients send. Others are accepted (and echoed) but unused."""
 
-    model_config = ConfigDict(extra="allow")
+    # Python's JSON reader takes NaN and Infinity, which JSON has not; echoed back in `info` they made a string
+    # that strict parsers (JavaScript's, Go's) refuse. Declared numbers refuse them here, the rest below.
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     prompt: str = ""
     negative_prompt: str = ""
@@ -102,6 +105,39 @@ class Txt2ImgRequest(BaseModel):
     alwayson_scripts: dict[str, Any] | None = None
     send_images: bool = True
     save_images: bool = False
+
+    @model_validator(mode="after")
+    def _kept_values_are_finite(self) -> Txt2ImgRequest:
+        """The fields kept as sent (the extras, override_settings, alwayson_scripts) hold no NaN or Infinity."""
+        kept = {
+            **(self.model_extra or {}),
+            "override_settings": self.override_settings,
+            "alwayson_scripts": self.alwayson_scripts,
+        }
+        for name, value in kept.items():
+            where = _not_finite_at(value, name)
+            if where is not None:
+                raise ValueError(
+                    f"[{name}] {where} is NaN or Infinity, which JSON does not have; send a finite number or null"
+                )
+        return self
+
+
+def _not_finite_at(value: Any, path: str) -> str | None:
+    """Where in `value` (a JSON value) a NaN or an infinity is, as a dotted path from `path`; None if nowhere."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path
+    if isinstance(value, dict):
+        items: Any = ((f"{path}.{key}", item) for key, item in value.items())
+    elif isinstance(value, list):
+        items = ((f"{path}[{index}]", item) for index, item in enumerate(value))
+    else:
+        return None
+    for where, item in items:
+        found = _not_finite_at(item, where)
+        if found is not None:
+            return found
+    return None
 
 
 def sampler_list() -> list[dict[str, Any]]:

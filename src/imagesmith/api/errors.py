@@ -22,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from imagesmith.jobs.service import (
     InvalidGeneration,
@@ -180,7 +181,15 @@ def validation_details(items: Sequence[Any]) -> list[dict[str, str]]:
             )
             continue
         if item.get("type") == "json_invalid":
-            loc = ["body"]  # its location is a character offset into the body, not a field
+            # Its location is a character offset into the body, not a field: said in the message, with the fix.
+            position = loc[1] if len(loc) > 1 and loc[0] == "body" else None
+            reason = (item.get("ctx") or {}).get("error")
+            where = f" at character {position}" if position is not None else ""
+            message = str(item.get("msg", "invalid JSON"))
+            if reason:
+                message = f"the request body is not valid JSON: {reason}{where}; {SEND_A_JSON_OBJECT}"
+            out.append({"field": "body", "message": message})
+            continue
         elif loc and loc[0] in ("body", "query", "path", "header"):
             loc = loc[1:]
         # Skip the model-class segment pydantic adds for nested model validators.
@@ -215,6 +224,39 @@ def _invalid(request: Request, items: Sequence[Any]) -> JSONResponse:
     return render_error(request, 422, "invalid_request", message, first["field"], details=details)
 
 
+_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+
+
+def methods_for(request: Request) -> list[str]:
+    """Every method some route serves at this request's path, each asked of the app's routes as a dispatch
+    would. Starlette's 405 names one route's methods only: GET /v1/jobs and POST /v1/jobs are two routes, and
+    DELETE /v1/jobs said "Allow: POST"."""
+    return [
+        method
+        for method in _METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] is Match.FULL
+            for route in request.app.routes
+        )
+    ]
+
+
+def unknown_path_message(request: Request) -> str:
+    """A 404 for a path no route serves, naming the routes of its family: an AUTOMATIC1111 client calling
+    /sdapi/v1/img2img learns which A1111 routes there are, where it heard a bare "Not Found"."""
+    path = request.url.path
+    if error_family(request) is ErrorFamily.A1111:
+        paths = request.app.openapi().get("paths", {})
+        served = [
+            f"{method.upper()} {route}"
+            for route, operations in sorted(paths.items())
+            if route.startswith("/sdapi/")
+            for method in operations
+        ]
+        return f"{path} is not served here; the AUTOMATIC1111 routes served are: {', '.join(served)}"
+    return f"no route {path}; the API's routes are listed at /docs"
+
+
 def _internal_error(request: Request) -> JSONResponse:
     """A bug's answer: a 500 that says nothing about internals (the log has the traceback)."""
     return render_error(request, 500, "internal_error", "an internal error occurred; see the server log")
@@ -240,13 +282,22 @@ def install_error_handlers(app: FastAPI) -> None:
         if error.status_code == 400 and error.detail == BODY_UNREADABLE:
             unreadable = {
                 "type": "json_invalid",
-                "msg": f"the request body could not be read; {SEND_A_JSON_OBJECT}",
+                # json.loads failed other than on syntax: bytes that are not UTF-8, a number of more digits
+                # than Python reads (4300), nesting deeper than its recursion limit.
+                "msg": "the request body could not be read as JSON (it is not UTF-8, or holds a number of over "
+                f"4300 digits or nesting too deep); {SEND_A_JSON_OBJECT}",
             }
             return _invalid(request, [unreadable])
         code = _STATUS_CODES.get(error.status_code, "http_error")
-        return render_error(
-            request, error.status_code, code, str(error.detail), headers=getattr(error, "headers", None)
-        )
+        message, headers = str(error.detail), getattr(error, "headers", None)
+        if error.status_code == 405 and message == "Method Not Allowed":
+            allowed = methods_for(request)
+            if allowed:
+                message = f"{request.url.path} takes {' or '.join(allowed)}, not {request.method}"
+                headers = {**(headers or {}), "Allow": ", ".join(allowed)}
+        elif error.status_code == 404 and message == "Not Found":
+            message = unknown_path_message(request)
+        return render_error(request, error.status_code, code, message, headers=headers)
 
     @app.exception_handler(QueueFull)
     async def _queue_full(request: Request, error: QueueFull) -> JSONResponse:
