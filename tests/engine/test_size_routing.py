@@ -88,6 +88,9 @@ def test_the_size_outside_the_warm_up_sizes_is_close_oblong_and_new() -> None:
     assert size_outside([(64, 64)]) == (64, 128)  # the smallest side: larger instead
     assert size_outside([(960, 1024)]) == (960, 896)  # not square
     assert size_outside([(1000, 1000)]) == (1000, 960)  # a multiple of 64 px (latents that divide by 4)
+    # Next to the smallest size, not the first: one above the decoder's attention bound would put the shared
+    # decoder graph on the other attention route, which the usual sizes' guards refuse.
+    assert size_outside([(1536, 1536), (1024, 1024)]) == (1024, 960)
 
 
 def test_warming_up_any_size_leaves_no_compile_for_requests_at_new_sizes(tiny_settings: Any) -> None:

@@ -503,14 +503,16 @@ def no_compiling_on_requests(engine: Any) -> Iterator[None]:
 
 def size_outside(sizes: list[tuple[int, int]]) -> tuple[int, int]:
     """An image size (width, height) not in `sizes`, for compiling the graphs shared by every other size: the
-    first size's width, and the nearest height below it (else above) that is a multiple of 64 px and differs
-    from the width.
+    smallest warm-up size's width, and the nearest height below it (else above) that is a multiple of 64 px and
+    differs from the width.
+    - The smallest: the shared decoder graph takes the attention route of the size it is compiled at, and a
+      first size above the bound (1536x1536,1024x1024) left every smaller unlisted size decoding uncompiled.
     - Close to a warmed-up size, so its pass costs about the same, and below the decoder's attention bound when
       that size is (engine/decoder_attention.py), where most requests fall.
     - A multiple of 64 px: the UNet's upsampling checks whether the latents' sides divide by 4 (pixels by 32),
       so a first size that did not would leave a graph that the usual sizes do not fit.
     - Not square: dynamo would give height and width one symbol, and recompile at the first oblong size."""
-    width, height = sizes[0]
+    width, height = min(sizes, key=lambda size: size[0] * size[1])
     nearest = max(MIN_SIDE, height - height % 64)
     below = range(nearest, MIN_SIDE - 1, -64)
     above = range(nearest + 64, MAX_SIDE + 1, 64)
