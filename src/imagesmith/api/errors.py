@@ -208,20 +208,31 @@ def _servers_image_limit(request: Request, items: Sequence[Any]) -> list[Any]:
     if settings is None:
         return list(items)
     return [
-        {**item, "msg": too_many_images(item.get("input"), settings.max_images_per_request)}
+        {
+            **item,
+            "type": SERVERS_LIMIT,
+            "msg": too_many_images(item.get("input"), settings.max_images_per_request),
+        }
         if item.get("type") == "less_than_equal" and tuple(item.get("loc", ()))[-1:] == ("num_images",)
         else item
         for item in items
     ]
 
 
+# The type of an error `_servers_image_limit` rewrote: answered with the code the service's own check gives
+# (num_images 5 on a server of 4 said "limit_exceeded", num_images 10000 said "invalid_request").
+SERVERS_LIMIT = "servers_limit"
+
+
 def _invalid(request: Request, items: Sequence[Any]) -> JSONResponse:
-    details = validation_details(_servers_image_limit(request, items))
+    items = _servers_image_limit(request, items)
+    details = validation_details(items)
     first = details[0] if details else {"field": "request", "message": "invalid request"}
     message = first["message"]
     if error_family(request) is not ErrorFamily.SERVICE and first["field"] != "request":
         message = f"{first['field']}: {message}"  # these dialects have no separate list of details
-    return render_error(request, 422, "invalid_request", message, first["field"], details=details)
+    code = "limit_exceeded" if items and items[0].get("type") == SERVERS_LIMIT else "invalid_request"
+    return render_error(request, 422, code, message, first["field"], details=details)
 
 
 _METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
