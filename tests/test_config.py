@@ -33,6 +33,10 @@ def test_an_empty_warm_up_size_list_is_refused_naming_the_fix(tmp_path: Path, va
     """Empty, a compiled server warmed up nothing and then ran every pass uncompiled, saying it compiled."""
     with pytest.raises(ValidationError, match="IMAGESMITH_WARMUP_SIZES lists no size: give at least one WxH"):
         Settings(_env_file=None, data_dir=tmp_path, warmup_sizes=value)
+    # The fix it names works: without a warm-up the list is not read.
+    assert (
+        Settings(_env_file=None, data_dir=tmp_path, warmup_sizes=value, warmup=False).warmup_size_list() == []
+    )
 
 
 @pytest.mark.parametrize(

@@ -426,10 +426,10 @@ class Settings(BaseSettings):
 
     @field_validator("warmup_sizes")
     @classmethod
-    def _warmup_sizes_not_empty(cls, value: str) -> str:
+    def _warmup_sizes_not_empty(cls, value: str, info: ValidationInfo) -> str:
         # Empty, a compiled server would warm up nothing, then (compiling nothing on a request) run every pass
-        # uncompiled while its levers said torch.compile.
-        if not comma_list(value):
+        # uncompiled while its levers said torch.compile. Without a warm-up the list is not read.
+        if info.data.get("warmup", True) and not comma_list(value):
             raise ValueError(
                 "IMAGESMITH_WARMUP_SIZES lists no size: give at least one WxH (the default is 1024x1024), "
                 "or set IMAGESMITH_WARMUP=false to skip the warm-up"
