@@ -97,6 +97,34 @@ def test_missing_base_names_model_problem_and_fix(tiny_settings: Settings, tmp_p
     assert str(tmp_path) in message and "model_index.json" in message and "Fix:" in message
 
 
+def test_a_local_folder_that_does_not_load_is_told_the_setting_not_a_download(
+    tiny_settings: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Offline, a missing folder's fix was `hf download /its/path`; a damaged built-in tiny model's too."""
+    import shutil
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    missing = tiny_settings.with_changes(
+        model=ModelPreset.SDXL, base_model=str(tmp_path / "nowhere"), refiner_model=""
+    )
+    with pytest.raises(ModelLoadError) as caught:
+        Engine.start(missing)
+    assert (
+        caught.value.fix
+        == "the folder does not exist: set IMAGESMITH_BASE_MODEL to an existing diffusers folder"
+    )
+    assert ".." not in str(caught.value)
+    shutil.copytree(tiny_settings.tiny_model_dir(), tmp_path / "tiny-model")
+    damaged = tiny_settings.with_changes(data_dir=tmp_path)
+    for weights in (tmp_path / "tiny-model").rglob("unet/*.safetensors"):
+        weights.write_bytes(b"not safetensors")
+    with pytest.raises(ModelLoadError) as caught:
+        Engine.start(damaged)
+    assert caught.value.fix == (
+        f"delete {tmp_path / 'tiny-model'} and run again: the built-in tiny model is built again from scratch"
+    )
+
+
 def test_offline_hub_id_not_cached_says_how_to_fix(
     tiny_settings: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -181,15 +181,43 @@ def _from_pretrained(
             last_error = error
             log.debug("loading %s %s with variant=%s failed: %s", role, source, variant, error)
     assert last_error is not None
-    problem = str(last_error).splitlines()[0][:300]
+    problem = str(last_error).splitlines()[0][:300].rstrip(".")  # the message adds its own full stop
+    raise ModelLoadError(role, source, problem, _load_fix(role, source, local, settings)) from last_error
+
+
+# The setting that names each model, for the fixes.
+SETTING_OF_ROLE = {
+    "base": "IMAGESMITH_BASE_MODEL",
+    "refiner": "IMAGESMITH_REFINER_MODEL",
+    "VAE": "IMAGESMITH_VAE_MODEL",
+}
+
+
+def _load_fix(role: str, source: str, local: Path, settings: Settings) -> str:
+    """How to fix a model that did not load, by what the source is: a folder (the built-in tiny model's or the
+    user's), a path that does not exist, or a hub id (offline, unreachable, or neither). A folder's fix used
+    to be `hf download /its/path` whenever the hub was offline."""
+    setting = SETTING_OF_ROLE.get(role, "the model's setting")
+    if local.exists():
+        tiny = settings.tiny_model_dir()
+        if local.resolve().is_relative_to(tiny.resolve()):
+            return f"delete {tiny} and run again: the built-in tiny model is built again from scratch"
+        return (
+            f"check the folder is a complete diffusers save (unet/, vae/, text encoders, scheduler/), or set "
+            f"{setting} to one"
+        )
+    if source.startswith((".", "/", "~")):
+        return f"the folder does not exist: set {setting} to an existing diffusers folder"
     if offline(settings):
         # `hf`: huggingface_hub's command since 1.0 (the `huggingface-cli` these lines named is gone in 2.x).
-        fix = f"download it once with network access (`hf download {source}`), or unset HF_HUB_OFFLINE"
-    elif local.exists():
-        fix = "check the folder is a complete diffusers save (unet/, vae/, text encoders, scheduler/)"
-    else:
-        fix = "check the hub id, log in with `hf auth login` for gated repos, or use a local folder"
-    raise ModelLoadError(role, source, problem, fix) from last_error
+        return f"download it once with network access (`hf download {source}`), or unset HF_HUB_OFFLINE"
+    unreachable = hub_unreachable()
+    if unreachable:
+        return (
+            f"the hub is not reachable ({unreachable}): `hf download {source} --local-dir DIR` on a machine that "
+            f"reaches it, copy DIR here and set {setting} to it"
+        )
+    return "check the hub id, log in with `hf auth login` for gated repos, or use a local folder"
 
 
 def _place(pipe: Any, plan: HardwarePlan) -> None:
