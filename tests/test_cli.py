@@ -304,6 +304,25 @@ def test_the_server_module_reports_a_bad_setting_like_the_cli(tmp_path: Path) ->
     assert "Traceback" not in done.stderr
 
 
+def test_a_settings_file_that_is_not_utf8_is_named_without_a_traceback(tmp_path: Path) -> None:
+    """A .env saved as UTF-16 (Windows Notepad) came out as python-dotenv's UnicodeDecodeError traceback."""
+    (tmp_path / ".env").write_bytes("IMAGESMITH_DEVICE=cpu\n".encode("utf-16"))
+    env = {**os.environ, "IMAGESMITH_DATA_DIR": str(tmp_path / "data")}
+    done = subprocess.run(
+        [sys.executable, "-m", "imagesmith.cli", "doctor"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(
+        f"imagesmith: error: {tmp_path / '.env'} (the settings file) is not UTF-8 text"
+    )
+    assert "save it as UTF-8" in done.stderr and "Traceback" not in done.stderr
+
+
 def test_doctor_reports_a_plan_the_card_cannot_serve(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

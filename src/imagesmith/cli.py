@@ -25,6 +25,7 @@ from imagesmith.config import (
     ModelPreset,
     Settings,
     UnusableSetting,
+    env_file_problem,
     get_settings,
     prepared_data_dir,
     settings_error_lines,
@@ -353,6 +354,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main_guarded(argv: list[str] | None) -> int:
+    unreadable = env_file_problem()
+    if unreadable is not None:
+        print(f"imagesmith: error: {unreadable}", file=sys.stderr)
+        return 2
     interrupted = _InterruptWatch()
     try:
         return _run(argv)

@@ -521,6 +521,23 @@ def get_settings() -> Settings:
     return Settings()
 
 
+def env_file_problem(env_file: Path = Path(".env")) -> str | None:
+    """Why the settings file cannot be read, or None. python-dotenv reads it as UTF-8 and a file saved in another
+    encoding (Windows Notepad's UTF-16) came out as its UnicodeDecodeError's traceback, naming no file."""
+    try:
+        env_file.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        return None
+    except UnicodeDecodeError as error:
+        return (
+            f"{env_file.resolve()} (the settings file) is not UTF-8 text ({error.reason} at byte {error.start}): "
+            "save it as UTF-8, or move it away"
+        )
+    except OSError as error:
+        return f"{env_file.resolve()} (the settings file) cannot be read: {error.strerror}"
+    return None
+
+
 def settings_error_lines(error: ValidationError) -> list[str]:
     """A refused setting, named as the user set it: 'IMAGESMITH_PRECISION: Input should be ...'."""
     lines = []
