@@ -125,6 +125,23 @@ def test_a_local_folder_that_does_not_load_is_told_the_setting_not_a_download(
     )
 
 
+def test_a_refiner_named_as_the_base_is_refused_at_load_naming_both_settings(tiny_settings: Settings) -> None:
+    """It loaded, then failed the first generation with diffusers' "added time embedding vector" traceback."""
+    tiny = tiny_settings.tiny_model_dir()
+    swapped = tiny_settings.with_changes(
+        model=ModelPreset.SDXL,
+        base_model=str(tiny / "tiny-sdxl-refiner"),
+        refiner_model=str(tiny / "tiny-sdxl-base"),
+    )
+    with pytest.raises(ModelLoadError) as caught:
+        Engine.start(swapped)
+    assert caught.value.role == "base" and "this is a refiner, not a base model" in caught.value.problem
+    assert (
+        "IMAGESMITH_BASE_MODEL to the base model and IMAGESMITH_REFINER_MODEL to the refiner"
+        in caught.value.fix
+    )
+
+
 def test_offline_hub_id_not_cached_says_how_to_fix(
     tiny_settings: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

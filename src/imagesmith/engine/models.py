@@ -263,6 +263,16 @@ def load_models(settings: Settings, plan: HardwarePlan) -> LoadedModels:
         extra["vae"] = _from_pretrained(AutoencoderKL, "VAE", sources.vae, plan, settings)
     log.info("loading base model %s", sources.base)
     base = _from_pretrained(StableDiffusionXLPipeline, "base", sources.base, plan, settings, **extra)
+    if base.text_encoder is None:
+        # A refiner loads as a base pipeline without its first text encoder, then fails the first generation
+        # deep in diffusers ("Model expects an added time embedding vector of length ...").
+        raise ModelLoadError(
+            "base",
+            sources.base,
+            "it has no text_encoder, as SDXL's refiner has none: this is a refiner, not a base model",
+            "set IMAGESMITH_BASE_MODEL to the base model and IMAGESMITH_REFINER_MODEL to the refiner "
+            "(swapped?)",
+        )
     # The VAE may run in another dtype than the UNets (fp32 on pre-Ampere cards with the stock VAE).
     if base.vae.dtype != plan.vae_dtype:
         base.vae.to(dtype=plan.vae_dtype)
