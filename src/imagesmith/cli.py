@@ -33,6 +33,7 @@ from imagesmith.config import (
 from imagesmith.option_errors import USAGE_ERROR, report_option_errors
 from imagesmith.output_file import OutputPathError, planned_output, write_whole
 from imagesmith.schemas import (
+    MAX_NUM_IMAGES,
     AspectPreset,
     GenerationRequest,
     OutputFormat,
@@ -92,7 +93,12 @@ def _add_generate(subparsers: Any) -> None:
     )
     parser.add_argument("--scheduler", choices=[s.value for s in SchedulerName], default="euler")
     parser.add_argument("--seed", type=int)
-    parser.add_argument("--num-images", type=int, default=1)
+    parser.add_argument(
+        "--num-images",
+        type=int,
+        default=1,
+        help=f"images to make, 1 to {MAX_NUM_IMAGES}, one pass (image i uses seed + i)",
+    )
     parser.add_argument(
         "--format",
         choices=[f.value for f in OutputFormat],
