@@ -43,6 +43,16 @@ def test_each_mode_makes_images_of_the_requested_size(tiny_engine: Engine, mode:
     assert all(pixels(image).std() > 0 for image in result.images)
 
 
+@pytest.mark.parametrize("request_given", ["a red bicycle", {"prompt": "a red bicycle"}, None])
+def test_generate_names_what_it_takes_when_given_something_else(
+    tiny_engine: Engine, request_given: Any
+) -> None:
+    """A prompt string came out of the pipeline as "'str' object has no attribute 'width'"."""
+    with pytest.raises(TypeError) as caught:
+        tiny_engine.generate(request_given)
+    assert str(caught.value).startswith("Engine.generate takes a GenerationRequest, e.g. GenerationRequest(")
+
+
 def test_same_seed_reproduces_and_other_seeds_differ(tiny_engine: Engine) -> None:
     first = tiny_engine.generate(GenerationRequest(prompt="a fox", seed=1234, **SMALL))
     again = tiny_engine.generate(GenerationRequest(prompt="a fox", seed=1234, **SMALL))

@@ -243,6 +243,12 @@ class Engine:
         on_progress: ProgressCallback | None = None,
         cancel: CancelToken | None = None,
     ) -> GenerationResult:
+        if not isinstance(request, GenerationRequest | ResolvedRequest):
+            # A prompt string or a dict came out of the pipeline as "'str' object has no attribute 'width'".
+            raise TypeError(
+                f"Engine.generate takes a GenerationRequest, e.g. GenerationRequest(prompt=...) from "
+                f"imagesmith.schemas; got {type(request).__name__}"
+            )
         outcome = self.generate_batch([BatchItem(request, on_progress, cancel)])[0]
         if isinstance(outcome, BaseException):
             raise outcome
