@@ -521,9 +521,11 @@ def get_settings() -> Settings:
     return Settings()
 
 
-def env_file_problem(env_file: Path = Path(".env")) -> str | None:
-    """Why the settings file cannot be read, or None. python-dotenv reads it as UTF-8 and a file saved in another
-    encoding (Windows Notepad's UTF-16) came out as its UnicodeDecodeError's traceback, naming no file."""
+def env_file_problem(env_file: Path | None = None) -> str | None:
+    """Why the settings file (Settings' env_file unless given) cannot be read, or None. python-dotenv reads it as
+    UTF-8 and a file saved in another encoding (Windows Notepad's UTF-16) came out as its UnicodeDecodeError's
+    traceback, naming no file."""
+    env_file = env_file or Path(str(Settings.model_config.get("env_file")))
     try:
         env_file.read_bytes().decode("utf-8")
     except FileNotFoundError:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imagesmith.config import ModelPreset, Settings, prepared_data_dir
+from imagesmith.config import ENV_PREFIX, ModelPreset, Settings, prepared_data_dir
 from imagesmith.engine.hardware import HardwarePlan
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,19 @@ class SourceCheck:
     will_fail: bool = False
 
 
+def looks_like_a_path(source: str) -> bool:
+    """A source written as a path (not a hub id), whether or not it exists."""
+    return source.startswith((".", "/", "~"))
+
+
+def download_elsewhere(source: str, setting: str) -> str:
+    """The fix for a hub id this machine cannot fetch."""
+    return (
+        f"`hf download {source} --local-dir DIR` on a machine that reaches the hub, copy DIR here and set "
+        f"{setting} to it"
+    )
+
+
 def describe_source(
     source: str, settings: Settings, setting: str, index_file: str = "model_index.json"
 ) -> SourceCheck:
@@ -89,17 +102,14 @@ def describe_source(
             "a diffusers pipeline folder" if index_file == "model_index.json" else "a diffusers model folder"
         )
         return SourceCheck(f"local folder WITHOUT {index_file} (not {kind}); set {setting} to one", True)
-    if source.startswith((".", "/", "~")):
+    if looks_like_a_path(source):
         return SourceCheck(f"local path that does not exist; set {setting} to an existing folder", True)
     from huggingface_hub import try_to_load_from_cache
 
     cached = try_to_load_from_cache(source, index_file)
     if isinstance(cached, str):
         return SourceCheck("hub id, in the local cache")
-    fetch_elsewhere = (
-        f"`hf download {source} --local-dir DIR` on a machine that reaches the hub, copy DIR here and set "
-        f"{setting} to it"
-    )
+    fetch_elsewhere = download_elsewhere(source, setting)
     if offline(settings):
         return SourceCheck(
             f"hub id, not cached: offline mode, will fail. Fix: unset HF_HUB_OFFLINE for the first load, or "
@@ -185,19 +195,11 @@ def _from_pretrained(
     raise ModelLoadError(role, source, problem, _load_fix(role, source, local, settings)) from last_error
 
 
-# The setting that names each model, for the fixes.
-SETTING_OF_ROLE = {
-    "base": "IMAGESMITH_BASE_MODEL",
-    "refiner": "IMAGESMITH_REFINER_MODEL",
-    "VAE": "IMAGESMITH_VAE_MODEL",
-}
-
-
 def _load_fix(role: str, source: str, local: Path, settings: Settings) -> str:
     """How to fix a model that did not load, by what the source is: a folder (the built-in tiny model's or the
     user's), a path that does not exist, or a hub id (offline, unreachable, or neither). A folder's fix used
     to be `hf download /its/path` whenever the hub was offline."""
-    setting = SETTING_OF_ROLE.get(role, "the model's setting")
+    setting = f"{ENV_PREFIX}{role.upper()}_MODEL"  # base_model, refiner_model, vae_model
     if local.exists():
         tiny = settings.tiny_model_dir()
         if local.resolve().is_relative_to(tiny.resolve()):
@@ -206,17 +208,14 @@ def _load_fix(role: str, source: str, local: Path, settings: Settings) -> str:
             f"check the folder is a complete diffusers save (unet/, vae/, text encoders, scheduler/), or set "
             f"{setting} to one"
         )
-    if source.startswith((".", "/", "~")):
+    if looks_like_a_path(source):
         return f"the folder does not exist: set {setting} to an existing diffusers folder"
     if offline(settings):
         # `hf`: huggingface_hub's command since 1.0 (the `huggingface-cli` these lines named is gone in 2.x).
         return f"download it once with network access (`hf download {source}`), or unset HF_HUB_OFFLINE"
     unreachable = hub_unreachable()
     if unreachable:
-        return (
-            f"the hub is not reachable ({unreachable}): `hf download {source} --local-dir DIR` on a machine that "
-            f"reaches it, copy DIR here and set {setting} to it"
-        )
+        return f"the hub is not reachable ({unreachable}): {download_elsewhere(source, setting)}"
     return "check the hub id, log in with `hf auth login` for gated repos, or use a local folder"
 
 
