@@ -17,12 +17,17 @@ from dynamo_reset import reset_dynamo
 class GraphRecording:
     compiled: list[bool] = field(default_factory=list)  # per graph compiled: whether its sizes are symbolic
     ran: list[bool] = field(default_factory=list)  # per graph run: the same
+    # Fail to compile graphs whose image sides are symbolic, as inductor might on a torch version or card.
+    fails_on_symbolic_sides: bool = False
 
     def backend(self, graph: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         # Dynamo's fake example values carry symbolic sizes where the graph is dynamic.
         values = [node.meta.get("example_value") for node in graph.graph.find_nodes(op="placeholder")]
         shapes = [value.shape for value in values if isinstance(value, torch.Tensor)]
         dynamic = any(isinstance(size, torch.SymInt) for shape in shapes for size in shape)
+        sides_dynamic = any(isinstance(size, torch.SymInt) for shape in shapes for size in shape[-2:])
+        if self.fails_on_symbolic_sides and sides_dynamic:
+            raise RuntimeError("no kernel for symbolic image sides (simulated)")
         self.compiled.append(dynamic)
 
         def run(*args: Any) -> Any:

@@ -127,6 +127,40 @@ def test_warming_up_any_size_leaves_no_compile_for_requests_at_new_sizes(tiny_se
     assert any("64x128" in line and "every other size" in line for line in heard)
 
 
+def test_a_failed_any_size_compile_keeps_the_warmed_up_sizes_compiled(
+    tiny_settings: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """IMAGESMITH_WARMUP_ANY_SIZE: if the shared graphs fail to compile, the warm-up sizes keep their static
+    graphs and other sizes run uncompiled, where the whole engine used to turn eager (every request ~1.75x
+    slower for a lever that serves a few). Nothing retries the failed compile on a request."""
+    from imagesmith.engine import Engine
+    from imagesmith.engine.fast import warm_up_or_fall_back_to_eager
+    from imagesmith.schemas import GenerationRequest
+    from imagesmith.uncompiled_calls import uncompiled_calls
+
+    engine = Engine.start(tiny_settings.with_changes(fuse_qkv=False))
+    engine.levers.append("torch.compile(mode=default) UNets + VAE decoder")
+    with engine_routed_and_recording(engine) as recording:
+        recording.fails_on_symbolic_sides = True
+        warm_up_or_fall_back_to_eager(engine, [(64, 64)], [1], any_size=True)
+        assert engine.models.base.unet._compiled_call_impl is not None
+        assert not any("eager instead" in lever for lever in engine.levers)
+        assert any("failed to compile (BackendCompilerFailed)" in lever for lever in engine.levers)
+        assert "the warmed-up sizes keep their compiled graphs" in caplog.text
+        compiled_after_warm_up, ran_after_warm_up = len(recording.compiled), len(recording.ran)
+        before = dict(uncompiled_calls())
+        request = GenerationRequest(
+            prompt="a lighthouse", width=128, height=64, num_inference_steps=4, seed=1
+        )
+        assert engine.generate(request).images
+        assert len(recording.compiled) == compiled_after_warm_up  # no retry on the request
+        assert len(recording.ran) == ran_after_warm_up  # every call uncompiled
+        assert uncompiled_calls().get("decode", 0) > before.get("decode", 0)
+        assert engine.generate(request.model_copy(update={"width": 64})).images
+        assert len(recording.ran) > ran_after_warm_up  # the warmed-up size on its static graphs
+        assert len(recording.compiled) == compiled_after_warm_up
+
+
 @pytest.mark.parametrize(
     ("sizes", "asked"), [("64x64", True), ("64x64", False), ("64x64,64x128", False), ("64x64,64x128", True)]
 )

@@ -51,6 +51,11 @@ class BatchRoutedCall:
         for call in (self.single, self.batched):
             call.stop_compiling()
 
+    def give_up_any_size(self) -> None:
+        """From now on passes at sizes not warmed up run uncompiled (engine/size_routing.py)."""
+        for call in (self.single, self.batched):
+            call.give_up_any_size()
+
     def __call__(self, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         args, kwargs = _timestep_as_float32(args, kwargs)
         _mark_model_sizes_static(kwargs)

@@ -28,9 +28,11 @@ from imagesmith.engine.execution_device import pin_pipelines
 from imagesmith.engine.fast import (
     apply_speed_levers,
     compiled_modules,
+    give_up_shared_graphs,
     no_compiling_on_requests,
     raised_in_compiled_code,
     records_cuda_graphs,
+    runs_on_shared_graphs,
     serve_eager_from_now,
 )
 from imagesmith.engine.fp8_calibration import calibrate_fp8
@@ -297,12 +299,15 @@ class Engine:
             if not ((compiled_modules(self) or fell_back) and raised_in_compiled_code(error)):
                 raise
             # A compiled pass failed inside torch.compile's machinery (a CUDA-graph capture, a recompile). Left
-            # alone, every later pass fails the same way while health says ready: serve eager instead, from a
-            # new GPU thread (the failed capture left this one's allocator state broken), and run the pass
-            # again, once, so the accepted work is done. (A pass that was already queued when another one
-            # failed finds the modules eager by now: it only needs the retry.) Progress restarts from the
-            # first step; the worker's tracker counts a stage that starts again from where it began.
-            if compiled_modules(self):
+            # alone, every later pass fails the same way while health says ready: serve eager instead (only the
+            # sizes outside the warm-up, when the pass ran their shared graphs), from a new GPU thread (the
+            # failed capture left this one's allocator state broken), and run the pass again, once, so the
+            # accepted work is done. (A pass that was already queued when another one failed finds the modules
+            # eager by now: it only needs the retry.) Progress restarts from the first step; the worker's
+            # tracker counts a stage that starts again from where it began.
+            if compiled_modules(self) and runs_on_shared_graphs(self, resolved[0].width, resolved[0].height):
+                give_up_shared_graphs(self, error)  # the static graphs most requests use stay compiled
+            elif compiled_modules(self):
                 serve_eager_from_now(self, error, "a compiled pass failed")
             traceback.clear_frames(error.__traceback__)  # the failed pass's tensors, held by its frames
             del error

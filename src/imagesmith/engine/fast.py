@@ -393,7 +393,8 @@ def warm_up(
     keep_sizes_static(engine, sizes)
     if any_size and sizes and compiled_modules(engine):
         other = size_outside(sizes)
-        # After the warmed-up sizes: a warm-up that fails here has still compiled the graphs most requests use.
+        # After the warmed-up sizes: if the shared graphs fail to compile, the static ones most requests use are
+        # done, and kept (`give_up_shared_graphs`, from the engine's handling of a failed compiled pass).
         sizes_and_other = [*sizes, other]
     else:
         sizes_and_other = list(sizes)
@@ -446,6 +447,40 @@ def warm_up(
                 _warm_up_pass(engine, width, height, batch, stop=stop)
         log.info("warm-up: CUDA graphs recorded at %.1fs", time.perf_counter() - began)
     return time.perf_counter() - began
+
+
+ANY_SIZE_FAILED = "the graphs for sizes not warmed up failed to compile ({error}): those sizes run uncompiled"
+
+
+def runs_on_shared_graphs(engine: Any, width: int, height: int) -> bool:
+    """Whether a pass at this image size runs the size-routed graphs every size outside the warm-up shares
+    (engine/size_routing.py), not a warmed-up size's static ones."""
+    size = latent_size_of_image(width, height, engine.models.base.vae_scale_factor)
+    for module in compiled_modules(engine):
+        warmed = getattr(module._compiled_call_impl, "warmed", None)
+        if warmed and size not in warmed:  # None: not routed; empty: the first size seen becomes static
+            return True
+    return False
+
+
+def give_up_shared_graphs(engine: Any, error: BaseException) -> None:
+    """After a compiled pass at a size outside the warm-up failed in torch.compile's machinery (inductor on
+    symbolic shapes, at the any-size warm-up or a request's compile): from now on such sizes run uncompiled, and
+    the warmed-up sizes keep their static graphs. Turning the whole engine eager instead (serve_eager_from_now)
+    would make every request ~1.75x slower (runs 85 and 87 in docs/benchmarks.md) for graphs that serve a few,
+    and leaving the route as it was would retry the failing compile, minutes of it, on each such request."""
+    log.error(
+        "a compiled pass at a size not warmed up failed; the warmed-up sizes keep their compiled graphs, other "
+        "sizes run uncompiled from now on: %s: %s",
+        type(error).__name__,
+        error,
+        exc_info=error,
+    )
+    for module in compiled_modules(engine):
+        give_up = getattr(module._compiled_call_impl, "give_up_any_size", None)
+        if give_up is not None:  # None: Module.compile's own call (IMAGESMITH_COMPILE_DYNAMIC's UNets)
+            give_up()
+    engine.levers = [*engine.levers, ANY_SIZE_FAILED.format(error=type(error).__name__)]
 
 
 STOPPED_COMPILING = "no compile on a request: shapes the warm-up did not run go uncompiled"

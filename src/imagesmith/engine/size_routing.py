@@ -81,6 +81,12 @@ class SizeRoutedCall:
         # The routes that ran while compiling was allowed: those have graphs. `stop_compiling` freezes the set.
         self.routes_run: set[str] = set()
         self.compiles = True
+        self.any_size_failed = False  # its compile failed at the warm-up: other sizes run uncompiled
+
+    def give_up_any_size(self) -> None:
+        """From now on every size not warmed up runs the module uncompiled: its graph failed to compile (inductor
+        on symbolic shapes), and a retry on a request would fail the same way after minutes of tracing."""
+        self.any_size_failed = True
 
     def stop_compiling(self) -> None:
         """From now on a route that never ran (no graph of it exists) runs the module uncompiled."""
@@ -120,6 +126,15 @@ class SizeRoutedCall:
         if not self.warmed:
             self.warmed.add(size)
         route = "static" if size in self.warmed else "any size"
+        if route == "any size" and self.any_size_failed:
+            note_uncompiled_call(
+                self.label,
+                (size, "failed"),
+                f"the {self.label} graph for sizes not warmed up failed to compile at the warm-up (logged then), "
+                f"latents {shape_text(sample)}",
+                AFTER_A_FAILED_COMPILE,
+            )
+            return self.uncompiled
         if not self.compiles and route not in self.routes_run:
             what = "size" if route == "any size" else "kind of pass at a warmed-up size"
             note_uncompiled_call(
@@ -155,6 +170,7 @@ FOR_A_NEW_SIZE = (
     "IMAGESMITH_COMPILE_ON_REQUEST=true"
 )
 ONLY_ON_REQUEST = "IMAGESMITH_COMPILE_ON_REQUEST=true compiles such passes, on their first request"
+AFTER_A_FAILED_COMPILE = "list the size in IMAGESMITH_WARMUP_SIZES (a static graph of its own)"
 
 
 def note_uncompiled_call(label: str, kind: tuple[Any, ...], what: str, remedy: str) -> None:
