@@ -138,6 +138,7 @@ def test_stock_only_request_says_stock_is_not_configured(server: ServerProcess) 
         ({"prompt": "x", "use_generation": True, "num_inference_steps": 19}, "num_inference_steps"),
         ({"prompt": "x", "use_generation": True, "guidance_scale": 25}, "guidance_scale"),
         ({"prompt": "x", "use_generation": True, "title": "t" * 201}, "title"),
+        ({"prompt": "x", "keywords": [f"k{number}" for number in range(21)]}, "keywords"),  # as /v1/jobs
         ({"prompt": "x", "use_generation": True, "width": 1001}, "width"),
         ({"prompt": "   ", "use_generation": True}, "prompt"),
         ({"prompt": "x", "use_pexels": False}, "use_generation"),

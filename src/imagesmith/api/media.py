@@ -41,7 +41,9 @@ class ImageGenerationRequest(BaseModel):
     # --- the seed's fields ---
     prompt: str = Field(..., description="What the image shows.")
     title: str | None = Field(None, max_length=200, description="Article title (helps stock search).")
-    keywords: list[str] | None = Field(None, description="Search keywords for stock photos.")
+    keywords: list[str] | None = Field(
+        None, max_length=20, description="Search keywords for stock photos (up to 20; the search uses six)."
+    )
     use_pexels: bool = Field(
         True, description="Try a Pexels stock photo first (needs a Pexels key on the server)."
     )
