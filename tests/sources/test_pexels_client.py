@@ -183,7 +183,9 @@ async def test_network_error_is_unavailable(tmp_path: Path) -> None:
         pexels_max_retries=1,
     )
     async with client_for(settings) as client:
-        with pytest.raises(PexelsUnavailable, match="ConnectError"):
+        with pytest.raises(
+            PexelsUnavailable, match=f"ConnectError calling Pexels /search at 127.0.0.1:{port}"
+        ):
             await client.search("cats")
 
 

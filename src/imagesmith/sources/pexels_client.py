@@ -35,6 +35,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlsplit
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
@@ -386,6 +387,11 @@ class PexelsClient:
                 f"Pexels {what} answer has an unexpected shape at {where}: {first['msg']}"
             ) from None
 
+    def _calling(self, path: str) -> str:
+        """What a network failure was doing, with the host: a user with IMAGESMITH_PEXELS_API_BASE_URL set (a
+        proxy, a stand-in) needs to see which one did not answer."""
+        return f"calling Pexels {path} at {urlsplit(self.base_url).netloc or self.base_url}"
+
     async def _get_json(self, path: str, params: Mapping[str, str | int]) -> Any:
         if self._key is None:
             raise PexelsNotConfigured("no Pexels API key: set IMAGESMITH_PEXELS_API_KEY")
@@ -404,7 +410,7 @@ class PexelsClient:
 
         async def once() -> tuple[httpx.Response, bytes]:
             try:
-                response, body = await within_deadline(get_capped, self.timeout_s, f"calling Pexels {path}")
+                response, body = await within_deadline(get_capped, self.timeout_s, self._calling(path))
             except (
                 httpx.LocalProtocolError,
                 httpx.UnsupportedProtocol,
@@ -422,7 +428,7 @@ class PexelsClient:
             except httpx.DecodingError:  # a body that does not match its Content-Encoding
                 raise PexelsBadResponse(f"Pexels {path} answered with a body that does not decode") from None
             except httpx.TransportError as error:  # a proxy error: nothing says a retry would pass
-                raise PexelsUnavailable(f"{type(error).__name__} calling Pexels {path}") from None
+                raise PexelsUnavailable(f"{type(error).__name__} {self._calling(path)}") from None
             self.quota.observe(response.headers)
             if is_retryable_status(response.status_code):
                 raise Retryable(f"Pexels {path} answered {response.status_code}")
