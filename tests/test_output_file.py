@@ -40,3 +40,16 @@ def test_names_that_would_lie_about_their_bytes_are_refused_with_the_fix(tmp_pat
         OutputPathError, match=r"is not a format imagesmith writes; name the file .png, .jpg or .webp$"
     ):
         planned_output(tmp_path / "hero.v2", None, OutputFormat.JPEG)  # search: no --format to suggest
+
+
+@pytest.mark.parametrize("folder", ["/proc", "/sys"])
+def test_a_folder_that_takes_no_file_is_refused_before_any_work(folder: str) -> None:
+    """Checked by making a file there: as root (CI, containers) a permission test passes /proc and /sys, and the
+    CLI refused the write only after the generation."""
+    with pytest.raises(OutputPathError, match=f"cannot write in {folder} .*choose another folder"):
+        planned_output(Path(folder) / "hero.png", None, OutputFormat.PNG)
+
+
+def test_a_writable_folder_is_left_as_it_was(tmp_path: Path) -> None:
+    planned_output(tmp_path / "new" / "hero.png", None, OutputFormat.PNG)
+    assert list(tmp_path.iterdir()) == []  # the probe's file is gone, and no folder is made before the write

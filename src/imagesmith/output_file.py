@@ -8,6 +8,7 @@ mid-write never leaves half an image under the name asked for.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 from imagesmith.schemas import OutputFormat
@@ -54,8 +55,14 @@ def check_writable(path: Path) -> None:
     existing = next((folder for folder in path.parents if folder.exists()), Path("."))
     if not existing.is_dir():
         raise OutputPathError(f"{existing} is a file, so {path} cannot be made; choose another path")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise OutputPathError(f"cannot write in {existing} (permission denied); choose another folder")
+    try:
+        # A file made and dropped at once, where a permission test would do: as root os.access says yes to
+        # everything, and /proc, /sys or a read-only mount refused the write only after the whole generation.
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        reason = (error.strerror or type(error).__name__).lower()
+        raise OutputPathError(f"cannot write in {existing} ({reason}); choose another folder") from None
 
 
 def write_whole(path: Path, data: bytes) -> None:
