@@ -133,6 +133,9 @@
 # default+anysize (the any-size graph without CUDA graphs); serve-anysize (over one call cold). The channels-last
 # call: models,unet-anysize with UNET_ANYSIZE_VARIANTS=ro,ro+anysize+cl UNET_ANYSIZE_LIMIT_S=760 and a deadline
 # ~800 s on, then --wait again at once.
+# Session 37 (run 88, an H100): unet-anysize alone with UNET_ANYSIZE_VARIANTS=ro,ro+anysize+cl fit one call (497 s:
+# ro 135.2 s, ro+anysize+cl 317.6 s and +8.8 ms a call), then the GPU tests in two plain pytest calls (262 s, 361
+# s). Owed: the H200 queue (as above); default+anysize; serve-anysize (now with channels-last UNets, shorter).
 set -u
 PIPE=.devcache/pipe
 

@@ -88,7 +88,10 @@ def test_warming_up_any_size_is_named_where_it_is_on() -> None:
     settings = Settings(compile=CompileChoice.REDUCE_OVERHEAD, warmup_any_size=True)
     line = lines_for(H100, settings)[0]
     assert "for 1024x1024, batch 1 and 8, and the graphs every other size shares" in line
+    assert "~2.4x a size's compile, other sizes' UNet calls ~1.26x" in line  # with channels-last (run 88)
     assert "on its first request" not in line
+    nchw = Settings(compile=CompileChoice.REDUCE_OVERHEAD, warmup_any_size=True, channels_last=False)
+    assert "~3.4x a size's compile, other sizes' UNet calls ~1.3x" in lines_for(H100, nchw)[0]  # run 87
     line = lines_for(H100, Settings(compile=CompileChoice.REDUCE_OVERHEAD))[0]
     assert "for 1024x1024, batch 1 and 8; another size runs uncompiled (~1.75x a warmed size's time)" in line
     assert "list it in IMAGESMITH_WARMUP_SIZES" in line

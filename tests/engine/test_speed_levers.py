@@ -28,6 +28,26 @@ from imagesmith.schemas import GenerationRequest
 REQUEST = GenerationRequest(prompt="a lighthouse", width=64, height=64, num_inference_steps=10, seed=21)
 
 
+@pytest.mark.parametrize(
+    ("changes", "wanted"),
+    [
+        ({}, False),
+        ({"compile": "reduce-overhead"}, False),  # static graphs pick their own layout
+        ({"compile": "reduce-overhead", "warmup_any_size": True}, True),  # the shared graphs do not (run 88)
+        ({"compile": "reduce-overhead", "compile_dynamic": True}, True),
+        ({"warmup_any_size": True}, False),  # uncompiled: nothing measured
+        ({"compile": "reduce-overhead", "warmup_any_size": True, "channels_last": False}, False),  # as set
+        ({"channels_last": True}, True),
+    ],
+)
+def test_channels_last_follows_the_any_size_warm_up_unless_set(
+    tiny_settings: Settings, changes: dict[str, Any], wanted: bool
+) -> None:
+    from imagesmith.engine.fast import channels_last_wanted
+
+    assert channels_last_wanted(tiny_settings.with_changes(**changes)) is wanted
+
+
 def test_fused_qkv_gives_the_same_image_and_frees_the_unfused_weights(tiny_settings: Settings) -> None:
     plain = Engine.start(tiny_settings.with_changes(**{"fuse_qkv": False}))
     fused = Engine.start(

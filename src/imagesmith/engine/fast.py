@@ -104,6 +104,19 @@ def fuse_qkv_wanted(settings: Settings, plan: HardwarePlan) -> bool:
     return wanted and plan.offload == "none"
 
 
+def channels_last_wanted(settings: Settings) -> bool:
+    """Unless set: with compile, when the warm-up compiles the shared graphs for every other size. Inductor
+    lays out a graph channels-last itself only when its convolution shapes are static (`decide_layout_opt`), so
+    the shared graph, with symbolic sides, kept NCHW and paid cuDNN's layout transposes around each convolution
+    (2.9 ms a base call, run 87). With the weights channels-last each convolution's output is channels-last by
+    eager's rule, which the graph keeps: run 88 measured +8.8 ms a call against the static graph where run 87
+    had +10.3, and a compile of 318 s against 453 s on that host class. Static graphs choose their layout
+    either way (channels_last within noise compiled, runs 12-13)."""
+    if settings.channels_last is not None:
+        return settings.channels_last
+    return settings.compile is not CompileChoice.OFF and settings.warms_up_any_size()
+
+
 def cudnn_benchmark_wanted(settings: Settings, plan: HardwarePlan) -> bool:
     """Worth it where shapes repeat (a server's fixed sizes): the timing runs once per shape. Measured with
     compile only (1-2 %, runs 12-13, most of it in the VAE decode), so it follows compile unless set; but
@@ -148,7 +161,7 @@ def apply_speed_levers(base: Any, refiner: Any | None, plan: HardwarePlan, setti
         applied.append("fused QKV")
     elif settings.fuse_qkv and plan.offload != "none":
         log.warning("fuse_qkv skipped: it needs offload=none (plan: %s)", plan.offload)
-    if settings.channels_last:
+    if channels_last_wanted(settings):
         for unet in unets:
             unet.to(memory_format=torch.channels_last)
         applied.append("channels_last")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from imagesmith.config import CUDA_GRAPH_MODES, CompileChoice, OffloadChoice, Settings
 from imagesmith.engine.compile_regions import regions_supported
-from imagesmith.engine.fast import compile_cache_root
+from imagesmith.engine.fast import channels_last_wanted, compile_cache_root
 from imagesmith.engine.hardware import FP8_MIN_CAPABILITY, DeviceInfo, HardwarePlan
 from imagesmith.sources.generate import warm_up_batches
 
@@ -66,12 +66,16 @@ def _what_runs(settings: Settings, plan: HardwarePlan) -> str:
             batches = " and ".join(map(str, warm_up_batches(settings)))
             when = f"a server compiles at start-up for {sizes}, batch {batches}"
             # What a request at another size meets (engine/size_routing.py, fast.size_outside).
-            # The prices are run 87's (an H100): the shared graph compiles ~3.4x longer than a static one and runs
-            # a call ~29 % slower; uncompiled, a size takes ~1.75x a warmed one's time (run 85).
+            # The prices are runs 87-88's (an H100): the shared graph compiles ~2.4x longer than a static one and
+            # runs a UNet call ~26 % slower with channels-last weights, ~3.4x and ~29 % without; uncompiled, a
+            # size takes ~1.75x a warmed one's time (run 85).
             if settings.warms_up_any_size():
+                compile_price, call_price = (
+                    ("~2.4x", "~1.26x") if channels_last_wanted(settings) else ("~3.4x", "~1.3x")
+                )
                 when += (
-                    ", and the graphs every other size shares (IMAGESMITH_WARMUP_ANY_SIZE: ~3.4x a size's "
-                    "compile, other sizes ~1.3x a warmed size's time)"
+                    f", and the graphs every other size shares (IMAGESMITH_WARMUP_ANY_SIZE: {compile_price} a "
+                    f"size's compile, other sizes' UNet calls {call_price} a warmed size's)"
                 )
             elif settings.compile_on_request:
                 when += (
