@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -76,8 +77,26 @@ def test_doctor_prints_device_plan_and_models(tiny_model_home: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "device: cpu" in done.stdout
     assert "plan: device=cpu dtype=fp32" in done.stdout
-    assert "models: tiny" in done.stdout
+    assert "models: tiny (built-in, random weights) at " in done.stdout
+    assert ": base and refiner load" in done.stdout
     assert "pexels: not configured" in done.stdout  # the Pexels part, from the same settings
+
+
+@pytest.mark.parametrize("damaged", ["tiny-sdxl-base", "tiny-sdxl-refiner"])
+def test_doctor_loads_the_tiny_model_and_names_the_fix_when_it_is_damaged(
+    tiny_model_home: Path, tmp_path: Path, damaged: str
+) -> None:
+    """A tiny model damaged after it was built (its UNet weights gone) passed doctor, which only looked for
+    the folder, and failed the first generation."""
+    home = tmp_path / "data"
+    shutil.copytree(tiny_model_home, home)
+    for weights in (home / "tiny-model" / damaged / "unet").glob("*.safetensors"):
+        weights.unlink()
+    done = run_cli("doctor", home=home)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"models: tiny at {home / 'tiny-model'}: ERROR" in done.stdout
+    assert f"delete {home / 'tiny-model'} and run again" in done.stdout
+    assert "Traceback" not in done.stderr
 
 
 def test_doctor_tells_whether_real_models_resolve(tiny_model_home: Path, tmp_path: Path) -> None:

@@ -286,6 +286,25 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_tiny_models(settings: Settings, plan: Any) -> int:
+    """doctor's line for the built-in tiny model, loaded (seconds), not only looked for: a folder damaged since
+    it was built (a file deleted, a disk error) passed doctor and failed the first generation. Built here if
+    missing, as any command would. Returns the problems found (0 or 1)."""
+    from imagesmith.engine.models import ModelLoadError, load_models
+
+    where = settings.tiny_model_dir()
+    try:
+        loaded = load_models(settings, plan)
+    except ModelLoadError as error:
+        print(f"models: tiny at {where}: ERROR {error}")
+        return 1
+    if loaded.refiner is None:  # the engine would serve base-only; a damaged tiny model is worth fixing
+        print(f"models: tiny at {where}: ERROR {loaded.refiner_error}")
+        return 1
+    print(f"models: tiny (built-in, random weights) at {where}: base and refiner load")
+    return 0
+
+
 def run_doctor(args: argparse.Namespace) -> int:
     import torch
 
@@ -327,7 +346,7 @@ def run_doctor(args: argparse.Namespace) -> int:
         print(f"data dir: {error}")
         problems += 1
     if settings.model is ModelPreset.TINY:
-        print(f"models: tiny (built-in, random weights) at {settings.tiny_model_dir()}")
+        problems += _check_tiny_models(settings, plan)
     else:
         checks = [("base model", "base_model", "model_index.json")]
         if settings.refiner_model:
