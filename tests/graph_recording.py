@@ -25,7 +25,10 @@ class GraphRecording:
         values = [node.meta.get("example_value") for node in graph.graph.find_nodes(op="placeholder")]
         shapes = [value.shape for value in values if isinstance(value, torch.Tensor)]
         dynamic = any(isinstance(size, torch.SymInt) for shape in shapes for size in shape)
-        sides_dynamic = any(isinstance(size, torch.SymInt) for shape in shapes for size in shape[-2:])
+        # Image sides: the last two of a 4-d (NCHW) input's sizes.
+        sides_dynamic = any(
+            isinstance(size, torch.SymInt) for shape in shapes if len(shape) == 4 for size in shape[-2:]
+        )
         if self.fails_on_symbolic_sides and sides_dynamic:
             raise RuntimeError("no kernel for symbolic image sides (simulated)")
         self.compiled.append(dynamic)

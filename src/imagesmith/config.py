@@ -254,10 +254,12 @@ class Settings(BaseSettings):
     )
     channels_last: bool | None = Field(
         None,
-        description="NHWC memory layout for the UNets' weights. Default: on with compile and the any-size "
-        "warm-up, whose shared graphs inductor leaves NCHW otherwise: on an H100 their base UNet graph compiled "
-        "in 318 s against 453 s and ran a call 1.5 ms faster (run 88). Static graphs pick their own layout "
-        "(within noise, runs 12-13).",
+        description="NHWC memory layout for the UNets' weights. Default: on with compile (offload none) where the "
+        "graphs shared by sizes outside the warm-up compile (IMAGESMITH_WARMUP_ANY_SIZE, IMAGESMITH_COMPILE_DYNAMIC, "
+        "IMAGESMITH_COMPILE_ON_REQUEST), off otherwise. Inductor leaves those graphs NCHW: with the weights "
+        "channels-last the base UNet's compiled in 318 s against 453 s and ran +8.8 ms a call against the static "
+        "graph, where NCHW ran +10.3 (runs 87-88, H100s). Static graphs pick their own layout (within noise, runs "
+        "12-13). Changing it changes the compile cache's keys: the next start compiles cold.",
     )
     attention_backend: AttentionBackendChoice = Field(
         AttentionBackendChoice.AUTO,
@@ -498,7 +500,8 @@ class Settings(BaseSettings):
 
         Not implied by two or more warm-up sizes any more (it was until session 36, to keep what their warm-up
         did before engine/size_routing.py). Run 87 measured the price on an H100: the base UNet's shared graph
-        compiled in 453 s against its static graph's 133 s, and a call on it costs +29 %. A service that lists
+        compiled in 453 s against its static graph's 133 s, and a call on it costs +29 % (run 88, with the
+        channels-last weights now on by default there: 318 s and +26 %). A service that lists
         its sizes gets each a static graph; compiling the shared ones too would more than double its start-up
         for sizes it did not list, which run uncompiled instead (~1.75x a warmed size's time)."""
         return self.warmup_any_size or self.compile_dynamic

@@ -145,7 +145,7 @@ def test_a_failed_any_size_compile_keeps_the_warmed_up_sizes_compiled(
         warm_up_or_fall_back_to_eager(engine, [(64, 64)], [1], any_size=True)
         assert engine.models.base.unet._compiled_call_impl is not None
         assert not any("eager instead" in lever for lever in engine.levers)
-        assert any("failed to compile (BackendCompilerFailed)" in lever for lever in engine.levers)
+        assert any("sizes not warmed up failed (BackendCompilerFailed)" in lever for lever in engine.levers)
         assert "the warmed-up sizes keep their compiled graphs" in caplog.text
         compiled_after_warm_up, ran_after_warm_up = len(recording.compiled), len(recording.ran)
         before = dict(uncompiled_calls())
@@ -159,6 +159,40 @@ def test_a_failed_any_size_compile_keeps_the_warmed_up_sizes_compiled(
         assert engine.generate(request.model_copy(update={"width": 64})).images
         assert len(recording.ran) > ran_after_warm_up  # the warmed-up size on its static graphs
         assert len(recording.compiled) == compiled_after_warm_up
+
+
+def test_a_failure_outside_the_shared_graphs_still_turns_the_engine_eager(tiny_settings: Any) -> None:
+    """IMAGESMITH_COMPILE_DYNAMIC's UNets are not routed; the decoder is. A UNet compile failing at a new size
+    is no failure of the shared graphs, though the size is not warmed up: giving those up would leave the UNet
+    compiled, and the retry failed the same way (the review of session 37)."""
+
+    from imagesmith.engine import Engine
+    from imagesmith.engine.fast import route_decoder, warm_up_or_fall_back_to_eager
+    from imagesmith.schemas import GenerationRequest
+
+    engine = Engine.start(tiny_settings.with_changes(fuse_qkv=False))
+    engine.levers.append("torch.compile(mode=default) UNets + VAE decoder")
+    unets = [engine.models.base.unet, engine.models.refiner.unet]
+    decoder = engine.models.base.vae.decoder
+    failing, recording = GraphRecording(fails_on_symbolic_sides=True), GraphRecording()
+    reset_dynamo()
+    try:
+        for unet in unets:
+            unet._compiled_call_impl = torch.compile(unet._call_impl, fullgraph=True, backend=failing.backend)
+        route_decoder(decoder, {"fullgraph": True, "dynamic": None, "backend": recording.backend})
+        warm_up_or_fall_back_to_eager(engine, [(64, 64)], [1])
+        assert unets[0]._compiled_call_impl is not None
+        request = GenerationRequest(
+            prompt="a lighthouse", width=128, height=64, num_inference_steps=4, seed=1
+        )
+        assert engine.generate(request).images  # the UNet's dynamic recompile fails; the retry runs eager
+        assert unets[0]._compiled_call_impl is None and decoder._compiled_call_impl is None
+        assert any(lever.startswith("torch.compile failed, eager instead") for lever in engine.levers)
+        assert not any("sizes not warmed up failed" in lever for lever in engine.levers)
+    finally:
+        for module in [*unets, decoder]:
+            module._compiled_call_impl = None
+        reset_dynamo()
 
 
 @pytest.mark.parametrize(

@@ -35,17 +35,24 @@ REQUEST = GenerationRequest(prompt="a lighthouse", width=64, height=64, num_infe
         ({"compile": "reduce-overhead"}, False),  # static graphs pick their own layout
         ({"compile": "reduce-overhead", "warmup_any_size": True}, True),  # the shared graphs do not (run 88)
         ({"compile": "reduce-overhead", "compile_dynamic": True}, True),
+        ({"compile": "reduce-overhead", "compile_on_request": True}, True),  # the shared graphs, on a request
         ({"warmup_any_size": True}, False),  # uncompiled: nothing measured
+        (
+            {"compile": "reduce-overhead", "warmup_any_size": True, "offload": "model"},
+            False,
+        ),  # compile skipped
         ({"compile": "reduce-overhead", "warmup_any_size": True, "channels_last": False}, False),  # as set
         ({"channels_last": True}, True),
     ],
 )
-def test_channels_last_follows_the_any_size_warm_up_unless_set(
+def test_channels_last_follows_the_shared_graphs_unless_set(
     tiny_settings: Settings, changes: dict[str, Any], wanted: bool
 ) -> None:
     from imagesmith.engine.fast import channels_last_wanted
 
-    assert channels_last_wanted(tiny_settings.with_changes(**changes)) is wanted
+    gpu = DeviceInfo("cuda", name="H100", capability=(9, 0), total_memory_gib=80, free_memory_gib=79)
+    settings = tiny_settings.with_changes(**changes)
+    assert channels_last_wanted(settings, plan_hardware(gpu, settings)) is wanted
 
 
 def test_fused_qkv_gives_the_same_image_and_frees_the_unfused_weights(tiny_settings: Settings) -> None:

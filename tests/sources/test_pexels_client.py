@@ -170,6 +170,26 @@ async def test_timeout_then_success(standin: StandIn, tmp_path: Path) -> None:
         assert (await client.search("cats")).photos
 
 
+async def test_a_network_error_names_the_host_but_not_the_base_urls_password(tmp_path: Path) -> None:
+    """A proxy's credentials in IMAGESMITH_PEXELS_API_BASE_URL must not reach the error, which a job's
+    attempts show to clients."""
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    settings = Settings(
+        _env_file=None,
+        data_dir=tmp_path,
+        pexels_api_key="k",
+        pexels_api_base_url=f"http://user:s3cret@127.0.0.1:{port}/v1",
+        pexels_retry_backoff_s=0.001,
+        pexels_max_retries=0,
+    )
+    async with client_for(settings) as client:
+        with pytest.raises(PexelsUnavailable, match=f"at 127.0.0.1:{port}") as refused:
+            await client.search("cats")
+    assert "s3cret" not in str(refused.value) and "user" not in str(refused.value)
+
+
 async def test_network_error_is_unavailable(tmp_path: Path) -> None:
     with socket.socket() as sock:  # a port nothing listens on
         sock.bind(("127.0.0.1", 0))

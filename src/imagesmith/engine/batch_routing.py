@@ -56,6 +56,10 @@ class BatchRoutedCall:
         for call in (self.single, self.batched):
             call.give_up_any_size()
 
+    def take_any_size_raised(self) -> bool:
+        """Whether a call on either route's any-size graph raised since last asked (engine/size_routing.py)."""
+        return any([call.take_any_size_raised() for call in (self.single, self.batched)])  # both cleared
+
     def __call__(self, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         args, kwargs = _timestep_as_float32(args, kwargs)
         _mark_model_sizes_static(kwargs)

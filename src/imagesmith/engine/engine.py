@@ -28,11 +28,11 @@ from imagesmith.engine.execution_device import pin_pipelines
 from imagesmith.engine.fast import (
     apply_speed_levers,
     compiled_modules,
+    failed_on_shared_graphs,
     give_up_shared_graphs,
     no_compiling_on_requests,
     raised_in_compiled_code,
     records_cuda_graphs,
-    runs_on_shared_graphs,
     serve_eager_from_now,
 )
 from imagesmith.engine.fp8_calibration import calibrate_fp8
@@ -292,27 +292,38 @@ class Engine:
             # interrupted while it waits (Ctrl-C) stops the pass within a step before the interrupt goes on.
             return self._gpu.run(one_pass, on_interrupt=interrupt.cancel)
 
-        try:
-            return self._outcomes(run_pass, len(items), resolved[0], row)
-        except Exception as error:
-            fell_back = any(lever.startswith("torch.compile failed") for lever in self.levers)
-            if not ((compiled_modules(self) or fell_back) and raised_in_compiled_code(error)):
-                raise
-            # A compiled pass failed inside torch.compile's machinery (a CUDA-graph capture, a recompile). Left
-            # alone, every later pass fails the same way while health says ready: serve eager instead (only the
-            # sizes outside the warm-up, when the pass ran their shared graphs), from a new GPU thread (the
-            # failed capture left this one's allocator state broken), and run the pass again, once, so the
-            # accepted work is done. (A pass that was already queued when another one failed finds the modules
-            # eager by now: it only needs the retry.) Progress restarts from the first step; the worker's
-            # tracker counts a stage that starts again from where it began.
-            if compiled_modules(self) and runs_on_shared_graphs(self, resolved[0].width, resolved[0].height):
-                give_up_shared_graphs(self, error)  # the static graphs most requests use stay compiled
-            elif compiled_modules(self):
-                serve_eager_from_now(self, error, "a compiled pass failed")
-            traceback.clear_frames(error.__traceback__)  # the failed pass's tensors, held by its frames
-            del error
-            self._gpu.replace_thread()
-            return self._outcomes(run_pass, len(items), resolved[0], row)
+        # The pass; after a failure in torch.compile's machinery, again on what `_serve_on_after` left: the
+        # shared graphs given up (then, should it fail again, eager), or eager.
+        for attempt in range(3):
+            try:
+                return self._outcomes(run_pass, len(items), resolved[0], row)
+            except Exception as error:
+                if attempt == 2 or not self._serve_on_after(error, first_attempt=attempt == 0):
+                    raise
+                traceback.clear_frames(error.__traceback__)  # the failed pass's tensors, held by its frames
+                del error
+                self._gpu.replace_thread()
+        raise AssertionError("unreachable: the loop returns or raises")  # pragma: no cover
+
+    def _serve_on_after(self, error: BaseException, first_attempt: bool) -> bool:
+        """After a failed pass: whether to run it again, and on what. A compiled pass that failed inside
+        torch.compile's machinery (a CUDA-graph capture, a recompile) would, left alone, fail every later pass
+        the same way while health says ready. If it failed on the graphs that sizes outside the warm-up share,
+        only those are given up (the warmed-up sizes keep their static graphs); otherwise the engine serves eager,
+        from a new GPU thread (the failed capture left this one's allocator state broken), and the pass runs
+        again so the accepted work is done. A pass that was already queued when another one failed finds the
+        modules eager by now: it only needs the retry. Progress restarts from the first step; the worker's
+        tracker counts a stage that starts again from where it began."""
+        shared = failed_on_shared_graphs(self, error)  # read (and cleared) whatever follows
+        compiled = bool(compiled_modules(self))
+        fell_back = any(lever.startswith("torch.compile failed") for lever in self.levers)
+        if not raised_in_compiled_code(error) or not (compiled or (fell_back and first_attempt)):
+            return False
+        if compiled and shared:
+            give_up_shared_graphs(self, error)
+        elif compiled:
+            serve_eager_from_now(self, error, "a compiled pass failed")
+        return True
 
     def _outcomes(
         self,

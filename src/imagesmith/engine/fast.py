@@ -104,17 +104,20 @@ def fuse_qkv_wanted(settings: Settings, plan: HardwarePlan) -> bool:
     return wanted and plan.offload == "none"
 
 
-def channels_last_wanted(settings: Settings) -> bool:
-    """Unless set: with compile, when the warm-up compiles the shared graphs for every other size. Inductor
+def channels_last_wanted(settings: Settings, plan: HardwarePlan) -> bool:
+    """Unless set: with compile applied (offload none), when the shared graphs for every other size compile, at
+    the warm-up (IMAGESMITH_WARMUP_ANY_SIZE) or on a request (IMAGESMITH_COMPILE_ON_REQUEST). Inductor
     lays out a graph channels-last itself only when its convolution shapes are static (`decide_layout_opt`), so
     the shared graph, with symbolic sides, kept NCHW and paid cuDNN's layout transposes around each convolution
     (2.9 ms a base call, run 87). With the weights channels-last each convolution's output is channels-last by
-    eager's rule, which the graph keeps: run 88 measured +8.8 ms a call against the static graph where run 87
-    had +10.3, and a compile of 318 s against 453 s on that host class. Static graphs choose their layout
-    either way (channels_last within noise compiled, runs 12-13)."""
+    eager's rule, which the graph keeps: run 88 measured +8.8 ms a call against the static graph (run 87, NCHW,
+    on another host: +10.3) and a compile of 318 s against 453 s on that host class. Static graphs choose their
+    layout either way (channels_last within noise compiled, runs 12-13; not measured again on torch 2.11).
+    Eager (no compile, or compile skipped under offload) is not measured, so left as it was."""
     if settings.channels_last is not None:
         return settings.channels_last
-    return settings.compile is not CompileChoice.OFF and settings.warms_up_any_size()
+    compiled = settings.compile is not CompileChoice.OFF and plan.offload == "none"
+    return compiled and (settings.warms_up_any_size() or settings.compile_on_request)
 
 
 def cudnn_benchmark_wanted(settings: Settings, plan: HardwarePlan) -> bool:
@@ -161,7 +164,7 @@ def apply_speed_levers(base: Any, refiner: Any | None, plan: HardwarePlan, setti
         applied.append("fused QKV")
     elif settings.fuse_qkv and plan.offload != "none":
         log.warning("fuse_qkv skipped: it needs offload=none (plan: %s)", plan.offload)
-    if channels_last_wanted(settings):
+    if channels_last_wanted(settings, plan):
         for unet in unets:
             unet.to(memory_format=torch.channels_last)
         applied.append("channels_last")
@@ -380,7 +383,7 @@ def serve_eager_from_now(engine: Any, error: BaseException, what: str) -> None:
     engine.levers = [
         lever
         for lever in engine.levers
-        if not lever.startswith("torch.compile") and lever != STOPPED_COMPILING
+        if not lever.startswith(("torch.compile", ANY_SIZE_FAILED_PREFIX)) and lever != STOPPED_COMPILING
     ]
     engine.levers.append(f"torch.compile failed, eager instead ({type(error).__name__})")
 
@@ -462,29 +465,51 @@ def warm_up(
     return time.perf_counter() - began
 
 
-ANY_SIZE_FAILED = "the graphs for sizes not warmed up failed to compile ({error}): those sizes run uncompiled"
+ANY_SIZE_FAILED_PREFIX = "the graphs for sizes not warmed up failed"
+ANY_SIZE_FAILED = ANY_SIZE_FAILED_PREFIX + " ({error}): those sizes run uncompiled"
 
 
-def runs_on_shared_graphs(engine: Any, width: int, height: int) -> bool:
-    """Whether a pass at this image size runs the size-routed graphs every size outside the warm-up shares
-    (engine/size_routing.py), not a warmed-up size's static ones."""
-    size = latent_size_of_image(width, height, engine.models.base.vae_scale_factor)
+def failed_on_shared_graphs(engine: Any, error: BaseException) -> bool:
+    """Whether a failed compiled pass failed on the size-routed graphs that sizes outside the warm-up share
+    (engine/size_routing.py), and only there: a call on one of them raised, and not while recording or replaying a
+    CUDA graph. A CUDA-graph failure leaves the CUDA-graph tree that the static graphs replay through in doubt
+    (each compiled function keeps the tree it was first recorded in), so that one turns the engine eager.
+    Clears the routed calls' records either way, so a later failure is judged by its own."""
+    raised = False
     for module in compiled_modules(engine):
-        warmed = getattr(module._compiled_call_impl, "warmed", None)
-        if warmed and size not in warmed:  # None: not routed; empty: the first size seen becomes static
-            return True
+        take = getattr(module._compiled_call_impl, "take_any_size_raised", None)
+        if take is not None and take():  # None: not routed (IMAGESMITH_COMPILE_DYNAMIC's UNets)
+            raised = True
+    return raised and not raised_in_cuda_graph_code(error)
+
+
+_CUDA_GRAPH_MACHINERY = ("torch._inductor.cudagraph_trees", "torch.cuda.graphs")
+
+
+def raised_in_cuda_graph_code(error: BaseException | None) -> bool:
+    """Whether the error passed through CUDA-graph recording or replay (its traceback, or its causes')."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        trace = error.__traceback__
+        while trace is not None:
+            if trace.tb_frame.f_globals.get("__name__", "").startswith(_CUDA_GRAPH_MACHINERY):
+                return True
+            trace = trace.tb_next
+        error = error.__cause__
     return False
 
 
 def give_up_shared_graphs(engine: Any, error: BaseException) -> None:
-    """After a compiled pass at a size outside the warm-up failed in torch.compile's machinery (inductor on
-    symbolic shapes, at the any-size warm-up or a request's compile): from now on such sizes run uncompiled, and
+    """After a compiled pass failed in torch.compile's machinery on the graphs sizes outside the warm-up share
+    (`failed_on_shared_graphs`: inductor on symbolic shapes, at the any-size warm-up or a request's compile):
+    from now on such sizes run uncompiled, and
     the warmed-up sizes keep their static graphs. Turning the whole engine eager instead (serve_eager_from_now)
     would make every request ~1.75x slower (runs 85 and 87 in docs/benchmarks.md) for graphs that serve a few,
     and leaving the route as it was would retry the failing compile, minutes of it, on each such request."""
     log.error(
-        "a compiled pass at a size not warmed up failed; the warmed-up sizes keep their compiled graphs, other "
-        "sizes run uncompiled from now on: %s: %s",
+        "a compiled pass failed on the graphs for sizes not warmed up; the warmed-up sizes keep their compiled "
+        "graphs, other sizes run uncompiled from now on: %s: %s",
         type(error).__name__,
         error,
         exc_info=error,
@@ -493,7 +518,10 @@ def give_up_shared_graphs(engine: Any, error: BaseException) -> None:
         give_up = getattr(module._compiled_call_impl, "give_up_any_size", None)
         if give_up is not None:  # None: Module.compile's own call (IMAGESMITH_COMPILE_DYNAMIC's UNets)
             give_up()
-    engine.levers = [*engine.levers, ANY_SIZE_FAILED.format(error=type(error).__name__)]
+    engine.levers = [
+        *[lever for lever in engine.levers if not lever.startswith(ANY_SIZE_FAILED_PREFIX)],
+        ANY_SIZE_FAILED.format(error=type(error).__name__),
+    ]
 
 
 STOPPED_COMPILING = "no compile on a request: shapes the warm-up did not run go uncompiled"

@@ -82,12 +82,19 @@ class SizeRoutedCall:
         # The routes that ran while compiling was allowed: those have graphs. `stop_compiling` freezes the set.
         self.routes_run: set[str] = set()
         self.compiles = True
-        self.any_size_failed = False  # its compile failed at the warm-up: other sizes run uncompiled
+        self.any_size_failed = False  # given up: sizes not warmed up run uncompiled
+        self.any_size_raised = False  # a call on the any-size graph raised (`take_any_size_raised`)
 
     def give_up_any_size(self) -> None:
-        """From now on every size not warmed up runs the module uncompiled: its graph failed to compile (inductor
-        on symbolic shapes), and a retry on a request would fail the same way after minutes of tracing."""
+        """From now on every size not warmed up runs the module uncompiled: its graph failed (inductor on
+        symbolic shapes), and a retry on a request would fail the same way after minutes of tracing."""
         self.any_size_failed = True
+
+    def take_any_size_raised(self) -> bool:
+        """Whether a call on the any-size graph raised since the last time this was asked: the engine gives
+        up only the shared graphs when the failure came from one of them (engine.py's failed-pass handling)."""
+        raised, self.any_size_raised = self.any_size_raised, False
+        return raised
 
     def stop_compiling(self) -> None:
         """From now on a route that never ran (no graph of it exists) runs the module uncompiled."""
@@ -99,6 +106,14 @@ class SizeRoutedCall:
 
     def __call__(self, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         compiled = self.compiled_for(sample)
+        try:
+            return self._call(compiled, sample, *args, **kwargs)
+        except Exception:
+            if compiled is self.any_size:
+                self.any_size_raised = True
+            raise
+
+    def _call(self, compiled: Callable[..., Any], sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if self.compiles or compiled is self.uncompiled:
             return compiled(sample, *args, **kwargs)
         try:
@@ -131,8 +146,8 @@ class SizeRoutedCall:
             note_uncompiled_call(
                 self.label,
                 (size, "failed"),
-                f"the {self.label} graph for sizes not warmed up failed to compile at the warm-up (logged then), "
-                f"latents {shape_text(sample)}",
+                f"the {self.label} graph for sizes not warmed up failed in torch.compile (logged then), latents "
+                f"{shape_text(sample)}",
                 AFTER_A_FAILED_COMPILE,
             )
             return self.uncompiled

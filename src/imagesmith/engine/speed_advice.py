@@ -71,7 +71,7 @@ def _what_runs(settings: Settings, plan: HardwarePlan) -> str:
             # size takes ~1.75x a warmed one's time (run 85).
             if settings.warms_up_any_size():
                 compile_price, call_price = (
-                    ("~2.4x", "~1.26x") if channels_last_wanted(settings) else ("~3.4x", "~1.3x")
+                    ("~2.4x", "~1.26x") if channels_last_wanted(settings, plan) else ("~3.4x", "~1.3x")
                 )
                 when += (
                     f", and the graphs every other size shares (IMAGESMITH_WARMUP_ANY_SIZE: {compile_price} a "

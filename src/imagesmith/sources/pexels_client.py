@@ -390,7 +390,10 @@ class PexelsClient:
     def _calling(self, path: str) -> str:
         """What a network failure was doing, with the host: a user with IMAGESMITH_PEXELS_API_BASE_URL set (a
         proxy, a stand-in) needs to see which one did not answer."""
-        return f"calling Pexels {path} at {urlsplit(self.base_url).netloc or self.base_url}"
+        parts = urlsplit(self.base_url)
+        # Host and port only: a proxy's user and password in the URL must not reach a job's error detail.
+        host = f"{parts.hostname}:{parts.port}" if parts.port else parts.hostname
+        return f"calling Pexels {path} at {host or 'the configured base URL'}"
 
     async def _get_json(self, path: str, params: Mapping[str, str | int]) -> Any:
         if self._key is None:
