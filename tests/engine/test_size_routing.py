@@ -195,6 +195,33 @@ def test_a_failure_outside_the_shared_graphs_still_turns_the_engine_eager(tiny_s
         reset_dynamo()
 
 
+def test_a_failure_is_judged_by_its_own_pass(tiny_settings: Any) -> None:
+    """A call on an any-size graph that raised in an earlier pass, where the pass handled it (an out-of-memory
+    error, the refiner's fallback), must not make a later compile failure at a warmed-up size look like the
+    shared graphs' (which gave them up and failed once more before going eager)."""
+    from imagesmith.engine import Engine
+    from imagesmith.engine.fast import warm_up_or_fall_back_to_eager
+    from imagesmith.schemas import GenerationRequest
+
+    engine = Engine.start(tiny_settings.with_changes(fuse_qkv=False))
+    engine.levers.append("torch.compile(mode=default) UNets + VAE decoder")
+    with engine_routed_and_recording(engine):
+        warm_up_or_fall_back_to_eager(engine, [(64, 64)], [1])
+        routed = engine.models.base.unet._compiled_call_impl
+        routed.single.any_size_raised = True  # left by an earlier pass
+        failures: list[int] = []
+
+        def failing_static_graph(*args: Any, **kwargs: Any) -> Any:
+            failures.append(1)
+            raise torch._dynamo.exc.InternalTorchDynamoError("simulated")
+
+        routed.single.static = failing_static_graph
+        request = GenerationRequest(prompt="a lighthouse", width=64, height=64, num_inference_steps=4, seed=1)
+        assert engine.generate(request).images
+        assert failures == [1]  # eager after the first failure
+        assert any(lever.startswith("torch.compile failed, eager instead") for lever in engine.levers)
+
+
 @pytest.mark.parametrize(
     ("sizes", "asked"), [("64x64", True), ("64x64", False), ("64x64,64x128", False), ("64x64,64x128", True)]
 )
@@ -279,3 +306,23 @@ def test_any_size_is_warmed_up_when_asked_or_compiled_dynamic_not_for_two_sizes(
     assert not Settings(warmup_sizes="1024x1024,1216x832").warms_up_any_size()
     # Its UNet graphs, compiled at the square warm-up size, guard height == width: an oblong pass warms them up.
     assert Settings(compile_dynamic=True).warms_up_any_size()
+
+
+def test_only_cuda_graph_recording_and_replay_count_as_cuda_graph_failures() -> None:
+    """A CUDA-graph mode's first, eager run of a graph passes through cudagraph_trees too (CUDAWarmupNode): a
+    failure there leaves no CUDA graph in doubt, so the shared graphs alone may be given up."""
+    from imagesmith.engine.fast import raised_in_cuda_graph_code
+
+    source = (
+        "class CUDAWarmupNode:\n    def run(self):\n        raise RuntimeError('warm-up run')\n"
+        "class CUDAGraphNode:\n    def run(self):\n        raise RuntimeError('replay')\n"
+    )
+    fake_module: dict[str, Any] = {"__name__": "torch._inductor.cudagraph_trees"}
+    exec(compile(source, "cudagraph_trees.py", "exec"), fake_module)
+    verdicts = []
+    for node in (fake_module["CUDAWarmupNode"](), fake_module["CUDAGraphNode"]()):
+        try:
+            node.run()
+        except RuntimeError as error:
+            verdicts.append(raised_in_cuda_graph_code(error))
+    assert verdicts == [False, True]

@@ -31,9 +31,11 @@ from imagesmith.engine.fast import (
     failed_on_shared_graphs,
     give_up_shared_graphs,
     no_compiling_on_requests,
+    note_where_the_pass_failed,
     raised_in_compiled_code,
     records_cuda_graphs,
     serve_eager_from_now,
+    take_shared_graph_failures,
 )
 from imagesmith.engine.fp8_calibration import calibrate_fp8
 from imagesmith.engine.gpu_thread import GpuThread
@@ -280,12 +282,17 @@ class Engine:
         interrupt = CancelToken()
 
         def one_pass() -> list[GenerationResult | BaseException]:
+            take_shared_graph_failures(self)  # cleared: a failure is judged by its own pass
             # Made here, as the pass starts: its times and ETAs count the pass, not its wait in the queue.
             run = StageRun(
                 members=members, prompt_cache=prompts, interrupt=interrupt, encode_ahead=self.encode_ahead
             )
             with attention_priority(self.plan.attention), no_compiling_on_requests(self):
-                return self._one_pass(run)
+                try:
+                    return self._one_pass(run)
+                except Exception as error:
+                    note_where_the_pass_failed(self, error)  # for `_serve_on_after`, on the caller's thread
+                    raise
 
         def run_pass() -> list[GenerationResult | BaseException]:
             # Every pass, warm-up included, on the engine's one GPU thread (gpu_thread.py says why). A caller
@@ -314,7 +321,7 @@ class Engine:
         again so the accepted work is done. A pass that was already queued when another one failed finds the
         modules eager by now: it only needs the retry. Progress restarts from the first step; the worker's
         tracker counts a stage that starts again from where it began."""
-        shared = failed_on_shared_graphs(self, error)  # read (and cleared) whatever follows
+        shared = failed_on_shared_graphs(error)
         compiled = bool(compiled_modules(self))
         fell_back = any(lever.startswith("torch.compile failed") for lever in self.levers)
         if not raised_in_compiled_code(error) or not (compiled or (fell_back and first_attempt)):

@@ -22,7 +22,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -469,21 +469,44 @@ ANY_SIZE_FAILED_PREFIX = "the graphs for sizes not warmed up failed"
 ANY_SIZE_FAILED = ANY_SIZE_FAILED_PREFIX + " ({error}): those sizes run uncompiled"
 
 
-def failed_on_shared_graphs(engine: Any, error: BaseException) -> bool:
-    """Whether a failed compiled pass failed on the size-routed graphs that sizes outside the warm-up share
-    (engine/size_routing.py), and only there: a call on one of them raised, and not while recording or replaying a
-    CUDA graph. A CUDA-graph failure leaves the CUDA-graph tree that the static graphs replay through in doubt
-    (each compiled function keeps the tree it was first recorded in), so that one turns the engine eager.
-    Clears the routed calls' records either way, so a later failure is judged by its own."""
+def take_shared_graph_failures(engine: Any) -> bool:
+    """Whether a call on a size-routed any-size graph (engine/size_routing.py) raised since last asked; clears
+    the record. Asked on the GPU thread as each pass starts (a failure is judged by its own pass: an out-of-memory
+    error or a refiner failure handled inside a pass leaves the record set) and as a pass fails."""
     raised = False
     for module in compiled_modules(engine):
         take = getattr(module._compiled_call_impl, "take_any_size_raised", None)
         if take is not None and take():  # None: not routed (IMAGESMITH_COMPILE_DYNAMIC's UNets)
             raised = True
-    return raised and not raised_in_cuda_graph_code(error)
+    return raised
 
 
-_CUDA_GRAPH_MACHINERY = ("torch._inductor.cudagraph_trees", "torch.cuda.graphs")
+_ON_SHARED_GRAPHS = "imagesmith_failed_on_shared_graphs"
+
+
+def note_where_the_pass_failed(engine: Any, error: BaseException) -> None:
+    """On the GPU thread, as a pass fails: mark the error with whether it failed on the graphs sizes outside
+    the warm-up share, and only there (`failed_on_shared_graphs` reads the mark on the caller's thread, where
+    the next pass may already be running). Not when the error passed through CUDA-graph recording or replay:
+    that leaves the CUDA-graph tree the static graphs replay through in doubt (each compiled function keeps
+    the tree it was first recorded in), so such a failure turns the engine eager."""
+    verdict = take_shared_graph_failures(engine) and not raised_in_cuda_graph_code(error)
+    # An exception type without attributes keeps no mark: judged not shared, so the engine goes eager.
+    with suppress(AttributeError):
+        setattr(error, _ON_SHARED_GRAPHS, verdict)
+
+
+def failed_on_shared_graphs(error: BaseException) -> bool:
+    """What `note_where_the_pass_failed` found for this error (False where it never looked)."""
+    return bool(getattr(error, _ON_SHARED_GRAPHS, False))
+
+
+# Where CUDA graphs are recorded and replayed: torch.cuda.graphs' capture, and the CUDA-graph trees' graph nodes
+# and recording. Not the whole cudagraph_trees module: a CUDA-graph mode's first, eager run of a graph
+# (CUDAWarmupNode) and the manager's dispatch pass through it too, and a failure there leaves no graph in doubt.
+_CUDA_GRAPH_MODULE = "torch.cuda.graphs"
+_CUDA_GRAPH_TREES = "torch._inductor.cudagraph_trees"
+_CUDA_GRAPH_TREE_CODE = ("CUDAGraphNode.", "CUDAGraphTreeManager.record_function")
 
 
 def raised_in_cuda_graph_code(error: BaseException | None) -> bool:
@@ -493,7 +516,11 @@ def raised_in_cuda_graph_code(error: BaseException | None) -> bool:
         seen.add(id(error))
         trace = error.__traceback__
         while trace is not None:
-            if trace.tb_frame.f_globals.get("__name__", "").startswith(_CUDA_GRAPH_MACHINERY):
+            module = trace.tb_frame.f_globals.get("__name__", "")
+            if module == _CUDA_GRAPH_MODULE or (
+                module == _CUDA_GRAPH_TREES
+                and trace.tb_frame.f_code.co_qualname.startswith(_CUDA_GRAPH_TREE_CODE)
+            ):
                 return True
             trace = trace.tb_next
         error = error.__cause__
