@@ -243,6 +243,9 @@ def test_a_data_dir_that_cannot_be_made_is_named_as_a_setting(tmp_path: Path) ->
         assert done.returncode == (1 if command == ["doctor"] else 2), (command, done.stderr)
         assert "Traceback" not in done.stderr
         assert f"IMAGESMITH_DATA_DIR: cannot create {blocker / 'data'}" in done.stderr + done.stdout, command
+        if command == ["doctor"]:  # the tiny model lives there: not loaded, and not counted twice
+            assert "models: tiny at " in done.stdout and "not checked (the data dir above" in done.stdout
+            assert "doctor: 1 problem(s)" in done.stdout
 
 
 def test_options_that_contradict_or_fall_outside_their_range_are_named_as_typed(

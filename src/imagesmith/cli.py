@@ -340,12 +340,16 @@ def run_doctor(args: argparse.Namespace) -> int:
     hub_mode = "offline (local files only)" if offline(settings) else "downloads allowed"
     problems = 0
     print(f"hub: {hub_mode}; data dir {settings.data_dir}")
+    data_dir_usable = True
     try:
         prepared_data_dir(settings.data_dir)  # made as every other command would make it
     except UnusableSetting as error:
         print(f"data dir: {error}")
         problems += 1
-    if settings.model is ModelPreset.TINY:
+        data_dir_usable = False
+    if settings.model is ModelPreset.TINY and not data_dir_usable:  # it lives in the data dir
+        print(f"models: tiny at {settings.tiny_model_dir()}: not checked (the data dir above cannot be used)")
+    elif settings.model is ModelPreset.TINY:
         problems += _check_tiny_models(settings, plan)
     else:
         checks = [("base model", "base_model", "model_index.json")]
