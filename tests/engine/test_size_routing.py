@@ -142,6 +142,10 @@ def test_a_failed_any_size_compile_keeps_the_warmed_up_sizes_compiled(
     engine.levers.append("torch.compile(mode=default) UNets + VAE decoder")
     with engine_routed_and_recording(engine) as recording:
         recording.fails_on_symbolic_sides = True
+        engine.generate(GenerationRequest(prompt="a lighthouse", width=64, height=64, num_inference_steps=2))
+        thread = (
+            engine._gpu.ident
+        )  # kept: the static graphs' CUDA graphs stay on the thread they were made on
         warm_up_or_fall_back_to_eager(engine, [(64, 64)], [1], any_size=True)
         assert engine.models.base.unet._compiled_call_impl is not None
         assert not any("eager instead" in lever for lever in engine.levers)
@@ -159,6 +163,7 @@ def test_a_failed_any_size_compile_keeps_the_warmed_up_sizes_compiled(
         assert engine.generate(request.model_copy(update={"width": 64})).images
         assert len(recording.ran) > ran_after_warm_up  # the warmed-up size on its static graphs
         assert len(recording.compiled) == compiled_after_warm_up
+        assert engine._gpu.ident == thread
 
 
 def test_a_failure_outside_the_shared_graphs_still_turns_the_engine_eager(tiny_settings: Any) -> None:

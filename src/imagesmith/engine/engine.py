@@ -305,32 +305,36 @@ class Engine:
             try:
                 return self._outcomes(run_pass, len(items), resolved[0], row)
             except Exception as error:
-                if attempt == 2 or not self._serve_on_after(error, first_attempt=attempt == 0):
+                then = None if attempt == 2 else self._serve_on_after(error, first_attempt=attempt == 0)
+                if then is None:
                     raise
                 traceback.clear_frames(error.__traceback__)  # the failed pass's tensors, held by its frames
                 del error
-                self._gpu.replace_thread()
+                if then == "eager":
+                    self._gpu.replace_thread()
         raise AssertionError("unreachable: the loop returns or raises")  # pragma: no cover
 
-    def _serve_on_after(self, error: BaseException, first_attempt: bool) -> bool:
-        """After a failed pass: whether to run it again, and on what. A compiled pass that failed inside
-        torch.compile's machinery (a CUDA-graph capture, a recompile) would, left alone, fail every later pass
-        the same way while health says ready. If it failed on the graphs that sizes outside the warm-up share,
-        only those are given up (the warmed-up sizes keep their static graphs); otherwise the engine serves eager,
-        from a new GPU thread (the failed capture left this one's allocator state broken), and the pass runs
-        again so the accepted work is done. A pass that was already queued when another one failed finds the
-        modules eager by now: it only needs the retry. Progress restarts from the first step; the worker's
-        tracker counts a stage that starts again from where it began."""
+    def _serve_on_after(self, error: BaseException, first_attempt: bool) -> str | None:
+        """After a failed pass: whether to run it again (None: no), and on what. A compiled pass that failed
+        inside torch.compile's machinery (a CUDA-graph capture, a recompile) would, left alone, fail every later
+        pass the same way while health says ready. If it failed on the graphs that sizes outside the warm-up
+        share (not in CUDA-graph code), only those are given up ("shared"): the warmed-up sizes keep their static
+        graphs, and their CUDA graphs the GPU thread they were recorded on. Otherwise the engine serves eager
+        ("eager"), from a new GPU thread (the failed capture left this one's allocator state broken). Either way
+        the pass runs again so the accepted work is done. A pass that was already queued when another one failed
+        finds the modules eager by now: it only needs the retry. Progress restarts from the first step; the
+        worker's tracker counts a stage that starts again from where it began."""
         shared = failed_on_shared_graphs(error)
         compiled = bool(compiled_modules(self))
         fell_back = any(lever.startswith("torch.compile failed") for lever in self.levers)
         if not raised_in_compiled_code(error) or not (compiled or (fell_back and first_attempt)):
-            return False
+            return None
         if compiled and shared:
             give_up_shared_graphs(self, error)
-        elif compiled:
+            return "shared"
+        if compiled:
             serve_eager_from_now(self, error, "a compiled pass failed")
-        return True
+        return "eager"
 
     def _outcomes(
         self,
