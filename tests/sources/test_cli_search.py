@@ -170,7 +170,7 @@ def test_search_reports_a_failed_save_and_leaves_no_partial_file(
 
     monkeypatch.setattr(Path, "write_bytes", disk_full)
     target = tmp_path / "hero.jpg"
-    assert run_search(parse("lake", "-o", str(target)), settings, io.StringIO()) == EXIT_CONFIG
+    assert run_search(parse("lake", "-o", str(target)), settings, io.StringIO()) == 1  # as generate's
     assert (
         capsys.readouterr().err
         == f"imagesmith search: error: cannot save to {target}: No space left on device\n"

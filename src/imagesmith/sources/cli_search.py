@@ -6,8 +6,9 @@ cli.py wires them in (it imports this module only if it is installed):
     return args.func(args)            # run_search(args) -> exit code
     for line in doctor_lines(settings): print(line)   # the Pexels part of `imagesmith doctor`
 
-Exit codes of search: 0 found (and saved, with -o), 1 no results, 2 not configured or bad arguments,
-3 Pexels refused or failed (key, quota, network).
+Exit codes of search: 0 found (and saved, with -o), 1 no results or the photo could not be saved (the work failed,
+as generate's 1), 2 not configured or bad arguments (before any work), 3 Pexels refused or failed (key, quota,
+network).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from imagesmith.sources.stock import StockPhotoSource, StockRequest, StockSearch
 logger = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_NO_RESULTS, EXIT_CONFIG, EXIT_PEXELS = 0, 1, 2, 3
+EXIT_NOT_SAVED = 1  # the work failed after it ran, as generate's unwritable image
 DOCTOR_TIMEOUT_S = 5.0
 NO_KEY_MESSAGE = (
     "no Pexels API key configured: get a free key at https://www.pexels.com/api/ and set "
@@ -135,7 +137,8 @@ async def _search(
                 try:
                     write_whole(output, photo.data)
                 except OSError as error:  # the folder went away, no permission, a full disk
-                    return _error(f"cannot save to {output}: {error.strerror or error}")
+                    _error(f"cannot save to {output}: {error.strerror or error}")
+                    return EXIT_NOT_SAVED  # not 2: nothing was wrong with the arguments, checked before the search
                 # The credit Pexels asks to be shown with the photo: in --json too (it was left out there).
                 saved = {
                     "path": str(output),
