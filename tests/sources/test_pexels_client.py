@@ -170,43 +170,42 @@ async def test_timeout_then_success(standin: StandIn, tmp_path: Path) -> None:
         assert (await client.search("cats")).photos
 
 
-async def test_a_network_error_names_the_host_but_not_the_base_urls_password(tmp_path: Path) -> None:
-    """A proxy's credentials in IMAGESMITH_PEXELS_API_BASE_URL must not reach the error, which a job's
-    attempts show to clients."""
-    with socket.socket() as sock:  # a port nothing listens on
+def closed_port() -> int:
+    """A port nothing listens on."""
+    with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+        return int(sock.getsockname()[1])
+
+
+async def unreachable_search(tmp_path: Path, base_url: str) -> PexelsUnavailable:
+    """The error a search at `base_url` (nothing listening) ends in, after one retry."""
     settings = Settings(
         _env_file=None,
         data_dir=tmp_path,
         pexels_api_key="k",
-        pexels_api_base_url=f"http://user:s3cret@127.0.0.1:{port}/v1",
-        pexels_retry_backoff_s=0.001,
-        pexels_max_retries=0,
-    )
-    async with client_for(settings) as client:
-        with pytest.raises(PexelsUnavailable, match=f"at 127.0.0.1:{port}") as refused:
-            await client.search("cats")
-    assert "s3cret" not in str(refused.value) and "user" not in str(refused.value)
-
-
-async def test_network_error_is_unavailable(tmp_path: Path) -> None:
-    with socket.socket() as sock:  # a port nothing listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    settings = Settings(
-        _env_file=None,
-        data_dir=tmp_path,
-        pexels_api_key="k",
-        pexels_api_base_url=f"http://127.0.0.1:{port}/v1",
+        pexels_api_base_url=base_url,
         pexels_retry_backoff_s=0.001,
         pexels_max_retries=1,
     )
     async with client_for(settings) as client:
-        with pytest.raises(
-            PexelsUnavailable, match=f"ConnectError calling Pexels /search at 127.0.0.1:{port}"
-        ):
+        with pytest.raises(PexelsUnavailable) as refused:
             await client.search("cats")
+    return refused.value
+
+
+async def test_network_error_is_unavailable_and_names_the_host(tmp_path: Path) -> None:
+    port = closed_port()
+    error = await unreachable_search(tmp_path, f"http://127.0.0.1:{port}/v1")
+    assert f"ConnectError calling Pexels /search at 127.0.0.1:{port} after 2 tries" in str(error)
+
+
+async def test_a_network_error_names_the_host_but_not_the_base_urls_password(tmp_path: Path) -> None:
+    """A proxy's credentials in IMAGESMITH_PEXELS_API_BASE_URL must not reach the error, which a job's
+    attempts show to clients."""
+    port = closed_port()
+    error = await unreachable_search(tmp_path, f"http://user:s3cret@127.0.0.1:{port}/v1")
+    assert f"at 127.0.0.1:{port}" in str(error)
+    assert "s3cret" not in str(error) and "user" not in str(error)
 
 
 # Each bad 200 answer, and what the refusal must say.
