@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import torch
@@ -303,6 +304,13 @@ def compiled_modules(engine: Any) -> list[Any]:
     return [module for module in modules if getattr(module, "_compiled_call_impl", None) is not None]
 
 
+def routed_calls(engine: Any) -> list[SizeRoutedCall | BatchRoutedCall]:
+    """The compiled calls routed by image size (engine/size_routing.py, engine/batch_routing.py): every compiled
+    module's but Module.compile's own (IMAGESMITH_COMPILE_DYNAMIC's UNets)."""
+    calls = [module._compiled_call_impl for module in compiled_modules(engine)]
+    return [call for call in calls if isinstance(call, SizeRoutedCall | BatchRoutedCall)]
+
+
 @contextmanager
 def compiled_calls_set_aside(engine: Any) -> Iterator[None]:
     """Inside the block the engine's compiled modules run eager; their compiled calls are put back afterwards,
@@ -353,22 +361,32 @@ _COMPILE_MACHINERY = ("torch._dynamo", "torch._functorch", "torch._inductor", "t
 _COMPILED_CALL_WRAPPER = "torch._dynamo.eval_frame"
 
 
+def _errors_and_frames(error: BaseException | None) -> Iterator[tuple[BaseException, FrameType | None]]:
+    """The error and each cause it was re-raised from (`raise X from Y`), each first with None, then with every
+    frame of its traceback."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error, None
+        trace = error.__traceback__
+        while trace is not None:
+            yield error, trace.tb_frame
+            trace = trace.tb_next
+        error = error.__cause__
+
+
 def raised_in_compiled_code(error: BaseException | None) -> bool:
     """Whether the error came from torch.compile's machinery (its tracing, its compilers, the CUDA-graph trees,
     the code inductor generated), not from the model code or the engine around it. Errors it re-raised with a
     cause (`raise X from Y`) are judged by their cause too."""
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if type(error).__module__.startswith(("torch._dynamo.exc", "torch._inductor.exc")):
-            return True
-        trace = error.__traceback__
-        while trace is not None:
-            module = trace.tb_frame.f_globals.get("__name__", "")
-            if module.startswith(_COMPILE_MACHINERY) and module != _COMPILED_CALL_WRAPPER:
+    for one, frame in _errors_and_frames(error):
+        if frame is None:
+            if type(one).__module__.startswith(("torch._dynamo.exc", "torch._inductor.exc")):
                 return True
-            trace = trace.tb_next
-        error = error.__cause__
+            continue
+        module = frame.f_globals.get("__name__", "")
+        if module.startswith(_COMPILE_MACHINERY) and module != _COMPILED_CALL_WRAPPER:
+            return True
     return False
 
 
@@ -473,12 +491,7 @@ def take_shared_graph_failures(engine: Any) -> bool:
     """Whether a call on a size-routed any-size graph (engine/size_routing.py) raised since last asked; clears
     the record. Asked on the GPU thread as each pass starts (a failure is judged by its own pass: an out-of-memory
     error or a refiner failure handled inside a pass leaves the record set) and as a pass fails."""
-    raised = False
-    for module in compiled_modules(engine):
-        take = getattr(module._compiled_call_impl, "take_any_size_raised", None)
-        if take is not None and take():  # None: not routed (IMAGESMITH_COMPILE_DYNAMIC's UNets)
-            raised = True
-    return raised
+    return any([call.take_any_size_raised() for call in routed_calls(engine)])  # a list: every record cleared
 
 
 _ON_SHARED_GRAPHS = "imagesmith_failed_on_shared_graphs"
@@ -511,29 +524,25 @@ _CUDA_GRAPH_TREE_CODE = ("CUDAGraphNode.", "CUDAGraphTreeManager.record_function
 
 def raised_in_cuda_graph_code(error: BaseException | None) -> bool:
     """Whether the error passed through CUDA-graph recording or replay (its traceback, or its causes')."""
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        trace = error.__traceback__
-        while trace is not None:
-            module = trace.tb_frame.f_globals.get("__name__", "")
-            if module == _CUDA_GRAPH_MODULE or (
-                module == _CUDA_GRAPH_TREES
-                and trace.tb_frame.f_code.co_qualname.startswith(_CUDA_GRAPH_TREE_CODE)
-            ):
-                return True
-            trace = trace.tb_next
-        error = error.__cause__
+    for _, frame in _errors_and_frames(error):
+        if frame is None:
+            continue
+        module = frame.f_globals.get("__name__", "")
+        in_a_graph_node = module == _CUDA_GRAPH_TREES and frame.f_code.co_qualname.startswith(
+            _CUDA_GRAPH_TREE_CODE
+        )
+        if module == _CUDA_GRAPH_MODULE or in_a_graph_node:
+            return True
     return False
 
 
 def give_up_shared_graphs(engine: Any, error: BaseException) -> None:
     """After a compiled pass failed in torch.compile's machinery on the graphs sizes outside the warm-up share
     (`failed_on_shared_graphs`: inductor on symbolic shapes, at the any-size warm-up or a request's compile):
-    from now on such sizes run uncompiled, and
-    the warmed-up sizes keep their static graphs. Turning the whole engine eager instead (serve_eager_from_now)
-    would make every request ~1.75x slower (runs 85 and 87 in docs/benchmarks.md) for graphs that serve a few,
-    and leaving the route as it was would retry the failing compile, minutes of it, on each such request."""
+    from now on such sizes run uncompiled, and the warmed-up sizes keep their static graphs. Turning the whole
+    engine eager instead (serve_eager_from_now) would make every request ~1.75x slower (runs 85 and 87 in
+    docs/benchmarks.md) for graphs that serve a few, and leaving the route as it was would retry the failing
+    compile, minutes of it, on each such request."""
     log.error(
         "a compiled pass failed on the graphs for sizes not warmed up; the warmed-up sizes keep their compiled "
         "graphs, other sizes run uncompiled from now on: %s: %s",
@@ -541,10 +550,8 @@ def give_up_shared_graphs(engine: Any, error: BaseException) -> None:
         error,
         exc_info=error,
     )
-    for module in compiled_modules(engine):
-        give_up = getattr(module._compiled_call_impl, "give_up_any_size", None)
-        if give_up is not None:  # None: Module.compile's own call (IMAGESMITH_COMPILE_DYNAMIC's UNets)
-            give_up()
+    for call in routed_calls(engine):
+        call.give_up_any_size()
     engine.levers = [
         *[lever for lever in engine.levers if not lever.startswith(ANY_SIZE_FAILED_PREFIX)],
         ANY_SIZE_FAILED.format(error=type(error).__name__),
@@ -564,13 +571,10 @@ def stop_compiling_on_requests(engine: Any) -> None:
     reject (a pass of one row per image, with guidance_scale <= 1; a size the any-size graph was specialised
     against), uncompiled, and log and count it. Each pass also runs under `no_compiling_on_requests`, for modules
     compiled without routing."""
-    modules = compiled_modules(engine)
-    if not modules:
+    if not compiled_modules(engine):
         return
-    for module in modules:
-        stop = getattr(module._compiled_call_impl, "stop_compiling", None)
-        if stop is not None:  # None: Module.compile's own call (IMAGESMITH_COMPILE_DYNAMIC's UNets)
-            stop()
+    for call in routed_calls(engine):
+        call.stop_compiling()
     engine.compiles_on_request = False
     engine.levers = [*engine.levers, STOPPED_COMPILING]
 
@@ -629,12 +633,9 @@ def keep_sizes_static(engine: Any, sizes: list[tuple[int, int]]) -> None:
     """Tell the engine's size-routed compiled calls (engine/size_routing.py) which image sizes (width, height)
     are warmed up: those keep static graphs, every other size shares one graph dynamic in height and width."""
     scale_factor = engine.models.base.vae_scale_factor
-    for module in compiled_modules(engine):
-        keep_static = getattr(module._compiled_call_impl, "keep_static", None)
-        if keep_static is None:  # Module.compile's own call (IMAGESMITH_COMPILE_DYNAMIC's UNets)
-            continue
+    for call in routed_calls(engine):
         for width, height in sizes:
-            keep_static(latent_size_of_image(width, height, scale_factor))
+            call.keep_static(latent_size_of_image(width, height, scale_factor))
 
 
 def records_cuda_graphs(settings: Settings, levers: list[str]) -> bool:
