@@ -241,6 +241,11 @@ print(s(Path('.devcache/random-sdxl'), False))" ;;
     # picks the variants (ro,ro+anysize+cl: channels-last weights for the any-size graph, owed after run 87).
     unet-anysize) stage unet-anysize "${UNET_ANYSIZE_LIMIT_S:-480}" python3 benchmarks/unet_compiled.py --out "$PIPE/unet-anysize.json" \
         --variants "${UNET_ANYSIZE_VARIANTS:-ro,ro+anysize,default+anysize}" --profile ;;
+    # The static graph with channels-last weights against NCHW ones (ro+cl against ro), base then refiner: NCHW
+    # weights are copied into channels-last on every call (unet_compiled.py says where). UNET_LAYOUT_LIMIT_S.
+    unet-layout) stage unet-layout "${UNET_LAYOUT_LIMIT_S:-600}" bash -c 'python3 benchmarks/unet_compiled.py \
+        --out "$1/unet-layout-base.json" --variants ro,ro+cl --profile && python3 benchmarks/unet_compiled.py \
+        --out "$1/unet-layout-refiner.json" --unet refiner --variants ro,ro+cl --profile' _ "$PIPE" ;;
     # The same first start with the UNets compiled once, with dynamic shapes (its own, empty compile cache).
     serve-dynamic) stage serve-dynamic 720 env IMAGESMITH_COMPILE_DYNAMIC=true \
         python3 benchmarks/serve_start.py --out "$PIPE/serve-dynamic" --models .devcache/random-sdxl \
