@@ -136,6 +136,11 @@
 # Session 37 (run 88, an H100): unet-anysize alone with UNET_ANYSIZE_VARIANTS=ro,ro+anysize+cl fit one call (497 s:
 # ro 135.2 s, ro+anysize+cl 317.6 s and +8.8 ms a call), then the GPU tests in two plain pytest calls (262 s, 361
 # s). Owed: the H200 queue (as above); default+anysize; serve-anysize (now with channels-last UNets, shorter).
+# Session 38 (run 89, an H100): fast-path,unet-layout over two chained calls with FAST_PHASES=eager,variants
+# FAST_VARIANTS=reduce-overhead,reduce-overhead+cl FAST_ARGS=--no-prompt-cache-ab FAST_LIMIT_S=700 (403 s, then
+# unet-layout 388 s: channels-last weights -2.1 % an ensemble image), then unet-anysize with
+# UNET_ANYSIZE_VARIANTS=ro,default+anysize+cl (321 s: +33.6 ms a call, host-bound). Owed: the H200 queue;
+# serve-anysize.
 set -u
 PIPE=.devcache/pipe
 

@@ -106,19 +106,25 @@ def fuse_qkv_wanted(settings: Settings, plan: HardwarePlan) -> bool:
 
 
 def channels_last_wanted(settings: Settings, plan: HardwarePlan) -> bool:
-    """Unless set: with compile applied (offload none), when the shared graphs for every other size compile, at
-    the warm-up (IMAGESMITH_WARMUP_ANY_SIZE) or on a request (IMAGESMITH_COMPILE_ON_REQUEST). Inductor
+    """Unless set: with compile applied (offload none), wherever no size runs eager: the shared graphs for every
+    other size compile at the warm-up (IMAGESMITH_WARMUP_ANY_SIZE) or on a request (IMAGESMITH_COMPILE_ON_REQUEST),
+    or there is no warm-up (each shape compiles on its first use). Inductor
     lays out a graph channels-last itself only when its convolution shapes are static (`decide_layout_opt`), so
     the shared graph, with symbolic sides, kept NCHW and paid cuDNN's layout transposes around each convolution
     (2.9 ms a base call, run 87). With the weights channels-last each convolution's output is channels-last by
     eager's rule, which the graph keeps: run 88 measured +8.8 ms a call against the static graph (run 87, NCHW,
-    on another host: +10.3) and a compile of 318 s against 453 s on that host class. Static graphs choose their
-    layout either way (channels_last within noise compiled, runs 12-13; not measured again on torch 2.11).
-    Eager (no compile, or compile skipped under offload) is not measured, so left as it was."""
+    on another host: +10.3) and a compile of 318 s against 453 s on that host class.
+
+    Static graphs gain too: inductor copies each NCHW convolution weight into channels-last on every call
+    (kernel/conv.py's `require_channels_last(weight)`), which channels-last weights skip: -0.45 ms a base call,
+    -0.5 to -1.1 ms a refiner call, an ensemble image 1.357 -> 1.328 s (run 89, an H100). Still not the default
+    for them alone: where the shared graphs do not compile, other sizes run eager, and eager channels-last is
+    slower (a base call 91 against 69 ms, run 72), so doctor offers it instead (engine/speed_advice.py)."""
     if settings.channels_last is not None:
         return settings.channels_last
     compiled = settings.compile is not CompileChoice.OFF and plan.offload == "none"
-    return compiled and (settings.warms_up_any_size() or settings.compile_on_request)
+    no_size_runs_eager = settings.warms_up_any_size() or settings.compile_on_request or not settings.warmup
+    return compiled and no_size_runs_eager
 
 
 def cudnn_benchmark_wanted(settings: Settings, plan: HardwarePlan) -> bool:
