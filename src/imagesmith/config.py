@@ -254,15 +254,13 @@ class Settings(BaseSettings):
     )
     channels_last: bool | None = Field(
         None,
-        description="NHWC memory layout for the UNets' weights. Default: on with compile (offload none) wherever no "
-        "size runs uncompiled: the graphs shared by sizes outside the warm-up compile (IMAGESMITH_WARMUP_ANY_SIZE, "
-        "IMAGESMITH_COMPILE_DYNAMIC, IMAGESMITH_COMPILE_ON_REQUEST) or there is no warm-up; off otherwise. "
-        "Compiled graphs gain: a static graph copies NCHW convolution weights into channels-last on every call "
-        "(an ensemble image 1.357 -> 1.328 s with it, run 89, an H100), and the shared graph, left NCHW, paid layout "
-        "transposes (its base UNet compiled in 318 s against 453 s and ran +8.8 ms a call against the static graph "
-        "where NCHW ran +10.3, runs 87-88). Uncompiled calls lose (an eager base call 91 against 69 ms, run 72), so "
-        "with only static graphs set it true if requests stay at the warm-up sizes. Changing it changes the compile "
-        "cache's keys: the next start compiles cold.",
+        description="NHWC memory layout for the UNets' weights. Default: on with compile (offload none), off "
+        "without. Compiled graphs gain: a static graph copied NCHW convolution weights into channels-last on "
+        "every call (with channels-last weights an ensemble image took 1.328 s against 1.357 s, run 89, an H100), "
+        "and the graph shared by sizes outside the warm-up, left NCHW, paid layout transposes (channels-last: its "
+        "base UNet compiled in 318 s against 453 s and ran +8.8 ms a call against the static graph where NCHW ran "
+        "+10.3, runs 87-88). A size that runs uncompiled loses a little (a 1024x960 request 2.42 against 2.39 s, "
+        "run 90). Changing it changes the compile cache's keys: the next start compiles cold.",
     )
     attention_backend: AttentionBackendChoice = Field(
         AttentionBackendChoice.AUTO,
@@ -340,7 +338,7 @@ class Settings(BaseSettings):
         description="With compile, also warm up one size outside IMAGESMITH_WARMUP_SIZES: that compiles the graphs "
         "every other size shares, so requests at other sizes run compiled (with guidance_scale <= 1 they still "
         "run uncompiled). Lengthens the first start by those compiles (the base UNet's: ~2.4x its static graph's, "
-        "318 s on an H100, with the channels-last weights it turns on), and those sizes' UNet calls run ~26 % "
+        "318 s on an H100, with channels-last weights, on with compile), and those sizes' UNet calls run ~26 % "
         "slower than a warmed one's (uncompiled: ~75 %). On by itself with IMAGESMITH_COMPILE_DYNAMIC (its "
         "graphs, compiled at a square size, fit no oblong one); two or more warm-up sizes no longer turn it on.",
     )

@@ -52,7 +52,6 @@ def test_a_server_with_every_lever_on_is_told_what_runs_and_offered_nothing() ->
         compile=CompileChoice.REDUCE_OVERHEAD,
         warmup_sizes="1024x1024,1216x832",
         batch_max_images=4,
-        channels_last=True,
     )
     # fp8 convolutions need NVIDIA's cuDNN frontend to be planned; the plan is what speed_lines reads.
     plan = dataclasses.replace(
@@ -101,16 +100,3 @@ def test_warming_up_any_size_is_named_where_it_is_on() -> None:
     line = lines_for(H100, Settings(compile=CompileChoice.REDUCE_OVERHEAD, compile_on_request=True))[0]
     assert "for 1024x1024, batch 1 and 8; another size compiles once, on its first request" in line
     assert "over 4 minutes on an H100, every queued request waiting" in line
-
-
-def test_channels_last_is_offered_where_only_static_graphs_compile() -> None:
-    offered = tries(lines_for(H100, Settings(compile=CompileChoice.REDUCE_OVERHEAD)))
-    assert offered[0].startswith("try: IMAGESMITH_CHANNELS_LAST=true if requests stay at the warm-up sizes")
-    assert "1.357 -> 1.328 s on an H100" in offered[0] and "~30 % slower" in offered[0]
-    # Not where it is already on (the shared graphs compile), nor where the user turned it off, nor uncompiled.
-    for settings in (
-        Settings(compile=CompileChoice.REDUCE_OVERHEAD, warmup_any_size=True),
-        Settings(compile=CompileChoice.REDUCE_OVERHEAD, channels_last=False),
-        Settings(),
-    ):
-        assert not any("IMAGESMITH_CHANNELS_LAST" in line for line in lines_for(H100, settings))

@@ -31,24 +31,17 @@ REQUEST = GenerationRequest(prompt="a lighthouse", width=64, height=64, num_infe
 @pytest.mark.parametrize(
     ("changes", "wanted"),
     [
-        ({}, False),
-        # Static graphs gain (run 89), but other sizes run eager after this warm-up, slower channels-last.
-        ({"compile": "reduce-overhead"}, False),
-        ({"compile": "reduce-overhead", "warmup": False}, True),  # every shape compiles on its first use
-        ({"warmup": False}, False),
-        ({"compile": "reduce-overhead", "warmup_any_size": True}, True),  # the shared graphs do not (run 88)
-        ({"compile": "reduce-overhead", "compile_dynamic": True}, True),
-        ({"compile": "reduce-overhead", "compile_on_request": True}, True),  # the shared graphs, on a request
-        ({"warmup_any_size": True}, False),  # uncompiled: nothing measured
-        (
-            {"compile": "reduce-overhead", "warmup_any_size": True, "offload": "model"},
-            False,
-        ),  # compile skipped
-        ({"compile": "reduce-overhead", "warmup_any_size": True, "channels_last": False}, False),  # as set
+        ({}, False),  # eager keeps NCHW
+        ({"compile": "reduce-overhead"}, True),  # static graphs copied NCHW weights on every call (run 89)
+        ({"compile": "reduce-overhead", "warmup_any_size": True}, True),  # the shared graphs (run 88)
+        ({"compile": "default", "warmup": False}, True),
+        ({"warmup_any_size": True}, False),  # uncompiled
+        ({"compile": "reduce-overhead", "offload": "model"}, False),  # compile skipped
+        ({"compile": "reduce-overhead", "channels_last": False}, False),  # as set
         ({"channels_last": True}, True),
     ],
 )
-def test_channels_last_is_on_where_no_size_runs_eager_unless_set(
+def test_channels_last_follows_compile_unless_set(
     tiny_settings: Settings, changes: dict[str, Any], wanted: bool
 ) -> None:
     from imagesmith.engine.fast import channels_last_wanted

@@ -106,25 +106,21 @@ def fuse_qkv_wanted(settings: Settings, plan: HardwarePlan) -> bool:
 
 
 def channels_last_wanted(settings: Settings, plan: HardwarePlan) -> bool:
-    """Unless set: with compile applied (offload none), wherever no size runs eager: the shared graphs for every
-    other size compile at the warm-up (IMAGESMITH_WARMUP_ANY_SIZE) or on a request (IMAGESMITH_COMPILE_ON_REQUEST),
-    or there is no warm-up (each shape compiles on its first use). Inductor
-    lays out a graph channels-last itself only when its convolution shapes are static (`decide_layout_opt`), so
-    the shared graph, with symbolic sides, kept NCHW and paid cuDNN's layout transposes around each convolution
-    (2.9 ms a base call, run 87). With the weights channels-last each convolution's output is channels-last by
-    eager's rule, which the graph keeps: run 88 measured +8.8 ms a call against the static graph (run 87, NCHW,
-    on another host: +10.3) and a compile of 318 s against 453 s on that host class.
-
-    Static graphs gain too: inductor copies each NCHW convolution weight into channels-last on every call
-    (kernel/conv.py's `require_channels_last(weight)`), which channels-last weights skip: -0.45 ms a base call,
-    -0.5 to -1.1 ms a refiner call, an ensemble image 1.357 -> 1.328 s (run 89, an H100). Still not the default
-    for them alone: where the shared graphs do not compile, other sizes run eager, and eager channels-last is
-    slower (a base call 91 against 69 ms, run 72), so doctor offers it instead (engine/speed_advice.py)."""
+    """Unless set: on with compile applied (offload none). Two kinds of compiled graph gain:
+    - static graphs: inductor lays them out channels-last itself, but its convolution lowering (kernel/conv.py,
+      `require_channels_last(weight)`) copies each NCHW weight into that layout on every call, 1.3 GB a base call
+      and 3.1 GB a refiner call, which channels-last weights skip: an ensemble image 1.357 -> 1.328 s, a base call
+      -0.45 ms, a refiner call -1.0 ms (run 89, an H100);
+    - the graphs shared by sizes outside the warm-up (symbolic sides): inductor leaves those NCHW
+      (`decide_layout_opt`), so cuDNN transposed around each convolution (2.9 ms a base call, run 87); with
+      channels-last weights each convolution's output is channels-last by eager's rule, which the graph keeps: +8.8
+      ms a call against the static graph where NCHW ran +10.3, and a compile of 318 s against 453 s (runs 87-88).
+    What loses is a size that runs uncompiled (a server's sizes outside its warm-up): an eager base call takes 68.9
+    against 58.2 ms (run 90), but a whole 1024x960 request in the service only 2.42 against 2.39 s, where the
+    warmed 1024x1024 took 1.39 against 1.42 s (run 90, one H100). Eager without compile keeps NCHW."""
     if settings.channels_last is not None:
         return settings.channels_last
-    compiled = settings.compile is not CompileChoice.OFF and plan.offload == "none"
-    no_size_runs_eager = settings.warms_up_any_size() or settings.compile_on_request or not settings.warmup
-    return compiled and no_size_runs_eager
+    return settings.compile is not CompileChoice.OFF and plan.offload == "none"
 
 
 def cudnn_benchmark_wanted(settings: Settings, plan: HardwarePlan) -> bool:

@@ -22,7 +22,7 @@ multiples of 32 px, areas up to the decoder's attention bound). The price: with 
 or more warm-up sizes, dynamo's own dynamic graph came out of the warm-up and served new sizes; here each
 warmed-up size gets a static graph, and the shared graph needs a warm-up pass of its own, which the service runs
 only when asked (IMAGESMITH_WARMUP_ANY_SIZE; fast.warm_up's `any_size`, Settings.warms_up_any_size): run 87
-measured it at 3.4x a static graph's compile and +29 % a call; with channels-last weights (on by default with that
+measured it at 3.4x a static graph's compile and +29 % a call; with channels-last weights (on by default with
 warm-up: fast.channels_last_wanted) run 88 measured 2.35x and +26 %.
 
 After a service's warm-up the routes stop compiling (`stop_compiling`, IMAGESMITH_COMPILE_ON_REQUEST=false, the

@@ -41,14 +41,6 @@ def speed_lines(settings: Settings, device: DeviceInfo, plan: HardwarePlan) -> l
             "try: IMAGESMITH_COMPILE=reduce-overhead for a long-running server (exact: an ensemble image in "
             "1.330 s against eager's 2.6-3.4 s on an H200; the first start compiles for minutes)"
         )
-    elif settings.channels_last is None and not channels_last_wanted(settings, plan):
-        # Compiled, static graphs only: their weights NCHW are copied into channels-last on every call (run 89).
-        # Not on by default because sizes outside the warm-up run eager here, where channels-last is slower.
-        lines.append(
-            "try: IMAGESMITH_CHANNELS_LAST=true if requests stay at the warm-up sizes (exact: an ensemble image "
-            "2 % faster, 1.357 -> 1.328 s on an H100; a request at another size, uncompiled, then runs its base "
-            "UNet calls ~30 % slower)"
-        )
     capability = device.capability or (0, 0)
     if capability >= FP8_MIN_CAPABILITY and plan.fp8 is None:
         lines.append(
