@@ -100,7 +100,14 @@ def test_doctor(standin: StandIn, settings: Settings, tmp_path: Path) -> None:
     passing = pexels_doctor(settings, online=True)
     assert not passing.ok and not passing.fault  # the API down for now: said, not a fault (generation serves)
     missing = pexels_doctor(Settings(_env_file=None, data_dir=tmp_path))
-    assert not missing.ok and "not configured" in missing.lines[0]
+    assert not missing.ok and not missing.fault and missing.lines == [missing.lines[0]]
+    assert "not configured" in missing.lines[0]
+    # Without a key the allowed hosts are unused, yet a list no search could accept is a setting to fix now.
+    unusable = pexels_doctor(
+        Settings(_env_file=None, data_dir=tmp_path, pexels_allowed_hosts=["ftp://images.pexels.com"])
+    )
+    assert unusable.fault and "not configured" in unusable.lines[0]
+    assert "IMAGESMITH_PEXELS_ALLOWED_HOSTS" in unusable.lines[-1]
     # An allowed host every search refuses: doctor said nothing and exited 0.
     ftp = pexels_doctor(settings.with_changes(pexels_allowed_hosts=["ftp://images.pexels.com"]))
     assert not ftp.ok and ftp.fault and "IMAGESMITH_PEXELS_ALLOWED_HOSTS" in ftp.lines[-1]

@@ -207,12 +207,17 @@ def pexels_doctor(settings: Settings, *, online: bool = False) -> PexelsDoctorRe
     """What `imagesmith doctor` says about Pexels. online=True spends one API call to check the key."""
     hosts = ", ".join(settings.pexels_allowed_hosts) or "none"
     if settings.pexels_api_key is None:
-        return PexelsDoctorReport(ok=False, lines=[f"pexels: not configured ({NO_KEY_MESSAGE})"])
-    lines = [f"pexels: key set; API {settings.pexels_api_base_url}; downloads from {hosts}"]
+        lines = [f"pexels: not configured ({NO_KEY_MESSAGE})"]
+    else:
+        lines = [f"pexels: key set; API {settings.pexels_api_base_url}; downloads from {hosts}"]
     try:
-        HostPolicy(settings.pexels_allowed_hosts)  # what every search would refuse, said here too
+        # What every search would refuse, said here too; also before a key is set, so the user setting up a
+        # stand-in or a proxy hears of it now, not on the first search after adding the key.
+        HostPolicy(settings.pexels_allowed_hosts)
     except ValueError as error:
         return PexelsDoctorReport(ok=False, lines=[*lines, f"pexels: {error}"], fault=True)
+    if settings.pexels_api_key is None:
+        return PexelsDoctorReport(ok=False, lines=lines)
     if not online:
         return PexelsDoctorReport(ok=True, lines=lines)
     return asyncio.run(_doctor_online(settings, lines))
