@@ -24,7 +24,9 @@ MODE is a compile choice (off, default, reduce-overhead, max-autotune-no-cudagra
 (engine/fp8.py) with static scales, calibrated as Engine.start does (the default), +fp8dyn with dynamic ones; +fp8conv (with +fp8)
 the convolutions in fp8 too (IMAGESMITH_FP8_CONVS, cuDNN's kernels), +fp8convnchw the same with inductor's layout
 heuristic left alone (run 52's: NCHW, the peer); +geglu (with +fp8) the feed-forwards' GEGLU fused into
-their first fp8 matmul (IMAGESMITH_FP8_FUSED_GEGLU, a Triton kernel); +cl channels_last;
+their first fp8 matmul (IMAGESMITH_FP8_FUSED_GEGLU, a Triton kernel); +cl the UNets' weights channels-last
+(without it a variant runs them NCHW, as every run before 89 did; the engine's default with compile since run 90
+is channels-last, so `reduce-overhead+cl` is what a service runs and the fastest exact mode);
 +cudnn / +nocudnn IMAGESMITH_CUDNN_BENCHMARK on or off (settings refuse it on with the CUDA-graph modes;
 unless named: off until run 49, the settings' default since run 50, i.e. on with compile `default`); +dyn the UNets compiled with
 dynamic shapes (IMAGESMITH_COMPILE_DYNAMIC); +regions each kind of transformer block compiled once
