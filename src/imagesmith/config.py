@@ -339,7 +339,8 @@ class Settings(BaseSettings):
         "every other size shares, so requests at other sizes run compiled (with guidance_scale <= 1 they still "
         "run uncompiled). Lengthens the first start by those compiles (the base UNet's: ~2.4x its static graph's, "
         "318 s on an H100, with channels-last weights, on with compile), and those sizes' UNet calls run ~26 % "
-        "slower than a warmed one's (uncompiled: ~75 %). On by itself with IMAGESMITH_COMPILE_DYNAMIC (its "
+        "slower than a warmed one's (uncompiled: ~75 %), with CUDA graphs (reduce-overhead): without them that graph is "
+        "host-bound, ~2x a warmed call and slower than uncompiled (run 89). On by itself with IMAGESMITH_COMPILE_DYNAMIC (its "
         "graphs, compiled at a square size, fit no oblong one); two or more warm-up sizes no longer turn it on.",
     )
     compile_on_request: bool = Field(
