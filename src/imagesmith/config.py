@@ -503,7 +503,7 @@ class Settings(BaseSettings):
         Not implied by two or more warm-up sizes any more (it was until session 36, to keep what their warm-up
         did before engine/size_routing.py). Run 87 measured the price on an H100: the base UNet's shared graph
         compiled in 453 s against its static graph's 133 s, and a call on it costs +29 % (run 88, with the
-        channels-last weights now on by default there: 318 s and +26 %). A service that lists
+        channels-last weights, on by default with compile since run 90: 318 s and +26 %). A service that lists
         its sizes gets each a static graph; compiling the shared ones too would more than double its start-up
         for sizes it did not list, which run uncompiled instead (~1.75x a warmed size's time)."""
         return self.warmup_any_size or self.compile_dynamic
