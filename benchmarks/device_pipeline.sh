@@ -139,8 +139,11 @@
 # Session 38 (run 89, an H100): fast-path,unet-layout over two chained calls with FAST_PHASES=eager,variants
 # FAST_VARIANTS=reduce-overhead,reduce-overhead+cl FAST_ARGS=--no-prompt-cache-ab FAST_LIMIT_S=700 (403 s, then
 # unet-layout 388 s: channels-last weights -2.1 % an ensemble image), then unet-anysize with
-# UNET_ANYSIZE_VARIANTS=ro,default+anysize+cl (321 s: +33.6 ms a call, host-bound). Owed: the H200 queue;
-# serve-anysize.
+# UNET_ANYSIZE_VARIANTS=ro,default+anysize+cl (321 s: +33.6 ms a call, host-bound). Run 90 (the same session,
+# another H100): python3 benchmarks/unet_kernels.py --variants eager,eager-cl (plain, before the pipeline), then
+# models,serve-other with IMAGESMITH_CHANNELS_LAST=true SERVE_OTHER_ARGS="--batch-max 1 --max-images-per-request 1"
+# (241 s in all), then serve-other alone with IMAGESMITH_CHANNELS_LAST=false on the same machine (171 s). Owed: the
+# H200 queue; serve-anysize.
 set -u
 PIPE=.devcache/pipe
 

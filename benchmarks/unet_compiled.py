@@ -19,6 +19,10 @@ same options, the latents' height and width symbolic. Its cost per call says wha
 `ro+anysize+cl` is that graph with the UNet's weights channels-last (IMAGESMITH_CHANNELS_LAST): the layout inductor
 does not choose for a graph with symbolic sides.
 
+`ro+cl` is the static graph with the weights channels-last: inductor's static graphs copy every NCHW 3x3
+convolution weight into channels-last on each call, which such weights skip (run 89: -0.45 ms a base call).
+`default+anysize+cl` is the any-size graph with channels-last weights and no CUDA graphs (run 89: host-bound).
+
 `ro+regions` is the engine's IMAGESMITH_COMPILE_REGIONS (engine/compile_regions.py): the same options, each kind
 of transformer block compiled once. It is here for its price per call (fusion lost at block boundaries) and, with
 `--first ro+regions --fresh-cache`, its cold compile against the peer's cold compile in another run.

@@ -340,7 +340,7 @@ class Settings(BaseSettings):
         "run uncompiled). Lengthens the first start by those compiles (the base UNet's: ~2.4x its static graph's, "
         "318 s on an H100, with channels-last weights, on with compile), and those sizes' UNet calls run ~26 % "
         "slower than a warmed one's (uncompiled: ~75 %), with CUDA graphs (reduce-overhead): without them that graph is "
-        "host-bound, ~2x a warmed call and slower than uncompiled (run 89). On by itself with IMAGESMITH_COMPILE_DYNAMIC (its "
+        "host-bound, no faster than uncompiled (runs 89-90). On by itself with IMAGESMITH_COMPILE_DYNAMIC (its "
         "graphs, compiled at a square size, fit no oblong one); two or more warm-up sizes no longer turn it on.",
     )
     compile_on_request: bool = Field(

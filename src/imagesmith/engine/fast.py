@@ -109,8 +109,8 @@ def channels_last_wanted(settings: Settings, plan: HardwarePlan) -> bool:
     """Unless set: on with compile applied (offload none). Two kinds of compiled graph gain:
     - static graphs: inductor lays them out channels-last itself, but its convolution lowering (kernel/conv.py,
       `require_channels_last(weight)`) copies each NCHW weight into that layout on every call, 1.3 GB a base call
-      and 3.1 GB a refiner call, which channels-last weights skip: an ensemble image 1.357 -> 1.328 s, a base call
-      -0.45 ms, a refiner call -1.0 ms (run 89, an H100);
+      and 3.1 GB a refiner call, which channels-last weights skip: an ensemble image 1.357 -> 1.328 s, its base
+      calls -0.40 ms, its refiner calls -1.01 ms (run 89, an H100);
     - the graphs shared by sizes outside the warm-up (symbolic sides): inductor leaves those NCHW
       (`decide_layout_opt`), so cuDNN transposed around each convolution (2.9 ms a base call, run 87); with
       channels-last weights each convolution's output is channels-last by eager's rule, which the graph keeps: +8.8

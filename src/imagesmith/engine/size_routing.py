@@ -23,7 +23,7 @@ or more warm-up sizes, dynamo's own dynamic graph came out of the warm-up and se
 warmed-up size gets a static graph, and the shared graph needs a warm-up pass of its own, which the service runs
 only when asked (IMAGESMITH_WARMUP_ANY_SIZE; fast.warm_up's `any_size`, Settings.warms_up_any_size): run 87
 measured it at 3.4x a static graph's compile and +29 % a call; with channels-last weights (on by default with
-warm-up: fast.channels_last_wanted) run 88 measured 2.35x and +26 %.
+compile: fast.channels_last_wanted) run 88 measured 2.35x and +26 %.
 
 After a service's warm-up the routes stop compiling (`stop_compiling`, IMAGESMITH_COMPILE_ON_REQUEST=false, the
 default): a route the warm-up never ran (the any-size graph without IMAGESMITH_WARMUP_ANY_SIZE, the batched graph

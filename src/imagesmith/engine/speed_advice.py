@@ -15,6 +15,11 @@ from imagesmith.engine.hardware import FP8_MIN_CAPABILITY, DeviceInfo, HardwareP
 from imagesmith.sources.generate import warm_up_batches
 
 HOPPER = (9, 0)  # fp8 convolutions through cuDNN need it (engine/fp8_conv.py)
+# What the graphs shared by sizes outside the warm-up give in a compile mode without CUDA graphs (run 89).
+NO_CUDA_GRAPHS = (
+    "host-bound without CUDA graphs, no faster than running other sizes uncompiled: use "
+    "IMAGESMITH_COMPILE=reduce-overhead"
+)
 
 
 def speed_lines(settings: Settings, device: DeviceInfo, plan: HardwarePlan) -> list[str]:
@@ -73,28 +78,21 @@ def _what_runs(settings: Settings, plan: HardwarePlan) -> str:
                 compile_price, call_price = (
                     ("~2.4x", "~1.26x") if channels_last_wanted(settings, plan) else ("~3.4x", "~1.3x")
                 )
-                calls = f"other sizes' UNet calls {call_price} a warmed size's"
-                if settings.compile not in CUDA_GRAPH_MODES:
-                    # Without CUDA graphs the shared graph is host-bound: 69.0 against the static graph's 35.4 ms
-                    # a base call (run 89), where an uncompiled call takes ~58 (run 90): slower than eager.
-                    calls = (
-                        "other sizes' UNet calls ~2x a warmed size's: without CUDA graphs that graph is "
-                        "host-bound, slower than uncompiled; use IMAGESMITH_COMPILE=reduce-overhead"
-                    )
-                when += (
-                    f", and the graphs every other size shares (IMAGESMITH_WARMUP_ANY_SIZE: {compile_price} a "
-                    f"size's compile, {calls})"
+                prices = (
+                    f"{compile_price} a size's compile, other sizes' UNet calls {call_price} a warmed size's"
                 )
+                if settings.compile not in CUDA_GRAPH_MODES:
+                    # The prices above are reduce-overhead's. Without CUDA graphs the shared graph is host-bound:
+                    # 69.0 ms a base call (run 89), where an uncompiled one takes 68.9 (run 90, channels-last).
+                    prices = f"they run {NO_CUDA_GRAPHS}"
+                when += f", and the graphs every other size shares (IMAGESMITH_WARMUP_ANY_SIZE: {prices})"
             elif settings.compile_on_request:
                 when += (
                     "; another size compiles once, on its first request (IMAGESMITH_COMPILE_ON_REQUEST: over "
                     "4 minutes on an H100, every queued request waiting)"
                 )
-                if settings.compile not in CUDA_GRAPH_MODES:  # the same shared graph, host-bound (run 89)
-                    when += (
-                        ", then runs ~2x a warmed size's call, host-bound without CUDA graphs and slower than "
-                        "uncompiled"
-                    )
+                if settings.compile not in CUDA_GRAPH_MODES:  # the same shared graphs, host-bound (run 89)
+                    when += f"; what it compiles runs {NO_CUDA_GRAPHS}"
             else:
                 when += (
                     "; another size runs uncompiled (~1.75x a warmed size's time), never compiling on a request "
