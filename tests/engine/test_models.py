@@ -52,6 +52,14 @@ def test_loaded_models_are_frozen_for_inference(tiny_settings: Settings, compile
     the projections that fusing QKV (on with compile) creates after loading."""
     engine = Engine.start(tiny_settings.with_changes(compile=compile_mode, warmup=False))
     assert ("fused QKV" in engine.levers) is (compile_mode != "off")
+    # With compile the UNets' weights are channels-last (fast.channels_last_wanted: run 89), eager keeps NCHW.
+    for unet in (engine.models.base.unet, engine.models.refiner.unet):
+        kernels = [
+            m.weight for m in unet.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)
+        ]
+        assert kernels and all(
+            w.is_contiguous(memory_format=torch.channels_last) is (compile_mode != "off") for w in kernels
+        )
     modules = {
         f"{role}.{name}": component
         for role, pipe in (("base", engine.models.base), ("refiner", engine.models.refiner))
