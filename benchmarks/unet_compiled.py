@@ -187,6 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-round", type=int, default=5, help="calls per variant in a round")
     parser.add_argument("--profile", action="store_true", help="also each variant's GPU time by kernel kind")
     parser.add_argument(
+        "--profile-top",
+        type=int,
+        default=10,
+        help="with --profile, the longest kernels listed (by name); 1000 lists them all, e.g. to look for "
+        "per-call work like run 89's weight copies in the Triton time",
+    )
+    parser.add_argument(
         "--first",
         help="the variant compiled first (default: the peer). Later compiles reuse the Triton kernels earlier "
         "ones built in this process, so only the first compile is a cold one",
@@ -284,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
                         {PEER: calls[PEER], done: calls[done]}, rounds=3, per_round=args.per_round, cuda=cuda
                     )[done]
         if args.profile and cuda:
-            results["compiled"][name]["profile"] = profile_kinds(call, images=1)
+            results["compiled"][name]["profile"] = profile_kinds(call, images=1, top=args.profile_top)
         print(f"{name}: compiled in {compile_s:.1f}s, {results['compiled'][name]}", flush=True)
         save()
     results["round_robin"] = alternate(calls, args.rounds, args.per_round, cuda)

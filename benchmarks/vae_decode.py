@@ -151,8 +151,8 @@ def conv_floor(rows: list[dict[str, Any]], runs: int) -> list[dict[str, Any]]:
     return rows
 
 
-def profile_kinds(fn: Callable[[], object], images: int) -> dict[str, Any]:
-    """One call's GPU kernel time per image, by kind, and its ten longest kernels."""
+def profile_kinds(fn: Callable[[], object], images: int, top: int = 10) -> dict[str, Any]:
+    """One call's GPU kernel time per image, by kind, and its `top` longest kernels (grouped by name)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -165,13 +165,13 @@ def profile_kinds(fn: Callable[[], object], images: int) -> dict[str, Any]:
     kinds: dict[str, float] = {}
     for name, times in kernels.items():
         kinds[kind_of(name)] = kinds.get(kind_of(name), 0.0) + sum(times) / images
-    top = sorted(kernels.items(), key=lambda kv: -sum(kv[1]))[:10]
+    longest = sorted(kernels.items(), key=lambda kv: -sum(kv[1]))[:top]
     return {
         "ms_by_kind": {k: round(v, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
         "kernel_ms_total": round(sum(kinds.values()), 3),
         "top_kernels": [
             {"name": name[:120], "calls": len(t), "ms": round(sum(t) / images, 3), "kind": kind_of(name)}
-            for name, t in top
+            for name, t in longest
         ],
     }
 
