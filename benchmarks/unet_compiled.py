@@ -80,7 +80,6 @@ PEER = "ro"
 # Variants whose UNet has its transformer blocks marked as nested compile regions (IMAGESMITH_COMPILE_REGIONS,
 # engine/compile_regions.py): the same options, a different graph to compile.
 VARIANTS["ro+regions"] = CUDA_GRAPHS
-REGION_VARIANTS = {"ro+regions"}
 # Variants whose graph has the latents' height and width symbolic: the graph dynamo makes at a second image size,
 # which served every size, the warmed-up one included, before engine/size_routing.py kept those static.
 VARIANTS["ro+anysize"] = CUDA_GRAPHS
@@ -101,8 +100,10 @@ VARIANTS["ro+anysize+cl"] = CUDA_GRAPHS
 VARIANTS["ro+cl"] = CUDA_GRAPHS
 # The any-size graph without CUDA graphs, channels-last as the engine runs it since run 88.
 VARIANTS["default+anysize+cl"] = {}
-ANY_SIZE_VARIANTS = {"ro+anysize", "default+anysize", "ro+anysize+cl", "default+anysize+cl"}
-CHANNELS_LAST_VARIANTS = {"ro+anysize+cl", "ro+cl", "default+anysize+cl"}
+# What a variant's name says beyond its options: the UNet it compiles, and how.
+REGION_VARIANTS = {name for name in VARIANTS if "+regions" in name}
+ANY_SIZE_VARIANTS = {name for name in VARIANTS if "+anysize" in name}
+CHANNELS_LAST_VARIANTS = {name for name in VARIANTS if name.endswith("+cl")}
 
 
 def build_unet(which: str, size: str, device: str, dtype: torch.dtype) -> Any:

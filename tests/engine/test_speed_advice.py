@@ -92,7 +92,7 @@ def test_warming_up_any_size_is_named_where_it_is_on() -> None:
     assert "for 1024x1024, batch 1 and 8, and the graphs every other size shares" in line
     assert "~2.4x a size's compile, other sizes' UNet calls ~1.26x" in line  # with channels-last (run 88)
     assert "on its first request" not in line
-    # Without CUDA graphs the shared graph is host-bound, slower than uncompiled (run 89): said, with the fix.
+    # Without CUDA graphs the shared graph is host-bound, no faster than uncompiled (runs 89-90): said, with the fix.
     default = lines_for(H100, Settings(compile=CompileChoice.DEFAULT, warmup_any_size=True))[0]
     assert "(IMAGESMITH_WARMUP_ANY_SIZE: they run host-bound without CUDA graphs" in default
     assert "use IMAGESMITH_COMPILE=reduce-overhead)" in default and "~1.26x" not in default
