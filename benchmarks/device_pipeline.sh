@@ -212,6 +212,14 @@ fast_path() {
     fi
 }
 
+# unet_layouts NAME LIMIT_S TOP: unet_compiled.py's ro against ro+cl with --profile, base UNet then refiner's,
+# listing each call's TOP longest kernels.
+unet_layouts() {
+    stage "$1" "$2" bash -c 'for unet in base refiner; do python3 benchmarks/unet_compiled.py \
+        --out "$1/$2-$unet.json" --unet "$unet" --variants ro,ro+cl --profile --profile-top "$3" || exit; done' \
+        _ "$PIPE" "$1" "$3"
+}
+
 run_stage() {
     case $1 in
     models) stage models 180 python3 -c "import sys; sys.path.insert(0, 'benchmarks'); \
@@ -251,9 +259,10 @@ print(s(Path('.devcache/random-sdxl'), False))" ;;
         --variants "${UNET_ANYSIZE_VARIANTS:-ro,ro+anysize,default+anysize}" --profile ;;
     # The static graph with channels-last weights against NCHW ones (ro+cl against ro), base then refiner: NCHW
     # weights are copied into channels-last on every call (unet_compiled.py says where). UNET_LAYOUT_LIMIT_S.
-    unet-layout) stage unet-layout "${UNET_LAYOUT_LIMIT_S:-600}" bash -c 'python3 benchmarks/unet_compiled.py \
-        --out "$1/unet-layout-base.json" --variants ro,ro+cl --profile && python3 benchmarks/unet_compiled.py \
-        --out "$1/unet-layout-refiner.json" --unet refiner --variants ro,ro+cl --profile' _ "$PIPE" ;;
+    unet-layout) unet_layouts unet-layout "${UNET_LAYOUT_LIMIT_S:-600}" 10 ;;
+    # The same, listing every kernel of a call (its Triton ones by what they fuse): per-call work of the weight
+    # copies' kind left in the Triton time (session 39).
+    unet-triton) unet_layouts unet-triton "${UNET_LAYOUT_LIMIT_S:-600}" 1000 ;;
     # The same first start with the UNets compiled once, with dynamic shapes (its own, empty compile cache).
     serve-dynamic) stage serve-dynamic 720 env IMAGESMITH_COMPILE_DYNAMIC=true \
         python3 benchmarks/serve_start.py --out "$PIPE/serve-dynamic" --models .devcache/random-sdxl \

@@ -11,6 +11,9 @@ gaps take. Eager runs with the weights and inputs in NCHW and in channels-last (
 convolutions out channels-last).
 
     python3 benchmarks/unet_kernels.py --out results.json [--unets base,refiner] [--variants eager,eager-cl]
+
+Each row also says which operators launch the call's memsets (`memsets_by_op`): a compiled base call's CUDA graph
+replays ~236 of them among its ~1,500 kernels (run 91), each a node the graph waits on.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from vae_decode import profile_kinds
 LATENT = 128  # 1024x1024 images
 ROWS = 2  # one image with classifier-free guidance
 DTYPE = torch.bfloat16
-VARIANTS = ("eager", "eager-cl")
+VARIANTS = ("eager", "eager-cl", "compiled-cl")  # compiled-cl: inductor, default mode (no CUDA graphs)
 
 
 def build_unet(which: str, device: str) -> Any:
@@ -101,12 +104,18 @@ def measure(unet: Any, which: str, variant: str, device: str, runs: int) -> dict
     if channels_last:
         inputs["sample"] = inputs["sample"].to(memory_format=torch.channels_last)
 
+    compiled = torch.compile(unet, fullgraph=True) if variant.startswith("compiled") else unet
+
     def call() -> object:
         with torch.no_grad():
-            return unet(**inputs)
+            return compiled(**inputs)
 
-    with counting_flops() as flops:
-        call()
+    flops: dict[str, float] = {}
+    if compiled is unet:
+        with counting_flops() as flops:
+            call()
+    # Compiled, the counting hooks would run while dynamo traces (not per call) and, removed, force a recompile:
+    # its FLOPs are eager's (the same products), so none are counted.
     for _ in range(3):
         call()
     torch.cuda.synchronize()
@@ -124,13 +133,41 @@ def measure(unet: Any, which: str, variant: str, device: str, runs: int) -> dict
             k: round(v / 1e12 / (by_kind[k] / 1e3)) for k, v in flops.items() if by_kind.get(k, 0) > 0
         },
         "top_kernels": profile["top_kernels"],
+        "memsets_by_op": memsets_by_op(call),
     }
     kinds = ", ".join(f"{k} {v:.2f}" for k, v in by_kind.items())
     print(
-        f"{which} {variant}: call {call_ms:.2f} ms, kernels {profile['kernel_ms_total']:.2f} ms: {kinds}",
+        f"{which} {variant}: call {call_ms:.2f} ms, kernels {profile['kernel_ms_total']:.2f} ms: {kinds}; "
+        f"memsets {sum(row['memsets_by_op'].values())}: {row['memsets_by_op']}",
         flush=True,
     )
     return row
+
+
+def memsets_by_op(call: Any) -> dict[str, int]:
+    """How many memsets one call launches, by the innermost operator (with its input shapes) that launched them.
+
+    The profiler links each device memset to the runtime call that queued it (cudaMemsetAsync and kin), and that
+    call to the operator it ran in."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+            call()
+            torch.cuda.synchronize()
+    except RuntimeError as error:  # a profiler that cannot trace the host must not cost the row
+        return {f"not traced: {error}"[:160]: 0}
+    counts: dict[str, int] = {}
+    for event in prof.events():
+        launched = [k for k in event.kernels if "memset" in k.name.lower()]
+        if event.device_type != torch.autograd.DeviceType.CPU or not launched:
+            continue
+        owner = event
+        while owner.cpu_parent is not None and not owner.name.startswith("aten::"):
+            owner = owner.cpu_parent
+        key = f"{owner.name} {owner.input_shapes}"[:160]
+        counts[key] = counts.get(key, 0) + len(launched)
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def main(argv: list[str] | None = None) -> int:
