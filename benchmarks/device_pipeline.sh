@@ -263,6 +263,10 @@ print(s(Path('.devcache/random-sdxl'), False))" ;;
     # The same, listing every kernel of a call (its Triton ones by what they fuse): per-call work of the weight
     # copies' kind left in the Triton time (session 39).
     unet-triton) unet_layouts unet-triton "${UNET_LAYOUT_LIMIT_S:-600}" 1000 ;;
+    # Which operators queue the memsets a compiled call's CUDA graph replays (~236 a base call, run 91): eager and
+    # inductor's default mode (no CUDA graphs), channels-last, both UNets.
+    unet-memsets) stage unet-memsets 560 python3 benchmarks/unet_kernels.py --out "$PIPE/unet-memsets.json" \
+        --variants eager-cl,compiled-cl ;;
     # The same first start with the UNets compiled once, with dynamic shapes (its own, empty compile cache).
     serve-dynamic) stage serve-dynamic 720 env IMAGESMITH_COMPILE_DYNAMIC=true \
         python3 benchmarks/serve_start.py --out "$PIPE/serve-dynamic" --models .devcache/random-sdxl \
