@@ -12,6 +12,9 @@ their names: they count as matmuls, ahead of the other Triton kernels.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 KINDS = (
     ("matmul", ("triton_tem_",)),
     ("triton (inductor)", ("triton",)),
@@ -41,3 +44,31 @@ def kind_of(kernel: str) -> str:
         if any(needle in lowered for needle in needles):
             return kind
     return "other"
+
+
+def memsets_by_operator(events: Iterable[Any]) -> dict[str, int]:
+    """How many memsets a profile's operators queued, by the innermost `aten::` operator (with its input shapes)
+    that holds them, most first; memsets the device ran that no host event holds count under "(not linked)".
+
+    `events` are a torch profiler's events (`prof.events()`). The profiler hangs each device kernel or memset
+    (`kernels`, by name) on the host event it was queued in, usually the operator itself; a host event that is
+    not an `aten::` operator (a runtime call, an inductor kernel's record) counts under the nearest `aten::`
+    operator above it (`cpu_parent`), else under its outermost ancestor."""
+    counts: dict[str, int] = {}
+    on_device = 0
+    for event in events:
+        if "CUDA" in str(getattr(event, "device_type", "")):
+            on_device += "memset" in event.name.lower()
+            continue
+        queued = sum("memset" in kernel.name.lower() for kernel in event.kernels)
+        if not queued:
+            continue
+        owner = event
+        while owner.cpu_parent is not None and not owner.name.startswith("aten::"):
+            owner = owner.cpu_parent
+        key = f"{owner.name} {owner.input_shapes}"[:160]
+        counts[key] = counts.get(key, 0) + queued
+    unlinked = on_device - sum(counts.values())
+    if unlinked > 0:
+        counts["(not linked)"] = unlinked
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))

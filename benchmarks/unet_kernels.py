@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from attention_backends import unet_inputs
 from fp8_gemm import event_times_ms
+from kernel_kinds import memsets_by_operator
 from sdxl_random import UNET_KEY, architecture
 from vae_decode import profile_kinds
 
@@ -145,10 +146,7 @@ def measure(unet: Any, which: str, variant: str, device: str, runs: int) -> dict
 
 
 def memsets_by_op(call: Any) -> dict[str, int]:
-    """How many memsets one call launches, by the innermost operator (with its input shapes) that launched them.
-
-    The profiler links each device memset to the runtime call that queued it (cudaMemsetAsync and kin), and that
-    call to the operator it ran in."""
+    """How many memsets one call launches, by the innermost operator (with its input shapes) that queued them."""
     from torch.profiler import ProfilerActivity, profile
 
     try:
@@ -157,17 +155,7 @@ def memsets_by_op(call: Any) -> dict[str, int]:
             torch.cuda.synchronize()
     except RuntimeError as error:  # a profiler that cannot trace the host must not cost the row
         return {f"not traced: {error}"[:160]: 0}
-    counts: dict[str, int] = {}
-    for event in prof.events():
-        launched = [k for k in event.kernels if "memset" in k.name.lower()]
-        if event.device_type != torch.autograd.DeviceType.CPU or not launched:
-            continue
-        owner = event
-        while owner.cpu_parent is not None and not owner.name.startswith("aten::"):
-            owner = owner.cpu_parent
-        key = f"{owner.name} {owner.input_shapes}"[:160]
-        counts[key] = counts.get(key, 0) + len(launched)
-    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+    return memsets_by_operator(prof.events())
 
 
 def main(argv: list[str] | None = None) -> int:
