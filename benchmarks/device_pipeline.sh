@@ -142,8 +142,9 @@
 # UNET_ANYSIZE_VARIANTS=ro,default+anysize+cl (321 s: +33.6 ms a call, host-bound). Run 90 (the same session,
 # another H100): python3 benchmarks/unet_kernels.py --variants eager,eager-cl (plain, before the pipeline), then
 # models,serve-other with IMAGESMITH_CHANNELS_LAST=true SERVE_OTHER_ARGS="--batch-max 1 --max-images-per-request 1"
-# (241 s in all), then serve-other alone with IMAGESMITH_CHANNELS_LAST=false on the same machine (171 s). Owed: the
-# H200 queue; serve-anysize.
+# (241 s in all), then serve-other alone with IMAGESMITH_CHANNELS_LAST=false on the same machine (171 s).
+# Session 39 (run 91, an H100): unet-triton,gpu-tests with GPU_TESTS_K="compiled or cuda_graphs or decoder" over
+# two chained calls (375 s, then 395 s: 8 passed); then unet-memsets. Owed: the H200 queue; serve-anysize.
 set -u
 PIPE=.devcache/pipe
 
