@@ -48,7 +48,8 @@ def export_unet(which: str, size: str) -> Any:
 
     config = architecture(size)[which][UNET_KEY]
     with torch.device("meta"):
-        unet: Any = UNet2DConditionModel(**config).to(torch.bfloat16)
+        unet: Any = UNet2DConditionModel(**config)
+    unet.to(torch.bfloat16)
     unet.fuse_qkv_projections()
     unet.to(memory_format=torch.channels_last).eval()
     latent = 128 if size == "full" else 8
