@@ -249,6 +249,22 @@ def test_a_job_store_that_cannot_be_written_is_a_503_to_retry(
         assert any("job store could not be written" in reason for reason in health["reasons"])
 
 
+def test_health_is_degraded_for_a_while_after_images_could_not_be_written(
+    app_client: Callable[..., TestClient],
+) -> None:
+    import time
+
+    with app_client() as client:
+        wait_for(lambda: client.get("/v1/health").json().get("status") != "starting")
+        worker = client.app.state.worker  # type: ignore[attr-defined]
+        worker.image_write_failure = (time.monotonic(), "OSError: [Errno 28] No space left on device")
+        health = client.get("/v1/health").json()
+        assert health["status"] == "degraded", health
+        assert any("images could not be written" in r and "No space left" in r for r in health["reasons"])
+        worker.image_write_failure = (time.monotonic() - 61, "OSError: [Errno 28] No space left on device")
+        assert not any("images could not be written" in r for r in client.get("/v1/health").json()["reasons"])
+
+
 def test_a_wait_that_runs_out_is_a_504_naming_the_job_which_goes_on(
     app_client: Callable[..., TestClient],
 ) -> None:

@@ -419,3 +419,51 @@ def test_jobs_wait_in_the_queue_while_the_models_failed_to_load(
     finally:
         restarted.worker.stop()
         restarted.store.close()
+
+
+def test_images_the_disk_refuses_send_the_job_back_to_run_again_not_failed(
+    parts: Parts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full data dir: the images were made, only writing them failed. The job failed as generation_failed at
+    once, for good, while health said "ready". Now it goes back in the queue (an attempt spent), claims pause, and
+    the next run stores it once the disk has room."""
+    import imagesmith.jobs.worker as worker_module
+
+    monkeypatch.setattr(worker_module, "IMAGE_WRITE_PAUSE_S", 0.5)
+    job_id = parts.submit(prompt="a full data dir", seed=3)
+    put = parts.worker.files.put
+    refused: list[str] = []
+
+    def full_disk_once(data: bytes, media_type: str) -> Any:
+        if not refused:
+            refused.append(media_type)
+            raise OSError(28, "No space left on device")
+        return put(data, media_type)
+
+    monkeypatch.setattr(parts.worker.files, "put", full_disk_once)
+    parts.worker.start()
+    parts.wait_terminal(job_id)
+    final = parts.job(job_id)
+    assert refused and final.status is JobStatus.SUCCEEDED and final.attempts == 2, final.error
+    failure = parts.worker.image_write_failure
+    assert failure is not None and "No space left on device" in failure[1]
+
+
+def test_images_the_disk_refuses_every_time_end_the_job_as_a_storage_error(
+    parts: Parts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import imagesmith.jobs.worker as worker_module
+
+    monkeypatch.setattr(worker_module, "IMAGE_WRITE_PAUSE_S", 0.0)
+    job_id = parts.submit(prompt="a failing disk", seed=4)
+
+    def failing_disk(data: bytes, media_type: str) -> Any:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(parts.worker.files, "put", failing_disk)
+    parts.worker.start()
+    parts.wait_terminal(job_id)
+    final = parts.job(job_id)
+    assert final.status is JobStatus.FAILED and final.attempts == parts.worker.settings.max_attempts
+    assert final.error is not None and final.error["code"] == "storage_error", final.error
+    assert parts.hub.terminal[job_id] == "failed"

@@ -42,6 +42,9 @@ def health_report(app: FastAPI) -> dict[str, Any]:
         store_failure = recent_store_failure(app)
         if store_failure:
             reasons.append(store_failure)
+        image_failure = recent_image_write_failure(state.worker.image_write_failure)
+        if image_failure:
+            reasons.append(image_failure)
         if reasons:
             status = "degraded"
     if not state.worker.alive:
@@ -91,6 +94,18 @@ def recent_store_failure(app: FastAPI) -> str | None:
     if ago > STORE_FAILURE_SHOWN_S:
         return None
     return f"the job store could not be written {ago:.0f}s ago ({error}); new jobs get 503 until it can"
+
+
+def recent_image_write_failure(failure: tuple[float, str] | None) -> str | None:
+    """A job's images that the data dir refused lately (a full disk): the job runs again, or fails as
+    storage_error once its attempts are used, so health says "degraded" for a minute after."""
+    if failure is None:
+        return None
+    failed_at, error = failure
+    ago = time.monotonic() - failed_at
+    if ago > STORE_FAILURE_SHOWN_S:
+        return None
+    return f"images could not be written to the data dir {ago:.0f}s ago ({error}); their jobs run again"
 
 
 # What health tells a caller without a key when keys are set: enough for a load balancer and the seed's

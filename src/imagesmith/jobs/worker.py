@@ -95,6 +95,16 @@ def source_error(error: SourceUnavailable) -> dict[str, Any]:
     }
 
 
+# After a job's images could not be written (a full or failing disk), the worker claims nothing for this long:
+# each retry runs the generation again and spends an attempt, so a disk that fills for a minute must not use up
+# every queued job's attempts in seconds.
+IMAGE_WRITE_PAUSE_S = 10.0
+
+
+class ImageWriteFailed(Exception):
+    """A job's images were made but could not be written to the data dir (its OSError is the cause)."""
+
+
 class Worker:
     def __init__(
         self,
@@ -122,6 +132,9 @@ class Worker:
         self._tokens_lock = threading.Lock()
         self._explicit_cancels: set[str] = set()  # asked by a client, unlike a shutdown's cancel
         self._stranded: set[str] = set()  # running in the store, though their end could not be written
+        self._claims_resume_at = 0.0  # time.monotonic(): no claim before it (after an image write failed)
+        # (time.monotonic(), error) of the last image write that failed, for health
+        self.image_write_failure: tuple[float, str] | None = None
         self._thread: threading.Thread | None = None
         self.finisher = Finisher()  # inline until start(): a pass run by a direct run_batch call ends in it
         # The loop's last pass, ended but not yet handed to the finishing thread: the next claim runs first
@@ -220,7 +233,8 @@ class Worker:
             while not self._stopping:
                 self._release_stranded()
                 try:
-                    jobs = [] if self._claims_paused or self.sources.settling() else self._claim()
+                    waiting = self._claims_paused or time.monotonic() < self._claims_resume_at
+                    jobs = [] if waiting or self.sources.settling() else self._claim()
                 except Exception:  # a broken claim must not end the worker: jobs stay queued, try again
                     log.exception("claiming jobs failed")
                     jobs = []
@@ -568,7 +582,10 @@ class Worker:
                 raise outcome
             served = outcome
             result = served.result
-            stored = [self.files.put(image.data, image.media_type) for image in result.images]
+            try:
+                stored = [self.files.put(image.data, image.media_type) for image in result.images]
+            except OSError as error:
+                raise ImageWriteFailed(f"{type(error).__name__}: {error}") from error
             payload = {
                 "source": result.source.value,
                 "source_reason": served.summary,
@@ -597,6 +614,8 @@ class Worker:
         except SourceUnavailable as error:
             log.warning("job failed: %s", error)
             self._finish(job, JobStatus.FAILED, error=source_error(error))
+        except ImageWriteFailed as error:
+            self._release_unwritten(job, error)
         except Exception as error:
             log.exception("job failed")
             self._finish(
@@ -616,6 +635,27 @@ class Worker:
             self.live.pop(job.id, None)
             self.metrics.job_seconds.observe(time.perf_counter() - started)
         return False
+
+    def _release_unwritten(self, job: JobRecord, error: ImageWriteFailed) -> None:
+        """Its images were made, but the data dir refused them (a full or failing disk): not the generation
+        failing. The job goes back in the queue to run again, or, its attempts used, fails as storage_error
+        (JobStore.release_stranded). Claims pause a while, and health says why (image_write_failure)."""
+        now = time.monotonic()
+        self.image_write_failure = (now, str(error))
+        self._claims_resume_at = now + IMAGE_WRITE_PAUSE_S
+        log.error("the job's images could not be written to %s: %s", self.files.root, error)
+        try:
+            released = self.store.release_stranded(job.id, self.settings.max_attempts)
+        except Exception:
+            log.exception("could not put job %s back in the queue; trying again", job.id)
+            self._stranded.add(job.id)
+            return
+        if released is not None and released.status.terminal:
+            log.warning("job ended %s: its images could not be written", released.status.value)
+            self.hub.publish(job.id, released.status.value, released.terminal_event_data(), terminal=True)
+        elif released is not None:
+            log.warning("job back in the queue: its images could not be written")
+            self.hub.publish(job.id, "status", {"job_id": job.id, "status": released.status.value})
 
     def _fetch(self, request: ImageRequest, job: JobRecord, cancel: CancelToken) -> Served:
         """Try the request's sources in order (fallback.py); the first that serves wins. Counts every attempt."""
