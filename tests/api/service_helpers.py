@@ -4,12 +4,14 @@ straight into a store for tests that drive the worker themselves."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -123,3 +125,23 @@ def submit_generation(store: Any, **generation: Any) -> str:
     body = request.model_dump(mode="json")
     job, _ = store.submit(body, hashlib.sha256(repr(body).encode()).hexdigest(), None, queue_max=100)
     return str(job.id)
+
+
+def sse(
+    client: httpx.Client, path: str, **headers: str | bytes
+) -> Iterator[tuple[str, dict[str, Any], int | str | None]]:
+    """(event type, data, id) for each server-sent event; the final event's id is 'end'."""
+    with client.stream("GET", path, timeout=120, headers=headers) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        kind, data, ident = "message", "", None
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                kind = line[7:]
+            elif line.startswith("data: "):
+                data = line[6:]
+            elif line.startswith("id: "):
+                ident = int(line[4:]) if line[4:].isdigit() else line[4:]
+            elif line == "" and data:
+                yield kind, json.loads(data), ident
+                kind, data, ident = "message", "", None

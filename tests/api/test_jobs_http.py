@@ -2,37 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 from polling import wait_for
-from service_helpers import ServerProcess
+from service_helpers import ServerProcess, sse
 
 FAST = {"prompt": "a fox", "num_inference_steps": 20}
 SLOW = {"prompt": "a slow fox", "width": 128, "height": 128, "num_inference_steps": 150}
-
-
-def sse(
-    client: httpx.Client, path: str, **headers: str | bytes
-) -> Iterator[tuple[str, dict[str, Any], int | str | None]]:
-    """(event type, data, id) for each server-sent event; the final event's id is 'end'."""
-    with client.stream("GET", path, timeout=120, headers=headers) as response:
-        assert response.status_code == 200
-        assert response.headers["content-type"].startswith("text/event-stream")
-        kind, data, ident = "message", "", None
-        for line in response.iter_lines():
-            if line.startswith("event: "):
-                kind = line[7:]
-            elif line.startswith("data: "):
-                data = line[6:]
-            elif line.startswith("id: "):
-                ident = int(line[4:]) if line[4:].isdigit() else line[4:]
-            elif line == "" and data:
-                yield kind, json.loads(data), ident
-                kind, data, ident = "message", "", None
 
 
 def submit(client: httpx.Client, body: dict[str, Any], **headers: str) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 from polling import wait_for
-from service_helpers import ServerProcess
+from service_helpers import ServerProcess, sse
 
 SLOW = {"prompt": "interrupted", "width": 96, "height": 96, "num_inference_steps": 150, "seed": 1}
 
@@ -60,6 +60,35 @@ def test_kill_9_with_jobs_queued_and_running(server_factory: Any, tmp_path: Path
     with sqlite3.connect(data_dir / "jobs.sqlite3") as db:
         rows = db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
     assert rows == [("succeeded", 5)]
+
+
+def test_a_client_resuming_after_a_crash_gets_the_reruns_events_from_its_start(
+    server_factory: Any, tmp_path: Path
+) -> None:
+    """Event ids counted from 1 in each process: the Last-Event-ID a client kept from before the crash was above
+    the rerun's ids, so its stream skipped the rerun's status and first steps as already seen."""
+    data_dir = tmp_path / "data"
+    slow = {"prompt": "a slow fox", "width": 128, "height": 128, "num_inference_steps": 150, "seed": 5}
+    first: ServerProcess = server_factory(data_dir).start()
+    with first.client() as client:
+        job = client.post("/v1/jobs", json=slow).json()["id"]
+        seen = []
+        for event in sse(client, f"/v1/jobs/{job}/events"):
+            seen.append(event)
+            if sum(kind == "progress" for kind, _, _ in seen) >= 5:
+                break
+        last_id = seen[-1][2]
+        assert isinstance(last_id, int)
+    first.kill()
+
+    second: ServerProcess = server_factory(data_dir).start()
+    with second.client() as client:
+        resumed = sse(client, f"/v1/jobs/{job}/events", **{"Last-Event-ID": str(last_id)})
+        kind, data, ident = next(resumed)
+        resumed.close()
+        client.post(f"/v1/jobs/{job}/cancel")
+    assert isinstance(ident, int) and ident > last_id, (kind, ident, last_id)
+    assert (kind, data["status"], data["attempt"]) == ("status", "running", 2), (kind, data)
 
 
 def _done(client: httpx.Client, job_id: str) -> dict[str, Any] | None:

@@ -132,7 +132,7 @@ async def cancel_job(job_id: str, service: ServiceDep, response: Response) -> di
 
 
 END_EVENT_ID = "end"  # the id of a job's final event
-MAX_EVENT_ID_DIGITS = 18  # event ids count up from 1 in the server process (EventHub): far below 10**18
+MAX_EVENT_ID_DIGITS = 18  # event ids count up from the process's start in microseconds (EventHub): 16 digits
 
 
 def event_id_after(last_seen: str) -> int:
