@@ -67,3 +67,36 @@ def test_fp8_extras_need_static_fp8_linears(field: str, variable: str) -> None:
     with pytest.raises(ValidationError, match=f"IMAGESMITH_FP8=true.*unset IMAGESMITH_{variable}"):
         Settings(**{"fp8": True, "fp8_scales": "dynamic", field: True})
     assert getattr(Settings(**{"fp8": True, field: True}), field)
+
+
+@pytest.mark.parametrize(
+    ("entries", "message"),
+    [
+        # Taken as the host name "images.pexels.com:443", which no URL has: every download was refused, in a
+        # message that named the entry as allowed.
+        ("images.pexels.com:443", "for a port write 'https://images.pexels.com:443'"),
+        ("127.0.0.1:8099", "for a port write 'https://127.0.0.1:8099'"),
+        ("images.pexels.com/photos", "must be a host name"),
+        ("ftp://images.pexels.com", "http(s)://host[:port] origin"),
+        ("http://127.0.0.1:99999", "http(s)://host[:port] origin"),
+        ("", "is empty, so every photo download would be refused"),
+        (" , ", "is empty"),
+    ],
+)
+def test_an_allowed_host_no_download_could_match_stops_the_start(
+    tmp_path: Path, entries: str, message: str
+) -> None:
+    with pytest.raises(ValidationError) as raised:
+        Settings(_env_file=None, data_dir=tmp_path, pexels_allowed_hosts=entries)  # type: ignore[arg-type]
+    text = str(raised.value)
+    assert "IMAGESMITH_PEXELS_ALLOWED_HOSTS" in text and message in text, text
+
+
+def test_allowed_hosts_that_downloads_can_match_are_kept(tmp_path: Path) -> None:
+    entries = "images.pexels.com, http://127.0.0.1:8099, https://cdn.example.com:8443/"
+    settings = Settings(_env_file=None, data_dir=tmp_path, pexels_allowed_hosts=entries)  # type: ignore[arg-type]
+    assert settings.pexels_allowed_hosts == [
+        "images.pexels.com",
+        "http://127.0.0.1:8099",
+        "https://cdn.example.com:8443/",
+    ]

@@ -358,7 +358,8 @@ class Settings(BaseSettings):
     pexels_allowed_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["images.pexels.com"],
         description="Hosts photos may be downloaded from, comma-separated. A bare host means https only; "
-        "'http://host:port' also allows plain http to that origin (for a local stand-in).",
+        "'http://host:port' also allows plain http to that origin (for a local stand-in). A port needs the "
+        "scheme ('https://host:8443'); an empty list is refused at start (it would refuse every download).",
     )
     pexels_max_download_bytes: int = Field(
         25 * 1024 * 1024, ge=1024, description="Largest photo download accepted, in bytes."
@@ -413,6 +414,15 @@ class Settings(BaseSettings):
     def _split_hosts(cls, value: object) -> object:
         if isinstance(value, str):
             return comma_list(value)
+        return value
+
+    @field_validator("pexels_allowed_hosts")
+    @classmethod
+    def _hosts_parse(cls, value: list[str]) -> list[str]:
+        # Checked at start-up: a host with a port and no scheme, or an empty list, refused every download later.
+        from imagesmith.sources.allowed_hosts import parse_allowed_hosts  # here: config imports no sources
+
+        parse_allowed_hosts(value)
         return value
 
     @field_validator("pexels_api_key", mode="before")

@@ -26,6 +26,7 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 from PIL import Image, ImageMode, ImageOps
 
+from imagesmith.sources.allowed_hosts import DEFAULT_PORTS, parse_allowed_hosts
 from imagesmith.sources.errors import (
     DisallowedHost,
     DownloadTooLarge,
@@ -43,37 +44,13 @@ from imagesmith.sources.retry import (
 IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/webp"})
 PILLOW_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "MPO"})  # MPO: multi-picture JPEGs from some cameras
 MAX_REDIRECTS = 3
-_DEFAULT_PORTS = {"https": 443, "http": 80}
-
-
-@dataclass(frozen=True)
-class AllowedOrigin:
-    scheme: str
-    host: str
-    port: int | None  # None: any port
-
-    @classmethod
-    def parse(cls, entry: str) -> AllowedOrigin:
-        entry = entry.strip().lower()
-        if "://" not in entry:
-            return cls("https", entry.rstrip("/"), None)
-        parts = urlsplit(entry)
-        if parts.scheme not in _DEFAULT_PORTS or not parts.hostname:
-            raise ValueError(
-                f"allowed host {entry!r} (IMAGESMITH_PEXELS_ALLOWED_HOSTS) must be a host name "
-                "or an http(s)://host[:port] origin"
-            )
-        return cls(parts.scheme, parts.hostname, parts.port)
-
-    def allows(self, scheme: str, host: str, port: int) -> bool:
-        return scheme == self.scheme and host == self.host and (self.port is None or port == self.port)
 
 
 class HostPolicy:
     """Which URLs a photo may come from."""
 
     def __init__(self, entries: Sequence[str]) -> None:
-        self.origins = [AllowedOrigin.parse(entry) for entry in entries if entry.strip()]
+        self.origins = parse_allowed_hosts(list(entries))
 
     def check(self, url: str) -> None:
         parts = urlsplit(url)
@@ -81,7 +58,7 @@ class HostPolicy:
         if parts.username or parts.password:
             raise DisallowedHost(f"download URL carries credentials; refused: {scheme}://{host}")
         try:
-            port = parts.port or _DEFAULT_PORTS.get(scheme, -1)
+            port = parts.port or DEFAULT_PORTS.get(scheme, -1)
         except ValueError:
             raise DisallowedHost(f"download URL has an invalid port: {url!r}") from None
         if not any(origin.allows(scheme, host, port) for origin in self.origins):
