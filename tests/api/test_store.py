@@ -95,6 +95,28 @@ def test_a_damaged_store_is_refused_with_the_fix(tmp_path: Path) -> None:
     JobStore(path).close()  # the lock was let go when the check failed: a fresh store opens
 
 
+@pytest.mark.parametrize("damage", ["not a database", "cut short"])
+def test_a_store_too_damaged_to_open_is_refused_with_the_fix_too(tmp_path: Path, damage: str) -> None:
+    """Damage the first statement meets, before the integrity check: a bare "file is not a database" or
+    "database disk image is malformed", with no path and no fix."""
+    path = tmp_path / "jobs.sqlite3"
+    if damage == "not a database":
+        path.write_bytes(bytes(range(256)) * 400)
+    else:
+        store = JobStore(path)
+        for n in range(300):
+            store.submit({"pad": "x" * 2000, "n": n}, f"h{n}", None, queue_max=1000)
+        store.close()
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(StoreDamaged) as caught:
+        JobStore(path)
+    message = str(caught.value)
+    assert str(path) in message and "move the file aside (or restore a backup)" in message, message
+    path.unlink()
+    JobStore(path).close()  # the lock was let go: a fresh store opens
+
+
 def test_reads_do_not_wait_behind_a_write_stuck_on_another_programs_lock(tmp_path: Path) -> None:
     """A backup or the sqlite3 shell holding the database's write lock: a claim waits it out (up to the 30 s
     busy timeout) holding the store's write lock, and health, job views and listings waited behind it."""

@@ -158,6 +158,13 @@ def store_busy(error: BaseException) -> bool:
     )
 
 
+def damaged_store_message(path: Path, problem: str) -> str:
+    return (
+        f"{path} is damaged ({problem}); stop imagesmith, move the file aside (or restore a backup) "
+        "and start again: a new store is made, and the jobs in the damaged one are not run"
+    )
+
+
 class JobStore:
     def __init__(self, path: Path, busy_timeout_s: float = 30.0) -> None:
         # How long a write waits for the database (SQLite's busy timeout) and, before that, for this store's
@@ -176,9 +183,16 @@ class JobStore:
             self._db.row_factory = sqlite3.Row
             self._lock = threading.Lock()
             with self._lock:
-                self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.execute("PRAGMA synchronous=FULL")
-                self._db.executescript(_SCHEMA)
+                try:
+                    self._db.execute("PRAGMA journal_mode=WAL")
+                    self._db.execute("PRAGMA synchronous=FULL")
+                    self._db.executescript(_SCHEMA)
+                except sqlite3.OperationalError:
+                    raise  # locked, a full disk, no permission: the file itself may be fine
+                except sqlite3.DatabaseError as error:
+                    # "file is not a database", "database disk image is malformed": damage that the first
+                    # statement meets before quick_check can, said with the same fix.
+                    raise StoreDamaged(damaged_store_message(path, str(error))) from error
                 self._check_intact(path)
             # And one for reads (health, job views, listings), with its own lock. In WAL mode a read never waits
             # for a writer: behind the write lock, a claim waiting out another program's lock on the database
@@ -200,10 +214,7 @@ class JobStore:
         problems = [row[0] for row in self._db.execute("PRAGMA quick_check").fetchall()]
         if problems != ["ok"]:
             first = " ".join(" ".join(problems).split())[:200]  # one line: quick_check's rows span several
-            raise StoreDamaged(
-                f"{path} is damaged ({first}); stop imagesmith, move the file aside (or restore a backup) "
-                "and start again: a new store is made, and the jobs in the damaged one are not run"
-            )
+            raise StoreDamaged(damaged_store_message(path, first))
 
     def close(self) -> None:
         with self._read_lock:
