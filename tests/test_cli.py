@@ -82,6 +82,27 @@ def test_doctor_prints_device_plan_and_models(tiny_model_home: Path) -> None:
     assert "pexels: not configured" in done.stdout  # the Pexels part, from the same settings
 
 
+@pytest.mark.skipif(__import__("torch").backends.mps.is_available(), reason="this machine has Apple MPS")
+def test_doctor_and_generate_name_the_fix_for_a_device_torch_cannot_use(
+    tiny_model_home: Path, tmp_path: Path
+) -> None:
+    """IMAGESMITH_DEVICE=mps without MPS: doctor printed the device as fine and then a traceback, and generate
+    failed with torch's own message and no fix."""
+    env = {
+        "IMAGESMITH_DATA_DIR": str(tiny_model_home),
+        "IMAGESMITH_MODEL": "tiny",
+        "IMAGESMITH_DEVICE": "mps",
+    }
+    doctor = cli_with(env, "doctor")
+    assert doctor.returncode == 1, doctor.stdout + doctor.stderr
+    assert "Traceback" not in doctor.stderr + doctor.stdout
+    assert "Apple MPS is not built into this torch" in doctor.stdout + doctor.stderr
+    assert "set IMAGESMITH_DEVICE=cpu" in doctor.stdout + doctor.stderr
+    generate = cli_with(env, "generate", "x", "--steps", "2", "-o", str(tmp_path / "x.png"))
+    assert generate.returncode != 0 and "Traceback" not in generate.stderr
+    assert "set IMAGESMITH_DEVICE=cpu" in generate.stderr, generate.stderr
+
+
 @pytest.mark.parametrize("damaged", ["tiny-sdxl-base", "tiny-sdxl-refiner"])
 def test_doctor_loads_the_tiny_model_and_names_the_fix_when_it_is_damaged(
     tiny_model_home: Path, tmp_path: Path, damaged: str

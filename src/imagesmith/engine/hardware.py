@@ -143,6 +143,14 @@ def probe_device(requested: str = "auto") -> DeviceInfo:
             free_memory_gib=free / GIB,
         )
     if requested == "mps":
+        # Checked as CUDA is: unchecked, doctor printed the device as fine and then a traceback, and a
+        # generation failed with "PyTorch is not linked with support for mps devices" and no fix.
+        if not torch.backends.mps.is_available():
+            built = "not built into" if not torch.backends.mps.is_built() else "not usable with"
+            raise RuntimeError(
+                f"device 'mps' was asked for but Apple MPS is {built} this torch ({torch.__version__}) "
+                "on this machine; set IMAGESMITH_DEVICE=cpu (or auto)"
+            )
         return DeviceInfo(kind="mps", name="Apple MPS")
     if requested == "cpu":
         return DeviceInfo(kind="cpu", name="cpu")
