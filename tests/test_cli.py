@@ -366,6 +366,29 @@ def test_a_settings_file_that_is_not_utf8_is_named_without_a_traceback(tmp_path:
     assert "save it as UTF-8" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_a_settings_file_line_that_cannot_be_read_is_named_not_skipped(tmp_path: Path) -> None:
+    """python-dotenv skips such a line with a warning naming no setting: the key on it stayed unset, and
+    doctor said Pexels was not configured, exit 0."""
+    (tmp_path / ".env").write_text(
+        'IMAGESMITH_DEVICE=cpu\nIMAGESMITH_PEXELS_API_KEY="abc123\nnot a setting\n'
+    )
+    env = {**os.environ, "IMAGESMITH_DATA_DIR": str(tmp_path / "data")}
+    done = subprocess.run(
+        [sys.executable, "-m", "imagesmith.cli", "doctor"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.startswith(
+        f"imagesmith: error: {tmp_path / '.env'} (the settings file): line 2 (IMAGESMITH_PEXELS_API_KEY), "
+        "and 1 more line(s) after it, cannot be read as NAME=value"
+    ), done.stderr
+    assert "abc123" not in done.stderr and "Traceback" not in done.stderr  # the value may be a secret
+
+
 def test_doctor_reports_a_plan_the_card_cannot_serve(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -548,7 +548,7 @@ def env_file_problem(env_file: Path | None = None) -> str | None:
     traceback, naming no file."""
     env_file = env_file or Path(str(Settings.model_config.get("env_file")))
     try:
-        env_file.read_bytes().decode("utf-8")
+        text = env_file.read_bytes().decode("utf-8")
     except FileNotFoundError:
         return None
     except UnicodeDecodeError as error:
@@ -558,7 +558,28 @@ def env_file_problem(env_file: Path | None = None) -> str | None:
         )
     except OSError as error:
         return f"{env_file.resolve()} (the settings file) cannot be read: {error.strerror}"
-    return None
+    return _unparsed_env_line(env_file, text)
+
+
+def _unparsed_env_line(env_file: Path, text: str) -> str | None:
+    """The first line python-dotenv cannot read as NAME=value, or None. It skips such a line with a warning that
+    names no setting, and the setting on it (a key with its quote left open, say) silently stayed unset. Only
+    the name is said, never the value: the line may hold a secret."""
+    import io
+
+    from dotenv.parser import parse_stream  # pydantic-settings reads the file with python-dotenv
+
+    bad = [binding.original for binding in parse_stream(io.StringIO(text)) if binding.error]
+    if not bad:
+        return None
+    first = bad[0]
+    name = first.string.split("=", 1)[0].strip() if "=" in first.string else ""
+    where = f"line {first.line}" + (f" ({name})" if name and len(name) <= 80 and name.isprintable() else "")
+    more = f", and {len(bad) - 1} more line(s) after it," if len(bad) > 1 else ""
+    return (
+        f"{env_file.resolve()} (the settings file): {where}{more} cannot be read as NAME=value "
+        "(a quote left open?): fix it or remove it; it would be ignored"
+    )
 
 
 def settings_error_lines(error: ValidationError) -> list[str]:
