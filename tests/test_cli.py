@@ -259,7 +259,13 @@ def test_a_data_dir_that_cannot_be_made_is_named_as_a_setting(tmp_path: Path) ->
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     env = {"IMAGESMITH_DATA_DIR": str(blocker / "data"), "IMAGESMITH_MODEL": "tiny"}
-    for command in (["generate", "x", "-o", str(tmp_path / "x.png")], ["serve", "--port", "1"], ["doctor"]):
+    bench = ["bench", "--width", "64", "--height", "64", "--steps", "2", "--runs", "1"]  # exit 1 it was
+    for command in (
+        ["generate", "x", "-o", str(tmp_path / "x.png")],
+        ["serve", "--port", "1"],
+        bench,
+        ["doctor"],
+    ):
         done = cli_with(env, *command)
         assert done.returncode == (1 if command == ["doctor"] else 2), (command, done.stderr)
         assert "Traceback" not in done.stderr

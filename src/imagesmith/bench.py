@@ -31,7 +31,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from imagesmith import STARTED_AT
-from imagesmith.config import MAX_BATCH_IMAGES, ModelPreset, Settings, get_settings
+from imagesmith.config import MAX_BATCH_IMAGES, ModelPreset, Settings, get_settings, prepared_data_dir
 from imagesmith.option_errors import report_option_errors
 from imagesmith.schemas import GenerationRequest, RefineMode
 
@@ -346,6 +346,9 @@ def run_bench_command(args: argparse.Namespace) -> int:
     settings = get_settings().with_changes(batch_max_images=batch)
     if args.model:
         settings = settings.with_changes(model=args.model)
+    # A data dir that cannot be made is a setting to fix (exit 2, as generate and serve say it), not an engine
+    # that did not start (exit 1).
+    prepared_data_dir(settings.data_dir)
 
     from imagesmith.engine import GenerationError
 
