@@ -254,6 +254,27 @@ def test_an_output_path_that_cannot_be_written_is_refused_before_the_models_load
     assert not list(tmp_path.glob(".*.part"))  # the temporary file was renamed, not left
 
 
+def test_each_of_several_images_output_names_is_checked_before_the_generation(
+    tiny_model_home: Path, tmp_path: Path
+) -> None:
+    """Only m.png was checked: the generation ran, m_0.png was written, then m_1.png (a folder) failed."""
+    (tmp_path / "m_1.png").mkdir()
+    done = run_cli(
+        "generate",
+        "x",
+        "--steps",
+        "2",
+        "--num-images",
+        "2",
+        "-o",
+        str(tmp_path / "m.png"),
+        home=tiny_model_home,
+    )
+    assert done.returncode == 2, done.stderr
+    assert f"--output: {tmp_path / 'm_1.png'} is a folder" in done.stderr, done.stderr
+    assert not (tmp_path / "m_0.png").exists() and "base" not in done.stderr  # nothing generated
+
+
 def test_a_data_dir_that_cannot_be_made_is_named_as_a_setting(tmp_path: Path) -> None:
     """It was a FileNotFoundError traceback from deep in the tiny model's build (generate, bench, serve)."""
     blocker = tmp_path / "a-file"

@@ -31,7 +31,7 @@ from imagesmith.config import (
     settings_error_lines,
 )
 from imagesmith.option_errors import USAGE_ERROR, report_option_errors
-from imagesmith.output_file import OutputPathError, planned_output, write_whole
+from imagesmith.output_file import OutputPathError, check_writable, planned_output, write_whole
 from imagesmith.schemas import (
     MAX_NUM_IMAGES,
     AspectPreset,
@@ -229,6 +229,9 @@ def run_generate(args: argparse.Namespace) -> int:
         output, output_format = planned_output(
             args.output or Path("image"), args.format, OutputFormat.PNG, " (or give --format)"
         )
+        # With --num-images, each image's own name (m_1.png) too; a count out of range is refused below.
+        for path in output_paths(output, args.num_images if 1 <= args.num_images <= MAX_NUM_IMAGES else 1):
+            check_writable(path)
     except OutputPathError as error:
         print(f"imagesmith generate: error: --output: {error}", file=sys.stderr)
         return USAGE_ERROR
