@@ -100,3 +100,13 @@ def test_allowed_hosts_that_downloads_can_match_are_kept(tmp_path: Path) -> None
         "http://127.0.0.1:8099",
         "https://cdn.example.com:8443/",
     ]
+
+
+@pytest.mark.parametrize("url", ["notaurl", "ftp://api.pexels.com/v1", "https://", "api.pexels.com/v1"])
+def test_a_pexels_base_url_that_cannot_be_called_stops_the_start(tmp_path: Path, url: str) -> None:
+    with pytest.raises(
+        ValidationError, match=r"must be an http\(s\) URL such as https://api\.pexels\.com/v1"
+    ):
+        Settings(_env_file=None, data_dir=tmp_path, pexels_api_base_url=url)
+    kept = Settings(_env_file=None, data_dir=tmp_path, pexels_api_base_url=" http://127.0.0.1:8099/v1 ")
+    assert kept.pexels_api_base_url == "http://127.0.0.1:8099/v1"

@@ -106,7 +106,7 @@ def parse_size(text: str) -> tuple[int, int]:
     """'1216x832' -> (1216, 832). Settings use this form for image sizes."""
     width, sep, height = text.strip().lower().partition("x")
     if not (sep and width.isdigit() and height.isdigit()):
-        raise ValueError(f"a size looks like 1216x832 (width x height in pixels), got {text!r}")
+        raise ValueError(f"a size looks like 1216x832 (width x height in pixels), not {text.strip()!r}")
     return int(width), int(height)
 
 
@@ -424,6 +424,17 @@ class Settings(BaseSettings):
 
         parse_allowed_hosts(value)
         return value
+
+    @field_validator("pexels_api_base_url")
+    @classmethod
+    def _base_url_parse(cls, value: str) -> str:
+        # Checked at start-up: 'notaurl' failed each search as a Pexels request that cannot be sent (exit 3).
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"must be an http(s) URL such as {DEFAULT_PEXELS_API_BASE_URL}")
+        return value.strip()
 
     @field_validator("pexels_api_key", mode="before")
     @classmethod

@@ -24,6 +24,15 @@ from imagesmith.sources.cli_search import (
 )
 
 
+def test_a_quota_limit_pexels_sent_malformed_is_left_out_not_printed_as_none(
+    standin: StandIn, settings: Settings
+) -> None:
+    standin.api_headers = {"X-Ratelimit-Limit": "lots"}  # over the stand-in's own, well-formed one
+    out = io.StringIO()
+    assert run_search(parse("mountain", "lake", "-n", "1"), settings, out) == EXIT_OK
+    assert "Pexels quota: 198 left" in out.getvalue() and "None" not in out.getvalue(), out.getvalue()
+
+
 def parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="imagesmith")
     add_search_parser(parser.add_subparsers(dest="command"))

@@ -156,7 +156,10 @@ async def _search(
             return EXIT_PEXELS
         quota = source.status().quota
         if quota.remaining is not None and not args.json:
-            print(f"\nPexels quota: {quota.remaining}/{quota.limit} left", file=out)
+            of_limit = (
+                f"/{quota.limit}" if quota.limit is not None else ""
+            )  # a malformed limit header: unknown
+            print(f"\nPexels quota: {quota.remaining}{of_limit} left", file=out)
     return EXIT_OK
 
 
@@ -240,5 +243,7 @@ async def _doctor_online(settings: Settings, lines: list[str]) -> PexelsDoctorRe
             )
         quota = client.quota.snapshot()
     reset = quota.reset_at.isoformat() if quota.reset_at else "unknown"
-    lines.append(f"pexels: API answers; quota {quota.remaining}/{quota.limit} left, resets {reset}")
+    left = "unknown" if quota.remaining is None else str(quota.remaining)
+    of_limit = f"/{quota.limit}" if quota.limit is not None else ""
+    lines.append(f"pexels: API answers; quota {left}{of_limit} left, resets {reset}")
     return PexelsDoctorReport(ok=True, lines=lines)
