@@ -35,6 +35,23 @@ def test_api_keys_guard_everything_but_health(app_client: Callable[..., TestClie
         assert client.get("/v1/health").json()["auth"] is True
 
 
+def test_a_caller_without_a_key_gets_401_whatever_the_body(app_client: Callable[..., TestClient]) -> None:
+    """FastAPI reads the body before a route's dependencies: malformed JSON or a bad field got a 422 that
+    described the route to a caller without a key, where a well-formed body got the 401."""
+    bad_bodies = [b"{bad", b'{"prompt": "x", "width": "wide"}']
+    with app_client(api_keys="alpha") as client:
+        for path in ("/v1/jobs", "/api/media/generate-image", "/v1/images/generations", "/sdapi/v1/txt2img"):
+            for body in bad_bodies:
+                response = client.post(path, content=body, headers={"Content-Type": "application/json"})
+                assert response.status_code == 401, (path, body, response.text)
+            keyed = client.post(
+                path,
+                content=b"{bad",
+                headers={"Content-Type": "application/json", "Authorization": "Bearer alpha"},
+            )
+            assert keyed.status_code in (400, 422), (path, keyed.text)  # with the key: what is wrong with it
+
+
 def test_limits_name_the_field(app_client: Callable[..., TestClient]) -> None:
     with app_client(max_prompt_chars=50, max_images_per_request=2, max_total_pixels=128 * 128) as client:
         cases: list[tuple[dict[str, Any], str]] = [

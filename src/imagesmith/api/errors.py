@@ -224,7 +224,32 @@ def _servers_image_limit(request: Request, items: Sequence[Any]) -> list[Any]:
 SERVERS_LIMIT = "servers_limit"
 
 
+def _key_refused_first(request: Request) -> JSONResponse | None:
+    """The 401 a route behind the API key gives a caller without one, whatever the body. FastAPI reads and
+    validates the body before it runs a route's dependencies, so malformed JSON got a 422 that described the
+    route's fields to a caller without a key. None when the route needs no key or the caller holds one."""
+    from imagesmith.api.deps import require_api_key, require_api_key_for_images  # deps imports this module
+
+    checks = (require_api_key, require_api_key_for_images)
+    dependant = getattr(request.scope.get("route"), "dependant", None)
+    pending, found = ([dependant] if dependant is not None else []), []
+    while pending:
+        node = pending.pop()
+        if node.call in checks:
+            found.append(node.call)
+        pending.extend(node.dependencies)
+    try:
+        for check in found:
+            check(request, request.app.state.settings)
+    except ApiError as error:
+        return render_error(request, error.status, error.code, error.message, error.field, error.headers)
+    return None
+
+
 def _invalid(request: Request, items: Sequence[Any]) -> JSONResponse:
+    refused = _key_refused_first(request)
+    if refused is not None:
+        return refused
     items = _servers_image_limit(request, items)
     details = validation_details(items)
     first = details[0] if details else {"field": "request", "message": "invalid request"}
