@@ -251,6 +251,9 @@ async def test_a_prompt_with_no_words_is_no_results_without_asking_pexels(
         with pytest.raises(NothingToSearch, match=r"prompt '\(\(:1\.3\)\)'.*keywords, a title or a prompt"):
             await source.fetch(StockRequest(prompt="((:1.3))"))
         assert "NothingToSearch" in (source.status().last_error or "")
+        for punctuation in (",,,,", "!!! ???", "-- // --"):  # these went to Pexels as queries
+            with pytest.raises(NothingToSearch, match="keywords, a title or a prompt"):
+                await source.fetch(StockRequest(prompt=punctuation))
     assert standin.api_calls == 0
 
 

@@ -163,7 +163,8 @@ def build_query(prompt: str, title: str | None = None, keywords: Sequence[str] |
     text = _SPACES.sub(" ", text).strip()
     if len(text) > MAX_QUERY_CHARS:
         text = text[:MAX_QUERY_CHARS].rsplit(" ", 1)[0]
-    if not text:
+    # Words, not punctuation: "(((((" came out empty and was refused, while ",,,," went to Pexels as a query.
+    if not any(character.isalnum() for character in text):
         raise ValueError(
             "a stock photo search needs keywords, a title or a prompt with words in it; none has any"
         )
