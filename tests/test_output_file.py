@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from imagesmith.output_file import OutputPathError, planned_output
+from imagesmith.output_file import OutputPathError, planned_output, write_whole
 from imagesmith.schemas import OutputFormat
 
 
@@ -53,3 +53,15 @@ def test_a_folder_that_takes_no_file_is_refused_before_any_work(folder: str) -> 
 def test_a_writable_folder_is_left_as_it_was(tmp_path: Path) -> None:
     planned_output(tmp_path / "new" / "hero.png", None, OutputFormat.PNG)
     assert list(tmp_path.iterdir()) == []  # the probe's file is gone, and no folder is made before the write
+
+
+def test_an_output_that_is_a_link_is_written_through_to_its_target(tmp_path: Path) -> None:
+    """Renamed over, the link became a plain file and the file it pointed at kept the old image."""
+    target = tmp_path / "site" / "hero.png"
+    target.parent.mkdir()
+    target.write_bytes(b"old")
+    link = tmp_path / "hero.png"
+    link.symlink_to(target)
+    write_whole(link, b"new image")
+    assert link.is_symlink() and target.read_bytes() == b"new image"
+    assert not list(tmp_path.rglob(".*.part"))

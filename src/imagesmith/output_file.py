@@ -67,7 +67,11 @@ def check_writable(path: Path) -> None:
 
 def write_whole(path: Path, data: bytes) -> None:
     """Write `data` to `path` through a temporary file renamed over it; raises OSError (the temporary file is
-    removed) when the disk is full or the folder went away."""
+    removed) when the disk is full or the folder went away. A symbolic link is written through, to the file it
+    points at, as other tools write: renamed over, the link itself became a plain file and its target kept the
+    old image."""
+    if path.is_symlink():
+        path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.part")
     try:
