@@ -53,6 +53,17 @@ def test_generate_names_what_it_takes_when_given_something_else(
     assert str(caught.value).startswith("Engine.generate takes a GenerationRequest, e.g. GenerationRequest(")
 
 
+def test_start_and_generate_name_what_their_other_arguments_take(tiny_engine: Engine) -> None:
+    """None for the settings, or a string for the cancel token, came out as AttributeErrors from inside."""
+    with pytest.raises(TypeError, match=r"Engine.start takes a Settings, .* got NoneType"):
+        Engine.start(None)  # type: ignore[arg-type]
+    request = GenerationRequest(prompt="a fox", seed=1, **SMALL)
+    with pytest.raises(TypeError, match="cancel takes a CancelToken .* got str"):
+        tiny_engine.generate(request, cancel="yes")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="on_progress takes a function of one event"):
+        tiny_engine.generate(request, on_progress="print")  # type: ignore[arg-type]
+
+
 def test_same_seed_reproduces_and_other_seeds_differ(tiny_engine: Engine) -> None:
     first = tiny_engine.generate(GenerationRequest(prompt="a fox", seed=1234, **SMALL))
     again = tiny_engine.generate(GenerationRequest(prompt="a fox", seed=1234, **SMALL))

@@ -189,6 +189,13 @@ class Engine:
     @classmethod
     def start(cls, settings: Settings) -> Engine:
         """Probe the device, choose the plan (logged in one line), load the models."""
+        if not isinstance(
+            settings, Settings
+        ):  # None came out as "'NoneType' object has no attribute 'device'"
+            raise TypeError(
+                "Engine.start takes a Settings, e.g. Settings() or get_settings() from imagesmith.config; "
+                f"got {type(settings).__name__}"
+            )
         device = probe_device(settings.device)
         plan = plan_hardware(device, settings)
         log.info("hardware plan: %s", plan.summary())
@@ -253,6 +260,15 @@ class Engine:
                 f"Engine.generate takes a GenerationRequest, e.g. GenerationRequest(prompt=...) from "
                 f"imagesmith.schemas; got {type(request).__name__}"
             )
+        if cancel is not None and not isinstance(cancel, CancelToken):
+            raise TypeError(
+                "Engine.generate's cancel takes a CancelToken from imagesmith.engine (call its cancel() to stop "
+                f"the pass), or None; got {type(cancel).__name__}"
+            )
+        if on_progress is not None and not callable(on_progress):
+            raise TypeError(
+                f"Engine.generate's on_progress takes a function of one event, or None; got {on_progress!r}"
+            )
         outcome = self.generate_batch([BatchItem(request, on_progress, cancel)])[0]
         if isinstance(outcome, BaseException):
             raise outcome
@@ -260,7 +276,8 @@ class Engine:
 
     def generate_batch(self, items: list[BatchItem]) -> list[GenerationResult | BaseException]:
         """Several compatible requests (equal batch_key) in one pipeline pass: one result or error per item,
-        in order. Each image is the one its request would get alone (its own seeds and generators)."""
+        in order. Each image is the one its request would get alone (its own seeds and generators), up to rounding:
+        the batched kernels add in another order, so a pixel can differ by a level or two."""
         resolved = [
             item.request.resolve() if isinstance(item.request, GenerationRequest) else item.request
             for item in items
