@@ -58,7 +58,7 @@ def test_start_and_generate_name_what_their_other_arguments_take(tiny_engine: En
     with pytest.raises(TypeError, match=r"Engine.start takes a Settings, .* got NoneType"):
         Engine.start(None)  # type: ignore[arg-type]
     request = GenerationRequest(prompt="a fox", seed=1, **SMALL)
-    with pytest.raises(TypeError, match="cancel takes a CancelToken .* got str"):
+    with pytest.raises(TypeError, match=r"cancel takes a CancelToken .* got str"):
         tiny_engine.generate(request, cancel="yes")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="on_progress takes a function of one event"):
         tiny_engine.generate(request, on_progress="print")  # type: ignore[arg-type]
