@@ -374,18 +374,23 @@ def test_the_server_module_reports_a_bad_setting_like_the_cli(tmp_path: Path) ->
     assert "Traceback" not in done.stderr
 
 
-def test_a_settings_file_that_is_not_utf8_is_named_without_a_traceback(tmp_path: Path) -> None:
-    """A .env saved as UTF-16 (Windows Notepad) came out as python-dotenv's UnicodeDecodeError traceback."""
-    (tmp_path / ".env").write_bytes("IMAGESMITH_DEVICE=cpu\n".encode("utf-16"))
-    env = {**os.environ, "IMAGESMITH_DATA_DIR": str(tmp_path / "data")}
-    done = subprocess.run(
+def doctor_beside_its_settings_file(folder: Path) -> subprocess.CompletedProcess[str]:
+    """`imagesmith doctor` run in `folder`, which holds the .env it reads."""
+    env = {**os.environ, "IMAGESMITH_DATA_DIR": str(folder / "data")}
+    return subprocess.run(
         [sys.executable, "-m", "imagesmith.cli", "doctor"],
-        cwd=tmp_path,
+        cwd=folder,
         env=env,
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+def test_a_settings_file_that_is_not_utf8_is_named_without_a_traceback(tmp_path: Path) -> None:
+    """A .env saved as UTF-16 (Windows Notepad) came out as python-dotenv's UnicodeDecodeError traceback."""
+    (tmp_path / ".env").write_bytes("IMAGESMITH_DEVICE=cpu\n".encode("utf-16"))
+    done = doctor_beside_its_settings_file(tmp_path)
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith(
         f"imagesmith: error: {tmp_path / '.env'} (the settings file) is not UTF-8 text"
@@ -399,15 +404,7 @@ def test_a_settings_file_line_that_cannot_be_read_is_named_not_skipped(tmp_path:
     (tmp_path / ".env").write_text(
         'IMAGESMITH_DEVICE=cpu\nIMAGESMITH_PEXELS_API_KEY="abc123\nnot a setting\n'
     )
-    env = {**os.environ, "IMAGESMITH_DATA_DIR": str(tmp_path / "data")}
-    done = subprocess.run(
-        [sys.executable, "-m", "imagesmith.cli", "doctor"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = doctor_beside_its_settings_file(tmp_path)
     assert done.returncode == 2, done.stdout + done.stderr
     assert done.stderr.startswith(
         f"imagesmith: error: {tmp_path / '.env'} (the settings file): line 2 (IMAGESMITH_PEXELS_API_KEY), "

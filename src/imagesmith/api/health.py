@@ -80,32 +80,33 @@ def health_report(app: FastAPI) -> dict[str, Any]:
     }
 
 
-STORE_FAILURE_SHOWN_S = 60.0  # how long health reports a failed write to the job store
+STORE_FAILURE_SHOWN_S = 60.0  # how long health reports a failed write (the job store, a job's images)
 
 
 def recent_store_failure(app: FastAPI) -> str | None:
     """A write to the job store that failed lately (a full disk, a lock held by another program): submits get
     503 meanwhile, so health says "degraded" rather than "ready" to a load balancer, for a minute after."""
-    failure = getattr(app.state, "store_failure", None)
-    if failure is None:
-        return None
-    failed_at, error = failure
-    ago = time.monotonic() - failed_at
-    if ago > STORE_FAILURE_SHOWN_S:
-        return None
-    return f"the job store could not be written {ago:.0f}s ago ({error}); new jobs get 503 until it can"
+    return _recent(
+        getattr(app.state, "store_failure", None),
+        "the job store could not be written {ago}s ago ({error}); new jobs get 503 until it can",
+    )
 
 
 def recent_image_write_failure(failure: tuple[float, str] | None) -> str | None:
     """A job's images that the data dir refused lately (a full disk): the job runs again, or fails as
     storage_error once its attempts are used, so health says "degraded" for a minute after."""
+    return _recent(
+        failure, "images could not be written to the data dir {ago}s ago ({error}); their jobs run again"
+    )
+
+
+def _recent(failure: tuple[float, str] | None, reason: str) -> str | None:
+    """`reason` filled in for a failure (time.monotonic() when, its error) of the last STORE_FAILURE_SHOWN_S."""
     if failure is None:
         return None
     failed_at, error = failure
     ago = time.monotonic() - failed_at
-    if ago > STORE_FAILURE_SHOWN_S:
-        return None
-    return f"images could not be written to the data dir {ago:.0f}s ago ({error}); their jobs run again"
+    return None if ago > STORE_FAILURE_SHOWN_S else reason.format(ago=f"{ago:.0f}", error=error)
 
 
 # What health tells a caller without a key when keys are set: enough for a load balancer and the seed's
