@@ -110,3 +110,25 @@ def test_a_pexels_base_url_that_cannot_be_called_stops_the_start(tmp_path: Path,
         Settings(_env_file=None, data_dir=tmp_path, pexels_api_base_url=url)
     kept = Settings(_env_file=None, data_dir=tmp_path, pexels_api_base_url=" http://127.0.0.1:8099/v1 ")
     assert kept.pexels_api_base_url == "http://127.0.0.1:8099/v1"
+
+
+@pytest.mark.parametrize(
+    ("line", "named"),
+    [
+        ('IMAGESMITH_PEXELS_API_KEY="abc123', " (IMAGESMITH_PEXELS_API_KEY)"),  # a quote left open
+        ("IMAGESMITH_API_KEYS c2VjcmV0X3Rva2Vu==", ""),  # no "=" after the name: the key's padding is not one
+        ("IMAGESMITH_API_KEYS: s3cr3t=", ""),
+        ('IMAGESMITH_PEXELS_API_KEY "abc=def"', ""),
+    ],
+)
+def test_a_settings_file_line_is_named_by_its_setting_never_by_its_value(
+    tmp_path: Path, line: str, named: str
+) -> None:
+    from imagesmith.config import env_file_problem
+
+    env_file = tmp_path / ".env"
+    env_file.write_text(f"IMAGESMITH_DEVICE=cpu\n{line}\n")
+    problem = env_file_problem(env_file)
+    assert problem is not None and f"line 2{named} cannot be read as NAME=value" in problem, problem
+    for secret in ("abc123", "c2VjcmV0", "s3cr3t", "abc="):
+        assert secret not in problem

@@ -65,3 +65,11 @@ def test_an_output_that_is_a_link_is_written_through_to_its_target(tmp_path: Pat
     write_whole(link, b"new image")
     assert link.is_symlink() and target.read_bytes() == b"new image"
     assert not list(tmp_path.rglob(".*.part"))
+
+
+def test_a_link_that_loops_is_refused_before_any_work(tmp_path: Path) -> None:
+    """Resolved only at the write, a loop of links raised RuntimeError, a traceback after the generation."""
+    (tmp_path / "a.png").symlink_to(tmp_path / "b.png")
+    (tmp_path / "b.png").symlink_to(tmp_path / "a.png")
+    with pytest.raises(OutputPathError, match=r"a\.png is a symbolic link that leads nowhere"):
+        planned_output(tmp_path / "a.png", None, OutputFormat.PNG)

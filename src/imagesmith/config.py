@@ -572,6 +572,9 @@ def env_file_problem(env_file: Path | None = None) -> str | None:
     return _unparsed_env_line(env_file, text)
 
 
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
 def _unparsed_env_line(env_file: Path, text: str) -> str | None:
     """The first line python-dotenv cannot read as NAME=value, or None. It skips such a line with a warning that
     names no setting, and the setting on it (a key with its quote left open, say) silently stayed unset. Only
@@ -584,8 +587,11 @@ def _unparsed_env_line(env_file: Path, text: str) -> str | None:
     if not bad:
         return None
     first = bad[0]
-    name = first.string.split("=", 1)[0].strip() if "=" in first.string else ""
-    where = f"line {first.line}" + (f" ({name})" if name and len(name) <= 80 and name.isprintable() else "")
+    # The name only when the line starts as NAME= would: anything else before an "=" may hold part of a value
+    # (a key's base64 padding is an "=" of its own).
+    name = first.string.strip().removeprefix("export ").split("=", 1)[0].strip()
+    said = f" ({name})" if "=" in first.string and _ENV_NAME.fullmatch(name) else ""
+    where = f"line {first.line}{said}"
     more = f", and {len(bad) - 1} more line(s) after it," if len(bad) > 1 else ""
     return (
         f"{env_file.resolve()} (the settings file): {where}{more} cannot be read as NAME=value "

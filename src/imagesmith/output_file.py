@@ -47,9 +47,24 @@ def planned_output(
     return path, output_format
 
 
+def link_target(path: Path) -> Path:
+    """The file a symbolic link `path` leads to (the path itself when it is no link). OSError for a loop of
+    links, which Path.resolve raises as RuntimeError on Python 3.11."""
+    if not path.is_symlink():
+        return path
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as error:
+        raise OSError(f"{path} is a symbolic link that leads nowhere ({error})") from None
+
+
 def check_writable(path: Path) -> None:
     """Refuse, with the fix, a path that is a folder or whose nearest existing folder cannot be written in
-    (the folders below it are made when the file is written)."""
+    (the folders below it are made when the file is written). A symbolic link is judged by its target."""
+    try:
+        path = link_target(path)
+    except OSError as error:
+        raise OutputPathError(f"{error}; choose another name") from None
     if path.is_dir():
         raise OutputPathError(f"{path} is a folder; give a file name, e.g. {path / 'image.png'}")
     existing = next((folder for folder in path.parents if folder.exists()), Path("."))
@@ -70,8 +85,7 @@ def write_whole(path: Path, data: bytes) -> None:
     removed) when the disk is full or the folder went away. A symbolic link is written through, to the file it
     points at, as other tools write: renamed over, the link itself became a plain file and its target kept the
     old image."""
-    if path.is_symlink():
-        path = path.resolve()
+    path = link_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.part")
     try:

@@ -467,3 +467,4 @@ def test_images_the_disk_refuses_every_time_end_the_job_as_a_storage_error(
     assert final.status is JobStatus.FAILED and final.attempts == parts.worker.settings.max_attempts
     assert final.error is not None and final.error["code"] == "storage_error", final.error
     assert parts.hub.terminal[job_id] == "failed"
+    assert parts.metrics.jobs_finished.labels("failed")._value.get() == 1  # counted as every end is

@@ -95,9 +95,9 @@ def test_a_damaged_store_is_refused_with_the_fix(tmp_path: Path) -> None:
     JobStore(path).close()  # the lock was let go when the check failed: a fresh store opens
 
 
-@pytest.mark.parametrize("damage", ["not a database", "cut short"])
+@pytest.mark.parametrize("damage", ["not a database", "cut short", "a page's type"])
 def test_a_store_too_damaged_to_open_is_refused_with_the_fix_too(tmp_path: Path, damage: str) -> None:
-    """Damage the first statement meets, before the integrity check: a bare "file is not a database" or
+    """Damage the first statement or the integrity check itself stops on: a bare "file is not a database" or
     "database disk image is malformed", with no path and no fix."""
     path = tmp_path / "jobs.sqlite3"
     if damage == "not a database":
@@ -107,8 +107,12 @@ def test_a_store_too_damaged_to_open_is_refused_with_the_fix_too(tmp_path: Path,
         for n in range(300):
             store.submit({"pad": "x" * 2000, "n": n}, f"h{n}", None, queue_max=1000)
         store.close()
-        data = path.read_bytes()
-        path.write_bytes(data[: len(data) // 2])
+        data = bytearray(path.read_bytes())
+        if damage == "cut short":
+            del data[len(data) // 2 :]
+        else:  # a b-tree page whose type byte is no type: quick_check raises instead of listing problems
+            data[8 * 4096] = 0xFF
+        path.write_bytes(bytes(data))
     with pytest.raises(StoreDamaged) as caught:
         JobStore(path)
     message = str(caught.value)

@@ -303,7 +303,8 @@ class JobService:
     ) -> AsyncGenerator[Event | None, None]:
         """The job's events in order, ending with its terminal event; None now and then as a heartbeat.
         `after_id`: a reconnecting client's last event; earlier ones are not sent again (the final one always
-        is). Ids restart with the server, so a stale id can only hide progress, never the outcome."""
+        is). Ids start at each process's start time in microseconds (EventHub), so an id kept from before a
+        restart is below every id of the rerun, which is sent whole."""
         backlog, queue = self.hub.subscribe(job_id)
         try:
             job = self.get(job_id)

@@ -211,7 +211,12 @@ class JobStore:
     def _check_intact(self, path: Path) -> None:
         """A damaged page started "ready", then failed listings with 500s: refuse to start instead, with the
         fix. quick_check reads every page once (well under a second for a job store)."""
-        problems = [row[0] for row in self._db.execute("PRAGMA quick_check").fetchall()]
+        try:
+            problems = [row[0] for row in self._db.execute("PRAGMA quick_check").fetchall()]
+        except sqlite3.OperationalError:
+            raise
+        except sqlite3.DatabaseError as error:  # a page so damaged that the check itself stops on it
+            raise StoreDamaged(damaged_store_message(path, str(error))) from error
         if problems != ["ok"]:
             first = " ".join(" ".join(problems).split())[:200]  # one line: quick_check's rows span several
             raise StoreDamaged(damaged_store_message(path, first))

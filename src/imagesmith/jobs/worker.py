@@ -309,6 +309,7 @@ class Worker:
             self._stranded.discard(job_id)
             if job is not None and job.status.terminal:
                 log.warning("job %s ended %s: its result could not be stored", job_id, job.status.value)
+                self.metrics.jobs_finished.labels(job.status.value).inc()  # as _finish counts every end
                 self.hub.publish(job.id, job.status.value, job.terminal_event_data(), terminal=True)
             elif job is not None:
                 log.warning("job %s back in the queue: its result could not be stored", job_id)
@@ -652,6 +653,7 @@ class Worker:
             return
         if released is not None and released.status.terminal:
             log.warning("job ended %s: its images could not be written", released.status.value)
+            self.metrics.jobs_finished.labels(released.status.value).inc()  # as _finish counts every end
             self.hub.publish(job.id, released.status.value, released.terminal_event_data(), terminal=True)
         elif released is not None:
             log.warning("job back in the queue: its images could not be written")
