@@ -583,8 +583,11 @@ class Worker:
                 raise outcome
             served = outcome
             result = served.result
+            # Encoded first (image.data encodes a pending image): a failed encoding is the generation's failure,
+            # and only the files' write below is the data dir's.
+            encoded = [(image.data, image.media_type) for image in result.images]
             try:
-                stored = [self.files.put(image.data, image.media_type) for image in result.images]
+                stored = [self.files.put(data, media_type) for data, media_type in encoded]
             except OSError as error:
                 raise ImageWriteFailed(f"{type(error).__name__}: {error}") from error
             payload = {
