@@ -189,9 +189,8 @@ class Engine:
     @classmethod
     def start(cls, settings: Settings) -> Engine:
         """Probe the device, choose the plan (logged in one line), load the models."""
-        if not isinstance(
-            settings, Settings
-        ):  # None came out as "'NoneType' object has no attribute 'device'"
+        # None came out as "'NoneType' object has no attribute 'device'".
+        if not isinstance(settings, Settings):
             raise TypeError(
                 "Engine.start takes a Settings, e.g. Settings() or get_settings() from imagesmith.config; "
                 f"got {type(settings).__name__}"

@@ -75,16 +75,15 @@ def _what_runs(settings: Settings, plan: HardwarePlan) -> str:
             # runs a UNet call ~26 % slower with channels-last weights, ~3.4x and ~29 % without; uncompiled, a
             # size takes ~1.75x a warmed one's time (run 85).
             if settings.warms_up_any_size():
-                compile_price, call_price = (
-                    ("~2.4x", "~1.26x") if channels_last_wanted(settings, plan) else ("~3.4x", "~1.3x")
-                )
-                prices = (
-                    f"{compile_price} a size's compile, other sizes' UNet calls {call_price} a warmed size's"
-                )
                 if settings.compile not in CUDA_GRAPH_MODES:
-                    # The prices above are reduce-overhead's. Without CUDA graphs the shared graph is host-bound:
+                    # The prices below are reduce-overhead's. Without CUDA graphs the shared graph is host-bound:
                     # 69.0 ms a base call (run 89), where an uncompiled one takes 68.9 (run 90, channels-last).
                     prices = f"they run {NO_CUDA_GRAPHS}"
+                else:
+                    compile_price, call_price = (
+                        ("~2.4x", "~1.26x") if channels_last_wanted(settings, plan) else ("~3.4x", "~1.3x")
+                    )
+                    prices = f"{compile_price} a size's compile, other sizes' UNet calls {call_price} a warmed size's"
                 when += f", and the graphs every other size shares (IMAGESMITH_WARMUP_ANY_SIZE: {prices})"
             elif settings.compile_on_request:
                 when += (

@@ -187,13 +187,13 @@ class JobStore:
                     self._db.execute("PRAGMA journal_mode=WAL")
                     self._db.execute("PRAGMA synchronous=FULL")
                     self._db.executescript(_SCHEMA)
+                    self._check_intact(path)
                 except sqlite3.OperationalError:
                     raise  # locked, a full disk, no permission: the file itself may be fine
                 except sqlite3.DatabaseError as error:
-                    # "file is not a database", "database disk image is malformed": damage that the first
-                    # statement meets before quick_check can, said with the same fix.
+                    # "file is not a database", "database disk image is malformed": damage that a statement or
+                    # quick_check itself stops on, before quick_check can list it, said with the same fix.
                     raise StoreDamaged(damaged_store_message(path, str(error))) from error
-                self._check_intact(path)
             # And one for reads (health, job views, listings), with its own lock. In WAL mode a read never waits
             # for a writer: behind the write lock, a claim waiting out another program's lock on the database
             # (a backup, the sqlite3 shell) held health and every GET for up to the 30 s busy timeout.
@@ -211,12 +211,7 @@ class JobStore:
     def _check_intact(self, path: Path) -> None:
         """A damaged page started "ready", then failed listings with 500s: refuse to start instead, with the
         fix. quick_check reads every page once (well under a second for a job store)."""
-        try:
-            problems = [row[0] for row in self._db.execute("PRAGMA quick_check").fetchall()]
-        except sqlite3.OperationalError:
-            raise
-        except sqlite3.DatabaseError as error:  # a page so damaged that the check itself stops on it
-            raise StoreDamaged(damaged_store_message(path, str(error))) from error
+        problems = [row[0] for row in self._db.execute("PRAGMA quick_check").fetchall()]
         if problems != ["ok"]:
             first = " ".join(" ".join(problems).split())[:200]  # one line: quick_check's rows span several
             raise StoreDamaged(damaged_store_message(path, first))

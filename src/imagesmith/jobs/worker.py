@@ -308,9 +308,7 @@ class Worker:
                 return  # the store still fails: next round
             self._stranded.discard(job_id)
             if job is not None and job.status.terminal:
-                log.warning("job %s ended %s: its result could not be stored", job_id, job.status.value)
-                self.metrics.jobs_finished.labels(job.status.value).inc()  # as _finish counts every end
-                self.hub.publish(job.id, job.status.value, job.terminal_event_data(), terminal=True)
+                self._announce_end(job, "its result could not be stored")
             elif job is not None:
                 log.warning("job %s back in the queue: its result could not be stored", job_id)
 
@@ -655,12 +653,17 @@ class Worker:
             self._stranded.add(job.id)
             return
         if released is not None and released.status.terminal:
-            log.warning("job ended %s: its images could not be written", released.status.value)
-            self.metrics.jobs_finished.labels(released.status.value).inc()  # as _finish counts every end
-            self.hub.publish(job.id, released.status.value, released.terminal_event_data(), terminal=True)
+            self._announce_end(released, "its images could not be written")
         elif released is not None:
             log.warning("job back in the queue: its images could not be written")
             self.hub.publish(job.id, "status", {"job_id": job.id, "status": released.status.value})
+
+    def _announce_end(self, ended: JobRecord, why: str) -> None:
+        """A job that JobStore.release_stranded ended (its attempts used): counted and told to its listeners,
+        as _finish does for the ends it writes."""
+        log.warning("job %s ended %s: %s", ended.id, ended.status.value, why)
+        self.metrics.jobs_finished.labels(ended.status.value).inc()
+        self.hub.publish(ended.id, ended.status.value, ended.terminal_event_data(), terminal=True)
 
     def _fetch(self, request: ImageRequest, job: JobRecord, cancel: CancelToken) -> Served:
         """Try the request's sources in order (fallback.py); the first that serves wins. Counts every attempt."""

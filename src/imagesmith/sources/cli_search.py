@@ -29,7 +29,7 @@ from imagesmith.output_file import OutputPathError, planned_output, write_whole
 from imagesmith.schemas import OutputFormat
 from imagesmith.sources.download import HostPolicy
 from imagesmith.sources.errors import NoStockResults, PexelsAuthError, PexelsError, PexelsNotConfigured
-from imagesmith.sources.pexels_client import PexelsClient, PhotoSize
+from imagesmith.sources.pexels_client import PexelsClient, PhotoSize, QuotaSnapshot
 from imagesmith.sources.stock import StockPhotoSource, StockRequest, StockSearch
 
 logger = logging.getLogger(__name__)
@@ -156,10 +156,7 @@ async def _search(
             return EXIT_PEXELS
         quota = source.status().quota
         if quota.remaining is not None and not args.json:
-            of_limit = (
-                f"/{quota.limit}" if quota.limit is not None else ""
-            )  # a malformed limit header: unknown
-            print(f"\nPexels quota: {quota.remaining}{of_limit} left", file=out)
+            print(f"\nPexels quota: {quota_left(quota)} left", file=out)
     return EXIT_OK
 
 
@@ -190,6 +187,12 @@ def _print_results(
             file=out,
         )
         print(f"credit: {credit['credit_text']} ({credit['photo_url']})", file=out)
+
+
+def quota_left(quota: QuotaSnapshot) -> str:
+    """'198/200', or '198' when Pexels sent a malformed limit header (it was printed as '198/None')."""
+    left = "unknown" if quota.remaining is None else str(quota.remaining)
+    return left + (f"/{quota.limit}" if quota.limit is not None else "")
 
 
 @dataclass
@@ -243,7 +246,5 @@ async def _doctor_online(settings: Settings, lines: list[str]) -> PexelsDoctorRe
             )
         quota = client.quota.snapshot()
     reset = quota.reset_at.isoformat() if quota.reset_at else "unknown"
-    left = "unknown" if quota.remaining is None else str(quota.remaining)
-    of_limit = f"/{quota.limit}" if quota.limit is not None else ""
-    lines.append(f"pexels: API answers; quota {left}{of_limit} left, resets {reset}")
+    lines.append(f"pexels: API answers; quota {quota_left(quota)} left, resets {reset}")
     return PexelsDoctorReport(ok=True, lines=lines)
