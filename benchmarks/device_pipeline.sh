@@ -264,6 +264,12 @@ print(s(Path('.devcache/random-sdxl'), False))" ;;
     # The same, listing every kernel of a call (its Triton ones by what they fuse): per-call work of the weight
     # copies' kind left in the Triton time (session 39).
     unet-triton) unet_layouts unet-triton "${UNET_LAYOUT_LIMIT_S:-600}" 1000 ;;
+    # Session 40: three inductor options on the base call's Triton kernels (unet_compiled.py says which and why),
+    # against the engine's graph (ro+cl); then the cross-attention written out against cuDNN's (run 92).
+    unet-knobs) stage unet-knobs "${UNET_KNOBS_LIMIT_S:-560}" python3 benchmarks/unet_compiled.py \
+        --out "$PIPE/unet-knobs-${UNET_KNOBS_UNET:-base}.json" --unet "${UNET_KNOBS_UNET:-base}" --peer ro+cl \
+        --variants "${UNET_KNOBS_VARIANTS:-ro+cl,ro+cl+ndt,ro+cl+mk,ro+cl+combo}" --profile --profile-top 1000 ;;
+    cross-attention) stage cross-attention 200 python3 benchmarks/cross_attention.py --out "$PIPE/cross-attention.json" ;;
     # Which operators queue the memsets a compiled call's CUDA graph replays (~236 a base call, run 91): eager and
     # inductor's default mode (no CUDA graphs), channels-last, both UNets.
     unet-memsets) stage unet-memsets 560 python3 benchmarks/unet_kernels.py --out "$PIPE/unet-memsets.json" \
