@@ -19,7 +19,7 @@ not), and `first_image_s`: from the phase's start (building its modules, which a
 to its first image, the warm-up (compilation) included.
 
 A variant is
-`MODE[+fp8|+fp8dyn][+fp8conv|+fp8convnchw][+geglu][+cl][+cudnn|+nocudnn][+dyn][+regions][+teg|+noteg][+attn-BACKEND][+olddecode][+cdt][:mlperf]`:
+`MODE[+fp8|+fp8dyn][+fp8conv|+fp8convnchw][+geglu][+cl][+cudnn|+nocudnn][+dyn][+regions][+teg|+noteg][+attn-BACKEND][+olddecode][+cdt][+mk][+ndt][:mlperf]`:
 MODE is a compile choice (off, default, reduce-overhead, max-autotune-no-cudagraphs); +fp8 fp8 transformer linears
 (engine/fp8.py) with static scales, calibrated as Engine.start does (the default), +fp8dyn with dynamic ones; +fp8conv (with +fp8)
 the convolutions in fp8 too (IMAGESMITH_FP8_CONVS, cuDNN's kernels), +fp8convnchw the same with inductor's layout
@@ -36,7 +36,9 @@ unet_compiled.py's `--first ro+regions --fresh-cache`); +teg / +noteg the text e
 -efficient) the attention kernel tried first (IMAGESMITH_ATTENTION_BACKEND; torch's order unless named); +olddecode
 the decode as it was before run 49, the peer of today's (a decoder compiled in the UNets' mode, CUDA graphs
 included; each image checked and converted on the host in turn); +cdt inductor's coordinate-descent tuning of its
-own kernels (normalisations, elementwise: ~40 ms of a ~189 ms fp8 base call at batch 16; not a setting yet); `:mlperf`
+own kernels (normalisations, elementwise: ~40 ms of a ~189 ms fp8 base call at batch 16; not a setting yet); +mk
+IMAGESMITH_TIMED_REDUCTIONS (inductor's multi-kernel: each reduction persistent or looped, the faster kept); +ndt
+inductor's `triton.prefer_nd_tiling` (2D tiles for pointwise kernels that transpose; not a setting); `:mlperf`
 measures the MLPerf setting instead of the ensemble (base UNet and VAE only; warm-up at batch 1 then the
 largest batch, as the service's warm-up does).
 
@@ -113,6 +115,8 @@ class Variant:
     coordinate_descent: bool = False  # +cdt: torch._inductor.config.coordinate_descent_tuning
     fused_geglu: bool = False  # +geglu: with +fp8, IMAGESMITH_FP8_FUSED_GEGLU
     regions: bool = False  # +regions: IMAGESMITH_COMPILE_REGIONS
+    timed_reductions: bool = False  # +mk: IMAGESMITH_TIMED_REDUCTIONS
+    nd_tiling: bool = False  # +ndt: torch._inductor.config.triton.prefer_nd_tiling
 
     @classmethod
     def parse(cls, spec: str) -> Variant:
@@ -137,6 +141,8 @@ class Variant:
             "cdt",
             "geglu",
             "regions",
+            "mk",
+            "ndt",
         }
         unknown = set(flags) - known
         twice = any(
@@ -149,7 +155,7 @@ class Variant:
         if unknown or kind not in ("", "mlperf") or len(attention) > 1 or twice:
             raise SystemExit(
                 f"variant {spec!r}: flags are one of +fp8 +fp8dyn, +cl +dyn, one of +cudnn +nocudnn, one of +teg +noteg, one of "
-                "+attn-flash +attn-efficient +attn-cudnn, +olddecode, +cdt, +regions (compiled, not with +dyn), "
+                "+attn-flash +attn-efficient +attn-cudnn, +olddecode, +cdt, +mk, +ndt, +regions (compiled, not with +dyn), "
                 "one of +fp8conv +fp8convnchw (with +fp8), +geglu (with +fp8), and the suffix :mlperf"
             )
         return cls(
@@ -169,6 +175,8 @@ class Variant:
             coordinate_descent="cdt" in flags,
             fused_geglu="geglu" in flags,
             regions="regions" in flags,
+            timed_reductions="mk" in flags,
+            nd_tiling="ndt" in flags,
         )
 
 
@@ -788,6 +796,7 @@ def main() -> None:
             attention_backend=variant.attention,
             compile_dynamic=variant.dynamic,
             compile_regions=variant.regions,
+            timed_reductions=variant.timed_reductions,
             text_encoder_graphs=variant.text_encoder_graphs,
         )
         # The plan decides fp8 (row-wise or per-tensor) and the attention kernel, so it is made from this
@@ -797,6 +806,7 @@ def main() -> None:
         inductor_config.force_layout_optimization = False  # inductor's default; fp8 convolutions force it
         # Part of inductor's cache key, so each variant compiles (or finds) its own kernels.
         inductor_config.coordinate_descent_tuning = variant.coordinate_descent
+        inductor_config.triton.prefer_nd_tiling = variant.nd_tiling
         levers = engine.apply_levers(
             settings
         )  # as Engine.start applies them (the engine's plan: variant_plan)
@@ -808,6 +818,7 @@ def main() -> None:
             or variant.fp8_convs != any(lever.startswith("fp8 convolutions") for lever in levers)
             or variant.fused_geglu != any(lever.startswith("fp8 GEGLU") for lever in levers)
             or variant.regions != any("transformer blocks as regions" in lever for lever in levers)
+            or variant.timed_reductions != any("timed reductions" in lever for lever in levers)
         ):
             raise RuntimeError(f"{variant.spec}: levers applied were {levers}")
         row: dict[str, Any] = {"levers": levers, "attention": variant_plan.attention}

@@ -111,6 +111,7 @@ VARIANTS["default+anysize+cl"] = {}
 VARIANTS["ro+cl+ndt"] = {**CUDA_GRAPHS, "triton.prefer_nd_tiling": True}
 VARIANTS["ro+cl+mk"] = {**CUDA_GRAPHS, "triton.multi_kernel": 1}
 VARIANTS["ro+cl+combo"] = {**CUDA_GRAPHS, "combo_kernels": True}
+VARIANTS["ro+cl+mk+ndt"] = {**VARIANTS["ro+cl+mk"], **VARIANTS["ro+cl+ndt"]}
 # What a variant's name says beyond its options: the UNet it compiles, and how.
 REGION_VARIANTS = {name for name in VARIANTS if "+regions" in name}
 ANY_SIZE_VARIANTS = {name for name in VARIANTS if "+anysize" in name}
@@ -286,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
             call()  # dynamo traces, inductor compiles (and autotunes), the CUDA-graph trees warm up
             if cuda:
                 torch.cuda.synchronize()
-        except Exception as error:  # an option this torch lacks, or a lowering it cannot do: the others still run
+        # An option this torch lacks, or a lowering it cannot do: the others still run.
+        except Exception as error:
             if name == PEER:
                 raise
             results["compiled"][name] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}

@@ -215,6 +215,7 @@ def apply_speed_levers(base: Any, refiner: Any | None, plan: HardwarePlan, setti
         else:
             use_persistent_compile_cache(compile_cache_for(settings, plan))
             allow_graphs_per_model(UNET_GRAPHS_ALLOWED)
+            timed = use_timed_reductions(settings.timed_reductions)
             regions = _mark_compile_regions(unets) if settings.compile_regions else ""
             options = unet_compile_options(settings)
             for unet in unets:
@@ -238,11 +239,28 @@ def apply_speed_levers(base: Any, refiner: Any | None, plan: HardwarePlan, setti
             # One lever: serving eager after a failed compile (serve_eager_from_now) drops the regions, and the
             # decoder's matmul attention, with it.
             applied.append(
-                f"torch.compile(mode={settings.compile.value}{dynamic}{regions}) UNets + VAE decoder{attention}"
+                f"torch.compile(mode={settings.compile.value}{dynamic}{regions}{timed}) UNets + VAE decoder"
+                f"{attention}"
             )
-    elif settings.compile_regions:
-        log.warning("compile_regions skipped: it shapes what torch.compile compiles, and compile is off")
+    else:
+        if settings.compile_regions:
+            log.warning("compile_regions skipped: it shapes what torch.compile compiles, and compile is off")
+        if settings.timed_reductions:
+            log.warning("timed_reductions skipped: it chooses compiled kernels, and compile is off")
     return applied
+
+
+def use_timed_reductions(wanted: bool) -> str:
+    """Inductor's multi-kernel on or off for what compiles from now on, and the compile lever's words for it.
+
+    Inductor compiles a reduction held in registers (`persistent`) only up to a fixed width, and loops over wider
+    rows. The UNets' 1280-wide layer norms fell on the loop's side: 10-14 us each against ~7 us of bytes (run 91,
+    H100). Multi-kernel compiles both forms and keeps the faster on the first call, which the warm-up makes.
+    Set both ways, never left as the last engine set it: process-wide, and part of inductor's cache key."""
+    import torch._inductor.config as inductor_config  # here: importing inductor takes a while
+
+    inductor_config.triton.multi_kernel = 1 if wanted else 0
+    return ", timed reductions" if wanted else ""
 
 
 def _mark_compile_regions(unets: list[Any]) -> str:
