@@ -511,3 +511,88 @@ def test_options_the_runs_mode_does_not_use_get_a_note() -> None:
     ]
     assert notes("--refine-steps", "10", "--refine-strength", "0.5", mode=RefineMode.IMG2IMG) == []
     assert notes(mode=RefineMode.NONE) == []  # defaults given by no one: nothing to say
+
+
+def test_generate_to_standard_output_writes_only_the_image_there(
+    tiny_model_home: Path, tmp_path: Path
+) -> None:
+    """`-o -` pipes the image (it wrote a file named '-.png'); what people read goes to stderr."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "imagesmith.cli",
+            "generate",
+            "a kite",
+            "-o",
+            "-",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--steps",
+            "4",
+            "--seed",
+            "5",
+            "--format",
+            "webp",
+        ],
+        env={
+            **os.environ,
+            "IMAGESMITH_DATA_DIR": str(tiny_model_home),
+            "IMAGESMITH_MODEL": "tiny",
+            "IMAGESMITH_DEVICE": "cpu",
+        },
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    (tmp_path / "piped.webp").write_bytes(done.stdout)
+    with Image.open(tmp_path / "piped.webp") as image:
+        assert (image.format, image.size) == ("WEBP", (64, 64))
+    assert parse_a1111_parameters(read_parameters(tmp_path / "piped.webp") or "")["Seed"] == "5"
+    assert b"wrote standard output (seed 5)" in done.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["piped.webp"]  # no '-.webp' beside it
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--num-images", "2"], "'-' (standard output) takes one image, not --num-images 2"),
+        (["--json"], "'-' (standard output) carries the image, so --json cannot go there too"),
+    ],
+)
+def test_generate_to_standard_output_refuses_what_cannot_share_it(
+    tiny_model_home: Path, tmp_path: Path, extra: list[str], message: str
+) -> None:
+    done = run_cli("generate", "x", "-o", "-", *extra, home=tiny_model_home)
+    assert done.returncode == 2, done.stderr
+    assert f"imagesmith generate: error: --output: {message}" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_generate_to_standard_output_refuses_a_terminal(tiny_model_home: Path, tmp_path: Path) -> None:
+    import pty
+
+    leader, follower = pty.openpty()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "imagesmith.cli", "generate", "x", "-o", "-"],
+            env={
+                **os.environ,
+                "IMAGESMITH_DATA_DIR": str(tiny_model_home),
+                "IMAGESMITH_MODEL": "tiny",
+                "IMAGESMITH_DEVICE": "cpu",
+            },
+            cwd=tmp_path,
+            stdout=follower,
+            stderr=subprocess.PIPE,
+            timeout=300,
+        )
+    finally:
+        os.close(follower)
+        os.close(leader)
+    assert done.returncode == 2
+    assert b"which is a terminal here; redirect it (-o - > image.png)" in done.stderr
+    assert list(tmp_path.iterdir()) == []

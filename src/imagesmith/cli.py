@@ -31,7 +31,15 @@ from imagesmith.config import (
     settings_error_lines,
 )
 from imagesmith.option_errors import USAGE_ERROR, report_option_errors
-from imagesmith.output_file import OutputPathError, check_writable, planned_output, write_whole
+from imagesmith.output_file import (
+    STDOUT,
+    OutputPathError,
+    check_writable,
+    planned_output,
+    stdout_format,
+    write_stdout,
+    write_whole,
+)
 from imagesmith.schemas import (
     MAX_NUM_IMAGES,
     AspectPreset,
@@ -68,7 +76,7 @@ def _add_generate(subparsers: Any) -> None:
         type=Path,
         default=None,
         help="file to write (default image.png, or image.<format> with --format); with several images, "
-        "NAME_0.png, NAME_1.png, ...",
+        "NAME_0.png, NAME_1.png, ...; '-' writes the one image to standard output (PNG unless --format)",
     )
     parser.add_argument(
         "--model",
@@ -225,13 +233,19 @@ class _StageBars:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    to_stdout = args.output == STDOUT
     try:  # before the models load: a path that cannot be written costs no generation
-        output, output_format = planned_output(
-            args.output or Path("image"), args.format, OutputFormat.PNG, " (or give --format)"
-        )
-        # With --num-images, each image's own name (m_1.png) too; a count out of range is refused below.
-        for path in output_paths(output, args.num_images if 1 <= args.num_images <= MAX_NUM_IMAGES else 1):
-            check_writable(path)
+        if to_stdout:
+            output, output_format = STDOUT, stdout_format(args.format, args.num_images, args.json)
+        else:
+            output, output_format = planned_output(
+                args.output or Path("image"), args.format, OutputFormat.PNG, " (or give --format)"
+            )
+            # With --num-images, each image's own name (m_1.png) too; a count out of range is refused below.
+            for path in output_paths(
+                output, args.num_images if 1 <= args.num_images <= MAX_NUM_IMAGES else 1
+            ):
+                check_writable(path)
     except OutputPathError as error:
         print(f"imagesmith generate: error: --output: {error}", file=sys.stderr)
         return USAGE_ERROR
@@ -270,21 +284,25 @@ def run_generate(args: argparse.Namespace) -> int:
     encoded = encode_in_parallel([functools.partial(result.encoded, index) for index in range(len(paths))])
     for path, data in zip(paths, encoded, strict=True):
         try:
-            write_whole(path, data)
+            write_stdout(data) if to_stdout else write_whole(path, data)
         except OSError as error:  # checked writable before; since then the disk filled or the folder went
-            print(f"imagesmith generate: cannot write {path}: {error.strerror or error}", file=sys.stderr)
+            where = "standard output" if to_stdout else path
+            print(f"imagesmith generate: cannot write {where}: {error.strerror or error}", file=sys.stderr)
             return 1
     meta = result.metadata
     if args.json:
         print(meta.model_dump_json(indent=2))
     else:
+        # With -o - the image is stdout's only content: the summary goes to stderr, beside the bars.
+        report = sys.stderr if to_stdout else sys.stdout
         stages = ", ".join(map(str, meta.stages))
         refined = "refined" if meta.refined else f"not refined ({meta.not_refined_reason})"
         for path, seed in zip(paths, meta.seeds, strict=True):
-            print(f"wrote {path} (seed {seed})")
+            print(f"wrote {'standard output' if to_stdout else path} (seed {seed})", file=report)
         print(
             f"{meta.request.width}x{meta.request.height}, {refined}; {stages}; total {meta.total_seconds:.2f}s "
-            f"on {meta.device} {meta.dtype}"
+            f"on {meta.device} {meta.dtype}",
+            file=report,
         )
     return 0
 

@@ -8,6 +8,7 @@ mid-write never leaves half an image under the name asked for.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -18,6 +19,45 @@ SUFFIXES = {OutputFormat.PNG: ".png", OutputFormat.JPEG: ".jpg", OutputFormat.WE
 
 class OutputPathError(ValueError):
     """An output path that cannot be used, with the fix."""
+
+
+# `-o -`: the image's bytes to standard output, the Unix way to pipe a file (`... -o - | convert - ...`), where a
+# file named '-.png' was written before.
+STDOUT = Path("-")
+
+
+def stdout_format(format_option: str | None, count: int, json_wanted: bool) -> OutputFormat:
+    """The format of an image written to standard output (PNG unless --format), once it is known that standard
+    output can take it: one image, no JSON beside it, and not a terminal, where the bytes would be garbage on
+    the screen."""
+    if count != 1:
+        raise OutputPathError(
+            f"'-' (standard output) takes one image, not --num-images {count}; name a file (-o hero.png writes "
+            "hero_0.png, hero_1.png, ...)"
+        )
+    if json_wanted:
+        raise OutputPathError(
+            "'-' (standard output) carries the image, so --json cannot go there too; drop --json, or name a file"
+        )
+    if sys.stdout.isatty():
+        raise OutputPathError(
+            "'-' writes the image's bytes to standard output, which is a terminal here; redirect it "
+            "(-o - > image.png) or pipe it (-o - | ...), or name a file"
+        )
+    return OutputFormat(format_option) if format_option else OutputFormat.PNG
+
+
+def write_stdout(data: bytes) -> None:
+    """The image's bytes to standard output, flushed: stdout's text layer may hold nothing of them."""
+    try:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    except BrokenPipeError:
+        # The reader went away (`| head -c 10`). Python's own flush at exit would fail on the same pipe and print
+        # a traceback: point stdout at /dev/null first (the recipe in Python's signal docs), then report it.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise
 
 
 def planned_output(

@@ -209,3 +209,16 @@ def test_search_json_with_output_carries_the_file_and_its_credit(
         and (tmp_path / "hero.jpg").read_bytes()[:2] == b"\xff\xd8"
     )
     assert saved["attribution"]["credit_text"].startswith("Photo by ") and saved["attribution"]["photo_url"]
+
+
+def test_search_refuses_standard_output_as_the_file_before_searching(
+    standin: StandIn,
+    settings: Settings,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert run_search(parse("lake", "-o", "-"), settings, io.StringIO()) == EXIT_CONFIG
+    assert "--output: '-' (standard output) is not taken here" in capsys.readouterr().err
+    assert standin.api_calls == 0 and list(tmp_path.iterdir()) == []  # no search, no '-.jpg'

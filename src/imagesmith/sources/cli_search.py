@@ -25,7 +25,7 @@ from typing import Any, TextIO
 from pydantic import ValidationError
 
 from imagesmith.config import Settings, get_settings
-from imagesmith.output_file import OutputPathError, planned_output, write_whole
+from imagesmith.output_file import STDOUT, OutputPathError, planned_output, write_whole
 from imagesmith.schemas import OutputFormat
 from imagesmith.sources.download import HostPolicy
 from imagesmith.sources.errors import NoStockResults, PexelsAuthError, PexelsError, PexelsNotConfigured
@@ -78,6 +78,11 @@ def run_search(args: argparse.Namespace, settings: Settings | None = None, out: 
         return _error(f"--limit: must be at least 1, got {args.limit}")
     output, output_format = None, OutputFormat.JPEG
     if args.output is not None:
+        if args.output == STDOUT:  # the results and the photo's credit are what stdout carries
+            return _error(
+                "--output: '-' (standard output) is not taken here: it carries the results and the "
+                "photographer's credit; name a file (-o photo.jpg)"
+            )
         try:
             output, output_format = planned_output(args.output, None, OutputFormat.JPEG)
         except OutputPathError as error:
