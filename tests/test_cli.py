@@ -345,6 +345,17 @@ def test_serve_on_a_busy_port_says_so_before_starting(tiny_model_home: Path) -> 
     assert "Traceback" not in done.stderr and "loading base model" not in done.stderr
 
 
+def test_serve_on_an_address_not_of_this_machine_blames_the_host_not_the_port(tiny_model_home: Path) -> None:
+    """It said "port: ... cannot be listened on; choose another (--port ...)", a fix that cannot work."""
+    env = {"IMAGESMITH_DATA_DIR": str(tiny_model_home), "IMAGESMITH_MODEL": "tiny", "IMAGESMITH_DEVICE": "cpu"}
+    # With API keys the host asked for is used (without, the server listens on loopback whatever is asked).
+    done = cli_with({**env, "IMAGESMITH_API_KEYS": "k"}, "serve", "--host", "192.0.2.1", "--port", "18407")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("imagesmith serve: error: host: 192.0.2.1 is not an address of this machine (")
+    assert "(--host or IMAGESMITH_HOST)" in done.stderr and "--port" not in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_a_bad_environment_setting_is_named_as_set_and_exits_2(tiny_model_home: Path) -> None:
     env = {"IMAGESMITH_DATA_DIR": str(tiny_model_home), "IMAGESMITH_PRECISION": "bf17"}
     for command in (["doctor"], ["generate", "x", "-o", str(tiny_model_home / "never.png")]):

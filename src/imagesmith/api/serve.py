@@ -7,6 +7,7 @@ runs it directly.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import socket
 import sqlite3
@@ -75,16 +76,23 @@ def option_errors(invalid: ValidationError, args: argparse.Namespace) -> list[st
     ]
 
 
-def port_taken(host: str, port: int) -> str | None:
-    """Why the server could not listen on host:port (another server has it, say), or None. Bound the way
-    uvicorn binds (SO_REUSEADDR), then let go."""
+def listen_problem(host: str, port: int) -> str | None:
+    """Why the server could not listen on host:port, naming the setting to change and how, or None. Bound the
+    way uvicorn binds (SO_REUSEADDR), then let go. A host that does not resolve, or is no address of this
+    machine, is the host's fault: it was said as the port's, with "choose another port" as the fix."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as error:
-            return f"cannot be listened on ({error.strerror or error})"
+            reason = error.strerror or str(error)
+            if isinstance(error, socket.gaierror) or error.errno == errno.EADDRNOTAVAIL:
+                return (
+                    f"host: {host} is not an address of this machine ({reason}); give one of its addresses, or "
+                    "0.0.0.0 for all of them (--host or IMAGESMITH_HOST)"
+                )
+            return f"port: {host}:{port} cannot be listened on ({reason}); choose another (--port or IMAGESMITH_PORT)"
     return None
 
 
@@ -126,13 +134,9 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"imagesmith serve: cannot open the job store: {error}", file=sys.stderr)
         return 1
     # Before the start-up: uvicorn binds after it, and a busy port ended a model load in a traceback.
-    taken = port_taken(host, settings.port)
-    if taken:
-        print(
-            f"imagesmith serve: error: port: {host}:{settings.port} {taken}; choose another (--port or "
-            "IMAGESMITH_PORT)",
-            file=sys.stderr,
-        )
+    problem = listen_problem(host, settings.port)
+    if problem:
+        print(f"imagesmith serve: error: {problem}", file=sys.stderr)
         store.close()
         return 2
     if settings.model.value == "tiny":
