@@ -132,3 +132,48 @@ def test_a_settings_file_line_is_named_by_its_setting_never_by_its_value(
     assert problem is not None and f"line 2{named} cannot be read as NAME=value" in problem, problem
     for secret in ("abc123", "c2VjcmV0", "s3cr3t", "abc="):
         assert secret not in problem
+
+
+def test_an_empty_data_dir_is_refused_not_taken_as_the_current_folder(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Path('') is '.': the job store and images went wherever the process started."""
+    monkeypatch.setenv("IMAGESMITH_DATA_DIR", " ")
+    with pytest.raises(
+        ValidationError, match=r"data_dir\n.*is empty, which would put the data in whatever folder"
+    ):
+        Settings()
+
+
+def test_an_empty_compile_cache_dir_means_its_default(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("IMAGESMITH_COMPILE_CACHE_DIR", "")
+    assert Settings(data_dir=tmp_path).compile_cache_dir is None
+
+
+@pytest.mark.parametrize(
+    ("sizes", "named"),
+    [
+        (
+            {"default_width": 128, "default_height": 128, "stock_default_size": ""},
+            "IMAGESMITH_DEFAULT_WIDTH x IMAGESMITH_DEFAULT_HEIGHT (128x128",
+        ),
+        (
+            {"default_width": 64, "default_height": 64, "stock_default_size": "128x96"},
+            "IMAGESMITH_STOCK_DEFAULT_SIZE (128x96",
+        ),
+    ],
+)
+def test_a_pixel_limit_below_a_default_size_is_refused_at_start(
+    tmp_path: Path, sizes: dict[str, object], named: str
+) -> None:
+    """Every request without a size was refused by the server (400), which an OpenAI client cannot fix."""
+    with pytest.raises(ValidationError, match=r"max_total_pixels\n") as caught:
+        Settings(data_dir=tmp_path, max_total_pixels=64 * 64 * 2, **sizes)
+    assert f"8192 pixels is less than one image of {named}" in str(caught.value)
+    assert "so every request without a size would be refused; raise it, or lower that size" in str(
+        caught.value
+    )
+    # Room for one image of each default is enough (a request for more is the request's to lower).
+    Settings(data_dir=tmp_path, max_total_pixels=128 * 128, **sizes)

@@ -179,15 +179,16 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="Largest request body accepted.")
     max_prompt_chars: int = Field(2000, ge=1, le=2000, description="Longest prompt or negative prompt.")
     max_images_per_request: int = Field(4, ge=1, le=4, description="Most images one request may ask for.")
-    max_total_pixels: int = Field(
-        4 * 1024 * 1024, ge=64 * 64, description="width x height x num_images allowed per request."
-    )
     default_width: int = Field(1024, ge=64, le=2048, description="Width when a request gives no size.")
     default_height: int = Field(1024, ge=64, le=2048, description="Height when a request gives no size.")
     stock_default_size: str = Field(
         "1216x832",
         description="WxH when a request that may be served by Pexels gives no size (a landscape blog hero); "
         "empty: default_width x default_height.",
+    )
+    # After the default sizes: its check compares them with it (a field sees only those defined before it).
+    max_total_pixels: int = Field(
+        4 * 1024 * 1024, ge=64 * 64, description="width x height x num_images allowed per request."
     )
     batch_max_images: int = Field(
         8,
@@ -521,6 +522,49 @@ class Settings(BaseSettings):
     @classmethod
     def _side_valid(cls, value: int) -> int:
         return check_side("the size", value)
+
+    @field_validator("data_dir", mode="before")
+    @classmethod
+    def _data_dir_not_blank(cls, value: object) -> object:
+        # Path("") is ".": an empty IMAGESMITH_DATA_DIR= put the job store, images and models in whatever folder
+        # the process started from, so a server started elsewhere found another, empty queue.
+        if isinstance(value, str) and not value.strip():
+            raise ValueError(
+                f"is empty, which would put the data in whatever folder imagesmith starts from; unset it for the "
+                f"default ({default_data_dir()}), or give a folder"
+            )
+        return value
+
+    @field_validator("compile_cache_dir", mode="before")
+    @classmethod
+    def _blank_cache_dir_is_default(cls, value: object) -> object:
+        # Optional with a default of its own: an empty value means that default, not the current folder.
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    @field_validator("max_total_pixels")
+    @classmethod
+    def _default_sizes_fit(cls, value: int, info: ValidationInfo) -> int:
+        """A request that gives no size gets the default size (or, where Pexels may serve it, the stock default
+        size): one image of it must fit, or every such request is refused, and an OpenAI client, which may only
+        send the server's default ("auto") or SDXL's sizes, could not make one request."""
+        sizes = {
+            f"{ENV_PREFIX}DEFAULT_WIDTH x {ENV_PREFIX}DEFAULT_HEIGHT": (
+                info.data.get("default_width"),
+                info.data.get("default_height"),
+            )
+        }
+        stock = info.data.get("stock_default_size")
+        if isinstance(stock, str) and stock.strip():
+            sizes[f"{ENV_PREFIX}STOCK_DEFAULT_SIZE"] = parse_size(stock)
+        for name, (width, height) in sizes.items():
+            if isinstance(width, int) and isinstance(height, int) and width * height > value:
+                raise ValueError(
+                    f"{value} pixels is less than one image of {name} ({width}x{height} = {width * height}), "
+                    "so every request without a size would be refused; raise it, or lower that size"
+                )
+        return value
 
     def warmup_size_list(self) -> list[tuple[int, int]]:
         return [parse_size(part) for part in comma_list(self.warmup_sizes)]
