@@ -16,6 +16,7 @@ import webuiapi
 from PIL import Image
 from service_helpers import ServerProcess
 
+from imagesmith.api.a1111_mapping import Txt2ImgRequest
 from imagesmith.engine.output import parse_a1111_parameters, read_parameters
 
 
@@ -80,6 +81,36 @@ def test_raw_txt2img_seed_refiner_and_batches(server: ServerProcess) -> None:
     base_info = httpx.Response(200, content=base_only.json()["info"]).json()
     assert base_info["extra_generation_params"] == {}
     assert "Refine mode: none" in base_info["infotexts"][0]
+
+
+def test_null_in_any_field_is_its_default(server: ServerProcess) -> None:
+    """A1111's request fields are all Optional and JS/TS and generated clients send null for unset ones: null
+    means the field's default, as if the key were absent (seed null is random); a wrong type is still refused."""
+    size = {"width": 64, "height": 64, "steps": 4}
+    nulls = {name: None for name in Txt2ImgRequest.model_fields if name not in size}
+    assert {"seed", "negative_prompt", "batch_size", "n_iter", "enable_hr", "send_images"} <= set(nulls)
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        sent_null = client.post("/sdapi/v1/txt2img", json={**nulls, "prompt": "cat", **size})
+        absent = client.post("/sdapi/v1/txt2img", json={"prompt": "cat", **size})
+        wrong_type = client.post("/sdapi/v1/txt2img", json={"prompt": "cat", **size, "seed": "random"})
+    assert sent_null.status_code == 200, sent_null.text
+    assert absent.status_code == 200, absent.text
+    body = sent_null.json()
+    assert len(body["images"]) == 1  # send_images null: sent, as by default
+    image = Image.open(io.BytesIO(base64.b64decode(body["images"][0])))
+    assert image.format == "PNG" and image.size == (64, 64)
+    info = httpx.Response(200, content=body["info"]).json()
+    assert info["seed"] >= 0 and info["all_seeds"] == [info["seed"]]  # drawn at random, as for -1
+    assert info["subseed"] == -1 and info["subseed_strength"] == 0.0 and info["batch_size"] == 1
+    assert body["parameters"]["seed"] == -1 and body["parameters"]["send_images"] is True
+    # Everything else is what the same request without those keys gets (the seed is drawn anew each time).
+    drawn = ("seed", "all_seeds", "infotexts", "job_timestamp")
+    absent_info = httpx.Response(200, content=absent.json()["info"]).json()
+    assert {k: v for k, v in info.items() if k not in drawn} == {
+        k: v for k, v in absent_info.items() if k not in drawn
+    }
+    assert body["parameters"] == absent.json()["parameters"]
+    assert wrong_type.status_code == 422 and wrong_type.json()["field"] == "seed", wrong_type.text
 
 
 def test_errors_name_the_field_and_valid_values(server: ServerProcess) -> None:

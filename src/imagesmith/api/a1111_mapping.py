@@ -14,6 +14,8 @@ What maps to what:
   absent (most clients never send it): imagesmith's default, the refiner ensemble.
 - width/height, steps, cfg_scale absent: imagesmith's defaults (the server's default size, not A1111's 512x512,
   which SDXL draws poorly).
+- null in any field means its default, as if the key were absent (A1111's fields are all Optional; clients send
+  null for unset ones): seed null is random, refiner_checkpoint null is imagesmith's default, the ensemble.
 - Tolerated and ignored: override_settings (one model: sd_model_checkpoint and the like change nothing),
   styles, subseed*, restore_faces, tiling, enable_hr and hr_*, eta, s_*, script_name/script_args,
   alwayson_scripts, save_images. send_images=false answers without the images, as A1111 does.
@@ -105,6 +107,21 @@ class Txt2ImgRequest(BaseModel):
     alwayson_scripts: dict[str, Any] | None = None
     send_images: bool = True
     save_images: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        """A1111's request fields are all Optional, and its clients (JS/TS SDKs, generated ones) send null for
+        what they leave unset: null in a field with a default is that default, as if the key were absent (seed
+        null is random, as -1). Null in an extra key is kept as sent; a wrong type that is not null still fails."""
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {
+            key: value
+            for key, value in data.items()
+            if not (value is None and key in fields and not fields[key].is_required())
+        }
 
     @model_validator(mode="after")
     def _kept_values_are_finite(self) -> Txt2ImgRequest:
