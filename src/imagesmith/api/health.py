@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from imagesmith.api.deps import holds_api_key
 from imagesmith.jobs.store import JobStatus
@@ -124,8 +124,19 @@ def report_for(request: Request) -> dict[str, Any]:
 
 
 @router.get("/v1/health")
+@router.head("/v1/health", include_in_schema=False)  # the same, headers only (the server drops HEAD's body)
 def health(request: Request) -> JSONResponse:
     """The same report; 200 when ready or degraded, 503 while starting or failed (for load balancers).
     With API keys set, a caller without one gets the status fields only."""
     report = report_for(request)
     return JSONResponse(report, status_code=200 if report["status"] in ("ready", "degraded") else 503)
+
+
+HEALTH_ALLOW = "GET, HEAD, OPTIONS"
+
+
+@router.options("/v1/health", include_in_schema=False)
+def health_options() -> Response:
+    """OPTIONS on a health route (this one and /api/media/health): 200 and the methods it takes, for checks
+    such as HAProxy's `option httpchk OPTIONS`. Not CORS: no Access-Control-* headers."""
+    return Response(status_code=200, headers={"Allow": HEALTH_ALLOW})

@@ -86,6 +86,7 @@ async def create_job(
 
 
 @router.get("", response_model=JobList)
+@router.head("", response_model=JobList, include_in_schema=False)  # the same, headers only
 def list_jobs(
     service: ServiceDep,
     status: JobStatus | None = None,

@@ -6,12 +6,12 @@ import math
 from datetime import UTC, datetime
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from imagesmith.api.deps import Authorized, ServiceDep, SettingsDep
 from imagesmith.api.errors import ApiError
-from imagesmith.api.health import report_for
+from imagesmith.api.health import health_options, report_for
 from imagesmith.api.waiting import submit_and_wait, succeeded_result
 from imagesmith.jobs.service import SourcesUnavailable, StockNotConfigured
 from imagesmith.jobs.store import JobStatus
@@ -186,7 +186,14 @@ def retry_after(retry_at: str | None) -> dict[str, str] | None:
 
 
 @router.get("/health")
+@router.head("/health", include_in_schema=False)  # the same, headers only (the server drops HEAD's body)
 def media_health(request: Request) -> dict[str, Any]:
     """The seed's health check: pexels_ok / sdxl_ok, plus the full report (the status fields only for a
     caller without a key when keys are set). Always 200; read `status`."""
     return report_for(request)
+
+
+@router.options("/health", include_in_schema=False)
+def media_health_options() -> Response:
+    """As OPTIONS /v1/health: 200 and Allow: GET, HEAD, OPTIONS."""
+    return health_options()
