@@ -347,11 +347,17 @@ def test_serve_on_a_busy_port_says_so_before_starting(tiny_model_home: Path) -> 
 
 def test_serve_on_an_address_not_of_this_machine_blames_the_host_not_the_port(tiny_model_home: Path) -> None:
     """It said "port: ... cannot be listened on; choose another (--port ...)", a fix that cannot work."""
-    env = {"IMAGESMITH_DATA_DIR": str(tiny_model_home), "IMAGESMITH_MODEL": "tiny", "IMAGESMITH_DEVICE": "cpu"}
+    env = {
+        "IMAGESMITH_DATA_DIR": str(tiny_model_home),
+        "IMAGESMITH_MODEL": "tiny",
+        "IMAGESMITH_DEVICE": "cpu",
+    }
     # With API keys the host asked for is used (without, the server listens on loopback whatever is asked).
     done = cli_with({**env, "IMAGESMITH_API_KEYS": "k"}, "serve", "--host", "192.0.2.1", "--port", "18407")
     assert done.returncode == 2, done.stderr
-    assert done.stderr.startswith("imagesmith serve: error: host: 192.0.2.1 is not an address of this machine (")
+    assert done.stderr.startswith(
+        "imagesmith serve: error: host: 192.0.2.1 is not an address of this machine ("
+    )
     assert "(--host or IMAGESMITH_HOST)" in done.stderr and "--port" not in done.stderr
     assert "Traceback" not in done.stderr
 
@@ -607,3 +613,36 @@ def test_generate_to_standard_output_refuses_a_terminal(tiny_model_home: Path, t
     assert done.returncode == 2
     assert b"which is a terminal here; redirect it (-o - > image.png)" in done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_misspelled_setting_is_warned_about_with_the_nearest_name(
+    tiny_model_home: Path, tmp_path: Path
+) -> None:
+    """IMAGESMITH_MODLE=tiny (and a typo in .env) were ignored without a word: the server ran unconfigured."""
+    (tmp_path / ".env").write_text("IMAGESMITH_QUEUEMAX=5\nIMAGESMITH_PEXELS_API_KEY=\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "imagesmith.cli", "doctor"],
+        env={
+            **os.environ,
+            "IMAGESMITH_DATA_DIR": str(tiny_model_home),
+            "IMAGESMITH_MODEL": "tiny",
+            "IMAGESMITH_DEVICE": "cpu",
+            "IMAGESMITH_MODLE": "sdxl",
+            "IMAGESMITH_ZZZ": "secret-value",
+        },
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("imagesmith: warning:")]
+    assert sorted(warnings) == [
+        "imagesmith: warning: IMAGESMITH_MODLE (in the environment) is not a setting, so it is ignored; did you "
+        "mean IMAGESMITH_MODEL?",
+        "imagesmith: warning: IMAGESMITH_QUEUEMAX (in .env (the settings file)) is not a setting, so it is "
+        "ignored; did you mean IMAGESMITH_QUEUE_MAX?",
+        "imagesmith: warning: IMAGESMITH_ZZZ (in the environment) is not a setting, so it is ignored; the "
+        "settings are listed in the README",
+    ]
+    assert "secret-value" not in done.stderr + done.stdout  # names only, never values

@@ -29,6 +29,7 @@ from imagesmith.config import (
     get_settings,
     prepared_data_dir,
     settings_error_lines,
+    unknown_setting_lines,
 )
 from imagesmith.option_errors import USAGE_ERROR, report_option_errors
 from imagesmith.output_file import (
@@ -408,6 +409,8 @@ def _main_guarded(argv: list[str] | None) -> int:
     if unreadable is not None:
         print(f"imagesmith: error: {unreadable}", file=sys.stderr)
         return 2
+    for line in unknown_setting_lines():
+        print(f"imagesmith: warning: {line}", file=sys.stderr)
     interrupted = _InterruptWatch()
     try:
         return _run(argv)

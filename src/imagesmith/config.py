@@ -652,6 +652,40 @@ def _unparsed_env_line(env_file: Path, text: str) -> str | None:
     )
 
 
+def unknown_setting_lines(
+    environ: Mapping[str, str] | None = None, env_file: Path | None = None
+) -> list[str]:
+    """A warning for each IMAGESMITH_ name, in the environment or the settings file, that is no setting: a typo
+    (IMAGESMITH_MODLE=tiny) was ignored without a word, and the server ran as if it had not been set. The
+    nearest real name is offered. Names only, never values (a value may be a secret)."""
+    import difflib
+
+    from dotenv import dotenv_values
+
+    known = [name.upper() for name in Settings.model_fields]  # compared without the prefix, which all share
+    env_file = env_file or Path(str(Settings.model_config.get("env_file")))
+    places = {"the environment": list((os.environ if environ is None else environ).keys())}
+    if env_file.is_file():
+        places[f"{env_file} (the settings file)"] = [name for name in dotenv_values(env_file) if name]
+    lines = []
+    for place, names in places.items():
+        for name in names:
+            upper = name.upper()  # settings are read case-insensitively
+            if (
+                not upper.startswith(ENV_PREFIX)
+                or upper.removeprefix(ENV_PREFIX).lower() in Settings.model_fields
+            ):
+                continue
+            nearest = difflib.get_close_matches(upper.removeprefix(ENV_PREFIX), known, n=1, cutoff=0.7)
+            hint = (
+                f"; did you mean {ENV_PREFIX}{nearest[0]}?"
+                if nearest
+                else "; the settings are listed in the README"
+            )
+            lines.append(f"{name} (in {place}) is not a setting, so it is ignored{hint}")
+    return lines
+
+
 def settings_error_lines(error: ValidationError) -> list[str]:
     """A refused setting, named as the user set it: 'IMAGESMITH_PRECISION: Input should be ...'."""
     lines = []
