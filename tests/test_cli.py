@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from imagesmith.engine.output import parse_a1111_parameters, read_parameters
@@ -646,3 +647,24 @@ def test_a_misspelled_setting_is_warned_about_with_the_nearest_name(
         "settings are listed in the README",
     ]
     assert "secret-value" not in done.stderr + done.stdout  # names only, never values
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a CUDA GPU: the device is usable")
+@pytest.mark.parametrize(
+    ("how", "named", "fix"),
+    [("option", "--device", "use --device cpu"), ("env", "IMAGESMITH_DEVICE", "set IMAGESMITH_DEVICE=cpu")],
+)
+def test_serve_on_a_missing_gpu_exits_2_before_starting(
+    tiny_model_home: Path, how: str, named: str, fix: str
+) -> None:
+    """It came up, failed its start with a traceback in the log and stayed running in health 'failed'."""
+    env = {"IMAGESMITH_DATA_DIR": str(tiny_model_home), "IMAGESMITH_MODEL": "tiny"}
+    if how == "option":
+        done = cli_with({**env, "IMAGESMITH_DEVICE": "cpu"}, "serve", "--port", "18419", "--device", "cuda")
+    else:
+        done = cli_with({**env, "IMAGESMITH_DEVICE": "cuda"}, "serve", "--port", "18419")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(
+        f"imagesmith serve: error: {named}: device 'cuda' was asked for but torch sees no CUDA GPU"
+    ), done.stderr
+    assert fix in done.stderr and "Traceback" not in done.stderr and "loading base model" not in done.stderr

@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from imagesmith.config import Settings, prepared_data_dir, setting_error_line
+from imagesmith.config import ENV_PREFIX, Settings, prepared_data_dir, setting_error_line
 from imagesmith.jobs.store import DATABASE_NAME, JobStore, StoreDamaged
 from imagesmith.jobs.store_lock import StoreInUse
 
@@ -96,6 +96,20 @@ def listen_problem(host: str, port: int) -> str | None:
     return None
 
 
+def device_problem(device: str, said_as: str) -> str | None:
+    """Why the device asked for cannot be used on this machine, named as the user set it, or None. Found
+    before the start: the server came up, failed its engine's start with a traceback in the log, and stayed
+    running in health 'failed', for a setting no restart could fix."""
+    from imagesmith.engine.hardware import probe_device  # imports torch: after the settings' own checks
+
+    try:
+        probe_device(device)
+    except (RuntimeError, ValueError) as error:
+        fix = "use --device cpu" if said_as.startswith("--") else f"set {said_as}=cpu"
+        return f"{said_as}: {str(error).replace(f'set {ENV_PREFIX}DEVICE=cpu', fix)}"
+    return None
+
+
 def bind_host(settings: Settings) -> str:
     """Without API keys the service is open, so it listens on loopback only, whatever was asked."""
     if settings.api_key_list():
@@ -126,6 +140,10 @@ def run_serve(args: argparse.Namespace) -> int:
             print(f"imagesmith serve: error: {line}", file=sys.stderr)
         return 2
     setup_logging(settings.log_format)
+    unusable = device_problem(settings.device, "--device" if args.device else f"{ENV_PREFIX}DEVICE")
+    if unusable:
+        print(f"imagesmith serve: error: {unusable}", file=sys.stderr)
+        return 2
     host = bind_host(settings)
     prepared_data_dir(settings.data_dir)  # before the tiny model, the job store and the port are taken
     try:  # its lock and integrity check, said in one line now rather than as a failed startup's traceback
