@@ -73,6 +73,13 @@ def test_bad_option_exits_2_naming_the_option(tiny_model_home: Path, tmp_path: P
     assert "Traceback" not in done.stderr and not (tmp_path / "x.png").exists()
 
 
+def test_a_negative_seed_says_how_to_get_a_random_one(tiny_model_home: Path, tmp_path: Path) -> None:
+    """A1111's -1 for "random" got "Input should be greater than or equal to 0", and no way forward."""
+    done = run_cli("generate", "x", "--seed", "-1", "-o", str(tmp_path / "x.png"), home=tiny_model_home)
+    assert done.returncode == 2
+    assert "--seed: must be 0 or more, got -1; leave the seed out for a random one" in done.stderr
+
+
 def test_doctor_prints_device_plan_and_models(tiny_model_home: Path) -> None:
     done = run_cli("doctor", home=tiny_model_home)
     assert done.returncode == 0, done.stderr

@@ -156,6 +156,15 @@ class GenerationRequest(BaseModel):
             raise ValueError("prompt must contain text, got only whitespace")
         return value
 
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _negative_seed_says_how_to_get_a_random_one(cls, value: object) -> object:
+        # A1111 users send -1 for "random"; pydantic's "greater than or equal to 0" gave no way forward. (The
+        # A1111 route maps its -1 itself; here a missing seed is the random one.)
+        if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+            raise ValueError(f"must be 0 or more, got {value}; leave the seed out for a random one")
+        return value
+
     @field_validator("width", "height")
     @classmethod
     def _side_valid(cls, value: int | None, info: Any) -> int | None:
