@@ -89,6 +89,11 @@ def test_errors_are_openai_shaped(server: ServerProcess) -> None:
         assert gif.status_code == 400 and gif.json()["error"]["param"] == "output_format"
         background = raw.post("/v1/images/generations", json={"prompt": "a fox", "background": "purple"})
         assert background.status_code == 400 and background.json()["error"]["param"] == "background"
+        # Types as strict as OpenAI's: n=true was taken as 1, and stream="yes" as a request to stream.
+        for name, value in (("n", True), ("n", "2"), ("stream", "yes")):
+            typed = raw.post("/v1/images/generations", json={"prompt": "a fox", name: value})
+            assert typed.status_code == 400 and typed.json()["error"]["param"] == name, typed.text
+            assert "streaming is not supported" not in typed.text
         # A GET of a POST route is a 405 saying so (it was the image route's 404 "no such image"); edits and
         # variations are said to be unsupported (they were a 405).
         got = raw.get("/v1/images/generations")

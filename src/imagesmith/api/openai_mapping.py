@@ -41,7 +41,10 @@ class OpenAIImageRequest(BaseModel):
 
     prompt: str = Field(..., description="What the image shows.")
     model: str | None = Field(None, description="Any name; this server has one model.")
-    n: int | None = Field(None, description="Images to make, 1 to the server's limit (at most 4).")
+    # Strict, as OpenAI's API is: lax mode took n=true as 1 and "2" as 2, stream="yes" as a request to stream.
+    n: int | None = Field(
+        None, strict=True, description="Images to make, 1 to the server's limit (at most 4)."
+    )
     quality: str | None = Field(None, description="'hd'/'high': high-quality preset; 'standard': draft.")
     response_format: Literal["url", "b64_json"] | None = Field(
         None, description="Default: url; b64_json for gpt-image models, as OpenAI answers them."
@@ -51,7 +54,7 @@ class OpenAIImageRequest(BaseModel):
     user: str | None = Field(None, description="Accepted and ignored.")
     output_format: str | None = Field(None, description="png (default), jpeg or webp.")
     background: str | None = Field(None, description="'auto' or 'opaque'; 'transparent' is refused.")
-    stream: bool | None = Field(None, description="Must be false or absent.")
+    stream: bool | None = Field(None, strict=True, description="Must be false or absent.")
 
     def wants_base64(self) -> bool:
         if self.response_format is not None:
