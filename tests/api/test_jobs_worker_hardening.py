@@ -139,7 +139,7 @@ def test_recover_ends_a_queued_job_flagged_for_cancel(tmp_path: Path) -> None:
     store.request_cancel(job.id)
     store.close()
     store = JobStore(path)  # the restart
-    assert store.recover(max_attempts=3) == ([], [job.id])
+    assert store.recover(max_attempts=3) == ([], [job.id], [])  # canceled, as asked
     final = store.get(job.id)
     assert final is not None and final.status is JobStatus.CANCELED and final.finished_at is not None
     assert store.counts()[JobStatus.QUEUED] == 0 and store.claim(1) == []
@@ -206,7 +206,7 @@ def test_a_job_that_was_running_at_a_crash_runs_alone(parts: Parts) -> None:
     crashed = parts.submit(prompt="a lighthouse", seed=1)
     behind = [parts.submit(prompt=f"a lighthouse {n}", seed=10 + n) for n in range(2)]  # compatible company
     parts.store.claim(1)  # it was running ...
-    assert parts.store.recover(max_attempts=3) == ([crashed], [])  # ... when the process died
+    assert parts.store.recover(max_attempts=3) == ([crashed], [], [])  # ... when the process died
     parts.worker.start()
     parts.wait_terminal(crashed, *behind)
     assert parts.job(crashed).attempts == 2
@@ -317,7 +317,7 @@ def test_a_stop_while_a_result_waits_out_a_busy_store_leaves_the_job_to_run_agai
         assert set(calls) == {JobStatus.SUCCEEDED}  # never written failed
         backup.execute("ROLLBACK")
         assert parts.job(job_id).status is JobStatus.RUNNING
-        assert parts.store.recover(max_attempts=3) == ([job_id], [])  # the next start runs it again
+        assert parts.store.recover(max_attempts=3) == ([job_id], [], [])  # the next start runs it again
     finally:
         backup.close()
         parts.worker.stop()

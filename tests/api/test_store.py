@@ -45,7 +45,7 @@ def test_recover_requeues_running_until_attempts_run_out(tmp_path: Path) -> None
         assert claimed.attempts == attempt
         store.close()
         store = JobStore(path)  # a restart after a crash
-        requeued, given_up = store.recover(max_attempts=2)
+        requeued, _, given_up = store.recover(max_attempts=2)
         if attempt == 1:
             assert requeued == [job.id] and not given_up
     assert given_up == [job.id]
@@ -234,3 +234,17 @@ def test_api_writes_behind_another_programs_lock_are_answered_within_two_busy_ti
     assert max(seconds for seconds, _ in answers) < 2.7, sorted(round(seconds, 2) for seconds, _ in answers)
     assert store.counts()[JobStatus.QUEUED] == 0
     store.close()
+
+
+def test_recover_counts_a_job_canceled_while_running_as_canceled_not_given_up(tmp_path: Path) -> None:
+    """The start's log said "0 back in the queue, 1 given up" for a job that ended canceled, as asked."""
+    path = tmp_path / "jobs.sqlite3"
+    store = JobStore(path)
+    job, _ = store.submit({}, "h", None, queue_max=10)
+    store.claim(1)
+    store.request_cancel(job.id)  # asked while it ran; then the process died
+    store.close()
+    store = JobStore(path)
+    assert store.recover(max_attempts=3) == ([], [job.id], [])
+    final = store.get(job.id)
+    assert final is not None and final.status is JobStatus.CANCELED

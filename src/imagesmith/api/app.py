@@ -51,13 +51,15 @@ def create_app(
         data_dir = prepared_data_dir(settings.data_dir)
         job_store = store if store is not None else JobStore(data_dir / DATABASE_NAME)
         try:  # a start that fails below must not keep the store (and its lock) open
-            requeued, given_up = job_store.recover(settings.max_attempts)
-            if requeued or given_up:
+            recovered = job_store.recover(settings.max_attempts)
+            if any(recovered):
                 log.warning(
-                    "recovered after an unclean stop: %d job(s) back in the queue, %d given up: %s",
-                    len(requeued),
-                    len(given_up),
-                    ", ".join([*requeued, *given_up]),
+                    "recovered after an unclean stop: %d job(s) back in the queue, %d canceled as asked before "
+                    "the stop, %d given up (attempts used): %s",
+                    len(recovered.requeued),
+                    len(recovered.canceled),
+                    len(recovered.given_up),
+                    ", ".join([*recovered.requeued, *recovered.canceled, *recovered.given_up]),
                 )
             files = ImageFiles(data_dir / "images")
             # Safe here: this process holds the store's lock (store_lock.py), so no other put() is writing.

@@ -19,7 +19,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from imagesmith.jobs.store_lock import lock_store, unlock_store
 
@@ -163,6 +163,14 @@ def damaged_store_message(path: Path, problem: str) -> str:
         f"{path} is damaged ({problem}); stop imagesmith, move the file aside (or restore a backup) "
         "and start again: a new store is made, and the jobs in the damaged one are not run"
     )
+
+
+class Recovered(NamedTuple):
+    """What a start found of the last process's unfinished work (JobStore.recover), by job id."""
+
+    requeued: list[str]  # left running: back in the queue, at their place
+    canceled: list[str]  # a cancel was asked before the stop: ended canceled, as asked
+    given_up: list[str]  # left running on their last attempt: failed, "interrupted"
 
 
 class JobStore:
@@ -437,10 +445,10 @@ class JobStore:
             ).fetchall()
         return [JobRecord.from_row(row) for row in rows]
 
-    def recover(self, max_attempts: int) -> tuple[list[str], list[str]]:
+    def recover(self, max_attempts: int) -> Recovered:
         """After a crash: jobs left running go back to the queue (keeping their place), unless they were
-        canceled or have used their attempts; queued jobs flagged for cancel end canceled. Returns (requeued
-        ids, given-up ids)."""
+        canceled or have used their attempts; queued jobs flagged for cancel end canceled. Returns the ids of
+        each kind."""
 
         def interrupted(attempts: int) -> dict[str, str]:
             return {
@@ -452,10 +460,10 @@ class JobStore:
             rows = self._db.execute(
                 "SELECT id, attempts, cancel_requested FROM jobs WHERE status = ?", (JobStatus.RUNNING.value,)
             ).fetchall()
-            requeued, given_up = self._release_running(rows, max_attempts, interrupted)
+            requeued, canceled, given_up = self._release_running(rows, max_attempts, interrupted)
         # A cancel that raced the last shutdown's requeue left its job queued; no one is listening yet.
-        given_up += [job.id for job in self.cancel_flagged_queued()]
-        return requeued, given_up
+        canceled += [job.id for job in self.cancel_flagged_queued()]
+        return Recovered(requeued, canceled, given_up)
 
     def release_stranded(self, job_id: str, max_attempts: int) -> JobRecord | None:
         """A running job whose end could not be written (a full disk): what recover() would do with it at the
@@ -479,12 +487,13 @@ class JobStore:
 
     def _release_running(
         self, rows: list[sqlite3.Row], max_attempts: int, gave_up: Callable[[int], dict[str, str]]
-    ) -> tuple[list[str], list[str]]:
+    ) -> tuple[list[str], list[str], list[str]]:
         """Running jobs no process is running any more: canceled if a cancel was asked, failed with
         gave_up(attempts) once their attempts are used, else back in the queue at their place. The caller holds
-        the lock inside a transaction. Returns (requeued ids, ended ids)."""
+        the lock inside a transaction. Returns (requeued ids, canceled ids, failed ids)."""
         requeued: list[str] = []
-        ended: list[str] = []
+        canceled: list[str] = []
+        failed: list[str] = []
         now = time.time()
         for row in rows:
             if row["cancel_requested"]:
@@ -502,8 +511,8 @@ class JobStore:
                 "UPDATE jobs SET status = ?, error = ?, finished_at = ? WHERE id = ?",
                 (status.value, json.dumps(error), now, row["id"]),
             )
-            ended.append(row["id"])
-        return requeued, ended
+            (canceled if status is JobStatus.CANCELED else failed).append(row["id"])
+        return requeued, canceled, failed
 
     def counts(self) -> dict[JobStatus, int]:
         with self._read_lock:
