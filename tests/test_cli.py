@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -31,6 +32,23 @@ def run_cli(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
     """On the tiny model, on the CPU, with `home` as the data dir."""
     return cli_with(
         {"IMAGESMITH_DATA_DIR": str(home), "IMAGESMITH_MODEL": "tiny", "IMAGESMITH_DEVICE": "cpu"}, *args
+    )
+
+
+def tiny_process(home: Path, cwd: Path, *args: str, **streams: Any) -> subprocess.CompletedProcess[bytes]:
+    """`imagesmith ARGS` on the tiny model, on the CPU, run in `cwd` with its output as bytes (or where
+    `streams` says): for tests of what stdout itself carries."""
+    return subprocess.run(
+        [sys.executable, "-m", "imagesmith.cli", *args],
+        env={
+            **os.environ,
+            "IMAGESMITH_DATA_DIR": str(home),
+            "IMAGESMITH_MODEL": "tiny",
+            "IMAGESMITH_DEVICE": "cpu",
+        },
+        cwd=cwd,
+        timeout=300,
+        **streams,
     )
 
 
@@ -542,36 +560,21 @@ def test_generate_to_standard_output_writes_only_the_image_there(
     tiny_model_home: Path, tmp_path: Path
 ) -> None:
     """`-o -` pipes the image (it wrote a file named '-.png'); what people read goes to stderr."""
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "imagesmith.cli",
-            "generate",
-            "a kite",
-            "-o",
-            "-",
-            "--width",
-            "64",
-            "--height",
-            "64",
-            "--steps",
-            "4",
-            "--seed",
-            "5",
-            "--format",
-            "webp",
-        ],
-        env={
-            **os.environ,
-            "IMAGESMITH_DATA_DIR": str(tiny_model_home),
-            "IMAGESMITH_MODEL": "tiny",
-            "IMAGESMITH_DEVICE": "cpu",
-        },
-        cwd=tmp_path,
-        capture_output=True,
-        timeout=300,
-    )
+    command = [
+        "generate",
+        "a kite",
+        "-o",
+        "-",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "4",
+        "--seed",
+        "5",
+    ]
+    done = tiny_process(tiny_model_home, tmp_path, *command, "--format", "webp", capture_output=True)
     assert done.returncode == 0, done.stderr.decode()
     (tmp_path / "piped.webp").write_bytes(done.stdout)
     with Image.open(tmp_path / "piped.webp") as image:
@@ -602,18 +605,8 @@ def test_generate_to_standard_output_refuses_a_terminal(tiny_model_home: Path, t
 
     leader, follower = pty.openpty()
     try:
-        done = subprocess.run(
-            [sys.executable, "-m", "imagesmith.cli", "generate", "x", "-o", "-"],
-            env={
-                **os.environ,
-                "IMAGESMITH_DATA_DIR": str(tiny_model_home),
-                "IMAGESMITH_MODEL": "tiny",
-                "IMAGESMITH_DEVICE": "cpu",
-            },
-            cwd=tmp_path,
-            stdout=follower,
-            stderr=subprocess.PIPE,
-            timeout=300,
+        done = tiny_process(
+            tiny_model_home, tmp_path, "generate", "x", "-o", "-", stdout=follower, stderr=subprocess.PIPE
         )
     finally:
         os.close(follower)
