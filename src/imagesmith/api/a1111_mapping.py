@@ -15,7 +15,8 @@ What maps to what:
 - width/height, steps, cfg_scale absent: imagesmith's defaults (the server's default size, not A1111's 512x512,
   which SDXL draws poorly).
 - null in any field means its default, as if the key were absent (A1111's fields are all Optional; clients send
-  null for unset ones): seed null is random, refiner_checkpoint null is imagesmith's default, the ensemble.
+  null for unset ones): seed null is random. Except refiner_checkpoint null, which is A1111's "no refiner":
+  base only.
 - Tolerated and ignored: override_settings (one model: sd_model_checkpoint and the like change nothing),
   styles, subseed*, restore_faces, tiling, enable_hr and hr_*, eta, s_*, script_name/script_args,
   alwayson_scripts, save_images. send_images=false answers without the images, as A1111 does.
@@ -73,6 +74,10 @@ A1111_FIELDS = {
 _IGNORED_IF_SET = ("enable_hr", "restore_faces", "tiling", "script_name", "styles", "alwayson_scripts")
 
 
+# Fields whose null A1111 reads as a choice, not as "unset": refiner_checkpoint null is "no refiner".
+NULL_IS_MEANINGFUL = frozenset({"refiner_checkpoint"})
+
+
 class Txt2ImgRequest(BaseModel):
     """POST /sdapi/v1/txt2img: the fields A1111 clients send. Others are accepted (and echoed) but unused."""
 
@@ -113,14 +118,21 @@ class Txt2ImgRequest(BaseModel):
     def _null_is_the_default(cls, data: Any) -> Any:
         """A1111's request fields are all Optional, and its clients (JS/TS SDKs, generated ones) send null for
         what they leave unset: null in a field with a default is that default, as if the key were absent (seed
-        null is random, as -1). Null in an extra key is kept as sent; a wrong type that is not null still fails."""
+        null is random, as -1). Except refiner_checkpoint, whose null A1111 reads as "no refiner": kept, so it
+        means base only here too. Null in an extra key is kept as sent; a wrong type that is not null still
+        fails."""
         if not isinstance(data, dict):
             return data
         fields = cls.model_fields
         return {
             key: value
             for key, value in data.items()
-            if not (value is None and key in fields and not fields[key].is_required())
+            if not (
+                value is None
+                and key in fields
+                and not fields[key].is_required()
+                and key not in NULL_IS_MEANINGFUL
+            )
         }
 
     @model_validator(mode="after")

@@ -260,7 +260,10 @@ def _invalid(request: Request, items: Sequence[Any]) -> JSONResponse:
     return render_error(request, 422, code, message, first["field"], details=details)
 
 
-_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+# Listed in a 405's Allow header (RFC 9110: what the resource supports) but not in its message, which names
+# what a client means to call.
+_QUIET_METHODS = ("HEAD", "OPTIONS")
 
 
 def methods_for(request: Request) -> list[str]:
@@ -329,7 +332,8 @@ def install_error_handlers(app: FastAPI) -> None:
         if error.status_code == 405 and message == "Method Not Allowed":
             allowed = methods_for(request)
             if allowed:
-                message = f"{request.url.path} takes {' or '.join(allowed)}, not {request.method}"
+                said = [method for method in allowed if method not in _QUIET_METHODS] or allowed
+                message = f"{request.url.path} takes {' or '.join(said)}, not {request.method}"
                 headers = {**(headers or {}), "Allow": ", ".join(allowed)}
         elif error.status_code == 404 and message == "Not Found":
             message = unknown_path_message(request)
