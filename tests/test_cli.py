@@ -637,7 +637,13 @@ def test_a_misspelled_setting_is_warned_about_with_the_nearest_name(
         timeout=300,
     )
     assert done.returncode == 0, done.stderr
-    warnings = [line for line in done.stderr.splitlines() if line.startswith("imagesmith: warning:")]
+    # Only the names set here: the shell running the tests may hold IMAGESMITH_ names of its own.
+    ours = ("IMAGESMITH_MODLE ", "IMAGESMITH_QUEUEMAX ", "IMAGESMITH_ZZZ ")
+    warnings = [
+        line
+        for line in done.stderr.splitlines()
+        if line.startswith(tuple(f"imagesmith: warning: {n}" for n in ours))
+    ]
     assert sorted(warnings) == [
         "imagesmith: warning: IMAGESMITH_MODLE (in the environment) is not a setting, so it is ignored; did you "
         "mean IMAGESMITH_MODEL?",
@@ -668,3 +674,70 @@ def test_serve_on_a_missing_gpu_exits_2_before_starting(
         f"imagesmith serve: error: {named}: device 'cuda' was asked for but torch sees no CUDA GPU"
     ), done.stderr
     assert fix in done.stderr and "Traceback" not in done.stderr and "loading base model" not in done.stderr
+
+
+def test_generate_to_a_closed_pipe_fails_in_one_line(tiny_model_home: Path, tmp_path: Path) -> None:
+    """`... -o - | head -c 0`: the reader is gone; one line and exit 1, no traceback at the interpreter's exit."""
+    with subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "imagesmith.cli",
+            "generate",
+            "x",
+            "-o",
+            "-",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--steps",
+            "2",
+        ],
+        env={
+            **os.environ,
+            "IMAGESMITH_DATA_DIR": str(tiny_model_home),
+            "IMAGESMITH_MODEL": "tiny",
+            "IMAGESMITH_DEVICE": "cpu",
+        },
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    ) as process:
+        assert process.stdout is not None and process.stderr is not None
+        process.stdout.close()  # before anything is written
+        errors = process.stderr.read().decode()
+        assert process.wait(timeout=300) == 1, errors
+    assert "imagesmith generate: cannot write standard output: Broken pipe" in errors
+    assert "Traceback" not in errors and "Exception ignored" not in errors
+
+
+def test_a_file_named_dash_is_still_a_file(tiny_model_home: Path, tmp_path: Path) -> None:
+    """Only '-' itself is standard output: './-' names a file, as in any Unix tool (Path made both '-')."""
+    done = tiny_process(
+        tiny_model_home,
+        tmp_path,
+        "generate",
+        "x",
+        "-o",
+        "./-",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "2",
+        capture_output=True,
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout.startswith(b"wrote -.png (seed ") and (tmp_path / "-.png").is_file()
+
+
+def test_serve_refuses_an_empty_data_dir_option(tiny_model_home: Path) -> None:
+    """argparse's Path('') was '.', the folder the server started from."""
+    done = run_cli("serve", "--data-dir", "", "--port", "18421", home=tiny_model_home)
+    assert done.returncode == 2, done.stderr
+    assert (
+        "imagesmith serve: error: --data-dir: is empty, which would put the data in whatever folder"
+        in done.stderr
+    )

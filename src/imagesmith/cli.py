@@ -74,7 +74,6 @@ def _add_generate(subparsers: Any) -> None:
     parser.add_argument(
         "-o",
         "--output",
-        type=Path,
         default=None,
         help="file to write (default image.png, or image.<format> with --format); with several images, "
         "NAME_0.png, NAME_1.png, ...; '-' writes the one image to standard output (PNG unless --format)",
@@ -234,13 +233,14 @@ class _StageBars:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    to_stdout = args.output == STDOUT
+    # The option as typed: Path would make './-' (a file named '-') into '-' (standard output).
+    to_stdout = args.output == str(STDOUT)
     try:  # before the models load: a path that cannot be written costs no generation
         if to_stdout:
             output, output_format = STDOUT, stdout_format(args.format, args.num_images, args.json)
         else:
             output, output_format = planned_output(
-                args.output or Path("image"), args.format, OutputFormat.PNG, " (or give --format)"
+                Path(args.output or "image"), args.format, OutputFormat.PNG, " (or give --format)"
             )
             # With --num-images, each image's own name (m_1.png) too; a count out of range is refused below.
             for path in output_paths(

@@ -240,12 +240,13 @@ class Settings(BaseSettings):
     )
     timed_reductions: bool = Field(
         False,
-        description="Compile each normalization kernel of the compiled UNets and VAE decoder (inductor's "
-        "reductions: the layer and group norms) both held in registers and as a loop, and keep whichever runs "
-        "faster on its first call, at start-up (inductor's multi-kernel). Exact: the same sums, each within bf16 "
-        "rounding. Only with compile. Measured on an H100: the base UNet's call -0.37 ms of 32.4 (its 1280-wide "
-        "layer norms 12 -> 9 us each, run 93), the refiner's +0.00 (run 94): ~-12 ms an ensemble image, estimated. "
-        "Not yet run end to end on a GPU, hence off. Changing it changes the compile cache's keys.",
+        description="Compile each reduction kernel of the compiled UNets and VAE decoder (the layer and group "
+        "norms, softmaxes) both held in registers and as a loop, and keep whichever runs faster on its first "
+        "call, at start-up (inductor's multi-kernel; this setting decides it, over TORCHINDUCTOR_MULTI_KERNEL). "
+        "Exact within rounding: the same sums in another order, not bit-identical. Only with compile. Measured on "
+        "an H100: the base UNet's call -0.37 ms of 32.4 (its 1280-wide layer norms 12 -> 9 us each, run 93), the "
+        "refiner's +0.00 (run 94): ~-12 ms an ensemble image, estimated. Not yet run end to end on a GPU, hence "
+        "off. Changing it changes the compile cache's keys.",
     )
     compile_dynamic: bool = Field(
         False,

@@ -12,7 +12,6 @@ import logging
 import socket
 import sqlite3
 import sys
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -39,7 +38,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, help="port (IMAGESMITH_PORT, default 8000)")
     parser.add_argument("--model", choices=["sdxl", "tiny"], help="IMAGESMITH_MODEL")
     parser.add_argument("--device", help="IMAGESMITH_DEVICE: auto, cpu, mps, cuda, cuda:N")
-    parser.add_argument("--data-dir", type=Path, help="IMAGESMITH_DATA_DIR: jobs database and images")
+    # A string, made a Path by the settings: argparse's Path('') is '.', which their empty-value check cannot see.
+    parser.add_argument("--data-dir", help="IMAGESMITH_DATA_DIR: jobs database and images")
     parser.add_argument("--log-format", choices=["text", "json"], help="IMAGESMITH_LOG_FORMAT")
 
 
@@ -87,7 +87,12 @@ def listen_problem(host: str, port: int) -> str | None:
             probe.bind((host, port))
         except OSError as error:
             reason = error.strerror or str(error)
-            if isinstance(error, socket.gaierror) or error.errno == errno.EADDRNOTAVAIL:
+            if isinstance(error, socket.gaierror):  # a name that does not resolve (a typo, or DNS down)
+                return (
+                    f"host: {host} cannot be resolved to an address ({reason}); give an address of this "
+                    "machine, or 0.0.0.0 for all of them (--host or IMAGESMITH_HOST)"
+                )
+            if error.errno == errno.EADDRNOTAVAIL:
                 return (
                     f"host: {host} is not an address of this machine ({reason}); give one of its addresses, or "
                     "0.0.0.0 for all of them (--host or IMAGESMITH_HOST)"

@@ -104,9 +104,12 @@ def _what_runs(settings: Settings, plan: HardwarePlan) -> str:
         if settings.compile_regions:  # the engine skips them, with a warning, on a torch without regions
             regions = ", each kind of transformer block once (IMAGESMITH_COMPILE_REGIONS)"
             regions = regions if regions_supported() else ", not IMAGESMITH_COMPILE_REGIONS (torch too old)"
-        if settings.timed_reductions:
-            regions += ", norms timed persistent or looped (IMAGESMITH_TIMED_REDUCTIONS)"
-        what = f"torch.compile {settings.compile.value}{regions}; {when}; {cache}"
+        timed = (
+            ", norms timed persistent or looped (IMAGESMITH_TIMED_REDUCTIONS)"
+            if settings.timed_reductions
+            else ""
+        )
+        what = f"torch.compile {settings.compile.value}{regions}{timed}; {when}; {cache}"
     lossy = [f"fp8 linears ({plan.fp8} scales)"] if plan.fp8 else []
     lossy += ["fp8 convolutions"] if plan.fp8_convs else []
     lossy += ["fused fp8 GEGLU"] if plan.fp8_fused_geglu else []
