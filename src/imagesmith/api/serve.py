@@ -110,8 +110,11 @@ def device_problem(device: str, said_as: str) -> str | None:
     try:
         probe_device(device)
     except (RuntimeError, ValueError) as error:
-        fix = "use --device cpu" if said_as.startswith("--") else f"set {said_as}=cpu"
-        return f"{said_as}: {str(error).replace(f'set {ENV_PREFIX}DEVICE=cpu', fix)}"
+        message = str(error)  # its fixes name the environment variable; an option is said as the option
+        if said_as.startswith("--"):
+            message = message.replace(f"set {ENV_PREFIX}DEVICE=cpu", "use --device cpu")
+            message = message.replace(f"{ENV_PREFIX}DEVICE", said_as)  # "set --device to one of them"
+        return f"{said_as}: {message}"
     return None
 
 
