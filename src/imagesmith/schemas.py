@@ -161,8 +161,14 @@ class GenerationRequest(BaseModel):
     def _negative_seed_says_how_to_get_a_random_one(cls, value: object) -> object:
         # A1111 users send -1 for "random"; pydantic's "greater than or equal to 0" gave no way forward. (The
         # A1111 route maps its -1 itself; here a missing seed is the random one.)
-        if isinstance(value, int) and not isinstance(value, bool) and value < 0:
-            raise ValueError(f"must be 0 or more, got {value}; leave the seed out for a random one")
+        number = value
+        if isinstance(value, str):  # JSON's "-1": pydantic reads an integer string as the integer
+            try:
+                number = int(value.strip())
+            except ValueError:
+                return value  # not a number: pydantic's own message
+        if isinstance(number, int | float) and not isinstance(number, bool) and number < 0:
+            raise ValueError(f"must be 0 or more, got {value!r}; leave the seed out for a random one")
         return value
 
     @field_validator("width", "height")
