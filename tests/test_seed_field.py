@@ -12,7 +12,7 @@ from imagesmith.schemas import GenerationRequest
 def test_a_negative_seed_says_to_leave_it_out(seed: object) -> None:
     """A1111 clients send -1 (or "-1") for random; the answer was pydantic's "greater than or equal to 0"."""
     with pytest.raises(
-        ValidationError, match="must be 0 or more, got .*; leave the seed out for a random one"
+        ValidationError, match=r"must be 0 or more, got .*; leave the seed out for a random one"
     ):
         GenerationRequest(prompt="p", seed=seed)
 
