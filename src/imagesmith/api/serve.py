@@ -108,13 +108,9 @@ def device_problem(device: str, said_as: str) -> str | None:
     from imagesmith.engine.hardware import probe_device  # imports torch: after the settings' own checks
 
     try:
-        probe_device(device)
+        probe_device(device, said_as)
     except (RuntimeError, ValueError) as error:
-        message = str(error)  # its fixes name the environment variable; an option is said as the option
-        if said_as.startswith("--"):
-            message = message.replace(f"set {ENV_PREFIX}DEVICE=cpu", "use --device cpu")
-            message = message.replace(f"{ENV_PREFIX}DEVICE", said_as)  # "set --device to one of them"
-        return f"{said_as}: {message}"
+        return f"{said_as}: {error}"
     return None
 
 

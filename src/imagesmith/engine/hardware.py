@@ -104,7 +104,16 @@ class HardwarePlan:
         )
 
 
-def _cuda_index(requested: str) -> int:
+DEVICE_SETTING = "IMAGESMITH_DEVICE"
+
+
+def _set_device(setting: str, value: str) -> str:
+    """The fix for a device that cannot be used, said the way the user set it: `serve --device` gets
+    "use --device cpu", the environment "set IMAGESMITH_DEVICE=cpu"."""
+    return f"use {setting} {value}" if setting.startswith("--") else f"set {setting}={value}"
+
+
+def _cuda_index(requested: str, setting: str = DEVICE_SETTING) -> int:
     """'cuda' -> the current GPU, 'cuda:N' -> N, checked against the GPUs torch sees (torch itself answers a
     wrong index with a bare assertion)."""
     if ":" not in requested:
@@ -116,22 +125,23 @@ def _cuda_index(requested: str) -> int:
     if int(text) >= count:
         raise RuntimeError(
             f"device '{requested}' was asked for but torch sees {count} GPU(s), numbered from 0; "
-            "set IMAGESMITH_DEVICE to one of them"
+            f"set {setting} to one of them"
         )
     return int(text)
 
 
-def probe_device(requested: str = "auto") -> DeviceInfo:
-    """Ask torch what the requested device is. 'auto' takes the first CUDA GPU, else the CPU."""
+def probe_device(requested: str = "auto", setting: str = DEVICE_SETTING) -> DeviceInfo:
+    """Ask torch what the requested device is. 'auto' takes the first CUDA GPU, else the CPU. `setting`: how
+    the user gave the device (an environment variable, or a command's option), which the fixes name."""
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda"):
         if not torch.cuda.is_available():
             raise RuntimeError(
                 f"device '{requested}' was asked for but torch sees no CUDA GPU "
-                f"(torch {torch.__version__}); set IMAGESMITH_DEVICE=cpu or install a CUDA build of torch"
+                f"(torch {torch.__version__}); {_set_device(setting, 'cpu')} or install a CUDA build of torch"
             )
-        index = _cuda_index(requested)
+        index = _cuda_index(requested, setting)
         props = torch.cuda.get_device_properties(index)
         free, total = torch.cuda.mem_get_info(index)
         return DeviceInfo(
@@ -149,7 +159,7 @@ def probe_device(requested: str = "auto") -> DeviceInfo:
             built = "not built into" if not torch.backends.mps.is_built() else "not usable with"
             raise RuntimeError(
                 f"device 'mps' was asked for but Apple MPS is {built} this torch ({torch.__version__}) "
-                "on this machine; set IMAGESMITH_DEVICE=cpu (or auto)"
+                f"on this machine; {_set_device(setting, 'cpu')} (or auto)"
             )
         return DeviceInfo(kind="mps", name="Apple MPS")
     if requested == "cpu":
