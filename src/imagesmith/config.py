@@ -607,11 +607,16 @@ def get_settings() -> Settings:
     return Settings()
 
 
+def settings_file() -> Path:
+    """The settings file Settings reads (its env_file: .env in the current folder)."""
+    return Path(str(Settings.model_config.get("env_file")))
+
+
 def env_file_problem(env_file: Path | None = None) -> str | None:
     """Why the settings file (Settings' env_file unless given) cannot be read, or None. python-dotenv reads it as
     UTF-8 and a file saved in another encoding (Windows Notepad's UTF-16) came out as its UnicodeDecodeError's
     traceback, naming no file."""
-    env_file = env_file or Path(str(Settings.model_config.get("env_file")))
+    env_file = env_file or settings_file()
     try:
         text = env_file.read_bytes().decode("utf-8")
     except FileNotFoundError:
@@ -664,7 +669,7 @@ def unknown_setting_lines(
     from dotenv import dotenv_values
 
     known = [name.upper() for name in Settings.model_fields]  # compared without the prefix, which all share
-    env_file = env_file or Path(str(Settings.model_config.get("env_file")))
+    env_file = env_file or settings_file()
     places = {"the environment": list((os.environ if environ is None else environ).keys())}
     if env_file.is_file():
         places[f"{env_file} (the settings file)"] = [name for name in dotenv_values(env_file) if name]
