@@ -28,11 +28,18 @@ def cli_with(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str
     )
 
 
+def tiny_env(home: Path) -> dict[str, str]:
+    """The settings of a run on the tiny model, on the CPU, with `home` as the data dir."""
+    return {"IMAGESMITH_DATA_DIR": str(home), "IMAGESMITH_MODEL": "tiny", "IMAGESMITH_DEVICE": "cpu"}
+
+
+# A 64x64 image in a few steps: enough for tests of where the image goes, not of what it holds.
+SMALL_IMAGE = ("--width", "64", "--height", "64", "--steps", "2")
+
+
 def run_cli(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
     """On the tiny model, on the CPU, with `home` as the data dir."""
-    return cli_with(
-        {"IMAGESMITH_DATA_DIR": str(home), "IMAGESMITH_MODEL": "tiny", "IMAGESMITH_DEVICE": "cpu"}, *args
-    )
+    return cli_with(tiny_env(home), *args)
 
 
 def tiny_process(home: Path, cwd: Path, *args: str, **streams: Any) -> subprocess.CompletedProcess[bytes]:
@@ -40,12 +47,7 @@ def tiny_process(home: Path, cwd: Path, *args: str, **streams: Any) -> subproces
     `streams` says): for tests of what stdout itself carries."""
     return subprocess.run(
         [sys.executable, "-m", "imagesmith.cli", *args],
-        env={
-            **os.environ,
-            "IMAGESMITH_DATA_DIR": str(home),
-            "IMAGESMITH_MODEL": "tiny",
-            "IMAGESMITH_DEVICE": "cpu",
-        },
+        env={**os.environ, **tiny_env(home)},
         cwd=cwd,
         timeout=300,
         **streams,
@@ -373,13 +375,15 @@ def test_serve_on_a_busy_port_says_so_before_starting(tiny_model_home: Path) -> 
 
 def test_serve_on_an_address_not_of_this_machine_blames_the_host_not_the_port(tiny_model_home: Path) -> None:
     """It said "port: ... cannot be listened on; choose another (--port ...)", a fix that cannot work."""
-    env = {
-        "IMAGESMITH_DATA_DIR": str(tiny_model_home),
-        "IMAGESMITH_MODEL": "tiny",
-        "IMAGESMITH_DEVICE": "cpu",
-    }
     # With API keys the host asked for is used (without, the server listens on loopback whatever is asked).
-    done = cli_with({**env, "IMAGESMITH_API_KEYS": "k"}, "serve", "--host", "192.0.2.1", "--port", "18407")
+    done = cli_with(
+        {**tiny_env(tiny_model_home), "IMAGESMITH_API_KEYS": "k"},
+        "serve",
+        "--host",
+        "192.0.2.1",
+        "--port",
+        "18407",
+    )
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith(
         "imagesmith serve: error: host: 192.0.2.1 is not an address of this machine ("
@@ -625,9 +629,7 @@ def test_a_misspelled_setting_is_warned_about_with_the_nearest_name(
         [sys.executable, "-m", "imagesmith.cli", "doctor"],
         env={
             **os.environ,
-            "IMAGESMITH_DATA_DIR": str(tiny_model_home),
-            "IMAGESMITH_MODEL": "tiny",
-            "IMAGESMITH_DEVICE": "cpu",
+            **tiny_env(tiny_model_home),
             "IMAGESMITH_MODLE": "sdxl",
             "IMAGESMITH_ZZZ": "secret-value",
         },
@@ -687,19 +689,9 @@ def test_generate_to_a_closed_pipe_fails_in_one_line(tiny_model_home: Path, tmp_
             "x",
             "-o",
             "-",
-            "--width",
-            "64",
-            "--height",
-            "64",
-            "--steps",
-            "2",
+            *SMALL_IMAGE,
         ],
-        env={
-            **os.environ,
-            "IMAGESMITH_DATA_DIR": str(tiny_model_home),
-            "IMAGESMITH_MODEL": "tiny",
-            "IMAGESMITH_DEVICE": "cpu",
-        },
+        env={**os.environ, **tiny_env(tiny_model_home)},
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -721,12 +713,7 @@ def test_a_file_named_dash_is_still_a_file(tiny_model_home: Path, tmp_path: Path
         "x",
         "-o",
         "./-",
-        "--width",
-        "64",
-        "--height",
-        "64",
-        "--steps",
-        "2",
+        *SMALL_IMAGE,
         capture_output=True,
     )
     assert done.returncode == 0, done.stderr.decode()
