@@ -10,8 +10,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -145,3 +146,15 @@ def sse(
             elif line == "" and data:
                 yield kind, json.loads(data), ident
                 kind, data, ident = "message", "", None
+
+
+def held_start(engine: Any) -> tuple[Callable[[Any], Any], threading.Event]:
+    """An engine factory for an in-process app that keeps the service "starting" until the event is set (30 s
+    at most), then hands it `engine`: for what a client sees while the models load."""
+    release = threading.Event()
+
+    def start(_: Any) -> Any:
+        release.wait(30)
+        return engine
+
+    return start, release

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from polling import wait_for
+from service_helpers import held_start
 
 from imagesmith.config import Settings
 
@@ -151,12 +152,7 @@ def test_unknown_routes_and_methods_are_json(app_client: Callable[..., TestClien
 def test_while_models_load_generation_gets_503_with_retry_after(
     app_client: Callable[..., TestClient], tiny_engine: Any
 ) -> None:
-    release = threading.Event()
-
-    def slow_start(_: Settings) -> Any:
-        release.wait(30)
-        return tiny_engine
-
+    slow_start, release = held_start(tiny_engine)
     with app_client(engine_factory=slow_start) as client:
         health = client.get("/v1/health")
         assert health.status_code == 503 and health.json()["status"] == "starting"

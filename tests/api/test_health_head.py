@@ -3,16 +3,13 @@ monitors check with HEAD (HAProxy's `option httpchk` with OPTIONS), and all of t
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from typing import Any
 
 import httpx
 from fastapi.testclient import TestClient
 from polling import wait_for
-from service_helpers import ServerProcess
-
-from imagesmith.config import Settings
+from service_helpers import ServerProcess, held_start
 
 HEALTH = ("/v1/health", "/api/media/health")
 KEYED = ("/metrics", "/v1/jobs")
@@ -49,12 +46,7 @@ def test_head_answers_as_get_without_a_body(app_client: Callable[..., TestClient
 def test_head_on_health_is_503_while_starting_and_when_failed(
     app_client: Callable[..., TestClient], tiny_engine: Any
 ) -> None:
-    release = threading.Event()
-
-    def slow_start(_: Settings) -> Any:
-        release.wait(30)
-        return tiny_engine
-
+    slow_start, release = held_start(tiny_engine)
     with app_client(engine_factory=slow_start) as client:
         assert client.head("/v1/health").status_code == 503
         assert assert_head_is_get_without_a_body(client, "/v1/health") == 503  # "starting"
