@@ -447,10 +447,11 @@ class Settings(BaseSettings):
             raise ValueError(f"must be an http(s) URL such as {DEFAULT_PEXELS_API_BASE_URL}")
         return value.strip()
 
-    @field_validator("pexels_api_key", mode="before")
+    @field_validator("pexels_api_key", "compile_cache_dir", mode="before")
     @classmethod
-    def _blank_key_is_none(cls, value: object) -> object:
-        # An empty IMAGESMITH_PEXELS_API_KEY= in a .env file means "not configured", not "the key ''".
+    def _blank_is_none(cls, value: object) -> object:
+        # An empty value in a .env file means the setting's None: IMAGESMITH_PEXELS_API_KEY= is "not
+        # configured", not "the key ''"; IMAGESMITH_COMPILE_CACHE_DIR= is its default, not the current folder.
         if isinstance(value, str) and not value.strip():
             return None
         return value
@@ -534,14 +535,6 @@ class Settings(BaseSettings):
                 f"is empty, which would put the data in whatever folder imagesmith starts from; unset it for the "
                 f"default ({default_data_dir()}), or give a folder"
             )
-        return value
-
-    @field_validator("compile_cache_dir", mode="before")
-    @classmethod
-    def _blank_cache_dir_is_default(cls, value: object) -> object:
-        # Optional with a default of its own: an empty value means that default, not the current folder.
-        if isinstance(value, str) and not value.strip():
-            return None
         return value
 
     @field_validator("max_total_pixels")
