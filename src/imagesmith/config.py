@@ -245,8 +245,9 @@ class Settings(BaseSettings):
         "call, at start-up (inductor's multi-kernel; this setting decides it, over TORCHINDUCTOR_MULTI_KERNEL). "
         "Exact within rounding: the same sums in another order, not bit-identical. Only with compile. Measured on "
         "an H100: the base UNet's call -0.37 ms of 32.4 (its 1280-wide layer norms 12 -> 9 us each, run 93), the "
-        "refiner's +0.00 (run 94): ~-12 ms an ensemble image, estimated. Not yet run end to end on a GPU, hence "
-        "off. Changing it changes the compile cache's keys.",
+        "refiner's +0.00 (run 94); the 40-step ensemble 1.313 -> 1.298 s, for a cold warm-up 41 s longer (run "
+        "95). Off until the GPU test suite has run to its end under it. Changing it changes the compile cache's "
+        "keys.",
     )
     compile_dynamic: bool = Field(
         False,

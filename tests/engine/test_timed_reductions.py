@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import pytest
 import torch._inductor.config as inductor_config
 
 from imagesmith.config import Settings
 from imagesmith.engine import Engine
+from imagesmith.engine.multi_kernel_cache import give_back_hash_lock, restore_locks_of_cached_kernels
 
 
 @pytest.fixture(autouse=True)
@@ -50,3 +53,57 @@ def test_timed_reductions_without_compile_are_skipped_with_a_warning(
 def test_the_setting_reads_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("IMAGESMITH_TIMED_REDUCTIONS", "true")
     assert Settings().timed_reductions is True
+
+
+class _SavedKernel:
+    """What inductor's cache hands back: a kernel whose Triton function lost its lock to pickling."""
+
+    def __init__(self) -> None:
+        self.fn = SimpleNamespace(_hash_lock=None)
+        self.restored_with: list[object] = []
+        self.lock_when_used: object = "unused"
+
+    def restore_after_unpickle(self, old_values: object) -> None:
+        self.restored_with.append(old_values)
+        self.fn._hash_lock = threading.RLock()
+
+    # StaticAutotunerFuture.result() calls these two; multi-kernel then reads the lock through JITFunction.cache_key.
+    def recheck_autotune_cache(self, reload_kernel_from_src: object) -> None:
+        pass
+
+    def precompile(self, **_: object) -> None:
+        self.lock_when_used = self.fn._hash_lock
+
+
+def test_a_kernel_loaded_from_the_compile_cache_gets_its_lock_back(tiny_settings: Settings) -> None:
+    """Run 95 (H100): with multi-kernel on, a graph from the compile cache failed to load, because the cache path
+    (`StaticAutotunerFuture.result`) hands back kernels without the lock multi-kernel's hashing takes. The
+    setting must put the lock back before the kernel is used, through inductor's real cache class."""
+    from torch._inductor.codecache import StaticAutotunerFuture
+
+    Engine.start(tiny_settings.with_changes(compile="default", timed_reductions=True, warmup=False))
+    kernel = _SavedKernel()
+    future = StaticAutotunerFuture(kernel)  # type: ignore[arg-type]
+    future.reload_kernel_from_src = lambda: None
+    assert future.result() is kernel
+    assert kernel.restored_with == [None]
+    assert hasattr(kernel.lock_when_used, "acquire")
+
+
+def test_a_kernel_that_kept_its_lock_is_left_alone() -> None:
+    """`restore_after_unpickle(None)` also drops a kernel's launcher: never call it on one that needs nothing."""
+    kernel = _SavedKernel()
+    lock = threading.RLock()
+    kernel.fn._hash_lock = lock
+    give_back_hash_lock(kernel)
+    assert kernel.restored_with == []
+    assert kernel.fn._hash_lock is lock
+
+
+def test_the_fix_is_installed_once() -> None:
+    from torch._inductor.codecache import StaticAutotunerFuture
+
+    assert restore_locks_of_cached_kernels()
+    installed = StaticAutotunerFuture.result
+    assert restore_locks_of_cached_kernels()
+    assert StaticAutotunerFuture.result is installed

@@ -40,6 +40,7 @@ from imagesmith.engine.fp8_conv import quantize_convolutions
 from imagesmith.engine.fp8_geglu import fuse_geglu_feed_forwards
 from imagesmith.engine.hardware import HardwarePlan
 from imagesmith.engine.models import unets_of
+from imagesmith.engine.multi_kernel_cache import restore_locks_of_cached_kernels
 from imagesmith.engine.progress import CancelToken, GenerationCanceled, ProgressEvent
 from imagesmith.engine.size_routing import SizeRoutedCall, latent_size_of_image
 from imagesmith.preview import PreviewCopy
@@ -260,6 +261,9 @@ def use_timed_reductions(wanted: bool) -> str:
     import torch._inductor.config as inductor_config  # here: importing inductor takes a while
 
     inductor_config.triton.multi_kernel = 1 if wanted else 0
+    if wanted:
+        # Without this, every multi-kernel graph loaded from the compile cache fails (engine/multi_kernel_cache.py).
+        restore_locks_of_cached_kernels()
     return ", timed reductions" if wanted else ""
 
 
