@@ -52,6 +52,7 @@ def test_a_server_with_every_lever_on_is_told_what_runs_and_offered_nothing() ->
         compile=CompileChoice.REDUCE_OVERHEAD,
         warmup_sizes="1024x1024,1216x832",
         batch_max_images=4,
+        timed_reductions=True,
     )
     # fp8 convolutions need NVIDIA's cuDNN frontend to be planned; the plan is what speed_lines reads.
     plan = dataclasses.replace(
@@ -59,7 +60,10 @@ def test_a_server_with_every_lever_on_is_told_what_runs_and_offered_nothing() ->
     )
     lines = speed_lines(settings, H100, plan)
     assert tries(lines) == []
-    assert lines[0].startswith("speed: torch.compile reduce-overhead; a server compiles at start-up for ")
+    assert lines[0].startswith(
+        "speed: torch.compile reduce-overhead, norms timed persistent or looped (IMAGESMITH_TIMED_REDUCTIONS); "
+        "a server compiles at start-up for "
+    )
     # Two warm-up sizes, each its own static graphs; another size runs uncompiled (Settings.warms_up_any_size).
     assert "for 1024x1024, 1216x832, batch 1 and 4; another size runs uncompiled" in lines[0]
     assert lines[0].endswith("lossy: fp8 linears (static scales), fp8 convolutions, fused fp8 GEGLU")
@@ -117,3 +121,15 @@ def test_warming_up_any_size_is_named_where_it_is_on() -> None:
     assert "over 4 minutes on an H100, every queued request waiting" in line and "host-bound" not in line
     line = lines_for(H100, Settings(compile=CompileChoice.DEFAULT, compile_on_request=True))[0]
     assert "every queued request waiting); what it compiles runs host-bound without CUDA" in line
+
+
+def test_a_compiling_server_is_offered_timed_reductions_until_it_has_them() -> None:
+    compiled = Settings(compile=CompileChoice.REDUCE_OVERHEAD)
+    offered = [
+        line for line in tries(lines_for(A100, compiled)) if "IMAGESMITH_TIMED_REDUCTIONS=true" in line
+    ]
+    assert len(offered) == 1 and "exact" in offered[0]
+    # Not before compiling (the compile line comes first), and not once on.
+    assert not any("TIMED_REDUCTIONS" in line for line in tries(lines_for(A100, Settings())))
+    on = compiled.with_changes(timed_reductions=True)
+    assert not any("TIMED_REDUCTIONS" in line for line in tries(lines_for(A100, on)))
