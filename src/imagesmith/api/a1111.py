@@ -29,6 +29,7 @@ from imagesmith.api.a1111_mapping import (
 from imagesmith.api.compat_request import service_errors_in_client_terms
 from imagesmith.api.deps import Authorized, FilesDep, ServiceDep, SettingsDep
 from imagesmith.api.store_writes import in_write_thread
+from imagesmith.api.text_check import TextCheckedRoute
 from imagesmith.api.waiting import stored_image_base64, submit_and_wait, succeeded_result
 from imagesmith.config import ModelPreset, Settings
 from imagesmith.engine.output import model_label
@@ -36,7 +37,9 @@ from imagesmith.jobs.service import JobService
 from imagesmith.jobs.store import JobStatus
 from imagesmith.schemas import GenerationMetadata
 
-router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111 API"], dependencies=[Authorized])
+router = APIRouter(
+    prefix="/sdapi/v1", tags=["AUTOMATIC1111 API"], dependencies=[Authorized], route_class=TextCheckedRoute
+)
 
 
 class A1111Jobs:

@@ -13,11 +13,12 @@ from pydantic import BaseModel, Field
 from imagesmith.api.deps import Authorized, ServiceDep
 from imagesmith.api.errors import ApiError
 from imagesmith.api.store_writes import in_write_thread
+from imagesmith.api.text_check import TextCheckedRoute
 from imagesmith.jobs.store import JobStatus
 from imagesmith.schemas import GenerationRequest
 from imagesmith.sources.base import ImageRequest, SourceName
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Authorized])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Authorized], route_class=TextCheckedRoute)
 
 
 class JobCreate(GenerationRequest):

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from imagesmith.api.deps import Authorized, ServiceDep, SettingsDep
 from imagesmith.api.errors import ApiError
 from imagesmith.api.health import health_options, report_for
+from imagesmith.api.text_check import TextCheckedRoute
 from imagesmith.api.waiting import submit_and_wait, succeeded_result
 from imagesmith.jobs.service import SourcesUnavailable, StockNotConfigured
 from imagesmith.jobs.store import JobStatus
@@ -27,7 +28,7 @@ from imagesmith.schemas import (
 )
 from imagesmith.sources.base import ImageRequest, SourceName
 
-router = APIRouter(prefix="/api/media", tags=["media (seed API)"])
+router = APIRouter(prefix="/api/media", tags=["media (seed API)"], route_class=TextCheckedRoute)
 
 
 class ImageGenerationRequest(BaseModel):

@@ -21,9 +21,12 @@ from imagesmith.api.openai_mapping import (
     OpenAIImagesResponse,
     to_image_request,
 )
+from imagesmith.api.text_check import TextCheckedRoute
 from imagesmith.api.waiting import stored_image_base64, submit_and_wait, succeeded_result
 
-router = APIRouter(prefix="/v1/images", tags=["OpenAI Images API"], dependencies=[Authorized])
+router = APIRouter(
+    prefix="/v1/images", tags=["OpenAI Images API"], dependencies=[Authorized], route_class=TextCheckedRoute
+)
 
 # The openai client retries 409s and 5xx by itself; a job that failed, was canceled or is still running must not
 # be submitted again behind the caller's back.
