@@ -226,3 +226,16 @@ def test_a_body_that_is_not_a_json_object_is_refused_naming_the_body(
         content == b'{"prompt": '
     ):  # a JSON syntax error also says what and where, where it said "JSON decode error"
         assert "the request body is not valid JSON: Expecting value at character 11" in message, message
+
+
+def test_a_seed_draft_left_to_its_default_steps_runs_the_drafts_30(server: ServerProcess) -> None:
+    """The seed documents high_quality as "50 base steps + 30 refinement steps (vs 30 base steps)"; its 50 is the
+    high-quality default, and a draft ran 50 here while /v1/jobs and OpenAI's "standard" ran 30."""
+    body = {"prompt": "draft", "use_generation": True, "use_pexels": False, "high_quality": False}
+    draft = httpx.post(f"{server.url}/api/media/generate-image", json=body, timeout=120).json()
+    assert draft["metadata"]["request"]["num_inference_steps"] == 30
+    assert [stage["name"] for stage in draft["metadata"]["stages"]] == ["base", "decode"]
+    chosen = httpx.post(
+        f"{server.url}/api/media/generate-image", json={**body, "num_inference_steps": 50}, timeout=120
+    ).json()
+    assert chosen["metadata"]["request"]["num_inference_steps"] == 50  # steps the client names are kept

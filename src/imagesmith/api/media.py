@@ -80,11 +80,13 @@ class ImageGenerationRequest(BaseModel):
                 "use_pexels and use_generation are both false; enable at least one",
                 "use_generation",
             )
+        not_generation = {"title", "keywords", "use_pexels", "use_generation"}
+        if not self.high_quality and "num_inference_steps" not in self.model_fields_set:
+            # The seed's 50 is its high-quality default ("50 base steps + 30 refinement steps (vs 30 base
+            # steps)"): a draft left to its default gets the draft's 30, as on every other route.
+            not_generation.add("num_inference_steps")
         generation = GenerationRequest.model_validate(
-            self.model_dump(
-                exclude={"title", "keywords", "use_pexels", "use_generation"},
-                exclude_none=True,
-            )
+            self.model_dump(exclude=not_generation, exclude_none=True)
         )
         return ImageRequest(
             sources=sources, generation=generation, title=self.title, keywords=self.keywords or []
