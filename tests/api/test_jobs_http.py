@@ -83,8 +83,17 @@ def test_a_reconnecting_client_resumes_after_its_last_event(server: ServerProces
         client.post(f"/v1/jobs/{job['id']}/cancel")
 
 
+def canceled_count(client: httpx.Client) -> float:
+    """/metrics' count of jobs that ended canceled (the shared server's: compare before and after)."""
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith('imagesmith_jobs_finished_total{status="canceled"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
 def test_cancel_running_and_queued(server: ServerProcess) -> None:
     with server.client() as client:
+        canceled_before = canceled_count(client)
         running = submit(client, SLOW)
         queued = submit(client, FAST)
         stream = sse(client, f"/v1/jobs/{running['id']}/events")
@@ -107,6 +116,8 @@ def test_cancel_running_and_queued(server: ServerProcess) -> None:
         final = client.get(f"/v1/jobs/{running['id']}").json()
         assert final["status"] == "canceled" and final["result"] is None
         assert client.get(f"/v1/jobs/{queued['id']}").json()["status"] == "canceled"
+        # Both ends counted: the queued one was not (a black-box session's finding).
+        assert canceled_count(client) == canceled_before + 2
         # Again: already canceled, nothing more to do (200). A job that succeeded has nothing to cancel (409);
         # a 202 said the cancel was taken when nothing happened.
         again = client.post(f"/v1/jobs/{queued['id']}/cancel")

@@ -279,9 +279,8 @@ class JobService:
     def cancel(self, job_id: str) -> JobRecord:
         job = self.get(job_id)
         if job.status is JobStatus.QUEUED and self.store.cancel_queued(job_id):
-            log.info("job canceled while queued", extra={"job_id": job_id})
             final = self.get(job_id)
-            self.hub.publish(job_id, final.status.value, final.terminal_event_data(), terminal=True)
+            self.worker.announce_canceled_while_queued(final)
             return final
         job = self.get(job_id)
         if job.status is JobStatus.RUNNING:
@@ -293,7 +292,7 @@ class JobService:
                 # A shutdown put it back in the queue between our read and the flag: claims skip a flagged
                 # row, so end it here rather than leave it queued.
                 job = self.get(job_id)
-                self.hub.publish(job_id, job.status.value, job.terminal_event_data(), terminal=True)
+                self.worker.announce_canceled_while_queued(job)
         return job  # finished already: cancel is a no-op, the envelope says how it ended
 
     # --- waiting and events ---

@@ -315,8 +315,14 @@ class Worker:
     def _end_canceled_queued(self) -> None:
         """Queued jobs flagged for cancel are never claimed: end them, and tell their listeners."""
         for job in self.store.cancel_flagged_queued():
-            log.info("job canceled while queued", extra={"job_id": job.id})
-            self.hub.publish(job.id, job.status.value, job.terminal_event_data(), terminal=True)
+            self.announce_canceled_while_queued(job)
+
+    def announce_canceled_while_queued(self, job: JobRecord) -> None:
+        """A queued job the store has just ended as canceled: counted with the jobs that ended running (the
+        metric counted only those), logged, and told to its listeners."""
+        log.info("job canceled while queued", extra={"job_id": job.id})
+        self.metrics.jobs_finished.labels(job.status.value).inc()
+        self.hub.publish(job.id, job.status.value, job.terminal_event_data(), terminal=True)
 
     def _claim(self) -> list[JobRecord]:
         """The oldest queued job it may run, plus queued jobs that can share its pipeline pass (see the
