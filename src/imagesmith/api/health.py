@@ -39,7 +39,7 @@ def health_report(app: FastAPI) -> dict[str, Any]:
             reasons.append(f"refiner {details.get('refiner')}; images are not refined")
         if counts[JobStatus.QUEUED] + counts[JobStatus.RUNNING] >= state.settings.queue_max:
             reasons.append("the queue is full")
-        store_failure = recent_store_failure(app)
+        store_failure = recent_store_failure(app, state.store.last_write_at)
         if store_failure:
             reasons.append(store_failure)
         image_failure = recent_image_write_failure(state.worker.image_write_failure)
@@ -83,12 +83,15 @@ def health_report(app: FastAPI) -> dict[str, Any]:
 STORE_FAILURE_SHOWN_S = 60.0  # how long health reports a failed write (the job store, a job's images)
 
 
-def recent_store_failure(app: FastAPI) -> str | None:
+def recent_store_failure(app: FastAPI, last_write_at: float | None) -> str | None:
     """A write to the job store that failed lately (a full disk, a lock held by another program): submits get
-    503 meanwhile, so health says "degraded" rather than "ready" to a load balancer, for a minute after."""
+    503 meanwhile, so health says "degraded" rather than "ready" to a load balancer, for a minute after, or until
+    a write succeeds (`last_write_at`, the store's): health said "new jobs get 503" while they were accepted."""
+    failure: tuple[float, str] | None = getattr(app.state, "store_failure", None)
+    if failure is not None and last_write_at is not None and last_write_at > failure[0]:
+        return None
     return _recent(
-        getattr(app.state, "store_failure", None),
-        "the job store could not be written {ago}s ago ({error}); new jobs get 503 until it can",
+        failure, "the job store could not be written {ago}s ago ({error}); new jobs get 503 until it can"
     )
 
 

@@ -204,6 +204,7 @@ class JobStore:
         # answered one busy timeout after another, the last after 25 minutes; now each within ~2 timeouts (the
         # API's writes: store_writes.py).
         self.busy_timeout_s = busy_timeout_s
+        self.last_write_at: float | None = None  # time.monotonic() of the last committed write
         path.parent.mkdir(parents=True, exist_ok=True)
         self._store_lock = lock_store(path)  # StoreInUse when another process has it (store_lock.py)
         try:
@@ -278,6 +279,7 @@ class JobStore:
             try:
                 yield
                 self._db.execute("COMMIT")  # inside the try: a commit that fails (a full disk) is rolled back
+                self.last_write_at = time.monotonic()  # health: a failed write since then is over
             except BaseException:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
