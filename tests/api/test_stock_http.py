@@ -180,6 +180,9 @@ def test_quota_spent_then_reset(standin: StandIn, stock_server: ServerProcess) -
     # Stock only: a 503 with Retry-After; a cached query still serves.
     refused = seed(stock_server, keywords=["river"])
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "quota_exhausted"
+    # One way of writing a time in one answer: the error's retry_at as its attempts' (it was "+00:00" beside "Z").
+    error = refused.json()["error"]
+    assert error["retry_at"] == error["attempts"][0]["retry_at"] and error["retry_at"].endswith("Z")
     assert 1 <= int(refused.headers["Retry-After"]) <= 5
     assert seed(stock_server, keywords=["valley"]).json()["source"] == "stock"
     assert standin.api_calls == calls  # nothing reached Pexels while blocked

@@ -16,7 +16,10 @@ import logging
 import sqlite3
 import threading
 import time
+from datetime import datetime
 from typing import Any, NamedTuple
+
+from pydantic import TypeAdapter
 
 from imagesmith.config import Settings
 from imagesmith.engine.engine import BatchItem, Engine
@@ -79,6 +82,9 @@ def served_directly(result: SourceResult) -> Served:
     return Served(result=result, attempts=[attempt])
 
 
+_JSON_TIME = TypeAdapter(datetime)
+
+
 def source_error(error: SourceUnavailable) -> dict[str, Any]:
     """The job's error when no source could serve: a code a client can act on, the reason, every attempt."""
     code = {
@@ -90,7 +96,8 @@ def source_error(error: SourceUnavailable) -> dict[str, Any]:
         "code": code,
         "message": f"{error}"[:2000],
         "reason": error.reason.value,
-        "retry_at": error.retry_at.isoformat() if error.retry_at else None,
+        # Written as the attempts' (pydantic's JSON: "...Z"); isoformat() gave "+00:00" beside them.
+        "retry_at": _JSON_TIME.dump_python(error.retry_at, mode="json") if error.retry_at else None,
         "attempts": [attempt.model_dump(mode="json") for attempt in attempts],
     }
 
