@@ -49,6 +49,14 @@ def test_search_lists_ranked_results_with_credit(standin: StandIn, settings: Set
     assert "  3. " not in text and "Pexels quota: 198/200 left" in text
 
 
+def test_search_sends_the_query_as_typed(standin: StandIn, settings: Settings) -> None:
+    """Not cut at its first comma as a prompt is (stock.build_query): "mountain lake, sunset" was searched as
+    "mountain lake" (a black-box session's finding)."""
+    assert run_search(parse("mountain lake, sunset", "-n", "1"), settings, io.StringIO()) == EXIT_OK
+    searches = [request for request in standin.seen if request["path"] == "/v1/search"]
+    assert searches[-1]["params"]["query"] == "mountain lake, sunset"
+
+
 def test_search_sizes_default_to_the_stock_default_size_setting(standin: StandIn, settings: Settings) -> None:
     """Without --width/--height, search ranks for IMAGESMITH_STOCK_DEFAULT_SIZE, as the API does."""
     out = io.StringIO()
@@ -139,7 +147,7 @@ def test_doctor_lines_and_the_handler_cli_py_calls(
 @pytest.mark.parametrize(
     ("argv", "overrides", "message"),
     [
-        (["(:1.2)"], {}, "keywords, a title or a prompt"),  # no word to search for
+        ([",,,", "(("], {}, "query: ',,, ((' has no word to search for"),
         (
             ["lake", "-o", "{tmp}"],
             {},

@@ -90,7 +90,9 @@ def run_search(args: argparse.Namespace, settings: Settings | None = None, out: 
     default_width, default_height = settings.stock_size()
     try:
         request = StockRequest(
-            prompt=" ".join(args.query),
+            # As a title, which the search takes as it is: a prompt is cut at its first comma (build_query),
+            # and "mountain lake, sunset" searched for "mountain lake".
+            title=" ".join(args.query),
             width=default_width if args.width is None else args.width,  # 0 is refused, not the default
             height=default_height if args.height is None else args.height,
             color=args.color,
@@ -98,9 +100,12 @@ def run_search(args: argparse.Namespace, settings: Settings | None = None, out: 
             size=PhotoSize(args.min_size) if args.min_size else None,
             output_format=output_format,
         )
-        request.query()  # a query with no word in it ("(:1.2)") is a bad argument, not "no results"
     except ValueError as error:
         return _error(_one_line(error))
+    try:
+        request.query()
+    except ValueError:  # a query with no word in it (",,,") is a bad argument, not "no results"
+        return _error(f"query: {' '.join(args.query)!r} has no word to search for")
     return asyncio.run(_search(args, output, settings, request, out))
 
 
@@ -110,7 +115,7 @@ def _error(message: str) -> int:
 
 
 # The request's fields as the options that set them.
-_OPTION_FOR_FIELD = {"prompt": "query", "width": "--width", "height": "--height", "color": "--color"}
+_OPTION_FOR_FIELD = {"title": "query", "width": "--width", "height": "--height", "color": "--color"}
 
 
 def _one_line(error: ValueError) -> str:
