@@ -728,3 +728,86 @@ def test_serve_refuses_an_empty_data_dir_option(tiny_model_home: Path) -> None:
         "imagesmith serve: error: --data-dir: is empty, which would put the data in whatever folder"
         in done.stderr
     )
+
+
+def without_unbuffered(env: dict[str, str], unbuffered: bool) -> dict[str, str]:
+    cleaned = {name: value for name, value in env.items() if name != "PYTHONUNBUFFERED"}
+    return {**cleaned, "PYTHONUNBUFFERED": "1"} if unbuffered else cleaned
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full, a device every write to fails")
+@pytest.mark.parametrize("unbuffered", [False, True], ids=["buffered", "unbuffered"])
+@pytest.mark.parametrize("json_output", [False, True], ids=["summary", "json"])
+def test_a_standard_output_that_refuses_writes_is_one_line_and_exit_1(
+    tiny_model_home: Path, tmp_path: Path, unbuffered: bool, json_output: bool
+) -> None:
+    """`generate > /dev/full`: an OSError traceback after the image was written, or, with stdout buffered, the
+    interpreter's "Exception ignored" at exit and exit code 120."""
+    json_flag = ["--json"] if json_output else []
+    with open("/dev/full", "wb") as full:
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "imagesmith.cli",
+                "generate",
+                "x",
+                "-o",
+                "a.png",
+                *SMALL_IMAGE,
+                *json_flag,
+            ],
+            env=without_unbuffered({**os.environ, **tiny_env(tiny_model_home)}, unbuffered),
+            cwd=tmp_path,
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=300,
+        )
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.rstrip().endswith("imagesmith: cannot write standard output: No space left on device")
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr
+    assert (tmp_path / "a.png").is_file()  # the work itself was done
+
+
+LARGER_IMAGE = ("--width", "512", "--height", "512", "--steps", "2")
+
+
+def test_an_image_cut_short_by_its_reader_is_a_failure_even_unbuffered(
+    tiny_model_home: Path, tmp_path: Path
+) -> None:
+    """`-o - | head -c 10` with stdout unbuffered: the raw file took the first 64 KiB of the PNG and the rest was
+    never written, yet the command said "wrote standard output" and exited 0."""
+    with subprocess.Popen(
+        # 512x512: a PNG of noise far over a pipe's 64 KiB.
+        [sys.executable, "-m", "imagesmith.cli", "generate", "x", "-o", "-", *LARGER_IMAGE],
+        env=without_unbuffered({**os.environ, **tiny_env(tiny_model_home)}, unbuffered=True),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    ) as process:
+        assert process.stdout is not None and process.stderr is not None
+        assert process.stdout.read(10).startswith(b"\x89PNG")
+        process.stdout.close()
+        errors = process.stderr.read().decode()
+        assert process.wait(timeout=300) == 1, errors
+    assert "cannot write standard output: Broken pipe" in errors and "wrote standard output" not in errors
+
+
+def test_an_image_to_a_closed_standard_output_is_refused_before_any_work(
+    tiny_model_home: Path, tmp_path: Path
+) -> None:
+    """Started with stdout closed (`-o - >&-`): AttributeError 'NoneType' object has no attribute 'isatty'."""
+    done = subprocess.run(
+        [sys.executable, "-m", "imagesmith.cli", "generate", "x", "-o", "-", *SMALL_IMAGE],
+        env={**os.environ, **tiny_env(tiny_model_home)},
+        cwd=tmp_path,
+        preexec_fn=lambda: os.close(1),
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stderr
+    assert (
+        "standard output, which is closed here; name a file" in done.stderr and "Traceback" not in done.stderr
+    )

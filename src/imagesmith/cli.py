@@ -49,6 +49,7 @@ from imagesmith.schemas import (
     RefineMode,
     SchedulerName,
 )
+from imagesmith.stdout_guard import StdoutUnwritable, guarded_stdout, silence_stdout
 
 log = logging.getLogger("imagesmith")
 
@@ -413,7 +414,12 @@ def _main_guarded(argv: list[str] | None) -> int:
         print(f"imagesmith: warning: {line}", file=sys.stderr)
     interrupted = _InterruptWatch()
     try:
-        return _run(argv)
+        with guarded_stdout():
+            return _run(argv)
+    except StdoutUnwritable as failed:
+        print(f"imagesmith: cannot write standard output: {failed}", file=sys.stderr)
+        silence_stdout()
+        return 1
     except KeyboardInterrupt:  # Ctrl-C: the engine has stopped its pass by now (gpu_thread.py)
         print("imagesmith: interrupted", file=sys.stderr)
         return 130
