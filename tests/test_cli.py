@@ -811,3 +811,20 @@ def test_an_image_to_a_closed_standard_output_is_refused_before_any_work(
     assert (
         "standard output, which is closed here; name a file" in done.stderr and "Traceback" not in done.stderr
     )
+
+
+def test_an_ensemble_split_the_scheduler_leaves_empty_is_refused_before_the_models_load(
+    tiny_model_home: Path,
+) -> None:
+    """int(10 x 0.95) = 9 base steps passed the request's own check, but DPM++'s timesteps put all 10 above the
+    cut: refused after the models loaded, exit 1, naming high_noise_frac and num_inference_steps."""
+    done = run_cli(
+        "generate", "x", *SMALL_IMAGE[:4], "--steps", "10", "--high-noise-frac", "0.95", "--scheduler", "dpmpp_2m",
+        home=tiny_model_home,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.rstrip().endswith(
+        "imagesmith generate: error: --high-noise-frac 0.95 with 10 steps of dpmpp_2m gives the base 10 step(s) "
+        "and the refiner 0; raise --steps, or move --high-noise-frac away from 0 and 1"
+    )
+    assert "loading base model" not in done.stderr

@@ -265,8 +265,17 @@ def run_generate(args: argparse.Namespace) -> int:
         print(f"imagesmith generate: note: {option}", file=sys.stderr)
     from imagesmith.engine import Engine, GenerationError, ModelLoadError
     from imagesmith.engine.output import encode_in_parallel
+    from imagesmith.engine.tiny import TinyModelUnbuildable
 
     settings = _settings_for(args)
+    try:
+        problem = _empty_stage_before_loading(settings, request)
+    except TinyModelUnbuildable as error:
+        print(f"imagesmith generate: {error}", file=sys.stderr)
+        return 1
+    if problem is not None:
+        print(f"imagesmith generate: error: {problem}", file=sys.stderr)
+        return USAGE_ERROR
     try:
         engine = Engine.start(settings)
     except UnusableSetting:
@@ -309,16 +318,32 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _empty_stage_before_loading(settings: Settings, request: GenerationRequest) -> str | None:
+    """An ensemble split that leaves the base or the refiner no step with the model's own scheduler, said with
+    the options' names before the models load. The request's own check counts int(steps x split); the scheduler's
+    timesteps decide (DPM++ and UniPC put other counts above the cut), and that check came only after the load,
+    as exit 1 with the library's field names. Skipped when the scheduler's config is not on disk yet (a model
+    still to download): the engine's check then says it. Builds the tiny model if it is missing, as the load
+    would (TinyModelUnbuildable when it cannot)."""
+    from imagesmith.engine.models import resolve_sources
+    from imagesmith.engine.pipeline import empty_stage_problem
+    from imagesmith.engine.schedulers import scheduler_config_on_disk
+
+    config = scheduler_config_on_disk(resolve_sources(settings).base)
+    return None if config is None else empty_stage_problem(request.resolve(), config, _OPTION_FOR_FIELD)
+
+
 def _check_tiny_models(settings: Settings, plan: Any) -> int:
     """doctor's line for the built-in tiny model, loaded (seconds), not only looked for: a folder damaged since
     it was built (a file deleted, a disk error) passed doctor and failed the first generation. Built here if
     missing, as any command would. Returns the problems found (0 or 1)."""
     from imagesmith.engine.models import ModelLoadError, load_models
+    from imagesmith.engine.tiny import TinyModelUnbuildable
 
     where = settings.tiny_model_dir()
     try:
         loaded = load_models(settings, plan)
-    except ModelLoadError as error:
+    except (ModelLoadError, TinyModelUnbuildable) as error:
         print(f"models: tiny at {where}: ERROR {error}")
         return 1
     if loaded.refiner is None:  # the engine would serve base-only; a damaged tiny model is worth fixing

@@ -10,7 +10,7 @@ import torch
 
 from imagesmith.config import ModelPreset, Settings
 from imagesmith.engine import Engine, ModelLoadError
-from imagesmith.engine.tiny import build_tiny_sdxl
+from imagesmith.engine.tiny import TinyModelUnbuildable, build_tiny_sdxl
 from imagesmith.schemas import GenerationRequest
 
 
@@ -24,6 +24,33 @@ def test_tiny_model_builds_deterministically(tmp_path: Path, tiny_settings: Sett
         ).hexdigest()
 
     assert digest(base) == digest(reference)
+
+
+def test_a_tiny_model_that_cannot_be_written_is_one_error_and_leaves_no_half_built_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk gave safetensors' own traceback and left `.tiny-building-*` behind, still holding the space."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    def disk_full(self: object, folder: object, **_: object) -> None:
+        Path(str(folder)).mkdir(parents=True)
+        (Path(str(folder)) / "partial.safetensors").write_bytes(b"x" * 1000)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(StableDiffusionXLImg2ImgPipeline, "save_pretrained", disk_full)
+    with pytest.raises(TinyModelUnbuildable) as raised:
+        build_tiny_sdxl(tmp_path / "tiny-model")
+    message = str(raised.value)
+    assert f"could not be written to {tmp_path / 'tiny-model'} (No space left on device)" in message
+    assert "IMAGESMITH_DATA_DIR" in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_where_the_tiny_model_goes_is_replaced(tmp_path: Path) -> None:
+    """shutil.rmtree raised NotADirectoryError on it, a traceback in generate and doctor."""
+    (tmp_path / "tiny-model").write_text("x")
+    base, _ = build_tiny_sdxl(tmp_path / "tiny-model")
+    assert (base / "model_index.json").is_file()
 
 
 def test_local_folders_load_like_hub_ids(tiny_settings: Settings) -> None:

@@ -131,7 +131,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from imagesmith.api.app import begin_shutdown, create_app
-    from imagesmith.engine.tiny import ensure_tiny_sdxl
+    from imagesmith.engine.tiny import TinyModelUnbuildable, ensure_tiny_sdxl
     from imagesmith.logs import setup_logging
 
     try:
@@ -162,7 +162,12 @@ def run_serve(args: argparse.Namespace) -> int:
         store.close()
         return 2
     if settings.model.value == "tiny":
-        ensure_tiny_sdxl(settings.tiny_model_dir())
+        try:
+            ensure_tiny_sdxl(settings.tiny_model_dir())
+        except TinyModelUnbuildable as error:
+            print(f"imagesmith serve: {error}", file=sys.stderr)
+            store.close()
+            return 1
     app = create_app(settings, store=store)
 
     class Server(uvicorn.Server):

@@ -47,6 +47,7 @@ from imagesmith.engine.pipeline import (
     BatchMember,
     StageRun,
     batch_key,
+    empty_stage_problem,
     finish_with_base,
     free_cuda_memory,
     planned_stage_steps,
@@ -477,16 +478,7 @@ class Engine:
         """The request schema checks the ensemble's split as int(steps x high_noise_frac); the scheduler's own
         timesteps decide the real one (a 4-step DPM++ run put all 4 steps in the base). A stage with no step
         would run the refiner on nothing, or from pure noise, and still call the image refined."""
-        if request.refine_mode is not RefineMode.ENSEMBLE:
-            return None
-        planned = self.planned_steps(request)
-        if planned["base"] >= 1 and planned["refine"] >= 1:
-            return None
-        return (
-            f"high_noise_frac {request.high_noise_frac} with {request.num_inference_steps} steps of "
-            f"{request.scheduler.value} gives the base {planned['base']} step(s) and the refiner "
-            f"{planned['refine']}; raise num_inference_steps, or move high_noise_frac away from 0 and 1"
-        )
+        return empty_stage_problem(request, loaded_scheduler_config(self.models.base))
 
     def planned_steps(self, request: GenerationRequest | ResolvedRequest) -> dict[str, int]:
         """Denoising steps per stage as this engine will run them (for step totals and ETAs), computed from

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -148,6 +149,27 @@ def planned_stage_steps(request: ResolvedRequest, scheduler_config: Any) -> dict
     cutoff = round(train_steps - request.high_noise_frac * train_steps)
     base = int((scheduler.timesteps >= cutoff).sum().item())
     return {"base": base, "refine": len(scheduler.timesteps) - base}
+
+
+def empty_stage_problem(
+    request: ResolvedRequest, scheduler_config: Any, names: Mapping[str, str] | None = None
+) -> str | None:
+    """Why an ensemble request would leave a stage no step with this scheduler config, or None. `names`: how
+    to call the two fields in the message (the CLI's options), else the fields' own names."""
+    if request.refine_mode is not RefineMode.ENSEMBLE:
+        return None
+    planned = planned_stage_steps(request, scheduler_config)
+    if planned["base"] >= 1 and planned["refine"] >= 1:
+        return None
+    split, steps = (
+        (names or {}).get("high_noise_frac", "high_noise_frac"),
+        (names or {}).get("num_inference_steps", "num_inference_steps"),
+    )
+    return (
+        f"{split} {request.high_noise_frac} with {request.num_inference_steps} steps of "
+        f"{request.scheduler.value} gives the base {planned['base']} step(s) and the refiner "
+        f"{planned['refine']}; raise {steps}, or move {split} away from 0 and 1"
+    )
 
 
 def _synchronize() -> None:

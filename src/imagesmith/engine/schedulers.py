@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from imagesmith.schemas import SchedulerName
@@ -18,6 +20,27 @@ A1111_SAMPLER_NAMES: dict[SchedulerName, str] = {
 
 
 _LOADED_CONFIG = "_imagesmith_loaded_scheduler_config"
+_CONFIG_FILE = "scheduler/scheduler_config.json"
+
+
+def scheduler_config_on_disk(base: str) -> dict[str, Any] | None:
+    """The base model's scheduler config read without loading the model: from its folder, or from the hub's
+    cache for a hub id already downloaded. None when it is not there (yet) or cannot be read."""
+    folder = Path(base)
+    path: Path | None = folder / _CONFIG_FILE if folder.is_dir() else None
+    if path is None:
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = try_to_load_from_cache(base, _CONFIG_FILE)
+        except ValueError:  # neither a folder here nor a valid hub id: the load will say so
+            return None
+        path = Path(cached) if isinstance(cached, str) else None
+    try:
+        config = json.loads(path.read_text()) if path is not None else None
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
 
 
 def loaded_scheduler_config(pipe: Any) -> Any:

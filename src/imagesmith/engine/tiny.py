@@ -154,6 +154,17 @@ def _scheduler() -> object:
     )
 
 
+class TinyModelUnbuildable(OSError):
+    """The tiny model could not be written (a full disk, a file in its place): said as one line naming where."""
+
+    def __init__(self, target: Path, cause: Exception) -> None:
+        reason = getattr(cause, "strerror", None) or str(cause)
+        super().__init__(
+            f"the built-in tiny model could not be written to {target} ({reason}); free space in the data dir, "
+            "remove what is in the model's place, or point IMAGESMITH_DATA_DIR elsewhere, and run again"
+        )
+
+
 def build_tiny_sdxl(target: Path) -> tuple[Path, Path]:
     """Write `target/base` and `target/refiner` as diffusers folders. Deterministic: same bytes every time."""
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
@@ -190,15 +201,27 @@ def build_tiny_sdxl(target: Path) -> tuple[Path, Path]:
         requires_aesthetics_score=True,
         force_zeros_for_empty_prompt=False,
     )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    building = Path(tempfile.mkdtemp(prefix=".tiny-building-", dir=target.parent))
-    base.save_pretrained(building / "tiny-sdxl-base")
-    refiner.save_pretrained(building / "tiny-sdxl-refiner")
-    (building / "VERSION").write_text(TINY_MODEL_VERSION)
-    # Publish atomically: a half-written folder is never mistaken for a model.
-    if target.exists():
-        shutil.rmtree(target)
-    building.rename(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        building = Path(tempfile.mkdtemp(prefix=".tiny-building-", dir=target.parent))
+    except OSError as error:
+        raise TinyModelUnbuildable(target, error) from error
+    try:
+        base.save_pretrained(building / "tiny-sdxl-base")
+        refiner.save_pretrained(building / "tiny-sdxl-refiner")
+        (building / "VERSION").write_text(TINY_MODEL_VERSION)
+        # Publish atomically: a half-written folder is never mistaken for a model.
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():  # a file where the folder goes: rmtree raised on it
+            target.unlink()
+        building.rename(target)
+    except BaseException as error:
+        # A full disk left the half-written folder behind, still holding the space it had taken.
+        shutil.rmtree(building, ignore_errors=True)
+        if isinstance(error, Exception):  # safetensors' own error for a full disk is not an OSError
+            raise TinyModelUnbuildable(target, error) from error
+        raise
     return target / "tiny-sdxl-base", target / "tiny-sdxl-refiner"
 
 
