@@ -78,6 +78,7 @@ def test_generate_writes_images_with_parameters(tiny_model_home: Path, tmp_path:
     meta = json.loads(done.stdout)
     assert meta["seeds"] == [77, 78] and meta["refined"] is True
     paths = [tmp_path / "hero_0.webp", tmp_path / "hero_1.webp"]
+    assert meta["files"] == [str(path) for path in paths]  # the names the CLI chose, which --json left unsaid
     for path, seed in zip(paths, (77, 78), strict=True):
         with Image.open(path) as image:
             assert (image.format, image.size) == ("WEBP", (128, 64))

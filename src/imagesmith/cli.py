@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import json
 import logging
 import os
 import signal
@@ -115,7 +116,11 @@ def _add_generate(subparsers: Any) -> None:
     )
     parser.add_argument("--draft", action="store_true", help="high_quality=false: 30 steps, no refiner")
     parser.add_argument("--no-refine", action="store_true", help="use_refinement=false: base only")
-    parser.add_argument("--json", action="store_true", help="print the full metadata as JSON")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print the full metadata as JSON, with the files written ('files')",
+    )
 
 
 def _add_doctor(subparsers: Any) -> None:
@@ -302,7 +307,9 @@ def run_generate(args: argparse.Namespace) -> int:
             return 1
     meta = result.metadata
     if args.json:
-        print(meta.model_dump_json(indent=2))
+        # The files too: the CLI names them itself (-o hero gives hero.png; several images hero_0.png, ...), and
+        # --json drops the "wrote" lines that said so.
+        print(json.dumps({**meta.model_dump(mode="json"), "files": [str(path) for path in paths]}, indent=2))
     else:
         # With -o - the image is stdout's only content: the summary goes to stderr, beside the bars.
         report = sys.stderr if to_stdout else sys.stdout
