@@ -57,6 +57,18 @@ def test_search_sends_the_query_as_typed(standin: StandIn, settings: Settings) -
     assert searches[-1]["params"]["query"] == "mountain lake, sunset"
 
 
+def test_search_sends_a_colour_pexels_names_and_a_locale(standin: StandIn, settings: Settings) -> None:
+    argv = ("lake", "--color", "Blue", "--locale", "de-DE", "-n", "1")
+    assert run_search(parse(*argv), settings, io.StringIO()) == EXIT_OK
+    assert run_search(parse("lake", "--color", "#FFAA00", "-n", "1"), settings, io.StringIO()) == EXIT_OK
+    searches = [request["params"] for request in standin.seen if request["path"] == "/v1/search"]
+    assert (searches[-2]["color"], searches[-2]["locale"], searches[-1]["color"]) == (
+        "blue",
+        "de-DE",
+        "#ffaa00",
+    )
+
+
 def test_search_sizes_default_to_the_stock_default_size_setting(standin: StandIn, settings: Settings) -> None:
     """Without --width/--height, search ranks for IMAGESMITH_STOCK_DEFAULT_SIZE, as the API does."""
     out = io.StringIO()
@@ -161,6 +173,14 @@ def test_doctor_lines_and_the_handler_cli_py_calls(
             "--width: Input should be greater than or equal to 64",
         ),  # was the default
         (["lake", "-n", "-3"], {}, "--limit: must be at least 1, got -3"),  # was a heading and no results
+        # Went to Pexels as they were; its 400 came back as exit 3 naming neither the option nor the fix.
+        (
+            ["lake", "--color", "notacolor"],
+            {},
+            "--color: 'notacolor' is not a colour Pexels searches by: use one",
+        ),
+        (["lake", "--color", "#12345"], {}, "or a hex code such as '#ffaa00'"),
+        (["lake", "--locale", "en US"], {}, "--locale: 'en US' is not a locale: write it as language-REGION"),
     ],
 )
 def test_search_bad_arguments_are_one_line_errors(

@@ -66,6 +66,14 @@ SQUARE_TOLERANCE = 1.15  # width/height within this factor of 1 asks for square 
 MAX_DOWNLOAD_CANDIDATES = 3
 
 
+# What Pexels' /search takes as `color` (its API documentation): these names, or a hexadecimal colour code.
+PEXELS_COLORS = (
+    "red", "orange", "yellow", "green", "turquoise", "blue", "violet", "pink", "brown", "black", "gray", "white",
+)  # fmt: skip
+_HEX_COLOR = re.compile(r"#(?:[0-9a-f]{3}|[0-9a-f]{6})")
+_LOCALE = re.compile(r"[a-z]{2}-[A-Z]{2}")  # Pexels' locales are all this shape (en-US, pt-BR, zh-TW, ...)
+
+
 class StockRequest(BaseModel):
     """What the stock source needs from an image request; the service builds it from its own request."""
 
@@ -85,6 +93,30 @@ class StockRequest(BaseModel):
     @classmethod
     def _drop_blank_keywords(cls, value: list[str] | None) -> list[str] | None:
         return None if value is None else [k.strip() for k in value if k and k.strip()]
+
+    # Checked here, before a search is spent: Pexels refuses others with a 400 that said neither the option nor
+    # the fix (exit 3, "Pexels /search answered 400").
+    @field_validator("color")
+    @classmethod
+    def _pexels_color(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        named = value.strip().lower()
+        if named in PEXELS_COLORS or _HEX_COLOR.fullmatch(named):
+            return named
+        raise ValueError(
+            f"{value!r} is not a colour Pexels searches by: use one of {', '.join(PEXELS_COLORS)}, or a hex code "
+            "such as '#ffaa00'"
+        )
+
+    @field_validator("locale")
+    @classmethod
+    def _locale_shape(cls, value: str | None) -> str | None:
+        if value is None or _LOCALE.fullmatch(value):
+            return value
+        raise ValueError(
+            f"{value!r} is not a locale: write it as language-REGION, e.g. en-US, de-DE or pt-BR"
+        )
 
     def query(self) -> str:
         return build_query(self.prompt, self.title, self.keywords)
