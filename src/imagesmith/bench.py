@@ -196,13 +196,14 @@ def run_bench(
     from imagesmith.engine import Engine, ModelLoadError
     from imagesmith.engine.engine import BatchItem
     from imagesmith.engine.fast import warm_up_or_fall_back_to_eager
+    from imagesmith.engine.tiny import TinyModelUnbuildable
     from imagesmith.sources.generate import warm_up_batches
 
     progress.phase("loading the models")
     began = time.perf_counter()
     try:
         engine = Engine.start(settings)
-    except (ModelLoadError, RuntimeError, ValueError) as error:
+    except (ModelLoadError, RuntimeError, ValueError, TinyModelUnbuildable) as error:
         raise EngineDidNotStart(str(error)) from error
     load_s = time.perf_counter() - began
     first = requests(0).resolve()

@@ -115,7 +115,13 @@ def _error(message: str) -> int:
 
 
 # The request's fields as the options that set them.
-_OPTION_FOR_FIELD = {"title": "query", "width": "--width", "height": "--height", "color": "--color", "locale": "--locale"}
+_OPTION_FOR_FIELD = {
+    "title": "query",
+    "width": "--width",
+    "height": "--height",
+    "color": "--color",
+    "locale": "--locale",
+}
 
 
 def _one_line(error: ValueError) -> str:
