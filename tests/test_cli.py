@@ -16,11 +16,14 @@ from PIL import Image
 
 from imagesmith.engine.output import parse_a1111_parameters, read_parameters
 
+# The command line of `imagesmith` in a child process, as the tests start it.
+CLI = (sys.executable, "-m", "imagesmith.cli")
+
 
 def cli_with(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     """`imagesmith ARGS` in a subprocess, with `env` over this process's environment."""
     return subprocess.run(
-        [sys.executable, "-m", "imagesmith.cli", *args],
+        [*CLI, *args],
         env={**os.environ, **env},
         capture_output=True,
         text=True,
@@ -46,7 +49,7 @@ def tiny_process(home: Path, cwd: Path, *args: str, **streams: Any) -> subproces
     """`imagesmith ARGS` on the tiny model, on the CPU, run in `cwd` with its output as bytes (or where
     `streams` says): for tests of what stdout itself carries."""
     return subprocess.run(
-        [sys.executable, "-m", "imagesmith.cli", *args],
+        [*CLI, *args],
         env={**os.environ, **tiny_env(home)},
         cwd=cwd,
         timeout=300,
@@ -426,7 +429,7 @@ def doctor_beside_its_settings_file(folder: Path) -> subprocess.CompletedProcess
     """`imagesmith doctor` run in `folder`, which holds the .env it reads."""
     env = {**os.environ, "IMAGESMITH_DATA_DIR": str(folder / "data")}
     return subprocess.run(
-        [sys.executable, "-m", "imagesmith.cli", "doctor"],
+        [*CLI, "doctor"],
         cwd=folder,
         env=env,
         capture_output=True,
@@ -627,7 +630,7 @@ def test_a_misspelled_setting_is_warned_about_with_the_nearest_name(
     """IMAGESMITH_MODLE=tiny (and a typo in .env) were ignored without a word: the server ran unconfigured."""
     (tmp_path / ".env").write_text("IMAGESMITH_QUEUEMAX=5\nIMAGESMITH_PEXELS_API_KEY=\n")
     done = subprocess.run(
-        [sys.executable, "-m", "imagesmith.cli", "doctor"],
+        [*CLI, "doctor"],
         env={
             **os.environ,
             **tiny_env(tiny_model_home),
@@ -683,9 +686,7 @@ def test_generate_to_a_closed_pipe_fails_in_one_line(tiny_model_home: Path, tmp_
     """`... -o - | head -c 0`: the reader is gone; one line and exit 1, no traceback at the interpreter's exit."""
     with subprocess.Popen(
         [
-            sys.executable,
-            "-m",
-            "imagesmith.cli",
+            *CLI,
             "generate",
             "x",
             "-o",
@@ -748,9 +749,7 @@ def test_a_standard_output_that_refuses_writes_is_one_line_and_exit_1(
     with open("/dev/full", "wb") as full:
         done = subprocess.run(
             [
-                sys.executable,
-                "-m",
-                "imagesmith.cli",
+                *CLI,
                 "generate",
                 "x",
                 "-o",
@@ -781,7 +780,7 @@ def test_an_image_cut_short_by_its_reader_is_a_failure_even_unbuffered(
     never written, yet the command said "wrote standard output" and exited 0."""
     with subprocess.Popen(
         # 512x512: a PNG of noise far over a pipe's 64 KiB.
-        [sys.executable, "-m", "imagesmith.cli", "generate", "x", "-o", "-", *LARGER_IMAGE],
+        [*CLI, "generate", "x", "-o", "-", *LARGER_IMAGE],
         env=without_unbuffered({**os.environ, **tiny_env(tiny_model_home)}, unbuffered=True),
         cwd=tmp_path,
         stdout=subprocess.PIPE,
@@ -800,7 +799,7 @@ def test_an_image_to_a_closed_standard_output_is_refused_before_any_work(
 ) -> None:
     """Started with stdout closed (`-o - >&-`): AttributeError 'NoneType' object has no attribute 'isatty'."""
     done = subprocess.run(
-        [sys.executable, "-m", "imagesmith.cli", "generate", "x", "-o", "-", *SMALL_IMAGE],
+        [*CLI, "generate", "x", "-o", "-", *SMALL_IMAGE],
         env={**os.environ, **tiny_env(tiny_model_home)},
         cwd=tmp_path,
         preexec_fn=lambda: os.close(1),
