@@ -140,3 +140,19 @@ def test_a_server_limit_names_the_openai_parameter(server_factory: Callable[...,
     body = caught.value.response.json()["error"]
     assert body["param"] == "size" and body["message"].endswith("lower the size or n"), body
     assert "num_images" not in body["message"] and "width" not in body["message"]
+
+
+def test_the_model_list_names_the_servers_model_as_openai_does(server: ServerProcess) -> None:
+    """Front-ends list the models first: /v1/models was a 404 in the service's own error format."""
+    client = client_for(server)
+    listed = client.models.list()
+    assert [model.id for model in listed.data] == ["imagesmith-sdxl"]
+    assert listed.data[0].object == "model" and listed.data[0].owned_by == "imagesmith"
+    assert client.models.retrieve("imagesmith-sdxl").id == "imagesmith-sdxl"
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.models.retrieve("dall-e-3")
+    error = caught.value.body
+    assert isinstance(error, dict) and error["code"] == "model_not_found" and error["param"] == "model"
+    # The listed name generates, as any name does.
+    image = client.images.generate(model=listed.data[0].id, prompt="a fox", quality="standard")
+    assert image.data and (image.data[0].url or image.data[0].b64_json)

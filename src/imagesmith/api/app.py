@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from imagesmith import __version__
-from imagesmith.api import a1111, health, images, jobs, media, metrics, openai_images
+from imagesmith.api import a1111, health, images, jobs, media, metrics, openai_images, openai_models
 from imagesmith.api.errors import install_error_handlers
 from imagesmith.api.limits import BodySizeLimit
 from imagesmith.config import Settings, get_settings, prepared_data_dir
@@ -106,6 +106,6 @@ def create_app(
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     # openai_images before images: POST /v1/images/generations next to GET /v1/images/{name}.
-    for module in (media, jobs, health, openai_images, images, metrics, a1111):
+    for module in (media, jobs, health, openai_images, openai_models, images, metrics, a1111):
         app.include_router(module.router)
     return app

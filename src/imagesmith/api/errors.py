@@ -103,6 +103,7 @@ _FAMILY_PREFIXES = (
     ("/v1/images/generations", ErrorFamily.OPENAI),
     ("/v1/images/edits", ErrorFamily.OPENAI),
     ("/v1/images/variations", ErrorFamily.OPENAI),
+    ("/v1/models", ErrorFamily.OPENAI),
     ("/sdapi/", ErrorFamily.A1111),
 )
 _OPENAI_TYPES = {401: "invalid_request_error", 429: "rate_limit_error"}
