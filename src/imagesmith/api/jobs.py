@@ -106,6 +106,7 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobView)
+@router.head("/{job_id}", response_model=JobView, include_in_schema=False)  # does the job exist: headers only
 def get_job(job_id: str, service: ServiceDep) -> dict[str, Any]:
     return service.view(service.get(job_id))
 
