@@ -145,6 +145,9 @@
 # (241 s in all), then serve-other alone with IMAGESMITH_CHANNELS_LAST=false on the same machine (171 s).
 # Session 39 (run 91, an H100): unet-triton,gpu-tests with GPU_TESTS_K="compiled or cuda_graphs or decoder" over
 # two chained calls (375 s, then 395 s: 8 passed); then unet-memsets. Owed: the H200 queue; serve-anysize.
+# Session 42: bf16-geglu,fast-path,gpu-tests with FAST_PHASES=eager,variants
+# FAST_VARIANTS=reduce-overhead+cl+mk,reduce-overhead+cl+mk+bgeglu FAST_ARGS=--no-prompt-cache-ab FAST_LIMIT_S=560
+# IMAGESMITH_TIMED_REDUCTIONS=true GPU_TESTS_LIMIT_S=900.
 set -u
 PIPE=.devcache/pipe
 
@@ -227,7 +230,8 @@ run_stage() {
 from pathlib import Path; from serve_start import save_random_models as s; \
 print(s(Path('.devcache/random-sdxl'), False))" ;;
     # GPU_TESTS_K: a pytest -k expression, to run only the tests of what changed (all of them when unset).
-    gpu-tests) stage gpu-tests 420 python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider -k "${GPU_TESTS_K:-}" ;;
+    # GPU_TESTS_LIMIT_S: the whole suite with IMAGESMITH_TIMED_REDUCTIONS compiles longer than 420 s (run 95).
+    gpu-tests) stage gpu-tests "${GPU_TESTS_LIMIT_S:-420}" python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider -k "${GPU_TESTS_K:-}" ;;
     serve-cold) stage serve-cold 720 python3 benchmarks/serve_start.py --out "$PIPE/serve-cold" \
         --models .devcache/random-sdxl --data .devcache/serve8 --compile reduce-overhead --batch-max 8 --starts 1 --requests 6 \
         --timeout-s 700 ;;
@@ -295,6 +299,8 @@ print(s(Path('.devcache/random-sdxl'), False))" ;;
     # A second run of the fast path in the same pipeline (after the queue, say), with its own FAST2_* settings.
     fast-path-2) fast_path fast-path-2 "${FAST2_LIMIT_S:-}" "${FAST2_PHASES:-eager,variants}" \
         "${FAST2_VARIANTS:-reduce-overhead}" "${FAST2_ARGS:-}" ;;
+    # Session 42: the bf16 fused GEGLU kernel against cuBLAS + inductor's GEGLU, per shape, both UNets.
+    bf16-geglu) stage bf16-geglu 240 python3 benchmarks/bf16_geglu.py --out "$PIPE/bf16-geglu.json" ;;
     headline) stage headline 60 python3 benchmarks/headline.py "$PIPE" --out "$PIPE/headline.md" ;;
     *) echo "$(date +%s) unknown stage $1" >> "$PIPE/stages" ;;
     esac

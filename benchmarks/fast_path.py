@@ -19,12 +19,13 @@ not), and `first_image_s`: from the phase's start (building its modules, which a
 to its first image, the warm-up (compilation) included.
 
 A variant is
-`MODE[+fp8|+fp8dyn][+fp8conv|+fp8convnchw][+geglu][+cl][+cudnn|+nocudnn][+dyn][+regions][+teg|+noteg][+attn-BACKEND][+olddecode][+cdt][+mk][+ndt][:mlperf]`:
+`MODE[+fp8|+fp8dyn][+fp8conv|+fp8convnchw][+geglu][+bgeglu][+cl][+cudnn|+nocudnn][+dyn][+regions][+teg|+noteg][+attn-BACKEND][+olddecode][+cdt][+mk][+ndt][:mlperf]`:
 MODE is a compile choice (off, default, reduce-overhead, max-autotune-no-cudagraphs); +fp8 fp8 transformer linears
 (engine/fp8.py) with static scales, calibrated as Engine.start does (the default), +fp8dyn with dynamic ones; +fp8conv (with +fp8)
 the convolutions in fp8 too (IMAGESMITH_FP8_CONVS, cuDNN's kernels), +fp8convnchw the same with inductor's layout
 heuristic left alone (run 52's: NCHW, the peer); +geglu (with +fp8) the feed-forwards' GEGLU fused into
-their first fp8 matmul (IMAGESMITH_FP8_FUSED_GEGLU, a Triton kernel); +cl the UNets' weights channels-last
+their first fp8 matmul (IMAGESMITH_FP8_FUSED_GEGLU, a Triton kernel); +bgeglu (without +fp8) the same for
+bf16 feed-forwards (IMAGESMITH_FUSED_GEGLU, engine/bf16_geglu.py); +cl the UNets' weights channels-last
 (without it a variant runs them NCHW, as every run before 89 did; the engine's default with compile since run 90
 is channels-last, so `reduce-overhead+cl` is what a service runs and the fastest exact mode);
 +cudnn / +nocudnn IMAGESMITH_CUDNN_BENCHMARK on or off (settings refuse it on with the CUDA-graph modes;
@@ -117,6 +118,7 @@ class Variant:
     regions: bool = False  # +regions: IMAGESMITH_COMPILE_REGIONS
     timed_reductions: bool = False  # +mk: IMAGESMITH_TIMED_REDUCTIONS
     nd_tiling: bool = False  # +ndt: torch._inductor.config.triton.prefer_nd_tiling
+    bf16_fused_geglu: bool = False  # +bgeglu: IMAGESMITH_FUSED_GEGLU (bf16 feed-forwards)
 
     @classmethod
     def parse(cls, spec: str) -> Variant:
@@ -140,6 +142,7 @@ class Variant:
             "fp8convnchw",
             "cdt",
             "geglu",
+            "bgeglu",
             "regions",
             "mk",
             "ndt",
@@ -150,13 +153,14 @@ class Variant:
         )
         convs = {"fp8conv", "fp8convnchw"} & set(flags)
         twice = twice or len(convs) > 1 or bool((convs or "geglu" in flags) and "fp8" not in flags)
+        twice = twice or ("bgeglu" in flags and ("fp8" in flags or "fp8dyn" in flags))
         # Regions shape a compile (not mode off), and settings refuse them with every size dynamic.
         twice = twice or ("regions" in flags and (mode == "off" or "dyn" in flags))
         if unknown or kind not in ("", "mlperf") or len(attention) > 1 or twice:
             raise SystemExit(
                 f"variant {spec!r}: flags are one of +fp8 +fp8dyn, +cl +dyn, one of +cudnn +nocudnn, one of +teg +noteg, one of "
                 "+attn-flash +attn-efficient +attn-cudnn, +olddecode, +cdt, +mk, +ndt, +regions (compiled, not with +dyn), "
-                "one of +fp8conv +fp8convnchw (with +fp8), +geglu (with +fp8), and the suffix :mlperf"
+                "one of +fp8conv +fp8convnchw (with +fp8), +geglu (with +fp8), +bgeglu (without fp8), and the suffix :mlperf"
             )
         return cls(
             spec,
@@ -177,6 +181,7 @@ class Variant:
             regions="regions" in flags,
             timed_reductions="mk" in flags,
             nd_tiling="ndt" in flags,
+            bf16_fused_geglu="bgeglu" in flags,
         )
 
 
@@ -797,6 +802,7 @@ def main() -> None:
             compile_dynamic=variant.dynamic,
             compile_regions=variant.regions,
             timed_reductions=variant.timed_reductions,
+            fused_geglu=variant.bf16_fused_geglu,
             text_encoder_graphs=variant.text_encoder_graphs,
         )
         # The plan decides fp8 (row-wise or per-tensor) and the attention kernel, so it is made from this
@@ -819,6 +825,7 @@ def main() -> None:
             or variant.fused_geglu != any(lever.startswith("fp8 GEGLU") for lever in levers)
             or variant.regions != any("transformer blocks as regions" in lever for lever in levers)
             or variant.timed_reductions != any("timed reductions" in lever for lever in levers)
+            or variant.bf16_fused_geglu != any("first bf16 matmul" in lever for lever in levers)
         ):
             raise RuntimeError(f"{variant.spec}: levers applied were {levers}")
         row: dict[str, Any] = {"levers": levers, "attention": variant_plan.attention}

@@ -249,6 +249,13 @@ class Settings(BaseSettings):
         "95). Off until the GPU test suite has run to its end under it. Changing it changes the compile cache's "
         "keys.",
     )
+    fused_geglu: bool = Field(
+        False,
+        description="Each transformer block's feed-forward runs its first bf16 matmul and GEGLU as one Triton "
+        "kernel (engine/bf16_geglu.py) instead of a cuBLAS matmul writing the doubled product and a second pass "
+        "reading it back. Exact within bf16 rounding (one rounding fewer). A CUDA GPU with Triton, bf16 weights; "
+        "not with fp8 linears (IMAGESMITH_FP8_FUSED_GEGLU is theirs). Not yet measured in the engine.",
+    )
     compile_dynamic: bool = Field(
         False,
         description="Compile the UNets with dynamic shapes from the first compile, so the batched warm-up "

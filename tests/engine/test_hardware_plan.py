@@ -203,3 +203,21 @@ def test_the_plan_fuses_geglu_with_static_fp8_and_triton(monkeypatch: pytest.Mon
     monkeypatch.setattr("imagesmith.engine.fp8_geglu.triton_available", lambda: False)
     with pytest.raises(RuntimeError, match=r"needs Triton.*unset IMAGESMITH_FP8_FUSED_GEGLU"):
         plan_hardware(H100, settings)
+
+
+def test_the_plan_fuses_bf16_geglu_on_a_cuda_gpu_with_triton_and_says_why_not_elsewhere(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = Settings(fused_geglu=True)
+    monkeypatch.setattr("imagesmith.engine.bf16_geglu.triton_available", lambda: True)
+    plan = plan_hardware(H100, settings)
+    assert plan.fused_geglu and "bf16 matmul (Triton)" in plan.summary()
+    assert not plan_hardware(H100, Settings()).fused_geglu
+    cpu = plan_hardware(CPU, settings)  # fp32 there: the kernel is bf16 and CUDA only
+    assert not cpu.fused_geglu and "bf16 fused GEGLU skipped: it needs a CUDA GPU in bf16" in cpu.summary()
+    fp8 = plan_hardware(H100, Settings(fused_geglu=True, fp8=True))
+    assert fp8.fp8 == "static" and not fp8.fused_geglu
+    assert "IMAGESMITH_FP8_FUSED_GEGLU fuses those" in fp8.summary()
+    monkeypatch.setattr("imagesmith.engine.bf16_geglu.triton_available", lambda: False)
+    with pytest.raises(RuntimeError, match=r"needs Triton.*unset IMAGESMITH_FUSED_GEGLU"):
+        plan_hardware(H100, settings)

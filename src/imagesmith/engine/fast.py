@@ -32,6 +32,7 @@ import torch
 from imagesmith.config import CUDA_GRAPH_MODES, CompileChoice, Settings
 from imagesmith.engine import encoder_graphs
 from imagesmith.engine.batch_routing import BatchRoutedCall
+from imagesmith.engine.bf16_geglu import fuse_bf16_geglu_feed_forwards
 from imagesmith.engine.compile_regions import compile_transformer_blocks_once, regions_supported
 from imagesmith.engine.cudnn_graphs import remember_plans_in
 from imagesmith.engine.decoder_attention import route_decoder_attention
@@ -194,6 +195,9 @@ def apply_speed_levers(base: Any, refiner: Any | None, plan: HardwarePlan, setti
     if plan.fp8_fused_geglu:  # the plan allows it only with static fp8 linears, which it then holds
         fused = sum(fuse_geglu_feed_forwards(unet) for unet in unets)
         applied.append(f"fp8 GEGLU fused into the feed-forwards' first matmul x{fused}")
+    if plan.fused_geglu:  # the plan allows it only for bf16 weights on a CUDA GPU, without fp8 linears
+        fused = sum(fuse_bf16_geglu_feed_forwards(unet) for unet in unets)
+        applied.append(f"GEGLU fused into the feed-forwards' first bf16 matmul x{fused}")
     if plan.fp8_convs:  # the plan allows it only with static fp8 linears, calibrated together
         converted = sum(quantize_convolutions(unet) for unet in unets)
         remember_plans_in(compile_cache_root(settings))  # a restart skips choosing them (135 s, run 52)

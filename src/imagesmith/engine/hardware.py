@@ -86,6 +86,7 @@ class HardwarePlan:
     attention: str = "auto"  # the attention kernel tried first (engine/attention.py); "auto": torch's order
     fp8_convs: bool = False  # the UNets' convolutions in fp8 through cuDNN (engine/fp8_conv.py)
     fp8_fused_geglu: bool = False  # GEGLU inside the feed-forward's first fp8 matmul (engine/fp8_geglu.py)
+    fused_geglu: bool = False  # GEGLU inside the feed-forward's first bf16 matmul (engine/bf16_geglu.py)
     cpu_threads: int = 0  # torch's intra-op threads for the engine (engine/cpu_threads.py); 0: torch's own
 
     @property
@@ -302,6 +303,33 @@ def _choose_fp8_fused_geglu(
     return True
 
 
+def _choose_fused_geglu(
+    device: DeviceInfo, settings: Settings, dtype: str, fp8: str | None, reasons: list[str]
+) -> bool:
+    """The bf16 fused GEGLU kernel: a Triton kernel for bf16 weights on a CUDA GPU; elsewhere skipped with why."""
+    if not settings.fused_geglu:
+        return False
+    if fp8 is not None:
+        reasons.append(
+            "bf16 fused GEGLU skipped: the feed-forwards are fp8 (IMAGESMITH_FP8_FUSED_GEGLU fuses those)"
+        )
+        return False
+    if device.kind != "cuda" or dtype != "bf16":
+        reasons.append(
+            f"bf16 fused GEGLU skipped: it needs a CUDA GPU in bf16 (plan: {device.kind}, {dtype})"
+        )
+        return False
+    from imagesmith.engine.bf16_geglu import triton_available
+
+    if not triton_available():
+        raise RuntimeError(
+            "IMAGESMITH_FUSED_GEGLU=true needs Triton, which torch's CUDA builds install with it: "
+            "pip install triton, or unset IMAGESMITH_FUSED_GEGLU"
+        )
+    reasons.append("GEGLU fused into the feed-forward's bf16 matmul (Triton)")
+    return True
+
+
 def _choose_attention(device: DeviceInfo, settings: Settings, reasons: list[str]) -> str:
     """The backends differ on CUDA only; elsewhere torch has one attention path, so a choice is ignored."""
     choice = settings.attention_backend
@@ -331,6 +359,7 @@ def plan_hardware(device: DeviceInfo, settings: Settings) -> HardwarePlan:
     fp8 = _choose_fp8(device, settings, offload, reasons)
     fp8_convs = _choose_fp8_convs(device, settings, fp8, reasons)
     fp8_fused_geglu = _choose_fp8_fused_geglu(device, settings, fp8, reasons)
+    fused_geglu = _choose_fused_geglu(device, settings, dtype, fp8, reasons)
     attention = _choose_attention(device, settings, reasons)
     cpu_threads = choose_cpu_threads(settings.cpu_threads, cpu_budget(), reasons)
     return HardwarePlan(
@@ -345,6 +374,7 @@ def plan_hardware(device: DeviceInfo, settings: Settings) -> HardwarePlan:
         attention=attention,
         fp8_convs=fp8_convs,
         fp8_fused_geglu=fp8_fused_geglu,
+        fused_geglu=fused_geglu,
         cpu_threads=cpu_threads,
     )
 

@@ -1,0 +1,126 @@
+"""The Triton kernel behind engine/bf16_geglu.py: the feed-forward's first bf16 matmul with GEGLU in its epilogue.
+
+Why: in a compiled bf16 UNet, each transformer block's feed-forward starts with a cuBLAS matmul writing its
+[M, 2N] product in bf16, then one inductor kernel reads that back to compute value x gelu(gate). In a base UNet
+call at batch 2 that pass is 1.69 ms of 70 launches (run 91, H100). Here the gate and the value are computed side
+by side in one tile and only the [M, N] result is written.
+
+The weight's rows are interleaved (value row j, then gate row j: engine/bf16_geglu.py lays them out once), so one
+dot of a BLOCK_M x 2*BLOCK_N tile holds both halves for BLOCK_N output columns, split in registers. Tiles move by
+Hopper's tensor memory accelerator (TMA), as in engine/fp8_geglu_kernel.py: edges read as zeros and are clipped
+on the store, so no masks.
+
+Imported only where Triton is (a CUDA machine); engine/bf16_geglu.py keeps an fp32 reference for the CPU.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+
+def _set_tma_blocks(args: dict[str, Any]) -> None:
+    """Autotuning tries several tile shapes; each config gives the TMA descriptors their block before a launch."""
+    bm, bn, bk = args["BLOCK_M"], args["BLOCK_N"], args["BLOCK_K"]
+    args["x_desc"].block_shape = [bm, bk]
+    args["w_desc"].block_shape = [2 * bn, bk]
+    args["out_desc"].block_shape = [bm, bn]
+
+
+# Tiles for Hopper's bf16 tensor cores. BLOCK_N counts output columns: the weight tile is twice as tall, so
+# 128 gives a 128 x 256 fp32 accumulator (wgmma's widest N), 128 registers a thread over 8 warps. Shared memory
+# per stage: (128 + 256) x 64 x 2 bytes = 48 KiB, so 4 stages fit an H100's 227 KiB.
+_CONFIGS = [
+    triton.Config(
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+        num_warps=w,
+        num_stages=s,
+        pre_hook=_set_tma_blocks,
+    )
+    for bm, bn, bk, w, s in [
+        (128, 128, 64, 8, 3),
+        (128, 128, 64, 8, 4),
+        (128, 64, 64, 4, 4),
+        (128, 64, 64, 8, 5),
+        (64, 128, 64, 4, 4),
+    ]
+]
+
+
+@triton.jit
+def _gelu_exact(gate: Any) -> Any:
+    return 0.5 * gate * (1.0 + tl.erf(gate * 0.7071067811865476))
+
+
+@triton.autotune(configs=_CONFIGS, key=["M", "N", "K"])
+@triton.jit
+def _bf16_geglu_kernel(
+    x_desc,  # [M, K] bf16
+    w_desc,  # [2N, K] bf16: value row 0, gate row 0, value row 1, ...
+    bias_ptr,  # [2N], interleaved the same way
+    out_desc,  # [M, N] bf16
+    M,
+    N,
+    K,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # Grouped ordering: GROUP_M row tiles share each weight tile while it is in L2.
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    row = pid_m * BLOCK_M
+    col = pid_n * BLOCK_N
+
+    both = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+    for k in tl.range(0, K, BLOCK_K):
+        both = tl.dot(x_desc.load([row, k]), w_desc.load([2 * col, k]).T, both)
+
+    if HAS_BIAS:
+        cols = 2 * col + tl.arange(0, 2 * BLOCK_N)
+        both += tl.load(bias_ptr + cols, mask=cols < 2 * N, other=0.0).to(tl.float32)[None, :]
+    value, gate = tl.split(tl.reshape(both, (BLOCK_M, BLOCK_N, 2)))
+    out_desc.store([row, col], (value * _gelu_exact(gate)).to(out_desc.dtype))
+
+
+def bf16_geglu_cuda(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] bf16, weight [2N, K] bf16 interleaved, bias [2N] or None -> [M, N] bf16 (engine/bf16_geglu.py's op
+    says what it computes). TMA reads rows 16-byte aligned: K and N multiples of 8 (bf16)."""
+    m, k = x.shape
+    n = weight.shape[0] // 2
+    if k % 8 or n % 8:
+        raise ValueError(f"the fused bf16 GEGLU kernel needs K and N multiples of 8, got K={k}, N={n}")
+    # A view into a larger buffer may start off a 16-byte boundary: copied, as TMA cannot read it.
+    x, weight = (
+        t if t.is_contiguous() and t.data_ptr() % 16 == 0 else t.clone(memory_format=torch.contiguous_format)
+        for t in (x, weight)
+    )
+    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+
+    def grid(meta: dict[str, int]) -> tuple[int]:
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    placeholder = [16, 16]  # each config's pre_hook sets the real block shapes
+    _bf16_geglu_kernel[grid](
+        TensorDescriptor.from_tensor(x, placeholder),
+        TensorDescriptor.from_tensor(weight, placeholder),
+        bias if bias is not None else weight,  # any pointer: unread without a bias
+        TensorDescriptor.from_tensor(out, placeholder),
+        m,
+        n,
+        k,
+        HAS_BIAS=bias is not None,
+    )
+    return out
