@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from imagesmith.config import OffloadChoice, PrecisionChoice, Settings
@@ -215,6 +217,8 @@ def test_the_plan_fuses_bf16_geglu_on_a_cuda_gpu_with_triton_and_says_why_not_el
     assert not plan_hardware(H100, Settings()).fused_geglu
     cpu = plan_hardware(CPU, settings)  # fp32 there: the kernel is bf16 and CUDA only
     assert not cpu.fused_geglu and "bf16 fused GEGLU skipped: it needs a CUDA GPU in bf16" in cpu.summary()
+    ampere = plan_hardware(replace(H100, capability=(8, 0)), settings)
+    assert not ampere.fused_geglu and "needs compute capability 9.0+" in ampere.summary()
     fp8 = plan_hardware(H100, Settings(fused_geglu=True, fp8=True))
     assert fp8.fp8 == "static" and not fp8.fused_geglu
     assert "IMAGESMITH_FP8_FUSED_GEGLU fuses those" in fp8.summary()

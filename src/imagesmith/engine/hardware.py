@@ -319,6 +319,11 @@ def _choose_fused_geglu(
             f"bf16 fused GEGLU skipped: it needs a CUDA GPU in bf16 (plan: {device.kind}, {dtype})"
         )
         return False
+    if (device.capability or (0, 0)) < (9, 0):  # the kernel's tiles move by TMA, which Hopper brought
+        reasons.append(
+            f"bf16 fused GEGLU skipped: it needs compute capability 9.0+ (this GPU: {device.capability})"
+        )
+        return False
     from imagesmith.engine.bf16_geglu import triton_available
 
     if not triton_available():
