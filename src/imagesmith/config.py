@@ -256,6 +256,13 @@ class Settings(BaseSettings):
         "reading it back. Exact within bf16 rounding (one rounding fewer). A CUDA GPU with Triton, bf16 weights; "
         "not with fp8 linears (IMAGESMITH_FP8_FUSED_GEGLU is theirs). Not yet measured in the engine.",
     )
+    fused_geglu_norm: bool = Field(
+        False,
+        description="With IMAGESMITH_FUSED_GEGLU: the transformer block's layer norm before each feed-forward goes "
+        "into the same kernel (its gamma and beta folded into the weight and bias at start-up, the rows' mean and "
+        "variance summed from the tiles the matmul reads), so the normalized rows are never written. Exact within "
+        "bf16 rounding. Not yet measured in the engine.",
+    )
     compile_dynamic: bool = Field(
         False,
         description="Compile the UNets with dynamic shapes from the first compile, so the batched warm-up "
@@ -511,6 +518,16 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"{ENV_PREFIX}COMPILE_REGIONS=true cannot be combined with {ENV_PREFIX}COMPILE_DYNAMIC=true (torch "
                 f"cannot reuse a compiled region when every size is symbolic); unset one of them"
+            )
+        return value
+
+    @field_validator("fused_geglu_norm")
+    @classmethod
+    def _norm_needs_fused_geglu(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and not info.data.get("fused_geglu"):
+            raise ValueError(
+                f"{ENV_PREFIX}FUSED_GEGLU_NORM=true fuses the layer norm into the fused GEGLU kernel: set "
+                f"{ENV_PREFIX}FUSED_GEGLU=true too, or unset {ENV_PREFIX}FUSED_GEGLU_NORM"
             )
         return value
 

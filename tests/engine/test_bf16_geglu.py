@@ -79,3 +79,48 @@ def test_the_op_compiles_in_one_graph() -> None:
         expected = ff(x)
         got = torch.compile(fused, fullgraph=True, backend="aot_eager")(x)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_layer_norm_folded_into_the_weight_computes_the_norm_then_the_feed_forward() -> None:
+    """(layer_norm(x) * gamma + beta) @ W.T + b = layer_norm(x) @ (W * gamma).T + (W @ beta + b), and the row
+    sums the kernel's mean term needs are those of the folded weight."""
+    torch.manual_seed(2)
+    norm = nn.LayerNorm(64).eval()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.normal_(0, 0.3)
+    ff = FeedForward(64, activation_fn="geglu").eval()
+    x = torch.randn(2, 40, 64) * 3 + 1  # rows with a mean the norm must remove
+    with torch.no_grad():
+        expected = ff(norm(x))
+        fused = FusedGegluFeedForward(ff, norm)
+        got = fused(x)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert fused.column_sums is not None
+    torch.testing.assert_close(fused.column_sums, fused.weight.sum(dim=1))
+    assert "the layer norm and GEGLU fused" in repr(fused)
+
+
+def test_with_norm_each_transformer_blocks_norm_goes_into_its_feed_forward(tiny_settings: Settings) -> None:
+    from diffusers.models.attention import BasicTransformerBlock
+
+    unet = Engine.start(tiny_settings.with_changes(warmup=False)).models.base.unet
+    args, kwargs = unet_inputs(unet.config, rows=2)
+    blocks = [m for m in unet.modules() if type(m) is BasicTransformerBlock]
+    with torch.no_grad():
+        expected = unet(*args, **kwargs).sample
+        assert fuse_bf16_geglu_feed_forwards(unet, with_norm=True) == len(blocks) > 0
+        assert all(type(b.norm3) is nn.Identity and b.ff.column_sums is not None for b in blocks)
+        got = unet(*args, **kwargs).sample
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_the_norm_op_compiles_in_one_graph() -> None:
+    torch.manual_seed(3)
+    norm, ff = nn.LayerNorm(32).eval(), FeedForward(32, activation_fn="geglu").eval()
+    fused = FusedGegluFeedForward(ff, norm)
+    x = torch.randn(3, 7, 32)
+    with torch.no_grad():
+        expected = ff(norm(x))
+        got = torch.compile(fused, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

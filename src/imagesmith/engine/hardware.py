@@ -87,6 +87,7 @@ class HardwarePlan:
     fp8_convs: bool = False  # the UNets' convolutions in fp8 through cuDNN (engine/fp8_conv.py)
     fp8_fused_geglu: bool = False  # GEGLU inside the feed-forward's first fp8 matmul (engine/fp8_geglu.py)
     fused_geglu: bool = False  # GEGLU inside the feed-forward's first bf16 matmul (engine/bf16_geglu.py)
+    fused_geglu_norm: bool = False  # and the layer norm before it
     cpu_threads: int = 0  # torch's intra-op threads for the engine (engine/cpu_threads.py); 0: torch's own
 
     @property
@@ -380,6 +381,7 @@ def plan_hardware(device: DeviceInfo, settings: Settings) -> HardwarePlan:
         fp8_convs=fp8_convs,
         fp8_fused_geglu=fp8_fused_geglu,
         fused_geglu=fused_geglu,
+        fused_geglu_norm=fused_geglu and settings.fused_geglu_norm,
         cpu_threads=cpu_threads,
     )
 
