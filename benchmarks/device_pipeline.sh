@@ -145,9 +145,9 @@
 # (241 s in all), then serve-other alone with IMAGESMITH_CHANNELS_LAST=false on the same machine (171 s).
 # Session 39 (run 91, an H100): unet-triton,gpu-tests with GPU_TESTS_K="compiled or cuda_graphs or decoder" over
 # two chained calls (375 s, then 395 s: 8 passed); then unet-memsets. Owed: the H200 queue; serve-anysize.
-# Session 42: bf16-geglu,fast-path,gpu-tests with FAST_PHASES=eager,variants
-# FAST_VARIANTS=reduce-overhead+cl+mk,reduce-overhead+cl+mk+bgeglu FAST_ARGS=--no-prompt-cache-ab FAST_LIMIT_S=560
-# IMAGESMITH_TIMED_REDUCTIONS=true GPU_TESTS_LIMIT_S=900.
+# Session 42: bf16-geglu,gpu-tests,fast-path with GPU_TESTS_K=bf16_geglu FAST_PHASES=eager,variants
+# FAST_VARIANTS=reduce-overhead+cl+mk,reduce-overhead+cl+mk+bgeglun,reduce-overhead+cl+mk+bgeglu FAST_ARGS=--no-prompt-cache-ab
+# FAST_LIMIT_S=800 (the whole GPU suite with IMAGESMITH_TIMED_REDUCTIONS=true GPU_TESTS_LIMIT_S=900 is still owed).
 set -u
 PIPE=.devcache/pipe
 
@@ -300,7 +300,7 @@ print(s(Path('.devcache/random-sdxl'), False))" ;;
     fast-path-2) fast_path fast-path-2 "${FAST2_LIMIT_S:-}" "${FAST2_PHASES:-eager,variants}" \
         "${FAST2_VARIANTS:-reduce-overhead}" "${FAST2_ARGS:-}" ;;
     # Session 42: the bf16 fused GEGLU kernel against cuBLAS + inductor's GEGLU, per shape, both UNets.
-    bf16-geglu) stage bf16-geglu 240 python3 benchmarks/bf16_geglu.py --out "$PIPE/bf16-geglu.json" ;;
+    bf16-geglu) stage bf16-geglu 240 python3 benchmarks/bf16_geglu.py --out "$PIPE/bf16-geglu.json" --batches 2 ;;
     headline) stage headline 60 python3 benchmarks/headline.py "$PIPE" --out "$PIPE/headline.md" ;;
     *) echo "$(date +%s) unknown stage $1" >> "$PIPE/stages" ;;
     esac
