@@ -97,7 +97,8 @@ async def test_429_without_headers_blocks_until_default_backoff(
             await client.search("dogs")
         assert standin.api_calls == 1  # blocked: the second search never reached the server
         snapshot = client.quota.snapshot()
-        assert snapshot.remaining == 0 and snapshot.blocked_reason == "429 Too Many Requests"
+        # Blocked, but how much of the month is left no answer said: not 0 (an hourly 429 spends no quota).
+        assert snapshot.remaining is None and snapshot.blocked_reason == "429 Too Many Requests"
         clock.advance(601)
         assert (await client.search("dogs")).photos
     assert standin.api_calls == 2
@@ -124,6 +125,8 @@ async def test_a_429_with_calls_left_is_the_hourly_limit_not_the_months(
         await client.search("cats")  # Remaining 198 of 200
         with pytest.raises(PexelsQuotaExhausted) as caught:
             await client.search("dogs")
+        # Health and the remaining-quota metric keep the month's count: 0 there read as "the month is spent".
+        assert client.quota.snapshot().remaining == 198
     assert caught.value.retry_at.timestamp() == clock.now + 600  # the backoff, not the month's end
 
 

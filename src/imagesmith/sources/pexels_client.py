@@ -251,7 +251,9 @@ class QuotaTracker:
             until = reset_ahead
         else:
             until = min(now + self.default_block_s, reset_ahead or math.inf)
-        self.blocked_until, self.blocked_reason, self.remaining = until, reason, 0
+        # Remaining stays what Pexels last said: it counts the monthly period, and an hourly 429 leaves most of
+        # it (health and the metric showed 0 left after one busy hour). Blocked is said by blocked_until.
+        self.blocked_until, self.blocked_reason = until, reason
         logger.warning("Pexels quota: %s; no calls until %s", reason, _iso(until))
         return until
 
