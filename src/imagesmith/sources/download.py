@@ -24,7 +24,7 @@ from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import httpx
-from PIL import Image, ImageMode, ImageOps
+from PIL import Image, ImageMode, ImageOps, UnidentifiedImageError
 
 from imagesmith.sources.allowed_hosts import DEFAULT_PORTS, parse_allowed_hosts
 from imagesmith.sources.errors import (
@@ -195,9 +195,13 @@ class ImageDownloader:
             # Pillow answers malformed files with many kinds of error (OSError, SyntaxError, but also
             # struct.error, IndexError, ZeroDivisionError from its plugins): any of them means "not an image",
             # so the next candidate photo is tried.
-            raise NotAnImage(
-                f"{_safe(url)} does not decode as an image: {type(error).__name__}: {error}"
-            ) from None
+            # Pillow's "cannot identify image file <_io.BytesIO object at 0x...>" names our buffer, not the file.
+            why = (
+                "no image format recognised in its bytes"
+                if isinstance(error, UnidentifiedImageError)
+                else f"{type(error).__name__}: {error}"
+            )
+            raise NotAnImage(f"{_safe(url)} does not decode as an image: {why}") from None
         return image
 
 
