@@ -8,11 +8,20 @@ from __future__ import annotations
 
 import re
 import secrets
+import typing
 from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 MAX_SEED = 2**63 - 1
 MIN_SIDE, MAX_SIDE = 64, 2048
@@ -117,7 +126,25 @@ def check_side(name: str, value: int) -> int:
     return value
 
 
-class GenerationRequest(BaseModel):
+def _takes_booleans(annotation: object) -> bool:
+    return annotation is bool or bool in typing.get_args(annotation)
+
+
+class RefusesBooleanNumbers(BaseModel):
+    """A request model whose number fields refuse true and false. Pydantic's lax mode reads true as 1:
+    {"seed": true} ran seed 1, and {"width": true} was refused as "got 1". Every request model of the API and
+    the library derives from it; fields declared bool keep their booleans."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, value: object, info: ValidationInfo) -> object:
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(value, bool) and field is not None and not _takes_booleans(field.annotation):
+            raise ValueError(f"must be a number, got {str(value).lower()} (a boolean)")
+        return value
+
+
+class GenerationRequest(RefusesBooleanNumbers):
     """One generation: what the user asked for. `resolve()` fills the defaults that depend on other fields."""
 
     model_config = ConfigDict(extra="forbid", use_enum_values=False, allow_inf_nan=False)

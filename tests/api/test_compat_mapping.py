@@ -8,6 +8,7 @@ from pydantic import ValidationError
 from imagesmith.api.a1111_mapping import Txt2ImgRequest, resolve_sampler
 from imagesmith.api.a1111_mapping import to_image_request as a1111_request
 from imagesmith.api.errors import ApiError
+from imagesmith.api.media import ImageGenerationRequest
 from imagesmith.api.openai_mapping import SIZES, OpenAIImageRequest
 from imagesmith.api.openai_mapping import to_image_request as openai_request
 from imagesmith.config import Settings
@@ -101,3 +102,24 @@ def test_openai_answer_format_follows_the_model_when_not_asked() -> None:
     assert OpenAIImageRequest(prompt="p", model="gpt-image-1").wants_base64()
     assert not OpenAIImageRequest(prompt="p", model="gpt-image-1", response_format="url").wants_base64()
     assert OpenAIImageRequest(prompt="p", response_format="b64_json").wants_base64()
+
+
+@pytest.mark.parametrize(
+    ("model", "fields", "field"),
+    [
+        (OpenAIImageRequest, {"prompt": "p", "n": True}, "n"),
+        (Txt2ImgRequest, {"prompt": "p", "seed": True}, "seed"),
+        (Txt2ImgRequest, {"prompt": "p", "batch_size": False}, "batch_size"),
+        (ImageGenerationRequest, {"prompt": "p", "seed": True}, "seed"),
+        (ImageGenerationRequest, {"prompt": "p", "width": True}, "width"),
+    ],
+)
+def test_every_request_model_refuses_a_boolean_number(
+    model: type, fields: dict[str, object], field: str
+) -> None:
+    """Pydantic's lax mode read true as 1 (seed 1, one image); each model's bool fields still take booleans."""
+    with pytest.raises(ValidationError) as caught:
+        model.model_validate(fields)
+    errors = caught.value.errors()
+    assert [e["loc"][-1] for e in errors] == [field]
+    assert "got true (a boolean)" in errors[0]["msg"] or "got false (a boolean)" in errors[0]["msg"]

@@ -56,6 +56,12 @@ def test_a_number_that_is_not_finite_is_refused_as_such() -> None:
         )
 
 
+@pytest.mark.parametrize("field", ["seed", "width", "num_inference_steps", "num_images", "guidance_scale"])
+def test_a_boolean_where_a_number_goes_is_refused_as_a_boolean(field: str) -> None:
+    """Pydantic's lax mode reads true as 1: {"seed": true} ran seed 1, and {"width": true} said "got 1"."""
+    assert errors_for(prompt="x", **{field: True}) == {field: "must be a number, got true (a boolean)"}
+
+
 def test_blank_prompt_is_refused() -> None:
     assert "prompt" in errors_for(prompt="   ")
 

@@ -30,7 +30,7 @@ import math
 import time
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from imagesmith import __version__
 from imagesmith.api.compat_request import generation_from
@@ -42,6 +42,7 @@ from imagesmith.schemas import (
     GenerationMetadata,
     OutputFormat,
     RefineMode,
+    RefusesBooleanNumbers,
     SchedulerName,
 )
 from imagesmith.sources.base import ImageRequest
@@ -78,7 +79,7 @@ _IGNORED_IF_SET = ("enable_hr", "restore_faces", "tiling", "script_name", "style
 NULL_IS_MEANINGFUL = frozenset({"refiner_checkpoint"})
 
 
-class Txt2ImgRequest(BaseModel):
+class Txt2ImgRequest(RefusesBooleanNumbers):
     """POST /sdapi/v1/txt2img: the fields A1111 clients send. Others are accepted (and echoed) but unused."""
 
     # Python's JSON reader takes NaN and Infinity, which JSON has not; echoed back in `info` they made a string

@@ -24,6 +24,7 @@ from imagesmith.schemas import (
     GenerationRequest,
     OutputFormat,
     RefineMode,
+    RefusesBooleanNumbers,
     SchedulerName,
 )
 from imagesmith.sources.base import ImageRequest, SourceName
@@ -31,7 +32,7 @@ from imagesmith.sources.base import ImageRequest, SourceName
 router = APIRouter(prefix="/api/media", tags=["media (seed API)"], route_class=TextCheckedRoute)
 
 
-class ImageGenerationRequest(BaseModel):
+class ImageGenerationRequest(RefusesBooleanNumbers):
     """The seed's request, field for field (same names, defaults and bounds), plus the engine's optional fields.
 
     Unknown fields are ignored, as the seed's model did, so existing clients keep working.

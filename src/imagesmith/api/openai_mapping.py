@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from imagesmith.api.compat_request import generation_from
 from imagesmith.api.errors import ApiError
 from imagesmith.config import Settings
-from imagesmith.schemas import ASPECT_SIZES, OutputFormat
+from imagesmith.schemas import ASPECT_SIZES, OutputFormat, RefusesBooleanNumbers
 from imagesmith.sources.base import ImageRequest
 
 SIZES: dict[str, tuple[int, int]] = {f"{w}x{h}": (w, h) for w, h in ASPECT_SIZES.values()}
@@ -34,7 +34,7 @@ OUTPUT_FORMATS = {"png": OutputFormat.PNG, "jpeg": OutputFormat.JPEG, "webp": Ou
 OPENAI_PARAMS = {"num_images": "n", "width": "size", "height": "size", "aspect": "size"}
 
 
-class OpenAIImageRequest(BaseModel):
+class OpenAIImageRequest(RefusesBooleanNumbers):
     """POST /v1/images/generations. Unknown fields are ignored: newer clients send more than we read."""
 
     model_config = ConfigDict(extra="ignore")
