@@ -21,11 +21,11 @@ from typing import cast
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.activations import GEGLU
 from diffusers.models.attention import BasicTransformerBlock, FeedForward
 from torch import nn
 
 from imagesmith.engine.fp8 import replace_modules
+from imagesmith.engine.geglu_feed_forward import geglu_feed_forward_parts
 
 
 def triton_available() -> bool:
@@ -140,20 +140,17 @@ class FusedGegluFeedForward(nn.Module):
 
 
 def fusable(module: nn.Module) -> bool:
-    """A FeedForward of GEGLU (exact gelu), dropout and a linear, both plain nn.Linear (not fp8), of widths the
+    """A GEGLU FeedForward (engine/geglu_feed_forward.py), both linears plain nn.Linear (not fp8), of widths the
     kernel's TMA reads take (rows of 16 bytes: multiples of 8 in bf16)."""
-    if type(module) is not FeedForward:
+    parts = geglu_feed_forward_parts(module)
+    if parts is None:
         return False
-    net = list(module.net)
-    if len(net) not in (3, 4) or not all(isinstance(m, nn.Dropout) for m in net[1:2] + net[3:]):
-        return False
-    geglu, out = net[0], net[2]
+    proj, out = parts
     return (
-        type(geglu) is GEGLU  # "geglu-approximate" (tanh gelu) is another class
-        and type(geglu.proj) is nn.Linear
+        type(proj) is nn.Linear
         and type(out) is nn.Linear
-        and geglu.proj.in_features % 8 == 0
-        and geglu.proj.out_features % 16 == 0
+        and proj.in_features % 8 == 0
+        and proj.out_features % 16 == 0
     )
 
 

@@ -22,33 +22,22 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-
-def _set_tma_blocks(args: dict[str, Any]) -> None:
-    """Autotuning tries several tile shapes; each config gives the TMA descriptors their block before a launch."""
-    bm, bn, bk = args["BLOCK_M"], args["BLOCK_N"], args["BLOCK_K"]
-    args["x_desc"].block_shape = [bm, bk]
-    args["w_desc"].block_shape = [2 * bn, bk]
-    args["out_desc"].block_shape = [bm, bn]
-
+from imagesmith.engine.geglu_feed_forward import aligned_for_tma
+from imagesmith.engine.tma_tiles import grouped_tile, tma_configs
 
 # Tiles for Hopper's bf16 tensor cores. BLOCK_N counts output columns: the weight tile is twice as tall, so
 # 128 gives a 128 x 256 fp32 accumulator (wgmma's widest N), 128 registers a thread over 8 warps. Shared memory
 # per stage: (128 + 256) x 64 x 2 bytes = 48 KiB, so 4 stages fit an H100's 227 KiB.
-_CONFIGS = [
-    triton.Config(
-        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-        num_warps=w,
-        num_stages=s,
-        pre_hook=_set_tma_blocks,
-    )
-    for bm, bn, bk, w, s in [
+_CONFIGS = tma_configs(
+    [
         (128, 128, 64, 8, 3),
         (128, 128, 64, 8, 4),
         (128, 64, 64, 4, 4),
         (128, 64, 64, 8, 5),
         (64, 128, 64, 4, 4),
-    ]
-]
+    ],
+    weight_rows_per_column=2,
+)
 
 
 @triton.jit
@@ -75,17 +64,7 @@ def _bf16_geglu_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    # Grouped ordering: GROUP_M row tiles share each weight tile while it is in L2.
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
-    row = pid_m * BLOCK_M
-    col = pid_n * BLOCK_N
+    row, col = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     both = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
     sums = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -127,11 +106,7 @@ def bf16_geglu_cuda(
     n = weight.shape[0] // 2
     if k % 8 or n % 8:
         raise ValueError(f"the fused bf16 GEGLU kernel needs K and N multiples of 8, got K={k}, N={n}")
-    # A view into a larger buffer may start off a 16-byte boundary: copied, as TMA cannot read it.
-    x, weight = (
-        t if t.is_contiguous() and t.data_ptr() % 16 == 0 else t.clone(memory_format=torch.contiguous_format)
-        for t in (x, weight)
-    )
+    x, weight = aligned_for_tma(x, weight)
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
 
     def grid(meta: dict[str, int]) -> tuple[int]:

@@ -23,11 +23,11 @@ from typing import cast
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.activations import GEGLU
 from diffusers.models.attention import FeedForward
 from torch import nn
 
 from imagesmith.engine.fp8 import Float8Linear, replace_modules, to_e4m3
+from imagesmith.engine.geglu_feed_forward import geglu_feed_forward_parts
 
 
 def triton_available() -> bool:
@@ -107,21 +107,19 @@ class Fp8GegluFeedForward(nn.Module):
 
 
 def fusable(module: nn.Module) -> bool:
-    """A FeedForward of GEGLU, dropout and a linear, both linears static-scaled fp8, of widths the kernel takes."""
-    if type(module) is not FeedForward:
+    """A GEGLU FeedForward (engine/geglu_feed_forward.py), both linears static-scaled fp8, of widths the kernel
+    takes."""
+    parts = geglu_feed_forward_parts(module)
+    if parts is None:
         return False
-    net = list(module.net)
-    if len(net) not in (3, 4) or not all(isinstance(m, nn.Dropout) for m in net[1:2] + net[3:]):
-        return False
-    geglu, out = net[0], net[2]
+    proj, out = parts
     return (
-        type(geglu) is GEGLU  # exact gelu (erf), as the kernel computes; "geglu-approximate" is another class
-        and isinstance(geglu.proj, Float8Linear)
+        isinstance(proj, Float8Linear)
         # The kernel's TMA reads e4m3 rows in 16-byte steps: K and N (half the projection) multiples of 16.
-        and geglu.proj.in_features % 16 == 0
-        and geglu.proj.out_features % 32 == 0
+        and proj.in_features % 16 == 0
+        and proj.out_features % 32 == 0
         and isinstance(out, Float8Linear)
-        and geglu.proj.scaling == out.scaling == "static"
+        and proj.scaling == out.scaling == "static"
     )
 
 

@@ -17,22 +17,15 @@ Imported only where Triton is (a CUDA machine); the module that calls it keeps a
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from imagesmith.engine.geglu_feed_forward import aligned_for_tma
+from imagesmith.engine.tma_tiles import grouped_tile, tma_configs
+
 E4M3_MAX = tl.constexpr(448.0)  # a global a Triton kernel reads must be a constexpr
-
-
-def _set_tma_blocks(args: dict[str, Any]) -> None:
-    """Autotuning tries several tile shapes; each config gives the TMA descriptors their block before a launch."""
-    bm, bn, bk = args["BLOCK_M"], args["BLOCK_N"], args["BLOCK_K"]
-    args["x_desc"].block_shape = [bm, bk]
-    args["w_desc"].block_shape = [bn, bk]
-    args["out_desc"].block_shape = [bm, bn]
 
 
 # Tiles for Hopper's fp8 tensor cores (wgmma wants K-tiles of 32+ and 64+ rows per warp group). Two fp32
@@ -41,20 +34,10 @@ def _set_tma_blocks(args: dict[str, Any]) -> None:
 # that won at every SDXL shape in run 58 (128x128x128, 3 or 4 stages), beside a shorter K step and a tile for few
 # rows, for other widths; run 58's other three (128x64, 256x64, 5 stages) never won, and each candidate costs a
 # compile and a timing at the first start.
-_CONFIGS = [
-    triton.Config(
-        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-        num_warps=w,
-        num_stages=s,
-        pre_hook=_set_tma_blocks,
-    )
-    for bm, bn, bk, w, s in [
-        (128, 128, 128, 8, 3),
-        (128, 128, 128, 8, 4),
-        (128, 128, 64, 8, 4),
-        (64, 128, 128, 4, 4),
-    ]
-]
+_CONFIGS = tma_configs(
+    [(128, 128, 128, 8, 3), (128, 128, 128, 8, 4), (128, 128, 64, 8, 4), (64, 128, 128, 4, 4)],
+    weight_rows_per_column=1,
+)
 
 
 @triton.autotune(configs=_CONFIGS, key=["M", "N", "K"])
@@ -75,16 +58,7 @@ def _fp8_geglu_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = min(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
-    row = pid_m * BLOCK_M
-    col = pid_n * BLOCK_N
+    row, col = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     value = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -120,11 +94,7 @@ def fp8_geglu_cuda(
     n = weight.shape[0] // 2
     if k % 16 or n % 16:
         raise ValueError(f"the fused GEGLU kernel needs K and N multiples of 16, got K={k}, N={n}")
-    # A view into a larger buffer may start off a 16-byte boundary: copied, as TMA cannot read it.
-    x, weight = (
-        t if t.is_contiguous() and t.data_ptr() % 16 == 0 else t.clone(memory_format=torch.contiguous_format)
-        for t in (x, weight)
-    )
+    x, weight = aligned_for_tma(x, weight)
     out = torch.empty((m, n), device=x.device, dtype=torch.float8_e4m3fn)
 
     def grid(meta: dict[str, int]) -> tuple[int]:
