@@ -13,6 +13,7 @@ from imagesmith import __version__
 from imagesmith.api import a1111, health, images, jobs, media, metrics, openai_images, openai_models
 from imagesmith.api.errors import install_error_handlers
 from imagesmith.api.limits import BodySizeLimit
+from imagesmith.api.trailing_slash import IgnoreTrailingSlash
 from imagesmith.config import Settings, get_settings, prepared_data_dir
 from imagesmith.jobs.events import EventHub
 from imagesmith.jobs.metrics import Metrics
@@ -105,6 +106,7 @@ def create_app(
     app.state.settings = settings
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(IgnoreTrailingSlash)  # added last: it runs first, so every route sees the plain path
     # openai_images before images: POST /v1/images/generations next to GET /v1/images/{name}.
     for module in (media, jobs, health, openai_images, openai_models, images, metrics, a1111):
         app.include_router(module.router)
