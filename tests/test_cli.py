@@ -307,6 +307,22 @@ def test_each_of_several_images_output_names_is_checked_before_the_generation(
     assert not (tmp_path / "m_0.png").exists() and "base" not in done.stderr  # nothing generated
 
 
+def test_a_device_takes_one_image_and_several_are_refused_before_the_generation(
+    tiny_model_home: Path, tmp_path: Path
+) -> None:
+    """'-o /dev/null' wrote /dev/null.png; several images would have been null_0.png, ... in /dev."""
+    many = run_cli(
+        "generate", "x", "--steps", "2", "--num-images", "2", "-o", "/dev/null", home=tiny_model_home
+    )
+    assert many.returncode == 2, many.stderr
+    assert "--output: /dev/null is a device or a pipe, not a file, and takes one image" in many.stderr
+    assert "base" not in many.stderr  # nothing generated
+    one = run_cli("generate", "x", "--steps", "2", "-o", "/dev/null", "--json", home=tiny_model_home)
+    assert one.returncode == 0, one.stderr
+    assert json.loads(one.stdout)["files"] == ["/dev/null"]
+    assert Path("/dev/null").is_char_device() and not Path("/dev/null.png").exists()
+
+
 def test_a_data_dir_that_cannot_be_made_is_named_as_a_setting(tmp_path: Path) -> None:
     """It was a FileNotFoundError traceback from deep in the tiny model's build (generate, bench, serve)."""
     blocker = tmp_path / "a-file"

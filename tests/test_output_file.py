@@ -73,3 +73,30 @@ def test_a_link_that_loops_is_refused_before_any_work(tmp_path: Path) -> None:
     (tmp_path / "b.png").symlink_to(tmp_path / "a.png")
     with pytest.raises(OutputPathError, match=r"a\.png is a symbolic link that leads nowhere"):
         planned_output(tmp_path / "a.png", None, OutputFormat.PNG)
+
+
+def test_a_device_keeps_its_name_and_takes_the_bytes_in_place() -> None:
+    """'-o /dev/null' wrote /dev/null.png, a new file in /dev; renamed over, /dev/null would have become a PNG."""
+    null = Path("/dev/null")
+    assert planned_output(null, None, OutputFormat.PNG) == (null, OutputFormat.PNG)
+    assert planned_output(null, "jpeg", OutputFormat.PNG) == (null, OutputFormat.JPEG)
+    write_whole(null, b"\x89PNG not really")
+    assert null.is_char_device()
+    assert not Path("/dev/null.png").exists() and not Path("/dev/.null.part").exists()
+
+
+def test_a_named_pipe_gets_the_whole_image_through_it(tmp_path: Path) -> None:
+    import os
+    import threading
+
+    pipe = tmp_path / "images"
+    os.mkfifo(pipe)
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(pipe.read_bytes()), daemon=True)
+    reader.start()
+    data = os.urandom(300_000)  # more than a pipe's buffer: the writer must wait for the reader
+    path, _ = planned_output(pipe, None, OutputFormat.PNG)
+    write_whole(path, data)
+    reader.join(timeout=10)
+    assert received == [data]
+    assert pipe.is_fifo() and sorted(p.name for p in tmp_path.iterdir()) == ["images"]

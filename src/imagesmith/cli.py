@@ -37,6 +37,7 @@ from imagesmith.output_file import (
     STDOUT,
     OutputPathError,
     check_writable,
+    is_special_file,
     planned_output,
     stdout_format,
     write_stdout,
@@ -248,6 +249,11 @@ def run_generate(args: argparse.Namespace) -> int:
             output, output_format = planned_output(
                 Path(args.output or "image"), args.format, OutputFormat.PNG, " (or give --format)"
             )
+            if is_special_file(output) and args.num_images != 1:
+                raise OutputPathError(
+                    f"{output} is a device or a pipe, not a file, and takes one image, not --num-images "
+                    f"{args.num_images}; name a file (-o hero.png writes hero_0.png, hero_1.png, ...)"
+                )
             # With --num-images, each image's own name (m_1.png) too; a count out of range is refused below.
             for path in output_paths(
                 output, args.num_images if 1 <= args.num_images <= MAX_NUM_IMAGES else 1

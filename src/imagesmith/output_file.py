@@ -67,13 +67,26 @@ def write_stdout(data: bytes) -> None:
         raise
 
 
+def is_special_file(path: Path) -> bool:
+    """An existing path that is neither a regular file nor a folder: a device (/dev/null), a named pipe, a
+    socket. Its bytes are written into it as it is: no suffix added to its name, no temporary file renamed over
+    it (which would replace /dev/null itself with an image, as root)."""
+    try:
+        target = link_target(path)
+        return target.exists() and not target.is_file() and not target.is_dir()
+    except OSError:
+        return False
+
+
 def planned_output(
     output: Path, format_option: str | None, default: OutputFormat, format_hint: str = ""
 ) -> tuple[Path, OutputFormat]:
     """The file to write and its format, from `-o` and `--format`. A name without a suffix gets the format's
     (a PNG named 'hero' opens in nothing); a suffix that disagrees with --format is refused, as a suffix of
     no format is, since the file's name would lie about its bytes. `format_hint`: added to that refusal where
-    the command has a --format to suggest."""
+    the command has a --format to suggest. A device or a pipe (is_special_file) keeps its name."""
+    if is_special_file(output):  # '-o /dev/null' wrote /dev/null.png, a new file in /dev
+        return output, OutputFormat(format_option) if format_option else default
     if output.is_dir():  # before a suffix is added: 'adir' must not become 'adir.png' beside it
         check_writable(output)
     chosen = OutputFormat(format_option) if format_option else None
@@ -112,6 +125,10 @@ def check_writable(path: Path) -> None:
         path = link_target(path)
     except OSError as error:
         raise OutputPathError(f"{error}; choose another name") from None
+    if is_special_file(path):  # written into as it is: its folder (/dev) need not take new files
+        if not os.access(path, os.W_OK):
+            raise OutputPathError(f"{path} cannot be written by this user; choose another path")
+        return
     if path.is_dir():
         raise OutputPathError(f"{path} is a folder; give a file name, e.g. {path / 'image.png'}")
     existing = next((folder for folder in path.parents if folder.exists()), Path("."))
@@ -133,6 +150,10 @@ def write_whole(path: Path, data: bytes) -> None:
     points at, as other tools write: renamed over, the link itself became a plain file and its target kept the
     old image."""
     path = link_target(path)
+    if is_special_file(path):
+        with path.open("wb") as special:  # a device or a pipe takes the bytes as they come
+            special.write(data)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.part")
     try:
