@@ -130,6 +130,10 @@ def test_doctor_and_generate_name_the_fix_for_a_device_torch_cannot_use(
     assert "Traceback" not in doctor.stderr + doctor.stdout
     assert "Apple MPS is not built into this torch" in doctor.stdout + doctor.stderr
     assert "set IMAGESMITH_DEVICE=cpu" in doctor.stdout + doctor.stderr
+    # The other checks still run (doctor stopped at the device line): the data dir, the models, Pexels.
+    assert "hub: " in doctor.stdout and "not checked (no plan for the device above)" in doctor.stdout
+    assert "pexels" in doctor.stdout.lower()
+    assert "doctor: 1 problem(s) above" in doctor.stdout
     generate = cli_with(env, "generate", "x", "--steps", "2", "-o", str(tmp_path / "x.png"))
     assert generate.returncode != 0 and "Traceback" not in generate.stderr
     assert "set IMAGESMITH_DEVICE=cpu" in generate.stderr, generate.stderr
@@ -497,6 +501,7 @@ def test_doctor_reports_a_plan_the_card_cannot_serve(
     out = capsys.readouterr().out
     assert "device: cuda:0 (RTX 3090, compute capability 8.6" in out
     assert "plan: ERROR IMAGESMITH_FP8=true needs a GPU with fp8 tensor cores" in out
+    assert "data dir " in out and "doctor: " in out  # the checks after the plan ran too
 
 
 def test_ctrl_c_during_generate_exits_130_cleanly(tiny_model_home: Path, tmp_path: Path) -> None:

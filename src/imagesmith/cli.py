@@ -374,32 +374,38 @@ def run_doctor(args: argparse.Namespace) -> int:
 
     settings = _settings_for(args)
     print(f"imagesmith {__version__}, torch {torch.__version__}, python {sys.version.split()[0]}")
+    problems = 0
+    # A device or a plan this machine cannot serve is one problem among others: the data dir, the models and
+    # Pexels are still checked (doctor stopped at the device line, so a machine without its GPU showed one
+    # problem, and the next fix came only after that one).
+    plan = None
     try:
         device = probe_device(settings.device)
     except (RuntimeError, ValueError) as error:
         print(f"device: ERROR {error}")
-        return 1
-    memory = (
-        f", {device.free_memory_gib:.1f}/{device.total_memory_gib:.1f} GiB free"
-        if device.kind == "cuda"
-        else ""
-    )
-    capability = (
-        f", compute capability {device.capability[0]}.{device.capability[1]}" if device.capability else ""
-    )
-    print(f"device: {device.torch_device} ({device.name}{capability}{memory})")
-    try:
-        plan = plan_hardware(device, settings)
-    except RuntimeError as error:  # settings this device cannot serve, such as fp8 on a card without it
-        print(f"plan: ERROR {error}")
-        return 1
-    print(f"plan: {plan.summary()}")
-    from imagesmith.engine.speed_advice import speed_lines
+        problems += 1
+    else:
+        memory = (
+            f", {device.free_memory_gib:.1f}/{device.total_memory_gib:.1f} GiB free"
+            if device.kind == "cuda"
+            else ""
+        )
+        capability = (
+            f", compute capability {device.capability[0]}.{device.capability[1]}" if device.capability else ""
+        )
+        print(f"device: {device.torch_device} ({device.name}{capability}{memory})")
+        try:
+            plan = plan_hardware(device, settings)
+        except RuntimeError as error:  # settings this device cannot serve, such as fp8 on a card without it
+            print(f"plan: ERROR {error}")
+            problems += 1
+        else:
+            print(f"plan: {plan.summary()}")
+            from imagesmith.engine.speed_advice import speed_lines
 
-    for line in speed_lines(settings, device, plan):
-        print(line)
+            for line in speed_lines(settings, device, plan):
+                print(line)
     hub_mode = "offline (local files only)" if offline(settings) else "downloads allowed"
-    problems = 0
     print(f"hub: {hub_mode}; data dir {settings.data_dir}")
     data_dir_usable = True
     try:
@@ -410,6 +416,8 @@ def run_doctor(args: argparse.Namespace) -> int:
         data_dir_usable = False
     if settings.model is ModelPreset.TINY and not data_dir_usable:  # it lives in the data dir
         print(f"models: tiny at {settings.tiny_model_dir()}: not checked (the data dir above cannot be used)")
+    elif settings.model is ModelPreset.TINY and plan is None:  # loading it needs a device and a plan
+        print(f"models: tiny at {settings.tiny_model_dir()}: not checked (no plan for the device above)")
     elif settings.model is ModelPreset.TINY:
         problems += _check_tiny_models(settings, plan)
     else:
