@@ -849,3 +849,48 @@ def test_an_ensemble_split_the_scheduler_leaves_empty_is_refused_before_the_mode
         "and the refiner 0; raise --steps, or move --high-noise-frac away from 0 and 1"
     )
     assert "loading base model" not in done.stderr
+
+
+def test_a_write_that_fails_after_some_images_says_which_were_written(
+    tiny_model_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The disk filled at the second of three images: generate said only that the second failed, and the first,
+    a whole file on disk, went unmentioned."""
+    import errno
+
+    from imagesmith import cli
+    from imagesmith.output_file import write_whole
+
+    writes: list[Path] = []
+
+    def disk_fills_after_one(path: Path, data: bytes) -> None:
+        if writes:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        writes.append(path)
+        write_whole(path, data)
+
+    monkeypatch.setattr(cli, "write_whole", disk_fills_after_one)
+    monkeypatch.setenv("IMAGESMITH_DATA_DIR", str(tiny_model_home))
+    monkeypatch.setenv("IMAGESMITH_MODEL", "tiny")
+    target = tmp_path / "m.png"
+    code = cli.main(
+        [
+            "generate",
+            "x",
+            "--steps",
+            "2",
+            "--num-images",
+            "3",
+            "-o",
+            str(target),
+            "--width",
+            "64",
+            "--height",
+            "64",
+        ]
+    )
+    errors = capsys.readouterr().err
+    assert code == 1
+    assert f"cannot write {tmp_path / 'm_1.png'}: No space left on device" in errors
+    assert f"1 of 3 images written: {tmp_path / 'm_0.png'}" in errors
+    assert (tmp_path / "m_0.png").is_file() and not (tmp_path / "m_1.png").exists()

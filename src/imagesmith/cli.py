@@ -304,12 +304,15 @@ def run_generate(args: argparse.Namespace) -> int:
         bars.close()
     paths = output_paths(output, len(result.images))
     encoded = encode_in_parallel([functools.partial(result.encoded, index) for index in range(len(paths))])
-    for path, data in zip(paths, encoded, strict=True):
+    for index, (path, data) in enumerate(zip(paths, encoded, strict=True)):
         try:
             write_stdout(data) if to_stdout else write_whole(path, data)
         except OSError as error:  # checked writable before; since then the disk filled or the folder went
             where = "standard output" if to_stdout else path
             print(f"imagesmith generate: cannot write {where}: {error.strerror or error}", file=sys.stderr)
+            if index:  # the images before it are whole files: say so, so they are neither lost nor trusted blind
+                written = ", ".join(str(done) for done in paths[:index])
+                print(f"imagesmith generate: {index} of {len(paths)} images written: {written}", file=sys.stderr)
             return 1
     meta = result.metadata
     if args.json:
