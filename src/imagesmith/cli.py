@@ -310,9 +310,12 @@ def run_generate(args: argparse.Namespace) -> int:
         except OSError as error:  # checked writable before; since then the disk filled or the folder went
             where = "standard output" if to_stdout else path
             print(f"imagesmith generate: cannot write {where}: {error.strerror or error}", file=sys.stderr)
-            if index:  # the images before it are whole files: say so, so they are neither lost nor trusted blind
+            # The images before it are whole files: say so, so they are neither lost nor trusted blind.
+            if index:
                 written = ", ".join(str(done) for done in paths[:index])
-                print(f"imagesmith generate: {index} of {len(paths)} images written: {written}", file=sys.stderr)
+                print(
+                    f"imagesmith generate: {index} of {len(paths)} images written: {written}", file=sys.stderr
+                )
             return 1
     meta = result.metadata
     if args.json:
