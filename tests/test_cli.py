@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from imagesmith.config import Settings
 from imagesmith.engine.output import parse_a1111_parameters, read_parameters
 
 # The command line of `imagesmith` in a child process, as the tests start it.
@@ -872,6 +873,9 @@ def test_a_write_that_fails_after_some_images_says_which_were_written(
     monkeypatch.setattr(cli, "write_whole", disk_fills_after_one)
     monkeypatch.setenv("IMAGESMITH_DATA_DIR", str(tiny_model_home))
     monkeypatch.setenv("IMAGESMITH_MODEL", "tiny")
+    monkeypatch.setenv("IMAGESMITH_DEVICE", "cpu")
+    # Read from this environment: get_settings keeps the first Settings made in the process (another test's).
+    monkeypatch.setattr(cli, "get_settings", Settings)
     target = tmp_path / "m.png"
     code = cli.main(
         [
