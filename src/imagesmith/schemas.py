@@ -126,20 +126,23 @@ def check_side(name: str, value: int) -> int:
     return value
 
 
-def _takes_booleans(annotation: object) -> bool:
-    return annotation is bool or bool in typing.get_args(annotation)
+def _is_number_field(annotation: object) -> bool:
+    """int or float, alone or in a union (int | None), and not bool: a str field keeps pydantic's own message."""
+    kinds = {annotation, *typing.get_args(annotation)}
+    return bool(kinds & {int, float}) and bool not in kinds
 
 
 class RefusesBooleanNumbers(BaseModel):
     """A request model whose number fields refuse true and false. Pydantic's lax mode reads true as 1:
     {"seed": true} ran seed 1, and {"width": true} was refused as "got 1". Every request model of the API and
-    the library derives from it; fields declared bool keep their booleans."""
+    the library derives from it; fields declared bool keep their booleans, and others (a prompt) pydantic's
+    own message."""
 
     @field_validator("*", mode="before")
     @classmethod
     def _no_boolean_numbers(cls, value: object, info: ValidationInfo) -> object:
         field = cls.model_fields.get(info.field_name or "")
-        if isinstance(value, bool) and field is not None and not _takes_booleans(field.annotation):
+        if isinstance(value, bool) and field is not None and _is_number_field(field.annotation):
             raise ValueError(f"must be a number, got {str(value).lower()} (a boolean)")
         return value
 
