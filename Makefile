@@ -5,14 +5,17 @@ VENV ?= .venv
 # The CPU build of torch: enough for the tiny model, tests and CI. On a GPU machine install the CUDA build
 # that matches your driver first (pip install torch), then `make setup TORCH=`.
 TORCH ?= torch==2.13.0
+# Triton beside the CPU torch: tests compile our GPU kernels for an H100 with it (no GPU needed). torch's CUDA
+# builds bring their own; 3.6.0 is what the device machine's torch 2.11 ships.
+TRITON ?= triton==3.6.0
 BIN := $(VENV)/bin
 
 .PHONY: setup demo test lint check clean
 
-$(BIN)/imagesmith: pyproject.toml
+$(BIN)/imagesmith: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(if $(TORCH),$(BIN)/pip install --quiet "$(TORCH)")
+	$(if $(TORCH),$(BIN)/pip install --quiet "$(TORCH)" "$(TRITON)")
 	$(BIN)/pip install --quiet -e ".[dev]"
 	@touch $@
 

@@ -15,8 +15,6 @@ Imported only where Triton is (a CUDA machine); engine/bf16_geglu.py keeps an fp
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import triton
 import triton.language as tl
@@ -40,8 +38,9 @@ _CONFIGS = tma_configs(
 )
 
 
+# No annotations on a jit function: Triton resolves them as globals, and typing.Any is not a constexpr.
 @triton.jit
-def _gelu_exact(gate: Any) -> Any:
+def _gelu_exact(gate):
     return 0.5 * gate * (1.0 + tl.erf(gate * 0.7071067811865476))
 
 
