@@ -193,7 +193,7 @@ def test_off_the_gpu_fp8_convolutions_are_emulated_and_with_offload_skipped() ->
 
 def test_the_plan_fuses_geglu_with_static_fp8_and_triton(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = Settings(fp8=True, fp8_fused_geglu=True)
-    monkeypatch.setattr("imagesmith.engine.fp8_geglu.triton_available", lambda: True)
+    monkeypatch.setattr("imagesmith.engine.geglu_feed_forward.triton_available", lambda: True)
     plan = plan_hardware(H100, settings)
     assert plan.fp8 == "static" and plan.fp8_fused_geglu and "(Triton)" in plan.summary()
     assert not plan_hardware(H100, Settings(fp8=True)).fp8_fused_geglu
@@ -202,7 +202,7 @@ def test_the_plan_fuses_geglu_with_static_fp8_and_triton(monkeypatch: pytest.Mon
     offloaded = plan_hardware(H100, Settings(fp8=True, fp8_fused_geglu=True, offload="model"))
     assert offloaded.fp8 is None and not offloaded.fp8_fused_geglu
     assert "fp8 fused GEGLU skipped: it needs the fp8 linears" in offloaded.summary()
-    monkeypatch.setattr("imagesmith.engine.fp8_geglu.triton_available", lambda: False)
+    monkeypatch.setattr("imagesmith.engine.geglu_feed_forward.triton_available", lambda: False)
     with pytest.raises(RuntimeError, match=r"needs Triton.*unset IMAGESMITH_FP8_FUSED_GEGLU"):
         plan_hardware(H100, settings)
 
@@ -211,7 +211,7 @@ def test_the_plan_fuses_bf16_geglu_on_a_cuda_gpu_with_triton_and_says_why_not_el
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     settings = Settings(fused_geglu=True)
-    monkeypatch.setattr("imagesmith.engine.bf16_geglu.triton_available", lambda: True)
+    monkeypatch.setattr("imagesmith.engine.geglu_feed_forward.triton_available", lambda: True)
     plan = plan_hardware(H100, settings)
     assert plan.fused_geglu and "bf16 matmul (Triton)" in plan.summary()
     assert not plan_hardware(H100, Settings()).fused_geglu
@@ -222,6 +222,6 @@ def test_the_plan_fuses_bf16_geglu_on_a_cuda_gpu_with_triton_and_says_why_not_el
     fp8 = plan_hardware(H100, Settings(fused_geglu=True, fp8=True))
     assert fp8.fp8 == "static" and not fp8.fused_geglu
     assert "IMAGESMITH_FP8_FUSED_GEGLU fuses those" in fp8.summary()
-    monkeypatch.setattr("imagesmith.engine.bf16_geglu.triton_available", lambda: False)
+    monkeypatch.setattr("imagesmith.engine.geglu_feed_forward.triton_available", lambda: False)
     with pytest.raises(RuntimeError, match=r"needs Triton.*unset IMAGESMITH_FUSED_GEGLU"):
         plan_hardware(H100, settings)

@@ -16,7 +16,6 @@ another dtype, the op computes the same thing in fp32 (tests, not speed).
 
 from __future__ import annotations
 
-import importlib.util
 from typing import cast
 
 import torch
@@ -26,11 +25,6 @@ from torch import nn
 
 from imagesmith.engine.fp8 import replace_modules
 from imagesmith.engine.geglu_feed_forward import geglu_feed_forward_parts
-
-
-def triton_available() -> bool:
-    """Whether the fused kernel can run on a CUDA GPU here (torch's CUDA builds ship Triton)."""
-    return importlib.util.find_spec("triton") is not None
 
 
 def interleave_halves(rows: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,6 @@ matmul on its e4m3 output. Off the GPU the op computes the same quantized arithm
 
 from __future__ import annotations
 
-import importlib.util
 from typing import cast
 
 import torch
@@ -28,11 +27,6 @@ from torch import nn
 
 from imagesmith.engine.fp8 import Float8Linear, replace_modules, to_e4m3
 from imagesmith.engine.geglu_feed_forward import geglu_feed_forward_parts
-
-
-def triton_available() -> bool:
-    """Whether the fused kernel can run on a CUDA GPU here (torch's CUDA builds ship Triton)."""
-    return importlib.util.find_spec("triton") is not None
 
 
 @torch.library.custom_op("imagesmith::fp8_geglu", mutates_args=())

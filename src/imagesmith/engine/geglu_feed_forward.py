@@ -1,12 +1,19 @@
-"""What the fused GEGLU kernels (engine/fp8_geglu.py, engine/bf16_geglu.py) share: recognising the feed-forward
+"""What the fused GEGLU kernels (engine/fp8_geglu.py, engine/bf16_geglu.py) share: whether Triton is here, recognising the feed-forward
 they replace, and laying out the operands their TMA reads take."""
 
 from __future__ import annotations
+
+import importlib.util
 
 import torch
 from diffusers.models.activations import GEGLU
 from diffusers.models.attention import FeedForward
 from torch import nn
+
+
+def triton_available() -> bool:
+    """Whether the fused kernels can run on a CUDA GPU here (torch's CUDA builds ship Triton)."""
+    return importlib.util.find_spec("triton") is not None
 
 
 def geglu_feed_forward_parts(module: nn.Module) -> tuple[nn.Module, nn.Module] | None:

@@ -291,7 +291,7 @@ def _choose_fp8_fused_geglu(
         reasons.append("fp8 fused GEGLU skipped: it needs the fp8 linears")
         return False
     if device.kind == "cuda":
-        from imagesmith.engine.fp8_geglu import triton_available
+        from imagesmith.engine.geglu_feed_forward import triton_available
 
         if not triton_available():
             raise RuntimeError(
@@ -325,7 +325,7 @@ def _choose_fused_geglu(
             f"bf16 fused GEGLU skipped: it needs compute capability 9.0+ (this GPU: {device.capability})"
         )
         return False
-    from imagesmith.engine.bf16_geglu import triton_available
+    from imagesmith.engine.geglu_feed_forward import triton_available
 
     if not triton_available():
         raise RuntimeError(
