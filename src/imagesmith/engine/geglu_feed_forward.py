@@ -1,5 +1,5 @@
-"""What the fused GEGLU kernels (engine/fp8_geglu.py, engine/bf16_geglu.py) share: whether Triton is here, recognising the feed-forward
-they replace, and laying out the operands their TMA reads take."""
+"""What the fused GEGLU kernels (engine/fp8_geglu.py, engine/bf16_geglu.py) share: whether Triton is here,
+recognising the feed-forward they replace, and laying out the operands their TMA reads take."""
 
 from __future__ import annotations
 
