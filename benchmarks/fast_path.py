@@ -19,16 +19,17 @@ not), and `first_image_s`: from the phase's start (building its modules, which a
 to its first image, the warm-up (compilation) included.
 
 A variant is
-`MODE[+fp8|+fp8dyn][+fp8conv|+fp8convnchw][+geglu][+bgeglu|+bgeglun][+cl][+cudnn|+nocudnn][+dyn][+regions][+teg|+noteg][+attn-BACKEND][+olddecode][+cdt][+mk][+ndt][:mlperf]`:
+`MODE[+fp8|+fp8dyn][+fp8conv|+fp8convnchw][+geglu][+bgeglu][+cl][+cudnn|+nocudnn][+dyn][+regions][+teg|+noteg][+attn-BACKEND][+olddecode][+cdt][+mk][+ndt][:mlperf]`:
 MODE is a compile choice (off, default, reduce-overhead, max-autotune-no-cudagraphs); +fp8 fp8 transformer linears
 (engine/fp8.py) with static scales, calibrated as Engine.start does (the default), +fp8dyn with dynamic ones; +fp8conv (with +fp8)
 the convolutions in fp8 too (IMAGESMITH_FP8_CONVS, cuDNN's kernels), +fp8convnchw the same with inductor's layout
 heuristic left alone (run 52's: NCHW, the peer); +geglu (with +fp8) the feed-forwards' GEGLU fused into
 their first fp8 matmul (IMAGESMITH_FP8_FUSED_GEGLU, a Triton kernel); +bgeglu (without +fp8) the same for
-bf16 feed-forwards (IMAGESMITH_FUSED_GEGLU, engine/bf16_geglu.py), +bgeglun with the layer norm before
-it in the kernel too (IMAGESMITH_FUSED_GEGLU_NORM); +cl the UNets' weights channels-last
-(without it a variant runs them NCHW, as every run before 89 did; the engine's default with compile since run 90
-is channels-last, so `reduce-overhead+cl` is what a service runs and the fastest exact mode);
+bf16 feed-forwards (IMAGESMITH_FUSED_GEGLU, engine/bf16_geglu.py; the service's default with compile on a
+Hopper GPU since run 98, but without +bgeglu a variant runs it off, as every run before 98 did); +cl the UNets'
+weights channels-last (without it a variant runs them NCHW, as every run before 89 did; the engine's default with
+compile since run 90 is channels-last, so `reduce-overhead+cl+bgeglu` is what a service runs on a Hopper GPU, and
+with +mk the fastest exact mode);
 +cudnn / +nocudnn IMAGESMITH_CUDNN_BENCHMARK on or off (settings refuse it on with the CUDA-graph modes;
 unless named: off until run 49, the settings' default since run 50, i.e. on with compile `default`); +dyn the UNets compiled with
 dynamic shapes (IMAGESMITH_COMPILE_DYNAMIC); +regions each kind of transformer block compiled once
@@ -120,7 +121,6 @@ class Variant:
     timed_reductions: bool = False  # +mk: IMAGESMITH_TIMED_REDUCTIONS
     nd_tiling: bool = False  # +ndt: torch._inductor.config.triton.prefer_nd_tiling
     bf16_fused_geglu: bool = False  # +bgeglu: IMAGESMITH_FUSED_GEGLU (bf16 feed-forwards)
-    bf16_fused_geglu_norm: bool = False  # +bgeglun: and IMAGESMITH_FUSED_GEGLU_NORM
 
     @classmethod
     def parse(cls, spec: str) -> Variant:
@@ -145,7 +145,6 @@ class Variant:
             "cdt",
             "geglu",
             "bgeglu",
-            "bgeglun",
             "regions",
             "mk",
             "ndt",
@@ -156,15 +155,14 @@ class Variant:
         )
         convs = {"fp8conv", "fp8convnchw"} & set(flags)
         twice = twice or len(convs) > 1 or bool((convs or "geglu" in flags) and "fp8" not in flags)
-        bf16_geglu = {"bgeglu", "bgeglun"} & set(flags)
-        twice = twice or len(bf16_geglu) > 1 or bool(bf16_geglu and ("fp8" in flags or "fp8dyn" in flags))
+        twice = twice or bool("bgeglu" in flags and ("fp8" in flags or "fp8dyn" in flags))
         # Regions shape a compile (not mode off), and settings refuse them with every size dynamic.
         twice = twice or ("regions" in flags and (mode == "off" or "dyn" in flags))
         if unknown or kind not in ("", "mlperf") or len(attention) > 1 or twice:
             raise SystemExit(
                 f"variant {spec!r}: flags are one of +fp8 +fp8dyn, +cl +dyn, one of +cudnn +nocudnn, one of +teg +noteg, one of "
                 "+attn-flash +attn-efficient +attn-cudnn, +olddecode, +cdt, +mk, +ndt, +regions (compiled, not with +dyn), "
-                "one of +fp8conv +fp8convnchw (with +fp8), +geglu (with +fp8), one of +bgeglu +bgeglun (without fp8), "
+                "one of +fp8conv +fp8convnchw (with +fp8), +geglu (with +fp8), +bgeglu (without fp8), "
                 "and the suffix :mlperf"
             )
         return cls(
@@ -186,8 +184,7 @@ class Variant:
             regions="regions" in flags,
             timed_reductions="mk" in flags,
             nd_tiling="ndt" in flags,
-            bf16_fused_geglu=bool(bf16_geglu),
-            bf16_fused_geglu_norm="bgeglun" in flags,
+            bf16_fused_geglu="bgeglu" in flags,
         )
 
 
@@ -808,8 +805,7 @@ def main() -> None:
             compile_dynamic=variant.dynamic,
             compile_regions=variant.regions,
             timed_reductions=variant.timed_reductions,
-            fused_geglu=variant.bf16_fused_geglu,
-            fused_geglu_norm=variant.bf16_fused_geglu_norm,
+            fused_geglu=variant.bf16_fused_geglu,  # off unless named, whatever the settings' default
             text_encoder_graphs=variant.text_encoder_graphs,
         )
         # The plan decides fp8 (row-wise or per-tensor) and the attention kernel, so it is made from this
@@ -833,7 +829,6 @@ def main() -> None:
             or variant.regions != any("transformer blocks as regions" in lever for lever in levers)
             or variant.timed_reductions != any("timed reductions" in lever for lever in levers)
             or variant.bf16_fused_geglu != any("first bf16 matmul" in lever for lever in levers)
-            or variant.bf16_fused_geglu_norm != any("layer norm before it" in lever for lever in levers)
         ):
             raise RuntimeError(f"{variant.spec}: levers applied were {levers}")
         row: dict[str, Any] = {"levers": levers, "attention": variant_plan.attention}

@@ -249,19 +249,14 @@ class Settings(BaseSettings):
         "95). Off until the GPU test suite has run to its end under it. Changing it changes the compile cache's "
         "keys.",
     )
-    fused_geglu: bool = Field(
-        False,
+    fused_geglu: bool | None = Field(
+        None,
         description="Each transformer block's feed-forward runs its first bf16 matmul and GEGLU as one Triton "
         "kernel (engine/bf16_geglu.py) instead of a cuBLAS matmul writing the doubled product and a second pass "
-        "reading it back. Exact within bf16 rounding (one rounding fewer). A CUDA GPU with Triton, bf16 weights; "
-        "not with fp8 linears (IMAGESMITH_FP8_FUSED_GEGLU is theirs). Not yet measured in the engine.",
-    )
-    fused_geglu_norm: bool = Field(
-        False,
-        description="With IMAGESMITH_FUSED_GEGLU: the transformer block's layer norm before each feed-forward goes "
-        "into the same kernel (its gamma and beta folded into the weight and bias at start-up, the rows' mean and "
-        "variance summed from the tiles the matmul reads), so the normalized rows are never written. Exact within "
-        "bf16 rounding. Not yet measured in the engine.",
+        "reading it back. Exact within bf16 rounding (one rounding fewer). Measured on an H100: the 40-step "
+        "ensemble 1.301 -> 1.280 s at the same fidelity (run 98). Default: on with compile on a Hopper GPU "
+        "(compute capability 9.x) with Triton, bf16 weights, no offload and no fp8 linears "
+        "(IMAGESMITH_FP8_FUSED_GEGLU is theirs); true also tries newer GPUs (9.0+, unmeasured).",
     )
     compile_dynamic: bool = Field(
         False,
@@ -518,16 +513,6 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"{ENV_PREFIX}COMPILE_REGIONS=true cannot be combined with {ENV_PREFIX}COMPILE_DYNAMIC=true (torch "
                 f"cannot reuse a compiled region when every size is symbolic); unset one of them"
-            )
-        return value
-
-    @field_validator("fused_geglu_norm")
-    @classmethod
-    def _norm_needs_fused_geglu(cls, value: bool, info: ValidationInfo) -> bool:
-        if value and not info.data.get("fused_geglu"):
-            raise ValueError(
-                f"{ENV_PREFIX}FUSED_GEGLU_NORM=true fuses the layer norm into the fused GEGLU kernel: set "
-                f"{ENV_PREFIX}FUSED_GEGLU=true too, or unset {ENV_PREFIX}FUSED_GEGLU_NORM"
             )
         return value
 

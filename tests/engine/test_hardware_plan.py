@@ -225,3 +225,31 @@ def test_the_plan_fuses_bf16_geglu_on_a_cuda_gpu_with_triton_and_says_why_not_el
     monkeypatch.setattr("imagesmith.engine.geglu_feed_forward.triton_available", lambda: False)
     with pytest.raises(RuntimeError, match=r"needs Triton.*unset IMAGESMITH_FUSED_GEGLU"):
         plan_hardware(H100, settings)
+
+
+def test_unset_the_bf16_fused_geglu_is_on_where_it_was_measured_and_says_so_where_a_user_can_act(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Run 98 measured it compiled on an H100: on there by default; elsewhere off, quietly where nothing can
+    change that (eager, an older GPU, fp8), with a reason where something can (a newer GPU, no Triton)."""
+    monkeypatch.setattr("imagesmith.engine.geglu_feed_forward.triton_available", lambda: True)
+    compiled = Settings(compile="reduce-overhead")
+    plan = plan_hardware(H100, compiled)
+    assert plan.fused_geglu and "bf16 matmul (Triton)" in plan.summary()
+    assert not plan_hardware(H100, compiled.with_changes(fused_geglu=False)).fused_geglu
+    for quiet in (
+        plan_hardware(H100, Settings()),  # eager: not measured
+        plan_hardware(H100, compiled.with_changes(offload="model")),
+        plan_hardware(replace(H100, capability=(8, 0)), compiled),
+        plan_hardware(H100, compiled.with_changes(fp8=True)),
+    ):
+        assert not quiet.fused_geglu and "fused GEGLU" not in quiet.summary(), quiet.summary()
+    newer = plan_hardware(replace(H100, capability=(10, 0)), compiled)
+    assert not newer.fused_geglu and "measured on Hopper (9.x) only" in newer.summary()
+    assert "IMAGESMITH_FUSED_GEGLU=true tries it" in newer.summary()
+    assert plan_hardware(
+        replace(H100, capability=(10, 0)), compiled.with_changes(fused_geglu=True)
+    ).fused_geglu
+    monkeypatch.setattr("imagesmith.engine.geglu_feed_forward.triton_available", lambda: False)
+    no_triton = plan_hardware(H100, compiled)  # not an error: nobody asked for it
+    assert not no_triton.fused_geglu and "Triton is not installed" in no_triton.summary()

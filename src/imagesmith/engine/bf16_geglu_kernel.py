@@ -50,14 +50,11 @@ def _bf16_geglu_kernel(
     x_desc,  # [M, K] bf16
     w_desc,  # [2N, K] bf16: value row 0, gate row 0, value row 1, ...
     bias_ptr,  # [2N], interleaved the same way
-    column_sums_ptr,  # [2N] fp32, with NORMALIZE: each weight row's sum (the layer norm's mean term)
     out_desc,  # [M, N] bf16
     M,
     N,
     K,
-    eps,
     HAS_BIAS: tl.constexpr,
-    NORMALIZE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -66,24 +63,9 @@ def _bf16_geglu_kernel(
     row, col = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     both = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
-    sums = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k in tl.range(0, K, BLOCK_K):
-        a = x_desc.load([row, k])
-        if NORMALIZE:  # the rows' moments from the tiles the matmul reads anyway (zero fill adds nothing)
-            wide = a.to(tl.float32)
-            sums += tl.sum(wide, axis=1)
-            squares += tl.sum(wide * wide, axis=1)
-        both = tl.dot(a, w_desc.load([2 * col, k]).T, both)
+        both = tl.dot(x_desc.load([row, k]), w_desc.load([2 * col, k]).T, both)
 
-    if NORMALIZE:
-        # layer_norm(x) @ W.T = rstd * (x @ W'.T - mean * rowsum(W')), W' = W * gamma (the weight engine/bf16_geglu.py
-        # keeps); beta's share is in the bias. fp32 throughout, so the subtraction keeps what bf16 would.
-        mean = sums / K
-        rstd = tl.rsqrt(squares / K - mean * mean + eps)
-        cols = 2 * col + tl.arange(0, 2 * BLOCK_N)
-        column_sums = tl.load(column_sums_ptr + cols, mask=cols < 2 * N, other=0.0)
-        both = rstd[:, None] * (both - mean[:, None] * column_sums[None, :])
     if HAS_BIAS:
         cols = 2 * col + tl.arange(0, 2 * BLOCK_N)
         both += tl.load(bias_ptr + cols, mask=cols < 2 * N, other=0.0).to(tl.float32)[None, :]
@@ -91,16 +73,9 @@ def _bf16_geglu_kernel(
     out_desc.store([row, col], (value * _gelu_exact(gate)).to(out_desc.dtype))
 
 
-def bf16_geglu_cuda(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    column_sums: torch.Tensor | None = None,
-    eps: float = 1e-5,
-) -> torch.Tensor:
-    """x [M, K] bf16, weight [2N, K] bf16 interleaved, bias [2N] or None, column_sums [2N] fp32 (with them, x is
-    layer-normalized first) -> [M, N] bf16 (engine/bf16_geglu.py's ops say what they compute). TMA reads rows
-    16-byte aligned: K and N multiples of 8 (bf16)."""
+def bf16_geglu_cuda(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] bf16, weight [2N, K] bf16 interleaved, bias [2N] or None -> [M, N] bf16 (engine/bf16_geglu.py's
+    op says what it computes). TMA reads rows 16-byte aligned: K and N multiples of 8 (bf16)."""
     m, k = x.shape
     n = weight.shape[0] // 2
     if k % 8 or n % 8:
@@ -116,13 +91,10 @@ def bf16_geglu_cuda(
         TensorDescriptor.from_tensor(x, placeholder),
         TensorDescriptor.from_tensor(weight, placeholder),
         bias if bias is not None else weight,  # any pointer: unread without a bias
-        column_sums if column_sums is not None else weight,  # the same without the norm
         TensorDescriptor.from_tensor(out, placeholder),
         m,
         n,
         k,
-        eps,
         HAS_BIAS=bias is not None,
-        NORMALIZE=column_sums is not None,
     )
     return out

@@ -196,9 +196,8 @@ def apply_speed_levers(base: Any, refiner: Any | None, plan: HardwarePlan, setti
         fused = sum(fuse_geglu_feed_forwards(unet) for unet in unets)
         applied.append(f"fp8 GEGLU fused into the feed-forwards' first matmul x{fused}")
     if plan.fused_geglu:  # the plan allows it only for bf16 weights on a CUDA GPU, without fp8 linears
-        fused = sum(fuse_bf16_geglu_feed_forwards(unet, plan.fused_geglu_norm) for unet in unets)
-        norm = " with the layer norm before it" if plan.fused_geglu_norm else ""
-        applied.append(f"GEGLU fused into the feed-forwards' first bf16 matmul{norm} x{fused}")
+        fused = sum(fuse_bf16_geglu_feed_forwards(unet) for unet in unets)
+        applied.append(f"GEGLU fused into the feed-forwards' first bf16 matmul x{fused}")
     if plan.fp8_convs:  # the plan allows it only with static fp8 linears, calibrated together
         converted = sum(quantize_convolutions(unet) for unet in unets)
         remember_plans_in(compile_cache_root(settings))  # a restart skips choosing them (135 s, run 52)

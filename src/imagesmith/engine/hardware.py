@@ -87,7 +87,6 @@ class HardwarePlan:
     fp8_convs: bool = False  # the UNets' convolutions in fp8 through cuDNN (engine/fp8_conv.py)
     fp8_fused_geglu: bool = False  # GEGLU inside the feed-forward's first fp8 matmul (engine/fp8_geglu.py)
     fused_geglu: bool = False  # GEGLU inside the feed-forward's first bf16 matmul (engine/bf16_geglu.py)
-    fused_geglu_norm: bool = False  # and the layer norm before it
     cpu_threads: int = 0  # torch's intra-op threads for the engine (engine/cpu_threads.py); 0: torch's own
 
     @property
@@ -305,29 +304,51 @@ def _choose_fp8_fused_geglu(
 
 
 def _choose_fused_geglu(
-    device: DeviceInfo, settings: Settings, dtype: str, fp8: str | None, reasons: list[str]
+    device: DeviceInfo, settings: Settings, dtype: str, offload: str, fp8: str | None, reasons: list[str]
 ) -> bool:
-    """The bf16 fused GEGLU kernel: a Triton kernel for bf16 weights on a CUDA GPU; elsewhere skipped with why."""
-    if not settings.fused_geglu:
+    """The bf16 fused GEGLU kernel: a Triton kernel for bf16 weights on a CUDA GPU with TMA (9.0+).
+
+    Unset, it is on where it was measured to gain (docs/benchmarks.md, run 98: -21 ms an ensemble image on an
+    H100): compiled, on a Hopper GPU (9.x), weights resident, Triton installed; elsewhere off, with a reason
+    only where the user could change something. Set true, it runs wherever it can and says why not elsewhere;
+    without Triton on such a GPU that is an error naming the setting."""
+    asked = settings.fused_geglu
+    if asked is False:
+        return False
+    auto = asked is None
+    if auto and (settings.compile is CompileChoice.OFF or offload != "none"):
         return False
     if fp8 is not None:
-        reasons.append(
-            "bf16 fused GEGLU skipped: the feed-forwards are fp8 (IMAGESMITH_FP8_FUSED_GEGLU fuses those)"
-        )
+        if not auto:
+            reasons.append(
+                "bf16 fused GEGLU skipped: the feed-forwards are fp8 (IMAGESMITH_FP8_FUSED_GEGLU fuses those)"
+            )
         return False
     if device.kind != "cuda" or dtype != "bf16":
-        reasons.append(
-            f"bf16 fused GEGLU skipped: it needs a CUDA GPU in bf16 (plan: {device.kind}, {dtype})"
-        )
+        if not auto:
+            reasons.append(
+                f"bf16 fused GEGLU skipped: it needs a CUDA GPU in bf16 (plan: {device.kind}, {dtype})"
+            )
         return False
-    if (device.capability or (0, 0)) < (9, 0):  # the kernel's tiles move by TMA, which Hopper brought
+    capability = device.capability or (0, 0)
+    if capability < (9, 0):  # the kernel's tiles move by TMA, which Hopper brought
+        if not auto:
+            reasons.append(
+                f"bf16 fused GEGLU skipped: it needs compute capability 9.0+ (this GPU: {capability})"
+            )
+        return False
+    if auto and capability[0] != 9:
         reasons.append(
-            f"bf16 fused GEGLU skipped: it needs compute capability 9.0+ (this GPU: {device.capability})"
+            f"bf16 fused GEGLU not chosen: measured on Hopper (9.x) only, this GPU is {capability[0]}."
+            f"{capability[1]}; IMAGESMITH_FUSED_GEGLU=true tries it"
         )
         return False
     from imagesmith.engine.geglu_feed_forward import triton_available
 
     if not triton_available():
+        if auto:
+            reasons.append("bf16 fused GEGLU skipped: Triton is not installed (pip install triton)")
+            return False
         raise RuntimeError(
             "IMAGESMITH_FUSED_GEGLU=true needs Triton, which torch's CUDA builds install with it: "
             "pip install triton, or unset IMAGESMITH_FUSED_GEGLU"
@@ -365,7 +386,7 @@ def plan_hardware(device: DeviceInfo, settings: Settings) -> HardwarePlan:
     fp8 = _choose_fp8(device, settings, offload, reasons)
     fp8_convs = _choose_fp8_convs(device, settings, fp8, reasons)
     fp8_fused_geglu = _choose_fp8_fused_geglu(device, settings, fp8, reasons)
-    fused_geglu = _choose_fused_geglu(device, settings, dtype, fp8, reasons)
+    fused_geglu = _choose_fused_geglu(device, settings, dtype, offload, fp8, reasons)
     attention = _choose_attention(device, settings, reasons)
     cpu_threads = choose_cpu_threads(settings.cpu_threads, cpu_budget(), reasons)
     return HardwarePlan(
@@ -381,7 +402,6 @@ def plan_hardware(device: DeviceInfo, settings: Settings) -> HardwarePlan:
         fp8_convs=fp8_convs,
         fp8_fused_geglu=fp8_fused_geglu,
         fused_geglu=fused_geglu,
-        fused_geglu_norm=fused_geglu and settings.fused_geglu_norm,
         cpu_threads=cpu_threads,
     )
 
