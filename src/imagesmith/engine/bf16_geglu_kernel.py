@@ -18,10 +18,15 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from imagesmith.engine.geglu_feed_forward import aligned_for_tma
-from imagesmith.engine.tma_tiles import grouped_tile, tma_configs
+from imagesmith.engine.tma_tiles import (
+    gelu_exact,
+    grouped_tile,
+    output_tile_grid,
+    tma_configs,
+    tma_descriptor,
+)
 
 # Tiles for Hopper's bf16 tensor cores. BLOCK_N counts output columns: the weight tile is twice as tall, so
 # 128 gives a 128 x 256 fp32 accumulator (wgmma's widest N), 128 registers a thread over 8 warps. Shared memory
@@ -36,12 +41,6 @@ _CONFIGS = tma_configs(
     ],
     weight_rows_per_column=2,
 )
-
-
-# No annotations on a jit function: Triton resolves them as globals, and typing.Any is not a constexpr.
-@triton.jit
-def _gelu_exact(gate):
-    return 0.5 * gate * (1.0 + tl.erf(gate * 0.7071067811865476))
 
 
 @triton.autotune(configs=_CONFIGS, key=["M", "N", "K"])
@@ -70,7 +69,7 @@ def _bf16_geglu_kernel(
         cols = 2 * col + tl.arange(0, 2 * BLOCK_N)
         both += tl.load(bias_ptr + cols, mask=cols < 2 * N, other=0.0).to(tl.float32)[None, :]
     value, gate = tl.split(tl.reshape(both, (BLOCK_M, BLOCK_N, 2)))
-    out_desc.store([row, col], (value * _gelu_exact(gate)).to(out_desc.dtype))
+    out_desc.store([row, col], (value * gelu_exact(gate)).to(out_desc.dtype))
 
 
 def bf16_geglu_cuda(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -82,16 +81,11 @@ def bf16_geglu_cuda(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         raise ValueError(f"the fused bf16 GEGLU kernel needs K and N multiples of 8, got K={k}, N={n}")
     x, weight = aligned_for_tma(x, weight)
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
-
-    def grid(meta: dict[str, int]) -> tuple[int]:
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-
-    placeholder = [16, 16]  # each config's pre_hook sets the real block shapes
-    _bf16_geglu_kernel[grid](
-        TensorDescriptor.from_tensor(x, placeholder),
-        TensorDescriptor.from_tensor(weight, placeholder),
+    _bf16_geglu_kernel[output_tile_grid(m, n)](
+        tma_descriptor(x),
+        tma_descriptor(weight),
         bias if bias is not None else weight,  # any pointer: unread without a bias
-        TensorDescriptor.from_tensor(out, placeholder),
+        tma_descriptor(out),
         m,
         n,
         k,

@@ -20,10 +20,15 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from imagesmith.engine.geglu_feed_forward import aligned_for_tma
-from imagesmith.engine.tma_tiles import grouped_tile, tma_configs
+from imagesmith.engine.tma_tiles import (
+    gelu_exact,
+    grouped_tile,
+    output_tile_grid,
+    tma_configs,
+    tma_descriptor,
+)
 
 E4M3_MAX = tl.constexpr(448.0)  # a global a Triton kernel reads must be a constexpr
 
@@ -75,7 +80,7 @@ def _fp8_geglu_kernel(
         cols = (col + tl.arange(0, BLOCK_N)) % N
         value += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
         gate += tl.load(bias_ptr + N + cols).to(tl.float32)[None, :]
-    y = value * (0.5 * gate * (1.0 + tl.erf(gate * 0.7071067811865476)))
+    y = value * gelu_exact(gate)
     y = y * (1.0 / tl.load(out_scale_ptr))
     y = tl.minimum(tl.maximum(y, -E4M3_MAX), E4M3_MAX)
     out_desc.store([row, col], y.to(tl.float8e4nv))
@@ -96,18 +101,13 @@ def fp8_geglu_cuda(
         raise ValueError(f"the fused GEGLU kernel needs K and N multiples of 16, got K={k}, N={n}")
     x, weight = aligned_for_tma(x, weight)
     out = torch.empty((m, n), device=x.device, dtype=torch.float8_e4m3fn)
-
-    def grid(meta: dict[str, int]) -> tuple[int]:
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-
-    placeholder = [16, 16]  # each config's pre_hook sets the real block shapes
-    _fp8_geglu_kernel[grid](
-        TensorDescriptor.from_tensor(x, placeholder),
-        TensorDescriptor.from_tensor(weight, placeholder),
+    _fp8_geglu_kernel[output_tile_grid(m, n)](
+        tma_descriptor(x),
+        tma_descriptor(weight),
         bias if bias is not None else descale,  # any pointer: unread without a bias
         descale,
         out_scale,
-        TensorDescriptor.from_tensor(out, placeholder),
+        tma_descriptor(out),
         m,
         n,
         k,

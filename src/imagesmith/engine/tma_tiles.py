@@ -1,5 +1,6 @@
 """What the fused GEGLU Triton kernels (engine/fp8_geglu_kernel.py, engine/bf16_geglu_kernel.py) share: their
-autotuned tile shapes with the TMA descriptors' blocks, and the grouped order of their output tiles.
+autotuned tile shapes with the TMA descriptors' blocks, the launch grid and grouped order of their output tiles,
+and the exact gelu of their epilogues.
 
 Imported only where Triton is (a CUDA machine)."""
 
@@ -8,8 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 
 def tma_configs(
@@ -51,3 +54,25 @@ def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
     pid_m = first_m + (pid % per_group) % group_rows
     pid_n = (pid % per_group) // group_rows
     return pid_m * BLOCK_M, pid_n * BLOCK_N
+
+
+def tma_descriptor(tensor: torch.Tensor) -> TensorDescriptor:
+    """A TMA descriptor of a kernel operand, its block shape a placeholder: each config's pre_hook (tma_configs)
+    sets the real one before the launch."""
+    return TensorDescriptor.from_tensor(tensor, [16, 16])
+
+
+def output_tile_grid(m: int, n: int) -> Callable[[dict[str, Any]], tuple[int]]:
+    """The launch grid for an [m, n] output: one program per BLOCK_M x BLOCK_N tile (grouped_tile orders them)."""
+
+    def grid(meta: dict[str, Any]) -> tuple[int]:
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    return grid
+
+
+# No annotations on a jit function: Triton resolves them as globals, and typing's are no constexprs (run 96).
+@triton.jit
+def gelu_exact(gate):
+    """gelu with erf, what torch's F.gelu and diffusers' GEGLU compute by default."""
+    return 0.5 * gate * (1.0 + tl.erf(gate * 0.7071067811865476))
