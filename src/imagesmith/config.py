@@ -256,7 +256,9 @@ class Settings(BaseSettings):
         "reading it back. Exact within bf16 rounding (one rounding fewer). Measured on an H100: the 40-step "
         "ensemble 1.301 -> 1.280 s at the same fidelity (run 98). Default: on with compile on a Hopper GPU "
         "(compute capability 9.x) with Triton, bf16 weights, no offload and no fp8 linears "
-        "(IMAGESMITH_FP8_FUSED_GEGLU is theirs); true also tries newer GPUs (9.0+, unmeasured).",
+        "(IMAGESMITH_FP8_FUSED_GEGLU is theirs); true also tries newer GPUs (9.0+, unmeasured). At start-up the "
+        "kernel runs once against an fp32 reference: where it fails, the default starts without it (a warning "
+        "in the log) and true refuses to start.",
     )
     compile_dynamic: bool = Field(
         False,

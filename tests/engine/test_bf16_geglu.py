@@ -18,6 +18,7 @@ from imagesmith.engine.bf16_geglu import (
     fusable,
     fuse_bf16_geglu_feed_forwards,
     interleave_halves,
+    kernel_fault,
 )
 from imagesmith.engine.fp8 import Float8Linear
 
@@ -79,3 +80,55 @@ def test_the_op_compiles_in_one_graph() -> None:
         expected = ff(x)
         got = torch.compile(fused, fullgraph=True, backend="aot_eager")(x)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_kernel_check_passes_a_kernel_that_agrees_and_names_what_went_wrong_otherwise() -> None:
+    assert kernel_fault("cpu") is None  # the op off the GPU: the fp32 reference, rounded to bf16
+
+    def refuses_to_compile(*args: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("at 1:22:\ndef _gelu_exact(gate: Any) -> Any:\n(more lines)")
+
+    assert kernel_fault("cpu", refuses_to_compile) == "RuntimeError: at 1:22:"
+
+    def computes_something_else(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return torch.ops.imagesmith.bf16_geglu(x, weight, bias) * 1.1
+
+    fault = kernel_fault("cpu", computes_something_else)
+    assert fault is not None and "off the fp32 reference by 1.0e-01" in fault
+
+    def wrong_shape(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return torch.ops.imagesmith.bf16_geglu(x, weight, bias)[:, :8]
+
+    assert "its output has shape (200, 8)" in (kernel_fault("cpu", wrong_shape) or "")
+
+
+def test_a_kernel_that_fails_its_check_is_skipped_by_default_and_an_error_when_asked_for(
+    tiny_settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The engine checks the kernel before swapping any module: run 96's kernel, which Triton refused, would have
+    failed inside the compiled warm-up instead."""
+    from dataclasses import replace
+
+    from imagesmith.engine import bf16_geglu
+    from imagesmith.engine.fast import apply_speed_levers
+
+    def fresh() -> tuple[Engine, int]:
+        engine = Engine.start(tiny_settings.with_changes(warmup=False))
+        return engine, sum(type(m) is FeedForward for m in engine.models.base.unet.modules())
+
+    monkeypatch.setattr(bf16_geglu, "kernel_fault", lambda device: "CompilationError: at 1:22:")
+    engine, feed_forwards = fresh()
+    plan = replace(engine.plan, fused_geglu=True)  # as the plan says on a Hopper GPU
+    with caplog.at_level("WARNING"):
+        applied = apply_speed_levers(engine.models.base, None, plan, Settings())  # unset: the default
+    assert not any("first bf16 matmul" in lever for lever in applied)
+    assert sum(type(m) is FeedForward for m in engine.models.base.unet.modules()) == feed_forwards > 0
+    assert "bf16 fused GEGLU skipped: its kernel failed its check on cpu (CompilationError" in caplog.text
+
+    with pytest.raises(RuntimeError, match=r"IMAGESMITH_FUSED_GEGLU=true, but its kernel failed.*=false"):
+        apply_speed_levers(engine.models.base, None, plan, Settings(fused_geglu=True))
+
+    monkeypatch.setattr(bf16_geglu, "kernel_fault", lambda device: None)
+    engine, feed_forwards = fresh()
+    applied = apply_speed_levers(engine.models.base, None, replace(engine.plan, fused_geglu=True), Settings())
+    assert f"GEGLU fused into the feed-forwards' first bf16 matmul x{feed_forwards}" in applied

@@ -21,6 +21,8 @@ path); it is in git at e1616df.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import cast
 
 import torch
@@ -56,6 +58,35 @@ def bf16_geglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
 @bf16_geglu.register_fake
 def _bf16_geglu_shape(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return x.new_empty((x.shape[0], weight.shape[0] // 2))
+
+
+def kernel_fault(device: torch.device | str, kernel: Callable[..., torch.Tensor] | None = None) -> str | None:
+    """Run the kernel once on `device` at a small shape (rows, K and N none of them a multiple of a tile) against
+    the fp32 reference; None where it agrees within bf16 rounding, else what went wrong, in a line.
+
+    Why: the kernel is on by default on Hopper, and Triton compiles it on the first call. A kernel that does not
+    compile there (a Triton release that refuses it, run 96) would otherwise fail inside a torch.compile warm-up
+    and its CUDA-graph recording (a segfault, run 96), and a GPU it was never measured on could compute it wrong.
+    Checked before any module is swapped, the engine can start without it instead. The check autotunes the
+    kernel's configs once (seconds; Triton caches the compiled kernels on disk)."""
+    kernel = kernel or torch.ops.imagesmith.bf16_geglu
+    generator = torch.Generator().manual_seed(0)
+    rows, k, n = 200, 328, 264
+    x = torch.randn(rows, k, generator=generator).to(torch.bfloat16)
+    weight = interleave_halves((torch.randn(2 * n, k, generator=generator) / k**0.5).to(torch.bfloat16))
+    bias = interleave_halves((torch.randn(2 * n, generator=generator) * 0.1).to(torch.bfloat16))
+    expected = bf16_geglu(x, weight, bias).float()  # on the CPU: the fp32 reference
+    try:
+        got = kernel(x.to(device), weight.to(device), bias.to(device)).float().cpu()
+    except Exception as error:  # a compile error, out of resources, a driver error: each means "not here"
+        first_line = next(iter(str(error).strip().splitlines()), "")
+        return f"{type(error).__name__}: {first_line}"[:300]
+    if got.shape != expected.shape:
+        return f"its output has shape {tuple(got.shape)}, not {tuple(expected.shape)}"
+    error_l2 = float((got - expected).norm() / expected.norm())
+    if not math.isfinite(error_l2) or error_l2 > 1e-2:  # bf16 rounding alone is ~3e-3 (run 97)
+        return f"its output is off the fp32 reference by {error_l2:.1e} (relative L2; bf16 rounding is ~3e-3)"
+    return None
 
 
 class FusedGegluFeedForward(nn.Module):

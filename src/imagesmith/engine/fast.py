@@ -30,9 +30,8 @@ from typing import Any
 import torch
 
 from imagesmith.config import CUDA_GRAPH_MODES, CompileChoice, Settings
-from imagesmith.engine import encoder_graphs
+from imagesmith.engine import bf16_geglu, encoder_graphs
 from imagesmith.engine.batch_routing import BatchRoutedCall
-from imagesmith.engine.bf16_geglu import fuse_bf16_geglu_feed_forwards
 from imagesmith.engine.compile_regions import compile_transformer_blocks_once, regions_supported
 from imagesmith.engine.cudnn_graphs import remember_plans_in
 from imagesmith.engine.decoder_attention import route_decoder_attention
@@ -196,8 +195,22 @@ def apply_speed_levers(base: Any, refiner: Any | None, plan: HardwarePlan, setti
         fused = sum(fuse_geglu_feed_forwards(unet) for unet in unets)
         applied.append(f"fp8 GEGLU fused into the feed-forwards' first matmul x{fused}")
     if plan.fused_geglu:  # the plan allows it only for bf16 weights on a CUDA GPU, without fp8 linears
-        fused = sum(fuse_bf16_geglu_feed_forwards(unet) for unet in unets)
-        applied.append(f"GEGLU fused into the feed-forwards' first bf16 matmul x{fused}")
+        fault = bf16_geglu.kernel_fault(plan.device)
+        if fault is None:
+            fused = sum(bf16_geglu.fuse_bf16_geglu_feed_forwards(unet) for unet in unets)
+            applied.append(f"GEGLU fused into the feed-forwards' first bf16 matmul x{fused}")
+        elif settings.fused_geglu is None:  # the default: start without it, and say why
+            log.warning(
+                "bf16 fused GEGLU skipped: its kernel failed its check on %s (%s); the feed-forwards run "
+                "unfused. IMAGESMITH_FUSED_GEGLU=false skips the check.",
+                plan.device,
+                fault,
+            )
+        else:
+            raise RuntimeError(
+                f"IMAGESMITH_FUSED_GEGLU=true, but its kernel failed its check on {plan.device} ({fault}): "
+                "set IMAGESMITH_FUSED_GEGLU=false, or unset it to start without the kernel where it fails"
+            )
     if plan.fp8_convs:  # the plan allows it only with static fp8 linears, calibrated together
         converted = sum(quantize_convolutions(unet) for unet in unets)
         remember_plans_in(compile_cache_root(settings))  # a restart skips choosing them (135 s, run 52)
