@@ -177,7 +177,12 @@ class Settings(BaseSettings):
     queue_max: int = Field(32, ge=1, description="Jobs queued or running at once; past it, 429.")
     max_attempts: int = Field(3, ge=1, description="Runs of one job across crashes before it is failed.")
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="Largest request body accepted.")
-    max_prompt_chars: int = Field(2000, ge=1, le=2000, description="Longest prompt or negative prompt.")
+    max_prompt_chars: int = Field(
+        2000,
+        ge=1,
+        le=2000,
+        description="Longest prompt or negative prompt the HTTP API accepts (the CLI and library take up to 2000).",
+    )
     max_images_per_request: int = Field(4, ge=1, le=4, description="Most images one request may ask for.")
     default_width: int = Field(1024, ge=64, le=2048, description="Width when a request gives no size.")
     default_height: int = Field(1024, ge=64, le=2048, description="Height when a request gives no size.")
