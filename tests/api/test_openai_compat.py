@@ -98,6 +98,10 @@ def test_errors_are_openai_shaped(server: ServerProcess) -> None:
         # variations are said to be unsupported (they were a 405).
         got = raw.get("/v1/images/generations")
         assert got.status_code == 405 and got.headers["allow"] == "POST"
+        for method in ("PUT", "DELETE"):  # the same Allow: it said "GET, HEAD, POST", from the image route
+            other_method = raw.request(method, "/v1/images/generations")
+            assert other_method.status_code == 405 and other_method.headers["allow"] == "POST", method
+            assert "takes POST, not" in other_method.json()["error"]["message"]
         for path in ("/v1/images/edits", "/v1/images/variations"):
             refused = raw.post(path, json={"prompt": "a fox"})
             assert refused.status_code == 404, refused.text

@@ -98,6 +98,8 @@ class ErrorFamily(StrEnum):
     A1111 = "a1111"  # /sdapi/v1/...
 
 
+# The OpenAI Images API's POST-only routes, under the prefix of our GET /v1/images/{name}.
+OPENAI_IMAGE_ROUTES = ("generations", "edits", "variations")
 # Path prefixes of the compatibility routes; everything else is the service's own API.
 _FAMILY_PREFIXES = (
     ("/v1/images/generations", ErrorFamily.OPENAI),
@@ -271,7 +273,7 @@ def methods_for(request: Request) -> list[str]:
     """Every method some route serves at this request's path, each asked of the app's routes as a dispatch
     would. Starlette's 405 names one route's methods only: GET /v1/jobs and POST /v1/jobs are two routes, and
     DELETE /v1/jobs said "Allow: POST"."""
-    return [
+    methods = [
         method
         for method in _METHODS
         if any(
@@ -279,6 +281,10 @@ def methods_for(request: Request) -> list[str]:
             for route in request.app.routes
         )
     ]
+    if request.url.path.removeprefix("/v1/images/") in OPENAI_IMAGE_ROUTES:
+        # GET /v1/images/{name} matches these paths too, but answers them with a 405 that allows POST alone.
+        methods = [method for method in methods if method not in ("GET", "HEAD")]
+    return methods
 
 
 def unknown_path_message(request: Request) -> str:

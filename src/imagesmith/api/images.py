@@ -9,13 +9,12 @@ from fastapi.responses import FileResponse, Response
 from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
 
 from imagesmith.api.deps import FilesDep, ImagesAuthorized
-from imagesmith.api.errors import ApiError
+from imagesmith.api.errors import OPENAI_IMAGE_ROUTES, ApiError
 from imagesmith.storage.files import MEDIA_TYPES, parse_image_name
 
 router = APIRouter(tags=["images"], dependencies=[ImagesAuthorized])
 
 CACHE_FOREVER = "public, max-age=31536000, immutable"
-OPENAI_ROUTES = ("generations", "edits", "variations")
 
 
 class ImageFileResponse(FileResponse):
@@ -42,7 +41,7 @@ def etag_matches(if_none_match: str | None, etag: str) -> bool:
 @router.get("/v1/images/{name}", response_class=FileResponse, responses={200: {"content": {"image/png": {}}}})
 @router.head("/v1/images/{name}", include_in_schema=False)  # the same, headers only (FileResponse sees HEAD)
 async def get_image(name: str, request: Request, files: FilesDep) -> Response:
-    if name in OPENAI_ROUTES:  # POST-only routes of the OpenAI Images API under the same prefix
+    if name in OPENAI_IMAGE_ROUTES:  # POST-only routes of the OpenAI Images API under the same prefix
         raise ApiError(405, "method_not_allowed", f"/v1/images/{name} takes POST", headers={"Allow": "POST"})
     parsed = parse_image_name(name)
     if parsed is None:
