@@ -79,6 +79,10 @@ def test_fp8_extras_need_static_fp8_linears(field: str, variable: str) -> None:
         ("images.pexels.com/photos", "must be a host name"),
         ("ftp://images.pexels.com", "http(s)://host[:port] origin"),
         ("http://127.0.0.1:99999", "http(s)://host[:port] origin"),
+        # A path was dropped without a word, and credentials kept and printed by doctor.
+        ("http://127.0.0.1:8099/photos", "with no user, password or path: write 'http://127.0.0.1:8099'"),
+        ("https://user:secret@cdn.example.com", "'https://...@cdn.example.com'"),
+        ("https://cdn.example.com/?x=1", "with no query"),
         ("", "is empty, so every photo download would be refused"),
         (" , ", "is empty"),
     ],
@@ -90,6 +94,7 @@ def test_an_allowed_host_no_download_could_match_stops_the_start(
         Settings(_env_file=None, data_dir=tmp_path, pexels_allowed_hosts=entries)  # type: ignore[arg-type]
     text = str(raised.value)
     assert "IMAGESMITH_PEXELS_ALLOWED_HOSTS" in text and message in text, text
+    assert "secret" not in text.split("input_value")[0]  # the message itself does not repeat a password
 
 
 def test_allowed_hosts_that_downloads_can_match_are_kept(tmp_path: Path) -> None:

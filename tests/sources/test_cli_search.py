@@ -143,6 +143,13 @@ def test_doctor(standin: StandIn, settings: Settings, tmp_path: Path) -> None:
     # An allowed host every search refuses: doctor said nothing and exited 0.
     ftp = pexels_doctor(settings.model_copy(update={"pexels_allowed_hosts": ["ftp://images.pexels.com"]}))
     assert not ftp.ok and ftp.fault and "IMAGESMITH_PEXELS_ALLOWED_HOSTS" in ftp.lines[-1]
+    # Valid hosts that refuse the API's own photos: every search ended in "no photo" while doctor passed.
+    elsewhere = pexels_doctor(
+        settings.model_copy(update={"pexels_allowed_hosts": ["images.pexels.com"]}), online=True
+    )
+    assert not elsewhere.ok and elsewhere.fault, elsewhere.lines
+    assert "its photos cannot be downloaded: download from http://127.0.0.1" in elsewhere.lines[-1]
+    assert "add their origin to IMAGESMITH_PEXELS_ALLOWED_HOSTS" in elsewhere.lines[-1]
 
 
 def test_doctor_lines_and_the_handler_cli_py_calls(

@@ -46,10 +46,27 @@ class AllowedOrigin:
             raise ValueError(
                 f"allowed host {entry!r} ({_SETTING}) must be a host name or an http(s)://host[:port] origin"
             )
+        # An origin is scheme, host and port: a path was dropped without a word, and a user:password was kept
+        # (and printed by `doctor`) though no download may carry credentials.
+        if parts.username is not None or parts.password is not None or parts.path not in ("", "/"):
+            raise ValueError(
+                f"allowed host {_without_credentials(entry)!r} ({_SETTING}) must be an origin, "
+                f"http(s)://host[:port], with no user, password or path: write "
+                f"'{parts.scheme}://{parts.hostname}" + (f":{port}'" if port else "'")
+            )
+        if parts.query or parts.fragment:
+            raise ValueError(
+                f"allowed host {entry!r} ({_SETTING}) must be an origin, http(s)://host[:port], with no query"
+            )
         return cls(parts.scheme, parts.hostname, port)
 
     def allows(self, scheme: str, host: str, port: int) -> bool:
         return scheme == self.scheme and host == self.host and (self.port is None or port == self.port)
+
+
+def _without_credentials(entry: str) -> str:
+    """The entry with any user:password@ replaced, so an error message does not repeat a secret."""
+    return re.sub(r"//[^/@]*@", "//...@", entry)
 
 
 def parse_allowed_hosts(entries: list[str]) -> list[AllowedOrigin]:

@@ -28,7 +28,13 @@ from imagesmith.config import Settings, get_settings
 from imagesmith.output_file import STDOUT, OutputPathError, planned_output, write_whole
 from imagesmith.schemas import OutputFormat
 from imagesmith.sources.download import HostPolicy
-from imagesmith.sources.errors import NoStockResults, PexelsAuthError, PexelsError, PexelsNotConfigured
+from imagesmith.sources.errors import (
+    DisallowedHost,
+    NoStockResults,
+    PexelsAuthError,
+    PexelsError,
+    PexelsNotConfigured,
+)
 from imagesmith.sources.pexels_client import PexelsClient, PhotoSize, QuotaSnapshot
 from imagesmith.sources.stock import StockPhotoSource, StockRequest, StockSearch
 
@@ -253,7 +259,7 @@ async def _doctor_online(settings: Settings, lines: list[str]) -> PexelsDoctorRe
     # The API client alone: the check downloads nothing, so the source's downloader and cache are not needed.
     async with PexelsClient.from_settings(quick) as client:
         try:
-            await client.search("nature", per_page=1)
+            found = await client.search("nature", per_page=1)
         except (PexelsNotConfigured, PexelsAuthError) as error:
             return PexelsDoctorReport(ok=False, lines=[*lines, f"pexels: {error}"], fault=True)
         except PexelsError as error:  # the network, the quota: it passes, and generation serves meanwhile
@@ -263,4 +269,24 @@ async def _doctor_online(settings: Settings, lines: list[str]) -> PexelsDoctorRe
         quota = client.quota.snapshot()
     reset = quota.reset_at.isoformat() if quota.reset_at else "unknown"
     lines.append(f"pexels: API answers; quota {quota_left(quota)} left, resets {reset}")
+    refused = _download_refused(settings, found.photos[0].src.original if found.photos else None)
+    if refused is not None:
+        # Every search would then end in "no photo" (404 no_results): a setting to change, said here.
+        lines.append(
+            f"pexels: its photos cannot be downloaded: {refused}; add their origin to "
+            "IMAGESMITH_PEXELS_ALLOWED_HOSTS (or unset it for images.pexels.com)"
+        )
+        return PexelsDoctorReport(ok=False, lines=lines, fault=True)
     return PexelsDoctorReport(ok=True, lines=lines)
+
+
+def _download_refused(settings: Settings, photo_url: str | None) -> str | None:
+    """Why the allowed hosts refuse the API's own photo URL, as each download would; None if they take it (or
+    the search found no photo to try)."""
+    if photo_url is None:
+        return None
+    try:
+        HostPolicy(settings.pexels_allowed_hosts).check(photo_url)
+    except DisallowedHost as error:
+        return str(error)
+    return None
