@@ -217,3 +217,21 @@ def test_the_hub_probe_gives_up_after_its_timeout_even_when_the_request_hangs(
         released.set()
     assert time.monotonic() - started < 5
     assert reason is not None and reason.endswith(": no answer in 0.2 s (name lookup or connection)")
+
+
+def test_offline_by_imagesmiths_own_setting_names_that_setting_in_the_fix(
+    tiny_settings: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """IMAGESMITH_HF_OFFLINE=true was told to "unset HF_HUB_OFFLINE", a variable the user never set."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    settings = tiny_settings.with_changes(
+        model=ModelPreset.SDXL, base_model="someone/not-downloaded-sdxl", refiner_model="", hf_offline=True
+    )
+    with pytest.raises(ModelLoadError) as caught:
+        Engine.start(settings)
+    assert "or unset IMAGESMITH_HF_OFFLINE" in str(caught.value), str(caught.value)
+    from imagesmith.engine.models import describe_source
+
+    said = describe_source("someone/not-downloaded-sdxl", settings, "IMAGESMITH_BASE_MODEL")
+    assert said.will_fail and "Fix: unset IMAGESMITH_HF_OFFLINE for the first load" in said.text, said.text

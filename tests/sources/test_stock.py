@@ -179,7 +179,7 @@ async def test_a_png_bomb_under_the_pixel_cap_moves_on_to_the_next_candidate(
             assert source.status().failures == 1
     assert standin.image_calls == 2 and photo.photo_id != 101
     assert "skipped" in caplog.text and "10000x10000 RGBA, 900000000 bytes to decode and fit" in caplog.text
-    assert "(pexels_max_image_bytes): raise IMAGESMITH_PEXELS_MAX_IMAGE_BYTES" in caplog.text
+    assert "bytes: raise IMAGESMITH_PEXELS_MAX_IMAGE_BYTES" in caplog.text
 
 
 async def test_every_download_rejected_is_no_results(standin: StandIn, settings: Settings) -> None:

@@ -67,6 +67,11 @@ def offline(settings: Settings) -> bool:
     return settings.hf_offline or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
+def offline_setting(settings: Settings) -> str:
+    """The variable that made the process offline, as the user set it (to name it in a fix)."""
+    return "IMAGESMITH_HF_OFFLINE" if settings.hf_offline else "HF_HUB_OFFLINE"
+
+
 @dataclass(frozen=True)
 class SourceCheck:
     """What `doctor` says about one model source, and whether loading it is sure to fail."""
@@ -112,7 +117,8 @@ def describe_source(
     fetch_elsewhere = download_elsewhere(source, setting)
     if offline(settings):
         return SourceCheck(
-            f"hub id, not cached: offline mode, will fail. Fix: unset HF_HUB_OFFLINE for the first load, or "
+            f"hub id, not cached: offline mode, will fail. Fix: unset {offline_setting(settings)} for the first "
+            "load, or "
             f"{fetch_elsewhere}",
             True,
         )
@@ -212,7 +218,10 @@ def _load_fix(role: str, source: str, local: Path, settings: Settings) -> str:
         return f"the folder does not exist: set {setting} to an existing diffusers folder"
     if offline(settings):
         # `hf`: huggingface_hub's command since 1.0 (the `huggingface-cli` these lines named is gone in 2.x).
-        return f"download it once with network access (`hf download {source}`), or unset HF_HUB_OFFLINE"
+        return (
+            f"download it once with network access (`hf download {source}`), or unset "
+            f"{offline_setting(settings)}"
+        )
     unreachable = hub_unreachable()
     if unreachable:
         return f"the hub is not reachable ({unreachable}): {download_elsewhere(source, setting)}"

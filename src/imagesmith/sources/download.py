@@ -149,7 +149,8 @@ class ImageDownloader:
                 declared = response.headers.get("content-length")
                 if declared and declared.isdigit() and int(declared) > self.max_bytes:
                     raise DownloadTooLarge(
-                        f"{_safe(url)} is {int(declared)} bytes; the cap is {self.max_bytes}"
+                        f"{_safe(url)} is {int(declared)} bytes; the cap is {self.max_bytes} "
+                        "(IMAGESMITH_PEXELS_MAX_DOWNLOAD_BYTES)"
                     )
                 data = await self._read_capped(response, url)
             image = self._decoded(data, url)
@@ -159,7 +160,10 @@ class ImageDownloader:
     async def _read_capped(self, response: httpx.Response, url: str) -> bytes:
         data = await read_at_most(response, self.max_bytes)
         if data is None:
-            raise DownloadTooLarge(f"{_safe(url)} exceeds the {self.max_bytes}-byte cap; download stopped")
+            raise DownloadTooLarge(
+                f"{_safe(url)} exceeds the {self.max_bytes}-byte cap (IMAGESMITH_PEXELS_MAX_DOWNLOAD_BYTES); "
+                "download stopped"
+            )
         return data
 
     def _decoded(self, data: bytes, url: str) -> Image.Image:
@@ -173,7 +177,7 @@ class ImageDownloader:
                 if width * height > self.max_pixels:
                     raise DownloadTooLarge(
                         f"{_safe(url)} is {width}x{height}; the cap is {self.max_pixels} pixels "
-                        "(pexels_max_image_pixels)"
+                        "(IMAGESMITH_PEXELS_MAX_IMAGE_PIXELS)"
                     )
                 # The pixel cap alone lets a 10000x10000 RGBA PNG of under 1 MB through: 400 MB decoded, and
                 # 1.2 GB at the peak of fitting it. Its mode is in the header too, so bound the bytes as well.
@@ -181,7 +185,7 @@ class ImageDownloader:
                 if needed > self.max_image_bytes:
                     raise DownloadTooLarge(
                         f"{_safe(url)} is {width}x{height} {image.mode}, {needed} bytes to decode and fit; "
-                        f"the cap is {self.max_image_bytes} bytes (pexels_max_image_bytes): raise "
+                        f"the cap is {self.max_image_bytes} bytes: raise "
                         "IMAGESMITH_PEXELS_MAX_IMAGE_BYTES to accept photos this large"
                     )
                 if image.format not in PILLOW_FORMATS:
