@@ -182,3 +182,11 @@ def test_a_pixel_limit_below_a_default_size_is_refused_at_start(
     )
     # Room for one image of each default is enough (a request for more is the request's to lower).
     Settings(data_dir=tmp_path, max_total_pixels=128 * 128, **sizes)
+
+
+def test_a_pexels_locale_is_checked_when_the_settings_load(tmp_path: Path) -> None:
+    """IMAGESMITH_PEXELS_LOCALE=german was sent to Pexels as typed, where `search --locale german` was refused."""
+    with pytest.raises(ValidationError, match=r"pexels_locale[\s\S]*'german' is not a locale: write it as"):
+        Settings(_env_file=None, data_dir=tmp_path, pexels_locale="german")
+    assert Settings(_env_file=None, data_dir=tmp_path, pexels_locale=" de-DE ").pexels_locale == "de-DE"
+    assert Settings(_env_file=None, data_dir=tmp_path).pexels_locale == ""  # Pexels' own default

@@ -453,6 +453,14 @@ class Settings(BaseSettings):
         parse_allowed_hosts(value)
         return value
 
+    @field_validator("pexels_locale")
+    @classmethod
+    def _locale_shape(cls, value: str) -> str:
+        # Empty: Pexels' own default. Anything else was sent as typed ("german"), and Pexels ignored it.
+        from imagesmith.sources.pexels_locale import checked_locale
+
+        return value.strip() and checked_locale(value.strip())
+
     @field_validator("pexels_api_base_url")
     @classmethod
     def _base_url_parse(cls, value: str) -> str:

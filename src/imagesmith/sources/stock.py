@@ -52,6 +52,7 @@ from imagesmith.sources.pexels_client import (
     PhotoSize,
     QuotaSnapshot,
 )
+from imagesmith.sources.pexels_locale import checked_locale
 
 if TYPE_CHECKING:
     from imagesmith.config import Settings
@@ -71,7 +72,6 @@ PEXELS_COLORS = (
     "red", "orange", "yellow", "green", "turquoise", "blue", "violet", "pink", "brown", "black", "gray", "white",
 )  # fmt: skip
 _HEX_COLOR = re.compile(r"#(?:[0-9a-f]{3}|[0-9a-f]{6})")
-_LOCALE = re.compile(r"[a-z]{2}-[A-Z]{2}")  # Pexels' locales are all this shape (en-US, pt-BR, zh-TW, ...)
 
 
 class StockRequest(BaseModel):
@@ -112,11 +112,7 @@ class StockRequest(BaseModel):
     @field_validator("locale")
     @classmethod
     def _locale_shape(cls, value: str | None) -> str | None:
-        if value is None or _LOCALE.fullmatch(value):
-            return value
-        raise ValueError(
-            f"{value!r} is not a locale: write it as language-REGION, e.g. en-US, de-DE or pt-BR"
-        )
+        return None if value is None else checked_locale(value)
 
     def query(self) -> str:
         return build_query(self.prompt, self.title, self.keywords)
