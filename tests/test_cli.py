@@ -94,7 +94,7 @@ def test_generate_writes_images_with_parameters(tiny_model_home: Path, tmp_path:
 def test_bad_option_exits_2_naming_the_option(tiny_model_home: Path, tmp_path: Path) -> None:
     done = run_cli("generate", "x", "--width", "1001", "-o", str(tmp_path / "x.png"), home=tiny_model_home)
     assert done.returncode == 2
-    assert "--width: width must be a multiple of 8, got 1001" in done.stderr
+    assert "--width: must be a multiple of 8, got 1001" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "x.png").exists()
 
 

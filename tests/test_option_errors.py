@@ -15,8 +15,10 @@ def test_each_field_error_names_its_option(capsys: pytest.CaptureFixture[str]) -
     assert status == USAGE_ERROR == 2
     # A mapped field is named by its option; one without a mapping by its own name as an option.
     assert any(line.startswith("imagesmith generate: error: --steps: ") for line in lines), lines
+    # The option once: "--width: width must" (generate) and "--width: --width must" (bench) named it twice.
     assert any(
-        line.startswith("imagesmith generate: error: --width: width must be a multiple of 8")
-        for line in lines
+        line.startswith("imagesmith generate: error: --width: must be a multiple of 8") for line in lines
     )
+    report_option_errors("bench", raised.value, {"width": "--width"})
+    assert "imagesmith bench: error: --width: must be a multiple of 8, got 1001" in capsys.readouterr().err
     assert not any("num_inference_steps" in line.split(": ")[2] for line in lines)

@@ -26,5 +26,8 @@ def report_option_errors(command: str, invalid: ValidationError, option_for_fiel
     for item in field_errors(invalid):
         option = option_for(item.field, option_for_field)
         message = in_callers_names(item.message, option_for_field)  # only fields this command has options for
+        # "--width: --width must be ..." said the option twice where the message starts with the field's name.
+        for name in (option, item.field):
+            message = message.removeprefix(f"{name} ")
         print(f"imagesmith {command}: error: {option}: {message}", file=sys.stderr)
     return USAGE_ERROR
