@@ -123,3 +123,26 @@ def test_every_request_model_refuses_a_boolean_number(
     errors = caught.value.errors()
     assert [e["loc"][-1] for e in errors] == [field]
     assert "got true (a boolean)" in errors[0]["msg"] or "got false (a boolean)" in errors[0]["msg"]
+
+
+def test_a1111_fields_that_would_change_the_picture_are_named_in_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """compat.md promises a warning for each; a variation seed's strength and override_settings had none."""
+    body = Txt2ImgRequest(
+        prompt="x",
+        tiling=True,
+        subseed=5,
+        subseed_strength=0.5,
+        override_settings={"sd_model_checkpoint": "foo", "CLIP_stop_at_last_layers": 2},
+    )
+    with caplog.at_level("WARNING"):
+        a1111_request(body, Settings())
+    assert (
+        "txt2img: ignoring tiling, subseed_strength 0.5, override_settings (CLIP_stop_at_last_layers, "
+        "sd_model_checkpoint) (not supported by imagesmith)" in caplog.text
+    )
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        a1111_request(Txt2ImgRequest(prompt="x", subseed=5, override_settings={}), Settings())
+    assert "ignoring" not in caplog.text  # a subseed without strength changes nothing

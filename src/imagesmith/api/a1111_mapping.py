@@ -238,6 +238,10 @@ def to_image_request(body: Txt2ImgRequest, settings: Settings) -> ImageRequest:
             "batch_size",
         )
     ignored = [name for name in _IGNORED_IF_SET if getattr(body, name)]
+    if body.subseed_strength:  # A1111 mixes in a variation seed's noise: another picture there
+        ignored.append(f"subseed_strength {body.subseed_strength}")
+    if body.override_settings:  # e.g. sd_model_checkpoint: another model there, imagesmith has one
+        ignored.append(f"override_settings ({', '.join(sorted(body.override_settings))})")
     if ignored:
         log.warning("txt2img: ignoring %s (not supported by imagesmith)", ", ".join(ignored))
     fields: dict[str, Any] = {
