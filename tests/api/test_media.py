@@ -226,6 +226,8 @@ def test_a_body_that_is_not_a_json_object_is_refused_naming_the_body(
         content == b'{"prompt": '
     ):  # a JSON syntax error also says what and where, where it said "JSON decode error"
         assert "the request body is not valid JSON: Expecting value at character 11" in message, message
+    if content_type != "application/json":  # curl's -d sends a form: the message names what came
+        assert f"the request body came as Content-Type: {content_type}, not JSON" in message, message
 
 
 def test_a_seed_draft_left_to_its_default_steps_runs_the_drafts_30(server: ServerProcess) -> None:

@@ -254,13 +254,27 @@ def _invalid(request: Request, items: Sequence[Any]) -> JSONResponse:
     if refused is not None:
         return refused
     items = _servers_image_limit(request, items)
-    details = validation_details(items)
+    details = _naming_the_content_type(request, validation_details(items))
     first = details[0] if details else {"field": "request", "message": "invalid request"}
     message = first["message"]
     if error_family(request) is not ErrorFamily.SERVICE and first["field"] != "request":
         message = f"{first['field']}: {message}"  # these dialects have no separate list of details
     code = "limit_exceeded" if items and items[0].get("type") == SERVERS_LIMIT else "invalid_request"
     return render_error(request, 422, code, message, first["field"], details=details)
+
+
+def _naming_the_content_type(request: Request, details: list[dict[str, str]]) -> list[dict[str, str]]:
+    """A body refused as "not a JSON object" that was sent as something else says so: curl's -d sends a JSON
+    object as a form (application/x-www-form-urlencoded), and the user saw only "not a JSON object"."""
+    sent = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if not sent or sent == "application/json" or sent.endswith("+json"):
+        return details
+    return [
+        {**item, "message": f"the request body came as Content-Type: {sent}, not JSON; {SEND_A_JSON_OBJECT}"}
+        if item["field"] == "body" and item["message"].startswith("the request body is not a JSON object")
+        else item
+        for item in details
+    ]
 
 
 _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
