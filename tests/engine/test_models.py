@@ -14,8 +14,12 @@ from imagesmith.engine.tiny import TinyModelUnbuildable, build_tiny_sdxl
 from imagesmith.schemas import GenerationRequest
 
 
-def test_tiny_model_builds_deterministically(tmp_path: Path, tiny_settings: Settings) -> None:
+def test_tiny_model_builds_deterministically(
+    tmp_path: Path, tiny_settings: Settings, capfd: pytest.CaptureFixture[str]
+) -> None:
     base, _ = build_tiny_sdxl(tmp_path / "again")
+    # No progress bars among the log lines (IMAGESMITH_LOG_FORMAT=json promises one JSON object per line).
+    assert "Writing model shards" not in capfd.readouterr().err
     reference = tiny_settings.tiny_model_dir() / "tiny-sdxl-base"
 
     def digest(folder: Path) -> str:

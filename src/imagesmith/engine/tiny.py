@@ -16,6 +16,8 @@ import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +167,21 @@ class TinyModelUnbuildable(OSError):
         )
 
 
+@contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """transformers' "Writing model shards" bars, off while the tiny model is saved: on a first start they went
+    to stderr among the log lines, which with IMAGESMITH_LOG_FORMAT=json were not JSON."""
+    from transformers.utils import logging as transformers_logging
+
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            transformers_logging.enable_progress_bar()
+
+
 def build_tiny_sdxl(target: Path) -> tuple[Path, Path]:
     """Write `target/base` and `target/refiner` as diffusers folders. Deterministic: same bytes every time."""
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
@@ -207,8 +224,9 @@ def build_tiny_sdxl(target: Path) -> tuple[Path, Path]:
     except OSError as error:
         raise TinyModelUnbuildable(target, error) from error
     try:
-        base.save_pretrained(building / "tiny-sdxl-base")
-        refiner.save_pretrained(building / "tiny-sdxl-refiner")
+        with _no_progress_bars():
+            base.save_pretrained(building / "tiny-sdxl-base")
+            refiner.save_pretrained(building / "tiny-sdxl-refiner")
         (building / "VERSION").write_text(TINY_MODEL_VERSION)
         # Publish atomically: a half-written folder is never mistaken for a model.
         if target.is_dir() and not target.is_symlink():
