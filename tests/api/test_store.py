@@ -191,6 +191,44 @@ def test_writes_queued_behind_another_programs_lock_each_give_up_within_two_busy
     store.close()
 
 
+def test_a_write_behind_one_stuck_on_another_programs_lock_gives_up_within_one_busy_timeout(
+    tmp_path: Path,
+) -> None:
+    """A lone submit behind the worker's write, both stuck on another program's lock: it waited for the store's
+    lock, then SQLite's whole busy timeout again (58 s with the default 30 s). Both waits now share one."""
+    import sqlite3
+    import threading
+    import time
+
+    path = tmp_path / "jobs.sqlite3"
+    store = JobStore(path, busy_timeout_s=2.0)
+    outside = sqlite3.connect(path, isolation_level=None)
+    outside.execute("BEGIN IMMEDIATE")  # another program's write lock, held throughout
+    first_failed: list[BaseException] = []
+
+    def first_write() -> None:
+        try:
+            store.submit({}, "a", None, queue_max=10)
+        except sqlite3.OperationalError as error:
+            first_failed.append(error)
+
+    first = threading.Thread(target=first_write)
+    first.start()
+    time.sleep(1.0)  # the first write now holds the store's lock, waiting on SQLite's
+    started = time.monotonic()
+    with pytest.raises(sqlite3.OperationalError):
+        store.submit({}, "b", None, queue_max=10)
+    waited = time.monotonic() - started
+    first.join(10)
+    outside.execute("ROLLBACK")
+    outside.close()
+    assert waited < 2.6, waited  # one busy timeout and scheduling; two waits were ~3.0
+    assert first_failed  # it gave up too, after its own busy timeout
+    _, created = store.submit({}, "c", None, queue_max=10)  # and the default timeout is back for the next
+    assert created and store._db.execute("PRAGMA busy_timeout").fetchone()[0] == 2000
+    store.close()
+
+
 def test_api_writes_behind_another_programs_lock_are_answered_within_two_busy_timeouts(
     tmp_path: Path,
 ) -> None:
