@@ -459,7 +459,8 @@ class Settings(BaseSettings):
         # Empty: Pexels' own default. Anything else was sent as typed ("german"), and Pexels ignored it.
         from imagesmith.sources.pexels_locale import checked_locale
 
-        return value.strip() and checked_locale(value.strip())
+        locale = value.strip()
+        return locale and checked_locale(locale)
 
     @field_validator("pexels_api_base_url")
     @classmethod

@@ -172,16 +172,24 @@ SEND_A_JSON_OBJECT = (
 )
 
 
-def validation_details(items: Sequence[Any]) -> list[dict[str, str]]:
+def not_a_json_object(content_type: str) -> str:
+    """Why a body that is no JSON object was refused. Sent as something else, it says what came: curl's -d sends
+    a JSON object as a form (application/x-www-form-urlencoded), and "not a JSON object" left that unsaid."""
+    sent = content_type.split(";")[0].strip().lower()
+    if not sent or sent == "application/json" or sent.endswith("+json"):
+        return f"the request body is not a JSON object; {SEND_A_JSON_OBJECT}"
+    return f"the request body came as Content-Type: {sent}, not JSON; {SEND_A_JSON_OBJECT}"
+
+
+def validation_details(items: Sequence[Any], content_type: str = "") -> list[dict[str, str]]:
     """pydantic errors as [{field, message}]: locations joined with dots, without FastAPI's "body" prefix;
-    checks spanning several fields name theirs as "[field] message" (see schemas.py)."""
+    checks spanning several fields name theirs as "[field] message" (see schemas.py). `content_type`: the
+    request's, said where the body is not a JSON object."""
     out = []
     for item in items:
         loc = [str(part) for part in item.get("loc", ())]
         if loc == ["body"] and item.get("type") in BODY_NOT_AN_OBJECT_ERRORS:
-            out.append(
-                {"field": "body", "message": f"the request body is not a JSON object; {SEND_A_JSON_OBJECT}"}
-            )
+            out.append({"field": "body", "message": not_a_json_object(content_type)})
             continue
         if item.get("type") == "json_invalid":
             # Its location is a character offset into the body, not a field: said in the message, with the fix.
@@ -254,27 +262,13 @@ def _invalid(request: Request, items: Sequence[Any]) -> JSONResponse:
     if refused is not None:
         return refused
     items = _servers_image_limit(request, items)
-    details = _naming_the_content_type(request, validation_details(items))
+    details = validation_details(items, request.headers.get("content-type", ""))
     first = details[0] if details else {"field": "request", "message": "invalid request"}
     message = first["message"]
     if error_family(request) is not ErrorFamily.SERVICE and first["field"] != "request":
         message = f"{first['field']}: {message}"  # these dialects have no separate list of details
     code = "limit_exceeded" if items and items[0].get("type") == SERVERS_LIMIT else "invalid_request"
     return render_error(request, 422, code, message, first["field"], details=details)
-
-
-def _naming_the_content_type(request: Request, details: list[dict[str, str]]) -> list[dict[str, str]]:
-    """A body refused as "not a JSON object" that was sent as something else says so: curl's -d sends a JSON
-    object as a form (application/x-www-form-urlencoded), and the user saw only "not a JSON object"."""
-    sent = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if not sent or sent == "application/json" or sent.endswith("+json"):
-        return details
-    return [
-        {**item, "message": f"the request body came as Content-Type: {sent}, not JSON; {SEND_A_JSON_OBJECT}"}
-        if item["field"] == "body" and item["message"].startswith("the request body is not a JSON object")
-        else item
-        for item in details
-    ]
 
 
 _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")

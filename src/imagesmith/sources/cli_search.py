@@ -241,17 +241,17 @@ def pexels_doctor(settings: Settings, *, online: bool = False) -> PexelsDoctorRe
     try:
         # What every search would refuse, said here too; also before a key is set, so the user setting up a
         # stand-in or a proxy hears of it now, not on the first search after adding the key.
-        HostPolicy(settings.pexels_allowed_hosts)
+        policy = HostPolicy(settings.pexels_allowed_hosts)
     except ValueError as error:
         return PexelsDoctorReport(ok=False, lines=[*lines, f"pexels: {error}"], fault=True)
     if settings.pexels_api_key is None:
         return PexelsDoctorReport(ok=False, lines=lines)
     if not online:
         return PexelsDoctorReport(ok=True, lines=lines)
-    return asyncio.run(_doctor_online(settings, lines))
+    return asyncio.run(_doctor_online(settings, policy, lines))
 
 
-async def _doctor_online(settings: Settings, lines: list[str]) -> PexelsDoctorReport:
+async def _doctor_online(settings: Settings, policy: HostPolicy, lines: list[str]) -> PexelsDoctorReport:
     # A health check should answer quickly: no retries and a short timeout, whatever the settings say.
     quick = settings.model_copy(
         update={"pexels_max_retries": 0, "pexels_timeout_s": min(settings.pexels_timeout_s, DOCTOR_TIMEOUT_S)}
@@ -269,7 +269,7 @@ async def _doctor_online(settings: Settings, lines: list[str]) -> PexelsDoctorRe
         quota = client.quota.snapshot()
     reset = quota.reset_at.isoformat() if quota.reset_at else "unknown"
     lines.append(f"pexels: API answers; quota {quota_left(quota)} left, resets {reset}")
-    refused = _download_refused(settings, found.photos[0].src.original if found.photos else None)
+    refused = _download_refused(policy, found.photos[0].src.original if found.photos else None)
     if refused is not None:
         # Every search would then end in "no photo" (404 no_results): a setting to change, said here.
         lines.append(
@@ -280,13 +280,13 @@ async def _doctor_online(settings: Settings, lines: list[str]) -> PexelsDoctorRe
     return PexelsDoctorReport(ok=True, lines=lines)
 
 
-def _download_refused(settings: Settings, photo_url: str | None) -> str | None:
+def _download_refused(policy: HostPolicy, photo_url: str | None) -> str | None:
     """Why the allowed hosts refuse the API's own photo URL, as each download would; None if they take it (or
     the search found no photo to try)."""
     if photo_url is None:
         return None
     try:
-        HostPolicy(settings.pexels_allowed_hosts).check(photo_url)
+        policy.check(photo_url)
     except DisallowedHost as error:
         return str(error)
     return None
