@@ -303,6 +303,8 @@ print(s(Path('.devcache/random-sdxl'), False))" ;;
         "${FAST2_VARIANTS:-reduce-overhead}" "${FAST2_ARGS:-}" ;;
     # Session 42: the bf16 fused GEGLU kernel against cuBLAS + inductor's GEGLU, per shape, both UNets.
     bf16-geglu) stage bf16-geglu 240 python3 benchmarks/bf16_geglu.py --out "$PIPE/bf16-geglu.json" --batches 2 ;;
+    # Every tile config of the bf16 kernel, one program per tile and persistent, at each feed-forward shape.
+    bf16-tiles) stage bf16-tiles 300 python3 benchmarks/bf16_geglu_tiles.py --out "$PIPE/bf16-tiles.json" ;;
     headline) stage headline 60 python3 benchmarks/headline.py "$PIPE" --out "$PIPE/headline.md" ;;
     *) echo "$(date +%s) unknown stage $1" >> "$PIPE/stages" ;;
     esac

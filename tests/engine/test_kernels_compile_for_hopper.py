@@ -23,7 +23,7 @@ HOPPER = GPUTarget("cuda", 90, 32)
 H100_SHARED_MEMORY_PER_BLOCK = 227 * 1024  # the opt-in maximum a block may ask for on sm_90
 
 
-def _compile(autotuner: Any, config: triton.Config, signature: dict[str, str], flags: dict[str, bool]) -> Any:
+def _compile(autotuner: Any, config: triton.Config, signature: dict[str, str], flags: dict[str, Any]) -> Any:
     constants = {**config.kwargs, **flags}
     signature = {**signature, **{name: "constexpr" for name in constants}}
     source = ASTSource(autotuner.fn, signature, constants)
@@ -41,11 +41,23 @@ def _descriptors(element: str, config: triton.Config, weight_rows_per_column: in
     }
 
 
+BF16_LAUNCHES = {
+    "tiles": (bf16_geglu_kernel._bf16_geglu_kernel, {}),
+    "persistent": (bf16_geglu_kernel._bf16_geglu_persistent_kernel, {"PROGRAMS": 132}),  # an H100 SXM's SMs
+}
+
+
 @pytest.mark.parametrize(
-    ("config_index", "bias"), list(itertools.product(range(len(bf16_geglu_kernel._CONFIGS)), (False, True)))
+    ("launch", "config_index", "bias"),
+    [
+        (launch, index, bias)
+        for launch, (kernel, _) in BF16_LAUNCHES.items()
+        for index, bias in itertools.product(range(len(kernel.configs)), (False, True))
+    ],
 )
-def test_the_bf16_geglu_kernel_compiles_for_hopper(config_index: int, bias: bool) -> None:
-    config = bf16_geglu_kernel._CONFIGS[config_index]
+def test_the_bf16_geglu_kernel_compiles_for_hopper(launch: str, config_index: int, bias: bool) -> None:
+    kernel, launch_constants = BF16_LAUNCHES[launch]
+    config = kernel.configs[config_index]
     signature = {
         **_descriptors("bf16", config, weight_rows_per_column=2),
         "bias_ptr": "*bf16",
@@ -53,9 +65,9 @@ def test_the_bf16_geglu_kernel_compiles_for_hopper(config_index: int, bias: bool
         "N": "i32",
         "K": "i32",
     }
-    kernel = _compile(bf16_geglu_kernel._bf16_geglu_kernel, config, signature, {"HAS_BIAS": bias})
-    assert "wgmma" in kernel.asm["ptx"]  # Hopper's tensor-core matmul, not a fallback
-    assert kernel.metadata.shared <= H100_SHARED_MEMORY_PER_BLOCK, config
+    compiled = _compile(kernel, config, signature, {"HAS_BIAS": bias, **launch_constants})
+    assert "wgmma" in compiled.asm["ptx"]  # Hopper's tensor-core matmul, not a fallback
+    assert compiled.metadata.shared <= H100_SHARED_MEMORY_PER_BLOCK, config
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,8 @@ Imported only where Triton is (a CUDA machine); engine/bf16_geglu.py keeps an fp
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -24,6 +26,8 @@ from imagesmith.engine.tma_tiles import (
     gelu_exact,
     grouped_tile,
     output_tile_grid,
+    persistent_grid,
+    tile_origin,
     tma_configs,
     tma_descriptor,
 )
@@ -38,6 +42,15 @@ _CONFIGS = tma_configs(
         (128, 64, 64, 4, 4),
         (128, 64, 64, 8, 5),
         (64, 128, 64, 4, 4),
+    ],
+    weight_rows_per_column=2,
+)
+_PERSISTENT_CONFIGS = tma_configs(
+    [
+        (128, 128, 64, 8, 3),
+        (128, 128, 64, 8, 4),
+        (128, 64, 64, 4, 4),
+        (128, 64, 64, 8, 5),
     ],
     weight_rows_per_column=2,
 )
@@ -60,11 +73,60 @@ def _bf16_geglu_kernel(
     GROUP_M: tl.constexpr,
 ):
     row, col = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
     both = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
     for k in tl.range(0, K, BLOCK_K):
         both = tl.dot(x_desc.load([row, k]), w_desc.load([2 * col, k]).T, both)
+    _store_geglu(both, bias_ptr, out_desc, row, col, N, HAS_BIAS, BLOCK_M, BLOCK_N)
 
+
+@triton.autotune(configs=_PERSISTENT_CONFIGS, key=["M", "N", "K"])
+@triton.jit
+def _bf16_geglu_persistent_kernel(
+    x_desc,
+    w_desc,
+    bias_ptr,
+    out_desc,
+    M,
+    N,
+    K,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    PROGRAMS: tl.constexpr,
+):
+    """The same tiles, one program per SM looping over them. Why: the base UNet's 640-wide feed-forward has K=640,
+    ten K steps a tile, so each tile's prologue (filling the pipeline) and epilogue (GEGLU, the store) weigh on it;
+    with the two loops flattened, Triton's pipeliner loads the next tile's first K steps during this one's
+    epilogue."""
+    tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    # The epilogue's tile counter is kept apart from the loads' (as in Triton's persistent matmul tutorial), so
+    # the pipeliner can move the loads of the next tile ahead of this tile's store.
+    stored = tl.program_id(0) - PROGRAMS
+    for tile in tl.range(tl.program_id(0), tiles, PROGRAMS, flatten=True):
+        row, col = tile_origin(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        both = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+        for k in tl.range(0, K, BLOCK_K):
+            both = tl.dot(x_desc.load([row, k]), w_desc.load([2 * col, k]).T, both)
+        stored += PROGRAMS
+        out_row, out_col = tile_origin(stored, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        _store_geglu(both, bias_ptr, out_desc, out_row, out_col, N, HAS_BIAS, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _store_geglu(
+    both,
+    bias_ptr,
+    out_desc,
+    row,
+    col,
+    N,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """The epilogue: bias, then value x gelu(gate) of the interleaved accumulator, stored as one [M, N] tile."""
     if HAS_BIAS:
         cols = 2 * col + tl.arange(0, 2 * BLOCK_N)
         both += tl.load(bias_ptr + cols, mask=cols < 2 * N, other=0.0).to(tl.float32)[None, :]
@@ -72,16 +134,26 @@ def _bf16_geglu_kernel(
     out_desc.store([row, col], (value * gelu_exact(gate)).to(out_desc.dtype))
 
 
-def bf16_geglu_cuda(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def bf16_geglu_cuda(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernel: Any = None
+) -> torch.Tensor:
     """x [M, K] bf16, weight [2N, K] bf16 interleaved, bias [2N] or None -> [M, N] bf16 (engine/bf16_geglu.py's
-    op says what it computes). TMA reads rows 16-byte aligned: K and N multiples of 8 (bf16)."""
+    op says what it computes). TMA reads rows 16-byte aligned: K and N multiples of 8 (bf16). `kernel`: one of
+    this module's autotuned kernels, or the same jit function autotuned over other configs (the benchmark's
+    sweep); the engine's by default."""
     m, k = x.shape
     n = weight.shape[0] // 2
     if k % 8 or n % 8:
         raise ValueError(f"the fused bf16 GEGLU kernel needs K and N multiples of 8, got K={k}, N={n}")
+    kernel = kernel or ENGINE_KERNEL
     x, weight = aligned_for_tma(x, weight)
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    _bf16_geglu_kernel[output_tile_grid(m, n)](
+    extra: dict[str, int] = {}
+    grid = output_tile_grid(m, n)
+    if "PROGRAMS" in kernel.fn.arg_names:  # persistent: one program per SM
+        extra["PROGRAMS"] = torch.cuda.get_device_properties(x.device).multi_processor_count
+        grid = persistent_grid(m, n, extra["PROGRAMS"])
+    kernel[grid](
         tma_descriptor(x),
         tma_descriptor(weight),
         bias if bias is not None else weight,  # any pointer: unread without a bias
@@ -90,5 +162,9 @@ def bf16_geglu_cuda(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         n,
         k,
         HAS_BIAS=bias is not None,
+        **extra,
     )
     return out
+
+
+ENGINE_KERNEL = _bf16_geglu_kernel

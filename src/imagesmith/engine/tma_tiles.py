@@ -43,16 +43,21 @@ def tma_configs(
 
 @triton.jit
 def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """This program's output tile (first row, first column), in groups of GROUP_M row tiles that share each weight
-    tile while it is in L2."""
-    pid = tl.program_id(0)
+    """This program's output tile (first row, first column): tile_origin of its program id."""
+    return tile_origin(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+
+
+@triton.jit
+def tile_origin(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Output tile number `tile`'s first row and first column, numbered in groups of GROUP_M row tiles that share
+    each weight tile while it is in L2."""
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
+    first_m = (tile // per_group) * GROUP_M
     group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
+    pid_m = first_m + (tile % per_group) % group_rows
+    pid_n = (tile % per_group) // group_rows
     return pid_m * BLOCK_M, pid_n * BLOCK_N
 
 
@@ -67,6 +72,16 @@ def output_tile_grid(m: int, n: int) -> Callable[[dict[str, Any]], tuple[int]]:
 
     def grid(meta: dict[str, Any]) -> tuple[int]:
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    return grid
+
+
+def persistent_grid(m: int, n: int, programs: int) -> Callable[[dict[str, Any]], tuple[int]]:
+    """The launch grid of a persistent kernel: at most `programs` (one per SM), each looping over every
+    programs-th output tile (tile_origin orders them)."""
+
+    def grid(meta: dict[str, Any]) -> tuple[int]:
+        return (min(programs, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)
 
     return grid
 
