@@ -46,21 +46,20 @@ TILES = [
     (256, 64, 64, 8, 3),
     (256, 64, 64, 8, 4),
 ]
-KERNELS = {
-    "tiles": bf16_geglu_kernel._bf16_geglu_kernel.fn,
-    "persistent": bf16_geglu_kernel._bf16_geglu_persistent_kernel.fn,
-}
 
 
 def candidates() -> dict[str, Any]:
-    """Each kernel at each tile config, as an autotuner of one config (so its pre-hook sets the descriptors'
-    blocks and nothing is tuned)."""
+    """The kernel at each tile config in each launch, as an autotuner of one config (so its pre-hook sets the
+    descriptors' blocks and nothing is tuned)."""
     found = {}
-    for (kind, fn), tile in itertools.product(KERNELS.items(), TILES):
-        label = f"{kind} {'x'.join(map(str, tile[:3]))} w{tile[3]} s{tile[4]}"
-        found[label] = triton.autotune(
-            configs=tma_configs([tile], weight_rows_per_column=2), key=["M", "N", "K"]
-        )(fn)
+    for persistent, tile in itertools.product((False, True), TILES):
+        label = (
+            f"{'persistent' if persistent else 'tiles'} {'x'.join(map(str, tile[:3]))} w{tile[3]} s{tile[4]}"
+        )
+        configs = tma_configs([tile], weight_rows_per_column=2, PERSISTENT=persistent)
+        found[label] = triton.autotune(configs=configs, key=["M", "N", "K"])(
+            bf16_geglu_kernel._bf16_geglu_kernel.fn
+        )
     return found
 
 

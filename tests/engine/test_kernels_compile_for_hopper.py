@@ -41,23 +41,12 @@ def _descriptors(element: str, config: triton.Config, weight_rows_per_column: in
     }
 
 
-BF16_LAUNCHES = {
-    "tiles": (bf16_geglu_kernel._bf16_geglu_kernel, {}),
-    "persistent": (bf16_geglu_kernel._bf16_geglu_persistent_kernel, {"PROGRAMS": 132}),  # an H100 SXM's SMs
-}
-
-
 @pytest.mark.parametrize(
-    ("launch", "config_index", "bias"),
-    [
-        (launch, index, bias)
-        for launch, (kernel, _) in BF16_LAUNCHES.items()
-        for index, bias in itertools.product(range(len(kernel.configs)), (False, True))
-    ],
+    ("config_index", "bias"), list(itertools.product(range(len(bf16_geglu_kernel._CONFIGS)), (False, True)))
 )
-def test_the_bf16_geglu_kernel_compiles_for_hopper(launch: str, config_index: int, bias: bool) -> None:
-    kernel, launch_constants = BF16_LAUNCHES[launch]
-    config = kernel.configs[config_index]
+def test_the_bf16_geglu_kernel_compiles_for_hopper(config_index: int, bias: bool) -> None:
+    """Each tile config in both launches (one program per tile; persistent, one per SM)."""
+    config = bf16_geglu_kernel._CONFIGS[config_index]
     signature = {
         **_descriptors("bf16", config, weight_rows_per_column=2),
         "bias_ptr": "*bf16",
@@ -65,9 +54,10 @@ def test_the_bf16_geglu_kernel_compiles_for_hopper(launch: str, config_index: in
         "N": "i32",
         "K": "i32",
     }
-    compiled = _compile(kernel, config, signature, {"HAS_BIAS": bias, **launch_constants})
-    assert "wgmma" in compiled.asm["ptx"]  # Hopper's tensor-core matmul, not a fallback
-    assert compiled.metadata.shared <= H100_SHARED_MEMORY_PER_BLOCK, config
+    flags = {"HAS_BIAS": bias, "SMS": 132}  # an H100 SXM's SMs
+    kernel = _compile(bf16_geglu_kernel._bf16_geglu_kernel, config, signature, flags)
+    assert "wgmma" in kernel.asm["ptx"]  # Hopper's tensor-core matmul, not a fallback
+    assert kernel.metadata.shared <= H100_SHARED_MEMORY_PER_BLOCK, config
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ Imported only where Triton is (a CUDA machine); engine/bf16_geglu.py keeps an fp
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -26,7 +27,6 @@ from imagesmith.engine.tma_tiles import (
     gelu_exact,
     grouped_tile,
     output_tile_grid,
-    persistent_grid,
     tile_origin,
     tma_configs,
     tma_descriptor,
@@ -34,25 +34,17 @@ from imagesmith.engine.tma_tiles import (
 
 # Tiles for Hopper's bf16 tensor cores. BLOCK_N counts output columns: the weight tile is twice as tall, so
 # 128 gives a 128 x 256 fp32 accumulator (wgmma's widest N), 128 registers a thread over 8 warps. Shared memory
-# per stage: (128 + 256) x 64 x 2 bytes = 48 KiB, so 4 stages fit an H100's 227 KiB.
-_CONFIGS = tma_configs(
-    [
-        (128, 128, 64, 8, 3),
-        (128, 128, 64, 8, 4),
-        (128, 64, 64, 4, 4),
-        (128, 64, 64, 8, 5),
-        (64, 128, 64, 4, 4),
-    ],
-    weight_rows_per_column=2,
-)
-_PERSISTENT_CONFIGS = tma_configs(
-    [
-        (128, 128, 64, 8, 3),
-        (128, 128, 64, 8, 4),
-        (128, 64, 64, 4, 4),
-        (128, 64, 64, 8, 5),
-    ],
-    weight_rows_per_column=2,
+# per stage: (128 + 256) x 64 x 2 bytes = 48 KiB, so 4 stages fit an H100's 227 KiB. Each tile config runs in
+# both launches (PERSISTENT false: one program per output tile; true: one per SM, looping over tiles).
+_TILES = [
+    (128, 128, 64, 8, 3),
+    (128, 128, 64, 8, 4),
+    (128, 64, 64, 4, 4),
+    (128, 64, 64, 8, 5),
+    (64, 128, 64, 4, 4),
+]
+_CONFIGS = tma_configs(_TILES, weight_rows_per_column=2, PERSISTENT=False) + tma_configs(
+    _TILES, weight_rows_per_column=2, PERSISTENT=True
 )
 
 
@@ -67,51 +59,35 @@ def _bf16_geglu_kernel(
     N,
     K,
     HAS_BIAS: tl.constexpr,
+    SMS: tl.constexpr,  # the GPU's SMs: the persistent launch's programs
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    PERSISTENT: tl.constexpr,
 ):
-    row, col = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    both = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
-    for k in tl.range(0, K, BLOCK_K):
-        both = tl.dot(x_desc.load([row, k]), w_desc.load([2 * col, k]).T, both)
-    _store_geglu(both, bias_ptr, out_desc, row, col, N, HAS_BIAS, BLOCK_M, BLOCK_N)
-
-
-@triton.autotune(configs=_PERSISTENT_CONFIGS, key=["M", "N", "K"])
-@triton.jit
-def _bf16_geglu_persistent_kernel(
-    x_desc,
-    w_desc,
-    bias_ptr,
-    out_desc,
-    M,
-    N,
-    K,
-    HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    PROGRAMS: tl.constexpr,
-):
-    """The same tiles, one program per SM looping over them. Why: the base UNet's 640-wide feed-forward has K=640,
-    ten K steps a tile, so each tile's prologue (filling the pipeline) and epilogue (GEGLU, the store) weigh on it;
-    with the two loops flattened, Triton's pipeliner loads the next tile's first K steps during this one's
-    epilogue."""
-    tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
-    # The epilogue's tile counter is kept apart from the loads' (as in Triton's persistent matmul tutorial), so
-    # the pipeliner can move the loads of the next tile ahead of this tile's store.
-    stored = tl.program_id(0) - PROGRAMS
-    for tile in tl.range(tl.program_id(0), tiles, PROGRAMS, flatten=True):
-        row, col = tile_origin(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    if PERSISTENT:
+        # One program per SM, looping over output tiles. Why: the base UNet's 640-wide feed-forward has K = 640,
+        # ten K steps a tile, so each tile's pipeline fill and epilogue (GEGLU, the store) weigh on it; with the
+        # tile and K loops flattened, Triton's pipeliner loads the next tile's first K steps during this one's
+        # epilogue. The epilogue's tile counter is kept apart from the loads' (as in Triton's persistent matmul
+        # tutorial), so the pipeliner may move the next tile's loads ahead of this tile's store.
+        tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        stored = tl.program_id(0) - SMS
+        for tile in tl.range(tl.program_id(0), tiles, SMS, flatten=True):
+            row, col = tile_origin(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+            both = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+            for k in tl.range(0, K, BLOCK_K):
+                both = tl.dot(x_desc.load([row, k]), w_desc.load([2 * col, k]).T, both)
+            stored += SMS
+            out_row, out_col = tile_origin(stored, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+            _store_geglu(both, bias_ptr, out_desc, out_row, out_col, N, HAS_BIAS, BLOCK_M, BLOCK_N)
+    else:
+        row, col = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         both = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
         for k in tl.range(0, K, BLOCK_K):
             both = tl.dot(x_desc.load([row, k]), w_desc.load([2 * col, k]).T, both)
-        stored += PROGRAMS
-        out_row, out_col = tile_origin(stored, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        _store_geglu(both, bias_ptr, out_desc, out_row, out_col, N, HAS_BIAS, BLOCK_M, BLOCK_N)
+        _store_geglu(both, bias_ptr, out_desc, row, col, N, HAS_BIAS, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -138,22 +114,17 @@ def bf16_geglu_cuda(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernel: Any = None
 ) -> torch.Tensor:
     """x [M, K] bf16, weight [2N, K] bf16 interleaved, bias [2N] or None -> [M, N] bf16 (engine/bf16_geglu.py's
-    op says what it computes). TMA reads rows 16-byte aligned: K and N multiples of 8 (bf16). `kernel`: one of
-    this module's autotuned kernels, or the same jit function autotuned over other configs (the benchmark's
-    sweep); the engine's by default."""
+    op says what it computes). TMA reads rows 16-byte aligned: K and N multiples of 8 (bf16). `kernel`: this
+    module's kernel (the default), or its jit function autotuned over other configs (benchmarks/
+    bf16_geglu_tiles.py times them one by one)."""
     m, k = x.shape
     n = weight.shape[0] // 2
     if k % 8 or n % 8:
         raise ValueError(f"the fused bf16 GEGLU kernel needs K and N multiples of 8, got K={k}, N={n}")
-    kernel = kernel or ENGINE_KERNEL
     x, weight = aligned_for_tma(x, weight)
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    extra: dict[str, int] = {}
-    grid = output_tile_grid(m, n)
-    if "PROGRAMS" in kernel.fn.arg_names:  # persistent: one program per SM
-        extra["PROGRAMS"] = torch.cuda.get_device_properties(x.device).multi_processor_count
-        grid = persistent_grid(m, n, extra["PROGRAMS"])
-    kernel[grid](
+    sms = _sm_count(x.device)
+    (kernel or _bf16_geglu_kernel)[output_tile_grid(m, n, sms)](
         tma_descriptor(x),
         tma_descriptor(weight),
         bias if bias is not None else weight,  # any pointer: unread without a bias
@@ -162,9 +133,11 @@ def bf16_geglu_cuda(
         n,
         k,
         HAS_BIAS=bias is not None,
-        **extra,
+        SMS=sms,
     )
     return out
 
 
-ENGINE_KERNEL = _bf16_geglu_kernel
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return int(torch.cuda.get_device_properties(device).multi_processor_count)

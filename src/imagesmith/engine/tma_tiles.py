@@ -16,12 +16,12 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 
 def tma_configs(
-    tiles: list[tuple[int, int, int, int, int]], weight_rows_per_column: int
+    tiles: list[tuple[int, int, int, int, int]], weight_rows_per_column: int, **constants: object
 ) -> list[triton.Config]:
-    """One autotuning config per (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). Each sets the blocks of the kernel's
-    descriptors x_desc [M, K], w_desc and out_desc [M, N] before its launch; the weight's tile is
-    `weight_rows_per_column` x BLOCK_N rows tall (2 where value and gate rows are interleaved, 1 where the kernel
-    loads the two halves apart)."""
+    """One autotuning config per (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), with `constants` (more of the
+    kernel's constexprs) in each. Each sets the blocks of the kernel's descriptors x_desc [M, K], w_desc and
+    out_desc [M, N] before its launch; the weight's tile is `weight_rows_per_column` x BLOCK_N rows tall (2 where
+    value and gate rows are interleaved, 1 where the kernel loads the two halves apart)."""
 
     def set_blocks(args: dict[str, Any]) -> None:
         bm, bn, bk = args["BLOCK_M"], args["BLOCK_N"], args["BLOCK_K"]
@@ -32,7 +32,7 @@ def tma_configs(
     hook: Callable[[dict[str, Any]], None] = set_blocks
     return [
         triton.Config(
-            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, **constants},
             num_warps=w,
             num_stages=s,
             pre_hook=hook,
@@ -67,21 +67,14 @@ def tma_descriptor(tensor: torch.Tensor) -> TensorDescriptor:
     return TensorDescriptor.from_tensor(tensor, [16, 16])
 
 
-def output_tile_grid(m: int, n: int) -> Callable[[dict[str, Any]], tuple[int]]:
-    """The launch grid for an [m, n] output: one program per BLOCK_M x BLOCK_N tile (grouped_tile orders them)."""
+def output_tile_grid(m: int, n: int, programs: int = 0) -> Callable[[dict[str, Any]], tuple[int]]:
+    """The launch grid for an [m, n] output: one program per BLOCK_M x BLOCK_N tile (grouped_tile orders them),
+    or for a config whose PERSISTENT is true at most `programs` (one per SM), each looping over every programs-th
+    tile (tile_origin orders them)."""
 
     def grid(meta: dict[str, Any]) -> tuple[int]:
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-
-    return grid
-
-
-def persistent_grid(m: int, n: int, programs: int) -> Callable[[dict[str, Any]], tuple[int]]:
-    """The launch grid of a persistent kernel: at most `programs` (one per SM), each looping over every
-    programs-th output tile (tile_origin orders them)."""
-
-    def grid(meta: dict[str, Any]) -> tuple[int]:
-        return (min(programs, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)
+        tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
+        return (min(programs, tiles) if meta.get("PERSISTENT") else tiles,)
 
     return grid
 
