@@ -68,6 +68,20 @@ def test_limits_name_the_field(app_client: Callable[..., TestClient]) -> None:
             assert response.json()["error"]["field"] == field
 
 
+def test_a_prompt_past_the_schemas_ceiling_names_the_servers_own_limit(
+    app_client: Callable[..., TestClient],
+) -> None:
+    """A 2001-character prompt was an invalid_request saying "at most 2000 characters", even on a server taking
+    50, while a 51-character one was a limit_exceeded naming 50: both now name the server's limit."""
+    with app_client(max_prompt_chars=50) as client:
+        for field, length in (("prompt", 51), ("prompt", 2001), ("negative_prompt", 2001)):
+            response = client.post("/v1/jobs", json={**BODY, field: "p" * length})
+            assert response.status_code == 422, response.text
+            error = response.json()["error"]
+            assert (error["code"], error["field"]) == ("limit_exceeded", field), error
+            assert f"{field} is {length} characters; this server takes at most 50" in error["message"], error
+
+
 def test_too_many_images_are_refused_naming_the_servers_limit_on_every_route(
     app_client: Callable[..., TestClient],
 ) -> None:

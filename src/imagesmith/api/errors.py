@@ -34,6 +34,7 @@ from imagesmith.jobs.service import (
     SourcesStarting,
     SourcesUnavailable,
     StockNotConfigured,
+    too_long_text,
     too_many_images,
 )
 from imagesmith.jobs.store import IdempotencyConflict, QueueFull, sqlite_result_code
@@ -212,25 +213,28 @@ def validation_details(items: Sequence[Any], content_type: str = "") -> list[dic
     return out
 
 
-def _servers_image_limit(request: Request, items: Sequence[Any]) -> list[Any]:
-    """A num_images past the schema's ceiling (MAX_NUM_IMAGES) answered with the server's own, lower limit, as
-    one past that limit is: pydantic's "less than or equal to 32" named a number this server never allows."""
+def _servers_limits(request: Request, items: Sequence[Any]) -> list[Any]:
+    """A num_images, prompt or negative_prompt past the schema's ceiling (MAX_NUM_IMAGES, MAX_PROMPT_CHARS)
+    answered with the server's own limit, as one past that limit is: pydantic's "less than or equal to 32" or "at
+    most 2000 characters" named a number this server may never allow, under another error code."""
     settings = getattr(request.app.state, "settings", None)
     if settings is None:
         return list(items)
-    return [
-        {
-            **item,
-            "type": SERVERS_LIMIT,
-            "msg": too_many_images(item.get("input"), settings.max_images_per_request),
-        }
-        if item.get("type") == "less_than_equal" and tuple(item.get("loc", ()))[-1:] == ("num_images",)
-        else item
-        for item in items
-    ]
+    return [_servers_limit(item, settings) for item in items]
 
 
-# The type of an error `_servers_image_limit` rewrote: answered with the code the service's own check gives
+def _servers_limit(item: Any, settings: Any) -> Any:
+    field = tuple(item.get("loc", ()))[-1:]
+    if item.get("type") == "less_than_equal" and field == ("num_images",):
+        message = too_many_images(item.get("input"), settings.max_images_per_request)
+    elif item.get("type") == "string_too_long" and field in (("prompt",), ("negative_prompt",)):
+        message = too_long_text(field[0], len(str(item.get("input", ""))), settings.max_prompt_chars)
+    else:
+        return item
+    return {**item, "type": SERVERS_LIMIT, "msg": message}
+
+
+# The type of an error `_servers_limits` rewrote: answered with the code the service's own check gives
 # (num_images 5 on a server of 4 said "limit_exceeded", num_images 10000 said "invalid_request").
 SERVERS_LIMIT = "servers_limit"
 
@@ -261,7 +265,7 @@ def _invalid(request: Request, items: Sequence[Any]) -> JSONResponse:
     refused = _key_refused_first(request)
     if refused is not None:
         return refused
-    items = _servers_image_limit(request, items)
+    items = _servers_limits(request, items)
     details = validation_details(items, request.headers.get("content-type", ""))
     first = details[0] if details else {"field": "request", "message": "invalid request"}
     message = first["message"]

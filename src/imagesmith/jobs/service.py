@@ -100,6 +100,12 @@ def too_many_images(count: object, limit: int) -> str:
     )
 
 
+def too_long_text(field: str, length: int, limit: int) -> str:
+    """The answer to a prompt or negative prompt past the server's limit, whichever check finds it (this service,
+    or the schema's ceiling of 2000: api/errors.py)."""
+    return f"{field} is {length} characters; this server takes at most {limit} (max_prompt_chars): shorten it"
+
+
 class JobService:
     def __init__(
         self, settings: Settings, store: JobStore, sources: SourceRegistry, hub: EventHub, worker: Worker
@@ -150,10 +156,7 @@ class JobService:
         for field in ("prompt", "negative_prompt"):
             length = len(getattr(generation, field))
             if length > limits.max_prompt_chars:
-                raise LimitExceeded(
-                    f"{field} is {length} characters; this server takes at most {limits.max_prompt_chars}",
-                    field,
-                )
+                raise LimitExceeded(too_long_text(field, length, limits.max_prompt_chars), field)
         if generation.num_images > limits.max_images_per_request:
             raise LimitExceeded(
                 too_many_images(generation.num_images, limits.max_images_per_request), "num_images"
