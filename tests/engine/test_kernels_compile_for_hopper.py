@@ -41,12 +41,15 @@ def _descriptors(element: str, config: triton.Config, weight_rows_per_column: in
     }
 
 
+BF16_CONFIGS = bf16_geglu_kernel._CONFIGS + bf16_geglu_kernel.PERSISTENT_CONFIGS
+
+
 @pytest.mark.parametrize(
-    ("config_index", "bias"), list(itertools.product(range(len(bf16_geglu_kernel._CONFIGS)), (False, True)))
+    ("config_index", "bias"), list(itertools.product(range(len(BF16_CONFIGS)), (False, True)))
 )
 def test_the_bf16_geglu_kernel_compiles_for_hopper(config_index: int, bias: bool) -> None:
     """Each tile config in both launches (one program per tile; persistent, one per SM)."""
-    config = bf16_geglu_kernel._CONFIGS[config_index]
+    config = BF16_CONFIGS[config_index]
     signature = {
         **_descriptors("bf16", config, weight_rows_per_column=2),
         "bias_ptr": "*bf16",

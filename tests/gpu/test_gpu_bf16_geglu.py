@@ -42,7 +42,7 @@ def test_the_bf16_fused_geglu_kernel_computes_the_cpu_reference(
     w = interleave_halves((torch.randn(2 * n, k) / k**0.5).to(torch.bfloat16))
     b = interleave_halves((torch.randn(2 * n) * 0.1).to(torch.bfloat16)) if bias else None
     expected = bf16_geglu(x, w, b).float()  # the CPU path: fp32 arithmetic, rounded to bf16 once
-    configs = [c for c in bf16_geglu_kernel._CONFIGS if c.kwargs["PERSISTENT"] is persistent]
+    configs = bf16_geglu_kernel.PERSISTENT_CONFIGS if persistent else bf16_geglu_kernel._CONFIGS
     kernel = triton.autotune(configs=configs, key=["M", "N", "K"])(bf16_geglu_kernel._bf16_geglu_kernel.fn)
     got = bf16_geglu_kernel.bf16_geglu_cuda(
         x.cuda(), w.cuda(), None if b is None else b.cuda(), kernel=kernel

@@ -34,8 +34,7 @@ from imagesmith.engine.tma_tiles import (
 
 # Tiles for Hopper's bf16 tensor cores. BLOCK_N counts output columns: the weight tile is twice as tall, so
 # 128 gives a 128 x 256 fp32 accumulator (wgmma's widest N), 128 registers a thread over 8 warps. Shared memory
-# per stage: (128 + 256) x 64 x 2 bytes = 48 KiB, so 4 stages fit an H100's 227 KiB. Each tile config runs in
-# both launches (PERSISTENT false: one program per output tile; true: one per SM, looping over tiles).
+# per stage: (128 + 256) x 64 x 2 bytes = 48 KiB, so 4 stages fit an H100's 227 KiB.
 _TILES = [
     (128, 128, 64, 8, 3),
     (128, 128, 64, 8, 4),
@@ -43,9 +42,11 @@ _TILES = [
     (128, 64, 64, 8, 5),
     (64, 128, 64, 4, 4),
 ]
-_CONFIGS = tma_configs(_TILES, weight_rows_per_column=2, PERSISTENT=False) + tma_configs(
-    _TILES, weight_rows_per_column=2, PERSISTENT=True
-)
+# The engine's autotuner picks among these (measured in runs 97-98). The persistent launch of the same tiles
+# (PERSISTENT true: one program per SM, looping over tiles) is built and compiled for sm_90 in CI, but not yet
+# timed on a GPU, so the engine does not take it; benchmarks/bf16_geglu_tiles.py times both.
+_CONFIGS = tma_configs(_TILES, weight_rows_per_column=2, PERSISTENT=False)
+PERSISTENT_CONFIGS = tma_configs(_TILES, weight_rows_per_column=2, PERSISTENT=True)
 
 
 @triton.autotune(configs=_CONFIGS, key=["M", "N", "K"])
