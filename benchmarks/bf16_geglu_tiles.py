@@ -1,12 +1,11 @@
 """The fused bf16 GEGLU kernel's tile configs one by one, at each SDXL feed-forward shape, on a GPU: which config
-and which launch (one program per tile, or persistent: one per SM looping over tiles) is fastest where.
+is fastest where, against cuBLAS's plain matmul of the same shape.
 
-Why: the kernel's autotuner picks among a handful of configs, and run 97 measured the winner at 78-92 % of
-cuBLAS's matmul rate. The base UNet's 640-wide feed-forward (K = 640: ten K steps a tile) ran furthest behind,
-where each tile's pipeline fill and epilogue weigh most; a persistent launch overlaps them with the next tile's
-loads. This times every candidate at each shape (operands cold, each replayed call reading copies evicted from
-L2, in CUDA graphs, as bf16_geglu.py does), with cuBLAS's plain matmul of the same shape as the peer, and sums the
-per-UNet-call time of each candidate and of the best candidate per shape.
+Why: the kernel's autotuner picks among a handful of configs; this times each candidate alone at each shape
+(operands cold, each replayed call reading copies evicted from L2, in CUDA graphs, as bf16_geglu.py does) and sums
+the per-UNet-call time of each and of the best per shape. Run 100 (H100): the engine's configs hold the best
+(128x128x64, 3 or 4 stages); a persistent launch (in git at 54c74dd) was 7-9 % faster here, yet gained nothing in
+the engine (run 101), so a figure from here is a candidate for the engine's A/B, not a result.
 
     python3 benchmarks/bf16_geglu_tiles.py --out tiles.json
 """
@@ -49,14 +48,12 @@ TILES = [
 
 
 def candidates() -> dict[str, Any]:
-    """The kernel at each tile config in each launch, as an autotuner of one config (so its pre-hook sets the
-    descriptors' blocks and nothing is tuned)."""
+    """The kernel at each tile config, as an autotuner of one config (so its pre-hook sets the descriptors'
+    blocks and nothing is tuned)."""
     found = {}
-    for persistent, tile in itertools.product((False, True), TILES):
-        label = (
-            f"{'persistent' if persistent else 'tiles'} {'x'.join(map(str, tile[:3]))} w{tile[3]} s{tile[4]}"
-        )
-        configs = tma_configs([tile], weight_rows_per_column=2, PERSISTENT=persistent)
+    for tile in TILES:
+        label = f"{'x'.join(map(str, tile[:3]))} w{tile[3]} s{tile[4]}"
+        configs = tma_configs([tile], weight_rows_per_column=2)
         found[label] = triton.autotune(configs=configs, key=["M", "N", "K"])(
             bf16_geglu_kernel._bf16_geglu_kernel.fn
         )
@@ -142,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             args.out.write_text(json.dumps({**report, "per_unet_call_ms": per_call}, indent=2))
     print("\n| candidate | " + " | ".join(f"{u} ms a call" for u in per_call) + " |\n|---|---|---|")
-    names = sorted(per_call["base"], key=per_call["base"].__getitem__)
+    names = sorted(per_call["base"], key=per_call["base"].__getitem__)  # fastest first
     for name in names:
         print(
             f"| {name} | " + " | ".join(f"{per_call[u].get(name, float('nan')):.3f}" for u in per_call) + " |"

@@ -150,6 +150,11 @@
 # FAST_ARGS=--no-prompt-cache-ab FAST_LIMIT_S=570 (472 s); gpu-tests with IMAGESMITH_TIMED_REDUCTIONS=true cut off
 # at 305 s (25 passed). Owed: the whole GPU suite under timed reductions (GPU_TESTS_LIMIT_S=900), the H200 queue,
 # serve-anysize.
+# Session 44 (runs 100-102, an H100, after 661 s of failed starts): bf16-tiles,gpu-tests with GPU_TESTS_K=bf16_geglu
+# (242 s); models,fast-path with FAST_PHASES=eager,variants FAST_VARIANTS=reduce-overhead+cl+mk+bgeglu,
+# reduce-overhead+cl+mk+bgeglu+pgeglu (427 s; +pgeglu, the persistent launch, is in git at 54c74dd); gpu-tests with
+# GPU_TESTS_K="not bf16_geglu" cut off at 305 s (18 passed). Owed: the other 17 GPU tests, the whole suite under
+# timed reductions, the H200 queue and ensemble, serve-anysize.
 set -u
 PIPE=.devcache/pipe
 
@@ -303,7 +308,7 @@ print(s(Path('.devcache/random-sdxl'), False))" ;;
         "${FAST2_VARIANTS:-reduce-overhead}" "${FAST2_ARGS:-}" ;;
     # Session 42: the bf16 fused GEGLU kernel against cuBLAS + inductor's GEGLU, per shape, both UNets.
     bf16-geglu) stage bf16-geglu 240 python3 benchmarks/bf16_geglu.py --out "$PIPE/bf16-geglu.json" --batches 2 ;;
-    # Every tile config of the bf16 kernel, one program per tile and persistent, at each feed-forward shape.
+    # Every tile config of the bf16 kernel alone, at each feed-forward shape (run 100).
     bf16-tiles) stage bf16-tiles 300 python3 benchmarks/bf16_geglu_tiles.py --out "$PIPE/bf16-tiles.json" ;;
     headline) stage headline 60 python3 benchmarks/headline.py "$PIPE" --out "$PIPE/headline.md" ;;
     *) echo "$(date +%s) unknown stage $1" >> "$PIPE/stages" ;;

@@ -19,16 +19,14 @@ not), and `first_image_s`: from the phase's start (building its modules, which a
 to its first image, the warm-up (compilation) included.
 
 A variant is
-`MODE[+fp8|+fp8dyn][+fp8conv|+fp8convnchw][+geglu][+bgeglu][+pgeglu][+cl][+cudnn|+nocudnn][+dyn][+regions][+teg|+noteg][+attn-BACKEND][+olddecode][+cdt][+mk][+ndt][:mlperf]`:
+`MODE[+fp8|+fp8dyn][+fp8conv|+fp8convnchw][+geglu][+bgeglu][+cl][+cudnn|+nocudnn][+dyn][+regions][+teg|+noteg][+attn-BACKEND][+olddecode][+cdt][+mk][+ndt][:mlperf]`:
 MODE is a compile choice (off, default, reduce-overhead, max-autotune-no-cudagraphs); +fp8 fp8 transformer linears
 (engine/fp8.py) with static scales, calibrated as Engine.start does (the default), +fp8dyn with dynamic ones; +fp8conv (with +fp8)
 the convolutions in fp8 too (IMAGESMITH_FP8_CONVS, cuDNN's kernels), +fp8convnchw the same with inductor's layout
 heuristic left alone (run 52's: NCHW, the peer); +geglu (with +fp8) the feed-forwards' GEGLU fused into
 their first fp8 matmul (IMAGESMITH_FP8_FUSED_GEGLU, a Triton kernel); +bgeglu (without +fp8) the same for
 bf16 feed-forwards (IMAGESMITH_FUSED_GEGLU, engine/bf16_geglu.py; the service's default with compile on a
-Hopper GPU since run 98, but without +bgeglu a variant runs it off, as every run before 98 did); +pgeglu (with
-+bgeglu) its autotuner may pick the kernel's persistent launch too (engine/bf16_geglu_kernel.py's
-PERSISTENT_CONFIGS, not the engine's until measured); +cl the UNets'
+Hopper GPU since run 98, but without +bgeglu a variant runs it off, as every run before 98 did); +cl the UNets'
 weights channels-last (without it a variant runs them NCHW, as every run before 89 did; the engine's default with
 compile since run 90 is channels-last, so `reduce-overhead+cl+bgeglu` is what a service runs on a Hopper GPU, and
 with +mk the fastest exact mode);
@@ -123,9 +121,6 @@ class Variant:
     timed_reductions: bool = False  # +mk: IMAGESMITH_TIMED_REDUCTIONS
     nd_tiling: bool = False  # +ndt: torch._inductor.config.triton.prefer_nd_tiling
     bf16_fused_geglu: bool = False  # +bgeglu: IMAGESMITH_FUSED_GEGLU (bf16 feed-forwards)
-    persistent_geglu: bool = (
-        False  # +pgeglu (with +bgeglu): its autotuner may also pick the persistent launch
-    )
 
     @classmethod
     def parse(cls, spec: str) -> Variant:
@@ -150,7 +145,6 @@ class Variant:
             "cdt",
             "geglu",
             "bgeglu",
-            "pgeglu",
             "regions",
             "mk",
             "ndt",
@@ -162,14 +156,13 @@ class Variant:
         convs = {"fp8conv", "fp8convnchw"} & set(flags)
         twice = twice or len(convs) > 1 or bool((convs or "geglu" in flags) and "fp8" not in flags)
         twice = twice or bool("bgeglu" in flags and ("fp8" in flags or "fp8dyn" in flags))
-        twice = twice or bool("pgeglu" in flags and "bgeglu" not in flags)
         # Regions shape a compile (not mode off), and settings refuse them with every size dynamic.
         twice = twice or ("regions" in flags and (mode == "off" or "dyn" in flags))
         if unknown or kind not in ("", "mlperf") or len(attention) > 1 or twice:
             raise SystemExit(
                 f"variant {spec!r}: flags are one of +fp8 +fp8dyn, +cl +dyn, one of +cudnn +nocudnn, one of +teg +noteg, one of "
                 "+attn-flash +attn-efficient +attn-cudnn, +olddecode, +cdt, +mk, +ndt, +regions (compiled, not with +dyn), "
-                "one of +fp8conv +fp8convnchw (with +fp8), +geglu (with +fp8), +bgeglu (without fp8), +pgeglu (with +bgeglu), "
+                "one of +fp8conv +fp8convnchw (with +fp8), +geglu (with +fp8), +bgeglu (without fp8), "
                 "and the suffix :mlperf"
             )
         return cls(
@@ -192,18 +185,7 @@ class Variant:
             timed_reductions="mk" in flags,
             nd_tiling="ndt" in flags,
             bf16_fused_geglu="bgeglu" in flags,
-            persistent_geglu="pgeglu" in flags,
         )
-
-
-def choose_bf16_geglu_configs(persistent: bool) -> None:
-    """The bf16 GEGLU kernel's autotuner picks among the engine's configs, plus the persistent launch's with
-    `persistent` (+pgeglu; not the engine's until measured), choosing afresh (its picks are per process)."""
-    from imagesmith.engine import bf16_geglu_kernel
-
-    kernel = bf16_geglu_kernel._bf16_geglu_kernel
-    kernel.configs = bf16_geglu_kernel._CONFIGS + (bf16_geglu_kernel.PERSISTENT_CONFIGS if persistent else [])
-    kernel.cache.clear()
 
 
 def decode_one_by_one(
@@ -834,8 +816,6 @@ def main() -> None:
         # Part of inductor's cache key, so each variant compiles (or finds) its own kernels.
         inductor_config.coordinate_descent_tuning = variant.coordinate_descent
         inductor_config.triton.prefer_nd_tiling = variant.nd_tiling
-        if variant.bf16_fused_geglu:
-            choose_bf16_geglu_configs(variant.persistent_geglu)
         levers = engine.apply_levers(
             settings
         )  # as Engine.start applies them (the engine's plan: variant_plan)

@@ -15,7 +15,6 @@ Imported only where Triton is (a CUDA machine); engine/bf16_geglu.py keeps an fp
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
@@ -27,7 +26,6 @@ from imagesmith.engine.tma_tiles import (
     gelu_exact,
     grouped_tile,
     output_tile_grid,
-    tile_origin,
     tma_configs,
     tma_descriptor,
 )
@@ -42,11 +40,11 @@ _TILES = [
     (128, 64, 64, 8, 5),
     (64, 128, 64, 4, 4),
 ]
-# The engine's autotuner picks among these (measured in runs 97-98). The persistent launch of the same tiles
-# (PERSISTENT true: one program per SM, looping over tiles) is built and compiled for sm_90 in CI, but not yet
-# timed on a GPU, so the engine does not take it; benchmarks/bf16_geglu_tiles.py times both.
-_CONFIGS = tma_configs(_TILES, weight_rows_per_column=2, PERSISTENT=False)
-PERSISTENT_CONFIGS = tma_configs(_TILES, weight_rows_per_column=2, PERSISTENT=True)
+# The autotuner picks among these. Run 100 timed each of them and six others alone at every SDXL shape: the best
+# are here (128x128x64, 3 or 4 stages), and BLOCK_K 128 or 4-warp tiles were 8-30 % slower. A persistent launch
+# of the same tiles (one program per SM, looping over tiles) was 7-9 % faster alone but gained nothing in the
+# engine (run 101: 1.297 against 1.299 s an image), so it went; it is in git at 54c74dd.
+_CONFIGS = tma_configs(_TILES, weight_rows_per_column=2)
 
 
 @triton.autotune(configs=_CONFIGS, key=["M", "N", "K"])
@@ -60,50 +58,17 @@ def _bf16_geglu_kernel(
     N,
     K,
     HAS_BIAS: tl.constexpr,
-    SMS: tl.constexpr,  # the GPU's SMs: the persistent launch's programs
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
-    PERSISTENT: tl.constexpr,
 ):
-    if PERSISTENT:
-        # One program per SM, looping over output tiles. Why: the base UNet's 640-wide feed-forward has K = 640,
-        # ten K steps a tile, so each tile's pipeline fill and epilogue (GEGLU, the store) weigh on it; with the
-        # tile and K loops flattened, Triton's pipeliner loads the next tile's first K steps during this one's
-        # epilogue. The epilogue's tile counter is kept apart from the loads' (as in Triton's persistent matmul
-        # tutorial), so the pipeliner may move the next tile's loads ahead of this tile's store.
-        tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
-        stored = tl.program_id(0) - SMS
-        for tile in tl.range(tl.program_id(0), tiles, SMS, flatten=True):
-            row, col = tile_origin(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-            both = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
-            for k in tl.range(0, K, BLOCK_K):
-                both = tl.dot(x_desc.load([row, k]), w_desc.load([2 * col, k]).T, both)
-            stored += SMS
-            out_row, out_col = tile_origin(stored, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-            _store_geglu(both, bias_ptr, out_desc, out_row, out_col, N, HAS_BIAS, BLOCK_M, BLOCK_N)
-    else:
-        row, col = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        both = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
-        for k in tl.range(0, K, BLOCK_K):
-            both = tl.dot(x_desc.load([row, k]), w_desc.load([2 * col, k]).T, both)
-        _store_geglu(both, bias_ptr, out_desc, row, col, N, HAS_BIAS, BLOCK_M, BLOCK_N)
+    row, col = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
+    both = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+    for k in tl.range(0, K, BLOCK_K):
+        both = tl.dot(x_desc.load([row, k]), w_desc.load([2 * col, k]).T, both)
 
-@triton.jit
-def _store_geglu(
-    both,
-    bias_ptr,
-    out_desc,
-    row,
-    col,
-    N,
-    HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """The epilogue: bias, then value x gelu(gate) of the interleaved accumulator, stored as one [M, N] tile."""
     if HAS_BIAS:
         cols = 2 * col + tl.arange(0, 2 * BLOCK_N)
         both += tl.load(bias_ptr + cols, mask=cols < 2 * N, other=0.0).to(tl.float32)[None, :]
@@ -124,8 +89,7 @@ def bf16_geglu_cuda(
         raise ValueError(f"the fused bf16 GEGLU kernel needs K and N multiples of 8, got K={k}, N={n}")
     x, weight = aligned_for_tma(x, weight)
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    sms = _sm_count(x.device)
-    (kernel or _bf16_geglu_kernel)[output_tile_grid(m, n, sms)](
+    (kernel or _bf16_geglu_kernel)[output_tile_grid(m, n)](
         tma_descriptor(x),
         tma_descriptor(weight),
         bias if bias is not None else weight,  # any pointer: unread without a bias
@@ -134,11 +98,5 @@ def bf16_geglu_cuda(
         n,
         k,
         HAS_BIAS=bias is not None,
-        SMS=sms,
     )
     return out
-
-
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    return int(torch.cuda.get_device_properties(device).multi_processor_count)

@@ -16,12 +16,12 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 
 def tma_configs(
-    tiles: list[tuple[int, int, int, int, int]], weight_rows_per_column: int, **constants: object
+    tiles: list[tuple[int, int, int, int, int]], weight_rows_per_column: int
 ) -> list[triton.Config]:
-    """One autotuning config per (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), with `constants` (more of the
-    kernel's constexprs) in each. Each sets the blocks of the kernel's descriptors x_desc [M, K], w_desc and
-    out_desc [M, N] before its launch; the weight's tile is `weight_rows_per_column` x BLOCK_N rows tall (2 where
-    value and gate rows are interleaved, 1 where the kernel loads the two halves apart)."""
+    """One autotuning config per (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). Each sets the blocks of the kernel's
+    descriptors x_desc [M, K], w_desc and out_desc [M, N] before its launch; the weight's tile is
+    `weight_rows_per_column` x BLOCK_N rows tall (2 where value and gate rows are interleaved, 1 where the kernel
+    loads the two halves apart)."""
 
     def set_blocks(args: dict[str, Any]) -> None:
         bm, bn, bk = args["BLOCK_M"], args["BLOCK_N"], args["BLOCK_K"]
@@ -32,7 +32,7 @@ def tma_configs(
     hook: Callable[[dict[str, Any]], None] = set_blocks
     return [
         triton.Config(
-            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, **constants},
+            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
             num_warps=w,
             num_stages=s,
             pre_hook=hook,
@@ -43,21 +43,16 @@ def tma_configs(
 
 @triton.jit
 def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """This program's output tile (first row, first column): tile_origin of its program id."""
-    return tile_origin(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
-
-@triton.jit
-def tile_origin(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """Output tile number `tile`'s first row and first column, numbered in groups of GROUP_M row tiles that share
-    each weight tile while it is in L2."""
+    """This program's output tile (first row, first column), in groups of GROUP_M row tiles that share each weight
+    tile while it is in L2."""
+    pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * tiles_n
-    first_m = (tile // per_group) * GROUP_M
+    first_m = (pid // per_group) * GROUP_M
     group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (tile % per_group) % group_rows
-    pid_n = (tile % per_group) // group_rows
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
     return pid_m * BLOCK_M, pid_n * BLOCK_N
 
 
@@ -67,14 +62,11 @@ def tma_descriptor(tensor: torch.Tensor) -> TensorDescriptor:
     return TensorDescriptor.from_tensor(tensor, [16, 16])
 
 
-def output_tile_grid(m: int, n: int, programs: int = 0) -> Callable[[dict[str, Any]], tuple[int]]:
-    """The launch grid for an [m, n] output: one program per BLOCK_M x BLOCK_N tile (grouped_tile orders them),
-    or for a config whose PERSISTENT is true at most `programs` (one per SM), each looping over every programs-th
-    tile (tile_origin orders them)."""
+def output_tile_grid(m: int, n: int) -> Callable[[dict[str, Any]], tuple[int]]:
+    """The launch grid for an [m, n] output: one program per BLOCK_M x BLOCK_N tile (grouped_tile orders them)."""
 
     def grid(meta: dict[str, Any]) -> tuple[int]:
-        tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
-        return (min(programs, tiles) if meta.get("PERSISTENT") else tiles,)
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
     return grid
 
