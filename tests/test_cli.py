@@ -347,6 +347,10 @@ def test_a_data_dir_that_cannot_be_made_is_named_as_a_setting(tmp_path: Path) ->
         if command == ["doctor"]:  # the tiny model lives there: not loaded, and not counted twice
             assert "models: tiny at " in done.stdout and "not checked (the data dir above" in done.stdout
             assert "doctor: 1 problem(s)" in done.stdout
+    # Given as serve's option, the folder is named as the option the user typed, not the setting it becomes.
+    done = cli_with({"IMAGESMITH_MODEL": "tiny"}, "serve", "--port", "1", "--data-dir", str(blocker / "data"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert f"--data-dir: cannot create {blocker / 'data'}" in done.stderr, done.stderr
 
 
 def test_options_that_contradict_or_fall_outside_their_range_are_named_as_typed(

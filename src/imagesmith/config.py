@@ -118,19 +118,19 @@ class UnusableSetting(ValueError):
     """A setting that is valid as written but cannot be used on this machine; the message names it and the fix."""
 
 
-def prepared_data_dir(data_dir: Path) -> Path:
+def prepared_data_dir(data_dir: Path, said_as: str = f"{ENV_PREFIX}DATA_DIR") -> Path:
     """IMAGESMITH_DATA_DIR, made if missing; a folder that cannot be made or written is said as a setting to
-    change rather than a FileNotFoundError from deep in a start."""
+    change (`said_as`: the option, where one set it) rather than a FileNotFoundError from deep in a start."""
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise UnusableSetting(
-            f"{ENV_PREFIX}DATA_DIR: cannot create {data_dir} ({error.strerror or error}); set it to a folder "
+            f"{said_as}: cannot create {data_dir} ({error.strerror or error}); set it to a folder "
             "this user can write"
         ) from error
     if not os.access(data_dir, os.W_OK | os.X_OK):
         raise UnusableSetting(
-            f"{ENV_PREFIX}DATA_DIR: {data_dir} is not writable by this user; set it to a folder this user can write"
+            f"{said_as}: {data_dir} is not writable by this user; set it to a folder this user can write"
         )
     return data_dir
 

@@ -149,7 +149,10 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"imagesmith serve: error: {unusable}", file=sys.stderr)
         return 2
     host = bind_host(settings)
-    prepared_data_dir(settings.data_dir)  # before the tiny model, the job store and the port are taken
+    # Before the tiny model, the job store and the port are taken; said as the option where one set it.
+    prepared_data_dir(
+        settings.data_dir, "--data-dir" if args.data_dir is not None else f"{ENV_PREFIX}DATA_DIR"
+    )
     try:  # its lock and integrity check, said in one line now rather than as a failed startup's traceback
         store = JobStore(settings.data_dir / DATABASE_NAME)  # handed to the app: opened (and checked) once
     except (StoreInUse, StoreDamaged, sqlite3.DatabaseError) as error:
