@@ -7,6 +7,7 @@ mid-write never leaves half an image under the name asked for.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import tempfile
@@ -141,6 +142,8 @@ def check_writable(path: Path) -> None:
             pass
     except OSError as error:
         reason = (error.strerror or type(error).__name__).lower()
+        if error.errno == errno.ENOENT:  # the folder is there: /proc and /sys answer a new file with ENOENT
+            reason = "it takes no new files"
         raise OutputPathError(f"cannot write in {existing} ({reason}); choose another folder") from None
 
 
