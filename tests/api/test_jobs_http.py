@@ -155,6 +155,10 @@ def test_list_pages_newest_first_and_unknown_job_is_404(server: ServerProcess) -
         second = client.get("/v1/jobs", params={"limit": 1, "offset": 1}).json()
         assert second["jobs"][0]["id"] == ids[-2]
         assert client.get("/v1/jobs", params={"status": "succeeded"}).status_code == 200
+        unfiltered = client.get("/v1/jobs?status=&limit=1")  # a form's "any": no filter
+        assert unfiltered.status_code == 200 and unfiltered.json()["total"] == page["total"], unfiltered.text
+        bad = client.get("/v1/jobs", params={"status": "done"})
+        assert bad.status_code == 422 and bad.json()["error"]["field"] == "status"
         missing = client.get("/v1/jobs/nope")
         assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
         assert client.get("/v1/jobs", params={"limit": 0}).status_code == 422

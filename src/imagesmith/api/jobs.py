@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, BeforeValidator, Field
 
 from imagesmith.api.deps import Authorized, ServiceDep
 from imagesmith.api.errors import ApiError
@@ -90,7 +90,8 @@ async def create_job(
 @router.head("", response_model=JobList, include_in_schema=False)  # the same, headers only
 def list_jobs(
     service: ServiceDep,
-    status: JobStatus | None = None,
+    # An empty value is no filter: what a form's "any" choice sends (`?status=`), a 422 before.
+    status: Annotated[JobStatus | None, BeforeValidator(lambda value: value or None)] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     offset: Annotated[int, Query(ge=0, le=2**31)] = 0,
 ) -> dict[str, Any]:
