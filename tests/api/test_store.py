@@ -286,3 +286,31 @@ def test_recover_counts_a_job_canceled_while_running_as_canceled_not_given_up(tm
     assert store.recover(max_attempts=3) == ([], [job.id], [])
     final = store.get(job.id)
     assert final is not None and final.status is JobStatus.CANCELED
+
+
+def test_a_write_the_store_refuses_is_recorded_for_health_whoever_wrote_it(tmp_path: Path) -> None:
+    """Only the API's failed writes reached health: while the worker could not end or claim a job (a failing
+    disk, another program's lock), health said "ready". The store now records its own failed writes, and a later
+    write that commits clears them."""
+    import sqlite3
+    import types
+
+    from imagesmith.api.health import recent_store_failure
+
+    path = tmp_path / "jobs.sqlite3"
+    store = JobStore(path, busy_timeout_s=0.2)
+    job, _ = store.submit({"n": 1}, "h1", None, queue_max=10)
+    app = types.SimpleNamespace(state=types.SimpleNamespace())  # an app whose API saw no failure
+    assert recent_store_failure(app, store) is None  # type: ignore[arg-type]
+    outside = sqlite3.connect(path, isolation_level=None)
+    outside.execute("BEGIN IMMEDIATE")  # another program's write lock, past the busy timeout
+    with pytest.raises(sqlite3.OperationalError):
+        store.claim(1)  # the worker's write
+    said = recent_store_failure(app, store)  # type: ignore[arg-type]
+    assert said is not None and "the job store could not be written" in said, said
+    assert "finished jobs wait to be recorded" in said
+    outside.execute("ROLLBACK")
+    assert [claimed.id for claimed in store.claim(1)] == [job.id]  # a write commits: the failure is over
+    assert recent_store_failure(app, store) is None  # type: ignore[arg-type]
+    outside.close()
+    store.close()

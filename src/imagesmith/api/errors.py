@@ -37,7 +37,7 @@ from imagesmith.jobs.service import (
     too_long_text,
     too_many_images,
 )
-from imagesmith.jobs.store import IdempotencyConflict, QueueFull, sqlite_result_code
+from imagesmith.jobs.store import STORE_TRANSIENT_CODES, IdempotencyConflict, QueueFull, sqlite_result_code
 from imagesmith.schemas import blame
 
 log = logging.getLogger(__name__)
@@ -53,14 +53,6 @@ _STATUS_CODES = {
 }
 QUEUE_FULL_RETRY_AFTER_S = 5
 STORAGE_RETRY_AFTER_S = 10
-# The SQLite result codes a retry can outlive: locked by another program, a full or failing disk.
-_STORE_TRANSIENT = {
-    sqlite3.SQLITE_BUSY,
-    sqlite3.SQLITE_LOCKED,
-    sqlite3.SQLITE_FULL,
-    sqlite3.SQLITE_IOERR,
-    sqlite3.SQLITE_READONLY,
-}
 
 
 class ApiError(Exception):
@@ -392,7 +384,7 @@ def install_error_handlers(app: FastAPI) -> None:
         # A full disk, or the database locked by another program past the busy timeout: the server is fine and
         # the request was not taken (its transaction did not commit), so a retry later is the answer, not a 500.
         code = sqlite_result_code(error)
-        if code is not None and code not in _STORE_TRANSIENT:  # SQL or schema: a bug, not the disk
+        if code is not None and code not in STORE_TRANSIENT_CODES:  # SQL or schema: a bug, not the disk
             log.error("unhandled store error", exc_info=error)
             return _internal_error(request)
         log.error("the job store failed: %s", error)

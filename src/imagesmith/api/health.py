@@ -9,7 +9,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from imagesmith.api.deps import holds_api_key
-from imagesmith.jobs.store import JobStatus
+from imagesmith.jobs.store import JobStatus, JobStore
 from imagesmith.sources.base import SourceName, SourceState
 
 router = APIRouter(tags=["health"])
@@ -39,7 +39,7 @@ def health_report(app: FastAPI) -> dict[str, Any]:
             reasons.append(f"refiner {details.get('refiner')}; images are not refined")
         if counts[JobStatus.QUEUED] + counts[JobStatus.RUNNING] >= state.settings.queue_max:
             reasons.append("the queue is full")
-        store_failure = recent_store_failure(app, state.store.last_write_at)
+        store_failure = recent_store_failure(app, state.store)
         if store_failure:
             reasons.append(store_failure)
         image_failure = recent_image_write_failure(state.worker.image_write_failure)
@@ -83,15 +83,24 @@ def health_report(app: FastAPI) -> dict[str, Any]:
 STORE_FAILURE_SHOWN_S = 60.0  # how long health reports a failed write (the job store, a job's images)
 
 
-def recent_store_failure(app: FastAPI, last_write_at: float | None) -> str | None:
-    """A write to the job store that failed lately (a full disk, a lock held by another program): submits get
-    503 meanwhile, so health says "degraded" rather than "ready" to a load balancer, for a minute after, or until
-    a write succeeds (`last_write_at`, the store's): health said "new jobs get 503" while they were accepted."""
-    failure: tuple[float, str] | None = getattr(app.state, "store_failure", None)
-    if failure is not None and last_write_at is not None and last_write_at > failure[0]:
+def recent_store_failure(app: FastAPI, store: JobStore) -> str | None:
+    """A write to the job store that failed lately (a full disk, a lock held by another program), the API's or
+    the worker's (the store records its own: the worker's failed writes left health "ready" while no job could
+    end): submits get 503 meanwhile, so health says "degraded" rather than "ready" to a load balancer, for a
+    minute after, or until a write succeeds (the store's last_write_at): health said "new jobs get 503" while
+    they were accepted."""
+    said: list[tuple[float, str]] = [
+        failure
+        for failure in (getattr(app.state, "store_failure", None), store.last_write_failure)
+        if failure is not None
+    ]
+    failure = max(said, default=None)
+    if failure is not None and store.last_write_at is not None and store.last_write_at > failure[0]:
         return None
     return _recent(
-        failure, "the job store could not be written {ago}s ago ({error}); new jobs get 503 until it can"
+        failure,
+        "the job store could not be written {ago}s ago ({error}); until it can, new jobs get 503 and finished "
+        "jobs wait to be recorded",
     )
 
 
@@ -99,7 +108,9 @@ def recent_image_write_failure(failure: tuple[float, str] | None) -> str | None:
     """A job's images that the data dir refused lately (a full disk): the job runs again, or fails as
     storage_error once its attempts are used, so health says "degraded" for a minute after."""
     return _recent(
-        failure, "images could not be written to the data dir {ago}s ago ({error}); their jobs run again"
+        failure,
+        "images could not be written to the data dir {ago}s ago ({error}); their jobs run again, or fail as "
+        "storage_error once their attempts are used",
     )
 
 

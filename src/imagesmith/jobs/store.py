@@ -173,6 +173,25 @@ def sqlite_result_code(error: BaseException) -> int | None:
     return None if code is None else code & 0xFF
 
 
+# SQLite's result codes for a write the same store may take later: a lock held (busy, locked), a full disk, an
+# I/O error, a read-only file. Anything else (SQL, schema, a damaged file) is a bug or a broken store.
+STORE_TRANSIENT_CODES = frozenset(
+    {
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_READONLY,
+    }
+)
+
+
+def store_unwritable(error: BaseException) -> bool:
+    """Whether a write failed for a reason that can pass (store_busy's, a full or failing disk, a read-only
+    file): the same write may succeed later."""
+    return isinstance(error, WriteLockTimeout) or sqlite_result_code(error) in STORE_TRANSIENT_CODES
+
+
 def store_busy(error: BaseException) -> bool:
     """Whether a write failed only because it waited out a lock (this store's, or SQLite's held by another
     program): the same write can succeed later. A full disk or a broken file is not busy."""
@@ -205,6 +224,9 @@ class JobStore:
         # API's writes: store_writes.py).
         self.busy_timeout_s = busy_timeout_s
         self.last_write_at: float | None = None  # time.monotonic() of the last committed write
+        # (time.monotonic(), the error) of the last write that failed for a reason that can pass (a full disk, a
+        # lock held past the busy timeout), whoever wrote: health says so until a later write commits.
+        self.last_write_failure: tuple[float, str] | None = None
         path.parent.mkdir(parents=True, exist_ok=True)
         self._store_lock = lock_store(path)  # StoreInUse when another process has it (store_lock.py)
         try:
@@ -282,16 +304,23 @@ class JobStore:
     def _writing(self) -> Iterator[None]:
         """The write connection in one IMMEDIATE transaction, under the write lock: committed when the block
         ends (a return inside it included), rolled back when it raises."""
-        with self._write_lock():
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield
-                self._db.execute("COMMIT")  # inside the try: a commit that fails (a full disk) is rolled back
-                self.last_write_at = time.monotonic()  # health: a failed write since then is over
-            except BaseException:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                raise
+        try:
+            with self._write_lock():
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield
+                    self._db.execute(
+                        "COMMIT"
+                    )  # inside the try: a commit that fails (a full disk) is rolled back
+                    self.last_write_at = time.monotonic()  # health: a failed write since then is over
+                except BaseException:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise
+        except sqlite3.OperationalError as error:
+            if store_unwritable(error):
+                self.last_write_failure = (time.monotonic(), str(error))
+            raise
 
     def _one(
         self, sql: str, args: tuple[Any, ...] = (), db: sqlite3.Connection | None = None

@@ -29,7 +29,14 @@ from imagesmith.jobs.events import EventHub
 from imagesmith.jobs.finishing import Finisher, encode_pending
 from imagesmith.jobs.metrics import Metrics
 from imagesmith.jobs.progress_tracker import LiveProgress, ProgressTracker
-from imagesmith.jobs.store import CANCELED_WHILE_RUNNING, JobRecord, JobStatus, JobStore, store_busy
+from imagesmith.jobs.store import (
+    CANCELED_WHILE_RUNNING,
+    JobRecord,
+    JobStatus,
+    JobStore,
+    store_busy,
+    store_unwritable,
+)
 from imagesmith.logs import current_job
 from imagesmith.sources.base import (
     FallbackReason,
@@ -242,8 +249,17 @@ class Worker:
                 try:
                     waiting = self._claims_paused or time.monotonic() < self._claims_resume_at
                     jobs = [] if waiting or self.sources.settling() else self._claim()
-                except Exception:  # a broken claim must not end the worker: jobs stay queued, try again
-                    log.exception("claiming jobs failed")
+                except (
+                    Exception
+                ) as error:  # a broken claim must not end the worker: jobs stay queued, try again
+                    if store_unwritable(
+                        error
+                    ):  # a full or failing disk: one line, not a traceback every round
+                        log.warning(
+                            "claiming jobs failed: the job store cannot be written (%s); trying again", error
+                        )
+                    else:
+                        log.exception("claiming jobs failed")
                     jobs = []
                 self._submit_finishing()
                 if not jobs:
@@ -704,10 +720,17 @@ class Worker:
                 return self.store.finish(job_id, status, result=result, error=error)
             except sqlite3.OperationalError as store_error:
                 # Stopping: give up; the job is still running in the store, and the next start runs it again.
-                if not (patient and store_busy(store_error)) or self._stopping:
+                # A success's end waits out a full or failing disk as it waits out a lock: its images are made
+                # and on disk, and giving up put the job back in the queue (an attempt spent, the images made
+                # again) or failed it as storage_error once the store took writes again. A failure's end gives up
+                # (the job goes back in the queue: Worker._release_stranded), so it may run again and succeed.
+                waits = store_busy(store_error) or (
+                    status is JobStatus.SUCCEEDED and store_unwritable(store_error)
+                )
+                if not (patient and waits) or self._stopping:
                     raise
                 log.warning(
-                    "the job store is busy (%s); recording job %s again in %.1f s",
+                    "the job store cannot take the job's end (%s); recording job %s again in %.1f s",
                     store_error,
                     job_id,
                     delay_s,
