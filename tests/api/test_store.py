@@ -291,7 +291,7 @@ def test_recover_counts_a_job_canceled_while_running_as_canceled_not_given_up(tm
 def test_a_write_the_store_refuses_is_recorded_for_health_whoever_wrote_it(tmp_path: Path) -> None:
     """Only the API's failed writes reached health: while the worker could not end or claim a job (a failing
     disk, another program's lock), health said "ready". The store now records its own failed writes, and a later
-    write that commits clears them."""
+    write that changes rows clears them (a claim of an empty queue commits on a disk that takes no writes)."""
     import sqlite3
     import types
 
@@ -310,7 +310,9 @@ def test_a_write_the_store_refuses_is_recorded_for_health_whoever_wrote_it(tmp_p
     assert said is not None and "the job store could not be written" in said, said
     assert "finished jobs wait to be recorded" in said
     outside.execute("ROLLBACK")
-    assert [claimed.id for claimed in store.claim(1)] == [job.id]  # a write commits: the failure is over
+    assert not store.cancel_queued("no-such-job")  # commits, but changes nothing: proves no write was taken
+    assert recent_store_failure(app, store) is not None  # type: ignore[arg-type]
+    assert [claimed.id for claimed in store.claim(1)] == [job.id]  # a write that changed rows: it is over
     assert recent_store_failure(app, store) is None  # type: ignore[arg-type]
     outside.close()
     store.close()

@@ -223,7 +223,7 @@ class JobStore:
         # answered one busy timeout after another, the last after 25 minutes; now each within ~2 timeouts (the
         # API's writes: store_writes.py).
         self.busy_timeout_s = busy_timeout_s
-        self.last_write_at: float | None = None  # time.monotonic() of the last committed write
+        self.last_write_at: float | None = None  # time.monotonic() of the last write that changed rows
         # (time.monotonic(), the error) of the last write that failed for a reason that can pass (a full disk, a
         # lock held past the busy timeout), whoever wrote: health says so until a later write commits.
         self.last_write_failure: tuple[float, str] | None = None
@@ -289,38 +289,40 @@ class JobStore:
         deadline = _write_lock_deadline.get()
         if deadline is not None:  # a request that waited already for a thread to write in (store_writes.py)
             end = min(end, deadline)
-        if not self._lock.acquire(timeout=max(0.0, end - now)):
-            raise WriteLockTimeout.after(self.busy_timeout_s)
         try:
-            self._db.execute(f"PRAGMA busy_timeout = {max(1, round((end - time.monotonic()) * 1000))}")
+            if not self._lock.acquire(timeout=max(0.0, end - now)):
+                raise WriteLockTimeout.after(self.busy_timeout_s)
             try:
-                yield
+                changes = self._db.total_changes
+                self._db.execute(f"PRAGMA busy_timeout = {max(1, round((end - time.monotonic()) * 1000))}")
+                try:
+                    yield  # every write runs here: autocommitted, or a whole transaction (_writing)
+                finally:
+                    self._db.execute(f"PRAGMA busy_timeout = {round(self.busy_timeout_s * 1000)}")
+                # Health: a failed write before this one is over. Only a write that changed rows says so: a claim
+                # of an empty queue commits an empty transaction even on a disk that takes no writes.
+                if self._db.total_changes > changes:
+                    self.last_write_at = time.monotonic()
             finally:
-                self._db.execute(f"PRAGMA busy_timeout = {round(self.busy_timeout_s * 1000)}")
-        finally:
-            self._lock.release()
+                self._lock.release()
+        except sqlite3.OperationalError as error:
+            if store_unwritable(error):  # health: whoever wrote, the API or the worker
+                self.last_write_failure = (time.monotonic(), str(error))
+            raise
 
     @contextmanager
     def _writing(self) -> Iterator[None]:
         """The write connection in one IMMEDIATE transaction, under the write lock: committed when the block
         ends (a return inside it included), rolled back when it raises."""
-        try:
-            with self._write_lock():
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    yield
-                    self._db.execute(
-                        "COMMIT"
-                    )  # inside the try: a commit that fails (a full disk) is rolled back
-                    self.last_write_at = time.monotonic()  # health: a failed write since then is over
-                except BaseException:
-                    if self._db.in_transaction:
-                        self._db.execute("ROLLBACK")
-                    raise
-        except sqlite3.OperationalError as error:
-            if store_unwritable(error):
-                self.last_write_failure = (time.monotonic(), str(error))
-            raise
+        with self._write_lock():
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+                self._db.execute("COMMIT")  # inside the try: a commit that fails (a full disk) is rolled back
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
 
     def _one(
         self, sql: str, args: tuple[Any, ...] = (), db: sqlite3.Connection | None = None
