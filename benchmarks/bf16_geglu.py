@@ -54,6 +54,17 @@ def graph_ms(fn: Any) -> float:
     return float(triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median"))
 
 
+def gpu_report_header() -> dict[str, str]:
+    """The GPU and the versions a report's figures belong to, printed as its first line too."""
+    header = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+    }
+    print(f"# {header['device']}, torch {header['torch']}, triton {header['triton']}", flush=True)
+    return header
+
+
 def unfused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """The engine's path without the fusion: diffusers' GEGLU, compiled (cuBLAS addmm, then one Triton kernel)."""
     value, gate = F.linear(x, weight, bias).chunk(2, dim=-1)
@@ -104,16 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default="warm,cold", help="warm (operands in L2), cold (from memory)")
     args = parser.parse_args(argv)
     compiled = torch.compile(unfused)
-    print(
-        f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}",
-        flush=True,
-    )
-    report: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "runs": {},
-    }
+    report: dict[str, Any] = {**gpu_report_header(), "runs": {}}
     totals: dict[str, dict[str, float]] = {}
     for mode, (unet, shapes), batch in itertools.product(
         args.modes.split(","), SHAPES.items(), (int(b) for b in args.batches.split(","))

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import triton
-from bf16_geglu import L2_BYTES, SHAPES, graph_ms
+from bf16_geglu import L2_BYTES, SHAPES, gpu_report_header, graph_ms
 
 from imagesmith.engine import bf16_geglu_kernel
 from imagesmith.engine.bf16_geglu import bf16_geglu, interleave_halves
@@ -33,14 +33,10 @@ from imagesmith.engine.tma_tiles import tma_configs
 # gate interleaved), so BLOCK_N 128 is wgmma's widest N (256). Shared memory a stage: (BLOCK_M + 2 BLOCK_N) x
 # BLOCK_K x 2 bytes; configs past an H100's 227 KiB fail to compile and are reported as such.
 TILES = [
-    (128, 128, 64, 8, 3),
-    (128, 128, 64, 8, 4),
+    *bf16_geglu_kernel._TILES,  # the engine's autotuner's
     (128, 128, 128, 8, 2),
-    (128, 64, 64, 4, 4),
-    (128, 64, 64, 8, 5),
     (128, 64, 128, 4, 3),
     (128, 64, 128, 8, 3),
-    (64, 128, 64, 4, 4),
     (64, 128, 128, 4, 2),
     (256, 64, 64, 8, 3),
     (256, 64, 64, 8, 4),
@@ -97,15 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     kernels = candidates()
-    print(
-        f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}",
-        flush=True,
-    )
-    report: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(),
-        "triton": triton.__version__,
-        "shapes": {},
-    }
+    report: dict[str, Any] = {**gpu_report_header(), "shapes": {}}
     per_call: dict[str, dict[str, float]] = {}
     for unet, shapes in SHAPES.items():
         totals: dict[str, float] = {}

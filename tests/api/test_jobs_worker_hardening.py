@@ -324,11 +324,25 @@ def test_a_stop_while_a_result_waits_out_a_busy_store_leaves_the_job_to_run_agai
         parts.store.close()
 
 
-def sqlite_error(message: str, code: int) -> sqlite3.OperationalError:
-    """An OperationalError as SQLite raises it: with its result code (store_unwritable reads it)."""
-    error = sqlite3.OperationalError(message)
-    error.sqlite_errorcode = code  # type: ignore[attr-defined]
-    return error
+def refuse_the_first_jobs_ends(
+    parts: Parts, monkeypatch: pytest.MonkeyPatch, error: sqlite3.OperationalError
+) -> tuple[str, str, list[JobStatus]]:
+    """Two jobs batched into one pass, the store refusing the first one's end twice with `error`; returns their
+    ids and the statuses refused, once both have ended."""
+    first, second = (parts.submit(prompt=f"a bridge {n}", seed=n) for n in range(2))
+    finish = parts.store.finish
+    refused: list[JobStatus] = []
+
+    def failing_for_the_first(job_id: str, status: JobStatus, **fields: Any) -> bool:
+        if job_id == first and len(refused) < 2:
+            refused.append(status)
+            raise error
+        return finish(job_id, status, **fields)
+
+    monkeypatch.setattr(parts.store, "finish", failing_for_the_first)
+    parts.worker.start()
+    parts.wait_terminal(first, second)
+    return first, second, refused
 
 
 def test_a_success_the_store_refuses_for_a_while_is_recorded_as_made_not_run_again(
@@ -338,23 +352,13 @@ def test_a_success_the_store_refuses_for_a_while_is_recorded_as_made_not_run_aga
     ended failed, that failing too put it back in the queue, and its images were made again (attempts 2), or
     with its attempts used it failed as storage_error though its images were on disk. Now the worker waits the
     store out, as it does a lock, and records the images it made; its batch-mate is not held back."""
-    first, second = (parts.submit(prompt=f"a bridge {n}", seed=n) for n in range(2))
-    finish = parts.store.finish
-    refused: list[JobStatus] = []
-
-    def failing_for_the_first(job_id: str, status: JobStatus, **fields: Any) -> bool:
-        if job_id == first and len(refused) < 2:
-            refused.append(status)
-            raise sqlite_error("disk I/O error", sqlite3.SQLITE_IOERR)
-        return finish(job_id, status, **fields)
-
-    monkeypatch.setattr(parts.store, "finish", failing_for_the_first)
-    parts.worker.start()
-    parts.wait_terminal(first, second)
+    disk = sqlite3.OperationalError("disk I/O error")
+    disk.sqlite_errorcode = sqlite3.SQLITE_IOERR  # type: ignore[attr-defined]  # as SQLite raises it
+    first, second, refused = refuse_the_first_jobs_ends(parts, monkeypatch, disk)
     assert refused == [
         JobStatus.SUCCEEDED,
         JobStatus.SUCCEEDED,
-    ]  # its result, written again: never its failure
+    ]  # its result written again, never its failure
     for job_id in (first, second):
         job = parts.job(job_id)
         assert job.status is JobStatus.SUCCEEDED and job.attempts == 1, job.error
@@ -367,19 +371,8 @@ def test_a_job_whose_end_cannot_be_written_does_not_end_its_batch_mates(
 ) -> None:
     """The store refusing the first job's end, and then its failure (an error no wait cures: SQL, say), escaped to
     the pass: every job of the pass was ended failed, the second one's images made and stored for nothing."""
-    first, second = (parts.submit(prompt=f"a bridge {n}", seed=n) for n in range(2))
-    finish = parts.store.finish
-    refused: list[JobStatus] = []
-
-    def failing_for_the_first(job_id: str, status: JobStatus, **fields: Any) -> bool:
-        if job_id == first and len(refused) < 2:
-            refused.append(status)
-            raise sqlite3.OperationalError("no such column: result")
-        return finish(job_id, status, **fields)
-
-    monkeypatch.setattr(parts.store, "finish", failing_for_the_first)
-    parts.worker.start()
-    parts.wait_terminal(first, second)
+    error = sqlite3.OperationalError("no such column: result")
+    first, second, refused = refuse_the_first_jobs_ends(parts, monkeypatch, error)
     assert refused == [JobStatus.SUCCEEDED, JobStatus.FAILED]  # its result, then its failure
     mate = parts.job(second)
     assert mate.status is JobStatus.SUCCEEDED and mate.attempts == 1, mate.error
