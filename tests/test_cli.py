@@ -634,6 +634,16 @@ def test_generate_to_standard_output_refuses_what_cannot_share_it(
     assert "Traceback" not in done.stderr
 
 
+def test_dev_stdout_is_standard_output_not_a_file_beside_it(tiny_model_home: Path, tmp_path: Path) -> None:
+    """`-o /dev/stdout` into a pipe made /dev/stdout.png (as root), and the summary went down the pipe instead."""
+    done = tiny_process(
+        tiny_model_home, tmp_path, "generate", "x", "-o", "/dev/stdout", *SMALL_IMAGE, capture_output=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(b"\x89PNG\r\n"), done.stdout[:80]  # the image, and nothing else
+    assert b"wrote standard output" in done.stderr
+
+
 def test_generate_to_standard_output_refuses_a_terminal(tiny_model_home: Path, tmp_path: Path) -> None:
     import pty
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from imagesmith.output_file import OutputPathError, planned_output, write_whole
+from imagesmith.output_file import OutputPathError, output_option, planned_output, write_whole
 from imagesmith.schemas import OutputFormat
 
 
@@ -101,3 +101,35 @@ def test_a_named_pipe_gets_the_whole_image_through_it(tmp_path: Path) -> None:
     reader.join(timeout=10)
     assert received == [data]
     assert pipe.is_fifo() and sorted(p.name for p in tmp_path.iterdir()) == ["images"]
+
+
+def test_an_empty_name_or_a_folders_name_is_refused_as_typed(tmp_path: Path) -> None:
+    """-o "" (an unset $OUT) wrote ./image.png; -o newdir/ wrote newdir.png beside the folder it named."""
+    with pytest.raises(OutputPathError, match=r"an empty name; give a file name, e\.g\. -o image\.png"):
+        output_option("", "image")
+    with pytest.raises(OutputPathError, match="newdir/ names a folder; give a file name in it"):
+        output_option(f"{tmp_path}/newdir/", "image")
+    assert output_option(None, "image") == Path("image")
+    assert output_option(str(tmp_path / "hero.png"), "image") == tmp_path / "hero.png"
+
+
+def test_a_name_too_long_for_the_file_system_is_refused_not_a_traceback(tmp_path: Path) -> None:
+    for too_long in (tmp_path / ("a" * 300 + ".png"), tmp_path / ("d" * 300) / "x.png"):
+        with pytest.raises(OutputPathError, match="File name too long; choose another name"):
+            planned_output(too_long, None, OutputFormat.PNG)
+
+
+@pytest.mark.parametrize("kind", ["dangling", "loop"])
+def test_a_folder_that_is_a_broken_link_is_refused_before_any_work(tmp_path: Path, kind: str) -> None:
+    """The walk to the nearest existing folder passed it, and the write failed after the generation ("File
+    exists")."""
+    link = tmp_path / "out"
+    if kind == "dangling":
+        link.symlink_to(tmp_path / "nowhere" / "dir")
+    else:
+        (tmp_path / "other").symlink_to(link)
+        link.symlink_to(tmp_path / "other")
+    with pytest.raises(
+        OutputPathError, match="out is a symbolic link that leads nowhere; choose another folder"
+    ):
+        planned_output(link / "x.png", None, OutputFormat.PNG)

@@ -35,9 +35,11 @@ from imagesmith.config import (
 from imagesmith.option_errors import USAGE_ERROR, report_option_errors
 from imagesmith.output_file import (
     STDOUT,
+    STDOUT_NAMES,
     OutputPathError,
     check_writable,
     is_special_file,
+    output_option,
     planned_output,
     stdout_format,
     write_stdout,
@@ -241,13 +243,15 @@ class _StageBars:
 
 def run_generate(args: argparse.Namespace) -> int:
     # The option as typed: Path would make './-' (a file named '-') into '-' (standard output).
-    to_stdout = args.output == str(STDOUT)
+    to_stdout = (
+        args.output in STDOUT_NAMES
+    )  # '-', or /dev/stdout and its kin: the same bytes, the same checks
     try:  # before the models load: a path that cannot be written costs no generation
         if to_stdout:
             output, output_format = STDOUT, stdout_format(args.format, args.num_images, args.json)
         else:
             output, output_format = planned_output(
-                Path(args.output or "image"), args.format, OutputFormat.PNG, " (or give --format)"
+                output_option(args.output, "image"), args.format, OutputFormat.PNG, " (or give --format)"
             )
             if is_special_file(output) and args.num_images != 1:
                 raise OutputPathError(

@@ -25,6 +25,24 @@ class OutputPathError(ValueError):
 # `-o -`: the image's bytes to standard output, the Unix way to pipe a file (`... -o - | convert - ...`), where a
 # file named '-.png' was written before.
 STDOUT = Path("-")
+# Names that are standard output itself. `-o /dev/stdout` made a file /dev/stdout.png as root (the link leads to
+# /proc/self/fd/1, a pipe resolve() cannot follow, so it looked like no device) and sent the summary where the
+# image was meant to go.
+STDOUT_NAMES = frozenset({"-", "/dev/stdout", "/dev/fd/1", "/proc/self/fd/1"})
+
+
+def output_option(typed: str | None, default: str) -> Path:
+    """-o as typed, as a path (`default` when not given). An empty value (an unset $OUT) wrote ./image.png; a
+    name ending in a slash means a folder, and 'newdir/' wrote newdir.png beside it: both are refused."""
+    if typed is None:
+        return Path(default)
+    if not typed.strip():
+        raise OutputPathError(f"an empty name; give a file name, e.g. -o {default}.png")
+    if typed.endswith(("/", os.sep)) and not Path(typed).is_dir():
+        raise OutputPathError(
+            f"{typed} names a folder; give a file name in it, e.g. {Path(typed) / default}.png"
+        )
+    return Path(typed)
 
 
 def stdout_format(format_option: str | None, count: int, json_wanted: bool) -> OutputFormat:
@@ -86,6 +104,21 @@ def planned_output(
     (a PNG named 'hero' opens in nothing); a suffix that disagrees with --format is refused, as a suffix of
     no format is, since the file's name would lie about its bytes. `format_hint`: added to that refusal where
     the command has a --format to suggest. A device or a pipe (is_special_file) keeps its name."""
+    try:
+        return _planned_output(output, format_option, default, format_hint)
+    except OSError as error:  # a name longer than the file system takes (a traceback before), say
+        raise OutputPathError(f"{_short(output)}: {error.strerror or error}; choose another name") from None
+
+
+def _short(path: Path) -> str:
+    """A path as an error shows it: a name of 300 characters cut to its start and end."""
+    text = str(path)
+    return text if len(text) <= 80 else f"{text[:40]}...{text[-30:]}"
+
+
+def _planned_output(
+    output: Path, format_option: str | None, default: OutputFormat, format_hint: str
+) -> tuple[Path, OutputFormat]:
     if is_special_file(output):  # '-o /dev/null' wrote /dev/null.png, a new file in /dev
         return output, OutputFormat(format_option) if format_option else default
     if output.is_dir():  # before a suffix is added: 'adir' must not become 'adir.png' beside it
@@ -130,9 +163,19 @@ def check_writable(path: Path) -> None:
         if not os.access(path, os.W_OK):
             raise OutputPathError(f"{path} cannot be written by this user; choose another path")
         return
-    if path.is_dir():
-        raise OutputPathError(f"{path} is a folder; give a file name, e.g. {path / 'image.png'}")
-    existing = next((folder for folder in path.parents if folder.exists()), Path("."))
+    try:
+        if path.is_dir():
+            raise OutputPathError(f"{path} is a folder; give a file name, e.g. {path / 'image.png'}")
+        existing = next((folder for folder in path.parents if folder.exists()), Path("."))
+        # A folder that is a link to nowhere (or a loop of links) does not "exist": the walk passed it, and the
+        # whole generation ran before the write failed with "File exists".
+        broken = next(
+            (folder for folder in path.parents if folder.is_symlink() and not folder.exists()), None
+        )
+    except OSError as error:  # a name longer than the file system takes
+        raise OutputPathError(f"{_short(path)}: {error.strerror or error}; choose another name") from None
+    if broken is not None:
+        raise OutputPathError(f"{broken} is a symbolic link that leads nowhere; choose another folder")
     if not existing.is_dir():
         raise OutputPathError(f"{existing} is a file, so {path} cannot be made; choose another path")
     try:
