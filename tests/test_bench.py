@@ -101,6 +101,7 @@ def test_with_encode_ahead_off_each_pass_encodes_its_own_prompts(
     [
         (("--runs", "0"), "--runs"),
         (("--queue", "-1"), "--queue"),
+        (("--queue", "99999999999"), "--queue"),  # its bodies were all made first: 19 GB and no job run
         (("--batch", "0"), "--batch"),
         (("--width", "60"), "--width"),
         (("--steps", "0"), "--steps"),

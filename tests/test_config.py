@@ -190,3 +190,10 @@ def test_a_pexels_locale_is_checked_when_the_settings_load(tmp_path: Path) -> No
         Settings(_env_file=None, data_dir=tmp_path, pexels_locale="german")
     assert Settings(_env_file=None, data_dir=tmp_path, pexels_locale=" de-DE ").pexels_locale == "de-DE"
     assert Settings(_env_file=None, data_dir=tmp_path).pexels_locale == ""  # Pexels' own default
+
+
+def test_a_cpu_thread_count_no_machine_has_is_refused_at_start(tmp_path: Path) -> None:
+    """99999 threads segfaulted the process inside libgomp, naming no setting; 3 or 1024 are taken."""
+    with pytest.raises(ValidationError, match="less than or equal to 1024"):
+        Settings(data_dir=tmp_path, cpu_threads=99999)
+    assert Settings(data_dir=tmp_path, cpu_threads=1024).cpu_threads == 1024

@@ -52,6 +52,11 @@ OPTION_FOR_FIELD = {
 }
 
 
+# The most jobs `--queue` sends: far past any steady state a queue row needs (a burst of 32 finds it), and few
+# enough that their request bodies, all made before the first job, fit in memory.
+MAX_QUEUE_JOBS = 100_000
+
+
 class EngineDidNotStart(RuntimeError):
     """The engine could not start (models, device, plan): said apart from a failed pass."""
 
@@ -337,8 +342,11 @@ def run_bench_command(args: argparse.Namespace) -> int:
     batch = args.batch if args.batch is not None else DEFAULT_BATCH[args.preset]
     if not 1 <= batch <= MAX_BATCH_IMAGES:  # said as --batch, not as the setting it becomes below
         return error("--batch", f"must be 1 to {MAX_BATCH_IMAGES}, got {batch}")
-    if args.queue < 0:
-        return error("--queue", f"must be 0 (no queue row) or a number of jobs, got {args.queue}")
+    if not 0 <= args.queue <= MAX_QUEUE_JOBS:  # every job's body is made first: 10**11 of them took 19 GB
+        return error(
+            "--queue",
+            f"must be 0 (no queue row) or a number of jobs up to {MAX_QUEUE_JOBS}, got {args.queue}",
+        )
     try:
         bench_request(args.preset, args.width, args.height, args.steps, 0).resolve()
     except ValidationError as invalid:

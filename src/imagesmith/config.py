@@ -342,7 +342,8 @@ class Settings(BaseSettings):
     cpu_threads: int = Field(
         0,
         ge=0,
-        description="Threads for torch's CPU operators. 0: the CPUs this process may really use, the least of "
+        le=1024,  # libgomp aborted at 20000 and the process segfaulted at 40000, with no word of the setting
+        description="Threads for torch's CPU operators (at most 1024). 0: the CPUs this process may really use, the least of "
         "torch's count, the affinity mask and the container's CPU quota (cgroup cpu.max), since torch counts "
         "the host's cores and a throttled thread team stalls the GPU pass waiting on it (engine/cpu_threads.py).",
     )
