@@ -197,3 +197,10 @@ def test_a_cpu_thread_count_no_machine_has_is_refused_at_start(tmp_path: Path) -
     with pytest.raises(ValidationError, match="less than or equal to 1024"):
         Settings(data_dir=tmp_path, cpu_threads=99999)
     assert Settings(data_dir=tmp_path, cpu_threads=1024).cpu_threads == 1024
+
+
+def test_a_model_path_with_a_name_no_file_system_takes_is_refused_at_start(tmp_path: Path) -> None:
+    """A 300-byte folder name was a traceback from the first `exists()` that met it (doctor, generate)."""
+    with pytest.raises(ValidationError, match="is 300 bytes, more than the 255 a file system takes"):
+        Settings(data_dir=tmp_path, base_model=f"/tmp/{'m' * 300}")
+    assert Settings(data_dir=tmp_path, base_model="stabilityai/stable-diffusion-xl-base-1.0").base_model

@@ -56,6 +56,7 @@ class LogFormat(StrEnum):
 
 
 ENV_PREFIX = "IMAGESMITH_"
+MAX_NAME_BYTES = 255  # the longest file or folder name ext4, XFS, btrfs and tmpfs take (NAME_MAX)
 MAX_BATCH_IMAGES = 32  # the most images one pipeline pass may hold (IMAGESMITH_BATCH_MAX_IMAGES)
 DEVICE_NAME = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
@@ -437,6 +438,19 @@ class Settings(BaseSettings):
         if not DEVICE_NAME.fullmatch(name):
             raise ValueError("device must be 'auto', 'cpu', 'mps', 'cuda' or 'cuda:N'")
         return name
+
+    @field_validator("base_model", "refiner_model", "vae_model")
+    @classmethod
+    def _names_a_file_system_takes(cls, value: str) -> str:
+        """A folder named past a file system's 255-byte names was a traceback from the first place that looked
+        at it (`Path.exists` raises for such a name), at start or mid-command, naming no setting."""
+        for name in Path(value).parts:
+            if len(name.encode()) > MAX_NAME_BYTES:
+                raise ValueError(
+                    f"a name in this path ({name[:20]}...) is {len(name.encode())} bytes, more than the "
+                    f"{MAX_NAME_BYTES} a file system takes; check the path"
+                )
+        return value
 
     @field_validator("pexels_allowed_hosts", mode="before")
     @classmethod

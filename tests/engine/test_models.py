@@ -162,6 +162,13 @@ def test_a_local_folder_that_does_not_load_is_told_the_setting_not_a_download(
     assert caught.value.fix == (
         f"delete {tmp_path / 'tiny-model'} and run again: the built-in tiny model is built again from scratch"
     )
+    # Its model_index.json gone: the fix said to point a setting at a diffusers folder, which no one had set.
+    for index in (tmp_path / "tiny-model").rglob("model_index.json"):
+        index.unlink()
+    with pytest.raises(ModelLoadError) as caught:
+        Engine.start(damaged)
+    assert "has no model_index.json" in str(caught.value)
+    assert caught.value.fix.startswith(f"delete {tmp_path / 'tiny-model'} and run again"), caught.value.fix
 
 
 def test_a_refiner_named_as_the_base_is_refused_at_load_naming_both_settings(tiny_settings: Settings) -> None:

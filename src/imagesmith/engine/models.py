@@ -183,7 +183,8 @@ def _from_pretrained(
                 role,
                 source,
                 "the folder has no model_index.json",
-                "point it at a diffusers pipeline folder (save_pretrained output), not a single .safetensors file",
+                _tiny_model_fix(local, settings)  # the built-in model's: no one pointed a setting at it
+                or "point it at a diffusers pipeline folder (save_pretrained output), not a single .safetensors file",
             )
         attempts: list[str | None] = [None]
     else:
@@ -207,10 +208,7 @@ def _load_fix(role: str, source: str, local: Path, settings: Settings) -> str:
     to be `hf download /its/path` whenever the hub was offline."""
     setting = f"{ENV_PREFIX}{role.upper()}_MODEL"  # base_model, refiner_model, vae_model
     if local.exists():
-        tiny = settings.tiny_model_dir()
-        if local.resolve().is_relative_to(tiny.resolve()):
-            return f"delete {tiny} and run again: the built-in tiny model is built again from scratch"
-        return (
+        return _tiny_model_fix(local, settings) or (
             f"check the folder is a complete diffusers save (unet/, vae/, text encoders, scheduler/), or set "
             f"{setting} to one"
         )
@@ -226,6 +224,14 @@ def _load_fix(role: str, source: str, local: Path, settings: Settings) -> str:
     if unreachable:
         return f"the hub is not reachable ({unreachable}): {download_elsewhere(source, setting)}"
     return "check the hub id, log in with `hf auth login` for gated repos, or use a local folder"
+
+
+def _tiny_model_fix(local: Path, settings: Settings) -> str | None:
+    """The fix for a damaged folder of the built-in tiny model (rebuild it); None for any other folder."""
+    tiny = settings.tiny_model_dir()
+    if local.resolve().is_relative_to(tiny.resolve()):
+        return f"delete {tiny} and run again: the built-in tiny model is built again from scratch"
+    return None
 
 
 def _place(pipe: Any, plan: HardwarePlan) -> None:
