@@ -228,7 +228,9 @@ class Settings(BaseSettings):
         900.0, gt=0, description="How long POST /api/media/generate-image waits before answering 504."
     )
     log_format: LogFormat = Field(
-        LogFormat.TEXT, description="'text' for people or 'json' for log collectors."
+        LogFormat.TEXT,
+        description="The server's log (`imagesmith serve`): 'text' for people or 'json' for log collectors. "
+        "The other commands log text to stderr, beside their progress bars.",
     )
 
     # Speed levers (engine/fast.py); figures in docs/benchmarks.md.
