@@ -353,6 +353,17 @@ def test_a_data_dir_that_cannot_be_made_is_named_as_a_setting(tmp_path: Path) ->
     assert f"--data-dir: cannot create {blocker / 'data'}" in done.stderr, done.stderr
 
 
+def test_a_job_store_sqlite_cannot_open_is_named_with_the_fix(tmp_path: Path) -> None:
+    """A full or failing disk said only "cannot open the job store: disk I/O error": no file, no fix."""
+    (tmp_path / "jobs.sqlite3").mkdir()  # SQLite cannot open it, as it cannot open a file on a failing disk
+    done = cli_with(
+        {"IMAGESMITH_DATA_DIR": str(tmp_path), "IMAGESMITH_MODEL": "tiny"}, "serve", "--port", "1"
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert f"cannot open the job store {tmp_path / 'jobs.sqlite3'}: " in done.stderr, done.stderr
+    assert "or set IMAGESMITH_DATA_DIR to another folder" in done.stderr
+
+
 def test_options_that_contradict_or_fall_outside_their_range_are_named_as_typed(
     tiny_model_home: Path,
 ) -> None:

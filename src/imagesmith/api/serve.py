@@ -155,8 +155,19 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     try:  # its lock and integrity check, said in one line now rather than as a failed startup's traceback
         store = JobStore(settings.data_dir / DATABASE_NAME)  # handed to the app: opened (and checked) once
-    except (StoreInUse, StoreDamaged, sqlite3.DatabaseError) as error:
+    except (StoreInUse, StoreDamaged) as error:  # their messages name the file and the fix
         print(f"imagesmith serve: cannot open the job store: {error}", file=sys.stderr)
+        return 1
+    except (
+        sqlite3.DatabaseError
+    ) as error:  # a full or failing disk: "disk I/O error" named no file and no fix
+        where = settings.data_dir / DATABASE_NAME
+        print(
+            f"imagesmith serve: cannot open the job store {where}: {error}; free space on its disk or check "
+            f"the disk, or set {'--data-dir' if args.data_dir is not None else f'{ENV_PREFIX}DATA_DIR'} to "
+            "another folder",
+            file=sys.stderr,
+        )
         return 1
     # Before the start-up: uvicorn binds after it, and a busy port ended a model load in a traceback.
     problem = listen_problem(host, settings.port)
