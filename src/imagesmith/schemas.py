@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import secrets
 import typing
+import unicodedata
 from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any
@@ -182,8 +183,9 @@ class GenerationRequest(RefusesBooleanNumbers):
     @field_validator("prompt")
     @classmethod
     def _prompt_not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("prompt must contain text, got only whitespace")
+        # Format characters (a zero-width space, a byte-order mark) show nothing either: "\u200b" was a prompt.
+        if not any(not char.isspace() and unicodedata.category(char) != "Cf" for char in value):
+            raise ValueError("prompt must contain text, got only whitespace or invisible characters")
         return value
 
     @field_validator("seed", mode="before")
