@@ -102,7 +102,19 @@ def describe_source(
     path = Path(source).expanduser()
     if path.exists():
         if (path / index_file).exists():
-            return SourceCheck(f"local folder, {index_file} present")
+            from imagesmith.engine.folder_check import pipeline_folder_problem
+
+            problem = pipeline_folder_problem(path) if index_file == "model_index.json" else None
+            if problem:
+                return SourceCheck(
+                    f"local folder that will not load: {problem}; "
+                    + (
+                        _tiny_model_fix(path, settings)
+                        or f"copy the whole model again, or set {setting} to one"
+                    ),
+                    True,
+                )
+            return SourceCheck(f"local folder, {index_file} present, its components whole")
         kind = (
             "a diffusers pipeline folder" if index_file == "model_index.json" else "a diffusers model folder"
         )
