@@ -66,7 +66,9 @@ def test_blank_prompt_is_refused() -> None:
     assert "prompt" in errors_for(prompt="   ")
     # Invisible characters too: a zero-width space or a byte-order mark alone generated an unprompted image.
     for invisible in ("\u200b", "\ufeff", " \u200b\u00a0"):
-        assert errors_for(prompt=invisible).get("prompt", "").startswith("prompt must contain text"), invisible
+        assert errors_for(prompt=invisible).get("prompt", "").startswith("prompt must contain text"), (
+            invisible
+        )
     assert GenerationRequest(prompt="a\u200bb").prompt == "a\u200bb"  # text with one inside is text
 
 
