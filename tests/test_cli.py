@@ -923,3 +923,20 @@ def test_a_write_that_fails_after_some_images_says_which_were_written(
     assert f"cannot write {tmp_path / 'm_1.png'}: No space left on device" in errors
     assert f"1 of 3 images written: {tmp_path / 'm_0.png'}" in errors
     assert (tmp_path / "m_0.png").is_file() and not (tmp_path / "m_1.png").exists()
+
+
+def test_a_stage_bar_stops_at_its_last_step_not_at_the_decode(capsys: pytest.CaptureFixture[str]) -> None:
+    """The last denoising stage's bar stayed open until generate returned, so it counted the decode's time."""
+    import time
+    import types
+
+    from imagesmith.cli import _StageBars
+
+    bars = _StageBars()
+    for stage, total in (("base", 2), ("refine", 1)):
+        for step in range(1, total + 1):
+            bars(types.SimpleNamespace(stage=stage, step=step, total=total))
+    time.sleep(1.1)  # the decode
+    bars.close()
+    shown = capsys.readouterr().err
+    assert "refine: 100%" in shown and "[00:00<" in shown.split("refine:")[-1], shown  # not [00:01<

@@ -220,7 +220,7 @@ class _StageBars:
         self._stage = ""
 
     def __call__(self, event: Any) -> None:
-        if event.stage != self._stage:
+        if event.stage != self._stage or self._bar is None:
             self.close()
             self._stage = event.stage
             from tqdm import tqdm  # imported with the first bar, not on every step
@@ -234,6 +234,10 @@ class _StageBars:
                 dynamic_ncols=True,
             )
         self._bar.update(event.step - self._bar.n)
+        if event.step >= event.total:
+            # The stage is done: its bar stops its clock here. Left open, the last stage's bar went on counting
+            # through the decode (72 s shown for a 28 s stage, on the CPU).
+            self.close()
 
     def close(self) -> None:
         if self._bar is not None:
