@@ -247,9 +247,8 @@ class _StageBars:
 
 def run_generate(args: argparse.Namespace) -> int:
     # The option as typed: Path would make './-' (a file named '-') into '-' (standard output).
-    to_stdout = (
-        args.output in STDOUT_NAMES
-    )  # '-', or /dev/stdout and its kin: the same bytes, the same checks
+    # '-', or /dev/stdout and its kin: the same bytes, the same checks.
+    to_stdout = args.output in STDOUT_NAMES
     try:  # before the models load: a path that cannot be written costs no generation
         if to_stdout:
             output, output_format = STDOUT, stdout_format(args.format, args.num_images, args.json)

@@ -107,13 +107,15 @@ def planned_output(
     try:
         return _planned_output(output, format_option, default, format_hint)
     except OSError as error:  # a name longer than the file system takes (a traceback before), say
-        raise OutputPathError(f"{_short(output)}: {error.strerror or error}; choose another name") from None
+        raise _name_refused(output, error) from None
 
 
-def _short(path: Path) -> str:
-    """A path as an error shows it: a name of 300 characters cut to its start and end."""
+def _name_refused(path: Path, error: OSError) -> OutputPathError:
+    """A path the file system refused to look at, said with the path cut to its start and end (a name of 300
+    characters filled the line)."""
     text = str(path)
-    return text if len(text) <= 80 else f"{text[:40]}...{text[-30:]}"
+    shown = text if len(text) <= 80 else f"{text[:40]}...{text[-30:]}"
+    return OutputPathError(f"{shown}: {error.strerror or error}; choose another name")
 
 
 def _planned_output(
@@ -173,7 +175,7 @@ def check_writable(path: Path) -> None:
             (folder for folder in path.parents if folder.is_symlink() and not folder.exists()), None
         )
     except OSError as error:  # a name longer than the file system takes
-        raise OutputPathError(f"{_short(path)}: {error.strerror or error}; choose another name") from None
+        raise _name_refused(path, error) from None
     if broken is not None:
         raise OutputPathError(f"{broken} is a symbolic link that leads nowhere; choose another folder")
     if not existing.is_dir():

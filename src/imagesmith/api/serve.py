@@ -149,23 +149,19 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"imagesmith serve: error: {unusable}", file=sys.stderr)
         return 2
     host = bind_host(settings)
-    # Before the tiny model, the job store and the port are taken; said as the option where one set it.
-    prepared_data_dir(
-        settings.data_dir, "--data-dir" if args.data_dir is not None else f"{ENV_PREFIX}DATA_DIR"
-    )
+    # Made before the tiny model, the job store and the port are taken; named as the user set it.
+    data_dir_said_as = "--data-dir" if args.data_dir is not None else f"{ENV_PREFIX}DATA_DIR"
+    prepared_data_dir(settings.data_dir, data_dir_said_as)
     try:  # its lock and integrity check, said in one line now rather than as a failed startup's traceback
         store = JobStore(settings.data_dir / DATABASE_NAME)  # handed to the app: opened (and checked) once
     except (StoreInUse, StoreDamaged) as error:  # their messages name the file and the fix
         print(f"imagesmith serve: cannot open the job store: {error}", file=sys.stderr)
         return 1
-    except (
-        sqlite3.DatabaseError
-    ) as error:  # a full or failing disk: "disk I/O error" named no file and no fix
-        where = settings.data_dir / DATABASE_NAME
+    except sqlite3.DatabaseError as error:
+        # A full or failing disk: its "disk I/O error" alone named no file and no fix.
         print(
-            f"imagesmith serve: cannot open the job store {where}: {error}; free space on its disk or check "
-            f"the disk, or set {'--data-dir' if args.data_dir is not None else f'{ENV_PREFIX}DATA_DIR'} to "
-            "another folder",
+            f"imagesmith serve: cannot open the job store {settings.data_dir / DATABASE_NAME}: {error}; free "
+            f"space on its disk or check the disk, or set {data_dir_said_as} to another folder",
             file=sys.stderr,
         )
         return 1

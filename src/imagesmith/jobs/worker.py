@@ -249,12 +249,10 @@ class Worker:
                 try:
                     waiting = self._claims_paused or time.monotonic() < self._claims_resume_at
                     jobs = [] if waiting or self.sources.settling() else self._claim()
-                except (
-                    Exception
-                ) as error:  # a broken claim must not end the worker: jobs stay queued, try again
-                    if store_unwritable(
-                        error
-                    ):  # a full or failing disk: one line, not a traceback every round
+                except Exception as error:
+                    # A broken claim must not end the worker: jobs stay queued, and it tries again. A full or
+                    # failing disk gets one line, not a traceback every round.
+                    if store_unwritable(error):
                         log.warning(
                             "claiming jobs failed: the job store cannot be written (%s); trying again", error
                         )
