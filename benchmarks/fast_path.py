@@ -459,12 +459,12 @@ def main() -> None:
     parser.add_argument(
         "--idle-stacks",
         action="store_true",
-        help="after an MLPerf row's runs, profile two batches with Python's functions: what fills each GPU hole",
+        help="after a row's runs (MLPerf or ensemble), profile two batches with Python's functions: what fills each GPU hole",
     )
     parser.add_argument(
         "--idle-profile",
         action="store_true",
-        help="after an MLPerf row's runs, profile two more batches: where the GPU waits (gpu_idle.py)",
+        help="after a row's runs (MLPerf or ensemble), profile two more batches: where the GPU waits (gpu_idle.py)",
     )
     parser.add_argument(
         "--compile-needs-s", type=float, default=240, help="budget a variant needs (a cold compile)"
@@ -889,6 +889,16 @@ def main() -> None:
                     "relative_l2_final_latents": rel_l2,
                     "psnr_db": psnr(image, reference["image"]),
                 }
+            if args.idle_profile:  # the ensemble's time outside its UNet calls: where the GPU waits
+                row["gpu_idle"] = profile_idle(
+                    functools.partial(engine.generate, ensemble_request()), calls=2
+                )
+                print_idle(row["gpu_idle"], f"{variant.spec} ensemble")
+            if args.idle_stacks:
+                row["gpu_idle_with_stacks"] = profile_idle(
+                    functools.partial(engine.generate, ensemble_request()), calls=2, with_stack=True
+                )
+                print_idle(row["gpu_idle_with_stacks"], f"{variant.spec} ensemble, with Python stacks")
             run.log(f"{variant.spec}: median {row['median_s']:.3f}s")
 
     if "variants" in phases:
