@@ -204,3 +204,14 @@ def test_a_model_path_with_a_name_no_file_system_takes_is_refused_at_start(tmp_p
     with pytest.raises(ValidationError, match="is 300 bytes, more than the 255 a file system takes"):
         Settings(data_dir=tmp_path, base_model=f"/tmp/{'m' * 300}")
     assert Settings(data_dir=tmp_path, base_model="stabilityai/stable-diffusion-xl-base-1.0").base_model
+
+
+def test_the_photo_pixel_cap_stops_at_pillows_own_limit() -> None:
+    """Above Pillow's limit the setting had no effect: Image.open refuses first, whatever it says."""
+    from pydantic import ValidationError
+
+    from imagesmith.config import PILLOW_PIXEL_LIMIT
+
+    assert Settings(pexels_max_image_pixels=PILLOW_PIXEL_LIMIT).pexels_max_image_pixels == PILLOW_PIXEL_LIMIT
+    with pytest.raises(ValidationError, match="pexels_max_image_pixels"):
+        Settings(pexels_max_image_pixels=PILLOW_PIXEL_LIMIT + 1)

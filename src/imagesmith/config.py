@@ -13,10 +13,15 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
 
+from PIL import Image
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from imagesmith.schemas import check_side
+
+# The most pixels Pillow opens at all (twice its MAX_IMAGE_PIXELS: above that Image.open raises
+# DecompressionBombError before imagesmith's own cap is read), so IMAGESMITH_PEXELS_MAX_IMAGE_PIXELS stops there.
+PILLOW_PIXEL_LIMIT = 2 * (Image.MAX_IMAGE_PIXELS or 500_000_000)
 
 DEFAULT_BASE_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 DEFAULT_REFINER_MODEL = "stabilityai/stable-diffusion-xl-refiner-1.0"
@@ -399,6 +404,8 @@ class Settings(BaseSettings):
     pexels_max_image_pixels: int = Field(
         100_000_000,
         ge=1,
+        # Pillow refuses larger images in Image.open, before imagesmith's check could let them through.
+        le=PILLOW_PIXEL_LIMIT,
         description="Largest photo accepted, in pixels (width x height, read from the header before decoding). "
         "A pixel costs 5 to 10 bytes to decode and fit, by mode, so memory is bounded by pexels_max_image_bytes.",
     )

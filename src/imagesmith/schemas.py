@@ -183,8 +183,9 @@ class GenerationRequest(RefusesBooleanNumbers):
     @field_validator("prompt")
     @classmethod
     def _prompt_not_blank(cls, value: str) -> str:
-        # Format characters (a zero-width space, a byte-order mark) show nothing either: "\u200b" was a prompt.
-        if not any(not char.isspace() and unicodedata.category(char) != "Cf" for char in value):
+        # Format characters (a zero-width space, a byte-order mark) and control characters ("\u0000") show
+        # nothing either: "\u200b" and "\u0000" were prompts.
+        if not any(not char.isspace() and unicodedata.category(char) not in ("Cf", "Cc") for char in value):
             raise ValueError("prompt must contain text, got only whitespace or invisible characters")
         return value
 

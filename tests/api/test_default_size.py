@@ -72,7 +72,10 @@ def test_several_stock_photos_in_one_request_are_refused_naming_num_images() -> 
 
     with pytest.raises(LimitExceeded) as caught:
         prepared(Settings(), [SourceName.STOCK, SourceName.GENERATE], num_images=2)
-    assert caught.value.field == "num_images" and "use_pexels=false" in str(caught.value)
+    assert caught.value.field == "num_images" and "use_pexels=false on /api/media/generate-image" in str(
+        caught.value
+    )
+    assert 'sources=["generate"] on /v1/jobs' in str(caught.value)
     assert prepared(Settings(), [SourceName.GENERATE], num_images=2) == (1024, 1024)
     # Without a Pexels key the request is generated, so several images are fine.
     assert prepared(Settings(), [SourceName.STOCK, SourceName.GENERATE], stock_configured=False, num_images=2)

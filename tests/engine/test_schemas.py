@@ -65,7 +65,7 @@ def test_a_boolean_where_a_number_goes_is_refused_as_a_boolean(field: str) -> No
 def test_blank_prompt_is_refused() -> None:
     assert "prompt" in errors_for(prompt="   ")
     # Invisible characters too: a zero-width space or a byte-order mark alone generated an unprompted image.
-    for invisible in ("\u200b", "\ufeff", " \u200b\u00a0"):
+    for invisible in ("\u200b", "\ufeff", " \u200b\u00a0", "\u0000", "\u0000\u0001\n"):
         assert errors_for(prompt=invisible).get("prompt", "").startswith("prompt must contain text"), (
             invisible
         )

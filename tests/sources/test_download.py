@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import struct
 import time
+import zlib
 
 import pytest
 from pexels_standin import StandIn, png_bomb
@@ -224,3 +225,19 @@ async def test_a_host_that_drips_bytes_meets_a_deadline_for_the_whole_download(s
         await fetcher.fetch(url(standin))
     assert time.monotonic() - began < 3
     await fetcher.aclose()
+
+
+def test_an_image_over_pillows_own_limit_is_refused_naming_the_setting(standin: StandIn) -> None:
+    """Pillow refuses over 178,956,970 pixels in Image.open, before imagesmith's cap is read; its refusal
+    ("could be decompression bomb DOS attack") named no setting. The header of a 20000x20000 PNG is enough."""
+    from imagesmith.config import PILLOW_PIXEL_LIMIT
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 20_000, 20_000, 8, 0, 0, 0, 0)
+    huge = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+    with pytest.raises(DownloadTooLarge) as refused:
+        downloader(standin, max_pixels=PILLOW_PIXEL_LIMIT)._decoded(huge, url(standin))
+    assert f"over {PILLOW_PIXEL_LIMIT} pixels" in str(refused.value)
+    assert "(IMAGESMITH_PEXELS_MAX_IMAGE_PIXELS)" in str(refused.value)

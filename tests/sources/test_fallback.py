@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 import threading
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
-from pexels_standin import FakeClock, StandIn
+from pexels_standin import FakeClock, StandIn, make_settings
 
 from imagesmith.config import Settings
 from imagesmith.engine.progress import CancelToken, GenerationCanceled
@@ -229,6 +230,24 @@ def test_a_refused_key_stays_reported_through_network_and_quota_errors(
     assert stock.status().state is SourceState.FAILED
     stock.fetch(_titled("lake"))  # a photo served: the key works again
     assert stock.status().state is SourceState.READY
+
+
+def test_an_api_root_without_search_shows_as_failed_naming_the_setting(
+    standin: StandIn, tmp_path: Path, clock: FakeClock
+) -> None:
+    """A wrong IMAGESMITH_PEXELS_API_BASE_URL path: every stock request failed with reason "error" (which
+    the docs define as a bug, logged with a traceback) while health said "Pexels configured"."""
+    source = StockSource(
+        make_settings(standin, tmp_path, pexels_api_base_url=standin.base_url + "/v2"), clock=clock
+    )
+    try:
+        with pytest.raises(SourceUnavailable) as refused:
+            source.fetch(_titled("lake"))
+        assert refused.value.reason is FallbackReason.NOT_CONFIGURED
+        status = source.status()
+        assert status.state is SourceState.FAILED and "IMAGESMITH_PEXELS_API_BASE_URL" in status.detail
+    finally:
+        source.close()
 
 
 def _titled(title: str) -> ImageRequest:

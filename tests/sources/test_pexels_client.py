@@ -69,6 +69,29 @@ async def test_get_photo_and_404(standin: StandIn, settings: Settings) -> None:
             await client.get_photo(999)
 
 
+async def test_one_odd_photo_costs_that_photo_not_the_page(
+    standin: StandIn, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A page of good photos with one whose photographer is null was refused whole (a 503 for stock-only
+    requests) though the other photos were fine."""
+    standin.api_script = ["one_bad"]
+    async with client_for(settings) as client:
+        with caplog.at_level(logging.WARNING, logger="imagesmith.sources.pexels_client"):
+            page = await client.search("lake", per_page=80)
+        whole = await client.search("lake", per_page=80)
+    assert [photo.id for photo in page.photos] == [photo.id for photo in whole.photos][:-1]
+    assert "1 of 6 photos left out" in caplog.text and "photographer" in caplog.text
+
+
+async def test_a_search_404_names_the_base_url_setting(standin: StandIn, tmp_path: Path) -> None:
+    """An API root with no search (a wrong path) is a setting to fix, not a missing photo or a bug: it said
+    "Pexels has nothing at /search (404)", classified as an error, and `doctor` passed it as transient."""
+    settings = make_settings(standin, tmp_path, pexels_api_base_url=standin.base_url + "/v2")
+    async with client_for(settings) as client:
+        with pytest.raises(PexelsNotConfigured, match=r"/v2/search \(404\): IMAGESMITH_PEXELS_API_BASE_URL"):
+            await client.search("lake")
+
+
 async def test_no_results_is_an_empty_page(standin: StandIn, settings: Settings) -> None:
     standin.api_default = "empty"
     async with client_for(settings) as client:

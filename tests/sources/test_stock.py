@@ -272,6 +272,8 @@ def test_the_credit_html_links_only_to_web_pages(standin: StandIn) -> None:
     )
     credit = Attribution.from_photo(photo)
     assert "javascript:" not in credit.credit_html and "data:" not in credit.credit_html
+    # The field a CMS may build its own credit from is filtered the same way (it carried the raw URL).
+    assert credit.photographer_url == ""
     assert credit.credit_html.startswith(f'Photo by {photo.photographer} on <a href="https://www.pexels.com')
     fine = Attribution.from_photo(PexelsPhoto.model_validate(standin.photo_json(101, 1800, 1200, "a lake")))
     assert '<a href="https://www.pexels.com/@' in fine.credit_html or '<a href="https://' in fine.credit_html

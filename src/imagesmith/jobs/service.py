@@ -165,7 +165,8 @@ class JobService:
             # One photo, one credit: a stock answer is a single picture. Say so rather than return fewer.
             raise LimitExceeded(
                 f"num_images is {generation.num_images}, but a Pexels photo comes one per request; set "
-                "num_images=1, or use_pexels=false to generate several",
+                "num_images=1, or leave Pexels out to generate several (use_pexels=false on "
+                '/api/media/generate-image, sources=["generate"] on /v1/jobs)',
                 "num_images",
             )
         resolved = generation.resolve()

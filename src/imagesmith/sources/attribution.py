@@ -69,7 +69,9 @@ class Attribution(BaseModel):
             photo_id=photo.id,
             photo_url=page,
             photographer=name,
-            photographer_url=photo.photographer_url,
+            # The same filtered link as the credit's: a CMS that builds its own credit from this field must
+            # not get a `javascript:` URL either.
+            photographer_url=photographer_link or "",
             photographer_id=photo.photographer_id,
             alt=(photo.alt or "").strip(),
             avg_color=photo.avg_color,

@@ -26,6 +26,7 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 from PIL import Image, ImageMode, ImageOps, UnidentifiedImageError
 
+from imagesmith.config import PILLOW_PIXEL_LIMIT
 from imagesmith.sources.allowed_hosts import DEFAULT_PORTS, parse_allowed_hosts
 from imagesmith.sources.errors import (
     DisallowedHost,
@@ -193,8 +194,12 @@ class ImageDownloader:
                 image.load()
         except (DownloadTooLarge, NotAnImage):
             raise
-        except Image.DecompressionBombError as error:  # Pillow's own pixel cap, before ours could look
-            raise DownloadTooLarge(f"{_safe(url)} is too large to decode: {error}") from None
+        except Image.DecompressionBombError:  # Pillow's own pixel cap, before ours could look
+            # Over PILLOW_PIXEL_LIMIT, which bounds the setting: ours would have refused it too.
+            raise DownloadTooLarge(
+                f"{_safe(url)} is over {PILLOW_PIXEL_LIMIT} pixels; the cap is {self.max_pixels} pixels "
+                "(IMAGESMITH_PEXELS_MAX_IMAGE_PIXELS)"
+            ) from None
         except Exception as error:
             # Pillow answers malformed files with many kinds of error (OSError, SyntaxError, but also
             # struct.error, IndexError, ZeroDivisionError from its plugins): any of them means "not an image",

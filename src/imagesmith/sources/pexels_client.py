@@ -370,7 +370,7 @@ class PexelsClient:
         if locale:
             params["locale"] = locale
         data = await self._get_json("/search", params)
-        return self._parse(PexelsSearchPage, data, "search")
+        return self._parse(PexelsSearchPage, self._valid_photos_only(data), "search")
 
     async def get_photo(self, photo_id: int) -> PexelsPhoto:
         """GET /photos/:id."""
@@ -378,6 +378,34 @@ class PexelsClient:
         return self._parse(PexelsPhoto, data, "photo")
 
     # --- internals ---
+
+    @staticmethod
+    def _valid_photos_only(data: Any) -> Any:
+        """The search answer with the photos that do not parse left out (logged), as long as one does: a photo
+        Pexels describes oddly (a null photographer, a zero width) costs that photo, not the nine good ones
+        beside it. With none left, the answer goes through as it came and fails on its first bad photo."""
+        photos = data.get("photos") if isinstance(data, dict) else None
+        if not isinstance(photos, list) or not photos:
+            return data
+        kept: list[PexelsPhoto] = []
+        first_problem = ""
+        for index, photo in enumerate(photos):
+            try:
+                kept.append(PexelsPhoto.model_validate(photo))
+            except ValidationError as error:
+                if not first_problem:
+                    problem = error.errors()[0]
+                    where = ".".join(str(part) for part in problem["loc"])
+                    first_problem = f"photos.{index}" + (f".{where}" if where else "") + f": {problem['msg']}"
+        if not kept or len(kept) == len(photos):
+            return data
+        logger.warning(
+            "Pexels search answer: %d of %d photos left out, their fields not as the API documents (first: %s)",
+            len(photos) - len(kept),
+            len(photos),
+            first_problem,
+        )
+        return {**data, "photos": kept}
 
     def _parse(self, model: type[_M], data: Any, what: str) -> _M:
         try:
@@ -454,6 +482,13 @@ class PexelsClient:
         if status in (401, 403):
             raise PexelsAuthError(f"Pexels refused the API key ({status}); check IMAGESMITH_PEXELS_API_KEY")
         if status == 404:
+            if not path.startswith("/photos/"):
+                # Pexels' search always exists: a 404 there means the API root is wrong, which no retry or
+                # later request changes, so it is a setting to fix (and `doctor` counts it as a fault).
+                raise PexelsNotConfigured(
+                    f"Pexels has nothing at {self.base_url}{path} (404): IMAGESMITH_PEXELS_API_BASE_URL must be "
+                    "Pexels' API root, https://api.pexels.com/v1, or a proxy that answers like it"
+                )
             raise PexelsNotFound(f"Pexels has nothing at {path} (404)")
         if status != 200:
             raise PexelsBadResponse(f"Pexels {path} answered {status}")

@@ -68,7 +68,8 @@ class StockSource:
         self._thread = threading.Thread(target=self._loop.run_forever, name="imagesmith-pexels", daemon=True)
         self._thread.start()
         self._closed = False
-        self._auth_failed = False
+        # Why Pexels cannot serve until a setting changes (a refused key, an API root with no search), or None.
+        self._setting_failure: str | None = None
         self._errors: Counter[str] = Counter()
 
         async def build() -> StockPhotoSource:  # on the loop, so the httpx clients belong to it
@@ -107,9 +108,11 @@ class StockSource:
             reason = classify(error)
             self._errors[reason.value] += 1
             if reason is FallbackReason.AUTH_FAILED:
-                self._auth_failed = True
+                self._setting_failure = "Pexels refused the API key; check IMAGESMITH_PEXELS_API_KEY"
+            elif reason is FallbackReason.NOT_CONFIGURED:
+                self._setting_failure = str(error)
             elif reason is FallbackReason.NO_RESULTS and not isinstance(error, NothingToSearch):
-                self._auth_failed = False  # Pexels answered a search: the key works
+                self._setting_failure = None  # Pexels answered a search: the key and the address work
             # A quota or network error says nothing about the key: a refused key stays reported.
             retry_at = error.retry_at if isinstance(error, PexelsQuotaExhausted) else None
             kind = NoMatch if reason is FallbackReason.NO_RESULTS else SourceUnavailable
@@ -118,7 +121,7 @@ class StockSource:
             log.exception("stock source failed unexpectedly")
             self._errors[FallbackReason.ERROR.value] += 1
             raise SourceUnavailable(f"{type(error).__name__}: {error}", FallbackReason.ERROR) from error
-        self._auth_failed = False
+        self._setting_failure = None
         image = SourceImage(
             data=photo.data, media_type=photo.media_type, width=photo.width, height=photo.height
         )
@@ -141,10 +144,8 @@ class StockSource:
                 f"{quota.blocked_until.isoformat()} (cached searches still serve)"
             )
             return SourceStatus(SourceState.BLOCKED, detail, info)
-        if self._auth_failed:
-            return SourceStatus(
-                SourceState.FAILED, "Pexels refused the API key; check IMAGESMITH_PEXELS_API_KEY", info
-            )
+        if self._setting_failure is not None:
+            return SourceStatus(SourceState.FAILED, self._setting_failure, info)
         left = "" if quota.remaining is None else f"; {quota.remaining} of {quota.limit} requests left"
         return SourceStatus(SourceState.READY, "Pexels configured" + left, info)
 
