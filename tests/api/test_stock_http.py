@@ -195,6 +195,31 @@ def test_quota_spent_then_reset(standin: StandIn, stock_server: ServerProcess) -
     assert report["pexels_ok"] is True and report["pexels"]["quota"]["remaining"] == 199
 
 
+def test_a_slow_pexels_never_holds_up_a_generation_queued_behind_it(
+    standin: StandIn, stock_server: ServerProcess
+) -> None:
+    """The worker ran a stock job's Pexels calls on its one thread: a generation queued behind a slow Pexels
+    waited out every timeout and retry (30-90 s in a black-box session), the GPU idle meanwhile. Stock jobs now
+    run on a lane of their own."""
+    standin.api_default = "slow"
+    standin.delay_s = 5.0  # past the server's 2 s timeout, on every try
+    jobs = f"{stock_server.url}/v1/jobs"
+    small = {"prompt": "a lake", "width": 64, "height": 64}
+    stock_job = httpx.post(jobs, json={**small, "sources": ["stock"]}, timeout=30).json()
+    wait_for(lambda: httpx.get(f"{jobs}/{stock_job['id']}").json()["status"] == "running", timeout=10)
+    generation = httpx.post(jobs, json={**small, "sources": ["generate"], **QUICK}, timeout=30).json()
+
+    done = wait_for(
+        lambda: (job := httpx.get(f"{jobs}/{generation['id']}").json())["finished_at"] and job, timeout=60
+    )
+    assert done["status"] == "succeeded"
+    assert httpx.get(f"{jobs}/{stock_job['id']}").json()["finished_at"] is None, "it waited for the stock job"
+    ended = wait_for(
+        lambda: (job := httpx.get(f"{jobs}/{stock_job['id']}").json())["finished_at"] and job, timeout=60
+    )
+    assert ended["status"] == "failed" and "Pexels" in ended["error"]["message"]
+
+
 def test_bad_key_then_429_on_a_fresh_server(
     standin: StandIn, server_factory: Callable[..., ServerProcess]
 ) -> None:

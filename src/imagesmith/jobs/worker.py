@@ -69,6 +69,16 @@ def generation_batch_key(job: JobRecord) -> BatchKey | None:
     return batch_key(request.generation.resolve())
 
 
+def stock_first(job: JobRecord) -> bool:
+    """Whether the job asks Pexels first: such a job waits on the network (seconds, up to the timeouts and
+    retries), so it runs on the stock lane, never in the GPU's queue (Worker._stock_loop)."""
+    try:
+        sources = ImageRequest.model_validate(job.request).sources
+    except ValueError:
+        return False  # claimed by the GPU loop, it fails with its own error
+    return bool(sources) and sources[0] is SourceName.STOCK
+
+
 class EndedJob(NamedTuple):
     """A job whose pass is over, on its way to the finishing thread."""
 
@@ -150,6 +160,10 @@ class Worker:
         # (time.monotonic(), error) of the last image write that failed, for health
         self.image_write_failure: tuple[float, str] | None = None
         self._thread: threading.Thread | None = None
+        # The stock lane (started with a Pexels source): jobs that ask Pexels first run there, so a slow or
+        # failing Pexels (up to the timeouts x retries a request) never holds the GPU's queue. A stock job that
+        # falls back to generation queues its pass on the engine's GPU thread like any other (engine.py).
+        self._stock_thread: threading.Thread | None = None
         self.finisher = Finisher()  # inline until start(): a pass run by a direct run_batch call ends in it
         # The loop's last pass, ended but not yet handed to the finishing thread: the next claim runs first
         # (see _submit_finishing). Touched by the worker thread only.
@@ -162,6 +176,11 @@ class Worker:
             self.finisher.start()
         self._thread = threading.Thread(target=self._loop, name="imagesmith-worker", daemon=True)
         self._thread.start()
+        if self.sources.get(SourceName.STOCK) is not None:
+            self._stock_thread = threading.Thread(
+                target=self._stock_loop, name="imagesmith-stock", daemon=True
+            )
+            self._stock_thread.start()
 
     @property
     def _stopping(self) -> bool:
@@ -195,11 +214,14 @@ class Worker:
                 token.cancel()
         self.notify()
         deadline = time.monotonic() + timeout
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
+        for thread in (self._thread, self._stock_thread):
+            if thread is None:
+                continue
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
                 log.error(
-                    "the worker did not stop within %.0fs; its running job runs again at the next start",
+                    "the %s thread did not stop within %.0fs; its running job runs again at the next start",
+                    thread.name,
                     timeout,
                 )
         # After the worker's last hand-over: what its passes made is stored and ended before stop() returns (the
@@ -272,6 +294,45 @@ class Worker:
                     self._end_unfinished(jobs, error)
         finally:
             self._submit_finishing()  # the last pass before a stop: stored before stop() returns
+
+    def _stock_loop(self) -> None:
+        """The stock lane: claims the oldest job that asks Pexels first and runs it (its fallback to generation
+        included) while the GPU loop runs the rest of the queue. One stock job at a time, as before."""
+        while not self._stopping:
+            try:
+                waiting = self._claims_paused or time.monotonic() < self._claims_resume_at
+                jobs = (
+                    []
+                    if waiting or self.sources.settling()
+                    else self.store.claim_where(self._stock_lane_takes, limit=1)
+                )
+            except Exception as error:
+                if store_unwritable(error):
+                    log.warning("claiming a stock job failed: the job store cannot be written (%s)", error)
+                else:
+                    log.exception("claiming a stock job failed")
+                jobs = []
+            if not jobs:
+                with self._wake:
+                    self._wake.wait(timeout=0.5)
+                continue
+            try:
+                self.run_batch(jobs)
+            except Exception as error:
+                log.exception("stock job failed")
+                self._end_unfinished(jobs, error)
+
+    def _stock_lane_takes(self, job: JobRecord) -> bool:
+        """A job that asks Pexels first; while the models failed to load, only one another source can serve
+        (the rest stay queued for the restart that fixes the models, as in the GPU loop's claim)."""
+        if not stock_first(job):
+            return False
+        models_failed = self.sources.status(SourceName.GENERATE).state is SourceState.FAILED
+        return not models_failed or self._servable_without_models(job)
+
+    def _gpu_loop_takes(self, job: JobRecord) -> bool:
+        """What the GPU loop claims: everything but the stock lane's jobs (while the lane runs)."""
+        return self._stock_thread is None or not stock_first(job)
 
     def _submit_finishing(self) -> None:
         """Hand the last pass to the finishing thread, after the claim of the next one.
@@ -349,7 +410,11 @@ class Worker:
         """The oldest queued job it may run, plus queued jobs that can share its pipeline pass (see the
         module doc)."""
         if self.sources.status(SourceName.GENERATE).state is SourceState.FAILED:
-            jobs = self.store.claim_where(self._servable_without_models, limit=1)  # past the held generations
+            jobs = self.store.claim_where(
+                lambda job: self._gpu_loop_takes(job) and self._servable_without_models(job), limit=1
+            )  # past the held generations
+        elif self._stock_thread is not None:
+            jobs = self.store.claim_where(self._gpu_loop_takes, limit=1)  # past the stock lane's jobs
         else:
             jobs = self.store.claim(1)  # the head of the queue, one row read: the path between two passes
         if not jobs:
