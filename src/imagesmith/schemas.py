@@ -148,6 +148,21 @@ class RefusesBooleanNumbers(BaseModel):
         return value
 
 
+def seed_not_negative(value: object) -> object:
+    """A seed field's check before pydantic's own: a negative seed is refused with the way to a random one.
+    A1111 users send -1 for "random"; pydantic's "greater than or equal to 0" gave no way forward. (The A1111
+    route maps its -1 itself; elsewhere a missing seed is the random one.)"""
+    number = value
+    if isinstance(value, str):  # JSON's "-1": pydantic reads an integer string as the integer
+        try:
+            number = int(value.strip())
+        except ValueError:
+            return value  # not a number: pydantic's own message
+    if isinstance(number, int | float) and not isinstance(number, bool) and number < 0:
+        raise ValueError(f"must be 0 or more, got {value!r}; leave the seed out for a random one")
+    return value
+
+
 class GenerationRequest(RefusesBooleanNumbers):
     """One generation: what the user asked for. `resolve()` fills the defaults that depend on other fields."""
 
@@ -192,17 +207,7 @@ class GenerationRequest(RefusesBooleanNumbers):
     @field_validator("seed", mode="before")
     @classmethod
     def _negative_seed_says_how_to_get_a_random_one(cls, value: object) -> object:
-        # A1111 users send -1 for "random"; pydantic's "greater than or equal to 0" gave no way forward. (The
-        # A1111 route maps its -1 itself; here a missing seed is the random one.)
-        number = value
-        if isinstance(value, str):  # JSON's "-1": pydantic reads an integer string as the integer
-            try:
-                number = int(value.strip())
-            except ValueError:
-                return value  # not a number: pydantic's own message
-        if isinstance(number, int | float) and not isinstance(number, bool) and number < 0:
-            raise ValueError(f"must be 0 or more, got {value!r}; leave the seed out for a random one")
-        return value
+        return seed_not_negative(value)
 
     @field_validator("width", "height")
     @classmethod

@@ -160,3 +160,24 @@ def test_the_model_list_names_the_servers_model_as_openai_does(server: ServerPro
     # The listed name generates, as any name does.
     image = client.images.generate(model=listed.data[0].id, prompt="a fox", quality="standard")
     assert image.data and (image.data[0].url or image.data[0].b64_json)
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (b'{"prompt": "a fox", "output_compression": NaN}', "output_compression"),  # a field ignored here
+        (b'{"prompt": "a fox", "guidance_scale": Infinity}', "guidance_scale"),
+        (b'{"prompt": "a fox", "extra": {"a": [1, -Infinity]}}', "extra"),
+    ],
+)
+def test_nan_and_infinity_are_refused_naming_the_param(
+    server: ServerProcess, body: bytes, param: str
+) -> None:
+    """JSON has neither; Python's reader takes both, and this route, which ignores fields it does not read,
+    answered them with a 200 and an image where every other route refuses them."""
+    response = httpx.post(
+        f"{server.url}/v1/images/generations", content=body, headers={"Content-Type": "application/json"}
+    )
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["param"] == param, error
+    assert "NaN or Infinity, which JSON does not have" in error["message"], error

@@ -145,7 +145,7 @@ class Txt2ImgRequest(RefusesBooleanNumbers):
             "alwayson_scripts": self.alwayson_scripts,
         }
         for name, value in kept.items():
-            where = _not_finite_at(value, name)
+            where = not_finite_at(value, name)
             if where is not None:
                 raise ValueError(
                     f"[{name}] {where} is NaN or Infinity, which JSON does not have; send a finite number or null"
@@ -153,7 +153,7 @@ class Txt2ImgRequest(RefusesBooleanNumbers):
         return self
 
 
-def _not_finite_at(value: Any, path: str) -> str | None:
+def not_finite_at(value: Any, path: str) -> str | None:
     """Where in `value` (a JSON value) a NaN or an infinity is, as a dotted path from `path`; None if nowhere."""
     if isinstance(value, float) and not math.isfinite(value):
         return path
@@ -164,7 +164,7 @@ def _not_finite_at(value: Any, path: str) -> str | None:
     else:
         return None
     for where, item in items:
-        found = _not_finite_at(item, where)
+        found = not_finite_at(item, where)
         if found is not None:
             return found
     return None

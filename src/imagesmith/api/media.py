@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from imagesmith.api.deps import Authorized, ServiceDep, SettingsDep
 from imagesmith.api.errors import ApiError
@@ -26,6 +26,7 @@ from imagesmith.schemas import (
     RefineMode,
     RefusesBooleanNumbers,
     SchedulerName,
+    seed_not_negative,
 )
 from imagesmith.sources.base import ImageRequest, SourceName
 
@@ -60,6 +61,7 @@ class ImageGenerationRequest(RefusesBooleanNumbers):
     height: int | None = Field(None, description="Multiple of 8, 64-2048.")
     aspect: AspectPreset | None = Field(None, description="Named size preset instead of width/height.")
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
+
     refine_mode: RefineMode | None = None
     high_noise_frac: float = Field(0.8, gt=0.0, lt=1.0)
     scheduler: SchedulerName = SchedulerName.EULER
@@ -67,6 +69,11 @@ class ImageGenerationRequest(RefusesBooleanNumbers):
         1, ge=1, le=MAX_NUM_IMAGES, description="Images to make; at most the server's max_images_per_request."
     )
     output_format: OutputFormat = OutputFormat.PNG
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _negative_seed_says_how_to_get_a_random_one(cls, value: object) -> object:
+        return seed_not_negative(value)
 
     def to_image_request(self) -> ImageRequest:
         sources = []

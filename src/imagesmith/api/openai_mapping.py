@@ -16,10 +16,11 @@ What maps to what:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from imagesmith.api.a1111_mapping import not_finite_at
 from imagesmith.api.compat_request import generation_from
 from imagesmith.api.errors import ApiError
 from imagesmith.config import Settings
@@ -37,7 +38,7 @@ OPENAI_PARAMS = {"num_images": "n", "width": "size", "height": "size", "aspect":
 class OpenAIImageRequest(RefusesBooleanNumbers):
     """POST /v1/images/generations. Unknown fields are ignored: newer clients send more than we read."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     prompt: str = Field(..., description="What the image shows.")
     model: str | None = Field(None, description="Any name; this server has one model.")
@@ -55,6 +56,21 @@ class OpenAIImageRequest(RefusesBooleanNumbers):
     output_format: str | None = Field(None, description="png (default), jpeg or webp.")
     background: str | None = Field(None, description="'auto' or 'opaque'; 'transparent' is refused.")
     stream: bool | None = Field(None, strict=True, description="Must be false or absent.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nan_or_infinity_anywhere(cls, data: Any) -> Any:
+        """JSON has no NaN or Infinity, though Python's reader takes them: refused in every field, those this
+        route ignores too (output_compression: NaN got a 200 here and a 422 on every other route)."""
+        if isinstance(data, dict):
+            for name, value in data.items():
+                where = not_finite_at(value, str(name))
+                if where is not None:
+                    raise ValueError(
+                        f"[{name}] {where} is NaN or Infinity, which JSON does not have; send a finite number "
+                        "or null"
+                    )
+        return data
 
     def wants_base64(self) -> bool:
         if self.response_format is not None:
