@@ -220,6 +220,30 @@ def test_a_slow_pexels_never_holds_up_a_generation_queued_behind_it(
     assert ended["status"] == "failed" and "Pexels" in ended["error"]["message"]
 
 
+def test_a_stop_while_the_stock_lane_waits_on_pexels_keeps_the_job(
+    standin: StandIn, server_factory: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    """SIGTERM while a stock job waits on a slow Pexels: the lane's job is put back (its attempt given back)
+    and the next start serves it, as the GPU loop's running job is."""
+    data_dir = tmp_path / "stock-stop"
+    proc = server_factory(data_dir, **stock_env(standin)).start()
+    standin.api_default = "slow"
+    standin.delay_s = 5.0
+    jobs = f"{proc.url}/v1/jobs"
+    job = httpx.post(jobs, json={"prompt": "a lake", "sources": ["stock"], "width": 64, "height": 64}).json()
+    wait_for(lambda: httpx.get(f"{jobs}/{job['id']}").json()["status"] == "running", timeout=10)
+    proc.stop()
+
+    standin.api_default = "ok"
+    again = server_factory(data_dir, **stock_env(standin)).start()
+    done = wait_for(
+        lambda: (found := httpx.get(f"{again.url}/v1/jobs/{job['id']}").json())["finished_at"] and found,
+        timeout=60,
+    )
+    assert done["status"] == "succeeded" and done["result"]["source"] == "stock", done
+    assert done["attempts"] == 1, done
+
+
 def test_bad_key_then_429_on_a_fresh_server(
     standin: StandIn, server_factory: Callable[..., ServerProcess]
 ) -> None:
