@@ -155,18 +155,22 @@ def test_errors_name_the_field_and_valid_values(server: ServerProcess) -> None:
         (b'{"prompt": "a fox", "denoising_strength": Infinity}', "denoising_strength", "denoising_strength is NaN"),
         (b'{"prompt": "a fox", "override_settings": {"a": [1, -Infinity]}}', "override_settings",
          "override_settings.a[1] is NaN or Infinity"),
+        # 300 levels: the job ran, then echoing the field back failed (a 500, and a second job on a retry).
+        (b'{"prompt": "a fox", "foo": ' + b"[" * 300 + b"]" * 300 + b"}", "foo", "more than 32 levels deep"),
     ],
 )  # fmt: skip
 def test_nan_and_infinity_are_refused_naming_the_field(
     server: ServerProcess, body: bytes, field: str, says: str
 ) -> None:
     """Python's JSON reader takes them; echoed back in `info` they made JSON that strict parsers refuse."""
+    jobs_before = httpx.get(f"{server.url}/v1/jobs").json()["total"]
     response = httpx.post(
         f"{server.url}/sdapi/v1/txt2img", content=body, headers={"Content-Type": "application/json"}
     )
     error = response.json()
     assert response.status_code == 422 and error["field"] == field, error
     assert says in error["detail"], error
+    assert httpx.get(f"{server.url}/v1/jobs").json()["total"] == jobs_before  # refused before any job
 
 
 def test_lists_clients_read(server: ServerProcess) -> None:

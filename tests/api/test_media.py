@@ -241,3 +241,18 @@ def test_a_seed_draft_left_to_its_default_steps_runs_the_drafts_30(server: Serve
         f"{server.url}/api/media/generate-image", json={**body, "num_inference_steps": 50}, timeout=120
     ).json()
     assert chosen["metadata"]["request"]["num_inference_steps"] == 50  # steps the client names are kept
+
+
+@pytest.mark.parametrize("field_value", [b'"foo": NaN', b'"foo": {"a": [1, Infinity]}'])
+def test_nan_and_infinity_are_refused_in_fields_this_route_ignores(
+    server: ServerProcess, field_value: bytes
+) -> None:
+    """The seed endpoint ignores unknown fields, and took NaN in one (a 200 and an image) where every other
+    route refuses it, as the docs say."""
+    body = b'{"prompt": "a fox", "use_pexels": false, "use_generation": true, ' + field_value + b"}"
+    response = httpx.post(
+        f"{server.url}/api/media/generate-image", content=body, headers={"Content-Type": "application/json"}
+    )
+    error = response.json()["error"]
+    assert response.status_code == 422 and error["field"] == "foo", error
+    assert "NaN or Infinity, which JSON does not have" in error["message"], error

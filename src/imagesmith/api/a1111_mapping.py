@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from typing import Any
 
@@ -35,6 +34,7 @@ from pydantic import ConfigDict, Field, model_validator
 from imagesmith import __version__
 from imagesmith.api.compat_request import generation_from
 from imagesmith.api.errors import ApiError
+from imagesmith.api.json_values import refuse_unsendable
 from imagesmith.config import Settings
 from imagesmith.engine.output import a1111_parameters, model_label
 from imagesmith.engine.schedulers import A1111_SAMPLER_NAMES
@@ -138,36 +138,15 @@ class Txt2ImgRequest(RefusesBooleanNumbers):
 
     @model_validator(mode="after")
     def _kept_values_are_finite(self) -> Txt2ImgRequest:
-        """The fields kept as sent (the extras, override_settings, alwayson_scripts) hold no NaN or Infinity."""
+        """The fields kept as sent (the extras, override_settings, alwayson_scripts), echoed back in the answer, hold no
+        NaN or Infinity and nest no deeper than json_values.MAX_NESTING."""
         kept = {
             **(self.model_extra or {}),
             "override_settings": self.override_settings,
             "alwayson_scripts": self.alwayson_scripts,
         }
-        for name, value in kept.items():
-            where = not_finite_at(value, name)
-            if where is not None:
-                raise ValueError(
-                    f"[{name}] {where} is NaN or Infinity, which JSON does not have; send a finite number or null"
-                )
+        refuse_unsendable(kept)
         return self
-
-
-def not_finite_at(value: Any, path: str) -> str | None:
-    """Where in `value` (a JSON value) a NaN or an infinity is, as a dotted path from `path`; None if nowhere."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return path
-    if isinstance(value, dict):
-        items: Any = ((f"{path}.{key}", item) for key, item in value.items())
-    elif isinstance(value, list):
-        items = ((f"{path}[{index}]", item) for index, item in enumerate(value))
-    else:
-        return None
-    for where, item in items:
-        found = not_finite_at(item, where)
-        if found is not None:
-            return found
-    return None
 
 
 def sampler_list() -> list[dict[str, Any]]:

@@ -7,11 +7,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from imagesmith.api.deps import Authorized, ServiceDep, SettingsDep
 from imagesmith.api.errors import ApiError
 from imagesmith.api.health import health_options, report_for
+from imagesmith.api.json_values import refuse_unsendable
 from imagesmith.api.text_check import TextCheckedRoute
 from imagesmith.api.waiting import submit_and_wait, succeeded_result
 from imagesmith.jobs.service import SourcesUnavailable, StockNotConfigured
@@ -69,6 +70,12 @@ class ImageGenerationRequest(RefusesBooleanNumbers):
         1, ge=1, le=MAX_NUM_IMAGES, description="Images to make; at most the server's max_images_per_request."
     )
     output_format: OutputFormat = OutputFormat.PNG
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nan_or_infinity_anywhere(cls, data: Any) -> Any:
+        """Unknown fields are ignored, not unchecked: NaN in one got a 200 where every other route refuses it."""
+        return refuse_unsendable(data)
 
     @field_validator("seed", mode="before")
     @classmethod

@@ -20,9 +20,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from imagesmith.api.a1111_mapping import not_finite_at
 from imagesmith.api.compat_request import generation_from
 from imagesmith.api.errors import ApiError
+from imagesmith.api.json_values import refuse_unsendable
 from imagesmith.config import Settings
 from imagesmith.schemas import ASPECT_SIZES, OutputFormat, RefusesBooleanNumbers
 from imagesmith.sources.base import ImageRequest
@@ -62,15 +62,7 @@ class OpenAIImageRequest(RefusesBooleanNumbers):
     def _no_nan_or_infinity_anywhere(cls, data: Any) -> Any:
         """JSON has no NaN or Infinity, though Python's reader takes them: refused in every field, those this
         route ignores too (output_compression: NaN got a 200 here and a 422 on every other route)."""
-        if isinstance(data, dict):
-            for name, value in data.items():
-                where = not_finite_at(value, str(name))
-                if where is not None:
-                    raise ValueError(
-                        f"[{name}] {where} is NaN or Infinity, which JSON does not have; send a finite number "
-                        "or null"
-                    )
-        return data
+        return refuse_unsendable(data)
 
     def wants_base64(self) -> bool:
         if self.response_format is not None:
