@@ -36,6 +36,16 @@ def test_queue_positions_count_the_queued_jobs_ahead(tmp_path: Path) -> None:
     assert store.queue_positions() == {b.id: 0, d.id: 1}
 
 
+def test_queue_positions_count_only_the_jobs_in_the_same_line(tmp_path: Path) -> None:
+    """With the worker's stock lane, a generation queued behind stock jobs is not waiting for them: its
+    position said 2 while it ran first (a black-box session)."""
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    lines = ["stock", "stock", "generate", "stock", "generate"]
+    jobs = [store.submit({"sources": [line]}, f"h{n}", None, queue_max=10)[0] for n, line in enumerate(lines)]
+    positions = store.queue_positions(lambda request: request["sources"][0])
+    assert [positions[job.id] for job in jobs] == [0, 1, 0, 2, 1]
+
+
 def test_recover_requeues_running_until_attempts_run_out(tmp_path: Path) -> None:
     path = tmp_path / "jobs.sqlite3"
     store = JobStore(path)

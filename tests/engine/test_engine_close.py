@@ -53,3 +53,30 @@ def test_with_block_closes_the_engine_after_a_pass_another_thread_queued(tiny_se
     assert engine.closed
     with pytest.raises(RuntimeError, match="engine is closed"):
         engine.generate(small_request())
+
+
+def test_a_pass_asked_for_while_close_waits_is_refused_by_name(tiny_settings: Settings) -> None:
+    """close() waits for the pass running; a pass asked for meanwhile got the GPU thread's "this engine's GPU
+    thread is closed", which does not say what to do."""
+    engine = Engine.start(tiny_settings)
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(event: object) -> None:
+        entered.set()
+        release.wait(60)
+
+    running = threading.Thread(target=lambda: engine.generate(small_request(), on_progress=hold))
+    running.start()
+    assert entered.wait(60)
+    closing = threading.Thread(target=engine.close)
+    closing.start()
+    while not engine._closing:
+        time.sleep(0.01)
+    try:
+        with pytest.raises(RuntimeError, match=r"engine is closed.*Engine\.start"):
+            engine.generate(small_request())
+    finally:
+        release.set()
+        running.join(60)
+        closing.join(60)
+    assert engine.closed

@@ -49,7 +49,10 @@ class JobView(BaseModel):
     total: int | None = None
     progress: float | None = Field(None, description="0-1 across all stages.")
     eta_s: float | None = None
-    queue_position: int | None = Field(None, description="Queued jobs ahead of this one.")
+    queue_position: int | None = Field(
+        None,
+        description="Queued jobs ahead of this one in its line (stock-photo jobs wait in a line of their own).",
+    )
     attempts: int
     cancel_requested: bool
     request: dict[str, Any]
@@ -96,7 +99,7 @@ def list_jobs(
     offset: Annotated[int, Query(ge=0, le=2**31)] = 0,
 ) -> dict[str, Any]:
     jobs, total = service.store.list_jobs(status, limit, offset)
-    positions = service.store.queue_positions()
+    positions = service.queue_positions()
     return {
         "jobs": [service.view(job, positions) for job in jobs],
         "total": total,

@@ -188,8 +188,10 @@ class Engine:
         # Set by start() with IMAGESMITH_ENCODE_AHEAD: the worker says which prompts are queued, and each pass
         # encodes them between its steps (engine/encode_ahead.py).
         self.encode_ahead: EncodeAhead | None = None
-        # Set by close(): the models and buffers are gone, and every later pass is refused.
+        # Set by close(): the models and buffers are gone, and every later pass is refused. _closing is set as
+        # close() begins: passes asked for while it waits for the one running are refused with the same words.
         self.closed = False
+        self._closing = False
 
     @classmethod
     def start(cls, settings: Settings) -> Engine:
@@ -244,6 +246,7 @@ class Engine:
         Why: a library user who is done with the engine (a notebook, a script that goes on to other GPU work)
         otherwise holds ~12 GB of GPU memory until the process ends, since the engine's GPU thread, its graphs
         and its caches keep the models alive. `with Engine.start(settings) as engine:` closes on leaving."""
+        self._closing = True
         thread = self._gpu.thread
         self._gpu.close()  # ends the thread after the calls queued before it
         if thread is not None and thread is not threading.current_thread():
@@ -269,7 +272,7 @@ class Engine:
         self.close()
 
     def _refuse_if_closed(self) -> None:
-        if self.closed:
+        if self.closed or self._closing:
             raise RuntimeError(
                 "this engine is closed (Engine.close() was called): start a new one with Engine.start(settings)"
             )

@@ -246,13 +246,17 @@ class JobService:
             raise JobNotFound(f"no job with id {job_id!r}", "job_id")
         return job
 
+    def queue_positions(self) -> dict[str, int]:
+        """Each queued job's id -> the queued jobs ahead of it in the line it waits in (Worker.line_of)."""
+        return self.store.queue_positions(self.worker.line_of)
+
     def view(self, job: JobRecord, queue_positions: dict[str, int] | None = None) -> dict[str, Any]:
         """The job envelope: id, status, progress, timestamps, result or error. A listing passes the
         queue positions it read once for all its jobs."""
         live = self.worker.live.get(job.id) if job.status is JobStatus.RUNNING else None
         position = None
         if job.status is JobStatus.QUEUED:
-            positions = queue_positions if queue_positions is not None else self.store.queue_positions()
+            positions = queue_positions if queue_positions is not None else self.queue_positions()
             position = positions.get(job.id, 0)  # claimed since it was read: nothing is ahead of it
         return {
             "id": job.id,

@@ -14,6 +14,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -586,11 +587,18 @@ class JobStore:
         counts.update({JobStatus(row["status"]): row["n"] for row in rows})
         return counts
 
-    def queue_positions(self) -> dict[str, int]:
+    def queue_positions(self, line_of: Callable[[dict[str, Any]], str] | None = None) -> dict[str, int]:
         """Each queued job's id -> how many queued jobs are ahead of it, in one query (a listing of 100 jobs
-        used to count once per job)."""
+        used to count once per job). `line_of`: which line a job waits in, from its request (the worker's stock
+        lane and its GPU loop do not wait for each other), so only jobs in its own line count; None: one line."""
         with self._read_lock:
             rows = self._reader.execute(
-                "SELECT id FROM jobs WHERE status = ? ORDER BY seq", (JobStatus.QUEUED.value,)
+                "SELECT id, request FROM jobs WHERE status = ? ORDER BY seq", (JobStatus.QUEUED.value,)
             ).fetchall()
-        return {row["id"]: ahead for ahead, row in enumerate(rows)}
+        ahead: Counter[str] = Counter()
+        positions = {}
+        for row in rows:
+            line = "" if line_of is None else line_of(json.loads(row["request"]))
+            positions[row["id"]] = ahead[line]
+            ahead[line] += 1
+        return positions

@@ -322,6 +322,13 @@ class Worker:
                 log.exception("stock job failed")
                 self._end_unfinished(jobs, error)
 
+    def line_of(self, request: dict[str, Any]) -> str:
+        """The line a queued job (its stored request) waits in: "stock" (the stock lane, while it runs) or "gpu".
+        For queue positions: a generation is not behind the stock jobs queued before it."""
+        sources = request.get("sources") or []
+        stock = self._stock_thread is not None and sources[:1] == [SourceName.STOCK.value]
+        return "stock" if stock else "gpu"
+
     def _stock_lane_takes(self, job: JobRecord) -> bool:
         """A job that asks Pexels first; while the models failed to load, only one another source can serve
         (the rest stay queued for the restart that fixes the models, as in the GPU loop's claim)."""
