@@ -103,6 +103,25 @@ def torch_threads(engine: Any, threads: int) -> Iterator[None]:
         engine._gpu.run(functools.partial(torch.set_num_threads, engine.plan.cpu_threads))
 
 
+@contextmanager
+def synchronised_stage_ends(engine: Any) -> Iterator[None]:
+    """Each stage's end waiting for the whole GPU, as before engine/stage_clock.py (session 46's peer)."""
+    from imagesmith.engine.pipeline import StageRun
+
+    finish = StageRun.finish_stage
+
+    def finish_after_waiting(run: StageRun, *args: Any, **kwargs: Any) -> None:
+        if torch.cuda.is_available():  # the CPU smoke run has nothing to wait for
+            torch.cuda.synchronize()
+        finish(run, *args, **kwargs)
+
+    StageRun.finish_stage = finish_after_waiting  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        StageRun.finish_stage = finish  # type: ignore[method-assign]
+
+
 def peers_for(engine: Any, names: list[str], torch_threads_at_start: int) -> dict[str, Peer]:
     """The peers asked for by name; the threads peer only where the plan changed torch's count."""
     available: dict[str, Peer] = {
@@ -110,13 +129,16 @@ def peers_for(engine: Any, names: list[str], torch_threads_at_start: int) -> dic
         "noise": functools.partial(diffusers_noise, engine),
         "host": functools.partial(run66_host, engine),
         "pixels": functools.partial(fresh_pixel_memory, engine),
+        "stagesync": functools.partial(synchronised_stage_ends, engine),
     }
     chosen = engine.plan.cpu_threads
     if chosen and chosen != torch_threads_at_start:
         available["threads"] = functools.partial(torch_threads, engine, torch_threads_at_start)
     unknown = [name for name in names if name not in available and name != "threads"]
     if unknown:
-        raise SystemExit(f"unknown A/B peers {unknown}: choose from pin, noise, host, pixels, threads")
+        raise SystemExit(
+            f"unknown A/B peers {unknown}: choose from pin, noise, host, pixels, stagesync, threads"
+        )
     return {name: available[name] for name in names if name in available}
 
 

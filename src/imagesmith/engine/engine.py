@@ -59,6 +59,7 @@ from imagesmith.engine.pipeline import (
 from imagesmith.engine.progress import CancelToken, GenerationCanceled, ProgressCallback
 from imagesmith.engine.prompt_cache import PromptEmbeddingCache
 from imagesmith.engine.schedulers import loaded_scheduler_config
+from imagesmith.engine.stage_clock import stage_start
 from imagesmith.engine.starting_noise import StartingNoise
 from imagesmith.schemas import (
     MAX_SEED,
@@ -474,17 +475,18 @@ class Engine:
                 latents = finish_with_base(base, run, generators_for(seeds), latents)
             run.check_cancel()
 
-        began = time.perf_counter()
+        began = stage_start(base._execution_device)
         tiling = needs_tiling(self.plan, request.width, request.height)
         images, fp32_retries = decode_latents(
             base.vae, latents, self.plan.vae_dtype, tiling, base._execution_device, self.host_pixels
         )
         run.finish_stage("decode", began, steps=len(images))
+        stages = run.settle_stages()  # the pixels are on the host: every stage has ended on the GPU
         total_seconds = time.perf_counter() - run.started
         log.info(
             "generated in %.2fs (%s)%s",
             total_seconds,
-            ", ".join(map(str, run.stages)),
+            ", ".join(map(str, stages)),
             "" if refined else f"; not refined: {not_refined or refinement_off_reason(request)}",
         )
         outcomes: list[GenerationResult | BaseException] = []
@@ -500,7 +502,7 @@ class Engine:
                 refined=refined,
                 not_refined_reason=None if refined else reason,
                 seeds=member.seeds,
-                stages=run.stages,
+                stages=stages,
                 batch_size=len(seeds),
                 total_seconds=total_seconds,
                 base_model=self.models.sources.base,

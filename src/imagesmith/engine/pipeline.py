@@ -24,6 +24,7 @@ from imagesmith.engine.progress import CancelToken, GenerationCanceled, Progress
 from imagesmith.engine.prompt_cache import PromptEmbeddingCache
 from imagesmith.engine.schedulers import loaded_scheduler_config, make_scheduler, remember_scheduler_config
 from imagesmith.engine.size_routing import latent_size_of_image
+from imagesmith.engine.stage_clock import StageClock, StageStart, stage_start
 from imagesmith.engine.starting_noise import StartingNoise
 from imagesmith.schemas import RefineMode, ResolvedRequest, StageReport
 
@@ -74,7 +75,8 @@ class StageRun:
     # The engine's cache across requests, or one for this pass only (texts still encoded once).
     prompt_cache: PromptEmbeddingCache = field(default_factory=PromptEmbeddingCache.for_one_pass)
     started: float = field(default_factory=time.perf_counter)
-    stages: list[StageReport] = field(default_factory=list)
+    # Times each stage without making the host wait for the GPU at its end (engine/stage_clock.py).
+    clock: StageClock = field(default_factory=StageClock)
     # Set when the caller stops waiting (Ctrl-C): the whole pass stops within a step.
     interrupt: CancelToken = field(default_factory=CancelToken)
     # Encodes the queued jobs' prompts between the base stage's steps (engine/encode_ahead.py); None: off.
@@ -114,13 +116,18 @@ class StageRun:
 
         return on_step_end
 
-    def finish_stage(self, name: str, began: float, steps: int | None = None) -> None:
-        _synchronize()
-        report = StageReport(
-            name=name, steps=self._steps if steps is None else steps, seconds=time.perf_counter() - began
-        )
-        self.stages.append(report)
-        log.info("stage %s: %d step(s) in %.2fs", report.name, report.steps, report.seconds)
+    def finish_stage(self, name: str, began: StageStart, steps: int | None = None) -> None:
+        """The stage's work is queued; its time is known once settle_stages says so."""
+        self.clock.finish(name, began, self._steps if steps is None else steps)
+
+    def settle_stages(self) -> list[StageReport]:
+        """Every stage's report, once the pass's results are on the host (so waiting costs nothing)."""
+        return self.clock.settle()
+
+    @property
+    def stages(self) -> list[StageReport]:
+        """The stages reported so far (all of them after settle_stages)."""
+        return self.clock.reports
 
     @property
     def all_canceled(self) -> bool:
@@ -172,12 +179,6 @@ def empty_stage_problem(
     )
 
 
-def _synchronize() -> None:
-    # Stage timings must include the GPU work, which runs asynchronously.
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-
-
 def _latents_dtype(pipe: Any) -> torch.dtype:
     # What SDXL's pipeline makes its noise in: its prompt embeddings' dtype, which encode_prompt sets to the
     # second text encoder's (the UNet's without one).
@@ -212,7 +213,7 @@ def run_base(
     """`noise`: the engine's starting noise (engine/starting_noise.py); None: diffusers makes its own."""
     request = run.request
     base.scheduler = make_scheduler(request.scheduler, loaded_scheduler_config(base))
-    began = time.perf_counter()
+    began = stage_start(base._execution_device)
     drawn = None
     if noise is not None:  # drawn while the prompts are encoded
         height, width = latent_size_of_image(request.width, request.height, base.vae_scale_factor)
@@ -252,7 +253,7 @@ def run_refiner(
         }
     else:
         stage_args = {"num_inference_steps": request.refine_steps, "strength": request.refine_strength}
-    began = time.perf_counter()
+    began = stage_start(refiner._execution_device)
     refined = refiner(
         **_common_args(run, generators, refiner, role),
         image=latents,  # 4-channel input is taken as latents, not encoded again
