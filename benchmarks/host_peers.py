@@ -115,7 +115,7 @@ def synchronised_stage_ends(engine: Any) -> Iterator[None]:
             torch.cuda.synchronize()
         finish(run, *args, **kwargs)
 
-    StageRun.finish_stage = finish_after_waiting  # type: ignore[method-assign]
+    StageRun.finish_stage = finish_after_waiting  # type: ignore[method-assign,assignment]
     try:
         yield
     finally:
