@@ -19,7 +19,7 @@ not), and `first_image_s`: from the phase's start (building its modules, which a
 to its first image, the warm-up (compilation) included.
 
 A variant is
-`MODE[+fp8|+fp8dyn][+fp8conv|+fp8convnchw][+geglu][+bgeglu][+cl][+cudnn|+nocudnn][+dyn][+regions][+teg|+noteg][+attn-BACKEND][+olddecode][+cdt][+mk][+ndt][+pdl][:mlperf]`:
+`MODE[+fp8|+fp8dyn][+fp8conv|+fp8convnchw][+geglu][+bgeglu][+cl][+cudnn|+nocudnn][+dyn][+regions][+teg|+noteg][+attn-BACKEND][+olddecode][+cdt][+mk][+ndt][:mlperf]`:
 MODE is a compile choice (off, default, reduce-overhead, max-autotune-no-cudagraphs); +fp8 fp8 transformer linears
 (engine/fp8.py) with static scales, calibrated as Engine.start does (the default), +fp8dyn with dynamic ones; +fp8conv (with +fp8)
 the convolutions in fp8 too (IMAGESMITH_FP8_CONVS, cuDNN's kernels), +fp8convnchw the same with inductor's layout
@@ -41,8 +41,7 @@ the decode as it was before run 49, the peer of today's (a decoder compiled in t
 included; each image checked and converted on the host in turn); +cdt inductor's coordinate-descent tuning of its
 own kernels (normalisations, elementwise: ~40 ms of a ~189 ms fp8 base call at batch 16; not a setting yet); +mk
 IMAGESMITH_TIMED_REDUCTIONS (inductor's multi-kernel: each reduction persistent or looped, the faster kept); +ndt
-inductor's `triton.prefer_nd_tiling` (2D tiles for pointwise kernels that transpose; not a setting); +pdl
-IMAGESMITH_PDL (Programmatic Dependent Launch for inductor's Triton kernels, Hopper+); `:mlperf`
+inductor's `triton.prefer_nd_tiling` (2D tiles for pointwise kernels that transpose; not a setting); `:mlperf`
 measures the MLPerf setting instead of the ensemble (base UNet and VAE only; warm-up at batch 1 then the
 largest batch, as the service's warm-up does).
 
@@ -122,7 +121,6 @@ class Variant:
     timed_reductions: bool = False  # +mk: IMAGESMITH_TIMED_REDUCTIONS
     nd_tiling: bool = False  # +ndt: torch._inductor.config.triton.prefer_nd_tiling
     bf16_fused_geglu: bool = False  # +bgeglu: IMAGESMITH_FUSED_GEGLU (bf16 feed-forwards)
-    pdl: bool = False  # +pdl: IMAGESMITH_PDL (inductor's Programmatic Dependent Launch)
 
     @classmethod
     def parse(cls, spec: str) -> Variant:
@@ -150,7 +148,6 @@ class Variant:
             "regions",
             "mk",
             "ndt",
-            "pdl",
         }
         unknown = set(flags) - known
         twice = any(
@@ -164,7 +161,7 @@ class Variant:
         if unknown or kind not in ("", "mlperf") or len(attention) > 1 or twice:
             raise SystemExit(
                 f"variant {spec!r}: flags are one of +fp8 +fp8dyn, +cl +dyn, one of +cudnn +nocudnn, one of +teg +noteg, one of "
-                "+attn-flash +attn-efficient +attn-cudnn, +olddecode, +cdt, +mk, +ndt, +pdl, +regions (compiled, not with +dyn), "
+                "+attn-flash +attn-efficient +attn-cudnn, +olddecode, +cdt, +mk, +ndt, +regions (compiled, not with +dyn), "
                 "one of +fp8conv +fp8convnchw (with +fp8), +geglu (with +fp8), +bgeglu (without fp8), "
                 "and the suffix :mlperf"
             )
@@ -188,7 +185,6 @@ class Variant:
             timed_reductions="mk" in flags,
             nd_tiling="ndt" in flags,
             bf16_fused_geglu="bgeglu" in flags,
-            pdl="pdl" in flags,
         )
 
 
@@ -810,7 +806,6 @@ def main() -> None:
             compile_dynamic=variant.dynamic,
             compile_regions=variant.regions,
             timed_reductions=variant.timed_reductions,
-            pdl=variant.pdl,
             fused_geglu=variant.bf16_fused_geglu,  # off unless named, whatever the settings' default
             text_encoder_graphs=variant.text_encoder_graphs,
         )
@@ -834,7 +829,6 @@ def main() -> None:
             or variant.fused_geglu != any(lever.startswith("fp8 GEGLU") for lever in levers)
             or variant.regions != any("transformer blocks as regions" in lever for lever in levers)
             or variant.timed_reductions != any("timed reductions" in lever for lever in levers)
-            or variant.pdl != any("dependent launches" in lever for lever in levers)
             or variant.bf16_fused_geglu != any("first bf16 matmul" in lever for lever in levers)
         ):
             raise RuntimeError(f"{variant.spec}: levers applied were {levers}")

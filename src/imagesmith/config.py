@@ -262,16 +262,6 @@ class Settings(BaseSettings):
         "95). Off until the GPU test suite has run to its end under it. Changing it changes the compile cache's "
         "keys.",
     )
-    pdl: bool = Field(
-        False,
-        description="Programmatic Dependent Launch for the compiled UNets' and VAE decoder's Triton kernels (their "
-        "norms and elementwise work; inductor's triton.enable_pdl): on a Hopper or newer GPU each such kernel "
-        "starts while the one before it finishes, and waits on the GPU for that one's results before reading "
-        "them, instead of starting only after it has ended. Exact: the same kernels and arithmetic. Only with "
-        "compile, on compute capability 9.0+ (elsewhere the kernels launch as before). Aimed at the ~1 us gap "
-        "after each of a UNet call's ~1,350 CUDA-graph nodes (53 ms of an ensemble image on an H200, run 103). "
-        "Off until measured on a GPU. Changing it changes the compile cache's keys.",
-    )
     fused_geglu: bool | None = Field(
         None,
         description="Each transformer block's feed-forward runs its first bf16 matmul and GEGLU as one Triton "

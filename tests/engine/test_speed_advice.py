@@ -101,15 +101,6 @@ def test_timed_reductions_are_named_in_what_runs() -> None:
     )
 
 
-def test_dependent_launches_are_named_in_what_runs() -> None:
-    settings = Settings(compile=CompileChoice.REDUCE_OVERHEAD, timed_reductions=True, pdl=True)
-    assert lines_for(H100, settings)[0].startswith(
-        "speed: torch.compile reduce-overhead, norms timed persistent or looped (IMAGESMITH_TIMED_REDUCTIONS), "
-        "Triton kernels launched early (IMAGESMITH_PDL); "
-    )
-    assert "IMAGESMITH_PDL" not in lines_for(H100, Settings(compile=CompileChoice.REDUCE_OVERHEAD))[0]
-
-
 def test_warming_up_any_size_is_named_where_it_is_on() -> None:
     settings = Settings(compile=CompileChoice.REDUCE_OVERHEAD, warmup_any_size=True)
     line = lines_for(H100, settings)[0]

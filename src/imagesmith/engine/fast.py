@@ -234,7 +234,6 @@ def apply_speed_levers(base: Any, refiner: Any | None, plan: HardwarePlan, setti
             use_persistent_compile_cache(compile_cache_for(settings, plan))
             allow_graphs_per_model(UNET_GRAPHS_ALLOWED)
             timed = use_timed_reductions(settings.timed_reductions)
-            timed += use_dependent_launches(settings.pdl)
             regions = _mark_compile_regions(unets) if settings.compile_regions else ""
             options = unet_compile_options(settings)
             for unet in unets:
@@ -266,8 +265,6 @@ def apply_speed_levers(base: Any, refiner: Any | None, plan: HardwarePlan, setti
             log.warning("compile_regions skipped: it shapes what torch.compile compiles, and compile is off")
         if settings.timed_reductions:
             log.warning("timed_reductions skipped: it chooses compiled kernels, and compile is off")
-        if settings.pdl:
-            log.warning("pdl skipped: it changes how compiled kernels launch, and compile is off")
     return applied
 
 
@@ -285,25 +282,6 @@ def use_timed_reductions(wanted: bool) -> str:
         # Without this, every multi-kernel graph loaded from the compile cache fails (engine/multi_kernel_cache.py).
         restore_locks_of_cached_kernels()
     return ", timed reductions" if wanted else ""
-
-
-def use_dependent_launches(wanted: bool) -> str:
-    """Programmatic Dependent Launch for the Triton kernels compiled from now on, and the compile lever's words.
-
-    In a CUDA graph each kernel starts only after the one before it has ended: ~1 us of an idle GPU at each of a
-    UNet call's ~1,350 nodes, 53 ms of an ensemble image on an H200 (run 103). With PDL a Triton kernel is
-    launched early and waits on the GPU (`gdc_wait`) before its first read, so its start overlaps its
-    predecessor's tail; inductor emits the wait in every kernel that reads memory, so the arithmetic and its
-    order are unchanged. Inductor uses it only on compute capability 9.0+, and never in its matmul templates.
-    Set both ways, never left as the last engine set it: process-wide, and part of inductor's cache key."""
-    import torch._inductor.config as inductor_config  # here: importing inductor takes a while
-
-    if not hasattr(inductor_config.triton, "enable_pdl"):
-        if wanted:
-            log.warning("pdl skipped: this torch (%s) has no inductor triton.enable_pdl", torch.__version__)
-        return ""
-    inductor_config.triton.enable_pdl = wanted
-    return ", dependent launches" if wanted else ""
 
 
 def _mark_compile_regions(unets: list[Any]) -> str:

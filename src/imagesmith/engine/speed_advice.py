@@ -114,7 +114,6 @@ def _what_runs(settings: Settings, plan: HardwarePlan) -> str:
             if settings.timed_reductions
             else ""
         )
-        timed += ", Triton kernels launched early (IMAGESMITH_PDL)" if settings.pdl else ""
         what = f"torch.compile {settings.compile.value}{regions}{timed}; {when}; {cache}"
     lossy = [f"fp8 linears ({plan.fp8} scales)"] if plan.fp8 else []
     lossy += ["fp8 convolutions"] if plan.fp8_convs else []
