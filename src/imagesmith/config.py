@@ -251,16 +251,16 @@ class Settings(BaseSettings):
         "rounding), for bf16 decodes of up to 128x128 latents; larger ones keep the kernel. Only with compile. "
         "Measured on an H100: the 1024x1024 decode 38.8 -> 36.0 ms.",
     )
-    timed_reductions: bool = Field(
-        False,
+    timed_reductions: bool | None = Field(
+        None,
         description="Compile each reduction kernel of the compiled UNets and VAE decoder (the layer and group "
         "norms, softmaxes) both held in registers and as a loop, and keep whichever runs faster on its first "
         "call, at start-up (inductor's multi-kernel; this setting decides it, over TORCHINDUCTOR_MULTI_KERNEL). "
-        "Exact within rounding: the same sums in another order, not bit-identical. Only with compile. Measured on "
-        "an H100: the base UNet's call -0.37 ms of 32.4 (its 1280-wide layer norms 12 -> 9 us each, run 93), the "
-        "refiner's +0.00 (run 94); the 40-step ensemble 1.313 -> 1.298 s, for a cold warm-up 41 s longer (run "
-        "95). Off until the GPU test suite has run to its end under it. Changing it changes the compile cache's "
-        "keys.",
+        "Exact within rounding: the same sums in another order, not bit-identical. Only with compile. Measured: "
+        "the 40-step ensemble 1.313 -> 1.298 s on an H100 (run 95), 1.302 -> 1.263 s on an H200 (run 103), the "
+        "same 49.5 dB from eager bf16; a cold warm-up of the one-image graphs as long as without (run 110), of "
+        "the batched ones longer. Default: on with compile (since session 46, when the whole GPU test suite "
+        "passed under it, runs 107-109); false turns it off. Changing it changes the compile cache's keys.",
     )
     fused_geglu: bool | None = Field(
         None,

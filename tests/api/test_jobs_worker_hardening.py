@@ -4,6 +4,7 @@ real worker, tiny engine."""
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 from pathlib import Path
@@ -19,7 +20,7 @@ from imagesmith.jobs.events import EventHub
 from imagesmith.jobs.metrics import Metrics
 from imagesmith.jobs.service import JobService
 from imagesmith.jobs.store import JobRecord, JobStatus, JobStore
-from imagesmith.jobs.worker import Worker
+from imagesmith.jobs.worker import Worker, asks_stock_first
 from imagesmith.sources.generate import GenerateSource
 from imagesmith.sources.registry import SourceRegistry
 from imagesmith.storage.files import ImageFiles
@@ -499,3 +500,49 @@ def test_images_the_disk_refuses_every_time_end_the_job_as_a_storage_error(
     assert final.error is not None and final.error["code"] == "storage_error", final.error
     assert parts.hub.terminal[job_id] == "failed"
     assert parts.metrics.jobs_finished.labels("failed")._value.get() == 1  # counted as every end is
+
+
+def test_claims_the_disk_refuses_leave_the_worker_running_with_one_line_each(
+    parts: Parts, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failing disk under the claim: the job stays queued, each failed round says so in one warning (no
+    traceback), and the job runs once the store takes writes. The GPU loop and the stock lane share this."""
+    job = parts.submit(prompt="a harbour", seed=3)
+    claim = parts.store.claim
+    refused: list[int] = []
+
+    def refusing_twice(*args: Any, **kwargs: Any) -> list[JobRecord]:
+        if len(refused) < 2:
+            refused.append(1)
+            disk = sqlite3.OperationalError("disk I/O error")
+            disk.sqlite_errorcode = sqlite3.SQLITE_IOERR  # type: ignore[attr-defined]  # as SQLite raises it
+            raise disk
+        return claim(*args, **kwargs)
+
+    monkeypatch.setattr(parts.store, "claim", refusing_twice)
+    with caplog.at_level(logging.WARNING, logger="imagesmith.jobs.worker"):
+        parts.worker.start()
+        parts.wait_terminal(job)
+    assert refused == [1, 1]
+    assert parts.job(job).status is JobStatus.SUCCEEDED and parts.job(job).attempts == 1
+    said = [r for r in caplog.records if "claiming jobs failed" in r.getMessage()]
+    assert len(said) == 2 and all(r.levelno == logging.WARNING and r.exc_info is None for r in said)
+    assert "the job store cannot be written (disk I/O error); trying again" in said[0].getMessage()
+
+
+@pytest.mark.parametrize(
+    ("request_json", "stock_lane"),
+    [
+        ({"sources": ["stock", "generate"], "prompt": "a lake"}, True),
+        ({"sources": ["stock"], "prompt": "a lake", "generation": {"width": -1}}, True),  # fails on the lane
+        ({"sources": ["generate", "stock"], "prompt": "a lake"}, False),
+        ({"sources": "stock", "prompt": "a lake"}, False),  # not what any route stores: the GPU loop fails it
+        ({"prompt": "a lake"}, False),
+    ],
+)
+def test_one_test_says_which_line_a_stored_request_waits_in(
+    request_json: dict[str, Any], stock_lane: bool
+) -> None:
+    """The claims' predicate and the queue positions' line read the same stored field, so a job's position
+    counts the line that will really claim it."""
+    assert asks_stock_first(request_json) is stock_lane

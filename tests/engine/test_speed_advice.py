@@ -84,7 +84,7 @@ def test_without_a_warm_up_the_line_says_shapes_compile_on_first_use() -> None:
 
 
 def test_compile_regions_are_named_in_what_runs() -> None:
-    settings = Settings(compile=CompileChoice.DEFAULT, compile_regions=True)
+    settings = Settings(compile=CompileChoice.DEFAULT, compile_regions=True, timed_reductions=False)
     assert lines_for(A100, settings)[0].startswith(
         "speed: torch.compile default, each kind of transformer block once (IMAGESMITH_COMPILE_REGIONS); "
     )
@@ -97,7 +97,7 @@ def test_timed_reductions_are_named_in_what_runs() -> None:
     )
     assert (
         "IMAGESMITH_TIMED_REDUCTIONS"
-        not in lines_for(H100, Settings(compile=CompileChoice.REDUCE_OVERHEAD))[0]
+        not in lines_for(H100, Settings(compile=CompileChoice.REDUCE_OVERHEAD, timed_reductions=False))[0]
     )
 
 
@@ -123,13 +123,16 @@ def test_warming_up_any_size_is_named_where_it_is_on() -> None:
     assert "every queued request waiting); what it compiles runs host-bound without CUDA" in line
 
 
-def test_a_compiling_server_is_offered_timed_reductions_until_it_has_them() -> None:
+def test_timed_reductions_come_with_compile_and_are_offered_only_where_turned_off() -> None:
     compiled = Settings(compile=CompileChoice.REDUCE_OVERHEAD)
-    offered = [
-        line for line in tries(lines_for(A100, compiled)) if "IMAGESMITH_TIMED_REDUCTIONS=true" in line
-    ]
-    assert len(offered) == 1 and "exact" in offered[0]
-    # Not before compiling (the compile line comes first), and not once on.
-    assert not any("TIMED_REDUCTIONS" in line for line in tries(lines_for(A100, Settings())))
-    on = compiled.with_changes(timed_reductions=True)
-    assert not any("TIMED_REDUCTIONS" in line for line in tries(lines_for(A100, on)))
+    assert "norms timed persistent or looped" in lines_for(A100, compiled)[0]
+    assert not any("TIMED_REDUCTIONS" in line for line in tries(lines_for(A100, compiled)))
+    turned_off = compiled.with_changes(timed_reductions=False)
+    assert "norms timed" not in lines_for(A100, turned_off)[0]
+    offered = [line for line in tries(lines_for(A100, turned_off)) if "IMAGESMITH_TIMED_REDUCTIONS" in line]
+    assert len(offered) == 1 and "unset" in offered[0] and "exact" in offered[0]
+    # Not before compiling: the compile line comes first, and eager runs no compiled reduction.
+    assert "norms timed" not in lines_for(A100, Settings())[0]
+    assert not any(
+        "TIMED_REDUCTIONS" in line for line in tries(lines_for(A100, Settings(timed_reductions=False)))
+    )

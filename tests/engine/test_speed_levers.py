@@ -455,7 +455,9 @@ def test_the_unets_are_compiled_with_the_dynamic_option_and_the_decoder_is_not(
     decoder = modules["decoder"]._compiled_call_impl
     assert isinstance(decoder, SizeRoutedCall) and "decoder" not in calls
     assert decoder.options == {"fullgraph": True, "mode": None}
-    assert "torch.compile(mode=reduce-overhead, dynamic shapes) UNets + VAE decoder" in applied
+    assert (
+        "torch.compile(mode=reduce-overhead, dynamic shapes, timed reductions) UNets + VAE decoder" in applied
+    )
 
     # By default each UNet is routed: a static graph for one image, a batch-dynamic one for batches.
     calls.clear()
@@ -470,7 +472,7 @@ def test_the_unets_are_compiled_with_the_dynamic_option_and_the_decoder_is_not(
             routed = modules[name]._compiled_call_impl
             assert isinstance(routed, BatchRoutedCall) and name not in calls
         assert isinstance(modules["decoder"]._compiled_call_impl, SizeRoutedCall) and "decoder" not in calls
-        assert "torch.compile(mode=reduce-overhead) UNets + VAE decoder" in applied
+        assert "torch.compile(mode=reduce-overhead, timed reductions) UNets + VAE decoder" in applied
     finally:
         for module in modules.values():
             module._compiled_call_impl = None

@@ -34,9 +34,28 @@ def test_an_engine_without_it_turns_off_what_an_earlier_engine_turned_on(tiny_se
     """Inductor's flag is global and part of its cache key: a second engine in the process (the benchmarks run
     several) must compile its own kernels, not inherit the first one's choice."""
     inductor_config.triton.multi_kernel = 1
-    engine = Engine.start(tiny_settings.with_changes(compile="default", warmup=False))
+    engine = Engine.start(tiny_settings.with_changes(compile="default", timed_reductions=False, warmup=False))
     assert inductor_config.triton.multi_kernel == 0
     assert not any("timed reductions" in lever for lever in engine.levers)
+
+
+def test_a_compiling_engine_times_its_reductions_unless_told_not_to(tiny_settings: Settings) -> None:
+    """On by default with compile since the whole GPU suite passed under it (runs 107-109)."""
+    assert tiny_settings.timed_reductions is None
+    inductor_config.triton.multi_kernel = 0
+    engine = Engine.start(tiny_settings.with_changes(compile="reduce-overhead", warmup=False))
+    assert inductor_config.triton.multi_kernel == 1
+    assert "timed reductions" in " ".join(engine.levers)
+
+
+def test_an_eager_engine_leaves_it_off_without_a_warning(
+    tiny_settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    inductor_config.triton.multi_kernel = 0
+    with caplog.at_level(logging.WARNING, logger="imagesmith.engine.fast"):
+        Engine.start(tiny_settings.with_changes(warmup=False))
+    assert inductor_config.triton.multi_kernel == 0
+    assert "timed_reductions" not in caplog.text
 
 
 def test_timed_reductions_without_compile_are_skipped_with_a_warning(

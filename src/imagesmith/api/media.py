@@ -62,7 +62,6 @@ class ImageGenerationRequest(RefusesBooleanNumbers):
     height: int | None = Field(None, description="Multiple of 8, 64-2048.")
     aspect: AspectPreset | None = Field(None, description="Named size preset instead of width/height.")
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
-
     refine_mode: RefineMode | None = None
     high_noise_frac: float = Field(0.8, gt=0.0, lt=1.0)
     scheduler: SchedulerName = SchedulerName.EULER

@@ -273,7 +273,7 @@ class Engine:
         self.close()
 
     def _refuse_if_closed(self) -> None:
-        if self.closed or self._closing:
+        if self._closing:  # set first by close(), and never cleared: covers `closed` too
             raise RuntimeError(
                 "this engine is closed (Engine.close() was called): start a new one with Engine.start(settings)"
             )

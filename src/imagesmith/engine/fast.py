@@ -233,7 +233,7 @@ def apply_speed_levers(base: Any, refiner: Any | None, plan: HardwarePlan, setti
         else:
             use_persistent_compile_cache(compile_cache_for(settings, plan))
             allow_graphs_per_model(UNET_GRAPHS_ALLOWED)
-            timed = use_timed_reductions(settings.timed_reductions)
+            timed = use_timed_reductions(timed_reductions_wanted(settings))
             regions = _mark_compile_regions(unets) if settings.compile_regions else ""
             options = unet_compile_options(settings)
             for unet in unets:
@@ -263,9 +263,16 @@ def apply_speed_levers(base: Any, refiner: Any | None, plan: HardwarePlan, setti
     else:
         if settings.compile_regions:
             log.warning("compile_regions skipped: it shapes what torch.compile compiles, and compile is off")
-        if settings.timed_reductions:
+        if settings.timed_reductions:  # asked for by name, not the default's None
             log.warning("timed_reductions skipped: it chooses compiled kernels, and compile is off")
     return applied
+
+
+def timed_reductions_wanted(settings: Settings) -> bool:
+    """IMAGESMITH_TIMED_REDUCTIONS as set, else on whenever the engine compiles (the default since session 46)."""
+    if settings.timed_reductions is not None:
+        return settings.timed_reductions
+    return settings.compile is not CompileChoice.OFF
 
 
 def use_timed_reductions(wanted: bool) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from imagesmith.config import CUDA_GRAPH_MODES, CompileChoice, OffloadChoice, Settings
 from imagesmith.engine.compile_regions import regions_supported
-from imagesmith.engine.fast import channels_last_wanted, compile_cache_root
+from imagesmith.engine.fast import channels_last_wanted, compile_cache_root, timed_reductions_wanted
 from imagesmith.engine.hardware import FP8_MIN_CAPABILITY, DeviceInfo, HardwarePlan
 from imagesmith.sources.generate import warm_up_batches
 
@@ -46,10 +46,10 @@ def speed_lines(settings: Settings, device: DeviceInfo, plan: HardwarePlan) -> l
             "try: IMAGESMITH_COMPILE=reduce-overhead for a long-running server (exact: an ensemble image in "
             "1.330 s against eager's 2.6-3.4 s on an H200; the first start compiles for minutes)"
         )
-    elif not settings.timed_reductions:  # offered once compiling: it chooses among compiled kernels
+    elif settings.timed_reductions is False:  # on by default with compile: offered where it was turned off
         lines.append(
-            "try: IMAGESMITH_TIMED_REDUCTIONS=true (exact: an ensemble image 1.313 -> 1.298 s on an H100, run 95; "
-            "the first start 41 s longer)"
+            "try: leaving IMAGESMITH_TIMED_REDUCTIONS unset (on with compile; exact: an ensemble image 1.302 -> "
+            "1.263 s on an H200, run 103; the batched graphs' first compile takes longer)"
         )
     capability = device.capability or (0, 0)
     if capability >= FP8_MIN_CAPABILITY and plan.fp8 is None:
@@ -111,7 +111,7 @@ def _what_runs(settings: Settings, plan: HardwarePlan) -> str:
             regions = regions if regions_supported() else ", not IMAGESMITH_COMPILE_REGIONS (torch too old)"
         timed = (
             ", norms timed persistent or looped (IMAGESMITH_TIMED_REDUCTIONS)"
-            if settings.timed_reductions
+            if timed_reductions_wanted(settings)
             else ""
         )
         what = f"torch.compile {settings.compile.value}{regions}{timed}; {when}; {cache}"

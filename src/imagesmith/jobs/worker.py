@@ -16,6 +16,7 @@ import logging
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any, NamedTuple
 
@@ -69,14 +70,19 @@ def generation_batch_key(job: JobRecord) -> BatchKey | None:
     return batch_key(request.generation.resolve())
 
 
+def asks_stock_first(request: dict[str, Any]) -> bool:
+    """Whether a stored request asks Pexels first: such a job waits on the network (seconds, up to the timeouts
+    and retries), so it runs on the stock lane, never in the GPU's queue (Worker._stock_loop). Read from the
+    stored JSON, not a validated ImageRequest: every claim tests each row it scans, and queue positions every
+    queued row. A stored request was validated when it was submitted (`sources` is required there); one that no
+    longer validates fails with its own error on whichever loop claims it."""
+    sources = request.get("sources")
+    return isinstance(sources, list) and sources[:1] == [SourceName.STOCK.value]
+
+
 def stock_first(job: JobRecord) -> bool:
-    """Whether the job asks Pexels first: such a job waits on the network (seconds, up to the timeouts and
-    retries), so it runs on the stock lane, never in the GPU's queue (Worker._stock_loop)."""
-    try:
-        sources = ImageRequest.model_validate(job.request).sources
-    except ValueError:
-        return False  # claimed by the GPU loop, it fails with its own error
-    return bool(sources) and sources[0] is SourceName.STOCK
+    """Whether the job goes to the stock lane (asks_stock_first of its stored request)."""
+    return asks_stock_first(job.request)
 
 
 class EndedJob(NamedTuple):
@@ -268,19 +274,7 @@ class Worker:
         try:
             while not self._stopping:
                 self._release_stranded()
-                try:
-                    waiting = self._claims_paused or time.monotonic() < self._claims_resume_at
-                    jobs = [] if waiting or self.sources.settling() else self._claim()
-                except Exception as error:
-                    # A broken claim must not end the worker: jobs stay queued, and it tries again. A full or
-                    # failing disk gets one line, not a traceback every round.
-                    if store_unwritable(error):
-                        log.warning(
-                            "claiming jobs failed: the job store cannot be written (%s); trying again", error
-                        )
-                    else:
-                        log.exception("claiming jobs failed")
-                    jobs = []
+                jobs = self._claimed(self._claim, "jobs")
                 self._submit_finishing()
                 if not jobs:
                     with self._wake:
@@ -299,19 +293,9 @@ class Worker:
         """The stock lane: claims the oldest job that asks Pexels first and runs it (its fallback to generation
         included) while the GPU loop runs the rest of the queue. One stock job at a time, as before."""
         while not self._stopping:
-            try:
-                waiting = self._claims_paused or time.monotonic() < self._claims_resume_at
-                jobs = (
-                    []
-                    if waiting or self.sources.settling()
-                    else self.store.claim_where(self._stock_lane_takes, limit=1)
-                )
-            except Exception as error:
-                if store_unwritable(error):
-                    log.warning("claiming a stock job failed: the job store cannot be written (%s)", error)
-                else:
-                    log.exception("claiming a stock job failed")
-                jobs = []
+            jobs = self._claimed(
+                lambda: self.store.claim_where(self._stock_lane_takes, limit=1), "a stock job"
+            )
             if not jobs:
                 with self._wake:
                     self._wake.wait(timeout=0.5)
@@ -322,12 +306,26 @@ class Worker:
                 log.exception("stock job failed")
                 self._end_unfinished(jobs, error)
 
+    def _claimed(self, claim: Callable[[], list[JobRecord]], what: str) -> list[JobRecord]:
+        """`claim`'s jobs; none while claims wait (paused, backing off, the sources settling) or when it fails.
+        A broken claim must not end its loop (the GPU loop's or the stock lane's): the jobs stay queued, and the
+        loop tries again. A full or failing disk gets one line, not a traceback every round."""
+        try:
+            waiting = self._claims_paused or time.monotonic() < self._claims_resume_at
+            return [] if waiting or self.sources.settling() else claim()
+        except Exception as error:
+            if store_unwritable(error):
+                log.warning(
+                    "claiming %s failed: the job store cannot be written (%s); trying again", what, error
+                )
+            else:
+                log.exception("claiming %s failed", what)
+            return []
+
     def line_of(self, request: dict[str, Any]) -> str:
         """The line a queued job (its stored request) waits in: "stock" (the stock lane, while it runs) or "gpu".
         For queue positions: a generation is not behind the stock jobs queued before it."""
-        sources = request.get("sources") or []
-        stock = self._stock_thread is not None and sources[:1] == [SourceName.STOCK.value]
-        return "stock" if stock else "gpu"
+        return "stock" if self._stock_thread is not None and asks_stock_first(request) else "gpu"
 
     def _stock_lane_takes(self, job: JobRecord) -> bool:
         """A job that asks Pexels first; while the models failed to load, only one another source can serve
