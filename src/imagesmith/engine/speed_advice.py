@@ -44,7 +44,7 @@ def speed_lines(settings: Settings, device: DeviceInfo, plan: HardwarePlan) -> l
     if settings.compile not in CUDA_GRAPH_MODES:
         lines.append(
             "try: IMAGESMITH_COMPILE=reduce-overhead for a long-running server (exact: an ensemble image in "
-            "1.330 s against eager's 2.6-3.4 s on an H200; the first start compiles for minutes)"
+            "1.263 s against eager's 2.3-3.4 s on an H200, run 103; the first start compiles for minutes)"
         )
     elif settings.timed_reductions is False:  # on by default with compile: offered where it was turned off
         lines.append(
