@@ -872,9 +872,21 @@ def test_an_ensemble_split_the_scheduler_leaves_empty_is_refused_before_the_mode
     assert done.returncode == 2, done.stderr
     assert done.stderr.rstrip().endswith(
         "imagesmith generate: error: --high-noise-frac 0.95 with 10 steps of dpmpp_2m gives the base 10 step(s) "
-        "and the refiner 0; raise --steps, or move --high-noise-frac away from 0 and 1"
+        "and the refiner 0; raise --steps to 20 or more, or move --high-noise-frac away from 0 and 1"
     )
     assert "loading base model" not in done.stderr
+
+
+def test_an_empty_stage_at_the_most_steps_is_not_told_to_raise_them(tiny_model_home: Path) -> None:
+    """--steps is at most 150: "raise --steps" was a fix no one could follow there (a black-box session)."""
+    done = run_cli(
+        "generate", "x", *SMALL_IMAGE[:4], "--steps", "150", "--high-noise-frac", "0.999", home=tiny_model_home
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.rstrip().endswith(
+        "imagesmith generate: error: --high-noise-frac 0.999 with 150 steps of euler gives the base 150 step(s) "
+        "and the refiner 0; move --high-noise-frac closer to 0.5"
+    )
 
 
 def test_a_write_that_fails_after_some_images_says_which_were_written(

@@ -302,7 +302,7 @@ class StageReport(BaseModel):
     seconds: float
 
     def __str__(self) -> str:  # as the CLI and the engine's log line say it
-        return f"{self.name} {self.steps} steps {self.seconds:.2f}s"
+        return f"{self.name} {self.steps} step{'' if self.steps == 1 else 's'} {self.seconds:.2f}s"
 
 
 class ImageReport(BaseModel):

@@ -546,3 +546,16 @@ def test_one_test_says_which_line_a_stored_request_waits_in(
     """The claims' predicate and the queue positions' line read the same stored field, so a job's position
     counts the line that will really claim it."""
     assert asks_stock_first(request_json) is stock_lane
+
+
+def test_a_jobs_end_is_logged_with_its_id_outside_its_context(
+    parts: Parts, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A batch's jobs end one after another outside any one job's context: a job canceled out of a batched
+    pass was logged as "job canceled" with no id (found by a black-box session)."""
+    job_id = parts.submit(prompt="a quay", seed=4)
+    [job] = parts.store.claim(1)
+    with caplog.at_level(logging.INFO, logger="imagesmith.jobs.worker"):
+        parts.worker._finish(job, JobStatus.CANCELED)
+    [ended] = [record for record in caplog.records if record.getMessage() == "job canceled"]
+    assert getattr(ended, "job_id", None) == job_id

@@ -57,6 +57,11 @@ def test_a_member_that_cancels_is_dropped_and_the_rest_finish(tiny_engine: Engin
     outcomes = tiny_engine.generate_batch([BatchItem(keep), BatchItem(drop, cancel_early, token)])
     assert not isinstance(outcomes[0], BaseException) and outcomes[0].images
     assert isinstance(outcomes[1], GenerationCanceled)
+    # Its row went through the pass's steps, but is not decoded: the decode made only the kept image.
+    stages = {stage.name: stage.steps for stage in outcomes[0].metadata.stages}
+    assert stages["decode"] == 1 and outcomes[0].metadata.batch_size == 2
+    solo = tiny_engine.generate(keep)
+    assert np.abs(pixels(outcomes[0].images[0]) - pixels(solo.images[0])).max() <= 2
 
 
 def test_incompatible_requests_are_refused() -> None:

@@ -10,6 +10,7 @@ import torch
 
 from imagesmith.engine import stage_clock
 from imagesmith.engine.stage_clock import StageClock, stage_start
+from imagesmith.schemas import StageReport
 
 
 class FakeEvent:
@@ -72,3 +73,9 @@ def test_cpu_stages_are_timed_by_the_host_as_each_ends() -> None:
     assert [(r.name, r.steps) for r in clock.reports] == [("base", 3)]
     assert clock.reports[0].seconds >= 0
     assert clock.settle() == clock.reports
+
+
+def test_a_stage_of_one_step_says_step() -> None:
+    """The pass's summary line and the CLI say each stage this way ("decode 1 steps" was a black-box finding)."""
+    assert str(StageReport(name="decode", steps=1, seconds=0.04)) == "decode 1 step 0.04s"
+    assert str(StageReport(name="base", steps=32, seconds=0.962)) == "base 32 steps 0.96s"

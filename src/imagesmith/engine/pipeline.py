@@ -26,7 +26,7 @@ from imagesmith.engine.schedulers import loaded_scheduler_config, make_scheduler
 from imagesmith.engine.size_routing import latent_size_of_image
 from imagesmith.engine.stage_clock import StageClock, StageStart, stage_start
 from imagesmith.engine.starting_noise import StartingNoise
-from imagesmith.schemas import RefineMode, ResolvedRequest, StageReport
+from imagesmith.schemas import MAX_STEPS, RefineMode, ResolvedRequest, StageReport
 
 BatchKey = tuple[object, ...]
 
@@ -172,10 +172,30 @@ def empty_stage_problem(
         (names or {}).get("high_noise_frac", "high_noise_frac"),
         (names or {}).get("num_inference_steps", "num_inference_steps"),
     )
+    # The fix names the fewest steps that work, and only where the steps' limit allows some (at 150 steps
+    # "raise the steps" was advice no one could follow).
+    fewest = next(
+        (
+            n
+            for n in range(request.num_inference_steps + 1, MAX_STEPS + 1)
+            if min(
+                planned_stage_steps(
+                    request.model_copy(update={"num_inference_steps": n}), scheduler_config
+                ).values()
+            )
+            >= 1
+        ),
+        None,
+    )
+    fix = (
+        f"raise {steps} to {fewest} or more, or move {split} away from 0 and 1"
+        if fewest is not None
+        else f"move {split} closer to 0.5"
+    )
     return (
         f"{split} {request.high_noise_frac} with {request.num_inference_steps} steps of "
         f"{request.scheduler.value} gives the base {planned['base']} step(s) and the refiner "
-        f"{planned['refine']}; raise {steps}, or move {split} away from 0 and 1"
+        f"{planned['refine']}; {fix}"
     )
 
 

@@ -826,7 +826,8 @@ class Worker:
         request's thread is not (it answers within its bound: store_writes.py)."""
         if self._finish_write(job.id, status, result, error, patient):
             self.metrics.jobs_finished.labels(status.value).inc()
-            log.info("job %s", status.value)
+            # Named, not left to the thread's current job: a batch's jobs end one after another outside it.
+            log.info("job %s", status.value, extra={"job_id": job.id})
         # Read back, not assumed: finish() changes nothing when the job already ended (a cancel won the race),
         # and the event must tell what the store holds.
         final = self.store.get(job.id)
