@@ -79,3 +79,36 @@ def test_a_stage_of_one_step_says_step() -> None:
     """The pass's summary line and the CLI say each stage this way ("decode 1 steps" was a black-box finding)."""
     assert str(StageReport(name="decode", steps=1, seconds=0.04)) == "decode 1 step 0.04s"
     assert str(StageReport(name="base", steps=32, seconds=0.962)) == "base 32 steps 0.96s"
+
+
+@pytest.mark.usefixtures("fake_cuda")
+def test_a_pass_that_stops_still_logs_the_stages_it_finished(caplog: pytest.LogCaptureFixture) -> None:
+    """Canceled during the refiner: the base's line was logged as it ended when each stage waited for the GPU;
+    with the times read at the pass's end, the engine settles them when the pass stops instead."""
+    from imagesmith.engine.pipeline import StageRun
+
+    run = StageRun(members=[])
+    began = stage_start("cuda")
+    FakeEvent.gpu_now_ms = 500.0
+    run.finish_stage("base", began, steps=32)
+    with caplog.at_level(logging.INFO, logger="imagesmith.engine.stage_clock"):
+        run.settle_stages_after_failure()
+    assert "stage base: 32 step(s) in 0.50s" in caplog.text
+    assert [(s.name, s.steps) for s in run.stages] == [("base", 32)]
+
+
+@pytest.mark.usefixtures("fake_cuda")
+def test_a_gpu_that_failed_costs_the_stage_times_not_the_passs_own_error(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from imagesmith.engine.pipeline import StageRun
+
+    def broken(self: FakeEvent) -> None:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    run = StageRun(members=[])
+    run.finish_stage("base", stage_start("cuda"), steps=3)
+    monkeypatch.setattr(FakeEvent, "synchronize", broken)
+    with caplog.at_level(logging.WARNING, logger="imagesmith.engine.pipeline"):
+        run.settle_stages_after_failure()  # does not raise: the pass's own error goes on
+    assert "the finished stages' times could not be read: CUDA error" in caplog.text

@@ -359,6 +359,7 @@ class Engine:
                     return self._one_pass(run)
                 except Exception as error:
                     note_where_the_pass_failed(self, error)  # for `_serve_on_after`, on the caller's thread
+                    run.settle_stages_after_failure()  # the stages it finished still get their log lines
                     raise
 
         def run_pass() -> list[GenerationResult | BaseException]:

@@ -124,6 +124,14 @@ class StageRun:
         """Every stage's report, once the pass's results are on the host (so waiting costs nothing)."""
         return self.clock.settle()
 
+    def settle_stages_after_failure(self) -> None:
+        """A pass that stopped (a cancel, an error) still logs the stages it finished. The GPU may be what
+        failed: then their times are given up, with a line that says so."""
+        try:
+            self.clock.settle()
+        except Exception as error:  # a CUDA error raised again by the wait: the pass's own error says more
+            log.warning("the finished stages' times could not be read: %s", error)
+
     @property
     def stages(self) -> list[StageReport]:
         """The stages reported so far (all of them after settle_stages)."""
