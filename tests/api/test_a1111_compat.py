@@ -145,7 +145,7 @@ def test_errors_name_the_field_and_valid_values(server: ServerProcess) -> None:
     assert named["field"] == "steps", named
     dpm = txt2img(server, steps=4, sampler_name="DPM++ 2M")
     assert dpm.status_code == 422 and dpm.json()["field"] == "refiner_switch_at", dpm.text
-    assert "raise steps, or move refiner_switch_at" in dpm.json()["detail"], dpm.text
+    assert "raise steps to 5 or more, or move refiner_switch_at" in dpm.json()["detail"], dpm.text
 
 
 @pytest.mark.parametrize(
