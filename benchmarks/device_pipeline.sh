@@ -310,6 +310,9 @@ print(s(Path('.devcache/random-sdxl'), False))" ;;
     bf16-geglu) stage bf16-geglu 240 python3 benchmarks/bf16_geglu.py --out "$PIPE/bf16-geglu.json" --batches 2 ;;
     # Every tile config of the bf16 kernel alone, at each feed-forward shape (run 100).
     bf16-tiles) stage bf16-tiles 300 python3 benchmarks/bf16_geglu_tiles.py --out "$PIPE/bf16-tiles.json" ;;
+    # Session 47: FlashAttention-4's Hopper kernel against cuDNN's attention, every attention shape of both UNets
+    # (needs flash-attn-4 and its CuTe DSL wheels in /tmp/site: benchmarks/fa4_wheels.sh).
+    fa4) stage fa4 300 python3 benchmarks/attention_fa4.py --out "$PIPE/fa4.json" ;;
     headline) stage headline 60 python3 benchmarks/headline.py "$PIPE" --out "$PIPE/headline.md" ;;
     *) echo "$(date +%s) unknown stage $1" >> "$PIPE/stages" ;;
     esac

@@ -139,6 +139,7 @@ class Variant:
             "attn-flash",
             "attn-efficient",
             "attn-cudnn",
+            "attn-fa4",
             "olddecode",
             "fp8conv",
             "fp8convnchw",
@@ -161,7 +162,8 @@ class Variant:
         if unknown or kind not in ("", "mlperf") or len(attention) > 1 or twice:
             raise SystemExit(
                 f"variant {spec!r}: flags are one of +fp8 +fp8dyn, +cl +dyn, one of +cudnn +nocudnn, one of +teg +noteg, one of "
-                "+attn-flash +attn-efficient +attn-cudnn, +olddecode, +cdt, +mk, +ndt, +regions (compiled, not with +dyn), "
+                "+attn-flash +attn-efficient +attn-cudnn +attn-fa4, +olddecode, +cdt, +mk, +ndt, "
+                "+regions (compiled, not with +dyn), "
                 "one of +fp8conv +fp8convnchw (with +fp8), +geglu (with +fp8), +bgeglu (without fp8), "
                 "and the suffix :mlperf"
             )

@@ -91,12 +91,15 @@ class Fp8Scales(StrEnum):
 
 class AttentionBackendChoice(StrEnum):
     """The fused kernel scaled_dot_product_attention tries first (engine/attention.py). 'auto' keeps torch's
-    own choice, which depends on the torch and cuDNN build (cuDNN's kernel on Hopper with cuDNN 9.15+)."""
+    own choice, which depends on the torch and cuDNN build (cuDNN's kernel on Hopper with cuDNN 9.15+). 'fa4'
+    runs the UNets' attention through FlashAttention-4's Hopper kernel (engine/fa4_attention.py), a separate
+    package."""
 
     AUTO = "auto"
     FLASH = "flash"
     EFFICIENT = "efficient"
     CUDNN = "cudnn"
+    FA4 = "fa4"
 
 
 # Compile modes that record CUDA graphs.
@@ -301,7 +304,8 @@ class Settings(BaseSettings):
     attention_backend: AttentionBackendChoice = Field(
         AttentionBackendChoice.AUTO,
         description="Attention kernel tried first on a CUDA GPU: auto (torch's choice), flash, efficient or "
-        "cudnn (exact, each within bf16 rounding).",
+        "cudnn (exact, each within bf16 rounding); fa4 runs the UNets' attention through FlashAttention-4 on a "
+        "Hopper GPU (the flash-attn-4 package, installed separately).",
     )
     cudnn_benchmark: bool | None = Field(
         None,

@@ -32,8 +32,9 @@ _FALLBACKS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBac
 
 
 def priority_for(choice: str) -> list[SDPBackend] | None:
-    """The backend order for a plan's `attention` value; None keeps torch's own order ('auto')."""
-    if choice == "auto":
+    """The backend order for a plan's `attention` value; None keeps torch's own order ('auto', and 'fa4', whose
+    processors call their kernel directly and leave SDPA to the VAE)."""
+    if choice in ("auto", "fa4"):
         return None
     first = _BACKENDS[choice]
     return [first, *(backend for backend in _FALLBACKS if backend is not first)]

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from imagesmith.config import CUDA_GRAPH_MODES, CompileChoice, Settings
-from imagesmith.engine import bf16_geglu, encoder_graphs
+from imagesmith.engine import bf16_geglu, encoder_graphs, fa4_attention
 from imagesmith.engine.batch_routing import BatchRoutedCall
 from imagesmith.engine.compile_regions import compile_transformer_blocks_once, regions_supported
 from imagesmith.engine.cudnn_graphs import remember_plans_in
@@ -147,6 +147,19 @@ def text_encoder_graphs_wanted(settings: Settings, plan: HardwarePlan) -> bool:
     return settings.compile in CUDA_GRAPH_MODES
 
 
+def _route_fa4_attention(unets: list[Any], plan: HardwarePlan) -> str:
+    """FA4 only ever runs because a user asked for it, so a GPU where its kernel fails refuses to start, saying
+    why, rather than start with another kernel than the one asked for."""
+    fault = fa4_attention.kernel_fault(plan.device)
+    if fault is not None:
+        raise RuntimeError(
+            f"IMAGESMITH_ATTENTION_BACKEND=fa4, but FlashAttention-4 failed its check on {plan.device} ({fault}): "
+            f"{fa4_attention.INSTALL_HINT}, or set IMAGESMITH_ATTENTION_BACKEND=auto"
+        )
+    routed = sum(fa4_attention.route_unet_attention(unet) for unet in unets)
+    return f"attention: the UNets' x{routed} through FlashAttention-4"
+
+
 def apply_speed_levers(base: Any, refiner: Any | None, plan: HardwarePlan, settings: Settings) -> list[str]:
     """Apply the levers the settings ask for; return what was applied, for the start-up log and health."""
     if settings.fp8 and not plan.fp8_asked:
@@ -178,7 +191,9 @@ def apply_speed_levers(base: Any, refiner: Any | None, plan: HardwarePlan, setti
         torch.backends.cudnn.benchmark = cudnn_benchmark_wanted(settings, plan)
         if torch.backends.cudnn.benchmark:
             applied.append("cudnn.benchmark")
-    if plan.attention != "auto":  # entered around each generation by the engine (engine/attention.py)
+    if plan.attention == "fa4":  # the UNets' blocks get FA4's processor, after the QKV fusion it stands for
+        applied.append(_route_fa4_attention(unets, plan))
+    elif plan.attention != "auto":  # entered around each generation by the engine (engine/attention.py)
         applied.append(f"attention: {plan.attention} first")
     if text_encoder_graphs_wanted(settings, plan):
         encoders = encoder_graphs.text_encoders(base, refiner)
