@@ -94,7 +94,7 @@ def test_a_pass_that_stops_still_logs_the_stages_it_finished(caplog: pytest.LogC
     with caplog.at_level(logging.INFO, logger="imagesmith.engine.stage_clock"):
         run.settle_stages_after_failure()
     assert "stage base: 32 step(s) in 0.50s" in caplog.text
-    assert [(s.name, s.steps) for s in run.stages] == [("base", 32)]
+    assert [(s.name, s.steps) for s in run.clock.reports] == [("base", 32)]
 
 
 @pytest.mark.usefixtures("fake_cuda")

@@ -133,11 +133,6 @@ class StageRun:
             log.warning("the finished stages' times could not be read: %s", error)
 
     @property
-    def stages(self) -> list[StageReport]:
-        """The stages reported so far (all of them after settle_stages)."""
-        return self.clock.reports
-
-    @property
     def all_canceled(self) -> bool:
         return self.interrupt.canceled or all(member.canceled for member in self.members)
 

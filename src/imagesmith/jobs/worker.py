@@ -80,11 +80,6 @@ def asks_stock_first(request: dict[str, Any]) -> bool:
     return isinstance(sources, list) and sources[:1] == [SourceName.STOCK.value]
 
 
-def stock_first(job: JobRecord) -> bool:
-    """Whether the job goes to the stock lane (asks_stock_first of its stored request)."""
-    return asks_stock_first(job.request)
-
-
 class EndedJob(NamedTuple):
     """A job whose pass is over, on its way to the finishing thread."""
 
@@ -330,14 +325,14 @@ class Worker:
     def _stock_lane_takes(self, job: JobRecord) -> bool:
         """A job that asks Pexels first; while the models failed to load, only one another source can serve
         (the rest stay queued for the restart that fixes the models, as in the GPU loop's claim)."""
-        if not stock_first(job):
+        if not asks_stock_first(job.request):
             return False
         models_failed = self.sources.status(SourceName.GENERATE).state is SourceState.FAILED
         return not models_failed or self._servable_without_models(job)
 
     def _gpu_loop_takes(self, job: JobRecord) -> bool:
         """What the GPU loop claims: everything but the stock lane's jobs (while the lane runs)."""
-        return self._stock_thread is None or not stock_first(job)
+        return self._stock_thread is None or not asks_stock_first(job.request)
 
     def _submit_finishing(self) -> None:
         """Hand the last pass to the finishing thread, after the claim of the next one.
