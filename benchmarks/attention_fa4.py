@@ -134,14 +134,15 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
-    import flash_attn
+    from importlib.metadata import version
 
     result: dict[str, Any] = {
         "versions": {
             "gpu": torch.cuda.get_device_name(),
             "torch": torch.__version__,
             "cudnn": torch.backends.cudnn.version(),
-            "flash_attn": getattr(flash_attn, "__version__", "?"),
+            "flash_attn_4": version("flash-attn-4"),
+            "cutlass_dsl": version("nvidia-cutlass-dsl-libs-base"),
         },
         "shapes": [measure(shape, args.reps, args.replays) for shape in SHAPES],
     }
