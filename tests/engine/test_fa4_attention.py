@@ -6,6 +6,8 @@ GPU the op runs torch's attention in the kernel's layout; the kernel itself: tes
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +20,7 @@ from imagesmith.engine.attention import priority_for
 from imagesmith.engine.fa4_attention import (
     FA4AttentionProcessor,
     fa4_attention,
+    keep_kernels_in,
     routable,
     route_unet_attention,
 )
@@ -84,6 +87,14 @@ def test_the_routed_unet_compiles_in_one_graph(tiny_settings: Settings) -> None:
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_a_users_own_kernel_cache_settings_win(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "0")
+    monkeypatch.delenv("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", raising=False)
+    keep_kernels_in(tmp_path)
+    assert os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"] == "0"
+    assert os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"] == str(tmp_path)
+
+
 def test_fa4_keeps_torchs_order_for_the_rest() -> None:
     assert priority_for("fa4") is None  # the VAE's attention: torch's choice
 
@@ -98,10 +109,12 @@ def test_a_cuda_plan_carries_fa4_and_a_cpu_plan_ignores_it(tiny_settings: Settin
 
 
 def test_where_the_kernel_cannot_run_the_start_refuses_and_says_how_to_fix_it(
-    tiny_settings: Settings,
+    tiny_settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A CUDA plan on a machine whose torch has no CUDA (this one): the kernel's check fails, and the error names
     the setting and the two ways out instead of starting with another kernel than the one asked for."""
+    for name in ("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"):
+        monkeypatch.delenv(name, raising=False)
     engine = Engine.start(tiny_settings.with_changes(warmup=False))
     plan = dataclasses.replace(engine.plan, device="cuda", attention="fa4")
     with pytest.raises(RuntimeError) as raised:

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -125,6 +127,14 @@ def route_unet_attention(unet: Any) -> int:
         else:
             log.warning("UNet attention %s keeps %s", name, type(module.processor).__name__)
     return routed
+
+
+def keep_kernels_in(folder: Path) -> None:
+    """FA4 compiles each kernel on its first use in a process (seconds each); kept on disk, a restart loads them,
+    as inductor's own cache keeps the UNets' graphs. flash_attn.cute reads these variables once, when it is first
+    imported, so this runs before anything imports it; values the user set win."""
+    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
+    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", str(folder))
 
 
 def kernel_fault(device: torch.device | str) -> str | None:

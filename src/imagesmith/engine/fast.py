@@ -147,9 +147,10 @@ def text_encoder_graphs_wanted(settings: Settings, plan: HardwarePlan) -> bool:
     return settings.compile in CUDA_GRAPH_MODES
 
 
-def _route_fa4_attention(unets: list[Any], plan: HardwarePlan) -> str:
+def _route_fa4_attention(unets: list[Any], plan: HardwarePlan, settings: Settings) -> str:
     """FA4 only ever runs because a user asked for it, so a GPU where its kernel fails refuses to start, saying
     why, rather than start with another kernel than the one asked for."""
+    fa4_attention.keep_kernels_in(compile_cache_for(settings, plan) / "fa4-kernels")
     fault = fa4_attention.kernel_fault(plan.device)
     if fault is not None:
         raise RuntimeError(
@@ -192,7 +193,7 @@ def apply_speed_levers(base: Any, refiner: Any | None, plan: HardwarePlan, setti
         if torch.backends.cudnn.benchmark:
             applied.append("cudnn.benchmark")
     if plan.attention == "fa4":  # the UNets' blocks get FA4's processor, after the QKV fusion it stands for
-        applied.append(_route_fa4_attention(unets, plan))
+        applied.append(_route_fa4_attention(unets, plan, settings))
     elif plan.attention != "auto":  # entered around each generation by the engine (engine/attention.py)
         applied.append(f"attention: {plan.attention} first")
     if text_encoder_graphs_wanted(settings, plan):
