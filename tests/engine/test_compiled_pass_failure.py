@@ -277,3 +277,23 @@ def test_a_pass_started_from_a_replaced_thread_is_still_refused() -> None:
     starter.join(10)
     assert outcome and "cannot start another pass" in str(outcome[0])
     gpu.close()
+
+
+def test_a_compile_cut_short_by_a_stop_is_not_served_eager(
+    engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The process exits (or the engine closes) while a compiled pass compiles: the GPU thread is closed under
+    it and the compile fails. That is no sign the graphs are broken: the error goes to the caller as it is, with
+    no fall-back to eager (logged as an ERROR) and no retry on a thread that no longer takes calls."""
+    decoder = engine.models.base.vae.decoder
+
+    def stopped_mid_compile(graph: Any, example_inputs: Any) -> Any:
+        engine._gpu.stop_for_exit()  # what the exit guard does while the compile runs
+        raise RuntimeError("compile interrupted")
+
+    _compile(engine, decoder, stopped_mid_compile)
+    with caplog.at_level("WARNING"), pytest.raises(Exception, match="compile interrupted"):
+        engine.generate(_request(5))
+    assert compiled_modules(engine) == [decoder]  # not given up
+    assert not any(lever.startswith("torch.compile failed") for lever in engine.levers)
+    assert "a compiled pass failed" not in caplog.text

@@ -543,3 +543,41 @@ def test_a_stopped_warm_up_ends_within_a_step_and_is_not_a_compile_failure(
     assert steps == [steps[0]] and "base step 1 of" in steps[0]  # no step after the stop
     assert not any(message.startswith("warm-up 2 of 2") for message in heard)
     assert fell_back == []
+
+
+def test_a_warm_up_failing_after_a_stop_logs_the_stop_not_a_broken_model(
+    tiny_engine: Engine, tiny_settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Ctrl-C while the warm-up compiles: the stop cuts the compile short and it raises (a black-box session saw
+    inductor fail on an interpreter on its way out). That is the stop's doing: one INFO line, no traceback, no
+    "model loading failed", and health never reports the models as failed."""
+    import threading
+
+    from imagesmith.sources.base import SourceState
+    from imagesmith.sources.generate import GenerateSource
+
+    inside, release = threading.Event(), threading.Event()
+    source = GenerateSource(tiny_settings.with_changes(warmup_sizes="64x64"), factory=lambda _: tiny_engine)
+    real = tiny_engine.generate_batch
+
+    def cut_short(items: object) -> object:
+        inside.set()
+        release.wait(30)
+        raise AttributeError("'_OpNamespace' 'prims' object has no attribute 'device_put'")
+
+    tiny_engine.generate_batch = cut_short  # type: ignore[method-assign,assignment]
+    try:
+        with caplog.at_level("INFO"):
+            thread = source.start_loading()
+            assert inside.wait(30)
+            source.close()  # the server's stop, while the warm-up's pass is inside torch
+            release.set()
+            thread.join(30)
+        assert "start-up stopped during warm-up 1 of 1" in caplog.text
+        assert "(AttributeError: '_OpNamespace' 'prims' object has no attribute 'device_put')" in caplog.text
+        assert "model loading failed" not in caplog.text
+        assert not [record for record in caplog.records if record.levelname == "ERROR"]
+        assert source.status().state is SourceState.STARTING
+    finally:
+        tiny_engine.generate_batch = real  # type: ignore[method-assign]
+        release.set()

@@ -392,6 +392,10 @@ class Engine:
         the pass runs again so the accepted work is done. A pass that was already queued when another one failed
         finds the modules eager by now: it only needs the retry. Progress restarts from the first step; the
         worker's tracker counts a stage that starts again from where it began."""
+        if self._closing or self._gpu.closed:
+            # A stop is under way (close(), or the process exiting while a warm-up compiles): the compile it cut
+            # short is no sign that the graphs are broken, and there is no thread left to run a retry on.
+            return None
         shared = failed_on_shared_graphs(error)
         compiled = bool(compiled_modules(self))
         fell_back = any(lever.startswith("torch.compile failed") for lever in self.levers)

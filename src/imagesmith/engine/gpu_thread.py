@@ -97,6 +97,11 @@ class GpuThread:
         return self._thread
 
     @property
+    def closed(self) -> bool:
+        """Whether close() (or stop_for_exit, at the process's exit) has run: no later call is taken."""
+        return self._closed
+
+    @property
     def ident(self) -> int | None:
         return None if self._thread is None else self._thread.ident
 

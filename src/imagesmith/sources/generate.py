@@ -96,6 +96,14 @@ class GenerateSource:
         except GenerationCanceled:
             log.info("start-up stopped during warm-up")
         except Exception as error:  # any load failure is reported by health, not raised into the server
+            if self._stop_loading.canceled:
+                # The stop cut a compile or a load short (Ctrl-C during the warm-up): its error is the stop's
+                # doing, not a broken model, and the process is on its way out.
+                first_line = next(iter(str(error).strip().splitlines()), "")
+                log.info(
+                    "start-up stopped during %s (%s: %s)", self._phase, type(error).__name__, first_line[:200]
+                )
+                return
             self._error = f"{type(error).__name__}: {error}"[:1000]
             log.exception("model loading failed")
 
