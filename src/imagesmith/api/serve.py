@@ -156,7 +156,9 @@ def run_serve(args: argparse.Namespace) -> int:
         store = JobStore(settings.data_dir / DATABASE_NAME)  # handed to the app: opened (and checked) once
     except (StoreInUse, StoreDamaged) as error:  # their messages name the file and the fix
         print(f"imagesmith serve: cannot open the job store: {error}", file=sys.stderr)
-        return 1
+        # A data dir another server holds is a settings conflict found before any work, as a port in use is
+        # (exit 2); a damaged store is a failure (exit 1).
+        return 2 if isinstance(error, StoreInUse) else 1
     except sqlite3.DatabaseError as error:
         # A full or failing disk: its "disk I/O error" alone named no file and no fix.
         print(
