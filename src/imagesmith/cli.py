@@ -379,6 +379,22 @@ def _check_tiny_models(settings: Settings, plan: Any) -> int:
     return 0
 
 
+def _check_fa4_attention(device: str) -> int:
+    """doctor's line for IMAGESMITH_ATTENTION_BACKEND=fa4: its kernel run once on the device, as a start does
+    (which refuses to start where it fails). 1 where it fails."""
+    from imagesmith.engine.fa4_attention import INSTALL_HINT, kernel_fault
+
+    fault = kernel_fault(device)
+    if fault is None:
+        print(f"attention: FlashAttention-4 for the UNets' attention: ok (its kernel ran on {device})")
+        return 0
+    print(
+        f"attention: ERROR FlashAttention-4 failed its check on {device} ({fault}): {INSTALL_HINT}, "
+        f"or set {ENV_PREFIX}ATTENTION_BACKEND=auto"
+    )
+    return 1
+
+
 def run_doctor(args: argparse.Namespace) -> int:
     import torch
 
@@ -418,6 +434,8 @@ def run_doctor(args: argparse.Namespace) -> int:
 
             for line in speed_lines(settings, device, plan):
                 print(line)
+            if plan.attention == "fa4":
+                problems += _check_fa4_attention(plan.device)
     hub_mode = "offline (local files only)" if offline(settings) else "downloads allowed"
     print(f"hub: {hub_mode}; data dir {settings.data_dir}")
     data_dir_usable = True
