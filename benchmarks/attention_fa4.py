@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cross_attention import graphed_ms, relative_l2
+from cross_attention import add_graph_timing_arguments, graph_timing, graphed_ms, relative_l2
 
 HEAD_DIM = 64
 PROMPT_KEYS = 77
@@ -110,12 +109,8 @@ def measure(shape: tuple[str, int, int, int, int], reps: int, replays: int) -> d
         except Exception as error:  # a kernel that cannot run this shape: said, and the sum becomes NaN
             row[name] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"}
             continue
-        per_call_us = statistics.median(times) * 1e3
         row[name] = {
-            "us_per_call": round(per_call_us, 2),
-            "us_range": [round(min(times) * 1e3, 2), round(max(times) * 1e3, 2)],
-            "tflop_s": round(flop / (per_call_us / 1e6) / 1e12),
-            "ms_per_unet_call": round(per_call_us * calls / 1e3, 3),
+            **graph_timing(times, flop / 1e12, calls),
             "rel_l2_vs_fp64": relative_l2(out, reference),
             "first_call_s": round(first_s, 2),
         }
@@ -127,9 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--reps", type=int, default=50, help="calls captured back to back in one CUDA graph")
-    parser.add_argument("--replays", type=int, default=20, help="timed replays of that graph")
+    add_graph_timing_arguments(parser)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)

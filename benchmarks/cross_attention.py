@@ -78,6 +78,24 @@ def graphed_ms(fn: Callable[[], object], reps: int, replays: int) -> list[float]
     return samples
 
 
+def add_graph_timing_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a benchmark that times kernels with graphed_ms (this one, attention_fa4.py)."""
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--reps", type=int, default=50, help="calls captured back to back in one CUDA graph")
+    parser.add_argument("--replays", type=int, default=20, help="timed replays of that graph")
+
+
+def graph_timing(times: list[float], tflop: float, calls: int) -> dict[str, Any]:
+    """graphed_ms's samples as a row's figures: a call's median and range in us, its rate, a UNet call's ms."""
+    per_call_us = statistics.median(times) * 1e3
+    return {
+        "us_per_call": round(per_call_us, 2),
+        "us_range": [round(min(times) * 1e3, 2), round(max(times) * 1e3, 2)],
+        "tflop_s": round(tflop / (per_call_us / 1e6)),
+        "ms_per_unet_call": round(per_call_us * calls / 1e3, 3),
+    }
+
+
 def relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     """To three significant digits."""
     value = float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))
@@ -113,13 +131,7 @@ def measure_shape(
             entry["attention_patterns_replaced"] = counters["inductor"]["fuse_attention"] - replaced_before
         if device == "cuda":
             times = graphed_ms(lambda: attention(q, k, v), reps, replays)  # noqa: B023  (used before the next)
-            per_call_us = statistics.median(times) * 1e3
-            entry.update(
-                us_per_call=round(per_call_us, 2),
-                us_range=[round(min(times) * 1e3, 2), round(max(times) * 1e3, 2)],
-                tflop_s=round(row["tflop"] / (per_call_us / 1e6)),
-                ms_per_unet_call=round(per_call_us * calls / 1e3, 3),
-            )
+            entry.update(graph_timing(times, row["tflop"], calls))
         row[name] = entry
     print(json.dumps(row), flush=True)
     return row
@@ -129,9 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--reps", type=int, default=50, help="calls captured back to back in one CUDA graph")
-    parser.add_argument("--replays", type=int, default=20, help="timed replays of that graph")
+    add_graph_timing_arguments(parser)
     parser.add_argument(
         "--smoke", action="store_true", help="toy shapes on the CPU, fp32: proves the code path"
     )

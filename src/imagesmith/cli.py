@@ -382,16 +382,13 @@ def _check_tiny_models(settings: Settings, plan: Any) -> int:
 def _check_fa4_attention(device: str) -> int:
     """doctor's line for IMAGESMITH_ATTENTION_BACKEND=fa4: its kernel run once on the device, as a start does
     (which refuses to start where it fails). 1 where it fails."""
-    from imagesmith.engine.fa4_attention import INSTALL_HINT, kernel_fault
+    from imagesmith.engine.fa4_attention import start_problem
 
-    fault = kernel_fault(device)
-    if fault is None:
+    problem = start_problem(device)
+    if problem is None:
         print(f"attention: FlashAttention-4 for the UNets' attention: ok (its kernel ran on {device})")
         return 0
-    print(
-        f"attention: ERROR FlashAttention-4 failed its check on {device} ({fault}): {INSTALL_HINT}, "
-        f"or set {ENV_PREFIX}ATTENTION_BACKEND=auto"
-    )
+    print(f"attention: ERROR {problem}")
     return 1
 
 

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
+import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 _BACKENDS = {
@@ -50,3 +52,31 @@ def attention_priority(choice: str) -> Iterator[None]:
         return
     with sdpa_kernel(order, set_priority=True):
         yield
+
+
+def qkv_projections(
+    attn: Any, hidden_states: torch.Tensor, context: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q, K and V of a diffusers Attention block, (batch, tokens, heads x head_dim) each, as its SDPA processors
+    project them: keys and values from `context` (cross-attention) or from the tokens themselves, through the
+    fused projections where fuse_qkv_projections made them (views of one matmul's output), else one at a time.
+    For the processors that stand in for diffusers' own (decoder_attention.py, fa4_attention.py)."""
+    if getattr(attn, "fused_projections", False):
+        if context is None:
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+            return query, key, value
+        key, value = attn.to_kv(context).chunk(2, dim=-1)
+        return attn.to_q(hidden_states), key, value
+    keys_from = hidden_states if context is None else context
+    return attn.to_q(hidden_states), attn.to_k(keys_from), attn.to_v(keys_from)
+
+
+def plain_sdpa_block(attn: Any) -> bool:
+    """Whether a diffusers Attention block runs one of diffusers' two plain SDPA processors (AttnProcessor2_0,
+    FusedAttnProcessor2_0) with no spatial norm, q/k norms or norm on its context: the case the processors that
+    stand in for them cover. Anything else (xformers, a user's own processor) is left alone."""
+    from diffusers.models.attention_processor import AttnProcessor2_0, FusedAttnProcessor2_0
+
+    plain = type(attn.processor) in (AttnProcessor2_0, FusedAttnProcessor2_0)
+    extras = (attn.spatial_norm, attn.norm_q, attn.norm_k, getattr(attn, "norm_cross", None))
+    return plain and all(extra is None for extra in extras)

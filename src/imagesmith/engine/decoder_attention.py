@@ -37,6 +37,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from imagesmith.engine.attention import plain_sdpa_block, qkv_projections
+
 log = logging.getLogger(__name__)
 
 # Latent positions up to which the decode's attention runs as matmuls: 128x128, a 1024x1024 image, where it was
@@ -78,10 +80,7 @@ class DecoderAttentionProcessor:
         hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        if getattr(attn, "fused_projections", False):
-            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
-        else:
-            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        query, key, value = qkv_projections(attn, hidden_states)
         head_dim = key.shape[-1] // attn.heads
         query, key, value = (
             t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value)
@@ -100,11 +99,7 @@ class DecoderAttentionProcessor:
 def _routable(attn: Any) -> bool:
     """Whether DecoderAttentionProcessor computes what this attention's processor computes: diffusers' two
     plain SDPA processors on plain self-attention. Anything else (xformers, a user's own) is left alone."""
-    from diffusers.models.attention_processor import AttnProcessor2_0, FusedAttnProcessor2_0
-
-    plain = type(attn.processor) in (AttnProcessor2_0, FusedAttnProcessor2_0)
-    extras = (attn.spatial_norm, attn.norm_q, attn.norm_k, getattr(attn, "norm_cross", None))
-    return plain and not attn.is_cross_attention and all(extra is None for extra in extras)
+    return plain_sdpa_block(attn) and not attn.is_cross_attention
 
 
 def route_decoder_attention(decoder: Any) -> int:

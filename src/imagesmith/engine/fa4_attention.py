@@ -23,7 +23,6 @@ differ from cuDNN's by bf16 rounding only.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -31,9 +30,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from imagesmith.engine.attention import plain_sdpa_block, qkv_projections
+from imagesmith.engine.kernel_check import output_fault
+
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'flash-attn-4==4.0.0b40' (Hopper GPUs, CUDA 12.9 or later)"
+SETTING = "IMAGESMITH_ATTENTION_BACKEND"
 
 
 @torch.library.custom_op("imagesmith::fa4_attention", mutates_args=(), device_types="cuda")
@@ -76,16 +79,7 @@ class FA4AttentionProcessor:
                 "the FA4 attention processor takes (batch, tokens, channels) without a mask only"
             )
         residual = hidden_states
-        cross = encoder_hidden_states is not None
-        context = encoder_hidden_states if cross else hidden_states
-        if getattr(attn, "fused_projections", False):
-            if cross:
-                query = attn.to_q(hidden_states)
-                key, value = attn.to_kv(context).chunk(2, dim=-1)
-            else:
-                query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
-        else:
-            query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        query, key, value = qkv_projections(attn, hidden_states, encoder_hidden_states)
         head_dim = key.shape[-1] // attn.heads
         # (batch, tokens, heads, head_dim) views of the projections' memory: FA4's own layout.
         query, key, value = (t.unflatten(-1, (attn.heads, head_dim)) for t in (query, key, value))
@@ -100,13 +94,10 @@ class FA4AttentionProcessor:
 def routable(attn: Any) -> bool:
     """Whether FA4AttentionProcessor computes what this attention's processor computes: diffusers' two plain
     SDPA processors on a block with no norms of its own and a head dimension FA4 takes (SDXL's is 64)."""
-    from diffusers.models.attention_processor import AttnProcessor2_0, FusedAttnProcessor2_0
-
-    plain = type(attn.processor) in (AttnProcessor2_0, FusedAttnProcessor2_0)
-    extras = (attn.group_norm, attn.spatial_norm, attn.norm_q, attn.norm_k, getattr(attn, "norm_cross", None))
     head_dim = attn.inner_dim // attn.heads
     # FA4's range on Hopper and Blackwell alike: 8-128 wide, in whole 16-byte rows of bf16.
-    return plain and all(extra is None for extra in extras) and 8 <= head_dim <= 128 and head_dim % 8 == 0
+    fits = 8 <= head_dim <= 128 and head_dim % 8 == 0
+    return plain_sdpa_block(attn) and attn.group_norm is None and fits
 
 
 def route_unet_attention(unet: Any) -> int:
@@ -145,14 +136,17 @@ def kernel_fault(device: torch.device | str) -> str | None:
     query = torch.randn(2, 200, 3, 64, generator=generator).to(torch.bfloat16)
     key, value = (torch.randn(2, 77, 3, 64, generator=generator).to(torch.bfloat16) for _ in range(2))
     expected = _cpu_attention(query.float(), key.float(), value.float(), 0.125)
-    try:
-        got = fa4_attention(query.to(device), key.to(device), value.to(device), 0.125).float().cpu()
-    except Exception as error:  # not installed, no kernel for this GPU, a compile or driver error: "not here"
-        first_line = next(iter(str(error).strip().splitlines()), "")
-        return f"{type(error).__name__}: {first_line}"[:300]
-    if got.shape != expected.shape:
-        return f"its output has shape {tuple(got.shape)}, not {tuple(expected.shape)}"
-    error_l2 = float((got - expected).norm() / expected.norm())
-    if not math.isfinite(error_l2) or error_l2 > 1e-2:  # bf16 rounding alone is ~3e-3
-        return f"its output is off fp32 attention by {error_l2:.1e} (relative L2; bf16 rounding is ~3e-3)"
-    return None
+    return output_fault(
+        lambda: fa4_attention(query.to(device), key.to(device), value.to(device), 0.125),
+        expected,
+        "fp32 attention",
+    )
+
+
+def start_problem(device: str) -> str | None:
+    """What stops FA4 serving on `device` (its kernel_fault), said with the fix; None where it runs. A start
+    refuses with it and doctor prints it."""
+    fault = kernel_fault(device)
+    if fault is None:
+        return None
+    return f"FlashAttention-4 failed its check on {device} ({fault}): {INSTALL_HINT}, or set {SETTING}=auto"

@@ -151,12 +151,9 @@ def _route_fa4_attention(unets: list[Any], plan: HardwarePlan, settings: Setting
     """FA4 only ever runs because a user asked for it, so a GPU where its kernel fails refuses to start, saying
     why, rather than start with another kernel than the one asked for."""
     fa4_attention.keep_kernels_in(compile_cache_for(settings, plan) / "fa4-kernels")
-    fault = fa4_attention.kernel_fault(plan.device)
-    if fault is not None:
-        raise RuntimeError(
-            f"IMAGESMITH_ATTENTION_BACKEND=fa4, but FlashAttention-4 failed its check on {plan.device} ({fault}): "
-            f"{fa4_attention.INSTALL_HINT}, or set IMAGESMITH_ATTENTION_BACKEND=auto"
-        )
+    problem = fa4_attention.start_problem(plan.device)
+    if problem is not None:
+        raise RuntimeError(f"{fa4_attention.SETTING}=fa4, but {problem}")
     routed = sum(fa4_attention.route_unet_attention(unet) for unet in unets)
     return f"attention: the UNets' x{routed} through FlashAttention-4"
 
