@@ -314,7 +314,7 @@ print(s(Path('.devcache/random-sdxl'), False))" ;;
     # service's start-up with the defaults of the day (timed reductions on with compile since session 46).
     serve-one) stage serve-one 600 python3 benchmarks/serve_start.py --out "$PIPE/serve-one" \
         --models .devcache/random-sdxl --data .devcache/serve1 --compile reduce-overhead --batch-max 1 \
-        --max-images-per-request 1 --starts 2 --requests 3 --timeout-s 330 ;;
+        --max-images-per-request 1 --starts 2 --requests 3 --timeout-s 450 ;;
     # Session 47: FlashAttention-4's Hopper kernel against cuDNN's attention, every attention shape of both UNets
     # (needs flash-attn-4 and its CuTe DSL wheels in /tmp/site: benchmarks/fa4_wheels.sh).
     fa4) stage fa4 300 python3 benchmarks/attention_fa4.py --out "$PIPE/fa4.json" ;;

@@ -963,3 +963,20 @@ def test_a_stage_bar_stops_at_its_last_step_not_at_the_decode(capsys: pytest.Cap
     bars.close()
     shown = capsys.readouterr().err
     assert "refine: 100%" in shown and "[00:00<" in shown.split("refine:")[-1], shown  # not [00:01<
+
+
+def test_the_decode_has_a_bar_of_its_own_that_counts_its_time(capsys: pytest.CaptureFixture[str]) -> None:
+    """On a CPU the decode takes tens of seconds; its own bar shows it working, and how long it took."""
+    import time
+    import types
+
+    from imagesmith.cli import _StageBars
+
+    bars = _StageBars()
+    bars(types.SimpleNamespace(stage="base", step=1, total=1))
+    bars(types.SimpleNamespace(stage="decode", step=0, total=1))
+    time.sleep(1.1)
+    bars(types.SimpleNamespace(stage="decode", step=1, total=1))
+    shown = capsys.readouterr().err
+    assert "decode: 100%" in shown and "[00:01<" in shown.split("decode:")[-1], shown
+    assert "pass" in shown.split("decode:")[-1], shown  # one pass, not steps

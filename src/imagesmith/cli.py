@@ -225,10 +225,12 @@ class _StageBars:
             self._stage = event.stage
             from tqdm import tqdm  # imported with the first bar, not on every step
 
+            from imagesmith.engine.progress import DECODE_STAGE
+
             self._bar = tqdm(
                 total=event.total,
                 desc=f"{event.stage:>11}",
-                unit="step",
+                unit="pass" if event.stage == DECODE_STAGE else "step",  # the decode is one pass, no steps
                 file=sys.stderr,
                 leave=True,
                 dynamic_ncols=True,

@@ -297,12 +297,13 @@ class ResolvedRequest(BaseModel):
 class StageReport(BaseModel):
     """One stage as it really ran."""
 
-    name: str  # "base", "refine" or "decode"
-    steps: int
+    name: str  # "base", "refine", "base_finish" or "decode"
+    steps: int  # the decode's: the images it decoded
     seconds: float
 
     def __str__(self) -> str:  # as the CLI and the engine's log line say it
-        return f"{self.name} {self.steps} step{'' if self.steps == 1 else 's'} {self.seconds:.2f}s"
+        unit = "image" if self.name == "decode" else "step"
+        return f"{self.name} {self.steps} {unit}{'' if self.steps == 1 else 's'} {self.seconds:.2f}s"
 
 
 class ImageReport(BaseModel):

@@ -42,6 +42,8 @@ def test_events_arrive_in_order_with_previews_and_end_with_the_result(server: Se
     progress = [data for kind, data, _ in events if kind == "progress"]
     overall = [data["overall_step"] for data in progress]
     assert overall == sorted(overall) and overall[-1] == progress[-1]["overall_total"]
+    # The decode is heard too (tens of seconds on a CPU): every step done, no time left once the pixels are made.
+    assert (progress[-1]["stage"], progress[-1]["eta_s"]) == ("decode", 0.0)
     assert any(data.get("preview", "").startswith("data:image/jpeg;base64,") for data in progress)
     result = events[-1][1]["result"]
     assert result["source"] == "generate" and len(result["images"]) == 1

@@ -72,6 +72,33 @@ def test_the_refiner_fallback_stage_grows_the_total() -> None:
     assert _overall(tracker, live, "base_finish", 1, 1) == (4, 4)
 
 
+def test_the_decode_shows_every_step_done_and_its_own_stage() -> None:
+    published: list[dict[str, Any]] = []
+    tracker, live = _tracker(published=published)
+    for step in (1, 2, 3):
+        _overall(tracker, live, "base", step, 3)
+    _overall(tracker, live, "refine", 1, 1)
+    tracker(ProgressEvent("decode", 0, 1, elapsed_s=4.0))
+    started = live["job"]
+    # Every step done, the stage named, the last stage's steps kept (A1111 shows "sampling_step 1 of 1"), and
+    # no ETA while the pixels are being made.
+    assert (started.stage, started.step, started.total) == ("decode", 1, 1)
+    assert (started.overall_step, started.overall_total, started.eta_s) == (4, 4, None)
+    tracker(ProgressEvent("decode", 1, 1, elapsed_s=5.0))
+    done = live["job"]
+    assert (done.overall_step, done.overall_total, done.eta_s, done.elapsed_s) == (4, 4, 0.0, 5.0)
+    assert [event["stage"] for event in published[-2:]] == ["decode", "decode"]
+
+
+def test_a_pass_that_starts_again_after_its_decode_counts_from_the_start() -> None:
+    tracker, live = _tracker()
+    for step in (1, 2, 3):
+        _overall(tracker, live, "base", step, 3)
+    _overall(tracker, live, "refine", 1, 1)
+    tracker(ProgressEvent("decode", 0, 1, elapsed_s=4.0))
+    assert _overall(tracker, live, "base", 1, 3) == (1, 4)  # the eager retry, from its first step
+
+
 class _SlowCopy:
     """A preview whose copy to the host finishes only when the test says so (a GPU still busy)."""
 

@@ -40,8 +40,17 @@ def test_batched_requests_match_their_solo_runs(tiny_engine: Engine) -> None:
     for batched, solo in ((batched_first, solo_first), (batched_second, solo_second)):
         for a, b in zip(batched.images, solo.images, strict=True):
             assert np.abs(pixels(a) - pixels(b)).max() <= 2
-    # Each member hears every step, with its own rows of the latents.
-    assert [e.step for e in events["first"]] == [e.step for e in events["second"]] == [*range(1, 9), 1, 2]
+    # Each member hears every step, with its own rows of the latents, and the decode's start and end.
+    heard = [
+        *(("base", step) for step in range(1, 9)),
+        ("refine", 1),
+        ("refine", 2),
+        ("decode", 0),
+        ("decode", 1),
+    ]
+    assert (
+        [(e.stage, e.step) for e in events["first"]] == [(e.stage, e.step) for e in events["second"]] == heard
+    )
     assert events["first"][0].latents.shape[0] == 2 and events["second"][0].latents.shape[0] == 1
 
 

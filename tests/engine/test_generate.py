@@ -165,9 +165,12 @@ def test_progress_reports_each_stage_step_by_step(tiny_engine: Engine) -> None:
     events: list[ProgressEvent] = []
     tiny_engine.generate(GenerationRequest(prompt="a fox", seed=1, **SMALL), on_progress=events.append)
     seen = [(e.stage, e.step, e.total) for e in events]
-    assert seen == [("base", i, 8) for i in range(1, 9)] + [("refine", i, 2) for i in range(1, 3)]
+    denoising = [("base", i, 8) for i in range(1, 9)] + [("refine", i, 2) for i in range(1, 3)]
+    # The decode is heard as a stage of one, started then done, so a bar does not sit on the last step through it.
+    assert seen == [*denoising, ("decode", 0, 1), ("decode", 1, 1)]
     assert all(later.elapsed_s >= earlier.elapsed_s for earlier, later in itertools.pairwise(events))
     assert events[0].latents.shape == (1, 4, 8, 12)
+    assert events[-1].latents is None  # no latents to preview in the decode's events
 
 
 def test_cancel_stops_within_one_step(tiny_engine: Engine) -> None:

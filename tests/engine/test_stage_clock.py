@@ -61,7 +61,7 @@ def test_cuda_stages_are_timed_by_their_events_once_the_pass_is_done(
         assert "stage base" not in caplog.text
         reports = clock.settle()
     assert [(r.name, r.steps, r.seconds) for r in reports] == [("base", 32, 0.96), ("refine", 8, 0.26)]
-    assert "stage base: 32 step(s) in 0.96s" in caplog.text
+    assert "stage base 32 steps 0.96s" in caplog.text
     assert clock.settle() == reports  # settled once; asking again changes nothing
 
 
@@ -77,7 +77,10 @@ def test_cpu_stages_are_timed_by_the_host_as_each_ends() -> None:
 
 def test_a_stage_of_one_step_says_step() -> None:
     """The pass's summary line and the CLI say each stage this way ("decode 1 steps" was a black-box finding)."""
-    assert str(StageReport(name="decode", steps=1, seconds=0.04)) == "decode 1 step 0.04s"
+    assert str(StageReport(name="decode", steps=1, seconds=0.04)) == "decode 1 image 0.04s"  # it has no steps
+    assert str(StageReport(name="decode", steps=4, seconds=0.14)) == "decode 4 images 0.14s"
+    assert str(StageReport(name="base", steps=1, seconds=0.03)) == "base 1 step 0.03s"
+    assert str(StageReport(name="refine", steps=8, seconds=0.26)) == "refine 8 steps 0.26s"
     assert str(StageReport(name="base", steps=32, seconds=0.962)) == "base 32 steps 0.96s"
 
 
@@ -93,7 +96,7 @@ def test_a_pass_that_stops_still_logs_the_stages_it_finished(caplog: pytest.LogC
     run.finish_stage("base", began, steps=32)
     with caplog.at_level(logging.INFO, logger="imagesmith.engine.stage_clock"):
         run.settle_stages_after_failure()
-    assert "stage base: 32 step(s) in 0.50s" in caplog.text
+    assert "stage base 32 steps 0.50s" in caplog.text
     assert [(s.name, s.steps) for s in run.clock.reports] == [("base", 32)]
 
 

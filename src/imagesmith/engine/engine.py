@@ -56,7 +56,7 @@ from imagesmith.engine.pipeline import (
     run_base,
     run_refiner,
 )
-from imagesmith.engine.progress import CancelToken, GenerationCanceled, ProgressCallback
+from imagesmith.engine.progress import DECODE_STAGE, CancelToken, GenerationCanceled, ProgressCallback
 from imagesmith.engine.prompt_cache import PromptEmbeddingCache
 from imagesmith.engine.schedulers import loaded_scheduler_config
 from imagesmith.engine.stage_clock import stage_start
@@ -486,6 +486,9 @@ class Engine:
             row for member in run.members if not member.canceled for row in range(len(seeds))[member.rows]
         ]
         decoded_at = {row: index for index, row in enumerate(wanted)}
+        # The decode has no steps, but it is heard as a stage of one: on a CPU it takes tens of seconds, which a
+        # bar or a client would otherwise spend on the last denoising step.
+        run.tell(DECODE_STAGE, 0, 1)
         began = stage_start(base._execution_device)
         tiling = needs_tiling(self.plan, request.width, request.height)
         images, fp32_retries = decode_latents(
@@ -496,7 +499,8 @@ class Engine:
             base._execution_device,
             self.host_pixels,
         )
-        run.finish_stage("decode", began, steps=len(images))
+        run.finish_stage(DECODE_STAGE, began, steps=len(images))
+        run.tell(DECODE_STAGE, 1, 1)
         stages = run.settle_stages()  # the pixels are on the host: every stage has ended on the GPU
         total_seconds = time.perf_counter() - run.started
         log.info(

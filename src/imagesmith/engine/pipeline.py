@@ -100,13 +100,7 @@ class StageRun:
 
         def on_step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
             self._steps += 1
-            total = int(getattr(pipe, "num_timesteps", 0) or 0)
-            elapsed = time.perf_counter() - self.started
-            latents = tensors.get("latents")
-            for member in self.members:
-                if member.on_progress is not None and not member.canceled:
-                    rows = None if latents is None else latents[member.rows]
-                    member.on_progress(ProgressEvent(stage, self._steps, total, elapsed, rows))
+            self.tell(stage, self._steps, int(getattr(pipe, "num_timesteps", 0) or 0), tensors.get("latents"))
             # A batch stops when every member has canceled; a member that cancels alone is dropped at the end.
             if self.all_canceled:
                 raise GenerationCanceled(f"canceled during {stage} at step {self._steps}")
@@ -115,6 +109,14 @@ class StageRun:
             return tensors
 
         return on_step_end
+
+    def tell(self, stage: str, step: int, total: int, latents: Any = None) -> None:
+        """Each member still waiting hears where the pass is (its own rows of the latents, when given)."""
+        elapsed = time.perf_counter() - self.started
+        for member in self.members:
+            if member.on_progress is not None and not member.canceled:
+                rows = None if latents is None else latents[member.rows]
+                member.on_progress(ProgressEvent(stage, step, total, elapsed, rows))
 
     def finish_stage(self, name: str, began: StageStart, steps: int | None = None) -> None:
         """The stage's work is queued; its time is known once settle_stages says so."""

@@ -7,11 +7,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+# The stage after denoising: the VAE turns the latents into pixels. It has no steps; see ProgressEvent.stage.
+DECODE_STAGE = "decode"
+
 
 @dataclass
 class ProgressEvent:
-    stage: str  # "base", "refine" or "base_finish" (refiner fallback): the denoising stages
-    step: int  # steps done in this stage, 1-based
+    # "base", "refine" or "base_finish" (refiner fallback): the denoising stages; then "decode" (DECODE_STAGE),
+    # heard as step 0 of 1 when it starts and 1 of 1 when the pixels are ready.
+    stage: str
+    step: int  # steps done in this stage, 1-based (0: the decode has started)
     total: int  # steps this stage runs
     elapsed_s: float  # since the generation started
     # The stage's current latents (batch, 4, h/8, w/8) on the device, for cheap previews. Read it during the

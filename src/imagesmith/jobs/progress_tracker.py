@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from imagesmith.config import Settings
-from imagesmith.engine.progress import ProgressEvent
+from imagesmith.engine.progress import DECODE_STAGE, ProgressEvent
 from imagesmith.jobs.events import EventHub
 from imagesmith.jobs.store import JobRecord
 from imagesmith.preview import PreviewCopy
@@ -71,7 +71,9 @@ class ProgressTracker:
         self.preview: PreviewCopy | None = None  # the newest preview, until its copy to the host is done
 
     def __call__(self, event: ProgressEvent) -> None:
-        # Events come from the denoising stages only (decode reports no steps).
+        if event.stage == DECODE_STAGE:
+            self._decoding(event)
+            return
         if event.stage != self.stage or event.step < self.step:
             if event.stage in self.stage_starts:
                 # The pass started again (the engine's eager retry after a compiled pass failed): count
@@ -97,6 +99,17 @@ class ProgressTracker:
         if preview is not None:
             data["preview"] = preview
         self.worker.hub.publish(self.job.id, "progress", data)
+
+    def _decoding(self, event: ProgressEvent) -> None:
+        """The decode has no steps: the job shows every step done, the stage "decode" and the last denoising
+        stage's step count (what A1111 shows while it decodes), and no ETA until the pixels are ready."""
+        last = self.worker.live.get(self.job.id)
+        step = last.total if last is not None else 0
+        done = self.done_before + self.stage_total  # every denoising step that ran, a fallback's included
+        eta = 0.0 if event.step >= event.total else None
+        live = LiveProgress(event.stage, step, step, done, done, event.elapsed_s, eta)
+        self.worker.live[self.job.id] = live
+        self.worker.hub.publish(self.job.id, "progress", {"job_id": self.job.id, **live.as_dict()})
 
     def _preview(self, event: ProgressEvent) -> str | None:
         """Every preview_every steps a new preview starts on its way to the host; it rides on the first
