@@ -581,3 +581,46 @@ def test_a_warm_up_failing_after_a_stop_logs_the_stop_not_a_broken_model(
     finally:
         tiny_engine.generate_batch = real  # type: ignore[method-assign]
         release.set()
+
+
+def test_a_compiled_engine_quiets_dynamos_lru_cache_warning_and_no_other(
+    tiny_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every compiled start printed a dozen lines of it (run 114): Dynamo traces diffusers' lru_cache'd
+    is_torch_version in the upsamplers. Here the same kind of call, traced after the engine's levers."""
+    import functools
+    import warnings
+
+    import torch
+
+    from imagesmith.engine import fast
+
+    engine = Engine.start(tiny_settings)
+    monkeypatch.setattr(fast, "use_persistent_compile_cache", lambda cache: cache)
+
+    @functools.lru_cache
+    def torch_is_recent() -> bool:
+        return True
+
+    def doubled(x: torch.Tensor) -> torch.Tensor:
+        return x * 2 if torch_is_recent() else x
+
+    modules = [engine.models.base.unet, engine.models.refiner.unet, engine.models.base.vae.decoder]
+    try:
+        with warnings.catch_warnings(record=True) as heard:
+            warnings.simplefilter("always")  # every warning heard, as a fresh process hears each once
+            apply_speed_levers(
+                engine.models.base,
+                engine.models.refiner,
+                engine.plan,
+                Settings(compile="default", fuse_qkv=False),
+            )
+            reset_dynamo()
+            assert torch.equal(torch.compile(doubled, backend="eager")(torch.ones(2)), torch.full((2,), 2.0))
+            warnings.warn("another warning still gets through", UserWarning, stacklevel=1)
+    finally:
+        for module in modules:
+            module._compiled_call_impl = None
+    said = [str(warning.message) for warning in heard]
+    assert not [text for text in said if "lru_cache" in text], said
+    assert "another warning still gets through" in said

@@ -21,6 +21,7 @@ import logging
 import os
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -60,6 +61,17 @@ def use_persistent_compile_cache(cache: Path) -> Path:
     os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
     cache.mkdir(parents=True, exist_ok=True)
     return cache
+
+
+def quiet_known_compile_warnings() -> None:
+    """Silence the one warning every compiled start printed (a dozen lines on stderr, run 114's log): Dynamo
+    traces through diffusers' lru_cache'd `is_torch_version` in the upsamplers' bf16 branch. Harmless: the
+    function answers a constant about the installed torch, so tracing it gives what the cache would."""
+    warnings.filterwarnings(
+        "ignore",
+        message=r"Dynamo detected a call to a `functools\.lru_cache`-wrapped function",
+        category=UserWarning,
+    )
 
 
 def compile_cache_for(settings: Settings, plan: HardwarePlan) -> Path:
@@ -245,6 +257,7 @@ def apply_speed_levers(base: Any, refiner: Any | None, plan: HardwarePlan, setti
             )
         else:
             use_persistent_compile_cache(compile_cache_for(settings, plan))
+            quiet_known_compile_warnings()
             allow_graphs_per_model(UNET_GRAPHS_ALLOWED)
             timed = use_timed_reductions(timed_reductions_wanted(settings))
             regions = _mark_compile_regions(unets) if settings.compile_regions else ""
