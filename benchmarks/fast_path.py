@@ -19,7 +19,7 @@ not), and `first_image_s`: from the phase's start (building its modules, which a
 to its first image, the warm-up (compilation) included.
 
 A variant is
-`MODE[+fp8|+fp8dyn][+fp8conv|+fp8convnchw][+geglu][+bgeglu][+cl][+cudnn|+nocudnn][+dyn][+regions][+teg|+noteg][+attn-BACKEND][+olddecode][+cdt][+mk][+ndt][:mlperf]`:
+`MODE[+fp8|+fp8dyn][+fp8conv|+fp8convnchw][+geglu][+bgeglu][+cl][+cudnn|+nocudnn][+dyn][+regions][+teg|+noteg][+attn-BACKEND][+olddecode][+cdt][+mk][+ndt][+zu][:mlperf]`:
 MODE is a compile choice (off, default, reduce-overhead, max-autotune-no-cudagraphs); +fp8 fp8 transformer linears
 (engine/fp8.py) with static scales, calibrated as Engine.start does (the default), +fp8dyn with dynamic ones; +fp8conv (with +fp8)
 the convolutions in fp8 too (IMAGESMITH_FP8_CONVS, cuDNN's kernels), +fp8convnchw the same with inductor's layout
@@ -41,7 +41,9 @@ the decode as it was before run 49, the peer of today's (a decoder compiled in t
 included; each image checked and converted on the host in turn); +cdt inductor's coordinate-descent tuning of its
 own kernels (normalisations, elementwise: ~40 ms of a ~189 ms fp8 base call at batch 16; not a setting yet); +mk
 IMAGESMITH_TIMED_REDUCTIONS (inductor's multi-kernel: each reduction persistent or looped, the faster kept); +ndt
-inductor's `triton.prefer_nd_tiling` (2D tiles for pointwise kernels that transpose; not a setting); `:mlperf`
+inductor's `triton.prefer_nd_tiling` (2D tiles for pointwise kernels that transpose; not a setting); +zu the base
+UNet's cross-attentions on the guided rows only, the others (an empty negative prompt's zeros) given their exact
+output, the projection's bias (zero_uncond.py; a prototype, not a setting; not with :mlperf); `:mlperf`
 measures the MLPerf setting instead of the ensemble (base UNet and VAE only; warm-up at batch 1 then the
 largest batch, as the service's warm-up does).
 
@@ -121,6 +123,9 @@ class Variant:
     timed_reductions: bool = False  # +mk: IMAGESMITH_TIMED_REDUCTIONS
     nd_tiling: bool = False  # +ndt: torch._inductor.config.triton.prefer_nd_tiling
     bf16_fused_geglu: bool = False  # +bgeglu: IMAGESMITH_FUSED_GEGLU (bf16 feed-forwards)
+    guided_rows_only: bool = (
+        False  # +zu: the base's cross-attentions on the guided rows only (zero_uncond.py)
+    )
 
     @classmethod
     def parse(cls, spec: str) -> Variant:
@@ -149,6 +154,7 @@ class Variant:
             "regions",
             "mk",
             "ndt",
+            "zu",
         }
         unknown = set(flags) - known
         twice = any(
@@ -159,10 +165,11 @@ class Variant:
         twice = twice or bool("bgeglu" in flags and ("fp8" in flags or "fp8dyn" in flags))
         # Regions shape a compile (not mode off), and settings refuse them with every size dynamic.
         twice = twice or ("regions" in flags and (mode == "off" or "dyn" in flags))
+        twice = twice or bool("zu" in flags and kind == "mlperf")  # MLPerf's prompts have a negative prompt
         if unknown or kind not in ("", "mlperf") or len(attention) > 1 or twice:
             raise SystemExit(
                 f"variant {spec!r}: flags are one of +fp8 +fp8dyn, +cl +dyn, one of +cudnn +nocudnn, one of +teg +noteg, one of "
-                "+attn-flash +attn-efficient +attn-cudnn +attn-fa4, +olddecode, +cdt, +mk, +ndt, "
+                "+attn-flash +attn-efficient +attn-cudnn +attn-fa4, +olddecode, +cdt, +mk, +ndt, +zu (not :mlperf), "
                 "+regions (compiled, not with +dyn), "
                 "one of +fp8conv +fp8convnchw (with +fp8), +geglu (with +fp8), +bgeglu (without fp8), "
                 "and the suffix :mlperf"
@@ -187,6 +194,7 @@ class Variant:
             timed_reductions="mk" in flags,
             nd_tiling="ndt" in flags,
             bf16_fused_geglu="bgeglu" in flags,
+            guided_rows_only="zu" in flags,
         )
 
 
@@ -834,6 +842,12 @@ def main() -> None:
             or variant.bf16_fused_geglu != any("first bf16 matmul" in lever for lever in levers)
         ):
             raise RuntimeError(f"{variant.spec}: levers applied were {levers}")
+        if variant.guided_rows_only:  # before the warm-up traces the UNet
+            from zero_uncond import compute_guided_rows_only
+
+            levers.append(
+                f"base cross-attention on the guided rows only x{compute_guided_rows_only(engine.models.base.unet)}"
+            )
         row: dict[str, Any] = {"levers": levers, "attention": variant_plan.attention}
         rates = UnetRates(engine.models.base.unet, None if variant.mlperf else engine.models.refiner.unet)
         run.results["variants"][variant.spec] = row
