@@ -140,6 +140,15 @@ def test_a_preview_rides_on_the_first_event_after_its_copy_is_done_and_never_wai
     assert step(7)["preview"] == "preview of step 6"
     assert "preview" not in step(8)
     assert [copy.step for copy in _SlowCopy.made] == [2, 4, 6, 8]
+    # The stage's last step: its copy is not done at its own event, and no step comes after it. The decode's
+    # events carry it (before them, the last preview a client saw was step 6's).
+    assert "preview" not in step(9)
+    tracker(ProgressEvent("decode", 0, 1, elapsed_s=9.5))
+    assert "preview" not in published[-1]
+    _SlowCopy.made[-1].done = True
+    tracker(ProgressEvent("decode", 1, 1, elapsed_s=10.0))
+    assert published[-1]["preview"] == "preview of step 9"
+    assert [copy.step for copy in _SlowCopy.made] == [2, 4, 6, 8, 9]  # the decode starts none
 
 
 def test_on_the_cpu_a_preview_rides_on_its_own_steps_event() -> None:

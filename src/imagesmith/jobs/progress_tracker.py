@@ -88,7 +88,12 @@ class ProgressTracker:
         overall_total = max(self.planned, self.done_before + event.total)
         done = min(self.done_before + event.step, overall_total)
         eta = event.elapsed_s / done * (overall_total - done) if done else None
-        live = LiveProgress(event.stage, event.step, event.total, done, overall_total, event.elapsed_s, eta)
+        self._publish(
+            LiveProgress(event.stage, event.step, event.total, done, overall_total, event.elapsed_s, eta),
+            event,
+        )
+
+    def _publish(self, live: LiveProgress, event: ProgressEvent) -> None:
         self.worker.live[self.job.id] = live
         data = {"job_id": self.job.id, **live.as_dict()}
         try:
@@ -102,14 +107,13 @@ class ProgressTracker:
 
     def _decoding(self, event: ProgressEvent) -> None:
         """The decode has no steps: the job shows every step done, the stage "decode" and the last denoising
-        stage's step count (what A1111 shows while it decodes), and no ETA until the pixels are ready."""
+        stage's step count (what A1111 shows while it decodes), and no ETA until the pixels are ready. The last
+        step's preview, still on its way to the host at that step's event on a GPU, rides on these."""
         last = self.worker.live.get(self.job.id)
         step = last.total if last is not None else 0
         done = self.done_before + self.stage_total  # every denoising step that ran, a fallback's included
         eta = 0.0 if event.step >= event.total else None
-        live = LiveProgress(event.stage, step, step, done, done, event.elapsed_s, eta)
-        self.worker.live[self.job.id] = live
-        self.worker.hub.publish(self.job.id, "progress", {"job_id": self.job.id, **live.as_dict()})
+        self._publish(LiveProgress(event.stage, step, step, done, done, event.elapsed_s, eta), event)
 
     def _preview(self, event: ProgressEvent) -> str | None:
         """Every preview_every steps a new preview starts on its way to the host; it rides on the first
