@@ -397,7 +397,12 @@ def profile_generation(engine: Any, request: Any) -> dict[str, Any]:
     sync()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         began = time.perf_counter()
-        engine.generate(request, on_progress=lambda event: queued.append(time.perf_counter() - began))
+        engine.generate(
+            request,
+            on_progress=lambda event: (
+                queued.append(time.perf_counter() - began) if event.stage != "decode" else None
+            ),
+        )
         sync()
         wall = time.perf_counter() - began
     by_kind, kernels = kernel_time_by_kind(prof, name_chars=90)
@@ -618,7 +623,10 @@ def main() -> None:
 
     def final_latents_of(engine: Any, request: GenerationRequest) -> tuple[torch.Tensor, np.ndarray]:
         captured: list[torch.Tensor] = []
-        result = engine.generate(request, on_progress=lambda e: captured.append(e.latents))
+        # The denoising steps' latents; the decode's events (since session 48) carry none.
+        result = engine.generate(
+            request, on_progress=lambda e: captured.append(e.latents) if e.latents is not None else None
+        )
         return captured[-1].float().cpu(), np.asarray(result.images[0]).astype(np.float64)
 
     def stages_of(result: Any) -> list[tuple[str, int, float]]:
