@@ -233,7 +233,16 @@ class Settings(BaseSettings):
     preview_every: int = Field(5, ge=0, description="Steps between SSE preview images; 0 turns them off.")
     preview_max_side: int = Field(128, ge=16, le=512, description="Longest side of a preview image.")
     wait_timeout_s: float = Field(
-        900.0, gt=0, description="How long POST /api/media/generate-image waits before answering 504."
+        900.0,
+        gt=0,
+        description="How long POST /api/media/generate-image and A1111's txt2img wait before answering 504.",
+    )
+    openai_wait_timeout_s: float = Field(
+        570.0,
+        gt=0,
+        description="How long POST /v1/images/generations waits before answering 504 (x-should-retry: false; "
+        "the job goes on). Below the official openai clients' 600 s timeout: past it they send the request "
+        "again, and each try would be a new job. Raise it only with the clients' timeout.",
     )
     log_format: LogFormat = Field(
         LogFormat.TEXT,

@@ -1,7 +1,9 @@
-"""Auth, limits, start-up 503s and error shapes, on in-process apps (the lifespan runs; the engine is shared)."""
+"""Auth, limits, start-up 503s and error shapes, on in-process apps (the lifespan runs; the engine is shared), and
+over real HTTP on the shared server where the wire matters."""
 
 from __future__ import annotations
 
+import base64
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -9,7 +11,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from polling import wait_for
-from service_helpers import held_start
+from service_helpers import ServerProcess, held_start
 
 from imagesmith.config import Settings
 
@@ -146,6 +148,37 @@ def test_body_size_limit(app_client: Callable[..., TestClient]) -> None:
         assert (
             a1111.status_code == 413 and a1111.json()["error"] == "body_too_large" and a1111.json()["detail"]
         )
+
+
+def test_a_big_upload_to_a_route_not_served_hears_that_not_the_body_limit(server: ServerProcess) -> None:
+    """Any real image is over the 64 KiB default limit: POST /v1/images/edits, /v1/images/variations and the
+    A1111 /sdapi/v1/img2img answered 413 body_too_large, and the caller learnt only after raising the limit that
+    the route is not served. A route that reads a body still refuses one that is too large."""
+    image = b"\x89PNG\r\n\x1a\n" + bytes(100 * 1024)  # a PNG's signature and 100 KiB
+    with server.client() as client:
+        for path in ("/v1/images/edits", "/v1/images/variations"):
+            response = client.post(
+                path,
+                files={"image": ("image.png", image, "image/png")},
+                data={"prompt": "a fox", "model": "dall-e-2"},
+            )
+            assert response.status_code == 404, (path, response.text)
+            error = response.json()["error"]  # OpenAI's error object
+            assert error["code"] == "not_supported" and error["type"] == "invalid_request_error", error
+            assert "POST /v1/images/generations" in error["message"], error
+        big = {"prompt": "a fox", "init_images": [base64.b64encode(image).decode("ascii")]}
+        response = client.post("/sdapi/v1/img2img", json=big)
+        assert response.status_code == 404, response.text
+        answer = response.json()  # A1111's shape, naming the routes served
+        assert answer["error"] == "not_found" and "POST /sdapi/v1/txt2img" in answer["detail"], answer
+        # A route that reads its body: refused on the declared length, as before.
+        response = client.post("/v1/images/generations", json={"prompt": "x" * (100 * 1024)})
+        assert response.status_code == 413, response.text
+        assert response.json()["error"]["code"] == "body_too_large"
+        assert "65536 bytes" in response.json()["error"]["message"]
+        # A path served under another method only: its 405, not the body limit.
+        response = client.put("/v1/jobs", content=image, headers={"Content-Type": "application/octet-stream"})
+        assert response.status_code == 405 and response.json()["error"]["code"] == "method_not_allowed"
 
 
 def test_no_client_chosen_paths(app_client: Callable[..., TestClient]) -> None:

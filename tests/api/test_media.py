@@ -165,7 +165,7 @@ BODY_FIX = "send a JSON object encoded as UTF-8, with Content-Type: application/
         ("DELETE", "/v1/jobs", "GET, HEAD, POST", "GET or POST"),
         ("GET", "/api/media/generate-image", "POST", "POST"),
         ("POST", "/metrics", "GET, HEAD", "GET"),
-        ("POST", "/sdapi/v1/options", "GET", "GET"),
+        ("DELETE", "/sdapi/v1/options", "GET, POST", "GET or POST"),
     ],
 )
 def test_a_method_a_path_does_not_take_is_told_the_ones_it_does(

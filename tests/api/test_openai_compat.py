@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 from service_helpers import ServerProcess
 
+from imagesmith.config import Settings
 from imagesmith.engine.output import parse_a1111_parameters, read_parameters
 
 
@@ -181,3 +182,30 @@ def test_nan_and_infinity_are_refused_naming_the_param(
     error = response.json()["error"]
     assert response.status_code == 400 and error["param"] == param, error
     assert "NaN or Infinity, which JSON does not have" in error["message"], error
+
+
+def test_a_long_wait_answers_before_the_clients_timeout_so_it_does_not_resubmit(
+    server_factory: Callable[..., ServerProcess],
+) -> None:
+    """The official client times out at 600 s and then sends the request again, twice by default, each try a new
+    job: the server waited 900 s, so one call made three jobs (a black-box finding). The server now answers
+    first, with a 504 the client does not retry; here both scaled down, the client's timeout above the wait."""
+    assert Settings().openai_wait_timeout_s < openai.DEFAULT_TIMEOUT.read  # type: ignore[operator]
+    server = server_factory(imagesmith_openai_wait_timeout_s="1").start()
+    with server.client() as http:
+        blocker = {"prompt": "a long one first", "sources": ["generate"], "width": 256, "height": 256}
+        blocking = http.post("/v1/jobs", json={**blocker, "num_inference_steps": 150}).json()["id"]
+        try:
+            client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=30)  # retries: 2
+            with pytest.raises(openai.APIStatusError) as caught:
+                client.images.generate(prompt="asked once", quality="low")
+            assert caught.value.status_code == 504
+            assert caught.value.response.headers["x-should-retry"] == "false"
+            jobs = http.get("/v1/jobs", params={"limit": 10}).json()["jobs"]
+            asked = [job for job in jobs if job["request"]["generation"]["prompt"] == "asked once"]
+            assert len(asked) == 1, asked  # one call, one job: the client did not send it again
+            assert caught.value.response.json()["error"]["message"].endswith(
+                f"(GET /v1/jobs/{asked[0]['id']})"
+            )
+        finally:
+            http.post(f"/v1/jobs/{blocking}/cancel")

@@ -1,5 +1,6 @@
 """The AUTOMATIC1111 web UI API (/sdapi/v1): txt2img as a job plus a wait, live progress, interrupt, and the
-read-only lists clients look at first (models, samplers, schedulers, options).
+lists clients look at first (models, samplers, schedulers, options). The lists are read-only; POST /options is
+accepted as clients send it, but changes nothing: the one model served is chosen at start (it refuses another).
 
 A1111 has one global "current generation"; here, progress and interrupt act on the jobs this API submitted
 (progress falls back to whatever job is running, for monitors). Errors are written in A1111's shape by errors.py.
@@ -11,10 +12,12 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
+import re
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Body, Depends, Request
 from PIL import Image
 from pydantic import BaseModel, Field
 
@@ -28,14 +31,17 @@ from imagesmith.api.a1111_mapping import (
 )
 from imagesmith.api.compat_request import service_errors_in_client_terms
 from imagesmith.api.deps import Authorized, FilesDep, ServiceDep, SettingsDep
+from imagesmith.api.errors import ApiError
 from imagesmith.api.store_writes import in_write_thread
 from imagesmith.api.text_check import TextCheckedRoute
 from imagesmith.api.waiting import stored_image_base64, submit_and_wait, succeeded_result
-from imagesmith.config import ModelPreset, Settings
+from imagesmith.config import ENV_PREFIX, ModelPreset, Settings
 from imagesmith.engine.output import model_label
 from imagesmith.jobs.service import JobService
 from imagesmith.jobs.store import JobStatus
 from imagesmith.schemas import GenerationMetadata
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(
     prefix="/sdapi/v1", tags=["AUTOMATIC1111 API"], dependencies=[Authorized], route_class=TextCheckedRoute
@@ -227,9 +233,7 @@ async def schedulers() -> list[dict[str, Any]]:
     return scheduler_list()
 
 
-@router.get("/options")
-async def options(request: Request, settings: SettingsDep) -> dict[str, Any]:
-    """The few A1111 options that mean something here (read-only)."""
+def _current_options(request: Request, settings: Settings) -> dict[str, Any]:
     models = _models(request)
     return {
         "sd_model_checkpoint": models[0][0] if models else None,
@@ -240,6 +244,65 @@ async def options(request: Request, settings: SettingsDep) -> dict[str, Any]:
         "live_previews_enable": settings.preview_every > 0,
         "show_progress_every_n_steps": settings.preview_every or -1,
     }
+
+
+@router.get("/options")
+async def options(request: Request, settings: SettingsDep) -> dict[str, Any]:
+    """The few A1111 options that mean something here. POST /options changes none of them."""
+    return _current_options(request, settings)
+
+
+# A1111's checkpoint titles end in the file's short hash: "sd_xl_base_1.0.safetensors [31e35c80fc]".
+_TITLE_HASH = re.compile(r"^(?P<title>.*\S)\s+\[[^\[\]]*\]$")
+
+
+def _names(value: Any, label: str, source: str) -> bool:
+    """Whether an sd_model_checkpoint names this model: its title (also with A1111's " [hash]") or filename."""
+    if not isinstance(value, str):
+        return False
+    asked, names = value.strip(), {label, source} - {""}
+    bare = _TITLE_HASH.match(asked)
+    return asked in names or (bare is not None and bare["title"] in names)
+
+
+def _check_checkpoint(request: Request, value: Any) -> None:
+    """sd_model_checkpoint may name the base model served, as /sd-models lists it; any other (the refiner
+    included) is a 422 with the fix: A1111 would load that checkpoint, imagesmith cannot."""
+    models = _models(request)
+    title, source = models[0] if models else ("", "")
+    if _names(value, title, source):
+        return
+    refiner = ""
+    if len(models) > 1 and _names(value, *models[1]):
+        refiner = " (it is the refiner: name it in txt2img's refiner_checkpoint)"
+    served = f"{title!r} (filename {source!r})" if source and source != title else repr(title or source)
+    raise ApiError(
+        422,
+        "invalid_request",
+        f"sd_model_checkpoint: {value!r} is not the model served here{refiner}. imagesmith serves one base "
+        f"model, {served}, chosen when it starts; to use another, set {ENV_PREFIX}BASE_MODEL to its hub id or "
+        f"local diffusers folder (with {ENV_PREFIX}MODEL=sdxl) and restart the server",
+        "sd_model_checkpoint",
+    )
+
+
+@router.post("/options")
+async def set_options(
+    request: Request, settings: SettingsDep, body: Annotated[dict[str, Any], Body()]
+) -> None:
+    """Accepted as A1111 clients send it (webuiapi's set_options, util_set_model), and answered as A1111 does
+    (null), but nothing changes: sd_model_checkpoint must name the model served (another is refused, with the
+    fix), and every other option is ignored, with one warning in the log naming those set to a new value."""
+    if "sd_model_checkpoint" in body:
+        _check_checkpoint(request, body["sd_model_checkpoint"])
+    current = _current_options(request, settings)
+    changed = sorted(
+        key for key, value in body.items() if key != "sd_model_checkpoint" and current.get(key, ...) != value
+    )
+    if changed:
+        log.warning(
+            "POST /sdapi/v1/options: ignoring %s (imagesmith's options are fixed)", ", ".join(changed)
+        )
 
 
 @router.get("/scripts")

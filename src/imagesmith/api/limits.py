@@ -1,12 +1,60 @@
-"""Request body size limit, as ASGI middleware so an oversized body is refused before it is read whole."""
+"""Request body size limit, as ASGI middleware so an oversized body is refused before it is read whole.
+
+Refused early, on its declared Content-Length, only when the route that will answer reads a body: a request for a
+path no route serves (404), with a method its path does not take (405), or to a route that takes no body (the
+OpenAI edits and variations routes answer 404 "not_supported") gets that route's own answer, which is what its
+caller needs to hear. A 413 there told the caller to raise the limit, and only then that the endpoint is not
+served. Whatever passes on still cannot read more than the limit.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from imagesmith.api.errors import render_error
+
+# Whom a request with an oversized body goes to, as far as the body limit cares.
+READS_A_BODY, NO_ROUTE, TAKES_NO_BODY = "reads_a_body", "no_route", "takes_no_body"
+
+
+def _routes_in_order(routes: Sequence[BaseRoute]) -> Iterator[Any]:
+    """The app's routes, one by one in the order its router tries them (each with matches(), and body_field
+    where FastAPI's). Newer FastAPI keeps an included router as one entry of app.routes and lists its routes
+    through iter_route_contexts (each as it was included, prefix and dependencies added); older versions copied
+    them into app.routes themselves."""
+    try:
+        from fastapi.routing import iter_route_contexts
+    except ImportError:  # an older FastAPI: the routes are there already
+        yield from routes
+        return
+    yield from iter_route_contexts(routes)
+
+
+def body_reader(scope: Scope) -> str:
+    """What the app will do with this request's body, decided as its router dispatches: the first route that
+    matches path and method answers it; with none, the router answers 404 or 405 without reading the body.
+    READS_A_BODY wherever unsure (no app in the scope, a route that is not a FastAPI APIRoute)."""
+    routes: Sequence[BaseRoute] | None = getattr(scope.get("app"), "routes", None)
+    if routes is None:
+        return READS_A_BODY
+    for route in _routes_in_order(routes):
+        match, _ = route.matches(scope)
+        if match is Match.FULL:
+            # body_field is None where neither the route nor a dependency of it (its router's included) takes
+            # a body, JSON or form.
+            if isinstance(getattr(route, "original_route", route), APIRoute) and route.body_field is None:
+                return TAKES_NO_BODY
+            return READS_A_BODY
+    # No match at all (404) or the path under another method (405). FastAPI's low-priority routes, tried only
+    # then, are not looked at: whatever goes on is still held to the limit by the guard, as it reads.
+    return NO_ROUTE
 
 
 class BodySizeLimit:
@@ -24,11 +72,13 @@ class BodySizeLimit:
                     declared = int(value)
                 except ValueError:
                     declared = 0
-                if declared > self.max_bytes:
+                if declared > self.max_bytes and body_reader(scope) == READS_A_BODY:
                     # In the dialect of the route (OpenAI, A1111 or ours), like every other error.
                     refusal = render_error(Request(scope), 413, "body_too_large", message)
                     await refusal(scope, receive, send)
                     return
+                # Otherwise (a 404, a 405, a route that takes no body) the app answers below, unread, with the
+                # guard on should anything read.
         seen = 0
 
         async def limited_receive() -> Message:

@@ -41,10 +41,10 @@ async def create_image(
         job = await submit_and_wait(
             service,
             to_image_request(body, settings),
-            settings.wait_timeout_s,
+            settings.openai_wait_timeout_s,  # answered before the client's own timeout: config.py says why
             request.headers.get("idempotency-key"),
         )
-    result = succeeded_result(job, settings.wait_timeout_s, NO_RETRY)
+    result = succeeded_result(job, settings.openai_wait_timeout_s, NO_RETRY)
     data = []
     for image in result["images"]:
         item: dict[str, Any] = {"revised_prompt": body.prompt}

@@ -30,7 +30,9 @@ class TextCheckedRoute(APIRoute):
         handle = super().get_route_handler()
 
         async def handle_text_checked(request: Request) -> Response:
-            if request.method in ("POST", "PUT", "PATCH"):
+            # Only a route that takes a body: one without (OpenAI's edits and variations, answered "not
+            # supported") would read an upload it never uses, and meet the body limit (api/limits.py) doing so.
+            if request.method in ("POST", "PUT", "PATCH") and self.body_field is not None:
                 # Starlette keeps the bytes on the request: FastAPI's own parse below reads them again.
                 problem = not_text_in(await request.body())
                 if problem is not None:
