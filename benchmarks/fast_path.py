@@ -43,7 +43,8 @@ own kernels (normalisations, elementwise: ~40 ms of a ~189 ms fp8 base call at b
 IMAGESMITH_TIMED_REDUCTIONS (inductor's multi-kernel: each reduction persistent or looped, the faster kept); +ndt
 inductor's `triton.prefer_nd_tiling` (2D tiles for pointwise kernels that transpose; not a setting); +zu the base
 UNet's cross-attentions on the guided rows only, the others (an empty negative prompt's zeros) given their exact
-output, the projection's bias (zero_uncond.py; a prototype, not a setting; not with :mlperf); `:mlperf`
+output, the projection's bias (IMAGESMITH_EMPTY_NEGATIVE_SHORTCUT, engine/empty_negative.py; run 115 measured its
+prototype, benchmarks/zero_uncond.py then; not with :mlperf); `:mlperf`
 measures the MLPerf setting instead of the ensemble (base UNet and VAE only; warm-up at batch 1 then the
 largest batch, as the service's warm-up does).
 
@@ -123,9 +124,7 @@ class Variant:
     timed_reductions: bool = False  # +mk: IMAGESMITH_TIMED_REDUCTIONS
     nd_tiling: bool = False  # +ndt: torch._inductor.config.triton.prefer_nd_tiling
     bf16_fused_geglu: bool = False  # +bgeglu: IMAGESMITH_FUSED_GEGLU (bf16 feed-forwards)
-    guided_rows_only: bool = (
-        False  # +zu: the base's cross-attentions on the guided rows only (zero_uncond.py)
-    )
+    guided_rows_only: bool = False  # +zu: IMAGESMITH_EMPTY_NEGATIVE_SHORTCUT (engine/empty_negative.py)
 
     @classmethod
     def parse(cls, spec: str) -> Variant:
@@ -825,6 +824,7 @@ def main() -> None:
             compile_regions=variant.regions,
             timed_reductions=variant.timed_reductions,
             fused_geglu=variant.bf16_fused_geglu,  # off unless named, whatever the settings' default
+            empty_negative_shortcut=variant.guided_rows_only,
             text_encoder_graphs=variant.text_encoder_graphs,
         )
         # The plan decides fp8 (row-wise or per-tensor) and the attention kernel, so it is made from this
@@ -848,14 +848,9 @@ def main() -> None:
             or variant.regions != any("transformer blocks as regions" in lever for lever in levers)
             or variant.timed_reductions != any("timed reductions" in lever for lever in levers)
             or variant.bf16_fused_geglu != any("first bf16 matmul" in lever for lever in levers)
+            or variant.guided_rows_only != any("guided rows only" in lever for lever in levers)
         ):
             raise RuntimeError(f"{variant.spec}: levers applied were {levers}")
-        if variant.guided_rows_only:  # before the warm-up traces the UNet
-            from zero_uncond import compute_guided_rows_only
-
-            levers.append(
-                f"base cross-attention on the guided rows only x{compute_guided_rows_only(engine.models.base.unet)}"
-            )
         row: dict[str, Any] = {"levers": levers, "attention": variant_plan.attention}
         rates = UnetRates(engine.models.base.unet, None if variant.mlperf else engine.models.refiner.unet)
         run.results["variants"][variant.spec] = row

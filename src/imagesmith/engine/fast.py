@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from imagesmith.config import CUDA_GRAPH_MODES, CompileChoice, Settings
-from imagesmith.engine import bf16_geglu, encoder_graphs, fa4_attention
+from imagesmith.engine import bf16_geglu, empty_negative, encoder_graphs, fa4_attention
 from imagesmith.engine.batch_routing import BatchRoutedCall
 from imagesmith.engine.compile_regions import compile_transformer_blocks_once, regions_supported
 from imagesmith.engine.cudnn_graphs import remember_plans_in
@@ -205,6 +205,14 @@ def apply_speed_levers(base: Any, refiner: Any | None, plan: HardwarePlan, setti
         applied.append(_route_fa4_attention(unets, plan, settings))
     elif plan.attention != "auto":  # entered around each generation by the engine (engine/attention.py)
         applied.append(f"attention: {plan.attention} first")
+    if settings.empty_negative_shortcut and plan.offload == "sequential":
+        # Sequential offload puts each layer's weights back on the meta device after its forward: the bias
+        # the skipped rows are given would not be there to read.
+        log.warning("empty_negative_shortcut skipped: it needs offload none or model (plan: sequential)")
+    elif settings.empty_negative_shortcut:  # wraps the processors above (FA4's too); before any compile
+        empty_negative.install(base.unet)
+        wrapped = len(empty_negative.cross_attentions(base.unet))
+        applied.append(f"base cross-attentions on the guided rows only without a negative prompt x{wrapped}")
     if text_encoder_graphs_wanted(settings, plan):
         encoders = encoder_graphs.text_encoders(base, refiner)
         for encoder in encoders:
@@ -511,9 +519,16 @@ def warm_up(
     # memory, Pillow's JPEG encoder). The first request's base stage ran 70-90 ms slower than later ones (runs
     # 34 and 36 in docs/benchmarks.md), and the warm-up made no preview.
     previews: list[PreviewCopy] = []
-    shapes = [(width, height, batch) for width, height in sizes_and_other for batch in batch_sizes]
-    for number, (width, height, batch) in enumerate(shapes, start=1):
-        where = f"warm-up {number} of {len(shapes)} ({width}x{height}, batch {batch})"
+    negatives = negative_prompts_to_warm_up(engine)
+    shapes = [
+        (width, height, batch, negative)
+        for width, height in sizes_and_other
+        for batch in batch_sizes
+        for negative in negatives
+    ]
+    for number, (width, height, batch, negative) in enumerate(shapes, start=1):
+        where = f"warm-up {number} of {len(shapes)} ({width}x{height}, batch {batch}"
+        where += ", a negative prompt)" if negative else ")"
         if (width, height) not in sizes:
             where += ", the graphs for every other size"
         report(f"{where}: starting")
@@ -524,8 +539,15 @@ def warm_up(
             if not previews and event.latents is not None:
                 previews.append(PreviewCopy(event.latents))
 
-        _warm_up_pass(engine, width, height, batch, heard, stop)
-        log.info("warm-up %dx%d batch %d done at %.1fs", width, height, batch, time.perf_counter() - began)
+        _warm_up_pass(engine, width, height, batch, heard, stop, negative)
+        log.info(
+            "warm-up %dx%d batch %d%s done at %.1fs",
+            width,
+            height,
+            batch,
+            " with a negative prompt" if negative else "",
+            time.perf_counter() - began,
+        )
     for preview in previews:
         preview.data_url()  # the JPEG, on the host
     if getattr(engine, "records_cuda_graphs", False) and compiled_modules(engine):
@@ -538,7 +560,10 @@ def warm_up(
         # rely on which graph (engine/batch_routing.py) serves it. Short passes: seconds in all, when nothing
         # recompiles.
         second = [
-            (width, height, batch) for width, height in sizes for batch in range(1, max(batch_sizes) + 1)
+            (width, height, batch, negative)
+            for width, height in sizes
+            for batch in range(1, max(batch_sizes) + 1)
+            for negative in negatives
         ]
         # torch warns loudly past 8 graphs per function ("recording too many CUDAGraphs"); these are wanted.
         # Raised for this round only: inductor's config is part of its compile cache's key, so a lasting
@@ -548,11 +573,11 @@ def warm_up(
         limit = torch._inductor.config.triton.cudagraph_dynamic_shape_warn_limit
         quiet = len(second) if limit is not None and limit < len(second) else limit
         with torch._inductor.config.patch({"triton.cudagraph_dynamic_shape_warn_limit": quiet}):
-            for number, (width, height, batch) in enumerate(second, start=1):
+            for number, (width, height, batch, negative) in enumerate(second, start=1):
                 report(
                     f"warm-up, recording CUDA graphs, {number} of {len(second)} ({width}x{height}, batch {batch})"
                 )
-                _warm_up_pass(engine, width, height, batch, stop=stop)
+                _warm_up_pass(engine, width, height, batch, stop=stop, negative_prompt=negative)
         log.info("warm-up: CUDA graphs recorded at %.1fs", time.perf_counter() - began)
     return time.perf_counter() - began
 
@@ -712,6 +737,17 @@ def keep_sizes_static(engine: Any, sizes: list[tuple[int, int]]) -> None:
             call.keep_static(latent_size_of_image(width, height, scale_factor))
 
 
+# What a warm-up pass of a request with a negative prompt sends (any text: its graphs do not depend on it).
+WARM_UP_NEGATIVE_PROMPT = "warm-up, negative"
+
+
+def negative_prompts_to_warm_up(engine: Any) -> list[str]:
+    """The warm-up's negative prompts: none, and with the empty-negative shortcut compiled also one, since the
+    base's traced cross-attentions then differ with and without one (engine/empty_negative.py)."""
+    wrapped = empty_negative.switch_of(engine.models.base.unet) is not None
+    return ["", WARM_UP_NEGATIVE_PROMPT] if wrapped and compiled_modules(engine) else [""]
+
+
 def records_cuda_graphs(settings: Settings, levers: list[str]) -> bool:
     """Whether the engine's compiled modules record CUDA graphs: a CUDA-graph mode, and compile applied (it is
     skipped under offload)."""
@@ -727,6 +763,7 @@ def _warm_up_pass(
     batch: int,
     on_progress: Callable[[Any], None] | None = None,
     stop: CancelToken | None = None,
+    negative_prompt: str = "",
 ) -> None:
     """One short generation of `batch` images: every stage runs (the ensemble reaches base and refiner)."""
     from imagesmith.engine.engine import BatchItem
@@ -735,7 +772,13 @@ def _warm_up_pass(
     if stop is not None and stop.canceled:
         raise GenerationCanceled("warm-up stopped")
     request = GenerationRequest(
-        prompt="warm-up", width=width, height=height, num_inference_steps=5, high_noise_frac=0.6, seed=0
+        prompt="warm-up",
+        negative_prompt=negative_prompt,
+        width=width,
+        height=height,
+        num_inference_steps=5,
+        high_noise_frac=0.6,
+        seed=0,
     )
     for outcome in engine.generate_batch([BatchItem(request, on_progress, stop) for _ in range(batch)]):
         if isinstance(outcome, BaseException):

@@ -19,9 +19,10 @@ from typing import Any
 
 import torch
 
+from imagesmith.engine import empty_negative
 from imagesmith.engine.encode_ahead import EncodeAhead
 from imagesmith.engine.progress import CancelToken, GenerationCanceled, ProgressCallback, ProgressEvent
-from imagesmith.engine.prompt_cache import PromptEmbeddingCache
+from imagesmith.engine.prompt_cache import PromptEmbeddingCache, zero_negative_rows
 from imagesmith.engine.schedulers import loaded_scheduler_config, make_scheduler, remember_scheduler_config
 from imagesmith.engine.size_routing import latent_size_of_image
 from imagesmith.engine.stage_clock import StageClock, StageStart, stage_start
@@ -218,6 +219,10 @@ def _common_args(run: StageRun, generators: list[torch.Generator], pipe: Any, ro
     # requests with and without a negative prompt apart, so each image is what it would be alone.
     negatives_or_none = negatives if any(negatives) else None
     text = run.prompt_cache.pipeline_args(pipe, role, prompts, negatives_or_none, run.request.guidance_scale)
+    # The base's cross-attentions may skip the zero-text rows (engine/empty_negative.py; a no-op unless wrapped).
+    empty_negative.set_for_pass(
+        pipe.unet, zero_negative_rows(pipe, negatives_or_none, run.request.guidance_scale)
+    )
     return {
         **text,
         "guidance_scale": run.request.guidance_scale,

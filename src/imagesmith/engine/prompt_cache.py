@@ -44,6 +44,13 @@ class TextPart:
     token_ids_2: tuple[int, ...]
 
 
+def zero_negative_rows(pipe: Any, negatives: list[str] | None, guidance_scale: float) -> bool:
+    """Whether a pass's unguided rows get zeros for text: guided, no negative prompt, and a model trained that
+    way (SDXL's base: force_zeros_for_empty_prompt; encode_prompt does the same). engine/empty_negative.py
+    relies on it."""
+    return guidance_scale > 1.0 and negatives is None and bool(pipe.config.force_zeros_for_empty_prompt)
+
+
 class PromptEmbeddingCache:
     def __init__(self, max_entries: int = 64) -> None:
         self.max_entries = max_entries
@@ -75,8 +82,7 @@ class PromptEmbeddingCache:
         }
         if not guided:
             return args
-        if negatives is None and pipe.config.force_zeros_for_empty_prompt:
-            # SDXL's base was trained with zeros for an empty negative prompt (encode_prompt does the same).
+        if zero_negative_rows(pipe, negatives, guidance_scale):
             args["negative_prompt_embeds"] = torch.zeros_like(hidden)
             args["negative_pooled_prompt_embeds"] = torch.zeros_like(pooled)
             return args
