@@ -20,9 +20,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from imagesmith.api.errors import render_error
 
-# Whom a request with an oversized body goes to, as far as the body limit cares.
-READS_A_BODY, NO_ROUTE, TAKES_NO_BODY = "reads_a_body", "no_route", "takes_no_body"
-
 
 def _routes_in_order(routes: Sequence[BaseRoute]) -> Iterator[Any]:
     """The app's routes, one by one in the order its router tries them (each with matches(), and body_field
@@ -37,24 +34,24 @@ def _routes_in_order(routes: Sequence[BaseRoute]) -> Iterator[Any]:
     yield from iter_route_contexts(routes)
 
 
-def body_reader(scope: Scope) -> str:
-    """What the app will do with this request's body, decided as its router dispatches: the first route that
-    matches path and method answers it; with none, the router answers 404 or 405 without reading the body.
-    READS_A_BODY wherever unsure (no app in the scope, a route that is not a FastAPI APIRoute)."""
+def reads_a_body(scope: Scope) -> bool:
+    """Whether the route that answers this request reads its body, decided as the router dispatches: the first
+    route that matches path and method answers it; with none, the router answers 404 or 405 without reading the
+    body. True wherever unsure (no app in the scope, a route that is not a FastAPI APIRoute)."""
     routes: Sequence[BaseRoute] | None = getattr(scope.get("app"), "routes", None)
     if routes is None:
-        return READS_A_BODY
+        return True
     for route in _routes_in_order(routes):
         match, _ = route.matches(scope)
         if match is Match.FULL:
             # body_field is None where neither the route nor a dependency of it (its router's included) takes
             # a body, JSON or form.
-            if isinstance(getattr(route, "original_route", route), APIRoute) and route.body_field is None:
-                return TAKES_NO_BODY
-            return READS_A_BODY
+            return not (
+                isinstance(getattr(route, "original_route", route), APIRoute) and route.body_field is None
+            )
     # No match at all (404) or the path under another method (405). FastAPI's low-priority routes, tried only
     # then, are not looked at: whatever goes on is still held to the limit by the guard, as it reads.
-    return NO_ROUTE
+    return False
 
 
 class BodySizeLimit:
@@ -72,7 +69,7 @@ class BodySizeLimit:
                     declared = int(value)
                 except ValueError:
                     declared = 0
-                if declared > self.max_bytes and body_reader(scope) == READS_A_BODY:
+                if declared > self.max_bytes and reads_a_body(scope):
                     # In the dialect of the route (OpenAI, A1111 or ours), like every other error.
                     refusal = render_error(Request(scope), 413, "body_too_large", message)
                     await refusal(scope, receive, send)
