@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from imagesmith.engine.models import cast_module
+
 HERE = Path(__file__).resolve().parent
 ARCHITECTURE_JSON = HERE / "sdxl-architecture.json"
 
@@ -124,7 +126,8 @@ class Components:
 
     def to(self, dtype: torch.dtype, vae_dtype: torch.dtype | None = None) -> None:
         for name, module in self.modules().items():
-            module.to(dtype=vae_dtype if (name == "vae" and vae_dtype is not None) else dtype)
+            # Not module.to: diffusers' models would warn of modules "kept in float32: []" (none) on each cast.
+            cast_module(module, vae_dtype if (name == "vae" and vae_dtype is not None) else dtype)
 
 
 def _text_config(cfg: dict[str, Any], tokenizer: Any) -> Any:

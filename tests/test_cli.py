@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -958,7 +959,7 @@ def test_a_stage_bar_stops_at_its_last_step_not_at_the_decode(capsys: pytest.Cap
     bars = _StageBars()
     for stage, total in (("base", 2), ("refine", 1)):
         for step in range(1, total + 1):
-            bars(types.SimpleNamespace(stage=stage, step=step, total=total))
+            bars(types.SimpleNamespace(stage=stage, step=step, total=total, elapsed_s=0.0))
     time.sleep(1.1)  # the decode
     bars.close()
     shown = capsys.readouterr().err
@@ -973,10 +974,41 @@ def test_the_decode_has_a_bar_of_its_own_that_counts_its_time(capsys: pytest.Cap
     from imagesmith.cli import _StageBars
 
     bars = _StageBars()
-    bars(types.SimpleNamespace(stage="base", step=1, total=1))
-    bars(types.SimpleNamespace(stage="decode", step=0, total=1))
+    bars(types.SimpleNamespace(stage="base", step=1, total=1, elapsed_s=0.0))
+    bars(types.SimpleNamespace(stage="decode", step=0, total=1, elapsed_s=0.0))
     time.sleep(1.1)
-    bars(types.SimpleNamespace(stage="decode", step=1, total=1))
+    bars(types.SimpleNamespace(stage="decode", step=1, total=1, elapsed_s=1.1))
     shown = capsys.readouterr().err
     assert "decode: 100%" in shown and "[00:01<" in shown.split("decode:")[-1], shown
     assert "pass" in shown.split("decode:")[-1], shown  # one pass, not steps
+
+
+def test_a_stage_bar_counts_the_time_of_its_first_step(capsys: pytest.CaptureFixture[str]) -> None:
+    """A stage is first heard when its first step is done: its bar showed 00:00 and ~14,000 steps/s for a one-step
+    stage that took seconds. The bar's clock starts where the stage began (the event before it)."""
+    import types
+
+    from imagesmith.cli import _StageBars
+
+    bars = _StageBars()
+    bars(types.SimpleNamespace(stage="base", step=1, total=2, elapsed_s=2.0))
+    bars(types.SimpleNamespace(stage="base", step=2, total=2, elapsed_s=4.0))
+    bars(types.SimpleNamespace(stage="refine", step=1, total=1, elapsed_s=7.0))  # a 3 s step
+    shown = capsys.readouterr().err
+    base, refine = shown.split("refine:")[0], shown.split("refine:")[-1]
+    assert "[00:02<" in base.split("base:")[-1], shown  # its first step; the second took no time here
+    assert "[00:03<" in refine and ("3.00s/step" in refine or "0.33step/s" in refine), shown
+
+
+def test_the_log_lines_of_a_generation_start_lines_of_their_own_between_the_bars(
+    tiny_model_home: Path, tmp_path: Path
+) -> None:
+    """The decode's 'stage decode ...' line is logged while its bar is still open: it landed after the bar's
+    text on the same line. Log lines now go above the bars (tqdm's logging redirect)."""
+    done = run_cli("generate", "a kite", "-o", str(tmp_path / "k.png"), *SMALL_IMAGE, home=tiny_model_home)
+    assert done.returncode == 0, done.stderr
+    lines = re.split(r"[\r\n]", done.stderr)
+    logged = [line for line in lines if "INFO imagesmith" in line]
+    assert any("stage decode" in line for line in logged), done.stderr
+    # Each begins with its timestamp: no bar's text before it.
+    assert all(line.lstrip().startswith("20") for line in logged), logged

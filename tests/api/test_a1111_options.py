@@ -33,7 +33,7 @@ def test_another_model_is_refused_naming_the_field_and_the_fix(server: ServerPro
     before = httpx.get(f"{server.url}/sdapi/v1/options").json()
     models = httpx.get(f"{server.url}/sdapi/v1/sd-models").json()
     served, refiner = models[0]["title"], models[1]["title"]  # the tiny preset has a refiner
-    for name in ("sd_xl_base_1.0.safetensors [31e35c80fc]", refiner, f"{refiner} [0123456789]", 5):
+    for name in ("sd_xl_base_1.0.safetensors [31e35c80fc]", refiner, f"{refiner} [0123456789]"):
         response = set_options(server, {"sd_model_checkpoint": name})
         error = response.json()  # A1111's shape: {error, detail, body, errors}, and the field
         assert response.status_code == 422 and error["field"] == "sd_model_checkpoint", (name, error)
@@ -74,3 +74,32 @@ def test_a_body_that_is_not_a_json_object_is_refused_naming_the_body(server: Ser
         error = response.json()
         assert response.status_code == 422 and error["field"] == "body", (content, error)
         assert "not a JSON object" in error["detail"], error
+
+
+def test_a_null_model_is_no_change_and_a_value_that_is_no_name_is_refused_as_such(
+    server: ServerProcess,
+) -> None:
+    before = httpx.get(f"{server.url}/sdapi/v1/options").json()
+    response = set_options(server, {"sd_model_checkpoint": None})  # A1111: null changes nothing
+    assert response.status_code == 200 and response.json() is None, response.text
+    for value in (5, ["a"], {"title": "x"}):
+        error = set_options(server, {"sd_model_checkpoint": value}).json()
+        assert error["field"] == "sd_model_checkpoint" and "must be a string" in error["detail"], (
+            value,
+            error,
+        )
+        assert "/sdapi/v1/sd-models" in error["detail"], error
+    assert httpx.get(f"{server.url}/sdapi/v1/options").json() == before
+
+
+def test_nan_or_infinity_is_refused_in_any_option_as_on_every_other_route(server: ServerProcess) -> None:
+    for content, field in (
+        (b'{"x": NaN}', "x"),
+        (b'{"samples_format": "png", "eta": {"d": [Infinity]}}', "eta"),
+    ):
+        response = httpx.post(
+            f"{server.url}/sdapi/v1/options", content=content, headers={"Content-Type": "application/json"}
+        )
+        error = response.json()
+        assert response.status_code == 422, (content, response.text)
+        assert error["field"] == field and "NaN or Infinity" in error["detail"], error

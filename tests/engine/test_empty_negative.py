@@ -47,8 +47,9 @@ def _rows_seen(engine: Engine) -> list[int]:
 
 
 def test_the_same_images_with_the_guided_rows_alone(tiny_settings: Settings) -> None:
-    plain = Engine.start(tiny_settings)
-    shortcut = Engine.start(tiny_settings.with_changes(empty_negative_shortcut=True))
+    plain = Engine.start(tiny_settings.with_changes(empty_negative_shortcut=False))
+    shortcut = Engine.start(tiny_settings)  # on by default
+    assert not any("guided rows only" in lever for lever in plain.levers)
     assert any("guided rows only" in lever for lever in shortcut.levers)
     assert (
         empty_negative.switch_of(shortcut.models.refiner.unet) is None
@@ -105,7 +106,7 @@ def test_the_warm_up_compiles_both_kinds_of_pass_and_no_request_compiles(tiny_se
 
 
 def test_installing_twice_wraps_once(tiny_settings: Settings) -> None:
-    engine = Engine.start(tiny_settings)
+    engine = Engine.start(tiny_settings.with_changes(empty_negative_shortcut=False))
     unet = engine.models.base.unet
     switch = empty_negative.install(unet)
     assert empty_negative.install(unet) is switch

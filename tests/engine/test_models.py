@@ -246,3 +246,27 @@ def test_offline_by_imagesmiths_own_setting_names_that_setting_in_the_fix(
 
     said = describe_source("someone/not-downloaded-sdxl", settings, "IMAGESMITH_BASE_MODEL")
     assert said.will_fail and "Fix: unset IMAGESMITH_HF_OFFLINE for the first load" in said.text, said.text
+
+
+def test_a_cast_names_no_modules_kept_in_float32(tiny_settings: Settings) -> None:
+    """diffusers 0.42 warns of modules 'kept in float32: []' on any cast that names a dtype; the engine's cast of
+    the VAE (to a pre-Ampere card's fp32 VAE beside fp16 UNets) must leave logs free of it."""
+    import logging
+
+    import torch
+
+    from imagesmith.engine import Engine
+    from imagesmith.engine.models import cast_module
+
+    vae = Engine.start(tiny_settings).models.base.vae
+    heard: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: heard.append(record.getMessage())  # type: ignore[method-assign]
+    diffusers_log = logging.getLogger("diffusers.models.modeling_utils")
+    diffusers_log.addHandler(handler)
+    try:
+        cast_module(vae, torch.bfloat16)
+    finally:
+        diffusers_log.removeHandler(handler)
+    assert {p.dtype for p in vae.parameters()} == {torch.bfloat16}
+    assert not [line for line in heard if "kept in float32" in line], heard

@@ -162,6 +162,11 @@ def test_warm_up_reports_where_it_is(tiny_engine: Engine) -> None:
     first = [message for message in heard if message.startswith("warm-up 1 of 2")]
     stages = [message.split(": ")[1].split(" step")[0] for message in first[1:]]
     assert stages[0] == "base" and "refine" in stages
+    # The decode has no steps: "decoding" while it runs (it said "decode step 0 of 1 done"), then "decoded".
+    assert first[-2:] == [
+        "warm-up 1 of 2 (64x64, batch 1): decoding",
+        "warm-up 1 of 2 (64x64, batch 1): decoded",
+    ]
     assert "warm-up 2 of 2 (64x64, batch 2): starting" in heard
 
 

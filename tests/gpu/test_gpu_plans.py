@@ -83,6 +83,34 @@ def test_cuda_graphs_warmed_on_one_thread_serve_requests_from_another(tiny_setti
     assert len(compiled_modules(engine)) == 3, engine.levers
 
 
+def test_the_empty_negative_shortcut_with_cuda_graphs_compiles_nothing_on_a_request(
+    tiny_settings: Settings,
+) -> None:
+    """The shortcut (on by default) read by graphs recorded as CUDA graphs: after the warm-up, requests with and
+    without a negative prompt replay warmed graphs (none runs uncompiled) and give the eager image without the
+    shortcut within bf16."""
+    from imagesmith.engine.fast import stop_compiling_on_requests, warm_up
+    from imagesmith.uncompiled_calls import uncompiled_calls
+
+    eager = Engine.start(tiny_settings.with_changes(device="cuda", empty_negative_shortcut=False))
+    engine = Engine.start(tiny_settings.with_changes(device="cuda", compile="reduce-overhead"))
+    assert any("guided rows only" in lever for lever in engine.levers), engine.levers
+    warm_up(engine, [(128, 128)], [1])
+    stop_compiling_on_requests(engine)
+    before = uncompiled_calls()
+    for negative in ("", "blurry", ""):
+        request = GenerationRequest(
+            prompt="x", negative_prompt=negative, width=128, height=128, num_inference_steps=10, seed=6
+        )
+        a = np.asarray(eager.generate(request).images[0]).astype(float)
+        b = np.asarray(engine.generate(request).images[0]).astype(float)
+        psnr = 10 * np.log10(255**2 / max(np.mean((a - b) ** 2), 1e-12))
+        assert psnr > 30, (negative, psnr)
+    ran_uncompiled = {kind: n - before.get(kind, 0) for kind, n in uncompiled_calls().items()}
+    assert not {kind: n for kind, n in ran_uncompiled.items() if n}, ran_uncompiled
+    assert len(compiled_modules(engine)) == 3, engine.levers
+
+
 FP8_CARD = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
     reason="needs fp8 tensor cores",

@@ -32,6 +32,7 @@ from imagesmith.api.a1111_mapping import (
 from imagesmith.api.compat_request import service_errors_in_client_terms
 from imagesmith.api.deps import Authorized, FilesDep, ServiceDep, SettingsDep
 from imagesmith.api.errors import ApiError
+from imagesmith.api.json_values import refuse_unsendable
 from imagesmith.api.store_writes import in_write_thread
 from imagesmith.api.text_check import TextCheckedRoute
 from imagesmith.api.waiting import stored_image_base64, submit_and_wait, succeeded_result
@@ -265,9 +266,26 @@ def _names(value: Any, label: str, source: str) -> bool:
     return asked in names or (bare is not None and bare["title"] in names)
 
 
+def _refuse_unsendable_options(body: dict[str, Any]) -> None:
+    """NaN, Infinity or a value nested too deep is refused here as on every other route, ignored option or not."""
+    try:
+        refuse_unsendable(body)
+    except ValueError as error:
+        field, _, message = str(error).removeprefix("[").partition("] ")
+        raise ApiError(422, "invalid_request", message, field) from None
+
+
 def _check_checkpoint(request: Request, value: Any) -> None:
     """sd_model_checkpoint may name the base model served, as /sd-models lists it; any other (the refiner
     included) is a 422 with the fix: A1111 would load that checkpoint, imagesmith cannot."""
+    if not isinstance(value, str):
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"sd_model_checkpoint must be a string, the model's title or filename as GET /sdapi/v1/sd-models "
+            f"lists it (or null for no change), not {type(value).__name__} {json.dumps(value)[:80]}",
+            "sd_model_checkpoint",
+        )
     models = _models(request)
     title, source = models[0] if models else ("", "")
     if _names(value, title, source):
@@ -293,8 +311,10 @@ async def set_options(
     """Accepted as A1111 clients send it (webuiapi's set_options, util_set_model), and answered as A1111 does
     (null), but nothing changes: sd_model_checkpoint must name the model served (another is refused, with the
     fix), and every other option is ignored, with one warning in the log naming those set to a new value."""
-    if "sd_model_checkpoint" in body:
-        _check_checkpoint(request, body["sd_model_checkpoint"])
+    _refuse_unsendable_options(body)
+    checkpoint = body.get("sd_model_checkpoint")
+    if checkpoint is not None:  # null is no change, as A1111 takes it (and txt2img's override here)
+        _check_checkpoint(request, checkpoint)
     current = _current_options(request, settings)
     changed = sorted(
         key for key, value in body.items() if key != "sd_model_checkpoint" and current.get(key, ...) != value

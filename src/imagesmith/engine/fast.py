@@ -42,7 +42,7 @@ from imagesmith.engine.fp8_geglu import fuse_geglu_feed_forwards
 from imagesmith.engine.hardware import HardwarePlan
 from imagesmith.engine.models import unets_of
 from imagesmith.engine.multi_kernel_cache import restore_locks_of_cached_kernels
-from imagesmith.engine.progress import CancelToken, GenerationCanceled, ProgressEvent
+from imagesmith.engine.progress import DECODE_STAGE, CancelToken, GenerationCanceled, ProgressEvent
 from imagesmith.engine.size_routing import SizeRoutedCall, latent_size_of_image
 from imagesmith.preview import PreviewCopy
 from imagesmith.schemas import MAX_SIDE, MIN_SIDE
@@ -535,7 +535,11 @@ def warm_up(
 
         def heard(event: ProgressEvent, where: str = where) -> None:
             # The next stage compiles after this event, so a message that stays long names the stage before it.
-            report(f"{where}: {event.stage} step {event.step} of {event.total} done")
+            # The decode is one pass with no steps: it said "decode step 0 of 1 done" for its whole time.
+            if event.stage == DECODE_STAGE:
+                report(f"{where}: {'decoded' if event.step else 'decoding'}")
+            else:
+                report(f"{where}: {event.stage} step {event.step} of {event.total} done")
             if not previews and event.latents is not None:
                 previews.append(PreviewCopy(event.latents))
 

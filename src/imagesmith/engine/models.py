@@ -257,6 +257,21 @@ def _place(pipe: Any, plan: HardwarePlan) -> None:
     pipe.set_progress_bar_config(disable=True)
 
 
+def cast_module(module: Any, dtype: Any) -> None:
+    """Casts a diffusers model's weights to `dtype` without diffusers' warning.
+
+    diffusers 0.42's ModelMixin.to warns "There are modules in ... that should be kept in float32: []" on every
+    cast that names a dtype, even when the model keeps no module in float32 (the list it prints is empty). So
+    torch's own Module.to casts a model that keeps none (SDXL's VAE and UNets); one that keeps some is cast by
+    diffusers, whose warning then says something."""
+    import torch
+
+    if getattr(module, "_keep_in_fp32_modules", None):
+        module.to(dtype=dtype)
+    else:
+        torch.nn.Module.to(module, dtype=dtype)
+
+
 def _freeze_for_inference(pipe: Any) -> None:
     """Every module of the pipeline in eval mode with weights that do not require grad.
 
@@ -301,7 +316,7 @@ def load_models(settings: Settings, plan: HardwarePlan) -> LoadedModels:
         )
     # The VAE may run in another dtype than the UNets (fp32 on pre-Ampere cards with the stock VAE).
     if base.vae.dtype != plan.vae_dtype:
-        base.vae.to(dtype=plan.vae_dtype)
+        cast_module(base.vae, plan.vae_dtype)
 
     refiner, refiner_error = None, None
     if sources.refiner:
