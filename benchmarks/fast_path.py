@@ -44,7 +44,8 @@ IMAGESMITH_TIMED_REDUCTIONS (inductor's multi-kernel: each reduction persistent 
 inductor's `triton.prefer_nd_tiling` (2D tiles for pointwise kernels that transpose; not a setting); +zu the base
 UNet's cross-attentions on the guided rows only, the others (an empty negative prompt's zeros) given their exact
 output, the projection's bias (IMAGESMITH_EMPTY_NEGATIVE_SHORTCUT, engine/empty_negative.py; run 115 measured its
-prototype, benchmarks/zero_uncond.py then; not with :mlperf); `:mlperf`
+prototype, benchmarks/zero_uncond.py then, run 116 the engine's; on in the engine by default since session 49, but
+a variant without +zu runs without it; not with :mlperf); `:mlperf`
 measures the MLPerf setting instead of the ensemble (base UNet and VAE only; warm-up at batch 1 then the
 largest batch, as the service's warm-up does).
 
