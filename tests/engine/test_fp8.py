@@ -61,7 +61,11 @@ def test_the_fp8_engine_converts_only_transformer_linears_and_stays_close(tiny_s
     request = GenerationRequest(prompt="a lighthouse", width=64, height=64, num_inference_steps=10, seed=5)
     plain = Engine.start(tiny_settings)
     # Its only levers: fp8, and its calibration at start-up (64x64: the tiny model's first warm-up size).
-    fp8 = Engine.start(tiny_settings.with_changes(fp8=True, encode_ahead=False, warmup_sizes="64x64"))
+    fp8 = Engine.start(
+        tiny_settings.with_changes(
+            fp8=True, encode_ahead=False, warmup_sizes="64x64", empty_negative_shortcut=False
+        )
+    )
     assert len(fp8.levers) == 2 and fp8.levers[0].startswith("fp8 transformer linears x")
     assert fp8.levers[0].endswith("static scales (lossy)")
     converted = [
@@ -79,7 +83,11 @@ def test_the_fp8_engine_converts_only_transformer_linears_and_stays_close(tiny_s
 
 
 def test_fp8_applies_after_fusing_so_the_fused_projections_are_quantized(tiny_settings: Settings) -> None:
-    engine = Engine.start(tiny_settings.with_changes(fp8=True, fuse_qkv=True, warmup_sizes="64x64"))
+    engine = Engine.start(
+        tiny_settings.with_changes(
+            fp8=True, fuse_qkv=True, warmup_sizes="64x64", empty_negative_shortcut=False
+        )
+    )
     assert engine.levers[0] == "fused QKV" and engine.levers[1].startswith("fp8")
     attention = [m for m in engine.models.base.unet.modules() if type(m).__name__ == "Attention"]
     self_attention = [m for m in attention if not m.is_cross_attention]
