@@ -40,7 +40,7 @@ from imagesmith.config import ENV_PREFIX, ModelPreset, Settings
 from imagesmith.engine.output import model_label
 from imagesmith.jobs.service import JobService
 from imagesmith.jobs.store import JobStatus
-from imagesmith.schemas import GenerationMetadata
+from imagesmith.schemas import GenerationMetadata, blame
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +271,7 @@ def _refuse_unsendable_options(body: dict[str, Any]) -> None:
     try:
         refuse_unsendable(body)
     except ValueError as error:
-        field, _, message = str(error).removeprefix("[").partition("] ")
+        field, message = blame("body", str(error))  # the "[field] message" tag, read as every route reads it
         raise ApiError(422, "invalid_request", message, field) from None
 
 
