@@ -38,14 +38,19 @@ def test_every_offload_plan_generates(tiny_settings: Settings, offload: str, mod
     assert result.metadata.refined is (mode != "none")
 
 
+def _psnr(reference: Engine, engine: Engine, request: GenerationRequest) -> float:
+    """PSNR in dB of `engine`'s image against `reference`'s, for the same request."""
+    a = np.asarray(reference.generate(request).images[0]).astype(float)
+    b = np.asarray(engine.generate(request).images[0]).astype(float)
+    return float(10 * np.log10(255**2 / max(np.mean((a - b) ** 2), 1e-12)))
+
+
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 def test_compiled_engine_matches_eager_within_bf16(tiny_settings: Settings, mode: str) -> None:
     request = GenerationRequest(prompt="x", width=128, height=128, num_inference_steps=10, seed=4)
     eager = Engine.start(tiny_settings.with_changes(**{"device": "cuda"}))
     compiled = Engine.start(tiny_settings.with_changes(**{"device": "cuda", "compile": mode}))
-    a = np.asarray(eager.generate(request).images[0]).astype(float)
-    b = np.asarray(compiled.generate(request).images[0]).astype(float)
-    psnr = 10 * np.log10(255**2 / max(np.mean((a - b) ** 2), 1e-12))
+    psnr = _psnr(eager, compiled, request)
     assert psnr > 30, psnr
     assert len(compiled_modules(compiled)) == 3, compiled.levers  # not the engine's eager fallback
 
@@ -102,9 +107,7 @@ def test_the_empty_negative_shortcut_with_cuda_graphs_compiles_nothing_on_a_requ
         request = GenerationRequest(
             prompt="x", negative_prompt=negative, width=128, height=128, num_inference_steps=10, seed=6
         )
-        a = np.asarray(eager.generate(request).images[0]).astype(float)
-        b = np.asarray(engine.generate(request).images[0]).astype(float)
-        psnr = 10 * np.log10(255**2 / max(np.mean((a - b) ** 2), 1e-12))
+        psnr = _psnr(eager, engine, request)
         assert psnr > 30, (negative, psnr)
     ran_uncompiled = {kind: n - before.get(kind, 0) for kind, n in uncompiled_calls().items()}
     assert not {kind: n for kind, n in ran_uncompiled.items() if n}, ran_uncompiled
@@ -206,9 +209,7 @@ def test_compiled_fp8_engine_matches_its_eager_self(tiny_settings: Settings, sca
     layers = static_layers([compiled.models.base.unet, compiled.models.refiner.unet])
     assert (len(layers) > 0) is scales.startswith("static")
     assert all(layer.input_scale is not None for layer in layers)
-    a = np.asarray(eager.generate(request).images[0]).astype(float)
-    b = np.asarray(compiled.generate(request).images[0]).astype(float)
-    psnr = 10 * np.log10(255**2 / max(np.mean((a - b) ** 2), 1e-12))
+    psnr = _psnr(eager, compiled, request)
     assert psnr > 30, psnr
     assert len(compiled_modules(compiled)) == 3, compiled.levers  # not the engine's eager fallback
 
