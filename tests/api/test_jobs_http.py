@@ -161,6 +161,14 @@ def test_list_pages_newest_first_and_unknown_job_is_404(server: ServerProcess) -
         assert unfiltered.status_code == 200 and unfiltered.json()["total"] == page["total"], unfiltered.text
         bad = client.get("/v1/jobs", params={"status": "done"})
         assert bad.status_code == 422 and bad.json()["error"]["field"] == "status"
+        # Repeated, the jobs in any of them: not only the last value's (none queued here, so that gave 0).
+        succeeded = client.get("/v1/jobs", params={"status": "succeeded"}).json()["total"]
+        either = client.get("/v1/jobs", params=[("status", "succeeded"), ("status", "queued")])
+        assert either.status_code == 200 and either.json()["total"] >= succeeded >= 2, either.text
+        bad_second = client.get("/v1/jobs", params=[("status", "succeeded"), ("status", "done")])
+        assert bad_second.status_code == 422 and bad_second.json()["error"]["field"] == "status", (
+            bad_second.text
+        )
         missing = client.get("/v1/jobs/nope")
         assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
         assert client.get("/v1/jobs", params={"limit": 0}).status_code == 422

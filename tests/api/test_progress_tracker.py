@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 import pytest
 import torch
 
+from imagesmith.api.a1111 import sampling_counts
 from imagesmith.engine.progress import ProgressEvent
 from imagesmith.jobs import progress_tracker as tracker_module
 from imagesmith.jobs.progress_tracker import ProgressTracker
@@ -72,7 +73,7 @@ def test_the_refiner_fallback_stage_grows_the_total() -> None:
     assert _overall(tracker, live, "base_finish", 1, 1) == (4, 4)
 
 
-def test_the_decode_shows_every_step_done_and_its_own_stage() -> None:
+def test_the_decode_shows_its_own_count_and_every_step_done() -> None:
     published: list[dict[str, Any]] = []
     tracker, live = _tracker(published=published)
     for step in (1, 2, 3):
@@ -80,14 +81,18 @@ def test_the_decode_shows_every_step_done_and_its_own_stage() -> None:
     _overall(tracker, live, "refine", 1, 1)
     tracker(ProgressEvent("decode", 0, 1, elapsed_s=4.0))
     started = live["job"]
-    # Every step done, the stage named, the last stage's steps kept (A1111 shows "sampling_step 1 of 1"), and
-    # no ETA while the pixels are being made.
-    assert (started.stage, started.step, started.total) == ("decode", 1, 1)
+    # The decode's own count (as the library's callback gets it), not the refine stage's "1 of 1" again under
+    # the name decode; every denoising step done, and no ETA while the pixels are being made.
+    assert (started.stage, started.step, started.total) == ("decode", 0, 1)
     assert (started.overall_step, started.overall_total, started.eta_s) == (4, 4, None)
+    assert sampling_counts(started) == (4, 4)  # A1111: every sampling step done while it decodes
     tracker(ProgressEvent("decode", 1, 1, elapsed_s=5.0))
     done = live["job"]
-    assert (done.overall_step, done.overall_total, done.eta_s, done.elapsed_s) == (4, 4, 0.0, 5.0)
-    assert [event["stage"] for event in published[-2:]] == ["decode", "decode"]
+    assert (done.step, done.total, done.overall_step, done.overall_total) == (1, 1, 4, 4)
+    assert (done.eta_s, done.elapsed_s) == (0.0, 5.0)
+    assert [(event["stage"], event["step"]) for event in published[-2:]] == [("decode", 0), ("decode", 1)]
+    _overall(tracker, live, "base", 2, 3)  # the eager retry of a failed compiled pass, in its base stage
+    assert sampling_counts(live["job"]) == (2, 3)  # while denoising: the stage's own count
 
 
 def test_a_pass_that_starts_again_after_its_decode_counts_from_the_start() -> None:

@@ -46,6 +46,22 @@ def test_queue_positions_count_only_the_jobs_in_the_same_line(tmp_path: Path) ->
     assert [positions[job.id] for job in jobs] == [0, 1, 0, 2, 1]
 
 
+def test_list_filters_by_any_of_the_statuses_given_newest_first(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    a, b, c = (store.submit({"n": n}, f"h{n}", None, queue_max=10)[0] for n in range(3))
+    store.claim(1)  # a runs; b and c stay queued
+    assert store.cancel_queued(c.id)
+
+    def listed(*statuses: JobStatus) -> tuple[list[str], int]:
+        jobs, total = store.list_jobs(statuses, 10, 0)
+        return [job.id for job in jobs], total
+
+    assert listed(JobStatus.RUNNING, JobStatus.CANCELED) == ([c.id, a.id], 2)
+    assert listed(JobStatus.QUEUED, JobStatus.QUEUED) == ([b.id], 1)  # a repeat counts once
+    assert listed() == ([c.id, b.id, a.id], 3)  # none given: every job
+    assert listed(JobStatus.SUCCEEDED) == ([], 0)
+
+
 def test_recover_requeues_running_until_attempts_run_out(tmp_path: Path) -> None:
     path = tmp_path / "jobs.sqlite3"
     store = JobStore(path)

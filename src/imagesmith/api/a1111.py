@@ -38,6 +38,8 @@ from imagesmith.api.text_check import TextCheckedRoute
 from imagesmith.api.waiting import stored_image_base64, submit_and_wait, succeeded_result
 from imagesmith.config import ENV_PREFIX, ModelPreset, Settings
 from imagesmith.engine.output import model_label
+from imagesmith.engine.progress import DECODE_STAGE
+from imagesmith.jobs.progress_tracker import LiveProgress
 from imagesmith.jobs.service import JobService
 from imagesmith.jobs.store import JobStatus
 from imagesmith.schemas import GenerationMetadata, blame
@@ -149,6 +151,15 @@ def shown_job(live: list[str], on_gpu: set[str], ours: list[str]) -> str | None:
     return next((job_id for job_id in candidates if job_id in on_gpu), candidates[0] if candidates else None)
 
 
+def sampling_counts(now: LiveProgress) -> tuple[int, int]:
+    """A1111's sampling_step and sampling_steps: the stage's count while it denoises. A1111 keeps its sampler's
+    last count, every step done, while it decodes the pixels, so the decode (a stage of one pass here, 0 of 1
+    then 1 of 1) shows the job's denoising steps, all done."""
+    if now.stage == DECODE_STAGE:
+        return now.overall_step, now.overall_total
+    return now.step, now.total
+
+
 @router.get("/progress", response_model=ProgressResponse)
 def progress(service: ServiceDep, jobs: JobsDep, skip_current_image: bool = False) -> dict[str, Any]:
     """The running job's progress: one of this API's if any runs, else whatever job runs; idle otherwise."""
@@ -162,13 +173,14 @@ def progress(service: ServiceDep, jobs: JobsDep, skip_current_image: bool = Fals
     now = live[job_id]
     preview = None if skip_current_image else service.live_preview(job_id)
     started = job.started_at or time.time()
+    sampling_step, sampling_steps = sampling_counts(now)
     state = {
         **_idle_state(1),
         "interrupted": job.cancel_requested,
         "job": f"task({job_id})",
         "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(started)),
-        "sampling_step": now.step,
-        "sampling_steps": now.total,
+        "sampling_step": sampling_step,
+        "sampling_steps": sampling_steps,
     }
     return {
         "progress": now.fraction,

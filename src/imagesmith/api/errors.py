@@ -194,8 +194,12 @@ def validation_details(items: Sequence[Any], content_type: str = "") -> list[dic
                 message = f"the request body is not valid JSON: {reason}{where}; {SEND_A_JSON_OBJECT}"
             out.append({"field": "body", "message": message})
             continue
-        elif loc and loc[0] in ("body", "query", "path", "header"):
+        elif loc and loc[0] == "body":
             loc = loc[1:]
+        elif loc and loc[0] in ("query", "path", "header"):
+            # A repeated parameter (`?status=a&status=b`) is a list to pydantic, its values' places indices:
+            # the client wrote "status" twice, so the field is "status", not "status.1".
+            loc = [part for part in loc[1:] if not part.isdigit()]
         # Skip the model-class segment pydantic adds for nested model validators.
         field, message = blame(
             ".".join(part for part in loc if part not in ("generation",)) or "request",

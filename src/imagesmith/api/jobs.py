@@ -89,12 +89,20 @@ async def create_job(
     return await in_write_thread(submit, service.store)
 
 
+def _without_empty_values(values: list[str] | None) -> list[str] | None:
+    """`?status=` (empty) means any status, alone or beside other values."""
+    kept = [value for value in values or () if value]
+    return kept or None
+
+
 @router.get("", response_model=JobList)
 @router.head("", response_model=JobList, include_in_schema=False)  # the same, headers only
 def list_jobs(
     service: ServiceDep,
-    # An empty value is no filter: what a form's "any" choice sends (`?status=`), a 422 before.
-    status: Annotated[JobStatus | None, BeforeValidator(lambda value: value or None)] = None,
+    # Repeated (`?status=queued&status=running`), the jobs in any of them: a scalar parameter would keep only
+    # the last and answer a confident, wrong page. An empty value is no filter: what a form's "any" choice
+    # sends (`?status=`).
+    status: Annotated[list[JobStatus] | None, Query(), BeforeValidator(_without_empty_values)] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     offset: Annotated[int, Query(ge=0, le=2**31)] = 0,
 ) -> dict[str, Any]:

@@ -106,14 +106,16 @@ class ProgressTracker:
         self.worker.hub.publish(self.job.id, "progress", data)
 
     def _decoding(self, event: ProgressEvent) -> None:
-        """The decode has no steps: the job shows every step done, the stage "decode" and the last denoising
-        stage's step count (what A1111 shows while it decodes), and no ETA until the pixels are ready. The last
-        step's preview, still on its way to the host at that step's event on a GPU, rides on these."""
-        last = self.worker.live.get(self.job.id)
-        step = last.total if last is not None else 0
+        """The decode is a stage of one pass: its own count, as the engine gives it (0 of 1 when it starts, 1 of
+        1 when the pixels are ready; repeating the last denoising stage's count under the name "decode" read as
+        a fourth of four decode steps), every denoising step done over the job, and no ETA until the pixels are
+        ready. The last step's preview, still on its way to the host at that step's event on a GPU, rides on
+        these."""
         done = self.done_before + self.stage_total  # every denoising step that ran, a fallback's included
         eta = 0.0 if event.step >= event.total else None
-        self._publish(LiveProgress(event.stage, step, step, done, done, event.elapsed_s, eta), event)
+        self._publish(
+            LiveProgress(event.stage, event.step, event.total, done, done, event.elapsed_s, eta), event
+        )
 
     def _preview(self, event: ProgressEvent) -> str | None:
         """Every preview_every steps a new preview starts on its way to the host; it rides on the first

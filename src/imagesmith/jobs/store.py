@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -387,9 +387,13 @@ class JobStore:
             row = self._one("SELECT * FROM jobs WHERE id = ?", (job_id,), self._reader)
         return JobRecord.from_row(row) if row else None
 
-    def list_jobs(self, status: JobStatus | None, limit: int, offset: int) -> tuple[list[JobRecord], int]:
-        """Newest first."""
-        where, args = ("WHERE status = ?", (status.value,)) if status else ("", ())
+    def list_jobs(
+        self, statuses: Collection[JobStatus] | None, limit: int, offset: int
+    ) -> tuple[list[JobRecord], int]:
+        """Newest first; with statuses, the jobs in any of them (none given: every job)."""
+        values = tuple(dict.fromkeys(status.value for status in statuses or ()))
+        where = f"WHERE status IN ({', '.join('?' * len(values))})" if values else ""
+        args: tuple[str, ...] = values
         with self._read_lock:
             self._reader.execute("BEGIN")  # one snapshot: the page and the total agree
             try:
