@@ -393,14 +393,13 @@ class JobStore:
         """Newest first; with statuses, the jobs in any of them (none given: every job)."""
         values = tuple(dict.fromkeys(status.value for status in statuses or ()))
         where = f"WHERE status IN ({', '.join('?' * len(values))})" if values else ""
-        args: tuple[str, ...] = values
         with self._read_lock:
             self._reader.execute("BEGIN")  # one snapshot: the page and the total agree
             try:
                 rows = self._reader.execute(
-                    f"SELECT * FROM jobs {where} ORDER BY seq DESC LIMIT ? OFFSET ?", (*args, limit, offset)
+                    f"SELECT * FROM jobs {where} ORDER BY seq DESC LIMIT ? OFFSET ?", (*values, limit, offset)
                 ).fetchall()
-                total_row = self._one(f"SELECT COUNT(*) FROM jobs {where}", args, self._reader)
+                total_row = self._one(f"SELECT COUNT(*) FROM jobs {where}", values, self._reader)
             finally:
                 self._reader.execute("COMMIT")
         return [JobRecord.from_row(row) for row in rows], int(total_row[0]) if total_row else 0
