@@ -312,8 +312,10 @@ print(s(Path('.devcache/random-sdxl'), False))" ;;
     bf16-tiles) stage bf16-tiles 300 python3 benchmarks/bf16_geglu_tiles.py --out "$PIPE/bf16-tiles.json" ;;
     # A one-image service (the batch-1 warm-up alone), a cold start then a restart on its kept compile cache: the
     # service's start-up with the defaults of the day (timed reductions on with compile since session 46).
+    # SERVE_ONE_DATA=.devcache/serve8 leaves its compile cache where fast-path reads it (session 51: the fast path
+    # after it then starts warm, as a restart would).
     serve-one) stage serve-one 600 python3 benchmarks/serve_start.py --out "$PIPE/serve-one" \
-        --models .devcache/random-sdxl --data .devcache/serve1 --compile reduce-overhead --batch-max 1 \
+        --models .devcache/random-sdxl --data "${SERVE_ONE_DATA:-.devcache/serve1}" --compile reduce-overhead --batch-max 1 \
         --max-images-per-request 1 --starts 2 --requests 3 --timeout-s 450 ;;
     # Session 47: FlashAttention-4's Hopper kernel against cuDNN's attention, every attention shape of both UNets
     # (needs flash-attn-4 and its CuTe DSL wheels in /tmp/site: benchmarks/fa4_wheels.sh).
