@@ -1,4 +1,4 @@
-"""imagesmith's command line: generate | doctor | bench (and serve | search where those parts are installed).
+"""imagesmith's command line: generate | doctor | bench (and serve | search | prune where those parts are installed).
 
 Bad input exits with status 2 and a message naming the option; failures exit 1 with one clear line.
 """
@@ -145,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     for module, adder in (
         ("imagesmith.api.serve", "add_serve_parser"),
         ("imagesmith.sources.cli_search", "add_search_parser"),
+        ("imagesmith.jobs.prune_cli", "add_prune_parser"),
     ):
         _add_optional(subparsers, module, adder)
     return parser

@@ -114,6 +114,14 @@ def _as_text(value: Any) -> Any:
     return value
 
 
+def result_image_names(result: dict[str, Any] | None) -> list[str]:
+    """The image file names a job's result points at (each image's url ends in /v1/images/NAME)."""
+    images = (result or {}).get("images") or []
+    return [
+        str(image["url"]).rsplit("/", 1)[-1] for image in images if isinstance(image, dict) and "url" in image
+    ]
+
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -134,6 +142,9 @@ CREATE INDEX IF NOT EXISTS jobs_status_seq ON jobs (status, seq);
 """
 
 ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
+TERMINAL = (JobStatus.SUCCEEDED.value, JobStatus.FAILED.value, JobStatus.CANCELED.value)
+# A finished job's end; a row from before finished_at was always written falls back on its creation.
+_FINISHED_BEFORE = "status IN (?, ?, ?) AND COALESCE(finished_at, created_at) < ?"
 DATABASE_NAME = "jobs.sqlite3"  # in IMAGESMITH_DATA_DIR
 
 
@@ -582,6 +593,37 @@ class JobStore:
             )
             (canceled if status is JobStatus.CANCELED else failed).append(row["id"])
         return requeued, canceled, failed
+
+    def finished_before(self, cutoff: float) -> list[JobRecord]:
+        """The finished jobs (succeeded, failed or canceled) that ended before `cutoff` (a time.time()), oldest
+        first: what a prune with that cutoff deletes (jobs/retention.py)."""
+        with self._read_lock:
+            rows = self._reader.execute(
+                f"SELECT * FROM jobs WHERE {_FINISHED_BEFORE} ORDER BY seq", (*TERMINAL, cutoff)
+            ).fetchall()
+        return [JobRecord.from_row(row) for row in rows]
+
+    def delete_finished_before(self, cutoff: float) -> list[JobRecord]:
+        """Delete the jobs finished_before(cutoff) would list, in one transaction; returns them. Their
+        Idempotency-Keys go with them: a retry with one of those keys afterwards makes a new job."""
+        with self._writing():
+            rows = self._db.execute(
+                f"DELETE FROM jobs WHERE {_FINISHED_BEFORE} RETURNING *", (*TERMINAL, cutoff)
+            ).fetchall()
+        return sorted((JobRecord.from_row(row) for row in rows), key=lambda job: job.seq)
+
+    def image_names_in_use(self, ignoring: Collection[str] = ()) -> set[str]:
+        """The file names (sha256.ext) of the images that jobs' results point at, the jobs with an id in
+        `ignoring` left out."""
+        left_out = set(ignoring)
+        with self._read_lock:
+            rows = self._reader.execute("SELECT id, result FROM jobs WHERE result IS NOT NULL").fetchall()
+        return {
+            name
+            for row in rows
+            if row["id"] not in left_out
+            for name in result_image_names(_loads_text(row["result"]))
+        }
 
     def counts(self) -> dict[JobStatus, int]:
         with self._read_lock:

@@ -15,7 +15,11 @@ from pathlib import Path
 
 
 class StoreInUse(RuntimeError):
-    """Another live process has this job store open."""
+    """Another live process has this job store open: `holder` is its pid ("unknown" when it could not write it)."""
+
+    def __init__(self, message: str, holder: str) -> None:
+        super().__init__(message)
+        self.holder = holder
 
 
 def lock_path_for(database: Path) -> Path:
@@ -33,7 +37,8 @@ def lock_store(database: Path) -> int:
         os.close(fd)
         raise StoreInUse(
             f"{database} is in use by another imagesmith process (pid {holder}); stop that one, or give this one "
-            "its own IMAGESMITH_DATA_DIR"
+            "its own IMAGESMITH_DATA_DIR",
+            holder,
         ) from None
     except BaseException:
         os.close(fd)

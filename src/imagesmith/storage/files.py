@@ -11,6 +11,7 @@ import hashlib
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,3 +98,9 @@ class ImageFiles:
             return None
         path = self.path_for(*parsed)
         return path if path.is_file() else None
+
+    def stored(self) -> Iterator[Path]:
+        """Every image file (named sha256.ext), none of put()'s temporary ones."""
+        for path in self.root.glob("??/*"):
+            if parse_image_name(path.name) is not None and path.is_file():
+                yield path
