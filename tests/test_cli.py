@@ -354,6 +354,20 @@ def test_a_data_dir_that_cannot_be_made_is_named_as_a_setting(tmp_path: Path) ->
     assert f"--data-dir: cannot create {blocker / 'data'}" in done.stderr, done.stderr
 
 
+def test_a_file_where_the_images_folder_goes_is_named_as_the_data_dir_setting(tmp_path: Path) -> None:
+    """serve ended its start in a FileExistsError traceback (exit 3) and doctor found nothing (black-box bb-51)."""
+    (tmp_path / "images").write_text("hello")
+    env = {"IMAGESMITH_DATA_DIR": str(tmp_path), "IMAGESMITH_MODEL": "tiny"}
+    for command, code in ((["serve", "--port", "1"], 2), (["doctor"], 1)):
+        done = cli_with(env, *command)
+        assert done.returncode == code, (command, done.stderr)
+        assert "Traceback" not in done.stderr
+        said = done.stderr + done.stdout
+        assert f"IMAGESMITH_DATA_DIR: {tmp_path / 'images'} is a file" in said and "move that file" in said, (
+            said
+        )
+
+
 def test_a_job_store_sqlite_cannot_open_is_named_with_the_fix(tmp_path: Path) -> None:
     """A full or failing disk said only "cannot open the job store: disk I/O error": no file, no fix."""
     (tmp_path / "jobs.sqlite3").mkdir()  # SQLite cannot open it, as it cannot open a file on a failing disk

@@ -141,6 +141,18 @@ def prepared_data_dir(data_dir: Path, said_as: str = f"{ENV_PREFIX}DATA_DIR") ->
         raise UnusableSetting(
             f"{said_as}: {data_dir} is not writable by this user; set it to a folder this user can write"
         )
+    # The service keeps its images in DATA_DIR/images: something else there ended its start in a traceback.
+    images = data_dir / "images"
+    if images.exists() and not images.is_dir():
+        raise UnusableSetting(
+            f"{said_as}: {images} is a file, where the service keeps its images in a folder; move that file "
+            "away, or set another data dir"
+        )
+    if images.is_dir() and not os.access(images, os.W_OK | os.X_OK):
+        raise UnusableSetting(
+            f"{said_as}: {images} (the service's images) is not writable by this user; give this user write "
+            "access to it, or set another data dir"
+        )
     return data_dir
 
 

@@ -218,3 +218,13 @@ def test_an_ensemble_split_the_scheduler_cannot_run_is_a_422_at_submit(server: S
         error = response.json()["error"]
         assert error["field"] == "high_noise_frac" and "the refiner 0" in error["message"]
         assert client.post("/v1/jobs", json={**FAST, "scheduler": "dpmpp_2m"}).status_code == 202
+
+
+def test_an_unknown_field_people_send_for_one_of_ours_names_the_field_to_use(server: ServerProcess) -> None:
+    """`steps` (the CLI's --steps) got pydantic's bare "Extra inputs are not permitted" (black-box bb-51)."""
+    with server.client() as client:
+        response = client.post("/v1/jobs", json={"prompt": "a fox", "steps": 20, "colour": "red"})
+    assert response.status_code == 422, response.text
+    details = {item["field"]: item["message"] for item in response.json()["error"]["details"]}
+    assert details["steps"] == "steps is not a field of this request; did you mean num_inference_steps?"
+    assert "did you mean" not in details["colour"]  # no guess where there is no likely one

@@ -205,8 +205,24 @@ def validation_details(items: Sequence[Any], content_type: str = "") -> list[dic
             ".".join(part for part in loc if part not in ("generation",)) or "request",
             str(item.get("msg", "invalid value")),
         )
+        meant = _FIELD_MEANT.get(loc[-1]) if loc and item.get("type") == "extra_forbidden" else None
+        if meant:
+            message = f"{field} is not a field of this request; did you mean {meant}?"
         out.append({"field": field, "message": message})
     return out
+
+
+# Unknown fields people send for ours: the CLI's option names (`--steps`), other tools' names. Said with the field
+# to use, rather than pydantic's bare "Extra inputs are not permitted" (a black-box session sent `steps`).
+_FIELD_MEANT = {
+    "steps": "num_inference_steps",
+    "negative": "negative_prompt",
+    "guidance": "guidance_scale",
+    "cfg_scale": "guidance_scale",
+    "mode": "refine_mode",
+    "format": "output_format",
+    "num_outputs": "num_images",
+}
 
 
 def _servers_limits(request: Request, items: Sequence[Any]) -> list[Any]:
